@@ -1,0 +1,233 @@
+"""The voucher account actor: one per account with work to do.
+
+It serialises every operation on one account (Try, Confirm, Cancel, debit, expiry, top-up),
+applies the pure TCC functions of ``engine.voucher``, commits balances and fence rows in one
+transaction, and only then answers: a ``VoucherReply`` told to the order, or the asker's
+reply. Pending holds are kept in memory; other fences are read from SQLite when an id comes
+again. After ``account_idle_ms`` without messages the actor stops; its expiry timer restarts
+it when a hold falls due.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from actors.base import ActorBehaviour, Context
+from actors.directory import Key
+from actors.messages import (
+    AccountView,
+    ExpireDue,
+    FromOrder,
+    Fund,
+    HoldView,
+    IdleCheck,
+    PreHold,
+    ReleaseHold,
+)
+from engine import voucher
+from engine.errors import (
+    HoldRefused,
+    IdempotencyConflict,
+    InvalidRequest,
+    PaymentError,
+    UnknownAccount,
+    UnknownHold,
+)
+from engine.order import (
+    CancelHold,
+    ConfirmHold,
+    DebitVoucher,
+    Transition,
+    TryHold,
+    VoucherOp,
+    VoucherReply,
+)
+from engine.voucher import Fence, FenceStatus, Outcome, VoucherAccount
+
+_OPS = {TryHold: VoucherOp.TRY, ConfirmHold: VoucherOp.CONFIRM, CancelHold: VoucherOp.CANCEL,
+        DebitVoucher: VoucherOp.DEBIT}
+
+
+class AccountBehaviour(ActorBehaviour):
+    def __init__(self, key: Key, ctx: Context) -> None:
+        super().__init__(key, ctx)
+        self.account: VoucherAccount | None = None
+        self.pending: dict[str, Fence] = {}
+        self.activity = 0
+        self.idle_timer_armed = False
+        self.expiry_armed_at: int | None = None
+
+    def load(self) -> None:
+        self.account = self.ctx.store.load_account(self.key[1])
+        if self.account is not None:
+            self.pending = {f.hold_id: f for f in self.ctx.store.pending_holds(self.key[1])}
+
+    def idle(self) -> bool:
+        return self.account is None
+
+    def handle(self, message: Any) -> Any:
+        if self.account is None:
+            raise UnknownAccount(f"no voucher account {self.key[1]}")
+        if isinstance(message, IdleCheck):
+            self._idle_check(message.token)
+            return None
+        self.activity += 1
+        self._arm_idle()
+        try:
+            return self._dispatch(message)
+        finally:
+            self._expire_due()
+            self._arm_expiry()
+
+    def _dispatch(self, message: Any) -> Any:
+        match message:
+            case FromOrder():
+                self._from_order(message)
+                return None
+            case Fund():
+                return self._fund(message)
+            case PreHold():
+                return self._pre_hold(message)
+            case ReleaseHold():
+                return self._release(message.hold_id)
+            case ExpireDue():
+                return None
+        raise InvalidRequest(f"an account cannot handle {type(message).__name__}")
+
+    # ------------------------------------------------------------------ operations
+
+    def _fence(self, hold_id: str) -> Fence | None:
+        fence = self.pending.get(hold_id)
+        if fence is None:
+            fence = self.ctx.store.load_fence(self.key[1], hold_id)
+        return fence
+
+    def _from_order(self, command: FromOrder) -> None:
+        effect = command.effect
+        op = _OPS[type(effect)]
+        ok, reason = True, op.value
+        try:
+            outcome = self._apply(command.order_id, effect)
+            if outcome.fence is not None and outcome.fence.status is FenceStatus.REFUSED:
+                ok, reason = False, "insufficient balance at debit"
+            self._commit(outcome, f"{op.value} for order {command.order_id}")
+        except PaymentError as error:
+            ok, reason = False, f"{error.code}: {error.message}"
+        self.ctx.directory.tell(("order", command.order_id),
+                                VoucherReply(effect.leg_no, effect.hold_id, op, ok, reason))
+
+    def _apply(self, order_id: str, effect: Any) -> Outcome:
+        account = self.account
+        assert account is not None
+        now_ms = self.ctx.runtime.now_ms()
+        fence = self._fence(effect.hold_id)
+        match effect:
+            case TryHold():
+                return voucher.try_hold(account, fence, hold_id=effect.hold_id,
+                                        amount=effect.amount, order_id=order_id,
+                                        expires_at_ms=effect.expires_at_ms, now_ms=now_ms)
+            case ConfirmHold():
+                if fence is not None and fence.order_id not in (None, order_id):
+                    raise UnknownHold(f"hold {effect.hold_id} belongs to another order")
+                return voucher.confirm(account, fence, hold_id=effect.hold_id, now_ms=now_ms)
+            case CancelHold():
+                if fence is not None and fence.order_id not in (None, order_id):
+                    raise UnknownHold(f"hold {effect.hold_id} belongs to another order")
+                return voucher.cancel(account, fence, hold_id=effect.hold_id,
+                                      order_id=order_id, now_ms=now_ms)
+            case DebitVoucher():
+                return voucher.debit(account, fence, hold_id=effect.hold_id,
+                                     amount=effect.amount, order_id=order_id, now_ms=now_ms)
+        raise AssertionError(f"not a voucher effect: {effect!r}")
+
+    def _fund(self, command: Fund) -> AccountView:
+        assert self.account is not None
+        previous = self.ctx.store.funding_amount(command.funding_id)
+        if previous is not None:
+            if previous != (self.account.account_id, command.amount):
+                raise IdempotencyConflict(
+                    f"funding {command.funding_id} was {previous[1]} to {previous[0]}")
+            return AccountView.of(self.account)
+        after = voucher.fund(self.account, command.amount)
+        now_ms = self.ctx.runtime.now_ms()
+        self.ctx.store.save_account(
+            self.account, after, [], [Transition("balance", str(self.account.funded),
+                                                 str(after.funded), f"fund {command.funding_id}")],
+            now_ms, funding=(command.funding_id, command.amount))
+        self.account = after
+        return AccountView.of(after)
+
+    def _pre_hold(self, command: PreHold) -> HoldView:
+        assert self.account is not None
+        outcome = voucher.try_hold(
+            self.account, self._fence(command.hold_id), hold_id=command.hold_id,
+            amount=command.amount, order_id=None, expires_at_ms=command.expires_at_ms,
+            now_ms=self.ctx.runtime.now_ms())
+        self._commit(outcome, "pre-hold")
+        assert outcome.fence is not None
+        return HoldView.of(outcome.fence)
+
+    def _release(self, hold_id: str) -> HoldView:
+        assert self.account is not None
+        fence = self._fence(hold_id)
+        if fence is None:
+            raise UnknownHold(f"no hold {hold_id} on account {self.key[1]}")
+        if fence.order_id is not None:
+            raise HoldRefused(f"hold {hold_id} belongs to order {fence.order_id}; close the order")
+        outcome = voucher.cancel(self.account, fence, hold_id=hold_id, order_id=None,
+                                 now_ms=self.ctx.runtime.now_ms())
+        self._commit(outcome, "released by the user")
+        assert outcome.fence is not None
+        return HoldView.of(outcome.fence)
+
+    def _commit(self, outcome: Outcome, cause: str) -> None:
+        """Persist an outcome (if it changed anything), then take it as the actor's state."""
+        if not outcome.changed:
+            return
+        before = self.account
+        assert before is not None and outcome.fence is not None
+        old = self._fence(outcome.fence.hold_id)
+        transition = Transition(f"hold:{outcome.fence.hold_id}",
+                                "" if old is None else old.status.value,
+                                outcome.fence.status.value, cause)
+        self.ctx.store.save_account(before, outcome.account, [outcome.fence], [transition],
+                                    self.ctx.runtime.now_ms())
+        self.account = outcome.account
+        fence = outcome.fence
+        if fence.status is FenceStatus.PENDING:
+            self.pending[fence.hold_id] = fence
+        else:
+            self.pending.pop(fence.hold_id, None)
+        self.log.info("transition", account_id=self.key[1], part=transition.entity,
+                      from_state=transition.from_state, to_state=transition.to_state,
+                      cause=cause)
+
+    # ------------------------------------------------------------------ expiry and idling
+
+    def _expire_due(self) -> None:
+        now_ms = self.ctx.runtime.now_ms()
+        for fence in sorted(self.pending.values(), key=lambda f: f.expires_at_ms or 0):
+            assert self.account is not None
+            outcome = voucher.expire_if_due(self.account, fence, now_ms)
+            if not outcome.changed:
+                break
+            self._commit(outcome, "expired")
+
+    def _arm_expiry(self) -> None:
+        due = min((f.expires_at_ms for f in self.pending.values() if f.expires_at_ms), default=None)
+        if due is not None and due != self.expiry_armed_at:
+            self.expiry_armed_at = due
+            self.tell_later(due, ExpireDue())
+
+    def _arm_idle(self) -> None:
+        if not self.idle_timer_armed:
+            self.idle_timer_armed = True
+            self.tell_later(self.ctx.runtime.now_ms() + self.ctx.config.account_idle_ms,
+                            IdleCheck(self.activity))
+
+    def _idle_check(self, token: int) -> None:
+        self.idle_timer_armed = False
+        if token == self.activity:
+            self.try_release()
+        else:
+            self._arm_idle()

@@ -1,0 +1,120 @@
+"""What order and account actors share: the engine context and the message loop discipline.
+
+Every handler runs on the actor's own thread, one message at a time. The discipline:
+decide (pure core), persist, then act. A typed ``PaymentError`` from a told message is logged
+and dropped (it never kills the actor); from an asked one it goes back to the asker. An
+``AssertionError`` is a bug: it propagates and pykka logs it and stops the actor; the
+directory restarts it from the database on the next message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from actors.channel import Channel
+from actors.directory import Directory, Key
+from actors.messages import Asked
+from actors.runtime import Runtime, TimerHandle
+from engine.errors import EngineClosed, PaymentError
+from engine.order import OrderPolicy
+from persistence.store import Store
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Bounds and timings of the actor shell. Every queue and every wait has a limit."""
+
+    ask_timeout_s: float = 10.0
+    account_idle_ms: int = 30_000
+    """An account actor with nothing to do stops after this long (its state is in SQLite)."""
+    live_orders_max: int = 10_000
+    """Submits beyond this many orders in flight are refused with ``Overloaded``."""
+    pre_hold_ttl_ms: int = 15 * 60 * 1000
+    pre_hold_ttl_ms_max: int = 24 * 60 * 60 * 1000
+    duplicate_guard_window_ms: int = 60_000
+
+
+@dataclass
+class Context:
+    """What every actor of one engine shares. Built once by ``Engine.open``."""
+
+    store: Store
+    runtime: Runtime
+    directory: Directory
+    channels: Mapping[str, Channel]
+    policy: OrderPolicy
+    config: EngineConfig
+    log: Any
+
+
+class ActorBehaviour:
+    """Base of the order and account behaviours: counting, error discipline, passivation."""
+
+    def __init__(self, key: Key, ctx: Context) -> None:
+        self.key = key
+        self.ctx = ctx
+        self.handled = 0
+        self.stopped = False
+        self.log = ctx.log.bind(actor=f"{key[0]}:{key[1]}")
+
+    def on_start(self) -> None:
+        self.load()
+
+    def on_stop(self) -> None:
+        self.stopped = True
+        self.cancel_timers()
+
+    def on_message(self, message: Any) -> Any:
+        self.handled += 1
+        asked = isinstance(message, Asked)
+        payload = message.message if asked else message
+        try:
+            return self.handle(payload)
+        except EngineClosed:
+            if asked:
+                raise
+            return None
+        except PaymentError as error:
+            if asked:
+                raise
+            self.log.warning("message.refused", message=type(payload).__name__,
+                             error=error.code, detail=error.message)
+            return None
+        finally:
+            if not self.ctx.store.closed and self.idle():
+                self.try_release()
+
+    def try_release(self) -> None:
+        if self.ctx.directory.release(self.key, self, self.handled):
+            self.cancel_timers()
+
+    # -- for subclasses
+
+    def load(self) -> None:
+        raise NotImplementedError
+
+    def handle(self, message: Any) -> Any:
+        raise NotImplementedError
+
+    def idle(self) -> bool:
+        """True when this actor may stop after the current message."""
+        return False
+
+    def cancel_timers(self) -> None:
+        """Cancel timers that would only wake a stopped actor for nothing."""
+
+    def tell_later(self, due_at_ms: int, message: Any) -> TimerHandle:
+        """Arm a timer that tells ``message`` to this actor (restarting it if it stopped)."""
+        directory, key = self.ctx.directory, self.key
+        return self.ctx.runtime.call_at(due_at_ms, _teller(directory, key, message))
+
+
+def _teller(directory: Directory, key: Key, message: Any) -> Callable[[], None]:
+    def tell() -> None:
+        with contextlib.suppress(EngineClosed):
+            directory.tell(key, message)
+
+    return tell

@@ -1,0 +1,112 @@
+"""Where live actors are found, started on demand and let go when idle.
+
+Every message to an order or account actor goes through ``Directory.tell`` / ``ask``: it
+finds the live actor for the key or starts one (which loads its state from the database) and
+enqueues the message, all under one short lock. Because of that lock the directory knows how
+many messages each live actor was sent, and an actor may stop only when it has handled
+exactly that many (``release``): nothing is ever left in a stopping actor's inbox, where
+pykka would drop it. A later message simply starts a fresh actor from the database.
+
+Threads: any thread may call ``tell``; ``ask`` only from outside actors (API threads), never
+from an actor's handler, which must not block on another actor.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pykka
+
+from actors.messages import Asked
+from actors.runtime import ActorRef, Behaviour, Runtime
+from engine.errors import EngineClosed
+
+Key = tuple[str, str]
+"""(kind, id): ``("order", order_id)`` or ``("account", account_id)``."""
+
+
+@dataclass
+class _Live:
+    ref: ActorRef
+    behaviour: Behaviour
+    sent: int = 0
+
+
+class Directory:
+    """Live actors by key. ``factory(key)`` builds the behaviour of a new actor."""
+
+    def __init__(self, runtime: Runtime, factory: Callable[[Key], Behaviour]) -> None:
+        self._runtime = runtime
+        self._factory = factory
+        self._live: dict[Key, _Live] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def tell(self, key: Key, message: Any) -> None:
+        with self._lock:
+            self._enqueue(key, message)
+
+    def ask(self, key: Key, message: Any, timeout_s: float) -> Any:
+        with self._lock:
+            live = self._enqueue_ask_slot(key)
+            ref = live.ref
+        return ref.ask(Asked(message), timeout_s)
+
+    def _enqueue(self, key: Key, message: Any) -> None:
+        live = self._get_or_start(key)
+        live.sent += 1
+        try:
+            live.ref.tell(message)
+        except pykka.ActorDeadError:
+            # The actor died of a bug (its failure was logged); start it afresh from the
+            # database once. A second death propagates.
+            del self._live[key]
+            live = self._get_or_start(key)
+            live.sent += 1
+            live.ref.tell(message)
+
+    def _enqueue_ask_slot(self, key: Key) -> _Live:
+        live = self._get_or_start(key)
+        if not live.ref.alive:
+            del self._live[key]
+            live = self._get_or_start(key)
+        live.sent += 1
+        return live
+
+    def _get_or_start(self, key: Key) -> _Live:
+        if self._closed:
+            raise EngineClosed("the engine is shut down")
+        live = self._live.get(key)
+        if live is None:
+            behaviour = self._factory(key)
+            live = _Live(self._runtime.spawn(f"{key[0]}:{key[1]}", behaviour), behaviour)
+            self._live[key] = live
+        return live
+
+    def release(self, key: Key, behaviour: Behaviour, handled: int) -> bool:
+        """Stop ``behaviour``'s actor if it handled every message it was sent; say if it did.
+
+        Called by the actor itself, on its own thread, at the end of a handler.
+        """
+        with self._lock:
+            live = self._live.get(key)
+            if live is None or live.behaviour is not behaviour or live.sent != handled:
+                return False
+            del self._live[key]
+            live.ref.stop()
+            return True
+
+    def live_count(self, kind: str) -> int:
+        with self._lock:
+            return sum(1 for k in self._live if k[0] == kind)
+
+    def close(self) -> list[ActorRef]:
+        """Refuse new messages; return the live actors for the caller to stop."""
+        with self._lock:
+            self._closed = True
+            refs = [live.ref for live in self._live.values()]
+            self._live.clear()
+        return refs

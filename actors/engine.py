@@ -1,0 +1,358 @@
+"""The public face of payengine: open an engine on a SQLite file and pay.
+
+Threads: every method may be called from any thread except an actor's handler. Submits are
+acknowledged synchronously (validated, committed, a receipt returned); the payment itself
+runs on the actors. Reads (``get_order``, ``get_account``) come from the database, which is
+the engine's truth, and never touch the channel.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from actors.account_actor import AccountBehaviour
+from actors.base import ActorBehaviour, Context, EngineConfig
+from actors.channel import Channel, ChannelReply, cash_result, refund_result
+from actors.directory import Directory, Key
+from actors.messages import (
+    AccountView,
+    ExpireDue,
+    Fund,
+    HoldView,
+    OrderView,
+    PreHold,
+    Receipt,
+    ReleaseHold,
+)
+from actors.order_actor import OrderBehaviour
+from actors.runtime import Runtime, ThreadRuntime
+from engine.errors import (
+    EngineClosed,
+    InvalidRequest,
+    Overloaded,
+    UnknownAccount,
+    UnknownHold,
+    UnknownOrder,
+)
+from engine.money import check_amount, check_unit
+from engine.order import (
+    Activate,
+    CloseCause,
+    CloseOrder,
+    OrderPolicy,
+    PaymentRequest,
+    ResultSource,
+    build_order,
+)
+from engine.voucher import VoucherAccount
+from persistence.store import JournalEntry, Store
+
+
+class IdSource(Protocol):
+    """Where new ids come from: random in production, seeded in the simulator."""
+
+    def new_order_id(self) -> str: ...
+
+    def new_payment_serial(self) -> str: ...
+
+    def new_hold_id(self) -> str: ...
+
+
+class RandomIds:
+    """uuid4-based ids; a payment serial is 32 characters, the usual channel limit."""
+
+    def new_order_id(self) -> str:
+        return f"ord_{uuid.uuid4().hex}"
+
+    def new_payment_serial(self) -> str:
+        return f"P{uuid.uuid4().hex[:31]}"
+
+    def new_hold_id(self) -> str:
+        return f"hold_{uuid.uuid4().hex}"
+
+
+class Engine:
+    """A payment engine on one SQLite file. Use ``Engine.open(path, channels=[...])``."""
+
+    def __init__(self, ctx: Context, ids: IdSource) -> None:
+        self._ctx = ctx
+        self._ids = ids
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        channels: Iterable[Channel],
+        policy: OrderPolicy | None = None,
+        config: EngineConfig | None = None,
+        runtime: Runtime | None = None,
+        ids: IdSource | None = None,
+        synchronous: str = "FULL",
+    ) -> Engine:
+        """Open (or create) the database at ``path`` and resume every unfinished order.
+
+        Resuming: holds whose order already decided to confirm them get their expiry pushed
+        out; every order with work left is started (it re-issues what was in flight and
+        re-arms its timers); every account with pending holds is started (it expires those
+        whose time has passed).
+        """
+        runtime = runtime or ThreadRuntime()
+        store = Store(path, synchronous=synchronous)
+        by_name = {channel.name: channel for channel in channels}
+        ctx_holder: list[Context] = []
+
+        def factory(key: Key) -> ActorBehaviour:
+            kind = OrderBehaviour if key[0] == "order" else AccountBehaviour
+            return kind(key, ctx_holder[0])
+
+        ctx = Context(store=store, runtime=runtime, directory=Directory(runtime, factory),
+                      channels=by_name, policy=policy or OrderPolicy(),
+                      config=config or EngineConfig(),
+                      log=structlog.get_logger("payengine").bind(db=store.path))
+        ctx_holder.append(ctx)
+        engine = cls(ctx, ids or RandomIds())
+        engine._resume()
+        return engine
+
+    def _resume(self) -> None:
+        ctx = self._ctx
+        now_ms = ctx.runtime.now_ms()
+        extended = ctx.store.extend_holds_awaiting_confirm(now_ms, ctx.policy.hold_grace_ms)
+        orders = ctx.store.unsettled_order_ids()
+        for order_id in orders:
+            ctx.directory.tell(("order", order_id), Activate())
+        accounts = ctx.store.accounts_with_pending_holds()
+        for account_id in accounts:
+            ctx.directory.tell(("account", account_id), ExpireDue())
+        ctx.log.info("engine.opened", resumed_orders=len(orders),
+                     accounts_with_holds=len(accounts), holds_extended=extended)
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop accepting work and stop every actor; unfinished orders resume on next open."""
+        if self._closed:
+            return
+        self._closed = True
+        refs = self._ctx.directory.close()
+        self._ctx.runtime.shutdown()
+        for ref in refs:
+            ref.stop()
+        self._ctx.store.close()
+        self._ctx.log.info("engine.shut_down", actors_stopped=len(refs))
+
+    def abandon(self) -> None:
+        """Simulate a crash: nothing commits from now on, in-flight messages are lost.
+
+        For tests and the simulator. The file is left as a crash would leave it; open a new
+        engine on it to recover.
+        """
+        self._closed = True
+        self._ctx.store.kill()
+        refs = self._ctx.directory.close()
+        self._ctx.runtime.shutdown()
+        for ref in refs:
+            ref.stop()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosed("the engine is shut down")
+
+    @property
+    def store(self) -> Store:
+        """The engine's database, for inspection (reports, tests, the simulator's oracle)."""
+        return self._ctx.store
+
+    @property
+    def runtime(self) -> Runtime:
+        return self._ctx.runtime
+
+    # ------------------------------------------------------------------ voucher accounts
+
+    def open_account(self, account_id: str, unit: str, *,
+                     minor_per_unit: int | None = None) -> AccountView:
+        """Create a voucher account in ``unit`` (the currency, or e.g. ``"POINTS"``).
+
+        ``minor_per_unit`` says what one unit is worth in minor units of an order's currency
+        (points); ``None`` for money vouchers, which pay only orders in their own currency.
+        Opening an existing account with the same parameters returns it.
+        """
+        self._check_open()
+        if not isinstance(account_id, str) or not account_id or len(account_id) > 128:
+            raise InvalidRequest("account_id must be a non-empty string of at most 128 characters")
+        check_unit(unit, "unit")
+        if minor_per_unit is not None:
+            check_amount(minor_per_unit, "minor_per_unit")
+        account = self._ctx.store.create_account(
+            VoucherAccount(account_id, unit, minor_per_unit), self._ctx.runtime.now_ms())
+        return AccountView.of(account)
+
+    def fund(self, account_id: str, amount: int, *, funding_id: str) -> AccountView:
+        """Top up an account by ``amount`` of its unit; idempotent by ``funding_id``."""
+        check_amount(amount)
+        if not funding_id:
+            raise InvalidRequest("funding_id is required (it makes a retried top-up safe)")
+        return self._ask_account(account_id, Fund(funding_id, amount))  # type: ignore[no-any-return]
+
+    def pre_hold(self, account_id: str, amount: int, *, hold_id: str | None = None,
+                 ttl_ms: int | None = None) -> HoldView:
+        """Hold vouchers before ordering (the user ticked "use points").
+
+        Reference the hold in a ``VoucherPart(mode=LegMode.PRE_HELD, hold_id=...)`` at submit;
+        an order adopts it and confirms or cancels it. A hold no order adopts expires after
+        ``ttl_ms``. Idempotent by ``hold_id``.
+        """
+        check_amount(amount)
+        cfg = self._ctx.config
+        ttl = cfg.pre_hold_ttl_ms if ttl_ms is None else ttl_ms
+        if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 < ttl <= cfg.pre_hold_ttl_ms_max:
+            raise InvalidRequest(f"ttl_ms must be 1..{cfg.pre_hold_ttl_ms_max}")
+        hold_id = hold_id or self._ids.new_hold_id()
+        expires = self._ctx.runtime.now_ms() + ttl
+        return self._ask_account(account_id, PreHold(hold_id, amount, expires))  # type: ignore[no-any-return]
+
+    def release_hold(self, account_id: str, hold_id: str) -> HoldView:
+        """Release a pre-hold that no order adopted; idempotent."""
+        return self._ask_account(account_id, ReleaseHold(hold_id))  # type: ignore[no-any-return]
+
+    def get_account(self, account_id: str) -> AccountView:
+        self._check_open()
+        account = self._ctx.store.load_account(account_id)
+        if account is None:
+            raise UnknownAccount(f"no voucher account {account_id}")
+        return AccountView.of(account)
+
+    def get_hold(self, account_id: str, hold_id: str) -> HoldView:
+        self._check_open()
+        fence = self._ctx.store.load_fence(account_id, hold_id)
+        if fence is None:
+            raise UnknownHold(f"no hold {hold_id} on account {account_id}")
+        return HoldView.of(fence)
+
+    def _ask_account(self, account_id: str, message: Any) -> Any:
+        self._check_open()
+        if self._ctx.store.load_account(account_id) is None:
+            raise UnknownAccount(f"no voucher account {account_id}")
+        return self._ctx.directory.ask(("account", account_id), message,
+                                       self._ctx.config.ask_timeout_s)
+
+    # ------------------------------------------------------------------ payments
+
+    def submit(self, request: PaymentRequest) -> Receipt:
+        """Accept a (combined) payment: validate, commit, acknowledge; the rest runs async.
+
+        The same request again (same merchant_id and merchant_order_no, same parameters)
+        returns an equal receipt, however many threads send it at once; the same key with
+        other parameters raises ``IdempotencyConflict``.
+        """
+        self._check_open()
+        ctx = self._ctx
+        if not isinstance(request, PaymentRequest):
+            raise InvalidRequest(f"submit takes a PaymentRequest, not {type(request).__name__}")
+        if request.cash is not None and request.cash.channel not in ctx.channels:
+            raise InvalidRequest(f"unknown channel {request.cash.channel!r}; "
+                                 f"known: {sorted(ctx.channels)}")
+        names = [part.account_id for part in request.vouchers]
+        units = ctx.store.account_units(names)
+        missing = [name for name in names if name not in units]
+        if missing:
+            raise UnknownAccount(f"no voucher account {missing[0]}")
+        now_ms = ctx.runtime.now_ms()
+        order = build_order(request, order_id=self._ids.new_order_id(),
+                            payment_serial=self._ids.new_payment_serial(), now_ms=now_ms,
+                            accounts=units, policy=ctx.policy)
+        if ctx.directory.live_count("order") >= ctx.config.live_orders_max:
+            raise Overloaded(f"{ctx.config.live_orders_max} orders in flight; retry later")
+        existing = ctx.store.insert_order(order, now_ms)
+        if existing is not None:
+            return Receipt.of(existing)
+        ctx.log.info("transition", order_id=order.order_id, part="order", from_state="",
+                     to_state=order.state.value, cause="submitted",
+                     merchant_order_no=order.merchant_order_no)
+        ctx.directory.tell(("order", order.order_id), Activate())
+        return Receipt.of(order)
+
+    def close(self, order_id: str) -> OrderView:
+        """The user (or cashier) closes an unpaid order. A paid order raises IllegalTransition."""
+        return self._ask_order(order_id, CloseOrder(CloseCause.USER))
+
+    def handle_callback(self, channel: str, payment_serial: str, reply: ChannelReply) -> str:
+        """Feed a channel's asynchronous payment notification; returns the order's state.
+
+        Returns once the result is committed, so the caller may then acknowledge the
+        notification to the channel. Duplicated, late and out-of-order callbacks are safe.
+        """
+        chan = self._channel(channel)
+        order_id = self._order_for_serial(payment_serial)
+        view = self._ask_order(order_id, cash_result(chan, reply, ResultSource.CALLBACK))
+        return view.state
+
+    def handle_refund_callback(self, channel: str, payment_serial: str, refund_id: str,
+                               reply: ChannelReply) -> str:
+        """Feed a channel's asynchronous refund notification; returns the order's state."""
+        chan = self._channel(channel)
+        order_id = self._order_for_serial(payment_serial)
+        view = self._ask_order(order_id,
+                               refund_result(chan, refund_id, reply, ResultSource.CALLBACK))
+        return view.state
+
+    def get_order(self, order_id: str) -> OrderView:
+        """The order as the engine knows it (the database; never the channel)."""
+        self._check_open()
+        order = self._ctx.store.load_order(order_id)
+        if order is None:
+            raise UnknownOrder(f"no payment order {order_id}")
+        return OrderView.of(order)
+
+    def find_order(self, merchant_id: str, merchant_order_no: str) -> OrderView:
+        """The order submitted under a merchant's order number."""
+        self._check_open()
+        order_id = self._ctx.store.order_id_for_merchant(merchant_id, merchant_order_no)
+        if order_id is None:
+            raise UnknownOrder(f"no order for {merchant_id}/{merchant_order_no}")
+        return self.get_order(order_id)
+
+    def journal(self, order_id: str) -> list[JournalEntry]:
+        """Every recorded transition of the order and its legs, oldest first."""
+        self._check_open()
+        return self._ctx.store.journal("order", order_id)
+
+    def unsettled_count(self) -> int:
+        """Orders with work left (not terminal, or a leg's follow-up still in flight)."""
+        self._check_open()
+        return len(self._ctx.store.unsettled_order_ids())
+
+    def _channel(self, name: str) -> Channel:
+        self._check_open()
+        try:
+            return self._ctx.channels[name]
+        except KeyError:
+            raise InvalidRequest(f"unknown channel {name!r}") from None
+
+    def _order_for_serial(self, payment_serial: str) -> str:
+        order_id = self._ctx.store.order_id_for_serial(payment_serial)
+        if order_id is None:
+            raise UnknownOrder(f"no payment order with serial {payment_serial}")
+        return order_id
+
+    def _ask_order(self, order_id: str, message: Any) -> OrderView:
+        self._check_open()
+        if self._ctx.store.load_order(order_id) is None:
+            raise UnknownOrder(f"no payment order {order_id}")
+        view = self._ctx.directory.ask(("order", order_id), message,
+                                       self._ctx.config.ask_timeout_s)
+        assert isinstance(view, OrderView)
+        return view

@@ -1,0 +1,167 @@
+"""Messages between the actors, and the public views the engine hands out.
+
+Messages are immutable dataclasses. Order actors receive the core's events
+(``engine.order.OrderEvent``); account actors receive the commands below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from engine.order import CancelHold, ConfirmHold, DebitVoucher, Leg, PaymentOrder, TryHold
+from engine.voucher import Fence, VoucherAccount
+
+
+@dataclass(frozen=True, slots=True)
+class Asked:
+    """Wraps a message sent with ``ask``: its typed errors go back to the asker.
+
+    A message that was only told has nobody to hear an error, so its errors are logged.
+    """
+
+    message: Any
+
+
+@dataclass(frozen=True, slots=True)
+class FromOrder:
+    """An order's voucher effect, to be answered with a ``VoucherReply`` told to the order."""
+
+    order_id: str
+    effect: TryHold | ConfirmHold | CancelHold | DebitVoucher
+
+
+@dataclass(frozen=True, slots=True)
+class Fund:
+    """Top up an account; idempotent by ``funding_id``."""
+
+    funding_id: str
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class PreHold:
+    """Hold vouchers before an order exists (the user ticked "use points")."""
+
+    hold_id: str
+    amount: int
+    expires_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseHold:
+    """Give back a pre-hold no order has adopted (the user unticked it)."""
+
+    hold_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExpireDue:
+    """Expire every pending hold whose expiry has passed."""
+
+
+@dataclass(frozen=True, slots=True)
+class IdleCheck:
+    token: int
+
+
+# ---------------------------------------------------------------------- public views
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """The synchronous acknowledgement of a submit; a duplicate submit gets an equal one.
+
+    Carries what a third-party cashier page needs: title, payment serial and amount.
+    """
+
+    order_id: str
+    payment_serial: str
+    merchant_id: str
+    merchant_order_no: str
+    total_minor: int
+    currency: str
+    title: str
+    accepted_at_ms: int
+    close_at_ms: int
+
+    @staticmethod
+    def of(order: PaymentOrder) -> Receipt:
+        return Receipt(order.order_id, order.payment_serial, order.merchant_id,
+                       order.merchant_order_no, order.total_minor, order.currency, order.title,
+                       order.created_at_ms, order.close_at_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class LegView:
+    leg_no: int
+    mode: str
+    account_id: str | None
+    amount: int
+    unit: str
+    value_minor: int
+    status: str
+    hold_id: str | None
+    channel_txn_id: str | None
+    refund_id: str | None
+
+    @staticmethod
+    def of(leg: Leg) -> LegView:
+        return LegView(leg.leg_no, leg.mode.value, leg.account_id, leg.amount, leg.unit,
+                       leg.value_minor, leg.status.value, leg.hold_id, leg.channel_txn_id,
+                       leg.refund_id)
+
+
+@dataclass(frozen=True, slots=True)
+class OrderView:
+    """What the engine knows of an order (never asks the channel)."""
+
+    order_id: str
+    merchant_id: str
+    merchant_order_no: str
+    payment_serial: str
+    state: str
+    cause: str
+    total_minor: int
+    currency: str
+    settled: bool
+    """Nothing more will happen by itself: terminal, and every leg's follow-up is done."""
+    legs: tuple[LegView, ...]
+
+    @staticmethod
+    def of(order: PaymentOrder) -> OrderView:
+        return OrderView(order.order_id, order.merchant_id, order.merchant_order_no,
+                         order.payment_serial, order.state.value, order.cause,
+                         order.total_minor, order.currency, order.is_settled,
+                         tuple(LegView.of(leg) for leg in order.legs))
+
+
+@dataclass(frozen=True, slots=True)
+class AccountView:
+    account_id: str
+    unit: str
+    minor_per_unit: int | None
+    funded: int
+    available: int
+    held: int
+    spent: int
+
+    @staticmethod
+    def of(account: VoucherAccount) -> AccountView:
+        return AccountView(account.account_id, account.unit, account.minor_per_unit,
+                           account.funded, account.available, account.held, account.spent)
+
+
+@dataclass(frozen=True, slots=True)
+class HoldView:
+    hold_id: str
+    account_id: str
+    amount: int
+    status: str
+    order_id: str | None
+    expires_at_ms: int | None
+
+    @staticmethod
+    def of(fence: Fence) -> HoldView:
+        return HoldView(fence.hold_id, fence.account_id, fence.amount, fence.status.value,
+                        fence.order_id, fence.expires_at_ms)

@@ -1,0 +1,138 @@
+"""The payment order actor: one per order in flight.
+
+Each message is an ``engine.order`` event. The actor feeds it to ``decide``, commits the new
+order (and its journal rows) to SQLite, and only then carries out the effects: tells to
+voucher account actors, channel calls on the channel's I/O lane, timers. Races between a
+callback, a query result and the close timer are decided by the order of this mailbox.
+
+When the order is settled (terminal and nothing in flight) the actor stops; any later message
+(a duplicate callback, a stale timer) starts it again from the database.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from actors.base import ActorBehaviour, Context
+from actors.channel import cash_result, refund_result
+from actors.directory import Key
+from actors.messages import FromOrder, OrderView
+from actors.runtime import TimerHandle
+from engine.errors import InvalidRequest, UnknownOrder
+from engine.order import (
+    Activate,
+    ArmTimer,
+    CancelHold,
+    CashResult,
+    CloseCash,
+    CloseOrder,
+    ConfirmHold,
+    DebitVoucher,
+    Decision,
+    Effect,
+    PayCash,
+    PaymentOrder,
+    QueryCash,
+    QueryRefund,
+    RefundCash,
+    RefundResult,
+    ResultSource,
+    TimerFired,
+    TimerKind,
+    TryHold,
+    VoucherReply,
+    decide,
+)
+
+_EVENTS = (Activate, VoucherReply, CashResult, RefundResult, CloseOrder, TimerFired)
+
+
+class OrderBehaviour(ActorBehaviour):
+    def __init__(self, key: Key, ctx: Context) -> None:
+        super().__init__(key, ctx)
+        self.order: PaymentOrder | None = None
+        self.timers: dict[TimerKind, TimerHandle] = {}
+
+    def load(self) -> None:
+        self.order = self.ctx.store.load_order(self.key[1])
+
+    def idle(self) -> bool:
+        return self.order is None or self.order.is_settled
+
+    def cancel_timers(self) -> None:
+        for handle in self.timers.values():
+            handle.cancel()
+        self.timers.clear()
+
+    def handle(self, message: Any) -> Any:
+        if self.order is None:
+            raise UnknownOrder(f"no payment order {self.key[1]}")
+        if not isinstance(message, _EVENTS):
+            raise InvalidRequest(f"an order cannot handle {type(message).__name__}")
+        now_ms = self.ctx.runtime.now_ms()
+        decision = decide(self.order, message, now_ms=now_ms, policy=self.ctx.policy)
+        if decision.order.version != self.order.version:
+            self.ctx.store.save_order(decision.order, decision.transitions, now_ms)
+        self._log(message, decision)
+        self.order = decision.order
+        for effect in decision.effects:
+            self._carry_out(effect)
+        return OrderView.of(self.order)
+
+    def _log(self, event: Any, decision: Decision) -> None:
+        order = decision.order
+        for t in decision.transitions:
+            self.log.info("transition", order_id=order.order_id, part=t.entity,
+                          from_state=t.from_state, to_state=t.to_state, cause=t.cause,
+                          on=type(event).__name__)
+        if not decision.transitions:
+            self.log.debug("event", order_id=order.order_id, on=type(event).__name__,
+                           note=decision.note)
+
+    def _carry_out(self, effect: Effect) -> None:
+        """Run one effect. Called only after the decision that produced it was committed."""
+        assert self.order is not None
+        order_id = self.order.order_id
+        match effect:
+            case TryHold() | ConfirmHold() | CancelHold() | DebitVoucher():
+                self.ctx.directory.tell(("account", effect.account_id),
+                                        FromOrder(order_id, effect))
+            case ArmTimer():
+                old = self.timers.pop(effect.timer, None)
+                if old is not None:
+                    old.cancel()
+                self.timers[effect.timer] = self.tell_later(
+                    effect.due_at_ms, TimerFired(effect.timer, effect.token))
+            case PayCash():
+                self._call_channel(effect.channel, ResultSource.SYNC, lambda ch: ch.pay(
+                    effect.payment_serial, effect.amount_minor, effect.currency, effect.title))
+            case QueryCash():
+                self._call_channel(effect.channel, ResultSource.QUERY,
+                                   lambda ch: ch.query(effect.payment_serial))
+            case CloseCash():
+                self._call_channel(effect.channel, ResultSource.CLOSE,
+                                   lambda ch: ch.close(effect.payment_serial))
+            case RefundCash():
+                self._call_refund(effect.channel, effect.refund_id, ResultSource.SYNC,
+                                  lambda ch: ch.refund(effect.payment_serial, effect.refund_id,
+                                                       effect.amount_minor, effect.currency))
+            case QueryRefund():
+                self._call_refund(effect.channel, effect.refund_id, ResultSource.QUERY,
+                                  lambda ch: ch.query_refund(effect.payment_serial,
+                                                             effect.refund_id))
+
+    def _call_channel(self, name: str, source: ResultSource, call: Any) -> None:
+        channel = self.ctx.channels[name]
+        directory, key = self.ctx.directory, self.key
+        self.ctx.runtime.run_io(
+            name, lambda: call(channel),
+            lambda reply: directory.tell(key, cash_result(channel, reply, source)),
+        )
+
+    def _call_refund(self, name: str, refund_id: str, source: ResultSource, call: Any) -> None:
+        channel = self.ctx.channels[name]
+        directory, key = self.ctx.directory, self.key
+        self.ctx.runtime.run_io(
+            name, lambda: call(channel),
+            lambda reply: directory.tell(key, refund_result(channel, refund_id, reply, source)),
+        )

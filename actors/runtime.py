@@ -1,0 +1,259 @@
+"""The runtime seam: clock, timers, I/O lanes and actor spawning behind one small interface.
+
+Nothing else in ``actors/`` reads the wall clock, sleeps, starts a timer thread or picks an
+actor implementation: it asks a ``Runtime``. ``ThreadRuntime`` is production: pykka
+``ThreadingActor`` hosts, one timer thread, a bounded thread pool per channel. The simulator
+(``sim/``) supplies a deterministic runtime with the same interface, virtual time and a seeded
+scheduler, and runs the same behaviours.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import pykka
+import structlog
+
+from engine.errors import EngineClosed, Overloaded, PaymentError
+
+log = structlog.get_logger("payengine.runtime")
+
+
+class Behaviour(Protocol):
+    """What an actor does. Its methods run one at a time on the actor's own thread."""
+
+    def on_start(self) -> None: ...
+
+    def on_message(self, message: Any) -> Any: ...
+
+    def on_stop(self) -> None: ...
+
+
+class ActorRef(Protocol):
+    """A handle to a running actor."""
+
+    def tell(self, message: Any) -> None:
+        """Enqueue ``message``; never blocks."""
+
+    def ask(self, message: Any, timeout_s: float) -> Any:
+        """Enqueue ``message`` and wait for the reply. Callers outside actors only."""
+
+    def stop(self) -> None:
+        """Ask the actor to stop after the messages already queued."""
+
+    @property
+    def alive(self) -> bool: ...
+
+
+class TimerHandle(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Runtime(Protocol):
+    """Everything time-, thread- or scheduling-dependent the actor shell needs."""
+
+    def now_ms(self) -> int:
+        """Milliseconds since the epoch (wall clock in production, virtual in the simulator)."""
+
+    def call_at(self, due_at_ms: int, fn: Callable[[], None]) -> TimerHandle:
+        """Run ``fn`` at ``due_at_ms`` (at once if past). ``fn`` must be quick: a tell."""
+
+    def run_io(self, lane: str, fn: Callable[[], Any], done: Callable[[Any], None]) -> None:
+        """Run a blocking call ``fn`` off the actor threads, on ``lane``'s bounded pool.
+
+        ``done`` gets the result, or the exception ``fn`` raised (an ``Overloaded`` if the
+        lane's queue is full). A slow lane never delays another lane.
+        """
+
+    def spawn(self, name: str, behaviour: Behaviour) -> ActorRef:
+        """Start an actor running ``behaviour``."""
+
+    def shutdown(self) -> None:
+        """Stop timers and I/O lanes; queued timers are dropped."""
+
+
+# ---------------------------------------------------------------------- threads
+
+
+class _PykkaHost(pykka.ThreadingActor):
+    """A pykka thread that runs a ``Behaviour``. Daemon: an abandoned engine never blocks exit."""
+
+    use_daemon_thread = True
+
+    def __init__(self, name: str, behaviour: Behaviour) -> None:
+        super().__init__()
+        self.name = name
+        self.behaviour = behaviour
+
+    def on_start(self) -> None:
+        self.behaviour.on_start()
+
+    def on_receive(self, message: Any) -> Any:
+        return self.behaviour.on_message(message)
+
+    def on_stop(self) -> None:
+        self.behaviour.on_stop()
+
+    def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
+        log.error("actor.failed", actor=self.name, error=repr(exception_value))
+
+
+@dataclass(frozen=True)
+class _PykkaRef:
+    ref: pykka.ActorRef[Any]
+
+    def tell(self, message: Any) -> None:
+        self.ref.tell(message)
+
+    def ask(self, message: Any, timeout_s: float) -> Any:
+        return self.ref.ask(message, timeout=timeout_s)
+
+    def stop(self) -> None:
+        if self.ref.is_alive():
+            self.ref.stop(block=False)
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.ref.is_alive())
+
+
+@dataclass(order=True)
+class _Timer:
+    due_at_ms: int
+    seq: int
+    fn: Callable[[], None] = field(compare=False)
+    cancelled: bool = field(default=False, compare=False)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class TimerThread:
+    """One thread and a heap of timers; ``timers_max`` bounds the heap.
+
+    Runs each due callback on its own thread, so callbacks must not block (they tell).
+    """
+
+    def __init__(self, now_ms: Callable[[], int], timers_max: int = 1_000_000) -> None:
+        self._now_ms = now_ms
+        self._timers_max = timers_max
+        self._heap: list[_Timer] = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="payengine-timers", daemon=True)
+        self._thread.start()
+
+    def call_at(self, due_at_ms: int, fn: Callable[[], None]) -> _Timer:
+        with self._cond:
+            if self._stopped:
+                raise EngineClosed("timers are stopped")
+            if len(self._heap) >= self._timers_max:
+                self._heap = [t for t in self._heap if not t.cancelled]
+                heapq.heapify(self._heap)
+                if len(self._heap) >= self._timers_max:
+                    raise Overloaded(f"{self._timers_max} timers pending")
+            timer = _Timer(due_at_ms, next(self._seq), fn)
+            heapq.heappush(self._heap, timer)
+            if self._heap[0] is timer:
+                self._cond.notify()
+            return timer
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._heap.clear()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped:
+                    if not self._heap:
+                        self._cond.wait()
+                        continue
+                    wait_ms = self._heap[0].due_at_ms - self._now_ms()
+                    if wait_ms <= 0:
+                        break
+                    self._cond.wait(timeout=wait_ms / 1000)
+                if self._stopped:
+                    return
+                timer = heapq.heappop(self._heap)
+            if not timer.cancelled:
+                try:
+                    timer.fn()
+                except Exception as exc:  # a timer must never kill the timer thread
+                    log.warning("timer.callback_failed", error=repr(exc))
+
+
+class _Lane:
+    """A bounded pool for blocking calls to one channel."""
+
+    def __init__(self, name: str, workers: int, queue_max: int) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"io-{name}")
+        self.slots = threading.BoundedSemaphore(workers + queue_max)
+
+
+class ThreadRuntime:
+    """Production runtime: wall clock, pykka ThreadingActors, a timer thread, I/O lanes."""
+
+    def __init__(self, *, io_workers_per_lane: int = 4, io_queue_max: int = 1_000,
+                 timers_max: int = 1_000_000) -> None:
+        self._timers = TimerThread(self.now_ms, timers_max)
+        self._io_workers = io_workers_per_lane
+        self._io_queue_max = io_queue_max
+        self._lanes: dict[str, _Lane] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def now_ms(self) -> int:
+        return time.time_ns() // 1_000_000
+
+    def call_at(self, due_at_ms: int, fn: Callable[[], None]) -> TimerHandle:
+        return self._timers.call_at(due_at_ms, fn)
+
+    def run_io(self, lane: str, fn: Callable[[], Any], done: Callable[[Any], None]) -> None:
+        with self._lock:
+            if self._closed:
+                raise EngineClosed("the runtime is shut down")
+            pool = self._lanes.get(lane)
+            if pool is None:
+                pool = self._lanes[lane] = _Lane(lane, self._io_workers, self._io_queue_max)
+        if not pool.slots.acquire(blocking=False):
+            done(Overloaded(f"I/O lane {lane} is full"))
+            return
+
+        def call() -> None:
+            try:
+                result: Any = fn()
+            except Exception as exc:
+                result = exc
+            finally:
+                pool.slots.release()
+            try:
+                done(result)
+            except (PaymentError, pykka.ActorDeadError) as exc:
+                log.info("io.result_dropped", lane=lane, error=repr(exc))
+
+        try:
+            pool.pool.submit(call)
+        except RuntimeError:  # pool shut down meanwhile
+            pool.slots.release()
+
+    def spawn(self, name: str, behaviour: Behaviour) -> ActorRef:
+        return _PykkaRef(_PykkaHost.start(name, behaviour))
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._closed = True
+            lanes = list(self._lanes.values())
+        self._timers.stop()
+        for lane in lanes:
+            lane.pool.shutdown(wait=False, cancel_futures=True)

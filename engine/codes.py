@@ -1,0 +1,62 @@
+"""Per-channel return-code tables.
+
+A channel answers with two levels of codes: a *communication* code (did the request reach
+the channel and get a well-formed answer) and a *business* code (what happened to the
+payment). Only an explicitly mapped business success code means success, only an explicitly
+mapped failure code means failure; anything else, including an unknown code, a timeout or a
+communication error, means "processing: query it". This is the rule that keeps a network
+blip from being read as a failure (and the money then charged twice).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class ResultKind(enum.StrEnum):
+    SUCCESS = "success"
+    FAILURE = "failure"
+    PROCESSING = "processing"
+
+
+@dataclass(frozen=True, slots=True)
+class CodeTable:
+    """The codes of one channel. Frozen sets so a table is a value that can be shared."""
+
+    channel: str
+    communication_ok: frozenset[str]
+    success: frozenset[str]
+    failure: frozenset[str]
+
+    def __post_init__(self) -> None:
+        overlap = self.success & self.failure
+        assert not overlap, f"{self.channel}: codes both success and failure: {sorted(overlap)}"
+
+    def classify(self, communication_code: str | None, business_code: str | None) -> ResultKind:
+        """Map a reply's two codes to a result; unknown or missing codes mean PROCESSING."""
+        if communication_code is None or communication_code not in self.communication_ok:
+            return ResultKind.PROCESSING
+        if business_code in self.success:
+            return ResultKind.SUCCESS
+        if business_code in self.failure:
+            return ResultKind.FAILURE
+        return ResultKind.PROCESSING
+
+
+WECHAT_LIKE_PAY_CODES = CodeTable(
+    channel="wechat",
+    communication_ok=frozenset({"SUCCESS"}),
+    success=frozenset({"SUCCESS"}),
+    failure=frozenset({"PAYERROR", "CLOSED", "REVOKED"}),
+)
+"""Trade states of a WeChat-Pay-like channel. USERPAYING, NOTPAY, SYSTEMERROR and anything
+unknown are processing: the order keeps being queried."""
+
+WECHAT_LIKE_REFUND_CODES = CodeTable(
+    channel="wechat-refund",
+    communication_ok=frozenset({"SUCCESS"}),
+    success=frozenset({"SUCCESS"}),
+    failure=frozenset({"CHANGE", "REFUNDCLOSE"}),
+)
+"""Refund states; PROCESSING and unknown codes are queried again."""

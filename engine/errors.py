@@ -1,0 +1,103 @@
+"""Typed errors for expected failures.
+
+Every expected failure (bad input, insufficient balance, unknown order, idempotency
+conflict, illegal transition) is one of these. Raising one never changes state: the core
+raises before it builds a new value, and the shell raises before it persists. Broken
+invariants are not errors of this kind; they are ``AssertionError`` and fail loudly.
+"""
+
+from __future__ import annotations
+
+
+class PaymentError(Exception):
+    """Base of every expected failure the engine reports to its caller."""
+
+    code: str = "payment_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidAmount(PaymentError):
+    """An amount is a float, a bool, not an int, zero, negative or too large."""
+
+    code = "invalid_amount"
+
+
+class InvalidRequest(PaymentError):
+    """A request is malformed: a missing field, an unknown mode, legs that do not add up."""
+
+    code = "invalid_request"
+
+
+class CurrencyMismatch(PaymentError):
+    """Two amounts that must share a currency (or unit) do not."""
+
+    code = "currency_mismatch"
+
+
+class UnknownOrder(PaymentError):
+    """No payment order has this id (or payment serial)."""
+
+    code = "unknown_order"
+
+
+class UnknownAccount(PaymentError):
+    """No voucher account has this id."""
+
+    code = "unknown_account"
+
+
+class AccountExists(PaymentError):
+    """A voucher account with this id exists already with other parameters."""
+
+    code = "account_exists"
+
+
+class UnknownHold(PaymentError):
+    """No hold (TCC fence) has this id on this account."""
+
+    code = "unknown_hold"
+
+
+class InsufficientBalance(PaymentError):
+    """The voucher account's available balance does not cover the amount."""
+
+    code = "insufficient_balance"
+
+
+class HoldRefused(PaymentError):
+    """A Try (or a debit) was refused: its id was cancelled before (hanging), or it is not usable."""
+
+    code = "hold_refused"
+
+
+class HoldNotPending(PaymentError):
+    """Confirm or cancel met a hold that is no longer pending (posted, voided or expired)."""
+
+    code = "hold_not_pending"
+
+
+class IdempotencyConflict(PaymentError):
+    """The same idempotency key came again with different parameters."""
+
+    code = "idempotency_conflict"
+
+
+class IllegalTransition(PaymentError):
+    """The order's state does not allow this event (e.g. a user close of a paid order)."""
+
+    code = "illegal_transition"
+
+
+class Overloaded(PaymentError):
+    """A bound was reached (live orders, queued timers); the caller should retry later."""
+
+    code = "overloaded"
+
+
+class EngineClosed(PaymentError):
+    """The engine was shut down (or abandoned) and accepts no more work."""
+
+    code = "engine_closed"

@@ -1,0 +1,1057 @@
+"""The payment order: its data, its transition table and the pure ``decide`` function.
+
+``decide(order, event, now_ms, policy) -> Decision`` is the only place where an order
+changes. It is deterministic and does no I/O: the actor shell persists
+``Decision.order`` and only then carries out ``Decision.effects`` (tell a voucher account,
+call the channel, arm a timer).
+
+Life cycle (the order's coarse state; each leg has its own status)::
+
+    ACCEPTED --holds placed--> PAYING --cash success--> [DEDUCTING --debits done-->] SUCCEEDED
+        |                        |   \\--query schedule ran out--> NEEDS_RECONCILIATION
+        |                        |--cash failure / shortfall--> FAILED
+        \\--hold refused--> FAILED    \\--close (timeout or user)--> CLOSED
+
+SUCCEEDED, FAILED and CLOSED are terminal: the state never changes again (merchant refunds,
+a later issue, are the only way out). Work that follows a terminal decision (confirming or
+cancelling holds, refunding a success that came after the close) is carried by the legs'
+statuses, so it survives a crash and is driven to the end by ``Activate``.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from engine.codes import ResultKind
+from engine.errors import (
+    IllegalTransition,
+    InvalidAmount,
+    InvalidRequest,
+)
+from engine.money import AMOUNT_MAX, check_amount, check_unit, value_in_minor
+
+# --------------------------------------------------------------------------- states
+
+
+class OrderState(enum.StrEnum):
+    ACCEPTED = "accepted"
+    """Persisted and acknowledged; voucher holds are being placed."""
+    PAYING = "paying"
+    """The cash channel was asked; its result is not known yet."""
+    DEDUCTING = "deducting"
+    """Cash succeeded; post-deduct vouchers are being debited."""
+    NEEDS_RECONCILIATION = "needs_reconciliation"
+    """The query schedule ran out with the result still unknown. Not a failure: money may
+    have moved. Holds stay held; a callback, a close or reconciliation resolves it."""
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CLOSED = "closed"
+
+
+TERMINAL_STATES = frozenset({OrderState.SUCCEEDED, OrderState.FAILED, OrderState.CLOSED})
+
+
+class Trigger(enum.StrEnum):
+    """What moved the order: the cause recorded with every transition."""
+
+    HOLDS_PLACED = "holds_placed"
+    HOLD_REFUSED = "hold_refused"
+    CASH_SUCCEEDED = "cash_succeeded"
+    CASH_SUCCEEDED_DEDUCT = "cash_succeeded_deduct"
+    CASH_FAILED = "cash_failed"
+    DEBITS_DONE = "debits_done"
+    SHORTFALL = "post_deduct_shortfall"
+    AMOUNT_MISMATCH = "amount_mismatch"
+    QUERIES_EXHAUSTED = "queries_exhausted"
+    CLOSE_TIMEOUT = "close_timeout"
+    CLOSE_USER = "close_user"
+
+
+S = OrderState
+T = Trigger
+TRANSITIONS: Mapping[tuple[OrderState, Trigger], OrderState] = {
+    (S.ACCEPTED, T.HOLDS_PLACED): S.PAYING,
+    (S.ACCEPTED, T.CASH_SUCCEEDED): S.SUCCEEDED,  # no cash leg: vouchers only
+    (S.ACCEPTED, T.CASH_SUCCEEDED_DEDUCT): S.DEDUCTING,
+    (S.ACCEPTED, T.HOLD_REFUSED): S.FAILED,
+    (S.ACCEPTED, T.CLOSE_TIMEOUT): S.CLOSED,
+    (S.ACCEPTED, T.CLOSE_USER): S.CLOSED,
+    (S.PAYING, T.CASH_SUCCEEDED): S.SUCCEEDED,
+    (S.PAYING, T.CASH_SUCCEEDED_DEDUCT): S.DEDUCTING,
+    (S.PAYING, T.CASH_FAILED): S.FAILED,
+    (S.PAYING, T.AMOUNT_MISMATCH): S.NEEDS_RECONCILIATION,
+    (S.PAYING, T.QUERIES_EXHAUSTED): S.NEEDS_RECONCILIATION,
+    (S.PAYING, T.CLOSE_TIMEOUT): S.CLOSED,
+    (S.PAYING, T.CLOSE_USER): S.CLOSED,
+    (S.NEEDS_RECONCILIATION, T.CASH_SUCCEEDED): S.SUCCEEDED,
+    (S.NEEDS_RECONCILIATION, T.CASH_SUCCEEDED_DEDUCT): S.DEDUCTING,
+    (S.NEEDS_RECONCILIATION, T.CASH_FAILED): S.FAILED,
+    (S.NEEDS_RECONCILIATION, T.CLOSE_TIMEOUT): S.CLOSED,
+    (S.NEEDS_RECONCILIATION, T.CLOSE_USER): S.CLOSED,
+    (S.DEDUCTING, T.DEBITS_DONE): S.SUCCEEDED,
+    (S.DEDUCTING, T.SHORTFALL): S.FAILED,
+}
+"""The order's transition table: (state, trigger) -> next state. Anything absent is illegal."""
+
+ALLOWED_TRANSITIONS = frozenset((src, dst) for (src, _), dst in TRANSITIONS.items())
+"""(from, to) pairs that may ever be observed; the simulator's oracle checks against this."""
+
+assert not any(src in TERMINAL_STATES for src, _ in ALLOWED_TRANSITIONS), "terminal is final"
+
+
+def next_state(state: OrderState, trigger: Trigger) -> OrderState:
+    """Look ``trigger`` up in the table; a missing entry is an ``IllegalTransition``."""
+    try:
+        return TRANSITIONS[(state, trigger)]
+    except KeyError:
+        raise IllegalTransition(f"{trigger.value} is not allowed in state {state.value}") from None
+
+
+# --------------------------------------------------------------------------- legs
+
+
+class LegMode(enum.StrEnum):
+    CASH = "cash"
+    """Paid through a channel (WeChat Pay, Alipay, card)."""
+    PRE_DEDUCT = "pre_deduct"
+    """Voucher held (Try) at submit, before the channel is asked; confirmed on success."""
+    PRE_HELD = "pre_held"
+    """Voucher held before submit (the user ticked it); the order adopts the hold."""
+    POST_DEDUCT = "post_deduct"
+    """Voucher debited only when the cash succeeded; a shortfall then fails the payment."""
+
+
+HOLD_MODES = frozenset({LegMode.PRE_DEDUCT, LegMode.PRE_HELD})
+
+
+class LegStatus(enum.StrEnum):
+    NEW = "new"
+    # voucher holds
+    TRYING = "trying"
+    HELD = "held"
+    REFUSED = "refused"
+    CONFIRMING = "confirming"
+    CONFIRMED = "confirmed"
+    CONFIRM_FAILED = "confirm_failed"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    RELEASE_FAILED = "release_failed"
+    """The account refused to void or reverse: an anomaly for reconciliation, never silent."""
+    # post-deduct debits
+    DEBITING = "debiting"
+    DEBITED = "debited"
+    SHORTFALL = "shortfall"
+    REVERSING = "reversing"
+    REVERSED = "reversed"
+    # cash
+    PAYING = "paying"
+    PAID = "paid"
+    UNPAID = "unpaid"
+    """The channel said definitively that nothing was charged (failure, or closed unpaid)."""
+    UNKNOWN = "unknown"
+    """Closed with the charge still unknown after every query: for reconciliation."""
+    REFUNDING = "refunding"
+    REFUNDED = "refunded"
+    REFUND_FAILED = "refund_failed"
+    REFUND_UNKNOWN = "refund_unknown"
+
+
+IN_FLIGHT_LEG_STATUSES = frozenset(
+    {
+        LegStatus.NEW,
+        LegStatus.TRYING,
+        LegStatus.CONFIRMING,
+        LegStatus.CANCELLING,
+        LegStatus.DEBITING,
+        LegStatus.REVERSING,
+        LegStatus.PAYING,
+        LegStatus.REFUNDING,
+    }
+)
+"""A leg in one of these still has work to do; an order is settled when none is left."""
+
+
+@dataclass(frozen=True, slots=True)
+class Leg:
+    """One payment flow of an order: the cash part or one voucher."""
+
+    leg_no: int
+    mode: LegMode
+    account_id: str | None
+    """The voucher account; ``None`` for the cash leg."""
+    amount: int
+    """In the leg's own unit: minor units for cash and money vouchers, points for points."""
+    unit: str
+    value_minor: int
+    """What the leg pays of the order total, in the order's minor units."""
+    hold_id: str | None
+    """The fence id at the voucher account; ``None`` for cash."""
+    status: LegStatus = LegStatus.NEW
+    channel: str | None = None
+    channel_txn_id: str | None = None
+    channel_code: str | None = None
+    """The last business code the channel gave for this leg (``None``: no answer yet)."""
+    refund_id: str | None = None
+
+    @property
+    def is_cash(self) -> bool:
+        return self.mode is LegMode.CASH
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True, slots=True)
+class CashPart:
+    """The cash part of a combined payment: ``amount_minor`` through ``channel``."""
+
+    amount_minor: int
+    channel: str
+
+
+@dataclass(frozen=True, slots=True)
+class VoucherPart:
+    """One voucher part: ``amount`` in the account's own unit.
+
+    ``hold_id`` names a hold placed before submit and is required for ``PRE_HELD``.
+    """
+
+    account_id: str
+    amount: int
+    mode: LegMode = LegMode.PRE_DEDUCT
+    hold_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentRequest:
+    """What a merchant submits. ``(merchant_id, merchant_order_no)`` is the idempotency key."""
+
+    merchant_id: str
+    merchant_order_no: str
+    user_id: str
+    currency: str
+    total_minor: int
+    title: str
+    cash: CashPart | None = None
+    vouchers: tuple[VoucherPart, ...] = ()
+    pay_window_ms: int | None = None
+    """How long the order may wait for its payment before it is closed; policy default if None."""
+
+    def fingerprint(self) -> str:
+        """A stable digest of every parameter: equal requests, equal fingerprints."""
+        parts = [
+            self.merchant_id, self.merchant_order_no, self.user_id, self.currency,
+            str(self.total_minor), self.title, str(self.pay_window_ms),
+            "cash" if self.cash is None else f"cash:{self.cash.amount_minor}:{self.cash.channel}",
+        ]
+        parts += [f"v:{v.account_id}:{v.amount}:{v.mode.value}:{v.hold_id}" for v in self.vouchers]
+        return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class AccountUnit:
+    """What the core needs to know of a voucher account to price a leg."""
+
+    unit: str
+    minor_per_unit: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class OrderPolicy:
+    """Tunables of the order life cycle. Every schedule is finite: nothing retries forever."""
+
+    pay_window_ms: int = 15 * 60 * 1000
+    """Default time from acceptance to the timeout close."""
+    pay_window_ms_max: int = 24 * 60 * 60 * 1000
+    hold_grace_ms: int = 10 * 60 * 1000
+    """Holds expire this long after the order's close, so a Confirm decided before the
+    close always finds its hold pending."""
+    query_schedule_ms: tuple[int, ...] = (1_000, 2_000, 5_000, 10_000, 20_000, 40_000, 100_000)
+    """Gaps between status queries of an unknown result; then the order awaits reconciliation."""
+    refund_query_schedule_ms: tuple[int, ...] = (
+        1_000, 2_000, 5_000, 10_000, 20_000, 40_000, 100_000,
+    )
+    legs_max: int = 16
+
+    def __post_init__(self) -> None:
+        assert self.query_schedule_ms and all(g > 0 for g in self.query_schedule_ms)
+        assert self.refund_query_schedule_ms and all(g > 0 for g in self.refund_query_schedule_ms)
+        assert 0 < self.pay_window_ms <= self.pay_window_ms_max
+        assert self.hold_grace_ms > 0 and self.legs_max > 0
+
+
+# --------------------------------------------------------------------------- the order
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentOrder:
+    """A payment order with its legs. Immutable: ``decide`` returns a new one."""
+
+    order_id: str
+    merchant_id: str
+    merchant_order_no: str
+    payment_serial: str
+    """The id the channel knows the cash payment by (out_trade_no)."""
+    user_id: str
+    title: str
+    currency: str
+    total_minor: int
+    fingerprint: str
+    state: OrderState
+    cause: str
+    created_at_ms: int
+    close_at_ms: int
+    hold_expires_at_ms: int
+    legs: tuple[Leg, ...]
+    query_attempt: int = 0
+    next_query_at_ms: int | None = None
+    refund_query_attempt: int = 0
+    next_refund_query_at_ms: int | None = None
+    version: int = 0
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    @property
+    def is_settled(self) -> bool:
+        """Terminal with no leg left in flight: nothing more will ever happen by itself."""
+        return self.is_terminal and not any(
+            leg.status in IN_FLIGHT_LEG_STATUSES for leg in self.legs
+        )
+
+    @property
+    def cash_leg(self) -> Leg | None:
+        return next((leg for leg in self.legs if leg.is_cash), None)
+
+    def leg(self, leg_no: int) -> Leg:
+        for leg in self.legs:
+            if leg.leg_no == leg_no:
+                return leg
+        raise InvalidRequest(f"order {self.order_id} has no leg {leg_no}")
+
+
+def build_order(
+    request: PaymentRequest,
+    *,
+    order_id: str,
+    payment_serial: str,
+    now_ms: int,
+    accounts: Mapping[str, AccountUnit],
+    policy: OrderPolicy,
+) -> PaymentOrder:
+    """Validate ``request`` and build its order in ACCEPTED; raise a typed error if invalid.
+
+    ``accounts`` gives the unit of every voucher account the request names; a missing one is
+    the caller's ``UnknownAccount`` to raise before calling this.
+    """
+    for name in ("merchant_id", "merchant_order_no", "user_id", "title"):
+        value = getattr(request, name)
+        if not isinstance(value, str) or not value or len(value) > 128:
+            raise InvalidRequest(f"{name} must be a non-empty string of at most 128 characters")
+    currency = check_unit(request.currency)
+    total = check_amount(request.total_minor, "total_minor")
+    window = policy.pay_window_ms if request.pay_window_ms is None else request.pay_window_ms
+    if isinstance(window, bool) or not isinstance(window, int) or not (
+        0 < window <= policy.pay_window_ms_max
+    ):
+        raise InvalidRequest(f"pay_window_ms must be 1..{policy.pay_window_ms_max}, got {window!r}")
+    if request.cash is None and not request.vouchers:
+        raise InvalidRequest("a payment needs a cash part or at least one voucher part")
+    if len(request.vouchers) + 1 > policy.legs_max:
+        raise InvalidRequest(f"at most {policy.legs_max - 1} voucher parts")
+    legs: list[Leg] = []
+    if request.cash is not None:
+        cash_amount = check_amount(request.cash.amount_minor, "cash amount_minor")
+        if not isinstance(request.cash.channel, str) or not request.cash.channel:
+            raise InvalidRequest("the cash part needs a channel name")
+        legs.append(
+            Leg(0, LegMode.CASH, None, cash_amount, currency, cash_amount, None,
+                channel=request.cash.channel)
+        )
+    seen_accounts: set[str] = set()
+    for leg_no, part in enumerate(request.vouchers, start=1):
+        legs.append(_voucher_leg(order_id, leg_no, part, currency, accounts, seen_accounts))
+    paid = sum(leg.value_minor for leg in legs)
+    if paid != total:
+        raise InvalidRequest(f"the parts add up to {paid} minor units, the order total is {total}")
+    assert paid <= AMOUNT_MAX * policy.legs_max
+    close_at = now_ms + window
+    return PaymentOrder(
+        order_id=order_id,
+        merchant_id=request.merchant_id,
+        merchant_order_no=request.merchant_order_no,
+        payment_serial=payment_serial,
+        user_id=request.user_id,
+        title=request.title,
+        currency=currency,
+        total_minor=total,
+        fingerprint=request.fingerprint(),
+        state=OrderState.ACCEPTED,
+        cause="submitted",
+        created_at_ms=now_ms,
+        close_at_ms=close_at,
+        hold_expires_at_ms=close_at + policy.hold_grace_ms,
+        legs=tuple(legs),
+    )
+
+
+def _voucher_leg(
+    order_id: str,
+    leg_no: int,
+    part: VoucherPart,
+    currency: str,
+    accounts: Mapping[str, AccountUnit],
+    seen_accounts: set[str],
+) -> Leg:
+    if part.mode is LegMode.CASH or not isinstance(part.mode, LegMode):
+        raise InvalidRequest(f"voucher part {leg_no}: mode must be a voucher mode, not {part.mode!r}")
+    amount = check_amount(part.amount, f"voucher part {leg_no} amount")
+    if part.account_id in seen_accounts:
+        raise InvalidRequest(f"account {part.account_id} appears in two parts; merge them")
+    seen_accounts.add(part.account_id)
+    account = accounts[part.account_id]
+    value = value_in_minor(amount, account.unit, account.minor_per_unit, currency)
+    if part.mode is LegMode.PRE_HELD:
+        if not part.hold_id:
+            raise InvalidRequest(f"voucher part {leg_no} is pre_held but names no hold_id")
+        hold_id = part.hold_id
+    else:
+        if part.hold_id is not None:
+            raise InvalidRequest(f"voucher part {leg_no}: hold_id is only for pre_held parts")
+        hold_id = f"{order_id}:{leg_no}"
+    if value <= 0:
+        raise InvalidAmount(f"voucher part {leg_no} is worth nothing")
+    return Leg(leg_no, part.mode, part.account_id, amount, account.unit, value, hold_id)
+
+
+# --------------------------------------------------------------------------- events
+
+
+class ResultSource(enum.StrEnum):
+    SYNC = "sync"
+    CALLBACK = "callback"
+    QUERY = "query"
+    CLOSE = "close"
+    RECONCILIATION = "reconciliation"
+
+
+class CloseCause(enum.StrEnum):
+    TIMEOUT = "timeout"
+    USER = "user"
+
+
+class TimerKind(enum.StrEnum):
+    CLOSE = "close"
+    QUERY = "query"
+    REFUND_QUERY = "refund_query"
+
+
+@dataclass(frozen=True, slots=True)
+class Activate:
+    """The order's actor (re)started: re-issue whatever is in flight, re-arm timers."""
+
+
+class VoucherOp(enum.StrEnum):
+    TRY = "try"
+    CONFIRM = "confirm"
+    CANCEL = "cancel"
+    DEBIT = "debit"
+
+
+@dataclass(frozen=True, slots=True)
+class VoucherReply:
+    """A voucher account's answer to a Try, Confirm, Cancel or debit of one leg."""
+
+    leg_no: int
+    hold_id: str
+    op: VoucherOp
+    ok: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CashResult:
+    """A result for the cash leg from any of the four sources."""
+
+    kind: ResultKind
+    source: ResultSource
+    code: str
+    channel_txn_id: str | None = None
+    amount_minor: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RefundResult:
+    """A result for the refund of the cash leg."""
+
+    refund_id: str
+    kind: ResultKind
+    source: ResultSource
+    code: str
+
+
+@dataclass(frozen=True, slots=True)
+class CloseOrder:
+    cause: CloseCause
+
+
+@dataclass(frozen=True, slots=True)
+class TimerFired:
+    timer: TimerKind
+    token: int
+    """The attempt the timer was armed for; a timer whose token is stale is ignored."""
+
+
+OrderEvent = Activate | VoucherReply | CashResult | RefundResult | CloseOrder | TimerFired
+
+# --------------------------------------------------------------------------- effects
+
+
+@dataclass(frozen=True, slots=True)
+class TryHold:
+    account_id: str
+    hold_id: str
+    amount: int
+    expires_at_ms: int
+    leg_no: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConfirmHold:
+    account_id: str
+    hold_id: str
+    leg_no: int
+
+
+@dataclass(frozen=True, slots=True)
+class CancelHold:
+    """Void a hold, reverse a debit, or record an empty rollback; idempotent."""
+
+    account_id: str
+    hold_id: str
+    leg_no: int
+
+
+@dataclass(frozen=True, slots=True)
+class DebitVoucher:
+    account_id: str
+    hold_id: str
+    amount: int
+    leg_no: int
+
+
+@dataclass(frozen=True, slots=True)
+class PayCash:
+    channel: str
+    payment_serial: str
+    amount_minor: int
+    currency: str
+    title: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueryCash:
+    channel: str
+    payment_serial: str
+
+
+@dataclass(frozen=True, slots=True)
+class CloseCash:
+    channel: str
+    payment_serial: str
+
+
+@dataclass(frozen=True, slots=True)
+class RefundCash:
+    channel: str
+    payment_serial: str
+    refund_id: str
+    amount_minor: int
+    currency: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueryRefund:
+    channel: str
+    payment_serial: str
+    refund_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ArmTimer:
+    timer: TimerKind
+    due_at_ms: int
+    token: int
+
+
+Effect = (
+    TryHold | ConfirmHold | CancelHold | DebitVoucher | PayCash | QueryCash | CloseCash
+    | RefundCash | QueryRefund | ArmTimer
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One change of the order's state or of one leg's status, for the journal and the log."""
+
+    entity: str
+    """``"order"`` or ``"leg:N"``."""
+    from_state: str
+    to_state: str
+    cause: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    order: PaymentOrder
+    effects: tuple[Effect, ...]
+    transitions: tuple[Transition, ...]
+    note: str
+    """What the event amounted to when nothing changed: duplicate, stale, ignored."""
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.transitions) or self.note == "applied"
+
+
+# --------------------------------------------------------------------------- decide
+
+
+@dataclass
+class _Draft:
+    """A decision being built: the order so far, and what to do and record."""
+
+    order: PaymentOrder
+    now_ms: int
+    policy: OrderPolicy
+    effects: list[Effect] = field(default_factory=list)
+    transitions: list[Transition] = field(default_factory=list)
+    touched: bool = False
+
+    def move(self, trigger: Trigger, cause: str | None = None) -> None:
+        target = next_state(self.order.state, trigger)
+        self.transitions.append(
+            Transition("order", self.order.state.value, target.value, cause or trigger.value)
+        )
+        self.order = replace(self.order, state=target, cause=cause or trigger.value)
+
+    def set_leg(self, leg_no: int, status: LegStatus, cause: str, **fields: object) -> Leg:
+        old = self.order.leg(leg_no)
+        new = replace(old, status=status, **fields)  # type: ignore[arg-type]
+        if old.status is not status:
+            self.transitions.append(Transition(f"leg:{leg_no}", old.status.value, status.value, cause))
+        elif new != old:
+            self.touched = True
+        legs = tuple(new if leg.leg_no == leg_no else leg for leg in self.order.legs)
+        self.order = replace(self.order, legs=legs)
+        return new
+
+    def update(self, **fields: object) -> None:
+        self.order = replace(self.order, **fields)  # type: ignore[arg-type]
+        self.touched = True
+
+    def legs(self, *modes: LegMode) -> list[Leg]:
+        return [leg for leg in self.order.legs if leg.mode in modes]
+
+    def cash(self) -> Leg | None:
+        return self.order.cash_leg
+
+    def done(self, note: str) -> Decision:
+        if self.transitions or self.touched:
+            note = "applied"
+            self.order = replace(self.order, version=self.order.version + 1)
+        return Decision(self.order, tuple(self.effects), tuple(self.transitions), note)
+
+
+def decide(
+    order: PaymentOrder, event: OrderEvent, *, now_ms: int, policy: OrderPolicy
+) -> Decision:
+    """Apply one event to ``order``: the new order, the effects to carry out, what changed.
+
+    Raises ``IllegalTransition`` (order untouched) for an event the order's state forbids,
+    such as a user close of a paid order. Duplicate and stale events are not errors: they
+    come back as a decision that changes nothing, with a note saying why.
+    """
+    draft = _Draft(order, now_ms, policy)
+    match event:
+        case Activate():
+            note = _activate(draft)
+        case VoucherReply():
+            note = _voucher_reply(draft, event)
+        case CashResult():
+            note = _cash_result(draft, event)
+        case RefundResult():
+            note = _refund_result(draft, event)
+        case CloseOrder():
+            note = _close(draft, event.cause)
+        case TimerFired():
+            note = _timer(draft, event)
+    decision = draft.done(note)
+    _assert_consistent(decision.order)
+    return decision
+
+
+def _assert_consistent(order: PaymentOrder) -> None:
+    """Invariants no event may break; a failure is a bug in this module."""
+    assert sum(leg.value_minor for leg in order.legs) == order.total_minor
+    statuses = {leg.status for leg in order.legs}
+    if order.state is OrderState.SUCCEEDED:
+        assert not statuses & {
+            LegStatus.CANCELLING, LegStatus.CANCELLED, LegStatus.REFUSED, LegStatus.UNPAID,
+            LegStatus.SHORTFALL, LegStatus.REVERSING, LegStatus.REVERSED, LegStatus.REFUNDING,
+            LegStatus.REFUNDED,
+        }, f"succeeded order {order.order_id} with legs {sorted(statuses)}"
+    if order.state in (OrderState.FAILED, OrderState.CLOSED):
+        assert not statuses & {LegStatus.CONFIRMING, LegStatus.CONFIRMED}, (
+            f"{order.state.value} order {order.order_id} confirmed a hold"
+        )
+
+
+# ---- activation
+
+
+def _activate(d: _Draft) -> str:
+    """Re-issue every in-flight effect (all idempotent) and re-arm the timers."""
+    order = d.order
+    if order.state in (OrderState.ACCEPTED, OrderState.PAYING, OrderState.NEEDS_RECONCILIATION):
+        d.effects.append(ArmTimer(TimerKind.CLOSE, order.close_at_ms, 0))
+    for leg in order.legs:
+        _reissue(d, leg)
+    if order.state is OrderState.ACCEPTED:
+        _advance_holds(d)
+    return "activated"
+
+
+def _reissue(d: _Draft, leg: Leg) -> None:
+    order = d.order
+    account = leg.account_id
+    if leg.status is LegStatus.TRYING and account is not None and leg.hold_id is not None:
+        d.effects.append(TryHold(account, leg.hold_id, leg.amount, order.hold_expires_at_ms, leg.leg_no))
+    elif leg.status is LegStatus.CONFIRMING and account is not None and leg.hold_id is not None:
+        d.effects.append(ConfirmHold(account, leg.hold_id, leg.leg_no))
+    elif leg.status in (LegStatus.CANCELLING, LegStatus.REVERSING) and account and leg.hold_id:
+        d.effects.append(CancelHold(account, leg.hold_id, leg.leg_no))
+    elif leg.status is LegStatus.DEBITING and account is not None and leg.hold_id is not None:
+        d.effects.append(DebitVoucher(account, leg.hold_id, leg.amount, leg.leg_no))
+    elif leg.status is LegStatus.PAYING and leg.channel is not None:
+        if leg.channel_code is None and not order.is_terminal:
+            d.effects.append(_pay(order, leg))
+        due = order.next_query_at_ms if order.next_query_at_ms is not None else d.now_ms
+        d.effects.append(ArmTimer(TimerKind.QUERY, due, order.query_attempt))
+    elif leg.status is LegStatus.REFUNDING and leg.channel and leg.refund_id:
+        d.effects.append(_refund(order, leg))
+        due = order.next_refund_query_at_ms or d.now_ms
+        d.effects.append(ArmTimer(TimerKind.REFUND_QUERY, due, order.refund_query_attempt))
+
+
+def _pay(order: PaymentOrder, cash: Leg) -> PayCash:
+    assert cash.channel is not None
+    return PayCash(cash.channel, order.payment_serial, cash.amount, order.currency, order.title)
+
+
+def _refund(order: PaymentOrder, cash: Leg) -> RefundCash:
+    assert cash.channel is not None and cash.refund_id is not None
+    return RefundCash(cash.channel, order.payment_serial, cash.refund_id, cash.amount, order.currency)
+
+
+def _advance_holds(d: _Draft) -> None:
+    """In ACCEPTED: Try every hold not yet tried; once all are held, go to the cash step."""
+    for leg in d.legs(*HOLD_MODES):
+        if leg.status is LegStatus.NEW:
+            assert leg.account_id is not None and leg.hold_id is not None
+            d.set_leg(leg.leg_no, LegStatus.TRYING, "try")
+            d.effects.append(
+                TryHold(leg.account_id, leg.hold_id, leg.amount, d.order.hold_expires_at_ms, leg.leg_no)
+            )
+    if all(leg.status is LegStatus.HELD for leg in d.legs(*HOLD_MODES)):
+        _start_cash(d)
+
+
+def _start_cash(d: _Draft) -> None:
+    cash = d.cash()
+    if cash is None:
+        _cash_succeeded(d, "no cash part")
+        return
+    d.move(Trigger.HOLDS_PLACED)
+    assert cash.channel is not None
+    d.set_leg(cash.leg_no, LegStatus.PAYING, "pay")
+    d.effects.append(_pay(d.order, d.order.leg(cash.leg_no)))
+    _arm_query(d, attempt=0)
+
+
+def _arm_query(d: _Draft, attempt: int) -> None:
+    schedule = d.policy.query_schedule_ms
+    gap = schedule[min(attempt, len(schedule) - 1)]
+    due = d.now_ms + gap
+    d.update(query_attempt=attempt, next_query_at_ms=due)
+    d.effects.append(ArmTimer(TimerKind.QUERY, due, attempt))
+
+
+def _arm_refund_query(d: _Draft, attempt: int) -> None:
+    schedule = d.policy.refund_query_schedule_ms
+    due = d.now_ms + schedule[min(attempt, len(schedule) - 1)]
+    d.update(refund_query_attempt=attempt, next_refund_query_at_ms=due)
+    d.effects.append(ArmTimer(TimerKind.REFUND_QUERY, due, attempt))
+
+
+# ---- voucher replies
+
+
+def _voucher_reply(d: _Draft, reply: VoucherReply) -> str:
+    leg = d.order.leg(reply.leg_no)
+    if leg.hold_id != reply.hold_id:
+        return f"stale: reply for hold {reply.hold_id}, leg holds {leg.hold_id}"
+    expected = _EXPECTED_OP.get(leg.status)
+    if expected is not reply.op:
+        return f"duplicate: {reply.op.value} reply, leg {leg.leg_no} is {leg.status.value}"
+    match leg.status:
+        case LegStatus.TRYING:
+            return _hold_reply(d, leg, reply)
+        case LegStatus.CONFIRMING:
+            status = LegStatus.CONFIRMED if reply.ok else LegStatus.CONFIRM_FAILED
+            d.set_leg(leg.leg_no, status, reply.reason or "confirmed")
+        case LegStatus.CANCELLING | LegStatus.REVERSING:
+            done = LegStatus.CANCELLED if leg.status is LegStatus.CANCELLING else LegStatus.REVERSED
+            status = done if reply.ok else LegStatus.RELEASE_FAILED
+            d.set_leg(leg.leg_no, status, reply.reason or "released")
+        case LegStatus.DEBITING:
+            status = LegStatus.DEBITED if reply.ok else LegStatus.SHORTFALL
+            d.set_leg(leg.leg_no, status, reply.reason or "debited")
+            _after_debit(d)
+    return "applied"
+
+
+_EXPECTED_OP = {
+    LegStatus.TRYING: VoucherOp.TRY,
+    LegStatus.CONFIRMING: VoucherOp.CONFIRM,
+    LegStatus.CANCELLING: VoucherOp.CANCEL,
+    LegStatus.REVERSING: VoucherOp.CANCEL,
+    LegStatus.DEBITING: VoucherOp.DEBIT,
+}
+
+
+def _hold_reply(d: _Draft, leg: Leg, reply: VoucherReply) -> str:
+    if reply.ok:
+        d.set_leg(leg.leg_no, LegStatus.HELD, "held")
+        if d.order.state is OrderState.ACCEPTED:
+            _advance_holds(d)
+        return "applied"
+    d.set_leg(leg.leg_no, LegStatus.REFUSED, reply.reason or "refused")
+    if d.order.state is OrderState.ACCEPTED:
+        d.move(Trigger.HOLD_REFUSED, f"hold_refused: {reply.reason}")
+        _release_everything(d, "payment failed")
+    return "applied"
+
+
+def _after_debit(d: _Draft) -> None:
+    """In DEDUCTING, once every debit answered: succeed, or undo everything on a shortfall."""
+    if d.order.state is not OrderState.DEDUCTING:
+        return
+    if any(leg.status is LegStatus.DEBITING for leg in d.order.legs):
+        return
+    if any(leg.status is LegStatus.SHORTFALL for leg in d.order.legs):
+        d.move(Trigger.SHORTFALL)
+        _release_everything(d, "post-deduct shortfall")
+        return
+    d.move(Trigger.DEBITS_DONE)
+    _confirm_holds(d)
+
+
+def _confirm_holds(d: _Draft) -> None:
+    for leg in d.legs(*HOLD_MODES):
+        assert leg.status is LegStatus.HELD, f"confirming leg {leg.leg_no} in {leg.status.value}"
+        assert leg.account_id is not None and leg.hold_id is not None
+        d.set_leg(leg.leg_no, LegStatus.CONFIRMING, "payment succeeded")
+        d.effects.append(ConfirmHold(leg.account_id, leg.hold_id, leg.leg_no))
+
+
+def _release_everything(d: _Draft, cause: str) -> None:
+    """The payment did not go through: give every leg back (holds, debits, and the cash)."""
+    for leg in d.order.legs:
+        account, hold = leg.account_id, leg.hold_id
+        if leg.status in (LegStatus.HELD, LegStatus.TRYING) and account and hold:
+            d.set_leg(leg.leg_no, LegStatus.CANCELLING, cause)
+            d.effects.append(CancelHold(account, hold, leg.leg_no))
+        elif leg.status is LegStatus.DEBITED and account and hold:
+            d.set_leg(leg.leg_no, LegStatus.REVERSING, cause)
+            d.effects.append(CancelHold(account, hold, leg.leg_no))
+        elif leg.status is LegStatus.NEW and leg.mode is LegMode.CASH:
+            d.set_leg(leg.leg_no, LegStatus.UNPAID, cause)
+        elif leg.status is LegStatus.NEW:
+            d.set_leg(leg.leg_no, LegStatus.CANCELLED, cause)
+        elif leg.status is LegStatus.PAID:
+            _refund_cash(d, leg, cause)
+
+
+def _refund_cash(d: _Draft, leg: Leg, cause: str) -> None:
+    """Give a charged cash leg back by the original route (差错退款); one refund per order."""
+    assert leg.channel is not None
+    refund_id = f"{d.order.payment_serial}-R1"
+    leg = d.set_leg(leg.leg_no, LegStatus.REFUNDING, cause, refund_id=refund_id)
+    d.effects.append(_refund(d.order, leg))
+    _arm_refund_query(d, attempt=0)
+
+
+# ---- cash results
+
+
+def _cash_result(d: _Draft, result: CashResult) -> str:
+    cash = d.cash()
+    if cash is None:
+        raise IllegalTransition(f"order {d.order.order_id} has no cash part")
+    if cash.status is LegStatus.NEW:
+        raise IllegalTransition(
+            f"order {d.order.order_id} has not asked its channel yet; a {result.kind.value} "
+            "result cannot be for it"
+        )
+    match result.kind:
+        case ResultKind.SUCCESS:
+            return _cash_success(d, cash, result)
+        case ResultKind.FAILURE:
+            return _cash_failure(d, cash, result)
+    if cash.status is LegStatus.PAYING and result.code != cash.channel_code:
+        d.set_leg(cash.leg_no, LegStatus.PAYING, "processing", channel_code=result.code)
+        return "applied"
+    return f"ignored: {result.source.value} says processing, cash leg is {cash.status.value}"
+
+
+def _cash_success(d: _Draft, cash: Leg, result: CashResult) -> str:
+    if cash.status not in (LegStatus.PAYING, LegStatus.UNKNOWN, LegStatus.UNPAID):
+        return f"duplicate: success again ({result.source.value}), cash leg is {cash.status.value}"
+    if result.amount_minor is not None and result.amount_minor != cash.amount:
+        cause = f"amount_mismatch: channel charged {result.amount_minor}, asked {cash.amount}"
+        d.set_leg(cash.leg_no, LegStatus.UNKNOWN, cause, channel_code=result.code,
+                  channel_txn_id=result.channel_txn_id)
+        if d.order.state is OrderState.PAYING:
+            d.move(Trigger.AMOUNT_MISMATCH, cause)
+        return "applied"
+    if cash.status is LegStatus.UNPAID:
+        cause = f"success after a definitive failure ({result.source.value})"
+    else:
+        cause = f"paid ({result.source.value})"
+    cash = d.set_leg(cash.leg_no, LegStatus.PAID, cause, channel_code=result.code,
+                     channel_txn_id=result.channel_txn_id)
+    if d.order.is_terminal or d.order.state is OrderState.DEDUCTING:
+        _refund_cash(d, cash, f"success after {d.order.state.value}: {d.order.cause}")
+        return "applied"
+    _cash_succeeded(d, cause)
+    return "applied"
+
+
+def _cash_succeeded(d: _Draft, cause: str) -> None:
+    post = d.legs(LegMode.POST_DEDUCT)
+    if not post:
+        d.move(Trigger.CASH_SUCCEEDED, cause)
+        _confirm_holds(d)
+        return
+    d.move(Trigger.CASH_SUCCEEDED_DEDUCT, cause)
+    for leg in post:
+        assert leg.account_id is not None and leg.hold_id is not None
+        d.set_leg(leg.leg_no, LegStatus.DEBITING, "cash paid")
+        d.effects.append(DebitVoucher(leg.account_id, leg.hold_id, leg.amount, leg.leg_no))
+
+
+def _cash_failure(d: _Draft, cash: Leg, result: CashResult) -> str:
+    if cash.status is LegStatus.UNPAID:
+        return f"duplicate: failure again ({result.source.value})"
+    if cash.status not in (LegStatus.PAYING, LegStatus.UNKNOWN):
+        return f"ignored: {result.source.value} says failure after the cash leg is {cash.status.value}"
+    cause = f"channel says {result.code} ({result.source.value})"
+    d.set_leg(cash.leg_no, LegStatus.UNPAID, cause, channel_code=result.code)
+    if d.order.state in (OrderState.PAYING, OrderState.NEEDS_RECONCILIATION):
+        d.move(Trigger.CASH_FAILED, cause)
+        _release_everything(d, "payment failed")
+    return "applied"
+
+
+# ---- refunds
+
+
+def _refund_result(d: _Draft, result: RefundResult) -> str:
+    cash = d.cash()
+    if cash is None or cash.refund_id != result.refund_id:
+        return f"stale: no refund {result.refund_id} on this order"
+    if cash.status is not LegStatus.REFUNDING:
+        return f"duplicate: refund result again, cash leg is {cash.status.value}"
+    if result.kind is ResultKind.SUCCESS:
+        d.set_leg(cash.leg_no, LegStatus.REFUNDED, f"refunded ({result.source.value})")
+        return "applied"
+    if result.kind is ResultKind.FAILURE:
+        d.set_leg(cash.leg_no, LegStatus.REFUND_FAILED, f"refund failed: {result.code}")
+        return "applied"
+    return "ignored: refund still processing"
+
+
+# ---- close
+
+
+def _close(d: _Draft, cause: CloseCause) -> str:
+    state = d.order.state
+    if state in (OrderState.SUCCEEDED, OrderState.DEDUCTING):
+        if cause is CloseCause.USER:
+            raise IllegalTransition(f"order {d.order.order_id} is paid; it cannot be closed")
+        return "ignored: the close timer found the order paid"
+    if state in (OrderState.FAILED, OrderState.CLOSED):
+        return f"duplicate: order is already {state.value}"
+    trigger = Trigger.CLOSE_USER if cause is CloseCause.USER else Trigger.CLOSE_TIMEOUT
+    d.move(trigger)
+    cash = d.cash()
+    if cash is not None and cash.status is LegStatus.PAYING:
+        assert cash.channel is not None
+        d.effects.append(CloseCash(cash.channel, d.order.payment_serial))
+        _arm_query(d, attempt=0)
+    _release_everything(d, f"order closed ({cause.value})")
+    return "applied"
+
+
+# ---- timers
+
+
+def _timer(d: _Draft, fired: TimerFired) -> str:
+    match fired.timer:
+        case TimerKind.CLOSE:
+            if d.now_ms < d.order.close_at_ms:
+                return "stale: close timer fired early"
+            return _close(d, CloseCause.TIMEOUT)
+        case TimerKind.QUERY:
+            return _query_due(d, fired.token)
+        case TimerKind.REFUND_QUERY:
+            return _refund_query_due(d, fired.token)
+
+
+def _query_due(d: _Draft, token: int) -> str:
+    cash = d.cash()
+    if cash is None or cash.status is not LegStatus.PAYING or token != d.order.query_attempt:
+        return "stale: query timer"
+    assert cash.channel is not None
+    attempts = len(d.policy.query_schedule_ms)
+    if token >= attempts:
+        if d.order.state is OrderState.PAYING:
+            d.move(Trigger.QUERIES_EXHAUSTED)
+        elif d.order.is_terminal:
+            d.set_leg(cash.leg_no, LegStatus.UNKNOWN, "queries exhausted after close")
+        d.update(next_query_at_ms=None, query_attempt=token + 1)
+        return "applied"
+    d.effects.append(QueryCash(cash.channel, d.order.payment_serial))
+    _arm_query(d, token + 1)
+    return "applied"
+
+
+def _refund_query_due(d: _Draft, token: int) -> str:
+    cash = d.cash()
+    if cash is None or cash.status is not LegStatus.REFUNDING:
+        return "stale: refund query timer"
+    if token != d.order.refund_query_attempt:
+        return "stale: refund query timer"
+    assert cash.channel is not None and cash.refund_id is not None
+    if token >= len(d.policy.refund_query_schedule_ms):
+        d.set_leg(cash.leg_no, LegStatus.REFUND_UNKNOWN, "refund queries exhausted")
+        d.update(next_refund_query_at_ms=None)
+        return "applied"
+    d.effects.append(QueryRefund(cash.channel, d.order.payment_serial, cash.refund_id))
+    _arm_refund_query(d, token + 1)
+    return "applied"

@@ -1,0 +1,321 @@
+"""Voucher accounts with Try / Confirm / Cancel, as pure functions.
+
+Modelled on TigerBeetle's two-phase transfers (pending -> posted | voided | expired) and on
+Seata's TCC fence: every hold id has one fence row whose status makes Confirm and Cancel
+idempotent, turns a Cancel that arrives before its Try into a recorded *empty rollback*, and
+refuses a Try that arrives after its Cancel (*hanging*).
+
+A post-deduct leg uses a *debit*: a fence posted at once (no hold), reversible by its order.
+
+Conservation, asserted after every operation::
+
+    funded == available + held + spent,   available, held, spent >= 0
+
+Each function takes the account and the fence for the id (``None`` if none exists) and
+returns the new account, the new fence and whether anything changed. They raise a
+``PaymentError`` subclass, leaving both inputs untouched, when the operation is refused.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+
+from engine.errors import (
+    CurrencyMismatch,
+    HoldNotPending,
+    HoldRefused,
+    IdempotencyConflict,
+    InsufficientBalance,
+    UnknownHold,
+)
+from engine.money import AMOUNT_MAX, check_amount
+
+
+class FenceKind(enum.StrEnum):
+    HOLD = "hold"
+    """A Try: the amount moves from available to held until confirmed, cancelled or expired."""
+    DEBIT = "debit"
+    """A post-deduct: the amount moves from available to spent at once."""
+    EMPTY = "empty"
+    """Cancel came before any Try for this id: nothing moved, later Trys are refused."""
+
+
+class FenceStatus(enum.StrEnum):
+    PENDING = "pending"
+    """Held; Seata's *tried*."""
+    POSTED = "posted"
+    """Spent; Seata's *committed*."""
+    VOIDED = "voided"
+    """Released by Cancel; Seata's *rolled back*."""
+    EXPIRED = "expired"
+    """Released because its expiry passed before Confirm."""
+    REVERSED = "reversed"
+    """A posted debit given back by its order (the payment did not go through)."""
+    REFUSED = "refused"
+    """A debit refused for want of balance; the answer stays the same on a retry."""
+    EMPTY_ROLLBACK = "empty_rollback"
+    """Cancel without Try; Seata's *suspended*. A later Try or debit is refused."""
+
+
+FINAL_FENCE_STATUSES = frozenset(
+    {
+        FenceStatus.VOIDED,
+        FenceStatus.EXPIRED,
+        FenceStatus.REVERSED,
+        FenceStatus.REFUSED,
+        FenceStatus.EMPTY_ROLLBACK,
+    }
+)
+"""Statuses a fence never leaves. POSTED is final for holds; a debit may still be reversed."""
+
+
+@dataclass(frozen=True, slots=True)
+class VoucherAccount:
+    """Balances of one voucher account, in its own unit (minor units or points)."""
+
+    account_id: str
+    unit: str
+    minor_per_unit: int | None
+    funded: int = 0
+    available: int = 0
+    held: int = 0
+    spent: int = 0
+
+    def check(self) -> VoucherAccount:
+        """Assert conservation; a failure here is a bug in this module, never bad input."""
+        assert self.available >= 0, f"{self.account_id}: available {self.available} < 0"
+        assert self.held >= 0, f"{self.account_id}: held {self.held} < 0"
+        assert self.spent >= 0, f"{self.account_id}: spent {self.spent} < 0"
+        assert self.funded == self.available + self.held + self.spent, (
+            f"{self.account_id}: funded {self.funded} != available {self.available} + "
+            f"held {self.held} + spent {self.spent}"
+        )
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """The one record of a hold (or debit) id on an account: Seata's fence row."""
+
+    hold_id: str
+    account_id: str
+    kind: FenceKind
+    status: FenceStatus
+    amount: int
+    order_id: str | None
+    expires_at_ms: int | None
+    updated_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The result of one operation: the new values and whether anything changed."""
+
+    account: VoucherAccount
+    fence: Fence | None
+    changed: bool
+
+
+def fund(account: VoucherAccount, amount: int) -> VoucherAccount:
+    """Add ``amount`` to the account (a top-up); the shell makes it idempotent by funding id."""
+    check_amount(amount)
+    if account.funded + amount > AMOUNT_MAX:
+        raise InsufficientBalance(
+            f"funding {amount} would take {account.account_id} above {AMOUNT_MAX}"
+        )
+    return replace(
+        account, funded=account.funded + amount, available=account.available + amount
+    ).check()
+
+
+def _assert_same_account(account: VoucherAccount, fence: Fence | None) -> None:
+    assert fence is None or fence.account_id == account.account_id, (
+        f"fence {fence.hold_id} belongs to {fence.account_id}, not {account.account_id}"
+    )
+
+
+def try_hold(
+    account: VoucherAccount,
+    fence: Fence | None,
+    *,
+    hold_id: str,
+    amount: int,
+    order_id: str | None,
+    expires_at_ms: int,
+    now_ms: int,
+) -> Outcome:
+    """Try: hold ``amount`` until ``expires_at_ms``.
+
+    Idempotent: a second Try of a pending hold with the same amount succeeds without moving
+    money again. This is also how an order *adopts* a pre-hold the user placed before
+    submitting: the hold is bound to the order and its expiry pushed out to the order's.
+    """
+    _assert_same_account(account, fence)
+    check_amount(amount)
+    if fence is not None and fence.status is FenceStatus.PENDING and _due(fence, now_ms):
+        raise HoldRefused(f"hold {hold_id} expired at {fence.expires_at_ms}; it cannot be reused")
+    if fence is None:
+        if expires_at_ms <= now_ms:
+            raise HoldRefused(f"hold {hold_id} would expire at once ({expires_at_ms} <= {now_ms})")
+        if amount > account.available:
+            raise InsufficientBalance(
+                f"account {account.account_id} has {account.available} {account.unit} "
+                f"available, {amount} asked"
+            )
+        new_account = replace(
+            account, available=account.available - amount, held=account.held + amount
+        ).check()
+        new_fence = Fence(
+            hold_id, account.account_id, FenceKind.HOLD, FenceStatus.PENDING, amount,
+            order_id, expires_at_ms, now_ms,
+        )
+        return Outcome(new_account, new_fence, True)
+    if fence.kind is not FenceKind.HOLD or fence.status is not FenceStatus.PENDING:
+        if fence.status is FenceStatus.POSTED and fence.order_id == order_id:
+            return Outcome(account, fence, False)
+        raise HoldRefused(
+            f"hold {hold_id} on {account.account_id} is {fence.status.value}: a Try after "
+            "its Cancel or expiry is refused"
+        )
+    if fence.amount != amount:
+        raise IdempotencyConflict(
+            f"hold {hold_id} holds {fence.amount} {account.unit}, a Try for {amount} came again"
+        )
+    if fence.order_id is not None and order_id is not None and fence.order_id != order_id:
+        raise HoldRefused(f"hold {hold_id} is bound to order {fence.order_id}, not {order_id}")
+    bound = fence.order_id if fence.order_id is not None else order_id
+    new_expiry = max(fence.expires_at_ms or 0, expires_at_ms)
+    if bound == fence.order_id and new_expiry == fence.expires_at_ms:
+        return Outcome(account, fence, False)
+    return Outcome(
+        account, replace(fence, order_id=bound, expires_at_ms=new_expiry, updated_at_ms=now_ms),
+        True,
+    )
+
+
+def confirm(account: VoucherAccount, fence: Fence | None, *, hold_id: str, now_ms: int) -> Outcome:
+    """Confirm: post a pending hold (held -> spent). Idempotent on a posted hold.
+
+    A hold whose expiry has passed is expired first and the Confirm refused, as TigerBeetle
+    refuses to post an expired pending transfer.
+    """
+    _assert_same_account(account, fence)
+    if fence is None or fence.kind is not FenceKind.HOLD:
+        raise UnknownHold(f"no hold {hold_id} on account {account.account_id}")
+    if fence.status is FenceStatus.POSTED:
+        return Outcome(account, fence, False)
+    if fence.status is FenceStatus.PENDING and _due(fence, now_ms):
+        raise HoldNotPending(f"hold {hold_id} expired at {fence.expires_at_ms}, before Confirm")
+    if fence.status is not FenceStatus.PENDING:
+        raise HoldNotPending(f"hold {hold_id} is {fence.status.value}; it cannot be confirmed")
+    new_account = replace(
+        account, held=account.held - fence.amount, spent=account.spent + fence.amount
+    ).check()
+    return Outcome(
+        new_account, replace(fence, status=FenceStatus.POSTED, updated_at_ms=now_ms), True
+    )
+
+
+def cancel(
+    account: VoucherAccount,
+    fence: Fence | None,
+    *,
+    hold_id: str,
+    order_id: str | None,
+    now_ms: int,
+) -> Outcome:
+    """Cancel: void a pending hold, or reverse a posted debit. Idempotent.
+
+    With no fence at all this is an empty rollback: it is recorded (so that a late Try is
+    refused) and succeeds. Cancelling a posted *hold* is refused: the payment went through and
+    only the refund path may give it back.
+    """
+    _assert_same_account(account, fence)
+    if fence is None:
+        empty = Fence(
+            hold_id, account.account_id, FenceKind.EMPTY, FenceStatus.EMPTY_ROLLBACK, 0,
+            order_id, None, now_ms,
+        )
+        return Outcome(account, empty, True)
+    if fence.status in FINAL_FENCE_STATUSES:
+        return Outcome(account, fence, False)
+    if fence.status is FenceStatus.PENDING:
+        new_account = replace(
+            account, held=account.held - fence.amount, available=account.available + fence.amount
+        ).check()
+        return Outcome(
+            new_account, replace(fence, status=FenceStatus.VOIDED, updated_at_ms=now_ms), True
+        )
+    assert fence.status is FenceStatus.POSTED
+    if fence.kind is FenceKind.HOLD:
+        raise HoldNotPending(f"hold {hold_id} was confirmed; only a refund can give it back")
+    new_account = replace(
+        account, spent=account.spent - fence.amount, available=account.available + fence.amount
+    ).check()
+    return Outcome(
+        new_account, replace(fence, status=FenceStatus.REVERSED, updated_at_ms=now_ms), True
+    )
+
+
+def debit(
+    account: VoucherAccount,
+    fence: Fence | None,
+    *,
+    hold_id: str,
+    amount: int,
+    order_id: str,
+    now_ms: int,
+) -> Outcome:
+    """Post-deduct: move ``amount`` from available to spent at once, idempotent by ``hold_id``.
+
+    A shortfall is recorded as a REFUSED fence (and reported by ``Outcome.fence.status``) so
+    that a retried debit gets the same answer even if the account was topped up meanwhile.
+    """
+    _assert_same_account(account, fence)
+    check_amount(amount)
+    if fence is not None:
+        if fence.kind is FenceKind.DEBIT and fence.amount != amount:
+            raise IdempotencyConflict(f"debit {hold_id} was for {fence.amount}, not {amount}")
+        if fence.kind is FenceKind.DEBIT and fence.status in (
+            FenceStatus.POSTED, FenceStatus.REFUSED
+        ):
+            return Outcome(account, fence, False)
+        raise HoldRefused(f"debit {hold_id} is {fence.status.value}; it cannot be taken again")
+    if amount > account.available:
+        refused = Fence(
+            hold_id, account.account_id, FenceKind.DEBIT, FenceStatus.REFUSED, amount,
+            order_id, None, now_ms,
+        )
+        return Outcome(account, refused, True)
+    new_account = replace(
+        account, available=account.available - amount, spent=account.spent + amount
+    ).check()
+    posted = Fence(
+        hold_id, account.account_id, FenceKind.DEBIT, FenceStatus.POSTED, amount, order_id,
+        None, now_ms,
+    )
+    return Outcome(new_account, posted, True)
+
+
+def _due(fence: Fence, now_ms: int) -> bool:
+    return fence.expires_at_ms is not None and fence.expires_at_ms <= now_ms
+
+
+def expire_if_due(account: VoucherAccount, fence: Fence, now_ms: int) -> Outcome:
+    """Expire a pending hold whose expiry has passed (held -> available); else change nothing."""
+    _assert_same_account(account, fence)
+    if fence.status is not FenceStatus.PENDING or not _due(fence, now_ms):
+        return Outcome(account, fence, False)
+    new_account = replace(
+        account, held=account.held - fence.amount, available=account.available + fence.amount
+    ).check()
+    return Outcome(
+        new_account, replace(fence, status=FenceStatus.EXPIRED, updated_at_ms=now_ms), True
+    )
+
+
+def check_unit_matches(account: VoucherAccount, unit: str) -> None:
+    """A request naming a unit for this account must name the account's own unit."""
+    if unit != account.unit:
+        raise CurrencyMismatch(f"account {account.account_id} is in {account.unit}, not {unit}")

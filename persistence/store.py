@@ -1,0 +1,545 @@
+"""SQLite persistence for orders, legs, voucher accounts, holds and the journal.
+
+One database file in WAL mode, one connection, one lock: every write is a short
+``BEGIN IMMEDIATE … COMMIT`` and is durable (``synchronous=FULL`` by default) before the
+caller acknowledges anything or lets an effect leave the process. sqlite-utils creates and
+inspects the schema; the hot path uses fixed SQL (see DESIGN.md: the Table API issues ~7x the
+statements).
+
+Thread safety: any thread may call any method; the lock serialises them. The lock is held
+only for the statements of one transaction, never while waiting on anything else.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlite_utils
+
+from engine.errors import AccountExists, EngineClosed, IdempotencyConflict
+from engine.order import (
+    IN_FLIGHT_LEG_STATUSES,
+    TERMINAL_STATES,
+    AccountUnit,
+    Leg,
+    LegMode,
+    LegStatus,
+    OrderState,
+    PaymentOrder,
+    Transition,
+)
+from engine.voucher import Fence, FenceKind, FenceStatus, VoucherAccount
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """One row of the append-only journal: a transition of an order, a leg or an account."""
+
+    seq: int
+    at_ms: int
+    entity_kind: str
+    entity_id: str
+    part: str
+    from_state: str
+    to_state: str
+    cause: str
+
+
+class Store:
+    """The engine's database. Open with ``Store(path)``; ``":memory:"`` works for tests."""
+
+    def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
+        assert synchronous in ("FULL", "NORMAL", "OFF"), synchronous
+        self.path = str(path)
+        self._conn = sqlite3.connect(
+            self.path, check_same_thread=False, isolation_level=None, timeout=30.0
+        )
+        self._lock = threading.RLock()
+        self._closed = False
+        self.db = sqlite_utils.Database(self._conn)
+        if self.path != ":memory:":
+            self.db.enable_wal()
+        self._conn.execute(f"PRAGMA synchronous={synchronous}")
+        self._conn.execute("PRAGMA busy_timeout=30000")
+        self._create_schema()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Close the connection; later calls raise ``EngineClosed``."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._conn.close()
+
+    def kill(self) -> None:
+        """Simulate power loss: nothing after this call commits. What committed stays."""
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            if self._closed:
+                raise EngineClosed("the engine's database is closed")
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            if self._closed:
+                raise EngineClosed("the engine's database is closed")
+            yield self._conn
+
+    def _create_schema(self) -> None:
+        db = self.db
+        with self._lock:
+            db["trade_orders"].create(
+                {"merchant_id": str, "merchant_order_no": str, "fingerprint": str,
+                 "order_id": str, "created_at_ms": int},
+                pk=("merchant_id", "merchant_order_no"), not_null={"fingerprint", "order_id"},
+                if_not_exists=True,
+            )
+            db["payment_orders"].create(
+                {"order_id": str, "merchant_id": str, "merchant_order_no": str,
+                 "payment_serial": str, "user_id": str, "title": str, "currency": str,
+                 "total_minor": int, "fingerprint": str, "state": str, "cause": str,
+                 "created_at_ms": int, "close_at_ms": int, "hold_expires_at_ms": int,
+                 "query_attempt": int, "next_query_at_ms": int, "refund_query_attempt": int,
+                 "next_refund_query_at_ms": int, "version": int, "updated_at_ms": int,
+                 "settled": int},
+                pk="order_id",
+                not_null={"payment_serial", "state", "total_minor", "version"},
+                if_not_exists=True,
+            )
+            db["legs"].create(
+                {"order_id": str, "leg_no": int, "mode": str, "account_id": str, "amount": int,
+                 "unit": str, "value_minor": int, "hold_id": str, "status": str,
+                 "channel": str, "channel_txn_id": str, "channel_code": str, "refund_id": str},
+                pk=("order_id", "leg_no"), if_not_exists=True,
+            )
+            db["voucher_accounts"].create(
+                {"account_id": str, "unit": str, "minor_per_unit": int, "funded": int,
+                 "available": int, "held": int, "spent": int, "version": int,
+                 "created_at_ms": int},
+                pk="account_id", not_null={"unit", "funded", "available", "held", "spent"},
+                if_not_exists=True,
+            )
+            db["fundings"].create(
+                {"funding_id": str, "account_id": str, "amount": int, "at_ms": int},
+                pk="funding_id", if_not_exists=True,
+            )
+            db["holds"].create(
+                {"account_id": str, "hold_id": str, "kind": str, "status": str, "amount": int,
+                 "order_id": str, "expires_at_ms": int, "updated_at_ms": int},
+                pk=("account_id", "hold_id"), if_not_exists=True,
+            )
+            db["journal"].create(
+                {"seq": int, "at_ms": int, "entity_kind": str, "entity_id": str, "part": str,
+                 "from_state": str, "to_state": str, "cause": str},
+                pk="seq", if_not_exists=True,
+            )
+            db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+            db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)},
+                              ignore=True)
+            db["payment_orders"].create_index(["payment_serial"], unique=True,
+                                              if_not_exists=True)
+            db["payment_orders"].create_index(["settled"], if_not_exists=True)
+            db["payment_orders"].create_index(["user_id", "created_at_ms"], if_not_exists=True)
+            db["holds"].create_index(["status", "expires_at_ms"], if_not_exists=True)
+            db["journal"].create_index(["entity_kind", "entity_id"], if_not_exists=True)
+
+    # ------------------------------------------------------------------ orders
+
+    def insert_order(self, order: PaymentOrder, now_ms: int) -> PaymentOrder | None:
+        """Insert a new order under its idempotency key, or return the order that holds the key.
+
+        The primary key of ``trade_orders`` on (merchant_id, merchant_order_no) is the backstop:
+        of many concurrent submits exactly one insert wins. Returns ``None`` if this one won.
+        Raises ``IdempotencyConflict`` if the key is taken by different parameters.
+        """
+        try:
+            with self._tx() as conn:
+                conn.execute(
+                    "INSERT INTO trade_orders (merchant_id, merchant_order_no, fingerprint,"
+                    " order_id, created_at_ms) VALUES (?, ?, ?, ?, ?)",
+                    (order.merchant_id, order.merchant_order_no, order.fingerprint,
+                     order.order_id, now_ms),
+                )
+                conn.execute(_INSERT_ORDER, _order_row(order, now_ms))
+                conn.executemany(_INSERT_LEG, [_leg_row(order.order_id, leg) for leg in order.legs])
+                self._journal(conn, now_ms, "order", order.order_id,
+                              [Transition("order", "", order.state.value, "submitted")])
+            return None
+        except sqlite3.IntegrityError:
+            pass
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT order_id, fingerprint FROM trade_orders"
+                " WHERE merchant_id = ? AND merchant_order_no = ?",
+                (order.merchant_id, order.merchant_order_no),
+            ).fetchone()
+        assert row is not None, "insert failed on a key that does not exist"
+        if row[1] != order.fingerprint:
+            raise IdempotencyConflict(
+                f"merchant order {order.merchant_id}/{order.merchant_order_no} was submitted "
+                "before with different parameters"
+            )
+        existing = self.load_order(row[0])
+        assert existing is not None
+        return existing
+
+    def save_order(
+        self, order: PaymentOrder, transitions: Sequence[Transition], now_ms: int
+    ) -> None:
+        """Write a decided order (optimistic: its previous version must be the stored one)."""
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE payment_orders SET state = ?, cause = ?, query_attempt = ?,"
+                " next_query_at_ms = ?, refund_query_attempt = ?, next_refund_query_at_ms = ?,"
+                " version = ?, updated_at_ms = ?, settled = ?"
+                " WHERE order_id = ? AND version = ?",
+                (order.state.value, order.cause, order.query_attempt, order.next_query_at_ms,
+                 order.refund_query_attempt, order.next_refund_query_at_ms, order.version,
+                 now_ms, int(order.is_settled), order.order_id, order.version - 1),
+            )
+            assert cur.rowcount == 1, (
+                f"order {order.order_id}: stored version is not {order.version - 1}; "
+                "two writers for one order"
+            )
+            conn.executemany(
+                "UPDATE legs SET status = ?, channel_txn_id = ?, channel_code = ?, refund_id = ?"
+                " WHERE order_id = ? AND leg_no = ?",
+                [(leg.status.value, leg.channel_txn_id, leg.channel_code, leg.refund_id,
+                  order.order_id, leg.leg_no) for leg in order.legs],
+            )
+            self._journal(conn, now_ms, "order", order.order_id, transitions)
+
+    def load_order(self, order_id: str) -> PaymentOrder | None:
+        with self._read() as conn:
+            row = conn.execute(f"SELECT {_ORDER_COLUMNS} FROM payment_orders WHERE order_id = ?",
+                               (order_id,)).fetchone()
+            if row is None:
+                return None
+            legs = conn.execute(
+                f"SELECT {_LEG_COLUMNS} FROM legs WHERE order_id = ? ORDER BY leg_no", (order_id,)
+            ).fetchall()
+        return _order_from_rows(row, legs)
+
+    def order_id_for_serial(self, payment_serial: str) -> str | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT order_id FROM payment_orders WHERE payment_serial = ?",
+                               (payment_serial,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def order_id_for_merchant(self, merchant_id: str, merchant_order_no: str) -> str | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT order_id FROM trade_orders WHERE merchant_id = ?"
+                               " AND merchant_order_no = ?",
+                               (merchant_id, merchant_order_no)).fetchone()
+        return None if row is None else str(row[0])
+
+    def unsettled_order_ids(self) -> list[str]:
+        """Orders with work left: not terminal, or a leg still in flight. Oldest first."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT order_id FROM payment_orders WHERE settled = 0 ORDER BY created_at_ms"
+            ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def iter_orders(self, batch_size: int = 500) -> Iterator[PaymentOrder]:
+        """Every order, in batches so memory stays bounded."""
+        last = ""
+        while True:
+            with self._read() as conn:
+                ids = [r[0] for r in conn.execute(
+                    "SELECT order_id FROM payment_orders WHERE order_id > ? ORDER BY order_id"
+                    " LIMIT ?", (last, batch_size)).fetchall()]
+            if not ids:
+                return
+            for order_id in ids:
+                order = self.load_order(order_id)
+                assert order is not None
+                yield order
+            last = ids[-1]
+
+    def count_orders_by_state(self) -> dict[str, int]:
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT state, COUNT(*) FROM payment_orders GROUP BY state ORDER BY state"
+            ).fetchall()
+        return {str(state): int(n) for state, n in rows}
+
+    def recent_user_orders(self, user_id: str, since_ms: int) -> list[PaymentOrder]:
+        with self._read() as conn:
+            ids = [r[0] for r in conn.execute(
+                "SELECT order_id FROM payment_orders WHERE user_id = ? AND created_at_ms >= ?"
+                " ORDER BY created_at_ms LIMIT 100", (user_id, since_ms)).fetchall()]
+        return [o for o in map(self.load_order, ids) if o is not None]
+
+    # ------------------------------------------------------------------ accounts
+
+    def create_account(self, account: VoucherAccount, now_ms: int) -> VoucherAccount:
+        """Create an empty account, or return the existing one if it has the same unit."""
+        try:
+            with self._tx() as conn:
+                conn.execute(
+                    "INSERT INTO voucher_accounts (account_id, unit, minor_per_unit, funded,"
+                    " available, held, spent, version, created_at_ms)"
+                    " VALUES (?, ?, ?, 0, 0, 0, 0, 0, ?)",
+                    (account.account_id, account.unit, account.minor_per_unit, now_ms),
+                )
+                self._journal(conn, now_ms, "account", account.account_id,
+                              [Transition("account", "", "open", f"unit {account.unit}")])
+            return account
+        except sqlite3.IntegrityError:
+            existing = self.load_account(account.account_id)
+            assert existing is not None
+            if (existing.unit, existing.minor_per_unit) != (account.unit, account.minor_per_unit):
+                raise AccountExists(
+                    f"account {account.account_id} exists in {existing.unit}"
+                    f" ({existing.minor_per_unit} minor per unit)"
+                ) from None
+            return existing
+
+    def load_account(self, account_id: str) -> VoucherAccount | None:
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT account_id, unit, minor_per_unit, funded, available, held, spent"
+                " FROM voucher_accounts WHERE account_id = ?", (account_id,)).fetchone()
+        return None if row is None else VoucherAccount(*row)
+
+    def account_units(self, account_ids: Iterable[str]) -> dict[str, AccountUnit]:
+        ids = list(dict.fromkeys(account_ids))
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT account_id, unit, minor_per_unit FROM voucher_accounts"
+                f" WHERE account_id IN ({marks})", ids).fetchall()
+        return {r[0]: AccountUnit(r[1], r[2]) for r in rows}
+
+    def load_fence(self, account_id: str, hold_id: str) -> Fence | None:
+        with self._read() as conn:
+            row = conn.execute(f"SELECT {_FENCE_COLUMNS} FROM holds"
+                               " WHERE account_id = ? AND hold_id = ?",
+                               (account_id, hold_id)).fetchone()
+        return None if row is None else _fence_from_row(row)
+
+    def pending_holds(self, account_id: str) -> list[Fence]:
+        with self._read() as conn:
+            rows = conn.execute(f"SELECT {_FENCE_COLUMNS} FROM holds WHERE account_id = ?"
+                                " AND status = 'pending' ORDER BY expires_at_ms",
+                                (account_id,)).fetchall()
+        return [_fence_from_row(r) for r in rows]
+
+    def funding_amount(self, funding_id: str) -> tuple[str, int] | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT account_id, amount FROM fundings WHERE funding_id = ?",
+                               (funding_id,)).fetchone()
+        return None if row is None else (str(row[0]), int(row[1]))
+
+    def save_account(
+        self,
+        before: VoucherAccount,
+        after: VoucherAccount,
+        fences: Sequence[Fence],
+        transitions: Sequence[Transition],
+        now_ms: int,
+        funding: tuple[str, int] | None = None,
+    ) -> None:
+        """Write balances (checked against ``before``), fence rows and journal in one commit."""
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE voucher_accounts SET funded = ?, available = ?, held = ?, spent = ?,"
+                " version = version + 1 WHERE account_id = ? AND funded = ? AND available = ?"
+                " AND held = ? AND spent = ?",
+                (after.funded, after.available, after.held, after.spent, after.account_id,
+                 before.funded, before.available, before.held, before.spent),
+            )
+            assert cur.rowcount == 1, f"account {after.account_id}: balances changed underneath"
+            conn.executemany(
+                "INSERT INTO holds (account_id, hold_id, kind, status, amount, order_id,"
+                " expires_at_ms, updated_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (account_id, hold_id) DO UPDATE SET status = excluded.status,"
+                " order_id = excluded.order_id, expires_at_ms = excluded.expires_at_ms,"
+                " updated_at_ms = excluded.updated_at_ms",
+                [(f.account_id, f.hold_id, f.kind.value, f.status.value, f.amount, f.order_id,
+                  f.expires_at_ms, f.updated_at_ms) for f in fences],
+            )
+            if funding is not None:
+                conn.execute("INSERT INTO fundings (funding_id, account_id, amount, at_ms)"
+                             " VALUES (?, ?, ?, ?)", (funding[0], after.account_id, funding[1],
+                                                      now_ms))
+            self._journal(conn, now_ms, "account", after.account_id, transitions)
+
+    def accounts_with_pending_holds(self) -> list[str]:
+        with self._read() as conn:
+            rows = conn.execute("SELECT DISTINCT account_id FROM holds WHERE status = 'pending'"
+                                " ORDER BY account_id").fetchall()
+        return [str(r[0]) for r in rows]
+
+    def extend_holds_awaiting_confirm(self, now_ms: int, grace_ms: int) -> int:
+        """At open: give pending holds whose order already decided to confirm them more time.
+
+        A hold's expiry is set past its order's close, so in a running engine a Confirm always
+        arrives in time. After a long outage it may not: the order decided success (its leg is
+        CONFIRMING) but the hold's expiry has passed. Expiring it would take the voucher back
+        from a payment that went through, so its expiry is moved to ``now + grace`` and the
+        resumed order confirms it. Returns how many holds were extended.
+        """
+        with self._tx() as conn:
+            rows = conn.execute(
+                "SELECT h.account_id, h.hold_id, h.expires_at_ms FROM holds h JOIN legs l"
+                " ON l.order_id = h.order_id AND l.hold_id = h.hold_id"
+                " WHERE h.status = 'pending' AND l.status = 'confirming'"
+                " AND h.expires_at_ms < ?", (now_ms + grace_ms,)).fetchall()
+            for account_id, hold_id, old in rows:
+                conn.execute("UPDATE holds SET expires_at_ms = ?, updated_at_ms = ?"
+                             " WHERE account_id = ? AND hold_id = ?",
+                             (now_ms + grace_ms, now_ms, account_id, hold_id))
+                self._journal(conn, now_ms, "account", account_id, [Transition(
+                    f"hold:{hold_id}", "pending", "pending",
+                    f"expiry {old} extended at open: its order is confirming it")])
+        return len(rows)
+
+    # ------------------------------------------------------------------ journal
+
+    @staticmethod
+    def _journal(conn: sqlite3.Connection, now_ms: int, kind: str, entity_id: str,
+                 transitions: Sequence[Transition]) -> None:
+        if transitions:
+            conn.executemany(
+                "INSERT INTO journal (at_ms, entity_kind, entity_id, part, from_state, to_state,"
+                " cause) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(now_ms, kind, entity_id, t.entity, t.from_state, t.to_state, t.cause)
+                 for t in transitions],
+            )
+
+    def journal(self, entity_kind: str, entity_id: str) -> list[JournalEntry]:
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT seq, at_ms, entity_kind, entity_id, part, from_state, to_state, cause"
+                " FROM journal WHERE entity_kind = ? AND entity_id = ? ORDER BY seq",
+                (entity_kind, entity_id)).fetchall()
+        return [JournalEntry(*r) for r in rows]
+
+    def all_accounts(self) -> list[VoucherAccount]:
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT account_id, unit, minor_per_unit, funded, available, held, spent"
+                " FROM voucher_accounts ORDER BY account_id").fetchall()
+        return [VoucherAccount(*r) for r in rows]
+
+    def fences_of(self, account_id: str) -> list[Fence]:
+        with self._read() as conn:
+            rows = conn.execute(f"SELECT {_FENCE_COLUMNS} FROM holds WHERE account_id = ?"
+                                " ORDER BY hold_id", (account_id,)).fetchall()
+        return [_fence_from_row(r) for r in rows]
+
+
+# ---------------------------------------------------------------------- row mapping
+
+_ORDER_COLUMNS = (
+    "order_id, merchant_id, merchant_order_no, payment_serial, user_id, title, currency,"
+    " total_minor, fingerprint, state, cause, created_at_ms, close_at_ms, hold_expires_at_ms,"
+    " query_attempt, next_query_at_ms, refund_query_attempt, next_refund_query_at_ms, version"
+)
+_INSERT_ORDER = (
+    f"INSERT INTO payment_orders ({_ORDER_COLUMNS}, updated_at_ms, settled)"
+    " VALUES (" + ",".join("?" * 21) + ")"
+)
+_LEG_COLUMNS = (
+    "leg_no, mode, account_id, amount, unit, value_minor, hold_id, status, channel,"
+    " channel_txn_id, channel_code, refund_id"
+)
+_INSERT_LEG = (
+    f"INSERT INTO legs (order_id, {_LEG_COLUMNS}) VALUES (" + ",".join("?" * 13) + ")"
+)
+_FENCE_COLUMNS = "hold_id, account_id, kind, status, amount, order_id, expires_at_ms, updated_at_ms"
+
+
+def _order_row(order: PaymentOrder, now_ms: int) -> tuple[object, ...]:
+    return (
+        order.order_id, order.merchant_id, order.merchant_order_no, order.payment_serial,
+        order.user_id, order.title, order.currency, order.total_minor, order.fingerprint,
+        order.state.value, order.cause, order.created_at_ms, order.close_at_ms,
+        order.hold_expires_at_ms, order.query_attempt, order.next_query_at_ms,
+        order.refund_query_attempt, order.next_refund_query_at_ms, order.version, now_ms,
+        int(order.is_settled),
+    )
+
+
+def _leg_row(order_id: str, leg: Leg) -> tuple[object, ...]:
+    return (
+        order_id, leg.leg_no, leg.mode.value, leg.account_id, leg.amount, leg.unit,
+        leg.value_minor, leg.hold_id, leg.status.value, leg.channel, leg.channel_txn_id,
+        leg.channel_code, leg.refund_id,
+    )
+
+
+def _order_from_rows(row: Sequence[object], legs: Sequence[Sequence[object]]) -> PaymentOrder:
+    (order_id, merchant_id, merchant_order_no, serial, user_id, title, currency, total,
+     fingerprint, state, cause, created, close_at, hold_exp, q_attempt, next_q, rq_attempt,
+     next_rq, version) = row
+    return PaymentOrder(
+        order_id=str(order_id), merchant_id=str(merchant_id),
+        merchant_order_no=str(merchant_order_no), payment_serial=str(serial),
+        user_id=str(user_id), title=str(title), currency=str(currency),
+        total_minor=int(total),  # type: ignore[call-overload]
+        fingerprint=str(fingerprint), state=OrderState(state), cause=str(cause),
+        created_at_ms=int(created), close_at_ms=int(close_at),  # type: ignore[call-overload]
+        hold_expires_at_ms=int(hold_exp),  # type: ignore[call-overload]
+        legs=tuple(_leg_from_row(r) for r in legs),
+        query_attempt=int(q_attempt),  # type: ignore[call-overload]
+        next_query_at_ms=None if next_q is None else int(next_q),  # type: ignore[call-overload]
+        refund_query_attempt=int(rq_attempt),  # type: ignore[call-overload]
+        next_refund_query_at_ms=None if next_rq is None else int(next_rq),  # type: ignore[call-overload]
+        version=int(version),  # type: ignore[call-overload]
+    )
+
+
+def _leg_from_row(r: Sequence[object]) -> Leg:
+    (leg_no, mode, account_id, amount, unit, value, hold_id, status, channel, txn, code,
+     refund_id) = r
+    return Leg(
+        leg_no=int(leg_no), mode=LegMode(mode),  # type: ignore[call-overload]
+        account_id=None if account_id is None else str(account_id),
+        amount=int(amount), unit=str(unit), value_minor=int(value),  # type: ignore[call-overload]
+        hold_id=None if hold_id is None else str(hold_id), status=LegStatus(status),
+        channel=None if channel is None else str(channel),
+        channel_txn_id=None if txn is None else str(txn),
+        channel_code=None if code is None else str(code),
+        refund_id=None if refund_id is None else str(refund_id),
+    )
+
+
+def _fence_from_row(r: Sequence[object]) -> Fence:
+    hold_id, account_id, kind, status, amount, order_id, expires, updated = r
+    return Fence(
+        hold_id=str(hold_id), account_id=str(account_id), kind=FenceKind(kind),
+        status=FenceStatus(status), amount=int(amount),  # type: ignore[call-overload]
+        order_id=None if order_id is None else str(order_id),
+        expires_at_ms=None if expires is None else int(expires),  # type: ignore[call-overload]
+        updated_at_ms=int(updated),  # type: ignore[call-overload]
+    )
+
+
+__all__ = ["IN_FLIGHT_LEG_STATUSES", "TERMINAL_STATES", "JournalEntry", "Store"]

@@ -1,0 +1,256 @@
+"""A simulated WeChat-Pay-like channel: the outside world the engine pays through.
+
+It keeps the ground truth (what was really charged and refunded per payment serial) that
+the oracle compares the engine against. Its fate for each payment is drawn from a seeded
+``random.Random``: sync failures, timeouts, unknown codes, users who pay late or never,
+callbacks lost, duplicated and delayed, queries that fail to answer.
+
+The channel is outside the engine: it schedules on its own ``world`` (a runtime with a clock,
+timers and I/O lanes), so an engine crash does not erase a payment the user already made.
+Callbacks go to whatever engine is ``attach``-ed now; to a crashed one they are lost.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from actors.channel import ChannelReply
+from engine.codes import WECHAT_LIKE_PAY_CODES, WECHAT_LIKE_REFUND_CODES, CodeTable
+
+
+class World(Protocol):
+    """What the channel needs of its surroundings (``actors.runtime.Runtime`` fits)."""
+
+    def now_ms(self) -> int: ...
+
+    def call_at(self, due_at_ms: int, fn: Callable[[], None]) -> Any: ...
+
+    def run_io(self, lane: str, fn: Callable[[], Any], done: Callable[[Any], None]) -> None: ...
+
+
+class CallbackSink(Protocol):
+    """Where notifications go: an ``Engine`` has both methods."""
+
+    def handle_callback(self, channel: str, payment_serial: str, reply: ChannelReply) -> str: ...
+
+    def handle_refund_callback(self, channel: str, payment_serial: str, refund_id: str,
+                               reply: ChannelReply) -> str: ...
+
+
+@dataclass(frozen=True)
+class ChannelFaults:
+    """How often each thing goes wrong, as probabilities in [0, 1], and delays in ms."""
+
+    sync_failure: float = 0.05
+    sync_timeout: float = 0.05
+    sync_unknown_code: float = 0.03
+    user_never_pays: float = 0.04
+    user_pays_late: float = 0.04
+    callback_lost: float = 0.10
+    callback_duplicated: float = 0.10
+    query_no_answer: float = 0.10
+    user_pay_delay_ms: tuple[int, int] = (10, 300)
+    late_pay_delay_ms: tuple[int, int] = (1_000, 4_000)
+    callback_delay_ms: tuple[int, int] = (0, 200)
+    refund_delay_ms: tuple[int, int] = (20, 200)
+
+    @staticmethod
+    def none() -> ChannelFaults:
+        """Every user pays promptly, every message arrives once."""
+        return ChannelFaults(0, 0, 0, 0, 0, 0, 0, 0)
+
+
+@dataclass
+class SimPayment:
+    """The channel's own record of one payment: the ground truth."""
+
+    serial: str
+    amount_minor: int
+    state: str
+    txn_id: str
+    charged_minor: int = 0
+    refunds: dict[str, SimRefund] = field(default_factory=dict)
+
+    @property
+    def refunded_minor(self) -> int:
+        return sum(r.amount_minor for r in self.refunds.values() if r.state == "SUCCESS")
+
+
+@dataclass
+class SimRefund:
+    refund_id: str
+    amount_minor: int
+    state: str
+
+
+class SimulatedChannel:
+    """A channel whose every answer is drawn from ``rng``; thread-safe."""
+
+    pay_codes: CodeTable = WECHAT_LIKE_PAY_CODES
+    refund_codes: CodeTable = WECHAT_LIKE_REFUND_CODES
+
+    def __init__(self, name: str, world: World, *, seed: int = 0,
+                 faults: ChannelFaults | None = None) -> None:
+        self.name = name
+        self.world = world
+        self.faults = faults or ChannelFaults()
+        self.rng = random.Random(seed)
+        self.payments: dict[str, SimPayment] = {}
+        self.sink: CallbackSink | None = None
+        self.counts: dict[str, int] = {}
+        self._lock = threading.RLock()
+
+    def attach(self, sink: CallbackSink | None) -> None:
+        """Send notifications to ``sink`` from now on (``None``: the merchant is down)."""
+        self.sink = sink
+
+    # ------------------------------------------------------------------ the Channel API
+
+    def pay(self, payment_serial: str, amount_minor: int, currency: str, title: str
+            ) -> ChannelReply:
+        with self._lock:
+            payment = self.payments.get(payment_serial)
+            if payment is not None:
+                return self._reply(payment)
+            f = self.faults
+            payment = SimPayment(payment_serial, amount_minor, "USERPAYING",
+                                 f"T{len(self.payments):012d}")
+            self.payments[payment_serial] = payment
+            if self._chance(f.sync_failure, "sync_failure"):
+                payment.state = "PAYERROR"
+                return self._reply(payment)
+            if self._chance(f.user_never_pays, "user_never_pays"):
+                pass
+            elif self._chance(f.user_pays_late, "user_pays_late"):
+                self._after(f.late_pay_delay_ms, lambda: self._user_pays(payment_serial))
+            else:
+                self._after(f.user_pay_delay_ms, lambda: self._user_pays(payment_serial))
+            if self._chance(f.sync_timeout, "sync_timeout"):
+                raise TimeoutError(f"{self.name}: pay {payment_serial} timed out")
+            if self._chance(f.sync_unknown_code, "sync_unknown_code"):
+                return ChannelReply("SUCCESS", "SYSTEMBUSY_X", payment.txn_id)
+            return self._reply(payment)
+
+    def query(self, payment_serial: str) -> ChannelReply:
+        with self._lock:
+            if self._chance(self.faults.query_no_answer, "query_no_answer"):
+                return ChannelReply("FAIL", None)
+            payment = self.payments.get(payment_serial)
+            if payment is None:
+                return ChannelReply("SUCCESS", "ORDERNOTEXIST")
+            return self._reply(payment)
+
+    def close(self, payment_serial: str) -> ChannelReply:
+        with self._lock:
+            payment = self.payments.get(payment_serial)
+            if payment is None:
+                payment = SimPayment(payment_serial, 0, "CLOSED", "")
+                self.payments[payment_serial] = payment
+            elif payment.state == "USERPAYING":
+                payment.state = "CLOSED"
+            return self._reply(payment)
+
+    def refund(self, payment_serial: str, refund_id: str, amount_minor: int, currency: str
+               ) -> ChannelReply:
+        with self._lock:
+            payment = self.payments.get(payment_serial)
+            if payment is None or payment.state != "SUCCESS":
+                return ChannelReply("SUCCESS", "REFUNDCLOSE")
+            refund = payment.refunds.get(refund_id)
+            if refund is None:
+                if payment.refunded_minor + amount_minor > payment.charged_minor:
+                    return ChannelReply("SUCCESS", "REFUNDCLOSE")
+                refund = SimRefund(refund_id, amount_minor, "PROCESSING")
+                payment.refunds[refund_id] = refund
+                self._after(self.faults.refund_delay_ms,
+                            lambda: self._refund_done(payment_serial, refund_id))
+            return ChannelReply("SUCCESS", refund.state)
+
+    def query_refund(self, payment_serial: str, refund_id: str) -> ChannelReply:
+        with self._lock:
+            if self._chance(self.faults.query_no_answer, "query_no_answer"):
+                return ChannelReply("FAIL", None)
+            payment = self.payments.get(payment_serial)
+            refund = None if payment is None else payment.refunds.get(refund_id)
+            if refund is None:
+                return ChannelReply("SUCCESS", "REFUNDNOTEXIST")
+            return ChannelReply("SUCCESS", refund.state)
+
+    # ------------------------------------------------------------------ ground truth
+
+    def net_charged(self, payment_serial: str) -> int:
+        """What the payer is really out of pocket for this serial: charged minus refunded."""
+        with self._lock:
+            payment = self.payments.get(payment_serial)
+            return 0 if payment is None else payment.charged_minor - payment.refunded_minor
+
+    # ------------------------------------------------------------------ the world's events
+
+    def _user_pays(self, payment_serial: str) -> None:
+        with self._lock:
+            payment = self.payments[payment_serial]
+            if payment.state != "USERPAYING":
+                return
+            payment.state = "SUCCESS"
+            payment.charged_minor = payment.amount_minor
+            reply = self._reply(payment)
+        self._notify(lambda sink: sink.handle_callback(self.name, payment_serial, reply))
+
+    def _refund_done(self, payment_serial: str, refund_id: str) -> None:
+        with self._lock:
+            refund = self.payments[payment_serial].refunds[refund_id]
+            refund.state = "SUCCESS"
+        reply = ChannelReply("SUCCESS", "SUCCESS")
+        self._notify(lambda sink: sink.handle_refund_callback(self.name, payment_serial,
+                                                              refund_id, reply))
+
+    def _notify(self, send: Callable[[CallbackSink], object]) -> None:
+        """Send a notification: maybe lost, maybe twice, after a delay; never blocks."""
+        with self._lock:
+            f = self.faults
+            if self._chance(f.callback_lost, "callback_lost"):
+                return
+            copies = 2 if self._chance(f.callback_duplicated, "callback_duplicated") else 1
+            delays = [self._draw(f.callback_delay_ms) for _ in range(copies)]
+        for delay in delays:
+            self.world.call_at(self.world.now_ms() + delay, lambda: self._deliver(send))
+
+    def _deliver(self, send: Callable[[CallbackSink], object]) -> None:
+        sink = self.sink
+        if sink is None:
+            return
+
+        def call() -> object:
+            return send(sink)
+
+        self.world.run_io(f"notify-{self.name}", call, _ignore_result)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _reply(self, payment: SimPayment) -> ChannelReply:
+        amount = payment.charged_minor if payment.state == "SUCCESS" else None
+        return ChannelReply("SUCCESS", payment.state, payment.txn_id, amount)
+
+    def _chance(self, probability: float, kind: str) -> bool:
+        hit = probability > 0 and self.rng.random() < probability
+        if hit:
+            self.counts[kind] = self.counts.get(kind, 0) + 1
+        return hit
+
+    def _draw(self, bounds: tuple[int, int]) -> int:
+        return self.rng.randint(*bounds)
+
+    def _after(self, bounds: tuple[int, int], fn: Callable[[], None]) -> None:
+        self.world.call_at(self.world.now_ms() + self._draw(bounds), fn)
+
+
+def _ignore_result(result: object) -> None:
+    """A notification's answer is the merchant's business; the channel only sends it.
+
+    An error (unknown order, engine down) counts as not acknowledged: a real channel would
+    retry, this one leaves it to the engine's queries, which is the harder case.
+    """
