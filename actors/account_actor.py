@@ -132,7 +132,9 @@ class AccountBehaviour(ActorBehaviour):
                 return voucher.confirm(account, fence, hold_id=effect.hold_id, now_ms=now_ms)
             case CancelHold():
                 if fence is not None and fence.order_id not in (None, order_id):
-                    raise UnknownHold(f"hold {effect.hold_id} belongs to another order")
+                    # The order named a pre-hold another order adopted: its Try was refused,
+                    # so it has nothing here to release.
+                    return Outcome(account, fence, False)
                 return voucher.cancel(account, fence, hold_id=effect.hold_id,
                                       order_id=order_id, now_ms=now_ms)
             case DebitVoucher():

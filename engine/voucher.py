@@ -172,7 +172,11 @@ def try_hold(
         )
         return Outcome(new_account, new_fence, True)
     if fence.kind is not FenceKind.HOLD or fence.status is not FenceStatus.PENDING:
-        if fence.status is FenceStatus.POSTED and fence.order_id == order_id:
+        if (
+            fence.kind is FenceKind.HOLD
+            and fence.status is FenceStatus.POSTED
+            and fence.order_id == order_id
+        ):
             return Outcome(account, fence, False)
         raise HoldRefused(
             f"hold {hold_id} on {account.account_id} is {fence.status.value}: a Try after "
@@ -229,7 +233,8 @@ def cancel(
 
     With no fence at all this is an empty rollback: it is recorded (so that a late Try is
     refused) and succeeds. Cancelling a posted *hold* is refused: the payment went through and
-    only the refund path may give it back.
+    only the refund path may give it back. A pending hold bound to another order than
+    ``order_id`` is refused (``HoldRefused``): only its own order may void it.
     """
     _assert_same_account(account, fence)
     if fence is None:
@@ -241,6 +246,9 @@ def cancel(
     if fence.status in FINAL_FENCE_STATUSES:
         return Outcome(account, fence, False)
     if fence.status is FenceStatus.PENDING:
+        if fence.order_id is not None and order_id is not None and fence.order_id != order_id:
+            # two orders named one pre-hold: the one that did not adopt it may not void it
+            raise HoldRefused(f"hold {hold_id} is bound to order {fence.order_id}, not {order_id}")
         new_account = replace(
             account, held=account.held - fence.amount, available=account.available + fence.amount
         ).check()

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import sqlite_utils
 
@@ -110,13 +111,13 @@ class Store:
     def _create_schema(self) -> None:
         db = self.db
         with self._lock:
-            db["trade_orders"].create(
+            db.table("trade_orders").create(
                 {"merchant_id": str, "merchant_order_no": str, "fingerprint": str,
                  "order_id": str, "created_at_ms": int},
                 pk=("merchant_id", "merchant_order_no"), not_null={"fingerprint", "order_id"},
                 if_not_exists=True,
             )
-            db["payment_orders"].create(
+            db.table("payment_orders").create(
                 {"order_id": str, "merchant_id": str, "merchant_order_no": str,
                  "payment_serial": str, "user_id": str, "title": str, "currency": str,
                  "total_minor": int, "fingerprint": str, "state": str, "cause": str,
@@ -128,42 +129,42 @@ class Store:
                 not_null={"payment_serial", "state", "total_minor", "version"},
                 if_not_exists=True,
             )
-            db["legs"].create(
+            db.table("legs").create(
                 {"order_id": str, "leg_no": int, "mode": str, "account_id": str, "amount": int,
                  "unit": str, "value_minor": int, "hold_id": str, "status": str,
                  "channel": str, "channel_txn_id": str, "channel_code": str, "refund_id": str},
                 pk=("order_id", "leg_no"), if_not_exists=True,
             )
-            db["voucher_accounts"].create(
+            db.table("voucher_accounts").create(
                 {"account_id": str, "unit": str, "minor_per_unit": int, "funded": int,
                  "available": int, "held": int, "spent": int, "version": int,
                  "created_at_ms": int},
                 pk="account_id", not_null={"unit", "funded", "available", "held", "spent"},
                 if_not_exists=True,
             )
-            db["fundings"].create(
+            db.table("fundings").create(
                 {"funding_id": str, "account_id": str, "amount": int, "at_ms": int},
                 pk="funding_id", if_not_exists=True,
             )
-            db["holds"].create(
+            db.table("holds").create(
                 {"account_id": str, "hold_id": str, "kind": str, "status": str, "amount": int,
                  "order_id": str, "expires_at_ms": int, "updated_at_ms": int},
                 pk=("account_id", "hold_id"), if_not_exists=True,
             )
-            db["journal"].create(
+            db.table("journal").create(
                 {"seq": int, "at_ms": int, "entity_kind": str, "entity_id": str, "part": str,
                  "from_state": str, "to_state": str, "cause": str},
                 pk="seq", if_not_exists=True,
             )
-            db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
-            db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)},
+            db.table("meta").create({"key": str, "value": str}, pk="key", if_not_exists=True)
+            db.table("meta").insert({"key": "schema_version", "value": str(SCHEMA_VERSION)},
                               ignore=True)
-            db["payment_orders"].create_index(["payment_serial"], unique=True,
+            db.table("payment_orders").create_index(["payment_serial"], unique=True,
                                               if_not_exists=True)
-            db["payment_orders"].create_index(["settled"], if_not_exists=True)
-            db["payment_orders"].create_index(["user_id", "created_at_ms"], if_not_exists=True)
-            db["holds"].create_index(["status", "expires_at_ms"], if_not_exists=True)
-            db["journal"].create_index(["entity_kind", "entity_id"], if_not_exists=True)
+            db.table("payment_orders").create_index(["settled"], if_not_exists=True)
+            db.table("payment_orders").create_index(["user_id", "created_at_ms"], if_not_exists=True)
+            db.table("holds").create_index(["status", "expires_at_ms"], if_not_exists=True)
+            db.table("journal").create_index(["entity_kind", "entity_id"], if_not_exists=True)
 
     # ------------------------------------------------------------------ orders
 
@@ -495,7 +496,7 @@ def _leg_row(order_id: str, leg: Leg) -> tuple[object, ...]:
     )
 
 
-def _order_from_rows(row: Sequence[object], legs: Sequence[Sequence[object]]) -> PaymentOrder:
+def _order_from_rows(row: Sequence[Any], legs: Sequence[Sequence[Any]]) -> PaymentOrder:
     (order_id, merchant_id, merchant_order_no, serial, user_id, title, currency, total,
      fingerprint, state, cause, created, close_at, hold_exp, q_attempt, next_q, rq_attempt,
      next_rq, version) = row
@@ -503,26 +504,26 @@ def _order_from_rows(row: Sequence[object], legs: Sequence[Sequence[object]]) ->
         order_id=str(order_id), merchant_id=str(merchant_id),
         merchant_order_no=str(merchant_order_no), payment_serial=str(serial),
         user_id=str(user_id), title=str(title), currency=str(currency),
-        total_minor=int(total),  # type: ignore[call-overload]
+        total_minor=int(total),
         fingerprint=str(fingerprint), state=OrderState(state), cause=str(cause),
-        created_at_ms=int(created), close_at_ms=int(close_at),  # type: ignore[call-overload]
-        hold_expires_at_ms=int(hold_exp),  # type: ignore[call-overload]
+        created_at_ms=int(created), close_at_ms=int(close_at),
+        hold_expires_at_ms=int(hold_exp),
         legs=tuple(_leg_from_row(r) for r in legs),
-        query_attempt=int(q_attempt),  # type: ignore[call-overload]
-        next_query_at_ms=None if next_q is None else int(next_q),  # type: ignore[call-overload]
-        refund_query_attempt=int(rq_attempt),  # type: ignore[call-overload]
-        next_refund_query_at_ms=None if next_rq is None else int(next_rq),  # type: ignore[call-overload]
-        version=int(version),  # type: ignore[call-overload]
+        query_attempt=int(q_attempt),
+        next_query_at_ms=None if next_q is None else int(next_q),
+        refund_query_attempt=int(rq_attempt),
+        next_refund_query_at_ms=None if next_rq is None else int(next_rq),
+        version=int(version),
     )
 
 
-def _leg_from_row(r: Sequence[object]) -> Leg:
+def _leg_from_row(r: Sequence[Any]) -> Leg:
     (leg_no, mode, account_id, amount, unit, value, hold_id, status, channel, txn, code,
      refund_id) = r
     return Leg(
-        leg_no=int(leg_no), mode=LegMode(mode),  # type: ignore[call-overload]
+        leg_no=int(leg_no), mode=LegMode(mode),
         account_id=None if account_id is None else str(account_id),
-        amount=int(amount), unit=str(unit), value_minor=int(value),  # type: ignore[call-overload]
+        amount=int(amount), unit=str(unit), value_minor=int(value),
         hold_id=None if hold_id is None else str(hold_id), status=LegStatus(status),
         channel=None if channel is None else str(channel),
         channel_txn_id=None if txn is None else str(txn),
@@ -531,14 +532,14 @@ def _leg_from_row(r: Sequence[object]) -> Leg:
     )
 
 
-def _fence_from_row(r: Sequence[object]) -> Fence:
+def _fence_from_row(r: Sequence[Any]) -> Fence:
     hold_id, account_id, kind, status, amount, order_id, expires, updated = r
     return Fence(
         hold_id=str(hold_id), account_id=str(account_id), kind=FenceKind(kind),
-        status=FenceStatus(status), amount=int(amount),  # type: ignore[call-overload]
+        status=FenceStatus(status), amount=int(amount),
         order_id=None if order_id is None else str(order_id),
-        expires_at_ms=None if expires is None else int(expires),  # type: ignore[call-overload]
-        updated_at_ms=int(updated),  # type: ignore[call-overload]
+        expires_at_ms=None if expires is None else int(expires),
+        updated_at_ms=int(updated),
     )
 
 

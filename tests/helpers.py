@@ -1,0 +1,116 @@
+"""Fakes and helpers for actor tests: a scripted channel and polling with a deadline."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from actors import (
+    CashPart,
+    ChannelReply,
+    Engine,
+    EngineConfig,
+    LegMode,
+    OrderPolicy,
+    PaymentRequest,
+    VoucherPart,
+)
+from engine.codes import WECHAT_LIKE_PAY_CODES, WECHAT_LIKE_REFUND_CODES
+
+T = TypeVar("T")
+
+PROCESSING = ChannelReply("SUCCESS", "USERPAYING")
+PAID = ChannelReply("SUCCESS", "SUCCESS", "TX1", None)
+NO_ANSWER = ChannelReply("FAIL", None)
+
+
+class ScriptedChannel:
+    """A channel whose replies the test sets; it records every call. Thread-safe."""
+
+    pay_codes = WECHAT_LIKE_PAY_CODES
+    refund_codes = WECHAT_LIKE_REFUND_CODES
+
+    def __init__(self, name: str = "wechat") -> None:
+        self.name = name
+        self.pay_reply: ChannelReply | Exception = PROCESSING
+        self.query_reply: ChannelReply | Exception = PROCESSING
+        self.close_reply: ChannelReply | Exception = ChannelReply("SUCCESS", "CLOSED")
+        self.refund_reply: ChannelReply | Exception = ChannelReply("SUCCESS", "PROCESSING")
+        self.refund_query_reply: ChannelReply | Exception = ChannelReply("SUCCESS", "SUCCESS")
+        self.calls: list[tuple[str, ...]] = []
+        self._lock = threading.Lock()
+
+    def _answer(self, call: tuple[str, ...], reply: ChannelReply | Exception) -> ChannelReply:
+        with self._lock:
+            self.calls.append(call)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def pay(self, payment_serial: str, amount_minor: int, currency: str, title: str
+            ) -> ChannelReply:
+        return self._answer(("pay", payment_serial, str(amount_minor)), self.pay_reply)
+
+    def query(self, payment_serial: str) -> ChannelReply:
+        return self._answer(("query", payment_serial), self.query_reply)
+
+    def close(self, payment_serial: str) -> ChannelReply:
+        return self._answer(("close", payment_serial), self.close_reply)
+
+    def refund(self, payment_serial: str, refund_id: str, amount_minor: int, currency: str
+               ) -> ChannelReply:
+        return self._answer(("refund", payment_serial, refund_id, str(amount_minor)),
+                            self.refund_reply)
+
+    def query_refund(self, payment_serial: str, refund_id: str) -> ChannelReply:
+        return self._answer(("query_refund", payment_serial, refund_id), self.refund_query_reply)
+
+    def count(self, kind: str) -> int:
+        with self._lock:
+            return sum(1 for c in self.calls if c[0] == kind)
+
+
+def wait_for(predicate: Callable[[], T], timeout_s: float = 10.0, what: str = "condition") -> T:
+    """Poll ``predicate`` until it returns something truthy; fail the test after the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.01)
+
+
+SLOW_POLICY = OrderPolicy(pay_window_ms=60_000, query_schedule_ms=(60_000,),
+                          refund_query_schedule_ms=(60_000,))
+"""No timer fires during a test: the test feeds every result itself."""
+
+
+def open_engine(path: Path, channel: object, policy: OrderPolicy = SLOW_POLICY,
+                config: EngineConfig | None = None) -> Engine:
+    return Engine.open(path, channels=[channel], policy=policy,  # type: ignore[list-item]
+                       config=config or EngineConfig(ask_timeout_s=5.0))
+
+
+def fund_customer(engine: Engine, who: str = "alice", red_packet: int = 1_000,
+                  points: int = 1_000, phone: int = 1_000) -> None:
+    engine.open_account(f"{who}/red-packet", "CNY")
+    engine.fund(f"{who}/red-packet", red_packet, funding_id=f"{who}-rp")
+    engine.open_account(f"{who}/points", "POINTS", minor_per_unit=10)
+    engine.fund(f"{who}/points", points, funding_id=f"{who}-pts")
+    engine.open_account(f"{who}/phone", "CNY")
+    engine.fund(f"{who}/phone", phone, funding_id=f"{who}-phone")
+
+
+def fuel_request(no: str = "order-1", who: str = "alice",
+                 phone_mode: LegMode = LegMode.PRE_DEDUCT) -> PaymentRequest:
+    """The seeds' example: 100.00 = 96.00 cash + 1.00 red packet + 20 points + 1.00 phone."""
+    return PaymentRequest(
+        merchant_id="station-1", merchant_order_no=no, user_id=who, currency="CNY",
+        total_minor=10_000, title="Fuel", cash=CashPart(9_600, "wechat"),
+        vouchers=(VoucherPart(f"{who}/red-packet", 100), VoucherPart(f"{who}/points", 20),
+                  VoucherPart(f"{who}/phone", 100, phone_mode)))
