@@ -26,6 +26,7 @@ from actors.messages import (
 )
 from engine import voucher
 from engine.errors import (
+    EngineClosed,
     HoldRefused,
     IdempotencyConflict,
     InvalidRequest,
@@ -111,6 +112,8 @@ class AccountBehaviour(ActorBehaviour):
             if outcome.fence is not None and outcome.fence.status is FenceStatus.REFUSED:
                 ok, reason = False, "insufficient balance at debit"
             self._commit(outcome, f"{op.value} for order {command.order_id}")
+        except EngineClosed:
+            raise  # a crash or shutdown is not the account's answer
         except PaymentError as error:
             ok, reason = False, f"{error.code}: {error.message}"
         self.ctx.directory.tell(("order", command.order_id),

@@ -22,7 +22,7 @@ import pykka
 
 from actors.messages import Asked
 from actors.runtime import ActorRef, Behaviour, Runtime
-from engine.errors import EngineClosed
+from engine.errors import EngineClosed, Overloaded
 
 Key = tuple[str, str]
 """(kind, id): ``("order", order_id)`` or ``("account", account_id)``."""
@@ -53,7 +53,13 @@ class Directory:
         with self._lock:
             live = self._enqueue_ask_slot(key)
             ref = live.ref
-        return ref.ask(Asked(message), timeout_s)
+        try:
+            return ref.ask(Asked(message), timeout_s)
+        except pykka.Timeout:
+            raise Overloaded(
+                f"{key[0]} {key[1]} did not answer within {timeout_s} s; the request may still "
+                "be applied: retry it (every request is idempotent)"
+            ) from None
 
     def _enqueue(self, key: Key, message: Any) -> None:
         live = self._get_or_start(key)

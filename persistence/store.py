@@ -12,6 +12,7 @@ only for the statements of one transaction, never while waiting on anything else
 
 from __future__ import annotations
 
+import queue
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -56,7 +57,8 @@ class JournalEntry:
 class Store:
     """The engine's database. Open with ``Store(path)``; ``":memory:"`` works for tests."""
 
-    def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
+    def __init__(self, path: str | Path, *, synchronous: str = "FULL",
+                 readers_max: int = 8) -> None:
         assert synchronous in ("FULL", "NORMAL", "OFF"), synchronous
         self.path = str(path)
         self._conn = sqlite3.connect(
@@ -64,6 +66,9 @@ class Store:
         )
         self._lock = threading.RLock()
         self._closed = False
+        self._readers: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
+        self._readers_open = 0
+        self._readers_max = readers_max
         self.db = sqlite_utils.Database(self._conn)
         if self.path != ":memory:":
             self.db.enable_wal()
@@ -74,11 +79,16 @@ class Store:
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        """Close the connection; later calls raise ``EngineClosed``."""
+        """Close the connections; later calls raise ``EngineClosed``."""
         with self._lock:
             if not self._closed:
                 self._closed = True
                 self._conn.close()
+        while True:
+            try:
+                self._readers.get_nowait().close()
+            except queue.Empty:
+                break
 
     def kill(self) -> None:
         """Simulate power loss: nothing after this call commits. What committed stays."""
@@ -103,10 +113,48 @@ class Store:
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        """A consistent snapshot for reads, on a pooled reader connection.
+
+        In WAL mode readers never wait for the writer, so an API read or an actor loading
+        its state does not queue behind other actors' commits. An in-memory database has one
+        connection only, so its reads take the write lock.
+        """
+        if self.path == ":memory:":
+            with self._lock:
+                if self._closed:
+                    raise EngineClosed("the engine's database is closed")
+                yield self._conn
+            return
+        conn = self._borrow_reader()
+        try:
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                conn.execute("COMMIT")
+        finally:
             if self._closed:
-                raise EngineClosed("the engine's database is closed")
-            yield self._conn
+                conn.close()
+            else:
+                self._readers.put(conn)
+
+    def _borrow_reader(self) -> sqlite3.Connection:
+        if self._closed:
+            raise EngineClosed("the engine's database is closed")
+        try:
+            return self._readers.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            create = self._readers_open < self._readers_max
+            if create:
+                self._readers_open += 1
+        if not create:
+            return self._readers.get(timeout=30)
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                               timeout=30.0)
+        conn.execute("PRAGMA query_only=1")
+        return conn
 
     def _create_schema(self) -> None:
         db = self.db

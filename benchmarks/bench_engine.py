@@ -1,0 +1,131 @@
+"""Throughput figures for payengine, printed (not asserted).
+
+    python benchmarks/bench_engine.py [--payments 2000] [--synchronous FULL|NORMAL]
+
+1. the pure core: ``decide`` calls per second for a whole combined payment's life;
+2. the whole engine on threads and SQLite: combined payments per second, from submit to
+   settled, with a channel that answers success at once (so the engine is what is measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import structlog
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from actors import CashPart, ChannelReply, Engine, OrderPolicy, PaymentRequest, VoucherPart  # noqa: E402
+from engine.codes import WECHAT_LIKE_PAY_CODES, WECHAT_LIKE_REFUND_CODES, ResultKind  # noqa: E402
+from engine.order import (  # noqa: E402
+    AccountUnit,
+    Activate,
+    CashResult,
+    ResultSource,
+    VoucherOp,
+    VoucherReply,
+    build_order,
+    decide,
+)
+
+
+class InstantChannel:
+    """Every payment succeeds in the synchronous reply."""
+
+    name = "wechat"
+    pay_codes = WECHAT_LIKE_PAY_CODES
+    refund_codes = WECHAT_LIKE_REFUND_CODES
+
+    def pay(self, payment_serial: str, amount_minor: int, currency: str, title: str) -> ChannelReply:
+        return ChannelReply("SUCCESS", "SUCCESS", "TX", amount_minor)
+
+    def query(self, payment_serial: str) -> ChannelReply:
+        return ChannelReply("SUCCESS", "SUCCESS")
+
+    def close(self, payment_serial: str) -> ChannelReply:
+        return ChannelReply("SUCCESS", "CLOSED")
+
+    def refund(self, payment_serial: str, refund_id: str, amount_minor: int, currency: str
+               ) -> ChannelReply:
+        return ChannelReply("SUCCESS", "SUCCESS")
+
+    def query_refund(self, payment_serial: str, refund_id: str) -> ChannelReply:
+        return ChannelReply("SUCCESS", "SUCCESS")
+
+
+def request(i: int) -> PaymentRequest:
+    return PaymentRequest("station-1", f"b{i}", f"u{i % 50}", "CNY", 10_000, "Fuel",
+                          CashPart(9_600, "wechat"),
+                          (VoucherPart(f"rp{i % 50}", 100), VoucherPart(f"pts{i % 50}", 20),
+                           VoucherPart(f"tel{i % 50}", 100)))
+
+
+def bench_core(n: int) -> float:
+    policy = OrderPolicy()
+    units = {f"rp{k}": AccountUnit("CNY", None) for k in range(50)}
+    units |= {f"tel{k}": AccountUnit("CNY", None) for k in range(50)}
+    units |= {f"pts{k}": AccountUnit("POINTS", 10) for k in range(50)}
+    started = time.perf_counter()
+    for i in range(n):
+        order = build_order(request(i), order_id=f"o{i}", payment_serial=f"s{i}", now_ms=0,
+                            accounts=units, policy=policy)
+        order = decide(order, Activate(), now_ms=1, policy=policy).order
+        for leg in order.legs[1:]:
+            assert leg.hold_id is not None
+            order = decide(order, VoucherReply(leg.leg_no, leg.hold_id, VoucherOp.TRY, True),
+                           now_ms=2, policy=policy).order
+        order = decide(order, CashResult(ResultKind.SUCCESS, ResultSource.CALLBACK, "SUCCESS"),
+                       now_ms=3, policy=policy).order
+        for leg in order.legs[1:]:
+            assert leg.hold_id is not None
+            order = decide(order, VoucherReply(leg.leg_no, leg.hold_id, VoucherOp.CONFIRM, True),
+                           now_ms=4, policy=policy).order
+        assert order.is_settled
+    return n / (time.perf_counter() - started)
+
+
+def bench_engine(n: int, synchronous: str, workers: int) -> tuple[float, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = Engine.open(Path(tmp) / "bench.db", channels=[InstantChannel()],
+                             synchronous=synchronous)
+        try:
+            for k in range(50):
+                for name, unit, rate in (("rp", "CNY", None), ("tel", "CNY", None),
+                                         ("pts", "POINTS", 10)):
+                    engine.open_account(f"{name}{k}", unit, minor_per_unit=rate)
+                    engine.fund(f"{name}{k}", 10**9, funding_id=f"{name}{k}")
+            started = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(lambda i: engine.submit(request(i)), range(n)))
+            accepted = time.perf_counter() - started
+            while engine.unsettled_count():
+                time.sleep(0.01)
+            settled = time.perf_counter() - started
+        finally:
+            engine.shutdown()
+    return n / accepted, n / settled
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--payments", type=int, default=2_000)
+    parser.add_argument("--synchronous", default="FULL", choices=["FULL", "NORMAL"])
+    parser.add_argument("--workers", type=int, default=8)
+    args = parser.parse_args()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    print(f"core decide, whole combined payment (4 legs): "
+          f"{bench_core(args.payments * 5):,.0f} payments/s")
+    accepted, settled = bench_engine(args.payments, args.synchronous, args.workers)
+    print(f"engine, threads + SQLite synchronous={args.synchronous}, {args.payments} combined "
+          f"payments: {accepted:,.0f} submits/s accepted, {settled:,.0f} payments/s settled")
+
+
+if __name__ == "__main__":
+    main()
