@@ -21,9 +21,9 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from actors import CashPart, ChannelReply, Engine, OrderPolicy, PaymentRequest, VoucherPart  # noqa: E402
-from engine.codes import WECHAT_LIKE_PAY_CODES, WECHAT_LIKE_REFUND_CODES, ResultKind  # noqa: E402
-from engine.order import (  # noqa: E402
+from actors import CashPart, ChannelReply, Engine, OrderPolicy, PaymentRequest, VoucherPart
+from engine.codes import WECHAT_LIKE_PAY_CODES, WECHAT_LIKE_REFUND_CODES, ResultKind
+from engine.order import (
     AccountUnit,
     Activate,
     CashResult,

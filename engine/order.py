@@ -664,6 +664,10 @@ class _Draft:
         if self.transitions or self.touched:
             note = "applied"
             self.order = replace(self.order, version=self.order.version + 1)
+        elif note == "applied":
+            # the handler found nothing to change (e.g. the same amount mismatch again): it is
+            # not a change, or ``Decision.changed`` would say so with the version unchanged
+            note = "duplicate: nothing changed"
         return Decision(self.order, tuple(self.effects), tuple(self.transitions), note)
 
 
@@ -740,12 +744,13 @@ def _reissue(d: _Draft, leg: Leg) -> None:
     elif leg.status is LegStatus.PAYING and leg.channel is not None:
         if leg.channel_code is None and not order.is_terminal:
             d.effects.append(_pay(order, leg))
-        due = order.next_query_at_ms if order.next_query_at_ms is not None else d.now_ms
-        d.effects.append(ArmTimer(TimerKind.QUERY, due, order.query_attempt))
+        if order.next_query_at_ms is not None:  # None: the schedule already ran out
+            d.effects.append(ArmTimer(TimerKind.QUERY, order.next_query_at_ms, order.query_attempt))
     elif leg.status is LegStatus.REFUNDING and leg.channel and leg.refund_id:
         d.effects.append(_refund(order, leg))
-        due = order.next_refund_query_at_ms or d.now_ms
-        d.effects.append(ArmTimer(TimerKind.REFUND_QUERY, due, order.refund_query_attempt))
+        if order.next_refund_query_at_ms is not None:
+            d.effects.append(ArmTimer(TimerKind.REFUND_QUERY, order.next_refund_query_at_ms,
+                                      order.refund_query_attempt))
 
 
 def _pay(order: PaymentOrder, cash: Leg) -> PayCash:
@@ -881,6 +886,10 @@ def _release_everything(d: _Draft, cause: str) -> None:
             d.effects.append(CancelHold(account, hold, leg.leg_no))
         elif leg.status is LegStatus.NEW and leg.mode is LegMode.CASH:
             d.set_leg(leg.leg_no, LegStatus.UNPAID, cause)
+        elif leg.status is LegStatus.NEW and leg.mode is LegMode.PRE_HELD and account and hold:
+            # the user's own pre-hold, never tried by this order: release it all the same
+            d.set_leg(leg.leg_no, LegStatus.CANCELLING, cause)
+            d.effects.append(CancelHold(account, hold, leg.leg_no))
         elif leg.status is LegStatus.NEW:
             d.set_leg(leg.leg_no, LegStatus.CANCELLED, cause)
         elif leg.status is LegStatus.PAID:
@@ -975,7 +984,7 @@ def _refund_result(d: _Draft, result: RefundResult) -> str:
     cash = d.cash()
     if cash is None or cash.refund_id != result.refund_id:
         return f"stale: no refund {result.refund_id} on this order"
-    if cash.status is not LegStatus.REFUNDING:
+    if cash.status not in (LegStatus.REFUNDING, LegStatus.REFUND_UNKNOWN):
         return f"duplicate: refund result again, cash leg is {cash.status.value}"
     if result.kind is ResultKind.SUCCESS:
         d.set_leg(cash.leg_no, LegStatus.REFUNDED, f"refunded ({result.source.value})")
@@ -983,7 +992,7 @@ def _refund_result(d: _Draft, result: RefundResult) -> str:
     if result.kind is ResultKind.FAILURE:
         d.set_leg(cash.leg_no, LegStatus.REFUND_FAILED, f"refund failed: {result.code}")
         return "applied"
-    return "ignored: refund still processing"
+    return f"ignored: refund still processing, cash leg is {cash.status.value}"
 
 
 # ---- close
@@ -1052,6 +1061,9 @@ def _refund_query_due(d: _Draft, token: int) -> str:
         d.set_leg(cash.leg_no, LegStatus.REFUND_UNKNOWN, "refund queries exhausted")
         d.update(next_refund_query_at_ms=None)
         return "applied"
-    d.effects.append(QueryRefund(cash.channel, d.order.payment_serial, cash.refund_id))
+    # Ask for the refund again rather than only query it: the request is idempotent by
+    # refund_id and answers with the refund's state, and a request that was lost (a timeout
+    # before the channel saw it) is then made after all.
+    d.effects.append(_refund(d.order, cash))
     _arm_refund_query(d, token + 1)
     return "applied"

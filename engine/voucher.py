@@ -27,6 +27,7 @@ from engine.errors import (
     HoldRefused,
     IdempotencyConflict,
     InsufficientBalance,
+    InvalidAmount,
     UnknownHold,
 )
 from engine.money import AMOUNT_MAX, check_amount
@@ -121,7 +122,7 @@ def fund(account: VoucherAccount, amount: int) -> VoucherAccount:
     """Add ``amount`` to the account (a top-up); the shell makes it idempotent by funding id."""
     check_amount(amount)
     if account.funded + amount > AMOUNT_MAX:
-        raise InsufficientBalance(
+        raise InvalidAmount(
             f"funding {amount} would take {account.account_id} above {AMOUNT_MAX}"
         )
     return replace(
@@ -201,8 +202,8 @@ def try_hold(
 def confirm(account: VoucherAccount, fence: Fence | None, *, hold_id: str, now_ms: int) -> Outcome:
     """Confirm: post a pending hold (held -> spent). Idempotent on a posted hold.
 
-    A hold whose expiry has passed is expired first and the Confirm refused, as TigerBeetle
-    refuses to post an expired pending transfer.
+    A hold whose expiry has passed is refused (``HoldNotPending``), as TigerBeetle refuses to
+    post an expired pending transfer; the caller expires it with ``expire_if_due``.
     """
     _assert_same_account(account, fence)
     if fence is None or fence.kind is not FenceKind.HOLD:
