@@ -128,7 +128,8 @@ class AccountBehaviour(ActorBehaviour):
             case TryHold():
                 return voucher.try_hold(account, fence, hold_id=effect.hold_id,
                                         amount=effect.amount, order_id=order_id,
-                                        expires_at_ms=effect.expires_at_ms, now_ms=now_ms)
+                                        expires_at_ms=effect.expires_at_ms, now_ms=now_ms,
+                                        adopt_only=effect.adopt_only)
             case ConfirmHold():
                 if fence is not None and fence.order_id not in (None, order_id):
                     raise UnknownHold(f"hold {effect.hold_id} belongs to another order")
@@ -175,9 +176,9 @@ class AccountBehaviour(ActorBehaviour):
     def _release(self, hold_id: str) -> HoldView:
         assert self.account is not None
         fence = self._fence(hold_id)
-        if fence is None:
-            raise UnknownHold(f"no hold {hold_id} on account {self.key[1]}")
-        if fence.order_id is not None:
+        # No hold yet (the untick overtook the tick): voucher.cancel records an empty
+        # rollback, so the late pre-hold with this id is refused instead of locking points.
+        if fence is not None and fence.order_id is not None:
             raise HoldRefused(f"hold {hold_id} belongs to order {fence.order_id}; close the order")
         outcome = voucher.cancel(self.account, fence, hold_id=hold_id, order_id=None,
                                  now_ms=self.ctx.runtime.now_ms())

@@ -55,6 +55,10 @@ class Directory:
             ref = live.ref
         try:
             return ref.ask(Asked(message), timeout_s)
+        except pykka.ActorDeadError:
+            if self._closed:
+                raise EngineClosed("the engine shut down before answering") from None
+            raise
         except pykka.Timeout:
             raise Overloaded(
                 f"{key[0]} {key[1]} did not answer within {timeout_s} s; the request may still "

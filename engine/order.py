@@ -518,6 +518,8 @@ class TryHold:
     amount: int
     expires_at_ms: int
     leg_no: int
+    adopt_only: bool = False
+    """A pre-held leg: adopt the user's existing hold, never create one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -734,7 +736,7 @@ def _reissue(d: _Draft, leg: Leg) -> None:
     order = d.order
     account = leg.account_id
     if leg.status is LegStatus.TRYING and account is not None and leg.hold_id is not None:
-        d.effects.append(TryHold(account, leg.hold_id, leg.amount, order.hold_expires_at_ms, leg.leg_no))
+        d.effects.append(_try(order, leg))
     elif leg.status is LegStatus.CONFIRMING and account is not None and leg.hold_id is not None:
         d.effects.append(ConfirmHold(account, leg.hold_id, leg.leg_no))
     elif leg.status in (LegStatus.CANCELLING, LegStatus.REVERSING) and account and leg.hold_id:
@@ -753,6 +755,12 @@ def _reissue(d: _Draft, leg: Leg) -> None:
                                       order.refund_query_attempt))
 
 
+def _try(order: PaymentOrder, leg: Leg) -> TryHold:
+    assert leg.account_id is not None and leg.hold_id is not None
+    return TryHold(leg.account_id, leg.hold_id, leg.amount, order.hold_expires_at_ms, leg.leg_no,
+                   adopt_only=leg.mode is LegMode.PRE_HELD)
+
+
 def _pay(order: PaymentOrder, cash: Leg) -> PayCash:
     assert cash.channel is not None
     return PayCash(cash.channel, order.payment_serial, cash.amount, order.currency, order.title)
@@ -769,9 +777,7 @@ def _advance_holds(d: _Draft) -> None:
         if leg.status is LegStatus.NEW:
             assert leg.account_id is not None and leg.hold_id is not None
             d.set_leg(leg.leg_no, LegStatus.TRYING, "try")
-            d.effects.append(
-                TryHold(leg.account_id, leg.hold_id, leg.amount, d.order.hold_expires_at_ms, leg.leg_no)
-            )
+            d.effects.append(_try(d.order, leg))
     if all(leg.status is LegStatus.HELD for leg in d.legs(*HOLD_MODES)):
         _start_cash(d)
 

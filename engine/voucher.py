@@ -145,17 +145,22 @@ def try_hold(
     order_id: str | None,
     expires_at_ms: int,
     now_ms: int,
+    adopt_only: bool = False,
 ) -> Outcome:
     """Try: hold ``amount`` until ``expires_at_ms``.
 
     Idempotent: a second Try of a pending hold with the same amount succeeds without moving
     money again. This is also how an order *adopts* a pre-hold the user placed before
     submitting: the hold is bound to the order and its expiry pushed out to the order's.
+    With ``adopt_only`` the hold must exist already: an order naming a pre-hold that is not
+    there gets ``UnknownHold``, not a fresh hold under that id.
     """
     _assert_same_account(account, fence)
     check_amount(amount)
     if fence is not None and fence.status is FenceStatus.PENDING and _due(fence, now_ms):
         raise HoldRefused(f"hold {hold_id} expired at {fence.expires_at_ms}; it cannot be reused")
+    if fence is None and adopt_only:
+        raise UnknownHold(f"no pre-hold {hold_id} on account {account.account_id}")
     if fence is None:
         if expires_at_ms <= now_ms:
             raise HoldRefused(f"hold {hold_id} would expire at once ({expires_at_ms} <= {now_ms})")

@@ -23,7 +23,7 @@ from typing import Any
 
 import sqlite_utils
 
-from engine.errors import AccountExists, EngineClosed, IdempotencyConflict
+from engine.errors import AccountExists, EngineClosed, IdempotencyConflict, Overloaded
 from engine.order import (
     IN_FLIGHT_LEG_STATUSES,
     TERMINAL_STATES,
@@ -138,6 +138,19 @@ class Store:
             else:
                 self._readers.put(conn)
 
+    def _wait_for_reader(self, timeout_s: float = 30.0, poll_s: float = 0.05
+                         ) -> sqlite3.Connection:
+        """Wait for a pooled reader, noticing a close within ``poll_s``."""
+        waited = 0.0
+        while waited < timeout_s:
+            if self._closed:
+                raise EngineClosed("the engine's database is closed")
+            try:
+                return self._readers.get(timeout=poll_s)
+            except queue.Empty:
+                waited += poll_s
+        raise Overloaded(f"no database reader free for {timeout_s} s")
+
     def _borrow_reader(self) -> sqlite3.Connection:
         if self._closed:
             raise EngineClosed("the engine's database is closed")
@@ -150,7 +163,7 @@ class Store:
             if create:
                 self._readers_open += 1
         if not create:
-            return self._readers.get(timeout=30)
+            return self._wait_for_reader()
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
                                timeout=30.0)
         conn.execute("PRAGMA query_only=1")

@@ -648,3 +648,10 @@ VoucherAccountMachine.TestCase.settings = settings(
 test_any_interleaving_of_voucher_operations_conserves_money_and_honours_the_fences = (
     VoucherAccountMachine.TestCase
 )
+
+
+def test_an_order_adopting_a_pre_hold_that_does_not_exist_is_refused_not_given_a_new_hold() -> None:
+    account = fund(ACCOUNT, 100)
+    with pytest.raises(UnknownHold):
+        try_hold(account, None, hold_id="never-placed", amount=20, order_id="o1",
+                 expires_at_ms=T0 + 1_000, now_ms=T0, adopt_only=True)
