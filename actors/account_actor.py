@@ -10,6 +10,7 @@ it when a hold falls due.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from actors.base import ActorBehaviour, Context
@@ -133,6 +134,11 @@ class AccountBehaviour(ActorBehaviour):
             case ConfirmHold():
                 if fence is not None and fence.order_id not in (None, order_id):
                     raise UnknownHold(f"hold {effect.hold_id} belongs to another order")
+                if ("confirm-twice" in self.ctx.config.planted_bugs and fence is not None
+                        and fence.status is FenceStatus.POSTED):
+                    posted_again = replace(account, available=account.available - fence.amount,
+                                           spent=account.spent + fence.amount)
+                    return Outcome(posted_again, replace(fence, updated_at_ms=now_ms + 1), True)
                 return voucher.confirm(account, fence, hold_id=effect.hold_id, now_ms=now_ms)
             case CancelHold():
                 if fence is not None and fence.order_id not in (None, order_id):

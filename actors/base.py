@@ -35,6 +35,8 @@ class EngineConfig:
     pre_hold_ttl_ms: int = 15 * 60 * 1000
     pre_hold_ttl_ms_max: int = 24 * 60 * 60 * 1000
     duplicate_guard_window_ms: int = 60_000
+    planted_bugs: frozenset[str] = frozenset()
+    """For the simulator only (``engine.order.PLANTABLE_BUGS``); empty in a real engine."""
 
 
 @dataclass

@@ -294,25 +294,38 @@ class Engine:
         """The user (or cashier) closes an unpaid order. A paid order raises IllegalTransition."""
         return self._ask_order(order_id, CloseOrder(CloseCause.USER))
 
-    def handle_callback(self, channel: str, payment_serial: str, reply: ChannelReply) -> str:
+    def request_close(self, order_id: str) -> None:
+        """Enqueue a user close without waiting for it (an illegal one is logged, not raised)."""
+        self._check_open()
+        if self._ctx.store.load_order(order_id) is None:
+            raise UnknownOrder(f"no payment order {order_id}")
+        self._ctx.directory.tell(("order", order_id), CloseOrder(CloseCause.USER))
+
+    def handle_callback(self, channel: str, payment_serial: str, reply: ChannelReply, *,
+                        wait: bool = True) -> str:
         """Feed a channel's asynchronous payment notification; returns the order's state.
 
         Returns once the result is committed, so the caller may then acknowledge the
         notification to the channel. Duplicated, late and out-of-order callbacks are safe.
+        With ``wait=False`` it only enqueues the result and returns ``"queued"``.
         """
         chan = self._channel(channel)
         order_id = self._order_for_serial(payment_serial)
-        view = self._ask_order(order_id, cash_result(chan, reply, ResultSource.CALLBACK))
-        return view.state
+        return self._feed(order_id, cash_result(chan, reply, ResultSource.CALLBACK), wait)
 
     def handle_refund_callback(self, channel: str, payment_serial: str, refund_id: str,
-                               reply: ChannelReply) -> str:
+                               reply: ChannelReply, *, wait: bool = True) -> str:
         """Feed a channel's asynchronous refund notification; returns the order's state."""
         chan = self._channel(channel)
         order_id = self._order_for_serial(payment_serial)
-        view = self._ask_order(order_id,
-                               refund_result(chan, refund_id, reply, ResultSource.CALLBACK))
-        return view.state
+        return self._feed(order_id, refund_result(chan, refund_id, reply, ResultSource.CALLBACK),
+                          wait)
+
+    def _feed(self, order_id: str, event: Any, wait: bool) -> str:
+        if wait:
+            return self._ask_order(order_id, event).state
+        self._ctx.directory.tell(("order", order_id), event)
+        return "queued"
 
     def get_order(self, order_id: str) -> OrderView:
         """The order as the engine knows it (the database; never the channel)."""

@@ -259,6 +259,13 @@ class AccountUnit:
     minor_per_unit: int | None
 
 
+PLANTABLE_BUGS = frozenset({"confirm-twice", "no-refund-after-close", "regress-success",
+                            "skip-hold"})
+"""Bugs the simulator can switch on (``payengine sim --plant-bug NAME``): a success after the
+close kept, a late "processing" moving a success back, vouchers never held, a hold posted
+twice. Each must make the oracle report a violation."""
+
+
 @dataclass(frozen=True, slots=True)
 class OrderPolicy:
     """Tunables of the order life cycle. Every schedule is finite: nothing retries forever."""
@@ -275,8 +282,13 @@ class OrderPolicy:
         1_000, 2_000, 5_000, 10_000, 20_000, 40_000, 100_000,
     )
     legs_max: int = 16
+    planted_bugs: frozenset[str] = frozenset()
+    """Deliberately wrong behaviours, for proving the simulator's oracle has teeth. Empty in
+    any real engine; see ``PLANTABLE_BUGS``."""
 
     def __post_init__(self) -> None:
+        unknown = self.planted_bugs - PLANTABLE_BUGS
+        assert not unknown, f"unknown planted bugs {sorted(unknown)}"
         assert self.query_schedule_ms and all(g > 0 for g in self.query_schedule_ms)
         assert self.refund_query_schedule_ms and all(g > 0 for g in self.refund_query_schedule_ms)
         assert 0 < self.pay_window_ms <= self.pay_window_ms_max
@@ -773,8 +785,11 @@ def _refund(order: PaymentOrder, cash: Leg) -> RefundCash:
 
 def _advance_holds(d: _Draft) -> None:
     """In ACCEPTED: Try every hold not yet tried; once all are held, go to the cash step."""
+    skip = "skip-hold" in d.policy.planted_bugs
     for leg in d.legs(*HOLD_MODES):
-        if leg.status is LegStatus.NEW:
+        if leg.status is LegStatus.NEW and skip and leg.mode is LegMode.PRE_DEDUCT:
+            d.set_leg(leg.leg_no, LegStatus.HELD, "planted bug: never tried")
+        elif leg.status is LegStatus.NEW:
             assert leg.account_id is not None and leg.hold_id is not None
             d.set_leg(leg.leg_no, LegStatus.TRYING, "try")
             d.effects.append(_try(d.order, leg))
@@ -878,6 +893,8 @@ def _confirm_holds(d: _Draft) -> None:
         assert leg.account_id is not None and leg.hold_id is not None
         d.set_leg(leg.leg_no, LegStatus.CONFIRMING, "payment succeeded")
         d.effects.append(ConfirmHold(leg.account_id, leg.hold_id, leg.leg_no))
+        if "confirm-twice" in d.policy.planted_bugs:
+            d.effects.append(ConfirmHold(leg.account_id, leg.hold_id, leg.leg_no))
 
 
 def _release_everything(d: _Draft, cause: str) -> None:
@@ -931,6 +948,10 @@ def _cash_result(d: _Draft, result: CashResult) -> str:
     if cash.status is LegStatus.PAYING and result.code != cash.channel_code:
         d.set_leg(cash.leg_no, LegStatus.PAYING, "processing", channel_code=result.code)
         return "applied"
+    if "regress-success" in d.policy.planted_bugs and d.order.state is OrderState.SUCCEEDED:
+        d.transitions.append(Transition("order", "succeeded", "paying", "planted bug"))
+        d.order = replace(d.order, state=OrderState.PAYING, cause="planted bug")
+        return "applied"
     return f"ignored: {result.source.value} says processing, cash leg is {cash.status.value}"
 
 
@@ -951,7 +972,8 @@ def _cash_success(d: _Draft, cash: Leg, result: CashResult) -> str:
     cash = d.set_leg(cash.leg_no, LegStatus.PAID, cause, channel_code=result.code,
                      channel_txn_id=result.channel_txn_id)
     if d.order.is_terminal or d.order.state is OrderState.DEDUCTING:
-        _refund_cash(d, cash, f"success after {d.order.state.value}: {d.order.cause}")
+        if "no-refund-after-close" not in d.policy.planted_bugs:
+            _refund_cash(d, cash, f"success after {d.order.state.value}: {d.order.cause}")
         return "applied"
     _cash_succeeded(d, cause)
     return "applied"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import queue
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +69,9 @@ class Store:
         self._readers: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
         self._readers_open = 0
         self._readers_max = readers_max
+        self.after_commit: Callable[[], None] | None = None
+        """Called right after each commit; the simulator crashes the engine here, between a
+        decision becoming durable and its effects being carried out."""
         self.db = sqlite_utils.Database(self._conn)
         if self.path != ":memory:":
             self.db.enable_wal()
@@ -110,6 +113,8 @@ class Store:
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
+        if self.after_commit is not None:
+            self.after_commit()
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -509,6 +514,19 @@ class Store:
                 "SELECT account_id, unit, minor_per_unit, funded, available, held, spent"
                 " FROM voucher_accounts ORDER BY account_id").fetchall()
         return [VoucherAccount(*r) for r in rows]
+
+    def accounts_with_fences(self) -> list[tuple[VoucherAccount, list[Fence]]]:
+        """Every account with all its fences, read in one snapshot (for consistency checks
+        while actors keep writing)."""
+        with self._read() as conn:
+            accounts = [VoucherAccount(*r) for r in conn.execute(
+                "SELECT account_id, unit, minor_per_unit, funded, available, held, spent"
+                " FROM voucher_accounts ORDER BY account_id").fetchall()]
+            fences: dict[str, list[Fence]] = {a.account_id: [] for a in accounts}
+            for row in conn.execute(f"SELECT {_FENCE_COLUMNS} FROM holds ORDER BY hold_id"):
+                fence = _fence_from_row(row)
+                fences.setdefault(fence.account_id, []).append(fence)
+        return [(a, fences[a.account_id]) for a in accounts]
 
     def fences_of(self, account_id: str) -> list[Fence]:
         with self._read() as conn:

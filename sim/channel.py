@@ -35,10 +35,11 @@ class World(Protocol):
 class CallbackSink(Protocol):
     """Where notifications go: an ``Engine`` has both methods."""
 
-    def handle_callback(self, channel: str, payment_serial: str, reply: ChannelReply) -> str: ...
+    def handle_callback(self, channel: str, payment_serial: str, reply: ChannelReply, *,
+                        wait: bool = True) -> str: ...
 
     def handle_refund_callback(self, channel: str, payment_serial: str, refund_id: str,
-                               reply: ChannelReply) -> str: ...
+                               reply: ChannelReply, *, wait: bool = True) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class ChannelFaults:
     callback_lost: float = 0.10
     callback_duplicated: float = 0.10
     query_no_answer: float = 0.10
+    query_says_processing: float = 0.0
+    """A query answers "USERPAYING" although the payment already succeeded or failed."""
     user_pay_delay_ms: tuple[int, int] = (10, 300)
     late_pay_delay_ms: tuple[int, int] = (1_000, 4_000)
     callback_delay_ms: tuple[int, int] = (0, 200)
@@ -94,8 +97,11 @@ class SimulatedChannel:
     refund_codes: CodeTable = WECHAT_LIKE_REFUND_CODES
 
     def __init__(self, name: str, world: World, *, seed: int = 0,
-                 faults: ChannelFaults | None = None) -> None:
+                 faults: ChannelFaults | None = None, wait_for_ack: bool = True) -> None:
         self.name = name
+        self.wait_for_ack = wait_for_ack
+        """Deliver a notification as an HTTP server would (wait until the engine committed
+        it); the deterministic simulator turns this off, it has one thread."""
         self.world = world
         self.faults = faults or ChannelFaults()
         self.rng = random.Random(seed)
@@ -142,6 +148,10 @@ class SimulatedChannel:
             payment = self.payments.get(payment_serial)
             if payment is None:
                 return ChannelReply("SUCCESS", "ORDERNOTEXIST")
+            if payment.state != "USERPAYING" and self._chance(
+                self.faults.query_says_processing, "query_says_processing"
+            ):
+                return ChannelReply("SUCCESS", "USERPAYING", payment.txn_id)
             return self._reply(payment)
 
     def close(self, payment_serial: str) -> ChannelReply:
@@ -198,15 +208,16 @@ class SimulatedChannel:
             payment.state = "SUCCESS"
             payment.charged_minor = payment.amount_minor
             reply = self._reply(payment)
-        self._notify(lambda sink: sink.handle_callback(self.name, payment_serial, reply))
+        self._notify(lambda sink: sink.handle_callback(self.name, payment_serial, reply,
+                                                       wait=self.wait_for_ack))
 
     def _refund_done(self, payment_serial: str, refund_id: str) -> None:
         with self._lock:
             refund = self.payments[payment_serial].refunds[refund_id]
             refund.state = "SUCCESS"
         reply = ChannelReply("SUCCESS", "SUCCESS")
-        self._notify(lambda sink: sink.handle_refund_callback(self.name, payment_serial,
-                                                              refund_id, reply))
+        self._notify(lambda sink: sink.handle_refund_callback(
+            self.name, payment_serial, refund_id, reply, wait=self.wait_for_ack))
 
     def _notify(self, send: Callable[[CallbackSink], object]) -> None:
         """Send a notification: maybe lost, maybe twice, after a delay; never blocks."""

@@ -1,6 +1,8 @@
 """The ``payengine`` command line.
 
     payengine demo [--db PATH] [--orders N] [--seed S] [--json]
+    payengine sim --seed S --orders N [--seeds K] [--faults all|none|NAME,...] [--crashes N]
+                  [--runtime sim|threads] [--plant-bug NAME] [--json]
     payengine show ORDER_ID [--db PATH] [--json]
 """
 
@@ -15,6 +17,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
+
+from engine.order import PLANTABLE_BUGS
+from sim.simulation import FAULT_KINDS
 
 DEFAULT_DB = "payengine.db"
 
@@ -59,6 +64,25 @@ def _parser() -> argparse.ArgumentParser:
                       help="structured log (JSON lines); '-' for stderr (default "
                            "payengine-demo.log)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    simulate = sub.add_parser(
+        "sim", help="run the real engine in a seeded, faulty world and check every invariant",
+        description="Runs the engine on a deterministic runtime (or real threads) while the "
+                    "simulated world loses, duplicates and reorders callbacks, times out, "
+                    "crashes the engine, ... then checks the money. Exit status 0 if and only "
+                    "if no invariant was violated; a failure prints the command that replays "
+                    "it.")
+    simulate.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    simulate.add_argument("--seeds", type=int, default=1, help="run seeds S .. S+K-1")
+    simulate.add_argument("--orders", type=int, default=200, help="payments per seed")
+    simulate.add_argument("--faults", default="all",
+                          help="all, none, or a comma list of: " + ", ".join(FAULT_KINDS))
+    simulate.add_argument("--crashes", type=int, default=2, help="engine crashes per run")
+    simulate.add_argument("--runtime", choices=["sim", "threads"], default="sim")
+    simulate.add_argument("--plant-bug", choices=sorted(PLANTABLE_BUGS), default=None,
+                          help="switch on a deliberately wrong behaviour (the oracle must "
+                               "catch it)")
+    simulate.add_argument("--json", action="store_true",
+                          help="one JSON object per seed on stdout")
     show = sub.add_parser("show", help="print an order and its journal from a database")
     show.add_argument("order_id")
     show.add_argument("--db", default=DEFAULT_DB, help=f"SQLite file (default {DEFAULT_DB})")
@@ -70,7 +94,76 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "sim":
+        return _sim(args)
     return _show(args)
+
+
+def _parse_faults(text: str) -> frozenset[str] | None:
+    if text == "all":
+        return frozenset(FAULT_KINDS)
+    if text == "none":
+        return frozenset()
+    names = frozenset(n.strip() for n in text.split(",") if n.strip())
+    return names if names <= set(FAULT_KINDS) else None
+
+
+def _sim(args: argparse.Namespace) -> int:
+    from sim.demo import Progress
+    from sim.simulation import SimConfig, run
+
+    faults = _parse_faults(args.faults)
+    if faults is None:
+        print(f"payengine sim: unknown fault in {args.faults!r}; known: all, none, "
+              + ", ".join(FAULT_KINDS), file=sys.stderr)
+        return 2
+    if not (0 < args.orders <= 1_000_000 and 0 < args.seeds <= 100_000
+            and 0 <= args.crashes <= 1_000):
+        print("payengine sim: --orders 1..1000000, --seeds 1..100000, --crashes 0..1000",
+              file=sys.stderr)
+        return 2
+    configure_logging(None)
+    bar = Progress("seeds", args.seeds, enabled=args.seeds > 1)
+    failed = 0
+    for n, seed in enumerate(range(args.seed, args.seed + args.seeds), start=1):
+        config = SimConfig(seed=seed, orders=args.orders, faults=faults, crashes=args.crashes,
+                           runtime=args.runtime, plant_bug=args.plant_bug)
+        result = run(config)
+        if args.json:
+            print(json.dumps(result.as_json()), flush=True)
+        elif args.seeds == 1 or not result.ok:
+            print(_sim_line(result), flush=True)
+        if not result.ok:
+            failed += 1
+            _report_failure(result, args, seed)
+        bar.show(n, f"{failed} failed")
+    bar.finish()
+    if not args.json and args.seeds > 1:
+        print(f"{args.seeds - failed}/{args.seeds} seeds passed")
+    return 1 if failed else 0
+
+
+def _sim_line(result: Any) -> str:
+    states = " ".join(f"{k} {v}" for k, v in result.final_states.items())
+    verdict = "OK" if result.ok else f"VIOLATED ({len(result.violations)})"
+    return (f"seed {result.seed}: {verdict}  {result.orders} orders  {states}  "
+            f"crashes {result.crashes}  {result.virtual_seconds:.1f} virtual s  "
+            f"{result.wall_seconds:.2f} wall s  trace {result.trace_hash}")
+
+
+def _report_failure(result: Any, args: argparse.Namespace, seed: int) -> None:
+    """The seed, the first violated invariant with its order's trace, the replay command."""
+    out = sys.stderr
+    first = result.violations[0]
+    print(f"seed {seed}: first violation: {first}", file=out)
+    subject = first.subject.split(" ", 1)[1] if first.subject.startswith("order ") else None
+    for line in result.traces.get(subject, []) if subject else []:
+        print(f"    {line}", file=out)
+    replay = (f"payengine sim --seed {seed} --orders {args.orders} --faults {args.faults} "
+              f"--crashes {args.crashes} --runtime {args.runtime}")
+    if args.plant_bug:
+        replay += f" --plant-bug {args.plant_bug}"
+    print(f"replay: {replay}", file=out)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -77,7 +77,7 @@ def check(store: Store, channels: Mapping[str, GroundTruth], *, now_ms: int | No
 
 
 def _check_accounts(store: Store, report: OracleReport, now_ms: int | None) -> None:
-    for account in store.all_accounts():
+    for account, fences in store.accounts_with_fences():
         report.accounts_checked += 1
         subject = f"account {account.account_id}"
         v = report.violations
@@ -85,7 +85,6 @@ def _check_accounts(store: Store, report: OracleReport, now_ms: int | None) -> N
             v.append(Violation("voucher-non-negative", subject, repr(account)))
         if account.funded != account.available + account.held + account.spent:
             v.append(Violation("voucher-conservation", subject, repr(account)))
-        fences = store.fences_of(account.account_id)
         pending = sum(f.amount for f in fences if f.status is FenceStatus.PENDING)
         posted = sum(f.amount for f in fences if f.status is FenceStatus.POSTED)
         if pending != account.held:

@@ -1,0 +1,484 @@
+"""One simulated run: the real engine, a seeded world full of faults, crashes, and the oracle.
+
+``run(SimConfig(seed=...))`` builds a world from the seed (swarm testing: each seed draws
+which faults are on and how hard), opens the engine on a SQLite file, lets customers pay for
+fuel while the world misbehaves and the engine crashes, then turns the faults off and lets
+time run until nothing is left to do. The oracle checks the money at every crash and at the
+end. The same seed gives the same run: the ``trace_hash`` of two runs is equal.
+
+On the deterministic runtime (``runtime="sim"``) everything happens on this thread in
+virtual time. With ``runtime="threads"`` the same workload runs on real ThreadingActors and
+real (scaled) time: not reproducible, but the same oracle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import random
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from actors.base import EngineConfig
+from actors.engine import Engine
+from actors.messages import Receipt
+from actors.runtime import Runtime, ThreadRuntime
+from engine.errors import PaymentError
+from engine.order import (
+    PLANTABLE_BUGS,
+    CashPart,
+    LegMode,
+    OrderPolicy,
+    OrderState,
+    PaymentRequest,
+    VoucherPart,
+)
+from sim.channel import ChannelFaults, SimulatedChannel
+from sim.oracle import OracleReport, Violation, check
+from sim.runtime import Scheduler, SimRuntime, SimWorld
+
+FAULT_KINDS = (
+    "jitter", "callback-lost", "callback-duplicated", "callback-reordered", "callback-early",
+    "channel-timeout", "unknown-code", "pay-failure", "query-no-answer", "query-processing",
+    "user-never-pays", "user-pays-late", "duplicate-submit", "user-close", "timeout-close",
+    "crash",
+)
+"""Every fault the simulator can inject; ``--faults`` picks from these."""
+
+SIM_POLICY = OrderPolicy(
+    pay_window_ms=3_000,
+    hold_grace_ms=2_000,
+    query_schedule_ms=(100, 200, 500, 1_000, 2_000),
+    refund_query_schedule_ms=(100, 200, 500, 1_000, 2_000),
+)
+
+
+class SimulatedCrash(BaseException):
+    """Raised from inside the engine (right after a commit) to crash it there."""
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    seed: int
+    orders: int = 200
+    faults: frozenset[str] = frozenset(FAULT_KINDS)
+    """Faults this run may draw from; each seed switches a random subset on."""
+    crashes: int = 2
+    runtime: str = "sim"
+    plant_bug: str | None = None
+    db_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        assert 0 < self.orders <= 1_000_000
+        assert 0 <= self.crashes <= 1_000
+        assert self.runtime in ("sim", "threads")
+        unknown = self.faults - set(FAULT_KINDS)
+        assert not unknown, f"unknown faults {sorted(unknown)}"
+        assert self.plant_bug is None or self.plant_bug in PLANTABLE_BUGS, self.plant_bug
+
+
+@dataclass
+class SimResult:
+    seed: int
+    orders: int
+    trace_hash: str
+    violations: list[Violation]
+    final_states: dict[str, int]
+    faults: dict[str, int]
+    crashes: int
+    virtual_seconds: float
+    wall_seconds: float
+    runtime: str
+    plant_bug: str | None
+    fault_mix: list[str]
+    traces: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed, "orders": self.orders, "trace_hash": self.trace_hash,
+            "violations": [str(v) for v in self.violations], "final_states": self.final_states,
+            "faults": self.faults, "crashes": self.crashes,
+            "virtual_seconds": round(self.virtual_seconds, 3),
+            "wall_seconds": round(self.wall_seconds, 3), "runtime": self.runtime,
+            "plant_bug": self.plant_bug, "fault_mix": self.fault_mix, "ok": self.ok,
+        }
+
+
+class SeqIds:
+    """Deterministic ids that stay unique across the engine's reincarnations."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def _next(self, prefix: str) -> str:
+        self.n += 1
+        return f"{prefix}{self.n:07d}"
+
+    def new_order_id(self) -> str:
+        return self._next("ord")
+
+    def new_payment_serial(self) -> str:
+        return self._next("P")
+
+    def new_hold_id(self) -> str:
+        return self._next("hold")
+
+
+@dataclass(frozen=True)
+class FaultMix:
+    """What this seed's world does wrong (swarm testing: a different mix per seed)."""
+
+    on: frozenset[str]
+    channel: ChannelFaults
+    io_latency_ms: tuple[int, int]
+    duplicate_submit: float
+    user_close: float
+    pay_window_ms: int
+
+    @staticmethod
+    def draw(rng: random.Random, allowed: frozenset[str], *, swarm: bool = True) -> FaultMix:
+        """Switch each allowed fault on with probability 0.6 (all of them if not ``swarm``)."""
+        on = frozenset(k for k in sorted(allowed) if rng.random() < 0.6 or not swarm)
+
+        def p(kind: str, high: float) -> float:
+            return rng.uniform(0.02, high) if kind in on else 0.0
+
+        early = "callback-early" in on
+        channel = ChannelFaults(
+            sync_failure=p("pay-failure", 0.15),
+            sync_timeout=p("channel-timeout", 0.2),
+            sync_unknown_code=p("unknown-code", 0.2),
+            user_never_pays=p("user-never-pays", 0.1),
+            user_pays_late=p("user-pays-late", 0.15),
+            callback_lost=p("callback-lost", 0.4),
+            callback_duplicated=p("callback-duplicated", 0.4),
+            query_no_answer=p("query-no-answer", 0.4),
+            query_says_processing=p("query-processing", 0.5),
+            user_pay_delay_ms=(0, 50) if early else (10, 400),
+            late_pay_delay_ms=(2_000, 6_000),
+            callback_delay_ms=(0, 2_000) if "callback-reordered" in on else (0, 50),
+        )
+        jitter = "jitter" in on
+        io = (1, 400) if jitter else (1, 10)
+        if early:
+            io = (io[0], max(io[1], 200))  # the sync reply comes after the callback
+        return FaultMix(
+            on=on, channel=channel, io_latency_ms=io,
+            duplicate_submit=p("duplicate-submit", 0.3),
+            user_close=p("user-close", 0.2),
+            pay_window_ms=rng.choice([800, 1_500]) if "timeout-close" in on else 3_000,
+        )
+
+
+class Simulation:
+    """One run. Not thread-safe (the threads runtime drives it from the world's timers)."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.rng = random.Random(config.seed)
+        # A planted bug is shown against every allowed fault, so a default run triggers it.
+        self.mix = FaultMix.draw(self.rng, config.faults, swarm=config.plant_bug is None)
+        self.scheduler: Scheduler | None = None
+        self.world: Any
+        if config.runtime == "sim":
+            self.scheduler = Scheduler(config.seed)
+            self.world = SimWorld(self.scheduler, io_latency_ms=(1, 30))
+        else:
+            self.world = ThreadRuntime()
+        self.channel = SimulatedChannel("wechat", self.world, seed=config.seed + 1,
+                                        faults=self.mix.channel,
+                                        wait_for_ack=config.runtime == "threads")
+        bugs = frozenset({config.plant_bug}) if config.plant_bug else frozenset()
+        self.policy = OrderPolicy(
+            pay_window_ms=self.mix.pay_window_ms, hold_grace_ms=SIM_POLICY.hold_grace_ms,
+            query_schedule_ms=SIM_POLICY.query_schedule_ms,
+            refund_query_schedule_ms=SIM_POLICY.refund_query_schedule_ms, planted_bugs=bugs)
+        self.engine_config = EngineConfig(account_idle_ms=2_000, planted_bugs=bugs,
+                                          ask_timeout_s=30.0)
+        self.ids = SeqIds()
+        self._tmp = Path(config.db_dir or tempfile.mkdtemp(prefix="payengine-sim-"))
+        self.path = self._tmp / f"sim-{config.seed}.db"
+        self.engine: Engine | None = None
+        self.runtime: Runtime | None = None
+        self.receipts: dict[str, Receipt] = {}
+        self.violations: list[Violation] = []
+        self.crashes_done = 0
+        self.counts: Counter[str] = Counter()
+        self.pending_submits: list[PaymentRequest] = []
+        self.quiet = False
+
+    # ------------------------------------------------------------------ engine lifecycle
+
+    def _open(self) -> None:
+        runtime: Runtime
+        if self.scheduler is not None:
+            runtime = SimRuntime(self.scheduler, io_latency_ms=self.mix.io_latency_ms)
+        else:
+            runtime = ThreadRuntime()
+        self.runtime = runtime
+        self.engine = Engine.open(self.path, channels=[self.channel], policy=self.policy,
+                                  config=self.engine_config, runtime=runtime, ids=self.ids,
+                                  synchronous="OFF" if self.scheduler else "NORMAL")
+        self.channel.attach(self.engine)
+        retry, self.pending_submits = self.pending_submits, []
+        for request in retry:
+            self._submit(request)
+
+    def _crash(self) -> None:
+        """Power loss: actors, messages, timers and I/O of this incarnation are gone."""
+        engine, runtime = self.engine, self.runtime
+        if engine is None:
+            return
+        self.engine = None
+        self.channel.attach(None)
+        if isinstance(runtime, SimRuntime):
+            runtime.crash()
+        engine.abandon()
+        self.crashes_done += 1
+        self.counts["crash"] += 1
+        downtime = self.rng.randint(0, 3_000)
+        self._at(self.world.now_ms() + downtime, self._reopen)
+
+    def _reopen(self) -> None:
+        self._open()
+        assert self.engine is not None
+        self._check_during_run()
+
+    def _arm_crash_after_commit(self) -> None:
+        """The next commit of the engine crashes it: its decision is durable, its effects lost."""
+        engine = self.engine
+        if engine is None:
+            return
+
+        def crash_now() -> None:
+            engine.store.after_commit = None
+            raise SimulatedCrash
+
+        engine.store.after_commit = crash_now
+
+    # ------------------------------------------------------------------ the workload
+
+    def _at(self, due_at_ms: int, fn: Callable[[], None]) -> None:
+        def guarded() -> None:
+            try:
+                fn()
+            except SimulatedCrash:
+                self._crash()
+
+        self.world.call_at(due_at_ms, guarded)
+
+    def _setup(self) -> list[str]:
+        engine = self.engine
+        assert engine is not None
+        customers = [f"c{i}" for i in range(max(5, self.config.orders // 4))]
+        for c in customers:
+            engine.open_account(f"{c}/rp", "CNY")
+            engine.fund(f"{c}/rp", self.rng.choice([300, 1_000]), funding_id=f"{c}/rp")
+            engine.open_account(f"{c}/pts", "POINTS", minor_per_unit=10)
+            engine.fund(f"{c}/pts", self.rng.choice([60, 500]), funding_id=f"{c}/pts")
+        return customers
+
+    def _request(self, i: int, customers: list[str]) -> PaymentRequest:
+        rng = self.rng
+        c = rng.choice(customers)
+        mode = rng.choices([LegMode.PRE_DEDUCT, LegMode.POST_DEDUCT], weights=[75, 25])[0]
+        vouchers = []
+        if rng.random() < 0.7:
+            vouchers.append(VoucherPart(f"{c}/rp", 100, mode))
+        if rng.random() < 0.6:
+            vouchers.append(VoucherPart(f"{c}/pts", 20, mode))
+        total = rng.randint(10, 300) * 100
+        value = sum(100 if v.account_id.endswith("/rp") else 200 for v in vouchers)
+        return PaymentRequest("station-1", f"s{self.config.seed}-{i:06d}", c, "CNY", total,
+                               "Fuel", CashPart(total - value, "wechat"), tuple(vouchers))
+
+    def _submit(self, request: PaymentRequest) -> None:
+        engine = self.engine
+        if engine is None:  # the server is down: the terminal retries after the restart
+            self.pending_submits.append(request)
+            return
+        try:
+            receipt = engine.submit(request)
+        except PaymentError as error:
+            self.counts[f"submit_refused:{error.code}"] += 1
+            return
+        key = request.merchant_order_no
+        first = self.receipts.setdefault(key, receipt)
+        if first != receipt:
+            self.violations.append(Violation(
+                "duplicate-submit-same-receipt", f"key {key}", f"{first} != {receipt}"))
+        if not self.quiet and self.rng.random() < self.mix.user_close:
+            self.counts["user_close"] += 1
+            delay = self.rng.randint(0, self.mix.pay_window_ms)
+            self._at(self.world.now_ms() + delay, lambda: self._close(receipt.order_id))
+
+    def _close(self, order_id: str) -> None:
+        if self.engine is not None:
+            with contextlib.suppress(PaymentError):
+                self.engine.request_close(order_id)
+
+    def _schedule_workload(self, customers: list[str]) -> int:
+        now: int = self.world.now_ms()
+        span_ms = max(1_000, self.config.orders * 20)
+        for i in range(self.config.orders):
+            request = self._request(i, customers)
+            at = now + self.rng.randint(0, span_ms)
+            self._at(at, functools.partial(self._submit, request))
+            if self.rng.random() < self.mix.duplicate_submit:
+                self.counts["duplicate_submit"] += 1
+                self._at(at + self.rng.randint(0, 5), functools.partial(self._submit, request))
+        crashes = self.config.crashes if "crash" in self.mix.on else 0
+        for _ in range(crashes):
+            at = now + self.rng.randint(0, span_ms + self.mix.pay_window_ms)
+            if self.scheduler is None or self.rng.random() < 0.5:
+                # On threads a BaseException in an actor makes pykka stop every actor in
+                # the process, so mid-handler crashes are for the deterministic runtime only.
+                self._at(at, self._crash)
+            else:
+                self._at(at, self._arm_crash_after_commit)
+        return now + span_ms + self.mix.pay_window_ms + 3_000
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_during_run(self) -> None:
+        engine = self.engine
+        assert engine is not None
+        report = check(engine.store, {}, order_ids=[])  # accounts only: cheap
+        self.violations += report.violations
+
+    def _final_check(self) -> OracleReport:
+        engine = self.engine
+        assert engine is not None
+        report = check(engine.store, {"wechat": self.channel}, now_ms=self.world.now_ms())
+        for key, receipt in self.receipts.items():
+            try:
+                found = engine.find_order("station-1", key)
+            except PaymentError:
+                report.violations.append(Violation("acknowledged-submit-survives", f"key {key}",
+                                                   f"receipt {receipt.order_id} lost"))
+                continue
+            if found.order_id != receipt.order_id:
+                report.violations.append(Violation(
+                    "one-order-per-key", f"key {key}",
+                    f"receipt {receipt.order_id}, database {found.order_id}"))
+        for order in engine.store.iter_orders():
+            if not order.is_settled and order.state is not OrderState.NEEDS_RECONCILIATION:
+                report.violations.append(Violation(
+                    "converged-after-quiet-phase", f"order {order.order_id}",
+                    f"{order.state.value} with legs "
+                    f"{[leg.status.value for leg in order.legs]}"))
+        return report
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> SimResult:
+        started = time.monotonic()
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
+        try:
+            self._open()
+            customers = self._setup()
+            quiet_at = self._schedule_workload(customers)
+            self._at(quiet_at, self._start_quiet_phase)
+            self._drive(quiet_at)
+            while True:
+                if self.engine is None:
+                    self._open()
+                self._flush_pending()
+                self._drive(None)
+                if self.engine is not None and not self.pending_submits:
+                    break
+            report = self._final_check()
+            self.violations += report.violations
+            engine = self.engine
+            assert engine is not None
+            final = engine.store.count_orders_by_state()
+            traces = self._traces(engine)
+            engine.shutdown()
+        finally:
+            if isinstance(self.world, ThreadRuntime):
+                self.world.shutdown()
+            if self.config.db_dir is None:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+        faults = dict(Counter(self.channel.counts) + self.counts)
+        start = self.scheduler.start_ms if self.scheduler else 0
+        virtual = (self.world.now_ms() - start) / 1000 if self.scheduler else 0.0
+        return SimResult(
+            seed=self.config.seed, orders=self.config.orders,
+            trace_hash=self.scheduler.trace_hash if self.scheduler else "",
+            violations=self.violations, final_states=final, faults=dict(sorted(faults.items())),
+            crashes=self.crashes_done, virtual_seconds=virtual,
+            wall_seconds=time.monotonic() - started, runtime=self.config.runtime,
+            plant_bug=self.config.plant_bug, fault_mix=sorted(self.mix.on), traces=traces)
+
+    def _flush_pending(self) -> None:
+        retry, self.pending_submits = self.pending_submits, []
+        for request in retry:
+            self._submit(request)
+
+    def _start_quiet_phase(self) -> None:
+        """Faults off; from here time runs on until nothing is left to do."""
+        self.quiet = True
+        self.channel.faults = ChannelFaults.none()
+        if self.engine is not None:
+            self.engine.store.after_commit = None
+
+    def _drive(self, until_ms: int | None) -> None:
+        if self.scheduler is not None:
+            self._drive_sim(until_ms)
+        else:
+            self._drive_threads(until_ms)
+
+    def _drive_sim(self, until_ms: int | None) -> None:
+        sched = self.scheduler
+        assert sched is not None
+        while True:
+            try:
+                if until_ms is None:
+                    sched.run_until_idle()
+                else:
+                    sched.run_until(lambda: sched.now_ms >= until_ms)
+                return
+            except SimulatedCrash:
+                self._crash()
+
+    def _drive_threads(self, until_ms: int | None) -> None:
+        deadline = time.monotonic() + 120
+        if until_ms is not None:
+            while self.world.now_ms() < until_ms and time.monotonic() < deadline:
+                time.sleep(0.02)
+            return
+        while time.monotonic() < deadline:
+            engine = self.engine
+            if engine is not None and not self.pending_submits and engine.unsettled_count() == 0 \
+                    and not any(a.held for a in engine.store.all_accounts()):
+                return
+            time.sleep(0.05)
+
+    def _traces(self, engine: Engine) -> dict[str, list[str]]:
+        """The journal of every order a violation names, for the report."""
+        traces: dict[str, list[str]] = {}
+        for violation in self.violations[:5]:
+            if violation.subject.startswith("order "):
+                order_id = violation.subject.split(" ", 1)[1]
+                traces[order_id] = [
+                    f"{e.at_ms} {e.part} {e.from_state or '-'} -> {e.to_state} ({e.cause})"
+                    for e in engine.journal(order_id)]
+        return traces
+
+
+def run(config: SimConfig) -> SimResult:
+    """Run one simulation and return its result."""
+    return Simulation(config).run()
