@@ -369,6 +369,7 @@ class SimRuntime:
         self.io_latency_ms = io_latency_ms
         self.owner = owner
         self._actors: list[SimActor] = []
+        self._live_after_prune = 0
         future_cls = type("SimFutureFor", (SimFuture,), {"scheduler": scheduler})
         self._actor_class: type[SimActor] = type(
             "SimActorFor", (SimActor,),
@@ -401,8 +402,10 @@ class SimRuntime:
         inbox = ref.actor_inbox
         assert isinstance(inbox, SimInbox) and inbox.actor is not None
         actor = inbox.actor
-        self._actors = [a for a in self._actors if not a.actor_stopped.is_set()]
         self._actors.append(actor)
+        if len(self._actors) > 2 * self._live_after_prune + 64:  # amortised O(1) per spawn
+            self._actors = [a for a in self._actors if not a.actor_stopped.is_set()]
+            self._live_after_prune = len(self._actors)
         return _SimRef(ref, name)
 
     def shutdown(self) -> None:
