@@ -140,6 +140,10 @@ class LegStatus(enum.StrEnum):
     CANCELLED = "cancelled"
     RELEASE_FAILED = "release_failed"
     """The account refused to void or reverse: an anomaly for reconciliation, never silent."""
+    CONFIRM_UNKNOWN = "confirm_unknown"
+    """The voucher system never answered the Confirm on its whole retry schedule."""
+    RELEASE_UNKNOWN = "release_unknown"
+    """The voucher system never answered the Cancel on its whole retry schedule."""
     # post-deduct debits
     DEBITING = "debiting"
     DEBITED = "debited"
@@ -275,24 +279,34 @@ class OrderPolicy:
     pay_window_ms_max: int = 24 * 60 * 60 * 1000
     hold_grace_ms: int = 10 * 60 * 1000
     """Holds expire this long after the order's close, so a Confirm decided before the
-    close always finds its hold pending."""
+    close always finds its hold pending, even after its debits and its own retries."""
     query_schedule_ms: tuple[int, ...] = (1_000, 2_000, 5_000, 10_000, 20_000, 40_000, 100_000)
     """Gaps between status queries of an unknown result; then the order awaits reconciliation."""
     refund_query_schedule_ms: tuple[int, ...] = (
         1_000, 2_000, 5_000, 10_000, 20_000, 40_000, 100_000,
     )
+    voucher_retry_schedule_ms: tuple[int, ...] = (1_000, 2_000, 5_000, 10_000, 30_000)
+    """Gaps between re-sending unanswered voucher commands (idempotent by hold id); after
+    the last gap an unanswered Try or debit fails the payment, an unanswered Confirm or
+    Cancel is flagged for reconciliation."""
     legs_max: int = 16
     planted_bugs: frozenset[str] = frozenset()
     """Deliberately wrong behaviours, for proving the simulator's oracle has teeth. Empty in
     any real engine; see ``PLANTABLE_BUGS``."""
 
     def __post_init__(self) -> None:
+        retry_total = sum(self.voucher_retry_schedule_ms)
+        assert self.hold_grace_ms > 2 * retry_total, (
+            f"hold_grace_ms {self.hold_grace_ms} must exceed twice the voucher retry schedule "
+            f"({retry_total} ms): a Confirm decided before the close must find its hold"
+        )
         unknown = self.planted_bugs - PLANTABLE_BUGS
         assert not unknown, f"unknown planted bugs {sorted(unknown)}"
         assert self.query_schedule_ms and all(g > 0 for g in self.query_schedule_ms)
         assert self.refund_query_schedule_ms and all(g > 0 for g in self.refund_query_schedule_ms)
         assert 0 < self.pay_window_ms <= self.pay_window_ms_max
         assert self.hold_grace_ms > 0 and self.legs_max > 0
+        assert self.voucher_retry_schedule_ms and all(g > 0 for g in self.voucher_retry_schedule_ms)
 
 
 # --------------------------------------------------------------------------- the order
@@ -322,6 +336,9 @@ class PaymentOrder:
     next_query_at_ms: int | None = None
     refund_query_attempt: int = 0
     next_refund_query_at_ms: int | None = None
+    voucher_attempt: int = 0
+    next_voucher_retry_at_ms: int | None = None
+    """When in-flight voucher commands are sent again; None when none is in flight."""
     version: int = 0
 
     @property
@@ -460,6 +477,7 @@ class TimerKind(enum.StrEnum):
     CLOSE = "close"
     QUERY = "query"
     REFUND_QUERY = "refund_query"
+    VOUCHER_RETRY = "voucher_retry"
 
 
 @dataclass(frozen=True, slots=True)
@@ -483,6 +501,8 @@ class VoucherReply:
     op: VoucherOp
     ok: bool
     reason: str = ""
+    retryable: bool = False
+    """The voucher system failed without deciding (unavailable, timed out): ask again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -708,6 +728,7 @@ def decide(
             note = _close(draft, event.cause)
         case TimerFired():
             note = _timer(draft, event)
+    _keep_voucher_retry(draft)
     decision = draft.done(note)
     _assert_consistent(decision.order)
     return decision
@@ -739,6 +760,9 @@ def _activate(d: _Draft) -> str:
         d.effects.append(ArmTimer(TimerKind.CLOSE, order.close_at_ms, 0))
     for leg in order.legs:
         _reissue(d, leg)
+    if order.next_voucher_retry_at_ms is not None:
+        d.effects.append(ArmTimer(TimerKind.VOUCHER_RETRY, order.next_voucher_retry_at_ms,
+                                  order.voucher_attempt))
     if order.state is OrderState.ACCEPTED:
         _advance_holds(d)
     return "activated"
@@ -756,8 +780,10 @@ def _reissue(d: _Draft, leg: Leg) -> None:
     elif leg.status is LegStatus.DEBITING and account is not None and leg.hold_id is not None:
         d.effects.append(DebitVoucher(account, leg.hold_id, leg.amount, leg.leg_no))
     elif leg.status is LegStatus.PAYING and leg.channel is not None:
-        if leg.channel_code is None and not order.is_terminal:
-            d.effects.append(_pay(order, leg))
+        if order.is_terminal:  # closed: the channel close may never have left the process
+            d.effects.append(CloseCash(leg.channel, order.payment_serial))
+        elif leg.channel_code is None and d.now_ms < order.close_at_ms:
+            d.effects.append(_pay(order, leg))  # never a payment past its window
         if order.next_query_at_ms is not None:  # None: the schedule already ran out
             d.effects.append(ArmTimer(TimerKind.QUERY, order.next_query_at_ms, order.query_attempt))
     elif leg.status is LegStatus.REFUNDING and leg.channel and leg.refund_id:
@@ -832,6 +858,8 @@ def _voucher_reply(d: _Draft, reply: VoucherReply) -> str:
     if leg.hold_id != reply.hold_id:
         return f"stale: reply for hold {reply.hold_id}, leg holds {leg.hold_id}"
     expected = _EXPECTED_OP.get(leg.status)
+    if expected is reply.op and not reply.ok and reply.retryable:
+        return f"ignored: voucher system failed without deciding ({reply.reason}); will retry"
     if expected is not reply.op:
         return f"duplicate: {reply.op.value} reply, leg {leg.leg_no} is {leg.status.value}"
     match leg.status:
@@ -940,6 +968,14 @@ def _cash_result(d: _Draft, result: CashResult) -> str:
             f"order {d.order.order_id} has not asked its channel yet; a {result.kind.value} "
             "result cannot be for it"
         )
+    if not d.order.is_terminal and d.order.state is not OrderState.DEDUCTING and (
+        d.now_ms >= d.order.close_at_ms
+    ):
+        # The pay window is over but the close timer has not been handled yet (a restart, a
+        # busy mailbox): the window decides, not the timer's luck. Close first, then apply.
+        _close(d, CloseCause.TIMEOUT)
+        cash = d.cash()
+        assert cash is not None
     match result.kind:
         case ResultKind.SUCCESS:
             return _cash_success(d, cash, result)
@@ -1058,6 +1094,8 @@ def _timer(d: _Draft, fired: TimerFired) -> str:
             return _query_due(d, fired.token)
         case TimerKind.REFUND_QUERY:
             return _refund_query_due(d, fired.token)
+        case TimerKind.VOUCHER_RETRY:
+            return _voucher_retry_due(d, fired.token)
 
 
 def _query_due(d: _Draft, token: int) -> str:
@@ -1073,7 +1111,12 @@ def _query_due(d: _Draft, token: int) -> str:
             d.set_leg(cash.leg_no, LegStatus.UNKNOWN, "queries exhausted after close")
         d.update(next_query_at_ms=None, query_attempt=token + 1)
         return "applied"
-    d.effects.append(QueryCash(cash.channel, d.order.payment_serial))
+    if d.order.is_terminal:
+        # After the close, ask the channel to close again: idempotent, it answers with the
+        # final state, and a close that was lost in a timeout is then made after all.
+        d.effects.append(CloseCash(cash.channel, d.order.payment_serial))
+    else:
+        d.effects.append(QueryCash(cash.channel, d.order.payment_serial))
     _arm_query(d, token + 1)
     return "applied"
 
@@ -1095,3 +1138,80 @@ def _refund_query_due(d: _Draft, token: int) -> str:
     d.effects.append(_refund(d.order, cash))
     _arm_refund_query(d, token + 1)
     return "applied"
+
+
+# ---- voucher retries
+
+
+VOUCHER_IN_FLIGHT = frozenset(
+    {LegStatus.TRYING, LegStatus.CONFIRMING, LegStatus.CANCELLING, LegStatus.REVERSING,
+     LegStatus.DEBITING}
+)
+"""Leg statuses waiting for the voucher system's answer."""
+
+
+_VOUCHER_IN_FLIGHT_VALUES = frozenset(status.value for status in VOUCHER_IN_FLIGHT)
+
+
+def _keep_voucher_retry(d: _Draft) -> None:
+    """Arm the retry timer when a voucher command goes out; disarm it when none is left.
+
+    A command issued in this decision restarts the schedule from its first gap, so every
+    command gets the whole schedule, however far along an earlier command's retries were.
+    """
+    in_flight = any(leg.status in VOUCHER_IN_FLIGHT for leg in d.order.legs)
+    issued = any(t.entity.startswith("leg:") and t.to_state in _VOUCHER_IN_FLIGHT_VALUES
+                 for t in d.transitions)
+    if in_flight and (d.order.next_voucher_retry_at_ms is None or issued):
+        _arm_voucher_retry(d, 0)
+    elif not in_flight and d.order.next_voucher_retry_at_ms is not None:
+        d.update(next_voucher_retry_at_ms=None, voucher_attempt=0)
+
+
+def _arm_voucher_retry(d: _Draft, attempt: int) -> None:
+    due = d.now_ms + d.policy.voucher_retry_schedule_ms[attempt]
+    d.update(voucher_attempt=attempt, next_voucher_retry_at_ms=due)
+    d.effects.append(ArmTimer(TimerKind.VOUCHER_RETRY, due, attempt))
+
+
+def _voucher_retry_due(d: _Draft, token: int) -> str:
+    order = d.order
+    due = order.next_voucher_retry_at_ms
+    if due is None or token != order.voucher_attempt or d.now_ms < due:
+        return "stale: voucher retry timer"
+    if token + 1 < len(d.policy.voucher_retry_schedule_ms):
+        for leg in order.legs:
+            if leg.status in VOUCHER_IN_FLIGHT:
+                _reissue(d, leg)
+        _arm_voucher_retry(d, token + 1)
+        return "applied"
+    d.update(next_voucher_retry_at_ms=None, voucher_attempt=0)
+    _give_up_on_vouchers(d)
+    return "applied"
+
+
+def _give_up_on_vouchers(d: _Draft) -> None:
+    """The voucher system stayed silent for the whole schedule: stop waiting, safely.
+
+    An unanswered Try or debit may or may not have happened, so it is cancelled (voids the
+    hold, reverses the debit, or records an empty rollback) and the payment fails. An
+    unanswered Confirm or Cancel is flagged for reconciliation: never guessed either way.
+    """
+    cause = "voucher system did not answer"
+    for leg in d.order.legs:
+        account, hold = leg.account_id, leg.hold_id
+        if leg.status is LegStatus.CONFIRMING:
+            d.set_leg(leg.leg_no, LegStatus.CONFIRM_UNKNOWN, cause)
+        elif leg.status in (LegStatus.CANCELLING, LegStatus.REVERSING):
+            d.set_leg(leg.leg_no, LegStatus.RELEASE_UNKNOWN, cause)
+        elif leg.status is LegStatus.DEBITING and account and hold:
+            d.set_leg(leg.leg_no, LegStatus.REVERSING, cause)
+            d.effects.append(CancelHold(account, hold, leg.leg_no))
+    if d.order.state is OrderState.ACCEPTED and any(
+        leg.status is LegStatus.TRYING for leg in d.order.legs
+    ):
+        d.move(Trigger.HOLD_REFUSED, f"hold_refused: {cause}")
+        _release_everything(d, cause)
+    elif d.order.state is OrderState.DEDUCTING:
+        d.move(Trigger.SHORTFALL, f"{Trigger.SHORTFALL.value}: {cause}")
+        _release_everything(d, cause)

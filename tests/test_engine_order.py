@@ -25,8 +25,10 @@ from engine.errors import HoldRefused, IllegalTransition, InvalidRequest, Paymen
 from engine.order import (
     ALLOWED_TRANSITIONS,
     HOLD_MODES,
+    IN_FLIGHT_LEG_STATUSES,
     TERMINAL_STATES,
     TRANSITIONS,
+    VOUCHER_IN_FLIGHT,
     AccountUnit,
     Activate,
     ArmTimer,
@@ -55,6 +57,7 @@ from engine.order import (
     ResultSource,
     TimerFired,
     TimerKind,
+    Transition,
     Trigger,
     TryHold,
     VoucherOp,
@@ -153,15 +156,17 @@ SHAPES = {
     S.PAYING: _shape({L.PAYING}, {L.HELD}, {L.NEW}),
     S.NEEDS_RECONCILIATION: _shape({L.PAYING, L.UNKNOWN}, {L.HELD}, {L.NEW}),
     S.DEDUCTING: _shape({L.PAID}, {L.HELD}, {L.DEBITING, L.DEBITED, L.SHORTFALL}),
-    S.SUCCEEDED: _shape({L.PAID}, {L.CONFIRMING, L.CONFIRMED, L.CONFIRM_FAILED}, {L.DEBITED}),
+    S.SUCCEEDED: _shape(
+        {L.PAID}, {L.CONFIRMING, L.CONFIRMED, L.CONFIRM_FAILED, L.CONFIRM_UNKNOWN}, {L.DEBITED}
+    ),
     S.FAILED: _shape(
         {L.UNPAID, L.UNKNOWN, *_REFUNDS},
-        {L.REFUSED, L.CANCELLING, L.CANCELLED, L.RELEASE_FAILED},
-        {L.CANCELLED, L.SHORTFALL, L.REVERSING, L.REVERSED, L.RELEASE_FAILED},
+        {L.REFUSED, L.CANCELLING, L.CANCELLED, L.RELEASE_FAILED, L.RELEASE_UNKNOWN},
+        {L.CANCELLED, L.SHORTFALL, L.REVERSING, L.REVERSED, L.RELEASE_FAILED, L.RELEASE_UNKNOWN},
     ),
     S.CLOSED: _shape(
         {L.UNPAID, L.PAYING, L.UNKNOWN, *_REFUNDS},
-        {L.CANCELLING, L.CANCELLED, L.RELEASE_FAILED},
+        {L.CANCELLING, L.CANCELLED, L.RELEASE_FAILED, L.RELEASE_UNKNOWN},
         {L.CANCELLED},
     ),
 }
@@ -182,8 +187,15 @@ def check_shape(order: PaymentOrder) -> None:
     assert sum(leg.value_minor for leg in order.legs) == order.total_minor
 
 
-def check_effects(order: PaymentOrder, effects: tuple[Effect, ...]) -> None:
-    """Every effect agrees with the order persisted with it, so ``Activate`` can redo it."""
+def check_effects(
+    order: PaymentOrder, effects: tuple[Effect, ...], *, closed_first: bool = False
+) -> None:
+    """Every effect agrees with the order persisted with it, so ``Activate`` can redo it.
+
+    ``closed_first``: a cash result came after the pay window and closed the order before it
+    was applied, so the close's ``CloseCash`` and query timer may go out with a cash leg the
+    result moved on (the timer then finds nothing to do).
+    """
     cash = order.cash_leg
     for effect in effects:
         match effect:
@@ -213,7 +225,8 @@ def check_effects(order: PaymentOrder, effects: tuple[Effect, ...]) -> None:
                 assert cash is not None and cash.status is L.PAYING
                 assert effect.payment_serial == order.payment_serial
             case CloseCash():
-                assert cash is not None and cash.status is L.PAYING and order.state is S.CLOSED
+                assert cash is not None and order.state is S.CLOSED
+                assert cash.status is L.PAYING or closed_first, cash.status
             case RefundCash():
                 assert cash is not None and cash.status is L.REFUNDING
                 assert effect == RefundCash(
@@ -228,11 +241,17 @@ def check_effects(order: PaymentOrder, effects: tuple[Effect, ...]) -> None:
                 # armed by Activate of a live order (which may then move on at once)
                 assert effect.due_at_ms == order.close_at_ms and effect.token == 0
             case ArmTimer(timer=TimerKind.QUERY):
-                assert cash is not None and cash.status is L.PAYING
+                assert cash is not None and (cash.status is L.PAYING or closed_first)
                 assert effect.token == order.query_attempt
             case ArmTimer(timer=TimerKind.REFUND_QUERY):
                 assert cash is not None and cash.status is L.REFUNDING
                 assert effect.token == order.refund_query_attempt
+            case ArmTimer(timer=TimerKind.VOUCHER_RETRY):
+                # armed when a voucher command goes out (or re-armed by Activate): it is the
+                # order's current retry, and something is waiting for the voucher system
+                assert effect.token == order.voucher_attempt
+                assert effect.due_at_ms == order.next_voucher_retry_at_ms
+                assert any(leg.status in VOUCHER_IN_FLIGHT for leg in order.legs)
             case _:
                 raise AssertionError(f"unexpected effect {effect!r}")
 
@@ -244,8 +263,21 @@ _IDENTITY = (
 )
 
 
-def check_decision(old: PaymentOrder, event: OrderEvent, decision: Decision) -> None:
+def check_decision(
+    old: PaymentOrder, event: OrderEvent, decision: Decision, now_ms: int | None = None
+) -> None:
     new = decision.order
+    # a cash result after the pay window, the close timer not handled yet: the window decides,
+    # so the order is closed first (as the timer would have) and the result applied after
+    closed_first = (
+        now_ms is not None and isinstance(event, CashResult) and old.state in LIVE_STATES
+        and now_ms >= old.close_at_ms
+    )
+    base = old
+    if closed_first:
+        assert now_ms is not None
+        base = decide(old, CloseOrder(CloseCause.TIMEOUT), now_ms=now_ms, policy=POLICY).order
+        assert base.state is S.CLOSED and new.state is S.CLOSED
     # order-level transitions chain from the old state to the new one, each one allowed
     state = old.state
     for move in (t for t in decision.transitions if t.entity == "order"):
@@ -276,16 +308,39 @@ def check_decision(old: PaymentOrder, event: OrderEvent, decision: Decision) -> 
         replace(leg, status=L.NEW, channel_code=None, channel_txn_id=None, refund_id=None)
         for leg in old.legs
     ]
-    # a "processing" answer never moves anything
+    # a "processing" answer never moves anything (but the close the window decided)
     if isinstance(event, CashResult) and event.kind is ResultKind.PROCESSING:
-        assert statuses == {leg.leg_no: leg.status for leg in old.legs}
-        assert new.state is old.state
+        assert statuses == {leg.leg_no: leg.status for leg in base.legs}
+        assert new.state is base.state
         if old.cash_leg is not None and old.cash_leg.status is not L.PAYING:
-            assert new == old
+            assert replace(new, version=base.version) == base
     if isinstance(event, RefundResult) and event.kind is ResultKind.PROCESSING:
         assert new == old
+    # the voucher system failing without deciding is no answer: nothing moves
+    if isinstance(event, VoucherReply) and event.retryable and not event.ok:
+        assert new == old and not decision.effects
+    # the voucher retry is armed exactly while a voucher command waits for its answer
+    waiting = any(leg.status in VOUCHER_IN_FLIGHT for leg in new.legs)
+    assert (new.next_voucher_retry_at_ms is not None) == waiting, (waiting, new)
+    if waiting:
+        due = new.next_voucher_retry_at_ms
+        assert due is not None
+        assert 0 <= new.voucher_attempt < len(POLICY.voucher_retry_schedule_ms)
+        # a command going out (re)starts the schedule from its first gap, so that every
+        # command gets the whole of it, however far an earlier command's retries had gone
+        issued = any(t.entity != "order" and LegStatus(t.to_state) in VOUCHER_IN_FLIGHT
+                     for t in decision.transitions)
+        if issued or old.next_voucher_retry_at_ms is None:
+            assert decision.effects[-1] == ArmTimer(TimerKind.VOUCHER_RETRY, due, 0)
+            if now_ms is not None:
+                assert due == now_ms + POLICY.voucher_retry_schedule_ms[0]
+    else:
+        assert new.voucher_attempt == 0
+    # giving up on the voucher system can only fail a payment, never succeed or close one
+    if isinstance(event, TimerFired) and event.timer is TimerKind.VOUCHER_RETRY:
+        assert new.state in (old.state, S.FAILED)
     check_shape(new)
-    check_effects(new, decision.effects)
+    check_effects(new, decision.effects, closed_first=closed_first)
 
 
 @dataclass
@@ -316,7 +371,7 @@ class History:
             assert isinstance(event, VoucherReply)
             assert event.leg_no not in {leg.leg_no for leg in old.legs}
             return None
-        check_decision(old, event, decision)
+        check_decision(old, event, decision, now_ms)
         self.record(decision)
         return decision
 
@@ -394,6 +449,18 @@ def processing(source: ResultSource = ResultSource.QUERY, code: str = "USERPAYIN
     return CashResult(ResultKind.PROCESSING, source, code)
 
 
+def retry_timer(due_at_ms: int, attempt: int = 0) -> ArmTimer:
+    """The voucher retry timer, armed whenever a voucher command goes out unanswered."""
+    return ArmTimer(TimerKind.VOUCHER_RETRY, due_at_ms, attempt)
+
+
+def but_voucher_retries(effects: tuple[Effect, ...]) -> tuple[Effect, ...]:
+    """``effects`` without the voucher retry timer, for tests about something else (the
+    retry timer has its own tests below)."""
+    return tuple(e for e in effects
+                 if not (isinstance(e, ArmTimer) and e.timer is TimerKind.VOUCHER_RETRY))
+
+
 def test_activating_a_cash_order_asks_the_channel_and_arms_the_close_and_query_timers() -> None:
     run = Run("cash")
     decision = run(Activate())
@@ -442,6 +509,7 @@ def test_a_close_before_the_callback_cancels_the_holds_and_a_later_success_is_re
         ArmTimer(TimerKind.QUERY, T0 + 61 * SECOND, 0),
         CancelHold("redpacket", "o1:1", 1),
         CancelHold("points", "o1:2", 2),
+        retry_timer(T0 + 61 * SECOND),  # the Cancels are asked again if unanswered
     )
     assert [run.status(n) for n in (0, 1, 2)] == [L.PAYING, L.CANCELLING, L.CANCELLING]
     # the user paid just before the close reached the channel
@@ -458,6 +526,7 @@ def test_a_close_before_the_callback_cancels_the_holds_and_a_later_success_is_re
     run(VoucherReply(2, "o1:2", VoucherOp.CANCEL, True))
     assert [run.status(n) for n in (0, 1, 2)] == [L.REFUNDED, L.CANCELLED, L.CANCELLED]
     assert run.order.is_settled
+    assert run.order.next_voucher_retry_at_ms is None  # nothing left to ask again
 
 
 def test_the_close_timer_closes_an_unpaid_order_but_not_before_its_time() -> None:
@@ -482,7 +551,7 @@ def test_a_close_before_activation_releases_only_the_users_own_pre_hold() -> Non
     assert run.order.state is S.CLOSED
     # nothing was tried, so nothing is cancelled, except the hold the user placed before
     # submitting: it must not stay locked until it expires
-    assert decision.effects == (CancelHold("credit", "pre-1", 3),)
+    assert decision.effects == (CancelHold("credit", "pre-1", 3), retry_timer(T0 + SECOND))
     assert [run.status(n) for n in range(4)] == [L.UNPAID, L.CANCELLED, L.CANCELLED,
                                                   L.CANCELLING]
     assert not run.order.is_settled
@@ -578,7 +647,10 @@ def test_an_order_awaiting_reconciliation_succeeds_on_a_late_success() -> None:
     assert run.order.state is S.NEEDS_RECONCILIATION
     decision = run(success(9_000, ResultSource.RECONCILIATION))
     assert run.order.state is S.SUCCEEDED
-    assert [type(e) for e in decision.effects] == [ConfirmHold, ConfirmHold]
+    assert decision.effects == (
+        ConfirmHold("redpacket", "o1:1", 1), ConfirmHold("points", "o1:2", 2),
+        retry_timer(run.now + SECOND),
+    )
 
 
 def test_an_order_awaiting_reconciliation_is_closed_by_its_close_timer_and_queried_again() -> None:
@@ -587,8 +659,10 @@ def test_an_order_awaiting_reconciliation_is_closed_by_its_close_timer_and_queri
     _exhaust_queries(run)
     decision = run(TimerFired(TimerKind.CLOSE, 0), at=CLOSE_AT)
     assert run.order.state is S.CLOSED
-    assert decision.effects[:2] == (
-        CloseCash("wechat", "serial-o1"), ArmTimer(TimerKind.QUERY, CLOSE_AT + SECOND, 0)
+    assert decision.effects == (
+        CloseCash("wechat", "serial-o1"), ArmTimer(TimerKind.QUERY, CLOSE_AT + SECOND, 0),
+        CancelHold("redpacket", "o1:1", 1), CancelHold("points", "o1:2", 2),
+        retry_timer(CLOSE_AT + SECOND),
     )
     # the queries after the close also run out: the charge is then unknown, for reconciliation
     _exhaust_queries(run)
@@ -605,12 +679,19 @@ def test_an_order_awaiting_reconciliation_is_closed_by_its_close_timer_and_queri
 def test_a_refused_hold_fails_the_order_cancels_other_holds_and_never_asks_the_channel() -> None:
     run = Run("cash+pre")
     activated = run(Activate())
-    assert [type(e) for e in activated.effects] == [ArmTimer, TryHold, TryHold]
+    expires = run.order.hold_expires_at_ms
+    assert activated.effects == (
+        ArmTimer(TimerKind.CLOSE, CLOSE_AT, 0),
+        TryHold("redpacket", "o1:1", 500, expires, 1),
+        TryHold("points", "o1:2", 50, expires, 2),
+        retry_timer(T0 + SECOND),
+    )
     run(VoucherReply(1, "o1:1", VoucherOp.TRY, True))
     assert run.order.state is S.ACCEPTED
     failed = run(VoucherReply(2, "o1:2", VoucherOp.TRY, False, "insufficient_balance"))
     assert run.order.state is S.FAILED
-    assert failed.effects == (CancelHold("redpacket", "o1:1", 1),)
+    # a new command (the Cancel) restarts the voucher retry schedule from its first gap
+    assert failed.effects == (CancelHold("redpacket", "o1:1", 1), retry_timer(T0 + SECOND))
     assert [run.status(n) for n in (0, 1, 2)] == [L.UNPAID, L.CANCELLING, L.REFUSED]
     assert not any(isinstance(e, PayCash) for e in run.history.effects)
     run(VoucherReply(1, "o1:1", VoucherOp.CANCEL, True))
@@ -621,7 +702,7 @@ def test_a_refused_hold_cancels_a_hold_still_being_tried_and_its_late_ok_is_a_du
     run = Run("cash+pre")
     run(Activate())
     failed = run(VoucherReply(1, "o1:1", VoucherOp.TRY, False, "hold_refused"))
-    assert failed.effects == (CancelHold("points", "o1:2", 2),)
+    assert failed.effects == (CancelHold("points", "o1:2", 2), retry_timer(T0 + SECOND))
     assert run.status(2) is L.CANCELLING
     late = run(VoucherReply(2, "o1:2", VoucherOp.TRY, True))
     assert late.note.startswith("duplicate") and not late.changed
@@ -636,7 +717,8 @@ def test_a_post_deduct_shortfall_fails_refunds_the_cash_reverses_debits_cancels_
     paid = run(success(9_000))
     assert run.order.state is S.DEDUCTING
     assert paid.effects == (
-        DebitVoucher("points", "o1:2", 30, 2), DebitVoucher("credit", "o1:3", 400, 3)
+        DebitVoucher("points", "o1:2", 30, 2), DebitVoucher("credit", "o1:3", 400, 3),
+        retry_timer(T0 + SECOND),
     )
     run.refused(CloseOrder(CloseCause.USER))  # paid: it cannot be closed any more
     assert not run(TimerFired(TimerKind.CLOSE, 0), at=CLOSE_AT).changed
@@ -649,6 +731,7 @@ def test_a_post_deduct_shortfall_fails_refunds_the_cash_reverses_debits_cancels_
         ArmTimer(TimerKind.REFUND_QUERY, CLOSE_AT + SECOND, 0),
         CancelHold("redpacket", "o1:1", 1),
         CancelHold("points", "o1:2", 2),
+        retry_timer(CLOSE_AT + SECOND),  # new commands: the schedule starts again
     )
     assert [run.status(n) for n in range(4)] == [
         L.REFUNDING, L.CANCELLING, L.REVERSING, L.SHORTFALL
@@ -658,6 +741,7 @@ def test_a_post_deduct_shortfall_fails_refunds_the_cash_reverses_debits_cancels_
     run(RefundResult("serial-o1-R1", ResultKind.SUCCESS, ResultSource.QUERY, "SUCCESS"))
     assert [run.status(n) for n in range(4)] == [L.REFUNDED, L.CANCELLED, L.REVERSED, L.SHORTFALL]
     assert run.order.is_settled
+    assert run.order.next_voucher_retry_at_ms is None
 
 
 def test_post_deduct_debits_all_taken_succeed_and_then_the_holds_are_confirmed() -> None:
@@ -667,7 +751,7 @@ def test_post_deduct_debits_all_taken_succeed_and_then_the_holds_are_confirmed()
     run(VoucherReply(3, "o1:3", VoucherOp.DEBIT, True))
     done = run(VoucherReply(2, "o1:2", VoucherOp.DEBIT, True))
     assert run.order.state is S.SUCCEEDED
-    assert done.effects == (ConfirmHold("redpacket", "o1:1", 1),)
+    assert done.effects == (ConfirmHold("redpacket", "o1:1", 1), retry_timer(T0 + SECOND))
     run(VoucherReply(1, "o1:1", VoucherOp.CONFIRM, True))
     assert [run.status(n) for n in range(4)] == [L.PAID, L.CONFIRMED, L.DEBITED, L.DEBITED]
     assert run.order.is_settled
@@ -679,12 +763,19 @@ def test_a_vouchers_only_order_succeeds_once_every_hold_is_placed_without_any_ch
     run(VoucherReply(2, "o1:2", VoucherOp.TRY, True))
     done = run(VoucherReply(1, "o1:1", VoucherOp.TRY, True))
     assert run.order.state is S.SUCCEEDED
-    assert done.effects == (ConfirmHold("redpacket", "o1:1", 1), ConfirmHold("points", "o1:2", 2))
+    assert done.effects == (
+        ConfirmHold("redpacket", "o1:1", 1), ConfirmHold("points", "o1:2", 2),
+        retry_timer(T0 + SECOND),
+    )
     run(VoucherReply(1, "o1:1", VoucherOp.CONFIRM, True))
     run(VoucherReply(2, "o1:2", VoucherOp.CONFIRM, True))
     assert run.order.is_settled
-    assert not any(isinstance(e, PayCash | ArmTimer) and getattr(e, "timer", None) is not
-                   TimerKind.CLOSE for e in run.history.effects)
+    # no channel: nothing paid, and no timer but the close and the voucher retry
+    assert not any(isinstance(e, PayCash | QueryCash | CloseCash | RefundCash | QueryRefund)
+                   for e in run.history.effects)
+    assert {e.timer for e in run.history.effects if isinstance(e, ArmTimer)} == {
+        TimerKind.CLOSE, TimerKind.VOUCHER_RETRY
+    }
     run.refused(success(1_000))  # no cash part: no cash result can be for it
 
 
@@ -692,9 +783,14 @@ def test_a_post_deduct_only_order_debits_at_once() -> None:
     run = Run("post_only")
     decision = run(Activate())
     assert run.order.state is S.DEDUCTING
-    assert decision.effects[-1] == DebitVoucher("points", "o1:1", 100, 1)
+    assert decision.effects == (
+        ArmTimer(TimerKind.CLOSE, CLOSE_AT, 0),
+        DebitVoucher("points", "o1:1", 100, 1),
+        retry_timer(T0 + SECOND),
+    )
     run(VoucherReply(1, "o1:1", VoucherOp.DEBIT, True))
     assert run.order.state is S.SUCCEEDED and run.order.is_settled
+    assert run.order.next_voucher_retry_at_ms is None
 
 
 def test_a_failed_confirm_is_recorded_on_the_leg_but_never_undoes_the_success() -> None:
@@ -716,7 +812,10 @@ def test_an_amount_mismatch_awaits_reconciliation_and_is_reported_not_fixed() ->
     assert "amount_mismatch" in run.order.cause
     # a close gives the vouchers back but does not refund money it does not understand
     closed = run(CloseOrder(CloseCause.USER))
-    assert [type(e) for e in closed.effects] == [CancelHold, CancelHold]
+    assert closed.effects == (
+        CancelHold("redpacket", "o1:1", 1), CancelHold("points", "o1:2", 2),
+        retry_timer(T0 + SECOND),
+    )
     assert run.status(0) is L.UNKNOWN
 
 
@@ -725,7 +824,10 @@ def test_a_success_after_a_definitive_failure_is_refunded() -> None:
     run.hold_all()
     failed = run(failure())
     assert run.order.state is S.FAILED
-    assert [type(e) for e in failed.effects] == [CancelHold, CancelHold]
+    assert failed.effects == (
+        CancelHold("redpacket", "o1:1", 1), CancelHold("points", "o1:2", 2),
+        retry_timer(T0 + SECOND),
+    )
     assert run(failure(ResultSource.QUERY)).note.startswith("duplicate")
     late = run(success(9_000, ResultSource.RECONCILIATION))
     assert run.order.state is S.FAILED
@@ -793,7 +895,15 @@ def test_activate_after_a_crash_reissues_every_in_flight_effect() -> None:
     assert [type(e) for e in run(Activate()).effects] == [ArmTimer, ArmTimer]
     run(CloseOrder(CloseCause.USER))
     closed = run(Activate())
-    assert [type(e) for e in closed.effects] == [ArmTimer, CancelHold, CancelHold]
+    # closed: the channel close (which may never have left) again, the query timer, the
+    # Cancels and the voucher retry timer as it was persisted (not a fresh schedule)
+    assert closed.effects == (
+        CloseCash("wechat", "serial-o1"),
+        ArmTimer(TimerKind.QUERY, T0 + 10 + SECOND, 0),
+        CancelHold("redpacket", "o1:1", 1),
+        CancelHold("points", "o1:2", 2),
+        retry_timer(T0 + 10 + SECOND),
+    )
     assert not closed.changed
 
 
@@ -866,6 +976,458 @@ def test_an_order_that_lost_a_shared_pre_hold_cannot_void_it_for_the_order_that_
     o1(VoucherReply(1, "pre-1", VoucherOp.CONFIRM, True))
     assert o1.order.state is S.SUCCEEDED and o1.status(1) is L.CONFIRMED
     assert (out.account.spent, out.account.held) == (200, 0)
+
+
+# --------------------------------------------------------------------------- voucher retries
+
+VR = TimerKind.VOUCHER_RETRY
+GIVE_UP = "voucher system did not answer"
+
+
+def commands_in_flight(order: PaymentOrder) -> tuple[Effect, ...]:
+    """What a retry must send again: one command per leg waiting for the voucher system."""
+    commands: list[Effect] = []
+    for leg in order.legs:
+        assert (leg.account_id is None) == leg.is_cash
+        if leg.status not in VOUCHER_IN_FLIGHT:
+            continue
+        account, hold = leg.account_id, leg.hold_id
+        assert account is not None and hold is not None
+        if leg.status is L.TRYING:
+            commands.append(TryHold(account, hold, leg.amount, order.hold_expires_at_ms,
+                                    leg.leg_no, adopt_only=leg.mode is LegMode.PRE_HELD))
+        elif leg.status is L.CONFIRMING:
+            commands.append(ConfirmHold(account, hold, leg.leg_no))
+        elif leg.status in (L.CANCELLING, L.REVERSING):
+            commands.append(CancelHold(account, hold, leg.leg_no))
+        else:
+            assert leg.status is L.DEBITING
+            commands.append(DebitVoucher(account, hold, leg.amount, leg.leg_no))
+    return tuple(commands)
+
+
+def fire_voucher_retry(run: Run) -> Decision:
+    """The current voucher retry timer fires when it is due."""
+    due = run.order.next_voucher_retry_at_ms
+    assert due is not None, "no voucher retry is armed"
+    return run(TimerFired(VR, run.order.voucher_attempt), at=max(run.now, due))
+
+
+def retry_until_given_up(run: Run) -> Decision:
+    """Nobody answers: fire every retry of the schedule, checking that each one sends the
+    in-flight commands again and arms the next gap; return the decision that gives up."""
+    schedule = POLICY.voucher_retry_schedule_ms
+    while True:
+        before = run.order
+        attempt, due = before.voucher_attempt, before.next_voucher_retry_at_ms
+        decision = fire_voucher_retry(run)
+        if attempt + 1 == len(schedule):
+            assert decision.changed and decision.note == "applied"
+            return decision
+        assert due is not None and run.now == due
+        assert decision.effects == (
+            *commands_in_flight(before), retry_timer(due + schedule[attempt + 1], attempt + 1)
+        )
+        assert run.order == replace(before, voucher_attempt=attempt + 1,
+                                    next_voucher_retry_at_ms=due + schedule[attempt + 1],
+                                    version=before.version + 1)
+        assert not decision.transitions
+
+
+def reach(status: LegStatus) -> tuple[Run, int]:
+    """A run whose leg (the returned number) waits for the voucher system in ``status``."""
+    match status:
+        case L.TRYING:
+            run = Run("cash+pre")
+            run(Activate())
+            return run, 1
+        case L.CONFIRMING:
+            run = Run("cash+pre")
+            run.hold_all()
+            run(success(9_000))
+            return run, 1
+        case L.CANCELLING:
+            run = Run("cash+pre")
+            run.hold_all()
+            run(CloseOrder(CloseCause.USER))
+            return run, 1
+        case L.DEBITING:
+            run = Run("cash+post")
+            run.hold_all()
+            run(success(9_500))
+            return run, 1
+        case L.REVERSING:
+            run = Run("cash+pre+2post")
+            run.hold_all()
+            run(success(9_000))
+            run(VoucherReply(2, "o1:2", VoucherOp.DEBIT, True))
+            run(VoucherReply(3, "o1:3", VoucherOp.DEBIT, False, "insufficient_balance"))
+            return run, 2
+    raise AssertionError(status)
+
+
+def test_every_voucher_command_waits_in_a_status_the_retry_knows() -> None:
+    assert set(_EXPECTED_OP) == VOUCHER_IN_FLIGHT
+    assert VOUCHER_IN_FLIGHT <= IN_FLIGHT_LEG_STATUSES
+    for status in VOUCHER_IN_FLIGHT:
+        run, leg_no = reach(status)
+        assert run.status(leg_no) is status
+        assert run.order.next_voucher_retry_at_ms is not None
+
+
+def test_a_voucher_retry_resends_exactly_the_in_flight_voucher_commands_and_arms_the_next_gap(
+) -> None:
+    run = Run("cash+pre+2post")
+    run.hold_all()
+    paid = run(success(9_000))
+    assert paid.effects[-1] == retry_timer(T0 + SECOND, 0)
+    run(VoucherReply(3, "o1:3", VoucherOp.DEBIT, False, "insufficient_balance"), at=T0 + 500)
+    assert [run.status(n) for n in range(4)] == [L.PAID, L.HELD, L.DEBITING, L.SHORTFALL]
+    # only leg 2's debit is unanswered: only it is sent again, and the next gap (2 s) armed
+    before = run.order
+    first = fire_voucher_retry(run)
+    assert run.now == T0 + SECOND
+    assert first.effects == (DebitVoucher("points", "o1:2", 30, 2), retry_timer(T0 + 3 * SECOND, 1))
+    assert not first.transitions and first.note == "applied"
+    assert run.order == replace(before, voucher_attempt=1, next_voucher_retry_at_ms=T0 + 3 * SECOND,
+                                version=before.version + 1)
+    # the debit is answered: the payment fails, and the Cancel and the reversal go out on a
+    # schedule started again from its first gap
+    failed = run(VoucherReply(2, "o1:2", VoucherOp.DEBIT, True), at=T0 + 1_500)
+    assert run.order.state is S.FAILED
+    assert failed.effects[-1] == retry_timer(T0 + 2_500, 0)
+    assert (run.order.voucher_attempt, run.order.next_voucher_retry_at_ms) == (0, T0 + 2_500)
+    # the next retry sends both again, and nothing else (not the refund: it has its own timer)
+    second = fire_voucher_retry(run)
+    assert second.effects == (
+        CancelHold("redpacket", "o1:1", 1), CancelHold("points", "o1:2", 2),
+        retry_timer(T0 + 4_500, 1),
+    )
+    # the old schedule's attempt-1 timer, on its time, is early for the new attempt 1
+    assert not run(TimerFired(VR, 1), at=T0 + 3 * SECOND).changed
+    run(VoucherReply(2, "o1:2", VoucherOp.CANCEL, True))
+    third = fire_voucher_retry(run)
+    assert third.effects == (CancelHold("redpacket", "o1:1", 1), retry_timer(T0 + 9_500, 2))
+
+
+@pytest.mark.parametrize("status", sorted(VOUCHER_IN_FLIGHT))
+def test_a_voucher_retry_sends_the_command_each_in_flight_status_waits_for(
+    status: LegStatus
+) -> None:
+    run, leg_no = reach(status)
+    before = run.order
+    leg = before.leg(leg_no)
+    decision = fire_voucher_retry(run)
+    (command,) = [e for e in decision.effects if getattr(e, "leg_no", None) == leg_no]
+    expected = {L.TRYING: TryHold, L.CONFIRMING: ConfirmHold, L.CANCELLING: CancelHold,
+                L.REVERSING: CancelHold, L.DEBITING: DebitVoucher}[status]
+    assert type(command) is expected
+    assert isinstance(command, TryHold | ConfirmHold | CancelHold | DebitVoucher)
+    assert (command.account_id, command.hold_id) == (leg.account_id, leg.hold_id)
+    assert decision.effects == (*commands_in_flight(before), retry_timer(run.now + 2 * SECOND, 1))
+
+
+def test_the_voucher_retry_resends_after_1_2_5_10_s_and_gives_up_30_s_later() -> None:
+    run = Run("post_only")
+    run(Activate())
+    sent_at = [0]
+    while True:
+        decision = fire_voucher_retry(run)
+        if run.order.state is not S.DEDUCTING:
+            break
+        assert decision.effects[0] == DebitVoucher("points", "o1:1", 100, 1)
+        sent_at.append(run.now - T0)
+    assert sent_at == [0, 1_000, 3_000, 8_000, 18_000]
+    assert run.now - T0 == 48_000  # the last gap is only a wait for the last answer
+    assert len(sent_at) == len(POLICY.voucher_retry_schedule_ms)
+
+
+def test_a_custom_voucher_retry_schedule_is_followed_and_is_finite() -> None:
+    policy = OrderPolicy(voucher_retry_schedule_ms=(10, 30))
+    d = decide(make_order("post_only"), Activate(), now_ms=T0, policy=policy)
+    assert d.effects[-1] == retry_timer(T0 + 10, 0)
+    d = decide(d.order, TimerFired(VR, 0), now_ms=T0 + 10, policy=policy)
+    assert d.effects == (DebitVoucher("points", "o1:1", 100, 1), retry_timer(T0 + 40, 1))
+    d = decide(d.order, TimerFired(VR, 1), now_ms=T0 + 40, policy=policy)
+    assert d.order.state is S.FAILED and d.order.leg(1).status is L.REVERSING
+    assert d.effects == (CancelHold("points", "o1:1", 1), retry_timer(T0 + 50, 0))
+    with pytest.raises(AssertionError):
+        OrderPolicy(voucher_retry_schedule_ms=())
+    with pytest.raises(AssertionError):
+        OrderPolicy(voucher_retry_schedule_ms=(1_000, 0))
+
+
+def test_a_stale_or_early_voucher_retry_timer_changes_nothing() -> None:
+    run = Run("cash+pre")
+    run(Activate())
+    assert (run.order.voucher_attempt, run.order.next_voucher_retry_at_ms) == (0, T0 + SECOND)
+
+    def nothing(event: OrderEvent, at: int) -> None:
+        before = run.order
+        decision = run(event, at=at)
+        assert decision.note.startswith("stale"), decision.note
+        assert (decision.order, decision.effects, decision.transitions) == (before, (), ())
+        assert not decision.changed
+
+    nothing(TimerFired(VR, 0), T0 + SECOND - 1)  # early
+    for token in (1, 2, 4, 5, 99):  # another attempt's
+        nothing(TimerFired(VR, token), T0 + SECOND)
+    fire_voucher_retry(run)  # attempt 0, on time: attempt 1 is due at +3 s
+    nothing(TimerFired(VR, 1), T0 + 3 * SECOND - 1)  # early
+    nothing(TimerFired(VR, 0), T0 + 3 * SECOND - 1)  # a second delivery (Activate re-armed it)
+    # every hold answers, then a close starts a new schedule for its Cancels: the timers of
+    # the old schedule cannot pass for the new one's
+    run(VoucherReply(1, "o1:1", VoucherOp.TRY, True))
+    run(VoucherReply(2, "o1:2", VoucherOp.TRY, True))
+    assert run.order.next_voucher_retry_at_ms is None
+    run(CloseOrder(CloseCause.USER))
+    assert (run.order.voucher_attempt, run.order.next_voucher_retry_at_ms) == (
+        0, T0 + 4 * SECOND - 1
+    )
+    nothing(TimerFired(VR, 1), T0 + 3 * SECOND)  # the old attempt 1, on its time
+    nothing(TimerFired(VR, 0), T0 + 3 * SECOND)  # the old attempt 0, late: early for the new
+    assert fire_voucher_retry(run).effects[:2] == (
+        CancelHold("redpacket", "o1:1", 1), CancelHold("points", "o1:2", 2)
+    )
+
+
+def test_when_no_voucher_command_is_left_in_flight_the_retry_timer_is_disarmed() -> None:
+    run = Run("cash+pre")
+    run(Activate())
+    fire_voucher_retry(run)
+    assert (run.order.voucher_attempt, run.order.next_voucher_retry_at_ms) == (1, T0 + 3 * SECOND)
+    one = run(VoucherReply(1, "o1:1", VoucherOp.TRY, True))
+    assert (run.order.voucher_attempt, run.order.next_voucher_retry_at_ms) == (1, T0 + 3 * SECOND)
+    assert not any(isinstance(e, ArmTimer) and e.timer is VR for e in one.effects)
+    two = run(VoucherReply(2, "o1:2", VoucherOp.TRY, True))
+    assert run.order.state is S.PAYING
+    assert (run.order.voucher_attempt, run.order.next_voucher_retry_at_ms) == (0, None)
+    assert not any(isinstance(e, ArmTimer) and e.timer is VR for e in two.effects)
+    # the timer already armed finds nothing to do
+    paying = run.order
+    late = run(TimerFired(VR, 1), at=T0 + 3 * SECOND)
+    assert late.note.startswith("stale") and late.order == paying and late.effects == ()
+    # and a restart does not arm it again
+    restarted = run(Activate())
+    assert not any(isinstance(e, ArmTimer) and e.timer is VR for e in restarted.effects)
+    # an order that never talks to a voucher account never arms it at all
+    cash = Run("cash")
+    cash(Activate())
+    cash(success(10_000))
+    assert not any(isinstance(e, ArmTimer) and e.timer is VR for e in cash.history.effects)
+    assert cash.order.next_voucher_retry_at_ms is None
+
+
+def test_an_unanswered_confirm_is_flagged_confirm_unknown_and_the_success_stands() -> None:
+    run = Run("cash+pre")
+    run.hold_all()
+    run(success(9_000))
+    run(VoucherReply(1, "o1:1", VoucherOp.CONFIRM, True), at=T0 + 500)
+    given_up = retry_until_given_up(run)
+    assert run.now == T0 + 48 * SECOND
+    assert run.order.state is S.SUCCEEDED and run.order.cause == "paid (callback)"
+    assert [run.status(n) for n in range(3)] == [L.PAID, L.CONFIRMED, L.CONFIRM_UNKNOWN]
+    assert given_up.effects == ()  # never guessed either way: no Cancel, no second Confirm
+    assert given_up.transitions == (
+        Transition("leg:2", "confirming", "confirm_unknown", GIVE_UP),
+    )
+    assert (run.order.voucher_attempt, run.order.next_voucher_retry_at_ms) == (0, None)
+    assert run.order.is_settled
+
+
+def test_an_unanswered_cancel_is_flagged_release_unknown_and_the_close_stands() -> None:
+    run = Run("cash+pre")
+    run.hold_all()
+    run(CloseOrder(CloseCause.USER))
+    run(VoucherReply(2, "o1:2", VoucherOp.CANCEL, True), at=T0 + 500)
+    given_up = retry_until_given_up(run)
+    assert run.order.state is S.CLOSED
+    assert [run.status(n) for n in range(3)] == [L.PAYING, L.RELEASE_UNKNOWN, L.CANCELLED]
+    assert given_up.effects == ()
+    assert given_up.transitions == (
+        Transition("leg:1", "cancelling", "release_unknown", GIVE_UP),
+    )
+    assert run.order.next_voucher_retry_at_ms is None
+    # the cash close goes on by its own schedule
+    assert run.order.next_query_at_ms is not None
+
+
+def test_an_unanswered_reversal_is_flagged_release_unknown_and_the_failure_stands() -> None:
+    run, _ = reach(L.REVERSING)
+    assert run.order.state is S.FAILED
+    run(VoucherReply(1, "o1:1", VoucherOp.CANCEL, True), at=T0 + 500)
+    given_up = retry_until_given_up(run)
+    assert run.order.state is S.FAILED
+    assert [run.status(n) for n in range(4)] == [
+        L.REFUNDING, L.CANCELLED, L.RELEASE_UNKNOWN, L.SHORTFALL
+    ]
+    assert given_up.effects == ()
+    assert given_up.transitions == (Transition("leg:2", "reversing", "release_unknown", GIVE_UP),)
+    assert run.order.next_voucher_retry_at_ms is None
+    run(RefundResult("serial-o1-R1", ResultKind.SUCCESS, ResultSource.QUERY, "SUCCESS"))
+    assert run.order.is_settled and run.status(0) is L.REFUNDED
+
+
+def test_an_unanswered_try_fails_the_payment_and_releases_every_voucher_before_any_charge(
+) -> None:
+    run = Run("seeds")  # cash, a red packet held, points debited later, the user's pre-hold
+    run(Activate())
+    run(VoucherReply(1, "o1:1", VoucherOp.TRY, True), at=T0 + 500)
+    assert [run.status(n) for n in range(4)] == [L.NEW, L.HELD, L.NEW, L.TRYING]
+    given_up = retry_until_given_up(run)
+    assert run.order.state is S.FAILED
+    assert run.order.cause == f"hold_refused: {GIVE_UP}"
+    assert [run.status(n) for n in range(4)] == [L.UNPAID, L.CANCELLING, L.CANCELLED,
+                                                  L.CANCELLING]
+    # the unanswered Try may have held: cancel it (void, or an empty rollback that refuses a
+    # late Try); the Cancels get a fresh retry schedule of their own
+    assert given_up.effects == (
+        CancelHold("redpacket", "o1:1", 1), CancelHold("credit", "pre-1", 3),
+        retry_timer(T0 + 49 * SECOND, 0),
+    )
+    assert not any(isinstance(e, PayCash) for e in run.history.effects)
+    # the Try's answer, late, cannot bring the payment back
+    late = run(VoucherReply(3, "pre-1", VoucherOp.TRY, True))
+    assert late.note.startswith("duplicate") and not late.changed
+    run(VoucherReply(1, "o1:1", VoucherOp.CANCEL, True))
+    run(VoucherReply(3, "pre-1", VoucherOp.CANCEL, True))
+    assert run.order.is_settled and run.order.state is S.FAILED
+    assert run.order.next_voucher_retry_at_ms is None
+
+
+def test_an_unanswered_debit_fails_the_payment_reverses_it_and_refunds_the_cash() -> None:
+    run = Run("cash+pre+2post")
+    run.hold_all()
+    run(success(9_000))
+    run(VoucherReply(2, "o1:2", VoucherOp.DEBIT, True), at=T0 + 500)
+    assert [run.status(n) for n in range(4)] == [L.PAID, L.HELD, L.DEBITED, L.DEBITING]
+    given_up = retry_until_given_up(run)
+    now = T0 + 48 * SECOND
+    assert run.now == now
+    assert run.order.state is S.FAILED
+    assert run.order.cause == f"{Trigger.SHORTFALL.value}: {GIVE_UP}"
+    assert [run.status(n) for n in range(4)] == [
+        L.REFUNDING, L.CANCELLING, L.REVERSING, L.REVERSING
+    ]
+    assert given_up.effects == (
+        CancelHold("credit", "o1:3", 3),  # the unanswered debit: reversed, or an empty rollback
+        RefundCash("wechat", "serial-o1", "serial-o1-R1", 9_000, "CNY"),
+        ArmTimer(TimerKind.REFUND_QUERY, now + SECOND, 0),
+        CancelHold("redpacket", "o1:1", 1),
+        CancelHold("points", "o1:2", 2),
+        retry_timer(now + SECOND, 0),
+    )
+    assert [t.to_state for t in given_up.transitions if t.entity == "order"] == ["failed"]
+    assert run.order.leg(0).refund_id == "serial-o1-R1"
+    # the late debit answer cannot bring the payment back
+    late = run(VoucherReply(3, "o1:3", VoucherOp.DEBIT, True))
+    assert late.note.startswith("duplicate") and not late.changed
+    for leg_no, hold in ((1, "o1:1"), (2, "o1:2"), (3, "o1:3")):
+        run(VoucherReply(leg_no, hold, VoucherOp.CANCEL, True))
+    run(RefundResult("serial-o1-R1", ResultKind.SUCCESS, ResultSource.CALLBACK, "SUCCESS"))
+    assert [run.status(n) for n in range(4)] == [L.REFUNDED, L.CANCELLED, L.REVERSED, L.REVERSED]
+    assert run.order.is_settled and run.order.next_voucher_retry_at_ms is None
+
+
+def test_an_unanswered_debit_of_a_vouchers_only_order_fails_it_and_releases_the_holds() -> None:
+    run = Run("vouchers+post")
+    run(Activate())
+    run(VoucherReply(1, "o1:1", VoucherOp.TRY, True))
+    assert run.order.state is S.DEDUCTING and run.status(2) is L.DEBITING
+    given_up = retry_until_given_up(run)
+    assert run.order.state is S.FAILED
+    assert [run.status(n) for n in (1, 2)] == [L.CANCELLING, L.REVERSING]
+    assert given_up.effects == (
+        CancelHold("points", "o1:2", 2), CancelHold("redpacket", "o1:1", 1),
+        retry_timer(run.now + SECOND, 0),
+    )
+
+
+@pytest.mark.parametrize("status", sorted(VOUCHER_IN_FLIGHT))
+def test_a_retryable_voucher_failure_changes_nothing_and_the_retry_asks_again(
+    status: LegStatus
+) -> None:
+    run, leg_no = reach(status)
+    leg = run.order.leg(leg_no)
+    assert leg.hold_id is not None
+    op = _EXPECTED_OP[status]
+    before = run.order
+    ignored = run(VoucherReply(leg_no, leg.hold_id, op, False, "unavailable", retryable=True))
+    assert ignored.note.startswith("ignored"), ignored.note
+    assert (ignored.order, ignored.effects, ignored.transitions) == (before, (), ())
+    # a retryable failure of another operation is a duplicate like any other stray reply
+    for other in VoucherOp:
+        if other is not op:
+            stray = run(VoucherReply(leg_no, leg.hold_id, other, False, "unavailable",
+                                     retryable=True))
+            assert stray.note.startswith("duplicate") and stray.order == before
+    # the retry asks again, and a decided answer then counts as usual
+    again = fire_voucher_retry(run)
+    assert again.effects == (*commands_in_flight(before), retry_timer(run.now + 2 * SECOND, 1))
+    answered = run(VoucherReply(leg_no, leg.hold_id, op, True))
+    assert answered.changed and run.status(leg_no) is not status
+
+
+def test_retryable_failures_all_along_end_like_silence() -> None:
+    run = Run("post_only")
+    run(Activate())
+    for _ in range(len(POLICY.voucher_retry_schedule_ms)):
+        reply = VoucherReply(1, "o1:1", VoucherOp.DEBIT, False, "unavailable", retryable=True)
+        assert not run(reply).changed
+        fire_voucher_retry(run)
+    assert run.order.state is S.FAILED and run.status(1) is L.REVERSING
+
+
+def test_activate_after_a_crash_rearms_the_voucher_retry_timer_where_it_stood() -> None:
+    run = Run("cash+pre")
+    run(Activate())
+    run(VoucherReply(1, "o1:1", VoucherOp.TRY, True), at=T0 + 500)
+    fire_voucher_retry(run)
+    fire_voucher_retry(run)
+    assert (run.order.voucher_attempt, run.order.next_voucher_retry_at_ms) == (2, T0 + 8 * SECOND)
+    before = run.order
+    restarted = run(Activate(), at=T0 + 5 * SECOND)
+    assert restarted.effects == (
+        ArmTimer(TimerKind.CLOSE, CLOSE_AT, 0),
+        TryHold("points", "o1:2", 50, before.hold_expires_at_ms, 2),
+        retry_timer(T0 + 8 * SECOND, 2),  # the persisted schedule goes on: no fresh start
+    )
+    assert not restarted.changed and run.order == before
+    # a restart after the retry was due re-arms it as it was: it fires at once and goes on
+    late = run(Activate(), at=T0 + 9 * SECOND)
+    assert retry_timer(T0 + 8 * SECOND, 2) in late.effects
+    resumed = run(TimerFired(VR, 2))
+    assert resumed.effects == (TryHold("points", "o1:2", 50, before.hold_expires_at_ms, 2),
+                               retry_timer(T0 + 19 * SECOND, 3))
+
+
+def test_a_command_issued_late_in_a_running_retry_schedule_gets_the_whole_schedule() -> None:
+    run = Run("cash+pre+2post")
+    run.hold_all()
+    run(success(9_000))
+    run(VoucherReply(2, "o1:2", VoucherOp.DEBIT, True), at=T0 + 500)
+    for _ in range(4):  # leg 3's debit is sent again at +1, +3, +8 and +18 s ...
+        fire_voucher_retry(run)
+    assert run.order.voucher_attempt == 4  # ... only the wait for the last answer is left
+    # ... and refused at +19 s: leg 2's debit must be reversed, leg 1's hold cancelled
+    refused = run(VoucherReply(3, "o1:3", VoucherOp.DEBIT, False, "insufficient_balance"),
+                  at=T0 + 19 * SECOND)
+    assert [run.status(n) for n in range(4)] == [
+        L.REFUNDING, L.CANCELLING, L.REVERSING, L.SHORTFALL
+    ]
+    # new commands: the schedule starts again from its first gap, not at its last wait
+    assert refused.effects[-1] == retry_timer(T0 + 20 * SECOND, 0)
+    # nobody answers: each of them is sent again on the whole schedule before it is given
+    # up on (LegStatus.RELEASE_UNKNOWN: "never answered ... on its whole retry schedule")
+    given_up = retry_until_given_up(run)
+    assert run.now == T0 + 19 * SECOND + sum(POLICY.voucher_retry_schedule_ms)
+    assert given_up.effects == ()
+    assert [run.status(n) for n in range(4)] == [
+        L.REFUNDING, L.RELEASE_UNKNOWN, L.RELEASE_UNKNOWN, L.SHORTFALL
+    ]
+    sends = len(POLICY.voucher_retry_schedule_ms)  # once, then at every retry but the last
+    cancels = [e.leg_no for e in run.history.effects if isinstance(e, CancelHold)]
+    assert sorted(cancels) == [1] * sends + [2] * sends
 
 
 # --------------------------------------------------------------------------- the tables
@@ -957,6 +1519,7 @@ def all_events(order: PaymentOrder) -> list[OrderEvent]:
         for op in VoucherOp:
             for ok in (True, False):
                 events.append(VoucherReply(leg.leg_no, hold, op, ok, "" if ok else "no"))
+            events.append(VoucherReply(leg.leg_no, hold, op, False, "unavailable", True))
         events.append(VoucherReply(leg.leg_no, f"{hold}-other", VoucherOp.TRY, True))
     cash = order.cash_leg
     right = cash.amount if cash is not None else 1
@@ -988,7 +1551,11 @@ def pertinent_events(order: PaymentOrder) -> list[OrderEvent]:
         op = _EXPECTED_OP.get(leg.status)
         if op is not None and leg.hold_id is not None:
             events += [VoucherReply(leg.leg_no, leg.hold_id, op, True),
-                       VoucherReply(leg.leg_no, leg.hold_id, op, False, "refused")]
+                       VoucherReply(leg.leg_no, leg.hold_id, op, False, "refused"),
+                       VoucherReply(leg.leg_no, leg.hold_id, op, False, "unavailable", True)]
+    if order.next_voucher_retry_at_ms is not None:
+        # weighted, so that runs reach the end of the schedule and give up
+        events += [TimerFired(TimerKind.VOUCHER_RETRY, order.voucher_attempt)] * 4
     cash = order.cash_leg
     if cash is not None and cash.status is not L.NEW:
         events += [success(cash.amount), failure(), processing()]
@@ -1054,6 +1621,20 @@ class Scenario:
     """Chance that a message between the order and the channel is lost."""
     comm_error: float
     crash: float
+    voucher_loss: float = 0.0
+    """Chance that a voucher command or its answer is lost (at most VOUCHER_FAULTS_MAX
+    times per command)."""
+    voucher_unavailable: float = 0.0
+    """Chance that the voucher system answers "unavailable, ask again" (retryable) without
+    doing anything (also within VOUCHER_FAULTS_MAX)."""
+
+
+VOUCHER_FAULTS_MAX = len(POLICY.voucher_retry_schedule_ms) - 2
+"""How often one voucher command (a hold id and an operation) may be lost or answered
+"unavailable". The order sends each command once and then again at every retry but the last
+(5 times over 18 s with the default schedule, then waits 30 s more for the last answer): a
+voucher system flaky within this bound must always be heard, and give-ups never happen. A
+voucher system that stays silent for good is covered by the example tests."""
 
 
 scenarios = st.builds(
@@ -1075,6 +1656,8 @@ scenarios = st.builds(
     loss=st.sampled_from([0.0, 0.0, 0.2, 0.5]),
     comm_error=st.sampled_from([0.0, 0.0, 0.3]),
     crash=st.sampled_from([0.0, 0.0, 0.05]),
+    voucher_loss=st.sampled_from([0.0, 0.0, 0.2, 0.5]),
+    voucher_unavailable=st.sampled_from([0.0, 0.0, 0.3]),
 )
 
 
@@ -1098,6 +1681,10 @@ class Channel:
         return TRADE_CODES[self.state]
 
 
+VOUCHER_OPS = {TryHold: VoucherOp.TRY, ConfirmHold: VoucherOp.CONFIRM,
+               CancelHold: VoucherOp.CANCEL, DebitVoucher: VoucherOp.DEBIT}
+
+
 class World:
     """The order's surroundings: voucher accounts, a channel, a network, timers, crashes."""
 
@@ -1112,6 +1699,7 @@ class World:
         self.accounts: dict[str, vo.VoucherAccount] = {}
         self.fences: dict[tuple[str, str], vo.Fence] = {}
         self.lost = False
+        self.voucher_faults: dict[tuple[str, VoucherOp], int] = {}
         for leg in self.order.legs:
             if leg.account_id is None:
                 continue
@@ -1156,6 +1744,16 @@ class World:
             if delay is not None:
                 break
 
+    def voucher_fault(self, hold_id: str, op: VoucherOp, chance: float) -> bool:
+        """Whether this exchange of a voucher command fails (within the command's budget)."""
+        key = (hold_id, op)
+        if not chance or self.voucher_faults.get(key, 0) >= VOUCHER_FAULTS_MAX:
+            return False
+        if self.rng.random() >= chance:
+            return False
+        self.voucher_faults[key] = self.voucher_faults.get(key, 0) + 1
+        return True
+
     def run(self, steps_max: int = 5_000) -> None:
         for _ in range(steps_max):
             if not self.queue:
@@ -1190,7 +1788,9 @@ class World:
         for effect in decision.effects:
             match effect:
                 case TryHold() | ConfirmHold() | CancelHold() | DebitVoucher():
-                    self.send("voucher", effect)
+                    if not self.voucher_fault(effect.hold_id, VOUCHER_OPS[type(effect)],
+                                              self.scenario.voucher_loss):
+                        self.send("voucher", effect)
                 case ArmTimer():
                     self.send("order", TimerFired(effect.timer, effect.token),
                               delay=max(0, effect.due_at_ms - self.now))
@@ -1201,6 +1801,12 @@ class World:
 
     def to_voucher(self, effect: Effect) -> None:
         assert isinstance(effect, TryHold | ConfirmHold | CancelHold | DebitVoucher)
+        op = VOUCHER_OPS[type(effect)]
+        if self.voucher_fault(effect.hold_id, op, self.scenario.voucher_unavailable):
+            # the voucher system failed without deciding anything: "ask again"
+            self.send("order", VoucherReply(effect.leg_no, effect.hold_id, op, False,
+                                            "unavailable", retryable=True))
+            return
         key = (effect.account_id, effect.hold_id)
         account, fence = self.accounts[effect.account_id], self.fences.get(key)
         if fence is not None:  # the account sweeps a due hold before touching it
@@ -1212,20 +1818,16 @@ class World:
         try:
             match effect:
                 case TryHold():
-                    op = VoucherOp.TRY
                     out = vo.try_hold(account, fence, hold_id=effect.hold_id,
                                       amount=effect.amount, order_id=order_id,
                                       expires_at_ms=effect.expires_at_ms, now_ms=self.now,
                                       adopt_only=effect.adopt_only)
                 case ConfirmHold():
-                    op = VoucherOp.CONFIRM
                     out = vo.confirm(account, fence, hold_id=effect.hold_id, now_ms=self.now)
                 case CancelHold():
-                    op = VoucherOp.CANCEL
                     out = vo.cancel(account, fence, hold_id=effect.hold_id, order_id=order_id,
                                     now_ms=self.now)
                 case DebitVoucher():
-                    op = VoucherOp.DEBIT
                     out = vo.debit(account, fence, hold_id=effect.hold_id, amount=effect.amount,
                                    order_id=order_id, now_ms=self.now)
         except PaymentError as error:
@@ -1234,9 +1836,12 @@ class World:
             self.accounts[effect.account_id] = out.account.check()
             assert out.fence is not None
             self.fences[key] = out.fence
-            ok = out.fence.status is not vo.FenceStatus.REFUSED
+            # a refused fence answers the debit "short"; a Cancel that finds the debit refused
+            # (given up on, its answer lost) has nothing to give back: that is a success
+            ok = op is not VoucherOp.DEBIT or out.fence.status is not vo.FenceStatus.REFUSED
             reply = VoucherReply(effect.leg_no, effect.hold_id, op, ok, "" if ok else "short")
-        self.send("order", reply)
+        if not self.voucher_fault(effect.hold_id, op, self.scenario.voucher_loss):
+            self.send("order", reply)
 
     # ----------------------------------------------------------------- the channel
 
@@ -1345,11 +1950,22 @@ def _assert_money_safe(world: World) -> None:
             if leg.account_id is None:
                 continue
             assert leg.hold_id is not None
-            fence = world.fences[(leg.account_id, leg.hold_id)]
+            fence = world.fences.get((leg.account_id, leg.hold_id))
             account = world.accounts[leg.account_id]
-            expected = L.CONFIRMED if leg.mode in HOLD_MODES else L.DEBITED
-            assert leg.status is expected, (leg.leg_no, leg.status)
-            assert fence.status is vo.FenceStatus.POSTED
+            if leg.mode is LegMode.POST_DEDUCT:
+                # an unanswered debit fails the payment: a success has every debit taken
+                assert leg.status is L.DEBITED, (leg.leg_no, leg.status)
+            else:
+                # never a failed confirm; an unanswered one is flagged, not guessed
+                assert leg.status in (L.CONFIRMED, L.CONFIRM_UNKNOWN), (leg.leg_no, leg.status)
+            if leg.status is L.CONFIRM_UNKNOWN:
+                # for reconciliation: the account posted the hold or let it expire, no middle
+                hypothesis_event("confirm unknown")
+                assert account.held == 0
+                posted = fence is not None and fence.status is vo.FenceStatus.POSTED
+                assert account.spent == (leg.amount if posted else 0), (leg.leg_no, account)
+                continue
+            assert fence is not None and fence.status is vo.FenceStatus.POSTED
             assert (account.spent, account.held) == (leg.amount, 0)
         return
     assert order.state in (S.FAILED, S.CLOSED)
@@ -1357,12 +1973,16 @@ def _assert_money_safe(world: World) -> None:
         if leg.account_id is None:
             continue
         account = world.accounts[leg.account_id]
-        assert (account.spent, account.held) == (0, 0), (leg.leg_no, account)
-        assert account.available == account.funded
-        allowed = {L.CANCELLED, L.REFUSED} if leg.mode in HOLD_MODES else {
-            L.CANCELLED, L.REVERSED, L.SHORTFALL
+        allowed = {L.CANCELLED, L.REFUSED, L.RELEASE_UNKNOWN} if leg.mode in HOLD_MODES else {
+            L.CANCELLED, L.REVERSED, L.SHORTFALL, L.RELEASE_UNKNOWN
         }
         assert leg.status in allowed, (leg.leg_no, leg.status)
+        if leg.status is L.RELEASE_UNKNOWN:
+            # flagged for reconciliation, yet nothing may be kept: a hold has expired by now,
+            # and within VOUCHER_FAULTS_MAX a reversal is always heard in the end
+            hypothesis_event("release unknown")
+        assert (account.spent, account.held) == (0, 0), (leg.leg_no, account)
+        assert account.available == account.funded
     if cash is None:
         return
     if channel.charged:
@@ -1389,7 +2009,8 @@ def test_in_a_world_of_late_lost_and_duplicated_messages_no_money_is_lost_or_kep
         world.send("order", CloseOrder(CloseCause.USER), delay=scenario.user_close_after_ms)
     world.run()
     # quiet: every timer has fired, so the close timer has decided the order one way or the
-    # other, and every leg has had its answer (a crash re-issues what it lost)
+    # other, and every leg has had its answer (a crash or a voucher retry re-issues what was
+    # lost) or was given up on and flagged
     assert world.order.is_terminal, world.order.state
     assert world.order.is_settled, [(leg.leg_no, leg.status) for leg in world.order.legs]
     world.reconcile()
@@ -1400,9 +2021,55 @@ def test_in_a_world_of_late_lost_and_duplicated_messages_no_money_is_lost_or_kep
     cash = world.order.cash_leg
     cash_status = None if cash is None else cash.status.value
     hypothesis_event(f"{world.order.state.value}, cash {cash_status}")
+    hypothesis_event(f"voucher commands lost or unavailable: {sum(world.voucher_faults.values())}")
     # a paid order is only ever paid through its channel's success
     if world.order.state is S.SUCCEEDED and world.order.cash_leg is not None:
         assert world.history.ever_paid
+
+
+flaky_voucher_scenarios = st.builds(
+    Scenario,
+    mix=st.sampled_from(sorted(set(MIXES) - {"cash"})),
+    shortfall=st.one_of(
+        st.just(frozenset()), st.frozensets(st.integers(1, 3), min_size=1, max_size=1)
+    ),
+    pre_hold=st.just("placed"),
+    payer=st.sampled_from(["instant", "pays", "fails"]),
+    pay_at_ms=st.sampled_from([0, 500, 5_000, 30_000]),
+    user_close_after_ms=st.one_of(st.none(), st.sampled_from([0, 2_000, 20_000])),
+    max_delay_ms=st.sampled_from([0, 50, 3_000]),
+    duplicate=st.sampled_from([0.0, 0.2]),
+    loss=st.just(0.0),
+    comm_error=st.just(0.0),
+    crash=st.just(0.0),
+    voucher_loss=st.sampled_from([0.2, 0.5, 0.8]),
+    voucher_unavailable=st.sampled_from([0.0, 0.3, 0.6]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(scenario=flaky_voucher_scenarios, rng=st.randoms(use_true_random=False))
+def test_a_voucher_system_flaky_within_the_retry_budget_is_never_given_up_on(
+    scenario: Scenario, rng: random.Random
+) -> None:
+    world = World(scenario, rng)
+    world.to_order(Activate())
+    if scenario.user_close_after_ms is not None:
+        world.send("order", CloseOrder(CloseCause.USER), delay=scenario.user_close_after_ms)
+    world.run()
+    assert world.order.is_settled
+    world.sweep()
+    _assert_money_safe(world)
+    # every command was heard in the end: nothing given up, nothing flagged
+    order = world.order
+    assert GIVE_UP not in order.cause, order.cause
+    assert not [(leg.leg_no, leg.status) for leg in order.legs
+                if leg.status in (L.CONFIRM_UNKNOWN, L.RELEASE_UNKNOWN)]
+    # so a user who pays in time succeeds however flaky the vouchers are
+    if scenario.payer != "fails" and not scenario.shortfall and (
+        scenario.user_close_after_ms is None
+    ):
+        assert order.state is S.SUCCEEDED, (order.state, order.cause)
 
 
 reliable_scenarios = st.builds(
