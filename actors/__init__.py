@@ -13,7 +13,9 @@ from actors.runtime import Runtime, ThreadRuntime
 from engine.codes import CodeTable, ResultKind
 from engine.errors import (
     AccountExists,
+    ActorBroken,
     CurrencyMismatch,
+    DatabaseInUse,
     EngineClosed,
     HoldNotPending,
     HoldRefused,
@@ -31,8 +33,8 @@ from engine.errors import (
 from engine.order import CashPart, LegMode, OrderPolicy, OrderState, PaymentRequest, VoucherPart
 
 __all__ = [
-    "AccountExists", "AccountView", "CashPart", "Channel", "ChannelReply", "CodeTable",
-    "CurrencyMismatch", "Engine", "EngineClosed", "EngineConfig", "HoldNotPending",
+    "AccountExists", "AccountView", "ActorBroken", "CashPart", "Channel", "ChannelReply", "CodeTable",
+    "CurrencyMismatch", "DatabaseInUse", "Engine", "EngineClosed", "EngineConfig", "HoldNotPending",
     "HoldRefused", "HoldView", "IdSource", "IdempotencyConflict", "IllegalTransition",
     "InsufficientBalance", "InvalidAmount", "InvalidRequest", "LegMode", "LegView",
     "OrderPolicy", "OrderState", "OrderView", "Overloaded", "PaymentError", "PaymentRequest",

@@ -10,6 +10,7 @@ it when a hold falls due.
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import replace
 from typing import Any
 
@@ -31,6 +32,7 @@ from engine.errors import (
     HoldRefused,
     IdempotencyConflict,
     InvalidRequest,
+    Overloaded,
     PaymentError,
     UnknownAccount,
     UnknownHold,
@@ -110,15 +112,19 @@ class AccountBehaviour(ActorBehaviour):
         ok, reason = True, op.value
         try:
             outcome = self._apply(command.order_id, effect)
-            if outcome.fence is not None and outcome.fence.status is FenceStatus.REFUSED:
+            # A refused fence fails a debit (the balance fell short); a Cancel that finds
+            # one refused has nothing to release, which is the success it asked for.
+            if (isinstance(effect, DebitVoucher) and outcome.fence is not None
+                    and outcome.fence.status is FenceStatus.REFUSED):
                 ok, reason = False, "insufficient balance at debit"
             self._commit(outcome, f"{op.value} for order {command.order_id}")
-        except EngineClosed:
-            raise  # a crash or shutdown is not the account's answer
+        except (EngineClosed, Overloaded):
+            raise  # a crash, a shutdown or a busy database is not the account's answer:
+            # no reply, and the order's voucher retry asks again
         except PaymentError as error:
             ok, reason = False, f"{error.code}: {error.message}"
-        self.ctx.directory.tell(("order", command.order_id),
-                                VoucherReply(effect.leg_no, effect.hold_id, op, ok, reason))
+        self.ctx.voucher_link.reply(command.order_id,
+                                    VoucherReply(effect.leg_no, effect.hold_id, op, ok, reason))
 
     def _apply(self, order_id: str, effect: Any) -> Outcome:
         account = self.account
@@ -162,10 +168,15 @@ class AccountBehaviour(ActorBehaviour):
             return AccountView.of(self.account)
         after = voucher.fund(self.account, command.amount)
         now_ms = self.ctx.runtime.now_ms()
-        self.ctx.store.save_account(
-            self.account, after, [], [Transition("balance", str(self.account.funded),
-                                                 str(after.funded), f"fund {command.funding_id}")],
-            now_ms, funding=(command.funding_id, command.amount))
+        try:
+            self.ctx.store.save_account(
+                self.account, after, [], [Transition("balance", str(self.account.funded),
+                                                     str(after.funded),
+                                                     f"fund {command.funding_id}")],
+                now_ms, funding=(command.funding_id, command.amount))
+        except sqlite3.IntegrityError:  # the same funding id, raced on another account
+            raise IdempotencyConflict(
+                f"funding {command.funding_id} was used for another account") from None
         self.account = after
         return AccountView.of(after)
 
@@ -198,7 +209,7 @@ class AccountBehaviour(ActorBehaviour):
             return
         before = self.account
         assert before is not None and outcome.fence is not None
-        old = self._fence(outcome.fence.hold_id)
+        old = self.pending.get(outcome.fence.hold_id)  # only pending fences change status
         transition = Transition(f"hold:{outcome.fence.hold_id}",
                                 "" if old is None else old.status.value,
                                 outcome.fence.status.value, cause)

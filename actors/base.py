@@ -50,6 +50,10 @@ class Context:
     policy: OrderPolicy
     config: EngineConfig
     log: Any
+    voucher_link: Any = None
+    """An ``actors.voucher_link.VoucherLink``; set by ``Engine.open``."""
+    notifications: Any = None
+    """The ``actors.notifier.Notifications`` of this engine; set by ``Engine.open``."""
 
 
 class ActorBehaviour:
@@ -85,8 +89,14 @@ class ActorBehaviour:
             self.log.warning("message.refused", message=type(payload).__name__,
                              error=error.code, detail=error.message)
             return None
+        except AssertionError as error:
+            self.log.critical("invariant.broken", message=type(payload).__name__,
+                              error=repr(error))
+            self.ctx.directory.quarantine(self.key, repr(error))
+            self.stopped = True
+            raise
         finally:
-            if not self.ctx.store.closed and self.idle():
+            if not self.stopped and not self.ctx.store.closed and self.idle():
                 self.try_release()
 
     def try_release(self) -> None:

@@ -22,7 +22,7 @@ import pykka
 
 from actors.messages import Asked
 from actors.runtime import ActorRef, Behaviour, Runtime
-from engine.errors import EngineClosed, Overloaded
+from engine.errors import ActorBroken, EngineClosed, Overloaded
 
 Key = tuple[str, str]
 """(kind, id): ``("order", order_id)`` or ``("account", account_id)``."""
@@ -44,9 +44,13 @@ class Directory:
         self._live: dict[Key, _Live] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._broken: dict[Key, str] = {}
+        """Actors stopped on a broken invariant, with the error: refused until reopen."""
 
     def tell(self, key: Key, message: Any) -> None:
         with self._lock:
+            if key in self._broken:
+                return  # quarantined: the failure was logged when it broke
             self._enqueue(key, message)
 
     def ask(self, key: Key, message: Any, timeout_s: float) -> Any:
@@ -89,6 +93,10 @@ class Directory:
     def _get_or_start(self, key: Key) -> _Live:
         if self._closed:
             raise EngineClosed("the engine is shut down")
+        if key in self._broken:
+            raise ActorBroken(f"{key[0]} {key[1]} stopped on a broken invariant "
+                              f"({self._broken[key]}); it is quarantined until the engine "
+                              "is reopened")
         live = self._live.get(key)
         if live is None:
             behaviour = self._factory(key)
@@ -108,6 +116,22 @@ class Directory:
             del self._live[key]
             live.ref.stop()
             return True
+
+    def quarantine(self, key: Key, error: str) -> None:
+        """Refuse every further message to ``key``: its actor broke an invariant.
+
+        Called by the failing actor on its own thread. Restarting it would only replay the
+        same decision and break again, in a hot loop; a reopen after a fix retries it.
+        """
+        with self._lock:
+            self._broken.setdefault(key, error)
+            live = self._live.pop(key, None)
+        if live is not None:
+            live.ref.stop()  # an asked actor survives its exception in pykka: stop it here
+
+    def broken(self) -> dict[Key, str]:
+        with self._lock:
+            return dict(self._broken)
 
     def live_count(self, kind: str) -> int:
         with self._lock:

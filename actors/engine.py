@@ -9,7 +9,7 @@ the engine's truth, and never touch the channel.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,8 +29,10 @@ from actors.messages import (
     Receipt,
     ReleaseHold,
 )
+from actors.notifier import Notifications, Subscriber
 from actors.order_actor import OrderBehaviour
 from actors.runtime import Runtime, ThreadRuntime
+from actors.voucher_link import DirectVoucherLink, VoucherLink
 from engine.errors import (
     EngineClosed,
     InvalidRequest,
@@ -76,6 +78,11 @@ class RandomIds:
         return f"hold_{uuid.uuid4().hex}"
 
 
+def _check_id(value: object, what: str) -> None:
+    if not isinstance(value, str) or not value or len(value) > 128:
+        raise InvalidRequest(f"{what} must be a non-empty string of at most 128 characters")
+
+
 class Engine:
     """A payment engine on one SQLite file. Use ``Engine.open(path, channels=[...])``."""
 
@@ -85,6 +92,13 @@ class Engine:
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def notifications(self) -> Notifications:
+        """Outbox delivery: register merchants' callback URLs, see delivery status."""
+        notifications = self._ctx.notifications
+        assert isinstance(notifications, Notifications)
+        return notifications
 
     @classmethod
     def open(
@@ -97,6 +111,8 @@ class Engine:
         runtime: Runtime | None = None,
         ids: IdSource | None = None,
         synchronous: str = "FULL",
+        voucher_link: Callable[[Directory], VoucherLink] | None = None,
+        subscribers: Mapping[str, Subscriber] | None = None,
     ) -> Engine:
         """Open (or create) the database at ``path`` and resume every unfinished order.
 
@@ -118,15 +134,18 @@ class Engine:
                       channels=by_name, policy=policy or OrderPolicy(),
                       config=config or EngineConfig(),
                       log=structlog.get_logger("payengine").bind(db=store.path))
+        ctx.voucher_link = (voucher_link or DirectVoucherLink)(ctx.directory)
+        ctx.notifications = Notifications(ctx, subscribers or {})
         ctx_holder.append(ctx)
         engine = cls(ctx, ids or RandomIds())
         engine._resume()
+        ctx.notifications.start()
         return engine
 
     def _resume(self) -> None:
         ctx = self._ctx
         now_ms = ctx.runtime.now_ms()
-        extended = ctx.store.extend_holds_awaiting_confirm(now_ms, ctx.policy.hold_grace_ms)
+        extended = ctx.store.extend_holds_of_unsettled_orders(now_ms, ctx.policy.hold_grace_ms)
         orders = ctx.store.unsettled_order_ids()
         for order_id in orders:
             ctx.directory.tell(("order", order_id), Activate())
@@ -136,12 +155,13 @@ class Engine:
         ctx.log.info("engine.opened", resumed_orders=len(orders),
                      accounts_with_holds=len(accounts), holds_extended=extended)
 
-    def shutdown(self, timeout_s: float = 10.0) -> None:
+    def shutdown(self) -> None:
         """Stop accepting work and stop every actor; unfinished orders resume on next open."""
         if self._closed:
             return
         self._closed = True
         refs = self._ctx.directory.close()
+        self._ctx.notifications.stop()
         self._ctx.runtime.shutdown()
         for ref in refs:
             ref.stop()
@@ -157,6 +177,7 @@ class Engine:
         self._closed = True
         self._ctx.store.kill()
         refs = self._ctx.directory.close()
+        self._ctx.notifications.stop()
         self._ctx.runtime.shutdown()
         for ref in refs:
             ref.stop()
@@ -191,8 +212,7 @@ class Engine:
         Opening an existing account with the same parameters returns it.
         """
         self._check_open()
-        if not isinstance(account_id, str) or not account_id or len(account_id) > 128:
-            raise InvalidRequest("account_id must be a non-empty string of at most 128 characters")
+        _check_id(account_id, "account_id")
         check_unit(unit, "unit")
         if minor_per_unit is not None:
             check_amount(minor_per_unit, "minor_per_unit")
@@ -203,8 +223,7 @@ class Engine:
     def fund(self, account_id: str, amount: int, *, funding_id: str) -> AccountView:
         """Top up an account by ``amount`` of its unit; idempotent by ``funding_id``."""
         check_amount(amount)
-        if not funding_id:
-            raise InvalidRequest("funding_id is required (it makes a retried top-up safe)")
+        _check_id(funding_id, "funding_id (it makes a retried top-up safe)")
         return self._ask_account(account_id, Fund(funding_id, amount))  # type: ignore[no-any-return]
 
     def pre_hold(self, account_id: str, amount: int, *, hold_id: str | None = None,
@@ -220,7 +239,9 @@ class Engine:
         ttl = cfg.pre_hold_ttl_ms if ttl_ms is None else ttl_ms
         if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 < ttl <= cfg.pre_hold_ttl_ms_max:
             raise InvalidRequest(f"ttl_ms must be 1..{cfg.pre_hold_ttl_ms_max}")
-        hold_id = hold_id or self._ids.new_hold_id()
+        if hold_id is None:
+            hold_id = self._ids.new_hold_id()
+        _check_id(hold_id, "hold_id")
         expires = self._ctx.runtime.now_ms() + ttl
         return self._ask_account(account_id, PreHold(hold_id, amount, expires))  # type: ignore[no-any-return]
 
@@ -347,6 +368,15 @@ class Engine:
         """Every recorded transition of the order and its legs, oldest first."""
         self._check_open()
         return self._ctx.store.journal("order", order_id)
+
+    def broken_actors(self) -> dict[str, str]:
+        """Orders and accounts quarantined on a broken invariant ("order:ID" -> error).
+
+        Empty in a healthy engine. Monitor it: each entry is a bug that needs a fix and a
+        reopen, and its money waits in the state last committed.
+        """
+        return {f"{kind}:{ident}": error
+                for (kind, ident), error in self._ctx.directory.broken().items()}
 
     def unsettled_count(self) -> int:
         """Orders with work left (not terminal, or a leg's follow-up still in flight)."""

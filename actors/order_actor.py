@@ -18,7 +18,7 @@ from actors.channel import cash_result, refund_result
 from actors.directory import Key
 from actors.messages import FromOrder, OrderView
 from actors.runtime import TimerHandle
-from engine.errors import InvalidRequest, UnknownOrder
+from engine.errors import EngineClosed, InvalidRequest, UnknownOrder
 from engine.order import (
     Activate,
     ArmTimer,
@@ -55,6 +55,10 @@ class OrderBehaviour(ActorBehaviour):
 
     def load(self) -> None:
         self.order = self.ctx.store.load_order(self.key[1])
+        # An unsettled order whose actor (re)started has effects in flight that nobody may
+        # carry out any more (the previous actor died, or the engine restarted): the first
+        # message is preceded by an Activate, which re-issues them (all idempotent).
+        self.needs_activation = self.order is not None and not self.order.is_settled
 
     def idle(self) -> bool:
         return self.order is None or self.order.is_settled
@@ -69,25 +73,53 @@ class OrderBehaviour(ActorBehaviour):
             raise UnknownOrder(f"no payment order {self.key[1]}")
         if not isinstance(message, _EVENTS):
             raise InvalidRequest(f"an order cannot handle {type(message).__name__}")
+        if self.needs_activation:
+            self.needs_activation = False
+            if not isinstance(message, Activate):
+                self._apply(Activate())
+        return self._apply(message)
+
+    def _apply(self, event: Any) -> OrderView:
+        """Decide, commit, take the new state, then act: in that order, whatever fails."""
+        assert self.order is not None
         now_ms = self.ctx.runtime.now_ms()
-        decision = decide(self.order, message, now_ms=now_ms, policy=self.ctx.policy)
-        if decision.order.version != self.order.version:
+        decision = decide(self.order, event, now_ms=now_ms, policy=self.ctx.policy)
+        saved = decision.order.version != self.order.version
+        if saved:
             self.ctx.store.save_order(decision.order, decision.transitions, now_ms)
-        self._log(message, decision)
         self.order = decision.order
+        if saved and decision.transitions:
+            self.ctx.notifications.kick()
+        self._log(event, decision)
+        failed = 0
         for effect in decision.effects:
-            self._carry_out(effect)
+            try:
+                self._carry_out(effect)
+            except EngineClosed:
+                raise
+            except Exception as error:  # one effect failing must not lose the others
+                failed += 1
+                self.log.error("effect.failed", order_id=self.order.order_id,
+                               effect=type(effect).__name__, error=repr(error))
+        if failed:
+            # Committed but not all carried out: activate again shortly, which re-issues
+            # every in-flight effect (idempotent). Bounded by the effects' own schedules.
+            self.tell_later(now_ms + 1_000, Activate())
         return OrderView.of(self.order)
 
     def _log(self, event: Any, decision: Decision) -> None:
+        """Log the decision; a failing log never undoes or blocks a committed decision."""
         order = decision.order
-        for t in decision.transitions:
-            self.log.info("transition", order_id=order.order_id, part=t.entity,
-                          from_state=t.from_state, to_state=t.to_state, cause=t.cause,
-                          on=type(event).__name__)
-        if not decision.transitions:
-            self.log.debug("event", order_id=order.order_id, on=type(event).__name__,
-                           note=decision.note)
+        try:
+            for t in decision.transitions:
+                self.log.info("transition", order_id=order.order_id, part=t.entity,
+                              from_state=t.from_state, to_state=t.to_state, cause=t.cause,
+                              on=type(event).__name__)
+            if not decision.transitions:
+                self.log.debug("event", order_id=order.order_id, on=type(event).__name__,
+                               note=decision.note)
+        except Exception:
+            pass
 
     def _carry_out(self, effect: Effect) -> None:
         """Run one effect. Called only after the decision that produced it was committed."""
@@ -95,8 +127,7 @@ class OrderBehaviour(ActorBehaviour):
         order_id = self.order.order_id
         match effect:
             case TryHold() | ConfirmHold() | CancelHold() | DebitVoucher():
-                self.ctx.directory.tell(("account", effect.account_id),
-                                        FromOrder(order_id, effect))
+                self.ctx.voucher_link.request(effect.account_id, FromOrder(order_id, effect))
             case ArmTimer():
                 old = self.timers.pop(effect.timer, None)
                 if old is not None:

@@ -101,3 +101,18 @@ class EngineClosed(PaymentError):
     """The engine was shut down (or abandoned) and accepts no more work."""
 
     code = "engine_closed"
+
+
+class DatabaseInUse(PaymentError):
+    """Another engine has this database open; two engines on one file would both act."""
+
+    code = "database_in_use"
+
+
+class ActorBroken(AssertionError):
+    """An actor stopped on a broken invariant: a bug, not an expected failure.
+
+    Its order or account is quarantined until the engine is reopened (after a fix), so a
+    bug fails loudly once instead of crashing and restarting in a hot loop. Its state in
+    the database is what was last committed; no money moved on the broken decision.
+    """

@@ -12,6 +12,7 @@ only for the statements of one transaction, never while waiting on anything else
 
 from __future__ import annotations
 
+import fcntl
 import queue
 import sqlite3
 import threading
@@ -19,11 +20,17 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import sqlite_utils
 
-from engine.errors import AccountExists, EngineClosed, IdempotencyConflict, Overloaded
+from engine.errors import (
+    AccountExists,
+    DatabaseInUse,
+    EngineClosed,
+    IdempotencyConflict,
+    Overloaded,
+)
 from engine.order import (
     IN_FLIGHT_LEG_STATUSES,
     TERMINAL_STATES,
@@ -36,6 +43,7 @@ from engine.order import (
     Transition,
 )
 from engine.voucher import Fence, FenceKind, FenceStatus, VoucherAccount
+from persistence import outbox
 
 SCHEMA_VERSION = 1
 
@@ -58,9 +66,15 @@ class Store:
     """The engine's database. Open with ``Store(path)``; ``":memory:"`` works for tests."""
 
     def __init__(self, path: str | Path, *, synchronous: str = "FULL",
-                 readers_max: int = 8) -> None:
+                 readers_max: int = 8, exclusive: bool = True) -> None:
+        """``exclusive``: hold a lock file for as long as the store is open, so that a second
+        engine on the same file (this process or another) is refused with ``DatabaseInUse``.
+        Read-only inspection (``payengine show``) opens without it."""
         assert synchronous in ("FULL", "NORMAL", "OFF"), synchronous
         self.path = str(path)
+        self._lock_file: IO[str] | None = None
+        if exclusive and self.path != ":memory:":
+            self._lock_file = _lock_exclusively(self.path + ".lock")
         self._conn = sqlite3.connect(
             self.path, check_same_thread=False, isolation_level=None, timeout=30.0
         )
@@ -92,6 +106,9 @@ class Store:
                 self._readers.get_nowait().close()
             except queue.Empty:
                 break
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the lock
+            self._lock_file = None
 
     def kill(self) -> None:
         """Simulate power loss: nothing after this call commits. What committed stays."""
@@ -109,10 +126,11 @@ class Store:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
+                self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:  # a failed COMMIT may leave it open
+                    self._conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
         if self.after_commit is not None:
             self.after_commit()
 
@@ -189,7 +207,8 @@ class Store:
                  "total_minor": int, "fingerprint": str, "state": str, "cause": str,
                  "created_at_ms": int, "close_at_ms": int, "hold_expires_at_ms": int,
                  "query_attempt": int, "next_query_at_ms": int, "refund_query_attempt": int,
-                 "next_refund_query_at_ms": int, "version": int, "updated_at_ms": int,
+                 "next_refund_query_at_ms": int, "voucher_attempt": int,
+                 "next_voucher_retry_at_ms": int, "version": int, "updated_at_ms": int,
                  "settled": int},
                 pk="order_id",
                 not_null={"payment_serial", "state", "total_minor", "version"},
@@ -222,6 +241,13 @@ class Store:
                  "from_state": str, "to_state": str, "cause": str},
                 pk="seq", if_not_exists=True,
             )
+            orders = db.table("payment_orders")
+            for column in ("voucher_attempt", "next_voucher_retry_at_ms"):
+                if column not in orders.columns_dict:  # a database from before this column
+                    orders.add_column(column, int)
+            if orders.columns_dict and "voucher_attempt" in orders.columns_dict:
+                self._conn.execute(
+                    "UPDATE payment_orders SET voucher_attempt = 0 WHERE voucher_attempt IS NULL")
             db.table("meta").create({"key": str, "value": str}, pk="key", if_not_exists=True)
             db.table("meta").insert({"key": "schema_version", "value": str(SCHEMA_VERSION)},
                               ignore=True)
@@ -231,6 +257,7 @@ class Store:
             db.table("payment_orders").create_index(["user_id", "created_at_ms"], if_not_exists=True)
             db.table("holds").create_index(["status", "expires_at_ms"], if_not_exists=True)
             db.table("journal").create_index(["entity_kind", "entity_id"], if_not_exists=True)
+            outbox.create_schema(db)
 
     # ------------------------------------------------------------------ orders
 
@@ -251,8 +278,9 @@ class Store:
                 )
                 conn.execute(_INSERT_ORDER, _order_row(order, now_ms))
                 conn.executemany(_INSERT_LEG, [_leg_row(order.order_id, leg) for leg in order.legs])
-                self._journal(conn, now_ms, "order", order.order_id,
-                              [Transition("order", "", order.state.value, "submitted")])
+                submitted = [Transition("order", "", order.state.value, "submitted")]
+                self._journal(conn, now_ms, "order", order.order_id, submitted)
+                outbox.record_order_events(conn, order, submitted, now_ms)
             return None
         except sqlite3.IntegrityError:
             pass
@@ -280,10 +308,12 @@ class Store:
             cur = conn.execute(
                 "UPDATE payment_orders SET state = ?, cause = ?, query_attempt = ?,"
                 " next_query_at_ms = ?, refund_query_attempt = ?, next_refund_query_at_ms = ?,"
+                " voucher_attempt = ?, next_voucher_retry_at_ms = ?,"
                 " version = ?, updated_at_ms = ?, settled = ?"
                 " WHERE order_id = ? AND version = ?",
                 (order.state.value, order.cause, order.query_attempt, order.next_query_at_ms,
-                 order.refund_query_attempt, order.next_refund_query_at_ms, order.version,
+                 order.refund_query_attempt, order.next_refund_query_at_ms,
+                 order.voucher_attempt, order.next_voucher_retry_at_ms, order.version,
                  now_ms, int(order.is_settled), order.order_id, order.version - 1),
             )
             assert cur.rowcount == 1, (
@@ -297,6 +327,7 @@ class Store:
                   order.order_id, leg.leg_no) for leg in order.legs],
             )
             self._journal(conn, now_ms, "order", order.order_id, transitions)
+            outbox.record_order_events(conn, order, transitions, now_ms)
 
     def load_order(self, order_id: str) -> PaymentOrder | None:
         with self._read() as conn:
@@ -463,20 +494,22 @@ class Store:
                                 " ORDER BY account_id").fetchall()
         return [str(r[0]) for r in rows]
 
-    def extend_holds_awaiting_confirm(self, now_ms: int, grace_ms: int) -> int:
-        """At open: give pending holds whose order already decided to confirm them more time.
+    def extend_holds_of_unsettled_orders(self, now_ms: int, grace_ms: int) -> int:
+        """At open: give every pending hold of an unsettled order time to be decided.
 
-        A hold's expiry is set past its order's close, so in a running engine a Confirm always
-        arrives in time. After a long outage it may not: the order decided success (its leg is
-        CONFIRMING) but the hold's expiry has passed. Expiring it would take the voucher back
-        from a payment that went through, so its expiry is moved to ``now + grace`` and the
-        resumed order confirms it. Returns how many holds were extended.
+        A hold's expiry is set past its order's close, so in a running engine the order's
+        Confirm or Cancel always arrives in time. After a long outage it may not: an order
+        that decided success (or is deducting) would find its hold expired and the voucher
+        back with the user. Every unsettled order confirms or cancels each of its holds once
+        resumed, so their expiry is moved to ``now + grace`` first. Returns how many.
         """
         with self._tx() as conn:
             rows = conn.execute(
-                "SELECT h.account_id, h.hold_id, h.expires_at_ms FROM holds h JOIN legs l"
-                " ON l.order_id = h.order_id AND l.hold_id = h.hold_id"
-                " WHERE h.status = 'pending' AND l.status = 'confirming'"
+                "SELECT h.account_id, h.hold_id, h.expires_at_ms FROM holds h"
+                " JOIN payment_orders o ON o.order_id = h.order_id"
+                " JOIN legs l ON l.order_id = h.order_id AND l.hold_id = h.hold_id"
+                " AND l.account_id = h.account_id"
+                " WHERE h.status = 'pending' AND o.settled = 0"
                 " AND h.expires_at_ms < ?", (now_ms + grace_ms,)).fetchall()
             for account_id, hold_id, old in rows:
                 conn.execute("UPDATE holds SET expires_at_ms = ?, updated_at_ms = ?"
@@ -484,7 +517,7 @@ class Store:
                              (now_ms + grace_ms, now_ms, account_id, hold_id))
                 self._journal(conn, now_ms, "account", account_id, [Transition(
                     f"hold:{hold_id}", "pending", "pending",
-                    f"expiry {old} extended at open: its order is confirming it")])
+                    f"expiry {old} extended at open: its order has not decided yet")])
         return len(rows)
 
     # ------------------------------------------------------------------ journal
@@ -535,16 +568,28 @@ class Store:
         return [_fence_from_row(r) for r in rows]
 
 
+def _lock_exclusively(lock_path: str) -> IO[str]:
+    handle = open(lock_path, "a+", encoding="utf-8")  # noqa: SIM115 - held while open
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise DatabaseInUse(
+            f"{lock_path[:-5]} is open in another engine; close it first") from None
+    return handle
+
+
 # ---------------------------------------------------------------------- row mapping
 
 _ORDER_COLUMNS = (
     "order_id, merchant_id, merchant_order_no, payment_serial, user_id, title, currency,"
     " total_minor, fingerprint, state, cause, created_at_ms, close_at_ms, hold_expires_at_ms,"
-    " query_attempt, next_query_at_ms, refund_query_attempt, next_refund_query_at_ms, version"
+    " query_attempt, next_query_at_ms, refund_query_attempt, next_refund_query_at_ms,"
+    " voucher_attempt, next_voucher_retry_at_ms, version"
 )
 _INSERT_ORDER = (
     f"INSERT INTO payment_orders ({_ORDER_COLUMNS}, updated_at_ms, settled)"
-    " VALUES (" + ",".join("?" * 21) + ")"
+    " VALUES (" + ",".join("?" * 23) + ")"
 )
 _LEG_COLUMNS = (
     "leg_no, mode, account_id, amount, unit, value_minor, hold_id, status, channel,"
@@ -562,8 +607,8 @@ def _order_row(order: PaymentOrder, now_ms: int) -> tuple[object, ...]:
         order.user_id, order.title, order.currency, order.total_minor, order.fingerprint,
         order.state.value, order.cause, order.created_at_ms, order.close_at_ms,
         order.hold_expires_at_ms, order.query_attempt, order.next_query_at_ms,
-        order.refund_query_attempt, order.next_refund_query_at_ms, order.version, now_ms,
-        int(order.is_settled),
+        order.refund_query_attempt, order.next_refund_query_at_ms, order.voucher_attempt,
+        order.next_voucher_retry_at_ms, order.version, now_ms, int(order.is_settled),
     )
 
 
@@ -578,7 +623,7 @@ def _leg_row(order_id: str, leg: Leg) -> tuple[object, ...]:
 def _order_from_rows(row: Sequence[Any], legs: Sequence[Sequence[Any]]) -> PaymentOrder:
     (order_id, merchant_id, merchant_order_no, serial, user_id, title, currency, total,
      fingerprint, state, cause, created, close_at, hold_exp, q_attempt, next_q, rq_attempt,
-     next_rq, version) = row
+     next_rq, v_attempt, next_v, version) = row
     return PaymentOrder(
         order_id=str(order_id), merchant_id=str(merchant_id),
         merchant_order_no=str(merchant_order_no), payment_serial=str(serial),
@@ -592,6 +637,8 @@ def _order_from_rows(row: Sequence[Any], legs: Sequence[Sequence[Any]]) -> Payme
         next_query_at_ms=None if next_q is None else int(next_q),
         refund_query_attempt=int(rq_attempt),
         next_refund_query_at_ms=None if next_rq is None else int(next_rq),
+        voucher_attempt=int(v_attempt or 0),
+        next_voucher_retry_at_ms=None if next_v is None else int(next_v),
         version=int(version),
     )
 

@@ -189,7 +189,7 @@ def _show(args: argparse.Namespace) -> int:
     if not Path(args.db).exists():
         print(f"payengine show: no database at {args.db}", file=sys.stderr)
         return 2
-    store = Store(args.db)
+    store = Store(args.db, exclusive=False)
     try:
         order = store.load_order(args.order_id)
         if order is None:

@@ -31,9 +31,10 @@ from sim.oracle import OracleReport, check
 
 DEMO_POLICY = OrderPolicy(
     pay_window_ms=2_500,
-    hold_grace_ms=2_000,
+    hold_grace_ms=4_000,
     query_schedule_ms=(100, 200, 400, 800, 1_600),
     refund_query_schedule_ms=(100, 200, 400, 800, 1_600),
+    voucher_retry_schedule_ms=(100, 200, 400, 800),
 )
 """The default policy with time scaled down ~400x so the afternoon takes seconds."""
 

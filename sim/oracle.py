@@ -8,7 +8,10 @@ Checked (each failure is one ``Violation`` naming the order or account):
 - orders: a succeeded order's cash was really charged once and kept, and every voucher leg
   spent; any other order has nothing charged (net of refunds) and nothing spent, unless its
   cash leg is explicitly awaiting reconciliation (reported apart, not as a violation);
-- every order/leg transition in the journal is in the core's table of legal transitions.
+- every order transition in the journal is in the core's table of legal transitions.
+
+The cash check is meaningful once orders have converged (after the quiet phase): an order
+still deducting, or closed while its payment is in flight, may hold money for a moment.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from persistence.store import Store
 
 RECONCILIATION_LEG_STATUSES = frozenset(
     {LegStatus.UNKNOWN, LegStatus.REFUND_UNKNOWN, LegStatus.REFUND_FAILED,
-     LegStatus.CONFIRM_FAILED, LegStatus.RELEASE_FAILED}
+     LegStatus.CONFIRM_FAILED, LegStatus.RELEASE_FAILED, LegStatus.CONFIRM_UNKNOWN,
+     LegStatus.RELEASE_UNKNOWN}
 )
 """Leg outcomes the engine cannot settle alone: flagged for reconciliation (a later issue)."""
 
@@ -122,7 +126,11 @@ def _check_order(store: Store, order: PaymentOrder, channels: Mapping[str, Groun
     for leg in order.legs:
         if leg.mode is LegMode.CASH or leg.account_id is None or leg.hold_id is None:
             continue
+        if leg.status in (LegStatus.CONFIRM_UNKNOWN, LegStatus.RELEASE_UNKNOWN):
+            continue  # the voucher system never answered: flagged, not guessed
         fence = store.load_fence(leg.account_id, leg.hold_id)
+        if fence is not None and fence.order_id not in (None, order.order_id):
+            fence = None  # a pre-hold another order adopted: not this order's money
         spent = fence is not None and fence.status is FenceStatus.POSTED
         if order.state is OrderState.SUCCEEDED and order.is_settled and not spent:
             v.append(Violation("voucher-spent-for-success", subject,

@@ -29,6 +29,7 @@ from typing import Any
 import structlog
 
 from actors.base import EngineConfig
+from actors.directory import Directory
 from actors.engine import Engine
 from actors.messages import Receipt
 from actors.runtime import Runtime, ThreadRuntime
@@ -45,21 +46,28 @@ from engine.order import (
 from sim.channel import ChannelFaults, SimulatedChannel
 from sim.oracle import OracleReport, Violation, check
 from sim.runtime import Scheduler, SimRuntime, SimWorld
+from sim.voucher_link import LossyVoucherLink, VoucherFaults
 
 FAULT_KINDS = (
     "jitter", "callback-lost", "callback-duplicated", "callback-reordered", "callback-early",
     "channel-timeout", "unknown-code", "pay-failure", "query-no-answer", "query-processing",
     "user-never-pays", "user-pays-late", "duplicate-submit", "user-close", "timeout-close",
-    "crash",
+    "voucher-faults", "crash",
 )
 """Every fault the simulator can inject; ``--faults`` picks from these."""
 
 SIM_POLICY = OrderPolicy(
     pay_window_ms=3_000,
-    hold_grace_ms=2_000,
+    hold_grace_ms=15_000,
     query_schedule_ms=(100, 200, 500, 1_000, 2_000),
     refund_query_schedule_ms=(100, 200, 500, 1_000, 2_000),
+    voucher_retry_schedule_ms=(200, 400, 800, 1_600, 3_000),
 )
+
+
+QUIET_PHASE_MAX_MS = 15 * 60 * 1000
+"""Virtual time the quiet phase may take. Every schedule of ``SIM_POLICY`` ends within a
+minute of the last fault, so work still scheduled after this is a loop: a violation."""
 
 
 class SimulatedCrash(BaseException):
@@ -147,6 +155,7 @@ class FaultMix:
     duplicate_submit: float
     user_close: float
     pay_window_ms: int
+    vouchers: VoucherFaults
 
     @staticmethod
     def draw(rng: random.Random, allowed: frozenset[str], *, swarm: bool = True) -> FaultMix:
@@ -180,6 +189,10 @@ class FaultMix:
             duplicate_submit=p("duplicate-submit", 0.3),
             user_close=p("user-close", 0.2),
             pay_window_ms=rng.choice([800, 1_500]) if "timeout-close" in on else 3_000,
+            vouchers=VoucherFaults(
+                request_lost=p("voucher-faults", 0.25), reply_lost=p("voucher-faults", 0.25),
+                unavailable=p("voucher-faults", 0.25),
+                delay_ms=(0, 300) if "voucher-faults" in on else (0, 5)),
         )
 
 
@@ -205,7 +218,8 @@ class Simulation:
         self.policy = OrderPolicy(
             pay_window_ms=self.mix.pay_window_ms, hold_grace_ms=SIM_POLICY.hold_grace_ms,
             query_schedule_ms=SIM_POLICY.query_schedule_ms,
-            refund_query_schedule_ms=SIM_POLICY.refund_query_schedule_ms, planted_bugs=bugs)
+            refund_query_schedule_ms=SIM_POLICY.refund_query_schedule_ms,
+            voucher_retry_schedule_ms=SIM_POLICY.voucher_retry_schedule_ms, planted_bugs=bugs)
         self.engine_config = EngineConfig(account_idle_ms=2_000, planted_bugs=bugs,
                                           ask_timeout_s=30.0)
         self.ids = SeqIds()
@@ -219,6 +233,8 @@ class Simulation:
         self.counts: Counter[str] = Counter()
         self.pending_submits: list[PaymentRequest] = []
         self.quiet = False
+        self.link_rng = random.Random(config.seed + 2)
+        self.link_counts: dict[str, int] = {}
 
     # ------------------------------------------------------------------ engine lifecycle
 
@@ -231,11 +247,19 @@ class Simulation:
         self.runtime = runtime
         self.engine = Engine.open(self.path, channels=[self.channel], policy=self.policy,
                                   config=self.engine_config, runtime=runtime, ids=self.ids,
-                                  synchronous="OFF" if self.scheduler else "NORMAL")
+                                  synchronous="OFF" if self.scheduler else "NORMAL",
+                                  voucher_link=self._voucher_link)
         self.channel.attach(self.engine)
         retry, self.pending_submits = self.pending_submits, []
         for request in retry:
             self._submit(request)
+
+    def _voucher_link(self, directory: Directory) -> LossyVoucherLink:
+        return LossyVoucherLink(directory, self.world, self.link_rng, self._voucher_faults,
+                                self.link_counts)
+
+    def _voucher_faults(self) -> VoucherFaults:
+        return VoucherFaults() if self.quiet else self.mix.vouchers
 
     def _crash(self) -> None:
         """Power loss: actors, messages, timers and I/O of this incarnation are gone."""
@@ -243,6 +267,7 @@ class Simulation:
         if engine is None:
             return
         self.engine = None
+        self._note_broken(engine)
         self.channel.attach(None)
         if isinstance(runtime, SimRuntime):
             runtime.crash()
@@ -251,6 +276,14 @@ class Simulation:
         self.counts["crash"] += 1
         downtime = self.rng.randint(0, 3_000)
         self._at(self.world.now_ms() + downtime, self._reopen)
+
+    def _note_broken(self, engine: Engine) -> None:
+        """Every actor quarantined on a broken invariant is a violation (a reopen forgets)."""
+        for actor, error in engine.broken_actors().items():
+            kind, ident = actor.split(":", 1)
+            violation = Violation("invariant-held", f"{kind} {ident}", error)
+            if violation not in self.violations:
+                self.violations.append(violation)
 
     def _reopen(self) -> None:
         self._open()
@@ -363,6 +396,7 @@ class Simulation:
         engine = self.engine
         assert engine is not None
         report = check(engine.store, {"wechat": self.channel}, now_ms=self.world.now_ms())
+        self._note_broken(engine)
         for key, receipt in self.receipts.items():
             try:
                 found = engine.find_order("station-1", key)
@@ -393,11 +427,20 @@ class Simulation:
             quiet_at = self._schedule_workload(customers)
             self._at(quiet_at, self._start_quiet_phase)
             self._drive(quiet_at)
+            quiet_deadline_ms = quiet_at + QUIET_PHASE_MAX_MS
             while True:
                 if self.engine is None:
                     self._open()
                 self._flush_pending()
-                self._drive(None)
+                self._drive(None, deadline_ms=quiet_deadline_ms)
+                if self.world.now_ms() > quiet_deadline_ms:
+                    self.violations.append(Violation(
+                        "quiet-phase-ends", f"seed {self.config.seed}",
+                        f"work still scheduled {QUIET_PHASE_MAX_MS // 1000} virtual seconds "
+                        "after the faults stopped: a retry or timer loop"))
+                    if self.engine is None:
+                        self._open()
+                    break
                 if self.engine is not None and not self.pending_submits:
                     break
             report = self._final_check()
@@ -412,7 +455,7 @@ class Simulation:
                 self.world.shutdown()
             if self.config.db_dir is None:
                 shutil.rmtree(self._tmp, ignore_errors=True)
-        faults = dict(Counter(self.channel.counts) + self.counts)
+        faults = dict(Counter(self.channel.counts) + self.counts + Counter(self.link_counts))
         start = self.scheduler.start_ms if self.scheduler else 0
         virtual = (self.world.now_ms() - start) / 1000 if self.scheduler else 0.0
         return SimResult(
@@ -435,19 +478,20 @@ class Simulation:
         if self.engine is not None:
             self.engine.store.after_commit = None
 
-    def _drive(self, until_ms: int | None) -> None:
+    def _drive(self, until_ms: int | None, deadline_ms: int | None = None) -> None:
+        """Run to ``until_ms``, or (None) until idle but never past ``deadline_ms``."""
         if self.scheduler is not None:
-            self._drive_sim(until_ms)
+            self._drive_sim(until_ms, deadline_ms)
         else:
             self._drive_threads(until_ms)
 
-    def _drive_sim(self, until_ms: int | None) -> None:
+    def _drive_sim(self, until_ms: int | None, deadline_ms: int | None) -> None:
         sched = self.scheduler
         assert sched is not None
         while True:
             try:
                 if until_ms is None:
-                    sched.run_until_idle()
+                    sched.run_until(lambda: False, deadline_ms=deadline_ms)
                 else:
                     sched.run_until(lambda: sched.now_ms >= until_ms)
                 return

@@ -1,0 +1,80 @@
+"""A voucher link through a faulty network: the voucher systems of other companies.
+
+Requests and replies travel as world events (a crash of the engine does not recall a
+request already on the wire), after a seeded delay; either may be lost; a voucher system
+may fail without deciding (a retryable error). The order actors must still never lose a
+voucher nor spend one twice: they re-send on their retry schedule, and every command is
+idempotent by hold id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from actors.directory import Directory, Key
+from actors.messages import FromOrder
+from engine.errors import EngineClosed
+from engine.order import CancelHold, ConfirmHold, DebitVoucher, TryHold, VoucherOp, VoucherReply
+from sim.channel import World
+
+_OPS = {TryHold: VoucherOp.TRY, ConfirmHold: VoucherOp.CONFIRM, CancelHold: VoucherOp.CANCEL,
+        DebitVoucher: VoucherOp.DEBIT}
+
+
+@dataclass(frozen=True)
+class VoucherFaults:
+    request_lost: float = 0.0
+    reply_lost: float = 0.0
+    unavailable: float = 0.0
+    """The voucher system answers "try again" without doing anything."""
+    delay_ms: tuple[int, int] = (0, 5)
+
+
+class LossyVoucherLink:
+    """Fits ``actors.voucher_link.VoucherLink``."""
+
+    def __init__(self, directory: Directory, world: World, rng: random.Random,
+                 faults: Callable[[], VoucherFaults], counts: dict[str, int]) -> None:
+        self._directory = directory
+        self._world = world
+        self._rng = rng
+        self._faults = faults
+        self._counts = counts
+
+    def request(self, account_id: str, command: FromOrder) -> None:
+        f = self._faults()
+        if self._chance(f.request_lost, "voucher_request_lost"):
+            return
+        if self._chance(f.unavailable, "voucher_unavailable"):
+            effect = command.effect
+            failed = VoucherReply(effect.leg_no, effect.hold_id, _OPS[type(effect)], False,
+                                  "voucher system unavailable", retryable=True)
+            self._send(("order", command.order_id), failed, f)
+            return
+        self._send(("account", account_id), command, f)
+
+    def reply(self, order_id: str, reply: VoucherReply) -> None:
+        f = self._faults()
+        if self._chance(f.reply_lost, "voucher_reply_lost"):
+            return
+        self._send(("order", order_id), reply, f)
+
+    def _send(self, key: Key, message: Any, f: VoucherFaults) -> None:
+        directory = self._directory
+
+        def deliver() -> None:
+            with contextlib.suppress(EngineClosed):  # the engine crashed meanwhile
+                directory.tell(key, message)
+
+        delay = self._rng.randint(*f.delay_ms)
+        self._world.call_at(self._world.now_ms() + delay, deliver)
+
+    def _chance(self, probability: float, kind: str) -> bool:
+        hit = probability > 0 and self._rng.random() < probability
+        if hit:
+            self._counts[kind] = self._counts.get(kind, 0) + 1
+        return hit
