@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from actors.channel import Channel
 from actors.directory import Directory, Key
 from actors.messages import Asked
+from actors.notifier import NotificationConfig
 from actors.runtime import Runtime, TimerHandle
 from engine.errors import EngineClosed, PaymentError
 from engine.order import OrderPolicy
@@ -35,8 +36,12 @@ class EngineConfig:
     pre_hold_ttl_ms: int = 15 * 60 * 1000
     pre_hold_ttl_ms_max: int = 24 * 60 * 60 * 1000
     duplicate_guard_window_ms: int = 60_000
+    fee_ppm: Mapping[str, int] = field(default_factory=dict)
+    """Each channel's fee in parts per million of the cash it takes (ledger: fees:<channel>)."""
     planted_bugs: frozenset[str] = frozenset()
     """For the simulator only (``engine.order.PLANTABLE_BUGS``); empty in a real engine."""
+    notifications: NotificationConfig = field(default_factory=NotificationConfig)
+    """Outbox delivery: merchant notification schedule, subscriber retries, batch bounds."""
 
 
 @dataclass
