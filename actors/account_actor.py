@@ -41,6 +41,7 @@ from engine.order import (
     CancelHold,
     ConfirmHold,
     DebitVoucher,
+    ReturnVoucher,
     Transition,
     TryHold,
     VoucherOp,
@@ -49,7 +50,7 @@ from engine.order import (
 from engine.voucher import Fence, FenceStatus, Outcome, VoucherAccount
 
 _OPS = {TryHold: VoucherOp.TRY, ConfirmHold: VoucherOp.CONFIRM, CancelHold: VoucherOp.CANCEL,
-        DebitVoucher: VoucherOp.DEBIT}
+        DebitVoucher: VoucherOp.DEBIT, ReturnVoucher: VoucherOp.RETURN}
 
 
 class AccountBehaviour(ActorBehaviour):
@@ -156,6 +157,9 @@ class AccountBehaviour(ActorBehaviour):
             case DebitVoucher():
                 return voucher.debit(account, fence, hold_id=effect.hold_id,
                                      amount=effect.amount, order_id=order_id, now_ms=now_ms)
+            case ReturnVoucher():
+                return voucher.give_back(account, fence, return_id=effect.hold_id,
+                                         amount=effect.amount, order_id=order_id, now_ms=now_ms)
         raise AssertionError(f"not a voucher effect: {effect!r}")
 
     def _fund(self, command: Fund) -> AccountView:

@@ -9,7 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from engine.order import CancelHold, ConfirmHold, DebitVoucher, Leg, PaymentOrder, TryHold
+from engine.order import (
+    CancelHold,
+    ConfirmHold,
+    DebitVoucher,
+    Leg,
+    PaymentOrder,
+    Refund,
+    ReturnVoucher,
+    TryHold,
+)
 from engine.voucher import Fence, VoucherAccount
 
 
@@ -28,7 +37,7 @@ class FromOrder:
     """An order's voucher effect, to be answered with a ``VoucherReply`` told to the order."""
 
     order_id: str
-    effect: TryHold | ConfirmHold | CancelHold | DebitVoucher
+    effect: TryHold | ConfirmHold | CancelHold | DebitVoucher | ReturnVoucher
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,13 +136,44 @@ class OrderView:
     settled: bool
     """Nothing more will happen by itself: terminal, and every leg's follow-up is done."""
     legs: tuple[LegView, ...]
+    refunds: tuple[RefundView, ...] = ()
+    refunded_minor: int = 0
+    """Merchant refunds given back or still under way (FAILED ones excluded)."""
 
     @staticmethod
     def of(order: PaymentOrder) -> OrderView:
         return OrderView(order.order_id, order.merchant_id, order.merchant_order_no,
                          order.payment_serial, order.state.value, order.cause,
                          order.total_minor, order.currency, order.is_settled,
-                         tuple(LegView.of(leg) for leg in order.legs))
+                         tuple(LegView.of(leg) for leg in order.legs),
+                         tuple(RefundView.of(r) for r in order.refunds), order.refunded_minor)
+
+    def refund(self, refund_no: str) -> RefundView:
+        """The refund the merchant asked for under ``refund_no``."""
+        for refund in self.refunds:
+            if refund.refund_no == refund_no:
+                return refund
+        raise KeyError(refund_no)
+
+
+@dataclass(frozen=True, slots=True)
+class RefundView:
+    """A refund of an order: ``parts`` maps leg number to (amount in the leg's unit, status)."""
+
+    refund_id: str
+    refund_no: str
+    kind: str
+    amount_minor: int
+    reason: str
+    status: str
+    parts: tuple[tuple[int, int, str], ...]
+    """(leg_no, amount in the leg's unit, status) per leg that gives something back."""
+
+    @staticmethod
+    def of(refund: Refund) -> RefundView:
+        return RefundView(refund.refund_id, refund.refund_no, refund.kind.value,
+                          refund.amount_minor, refund.reason, refund.status.value,
+                          tuple((p.leg_no, p.amount, p.status.value) for p in refund.parts))
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from actors.directory import Key
 from actors.messages import FromOrder, OrderView
 from actors.runtime import TimerHandle
 from engine.errors import EngineClosed, InvalidRequest, UnknownOrder
+from engine.ledger import postings_for
 from engine.order import (
     Activate,
     ArmTimer,
@@ -36,7 +37,9 @@ from engine.order import (
     QueryRefund,
     RefundCash,
     RefundResult,
+    RequestRefund,
     ResultSource,
+    ReturnVoucher,
     TimerFired,
     TimerKind,
     TryHold,
@@ -44,7 +47,8 @@ from engine.order import (
     decide,
 )
 
-_EVENTS = (Activate, VoucherReply, CashResult, RefundResult, CloseOrder, TimerFired)
+_EVENTS = (Activate, VoucherReply, CashResult, RefundResult, CloseOrder, TimerFired,
+           RequestRefund)
 
 
 class OrderBehaviour(ActorBehaviour):
@@ -86,7 +90,11 @@ class OrderBehaviour(ActorBehaviour):
         decision = decide(self.order, event, now_ms=now_ms, policy=self.ctx.policy)
         saved = decision.order.version != self.order.version
         if saved:
-            self.ctx.store.save_order(decision.order, decision.transitions, now_ms)
+            postings = postings_for(self.order, decision.order, decision.transitions,
+                                    fee_ppm=self.ctx.config.fee_ppm)
+            self.ctx.store.save_order(
+                decision.order, decision.transitions, now_ms, postings,
+                skew_ledger="ledger-unbalanced" in self.ctx.config.planted_bugs)
         self.order = decision.order
         if saved and decision.transitions:
             self.ctx.notifications.kick()
@@ -126,7 +134,7 @@ class OrderBehaviour(ActorBehaviour):
         assert self.order is not None
         order_id = self.order.order_id
         match effect:
-            case TryHold() | ConfirmHold() | CancelHold() | DebitVoucher():
+            case TryHold() | ConfirmHold() | CancelHold() | DebitVoucher() | ReturnVoucher():
                 self.ctx.voucher_link.request(effect.account_id, FromOrder(order_id, effect))
             case ArmTimer():
                 old = self.timers.pop(effect.timer, None)

@@ -116,3 +116,9 @@ class ActorBroken(AssertionError):
     bug fails loudly once instead of crashing and restarting in a hot loop. Its state in
     the database is what was last committed; no money moved on the broken decision.
     """
+
+
+class RefundRefused(PaymentError):
+    """A refund asks for more than the payment may still give back, or cannot be split."""
+
+    code = "refund_refused"

@@ -27,9 +27,11 @@ from dataclasses import dataclass, field, replace
 
 from engine.codes import ResultKind
 from engine.errors import (
+    IdempotencyConflict,
     IllegalTransition,
     InvalidAmount,
     InvalidRequest,
+    RefundRefused,
 )
 from engine.money import AMOUNT_MAX, check_amount, check_unit, value_in_minor
 
@@ -263,8 +265,66 @@ class AccountUnit:
     minor_per_unit: int | None
 
 
+class RefundKind(enum.StrEnum):
+    MERCHANT = "merchant"
+    """Asked for by the merchant: full or partial, by the original route."""
+    DUPLICATE_CHARGE = "duplicate_charge"
+    """The channel charged the payment a second time: that charge is given back whole."""
+
+
+class RefundStatus(enum.StrEnum):
+    REFUNDING = "refunding"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    """Nothing was given back (the channel refused the cash part); the amount may be asked again."""
+    UNKNOWN = "unknown"
+    """No definitive answer after every query, or a part refused after money moved:
+    reconciliation decides. Counts as refunded when checking what may still be refunded."""
+
+
+class PartStatus(enum.StrEnum):
+    WAITING = "waiting"
+    """A voucher part waits for the cash part: vouchers go back only once the cash did."""
+    SENT = "sent"
+    DONE = "done"
+    FAILED = "failed"
+    NOT_SENT = "not_sent"
+    """The refund failed before this part was sent: nothing moved for it."""
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class RefundPart:
+    """What one leg gives back in one refund: ``amount`` in the leg's unit."""
+
+    leg_no: int
+    amount: int
+    value_minor: int
+    status: PartStatus
+
+
+@dataclass(frozen=True, slots=True)
+class Refund:
+    """A refund of (part of) an order, by the original route: cash first, then vouchers."""
+
+    refund_id: str
+    """The id the channel knows the cash part by; voucher parts are fenced by
+    ``f"{refund_id}:{leg_no}"`` at their accounts."""
+    refund_no: str
+    """The merchant's idempotency key (the channel transaction id for a duplicate charge)."""
+    kind: RefundKind
+    amount_minor: int
+    reason: str
+    status: RefundStatus
+    parts: tuple[RefundPart, ...]
+    requested_at_ms: int
+
+    def part(self, leg_no: int) -> RefundPart | None:
+        return next((p for p in self.parts if p.leg_no == leg_no), None)
+
+
 PLANTABLE_BUGS = frozenset({"confirm-twice", "no-refund-after-close", "regress-success",
-                            "skip-hold"})
+                            "skip-hold", "over-refund", "ledger-unbalanced"})
 """Bugs the simulator can switch on (``payengine sim --plant-bug NAME``): a success after the
 close kept, a late "processing" moving a success back, vouchers never held, a hold posted
 twice. Each must make the oracle report a violation."""
@@ -290,6 +350,8 @@ class OrderPolicy:
     the last gap an unanswered Try or debit fails the payment, an unanswered Confirm or
     Cancel is flagged for reconciliation."""
     legs_max: int = 16
+    refunds_max: int = 50
+    """Refunds one order may have (merchant refunds and duplicate-charge refunds)."""
     planted_bugs: frozenset[str] = frozenset()
     """Deliberately wrong behaviours, for proving the simulator's oracle has teeth. Empty in
     any real engine; see ``PLANTABLE_BUGS``."""
@@ -339,6 +401,7 @@ class PaymentOrder:
     voucher_attempt: int = 0
     next_voucher_retry_at_ms: int | None = None
     """When in-flight voucher commands are sent again; None when none is in flight."""
+    refunds: tuple[Refund, ...] = ()
     version: int = 0
 
     @property
@@ -347,10 +410,23 @@ class PaymentOrder:
 
     @property
     def is_settled(self) -> bool:
-        """Terminal with no leg left in flight: nothing more will ever happen by itself."""
+        """Terminal with no leg or refund left in flight: nothing more will happen by itself."""
         return self.is_terminal and not any(
             leg.status in IN_FLIGHT_LEG_STATUSES for leg in self.legs
-        )
+        ) and not any(r.status is RefundStatus.REFUNDING for r in self.refunds)
+
+    def refund(self, *, refund_id: str | None = None, refund_no: str | None = None
+               ) -> Refund | None:
+        for refund in self.refunds:
+            if refund.refund_id == refund_id or refund.refund_no == refund_no:
+                return refund
+        return None
+
+    @property
+    def refunded_minor(self) -> int:
+        """Merchant refunds that gave back, or may have given back, money (not FAILED)."""
+        return sum(r.amount_minor for r in self.refunds
+                   if r.kind is RefundKind.MERCHANT and r.status is not RefundStatus.FAILED)
 
     @property
     def cash_leg(self) -> Leg | None:
@@ -490,6 +566,8 @@ class VoucherOp(enum.StrEnum):
     CONFIRM = "confirm"
     CANCEL = "cancel"
     DEBIT = "debit"
+    RETURN = "return"
+    """Give spent value back (a refund); idempotent by the return id."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -538,7 +616,18 @@ class TimerFired:
     """The attempt the timer was armed for; a timer whose token is stale is ignored."""
 
 
-OrderEvent = Activate | VoucherReply | CashResult | RefundResult | CloseOrder | TimerFired
+@dataclass(frozen=True, slots=True)
+class RequestRefund:
+    """The merchant asks to give back ``amount_minor`` of a succeeded payment."""
+
+    refund_no: str
+    amount_minor: int
+    reason: str = ""
+
+
+OrderEvent = (
+    Activate | VoucherReply | CashResult | RefundResult | CloseOrder | TimerFired | RequestRefund
+)
 
 # --------------------------------------------------------------------------- effects
 
@@ -622,9 +711,20 @@ class ArmTimer:
     token: int
 
 
+@dataclass(frozen=True, slots=True)
+class ReturnVoucher:
+    """Give ``amount`` of spent value back to a voucher account (a refund's voucher part)."""
+
+    account_id: str
+    hold_id: str
+    """The return's fence id, ``f"{refund_id}:{leg_no}"``."""
+    amount: int
+    leg_no: int
+
+
 Effect = (
     TryHold | ConfirmHold | CancelHold | DebitVoucher | PayCash | QueryCash | CloseCash
-    | RefundCash | QueryRefund | ArmTimer
+    | RefundCash | QueryRefund | ArmTimer | ReturnVoucher
 )
 
 
@@ -688,6 +788,29 @@ class _Draft:
         self.order = replace(self.order, **fields)  # type: ignore[arg-type]
         self.touched = True
 
+    def set_refund(self, refund: Refund, cause: str) -> Refund:
+        """Add or replace ``refund``, recording its and its parts' status changes."""
+        old = self.order.refund(refund_id=refund.refund_id)
+        refund = replace(refund, status=_refund_status(refund))
+        if old is None or old.status is not refund.status:
+            self.transitions.append(Transition(f"refund:{refund.refund_id}",
+                                               "" if old is None else old.status.value,
+                                               refund.status.value, cause))
+        for part in refund.parts:
+            was = None if old is None else old.part(part.leg_no)
+            if was is None or was.status is not part.status:
+                self.transitions.append(Transition(f"refund:{refund.refund_id}:{part.leg_no}",
+                                                   "" if was is None else was.status.value,
+                                                   part.status.value, cause))
+        if old is None:
+            refunds = (*self.order.refunds, refund)
+        else:
+            refunds = tuple(refund if r.refund_id == refund.refund_id else r
+                            for r in self.order.refunds)
+        self.order = replace(self.order, refunds=refunds)
+        self.touched = True
+        return refund
+
     def legs(self, *modes: LegMode) -> list[Leg]:
         return [leg for leg in self.order.legs if leg.mode in modes]
 
@@ -728,13 +851,15 @@ def decide(
             note = _close(draft, event.cause)
         case TimerFired():
             note = _timer(draft, event)
+        case RequestRefund():
+            note = _request_refund(draft, event)
     _keep_voucher_retry(draft)
     decision = draft.done(note)
-    _assert_consistent(decision.order)
+    _assert_consistent(decision.order, policy)
     return decision
 
 
-def _assert_consistent(order: PaymentOrder) -> None:
+def _assert_consistent(order: PaymentOrder, policy: OrderPolicy) -> None:
     """Invariants no event may break; a failure is a bug in this module."""
     assert sum(leg.value_minor for leg in order.legs) == order.total_minor
     statuses = {leg.status for leg in order.legs}
@@ -748,6 +873,13 @@ def _assert_consistent(order: PaymentOrder) -> None:
         assert not statuses & {LegStatus.CONFIRMING, LegStatus.CONFIRMED}, (
             f"{order.state.value} order {order.order_id} confirmed a hold"
         )
+    for refund in order.refunds:
+        assert sum(p.value_minor for p in refund.parts) == refund.amount_minor, refund
+        assert refund.kind is RefundKind.DUPLICATE_CHARGE or order.state is OrderState.SUCCEEDED
+    if "over-refund" not in policy.planted_bugs:
+        left = _refundable(order, strict=False)
+        assert all(value >= 0 for value in left.values()), (
+            f"order {order.order_id} refunds more than a leg paid: {left}")
 
 
 # ---- activation
@@ -760,9 +892,17 @@ def _activate(d: _Draft) -> str:
         d.effects.append(ArmTimer(TimerKind.CLOSE, order.close_at_ms, 0))
     for leg in order.legs:
         _reissue(d, leg)
+    for refund in order.refunds:
+        _resend_refund(d, refund, cash=True, vouchers=True)
     if order.next_voucher_retry_at_ms is not None:
         d.effects.append(ArmTimer(TimerKind.VOUCHER_RETRY, order.next_voucher_retry_at_ms,
                                   order.voucher_attempt))
+    cash = order.cash_leg
+    refunding = cash is not None and (
+        cash.status is LegStatus.REFUNDING or bool(_cash_parts_in_flight(order)))
+    if refunding and order.next_refund_query_at_ms is not None:
+        d.effects.append(ArmTimer(TimerKind.REFUND_QUERY, order.next_refund_query_at_ms,
+                                  order.refund_query_attempt))
     if order.state is OrderState.ACCEPTED:
         _advance_holds(d)
     return "activated"
@@ -788,9 +928,6 @@ def _reissue(d: _Draft, leg: Leg) -> None:
             d.effects.append(ArmTimer(TimerKind.QUERY, order.next_query_at_ms, order.query_attempt))
     elif leg.status is LegStatus.REFUNDING and leg.channel and leg.refund_id:
         d.effects.append(_refund(order, leg))
-        if order.next_refund_query_at_ms is not None:
-            d.effects.append(ArmTimer(TimerKind.REFUND_QUERY, order.next_refund_query_at_ms,
-                                      order.refund_query_attempt))
 
 
 def _try(order: PaymentOrder, leg: Leg) -> TryHold:
@@ -854,6 +991,8 @@ def _arm_refund_query(d: _Draft, attempt: int) -> None:
 
 
 def _voucher_reply(d: _Draft, reply: VoucherReply) -> str:
+    if reply.op is VoucherOp.RETURN:
+        return _return_reply(d, reply)
     leg = d.order.leg(reply.leg_no)
     if leg.hold_id != reply.hold_id:
         return f"stale: reply for hold {reply.hold_id}, leg holds {leg.hold_id}"
@@ -993,6 +1132,10 @@ def _cash_result(d: _Draft, result: CashResult) -> str:
 
 def _cash_success(d: _Draft, cash: Leg, result: CashResult) -> str:
     if cash.status not in (LegStatus.PAYING, LegStatus.UNKNOWN, LegStatus.UNPAID):
+        if result.channel_txn_id and cash.channel_txn_id and (
+            result.channel_txn_id != cash.channel_txn_id
+        ):
+            return _refund_second_charge(d, cash, result)
         return f"duplicate: success again ({result.source.value}), cash leg is {cash.status.value}"
     if result.amount_minor is not None and result.amount_minor != cash.amount:
         cause = f"amount_mismatch: channel charged {result.amount_minor}, asked {cash.amount}"
@@ -1047,7 +1190,10 @@ def _cash_failure(d: _Draft, cash: Leg, result: CashResult) -> str:
 def _refund_result(d: _Draft, result: RefundResult) -> str:
     cash = d.cash()
     if cash is None or cash.refund_id != result.refund_id:
-        return f"stale: no refund {result.refund_id} on this order"
+        refund = d.order.refund(refund_id=result.refund_id)
+        if refund is None or cash is None:
+            return f"stale: no refund {result.refund_id} on this order"
+        return _cash_part_result(d, refund, cash, result)
     if cash.status not in (LegStatus.REFUNDING, LegStatus.REFUND_UNKNOWN):
         return f"duplicate: refund result again, cash leg is {cash.status.value}"
     if result.kind is ResultKind.SUCCESS:
@@ -1123,19 +1269,26 @@ def _query_due(d: _Draft, token: int) -> str:
 
 def _refund_query_due(d: _Draft, token: int) -> str:
     cash = d.cash()
-    if cash is None or cash.status is not LegStatus.REFUNDING:
+    closing = cash is not None and cash.status is LegStatus.REFUNDING
+    pending = _cash_parts_in_flight(d.order)
+    if cash is None or not (closing or pending) or token != d.order.refund_query_attempt:
         return "stale: refund query timer"
-    if token != d.order.refund_query_attempt:
-        return "stale: refund query timer"
-    assert cash.channel is not None and cash.refund_id is not None
+    assert cash.channel is not None
     if token >= len(d.policy.refund_query_schedule_ms):
-        d.set_leg(cash.leg_no, LegStatus.REFUND_UNKNOWN, "refund queries exhausted")
+        cause = "refund queries exhausted"
+        if closing:
+            d.set_leg(cash.leg_no, LegStatus.REFUND_UNKNOWN, cause)
+        for refund in pending:
+            _set_part(d, refund, cash.leg_no, PartStatus.UNKNOWN, cause)
         d.update(next_refund_query_at_ms=None)
         return "applied"
     # Ask for the refund again rather than only query it: the request is idempotent by
     # refund_id and answers with the refund's state, and a request that was lost (a timeout
     # before the channel saw it) is then made after all.
-    d.effects.append(_refund(d.order, cash))
+    if closing:
+        d.effects.append(_refund(d.order, cash))
+    for refund in pending:
+        _resend_refund(d, refund, cash=True, vouchers=False)
     _arm_refund_query(d, token + 1)
     return "applied"
 
@@ -1159,9 +1312,13 @@ def _keep_voucher_retry(d: _Draft) -> None:
     A command issued in this decision restarts the schedule from its first gap, so every
     command gets the whole schedule, however far along an earlier command's retries were.
     """
-    in_flight = any(leg.status in VOUCHER_IN_FLIGHT for leg in d.order.legs)
+    in_flight = any(leg.status in VOUCHER_IN_FLIGHT for leg in d.order.legs) or bool(
+        _returns_in_flight(d.order))
     issued = any(t.entity.startswith("leg:") and t.to_state in _VOUCHER_IN_FLIGHT_VALUES
-                 for t in d.transitions)
+                 for t in d.transitions) or any(
+        t.entity.startswith("refund:") and t.entity.count(":") == 2
+        and t.to_state == PartStatus.SENT.value and not _is_cash_part(d.order, t.entity)
+        for t in d.transitions)
     if in_flight and (d.order.next_voucher_retry_at_ms is None or issued):
         _arm_voucher_retry(d, 0)
     elif not in_flight and d.order.next_voucher_retry_at_ms is not None:
@@ -1183,6 +1340,8 @@ def _voucher_retry_due(d: _Draft, token: int) -> str:
         for leg in order.legs:
             if leg.status in VOUCHER_IN_FLIGHT:
                 _reissue(d, leg)
+        for refund in order.refunds:
+            _resend_refund(d, refund, cash=False, vouchers=True)
         _arm_voucher_retry(d, token + 1)
         return "applied"
     d.update(next_voucher_retry_at_ms=None, voucher_attempt=0)
@@ -1198,6 +1357,8 @@ def _give_up_on_vouchers(d: _Draft) -> None:
     unanswered Confirm or Cancel is flagged for reconciliation: never guessed either way.
     """
     cause = "voucher system did not answer"
+    for refund, leg_no in _returns_in_flight(d.order):
+        _set_part(d, refund, leg_no, PartStatus.UNKNOWN, cause)
     for leg in d.order.legs:
         account, hold = leg.account_id, leg.hold_id
         if leg.status is LegStatus.CONFIRMING:
@@ -1215,3 +1376,211 @@ def _give_up_on_vouchers(d: _Draft) -> None:
     elif d.order.state is OrderState.DEDUCTING:
         d.move(Trigger.SHORTFALL, f"{Trigger.SHORTFALL.value}: {cause}")
         _release_everything(d, cause)
+
+
+# ---- refunds: merchant-initiated and second charges
+
+
+REFUNDABLE_LEG_STATUSES = frozenset({LegStatus.PAID, LegStatus.CONFIRMED, LegStatus.DEBITED})
+"""A leg in one of these took the payer's money, so a refund may give it back."""
+
+
+def _refundable(order: PaymentOrder, *, strict: bool = True) -> dict[int, int]:
+    """Per leg, the value (order minor units) merchant refunds may still give back.
+
+    Refunds that FAILED gave nothing back and do not count; UNKNOWN ones may have, and do.
+    ``strict=False`` counts every leg (for the consistency check, where a leg's status may
+    have moved on), not only those that took money.
+    """
+    left = {leg.leg_no: leg.value_minor for leg in order.legs
+            if not strict or leg.status in REFUNDABLE_LEG_STATUSES}
+    for refund in order.refunds:
+        if refund.kind is RefundKind.MERCHANT and refund.status is not RefundStatus.FAILED:
+            for part in refund.parts:
+                left[part.leg_no] = left.get(part.leg_no, 0) - part.value_minor
+    return left
+
+
+def _request_refund(d: _Draft, request: RequestRefund) -> str:
+    """Accept a merchant refund: split it over the legs, cash first, and start the cash part.
+
+    Vouchers go back only after the cash part succeeded, so a refund the channel refuses
+    leaves nothing half-returned. Raises (order untouched) for a bad or excessive request.
+    """
+    order = d.order
+    no = request.refund_no
+    if not isinstance(no, str) or not no or len(no) > 128:
+        raise InvalidRequest("refund_no must be a non-empty string of at most 128 characters")
+    amount = check_amount(request.amount_minor, "refund amount_minor")
+    if not isinstance(request.reason, str) or len(request.reason) > 256:
+        raise InvalidRequest("reason must be a string of at most 256 characters")
+    existing = order.refund(refund_no=no)
+    if existing is not None:
+        if (existing.kind, existing.amount_minor, existing.reason) != (
+            RefundKind.MERCHANT, amount, request.reason
+        ):
+            raise IdempotencyConflict(f"refund {no} of order {order.order_id} was asked before "
+                                      "with different parameters")
+        return f"duplicate: refund {no} asked again"
+    if order.state is not OrderState.SUCCEEDED:
+        raise IllegalTransition(f"order {order.order_id} is {order.state.value}; only a "
+                                "succeeded payment can be refunded")
+    if any(leg.status in IN_FLIGHT_LEG_STATUSES for leg in order.legs):
+        raise IllegalTransition(f"order {order.order_id} is still confirming its vouchers; "
+                                "ask again shortly")
+    if len(order.refunds) >= d.policy.refunds_max:
+        raise RefundRefused(f"order {order.order_id} has {len(order.refunds)} refunds, the most "
+                            "one order may have")
+    parts = _allocate(order, amount, over_refund="over-refund" in d.policy.planted_bugs)
+    cash = order.cash_leg
+    first_cash = cash is not None and any(p.leg_no == cash.leg_no for p in parts)
+    parts = tuple(
+        replace(p, status=PartStatus.SENT) if not first_cash or (cash and p.leg_no == cash.leg_no)
+        else p for p in parts)
+    refund = Refund(f"{order.payment_serial}-RF{len(order.refunds) + 1}", no,
+                    RefundKind.MERCHANT, amount, request.reason, RefundStatus.REFUNDING, parts,
+                    d.now_ms)
+    refund = d.set_refund(refund, f"refund {no} requested")
+    _resend_refund(d, refund, cash=True, vouchers=True)
+    if first_cash:
+        _arm_refund_query(d, attempt=0)
+    return "applied"
+
+
+def _allocate(order: PaymentOrder, amount: int, *, over_refund: bool) -> tuple[RefundPart, ...]:
+    """Split ``amount`` over the legs still refundable: the cash leg first, then vouchers in
+    leg order, each in whole units of its own (a point is worth ``value_minor/amount``)."""
+    left = _refundable(order)
+    total_left = sum(max(v, 0) for v in left.values())
+    if amount > total_left and not over_refund:
+        raise RefundRefused(f"a refund of {amount} exceeds the {total_left} minor units order "
+                            f"{order.order_id} may still give back")
+    parts: list[RefundPart] = []
+    rest = amount
+    for leg in sorted(order.legs, key=lambda leg: (not leg.is_cash, leg.leg_no)):
+        available = left.get(leg.leg_no, 0)
+        if over_refund and leg.is_cash and leg.leg_no in left:
+            available += max(amount - total_left, 0)  # planted bug: give back more than paid
+        per_unit = leg.value_minor // leg.amount
+        assert per_unit * leg.amount == leg.value_minor, leg
+        units = min(rest, available) // per_unit if available > 0 else 0
+        if units > 0:
+            parts.append(RefundPart(leg.leg_no, units, units * per_unit, PartStatus.WAITING))
+            rest -= units * per_unit
+    if rest:
+        raise RefundRefused(f"{amount} cannot be given back exactly: {rest} minor units are "
+                            "less than one unit of the vouchers left to refund")
+    return tuple(parts)
+
+
+def _refund_status(refund: Refund) -> RefundStatus:
+    statuses = {part.status for part in refund.parts}
+    if statuses == {PartStatus.DONE}:
+        return RefundStatus.SUCCEEDED
+    if PartStatus.SENT in statuses:
+        return RefundStatus.REFUNDING
+    if PartStatus.DONE not in statuses and PartStatus.UNKNOWN not in statuses and (
+        PartStatus.FAILED in statuses
+    ):
+        return RefundStatus.FAILED
+    return RefundStatus.UNKNOWN
+
+
+def _resend_refund(d: _Draft, refund: Refund, *, cash: bool, vouchers: bool) -> None:
+    """Send (again) the refund's parts in flight; all idempotent by their ids."""
+    order = d.order
+    for part in refund.parts:
+        if part.status is not PartStatus.SENT:
+            continue
+        leg = order.leg(part.leg_no)
+        if leg.is_cash and cash:
+            assert leg.channel is not None
+            d.effects.append(RefundCash(leg.channel, order.payment_serial, refund.refund_id,
+                                        part.amount, order.currency))
+        elif not leg.is_cash and vouchers and leg.account_id is not None:
+            d.effects.append(ReturnVoucher(leg.account_id, f"{refund.refund_id}:{leg.leg_no}",
+                                           part.amount, leg.leg_no))
+
+
+def _set_part(d: _Draft, refund: Refund, leg_no: int, status: PartStatus, cause: str) -> Refund:
+    refund = d.order.refund(refund_id=refund.refund_id) or refund
+    parts = tuple(replace(p, status=status) if p.leg_no == leg_no else p for p in refund.parts)
+    return d.set_refund(replace(refund, parts=parts), cause)
+
+
+def _cash_parts_in_flight(order: PaymentOrder) -> list[Refund]:
+    cash = order.cash_leg
+    if cash is None:
+        return []
+    return [r for r in order.refunds
+            if (part := r.part(cash.leg_no)) is not None and part.status is PartStatus.SENT]
+
+
+def _returns_in_flight(order: PaymentOrder) -> list[tuple[Refund, int]]:
+    cash = order.cash_leg
+    cash_no = None if cash is None else cash.leg_no
+    return [(r, p.leg_no) for r in order.refunds for p in r.parts
+            if p.status is PartStatus.SENT and p.leg_no != cash_no]
+
+
+def _is_cash_part(order: PaymentOrder, entity: str) -> bool:
+    cash = order.cash_leg
+    return cash is not None and entity.endswith(f":{cash.leg_no}")
+
+
+def _cash_part_result(d: _Draft, refund: Refund, cash: Leg, result: RefundResult) -> str:
+    part = refund.part(cash.leg_no)
+    if part is None or part.status not in (PartStatus.SENT, PartStatus.UNKNOWN):
+        return f"duplicate: refund result again, its cash part is {part and part.status.value}"
+    if result.kind is ResultKind.PROCESSING:
+        return f"ignored: refund {refund.refund_id} still processing"
+    cause = f"cash refund {result.kind.value} ({result.source.value}): {result.code}"
+    if result.kind is ResultKind.FAILURE:
+        refund = _set_part(d, refund, cash.leg_no, PartStatus.FAILED, cause)
+        for other in refund.parts:
+            if other.status is PartStatus.WAITING:
+                refund = _set_part(d, refund, other.leg_no, PartStatus.NOT_SENT, cause)
+        return "applied"
+    refund = _set_part(d, refund, cash.leg_no, PartStatus.DONE, cause)
+    for other in refund.parts:
+        if other.status is PartStatus.WAITING:
+            refund = _set_part(d, refund, other.leg_no, PartStatus.SENT, "cash refunded")
+    _resend_refund(d, refund, cash=False, vouchers=True)
+    return "applied"
+
+
+def _return_reply(d: _Draft, reply: VoucherReply) -> str:
+    refund_id, _, leg_text = reply.hold_id.rpartition(":")
+    refund = d.order.refund(refund_id=refund_id)
+    part = None if refund is None else refund.part(reply.leg_no)
+    if refund is None or part is None or leg_text != str(reply.leg_no):
+        return f"stale: no voucher return {reply.hold_id} on this order"
+    if part.status is not PartStatus.SENT:
+        return f"duplicate: return reply, part is {part.status.value}"
+    if not reply.ok and reply.retryable:
+        return f"ignored: voucher system failed without deciding ({reply.reason}); will retry"
+    status = PartStatus.DONE if reply.ok else PartStatus.FAILED
+    _set_part(d, refund, reply.leg_no, status, reply.reason or "returned")
+    return "applied"
+
+
+def _refund_second_charge(d: _Draft, cash: Leg, result: CashResult) -> str:
+    """The channel charged this payment again under another transaction: give it back whole."""
+    txn = result.channel_txn_id
+    assert txn is not None and cash.channel is not None
+    if d.order.refund(refund_no=txn) is not None:
+        return f"duplicate: second charge {txn} is already being refunded"
+    if len(d.order.refunds) >= d.policy.refunds_max:
+        return f"ignored: second charge {txn} found with no refund left; for reconciliation"
+    amount = cash.amount
+    if result.amount_minor not in (None, amount):
+        # Not this payment's amount: never refund a guess; the statement flags it.
+        return f"ignored: second charge {txn} of {result.amount_minor}; for reconciliation"
+    refund = Refund(f"{d.order.payment_serial}-DC{len(d.order.refunds) + 1}", txn,
+                    RefundKind.DUPLICATE_CHARGE, amount, f"second charge {txn}",
+                    RefundStatus.REFUNDING,
+                    (RefundPart(cash.leg_no, amount, amount, PartStatus.SENT),), d.now_ms)
+    refund = d.set_refund(refund, f"second charge {txn} ({result.source.value})")
+    _resend_refund(d, refund, cash=True, vouchers=False)
+    _arm_refund_query(d, attempt=0)
+    return "applied"

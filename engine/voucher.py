@@ -40,6 +40,8 @@ class FenceKind(enum.StrEnum):
     """A post-deduct: the amount moves from available to spent at once."""
     EMPTY = "empty"
     """Cancel came before any Try for this id: nothing moved, later Trys are refused."""
+    RETURN = "return"
+    """A refund: spent value given back (spent -> available), posted at once."""
 
 
 class FenceStatus(enum.StrEnum):
@@ -309,6 +311,38 @@ def debit(
         hold_id, account.account_id, FenceKind.DEBIT, FenceStatus.POSTED, amount, order_id,
         None, now_ms,
     )
+    return Outcome(new_account, posted, True)
+
+
+def give_back(
+    account: VoucherAccount,
+    fence: Fence | None,
+    *,
+    return_id: str,
+    amount: int,
+    order_id: str,
+    now_ms: int,
+) -> Outcome:
+    """Refund: move ``amount`` from spent back to available, idempotent by ``return_id``.
+
+    The order decides how much of what it spent may come back; the account only refuses to
+    give back more than it has spent in all (``HoldRefused``), which no correct order asks.
+    """
+    _assert_same_account(account, fence)
+    check_amount(amount)
+    if fence is not None:
+        if fence.kind is FenceKind.RETURN and (fence.amount, fence.order_id) == (amount, order_id):
+            return Outcome(account, fence, False)
+        raise IdempotencyConflict(f"return {return_id} was {fence.kind.value} of {fence.amount} "
+                                  f"for {fence.order_id}, not a return of {amount}")
+    if amount > account.spent:
+        raise HoldRefused(f"account {account.account_id} has spent {account.spent} "
+                          f"{account.unit}; {amount} cannot be given back")
+    new_account = replace(
+        account, spent=account.spent - amount, available=account.available + amount
+    ).check()
+    posted = Fence(return_id, account.account_id, FenceKind.RETURN, FenceStatus.POSTED, amount,
+                   order_id, None, now_ms)
     return Outcome(new_account, posted, True)
 
 

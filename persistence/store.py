@@ -13,12 +13,13 @@ only for the statements of one transaction, never while waiting on anything else
 from __future__ import annotations
 
 import fcntl
+import json
 import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -31,6 +32,7 @@ from engine.errors import (
     IdempotencyConflict,
     Overloaded,
 )
+from engine.ledger import Posting
 from engine.order import (
     IN_FLIGHT_LEG_STATUSES,
     TERMINAL_STATES,
@@ -39,11 +41,16 @@ from engine.order import (
     LegMode,
     LegStatus,
     OrderState,
+    PartStatus,
     PaymentOrder,
+    Refund,
+    RefundKind,
+    RefundPart,
+    RefundStatus,
     Transition,
 )
 from engine.voucher import Fence, FenceKind, FenceStatus, VoucherAccount
-from persistence import outbox
+from persistence import outbox, statements
 
 SCHEMA_VERSION = 1
 
@@ -220,6 +227,22 @@ class Store:
                  "channel": str, "channel_txn_id": str, "channel_code": str, "refund_id": str},
                 pk=("order_id", "leg_no"), if_not_exists=True,
             )
+            db.table("refunds").create(
+                {"order_id": str, "refund_id": str, "refund_no": str, "kind": str,
+                 "amount_minor": int, "reason": str, "status": str, "requested_at_ms": int,
+                 "parts": str},
+                pk=("order_id", "refund_id"), not_null={"refund_no", "status", "amount_minor"},
+                if_not_exists=True,
+            )
+            db.table("refunds").create_index(["order_id", "refund_no"], unique=True,
+                                             if_not_exists=True)
+            db.table("ledger").create(
+                {"seq": int, "posting_id": str, "order_id": str, "account": str,
+                 "amount_minor": int, "currency": str, "memo": str, "at_ms": int},
+                pk="seq", not_null={"posting_id", "account", "amount_minor"}, if_not_exists=True,
+            )
+            db.table("ledger").create_index(["order_id"], if_not_exists=True)
+            db.table("ledger").create_index(["account"], if_not_exists=True)
             db.table("voucher_accounts").create(
                 {"account_id": str, "unit": str, "minor_per_unit": int, "funded": int,
                  "available": int, "held": int, "spent": int, "version": int,
@@ -258,6 +281,7 @@ class Store:
             db.table("holds").create_index(["status", "expires_at_ms"], if_not_exists=True)
             db.table("journal").create_index(["entity_kind", "entity_id"], if_not_exists=True)
             outbox.create_schema(db)
+            statements.create_schema(db)
 
     # ------------------------------------------------------------------ orders
 
@@ -301,9 +325,15 @@ class Store:
         return existing
 
     def save_order(
-        self, order: PaymentOrder, transitions: Sequence[Transition], now_ms: int
+        self, order: PaymentOrder, transitions: Sequence[Transition], now_ms: int,
+        postings: Sequence[Posting] = (), *, skew_ledger: bool = False,
     ) -> None:
-        """Write a decided order (optimistic: its previous version must be the stored one)."""
+        """Write a decided order (optimistic: its previous version must be the stored one)
+        with its ledger postings, in one transaction.
+
+        ``skew_ledger`` is the simulator's planted bug ``ledger-unbalanced``: one entry off by
+        one minor unit, for proving the oracle's zero-sum check has teeth. Never set it.
+        """
         with self._tx() as conn:
             cur = conn.execute(
                 "UPDATE payment_orders SET state = ?, cause = ?, query_attempt = ?,"
@@ -326,8 +356,41 @@ class Store:
                 [(leg.status.value, leg.channel_txn_id, leg.channel_code, leg.refund_id,
                   order.order_id, leg.leg_no) for leg in order.legs],
             )
+            entities = {t.entity for t in transitions if t.entity.startswith("refund:")}
+            if entities:
+                conn.executemany(_UPSERT_REFUND, [
+                    _refund_row(order.order_id, r) for r in order.refunds
+                    if any(e == f"refund:{r.refund_id}" or e.startswith(f"refund:{r.refund_id}:")
+                           for e in entities)])
+            if postings:
+                conn.executemany(_INSERT_ENTRY, _entry_rows(order, postings, now_ms, skew_ledger))
             self._journal(conn, now_ms, "order", order.order_id, transitions)
             outbox.record_order_events(conn, order, transitions, now_ms)
+
+    # ------------------------------------------------------------------ ledger
+
+    def ledger_balances(self, order_id: str | None = None) -> dict[str, int]:
+        """Balance of every ledger account (of one order's postings if ``order_id``)."""
+        where, args = ("WHERE order_id = ?", (order_id,)) if order_id else ("", ())
+        with self._read() as conn:
+            rows = conn.execute(f"SELECT account, SUM(amount_minor) FROM ledger {where}"
+                                " GROUP BY account ORDER BY account", args).fetchall()
+        return {str(account): int(total) for account, total in rows}
+
+    def unbalanced_postings(self, limit: int = 100) -> list[tuple[str, int]]:
+        """Postings whose entries do not sum to zero (none, unless there is a bug)."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT posting_id, SUM(amount_minor) FROM ledger GROUP BY posting_id"
+                " HAVING SUM(amount_minor) != 0 LIMIT ?", (limit,)).fetchall()
+        return [(str(posting), int(total)) for posting, total in rows]
+
+    def ledger_entries(self, order_id: str) -> list[tuple[str, str, int, str]]:
+        """(posting_id, account, amount_minor, memo) of one order, oldest first."""
+        with self._read() as conn:
+            rows = conn.execute("SELECT posting_id, account, amount_minor, memo FROM ledger"
+                                " WHERE order_id = ? ORDER BY seq", (order_id,)).fetchall()
+        return [(str(p), str(a), int(m), str(memo)) for p, a, m, memo in rows]
 
     def load_order(self, order_id: str) -> PaymentOrder | None:
         with self._read() as conn:
@@ -338,7 +401,13 @@ class Store:
             legs = conn.execute(
                 f"SELECT {_LEG_COLUMNS} FROM legs WHERE order_id = ? ORDER BY leg_no", (order_id,)
             ).fetchall()
-        return _order_from_rows(row, legs)
+            refunds = conn.execute(
+                f"SELECT {_REFUND_COLUMNS} FROM refunds WHERE order_id = ? ORDER BY rowid",
+                (order_id,)).fetchall()
+        order = _order_from_rows(row, legs)
+        if refunds:
+            order = replace(order, refunds=tuple(_refund_from_row(r) for r in refunds))
+        return order
 
     def order_id_for_serial(self, payment_serial: str) -> str | None:
         with self._read() as conn:
@@ -599,6 +668,49 @@ _INSERT_LEG = (
     f"INSERT INTO legs (order_id, {_LEG_COLUMNS}) VALUES (" + ",".join("?" * 13) + ")"
 )
 _FENCE_COLUMNS = "hold_id, account_id, kind, status, amount, order_id, expires_at_ms, updated_at_ms"
+
+
+_INSERT_ENTRY = (
+    "INSERT INTO ledger (posting_id, order_id, account, amount_minor, currency, memo, at_ms)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _entry_rows(order: PaymentOrder, postings: Sequence[Posting], now_ms: int,
+                skew: bool) -> list[tuple[object, ...]]:
+    rows: list[tuple[object, ...]] = []
+    for n, posting in enumerate(postings):
+        posting_id = f"{order.order_id}:{order.version}:{n}"
+        for i, entry in enumerate(posting.entries):
+            amount = entry.amount_minor + (1 if skew and n == 0 and i == 0 else 0)
+            rows.append((posting_id, order.order_id, entry.account, amount, order.currency,
+                         posting.memo, now_ms))
+    return rows
+
+
+_REFUND_COLUMNS = "refund_id, refund_no, kind, amount_minor, reason, status, requested_at_ms, parts"
+_UPSERT_REFUND = (
+    f"INSERT INTO refunds (order_id, {_REFUND_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (order_id, refund_id) DO UPDATE SET status = excluded.status,"
+    " parts = excluded.parts"
+)
+
+
+def _refund_row(order_id: str, refund: Refund) -> tuple[object, ...]:
+    parts = json.dumps([[p.leg_no, p.amount, p.value_minor, p.status.value] for p in refund.parts])
+    return (order_id, refund.refund_id, refund.refund_no, refund.kind.value, refund.amount_minor,
+            refund.reason, refund.status.value, refund.requested_at_ms, parts)
+
+
+def _refund_from_row(r: Sequence[Any]) -> Refund:
+    refund_id, refund_no, kind, amount, reason, status, requested, parts = r
+    return Refund(
+        refund_id=str(refund_id), refund_no=str(refund_no), kind=RefundKind(kind),
+        amount_minor=int(amount), reason=str(reason or ""), status=RefundStatus(status),
+        parts=tuple(RefundPart(int(leg), int(units), int(value), PartStatus(st))
+                    for leg, units, value, st in json.loads(parts)),
+        requested_at_ms=int(requested),
+    )
 
 
 def _order_row(order: PaymentOrder, now_ms: int) -> tuple[object, ...]:

@@ -15,6 +15,7 @@ from actors import (
     EngineConfig,
     LegMode,
     OrderPolicy,
+    OrderView,
     PaymentRequest,
     VoucherPart,
 )
@@ -114,3 +115,14 @@ def fuel_request(no: str = "order-1", who: str = "alice",
         total_minor=10_000, title="Fuel", cash=CashPart(9_600, "wechat"),
         vouchers=(VoucherPart(f"{who}/red-packet", 100), VoucherPart(f"{who}/points", 20),
                   VoucherPart(f"{who}/phone", 100, phone_mode)))
+
+
+def paid_order(engine: Engine, no: str = "order-1") -> OrderView:
+    """Submit the fuel request ``no``, pay it by callback, and wait until it settled."""
+    receipt = engine.submit(fuel_request(no))
+    wait_for(lambda: engine.get_order(receipt.order_id).state == "paying", what="holds placed")
+    engine.handle_callback("wechat", receipt.payment_serial, PAID)
+    settled = wait_for(lambda: (o := engine.get_order(receipt.order_id)).settled and o,
+                       what="paid and confirmed")
+    assert settled.state == "succeeded", settled
+    return settled
