@@ -8,7 +8,9 @@
 from actors.base import EngineConfig
 from actors.channel import Channel, ChannelReply
 from actors.engine import Engine, IdSource, RandomIds
-from actors.messages import AccountView, HoldView, LegView, OrderView, Receipt
+from actors.messages import AccountView, HoldView, LegView, OrderView, Receipt, RefundView
+from actors.notifier import NotificationConfig
+from actors.reconcile import ReconciliationReport
 from actors.runtime import Runtime, ThreadRuntime
 from engine.codes import CodeTable, ResultKind
 from engine.errors import (
@@ -26,18 +28,23 @@ from engine.errors import (
     InvalidRequest,
     Overloaded,
     PaymentError,
+    RefundRefused,
     UnknownAccount,
     UnknownHold,
     UnknownOrder,
 )
 from engine.order import CashPart, LegMode, OrderPolicy, OrderState, PaymentRequest, VoucherPart
+from engine.statement import StatementError
+from persistence.outbox import OutboxEvent
 
 __all__ = [
     "AccountExists", "AccountView", "ActorBroken", "CashPart", "Channel", "ChannelReply", "CodeTable",
     "CurrencyMismatch", "DatabaseInUse", "Engine", "EngineClosed", "EngineConfig", "HoldNotPending",
     "HoldRefused", "HoldView", "IdSource", "IdempotencyConflict", "IllegalTransition",
-    "InsufficientBalance", "InvalidAmount", "InvalidRequest", "LegMode", "LegView",
-    "OrderPolicy", "OrderState", "OrderView", "Overloaded", "PaymentError", "PaymentRequest",
-    "RandomIds", "Receipt", "ResultKind", "Runtime", "ThreadRuntime", "UnknownAccount",
+    "InsufficientBalance", "InvalidAmount", "InvalidRequest", "LegMode", "LegView", "NotificationConfig",
+    "OrderPolicy", "OrderState", "OrderView", "OutboxEvent", "Overloaded", "PaymentError", "PaymentRequest",
+    "RandomIds", "Receipt", "ReconciliationReport", "RefundRefused", "RefundView",
+    "ResultKind", "Runtime", "StatementError",
+    "ThreadRuntime", "UnknownAccount",
     "UnknownHold", "UnknownOrder", "VoucherPart",
 ]

@@ -27,10 +27,12 @@ from actors.messages import (
     OrderView,
     PreHold,
     Receipt,
+    RefundView,
     ReleaseHold,
 )
 from actors.notifier import Notifications, Subscriber
 from actors.order_actor import OrderBehaviour
+from actors.reconcile import ReconciliationReport, StatementSource
 from actors.runtime import Runtime, ThreadRuntime
 from actors.voucher_link import DirectVoucherLink, VoucherLink
 from engine.errors import (
@@ -48,6 +50,7 @@ from engine.order import (
     CloseOrder,
     OrderPolicy,
     PaymentRequest,
+    RequestRefund,
     ResultSource,
     build_order,
 )
@@ -175,8 +178,10 @@ class Engine:
         engine on it to recover.
         """
         self._closed = True
-        self._ctx.store.kill()
+        # Refuse new messages first: an actor started after the kill would die loading its
+        # state, and a caller racing the crash must see EngineClosed, not a dead actor.
         refs = self._ctx.directory.close()
+        self._ctx.store.kill()
         self._ctx.notifications.stop()
         self._ctx.runtime.shutdown()
         for ref in refs:
@@ -315,6 +320,22 @@ class Engine:
         """The user (or cashier) closes an unpaid order. A paid order raises IllegalTransition."""
         return self._ask_order(order_id, CloseOrder(CloseCause.USER))
 
+    def refund(self, order_id: str, refund_no: str, amount_minor: int, *,
+               reason: str = "") -> RefundView:
+        """Give back ``amount_minor`` of a succeeded payment by the original route.
+
+        ``refund_no`` is the merchant's idempotency key for this refund: asking again with
+        the same parameters returns the same refund; different parameters raise
+        ``IdempotencyConflict``. Several partial refunds may add up to at most what was
+        paid (``RefundRefused`` beyond). The cash part goes first, through the channel's
+        refund (its callback, queries and reconciliation settle it); vouchers go back to
+        their accounts once the cash part succeeded. Returns at once with the refund
+        REFUNDING (or already done); follow it with ``get_order(...).refund(refund_no)``.
+        Refunds of one order are serialised by its actor, so none can over-refund.
+        """
+        view = self._ask_order(order_id, RequestRefund(refund_no, amount_minor, reason))
+        return view.refund(refund_no)
+
     def request_close(self, order_id: str) -> None:
         """Enqueue a user close without waiting for it (an illegal one is logged, not raised)."""
         self._check_open()
@@ -369,6 +390,21 @@ class Engine:
         self._check_open()
         return self._ctx.store.journal("order", order_id)
 
+    def ledger_balances(self, order_id: str | None = None) -> dict[str, int]:
+        """Double-entry balances by ledger account, in minor units (see ``engine.ledger``).
+
+        All balances sum to zero. ``transit`` holds money between payer and merchant: for a
+        settled order without unknowns its share is zero. With ``order_id``: that order's
+        postings only.
+        """
+        self._check_open()
+        return self._ctx.store.ledger_balances(order_id)
+
+    def unbalanced_postings(self) -> list[tuple[str, int]]:
+        """Ledger postings whose entries do not sum to zero: always empty unless a bug."""
+        self._check_open()
+        return self._ctx.store.unbalanced_postings()
+
     def broken_actors(self) -> dict[str, str]:
         """Orders and accounts quarantined on a broken invariant ("order:ID" -> error).
 
@@ -404,3 +440,27 @@ class Engine:
                                        self._ctx.config.ask_timeout_s)
         assert isinstance(view, OrderView)
         return view
+
+    # ------------------------------------------------------------------ reconciliation
+    # (issue 4 item 1; kept at the end of the class, apart from the payment API above)
+
+    def reconcile(self, statement: StatementSource, *, period_start_ms: int | None = None,
+                  period_end_ms: int | None = None, channels: Iterable[str] | None = None
+                  ) -> ReconciliationReport:
+        """Import a channel statement: ``str`` is CSV text, a ``Path`` a CSV file.
+
+        Each line is matched against its order by payment serial and fed to it as a
+        RECONCILIATION result: an order waiting for its result gets it; a charge for a
+        closed, failed or unknown order is refunded by the original route; a second charge
+        is refunded; another amount is flagged, never a success. Orders of the period that
+        the engine thinks were charged but the statement lacks are reported; ones awaiting
+        reconciliation that it lacks, whose pay window closed by ``period_end_ms`` (default:
+        the last line's time), fail (the channel never charged them) and release their
+        holds. Importing the same statement again changes nothing. A malformed statement
+        raises ``StatementError`` and nothing is applied. See ``actors.reconcile``.
+        """
+        from actors.reconcile import reconcile
+
+        self._check_open()
+        return reconcile(self, statement, period_start_ms=period_start_ms,
+                         period_end_ms=period_end_ms, channels=channels)
