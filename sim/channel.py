@@ -56,6 +56,10 @@ class ChannelFaults:
     query_no_answer: float = 0.10
     query_says_processing: float = 0.0
     """A query answers "USERPAYING" although the payment already succeeded or failed."""
+    double_charge: float = 0.0
+    """The channel charges a paid payment a second time, under another transaction id."""
+    refund_callback_lost: float = 0.0
+    refund_callback_duplicated: float = 0.0
     user_pay_delay_ms: tuple[int, int] = (10, 300)
     late_pay_delay_ms: tuple[int, int] = (1_000, 4_000)
     callback_delay_ms: tuple[int, int] = (0, 200)
@@ -77,6 +81,8 @@ class SimPayment:
     txn_id: str
     charged_minor: int = 0
     refunds: dict[str, SimRefund] = field(default_factory=dict)
+    charges: list[tuple[str, int, int]] = field(default_factory=list)
+    """Every charge really made: (transaction id, amount, at_ms); two for a double charge."""
 
     @property
     def refunded_minor(self) -> int:
@@ -172,8 +178,8 @@ class SimulatedChannel:
                 return ChannelReply("SUCCESS", "REFUNDCLOSE")
             refund = payment.refunds.get(refund_id)
             if refund is None:
-                if payment.refunded_minor + amount_minor > payment.charged_minor:
-                    return ChannelReply("SUCCESS", "REFUNDCLOSE")
+                # No cap on what is refunded, unlike a real channel: the engine must never
+                # ask for more than was paid, and the oracle sees it if it does.
                 refund = SimRefund(refund_id, amount_minor, "PROCESSING")
                 payment.refunds[refund_id] = refund
                 self._after(self.faults.refund_delay_ms,
@@ -192,6 +198,12 @@ class SimulatedChannel:
 
     # ------------------------------------------------------------------ ground truth
 
+    def refunded(self, payment_serial: str) -> int:
+        """What the channel really gave back for this serial."""
+        with self._lock:
+            payment = self.payments.get(payment_serial)
+            return 0 if payment is None else payment.refunded_minor
+
     def net_charged(self, payment_serial: str) -> int:
         """What the payer is really out of pocket for this serial: charged minus refunded."""
         with self._lock:
@@ -207,7 +219,22 @@ class SimulatedChannel:
                 return
             payment.state = "SUCCESS"
             payment.charged_minor = payment.amount_minor
+            payment.charges.append((payment.txn_id, payment.amount_minor, self.world.now_ms()))
             reply = self._reply(payment)
+            if self._chance(self.faults.double_charge, "double_charge"):
+                self._after(self.faults.callback_delay_ms,
+                            lambda: self._charge_again(payment_serial))
+        self._notify(lambda sink: sink.handle_callback(self.name, payment_serial, reply,
+                                                       wait=self.wait_for_ack))
+
+    def _charge_again(self, payment_serial: str) -> None:
+        """A second charge for a paid payment (a channel fault): its own notification."""
+        with self._lock:
+            payment = self.payments[payment_serial]
+            txn = f"{payment.txn_id}-2"
+            payment.charged_minor += payment.amount_minor
+            payment.charges.append((txn, payment.amount_minor, self.world.now_ms()))
+            reply = ChannelReply("SUCCESS", "SUCCESS", txn, payment.amount_minor)
         self._notify(lambda sink: sink.handle_callback(self.name, payment_serial, reply,
                                                        wait=self.wait_for_ack))
 
@@ -217,15 +244,18 @@ class SimulatedChannel:
             refund.state = "SUCCESS"
         reply = ChannelReply("SUCCESS", "SUCCESS")
         self._notify(lambda sink: sink.handle_refund_callback(
-            self.name, payment_serial, refund_id, reply, wait=self.wait_for_ack))
+            self.name, payment_serial, refund_id, reply, wait=self.wait_for_ack), refund=True)
 
-    def _notify(self, send: Callable[[CallbackSink], object]) -> None:
+    def _notify(self, send: Callable[[CallbackSink], object], *, refund: bool = False) -> None:
         """Send a notification: maybe lost, maybe twice, after a delay; never blocks."""
         with self._lock:
             f = self.faults
-            if self._chance(f.callback_lost, "callback_lost"):
+            lost, duplicated = ((f.refund_callback_lost, f.refund_callback_duplicated) if refund
+                                else (f.callback_lost, f.callback_duplicated))
+            prefix = "refund_" if refund else ""
+            if self._chance(lost, f"{prefix}callback_lost"):
                 return
-            copies = 2 if self._chance(f.callback_duplicated, "callback_duplicated") else 1
+            copies = 2 if self._chance(duplicated, f"{prefix}callback_duplicated") else 1
             delays = [self._draw(f.callback_delay_ms) for _ in range(copies)]
         for delay in delays:
             self.world.call_at(self.world.now_ms() + delay, lambda: self._deliver(send))
@@ -243,7 +273,8 @@ class SimulatedChannel:
     # ------------------------------------------------------------------ helpers
 
     def _reply(self, payment: SimPayment) -> ChannelReply:
-        amount = payment.charged_minor if payment.state == "SUCCESS" else None
+        # the trade's own amount, as a real channel reports it (not the sum of a double charge)
+        amount = payment.amount_minor if payment.state == "SUCCESS" else None
         return ChannelReply("SUCCESS", payment.state, payment.txn_id, amount)
 
     def _chance(self, probability: float, kind: str) -> bool:

@@ -20,15 +20,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from engine.ledger import TRANSIT
 from engine.order import (
     ALLOWED_TRANSITIONS,
     HOLD_MODES,
     LegMode,
     LegStatus,
     OrderState,
+    PartStatus,
     PaymentOrder,
+    RefundKind,
+    RefundStatus,
 )
-from engine.voucher import FenceStatus
+from engine.voucher import FenceKind, FenceStatus
 from persistence.store import Store
 
 RECONCILIATION_LEG_STATUSES = frozenset(
@@ -43,6 +47,8 @@ class GroundTruth(Protocol):
     """What really happened at a channel (``sim.channel.SimulatedChannel`` fits)."""
 
     def net_charged(self, payment_serial: str) -> int: ...
+
+    def refunded(self, payment_serial: str) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,7 @@ def check(store: Store, channels: Mapping[str, GroundTruth], *, now_ms: int | No
           order_ids: Iterable[str] | None = None) -> OracleReport:
     """Run every check; ``order_ids`` limits the order checks (all orders if ``None``)."""
     report = OracleReport()
+    report.violations += check_ledger_zero_sum(store)
     _check_accounts(store, report, now_ms)
     orders = (store.iter_orders() if order_ids is None
               else (o for o in map(store.load_order, order_ids) if o is not None))
@@ -90,13 +97,15 @@ def _check_accounts(store: Store, report: OracleReport, now_ms: int | None) -> N
         if account.funded != account.available + account.held + account.spent:
             v.append(Violation("voucher-conservation", subject, repr(account)))
         pending = sum(f.amount for f in fences if f.status is FenceStatus.PENDING)
-        posted = sum(f.amount for f in fences if f.status is FenceStatus.POSTED)
+        returned = sum(f.amount for f in fences if f.kind is FenceKind.RETURN)
+        posted = sum(f.amount for f in fences
+                     if f.status is FenceStatus.POSTED and f.kind is not FenceKind.RETURN) - returned
         if pending != account.held:
             v.append(Violation("voucher-held-matches-holds", subject,
                                f"held {account.held}, pending holds sum {pending}"))
         if posted != account.spent:
             v.append(Violation("voucher-spent-matches-posted", subject,
-                               f"spent {account.spent}, posted holds sum {posted}"))
+                               f"spent {account.spent}, posted holds less returns {posted}"))
         if now_ms is not None:
             for f in fences:
                 if f.status is FenceStatus.PENDING and (f.expires_at_ms or 0) < now_ms:
@@ -111,12 +120,17 @@ def _check_order(store: Store, order: PaymentOrder, channels: Mapping[str, Groun
     flagged = [leg for leg in order.legs if leg.status in RECONCILIATION_LEG_STATUSES]
     if flagged or order.state is OrderState.NEEDS_RECONCILIATION:
         report.awaiting_reconciliation.append(order.order_id)
+    _check_refunds(order, channels, report)
     cash = order.cash_leg
+    refunds_open = any(r.status in (RefundStatus.REFUNDING, RefundStatus.UNKNOWN)
+                       for r in order.refunds)
     if cash is not None and cash.channel is not None and cash.channel in channels and cash.status not in (
         LegStatus.UNKNOWN, LegStatus.REFUNDING, LegStatus.REFUND_UNKNOWN, LegStatus.REFUND_FAILED
-    ) and order.state is not OrderState.NEEDS_RECONCILIATION:
+    ) and order.state is not OrderState.NEEDS_RECONCILIATION and not refunds_open:
         charged = channels[cash.channel].net_charged(order.payment_serial)
-        expected = cash.amount if order.state is OrderState.SUCCEEDED else 0
+        given_back = sum(p.amount for r in order.refunds if r.kind is RefundKind.MERCHANT
+                         for p in r.parts if p.leg_no == cash.leg_no and p.status is PartStatus.DONE)
+        expected = cash.amount - given_back if order.state is OrderState.SUCCEEDED else 0
         if order.state in (OrderState.PAYING, OrderState.ACCEPTED):
             expected = charged  # still deciding; nothing to compare yet
         if charged != expected:
@@ -144,9 +158,60 @@ def _check_order(store: Store, order: PaymentOrder, channels: Mapping[str, Groun
         ):
             v.append(Violation("hold-posted-without-confirm", subject,
                                f"leg {leg.leg_no} is {leg.status.value}"))
+    _check_ledger(store, order, report)
     for entry in store.journal("order", order.order_id):
         if entry.part == "order" and entry.from_state and (
             (OrderState(entry.from_state), OrderState(entry.to_state)) not in ALLOWED_TRANSITIONS
         ):
             v.append(Violation("legal-transition", subject,
                                f"{entry.from_state} -> {entry.to_state} ({entry.cause})"))
+
+
+def _check_refunds(order: PaymentOrder, channels: Mapping[str, GroundTruth],
+                   report: OracleReport) -> None:
+    """Refunds never above payments: in the engine's books and at the channel."""
+    subject = f"order {order.order_id}"
+    asked = sum(r.amount_minor for r in order.refunds
+                if r.kind is RefundKind.MERCHANT and r.status is not RefundStatus.FAILED)
+    if asked > order.total_minor:
+        report.violations.append(Violation(
+            "refunds-within-payment", subject,
+            f"merchant refunds {asked} exceed the payment {order.total_minor}"))
+    cash = order.cash_leg
+    if cash is not None and cash.channel is not None and cash.channel in channels:
+        truth = channels[cash.channel]
+        if truth.net_charged(order.payment_serial) < 0:
+            report.violations.append(Violation(
+                "refunds-within-payment", subject,
+                f"the channel refunded {truth.refunded(order.payment_serial)}, more than it "
+                "charged"))
+    if any(r.status is RefundStatus.UNKNOWN for r in order.refunds):
+        report.awaiting_reconciliation.append(order.order_id)
+
+
+def _check_ledger(store: Store, order: PaymentOrder, report: OracleReport) -> None:
+    """A settled order with nothing unknown leaves nothing in transit, and the merchant has
+    exactly what was paid less what was refunded (no fees in the simulator), or nothing."""
+    if not order.is_settled or order.order_id in report.awaiting_reconciliation:
+        return
+    balances = store.ledger_balances(order.order_id)
+    subject = f"order {order.order_id}"
+    if balances.get(TRANSIT, 0) != 0:
+        report.violations.append(Violation(
+            "ledger-transit-empty", subject, f"transit holds {balances[TRANSIT]}"))
+    merchant = balances.get(f"merchant:{order.merchant_id}", 0)
+    expected = 0
+    if order.state is OrderState.SUCCEEDED:
+        expected = order.total_minor - sum(
+            p.value_minor for r in order.refunds if r.kind is RefundKind.MERCHANT
+            for p in r.parts if p.status is PartStatus.DONE)
+    if merchant != expected:
+        report.violations.append(Violation(
+            "ledger-merchant-share", subject,
+            f"{order.state.value}: merchant holds {merchant}, expected {expected}"))
+
+
+def check_ledger_zero_sum(store: Store) -> list[Violation]:
+    """Every posting sums to zero (so all balances do)."""
+    return [Violation("ledger-zero-sum", f"posting {posting}", f"entries sum to {total}")
+            for posting, total in store.unbalanced_postings()]

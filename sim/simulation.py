@@ -33,26 +33,31 @@ from actors.directory import Directory
 from actors.engine import Engine
 from actors.messages import Receipt
 from actors.runtime import Runtime, ThreadRuntime
-from engine.errors import PaymentError
+from engine.errors import ActorBroken, PaymentError
 from engine.order import (
     PLANTABLE_BUGS,
     CashPart,
     LegMode,
+    LegStatus,
     OrderPolicy,
-    OrderState,
     PaymentRequest,
+    RefundStatus,
     VoucherPart,
 )
+from engine.statement import FLAGGED, Verdict
+from persistence.outbox import OutboxEvent
 from sim.channel import ChannelFaults, SimulatedChannel
 from sim.oracle import OracleReport, Violation, check
 from sim.runtime import Scheduler, SimRuntime, SimWorld
+from sim.statement import statement_from_channel
 from sim.voucher_link import LossyVoucherLink, VoucherFaults
 
 FAULT_KINDS = (
     "jitter", "callback-lost", "callback-duplicated", "callback-reordered", "callback-early",
     "channel-timeout", "unknown-code", "pay-failure", "query-no-answer", "query-processing",
     "user-never-pays", "user-pays-late", "duplicate-submit", "user-close", "timeout-close",
-    "voucher-faults", "crash",
+    "voucher-faults", "crash", "double-charge", "refund-callback-lost",
+    "refund-callback-duplicated",
 )
 """Every fault the simulator can inject; ``--faults`` picks from these."""
 
@@ -64,6 +69,12 @@ SIM_POLICY = OrderPolicy(
     voucher_retry_schedule_ms=(200, 400, 800, 1_600, 3_000),
 )
 
+
+CASH_UNRESOLVED = frozenset({LegStatus.UNKNOWN, LegStatus.REFUND_UNKNOWN})
+"""Cash outcomes the channel's statement must settle (a voucher system's silence it cannot)."""
+
+REFUND_SHARE = 0.3
+"""Share of submitted orders the merchant later asks to refund (if they succeeded)."""
 
 QUIET_PHASE_MAX_MS = 15 * 60 * 1000
 """Virtual time the quiet phase may take. Every schedule of ``SIM_POLICY`` ends within a
@@ -176,6 +187,9 @@ class FaultMix:
             callback_duplicated=p("callback-duplicated", 0.4),
             query_no_answer=p("query-no-answer", 0.4),
             query_says_processing=p("query-processing", 0.5),
+            double_charge=p("double-charge", 0.1),
+            refund_callback_lost=p("refund-callback-lost", 0.4),
+            refund_callback_duplicated=p("refund-callback-duplicated", 0.4),
             user_pay_delay_ms=(0, 50) if early else (10, 400),
             late_pay_delay_ms=(2_000, 6_000),
             callback_delay_ms=(0, 2_000) if "callback-reordered" in on else (0, 50),
@@ -235,6 +249,8 @@ class Simulation:
         self.quiet = False
         self.link_rng = random.Random(config.seed + 2)
         self.link_counts: dict[str, int] = {}
+        self.notified: dict[str, tuple[str, str]] = {}
+        """Outbox events the downstream subscriber received: event id -> (order, state)."""
 
     # ------------------------------------------------------------------ engine lifecycle
 
@@ -248,11 +264,23 @@ class Simulation:
         self.engine = Engine.open(self.path, channels=[self.channel], policy=self.policy,
                                   config=self.engine_config, runtime=runtime, ids=self.ids,
                                   synchronous="OFF" if self.scheduler else "NORMAL",
-                                  voucher_link=self._voucher_link)
+                                  voucher_link=self._voucher_link,
+                                  subscribers={"downstream": self._downstream})
         self.channel.attach(self.engine)
         retry, self.pending_submits = self.pending_submits, []
         for request in retry:
             self._submit(request)
+
+    def _downstream(self, event: OutboxEvent) -> None:
+        """A downstream system (settlement, terminal push): keeps what it was told, by id.
+
+        It lives outside the engine, so it remembers across the engine's crashes; at least
+        once delivery shows as the same event id twice, which it counts and ignores.
+        """
+        if event.event_id in self.notified:
+            self.counts["notification_duplicated"] += 1
+            return
+        self.notified[event.event_id] = (event.order_id, event.to_state)
 
     def _voucher_link(self, directory: Directory) -> LossyVoucherLink:
         return LossyVoucherLink(directory, self.world, self.link_rng, self._voucher_faults,
@@ -357,6 +385,33 @@ class Simulation:
             self.counts["user_close"] += 1
             delay = self.rng.randint(0, self.mix.pay_window_ms)
             self._at(self.world.now_ms() + delay, lambda: self._close(receipt.order_id))
+        if first is receipt and not self.quiet and self.rng.random() < REFUND_SHARE:
+            self._schedule_refunds(receipt.order_id, request.total_minor)
+
+    def _schedule_refunds(self, order_id: str, total_minor: int) -> None:
+        """The merchant refunds some paid orders: whole, in parts, twice, several at once.
+
+        Amounts are drawn so that some requests ask for more than is left (they must be
+        refused); some reuse a refund number (the same refund must come back).
+        """
+        base = self.world.now_ms() + self.mix.pay_window_ms + self.rng.randint(200, 3_000)
+        for _ in range(self.rng.randint(1, 3)):
+            amount = self.rng.choice([total_minor, total_minor // 2, self.rng.randint(1, total_minor)])
+            refund_no = f"rf-{self.rng.randint(1, 2)}"
+            at = base + self.rng.choice([0, 0, self.rng.randint(1, 500)])
+            self._at(at, functools.partial(self._refund, order_id, refund_no, max(amount, 1)))
+
+    def _refund(self, order_id: str, refund_no: str, amount_minor: int) -> None:
+        engine = self.engine
+        if engine is None or self.quiet:
+            return
+        self.counts["merchant_refund"] += 1
+        try:
+            engine.refund(order_id, refund_no, amount_minor)
+        except PaymentError as error:
+            self.counts[f"refund_refused:{error.code}"] += 1
+        except ActorBroken:
+            self.counts["refund_refused:actor_broken"] += 1  # a violation, noted at the end
 
     def _close(self, order_id: str) -> None:
         if self.engine is not None:
@@ -408,12 +463,25 @@ class Simulation:
                 report.violations.append(Violation(
                     "one-order-per-key", f"key {key}",
                     f"receipt {receipt.order_id}, database {found.order_id}"))
+        told = set(self.notified.values())
         for order in engine.store.iter_orders():
-            if not order.is_settled and order.state is not OrderState.NEEDS_RECONCILIATION:
+            if order.is_terminal and (order.order_id, order.state.value) not in told:
+                report.violations.append(Violation(
+                    "terminal-order-notified", f"order {order.order_id}",
+                    f"{order.state.value}, but downstream never heard of it"))
+            if not order.is_settled:
                 report.violations.append(Violation(
                     "converged-after-quiet-phase", f"order {order.order_id}",
                     f"{order.state.value} with legs "
                     f"{[leg.status.value for leg in order.legs]}"))
+            cash = order.cash_leg
+            if (cash is not None and cash.status in CASH_UNRESOLVED) or any(
+                r.status is RefundStatus.UNKNOWN for r in order.refunds
+            ):
+                report.violations.append(Violation(
+                    "resolved-by-reconciliation", f"order {order.order_id}",
+                    f"cash leg {cash and cash.status.value}, refunds "
+                    f"{[r.status.value for r in order.refunds]} after the statement"))
         return report
 
     # ------------------------------------------------------------------ the run
@@ -443,6 +511,7 @@ class Simulation:
                     break
                 if self.engine is not None and not self.pending_submits:
                     break
+            self._reconcile(quiet_deadline_ms)
             report = self._final_check()
             self.violations += report.violations
             engine = self.engine
@@ -465,6 +534,26 @@ class Simulation:
             crashes=self.crashes_done, virtual_seconds=virtual,
             wall_seconds=time.monotonic() - started, runtime=self.config.runtime,
             plant_bug=self.config.plant_bug, fault_mix=sorted(self.mix.on), traces=traces)
+
+    def _reconcile(self, deadline_ms: int) -> None:
+        """The quiet phase ends with the channel's statement, as a day ends with its file.
+
+        The statement is the channel's ground truth, so every line must be understood: a
+        flagged verdict other than a second charge (which the engine refunds) is a violation.
+        Then time runs on until the refunds it started are done.
+        """
+        engine = self.engine
+        assert engine is not None
+        start = self.scheduler.start_ms if self.scheduler else 0
+        report = engine.reconcile(statement_from_channel(self.channel),
+                                  period_start_ms=start, period_end_ms=self.world.now_ms())
+        self.counts["statement_lines"] += report.lines
+        for entry in report.entries:
+            if entry.verdict in FLAGGED and entry.verdict is not Verdict.DUPLICATE_CHARGE:
+                self.violations.append(Violation(
+                    "statement-understood", f"order {entry.order_id or entry.out_trade_no}",
+                    f"{entry.verdict.value}: {entry.detail}"))
+        self._drive(None, deadline_ms=deadline_ms)
 
     def _flush_pending(self) -> None:
         retry, self.pending_submits = self.pending_submits, []
