@@ -18,6 +18,7 @@ from engine.errors import (
     ActorBroken,
     CurrencyMismatch,
     DatabaseInUse,
+    DuplicateSuspected,
     EngineClosed,
     HoldNotPending,
     HoldRefused,
@@ -38,13 +39,13 @@ from engine.statement import StatementError
 from persistence.outbox import OutboxEvent
 
 __all__ = [
-    "AccountExists", "AccountView", "ActorBroken", "CashPart", "Channel", "ChannelReply", "CodeTable",
-    "CurrencyMismatch", "DatabaseInUse", "Engine", "EngineClosed", "EngineConfig", "HoldNotPending",
-    "HoldRefused", "HoldView", "IdSource", "IdempotencyConflict", "IllegalTransition",
-    "InsufficientBalance", "InvalidAmount", "InvalidRequest", "LegMode", "LegView", "NotificationConfig",
-    "OrderPolicy", "OrderState", "OrderView", "OutboxEvent", "Overloaded", "PaymentError", "PaymentRequest",
-    "RandomIds", "Receipt", "ReconciliationReport", "RefundRefused", "RefundView",
-    "ResultKind", "Runtime", "StatementError",
-    "ThreadRuntime", "UnknownAccount",
-    "UnknownHold", "UnknownOrder", "VoucherPart",
+    "AccountExists", "AccountView", "ActorBroken", "CashPart", "Channel", "ChannelReply",
+    "CodeTable", "CurrencyMismatch", "DatabaseInUse", "DuplicateSuspected", "Engine",
+    "EngineClosed", "EngineConfig", "HoldNotPending", "HoldRefused", "HoldView", "IdSource",
+    "IdempotencyConflict", "IllegalTransition", "InsufficientBalance", "InvalidAmount",
+    "InvalidRequest", "LegMode", "LegView", "NotificationConfig", "OrderPolicy", "OrderState",
+    "OrderView", "OutboxEvent", "Overloaded", "PaymentError", "PaymentRequest", "RandomIds",
+    "Receipt", "ReconciliationReport", "RefundRefused", "RefundView", "ResultKind", "Runtime",
+    "StatementError", "ThreadRuntime", "UnknownAccount", "UnknownHold", "UnknownOrder",
+    "VoucherPart",
 ]

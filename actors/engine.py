@@ -36,6 +36,7 @@ from actors.reconcile import ReconciliationReport, StatementSource
 from actors.runtime import Runtime, ThreadRuntime
 from actors.voucher_link import DirectVoucherLink, VoucherLink
 from engine.errors import (
+    DuplicateSuspected,
     EngineClosed,
     InvalidRequest,
     Overloaded,
@@ -53,6 +54,7 @@ from engine.order import (
     RequestRefund,
     ResultSource,
     build_order,
+    suspected_duplicates,
 )
 from engine.voucher import VoucherAccount
 from persistence.store import JournalEntry, Store
@@ -302,6 +304,7 @@ class Engine:
                             accounts=units, policy=ctx.policy)
         if ctx.directory.live_count("order") >= ctx.config.live_orders_max:
             raise Overloaded(f"{ctx.config.live_orders_max} orders in flight; retry later")
+        self._guard_user_duplicates(request, now_ms)
         existing = ctx.store.insert_order(order, now_ms)
         if existing is not None:
             return Receipt.of(existing)
@@ -315,6 +318,29 @@ class Engine:
             # and the next Engine.open resumes it. Saying "refused" now would be a lie.
             ctx.log.info("submit.accepted_during_shutdown", order_id=order.order_id)
         return Receipt.of(order)
+
+    def _guard_user_duplicates(self, request: PaymentRequest, now_ms: int) -> None:
+        """Warn (``DuplicateSuspected``) of a new order like one the user made moments ago.
+
+        A retry of an accepted submit (its key exists) is not new, and is never warned. The
+        guard is advisory: two such submits racing each other may both pass.
+        """
+        window_ms = self._ctx.config.duplicate_guard_window_ms
+        store = self._ctx.store
+        if request.confirm_duplicate or window_ms <= 0 or store.order_id_for_merchant(
+            request.merchant_id, request.merchant_order_no
+        ) is not None:
+            return
+        similar = suspected_duplicates(request, store.recent_user_orders(
+            request.user_id, now_ms - window_ms), now_ms=now_ms, window_ms=window_ms)
+        if similar:
+            first = similar[-1]
+            raise DuplicateSuspected(
+                f"user {request.user_id} has an order of {request.total_minor} "
+                f"{request.currency} from {(now_ms - first.created_at_ms) // 1000} s ago "
+                f"({first.merchant_order_no}, {first.state.value}); submit again with "
+                "confirm_duplicate=True to pay anyway",
+                tuple(o.order_id for o in similar))
 
     def close(self, order_id: str) -> OrderView:
         """The user (or cashier) closes an unpaid order. A paid order raises IllegalTransition."""

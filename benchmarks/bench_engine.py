@@ -60,8 +60,9 @@ class InstantChannel:
 
 
 def request(i: int) -> PaymentRequest:
-    return PaymentRequest("station-1", f"b{i}", f"u{i % 50}", "CNY", 10_000, "Fuel",
-                          CashPart(9_600, "wechat"),
+    # amounts differ per order, so the user-dimension duplicate guard lets every one through
+    return PaymentRequest("station-1", f"b{i}", f"u{i % 50}", "CNY", 10_000 + i, "Fuel",
+                          CashPart(9_600 + i, "wechat"),
                           (VoucherPart(f"rp{i % 50}", 100), VoucherPart(f"pts{i % 50}", 20),
                            VoucherPart(f"tel{i % 50}", 100)))
 

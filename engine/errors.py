@@ -122,3 +122,17 @@ class RefundRefused(PaymentError):
     """A refund asks for more than the payment may still give back, or cannot be split."""
 
     code = "refund_refused"
+
+
+class DuplicateSuspected(PaymentError):
+    """The same user paid (or is paying) the same amount moments ago: ask before going on.
+
+    Nothing was created. Show the user the warning; if they want to pay anyway, submit the
+    request again with ``confirm_duplicate=True``. ``order_ids`` names the similar orders.
+    """
+
+    code = "duplicate_suspected"
+
+    def __init__(self, message: str, order_ids: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.order_ids = order_ids

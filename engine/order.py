@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from engine.codes import ResultKind
@@ -245,6 +245,9 @@ class PaymentRequest:
     vouchers: tuple[VoucherPart, ...] = ()
     pay_window_ms: int | None = None
     """How long the order may wait for its payment before it is closed; policy default if None."""
+    confirm_duplicate: bool = False
+    """The caller was warned of a similar recent order (``DuplicateSuspected``) and the user
+    chose to pay anyway. Not part of the fingerprint: it is a decision, not a parameter."""
 
     def fingerprint(self) -> str:
         """A stable digest of every parameter: equal requests, equal fingerprints."""
@@ -502,6 +505,28 @@ def build_order(
         hold_expires_at_ms=close_at + policy.hold_grace_ms,
         legs=tuple(legs),
     )
+
+
+DUPLICATE_GUARD_STATES = frozenset({OrderState.ACCEPTED, OrderState.PAYING,
+                                    OrderState.DEDUCTING, OrderState.NEEDS_RECONCILIATION,
+                                    OrderState.SUCCEEDED})
+"""States of a recent order that make a new one for the same user and amount suspect: it is
+paid or may still be. A failed or closed one is what a user retries after, in good faith."""
+
+
+def suspected_duplicates(request: PaymentRequest, recent: Sequence[PaymentOrder], *,
+                         now_ms: int, window_ms: int) -> list[PaymentOrder]:
+    """The user-dimension guard (R-DUP): orders of the same user for the same amount and
+    currency, accepted within ``window_ms``, paid or still payable, under another merchant
+    order number. Empty when the caller confirmed (``confirm_duplicate``)."""
+    if request.confirm_duplicate:
+        return []
+    return [o for o in recent
+            if o.user_id == request.user_id and o.total_minor == request.total_minor
+            and o.currency == request.currency and o.state in DUPLICATE_GUARD_STATES
+            and now_ms - window_ms <= o.created_at_ms <= now_ms
+            and (o.merchant_id, o.merchant_order_no) != (request.merchant_id,
+                                                         request.merchant_order_no)]
 
 
 def _voucher_leg(

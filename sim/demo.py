@@ -17,17 +17,19 @@ import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from actors.base import EngineConfig
 from actors.engine import Engine
 from actors.runtime import ThreadRuntime
-from engine.errors import PaymentError
+from engine.errors import DuplicateSuspected, PaymentError
 from engine.order import CashPart, LegMode, OrderPolicy, PaymentRequest, VoucherPart
+from engine.statement import FLAGGED, Verdict
 from sim.channel import ChannelFaults, SimulatedChannel
 from sim.oracle import OracleReport, check
+from sim.statement import statement_from_channel
 
 DEMO_POLICY = OrderPolicy(
     pay_window_ms=2_500,
@@ -55,11 +57,21 @@ class DemoResult:
     wall_seconds: float
     unsettled: int
     errors: list[str] = field(default_factory=list)
+    duplicate_warnings: int = 0
+    """Submits the user-dimension guard warned of, which the customer then confirmed."""
+    merchant_refunds: dict[str, int] = field(default_factory=dict)
+    """Refund status -> count, for the refunds the station asked for after the rush."""
+    reconciliation: dict[str, int] = field(default_factory=dict)
+    """Verdict -> count of the channel's statement imported at the end."""
+    statement_flagged: int = 0
+    """Statement verdicts a person must look at (second charges excepted: refunded)."""
+    unbalanced_postings: int = 0
 
     @property
     def ok(self) -> bool:
         return (self.report.ok and self.duplicate_receipts_equal and self.unsettled == 0
-                and not self.errors)
+                and not self.errors and self.statement_flagged == 0
+                and self.unbalanced_postings == 0)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -74,6 +86,10 @@ class DemoResult:
             "accounts_checked": self.report.accounts_checked,
             "awaiting_reconciliation": self.report.awaiting_reconciliation,
             "violations": [str(v) for v in self.report.violations], "errors": self.errors,
+            "duplicate_warnings": self.duplicate_warnings,
+            "merchant_refunds": self.merchant_refunds, "reconciliation": self.reconciliation,
+            "statement_flagged": self.statement_flagged,
+            "unbalanced_postings": self.unbalanced_postings,
             "wall_seconds": round(self.wall_seconds, 3), "ok": self.ok,
         }
 
@@ -131,6 +147,7 @@ def run_demo(db_path: str | Path = "payengine.db", *, orders: int = 300, seed: i
     engine = Engine.open(db_path, channels=[channel], policy=DEMO_POLICY,
                          config=EngineConfig(account_idle_ms=1_000, pre_hold_ttl_ms=1_500))
     channel.attach(engine)
+    started_ms = world.now_ms()
     result = DemoResult(str(db_path), seed, orders, {}, 0, 0, True, 0, 0, {}, OracleReport(),
                         0.0, 0)
     try:
@@ -145,10 +162,18 @@ def run_demo(db_path: str | Path = "payengine.db", *, orders: int = 300, seed: i
                 result.duplicate_receipts_equal &= outcome.receipts_equal
                 result.user_closes += outcome.closed
                 result.abandoned_pre_holds += outcome.abandoned_hold
+                result.duplicate_warnings += outcome.duplicate_warnings
                 result.errors += outcome.errors
                 bar.show(n)
         bar.finish()
         result.unsettled = _wait_until_settled(engine, orders, settle_timeout_s, progress)
+        refunded = _refund_some(engine, rng, order_ids)
+        result.unsettled = _wait_until_settled(engine, orders, settle_timeout_s, progress)
+        result.merchant_refunds = dict(Counter(
+            engine.get_order(order_id).refund(no).status for order_id, no in refunded))
+        _reconcile(engine, channel, started_ms, result)
+        result.unsettled = _wait_until_settled(engine, orders, settle_timeout_s, progress)
+        result.unbalanced_postings = len(engine.unbalanced_postings())
         _wait_for_holds_to_expire(engine, settle_timeout_s)
         result.report = check(engine.store, {channel.name: channel},
                               now_ms=world.now_ms(), order_ids=order_ids)
@@ -225,6 +250,7 @@ class _Outcome:
     receipts_equal: bool = True
     closed: int = 0
     abandoned_hold: int = 0
+    duplicate_warnings: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -244,7 +270,13 @@ def _pay(engine: Engine, plan: _Plan) -> _Outcome:
             # Not enough points: the pre-hold is refused and the order, finding no hold, fails.
             with contextlib.suppress(PaymentError):
                 engine.pre_hold(account, amount, hold_id=hold_id, ttl_ms=5_000)
-        receipt = engine.submit(request)
+        try:
+            receipt = engine.submit(request)
+        except DuplicateSuspected:
+            # "an order of this amount exists, pay anyway?": this customer says yes
+            outcome.duplicate_warnings = 1
+            request = replace(request, confirm_duplicate=True)
+            receipt = engine.submit(request)
         outcome.order_ids.append(receipt.order_id)
         if plan.duplicate:
             outcome.duplicates = 1
@@ -259,6 +291,35 @@ def _pay(engine: Engine, plan: _Plan) -> _Outcome:
     except PaymentError as error:
         outcome.errors.append(f"{request.merchant_order_no}: {error.code}: {error.message}")
     return outcome
+
+
+def _refund_some(engine: Engine, rng: random.Random, order_ids: list[str]
+                 ) -> list[tuple[str, str]]:
+    """After the rush the station refunds about one paid order in eight: half of it, cash
+    first, and for some the rest too (by the original route, vouchers back last)."""
+    refunded: list[tuple[str, str]] = []
+    for order_id in order_ids:
+        order = engine.get_order(order_id)
+        if order.state != "succeeded" or rng.random() >= 0.125:
+            continue
+        parts = [order.total_minor // 2, order.total_minor - order.total_minor // 2]
+        for n, amount in enumerate(parts[:rng.choice([1, 2])], start=1):
+            try:
+                engine.refund(order_id, f"demo-refund-{n}", amount, reason="pump stopped early")
+                refunded.append((order_id, f"demo-refund-{n}"))
+            except PaymentError:
+                pass  # e.g. an amount that cannot be split in whole points: refused, typed
+    return refunded
+
+
+def _reconcile(engine: Engine, channel: SimulatedChannel, started_ms: int,
+               result: DemoResult) -> None:
+    """End the day with the wallet's statement: it must agree with the engine."""
+    report = engine.reconcile(statement_from_channel(channel), period_start_ms=started_ms,
+                              period_end_ms=channel.world.now_ms())
+    result.reconciliation = {verdict.value: n for verdict, n in sorted(report.counts.items()) if n}
+    result.statement_flagged = sum(n for verdict, n in report.counts.items()
+                                   if verdict in FLAGGED and verdict is not Verdict.DUPLICATE_CHARGE)
 
 
 def _wait_until_settled(engine: Engine, orders: int, timeout_s: float, progress: bool) -> int:
@@ -299,6 +360,13 @@ def render(result: DemoResult) -> str:
         f"{result.abandoned_pre_holds}",
         f"duplicate submits: {result.duplicate_submits}, "
         f"{'all got the same receipt' if result.duplicate_receipts_equal else 'RECEIPTS DIFFER'}",
+        f"same user and amount within a minute: {result.duplicate_warnings} warned, confirmed",
+        "merchant refunds: " + (", ".join(f"{k} {v}" for k, v in result.merchant_refunds.items())
+                                or "none"),
+        "statement: " + ", ".join(f"{k} {v}" for k, v in result.reconciliation.items())
+        + (f" ({result.statement_flagged} FLAGGED)" if result.statement_flagged else ""),
+        "ledger: " + ("every posting sums to zero" if not result.unbalanced_postings
+                      else f"{result.unbalanced_postings} UNBALANCED postings"),
         "channel faults: " + (", ".join(f"{k} {v}" for k, v in result.channel_faults.items())
                               or "none"),
         "",

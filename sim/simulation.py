@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from actors.directory import Directory
 from actors.engine import Engine
 from actors.messages import Receipt
 from actors.runtime import Runtime, ThreadRuntime
-from engine.errors import ActorBroken, PaymentError
+from engine.errors import ActorBroken, DuplicateSuspected, PaymentError
 from engine.order import (
     PLANTABLE_BUGS,
     CashPart,
@@ -373,6 +373,12 @@ class Simulation:
             return
         try:
             receipt = engine.submit(request)
+        except DuplicateSuspected:
+            # the cashier shows "an order of this amount exists, pay anyway?"; the user
+            # confirms (a different pump, a second car), and the terminal submits again
+            self.counts["duplicate_warning"] += 1
+            self._submit(replace(request, confirm_duplicate=True))
+            return
         except PaymentError as error:
             self.counts[f"submit_refused:{error.code}"] += 1
             return

@@ -93,8 +93,10 @@ SLOW_POLICY = OrderPolicy(pay_window_ms=60_000, query_schedule_ms=(60_000,),
 
 def open_engine(path: Path, channel: object, policy: OrderPolicy = SLOW_POLICY,
                 config: EngineConfig | None = None) -> Engine:
+    """An engine on ``path``. The default config switches the user-dimension duplicate
+    guard off: tests submit many orders of one user and amount; the guard has its own."""
     return Engine.open(path, channels=[channel], policy=policy,  # type: ignore[list-item]
-                       config=config or EngineConfig(ask_timeout_s=5.0))
+                       config=config or EngineConfig(ask_timeout_s=5.0, duplicate_guard_window_ms=0))
 
 
 def fund_customer(engine: Engine, who: str = "alice", red_packet: int = 1_000,

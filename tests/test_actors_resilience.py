@@ -50,7 +50,8 @@ def test_lost_voucher_requests_and_replies_are_sent_again_until_answered(tmp_pat
     policy = OrderPolicy(pay_window_ms=60_000, query_schedule_ms=(60_000,),
                          voucher_retry_schedule_ms=(50, 100, 200, 400))
     engine = Engine.open(tmp_path / "pay.db", channels=[channel], policy=policy,
-                         config=EngineConfig(), voucher_link=link)
+                         config=EngineConfig(duplicate_guard_window_ms=0),
+                         voucher_link=link)
     try:
         fund_customer(engine)
         receipt = engine.submit(fuel_request())

@@ -230,6 +230,9 @@ def open_engine(tmp_path: Path, channel: FakeChannel, *, name: str = "engine.db"
     # Long query schedule and pay window: results arrive only when the test sends them.
     policy = policy or OrderPolicy(pay_window_ms=120_000, query_schedule_ms=(60_000,),
                                    refund_query_schedule_ms=(60_000,))
+    # the user-dimension duplicate guard is off: these tests submit many orders of one user
+    # and amount on purpose (tests/test_duplicate_guard.py tests the guard)
+    config = config or EngineConfig(duplicate_guard_window_ms=0)
     engine = Engine.open(tmp_path / name, channels=[channel], policy=policy, config=config)
     try:
         yield engine
@@ -1371,7 +1374,8 @@ def test_calls_after_shutdown_raise_engine_closed(tmp_path: Path) -> None:
 def test_overloaded_submit_leaves_state_untouched(tmp_path: Path) -> None:
     from actors import Overloaded
     channel = FakeChannel()
-    with open_engine(tmp_path, channel, config=EngineConfig(live_orders_max=2)) as engine:
+    with open_engine(tmp_path, channel, config=EngineConfig(live_orders_max=2,
+                                                                 duplicate_guard_window_ms=0)) as engine:
         engine.open_account("o/red", "CNY")
         engine.fund("o/red", 10_000, funding_id="o1")
         receipts, refused = [], []

@@ -21,7 +21,7 @@ from sim.demo import DEMO_POLICY
 from sim.oracle import check
 from tests.helpers import wait_for
 
-CONFIG = EngineConfig(account_idle_ms=500, pre_hold_ttl_ms=1_000)
+CONFIG = EngineConfig(account_idle_ms=500, pre_hold_ttl_ms=1_000, duplicate_guard_window_ms=0)
 
 
 def _open(path: Path, channel: SimulatedChannel) -> Engine:

@@ -28,7 +28,8 @@ def test_a_paid_order_moves_every_leg_through_transit_to_the_merchant_less_the_f
 ) -> None:
     channel = ScriptedChannel()
     engine = open_engine(tmp_path / "pay.db", channel,
-                         config=EngineConfig(ask_timeout_s=5.0, fee_ppm={"wechat": 6_000}))
+                         config=EngineConfig(ask_timeout_s=5.0, fee_ppm={"wechat": 6_000},
+                                             duplicate_guard_window_ms=0))
     try:
         fund_customer(engine)
         receipt = paid_order(engine)

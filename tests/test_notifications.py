@@ -41,7 +41,8 @@ def cash_request(no: str, merchant_id: str = "station-1") -> PaymentRequest:
 
 def open_with(path: Path, channel: ScriptedChannel, *, subscribers: dict[str, Subscriber] | None = None,
               **notify: Any) -> Engine:
-    config = EngineConfig(ask_timeout_s=5.0, notifications=NotificationConfig(**notify))
+    config = EngineConfig(ask_timeout_s=5.0, duplicate_guard_window_ms=0,
+                          notifications=NotificationConfig(**notify))
     return Engine.open(path, channels=[channel], policy=SLOW_POLICY,  # type: ignore[list-item]
                        config=config, subscribers=subscribers)
 
@@ -202,7 +203,8 @@ def test_subscribers_are_retried_in_virtual_time_on_the_deterministic_runtime(
 ) -> None:
     scheduler = Scheduler(seed=5)
     flaky = Recorder(fail=lambda event, calls: calls < 3)
-    config = EngineConfig(notifications=NotificationConfig(subscriber_retry_ms=(5_000, 5_000)))
+    config = EngineConfig(duplicate_guard_window_ms=0,
+                          notifications=NotificationConfig(subscriber_retry_ms=(5_000, 5_000)))
     engine = Engine.open(tmp_path / "sim.db", channels=[channel],  # type: ignore[list-item]
                          policy=SLOW_POLICY, config=config, runtime=SimRuntime(scheduler),
                          subscribers={"invoice": flaky})

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from actors import ChannelReply, Engine, InvalidRequest, OrderPolicy, Receipt
+from actors import ChannelReply, Engine, EngineConfig, InvalidRequest, OrderPolicy, Receipt
 from actors.reconcile import ReconciliationReport
 from actors.runtime import ThreadRuntime
 from engine.statement import StatementError, Verdict, format_time, parse_statement
@@ -360,7 +360,8 @@ def test_the_channels_own_records_reconcile_with_nothing_to_fix(tmp_path: Path) 
     faults = dataclasses.replace(ChannelFaults.none(), double_charge=1.0)
     wechat = SimulatedChannel("wechat", world, seed=3, faults=faults)
     policy = OrderPolicy(pay_window_ms=5_000, query_schedule_ms=(200, 400))
-    engine = Engine.open(tmp_path / "sim.db", channels=[wechat], policy=policy)
+    engine = Engine.open(tmp_path / "sim.db", channels=[wechat], policy=policy,
+                         config=EngineConfig(duplicate_guard_window_ms=0))
     wechat.attach(engine)
     try:
         fund_customer(engine)

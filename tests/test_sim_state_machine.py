@@ -172,7 +172,7 @@ class EngineMachine(RuleBasedStateMachine):
         # the simulator's schedules (short, so a quiet phase ends soon), this example's window
         self.policy = replace(SIM_POLICY, pay_window_ms=pay_window_ms, planted_bugs=PLANTED_BUGS)
         self.config = EngineConfig(account_idle_ms=2_000, ask_timeout_s=30.0,
-                                   planted_bugs=PLANTED_BUGS)
+                                   planted_bugs=PLANTED_BUGS, duplicate_guard_window_ms=0)
         self.ids = SeqIds()
         self._open()
         engine = self._engine
