@@ -35,7 +35,15 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from engine.codes import ResultKind
 from engine.errors import InvalidRequest, PaymentError
+from engine.order import (
+    REFUND_ABSENT_CODE,
+    LegStatus,
+    PartStatus,
+    RefundResult,
+    ResultSource,
+)
 from engine.statement import (
     FLAGGED,
     Judgement,
@@ -215,6 +223,7 @@ def reconcile(engine: Engine, statement: StatementSource, *,
     if period is not None:
         for channel in wanted:
             run.settle_absent(channel, period)
+            run.resend_absent_refunds(channel, period)
     statements.finish_import(store, import_id, {v.value: n for v, n in report.counts.items()},
                              engine.runtime.now_ms())
     return report
@@ -389,6 +398,31 @@ class _Run:
             report.entries_omitted += 1
 
     # ---- orders the statement lacks
+
+    def resend_absent_refunds(self, channel: str, period: tuple[int, int]) -> None:
+        """Refunds of the period left unknown and absent from every statement imported: the
+        money is still owed, so the order asks the channel again. Never a guess at failure."""
+        for order_id in statements.iter_orders_with_unknown_refunds(
+            self.store, channel, period[0], period[1], self.batch_size
+        ):
+            order = self.store.load_order(order_id)
+            cash = None if order is None else order.cash_leg
+            if order is None or cash is None:
+                continue
+            ids = [r.refund_id for r in order.refunds
+                   if (p := r.part(cash.leg_no)) is not None and p.status is PartStatus.UNKNOWN]
+            if cash.status is LegStatus.REFUND_UNKNOWN and cash.refund_id is not None:
+                ids.append(cash.refund_id)
+            for refund_id in ids:
+                if statements.refund_on_statement(self.store, channel, refund_id):
+                    continue
+                self.engine._feed(order_id, RefundResult(
+                    refund_id, ResultKind.FAILURE, ResultSource.RECONCILIATION,
+                    REFUND_ABSENT_CODE), True)
+                self._add(ReportEntry(Verdict.REFUND_RESENT, None, channel,
+                                      order.payment_serial, order_id, None, order.currency,
+                                      f"refund {refund_id} absent from the statement: asked "
+                                      "again", cash.channel_txn_id, refund_id))
 
     def settle_absent(self, channel: str, period: tuple[int, int]) -> None:
         """Orders of the period the statement does not charge: report the ones the engine

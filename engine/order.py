@@ -629,6 +629,16 @@ class RefundResult:
     code: str
 
 
+REFUND_ABSENT_CODE = "ABSENT_FROM_STATEMENT"
+"""The code of a reconciliation ``RefundResult`` saying the channel's statement for the
+period lacks this refund: it never happened, so a refund left *unknown* is asked again."""
+
+
+def _refund_absent(result: RefundResult) -> bool:
+    return (result.source is ResultSource.RECONCILIATION and result.kind is ResultKind.FAILURE
+            and result.code == REFUND_ABSENT_CODE)
+
+
 @dataclass(frozen=True, slots=True)
 class CloseOrder:
     cause: CloseCause
@@ -1219,6 +1229,15 @@ def _refund_result(d: _Draft, result: RefundResult) -> str:
         if refund is None or cash is None:
             return f"stale: no refund {result.refund_id} on this order"
         return _cash_part_result(d, refund, cash, result)
+    if _refund_absent(result):
+        if cash.status is not LegStatus.REFUND_UNKNOWN:
+            return f"ignored: refund absent from the statement, cash leg is {cash.status.value}"
+        # The statement says the refund never happened: the money is still owed. Ask again
+        # (idempotent by refund_id) with a fresh schedule, never guess it failed.
+        cash = d.set_leg(cash.leg_no, LegStatus.REFUNDING, "refund absent from the statement")
+        d.effects.append(_refund(d.order, cash))
+        _arm_refund_query(d, attempt=0)
+        return "applied"
     if cash.status not in (LegStatus.REFUNDING, LegStatus.REFUND_UNKNOWN):
         return f"duplicate: refund result again, cash leg is {cash.status.value}"
     if result.kind is ResultKind.SUCCESS:
@@ -1555,6 +1574,14 @@ def _is_cash_part(order: PaymentOrder, entity: str) -> bool:
 
 def _cash_part_result(d: _Draft, refund: Refund, cash: Leg, result: RefundResult) -> str:
     part = refund.part(cash.leg_no)
+    if _refund_absent(result):
+        if part is None or part.status is not PartStatus.UNKNOWN:
+            return f"ignored: refund absent from the statement, part is {part and part.status.value}"
+        refund = _set_part(d, refund, cash.leg_no, PartStatus.SENT,
+                           "refund absent from the statement: asked again")
+        _resend_refund(d, refund, cash=True, vouchers=False)
+        _arm_refund_query(d, attempt=0)
+        return "applied"
     if part is None or part.status not in (PartStatus.SENT, PartStatus.UNKNOWN):
         return f"duplicate: refund result again, its cash part is {part and part.status.value}"
     if result.kind is ResultKind.PROCESSING:

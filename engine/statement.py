@@ -387,6 +387,9 @@ class Verdict(enum.StrEnum):
     closed with the charge unknown) and absent from the statement: the channel never
     charged it; the cash leg becomes unpaid, the order fails (or stays closed), its holds
     are released."""
+    REFUND_RESENT = "REFUND_RESENT"
+    """A refund the engine never heard the end of is absent from the statement: it never
+    happened, and the engine asks the channel again (idempotent by refund id)."""
     UNRESOLVED = "UNRESOLVED"
     """The statement says something the engine could not act on; see the detail."""
 

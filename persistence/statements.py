@@ -217,6 +217,45 @@ def iter_absent_orders(store: Store, channel: str, start_ms: int, end_ms: int,
         after = (int(rows[-1][1]), str(rows[-1][0]))
 
 
+_REFUNDS_AWAITING = f"""
+SELECT o.order_id, o.created_at_ms FROM payment_orders o
+JOIN legs l ON l.order_id = o.order_id AND l.mode = '{LegMode.CASH.value}'
+WHERE l.channel = ? AND o.created_at_ms BETWEEN ? AND ?
+  AND (o.created_at_ms > ? OR (o.created_at_ms = ? AND o.order_id > ?))
+  AND (l.status = '{LegStatus.REFUND_UNKNOWN.value}'
+       OR EXISTS (SELECT 1 FROM refunds r WHERE r.order_id = o.order_id AND r.status = 'unknown'))
+ORDER BY o.created_at_ms, o.order_id
+LIMIT ?
+"""
+
+
+def iter_orders_with_unknown_refunds(store: Store, channel: str, start_ms: int, end_ms: int,
+                                     batch_size: int = 500) -> Iterator[str]:
+    """Orders paid through ``channel``, created in [start_ms, end_ms], with a refund whose
+    outcome the engine never learnt (a cash leg ``refund_unknown`` or a refund ``unknown``),
+    in keyset batches like ``iter_absent_orders``."""
+    after: tuple[int, str] = (start_ms - 1, "")
+    while True:
+        with store._read() as conn:
+            rows = conn.execute(_REFUNDS_AWAITING, (channel, start_ms, end_ms, after[0],
+                                                    after[0], after[1], batch_size)).fetchall()
+        for order_id, _ in rows:
+            yield str(order_id)
+        if len(rows) < batch_size:
+            return
+        after = (int(rows[-1][1]), str(rows[-1][0]))
+
+
+def refund_on_statement(store: Store, channel: str, refund_id: str) -> bool:
+    """Whether any imported statement line (or conflicting line) names this refund."""
+    with store._read() as conn:
+        row = conn.execute(
+            "SELECT 1 FROM statement_lines WHERE channel = ? AND refund_id = ?"
+            " UNION ALL SELECT 1 FROM statement_conflicts WHERE channel = ? AND refund_id = ?"
+            " LIMIT 1", (channel, refund_id, channel, refund_id)).fetchone()
+    return row is not None
+
+
 def imports(store: Store) -> list[ImportRecord]:
     """Every import, oldest first (for reports and tests; one row per run, so few)."""
     with store._read() as conn:

@@ -18,6 +18,7 @@ from actors import (
     IdempotencyConflict,
     IllegalTransition,
     InvalidAmount,
+    OrderPolicy,
     RefundRefused,
 )
 from tests.helpers import (
@@ -220,3 +221,43 @@ def test_a_second_charge_of_a_paid_order_is_refunded_whole(
     assert done.refunded_minor == 0  # the merchant may still refund the payment itself
     assert [c for c in channel.calls if c[0] == "refund"] == [
         ("refund", order.payment_serial, refund.refund_id, "9600")]
+
+
+def test_a_refund_left_unknown_and_absent_from_the_statement_is_asked_again(
+    tmp_path: Path
+) -> None:
+    from engine.statement import LineStatus, StatementLine, Verdict, render_statement
+    from tests.helpers import PAID
+
+    channel = ScriptedChannel()
+    channel.refund_reply = TimeoutError("refund timed out")
+    channel.refund_query_reply = TimeoutError("query timed out")
+    policy = OrderPolicy(pay_window_ms=60_000, query_schedule_ms=(60_000,),
+                         refund_query_schedule_ms=(20, 20))
+    engine = open_engine(tmp_path / "pay.db", channel, policy=policy)
+    try:
+        fund_customer(engine)
+        order = paid_order(engine)
+        engine.refund(order.order_id, "rf-1", 10_000)
+        closed = engine.submit(fuel_request("closed"))
+        wait_for(lambda: engine.get_order(closed.order_id).state == "paying", what="paying")
+        engine.close(closed.order_id)
+        engine.handle_callback("wechat", closed.payment_serial, PAID)  # paid after the close
+        wait_for(lambda: engine.get_order(order.order_id).refund("rf-1").status == "unknown"
+                 and engine.get_order(closed.order_id).legs[0].status == "refund_unknown",
+                 what="both refunds unknown after their schedules")
+        now = engine.runtime.now_ms()
+        statement = render_statement([
+            StatementLine("wechat", "TX1", order.payment_serial, 9_600, "CNY",
+                          LineStatus.SUCCESS, now),
+            StatementLine("wechat", "TX1c", closed.payment_serial, 9_600, "CNY",
+                          LineStatus.SUCCESS, now)])
+        channel.refund_reply = REFUND_OK
+        report = engine.reconcile(statement, period_start_ms=now - 60_000, period_end_ms=now)
+        assert report.counts.get(Verdict.REFUND_RESENT) == 2
+        wait_for(lambda: engine.get_order(order.order_id).refund("rf-1").status == "succeeded"
+                 and engine.get_order(closed.order_id).legs[0].status == "refunded",
+                 what="both refunds asked again and done")
+        assert available(engine) == FUNDED
+    finally:
+        engine.shutdown()
