@@ -332,9 +332,10 @@ class Engine:
         ) is not None:
             return
         similar = suspected_duplicates(request, store.recent_user_orders(
-            request.user_id, now_ms - window_ms), now_ms=now_ms, window_ms=window_ms)
+            request.user_id, now_ms - window_ms, request.total_minor, request.currency),
+            now_ms=now_ms, window_ms=window_ms)
         if similar:
-            first = similar[-1]
+            first = similar[0]
             raise DuplicateSuspected(
                 f"user {request.user_id} has an order of {request.total_minor} "
                 f"{request.currency} from {(now_ms - first.created_at_ms) // 1000} s ago "

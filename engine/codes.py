@@ -57,6 +57,9 @@ WECHAT_LIKE_REFUND_CODES = CodeTable(
     channel="wechat-refund",
     communication_ok=frozenset({"SUCCESS"}),
     success=frozenset({"SUCCESS"}),
-    failure=frozenset({"CHANGE", "REFUNDCLOSE"}),
+    failure=frozenset({"REFUNDCLOSE"}),
 )
-"""Refund states; PROCESSING and unknown codes are queried again."""
+"""Refund states; PROCESSING and unknown codes are queried again. Only REFUNDCLOSE says
+nothing was given back. CHANGE (WeChat's "refund abnormal": the money left the merchant but
+the payer's original account refused it) is not a failure: the refund stays unknown, counts
+as refunded, and is left to reconciliation and a person."""

@@ -275,6 +275,11 @@ class RefundKind(enum.StrEnum):
     """The channel charged the payment a second time: that charge is given back whole."""
 
 
+SECOND_CHARGE_PREFIX = "charge:"
+"""A second charge's refund has ``refund_no`` ``charge:<channel transaction id>``; merchant
+refund numbers may not start so, so the two never collide."""
+
+
 class RefundStatus(enum.StrEnum):
     REFUNDING = "refunding"
     SUCCEEDED = "succeeded"
@@ -352,6 +357,10 @@ class OrderPolicy:
     """Gaps between re-sending unanswered voucher commands (idempotent by hold id); after
     the last gap an unanswered Try or debit fails the payment, an unanswered Confirm or
     Cancel is flagged for reconciliation."""
+    voucher_return_attempts_max: int = 2_000
+    """A refund's voucher part must complete once its cash went back (R-TCC's retrying
+    sentinel): after the schedule it is re-sent at the schedule's last gap, up to this many
+    attempts in all (16 h at 30 s), and only then left ``unknown``."""
     legs_max: int = 16
     refunds_max: int = 50
     """Refunds one order may have (merchant refunds and duplicate-charge refunds)."""
@@ -460,6 +469,9 @@ def build_order(
         value = getattr(request, name)
         if not isinstance(value, str) or not value or len(value) > 128:
             raise InvalidRequest(f"{name} must be a non-empty string of at most 128 characters")
+    assert ":" not in order_id and ":" not in payment_serial, (
+        f"ids {order_id!r} / {payment_serial!r}: an IdSource must not use ':', which "
+        "separates refund, part and fence ids")
     currency = check_unit(request.currency)
     total = check_amount(request.total_minor, "total_minor")
     window = policy.pay_window_ms if request.pay_window_ms is None else request.pay_window_ms
@@ -929,6 +941,7 @@ def _activate(d: _Draft) -> str:
         _reissue(d, leg)
     for refund in order.refunds:
         _resend_refund(d, refund, cash=True, vouchers=True)
+        _retry_unknown_returns(d, refund)
     if order.next_voucher_retry_at_ms is not None:
         d.effects.append(ArmTimer(TimerKind.VOUCHER_RETRY, order.next_voucher_retry_at_ms,
                                   order.voucher_attempt))
@@ -1315,7 +1328,10 @@ def _refund_query_due(d: _Draft, token: int) -> str:
     cash = d.cash()
     closing = cash is not None and cash.status is LegStatus.REFUNDING
     pending = _cash_parts_in_flight(d.order)
-    if cash is None or not (closing or pending) or token != d.order.refund_query_attempt:
+    due = d.order.next_refund_query_at_ms
+    if cash is None or not (closing or pending) or token != d.order.refund_query_attempt or (
+        due is None or d.now_ms < due
+    ):
         return "stale: refund query timer"
     assert cash.channel is not None
     if token >= len(d.policy.refund_query_schedule_ms):
@@ -1370,7 +1386,8 @@ def _keep_voucher_retry(d: _Draft) -> None:
 
 
 def _arm_voucher_retry(d: _Draft, attempt: int) -> None:
-    due = d.now_ms + d.policy.voucher_retry_schedule_ms[attempt]
+    schedule = d.policy.voucher_retry_schedule_ms
+    due = d.now_ms + schedule[min(attempt, len(schedule) - 1)]
     d.update(voucher_attempt=attempt, next_voucher_retry_at_ms=due)
     d.effects.append(ArmTimer(TimerKind.VOUCHER_RETRY, due, attempt))
 
@@ -1388,12 +1405,19 @@ def _voucher_retry_due(d: _Draft, token: int) -> str:
             _resend_refund(d, refund, cash=False, vouchers=True)
         _arm_voucher_retry(d, token + 1)
         return "applied"
+    if _returns_in_flight(order) and token + 1 < d.policy.voucher_return_attempts_max:
+        # Payments give up here; refunds' voucher returns keep being asked, at the last gap.
+        _give_up_on_vouchers(d, returns=False)
+        for refund in d.order.refunds:
+            _resend_refund(d, refund, cash=False, vouchers=True)
+        _arm_voucher_retry(d, token + 1)
+        return "applied"
     d.update(next_voucher_retry_at_ms=None, voucher_attempt=0)
     _give_up_on_vouchers(d)
     return "applied"
 
 
-def _give_up_on_vouchers(d: _Draft) -> None:
+def _give_up_on_vouchers(d: _Draft, *, returns: bool = True) -> None:
     """The voucher system stayed silent for the whole schedule: stop waiting, safely.
 
     An unanswered Try or debit may or may not have happened, so it is cancelled (voids the
@@ -1401,7 +1425,7 @@ def _give_up_on_vouchers(d: _Draft) -> None:
     unanswered Confirm or Cancel is flagged for reconciliation: never guessed either way.
     """
     cause = "voucher system did not answer"
-    for refund, leg_no in _returns_in_flight(d.order):
+    for refund, leg_no in _returns_in_flight(d.order) if returns else ():
         _set_part(d, refund, leg_no, PartStatus.UNKNOWN, cause)
     for leg in d.order.legs:
         account, hold = leg.account_id, leg.hold_id
@@ -1453,12 +1477,14 @@ def _request_refund(d: _Draft, request: RequestRefund) -> str:
     """
     order = d.order
     no = request.refund_no
-    if not isinstance(no, str) or not no or len(no) > 128:
-        raise InvalidRequest("refund_no must be a non-empty string of at most 128 characters")
+    if not isinstance(no, str) or not no or len(no) > 128 or no.startswith(SECOND_CHARGE_PREFIX):
+        raise InvalidRequest("refund_no must be a non-empty string of at most 128 characters, "
+                             f"not starting with {SECOND_CHARGE_PREFIX!r}")
     amount = check_amount(request.amount_minor, "refund amount_minor")
     if not isinstance(request.reason, str) or len(request.reason) > 256:
         raise InvalidRequest("reason must be a string of at most 256 characters")
     existing = order.refund(refund_no=no)
+    merchant_refunds = sum(1 for r in order.refunds if r.kind is RefundKind.MERCHANT)
     if existing is not None:
         if (existing.kind, existing.amount_minor, existing.reason) != (
             RefundKind.MERCHANT, amount, request.reason
@@ -1472,8 +1498,8 @@ def _request_refund(d: _Draft, request: RequestRefund) -> str:
     if any(leg.status in IN_FLIGHT_LEG_STATUSES for leg in order.legs):
         raise IllegalTransition(f"order {order.order_id} is still confirming its vouchers; "
                                 "ask again shortly")
-    if len(order.refunds) >= d.policy.refunds_max:
-        raise RefundRefused(f"order {order.order_id} has {len(order.refunds)} refunds, the most "
+    if merchant_refunds >= d.policy.refunds_max:
+        raise RefundRefused(f"order {order.order_id} has {merchant_refunds} refunds, the most "
                             "one order may have")
     parts = _allocate(order, amount, over_refund="over-refund" in d.policy.planted_bugs)
     cash = order.cash_leg
@@ -1552,6 +1578,20 @@ def _set_part(d: _Draft, refund: Refund, leg_no: int, status: PartStatus, cause:
     return d.set_refund(replace(refund, parts=parts), cause)
 
 
+def _retry_unknown_returns(d: _Draft, refund: Refund) -> None:
+    """On (re)activation, voucher returns left unknown are asked again: the cash went back,
+    so they are owed, and each restart of the engine gives them a fresh schedule."""
+    cash = d.order.cash_leg
+    cash_part = None if cash is None else refund.part(cash.leg_no)
+    if cash_part is not None and cash_part.status is not PartStatus.DONE:
+        return
+    for part in refund.parts:
+        if part.status is PartStatus.UNKNOWN and (cash is None or part.leg_no != cash.leg_no):
+            refund = _set_part(d, refund, part.leg_no, PartStatus.SENT,
+                               "unknown return asked again on activation")
+            _resend_refund(d, refund, cash=False, vouchers=True)
+
+
 def _cash_parts_in_flight(order: PaymentOrder) -> list[Refund]:
     cash = order.cash_leg
     if cash is None:
@@ -1605,9 +1645,11 @@ def _return_reply(d: _Draft, reply: VoucherReply) -> str:
     refund_id, _, leg_text = reply.hold_id.rpartition(":")
     refund = d.order.refund(refund_id=refund_id)
     part = None if refund is None else refund.part(reply.leg_no)
-    if refund is None or part is None or leg_text != str(reply.leg_no):
+    if refund is None or part is None or leg_text != str(reply.leg_no) or (
+        d.order.leg(reply.leg_no).is_cash
+    ):
         return f"stale: no voucher return {reply.hold_id} on this order"
-    if part.status is not PartStatus.SENT:
+    if part.status not in (PartStatus.SENT, PartStatus.UNKNOWN):
         return f"duplicate: return reply, part is {part.status.value}"
     if not reply.ok and reply.retryable:
         return f"ignored: voucher system failed without deciding ({reply.reason}); will retry"
@@ -1620,15 +1662,17 @@ def _refund_second_charge(d: _Draft, cash: Leg, result: CashResult) -> str:
     """The channel charged this payment again under another transaction: give it back whole."""
     txn = result.channel_txn_id
     assert txn is not None and cash.channel is not None
-    if d.order.refund(refund_no=txn) is not None:
+    if d.order.refund(refund_no=SECOND_CHARGE_PREFIX + txn) is not None:
         return f"duplicate: second charge {txn} is already being refunded"
-    if len(d.order.refunds) >= d.policy.refunds_max:
+    seconds = sum(1 for r in d.order.refunds if r.kind is RefundKind.DUPLICATE_CHARGE)
+    if seconds >= d.policy.refunds_max:  # bounded apart from the merchant's own refunds
         return f"ignored: second charge {txn} found with no refund left; for reconciliation"
     amount = cash.amount
     if result.amount_minor not in (None, amount):
         # Not this payment's amount: never refund a guess; the statement flags it.
         return f"ignored: second charge {txn} of {result.amount_minor}; for reconciliation"
-    refund = Refund(f"{d.order.payment_serial}-DC{len(d.order.refunds) + 1}", txn,
+    refund = Refund(f"{d.order.payment_serial}-DC{len(d.order.refunds) + 1}",
+                    SECOND_CHARGE_PREFIX + txn,
                     RefundKind.DUPLICATE_CHARGE, amount, f"second charge {txn}",
                     RefundStatus.REFUNDING,
                     (RefundPart(cash.leg_no, amount, amount, PartStatus.SENT),), d.now_ms)

@@ -33,6 +33,7 @@ from engine.codes import CodeTable, ResultKind
 from engine.errors import InvalidRequest
 from engine.money import AMOUNT_MAX
 from engine.order import (
+    SECOND_CHARGE_PREFIX,
     CashResult,
     LegStatus,
     OrderState,
@@ -419,7 +420,8 @@ class RefundSnapshot:
     """What its cash part gives back through the channel."""
     state: RefundState
     refund_no: str | None = None
-    """A duplicate-charge refund's ``refund_no`` is the second charge's transaction id."""
+    """The second charge's transaction id, for a duplicate-charge refund (its ``refund_no``
+    without ``SECOND_CHARGE_PREFIX``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -459,7 +461,8 @@ class OrderSnapshot:
             if part is not None:  # a voucher-only refund never reaches the channel
                 refunds.append(RefundSnapshot(
                     refund.refund_id, refund.kind.value, part.amount, _PART_STATES[part.status],
-                    refund.refund_no if refund.kind is RefundKind.DUPLICATE_CHARGE else None))
+                    refund.refund_no.removeprefix(SECOND_CHARGE_PREFIX)
+                    if refund.kind is RefundKind.DUPLICATE_CHARGE else None))
         return OrderSnapshot(
             order.order_id, order.payment_serial, order.state, order.currency,
             order.created_at_ms, order.close_at_ms,

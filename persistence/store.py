@@ -453,11 +453,15 @@ class Store:
             ).fetchall()
         return {str(state): int(n) for state, n in rows}
 
-    def recent_user_orders(self, user_id: str, since_ms: int) -> list[PaymentOrder]:
+    def recent_user_orders(self, user_id: str, since_ms: int, total_minor: int, currency: str,
+                           limit: int = 10) -> list[PaymentOrder]:
+        """The user's newest orders for this amount since ``since_ms`` (for the duplicate
+        guard), newest first; the index on (user_id, created_at_ms) keeps it cheap."""
         with self._read() as conn:
             ids = [r[0] for r in conn.execute(
                 "SELECT order_id FROM payment_orders WHERE user_id = ? AND created_at_ms >= ?"
-                " ORDER BY created_at_ms LIMIT 100", (user_id, since_ms)).fetchall()]
+                " AND total_minor = ? AND currency = ? ORDER BY created_at_ms DESC LIMIT ?",
+                (user_id, since_ms, total_minor, currency, limit)).fetchall()]
         return [o for o in map(self.load_order, ids) if o is not None]
 
     # ------------------------------------------------------------------ accounts

@@ -204,6 +204,13 @@ class SimulatedChannel:
             payment = self.payments.get(payment_serial)
             return 0 if payment is None else payment.refunded_minor
 
+    def refund_given(self, payment_serial: str, refund_id: str) -> int:
+        """What this channel really gave back under ``refund_id``."""
+        with self._lock:
+            payment = self.payments.get(payment_serial)
+            refund = None if payment is None else payment.refunds.get(refund_id)
+            return refund.amount_minor if refund is not None and refund.state == "SUCCESS" else 0
+
     def net_charged(self, payment_serial: str) -> int:
         """What the payer is really out of pocket for this serial: charged minus refunded."""
         with self._lock:

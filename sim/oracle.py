@@ -32,7 +32,7 @@ from engine.order import (
     RefundKind,
     RefundStatus,
 )
-from engine.voucher import FenceKind, FenceStatus
+from engine.voucher import Fence, FenceKind, FenceStatus
 from persistence.store import Store
 
 RECONCILIATION_LEG_STATUSES = frozenset(
@@ -49,6 +49,10 @@ class GroundTruth(Protocol):
     def net_charged(self, payment_serial: str) -> int: ...
 
     def refunded(self, payment_serial: str) -> int: ...
+
+    def refund_given(self, payment_serial: str, refund_id: str) -> int:
+        """What the channel really gave back under ``refund_id`` (0: nothing)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,11 @@ def _check_accounts(store: Store, report: OracleReport, now_ms: int | None) -> N
         if posted != account.spent:
             v.append(Violation("voucher-spent-matches-posted", subject,
                                f"spent {account.spent}, posted holds less returns {posted}"))
+        for f in fences:
+            if f.kind is FenceKind.RETURN and not _return_owned(store, f):
+                v.append(Violation("voucher-return-has-a-refund", subject,
+                                   f"return {f.hold_id} of {f.amount} names no refund part of "
+                                   f"order {f.order_id}"))
         if now_ms is not None:
             for f in fences:
                 if f.status is FenceStatus.PENDING and (f.expires_at_ms or 0) < now_ms:
@@ -158,6 +167,7 @@ def _check_order(store: Store, order: PaymentOrder, channels: Mapping[str, Groun
         ):
             v.append(Violation("hold-posted-without-confirm", subject,
                                f"leg {leg.leg_no} is {leg.status.value}"))
+    _check_returns(store, order, report)
     _check_ledger(store, order, report)
     for entry in store.journal("order", order.order_id):
         if entry.part == "order" and entry.from_state and (
@@ -187,6 +197,60 @@ def _check_refunds(order: PaymentOrder, channels: Mapping[str, GroundTruth],
                 "charged"))
     if any(r.status is RefundStatus.UNKNOWN for r in order.refunds):
         report.awaiting_reconciliation.append(order.order_id)
+    if cash is not None and cash.channel is not None and cash.channel in channels:
+        truth = channels[cash.channel]
+        for refund in order.refunds:
+            part = refund.part(cash.leg_no)
+            if part is None or part.status in (PartStatus.SENT, PartStatus.UNKNOWN):
+                continue  # in flight or unknown: the channel may or may not have it yet
+            given = truth.refund_given(order.payment_serial, refund.refund_id)
+            expected = part.amount if part.status is PartStatus.DONE else 0
+            if given != expected:
+                report.violations.append(Violation(
+                    "refund-matches-channel", subject,
+                    f"refund {refund.refund_id} is {part.status.value} for {part.amount}; the "
+                    f"channel gave back {given}"))
+
+
+def _return_owned(store: Store, fence: Fence) -> bool:
+    """A return fence is ``<refund_id>:<leg_no>`` of a part its order sent or finished."""
+    order = None if fence.order_id is None else store.load_order(fence.order_id)
+    refund_id, _, leg_text = fence.hold_id.rpartition(":")
+    refund = None if order is None else order.refund(refund_id=refund_id)
+    part = None if refund is None or not leg_text.isdigit() else refund.part(int(leg_text))
+    return part is not None and part.amount == fence.amount and part.status in (
+        PartStatus.DONE, PartStatus.SENT, PartStatus.UNKNOWN)
+
+
+def _check_returns(store: Store, order: PaymentOrder, report: OracleReport) -> None:
+    """Vouchers go back exactly as the order's refunds say: once per done part, never for a
+    refund whose cash part has not gone back first."""
+    cash = order.cash_leg
+    for refund in order.refunds:
+        cash_part = None if cash is None else refund.part(cash.leg_no)
+        for part in refund.parts:
+            leg = order.leg(part.leg_no)
+            if leg.is_cash or leg.account_id is None:
+                continue
+            fence = store.load_fence(leg.account_id, f"{refund.refund_id}:{leg.leg_no}")
+            returned = 0 if fence is None or fence.kind is not FenceKind.RETURN else fence.amount
+            subject = f"order {order.order_id}"
+            if part.status is PartStatus.DONE and returned != part.amount:
+                report.violations.append(Violation(
+                    "voucher-returned-as-refunded", subject,
+                    f"{refund.refund_id} leg {leg.leg_no}: done for {part.amount}, "
+                    f"account shows {returned}"))
+            if returned and part.status not in (PartStatus.DONE, PartStatus.SENT,
+                                                PartStatus.UNKNOWN):
+                report.violations.append(Violation(
+                    "voucher-returned-as-refunded", subject,
+                    f"{refund.refund_id} leg {leg.leg_no} is {part.status.value}, yet the "
+                    f"account gave back {returned}"))
+            if returned and cash_part is not None and cash_part.status is not PartStatus.DONE:
+                report.violations.append(Violation(
+                    "voucher-returned-after-cash", subject,
+                    f"{refund.refund_id} leg {leg.leg_no} went back with the cash part "
+                    f"{cash_part.status.value}"))
 
 
 def _check_ledger(store: Store, order: PaymentOrder, report: OracleReport) -> None:

@@ -297,6 +297,14 @@ class SimActor(pykka.Actor):
             else:
                 self._handle_failure(*_exc_info())
                 self.on_failure(*_exc_info())
+        except BaseException:
+            # A simulated crash in this handler: the message was taken off the inbox, so
+            # kill() will not answer it. Answer its asker as a crash would (the actor died),
+            # or an ask nested further up the stack would wait forever.
+            if envelope.reply_to is not None:
+                envelope.reply_to.set_exception(
+                    (pykka.ActorDeadError, pykka.ActorDeadError("actor lost in a crash"), None))
+            raise
         if self.actor_stopped.is_set():
             while inbox.has_messages():
                 self._refuse(inbox.get())

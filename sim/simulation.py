@@ -41,6 +41,7 @@ from engine.order import (
     LegStatus,
     OrderPolicy,
     PaymentRequest,
+    RefundKind,
     RefundStatus,
     VoucherPart,
 )
@@ -70,7 +71,8 @@ SIM_POLICY = OrderPolicy(
 )
 
 
-CASH_UNRESOLVED = frozenset({LegStatus.UNKNOWN, LegStatus.REFUND_UNKNOWN})
+CASH_UNRESOLVED = frozenset({LegStatus.UNKNOWN, LegStatus.REFUND_UNKNOWN,
+                             LegStatus.REFUND_FAILED})
 """Cash outcomes the channel's statement must settle (a voucher system's silence it cannot)."""
 
 REFUND_SHARE = 0.3
@@ -482,7 +484,9 @@ class Simulation:
                     f"{[leg.status.value for leg in order.legs]}"))
             cash = order.cash_leg
             if (cash is not None and cash.status in CASH_UNRESOLVED) or any(
-                r.status is RefundStatus.UNKNOWN for r in order.refunds
+                r.status is RefundStatus.UNKNOWN or (
+                    r.status is RefundStatus.FAILED and r.kind is RefundKind.DUPLICATE_CHARGE)
+                for r in order.refunds
             ):
                 report.violations.append(Violation(
                     "resolved-by-reconciliation", f"order {order.order_id}",
@@ -496,40 +500,56 @@ class Simulation:
         started = time.monotonic()
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
         try:
-            self._open()
-            customers = self._setup()
-            quiet_at = self._schedule_workload(customers)
-            self._at(quiet_at, self._start_quiet_phase)
-            self._drive(quiet_at)
-            quiet_deadline_ms = quiet_at + QUIET_PHASE_MAX_MS
-            while True:
-                if self.engine is None:
-                    self._open()
-                self._flush_pending()
-                self._drive(None, deadline_ms=quiet_deadline_ms)
-                if self.world.now_ms() > quiet_deadline_ms:
-                    self.violations.append(Violation(
-                        "quiet-phase-ends", f"seed {self.config.seed}",
-                        f"work still scheduled {QUIET_PHASE_MAX_MS // 1000} virtual seconds "
-                        "after the faults stopped: a retry or timer loop"))
-                    if self.engine is None:
-                        self._open()
-                    break
-                if self.engine is not None and not self.pending_submits:
-                    break
-            self._reconcile(quiet_deadline_ms)
-            report = self._final_check()
-            self.violations += report.violations
-            engine = self.engine
-            assert engine is not None
-            final = engine.store.count_orders_by_state()
-            traces = self._traces(engine)
-            engine.shutdown()
+            final, traces = self._run_phases()
+        except Exception as error:  # a deadlock, a step limit, an engine bug: this seed fails
+            self.violations.append(Violation("run-completes", f"seed {self.config.seed}",
+                                             repr(error)[:1_000]))
+            final, traces = {}, {}
+            if self.engine is not None:
+                self.engine.abandon()
         finally:
             if isinstance(self.world, ThreadRuntime):
                 self.world.shutdown()
             if self.config.db_dir is None:
                 shutil.rmtree(self._tmp, ignore_errors=True)
+        return self._result(started, final, traces)
+
+    def _run_phases(self) -> tuple[dict[str, int], dict[str, list[str]]]:
+        """Workload with faults, quiet phase, statement, final check: the final states and
+        the traces of the orders the first violations name."""
+        self._open()
+        customers = self._setup()
+        quiet_at = self._schedule_workload(customers)
+        self._at(quiet_at, self._start_quiet_phase)
+        self._drive(quiet_at)
+        quiet_deadline_ms = quiet_at + QUIET_PHASE_MAX_MS
+        while True:
+            if self.engine is None:
+                self._open()
+            self._flush_pending()
+            self._drive(None, deadline_ms=quiet_deadline_ms)
+            if self.world.now_ms() > quiet_deadline_ms:
+                self.violations.append(Violation(
+                    "quiet-phase-ends", f"seed {self.config.seed}",
+                    f"work still scheduled {QUIET_PHASE_MAX_MS // 1000} virtual seconds "
+                    "after the faults stopped: a retry or timer loop"))
+                if self.engine is None:
+                    self._open()
+                break
+            if self.engine is not None and not self.pending_submits:
+                break
+        self._reconcile(quiet_deadline_ms)
+        report = self._final_check()
+        self.violations += report.violations
+        engine = self.engine
+        assert engine is not None
+        final = engine.store.count_orders_by_state()
+        traces = self._traces(engine)
+        engine.shutdown()
+        return final, traces
+
+    def _result(self, started: float, final: dict[str, int], traces: dict[str, list[str]]
+                ) -> SimResult:
         faults = dict(Counter(self.channel.counts) + self.counts + Counter(self.link_counts))
         start = self.scheduler.start_ms if self.scheduler else 0
         virtual = (self.world.now_ms() - start) / 1000 if self.scheduler else 0.0

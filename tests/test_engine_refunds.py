@@ -182,3 +182,50 @@ def test_no_interleaving_of_refunds_and_answers_gives_back_more_than_was_paid(
             assert PartStatus.DONE not in statuses
         if refund.status is RefundStatus.SUCCEEDED:
             assert statuses == {PartStatus.DONE}
+
+
+def test_a_voucher_return_outlasts_the_retry_schedule_and_a_late_answer_still_counts() -> None:
+    policy = replace(POLICY, voucher_return_attempts_max=4)
+    order = succeeded("cash+pre")
+    now = T0
+
+    def run(event: OrderEvent) -> tuple[object, ...]:
+        nonlocal order
+        decision = decide(order, event, now_ms=now, policy=policy)
+        order = decision.order
+        return decision.effects
+
+    run(RequestRefund("rf-1", order.total_minor))
+    refund_id = order.refunds[0].refund_id
+    run(RefundResult(refund_id, ResultKind.SUCCESS, ResultSource.CALLBACK, "SUCCESS"))
+    sent_again = 0
+    for _ in range(3):  # the schedule (2 gaps) runs out, the returns are still asked, at 200 ms
+        assert order.next_voucher_retry_at_ms is not None
+        now = order.next_voucher_retry_at_ms
+        effects = run(TimerFired(TimerKind.VOUCHER_RETRY, order.voucher_attempt))
+        sent_again += sum(isinstance(e, ReturnVoucher) for e in effects)
+        assert {p.status for p in order.refunds[0].parts[1:]} == {PartStatus.SENT}
+    assert sent_again == 6
+    now = order.next_voucher_retry_at_ms or now
+    run(TimerFired(TimerKind.VOUCHER_RETRY, order.voucher_attempt))  # the 4th: given up
+    assert [p.status for p in order.refunds[0].parts[1:]] == [PartStatus.UNKNOWN] * 2
+    assert order.refunds[0].status is RefundStatus.UNKNOWN and order.is_settled
+    # a late answer still counts; a restart asks again for the one still unknown
+    run(VoucherReply(1, f"{refund_id}:1", VoucherOp.RETURN, True))
+    assert order.refunds[0].part(1).status is PartStatus.DONE  # type: ignore[union-attr]
+    effects = run(Activate())
+    assert [e for e in effects if isinstance(e, ReturnVoucher)] == [
+        ReturnVoucher("points", f"{refund_id}:2", 50, 2)]
+    run(VoucherReply(2, f"{refund_id}:2", VoucherOp.RETURN, True))
+    assert order.refunds[0].status is RefundStatus.SUCCEEDED
+
+
+def test_a_second_charge_and_a_merchant_refund_number_never_collide() -> None:
+    order = succeeded("cash")
+    with pytest.raises(PaymentError, match="not starting with"):
+        step(order, RequestRefund("charge:wx-2", 100), T0)
+    order, _ = step(order, RequestRefund("wx-2", 100), T0)
+    order, effects = step(order, CashResult(ResultKind.SUCCESS, ResultSource.CALLBACK, "SUCCESS",
+                                            "wx-2", order.total_minor), T0)
+    assert [(r.kind, r.refund_no) for r in order.refunds] == [
+        (RefundKind.MERCHANT, "wx-2"), (RefundKind.DUPLICATE_CHARGE, "charge:wx-2")]

@@ -31,7 +31,7 @@ from tests.helpers import (
 )
 
 REFUND_OK = ChannelReply("SUCCESS", "SUCCESS")
-REFUND_FAILED = ChannelReply("SUCCESS", "CHANGE")
+REFUND_FAILED = ChannelReply("SUCCESS", "REFUNDCLOSE")
 FUNDED = {"alice/red-packet": 1_000, "alice/points": 1_000, "alice/phone": 1_000}
 
 
@@ -216,7 +216,7 @@ def test_a_second_charge_of_a_paid_order_is_refunded_whole(
     done = wait_for(lambda: (o := engine.get_order(order.order_id)).settled and o.refunds and o,
                     what="second charge refunded")
     (refund,) = done.refunds
-    assert (refund.kind, refund.refund_no, refund.amount_minor) == ("duplicate_charge", "TX2", 9_600)
+    assert (refund.kind, refund.refund_no, refund.amount_minor) == ("duplicate_charge", "charge:TX2", 9_600)
     assert refund.status == "succeeded" and done.state == "succeeded"
     assert done.refunded_minor == 0  # the merchant may still refund the payment itself
     assert [c for c in channel.calls if c[0] == "refund"] == [
