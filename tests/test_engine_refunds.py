@@ -225,7 +225,7 @@ def test_a_second_charge_and_a_merchant_refund_number_never_collide() -> None:
     with pytest.raises(PaymentError, match="not starting with"):
         step(order, RequestRefund("charge:wx-2", 100), T0)
     order, _ = step(order, RequestRefund("wx-2", 100), T0)
-    order, effects = step(order, CashResult(ResultKind.SUCCESS, ResultSource.CALLBACK, "SUCCESS",
-                                            "wx-2", order.total_minor), T0)
+    order, _ = step(order, CashResult(ResultKind.SUCCESS, ResultSource.CALLBACK, "SUCCESS",
+                                      "wx-2", order.total_minor), T0)
     assert [(r.kind, r.refund_no) for r in order.refunds] == [
         (RefundKind.MERCHANT, "wx-2"), (RefundKind.DUPLICATE_CHARGE, "charge:wx-2")]
