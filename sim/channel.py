@@ -103,8 +103,12 @@ class SimulatedChannel:
     refund_codes: CodeTable = WECHAT_LIKE_REFUND_CODES
 
     def __init__(self, name: str, world: World, *, seed: int = 0,
-                 faults: ChannelFaults | None = None, wait_for_ack: bool = True) -> None:
+                 faults: ChannelFaults | None = None, wait_for_ack: bool = True,
+                 txn_prefix: str = "T") -> None:
         self.name = name
+        self.txn_prefix = txn_prefix
+        """Transaction ids are ``<prefix><n>``: a channel that outlives one run (the demo
+        on the same file) needs a prefix of its own, as a real channel's ids are unique."""
         self.wait_for_ack = wait_for_ack
         """Deliver a notification as an HTTP server would (wait until the engine committed
         it); the deterministic simulator turns this off, it has one thread."""
@@ -130,7 +134,7 @@ class SimulatedChannel:
                 return self._reply(payment)
             f = self.faults
             payment = SimPayment(payment_serial, amount_minor, "USERPAYING",
-                                 f"T{len(self.payments):012d}")
+                                 f"{self.txn_prefix}{len(self.payments):012d}")
             self.payments[payment_serial] = payment
             if self._chance(f.sync_failure, "sync_failure"):
                 payment.state = "PAYERROR"

@@ -143,7 +143,8 @@ def run_demo(db_path: str | Path = "payengine.db", *, orders: int = 300, seed: i
     rng = random.Random(seed)
     run = uuid.uuid4().hex[:8]
     world = ThreadRuntime()
-    channel = SimulatedChannel("wechat", world, seed=seed, faults=ChannelFaults())
+    channel = SimulatedChannel("wechat", world, seed=seed, faults=ChannelFaults(),
+                               txn_prefix=f"T{run}-")
     engine = Engine.open(db_path, channels=[channel], policy=DEMO_POLICY,
                          config=EngineConfig(account_idle_ms=1_000, pre_hold_ttl_ms=1_500))
     channel.attach(engine)

@@ -1,0 +1,26 @@
+"""The main job: `payengine demo` balances, also when run again on the same database file
+(the Quick start's command, run twice, must not trip over the first run's records)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sim.cli import main
+
+
+def test_the_demo_balances_and_balances_again_on_the_same_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "station.db"
+    for _ in range(2):
+        code = main(["demo", "--db", str(db), "--orders", "60", "--json", "--no-progress",
+                     "--log-file", str(tmp_path / "demo.log")])
+        summary = json.loads(capsys.readouterr().out)
+        assert code == 0, summary
+        assert summary["ok"] and summary["statement_flagged"] == 0
+        assert summary["unbalanced_postings"] == 0 and summary["violations"] == []
+        assert sum(summary["final_states"].values()) == 60
+        assert summary["reconciliation"].get("MATCHED", 0) > 0
