@@ -1627,17 +1627,17 @@ def _cash_part_result(d: _Draft, refund: Refund, cash: Leg, result: RefundResult
     if result.kind is ResultKind.PROCESSING:
         return f"ignored: refund {refund.refund_id} still processing"
     cause = f"cash refund {result.kind.value} ({result.source.value}): {result.code}"
-    if result.kind is ResultKind.FAILURE:
-        refund = _set_part(d, refund, cash.leg_no, PartStatus.FAILED, cause)
-        for other in refund.parts:
-            if other.status is PartStatus.WAITING:
-                refund = _set_part(d, refund, other.leg_no, PartStatus.NOT_SENT, cause)
-        return "applied"
-    refund = _set_part(d, refund, cash.leg_no, PartStatus.DONE, cause)
-    for other in refund.parts:
-        if other.status is PartStatus.WAITING:
-            refund = _set_part(d, refund, other.leg_no, PartStatus.SENT, "cash refunded")
-    _resend_refund(d, refund, cash=False, vouchers=True)
+    failed = result.kind is ResultKind.FAILURE
+    # One change for the whole refund, so its status moves once (no passing "unknown").
+    cash_status, waiting_to = ((PartStatus.FAILED, PartStatus.NOT_SENT) if failed
+                               else (PartStatus.DONE, PartStatus.SENT))
+    parts = tuple(
+        replace(p, status=cash_status) if p.leg_no == cash.leg_no
+        else replace(p, status=waiting_to) if p.status is PartStatus.WAITING else p
+        for p in refund.parts)
+    refund = d.set_refund(replace(refund, parts=parts), cause)
+    if not failed:
+        _resend_refund(d, refund, cash=False, vouchers=True)
     return "applied"
 
 

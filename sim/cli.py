@@ -241,6 +241,10 @@ def _show(args: argparse.Namespace) -> int:
     for leg in view.legs:
         print(f"  leg {leg.leg_no}: {leg.mode:<11} {leg.amount:>8} {leg.unit:<7} {leg.status}"
               f"{'  ' + leg.account_id if leg.account_id else ''}")
+    for refund in view.refunds:
+        parts = ", ".join(f"leg {leg} {amount} {status}" for leg, amount, status in refund.parts)
+        print(f"  refund {refund.refund_no} ({refund.kind}, {refund.refund_id}): "
+              f"{refund.amount_minor} {view.currency} {refund.status}  [{parts}]")
     for e in journal:
         print(f"  {e.at_ms}  {e.part:<8} {e.from_state or '-':>20} -> {e.to_state:<20} {e.cause}")
     return 0

@@ -7,8 +7,18 @@ import json
 from pathlib import Path
 
 import pytest
+import structlog
 
 from sim.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> object:
+    """The demo points structlog at its log file, which it closes at the end: put the
+    process-wide configuration back so later tests do not log into a closed file."""
+    saved = structlog.get_config()
+    yield None
+    structlog.configure(**saved)
 
 
 def test_the_demo_balances_and_balances_again_on_the_same_file(
