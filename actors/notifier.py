@@ -97,6 +97,10 @@ _ERROR_MAX = 500
 _RESPONSE_READ_MAX = 1024
 
 
+Transport = Callable[[str, bytes, Mapping[str, str], float], tuple[bool, str]]
+"""(url, body, headers, timeout_s) -> (accepted, what happened): one merchant POST."""
+
+
 @dataclass(frozen=True)
 class NotificationConfig:
     """Schedules and bounds of outbox delivery (``EngineConfig.notifications``)."""
@@ -118,6 +122,10 @@ class NotificationConfig:
     round_error_backoff_ms: int = 1_000
     """After a round failed (database busy or closed, lane full), try again this much later;
     also how often due notifications are looked at again while POSTs are in flight."""
+    transport: Transport | None = None
+    """How a POST is made: ``post`` (urllib) if None. The simulator passes a merchant of its
+    own, so notifications run in virtual time with their faults; it must block like ``post``
+    and answer (accepted, what happened)."""
 
     def __post_init__(self) -> None:
         _check_schedule(self.merchant_schedule_ms, "merchant_schedule_ms", 1, 7 * _DAY_MS)
@@ -624,7 +632,8 @@ class Notifications:
             accepted, detail, final = False, "merchant unregistered", True
         else:
             body, headers = build_request(event, attempt, now_ms, item.secret)
-            accepted, detail = post(item.callback_url, body, headers, cfg.http_timeout_s)
+            send = cfg.transport or post
+            accepted, detail = send(item.callback_url, body, headers, cfg.http_timeout_s)
             final = attempt >= len(cfg.merchant_schedule_ms)
         done_ms = runtime.now_ms()
         next_at: int | None = None

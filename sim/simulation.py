@@ -32,6 +32,7 @@ from actors.base import EngineConfig
 from actors.directory import Directory
 from actors.engine import Engine
 from actors.messages import Receipt
+from actors.notifier import NotificationConfig
 from actors.runtime import Runtime, ThreadRuntime
 from engine.errors import ActorBroken, DuplicateSuspected, PaymentError
 from engine.order import (
@@ -48,6 +49,7 @@ from engine.order import (
 from engine.statement import FLAGGED, Verdict
 from persistence.outbox import OutboxEvent
 from sim.channel import ChannelFaults, SimulatedChannel
+from sim.merchant import SimMerchant
 from sim.oracle import OracleReport, Violation, check
 from sim.runtime import Scheduler, SimRuntime, SimWorld
 from sim.statement import statement_from_channel
@@ -58,7 +60,7 @@ FAULT_KINDS = (
     "channel-timeout", "unknown-code", "pay-failure", "query-no-answer", "query-processing",
     "user-never-pays", "user-pays-late", "duplicate-submit", "user-close", "timeout-close",
     "voucher-faults", "crash", "double-charge", "refund-callback-lost",
-    "refund-callback-duplicated",
+    "refund-callback-duplicated", "merchant-down",
 )
 """Every fault the simulator can inject; ``--faults`` picks from these."""
 
@@ -74,6 +76,10 @@ SIM_POLICY = OrderPolicy(
 CASH_UNRESOLVED = frozenset({LegStatus.UNKNOWN, LegStatus.REFUND_UNKNOWN,
                              LegStatus.REFUND_FAILED})
 """Cash outcomes the channel's statement must settle (a voucher system's silence it cannot)."""
+
+MERCHANT_SCHEDULE_MS = (0, 100, 200, 400, 800, 1_600, 3_000, 3_000, 3_000, 3_000, 3_000,
+                        3_000, 3_000, 3_000)
+"""The merchant notification schedule in the simulator: WeChat-like growth, in seconds."""
 
 REFUND_SHARE = 0.3
 """Share of submitted orders the merchant later asks to refund (if they succeeded)."""
@@ -169,6 +175,8 @@ class FaultMix:
     user_close: float
     pay_window_ms: int
     vouchers: VoucherFaults
+    merchant_down: float = 0.0
+    """How often the merchant's notification endpoint fails an attempt."""
 
     @staticmethod
     def draw(rng: random.Random, allowed: frozenset[str], *, swarm: bool = True) -> FaultMix:
@@ -205,6 +213,7 @@ class FaultMix:
             duplicate_submit=p("duplicate-submit", 0.3),
             user_close=p("user-close", 0.2),
             pay_window_ms=rng.choice([800, 1_500]) if "timeout-close" in on else 3_000,
+            merchant_down=p("merchant-down", 0.3),
             vouchers=VoucherFaults(
                 request_lost=p("voucher-faults", 0.25), reply_lost=p("voucher-faults", 0.25),
                 unavailable=p("voucher-faults", 0.25),
@@ -236,7 +245,12 @@ class Simulation:
             query_schedule_ms=SIM_POLICY.query_schedule_ms,
             refund_query_schedule_ms=SIM_POLICY.refund_query_schedule_ms,
             voucher_retry_schedule_ms=SIM_POLICY.voucher_retry_schedule_ms, planted_bugs=bugs)
+        self.merchant = SimMerchant(f"secret-{config.seed:012d}", random.Random(config.seed + 3),
+                                    lambda: 0.0 if self.quiet else self.mix.merchant_down)
         self.engine_config = EngineConfig(account_idle_ms=2_000, planted_bugs=bugs,
+                                          notifications=NotificationConfig(
+                                              merchant_schedule_ms=MERCHANT_SCHEDULE_MS,
+                                              transport=self.merchant),
                                           ask_timeout_s=30.0)
         self.ids = SeqIds()
         self._tmp = Path(config.db_dir or tempfile.mkdtemp(prefix="payengine-sim-"))
@@ -346,6 +360,8 @@ class Simulation:
     def _setup(self) -> list[str]:
         engine = self.engine
         assert engine is not None
+        engine.notifications.register_merchant("station-1", "https://merchant.sim/notify",
+                                               self.merchant.secret)
         customers = [f"c{i}" for i in range(max(5, self.config.orders // 4))]
         for c in customers:
             engine.open_account(f"{c}/rp", "CNY")
@@ -472,11 +488,20 @@ class Simulation:
                     "one-order-per-key", f"key {key}",
                     f"receipt {receipt.order_id}, database {found.order_id}"))
         told = set(self.notified.values())
+        merchant_told = set(self.merchant.received.values())
         for order in engine.store.iter_orders():
             if order.is_terminal and (order.order_id, order.state.value) not in told:
                 report.violations.append(Violation(
                     "terminal-order-notified", f"order {order.order_id}",
                     f"{order.state.value}, but downstream never heard of it"))
+            if order.is_terminal and (order.order_id, order.state.value) not in merchant_told:
+                report.violations.append(Violation(
+                    "merchant-notified", f"order {order.order_id}",
+                    f"{order.state.value}, but the merchant never accepted a notification "
+                    f"of it ({engine.notifications.counts()})"))
+        for event_id in self.merchant.bad_signatures[:5]:
+            report.violations.append(Violation(
+                "notification-signed", f"event {event_id}", "the signature did not verify"))
             if not order.is_settled:
                 report.violations.append(Violation(
                     "converged-after-quiet-phase", f"order {order.order_id}",
@@ -550,7 +575,10 @@ class Simulation:
 
     def _result(self, started: float, final: dict[str, int], traces: dict[str, list[str]]
                 ) -> SimResult:
-        faults = dict(Counter(self.channel.counts) + self.counts + Counter(self.link_counts))
+        merchant = Counter({"merchant_refused": self.merchant.refused,
+                            "notification_duplicated_at_merchant": self.merchant.duplicates})
+        faults = dict(Counter(self.channel.counts) + self.counts + Counter(self.link_counts)
+                      + merchant)
         start = self.scheduler.start_ms if self.scheduler else 0
         virtual = (self.world.now_ms() - start) / 1000 if self.scheduler else 0.0
         return SimResult(
@@ -622,9 +650,23 @@ class Simulation:
         while time.monotonic() < deadline:
             engine = self.engine
             if engine is not None and not self.pending_submits and engine.unsettled_count() == 0 \
-                    and not any(a.held for a in engine.store.all_accounts()):
+                    and not any(a.held for a in engine.store.all_accounts()) \
+                    and self._notifications_done(engine):
                 return
             time.sleep(0.05)
+
+    @staticmethod
+    def _notifications_done(engine: Engine) -> bool:
+        """Every merchant notification answered and every subscriber at the outbox's end
+        (on threads there is no idle scheduler to say so)."""
+        if engine.notifications.counts().get("pending", 0):
+            return False
+        with engine.store._read() as conn:
+            newest = conn.execute("SELECT MAX(seq) FROM outbox").fetchone()[0]
+        if newest is None:
+            return True
+        cursor = engine.notifications.cursors().get("downstream")
+        return cursor is not None and cursor.seq >= int(newest)
 
     def _traces(self, engine: Engine) -> dict[str, list[str]]:
         """The journal of every order a violation names, for the report."""
