@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,19 +34,6 @@ from tests.helpers import (
     open_engine,
     wait_for,
 )
-
-
-@pytest.fixture
-def channel() -> ScriptedChannel:
-    return ScriptedChannel()
-
-
-@pytest.fixture
-def engine(tmp_path: Path, channel: ScriptedChannel) -> Iterator[Engine]:
-    eng = open_engine(tmp_path / "pay.db", channel)
-    fund_customer(eng)
-    yield eng
-    eng.shutdown()
 
 
 def paying(engine: Engine, order_id: str) -> bool:

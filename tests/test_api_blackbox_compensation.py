@@ -58,17 +58,6 @@ T = 5.0  # generous polling timeout; every test finishes far below it
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture
-def channel() -> ScriptedChannel:
-    return ScriptedChannel("wechat")
-
-
-@pytest.fixture
-def engine(tmp_path: Path, channel: ScriptedChannel) -> Iterator[Engine]:
-    eng = open_engine(tmp_path / "pay.db", channel)
-    fund_customer(eng)
-    yield eng
-    eng.shutdown()
 
 
 # --------------------------------------------------------------------------- helpers

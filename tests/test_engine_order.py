@@ -1769,6 +1769,17 @@ class World:
         self.voucher_faults[key] = self.voucher_faults.get(key, 0) + 1
         return True
 
+    @staticmethod
+    def played(scenario: Scenario, rng: random.Random) -> World:
+        """A world where the order was activated, the user closes it if the scenario says
+        so, and everything ran until nothing was left to do."""
+        world = World(scenario, rng)
+        world.to_order(Activate())
+        if scenario.user_close_after_ms is not None:
+            world.send("order", CloseOrder(CloseCause.USER), delay=scenario.user_close_after_ms)
+        world.run()
+        return world
+
     def run(self, steps_max: int = 5_000) -> None:
         for _ in range(steps_max):
             if not self.queue:
@@ -2018,11 +2029,7 @@ def _assert_money_safe(world: World) -> None:
 def test_in_a_world_of_late_lost_and_duplicated_messages_no_money_is_lost_or_kept(
     scenario: Scenario, rng: random.Random
 ) -> None:
-    world = World(scenario, rng)
-    world.to_order(Activate())
-    if scenario.user_close_after_ms is not None:
-        world.send("order", CloseOrder(CloseCause.USER), delay=scenario.user_close_after_ms)
-    world.run()
+    world = World.played(scenario, rng)
     # quiet: every timer has fired, so the close timer has decided the order one way or the
     # other, and every leg has had its answer (a crash or a voucher retry re-issues what was
     # lost) or was given up on and flagged
@@ -2067,11 +2074,7 @@ flaky_voucher_scenarios = st.builds(
 def test_a_voucher_system_flaky_within_the_retry_budget_is_never_given_up_on(
     scenario: Scenario, rng: random.Random
 ) -> None:
-    world = World(scenario, rng)
-    world.to_order(Activate())
-    if scenario.user_close_after_ms is not None:
-        world.send("order", CloseOrder(CloseCause.USER), delay=scenario.user_close_after_ms)
-    world.run()
+    world = World.played(scenario, rng)
     assert world.order.is_settled
     world.sweep()
     _assert_money_safe(world)
@@ -2136,11 +2139,7 @@ late_payment_scenarios = st.builds(
 def test_a_payment_racing_the_close_either_succeeds_or_is_refunded_by_the_original_route(
     scenario: Scenario, rng: random.Random
 ) -> None:
-    world = World(scenario, rng)
-    world.to_order(Activate())
-    if scenario.user_close_after_ms is not None:
-        world.send("order", CloseOrder(CloseCause.USER), delay=scenario.user_close_after_ms)
-    world.run()
+    world = World.played(scenario, rng)
     world.reconcile()
     world.run()
     world.sweep()

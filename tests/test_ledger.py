@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from actors import ChannelReply, EngineConfig
+from actors import ChannelReply, Engine, EngineConfig
 from tests.helpers import (
     PAID,
     ScriptedChannel,
@@ -46,46 +46,34 @@ def test_a_paid_order_moves_every_leg_through_transit_to_the_merchant_less_the_f
 
 
 def test_a_success_after_the_close_is_refunded_from_transit_and_never_reaches_the_merchant(
-    tmp_path: Path
+    engine: Engine, channel: ScriptedChannel
 ) -> None:
-    channel = ScriptedChannel()
     channel.refund_reply = REFUND_OK
-    engine = open_engine(tmp_path / "pay.db", channel)
-    try:
-        fund_customer(engine)
-        receipt = engine.submit(fuel_request())
-        wait_for(lambda: engine.get_order(receipt.order_id).state == "paying", what="holds")
-        engine.close(receipt.order_id)
-        engine.handle_callback("wechat", receipt.payment_serial, PAID)
-        wait_for(lambda: engine.get_order(receipt.order_id).settled, what="refunded")
-        balances = engine.ledger_balances(receipt.order_id)
-        assert "merchant:station-1" not in balances
-        assert nonzero(balances) == {}
-        entries = engine.store.ledger_entries(receipt.order_id)
-        assert [(account, amount) for _, account, amount, _ in entries] == [
-            ("payer:wechat", -9_600), ("transit", 9_600),
-            ("transit", -9_600), ("payer:wechat", 9_600)]
-    finally:
-        engine.shutdown()
+    receipt = engine.submit(fuel_request())
+    wait_for(lambda: engine.get_order(receipt.order_id).state == "paying", what="holds")
+    engine.close(receipt.order_id)
+    engine.handle_callback("wechat", receipt.payment_serial, PAID)
+    wait_for(lambda: engine.get_order(receipt.order_id).settled, what="refunded")
+    balances = engine.ledger_balances(receipt.order_id)
+    assert "merchant:station-1" not in balances
+    assert nonzero(balances) == {}
+    entries = engine.store.ledger_entries(receipt.order_id)
+    assert [(account, amount) for _, account, amount, _ in entries] == [
+        ("payer:wechat", -9_600), ("transit", 9_600),
+        ("transit", -9_600), ("payer:wechat", 9_600)]
 
 
 def test_refunds_take_from_the_merchant_and_give_back_to_payer_and_vouchers(
-    tmp_path: Path
+    engine: Engine, channel: ScriptedChannel
 ) -> None:
-    channel = ScriptedChannel()
     channel.refund_reply = REFUND_OK
-    engine = open_engine(tmp_path / "pay.db", channel)
-    try:
-        fund_customer(engine)
-        receipt = paid_order(engine)
-        engine.refund(receipt.order_id, "rf-1", 9_700)
-        engine.handle_callback("wechat", receipt.payment_serial,
-                               ChannelReply("SUCCESS", "SUCCESS", "TX2", 9_600))
-        wait_for(lambda: engine.get_order(receipt.order_id).settled, what="refunds done")
-        assert nonzero(engine.ledger_balances(receipt.order_id)) == {
-            "merchant:station-1": 300, "vouchers:alice/points": -200,
-            "vouchers:alice/phone": -100,
-        }
-        assert engine.unbalanced_postings() == []
-    finally:
-        engine.shutdown()
+    receipt = paid_order(engine)
+    engine.refund(receipt.order_id, "rf-1", 9_700)
+    engine.handle_callback("wechat", receipt.payment_serial,
+                           ChannelReply("SUCCESS", "SUCCESS", "TX2", 9_600))
+    wait_for(lambda: engine.get_order(receipt.order_id).settled, what="refunds done")
+    assert nonzero(engine.ledger_balances(receipt.order_id)) == {
+        "merchant:station-1": 300, "vouchers:alice/points": -200,
+        "vouchers:alice/phone": -100,
+    }
+    assert engine.unbalanced_postings() == []

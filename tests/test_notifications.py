@@ -90,10 +90,6 @@ def all_ids(engine: Engine) -> set[str]:
     return {e.event_id for e in engine.notifications.events()}
 
 
-@pytest.fixture
-def channel() -> ScriptedChannel:
-    return ScriptedChannel()
-
 
 # ---------------------------------------------------------------------- in-process subscribers
 

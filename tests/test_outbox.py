@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from actors import CashPart, Engine, OrderPolicy, OrderState, PaymentRequest
 from engine.order import Transition, build_order
 from persistence import outbox
 from persistence.store import Store
-from tests.helpers import PAID, ScriptedChannel, fuel_request, fund_customer, open_engine, wait_for
+from tests.helpers import PAID, ScriptedChannel, fuel_request, open_engine, wait_for
 
 
 def cash_request(no: str, merchant_id: str = "station-1", total_minor: int = 500) -> PaymentRequest:
@@ -22,17 +21,6 @@ def cash_request(no: str, merchant_id: str = "station-1", total_minor: int = 500
                           cash=CashPart(total_minor, "wechat"))
 
 
-@pytest.fixture
-def channel() -> ScriptedChannel:
-    return ScriptedChannel()
-
-
-@pytest.fixture
-def engine(tmp_path: Path, channel: ScriptedChannel) -> Iterator[Engine]:
-    eng = open_engine(tmp_path / "pay.db", channel)
-    fund_customer(eng)
-    yield eng
-    eng.shutdown()
 
 
 def order_transitions(engine: Engine, order_id: str) -> list[tuple[str, str, str, int]]:

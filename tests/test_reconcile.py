@@ -35,10 +35,6 @@ POLICY = OrderPolicy(pay_window_ms=60_000, query_schedule_ms=(20, 20),
 HEADER = "channel,channel_txn_id,out_trade_no,amount,currency,status,time,refund_id"
 
 
-@pytest.fixture
-def channel() -> ScriptedChannel:
-    return ScriptedChannel()
-
 
 @pytest.fixture
 def engine(tmp_path: Path, channel: ScriptedChannel) -> Iterator[Engine]:
