@@ -114,3 +114,53 @@ def test_the_threads_runtime_runs_the_same_workload_under_the_same_oracle() -> N
     result = run(SimConfig(seed=1, orders=60, runtime="threads"))
     assert result.ok, result.violations
     assert sum(result.final_states.values()) == 60
+
+
+class _PowerLoss(BaseException):
+    """Stands for the simulator's crash: a BaseException raised inside a handler."""
+
+
+class _Crasher:
+    def on_start(self) -> None: ...
+
+    def on_stop(self) -> None: ...
+
+    def on_message(self, message: Any) -> Any:
+        raise _PowerLoss
+
+
+def test_a_crash_inside_a_handler_answers_its_asker_as_a_dead_actor() -> None:
+    import pykka
+
+    scheduler = Scheduler(seed=1)
+    runtime = SimRuntime(scheduler)
+    ref = runtime.spawn("order:1", _Crasher())
+    future = ref.ref.ask("anything", block=False)  # type: ignore[attr-defined]
+    with pytest.raises(_PowerLoss):  # the crash escapes the step, to the simulator ...
+        scheduler.run_until_idle()
+    with pytest.raises(pykka.ActorDeadError):  # ... and whoever waits is told, never hangs
+        future.get(timeout=0)
+
+
+def test_a_merchant_that_never_accepts_a_notification_is_a_violation() -> None:
+    from sim.simulation import Simulation
+
+    simulation = Simulation(SimConfig(seed=3, orders=30, faults=frozenset()))
+    simulation.merchant.down = lambda: 1.0
+    result = simulation.run()
+    assert {v.invariant for v in result.violations} == {"merchant-notified"}
+    assert len(result.violations) == 30
+
+
+def test_an_exception_in_a_seed_is_that_seeds_violation_not_the_end_of_the_batch(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sim.simulation import Simulation
+
+    def broken(self: Simulation, deadline_ms: int) -> None:
+        raise RuntimeError("planted harness failure")
+
+    monkeypatch.setattr(Simulation, "_reconcile", broken)
+    result = run(SimConfig(seed=3, orders=20, faults=frozenset()))
+    assert [v.invariant for v in result.violations] == ["run-completes"]
+    assert "planted harness failure" in result.violations[0].detail
