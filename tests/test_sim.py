@@ -164,3 +164,13 @@ def test_an_exception_in_a_seed_is_that_seeds_violation_not_the_end_of_the_batch
     result = run(SimConfig(seed=3, orders=20, faults=frozenset()))
     assert [v.invariant for v in result.violations] == ["run-completes"]
     assert "planted harness failure" in result.violations[0].detail
+
+
+def test_work_still_scheduled_after_the_quiet_phase_deadline_is_a_violation(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sim.simulation
+
+    monkeypatch.setattr(sim.simulation, "QUIET_PHASE_MAX_MS", 1)  # as if a timer looped
+    result = run(SimConfig(seed=3, orders=20, faults=frozenset()))
+    assert "quiet-phase-ends" in {v.invariant for v in result.violations}
