@@ -565,7 +565,7 @@ class Notifications:
         """Dispatch new events, start due POSTs, say when to look again. On the outbox lane."""
         store, cfg = self.ctx.store, self.config
         now_ms = self.ctx.runtime.now_ms()
-        with store._read() as conn:
+        with store._read(snapshot=False) as conn:
             undispatched = outbox.undispatched(conn)
         full = False
         if undispatched:
@@ -576,7 +576,7 @@ class Notifications:
         slots = cfg.posts_in_flight_max - len(busy)
         due: list[DueNotification] = []
         if slots > 0:
-            with store._read() as conn:
+            with store._read(snapshot=False) as conn:
                 due = outbox.due_notifications(conn, now_ms, slots + len(busy))
         launch: list[DueNotification] = []
         with self._lock:
@@ -590,7 +590,7 @@ class Notifications:
             self._send(item)
         if full:
             return now_ms, False
-        with store._read() as conn:
+        with store._read(snapshot=False) as conn:
             next_at = outbox.next_pending_at(conn)
         if next_at is not None and next_at <= now_ms:
             # Due but in flight, or not started for lack of a slot: look again a bit later
@@ -624,7 +624,7 @@ class Notifications:
         store, runtime, cfg = self.ctx.store, self.ctx.runtime, self.config
         event = item.event
         now_ms = runtime.now_ms()
-        with store._read() as conn:
+        with store._read(snapshot=False) as conn:
             if not outbox.still_due(conn, event.event_id, item.attempts, now_ms):
                 return "skipped"  # recorded meanwhile by an earlier round's POST
         attempt = item.attempts + 1

@@ -397,8 +397,13 @@ def dispatch(conn: sqlite3.Connection, limit: int, now_ms: int) -> bool:
 
 
 def undispatched(conn: sqlite3.Connection) -> bool:
-    """True if events were committed after the dispatcher's cursor."""
-    return last_seq(conn) > load_cursor(conn, MERCHANTS).seq
+    """True if events were committed after the dispatcher's cursor (one statement, so it
+    needs no snapshot)."""
+    row = conn.execute(
+        "SELECT COALESCE((SELECT MAX(seq) FROM outbox), 0)"
+        " > COALESCE((SELECT seq FROM outbox_cursors WHERE consumer = ?), 0)",
+        (MERCHANTS,)).fetchone()
+    return bool(row[0])
 
 
 def due_notifications(conn: sqlite3.Connection, now_ms: int, limit: int) -> list[DueNotification]:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import fcntl
 import json
-import queue
 import sqlite3
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -87,7 +88,7 @@ class Store:
         )
         self._lock = threading.RLock()
         self._closed = False
-        self._readers: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
+        self._readers: deque[sqlite3.Connection] = deque()
         self._readers_open = 0
         self._readers_max = readers_max
         self.after_commit: Callable[[], None] | None = None
@@ -110,8 +111,8 @@ class Store:
                 self._conn.close()
         while True:
             try:
-                self._readers.get_nowait().close()
-            except queue.Empty:
+                self._readers.pop().close()
+            except IndexError:
                 break
         if self._lock_file is not None:
             self._lock_file.close()  # releases the lock
@@ -142,12 +143,15 @@ class Store:
             self.after_commit()
 
     @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        """A consistent snapshot for reads, on a pooled reader connection.
+    def _read(self, *, snapshot: bool = True) -> Iterator[sqlite3.Connection]:
+        """Reads on a pooled reader connection; ``snapshot`` for several statements.
 
         In WAL mode readers never wait for the writer, so an API read or an actor loading
-        its state does not queue behind other actors' commits. An in-memory database has one
-        connection only, so its reads take the write lock.
+        its state does not queue behind other actors' commits. With ``snapshot`` the reads
+        run in one transaction and see one consistent state. Without it each statement is
+        its own snapshot (autocommit): for a single statement that is the same guarantee
+        without a BEGIN and a COMMIT, which were most of the SQL the engine executed. An
+        in-memory database has one connection only, so its reads take the write lock.
         """
         if self.path == ":memory:":
             with self._lock:
@@ -157,36 +161,44 @@ class Store:
             return
         conn = self._borrow_reader()
         try:
-            conn.execute("BEGIN")
-            try:
+            if not snapshot:
                 yield conn
-            finally:
-                conn.execute("COMMIT")
+            else:
+                conn.execute("BEGIN")
+                try:
+                    yield conn
+                finally:
+                    conn.execute("COMMIT")
         finally:
             if self._closed:
                 conn.close()
             else:
-                self._readers.put(conn)
+                self._readers.append(conn)
 
-    def _wait_for_reader(self, timeout_s: float = 30.0, poll_s: float = 0.05
+    def _wait_for_reader(self, timeout_s: float = 30.0, poll_s: float = 0.005
                          ) -> sqlite3.Connection:
-        """Wait for a pooled reader, noticing a close within ``poll_s``."""
-        waited = 0.0
-        while waited < timeout_s:
+        """Wait for a pooled reader (all ``readers_max`` are busy), noticing a close."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
             if self._closed:
                 raise EngineClosed("the engine's database is closed")
             try:
-                return self._readers.get(timeout=poll_s)
-            except queue.Empty:
-                waited += poll_s
+                return self._readers.pop()
+            except IndexError:
+                time.sleep(poll_s)
         raise Overloaded(f"no database reader free for {timeout_s} s")
 
     def _borrow_reader(self) -> sqlite3.Connection:
+        """An idle reader, a new one (up to ``readers_max``), or the first one freed.
+
+        The pool is a deque: ``pop`` and ``append`` are atomic, so the common case takes no
+        lock (a ``queue.LifoQueue`` cost a condition variable per read).
+        """
         if self._closed:
             raise EngineClosed("the engine's database is closed")
         try:
-            return self._readers.get_nowait()
-        except queue.Empty:
+            return self._readers.pop()
+        except IndexError:
             pass
         with self._lock:
             create = self._readers_open < self._readers_max
@@ -308,7 +320,7 @@ class Store:
             return None
         except sqlite3.IntegrityError:
             pass
-        with self._read() as conn:
+        with self._read(snapshot=False) as conn:
             row = conn.execute(
                 "SELECT order_id, fingerprint FROM trade_orders"
                 " WHERE merchant_id = ? AND merchant_order_no = ?",
@@ -372,14 +384,14 @@ class Store:
     def ledger_balances(self, order_id: str | None = None) -> dict[str, int]:
         """Balance of every ledger account (of one order's postings if ``order_id``)."""
         where, args = ("WHERE order_id = ?", (order_id,)) if order_id else ("", ())
-        with self._read() as conn:
+        with self._read(snapshot=False) as conn:
             rows = conn.execute(f"SELECT account, SUM(amount_minor) FROM ledger {where}"
                                 " GROUP BY account ORDER BY account", args).fetchall()
         return {str(account): int(total) for account, total in rows}
 
     def unbalanced_postings(self, limit: int = 100) -> list[tuple[str, int]]:
         """Postings whose entries do not sum to zero (none, unless there is a bug)."""
-        with self._read() as conn:
+        with self._read(snapshot=False) as conn:
             rows = conn.execute(
                 "SELECT posting_id, SUM(amount_minor) FROM ledger GROUP BY posting_id"
                 " HAVING SUM(amount_minor) != 0 LIMIT ?", (limit,)).fetchall()
@@ -387,7 +399,7 @@ class Store:
 
     def ledger_entries(self, order_id: str) -> list[tuple[str, str, int, str]]:
         """(posting_id, account, amount_minor, memo) of one order, oldest first."""
-        with self._read() as conn:
+        with self._read(snapshot=False) as conn:
             rows = conn.execute("SELECT posting_id, account, amount_minor, memo FROM ledger"
                                 " WHERE order_id = ? ORDER BY seq", (order_id,)).fetchall()
         return [(str(p), str(a), int(m), str(memo)) for p, a, m, memo in rows]
@@ -410,13 +422,13 @@ class Store:
         return order
 
     def order_id_for_serial(self, payment_serial: str) -> str | None:
-        with self._read() as conn:
+        with self._read(snapshot=False) as conn:
             row = conn.execute("SELECT order_id FROM payment_orders WHERE payment_serial = ?",
                                (payment_serial,)).fetchone()
         return None if row is None else str(row[0])
 
     def order_id_for_merchant(self, merchant_id: str, merchant_order_no: str) -> str | None:
-        with self._read() as conn:
+        with self._read(snapshot=False) as conn:
             row = conn.execute("SELECT order_id FROM trade_orders WHERE merchant_id = ?"
                                " AND merchant_order_no = ?",
                                (merchant_id, merchant_order_no)).fetchone()
@@ -424,7 +436,7 @@ class Store:
 
     def unsettled_order_ids(self) -> list[str]:
         """Orders with work left: not terminal, or a leg still in flight. Oldest first."""
-        with self._read() as conn:
+        with self._read(snapshot=False) as conn:
             rows = conn.execute(
                 "SELECT order_id FROM payment_orders WHERE settled = 0 ORDER BY created_at_ms"
             ).fetchall()
@@ -434,7 +446,7 @@ class Store:
         """Every order, in batches so memory stays bounded."""
         last = ""
         while True:
-            with self._read() as conn:
+            with self._read(snapshot=False) as conn:
                 ids = [r[0] for r in conn.execute(
                     "SELECT order_id FROM payment_orders WHERE order_id > ? ORDER BY order_id"
                     " LIMIT ?", (last, batch_size)).fetchall()]
@@ -447,7 +459,7 @@ class Store:
             last = ids[-1]
 
     def count_orders_by_state(self) -> dict[str, int]:
-        with self._read() as conn:
+        with self._read(snapshot=False) as conn:
             rows = conn.execute(
                 "SELECT state, COUNT(*) FROM payment_orders GROUP BY state ORDER BY state"
             ).fetchall()
@@ -457,7 +469,7 @@ class Store:
                            limit: int = 10) -> list[PaymentOrder]:
         """The user's newest orders for this amount since ``since_ms`` (for the duplicate
         guard), newest first; the index on (user_id, created_at_ms) keeps it cheap."""
-        with self._read() as conn:
+        with self._read(snapshot=False) as conn:
             ids = [r[0] for r in conn.execute(
                 "SELECT order_id FROM payment_orders WHERE user_id = ? AND created_at_ms >= ?"
                 " AND total_minor = ? AND currency = ? ORDER BY created_at_ms DESC LIMIT ?",
@@ -490,7 +502,7 @@ class Store:
             return existing
 
     def load_account(self, account_id: str) -> VoucherAccount | None:
-        with self._read() as conn:
+        with self._read(snapshot=False) as conn:
             row = conn.execute(
                 "SELECT account_id, unit, minor_per_unit, funded, available, held, spent"
                 " FROM voucher_accounts WHERE account_id = ?", (account_id,)).fetchone()
@@ -501,28 +513,28 @@ class Store:
         if not ids:
             return {}
         marks = ",".join("?" * len(ids))
-        with self._read() as conn:
+        with self._read(snapshot=False) as conn:
             rows = conn.execute(
                 f"SELECT account_id, unit, minor_per_unit FROM voucher_accounts"
                 f" WHERE account_id IN ({marks})", ids).fetchall()
         return {r[0]: AccountUnit(r[1], r[2]) for r in rows}
 
     def load_fence(self, account_id: str, hold_id: str) -> Fence | None:
-        with self._read() as conn:
+        with self._read(snapshot=False) as conn:
             row = conn.execute(f"SELECT {_FENCE_COLUMNS} FROM holds"
                                " WHERE account_id = ? AND hold_id = ?",
                                (account_id, hold_id)).fetchone()
         return None if row is None else _fence_from_row(row)
 
     def pending_holds(self, account_id: str) -> list[Fence]:
-        with self._read() as conn:
+        with self._read(snapshot=False) as conn:
             rows = conn.execute(f"SELECT {_FENCE_COLUMNS} FROM holds WHERE account_id = ?"
                                 " AND status = 'pending' ORDER BY expires_at_ms",
                                 (account_id,)).fetchall()
         return [_fence_from_row(r) for r in rows]
 
     def funding_amount(self, funding_id: str) -> tuple[str, int] | None:
-        with self._read() as conn:
+        with self._read(snapshot=False) as conn:
             row = conn.execute("SELECT account_id, amount FROM fundings WHERE funding_id = ?",
                                (funding_id,)).fetchone()
         return None if row is None else (str(row[0]), int(row[1]))
@@ -562,7 +574,7 @@ class Store:
             self._journal(conn, now_ms, "account", after.account_id, transitions)
 
     def accounts_with_pending_holds(self) -> list[str]:
-        with self._read() as conn:
+        with self._read(snapshot=False) as conn:
             rows = conn.execute("SELECT DISTINCT account_id FROM holds WHERE status = 'pending'"
                                 " ORDER BY account_id").fetchall()
         return [str(r[0]) for r in rows]
@@ -607,7 +619,7 @@ class Store:
             )
 
     def journal(self, entity_kind: str, entity_id: str) -> list[JournalEntry]:
-        with self._read() as conn:
+        with self._read(snapshot=False) as conn:
             rows = conn.execute(
                 "SELECT seq, at_ms, entity_kind, entity_id, part, from_state, to_state, cause"
                 " FROM journal WHERE entity_kind = ? AND entity_id = ? ORDER BY seq",
@@ -615,7 +627,7 @@ class Store:
         return [JournalEntry(*r) for r in rows]
 
     def all_accounts(self) -> list[VoucherAccount]:
-        with self._read() as conn:
+        with self._read(snapshot=False) as conn:
             rows = conn.execute(
                 "SELECT account_id, unit, minor_per_unit, funded, available, held, spent"
                 " FROM voucher_accounts ORDER BY account_id").fetchall()
@@ -635,7 +647,7 @@ class Store:
         return [(a, fences[a.account_id]) for a in accounts]
 
     def fences_of(self, account_id: str) -> list[Fence]:
-        with self._read() as conn:
+        with self._read(snapshot=False) as conn:
             rows = conn.execute(f"SELECT {_FENCE_COLUMNS} FROM holds WHERE account_id = ?"
                                 " ORDER BY hold_id", (account_id,)).fetchall()
         return [_fence_from_row(r) for r in rows]
