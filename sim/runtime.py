@@ -25,7 +25,7 @@ import itertools
 import random
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pykka
@@ -45,14 +45,21 @@ class StepLimitReached(RuntimeError):
     """The run took more steps than its bound: a livelock, or a bound set too low."""
 
 
-@dataclass(order=True)
 class _Event:
-    due_at_ms: int
-    seq: int
-    owner: str = field(compare=False)
-    label: str = field(compare=False)
-    fn: Callable[[], None] = field(compare=False)
-    cancelled: bool = field(default=False, compare=False)
+    """A timer, an I/O result or a world happening, due at a virtual time.
+
+    The heap holds ``(due_at_ms, seq, event)`` tuples: ordered by tuple comparison in C,
+    where a dataclass ``__lt__`` cost about 5 % of a simulation.
+    """
+
+    __slots__ = ("cancelled", "due_at_ms", "fn", "label", "owner")
+
+    def __init__(self, due_at_ms: int, owner: str, label: str, fn: Callable[[], None]) -> None:
+        self.due_at_ms = due_at_ms
+        self.owner = owner
+        self.label = label
+        self.fn = fn
+        self.cancelled = False
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -68,7 +75,7 @@ class Scheduler:
         self.start_ms = start_ms
         self.steps = 0
         self.steps_max = steps_max
-        self._events: list[_Event] = []
+        self._events: list[tuple[int, int, _Event]] = []
         self._seq = itertools.count()
         self._runnable: list[SimActor] = []
         self._runnable_at: dict[int, int] = {}
@@ -79,8 +86,9 @@ class Scheduler:
     # -- what can happen
 
     def at(self, due_at_ms: int, fn: Callable[[], None], *, owner: str, label: str) -> _Event:
-        event = _Event(max(due_at_ms, self.now_ms), next(self._seq), owner, label, fn)
-        heapq.heappush(self._events, event)
+        due = max(due_at_ms, self.now_ms)
+        event = _Event(due, owner, label, fn)
+        heapq.heappush(self._events, (due, next(self._seq), event))
         return event
 
     def mark_runnable(self, actor: SimActor) -> None:
@@ -100,7 +108,7 @@ class Scheduler:
 
     def drop(self, owner: str, actors: list[SimActor]) -> None:
         """A crash: forget every pending event of ``owner`` and every inbox of ``actors``."""
-        for event in self._events:
+        for _, _, event in self._events:
             if event.owner == owner:
                 event.cancelled = True
         for actor in actors:
@@ -114,14 +122,15 @@ class Scheduler:
         self.steps += 1
         if self.steps > self.steps_max:
             raise StepLimitReached(f"{self.steps_max} steps")
-        while self._events and self._events[0].cancelled:
-            heapq.heappop(self._events)
-        due_now = bool(self._events) and self._events[0].due_at_ms <= self.now_ms
+        events = self._events
+        while events and events[0][2].cancelled:
+            heapq.heappop(events)
+        due_now = bool(events) and events[0][0] <= self.now_ms
         if self._runnable and not (due_now and self.rng.random() < 0.5):
             actor = self._runnable[self.rng.randrange(len(self._runnable))]
             self._run_actor(actor)
-        elif self._events:
-            event = heapq.heappop(self._events)
+        elif events:
+            _, _, event = heapq.heappop(events)
             self.now_ms = max(self.now_ms, event.due_at_ms)
             self._record(f"{self.now_ms}|{event.owner}|{event.label}")
             event.fn()
@@ -147,9 +156,8 @@ class Scheduler:
         while not done():
             if deadline_ms is not None and self.now_ms > deadline_ms:
                 return False
-            if deadline_ms is not None and not self._runnable and self._events and (
-                self._next_due() > deadline_ms
-            ):
+            next_due = None if deadline_ms is None or self._runnable else self.next_due_ms()
+            if next_due is not None and deadline_ms is not None and next_due > deadline_ms:
                 self.now_ms = deadline_ms + 1
                 return False
             if not self.step():
@@ -162,10 +170,19 @@ class Scheduler:
             pass
 
     def idle(self) -> bool:
-        return not self._runnable and not any(not e.cancelled for e in self._events)
+        return not self._runnable and self.next_due_ms() is None
 
-    def _next_due(self) -> int:
-        return min((e.due_at_ms for e in self._events if not e.cancelled), default=self.now_ms)
+    def has_work_now(self) -> bool:
+        """Something can happen without virtual time passing: a message, or a due timer."""
+        next_due = self.next_due_ms()
+        return bool(self._runnable) or (next_due is not None and next_due <= self.now_ms)
+
+    def next_due_ms(self) -> int | None:
+        """When the next live event is due (cancelled ones at the top are dropped)."""
+        events = self._events
+        while events and events[0][2].cancelled:
+            heapq.heappop(events)
+        return events[0][0] if events else None
 
     def _record(self, line: str) -> None:
         self._hash.update(line.encode())
@@ -417,7 +434,7 @@ class SimRuntime:
         return _SimRef(ref, name)
 
     def shutdown(self) -> None:
-        for event in self.scheduler._events:
+        for _, _, event in self.scheduler._events:
             if event.owner == self.owner:
                 event.cancelled = True
 

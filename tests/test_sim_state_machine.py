@@ -451,11 +451,7 @@ class EngineMachine(RuleBasedStateMachine):
         """Handle every message and timer due now, without letting time pass."""
         sched = self.sched
 
-        def due_now() -> bool:
-            return not sched._runnable and not any(
-                not e.cancelled and e.due_at_ms <= sched.now_ms for e in sched._events)
-
-        self._guarded(lambda: sched.run_until(due_now))
+        self._guarded(lambda: sched.run_until(lambda: not sched.has_work_now()))
 
     @rule(receipt=orders)
     @_step
