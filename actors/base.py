@@ -83,7 +83,8 @@ class ActorBehaviour:
         asked = isinstance(message, Asked)
         payload = message.message if asked else message
         try:
-            return self.handle(payload)
+            result = self.handle(payload)
+            return self.reply(result) if asked else None
         except EngineClosed:
             if asked:
                 raise
@@ -115,6 +116,11 @@ class ActorBehaviour:
 
     def handle(self, message: Any) -> Any:
         raise NotImplementedError
+
+    def reply(self, result: Any) -> Any:
+        """What an asker gets for ``handle``'s result; built only when someone asked (most
+        messages are tells, and a view of the state per message is not free)."""
+        return result
 
     def idle(self) -> bool:
         """True when this actor may stop after the current message."""

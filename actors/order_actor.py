@@ -83,7 +83,11 @@ class OrderBehaviour(ActorBehaviour):
                 self._apply(Activate())
         return self._apply(message)
 
-    def _apply(self, event: Any) -> OrderView:
+    def reply(self, result: Any) -> OrderView:
+        assert isinstance(result, PaymentOrder)
+        return OrderView.of(result)
+
+    def _apply(self, event: Any) -> PaymentOrder:
         """Decide, commit, take the new state, then act: in that order, whatever fails."""
         assert self.order is not None
         now_ms = self.ctx.runtime.now_ms()
@@ -113,7 +117,7 @@ class OrderBehaviour(ActorBehaviour):
             # Committed but not all carried out: activate again shortly, which re-issues
             # every in-flight effect (idempotent). Bounded by the effects' own schedules.
             self.tell_later(now_ms + 1_000, Activate())
-        return OrderView.of(self.order)
+        return self.order
 
     def _log(self, event: Any, decision: Decision) -> None:
         """Log the decision; a failing log never undoes or blocks a committed decision."""
