@@ -2,7 +2,7 @@
 
     payengine demo [--db PATH] [--orders N] [--seed S] [--json]
     payengine sim --seed S --orders N [--seeds K] [--faults all|none|NAME,...] [--crashes N]
-                  [--runtime sim|threads] [--plant-bug NAME] [--json]
+                  [--runtime sim|threads] [--plant-bug NAME] [--jobs J] [--json]
     payengine show ORDER_ID [--db PATH] [--json]
     payengine reconcile FILE [--db PATH] [--json] [--period-start T] [--period-end T]
                         [--settle-timeout S] [--log-file F]
@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -83,6 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--plant-bug", choices=sorted(PLANTABLE_BUGS), default=None,
                           help="switch on a deliberately wrong behaviour (the oracle must "
                                "catch it)")
+    simulate.add_argument("--jobs", type=int, default=1,
+                          help="seeds run side by side in worker processes; 0 = one per core "
+                               "(default 1). Results, output order and trace hashes do not "
+                               "depend on it")
     simulate.add_argument("--json", action="store_true",
                           help="one JSON object per seed on stdout")
     show = sub.add_parser("show", help="print an order and its journal from a database")
@@ -140,7 +145,7 @@ def _parse_faults(text: str) -> frozenset[str] | None:
 
 def _sim(args: argparse.Namespace) -> int:
     from sim.demo import Progress
-    from sim.simulation import SimConfig, run
+    from sim.simulation import JOBS_MAX, SimConfig, run_many
 
     faults = _parse_faults(args.faults)
     if faults is None:
@@ -148,17 +153,19 @@ def _sim(args: argparse.Namespace) -> int:
               + ", ".join(FAULT_KINDS), file=sys.stderr)
         return 2
     if not (0 < args.orders <= 1_000_000 and 0 < args.seeds <= 100_000
-            and 0 <= args.crashes <= 1_000):
-        print("payengine sim: --orders 1..1000000, --seeds 1..100000, --crashes 0..1000",
-              file=sys.stderr)
+            and 0 <= args.crashes <= 1_000 and 0 <= args.jobs <= JOBS_MAX):
+        print(f"payengine sim: --orders 1..1000000, --seeds 1..100000, --crashes 0..1000, "
+              f"--jobs 0..{JOBS_MAX}", file=sys.stderr)
         return 2
     configure_logging(None)
+    jobs = min(args.jobs or os.cpu_count() or 1, args.seeds, JOBS_MAX)
+    configs = (SimConfig(seed=seed, orders=args.orders, faults=faults, crashes=args.crashes,
+                         runtime=args.runtime, plant_bug=args.plant_bug)
+               for seed in range(args.seed, args.seed + args.seeds))
     bar = Progress("seeds", args.seeds, enabled=args.seeds > 1)
     failed = 0
-    for n, seed in enumerate(range(args.seed, args.seed + args.seeds), start=1):
-        config = SimConfig(seed=seed, orders=args.orders, faults=faults, crashes=args.crashes,
-                           runtime=args.runtime, plant_bug=args.plant_bug)
-        result = run(config)
+    for n, result in enumerate(run_many(configs, jobs=jobs), start=1):
+        seed = result.seed
         if args.json:
             print(json.dumps(result.as_json()), flush=True)
         elif args.seeds == 1 or not result.ok:

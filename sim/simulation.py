@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
+import multiprocessing
 import random
 import shutil
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -683,3 +686,39 @@ class Simulation:
 def run(config: SimConfig) -> SimResult:
     """Run one simulation and return its result."""
     return Simulation(config).run()
+
+
+JOBS_MAX = 64
+"""Worker processes ``run_many`` starts at most (each holds an engine and its database)."""
+
+
+def run_many(configs: Iterable[SimConfig], *, jobs: int = 1) -> Iterator[SimResult]:
+    """Run simulations ``jobs`` at a time in worker processes; yield results in input order.
+
+    Runs share nothing (each has its own database, scheduler and seed), so running them side
+    by side changes no trace hash: it only puts every core to work, as a sweep of seeds
+    should. One process runs one simulation at a time, on one thread (the GIL would make
+    threads useless). At most ``2 * jobs`` runs are submitted ahead of the result being
+    yielded, so a sweep of 100,000 seeds holds a few configs, not all of them. With
+    ``jobs == 1`` the runs happen in this process, one after the other.
+
+    Workers are spawned, not forked: a fork would copy whatever threads and locks the caller
+    holds (an embedding server's, or a previous run's).
+    """
+    assert 1 <= jobs <= JOBS_MAX, f"jobs must be 1..{JOBS_MAX}, got {jobs}"
+    if jobs == 1:
+        for config in configs:
+            yield run(config)
+        return
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        todo = iter(configs)
+        ahead: deque[Future[SimResult]] = deque(
+            pool.submit(run, config) for config in itertools.islice(todo, 2 * jobs))
+        while ahead:
+            result = ahead.popleft().result()
+            for config in itertools.islice(todo, 1):
+                ahead.append(pool.submit(run, config))
+            yield result
+    finally:  # also when the caller stops early: do not run what nobody will read
+        pool.shutdown(wait=True, cancel_futures=True)

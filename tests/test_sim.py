@@ -11,7 +11,7 @@ from actors.directory import Directory
 from engine.order import PLANTABLE_BUGS
 from sim.cli import main
 from sim.runtime import Deadlock, Scheduler, SimRuntime
-from sim.simulation import FAULT_KINDS, SimConfig, run
+from sim.simulation import FAULT_KINDS, SimConfig, run, run_many
 
 
 def test_the_same_seed_gives_the_same_run_and_the_same_trace_hash() -> None:
@@ -21,6 +21,24 @@ def test_the_same_seed_gives_the_same_run_and_the_same_trace_hash() -> None:
     assert first.final_states == second.final_states
     assert first.faults == second.faults
     assert first.virtual_seconds == second.virtual_seconds
+
+
+def test_seeds_run_in_worker_processes_give_the_same_results_in_the_same_order() -> None:
+    configs = [SimConfig(seed=seed, orders=40) for seed in range(70, 75)]
+    alone = [r.as_json() for r in run_many(configs, jobs=1)]
+    side_by_side = [r.as_json() for r in run_many(configs, jobs=2)]
+    for line in alone + side_by_side:
+        del line["wall_seconds"]
+    assert side_by_side == alone
+    assert [line["seed"] for line in alone] == list(range(70, 75))
+
+
+def test_a_sweep_stopped_early_returns_without_running_the_rest() -> None:
+    configs = (SimConfig(seed=seed, orders=20) for seed in range(10_000))
+    results = run_many(configs, jobs=2)
+    first = next(results)
+    results.close()  # must not run (or wait for) the other 9,999
+    assert first.seed == 0 and first.ok
 
 
 def test_different_seeds_give_different_runs() -> None:
@@ -74,7 +92,8 @@ def test_each_planted_bug_is_caught_by_a_default_run(
 def test_a_sweep_of_100_seeds_with_every_fault_finds_no_violation(
     capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main(["sim", "--seed", "1000", "--seeds", "100", "--orders", "120", "--json"])
+    code = main(["sim", "--seed", "1000", "--seeds", "100", "--orders", "120", "--json",
+                 "--jobs", "0"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     failures = [(line["seed"], line["violations"][:2]) for line in lines if line["violations"]]
     assert code == 0, failures
