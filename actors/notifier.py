@@ -505,6 +505,18 @@ class Notifications:
         with self.ctx.store._read() as conn:
             return {c.consumer: c for c in outbox.all_cursors(conn)}
 
+    def caught_up(self) -> bool:
+        """True if everything committed so far was delivered: every subscriber's cursor and
+        the merchant dispatcher at the outbox's newest event, no merchant notification
+        pending. For waiting until deliveries settle (a graceful shutdown, a test); given up
+        notifications and dead letters count as done. Read in one snapshot."""
+        with self.ctx.store._read() as conn:
+            newest = outbox.last_seq(conn)
+            positions = {c.consumer: c.seq for c in outbox.all_cursors(conn)}
+            pending = outbox.notification_counts(conn)[NotificationStatus.PENDING.value]
+        consumers = [*self.subscribers, MERCHANTS] if self._has_merchants else list(self.subscribers)
+        return not pending and all(positions.get(c, 0) >= newest for c in consumers)
+
     def dead_letters(self, subscriber: str | None = None) -> list[DeadLetter]:
         """Events a subscriber refused on every attempt and was then skipped."""
         with self.ctx.store._read() as conn:

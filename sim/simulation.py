@@ -654,22 +654,9 @@ class Simulation:
             engine = self.engine
             if engine is not None and not self.pending_submits and engine.unsettled_count() == 0 \
                     and not any(a.held for a in engine.store.all_accounts()) \
-                    and self._notifications_done(engine):
+                    and engine.notifications.caught_up():
                 return
             time.sleep(0.05)
-
-    @staticmethod
-    def _notifications_done(engine: Engine) -> bool:
-        """Every merchant notification answered and every subscriber at the outbox's end
-        (on threads there is no idle scheduler to say so)."""
-        if engine.notifications.counts().get("pending", 0):
-            return False
-        with engine.store._read() as conn:
-            newest = conn.execute("SELECT MAX(seq) FROM outbox").fetchone()[0]
-        if newest is None:
-            return True
-        cursor = engine.notifications.cursors().get("downstream")
-        return cursor is not None and cursor.seq >= int(newest)
 
     def _traces(self, engine: Engine) -> dict[str, list[str]]:
         """The journal of every order a violation names, for the report."""

@@ -153,6 +153,32 @@ def test_an_event_refused_on_every_retry_is_set_aside_and_delivery_goes_on(
         engine.shutdown()
 
 
+def test_caught_up_says_whether_every_subscriber_and_merchant_has_everything(
+    tmp_path: Path, channel: ScriptedChannel, merchant: Merchant
+) -> None:
+    refusing = threading.Event()
+    refusing.set()
+    subscriber = Recorder(fail=lambda event, calls: refusing.is_set())
+    merchant.default = (503, b"busy")
+    engine = open_with(tmp_path / "caught.db", channel, subscribers={"books": subscriber},
+                       subscriber_retry_ms=(10,) * 30, merchant_schedule_ms=(0,) + (100,) * 31)
+    try:
+        assert engine.notifications.caught_up()  # nothing committed yet
+        engine.notifications.register_merchant("station-1", merchant.url, SECRET)
+        pay(engine, "o1")
+        time.sleep(0.1)
+        assert not engine.notifications.caught_up()  # the subscriber refuses, the POSTs fail
+        refusing.clear()
+        wait_for(lambda: subscriber.ids() == all_ids(engine), what="the subscriber has all")
+        assert not engine.notifications.caught_up()  # the merchant still answers 503
+        merchant.default = (200, b"SUCCESS")
+        wait_for(engine.notifications.caught_up, what="caught up")
+        assert engine.notifications.counts()["pending"] == 0
+        assert engine.notifications.counts()["delivered"] == len(all_ids(engine))
+    finally:
+        engine.shutdown()
+
+
 def test_events_committed_before_a_crash_and_not_delivered_are_delivered_after_reopen(
     tmp_path: Path, channel: ScriptedChannel
 ) -> None:
