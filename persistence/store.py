@@ -150,8 +150,11 @@ class Store:
         its state does not queue behind other actors' commits. With ``snapshot`` the reads
         run in one transaction and see one consistent state. Without it each statement is
         its own snapshot (autocommit): for a single statement that is the same guarantee
-        without a BEGIN and a COMMIT, which were most of the SQL the engine executed. An
-        in-memory database has one connection only, so its reads take the write lock.
+        without a BEGIN and a COMMIT, which were most of the SQL the engine executed. Fetch
+        the statement's rows inside the block and keep no cursor: an unfinished statement
+        would hold its snapshot open on the pooled connection, and the next read there would
+        see stale data. An in-memory database has one connection only, so its reads take the
+        write lock.
         """
         if self.path == ":memory:":
             with self._lock:
