@@ -93,6 +93,7 @@ WECHAT_LIKE_NOTIFY_SCHEDULE_MS: tuple[int, ...] = (
 1 h, 3 h x3, 6 h x2 (16 attempts over 24 h 4 min)."""
 
 _DAY_MS = 24 * 60 * 60 * 1000
+_RETENTION_MIN_MS = 1_000
 _ERROR_MAX = 500
 _RESPONSE_READ_MAX = 1024
 
@@ -122,6 +123,15 @@ class NotificationConfig:
     round_error_backoff_ms: int = 1_000
     """After a round failed (database busy or closed, lane full), try again this much later;
     also how often due notifications are looked at again while POSTs are in flight."""
+    outbox_retention_ms: int | None = 7 * _DAY_MS
+    """Events every consumer is done with (and their final merchant notifications) are
+    deleted once this old, so the outbox does not grow for ever; ``None`` keeps them all.
+    1 s .. 365 days. Only the subscribers of the current ``Engine.open`` hold events back:
+    a subscriber left out of the opens for longer than this misses what was pruned."""
+    prune_interval_ms: int = 60_000
+    """Pruning runs at most this often, after a commit (an idle engine adds nothing to
+    prune), deleting up to ``prune_batch_max`` events per transaction."""
+    prune_batch_max: int = 1_000
     transport: Transport | None = None
     """How a POST is made: ``post`` (urllib) if None. The simulator passes a merchant of its
     own, so notifications run in virtual time with their faults; it must block like ``post``
@@ -133,9 +143,16 @@ class NotificationConfig:
         for name, value, high in (("batch_max", self.batch_max, 10_000),
                                   ("posts_in_flight_max", self.posts_in_flight_max, 256),
                                   ("round_error_backoff_ms", self.round_error_backoff_ms,
-                                   60_000)):
+                                   60_000),
+                                  ("prune_interval_ms", self.prune_interval_ms, _DAY_MS),
+                                  ("prune_batch_max", self.prune_batch_max, 100_000)):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
                 raise InvalidRequest(f"{name} must be an int in 1..{high}, got {value!r}")
+        retention = self.outbox_retention_ms
+        if retention is not None and (isinstance(retention, bool) or not isinstance(
+                retention, int) or not _RETENTION_MIN_MS <= retention <= 365 * _DAY_MS):
+            raise InvalidRequest(f"outbox_retention_ms must be None or an int in "
+                                 f"{_RETENTION_MIN_MS}..{365 * _DAY_MS}, got {retention!r}")
         timeout = self.http_timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not (
             0 < timeout <= 60
@@ -372,6 +389,9 @@ class Notifications:
                        for name in self.subscribers]
         self._merchant_pump = _Pump(OUTBOX_LANE, ctx.runtime, self._merchant_round, self.log,
                                     backoff)
+        self._prune_pump = _Pump(OUTBOX_LANE, ctx.runtime, self._prune_round, self.log, backoff)
+        self._prune_after_ms = 0
+        """No pruning round is started before this (``prune_interval_ms`` after the last)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -403,6 +423,14 @@ class Notifications:
             pump.kick()
         if self._has_merchants:
             self._merchant_pump.kick()
+        if self.config.outbox_retention_ms is not None:
+            now_ms = self.ctx.runtime.now_ms()
+            with self._lock:
+                due = now_ms >= self._prune_after_ms
+                if due:
+                    self._prune_after_ms = now_ms + self.config.prune_interval_ms
+            if due:
+                self._prune_pump.kick()
 
     def stop(self) -> None:
         """Stop delivering; undelivered events stay in the outbox for the next open.
@@ -415,6 +443,7 @@ class Notifications:
         for pump in self._pumps:
             pump.stop()
         self._merchant_pump.stop()
+        self._prune_pump.stop()
 
     # ------------------------------------------------------------------ merchants
 
@@ -570,6 +599,28 @@ class Notifications:
         with store._tx() as conn:
             outbox.save_cursor(conn, Cursor(name, delivered, attempts, retry_at, text), now_ms)
         return retry_at, True
+
+    # ------------------------------------------------------------------ retention
+
+    def _prune_round(self) -> _Next:
+        """Delete one batch of events everybody is done with. On the outbox lane.
+
+        A full batch runs again at once (a backlog drains in bounded transactions); otherwise
+        the next round waits for a commit after ``prune_interval_ms``: no timer keeps an idle
+        engine busy.
+        """
+        retention = self.config.outbox_retention_ms
+        assert retention is not None
+        now_ms = self.ctx.runtime.now_ms()
+        consumers = list(self.subscribers)
+        if self._has_merchants:
+            consumers.append(MERCHANTS)
+        with self.ctx.store._tx() as conn:
+            pruned = outbox.prune(conn, consumers, now_ms - retention, self.config.prune_batch_max)
+        if pruned:
+            self.log.info("notifier.outbox_pruned", events=pruned, before_ms=now_ms - retention)
+        full = pruned >= self.config.prune_batch_max and not self._stopped
+        return (now_ms if full else None), False
 
     # ------------------------------------------------------------------ merchant rounds
 

@@ -8,7 +8,8 @@ change). Everything else here is the delivery bookkeeping the notifier
 
 - ``outbox``: one row per order-level transition. ``seq`` (the rowid) grows in commit order:
   the store has one writer at a time (``BEGIN IMMEDIATE``), so a reader that sees ``seq`` N
-  has seen every event before it. Events are never updated or deleted.
+  has seen every event before it. Events are never updated; ``prune`` deletes those every
+  consumer is done with, once they are older than the retention.
 - ``outbox_cursors``: per consumer (an in-process subscriber, or ``MERCHANTS`` for the
   dispatcher of merchant notifications) the last ``seq`` it has fully handled, and the
   failed attempts at the next one.
@@ -309,6 +310,35 @@ def dead_letters(conn: sqlite3.Connection, consumer: str | None = None) -> list[
     rows = conn.execute(sql + " ORDER BY consumer, seq", params).fetchall()
     return [DeadLetter(str(r[0]), str(r[1]), int(r[2]), int(r[3]), str(r[4]), int(r[5]))
             for r in rows]
+
+
+# ---------------------------------------------------------------------- retention
+
+
+def prune(conn: sqlite3.Connection, consumers: Iterable[str], before_ms: int, limit: int) -> int:
+    """Delete up to ``limit`` events that every consumer is done with; return how many.
+
+    An event goes when it was committed before ``before_ms``, every cursor in ``consumers``
+    is at or past it, and its merchant notification (if any) is final; that notification
+    goes with it. The newest event always stays: ``seq`` is a rowid without AUTOINCREMENT,
+    so an empty table would hand out seq 1 again, behind every cursor. Dead letters stay
+    (an operator reads them). Call inside a transaction (``Store._tx``).
+    """
+    names = list(dict.fromkeys(consumers))
+    floor = last_seq(conn) - 1
+    for name in names:
+        floor = min(floor, load_cursor(conn, name).seq)
+    if floor <= 0:
+        return 0
+    rows = conn.execute(
+        "SELECT o.seq, o.event_id FROM outbox o WHERE o.seq <= ? AND o.at_ms < ?"
+        " AND NOT EXISTS (SELECT 1 FROM merchant_notifications n"
+        " WHERE n.event_id = o.event_id AND n.status = ?) ORDER BY o.seq LIMIT ?",
+        (floor, before_ms, NotificationStatus.PENDING.value, limit)).fetchall()
+    conn.executemany("DELETE FROM merchant_notifications WHERE event_id = ?",
+                     [(str(r[1]),) for r in rows])
+    conn.executemany("DELETE FROM outbox WHERE seq = ?", [(int(r[0]),) for r in rows])
+    return len(rows)
 
 
 # ---------------------------------------------------------------------- merchants

@@ -84,6 +84,11 @@ MERCHANT_SCHEDULE_MS = (0, 100, 200, 400, 800, 1_600, 3_000, 3_000, 3_000, 3_000
                         3_000, 3_000, 3_000)
 """The merchant notification schedule in the simulator: WeChat-like growth, in seconds."""
 
+OUTBOX_RETENTION_MS = 5_000
+"""Delivered events are pruned after 5 virtual seconds, so pruning runs all through a run,
+racing deliveries, retries and crashes; the oracle's notification checks (every terminal
+order notified and accepted) would catch an event pruned before its consumers had it."""
+
 REFUND_SHARE = 0.3
 """Share of submitted orders the merchant later asks to refund (if they succeeded)."""
 
@@ -253,6 +258,8 @@ class Simulation:
         self.engine_config = EngineConfig(account_idle_ms=2_000, planted_bugs=bugs,
                                           notifications=NotificationConfig(
                                               merchant_schedule_ms=MERCHANT_SCHEDULE_MS,
+                                              outbox_retention_ms=OUTBOX_RETENTION_MS,
+                                              prune_interval_ms=1_000, prune_batch_max=50,
                                               transport=self.merchant),
                                           ask_timeout_s=30.0)
         self.ids = SeqIds()
