@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sim.simulation import SimConfig, run_many
+from sim.simulation import JOBS_MAX, SimConfig, run_many
 
 
 def _measure(configs: list[SimConfig], jobs: int) -> tuple[int, float, float]:
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--jobs", type=int, default=0, help="worker processes (0: one per core)")
     args = parser.parse_args()
-    jobs = args.jobs or os.cpu_count() or 1
+    jobs = min(args.jobs or os.cpu_count() or 1, JOBS_MAX)
     for faults in ("none", "all"):
         configs = [SimConfig(seed=seed, orders=args.orders,
                              faults=frozenset() if faults == "none" else SimConfig.faults)

@@ -128,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         return _demo(args)
     if args.command == "sim":
-        return _sim(args)
+        try:
+            return _sim(args)
+        except KeyboardInterrupt:  # the workers are killed on the way out (run_many)
+            print("\npayengine sim: interrupted", file=sys.stderr)
+            return 130
     if args.command == "reconcile":
         return _reconcile(args)
     return _show(args)

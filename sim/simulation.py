@@ -24,8 +24,8 @@ import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
+from multiprocessing.pool import AsyncResult
 from pathlib import Path
 from typing import Any
 
@@ -693,8 +693,9 @@ def run_many(configs: Iterable[SimConfig], *, jobs: int = 1) -> Iterator[SimResu
     by side changes no trace hash: it only puts every core to work, as a sweep of seeds
     should. One process runs one simulation at a time, on one thread (the GIL would make
     threads useless). At most ``2 * jobs`` runs are submitted ahead of the result being
-    yielded, so a sweep of 100,000 seeds holds a few configs, not all of them. With
-    ``jobs == 1`` the runs happen in this process, one after the other.
+    yielded, so a sweep of 100,000 seeds holds a few configs, not all of them. A caller that
+    stops early (or fails) has the workers killed, runs in progress included: nobody will
+    read them. With ``jobs == 1`` the runs happen in this process, one after the other.
 
     Workers are spawned, not forked: a fork would copy whatever threads and locks the caller
     holds (an embedding server's, or a previous run's).
@@ -704,15 +705,21 @@ def run_many(configs: Iterable[SimConfig], *, jobs: int = 1) -> Iterator[SimResu
         for config in configs:
             yield run(config)
         return
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+    pool = multiprocessing.get_context("spawn").Pool(processes=jobs)
+    finished = False
     try:
         todo = iter(configs)
-        ahead: deque[Future[SimResult]] = deque(
-            pool.submit(run, config) for config in itertools.islice(todo, 2 * jobs))
+        ahead: deque[AsyncResult[SimResult]] = deque(
+            pool.apply_async(run, (config,)) for config in itertools.islice(todo, 2 * jobs))
         while ahead:
-            result = ahead.popleft().result()
+            result = ahead.popleft().get()
             for config in itertools.islice(todo, 1):
-                ahead.append(pool.submit(run, config))
+                ahead.append(pool.apply_async(run, (config,)))
             yield result
-    finally:  # also when the caller stops early: do not run what nobody will read
-        pool.shutdown(wait=True, cancel_futures=True)
+        finished = True
+    finally:
+        if finished:
+            pool.close()
+        else:
+            pool.terminate()
+        pool.join()

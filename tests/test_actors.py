@@ -59,6 +59,8 @@ def test_a_combined_payment_holds_vouchers_before_calling_the_channel_then_confi
     wait_for(lambda: paying(engine, receipt.order_id), what="paying")
     assert balances(engine, "alice/red-packet") == (1_000, 900, 100, 0)
     assert balances(engine, "alice/points") == (1_000, 980, 20, 0)
+    # the channel is called on an I/O lane after "paying" is committed: wait for the call
+    wait_for(lambda: channel.calls, what="the channel called")
     assert channel.calls[0] == ("pay", receipt.payment_serial, "9600")
 
     assert engine.handle_callback("wechat", receipt.payment_serial, PAID) == "succeeded"

@@ -1292,7 +1292,7 @@ def test_submits_racing_shutdown_are_all_or_nothing(tmp_path: Path) -> None:
         if stuck:
             stuck_rounds += 1
             violations.append(f"round {round_no}: submit blocked > 2 s during shutdown "
-                              f"(it raises queue.Empty after ~30 s): {stuck}")
+                              f"(it raises Overloaded after ~30 s): {stuck}")
         engine = Engine.open(db, channels=[channel])
         try:
             for request, (kind, value) in zip(requests, results, strict=True):
