@@ -162,3 +162,7 @@ def test_a_bad_retention_is_refused() -> None:
         with pytest.raises(InvalidRequest, match="outbox_retention_ms"):
             NotificationConfig(outbox_retention_ms=bad)  # type: ignore[arg-type]
     assert NotificationConfig(outbox_retention_ms=None).outbox_retention_ms is None
+    for name, bad in (("prune_interval_ms", 0), ("prune_batch_max", 0),
+                      ("prune_batch_max", 100_001)):
+        with pytest.raises(InvalidRequest, match=name):
+            NotificationConfig(**{name: bad})  # type: ignore[arg-type]

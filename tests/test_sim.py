@@ -133,6 +133,14 @@ def test_unknown_faults_are_refused_with_a_usage_error(
     assert "unknown fault" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("jobs", ["-1", "65"])
+def test_a_bad_jobs_count_is_refused_with_a_usage_error(
+    jobs: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["sim", "--seeds", "2", "--jobs", jobs]) == 2
+    assert "--jobs 0..64" in capsys.readouterr().err
+
+
 def test_the_threads_runtime_runs_the_same_workload_under_the_same_oracle() -> None:
     result = run(SimConfig(seed=1, orders=60, runtime="threads"))
     assert result.ok, result.violations
