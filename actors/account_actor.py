@@ -14,9 +14,9 @@ import sqlite3
 from dataclasses import replace
 from typing import Any
 
-from actors.base import ActorBehaviour, Context
-from actors.directory import Key
-from actors.messages import (
+from payengine.actors.base import ActorBehaviour, Context
+from payengine.actors.directory import Key
+from payengine.actors.messages import (
     AccountView,
     ExpireDue,
     FromOrder,
@@ -26,8 +26,8 @@ from actors.messages import (
     PreHold,
     ReleaseHold,
 )
-from engine import voucher
-from engine.errors import (
+from payengine.engine import voucher
+from payengine.engine.errors import (
     EngineClosed,
     HoldRefused,
     IdempotencyConflict,
@@ -37,7 +37,7 @@ from engine.errors import (
     UnknownAccount,
     UnknownHold,
 )
-from engine.order import (
+from payengine.engine.order import (
     CancelHold,
     ConfirmHold,
     DebitVoucher,
@@ -47,7 +47,7 @@ from engine.order import (
     VoucherOp,
     VoucherReply,
 )
-from engine.voucher import Fence, FenceStatus, Outcome, VoucherAccount
+from payengine.engine.voucher import Fence, FenceStatus, Outcome, VoucherAccount
 
 _OPS = {TryHold: VoucherOp.TRY, ConfirmHold: VoucherOp.CONFIRM, CancelHold: VoucherOp.CANCEL,
         DebitVoucher: VoucherOp.DEBIT, ReturnVoucher: VoucherOp.RETURN}

@@ -14,14 +14,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.channel import Channel
-from actors.directory import Directory, Key
-from actors.messages import Asked
-from actors.notifier import NotificationConfig
-from actors.runtime import Runtime, TimerHandle
-from engine.errors import EngineClosed, PaymentError
-from engine.order import OrderPolicy
-from persistence.store import Store
+from payengine.actors.channel import Channel
+from payengine.actors.directory import Directory, Key
+from payengine.actors.messages import Asked
+from payengine.actors.notifier import NotificationConfig
+from payengine.actors.runtime import Runtime, TimerHandle
+from payengine.engine.errors import EngineClosed, PaymentError
+from payengine.engine.order import OrderPolicy
+from payengine.persistence.store import Store
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from engine.codes import CodeTable, ResultKind
-from engine.order import CashResult, RefundResult, ResultSource
+from payengine.engine.codes import CodeTable, ResultKind
+from payengine.engine.order import CashResult, RefundResult, ResultSource
 
 
 @dataclass(frozen=True, slots=True)

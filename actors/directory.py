@@ -20,9 +20,9 @@ from typing import Any
 
 import pykka
 
-from actors.messages import Asked
-from actors.runtime import ActorRef, Behaviour, Runtime
-from engine.errors import ActorBroken, EngineClosed, Overloaded
+from payengine.actors.messages import Asked
+from payengine.actors.runtime import ActorRef, Behaviour, Runtime
+from payengine.engine.errors import ActorBroken, EngineClosed, Overloaded
 
 Key = tuple[str, str]
 """(kind, id): ``("order", order_id)`` or ``("account", account_id)``."""

@@ -13,13 +13,12 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-import structlog
-
-from actors.account_actor import AccountBehaviour
-from actors.base import ActorBehaviour, Context, EngineConfig
-from actors.channel import Channel, ChannelReply, cash_result, refund_result
-from actors.directory import Directory, Key
-from actors.messages import (
+from payengine.actors.account_actor import AccountBehaviour
+from payengine.actors.base import ActorBehaviour, Context, EngineConfig
+from payengine.actors.channel import Channel, ChannelReply, cash_result, refund_result
+from payengine.actors.directory import Directory, Key
+from payengine.actors.logs import get_logger
+from payengine.actors.messages import (
     AccountView,
     ExpireDue,
     Fund,
@@ -30,12 +29,12 @@ from actors.messages import (
     RefundView,
     ReleaseHold,
 )
-from actors.notifier import Notifications, Subscriber
-from actors.order_actor import OrderBehaviour
-from actors.reconcile import ReconciliationReport, StatementSource
-from actors.runtime import Runtime, ThreadRuntime
-from actors.voucher_link import DirectVoucherLink, VoucherLink
-from engine.errors import (
+from payengine.actors.notifier import Notifications, Subscriber
+from payengine.actors.order_actor import OrderBehaviour
+from payengine.actors.reconcile import ReconciliationReport, StatementSource
+from payengine.actors.runtime import Runtime, ThreadRuntime
+from payengine.actors.voucher_link import DirectVoucherLink, VoucherLink
+from payengine.engine.errors import (
     DuplicateSuspected,
     EngineClosed,
     InvalidRequest,
@@ -44,8 +43,8 @@ from engine.errors import (
     UnknownHold,
     UnknownOrder,
 )
-from engine.money import check_amount, check_unit
-from engine.order import (
+from payengine.engine.money import check_amount, check_unit
+from payengine.engine.order import (
     Activate,
     CloseCause,
     CloseOrder,
@@ -56,8 +55,8 @@ from engine.order import (
     build_order,
     suspected_duplicates,
 )
-from engine.voucher import VoucherAccount
-from persistence.store import JournalEntry, Store
+from payengine.engine.voucher import VoucherAccount
+from payengine.persistence.store import JournalEntry, Store
 
 
 class IdSource(Protocol):
@@ -138,7 +137,7 @@ class Engine:
         ctx = Context(store=store, runtime=runtime, directory=Directory(runtime, factory),
                       channels=by_name, policy=policy or OrderPolicy(),
                       config=config or EngineConfig(),
-                      log=structlog.get_logger("payengine").bind(db=store.path))
+                      log=get_logger().bind(db=store.path))
         ctx.voucher_link = (voucher_link or DirectVoucherLink)(ctx.directory)
         ctx.notifications = Notifications(ctx, subscribers or {})
         ctx_holder.append(ctx)
@@ -486,7 +485,7 @@ class Engine:
         holds. Importing the same statement again changes nothing. A malformed statement
         raises ``StatementError`` and nothing is applied. See ``actors.reconcile``.
         """
-        from actors.reconcile import reconcile
+        from payengine.actors.reconcile import reconcile
 
         self._check_open()
         return reconcile(self, statement, period_start_ms=period_start_ms,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from engine.order import (
+from payengine.engine.order import (
     CancelHold,
     ConfirmHold,
     DebitVoucher,
@@ -19,7 +19,7 @@ from engine.order import (
     ReturnVoucher,
     TryHold,
 )
-from engine.voucher import Fence, VoucherAccount
+from payengine.engine.voucher import Fence, VoucherAccount
 
 
 @dataclass(frozen=True, slots=True)

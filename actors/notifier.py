@@ -47,11 +47,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from actors.runtime import Runtime, TimerHandle
-from engine.errors import EngineClosed, InvalidRequest, Overloaded
-from engine.order import OrderState
-from persistence import outbox
-from persistence.outbox import (
+from payengine.actors.runtime import Runtime, TimerHandle
+from payengine.engine.errors import EngineClosed, InvalidRequest, Overloaded
+from payengine.engine.order import OrderState
+from payengine.persistence import outbox
+from payengine.persistence.outbox import (
     MERCHANTS,
     Cursor,
     DeadLetter,
@@ -63,7 +63,7 @@ from persistence.outbox import (
 )
 
 if TYPE_CHECKING:
-    from actors.base import Context
+    from payengine.actors.base import Context
 
 Subscriber = Callable[[OutboxEvent], None]
 """An in-process consumer (settlement, terminal push, invoice, membership, marketing).

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors.base import ActorBehaviour, Context
-from actors.channel import cash_result, refund_result
-from actors.directory import Key
-from actors.messages import FromOrder, OrderView
-from actors.runtime import TimerHandle
-from engine.errors import EngineClosed, InvalidRequest, UnknownOrder
-from engine.ledger import postings_for
-from engine.order import (
+from payengine.actors.base import ActorBehaviour, Context
+from payengine.actors.channel import cash_result, refund_result
+from payengine.actors.directory import Key
+from payengine.actors.messages import FromOrder, OrderView
+from payengine.actors.runtime import TimerHandle
+from payengine.engine.errors import EngineClosed, InvalidRequest, UnknownOrder
+from payengine.engine.ledger import postings_for
+from payengine.engine.order import (
     Activate,
     ArmTimer,
     CancelHold,

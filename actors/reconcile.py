@@ -35,16 +35,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from engine.codes import ResultKind
-from engine.errors import InvalidRequest, PaymentError
-from engine.order import (
+from payengine.engine.codes import ResultKind
+from payengine.engine.errors import InvalidRequest, PaymentError
+from payengine.engine.order import (
     REFUND_ABSENT_CODE,
     LegStatus,
     PartStatus,
     RefundResult,
     ResultSource,
 )
-from engine.statement import (
+from payengine.engine.statement import (
     FLAGGED,
     Judgement,
     OrderSnapshot,
@@ -59,11 +59,11 @@ from engine.statement import (
     judge_absent,
     scan,
 )
-from persistence import statements
-from persistence.statements import LineKey, RecordedLine
+from payengine.persistence import statements
+from payengine.persistence.statements import LineKey, RecordedLine
 
 if TYPE_CHECKING:
-    from actors.engine import Engine
+    from payengine.actors.engine import Engine
 
 StatementSource = str | os.PathLike[str] | Sequence[StatementLine]
 """A statement: CSV text (``str``), a CSV file (a ``Path``), or lines already parsed."""

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import pykka
-import structlog
 
-from engine.errors import EngineClosed, Overloaded, PaymentError
+from payengine.actors.logs import get_logger
+from payengine.engine.errors import EngineClosed, Overloaded, PaymentError
 
-log = structlog.get_logger("payengine.runtime")
+log = get_logger("payengine.runtime")
 
 
 class Behaviour(Protocol):

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from actors.directory import Directory
-from actors.messages import FromOrder
-from engine.order import VoucherReply
+from payengine.actors.directory import Directory
+from payengine.actors.messages import FromOrder
+from payengine.engine.order import VoucherReply
 
 
 class VoucherLink(Protocol):

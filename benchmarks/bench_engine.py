@@ -21,9 +21,9 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from actors import CashPart, ChannelReply, Engine, OrderPolicy, PaymentRequest, VoucherPart
-from engine.codes import WECHAT_LIKE_PAY_CODES, WECHAT_LIKE_REFUND_CODES, ResultKind
-from engine.order import (
+from payengine import CashPart, ChannelReply, Engine, OrderPolicy, PaymentRequest, VoucherPart
+from payengine.engine.codes import WECHAT_LIKE_PAY_CODES, WECHAT_LIKE_REFUND_CODES, ResultKind
+from payengine.engine.order import (
     AccountUnit,
     Activate,
     CashResult,

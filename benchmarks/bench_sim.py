@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sim.simulation import JOBS_MAX, SimConfig, run_many
+from payengine.sim.simulation import JOBS_MAX, SimConfig, run_many
 
 
 def _measure(configs: list[SimConfig], jobs: int) -> tuple[int, float, float]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from engine.order import (
+from payengine.engine.order import (
     Leg,
     LegStatus,
     OrderState,

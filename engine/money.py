@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from engine.errors import CurrencyMismatch, InvalidAmount, InvalidRequest
+from payengine.engine.errors import CurrencyMismatch, InvalidAmount, InvalidRequest
 
 AMOUNT_MAX = 10**15
 """The largest amount (minor units or voucher units) accepted anywhere: 10 trillion yuan.

@@ -25,15 +25,15 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from engine.codes import ResultKind
-from engine.errors import (
+from payengine.engine.codes import ResultKind
+from payengine.engine.errors import (
     IdempotencyConflict,
     IllegalTransition,
     InvalidAmount,
     InvalidRequest,
     RefundRefused,
 )
-from engine.money import AMOUNT_MAX, check_amount, check_unit, value_in_minor
+from payengine.engine.money import AMOUNT_MAX, check_amount, check_unit, value_in_minor
 
 # --------------------------------------------------------------------------- states
 

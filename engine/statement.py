@@ -29,10 +29,10 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-from engine.codes import CodeTable, ResultKind
-from engine.errors import InvalidRequest
-from engine.money import AMOUNT_MAX
-from engine.order import (
+from payengine.engine.codes import CodeTable, ResultKind
+from payengine.engine.errors import InvalidRequest
+from payengine.engine.money import AMOUNT_MAX
+from payengine.engine.order import (
     SECOND_CHARGE_PREFIX,
     CashResult,
     LegStatus,

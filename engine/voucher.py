@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, replace
 
-from engine.errors import (
+from payengine.engine.errors import (
     CurrencyMismatch,
     HoldNotPending,
     HoldRefused,
@@ -30,7 +30,7 @@ from engine.errors import (
     InvalidAmount,
     UnknownHold,
 )
-from engine.money import AMOUNT_MAX, check_amount
+from payengine.engine.money import AMOUNT_MAX, check_amount
 
 
 class FenceKind(enum.StrEnum):

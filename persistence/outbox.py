@@ -34,7 +34,7 @@ from typing import Any
 
 import sqlite_utils
 
-from engine.order import PaymentOrder, Transition
+from payengine.engine.order import PaymentOrder, Transition
 
 MERCHANTS = "~merchants"
 """Cursor of the merchant dispatcher. Subscriber names may not start with ``~``."""

@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING
 
 import sqlite_utils
 
-from engine.order import LegMode, LegStatus, OrderState
-from engine.statement import CHARGED_STATUSES, LineStatus, StatementLine
+from payengine.engine.order import LegMode, LegStatus, OrderState
+from payengine.engine.statement import CHARGED_STATUSES, LineStatus, StatementLine
 
 if TYPE_CHECKING:
-    from persistence.store import Store
+    from payengine.persistence.store import Store
 
 LineKey = tuple[str, str, str, str]
 """(channel, channel_txn_id, status, refund_id or "")."""

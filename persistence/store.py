@@ -26,15 +26,15 @@ from typing import IO, Any
 
 import sqlite_utils
 
-from engine.errors import (
+from payengine.engine.errors import (
     AccountExists,
     DatabaseInUse,
     EngineClosed,
     IdempotencyConflict,
     Overloaded,
 )
-from engine.ledger import Posting
-from engine.order import (
+from payengine.engine.ledger import Posting
+from payengine.engine.order import (
     IN_FLIGHT_LEG_STATUSES,
     TERMINAL_STATES,
     AccountUnit,
@@ -50,8 +50,8 @@ from engine.order import (
     RefundStatus,
     Transition,
 )
-from engine.voucher import Fence, FenceKind, FenceStatus, VoucherAccount
-from persistence import outbox, statements
+from payengine.engine.voucher import Fence, FenceKind, FenceStatus, VoucherAccount
+from payengine.persistence import outbox, statements
 
 SCHEMA_VERSION = 1
 

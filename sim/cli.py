@@ -19,29 +19,30 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-import structlog
-
-from engine.order import PLANTABLE_BUGS
-from sim.simulation import FAULT_KINDS
+from payengine.actors.logs import ROOT_LOGGER_NAME, json_handler
+from payengine.engine.order import PLANTABLE_BUGS
+from payengine.sim.simulation import FAULT_KINDS
 
 DEFAULT_DB = "payengine.db"
 
 
 def configure_logging(log_file: str | None, level: str = "info") -> TextIO | None:
-    """Structured logs as JSON lines to ``log_file`` (``-`` for stderr); ``None``: off."""
+    """Structured logs as JSON lines to ``log_file`` (``-`` for stderr); ``None``: off.
+
+    The engine logs into the stdlib logger ``payengine`` (see ``payengine.actors.logs``);
+    the CLI, being the application here, gives it a JSON-lines handler.
+    """
     numeric = getattr(logging, level.upper())
+    engine_logger = logging.getLogger(ROOT_LOGGER_NAME)
+    for handler in [h for h in engine_logger.handlers if getattr(h, "payengine_cli", False)]:
+        engine_logger.removeHandler(handler)
     if log_file is None:
-        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
         return None
     stream: TextIO = sys.stderr if log_file == "-" else open(log_file, "a", encoding="utf-8")  # noqa: SIM115
-    structlog.configure(
-        processors=[structlog.processors.add_log_level,
-                    structlog.processors.TimeStamper(fmt="iso", utc=True),
-                    structlog.processors.JSONRenderer()],
-        wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.WriteLoggerFactory(file=stream),
-        cache_logger_on_first_use=False,
-    )
+    handler = json_handler(stream, numeric)
+    handler.payengine_cli = True  # type: ignore[attr-defined]
+    engine_logger.addHandler(handler)
+    engine_logger.setLevel(numeric)
     return stream
 
 
@@ -148,8 +149,8 @@ def _parse_faults(text: str) -> frozenset[str] | None:
 
 
 def _sim(args: argparse.Namespace) -> int:
-    from sim.demo import Progress
-    from sim.simulation import JOBS_MAX, SimConfig, run_many
+    from payengine.sim.demo import Progress
+    from payengine.sim.simulation import JOBS_MAX, SimConfig, run_many
 
     faults = _parse_faults(args.faults)
     if faults is None:
@@ -208,7 +209,7 @@ def _report_failure(result: Any, args: argparse.Namespace, seed: int) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from sim.demo import render, run_demo
+    from payengine.sim.demo import render, run_demo
 
     if not 0 < args.orders <= 100_000:
         print("payengine demo: --orders must be 1..100000", file=sys.stderr)
@@ -218,6 +219,7 @@ def _demo(args: argparse.Namespace) -> int:
         result = run_demo(args.db, orders=args.orders, seed=args.seed, workers=args.workers,
                           progress=not args.no_progress and not args.json)
     finally:
+        configure_logging(None)
         if stream is not None and stream is not sys.stderr:
             stream.close()
     print(json.dumps(result.as_json()) if args.json else render(result))
@@ -225,7 +227,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from persistence.store import Store
+    from payengine.persistence.store import Store
 
     if not Path(args.db).exists():
         print(f"payengine show: no database at {args.db}", file=sys.stderr)
@@ -239,7 +241,7 @@ def _show(args: argparse.Namespace) -> int:
         journal = store.journal("order", order.order_id)
     finally:
         store.close()
-    from actors.messages import OrderView
+    from payengine.actors.messages import OrderView
 
     view = OrderView.of(order)
     if args.json:
@@ -268,13 +270,13 @@ def _reconcile(args: argparse.Namespace) -> int:
     charges, as they would at a real wallet."""
     import time
 
-    from actors.base import EngineConfig
-    from actors.engine import Engine
-    from actors.runtime import ThreadRuntime
-    from engine.errors import PaymentError
-    from engine.statement import StatementError, iter_statement, parse_time
-    from sim.demo import DEMO_POLICY
-    from sim.statement import channel_knowing
+    from payengine.actors.base import EngineConfig
+    from payengine.actors.engine import Engine
+    from payengine.actors.runtime import ThreadRuntime
+    from payengine.engine.errors import PaymentError
+    from payengine.engine.statement import StatementError, iter_statement, parse_time
+    from payengine.sim.demo import DEMO_POLICY
+    from payengine.sim.statement import channel_knowing
 
     def fail(message: str) -> int:
         print(f"payengine reconcile: {message}", file=sys.stderr)

@@ -21,15 +21,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from actors.base import EngineConfig
-from actors.engine import Engine
-from actors.runtime import ThreadRuntime
-from engine.errors import DuplicateSuspected, PaymentError
-from engine.order import CashPart, LegMode, OrderPolicy, PaymentRequest, VoucherPart
-from engine.statement import FLAGGED, Verdict
-from sim.channel import ChannelFaults, SimulatedChannel
-from sim.oracle import OracleReport, check
-from sim.statement import statement_from_channel
+from payengine.actors.base import EngineConfig
+from payengine.actors.engine import Engine
+from payengine.actors.runtime import ThreadRuntime
+from payengine.engine.errors import DuplicateSuspected, PaymentError
+from payengine.engine.order import CashPart, LegMode, OrderPolicy, PaymentRequest, VoucherPart
+from payengine.engine.statement import FLAGGED, Verdict
+from payengine.sim.channel import ChannelFaults, SimulatedChannel
+from payengine.sim.oracle import OracleReport, check
+from payengine.sim.statement import statement_from_channel
 
 DEMO_POLICY = OrderPolicy(
     pay_window_ms=2_500,

@@ -14,7 +14,7 @@ import random
 import threading
 from collections.abc import Callable, Mapping
 
-from actors.notifier import EVENT_ID_HEADER, SIGNATURE_HEADER, verify_signature
+from payengine.actors.notifier import EVENT_ID_HEADER, SIGNATURE_HEADER, verify_signature
 
 
 class SimMerchant:

@@ -20,8 +20,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from engine.ledger import TRANSIT
-from engine.order import (
+from payengine.engine.ledger import TRANSIT
+from payengine.engine.order import (
     ALLOWED_TRANSITIONS,
     HOLD_MODES,
     LegMode,
@@ -32,8 +32,8 @@ from engine.order import (
     RefundKind,
     RefundStatus,
 )
-from engine.voucher import Fence, FenceKind, FenceStatus
-from persistence.store import Store
+from payengine.engine.voucher import Fence, FenceKind, FenceStatus
+from payengine.persistence.store import Store
 
 RECONCILIATION_LEG_STATUSES = frozenset(
     {LegStatus.UNKNOWN, LegStatus.REFUND_UNKNOWN, LegStatus.REFUND_FAILED,

@@ -33,7 +33,7 @@ from pykka import ActorRegistry, Future
 from pykka._envelope import Envelope
 from pykka.messages import _ActorStop
 
-from actors.runtime import ActorRef, Behaviour
+from payengine.actors.runtime import ActorRef, Behaviour
 
 
 class Deadlock(RuntimeError):

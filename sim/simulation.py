@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import logging
 import multiprocessing
 import random
 import shutil
@@ -29,16 +28,14 @@ from multiprocessing.pool import AsyncResult
 from pathlib import Path
 from typing import Any
 
-import structlog
-
-from actors.base import EngineConfig
-from actors.directory import Directory
-from actors.engine import Engine
-from actors.messages import Receipt
-from actors.notifier import NotificationConfig
-from actors.runtime import Runtime, ThreadRuntime
-from engine.errors import ActorBroken, DuplicateSuspected, PaymentError
-from engine.order import (
+from payengine.actors.base import EngineConfig
+from payengine.actors.directory import Directory
+from payengine.actors.engine import Engine
+from payengine.actors.messages import Receipt
+from payengine.actors.notifier import NotificationConfig
+from payengine.actors.runtime import Runtime, ThreadRuntime
+from payengine.engine.errors import ActorBroken, DuplicateSuspected, PaymentError
+from payengine.engine.order import (
     PLANTABLE_BUGS,
     CashPart,
     LegMode,
@@ -49,14 +46,14 @@ from engine.order import (
     RefundStatus,
     VoucherPart,
 )
-from engine.statement import FLAGGED, Verdict
-from persistence.outbox import OutboxEvent
-from sim.channel import ChannelFaults, SimulatedChannel
-from sim.merchant import SimMerchant
-from sim.oracle import OracleReport, Violation, check
-from sim.runtime import Scheduler, SimRuntime, SimWorld
-from sim.statement import statement_from_channel
-from sim.voucher_link import LossyVoucherLink, VoucherFaults
+from payengine.engine.statement import FLAGGED, Verdict
+from payengine.persistence.outbox import OutboxEvent
+from payengine.sim.channel import ChannelFaults, SimulatedChannel
+from payengine.sim.merchant import SimMerchant
+from payengine.sim.oracle import OracleReport, Violation, check
+from payengine.sim.runtime import Scheduler, SimRuntime, SimWorld
+from payengine.sim.statement import statement_from_channel
+from payengine.sim.voucher_link import LossyVoucherLink, VoucherFaults
 
 FAULT_KINDS = (
     "jitter", "callback-lost", "callback-duplicated", "callback-reordered", "callback-early",
@@ -533,7 +530,6 @@ class Simulation:
 
     def run(self) -> SimResult:
         started = time.monotonic()
-        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
         try:
             final, traces = self._run_phases()
         except Exception as error:  # a deadlock, a step limit, an engine bug: this seed fails

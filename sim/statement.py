@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from engine.statement import LineStatus, StatementLine, render_statement
-from sim.channel import ChannelFaults, SimPayment, SimRefund, SimulatedChannel, World
+from payengine.engine.statement import LineStatus, StatementLine, render_statement
+from payengine.sim.channel import ChannelFaults, SimPayment, SimRefund, SimulatedChannel, World
 
 
 def lines_from_channel(channel: SimulatedChannel, *, currency: str = "CNY",

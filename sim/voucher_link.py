@@ -15,11 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from actors.directory import Directory, Key
-from actors.messages import FromOrder
-from engine.errors import EngineClosed
-from engine.order import CancelHold, ConfirmHold, DebitVoucher, TryHold, VoucherOp, VoucherReply
-from sim.channel import World
+from payengine.actors.directory import Directory, Key
+from payengine.actors.messages import FromOrder
+from payengine.engine.errors import EngineClosed
+from payengine.engine.order import CancelHold, ConfirmHold, DebitVoucher, TryHold, VoucherOp, VoucherReply
+from payengine.sim.channel import World
 
 _OPS = {TryHold: VoucherOp.TRY, ConfirmHold: VoucherOp.CONFIRM, CancelHold: VoucherOp.CANCEL,
         DebitVoucher: VoucherOp.DEBIT}

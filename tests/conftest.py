@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from actors import Engine
+from payengine import Engine
 from tests.helpers import ScriptedChannel, fund_customer, open_engine
 
 structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from actors import (
+from payengine import (
     CashPart,
     ChannelReply,
     Engine,
@@ -19,7 +19,7 @@ from actors import (
     PaymentRequest,
     VoucherPart,
 )
-from engine.codes import WECHAT_LIKE_PAY_CODES, WECHAT_LIKE_REFUND_CODES
+from payengine.engine.codes import WECHAT_LIKE_PAY_CODES, WECHAT_LIKE_REFUND_CODES
 
 T = TypeVar("T")
 

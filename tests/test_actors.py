@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from actors import (
+from payengine import (
     ChannelReply,
     CurrencyMismatch,
     Engine,
@@ -24,7 +24,7 @@ from actors import (
     UnknownOrder,
     VoucherPart,
 )
-from actors.engine import Engine as _Engine
+from payengine.actors.engine import Engine as _Engine
 from tests.helpers import (
     NO_ANSWER,
     PAID,
@@ -411,7 +411,7 @@ def test_shutdown_mid_flight_and_reopen_resumes_the_order(
 
 def test_submits_after_shutdown_are_refused(engine: Engine) -> None:
     engine.shutdown()
-    from actors import EngineClosed
+    from payengine import EngineClosed
 
     with pytest.raises(EngineClosed):
         engine.submit(fuel_request())

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from actors import ChannelReply, DatabaseInUse, OrderPolicy
-from actors.directory import Directory
-from actors.messages import FromOrder
-from actors.voucher_link import DirectVoucherLink
-from engine.order import ConfirmHold, VoucherReply
+from payengine import ChannelReply, DatabaseInUse, OrderPolicy
+from payengine.actors.directory import Directory
+from payengine.actors.messages import FromOrder
+from payengine.actors.voucher_link import DirectVoucherLink
+from payengine.engine.order import ConfirmHold, VoucherReply
 from tests.helpers import PAID, ScriptedChannel, fuel_request, fund_customer, open_engine, wait_for
 
 
@@ -45,7 +45,7 @@ def test_lost_voucher_requests_and_replies_are_sent_again_until_answered(tmp_pat
         links.append(DropFirstConfirm(directory))
         return links[-1]
 
-    from actors import Engine, EngineConfig
+    from payengine import Engine, EngineConfig
 
     policy = OrderPolicy(pay_window_ms=60_000, query_schedule_ms=(60_000,),
                          voucher_retry_schedule_ms=(50, 100, 200, 400))
@@ -106,8 +106,8 @@ def test_a_channel_close_lost_before_a_restart_is_made_again_after_it(tmp_path: 
 def test_an_order_that_breaks_an_invariant_is_quarantined_not_restarted_in_a_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import actors.order_actor as order_actor
-    from actors import ActorBroken
+    import payengine.actors.order_actor as order_actor
+    from payengine import ActorBroken
 
     real_decide = order_actor.decide
     calls: list[str] = []

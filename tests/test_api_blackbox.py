@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from actors import (
+from payengine import (
     CashPart,
     ChannelReply,
     CurrencyMismatch,
@@ -51,7 +51,7 @@ from actors import (
     UnknownOrder,
     VoucherPart,
 )
-from engine.codes import WECHAT_LIKE_PAY_CODES, WECHAT_LIKE_REFUND_CODES
+from payengine.engine.codes import WECHAT_LIKE_PAY_CODES, WECHAT_LIKE_REFUND_CODES
 
 TERMINAL = {"succeeded", "failed", "closed"}
 SETTLE_S = 10.0
@@ -372,8 +372,8 @@ def leg_transitions(engine: Engine, order_id: str, part: str, to_state: str) -> 
 
 def test_readme_example_as_written(tmp_path: Path) -> None:
     """The README's runnable example, on the simulated channel, with its claims asserted."""
-    from actors import ThreadRuntime
-    from sim.channel import ChannelFaults, SimulatedChannel
+    from payengine import ThreadRuntime
+    from payengine.sim.channel import ChannelFaults, SimulatedChannel
 
     world = ThreadRuntime()
     wechat = SimulatedChannel("wechat", world, seed=1, faults=ChannelFaults.none())
@@ -1359,7 +1359,7 @@ def test_reads_and_callbacks_racing_shutdown_return_promptly(tmp_path: Path) -> 
 
 
 def test_calls_after_shutdown_raise_engine_closed(tmp_path: Path) -> None:
-    from actors import EngineClosed
+    from payengine import EngineClosed
     channel = FakeChannel()
     engine = Engine.open(tmp_path / "closed.db", channels=[channel])
     engine.open_account("c/red", "CNY")
@@ -1372,7 +1372,7 @@ def test_calls_after_shutdown_raise_engine_closed(tmp_path: Path) -> None:
 
 
 def test_overloaded_submit_leaves_state_untouched(tmp_path: Path) -> None:
-    from actors import Overloaded
+    from payengine import Overloaded
     channel = FakeChannel()
     with open_engine(tmp_path, channel, config=EngineConfig(live_orders_max=2,
                                                                  duplicate_guard_window_ms=0)) as engine:

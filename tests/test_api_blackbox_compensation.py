@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from actors import (
+from payengine import (
     CashPart,
     ChannelReply,
     DuplicateSuspected,

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from actors import CashPart, Engine, EngineConfig, LegMode, PaymentError, PaymentRequest, VoucherPart
-from actors.runtime import ThreadRuntime
-from sim.channel import ChannelFaults, SimulatedChannel
-from sim.demo import DEMO_POLICY
-from sim.oracle import check
+from payengine import CashPart, Engine, EngineConfig, LegMode, PaymentError, PaymentRequest, VoucherPart
+from payengine.actors.runtime import ThreadRuntime
+from payengine.sim.channel import ChannelFaults, SimulatedChannel
+from payengine.sim.demo import DEMO_POLICY
+from payengine.sim.oracle import check
 from tests.helpers import wait_for
 
 CONFIG = EngineConfig(account_idle_ms=500, pre_hold_ttl_ms=1_000, duplicate_guard_window_ms=0)

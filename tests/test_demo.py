@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from sim.cli import main
+from payengine.sim.cli import main
 
 
 @pytest.fixture(autouse=True)

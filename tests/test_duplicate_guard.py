@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from actors import DuplicateSuspected, Engine, EngineConfig
-from engine.order import OrderState, suspected_duplicates
+from payengine import DuplicateSuspected, Engine, EngineConfig
+from payengine.engine.order import OrderState, suspected_duplicates
 from tests.helpers import ScriptedChannel, fuel_request, fund_customer, open_engine, wait_for
 from tests.test_engine_order import T0, make_order
 

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.errors import CurrencyMismatch, InvalidAmount, InvalidRequest, PaymentError
-from engine.money import AMOUNT_MAX, Money, check_amount, check_unit, value_in_minor
-from engine.order import (
+from payengine.engine.errors import CurrencyMismatch, InvalidAmount, InvalidRequest, PaymentError
+from payengine.engine.money import AMOUNT_MAX, Money, check_amount, check_unit, value_in_minor
+from payengine.engine.order import (
     AccountUnit,
     CashPart,
     LegMode,

@@ -19,10 +19,10 @@ from hypothesis import event as hypothesis_event
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import voucher as vo
-from engine.codes import WECHAT_LIKE_PAY_CODES, WECHAT_LIKE_REFUND_CODES, CodeTable, ResultKind
-from engine.errors import HoldRefused, IllegalTransition, InvalidRequest, PaymentError
-from engine.order import (
+from payengine.engine import voucher as vo
+from payengine.engine.codes import WECHAT_LIKE_PAY_CODES, WECHAT_LIKE_REFUND_CODES, CodeTable, ResultKind
+from payengine.engine.errors import HoldRefused, IllegalTransition, InvalidRequest, PaymentError
+from payengine.engine.order import (
     ALLOWED_TRANSITIONS,
     HOLD_MODES,
     IN_FLIGHT_LEG_STATUSES,

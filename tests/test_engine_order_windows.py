@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from engine.codes import ResultKind
-from engine.order import (
+from payengine.engine.codes import ResultKind
+from payengine.engine.order import (
     Activate,
     CashPart,
     CashResult,

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.codes import ResultKind
-from engine.errors import IdempotencyConflict, IllegalTransition, PaymentError, RefundRefused
-from engine.ledger import postings_for
-from engine.order import (
+from payengine.engine.codes import ResultKind
+from payengine.engine.errors import IdempotencyConflict, IllegalTransition, PaymentError, RefundRefused
+from payengine.engine.ledger import postings_for
+from payengine.engine.order import (
     Activate,
     CashResult,
     LegStatus,

@@ -10,7 +10,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from engine.errors import (
+from payengine.engine.errors import (
     CurrencyMismatch,
     HoldNotPending,
     HoldRefused,
@@ -20,8 +20,8 @@ from engine.errors import (
     PaymentError,
     UnknownHold,
 )
-from engine.money import AMOUNT_MAX
-from engine.voucher import (
+from payengine.engine.money import AMOUNT_MAX
+from payengine.engine.voucher import (
     FINAL_FENCE_STATUSES,
     Fence,
     FenceKind,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from actors import ChannelReply, Engine, EngineConfig
+from payengine import ChannelReply, Engine, EngineConfig
 from tests.helpers import (
     PAID,
     ScriptedChannel,

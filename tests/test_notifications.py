@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from actors import CashPart, Engine, EngineConfig, InvalidRequest, PaymentRequest
-from actors.notifier import (
+from payengine import CashPart, Engine, EngineConfig, InvalidRequest, PaymentRequest
+from payengine.actors.notifier import (
     EVENT_ID_HEADER,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
@@ -26,7 +26,7 @@ from actors.notifier import (
     Subscriber,
     verify_signature,
 )
-from sim.runtime import Scheduler, SimRuntime
+from payengine.sim.runtime import Scheduler, SimRuntime
 from tests.helpers import PAID, SLOW_POLICY, ScriptedChannel, wait_for
 
 SECRET = "s3cret-key-of-station-1"

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from actors import CashPart, Engine, OrderPolicy, OrderState, PaymentRequest
-from engine.order import Transition, build_order
-from persistence import outbox
-from persistence.store import Store
+from payengine import CashPart, Engine, OrderPolicy, OrderState, PaymentRequest
+from payengine.engine.order import Transition, build_order
+from payengine.persistence import outbox
+from payengine.persistence.store import Store
 from tests.helpers import PAID, ScriptedChannel, fuel_request, open_engine, wait_for
 
 

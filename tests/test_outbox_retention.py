@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from actors import CashPart, Engine, EngineConfig, InvalidRequest, PaymentRequest
-from actors.notifier import EVENT_ID_HEADER, NotificationConfig, OutboxEvent
-from sim.runtime import Scheduler, SimRuntime
+from payengine import CashPart, Engine, EngineConfig, InvalidRequest, PaymentRequest
+from payengine.actors.notifier import EVENT_ID_HEADER, NotificationConfig, OutboxEvent
+from payengine.sim.runtime import Scheduler, SimRuntime
 from tests.helpers import PAID, SLOW_POLICY, ScriptedChannel
 
 RETENTION_MS = 10_000

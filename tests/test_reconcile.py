@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from actors import ChannelReply, Engine, EngineConfig, InvalidRequest, OrderPolicy, Receipt
-from actors.reconcile import ReconciliationReport
-from actors.runtime import ThreadRuntime
-from engine.statement import StatementError, Verdict, format_time, parse_statement
-from persistence import statements
-from sim.channel import ChannelFaults, SimulatedChannel
-from sim.cli import main
-from sim.statement import statement_from_channel
+from payengine import ChannelReply, Engine, EngineConfig, InvalidRequest, OrderPolicy, Receipt
+from payengine.actors.reconcile import ReconciliationReport
+from payengine.actors.runtime import ThreadRuntime
+from payengine.engine.statement import StatementError, Verdict, format_time, parse_statement
+from payengine.persistence import statements
+from payengine.sim.channel import ChannelFaults, SimulatedChannel
+from payengine.sim.cli import main
+from payengine.sim.statement import statement_from_channel
 from tests.helpers import (
     PROCESSING,
     ScriptedChannel,

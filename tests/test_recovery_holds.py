@@ -6,7 +6,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from engine.order import (
+from payengine.engine.order import (
     AccountUnit,
     CashPart,
     LegStatus,
@@ -17,8 +17,8 @@ from engine.order import (
     VoucherPart,
     build_order,
 )
-from engine.voucher import Fence, FenceKind, FenceStatus, VoucherAccount
-from persistence.store import Store
+from payengine.engine.voucher import Fence, FenceKind, FenceStatus, VoucherAccount
+from payengine.persistence.store import Store
 from tests.helpers import ScriptedChannel, open_engine, wait_for
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from actors import (
+from payengine import (
     ChannelReply,
     Engine,
     IdempotencyConflict,
@@ -226,7 +226,7 @@ def test_a_second_charge_of_a_paid_order_is_refunded_whole(
 def test_a_refund_left_unknown_and_absent_from_the_statement_is_asked_again(
     tmp_path: Path
 ) -> None:
-    from engine.statement import LineStatus, StatementLine, Verdict, render_statement
+    from payengine.engine.statement import LineStatus, StatementLine, Verdict, render_statement
     from tests.helpers import PAID
 
     channel = ScriptedChannel()

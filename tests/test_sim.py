@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from actors.directory import Directory
-from engine.order import PLANTABLE_BUGS
-from sim.cli import main
-from sim.runtime import Deadlock, Scheduler, SimRuntime
-from sim.simulation import FAULT_KINDS, SimConfig, run, run_many
+from payengine.actors.directory import Directory
+from payengine.engine.order import PLANTABLE_BUGS
+from payengine.sim.cli import main
+from payengine.sim.runtime import Deadlock, Scheduler, SimRuntime
+from payengine.sim.simulation import FAULT_KINDS, SimConfig, run, run_many
 
 
 def test_the_same_seed_gives_the_same_run_and_the_same_trace_hash() -> None:
@@ -174,7 +174,7 @@ def test_a_crash_inside_a_handler_answers_its_asker_as_a_dead_actor() -> None:
 
 
 def test_a_merchant_that_never_accepts_a_notification_is_a_violation() -> None:
-    from sim.simulation import Simulation
+    from payengine.sim.simulation import Simulation
 
     simulation = Simulation(SimConfig(seed=3, orders=30, faults=frozenset()))
     simulation.merchant.down = lambda: 1.0
@@ -186,7 +186,7 @@ def test_a_merchant_that_never_accepts_a_notification_is_a_violation() -> None:
 def test_an_exception_in_a_seed_is_that_seeds_violation_not_the_end_of_the_batch(
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sim.simulation import Simulation
+    from payengine.sim.simulation import Simulation
 
     def broken(self: Simulation, deadline_ms: int) -> None:
         raise RuntimeError("planted harness failure")
@@ -200,8 +200,8 @@ def test_an_exception_in_a_seed_is_that_seeds_violation_not_the_end_of_the_batch
 def test_work_still_scheduled_after_the_quiet_phase_deadline_is_a_violation(
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sim.simulation
+    import payengine.sim.simulation
 
-    monkeypatch.setattr(sim.simulation, "QUIET_PHASE_MAX_MS", 1)  # as if a timer looped
+    monkeypatch.setattr(payengine.sim.simulation, "QUIET_PHASE_MAX_MS", 1)  # as if a timer looped
     result = run(SimConfig(seed=3, orders=20, faults=frozenset()))
     assert "quiet-phase-ends" in {v.invariant for v in result.violations}

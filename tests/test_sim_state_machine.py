@@ -46,7 +46,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from actors import (
+from payengine import (
     CashPart,
     ChannelReply,
     Engine,
@@ -59,11 +59,11 @@ from actors import (
     Receipt,
     VoucherPart,
 )
-from engine.order import TERMINAL_STATES, LegStatus
-from sim.channel import ChannelFaults, SimulatedChannel
-from sim.oracle import Violation, check
-from sim.runtime import Scheduler, SimRuntime, SimWorld
-from sim.simulation import SIM_POLICY, SeqIds, SimulatedCrash
+from payengine.engine.order import TERMINAL_STATES, LegStatus
+from payengine.sim.channel import ChannelFaults, SimulatedChannel
+from payengine.sim.oracle import Violation, check
+from payengine.sim.runtime import Scheduler, SimRuntime, SimWorld
+from payengine.sim.simulation import SIM_POLICY, SeqIds, SimulatedCrash
 
 T = TypeVar("T")
 

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from engine import statement as stmt
-from engine.codes import ResultKind
-from engine.money import AMOUNT_MAX
-from engine.order import (
+from payengine.engine import statement as stmt
+from payengine.engine.codes import ResultKind
+from payengine.engine.money import AMOUNT_MAX
+from payengine.engine.order import (
     Activate,
     CashPart,
     CashResult,
@@ -25,7 +25,7 @@ from engine.order import (
     build_order,
     decide,
 )
-from engine.statement import (
+from payengine.engine.statement import (
     LineStatus,
     OrderSnapshot,
     RefundSnapshot,

@@ -1,0 +1,76 @@
+"""payengine: an in-process payment engine for a point-of-sale or fuel-station server.
+
+This module is the public face: everything a user imports is here, typed.
+
+    from payengine import Engine, PaymentRequest, CashPart, VoucherPart, LegMode
+
+The layers sit beneath it and import one way: ``payengine.sim`` (the simulated world)
+-> ``payengine.actors`` (the actor shell) -> ``payengine.persistence`` (SQLite) ->
+``payengine.engine`` (the pure core, standard library only). See README.md for a runnable
+example.
+
+payengine is quiet when embedded: it logs through structlog into the standard library's
+``logging`` logger ``"payengine"`` (children ``payengine.runtime``...), which has only a
+``NullHandler``. Configure ``logging`` in your application to see the records.
+"""
+
+from payengine.actors.base import EngineConfig
+from payengine.actors.channel import Channel, ChannelReply
+from payengine.actors.engine import Engine, IdSource, RandomIds
+from payengine.actors.messages import (
+    AccountView,
+    HoldView,
+    LegView,
+    OrderView,
+    Receipt,
+    RefundView,
+)
+from payengine.actors.notifier import NotificationConfig
+from payengine.actors.reconcile import ReconciliationReport
+from payengine.actors.runtime import Runtime, ThreadRuntime
+from payengine.engine.codes import CodeTable, ResultKind
+from payengine.engine.errors import (
+    AccountExists,
+    ActorBroken,
+    CurrencyMismatch,
+    DatabaseInUse,
+    DuplicateSuspected,
+    EngineClosed,
+    HoldNotPending,
+    HoldRefused,
+    IdempotencyConflict,
+    IllegalTransition,
+    InsufficientBalance,
+    InvalidAmount,
+    InvalidRequest,
+    Overloaded,
+    PaymentError,
+    RefundRefused,
+    UnknownAccount,
+    UnknownHold,
+    UnknownOrder,
+)
+from payengine.engine.order import (
+    CashPart,
+    LegMode,
+    OrderPolicy,
+    OrderState,
+    PaymentRequest,
+    VoucherPart,
+)
+from payengine.engine.statement import StatementError
+from payengine.persistence.outbox import OutboxEvent
+
+__version__ = "0.2.0"
+
+__all__ = [
+    "AccountExists", "AccountView", "ActorBroken", "CashPart", "Channel", "ChannelReply",
+    "CodeTable", "CurrencyMismatch", "DatabaseInUse", "DuplicateSuspected", "Engine",
+    "EngineClosed", "EngineConfig", "HoldNotPending", "HoldRefused", "HoldView", "IdSource",
+    "IdempotencyConflict", "IllegalTransition", "InsufficientBalance", "InvalidAmount",
+    "InvalidRequest", "LegMode", "LegView", "NotificationConfig", "OrderPolicy", "OrderState",
+    "OrderView", "OutboxEvent", "Overloaded", "PaymentError", "PaymentRequest", "RandomIds",
+    "Receipt", "ReconciliationReport", "RefundRefused", "RefundView", "ResultKind", "Runtime",
+    "StatementError", "ThreadRuntime", "UnknownAccount", "UnknownHold", "UnknownOrder",
+    "VoucherPart", "__version__",
+]
