@@ -125,8 +125,8 @@ class Engine:
         re-arms its timers); every account with pending holds is started (it expires those
         whose time has passed).
         """
+        store = Store(path, synchronous=synchronous)  # first: a refused file starts nothing
         runtime = runtime or ThreadRuntime()
-        store = Store(path, synchronous=synchronous)
         by_name = {channel.name: channel for channel in channels}
         ctx_holder: list[Context] = []
 

@@ -109,6 +109,15 @@ class DatabaseInUse(PaymentError):
     code = "database_in_use"
 
 
+class IncompatibleDatabase(PaymentError):
+    """The database file was written by a version of the engine with another schema.
+
+    Refused at open rather than misread; the engine does not migrate files before 1.0.
+    """
+
+    code = "incompatible_database"
+
+
 class ActorBroken(AssertionError):
     """An actor stopped on a broken invariant: a bug, not an expected failure.
 

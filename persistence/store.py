@@ -31,6 +31,7 @@ from payengine.engine.errors import (
     DatabaseInUse,
     EngineClosed,
     IdempotencyConflict,
+    IncompatibleDatabase,
     Overloaded,
 )
 from payengine.engine.ledger import Posting
@@ -99,7 +100,12 @@ class Store:
             self.db.enable_wal()
         self._conn.execute(f"PRAGMA synchronous={synchronous}")
         self._conn.execute("PRAGMA busy_timeout=30000")
-        self._create_schema()
+        try:
+            self._check_schema_version()
+            self._create_schema()
+        except BaseException:
+            self.close()
+            raise
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -213,6 +219,22 @@ class Store:
                                timeout=30.0)
         conn.execute("PRAGMA query_only=1")
         return conn
+
+    def _check_schema_version(self) -> None:
+        """Refuse a file another schema wrote (or one with tables and no version): reading
+        it with this code would misread it. A new, empty file is fine."""
+        tables = set(self.db.table_names())
+        if not tables:
+            return
+        version = None
+        if "meta" in tables:
+            row = self._conn.execute(
+                "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = None if row is None else str(row[0])
+        if version != str(SCHEMA_VERSION):
+            raise IncompatibleDatabase(
+                f"{self.path} has schema version {version or 'unknown'}; this engine reads "
+                f"version {SCHEMA_VERSION} only (no migration before 1.0): use a new file")
 
     def _create_schema(self) -> None:
         db = self.db
