@@ -3,9 +3,12 @@
 It serialises every operation on one account (Try, Confirm, Cancel, debit, expiry, top-up),
 applies the pure TCC functions of ``engine.voucher``, commits balances and fence rows in one
 transaction, and only then answers: a ``VoucherReply`` told to the order, or the asker's
-reply. Pending holds are kept in memory; other fences are read from SQLite when an id comes
-again. After ``account_idle_ms`` without messages the actor stops; its expiry timer restarts
-it when a hold falls due.
+reply. Pending holds are kept in memory; other fences are read from SQLite when a key comes
+again. Fences are addressed by ``FenceKey``: the caller's pre-holds (``PreHold``,
+``ReleaseHold``) only ever reach scope ``user``; an order's commands carry the key the order
+chose (its own leg, its refund's return, or the user's hold a pre-held leg adopts).
+After ``account_idle_ms`` without messages the actor stops; its expiry timer restarts it
+when a hold falls due.
 """
 
 from __future__ import annotations
@@ -47,7 +50,14 @@ from payengine.engine.order import (
     VoucherOp,
     VoucherReply,
 )
-from payengine.engine.voucher import Fence, FenceStatus, Outcome, VoucherAccount
+from payengine.engine.voucher import (
+    Fence,
+    FenceKey,
+    FenceScope,
+    FenceStatus,
+    Outcome,
+    VoucherAccount,
+)
 
 _OPS = {TryHold: VoucherOp.TRY, ConfirmHold: VoucherOp.CONFIRM, CancelHold: VoucherOp.CANCEL,
         DebitVoucher: VoucherOp.DEBIT, ReturnVoucher: VoucherOp.RETURN}
@@ -57,7 +67,7 @@ class AccountBehaviour(ActorBehaviour):
     def __init__(self, key: Key, ctx: Context) -> None:
         super().__init__(key, ctx)
         self.account: VoucherAccount | None = None
-        self.pending: dict[str, Fence] = {}
+        self.pending: dict[FenceKey, Fence] = {}
         self.activity = 0
         self.idle_timer_armed = False
         self.expiry_armed_at: int | None = None
@@ -65,7 +75,7 @@ class AccountBehaviour(ActorBehaviour):
     def load(self) -> None:
         self.account = self.ctx.store.load_account(self.key[1])
         if self.account is not None:
-            self.pending = {f.hold_id: f for f in self.ctx.store.pending_holds(self.key[1])}
+            self.pending = {f.key: f for f in self.ctx.store.pending_holds(self.key[1])}
 
     def idle(self) -> bool:
         return self.account is None
@@ -101,10 +111,10 @@ class AccountBehaviour(ActorBehaviour):
 
     # ------------------------------------------------------------------ operations
 
-    def _fence(self, hold_id: str) -> Fence | None:
-        fence = self.pending.get(hold_id)
+    def _fence(self, key: FenceKey) -> Fence | None:
+        fence = self.pending.get(key)
         if fence is None:
-            fence = self.ctx.store.load_fence(self.key[1], hold_id)
+            fence = self.ctx.store.load_fence(self.key[1], key)
         return fence
 
     def _from_order(self, command: FromOrder) -> None:
@@ -125,41 +135,43 @@ class AccountBehaviour(ActorBehaviour):
         except PaymentError as error:
             ok, reason = False, f"{error.code}: {error.message}"
         self.ctx.voucher_link.reply(command.order_id,
-                                    VoucherReply(effect.leg_no, effect.hold_id, op, ok, reason))
+                                    VoucherReply(effect.leg_no, effect.fence, op, ok, reason))
 
     def _apply(self, order_id: str, effect: Any) -> Outcome:
         account = self.account
         assert account is not None
         now_ms = self.ctx.runtime.now_ms()
-        fence = self._fence(effect.hold_id)
+        key: FenceKey = effect.fence
+        _assert_order_may_name(order_id, effect)
+        fence = self._fence(key)
         match effect:
             case TryHold():
-                return voucher.try_hold(account, fence, hold_id=effect.hold_id,
+                return voucher.try_hold(account, fence, key=key,
                                         amount=effect.amount, order_id=order_id,
                                         expires_at_ms=effect.expires_at_ms, now_ms=now_ms,
                                         adopt_only=effect.adopt_only)
             case ConfirmHold():
                 if fence is not None and fence.order_id not in (None, order_id):
-                    raise UnknownHold(f"hold {effect.hold_id} belongs to another order")
+                    raise UnknownHold(f"hold {key} belongs to another order")
                 if ("confirm-twice" in self.ctx.config.planted_bugs and fence is not None
                         and fence.status is FenceStatus.POSTED):
                     posted_again = replace(account, available=account.available - fence.amount,
                                            spent=account.spent + fence.amount)
                     return Outcome(posted_again, replace(fence, updated_at_ms=now_ms + 1), True)
-                return voucher.confirm(account, fence, hold_id=effect.hold_id, now_ms=now_ms)
+                return voucher.confirm(account, fence, key=key, now_ms=now_ms)
             case CancelHold():
                 if fence is not None and fence.order_id not in (None, order_id):
                     # The order named a pre-hold another order adopted: its Try was refused,
                     # so it has nothing here to release.
                     return Outcome(account, fence, False)
-                return voucher.cancel(account, fence, hold_id=effect.hold_id,
-                                      order_id=order_id, now_ms=now_ms)
+                return voucher.cancel(account, fence, key=key, order_id=order_id,
+                                      now_ms=now_ms)
             case DebitVoucher():
-                return voucher.debit(account, fence, hold_id=effect.hold_id,
-                                     amount=effect.amount, order_id=order_id, now_ms=now_ms)
+                return voucher.debit(account, fence, key=key, amount=effect.amount,
+                                     order_id=order_id, now_ms=now_ms)
             case ReturnVoucher():
-                return voucher.give_back(account, fence, return_id=effect.hold_id,
-                                         amount=effect.amount, order_id=order_id, now_ms=now_ms)
+                return voucher.give_back(account, fence, key=key, amount=effect.amount,
+                                         order_id=order_id, now_ms=now_ms)
         raise AssertionError(f"not a voucher effect: {effect!r}")
 
     def _fund(self, command: Fund) -> AccountView:
@@ -186,22 +198,23 @@ class AccountBehaviour(ActorBehaviour):
 
     def _pre_hold(self, command: PreHold) -> HoldView:
         assert self.account is not None
+        key = FenceKey.user(command.hold_id)
         outcome = voucher.try_hold(
-            self.account, self._fence(command.hold_id), hold_id=command.hold_id,
-            amount=command.amount, order_id=None, expires_at_ms=command.expires_at_ms,
-            now_ms=self.ctx.runtime.now_ms())
+            self.account, self._fence(key), key=key, amount=command.amount, order_id=None,
+            expires_at_ms=command.expires_at_ms, now_ms=self.ctx.runtime.now_ms())
         self._commit(outcome, "pre-hold")
         assert outcome.fence is not None
         return HoldView.of(outcome.fence)
 
     def _release(self, hold_id: str) -> HoldView:
         assert self.account is not None
-        fence = self._fence(hold_id)
+        key = FenceKey.user(hold_id)
+        fence = self._fence(key)
         # No hold yet (the untick overtook the tick): voucher.cancel records an empty
         # rollback, so the late pre-hold with this id is refused instead of locking points.
         if fence is not None and fence.order_id is not None:
             raise HoldRefused(f"hold {hold_id} belongs to order {fence.order_id}; close the order")
-        outcome = voucher.cancel(self.account, fence, hold_id=hold_id, order_id=None,
+        outcome = voucher.cancel(self.account, fence, key=key, order_id=None,
                                  now_ms=self.ctx.runtime.now_ms())
         self._commit(outcome, "released by the user")
         assert outcome.fence is not None
@@ -213,8 +226,8 @@ class AccountBehaviour(ActorBehaviour):
             return
         before = self.account
         assert before is not None and outcome.fence is not None
-        old = self.pending.get(outcome.fence.hold_id)  # only pending fences change status
-        transition = Transition(f"hold:{outcome.fence.hold_id}",
+        old = self.pending.get(outcome.fence.key)  # only pending fences change status
+        transition = Transition(outcome.fence.key.journal_part,
                                 "" if old is None else old.status.value,
                                 outcome.fence.status.value, cause)
         self.ctx.store.save_account(before, outcome.account, [outcome.fence], [transition],
@@ -222,9 +235,9 @@ class AccountBehaviour(ActorBehaviour):
         self.account = outcome.account
         fence = outcome.fence
         if fence.status is FenceStatus.PENDING:
-            self.pending[fence.hold_id] = fence
+            self.pending[fence.key] = fence
         else:
-            self.pending.pop(fence.hold_id, None)
+            self.pending.pop(fence.key, None)
         self.log.info("transition", account_id=self.key[1], part=transition.entity,
                       from_state=transition.from_state, to_state=transition.to_state,
                       cause=cause)
@@ -258,3 +271,18 @@ class AccountBehaviour(ActorBehaviour):
             self.try_release()
         else:
             self._arm_idle()
+
+
+def _assert_order_may_name(order_id: str, effect: Any) -> None:
+    """An order's command names its own leg's fence, its refund's return, or (adopting,
+    confirming or releasing it) the user's pre-hold its leg named. The core builds these
+    keys, so anything else is a bug there, never a caller's input."""
+    key: FenceKey = effect.fence
+    if isinstance(effect, ReturnVoucher):
+        assert key.scope is FenceScope.REFUND, f"a return under {key!r}"
+    elif key.scope is FenceScope.ORDER:
+        assert key.owner == order_id, f"order {order_id} names {key!r}"
+    else:
+        assert key.scope is FenceScope.USER and not isinstance(effect, DebitVoucher) and (
+            not isinstance(effect, TryHold) or effect.adopt_only), (
+            f"order {order_id} sends {type(effect).__name__} for {key!r}")

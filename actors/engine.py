@@ -55,7 +55,7 @@ from payengine.engine.order import (
     build_order,
     suspected_duplicates,
 )
-from payengine.engine.voucher import VoucherAccount
+from payengine.engine.voucher import FenceKey, VoucherAccount
 from payengine.persistence.store import JournalEntry, Store
 
 
@@ -263,8 +263,10 @@ class Engine:
         return AccountView.of(account)
 
     def get_hold(self, account_id: str, hold_id: str) -> HoldView:
+        """The caller's pre-hold ``hold_id``; the engine's own fences are not holds of the
+        caller and are never found here, whatever the id."""
         self._check_open()
-        fence = self._ctx.store.load_fence(account_id, hold_id)
+        fence = self._ctx.store.load_fence(account_id, FenceKey.user(hold_id))
         if fence is None:
             raise UnknownHold(f"no hold {hold_id} on account {account_id}")
         return HoldView.of(fence)

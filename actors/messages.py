@@ -19,7 +19,7 @@ from payengine.engine.order import (
     ReturnVoucher,
     TryHold,
 )
-from payengine.engine.voucher import Fence, VoucherAccount
+from payengine.engine.voucher import Fence, FenceScope, VoucherAccount
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +50,10 @@ class Fund:
 
 @dataclass(frozen=True, slots=True)
 class PreHold:
-    """Hold vouchers before an order exists (the user ticked "use points")."""
+    """Hold vouchers before an order exists (the user ticked "use points").
+
+    ``hold_id`` is the caller's: it names the fence ``FenceKey.user(hold_id)`` only.
+    """
 
     hold_id: str
     amount: int
@@ -111,6 +114,7 @@ class LegView:
     value_minor: int
     status: str
     hold_id: str | None
+    """The caller's pre-hold a ``pre_held`` leg adopted; ``None`` for every other leg."""
     channel_txn_id: str | None
     refund_id: str | None
 
@@ -194,6 +198,8 @@ class AccountView:
 
 @dataclass(frozen=True, slots=True)
 class HoldView:
+    """A caller's pre-hold (never one of the engine's own fences)."""
+
     hold_id: str
     account_id: str
     amount: int
@@ -203,5 +209,6 @@ class HoldView:
 
     @staticmethod
     def of(fence: Fence) -> HoldView:
-        return HoldView(fence.hold_id, fence.account_id, fence.amount, fence.status.value,
+        assert fence.key.scope is FenceScope.USER, f"{fence.key!r} is not a caller's hold"
+        return HoldView(fence.key.owner, fence.account_id, fence.amount, fence.status.value,
                         fence.order_id, fence.expires_at_ms)

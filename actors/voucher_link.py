@@ -3,8 +3,9 @@
 In production the voucher accounts are actors of this engine and the link is a plain tell.
 It is a seam all the same: a voucher system run by another company (points, phone credit)
 answers over a network, late, twice or never, and the simulator puts a lossy link here.
-The order side copes the same way in both cases: every command is idempotent by hold id and
-re-sent on the order's voucher retry schedule until answered.
+The order side copes the same way in both cases: every command is idempotent by its fence
+key and re-sent on the order's voucher retry schedule until answered. Commands and replies
+name their fence by ``FenceKey`` (scope, owner, leg), never by a string to be parsed.
 """
 
 from __future__ import annotations

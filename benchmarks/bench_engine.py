@@ -78,14 +78,14 @@ def bench_core(n: int) -> float:
                             accounts=units, policy=policy)
         order = decide(order, Activate(), now_ms=1, policy=policy).order
         for leg in order.legs[1:]:
-            assert leg.hold_id is not None
-            order = decide(order, VoucherReply(leg.leg_no, leg.hold_id, VoucherOp.TRY, True),
+            fence = order.fence_of(leg)
+            order = decide(order, VoucherReply(leg.leg_no, fence, VoucherOp.TRY, True),
                            now_ms=2, policy=policy).order
         order = decide(order, CashResult(ResultKind.SUCCESS, ResultSource.CALLBACK, "SUCCESS"),
                        now_ms=3, policy=policy).order
         for leg in order.legs[1:]:
-            assert leg.hold_id is not None
-            order = decide(order, VoucherReply(leg.leg_no, leg.hold_id, VoucherOp.CONFIRM, True),
+            fence = order.fence_of(leg)
+            order = decide(order, VoucherReply(leg.leg_no, fence, VoucherOp.CONFIRM, True),
                            now_ms=4, policy=policy).order
         assert order.is_settled
     return n / (time.perf_counter() - started)

@@ -34,6 +34,7 @@ from payengine.engine.errors import (
     RefundRefused,
 )
 from payengine.engine.money import AMOUNT_MAX, check_amount, check_unit, value_in_minor
+from payengine.engine.voucher import FenceKey, FenceScope
 
 # --------------------------------------------------------------------------- states
 
@@ -194,7 +195,8 @@ class Leg:
     value_minor: int
     """What the leg pays of the order total, in the order's minor units."""
     hold_id: str | None
-    """The fence id at the voucher account; ``None`` for cash."""
+    """The caller's pre-hold a ``PRE_HELD`` leg adopts (fence ``FenceKey.user(hold_id)``);
+    ``None`` for every other leg, whose fence is the order's own (``PaymentOrder.fence_of``)."""
     status: LegStatus = LegStatus.NEW
     channel: str | None = None
     channel_txn_id: str | None = None
@@ -317,7 +319,7 @@ class Refund:
 
     refund_id: str
     """The id the channel knows the cash part by; voucher parts are fenced by
-    ``f"{refund_id}:{leg_no}"`` at their accounts."""
+    ``FenceKey.refund_return(refund_id, leg_no)`` at their accounts."""
     refund_no: str
     """The merchant's idempotency key (the channel transaction id for a duplicate charge)."""
     kind: RefundKind
@@ -450,6 +452,18 @@ class PaymentOrder:
                 return leg
         raise InvalidRequest(f"order {self.order_id} has no leg {leg_no}")
 
+    def fence_of(self, leg: Leg) -> FenceKey:
+        """The fence a voucher leg holds or debits at its account.
+
+        A pre-held leg adopts the caller's own hold (scope ``user``); any other leg has a
+        fence in the order's scope, which no caller's hold id can name.
+        """
+        assert not leg.is_cash and leg.account_id is not None, f"leg {leg.leg_no} has no fence"
+        if leg.mode is LegMode.PRE_HELD:
+            assert leg.hold_id is not None, f"pre-held leg {leg.leg_no} names no hold"
+            return FenceKey.user(leg.hold_id)
+        return FenceKey.order_leg(self.order_id, leg.leg_no)
+
 
 def build_order(
     request: PaymentRequest,
@@ -469,9 +483,9 @@ def build_order(
         value = getattr(request, name)
         if not isinstance(value, str) or not value or len(value) > 128:
             raise InvalidRequest(f"{name} must be a non-empty string of at most 128 characters")
-    assert ":" not in order_id and ":" not in payment_serial, (
-        f"ids {order_id!r} / {payment_serial!r}: an IdSource must not use ':', which "
-        "separates refund, part and fence ids")
+    assert ":" not in payment_serial, (
+        f"payment serial {payment_serial!r}: an IdSource must not use ':', which separates a "
+        "refund id (made from the serial) from its part in journal entries")
     currency = check_unit(request.currency)
     total = check_amount(request.total_minor, "total_minor")
     window = policy.pay_window_ms if request.pay_window_ms is None else request.pay_window_ms
@@ -560,14 +574,11 @@ def _voucher_leg(
     if part.mode is LegMode.PRE_HELD:
         if not part.hold_id:
             raise InvalidRequest(f"voucher part {leg_no} is pre_held but names no hold_id")
-        hold_id = part.hold_id
-    else:
-        if part.hold_id is not None:
-            raise InvalidRequest(f"voucher part {leg_no}: hold_id is only for pre_held parts")
-        hold_id = f"{order_id}:{leg_no}"
+    elif part.hold_id is not None:
+        raise InvalidRequest(f"voucher part {leg_no}: hold_id is only for pre_held parts")
     if value <= 0:
         raise InvalidAmount(f"voucher part {leg_no} is worth nothing")
-    return Leg(leg_no, part.mode, part.account_id, amount, account.unit, value, hold_id)
+    return Leg(leg_no, part.mode, part.account_id, amount, account.unit, value, part.hold_id)
 
 
 # --------------------------------------------------------------------------- events
@@ -609,10 +620,10 @@ class VoucherOp(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class VoucherReply:
-    """A voucher account's answer to a Try, Confirm, Cancel or debit of one leg."""
+    """A voucher account's answer to a Try, Confirm, Cancel, debit or return of one leg."""
 
     leg_no: int
-    hold_id: str
+    fence: FenceKey
     op: VoucherOp
     ok: bool
     reason: str = ""
@@ -682,7 +693,7 @@ OrderEvent = (
 @dataclass(frozen=True, slots=True)
 class TryHold:
     account_id: str
-    hold_id: str
+    fence: FenceKey
     amount: int
     expires_at_ms: int
     leg_no: int
@@ -693,7 +704,7 @@ class TryHold:
 @dataclass(frozen=True, slots=True)
 class ConfirmHold:
     account_id: str
-    hold_id: str
+    fence: FenceKey
     leg_no: int
 
 
@@ -702,14 +713,14 @@ class CancelHold:
     """Void a hold, reverse a debit, or record an empty rollback; idempotent."""
 
     account_id: str
-    hold_id: str
+    fence: FenceKey
     leg_no: int
 
 
 @dataclass(frozen=True, slots=True)
 class DebitVoucher:
     account_id: str
-    hold_id: str
+    fence: FenceKey
     amount: int
     leg_no: int
 
@@ -763,8 +774,8 @@ class ReturnVoucher:
     """Give ``amount`` of spent value back to a voucher account (a refund's voucher part)."""
 
     account_id: str
-    hold_id: str
-    """The return's fence id, ``f"{refund_id}:{leg_no}"``."""
+    fence: FenceKey
+    """The return's fence, ``FenceKey.refund_return(refund_id, leg_no)``."""
     amount: int
     leg_no: int
 
@@ -959,14 +970,14 @@ def _activate(d: _Draft) -> str:
 def _reissue(d: _Draft, leg: Leg) -> None:
     order = d.order
     account = leg.account_id
-    if leg.status is LegStatus.TRYING and account is not None and leg.hold_id is not None:
+    if leg.status is LegStatus.TRYING and account is not None:
         d.effects.append(_try(order, leg))
-    elif leg.status is LegStatus.CONFIRMING and account is not None and leg.hold_id is not None:
-        d.effects.append(ConfirmHold(account, leg.hold_id, leg.leg_no))
-    elif leg.status in (LegStatus.CANCELLING, LegStatus.REVERSING) and account and leg.hold_id:
-        d.effects.append(CancelHold(account, leg.hold_id, leg.leg_no))
-    elif leg.status is LegStatus.DEBITING and account is not None and leg.hold_id is not None:
-        d.effects.append(DebitVoucher(account, leg.hold_id, leg.amount, leg.leg_no))
+    elif leg.status is LegStatus.CONFIRMING and account is not None:
+        d.effects.append(ConfirmHold(account, order.fence_of(leg), leg.leg_no))
+    elif leg.status in (LegStatus.CANCELLING, LegStatus.REVERSING) and account is not None:
+        d.effects.append(CancelHold(account, order.fence_of(leg), leg.leg_no))
+    elif leg.status is LegStatus.DEBITING and account is not None:
+        d.effects.append(DebitVoucher(account, order.fence_of(leg), leg.amount, leg.leg_no))
     elif leg.status is LegStatus.PAYING and leg.channel is not None:
         if order.is_terminal:  # closed: the channel close may never have left the process
             d.effects.append(CloseCash(leg.channel, order.payment_serial))
@@ -979,9 +990,9 @@ def _reissue(d: _Draft, leg: Leg) -> None:
 
 
 def _try(order: PaymentOrder, leg: Leg) -> TryHold:
-    assert leg.account_id is not None and leg.hold_id is not None
-    return TryHold(leg.account_id, leg.hold_id, leg.amount, order.hold_expires_at_ms, leg.leg_no,
-                   adopt_only=leg.mode is LegMode.PRE_HELD)
+    assert leg.account_id is not None
+    return TryHold(leg.account_id, order.fence_of(leg), leg.amount, order.hold_expires_at_ms,
+                   leg.leg_no, adopt_only=leg.mode is LegMode.PRE_HELD)
 
 
 def _pay(order: PaymentOrder, cash: Leg) -> PayCash:
@@ -1001,7 +1012,7 @@ def _advance_holds(d: _Draft) -> None:
         if leg.status is LegStatus.NEW and skip and leg.mode is LegMode.PRE_DEDUCT:
             d.set_leg(leg.leg_no, LegStatus.HELD, "planted bug: never tried")
         elif leg.status is LegStatus.NEW:
-            assert leg.account_id is not None and leg.hold_id is not None
+            assert leg.account_id is not None
             d.set_leg(leg.leg_no, LegStatus.TRYING, "try")
             d.effects.append(_try(d.order, leg))
     if all(leg.status is LegStatus.HELD for leg in d.legs(*HOLD_MODES)):
@@ -1042,8 +1053,8 @@ def _voucher_reply(d: _Draft, reply: VoucherReply) -> str:
     if reply.op is VoucherOp.RETURN:
         return _return_reply(d, reply)
     leg = d.order.leg(reply.leg_no)
-    if leg.hold_id != reply.hold_id:
-        return f"stale: reply for hold {reply.hold_id}, leg holds {leg.hold_id}"
+    if leg.is_cash or d.order.fence_of(leg) != reply.fence:
+        return f"stale: reply for {reply.fence!r}, leg {leg.leg_no} is not fenced so"
     expected = _EXPECTED_OP.get(leg.status)
     if expected is reply.op and not reply.ok and reply.retryable:
         return f"ignored: voucher system failed without deciding ({reply.reason}); will retry"
@@ -1105,29 +1116,30 @@ def _after_debit(d: _Draft) -> None:
 def _confirm_holds(d: _Draft) -> None:
     for leg in d.legs(*HOLD_MODES):
         assert leg.status is LegStatus.HELD, f"confirming leg {leg.leg_no} in {leg.status.value}"
-        assert leg.account_id is not None and leg.hold_id is not None
+        assert leg.account_id is not None
         d.set_leg(leg.leg_no, LegStatus.CONFIRMING, "payment succeeded")
-        d.effects.append(ConfirmHold(leg.account_id, leg.hold_id, leg.leg_no))
+        fence = d.order.fence_of(leg)
+        d.effects.append(ConfirmHold(leg.account_id, fence, leg.leg_no))
         if "confirm-twice" in d.policy.planted_bugs:
-            d.effects.append(ConfirmHold(leg.account_id, leg.hold_id, leg.leg_no))
+            d.effects.append(ConfirmHold(leg.account_id, fence, leg.leg_no))
 
 
 def _release_everything(d: _Draft, cause: str) -> None:
     """The payment did not go through: give every leg back (holds, debits, and the cash)."""
     for leg in d.order.legs:
-        account, hold = leg.account_id, leg.hold_id
-        if leg.status in (LegStatus.HELD, LegStatus.TRYING) and account and hold:
+        account = leg.account_id
+        if leg.status in (LegStatus.HELD, LegStatus.TRYING) and account is not None:
             d.set_leg(leg.leg_no, LegStatus.CANCELLING, cause)
-            d.effects.append(CancelHold(account, hold, leg.leg_no))
-        elif leg.status is LegStatus.DEBITED and account and hold:
+            d.effects.append(CancelHold(account, d.order.fence_of(leg), leg.leg_no))
+        elif leg.status is LegStatus.DEBITED and account is not None:
             d.set_leg(leg.leg_no, LegStatus.REVERSING, cause)
-            d.effects.append(CancelHold(account, hold, leg.leg_no))
+            d.effects.append(CancelHold(account, d.order.fence_of(leg), leg.leg_no))
         elif leg.status is LegStatus.NEW and leg.mode is LegMode.CASH:
             d.set_leg(leg.leg_no, LegStatus.UNPAID, cause)
-        elif leg.status is LegStatus.NEW and leg.mode is LegMode.PRE_HELD and account and hold:
+        elif leg.status is LegStatus.NEW and leg.mode is LegMode.PRE_HELD and account is not None:
             # the user's own pre-hold, never tried by this order: release it all the same
             d.set_leg(leg.leg_no, LegStatus.CANCELLING, cause)
-            d.effects.append(CancelHold(account, hold, leg.leg_no))
+            d.effects.append(CancelHold(account, d.order.fence_of(leg), leg.leg_no))
         elif leg.status is LegStatus.NEW:
             d.set_leg(leg.leg_no, LegStatus.CANCELLED, cause)
         elif leg.status is LegStatus.PAID:
@@ -1214,9 +1226,10 @@ def _cash_succeeded(d: _Draft, cause: str) -> None:
         return
     d.move(Trigger.CASH_SUCCEEDED_DEDUCT, cause)
     for leg in post:
-        assert leg.account_id is not None and leg.hold_id is not None
+        assert leg.account_id is not None
         d.set_leg(leg.leg_no, LegStatus.DEBITING, "cash paid")
-        d.effects.append(DebitVoucher(leg.account_id, leg.hold_id, leg.amount, leg.leg_no))
+        d.effects.append(DebitVoucher(leg.account_id, d.order.fence_of(leg), leg.amount,
+                                      leg.leg_no))
 
 
 def _cash_failure(d: _Draft, cash: Leg, result: CashResult) -> str:
@@ -1428,14 +1441,13 @@ def _give_up_on_vouchers(d: _Draft, *, returns: bool = True) -> None:
     for refund, leg_no in _returns_in_flight(d.order) if returns else ():
         _set_part(d, refund, leg_no, PartStatus.UNKNOWN, cause)
     for leg in d.order.legs:
-        account, hold = leg.account_id, leg.hold_id
         if leg.status is LegStatus.CONFIRMING:
             d.set_leg(leg.leg_no, LegStatus.CONFIRM_UNKNOWN, cause)
         elif leg.status in (LegStatus.CANCELLING, LegStatus.REVERSING):
             d.set_leg(leg.leg_no, LegStatus.RELEASE_UNKNOWN, cause)
-        elif leg.status is LegStatus.DEBITING and account and hold:
+        elif leg.status is LegStatus.DEBITING and leg.account_id is not None:
             d.set_leg(leg.leg_no, LegStatus.REVERSING, cause)
-            d.effects.append(CancelHold(account, hold, leg.leg_no))
+            d.effects.append(CancelHold(leg.account_id, d.order.fence_of(leg), leg.leg_no))
     if d.order.state is OrderState.ACCEPTED and any(
         leg.status is LegStatus.TRYING for leg in d.order.legs
     ):
@@ -1568,8 +1580,9 @@ def _resend_refund(d: _Draft, refund: Refund, *, cash: bool, vouchers: bool) -> 
             d.effects.append(RefundCash(leg.channel, order.payment_serial, refund.refund_id,
                                         part.amount, order.currency))
         elif not leg.is_cash and vouchers and leg.account_id is not None:
-            d.effects.append(ReturnVoucher(leg.account_id, f"{refund.refund_id}:{leg.leg_no}",
-                                           part.amount, leg.leg_no))
+            d.effects.append(ReturnVoucher(
+                leg.account_id, FenceKey.refund_return(refund.refund_id, leg.leg_no),
+                part.amount, leg.leg_no))
 
 
 def _set_part(d: _Draft, refund: Refund, leg_no: int, status: PartStatus, cause: str) -> Refund:
@@ -1642,13 +1655,14 @@ def _cash_part_result(d: _Draft, refund: Refund, cash: Leg, result: RefundResult
 
 
 def _return_reply(d: _Draft, reply: VoucherReply) -> str:
-    refund_id, _, leg_text = reply.hold_id.rpartition(":")
-    refund = d.order.refund(refund_id=refund_id)
+    fence = reply.fence
+    refund = (d.order.refund(refund_id=fence.owner) if fence.scope is FenceScope.REFUND
+              else None)
     part = None if refund is None else refund.part(reply.leg_no)
-    if refund is None or part is None or leg_text != str(reply.leg_no) or (
+    if refund is None or part is None or fence.leg != reply.leg_no or (
         d.order.leg(reply.leg_no).is_cash
     ):
-        return f"stale: no voucher return {reply.hold_id} on this order"
+        return f"stale: no voucher return {fence!r} on this order"
     if part.status not in (PartStatus.SENT, PartStatus.UNKNOWN):
         return f"duplicate: return reply, part is {part.status.value}"
     if not reply.ok and reply.retryable:

@@ -1,9 +1,14 @@
 """Voucher accounts with Try / Confirm / Cancel, as pure functions.
 
 Modelled on TigerBeetle's two-phase transfers (pending -> posted | voided | expired) and on
-Seata's TCC fence: every hold id has one fence row whose status makes Confirm and Cancel
+Seata's TCC fence: every fence key has one fence row whose status makes Confirm and Cancel
 idempotent, turns a Cancel that arrives before its Try into a recorded *empty rollback*, and
 refuses a Try that arrives after its Cancel (*hanging*).
+
+A fence is addressed by a structured ``FenceKey`` (scope, owner, leg), never by a string the
+engine builds and parses: a caller's pre-hold lives in scope ``user`` and the engine's own
+fences (an order leg's hold or debit, a refund's voucher return) in scopes ``order`` and
+``refund``, which no caller-chosen hold id can reach.
 
 A post-deduct leg uses a *debit*: a fence posted at once (no hold), reversible by its order.
 
@@ -11,7 +16,7 @@ Conservation, asserted after every operation::
 
     funded == available + held + spent,   available, held, spent >= 0
 
-Each function takes the account and the fence for the id (``None`` if none exists) and
+Each function takes the account and the fence for the key (``None`` if none exists) and
 returns the new account, the new fence and whether anything changed. They raise a
 ``PaymentError`` subclass, leaving both inputs untouched, when the operation is refused.
 """
@@ -31,6 +36,61 @@ from payengine.engine.errors import (
     UnknownHold,
 )
 from payengine.engine.money import AMOUNT_MAX, check_amount
+
+
+class FenceScope(enum.StrEnum):
+    """Whose fence it is: the namespace of its owner."""
+
+    USER = "user"
+    """A caller's pre-hold (``Engine.pre_hold``); owner is the caller's hold id, leg 0. An
+    order leg in ``PRE_HELD`` mode adopts it under this same key."""
+    ORDER = "order"
+    """An order leg's own hold or debit; owner is the order id, leg the leg number."""
+    REFUND = "refund"
+    """A refund's voucher return; owner is the refund id, leg the leg number."""
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class FenceKey:
+    """The address of one fence on an account. Immutable; safe on any thread.
+
+    Stored as three columns, so an owner may contain any character (':' included) and a
+    caller's hold id equal to an engine-made id still names another fence.
+    """
+
+    scope: FenceScope
+    owner: str
+    leg: int = 0
+
+    @staticmethod
+    def user(hold_id: str) -> FenceKey:
+        """The caller's pre-hold ``hold_id``: the only scope the public API addresses."""
+        return FenceKey(FenceScope.USER, hold_id, 0)
+
+    @staticmethod
+    def order_leg(order_id: str, leg_no: int) -> FenceKey:
+        """The hold or debit an order places for one of its own (not pre-held) legs."""
+        return FenceKey(FenceScope.ORDER, order_id, leg_no)
+
+    @staticmethod
+    def refund_return(refund_id: str, leg_no: int) -> FenceKey:
+        """The return of one voucher leg's part of a refund."""
+        return FenceKey(FenceScope.REFUND, refund_id, leg_no)
+
+    @property
+    def journal_part(self) -> str:
+        """How the account's journal names this fence: ``fence:<scope>:<leg>:<owner>``.
+
+        A label for people and logs; the engine never parses it (the owner comes last, so
+        even an owner with ':' in it reads unambiguously).
+        """
+        return f"fence:{self.scope.value}:{self.leg}:{self.owner}"
+
+    def __str__(self) -> str:
+        """For messages and logs only; never parsed."""
+        if self.scope is FenceScope.USER:
+            return self.owner
+        return f"{self.scope.value} {self.owner} leg {self.leg}"
 
 
 class FenceKind(enum.StrEnum):
@@ -99,9 +159,9 @@ class VoucherAccount:
 
 @dataclass(frozen=True, slots=True)
 class Fence:
-    """The one record of a hold (or debit) id on an account: Seata's fence row."""
+    """The one record of a fence key on an account: Seata's fence row."""
 
-    hold_id: str
+    key: FenceKey
     account_id: str
     kind: FenceKind
     status: FenceStatus
@@ -134,15 +194,21 @@ def fund(account: VoucherAccount, amount: int) -> VoucherAccount:
 
 def _assert_same_account(account: VoucherAccount, fence: Fence | None) -> None:
     assert fence is None or fence.account_id == account.account_id, (
-        f"fence {fence.hold_id} belongs to {fence.account_id}, not {account.account_id}"
+        f"fence {fence.key} belongs to {fence.account_id}, not {account.account_id}"
     )
+
+
+def _assert_fence_of(account: VoucherAccount, fence: Fence | None, key: FenceKey) -> None:
+    """The caller looked the fence up by ``key`` on this account: anything else is a bug."""
+    _assert_same_account(account, fence)
+    assert fence is None or fence.key == key, f"fence {fence.key!r} given for {key!r}"
 
 
 def try_hold(
     account: VoucherAccount,
     fence: Fence | None,
     *,
-    hold_id: str,
+    key: FenceKey,
     amount: int,
     order_id: str | None,
     expires_at_ms: int,
@@ -157,15 +223,15 @@ def try_hold(
     With ``adopt_only`` the hold must exist already: an order naming a pre-hold that is not
     there gets ``UnknownHold``, not a fresh hold under that id.
     """
-    _assert_same_account(account, fence)
+    _assert_fence_of(account, fence, key)
     check_amount(amount)
     if fence is not None and fence.status is FenceStatus.PENDING and _due(fence, now_ms):
-        raise HoldRefused(f"hold {hold_id} expired at {fence.expires_at_ms}; it cannot be reused")
+        raise HoldRefused(f"hold {key} expired at {fence.expires_at_ms}; it cannot be reused")
     if fence is None and adopt_only:
-        raise UnknownHold(f"no pre-hold {hold_id} on account {account.account_id}")
+        raise UnknownHold(f"no pre-hold {key} on account {account.account_id}")
     if fence is None:
         if expires_at_ms <= now_ms:
-            raise HoldRefused(f"hold {hold_id} would expire at once ({expires_at_ms} <= {now_ms})")
+            raise HoldRefused(f"hold {key} would expire at once ({expires_at_ms} <= {now_ms})")
         if amount > account.available:
             raise InsufficientBalance(
                 f"account {account.account_id} has {account.available} {account.unit} "
@@ -175,7 +241,7 @@ def try_hold(
             account, available=account.available - amount, held=account.held + amount
         ).check()
         new_fence = Fence(
-            hold_id, account.account_id, FenceKind.HOLD, FenceStatus.PENDING, amount,
+            key, account.account_id, FenceKind.HOLD, FenceStatus.PENDING, amount,
             order_id, expires_at_ms, now_ms,
         )
         return Outcome(new_account, new_fence, True)
@@ -187,15 +253,15 @@ def try_hold(
         ):
             return Outcome(account, fence, False)
         raise HoldRefused(
-            f"hold {hold_id} on {account.account_id} is {fence.status.value}: a Try after "
+            f"hold {key} on {account.account_id} is {fence.status.value}: a Try after "
             "its Cancel or expiry is refused"
         )
     if fence.amount != amount:
         raise IdempotencyConflict(
-            f"hold {hold_id} holds {fence.amount} {account.unit}, a Try for {amount} came again"
+            f"hold {key} holds {fence.amount} {account.unit}, a Try for {amount} came again"
         )
     if fence.order_id is not None and order_id is not None and fence.order_id != order_id:
-        raise HoldRefused(f"hold {hold_id} is bound to order {fence.order_id}, not {order_id}")
+        raise HoldRefused(f"hold {key} is bound to order {fence.order_id}, not {order_id}")
     bound = fence.order_id if fence.order_id is not None else order_id
     new_expiry = max(fence.expires_at_ms or 0, expires_at_ms)
     if bound == fence.order_id and new_expiry == fence.expires_at_ms:
@@ -206,21 +272,21 @@ def try_hold(
     )
 
 
-def confirm(account: VoucherAccount, fence: Fence | None, *, hold_id: str, now_ms: int) -> Outcome:
+def confirm(account: VoucherAccount, fence: Fence | None, *, key: FenceKey, now_ms: int) -> Outcome:
     """Confirm: post a pending hold (held -> spent). Idempotent on a posted hold.
 
     A hold whose expiry has passed is refused (``HoldNotPending``), as TigerBeetle refuses to
     post an expired pending transfer; the caller expires it with ``expire_if_due``.
     """
-    _assert_same_account(account, fence)
+    _assert_fence_of(account, fence, key)
     if fence is None or fence.kind is not FenceKind.HOLD:
-        raise UnknownHold(f"no hold {hold_id} on account {account.account_id}")
+        raise UnknownHold(f"no hold {key} on account {account.account_id}")
     if fence.status is FenceStatus.POSTED:
         return Outcome(account, fence, False)
     if fence.status is FenceStatus.PENDING and _due(fence, now_ms):
-        raise HoldNotPending(f"hold {hold_id} expired at {fence.expires_at_ms}, before Confirm")
+        raise HoldNotPending(f"hold {key} expired at {fence.expires_at_ms}, before Confirm")
     if fence.status is not FenceStatus.PENDING:
-        raise HoldNotPending(f"hold {hold_id} is {fence.status.value}; it cannot be confirmed")
+        raise HoldNotPending(f"hold {key} is {fence.status.value}; it cannot be confirmed")
     new_account = replace(
         account, held=account.held - fence.amount, spent=account.spent + fence.amount
     ).check()
@@ -233,7 +299,7 @@ def cancel(
     account: VoucherAccount,
     fence: Fence | None,
     *,
-    hold_id: str,
+    key: FenceKey,
     order_id: str | None,
     now_ms: int,
 ) -> Outcome:
@@ -244,10 +310,10 @@ def cancel(
     only the refund path may give it back. A pending hold bound to another order than
     ``order_id`` is refused (``HoldRefused``): only its own order may void it.
     """
-    _assert_same_account(account, fence)
+    _assert_fence_of(account, fence, key)
     if fence is None:
         empty = Fence(
-            hold_id, account.account_id, FenceKind.EMPTY, FenceStatus.EMPTY_ROLLBACK, 0,
+            key, account.account_id, FenceKind.EMPTY, FenceStatus.EMPTY_ROLLBACK, 0,
             order_id, None, now_ms,
         )
         return Outcome(account, empty, True)
@@ -256,7 +322,7 @@ def cancel(
     if fence.status is FenceStatus.PENDING:
         if fence.order_id is not None and order_id is not None and fence.order_id != order_id:
             # two orders named one pre-hold: the one that did not adopt it may not void it
-            raise HoldRefused(f"hold {hold_id} is bound to order {fence.order_id}, not {order_id}")
+            raise HoldRefused(f"hold {key} is bound to order {fence.order_id}, not {order_id}")
         new_account = replace(
             account, held=account.held - fence.amount, available=account.available + fence.amount
         ).check()
@@ -265,7 +331,7 @@ def cancel(
         )
     assert fence.status is FenceStatus.POSTED
     if fence.kind is FenceKind.HOLD:
-        raise HoldNotPending(f"hold {hold_id} was confirmed; only a refund can give it back")
+        raise HoldNotPending(f"hold {key} was confirmed; only a refund can give it back")
     new_account = replace(
         account, spent=account.spent - fence.amount, available=account.available + fence.amount
     ).check()
@@ -278,29 +344,29 @@ def debit(
     account: VoucherAccount,
     fence: Fence | None,
     *,
-    hold_id: str,
+    key: FenceKey,
     amount: int,
     order_id: str,
     now_ms: int,
 ) -> Outcome:
-    """Post-deduct: move ``amount`` from available to spent at once, idempotent by ``hold_id``.
+    """Post-deduct: move ``amount`` from available to spent at once, idempotent by ``key``.
 
     A shortfall is recorded as a REFUSED fence (and reported by ``Outcome.fence.status``) so
     that a retried debit gets the same answer even if the account was topped up meanwhile.
     """
-    _assert_same_account(account, fence)
+    _assert_fence_of(account, fence, key)
     check_amount(amount)
     if fence is not None:
         if fence.kind is FenceKind.DEBIT and fence.amount != amount:
-            raise IdempotencyConflict(f"debit {hold_id} was for {fence.amount}, not {amount}")
+            raise IdempotencyConflict(f"debit {key} was for {fence.amount}, not {amount}")
         if fence.kind is FenceKind.DEBIT and fence.status in (
             FenceStatus.POSTED, FenceStatus.REFUSED
         ):
             return Outcome(account, fence, False)
-        raise HoldRefused(f"debit {hold_id} is {fence.status.value}; it cannot be taken again")
+        raise HoldRefused(f"debit {key} is {fence.status.value}; it cannot be taken again")
     if amount > account.available:
         refused = Fence(
-            hold_id, account.account_id, FenceKind.DEBIT, FenceStatus.REFUSED, amount,
+            key, account.account_id, FenceKind.DEBIT, FenceStatus.REFUSED, amount,
             order_id, None, now_ms,
         )
         return Outcome(account, refused, True)
@@ -308,7 +374,7 @@ def debit(
         account, available=account.available - amount, spent=account.spent + amount
     ).check()
     posted = Fence(
-        hold_id, account.account_id, FenceKind.DEBIT, FenceStatus.POSTED, amount, order_id,
+        key, account.account_id, FenceKind.DEBIT, FenceStatus.POSTED, amount, order_id,
         None, now_ms,
     )
     return Outcome(new_account, posted, True)
@@ -318,22 +384,22 @@ def give_back(
     account: VoucherAccount,
     fence: Fence | None,
     *,
-    return_id: str,
+    key: FenceKey,
     amount: int,
     order_id: str,
     now_ms: int,
 ) -> Outcome:
-    """Refund: move ``amount`` from spent back to available, idempotent by ``return_id``.
+    """Refund: move ``amount`` from spent back to available, idempotent by ``key``.
 
     The order decides how much of what it spent may come back; the account only refuses to
     give back more than it has spent in all (``HoldRefused``), which no correct order asks.
     """
-    _assert_same_account(account, fence)
+    _assert_fence_of(account, fence, key)
     check_amount(amount)
     if fence is not None:
         if fence.kind is FenceKind.RETURN and (fence.amount, fence.order_id) == (amount, order_id):
             return Outcome(account, fence, False)
-        raise IdempotencyConflict(f"return {return_id} was {fence.kind.value} of {fence.amount} "
+        raise IdempotencyConflict(f"return {key} was {fence.kind.value} of {fence.amount} "
                                   f"for {fence.order_id}, not a return of {amount}")
     if amount > account.spent:
         raise HoldRefused(f"account {account.account_id} has spent {account.spent} "
@@ -341,7 +407,7 @@ def give_back(
     new_account = replace(
         account, spent=account.spent - amount, available=account.available + amount
     ).check()
-    posted = Fence(return_id, account.account_id, FenceKind.RETURN, FenceStatus.POSTED, amount,
+    posted = Fence(key, account.account_id, FenceKind.RETURN, FenceStatus.POSTED, amount,
                    order_id, None, now_ms)
     return Outcome(new_account, posted, True)
 

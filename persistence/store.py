@@ -51,10 +51,19 @@ from payengine.engine.order import (
     RefundStatus,
     Transition,
 )
-from payengine.engine.voucher import Fence, FenceKind, FenceStatus, VoucherAccount
+from payengine.engine.voucher import (
+    Fence,
+    FenceKey,
+    FenceKind,
+    FenceScope,
+    FenceStatus,
+    VoucherAccount,
+)
 from payengine.persistence import outbox, statements
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""Bumped whenever a table changes shape; a file of another version is refused at open
+(``IncompatibleDatabase``). 2: fences keyed by (account, scope, owner, leg), not a hold id."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,23 +300,21 @@ class Store:
                 {"funding_id": str, "account_id": str, "amount": int, "at_ms": int},
                 pk="funding_id", if_not_exists=True,
             )
+            # One row per fence, keyed by its structured FenceKey: a caller's hold id lives in
+            # scope 'user' and can never name an order's or a refund's fence.
             db.table("holds").create(
-                {"account_id": str, "hold_id": str, "kind": str, "status": str, "amount": int,
-                 "order_id": str, "expires_at_ms": int, "updated_at_ms": int},
-                pk=("account_id", "hold_id"), if_not_exists=True,
+                {"account_id": str, "scope": str, "owner": str, "leg": int, "kind": str,
+                 "status": str, "amount": int, "order_id": str, "expires_at_ms": int,
+                 "updated_at_ms": int},
+                pk=("account_id", "scope", "owner", "leg"),
+                not_null={"scope", "owner", "leg", "kind", "status", "amount"},
+                if_not_exists=True,
             )
             db.table("journal").create(
                 {"seq": int, "at_ms": int, "entity_kind": str, "entity_id": str, "part": str,
                  "from_state": str, "to_state": str, "cause": str},
                 pk="seq", if_not_exists=True,
             )
-            orders = db.table("payment_orders")
-            for column in ("voucher_attempt", "next_voucher_retry_at_ms"):
-                if column not in orders.columns_dict:  # a database from before this column
-                    orders.add_column(column, int)
-            if orders.columns_dict and "voucher_attempt" in orders.columns_dict:
-                self._conn.execute(
-                    "UPDATE payment_orders SET voucher_attempt = 0 WHERE voucher_attempt IS NULL")
             db.table("meta").create({"key": str, "value": str}, pk="key", if_not_exists=True)
             db.table("meta").insert({"key": "schema_version", "value": str(SCHEMA_VERSION)},
                               ignore=True)
@@ -544,11 +551,11 @@ class Store:
                 f" WHERE account_id IN ({marks})", ids).fetchall()
         return {r[0]: AccountUnit(r[1], r[2]) for r in rows}
 
-    def load_fence(self, account_id: str, hold_id: str) -> Fence | None:
+    def load_fence(self, account_id: str, key: FenceKey) -> Fence | None:
         with self._read(snapshot=False) as conn:
             row = conn.execute(f"SELECT {_FENCE_COLUMNS} FROM holds"
-                               " WHERE account_id = ? AND hold_id = ?",
-                               (account_id, hold_id)).fetchone()
+                               " WHERE account_id = ? AND scope = ? AND owner = ? AND leg = ?",
+                               (account_id, key.scope.value, key.owner, key.leg)).fetchone()
         return None if row is None else _fence_from_row(row)
 
     def pending_holds(self, account_id: str) -> list[Fence]:
@@ -584,13 +591,14 @@ class Store:
             )
             assert cur.rowcount == 1, f"account {after.account_id}: balances changed underneath"
             conn.executemany(
-                "INSERT INTO holds (account_id, hold_id, kind, status, amount, order_id,"
-                " expires_at_ms, updated_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (account_id, hold_id) DO UPDATE SET status = excluded.status,"
-                " order_id = excluded.order_id, expires_at_ms = excluded.expires_at_ms,"
-                " updated_at_ms = excluded.updated_at_ms",
-                [(f.account_id, f.hold_id, f.kind.value, f.status.value, f.amount, f.order_id,
-                  f.expires_at_ms, f.updated_at_ms) for f in fences],
+                "INSERT INTO holds (account_id, scope, owner, leg, kind, status, amount, order_id,"
+                " expires_at_ms, updated_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (account_id, scope, owner, leg) DO UPDATE SET"
+                " status = excluded.status, order_id = excluded.order_id,"
+                " expires_at_ms = excluded.expires_at_ms, updated_at_ms = excluded.updated_at_ms",
+                [(f.account_id, f.key.scope.value, f.key.owner, f.key.leg, f.kind.value,
+                  f.status.value, f.amount, f.order_id, f.expires_at_ms, f.updated_at_ms)
+                 for f in fences],
             )
             if funding is not None:
                 conn.execute("INSERT INTO fundings (funding_id, account_id, amount, at_ms)"
@@ -614,19 +622,20 @@ class Store:
         resumed, so their expiry is moved to ``now + grace`` first. Returns how many.
         """
         with self._tx() as conn:
+            # A pending fence bound to an order is one of that order's legs: its own fence
+            # (scope 'order') or the user's pre-hold a leg adopted (scope 'user').
             rows = conn.execute(
-                "SELECT h.account_id, h.hold_id, h.expires_at_ms FROM holds h"
+                "SELECT h.account_id, h.scope, h.owner, h.leg, h.expires_at_ms FROM holds h"
                 " JOIN payment_orders o ON o.order_id = h.order_id"
-                " JOIN legs l ON l.order_id = h.order_id AND l.hold_id = h.hold_id"
-                " AND l.account_id = h.account_id"
                 " WHERE h.status = 'pending' AND o.settled = 0"
                 " AND h.expires_at_ms < ?", (now_ms + grace_ms,)).fetchall()
-            for account_id, hold_id, old in rows:
+            for account_id, scope, owner, leg, old in rows:
+                key = FenceKey(FenceScope(scope), str(owner), int(leg))
                 conn.execute("UPDATE holds SET expires_at_ms = ?, updated_at_ms = ?"
-                             " WHERE account_id = ? AND hold_id = ?",
-                             (now_ms + grace_ms, now_ms, account_id, hold_id))
+                             " WHERE account_id = ? AND scope = ? AND owner = ? AND leg = ?",
+                             (now_ms + grace_ms, now_ms, account_id, scope, owner, leg))
                 self._journal(conn, now_ms, "account", account_id, [Transition(
-                    f"hold:{hold_id}", "pending", "pending",
+                    key.journal_part, "pending", "pending",
                     f"expiry {old} extended at open: its order has not decided yet")])
         return len(rows)
 
@@ -666,7 +675,8 @@ class Store:
                 "SELECT account_id, unit, minor_per_unit, funded, available, held, spent"
                 " FROM voucher_accounts ORDER BY account_id").fetchall()]
             fences: dict[str, list[Fence]] = {a.account_id: [] for a in accounts}
-            for row in conn.execute(f"SELECT {_FENCE_COLUMNS} FROM holds ORDER BY hold_id"):
+            for row in conn.execute(f"SELECT {_FENCE_COLUMNS} FROM holds"
+                                    " ORDER BY scope, owner, leg"):
                 fence = _fence_from_row(row)
                 fences.setdefault(fence.account_id, []).append(fence)
         return [(a, fences[a.account_id]) for a in accounts]
@@ -674,7 +684,7 @@ class Store:
     def fences_of(self, account_id: str) -> list[Fence]:
         with self._read(snapshot=False) as conn:
             rows = conn.execute(f"SELECT {_FENCE_COLUMNS} FROM holds WHERE account_id = ?"
-                                " ORDER BY hold_id", (account_id,)).fetchall()
+                                " ORDER BY scope, owner, leg", (account_id,)).fetchall()
         return [_fence_from_row(r) for r in rows]
 
 
@@ -708,7 +718,8 @@ _LEG_COLUMNS = (
 _INSERT_LEG = (
     f"INSERT INTO legs (order_id, {_LEG_COLUMNS}) VALUES (" + ",".join("?" * 13) + ")"
 )
-_FENCE_COLUMNS = "hold_id, account_id, kind, status, amount, order_id, expires_at_ms, updated_at_ms"
+_FENCE_COLUMNS = ("scope, owner, leg, account_id, kind, status, amount, order_id, expires_at_ms,"
+                  " updated_at_ms")
 
 
 _INSERT_ENTRY = (
@@ -812,10 +823,10 @@ def _leg_from_row(r: Sequence[Any]) -> Leg:
 
 
 def _fence_from_row(r: Sequence[Any]) -> Fence:
-    hold_id, account_id, kind, status, amount, order_id, expires, updated = r
+    scope, owner, leg, account_id, kind, status, amount, order_id, expires, updated = r
     return Fence(
-        hold_id=str(hold_id), account_id=str(account_id), kind=FenceKind(kind),
-        status=FenceStatus(status), amount=int(amount),
+        key=FenceKey(FenceScope(scope), str(owner), int(leg)), account_id=str(account_id),
+        kind=FenceKind(kind), status=FenceStatus(status), amount=int(amount),
         order_id=None if order_id is None else str(order_id),
         expires_at_ms=None if expires is None else int(expires),
         updated_at_ms=int(updated),

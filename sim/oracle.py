@@ -3,8 +3,9 @@
 Checked (each failure is one ``Violation`` naming the order or account):
 
 - vouchers: no balance negative; funded = available + held + spent; held equals the sum of
-  pending holds and spent the sum of posted ones (so no hold was posted twice); with
-  ``now_ms``, no hold still pending past its expiry;
+  pending holds and spent the sum of posted ones (so no hold was posted twice); every fence
+  in the scope of what it is (a return in a refund's, a debit in its order's, a hold in its
+  order's or the user's); with ``now_ms``, no hold still pending past its expiry;
 - orders: a succeeded order's cash was really charged once and kept, and every voucher leg
   spent; any other order has nothing charged (net of refunds) and nothing spent, unless its
   cash leg is explicitly awaiting reconciliation (reported apart, not as a violation);
@@ -32,7 +33,7 @@ from payengine.engine.order import (
     RefundKind,
     RefundStatus,
 )
-from payengine.engine.voucher import Fence, FenceKind, FenceStatus
+from payengine.engine.voucher import Fence, FenceKey, FenceKind, FenceScope, FenceStatus
 from payengine.persistence.store import Store
 
 RECONCILIATION_LEG_STATUSES = frozenset(
@@ -111,15 +112,18 @@ def _check_accounts(store: Store, report: OracleReport, now_ms: int | None) -> N
             v.append(Violation("voucher-spent-matches-posted", subject,
                                f"spent {account.spent}, posted holds less returns {posted}"))
         for f in fences:
+            if not _in_its_scope(f):
+                v.append(Violation("fence-in-its-scope", subject,
+                                   f"{f.kind.value} fence {f.key!r} for order {f.order_id}"))
             if f.kind is FenceKind.RETURN and not _return_owned(store, f):
                 v.append(Violation("voucher-return-has-a-refund", subject,
-                                   f"return {f.hold_id} of {f.amount} names no refund part of "
+                                   f"return {f.key} of {f.amount} names no refund part of "
                                    f"order {f.order_id}"))
         if now_ms is not None:
             for f in fences:
                 if f.status is FenceStatus.PENDING and (f.expires_at_ms or 0) < now_ms:
                     v.append(Violation("hold-pending-past-expiry", subject,
-                                       f"hold {f.hold_id} expired at {f.expires_at_ms}"))
+                                       f"hold {f.key} expired at {f.expires_at_ms}"))
 
 
 def _check_order(store: Store, order: PaymentOrder, channels: Mapping[str, GroundTruth],
@@ -147,11 +151,11 @@ def _check_order(store: Store, order: PaymentOrder, channels: Mapping[str, Groun
                                f"state {order.state.value}, cash leg {cash.status.value}: "
                                f"channel holds {charged}, expected {expected}"))
     for leg in order.legs:
-        if leg.mode is LegMode.CASH or leg.account_id is None or leg.hold_id is None:
+        if leg.mode is LegMode.CASH or leg.account_id is None:
             continue
         if leg.status in (LegStatus.CONFIRM_UNKNOWN, LegStatus.RELEASE_UNKNOWN):
             continue  # the voucher system never answered: flagged, not guessed
-        fence = store.load_fence(leg.account_id, leg.hold_id)
+        fence = store.load_fence(leg.account_id, order.fence_of(leg))
         if fence is not None and fence.order_id not in (None, order.order_id):
             fence = None  # a pre-hold another order adopted: not this order's money
         spent = fence is not None and fence.status is FenceStatus.POSTED
@@ -212,12 +216,27 @@ def _check_refunds(order: PaymentOrder, channels: Mapping[str, GroundTruth],
                     f"channel gave back {given}"))
 
 
+def _in_its_scope(fence: Fence) -> bool:
+    """Only a refund makes returns; only an order debits; a hold is an order leg's own or a
+    user's pre-hold; an order's own fence is bound to that order."""
+    scope = fence.key.scope
+    if scope is FenceScope.ORDER and fence.order_id != fence.key.owner:
+        return False
+    if fence.kind is FenceKind.RETURN:
+        return scope is FenceScope.REFUND
+    if fence.kind is FenceKind.DEBIT:
+        return scope is FenceScope.ORDER
+    return scope in (FenceScope.USER, FenceScope.ORDER)
+
+
 def _return_owned(store: Store, fence: Fence) -> bool:
-    """A return fence is ``<refund_id>:<leg_no>`` of a part its order sent or finished."""
+    """A return fence is ``FenceKey.refund_return(refund_id, leg_no)`` of a part its order
+    sent or finished."""
     order = None if fence.order_id is None else store.load_order(fence.order_id)
-    refund_id, _, leg_text = fence.hold_id.rpartition(":")
-    refund = None if order is None else order.refund(refund_id=refund_id)
-    part = None if refund is None or not leg_text.isdigit() else refund.part(int(leg_text))
+    key = fence.key
+    refund = (None if order is None or key.scope is not FenceScope.REFUND
+              else order.refund(refund_id=key.owner))
+    part = None if refund is None else refund.part(key.leg)
     return part is not None and part.amount == fence.amount and part.status in (
         PartStatus.DONE, PartStatus.SENT, PartStatus.UNKNOWN)
 
@@ -232,7 +251,8 @@ def _check_returns(store: Store, order: PaymentOrder, report: OracleReport) -> N
             leg = order.leg(part.leg_no)
             if leg.is_cash or leg.account_id is None:
                 continue
-            fence = store.load_fence(leg.account_id, f"{refund.refund_id}:{leg.leg_no}")
+            fence = store.load_fence(leg.account_id,
+                                     FenceKey.refund_return(refund.refund_id, leg.leg_no))
             returned = 0 if fence is None or fence.kind is not FenceKind.RETURN else fence.amount
             subject = f"order {order.order_id}"
             if part.status is PartStatus.DONE and returned != part.amount:

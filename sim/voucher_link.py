@@ -4,7 +4,7 @@ Requests and replies travel as world events (a crash of the engine does not reca
 request already on the wire), after a seeded delay; either may be lost; a voucher system
 may fail without deciding (a retryable error). The order actors must still never lose a
 voucher nor spend one twice: they re-send on their retry schedule, and every command is
-idempotent by hold id.
+idempotent by its fence key.
 """
 
 from __future__ import annotations
@@ -18,11 +18,19 @@ from typing import Any
 from payengine.actors.directory import Directory, Key
 from payengine.actors.messages import FromOrder
 from payengine.engine.errors import EngineClosed
-from payengine.engine.order import CancelHold, ConfirmHold, DebitVoucher, TryHold, VoucherOp, VoucherReply
+from payengine.engine.order import (
+    CancelHold,
+    ConfirmHold,
+    DebitVoucher,
+    ReturnVoucher,
+    TryHold,
+    VoucherOp,
+    VoucherReply,
+)
 from payengine.sim.channel import World
 
 _OPS = {TryHold: VoucherOp.TRY, ConfirmHold: VoucherOp.CONFIRM, CancelHold: VoucherOp.CANCEL,
-        DebitVoucher: VoucherOp.DEBIT}
+        DebitVoucher: VoucherOp.DEBIT, ReturnVoucher: VoucherOp.RETURN}
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,7 @@ class LossyVoucherLink:
             return
         if self._chance(f.unavailable, "voucher_unavailable"):
             effect = command.effect
-            failed = VoucherReply(effect.leg_no, effect.hold_id, _OPS[type(effect)], False,
+            failed = VoucherReply(effect.leg_no, effect.fence, _OPS[type(effect)], False,
                                   "voucher system unavailable", retryable=True)
             self._send(("order", command.order_id), failed, f)
             return

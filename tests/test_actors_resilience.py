@@ -23,14 +23,14 @@ class DropFirstConfirm(DirectVoucherLink):
         self.dropped: list[str] = []
 
     def request(self, account_id: str, command: FromOrder) -> None:
-        key = f"confirm:{command.effect.hold_id}"
+        key = f"confirm:{command.effect.fence!r}"
         if isinstance(command.effect, ConfirmHold) and key not in self.dropped:
             self.dropped.append(key)
             return
         super().request(account_id, command)
 
     def reply(self, order_id: str, reply: VoucherReply) -> None:
-        key = f"{reply.op.value}-reply:{reply.hold_id}"
+        key = f"{reply.op.value}-reply:{reply.fence!r}"
         if reply.op.value == "try" and key not in self.dropped:
             self.dropped.append(key)
             return

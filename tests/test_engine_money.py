@@ -22,6 +22,7 @@ from payengine.engine.order import (
     VoucherPart,
     build_order,
 )
+from payengine.engine.voucher import FenceKey
 
 FAST = settings(max_examples=200, deadline=None)
 POLICY = OrderPolicy()
@@ -212,7 +213,10 @@ def test_the_combined_payment_of_the_seeds_builds_four_legs_in_accepted() -> Non
         (2, LegMode.POST_DEDUCT, 20, "POINTS", 200),
         (3, LegMode.PRE_HELD, 100, "CNY", 100),
     ]
-    assert [leg.hold_id for leg in order.legs] == [None, "o1:1", "o1:2", "pre-1"]
+    # only the pre-held leg names a caller's hold; the others are fenced in the order's scope
+    assert [leg.hold_id for leg in order.legs] == [None, None, None, "pre-1"]
+    assert [order.fence_of(leg) for leg in order.legs[1:]] == [
+        FenceKey.order_leg("o1", 1), FenceKey.order_leg("o1", 2), FenceKey.user("pre-1")]
     assert all(leg.status is LegStatus.NEW for leg in order.legs)
     assert order.cash_leg is not None and order.cash_leg.channel == "wechat"
     assert order.close_at_ms == T0 + POLICY.pay_window_ms

@@ -69,12 +69,16 @@ from payengine.engine.order import (
     decide,
     next_state,
 )
+from payengine.engine.voucher import FenceKey
 
 S = OrderState
 L = LegStatus
 POLICY = OrderPolicy()
 T0 = 1_700_000_000_000
 SECOND = 1_000
+PRE_1 = FenceKey.user("pre-1")
+O1_LEG1, O1_LEG2, O1_LEG3 = (FenceKey.order_leg("o1", leg_no) for leg_no in (1, 2, 3))
+"""The fences order o1 places for its own legs (its pre-held leg adopts PRE_1 instead)."""
 CLOSE_AT = T0 + POLICY.pay_window_ms
 
 ACCOUNTS = {
@@ -203,7 +207,7 @@ def check_effects(
         match effect:
             case TryHold() | ConfirmHold() | CancelHold() | DebitVoucher():
                 leg = order.leg(effect.leg_no)
-                assert (effect.account_id, effect.hold_id) == (leg.account_id, leg.hold_id)
+                assert (effect.account_id, effect.fence) == (leg.account_id, order.fence_of(leg))
                 expected = {
                     TryHold: {L.TRYING},
                     ConfirmHold: {L.CONFIRMING},
@@ -449,7 +453,7 @@ class Run:
         decision = self(Activate())
         for effect in decision.effects:
             if isinstance(effect, TryHold):
-                self(VoucherReply(effect.leg_no, effect.hold_id, VoucherOp.TRY, True))
+                self(VoucherReply(effect.leg_no, effect.fence, VoucherOp.TRY, True))
 
 
 def success(amount: int | None = None, source: ResultSource = ResultSource.CALLBACK) -> CashResult:
@@ -522,8 +526,8 @@ def test_a_close_before_the_callback_cancels_the_holds_and_a_later_success_is_re
     assert closed.effects == (
         CloseCash("wechat", "serial-o1"),
         ArmTimer(TimerKind.QUERY, T0 + 61 * SECOND, 0),
-        CancelHold("redpacket", "o1:1", 1),
-        CancelHold("points", "o1:2", 2),
+        CancelHold("redpacket", O1_LEG1, 1),
+        CancelHold("points", O1_LEG2, 2),
         retry_timer(T0 + 61 * SECOND),  # the Cancels are asked again if unanswered
     )
     assert [run.status(n) for n in (0, 1, 2)] == [L.PAYING, L.CANCELLING, L.CANCELLING]
@@ -536,9 +540,9 @@ def test_a_close_before_the_callback_cancels_the_holds_and_a_later_success_is_re
         ArmTimer(TimerKind.REFUND_QUERY, T0 + 63 * SECOND, 0),
     )
     run(RefundResult("serial-o1-R1", ResultKind.SUCCESS, ResultSource.CALLBACK, "SUCCESS"))
-    run(VoucherReply(1, "o1:1", VoucherOp.CANCEL, True))
+    run(VoucherReply(1, O1_LEG1, VoucherOp.CANCEL, True))
     assert not run.order.is_settled
-    run(VoucherReply(2, "o1:2", VoucherOp.CANCEL, True))
+    run(VoucherReply(2, O1_LEG2, VoucherOp.CANCEL, True))
     assert [run.status(n) for n in (0, 1, 2)] == [L.REFUNDED, L.CANCELLED, L.CANCELLED]
     assert run.order.is_settled
     assert run.order.next_voucher_retry_at_ms is None  # nothing left to ask again
@@ -566,11 +570,11 @@ def test_a_close_before_activation_releases_only_the_users_own_pre_hold() -> Non
     assert run.order.state is S.CLOSED
     # nothing was tried, so nothing is cancelled, except the hold the user placed before
     # submitting: it must not stay locked until it expires
-    assert decision.effects == (CancelHold("credit", "pre-1", 3), retry_timer(T0 + SECOND))
+    assert decision.effects == (CancelHold("credit", PRE_1, 3), retry_timer(T0 + SECOND))
     assert [run.status(n) for n in range(4)] == [L.UNPAID, L.CANCELLED, L.CANCELLED,
                                                   L.CANCELLING]
     assert not run.order.is_settled
-    run(VoucherReply(3, "pre-1", VoucherOp.CANCEL, True))
+    run(VoucherReply(3, PRE_1, VoucherOp.CANCEL, True))
     assert run.status(3) is L.CANCELLED
     assert run.order.is_settled
 
@@ -663,7 +667,7 @@ def test_an_order_awaiting_reconciliation_succeeds_on_a_late_success() -> None:
     decision = run(success(9_000, ResultSource.RECONCILIATION))
     assert run.order.state is S.SUCCEEDED
     assert decision.effects == (
-        ConfirmHold("redpacket", "o1:1", 1), ConfirmHold("points", "o1:2", 2),
+        ConfirmHold("redpacket", O1_LEG1, 1), ConfirmHold("points", O1_LEG2, 2),
         retry_timer(run.now + SECOND),
     )
 
@@ -676,14 +680,14 @@ def test_an_order_awaiting_reconciliation_is_closed_by_its_close_timer_and_queri
     assert run.order.state is S.CLOSED
     assert decision.effects == (
         CloseCash("wechat", "serial-o1"), ArmTimer(TimerKind.QUERY, CLOSE_AT + SECOND, 0),
-        CancelHold("redpacket", "o1:1", 1), CancelHold("points", "o1:2", 2),
+        CancelHold("redpacket", O1_LEG1, 1), CancelHold("points", O1_LEG2, 2),
         retry_timer(CLOSE_AT + SECOND),
     )
     # the queries after the close also run out: the charge is then unknown, for reconciliation
     _exhaust_queries(run)
     assert run.status(0) is L.UNKNOWN
-    run(VoucherReply(1, "o1:1", VoucherOp.CANCEL, True))
-    run(VoucherReply(2, "o1:2", VoucherOp.CANCEL, True))
+    run(VoucherReply(1, O1_LEG1, VoucherOp.CANCEL, True))
+    run(VoucherReply(2, O1_LEG2, VoucherOp.CANCEL, True))
     assert run.order.is_settled
     # the reconciliation file then says it was paid: refund by the original route
     decision = run(success(9_000, ResultSource.RECONCILIATION))
@@ -697,31 +701,31 @@ def test_a_refused_hold_fails_the_order_cancels_other_holds_and_never_asks_the_c
     expires = run.order.hold_expires_at_ms
     assert activated.effects == (
         ArmTimer(TimerKind.CLOSE, CLOSE_AT, 0),
-        TryHold("redpacket", "o1:1", 500, expires, 1),
-        TryHold("points", "o1:2", 50, expires, 2),
+        TryHold("redpacket", O1_LEG1, 500, expires, 1),
+        TryHold("points", O1_LEG2, 50, expires, 2),
         retry_timer(T0 + SECOND),
     )
-    run(VoucherReply(1, "o1:1", VoucherOp.TRY, True))
+    run(VoucherReply(1, O1_LEG1, VoucherOp.TRY, True))
     assert run.order.state is S.ACCEPTED
-    failed = run(VoucherReply(2, "o1:2", VoucherOp.TRY, False, "insufficient_balance"))
+    failed = run(VoucherReply(2, O1_LEG2, VoucherOp.TRY, False, "insufficient_balance"))
     assert run.order.state is S.FAILED
     # a new command (the Cancel) restarts the voucher retry schedule from its first gap
-    assert failed.effects == (CancelHold("redpacket", "o1:1", 1), retry_timer(T0 + SECOND))
+    assert failed.effects == (CancelHold("redpacket", O1_LEG1, 1), retry_timer(T0 + SECOND))
     assert [run.status(n) for n in (0, 1, 2)] == [L.UNPAID, L.CANCELLING, L.REFUSED]
     assert not any(isinstance(e, PayCash) for e in run.history.effects)
-    run(VoucherReply(1, "o1:1", VoucherOp.CANCEL, True))
+    run(VoucherReply(1, O1_LEG1, VoucherOp.CANCEL, True))
     assert run.order.is_settled
 
 
 def test_a_refused_hold_cancels_a_hold_still_being_tried_and_its_late_ok_is_a_duplicate() -> None:
     run = Run("cash+pre")
     run(Activate())
-    failed = run(VoucherReply(1, "o1:1", VoucherOp.TRY, False, "hold_refused"))
-    assert failed.effects == (CancelHold("points", "o1:2", 2), retry_timer(T0 + SECOND))
+    failed = run(VoucherReply(1, O1_LEG1, VoucherOp.TRY, False, "hold_refused"))
+    assert failed.effects == (CancelHold("points", O1_LEG2, 2), retry_timer(T0 + SECOND))
     assert run.status(2) is L.CANCELLING
-    late = run(VoucherReply(2, "o1:2", VoucherOp.TRY, True))
+    late = run(VoucherReply(2, O1_LEG2, VoucherOp.TRY, True))
     assert late.note.startswith("duplicate") and not late.changed
-    run(VoucherReply(2, "o1:2", VoucherOp.CANCEL, True))
+    run(VoucherReply(2, O1_LEG2, VoucherOp.CANCEL, True))
     assert run.order.is_settled and run.order.state is S.FAILED
 
 
@@ -732,27 +736,27 @@ def test_a_post_deduct_shortfall_fails_refunds_the_cash_reverses_debits_cancels_
     paid = run(success(9_000))
     assert run.order.state is S.DEDUCTING
     assert paid.effects == (
-        DebitVoucher("points", "o1:2", 30, 2), DebitVoucher("credit", "o1:3", 400, 3),
+        DebitVoucher("points", O1_LEG2, 30, 2), DebitVoucher("credit", O1_LEG3, 400, 3),
         retry_timer(T0 + SECOND),
     )
     run.refused(CloseOrder(CloseCause.USER))  # paid: it cannot be closed any more
     assert not run(TimerFired(TimerKind.CLOSE, 0), at=CLOSE_AT).changed
-    run(VoucherReply(2, "o1:2", VoucherOp.DEBIT, True))
+    run(VoucherReply(2, O1_LEG2, VoucherOp.DEBIT, True))
     assert run.order.state is S.DEDUCTING
-    failed = run(VoucherReply(3, "o1:3", VoucherOp.DEBIT, False, "insufficient_balance"))
+    failed = run(VoucherReply(3, O1_LEG3, VoucherOp.DEBIT, False, "insufficient_balance"))
     assert run.order.state is S.FAILED
     assert failed.effects == (
         RefundCash("wechat", "serial-o1", "serial-o1-R1", 9_000, "CNY"),
         ArmTimer(TimerKind.REFUND_QUERY, CLOSE_AT + SECOND, 0),
-        CancelHold("redpacket", "o1:1", 1),
-        CancelHold("points", "o1:2", 2),
+        CancelHold("redpacket", O1_LEG1, 1),
+        CancelHold("points", O1_LEG2, 2),
         retry_timer(CLOSE_AT + SECOND),  # new commands: the schedule starts again
     )
     assert [run.status(n) for n in range(4)] == [
         L.REFUNDING, L.CANCELLING, L.REVERSING, L.SHORTFALL
     ]
-    run(VoucherReply(1, "o1:1", VoucherOp.CANCEL, True))
-    run(VoucherReply(2, "o1:2", VoucherOp.CANCEL, True))
+    run(VoucherReply(1, O1_LEG1, VoucherOp.CANCEL, True))
+    run(VoucherReply(2, O1_LEG2, VoucherOp.CANCEL, True))
     run(RefundResult("serial-o1-R1", ResultKind.SUCCESS, ResultSource.QUERY, "SUCCESS"))
     assert [run.status(n) for n in range(4)] == [L.REFUNDED, L.CANCELLED, L.REVERSED, L.SHORTFALL]
     assert run.order.is_settled
@@ -763,11 +767,11 @@ def test_post_deduct_debits_all_taken_succeed_and_then_the_holds_are_confirmed()
     run = Run("cash+pre+2post")
     run.hold_all()
     run(success(9_000))
-    run(VoucherReply(3, "o1:3", VoucherOp.DEBIT, True))
-    done = run(VoucherReply(2, "o1:2", VoucherOp.DEBIT, True))
+    run(VoucherReply(3, O1_LEG3, VoucherOp.DEBIT, True))
+    done = run(VoucherReply(2, O1_LEG2, VoucherOp.DEBIT, True))
     assert run.order.state is S.SUCCEEDED
-    assert done.effects == (ConfirmHold("redpacket", "o1:1", 1), retry_timer(T0 + SECOND))
-    run(VoucherReply(1, "o1:1", VoucherOp.CONFIRM, True))
+    assert done.effects == (ConfirmHold("redpacket", O1_LEG1, 1), retry_timer(T0 + SECOND))
+    run(VoucherReply(1, O1_LEG1, VoucherOp.CONFIRM, True))
     assert [run.status(n) for n in range(4)] == [L.PAID, L.CONFIRMED, L.DEBITED, L.DEBITED]
     assert run.order.is_settled
 
@@ -775,15 +779,15 @@ def test_post_deduct_debits_all_taken_succeed_and_then_the_holds_are_confirmed()
 def test_a_vouchers_only_order_succeeds_once_every_hold_is_placed_without_any_channel() -> None:
     run = Run("vouchers")
     run(Activate())
-    run(VoucherReply(2, "o1:2", VoucherOp.TRY, True))
-    done = run(VoucherReply(1, "o1:1", VoucherOp.TRY, True))
+    run(VoucherReply(2, O1_LEG2, VoucherOp.TRY, True))
+    done = run(VoucherReply(1, O1_LEG1, VoucherOp.TRY, True))
     assert run.order.state is S.SUCCEEDED
     assert done.effects == (
-        ConfirmHold("redpacket", "o1:1", 1), ConfirmHold("points", "o1:2", 2),
+        ConfirmHold("redpacket", O1_LEG1, 1), ConfirmHold("points", O1_LEG2, 2),
         retry_timer(T0 + SECOND),
     )
-    run(VoucherReply(1, "o1:1", VoucherOp.CONFIRM, True))
-    run(VoucherReply(2, "o1:2", VoucherOp.CONFIRM, True))
+    run(VoucherReply(1, O1_LEG1, VoucherOp.CONFIRM, True))
+    run(VoucherReply(2, O1_LEG2, VoucherOp.CONFIRM, True))
     assert run.order.is_settled
     # no channel: nothing paid, and no timer but the close and the voucher retry
     assert not any(isinstance(e, PayCash | QueryCash | CloseCash | RefundCash | QueryRefund)
@@ -800,10 +804,10 @@ def test_a_post_deduct_only_order_debits_at_once() -> None:
     assert run.order.state is S.DEDUCTING
     assert decision.effects == (
         ArmTimer(TimerKind.CLOSE, CLOSE_AT, 0),
-        DebitVoucher("points", "o1:1", 100, 1),
+        DebitVoucher("points", O1_LEG1, 100, 1),
         retry_timer(T0 + SECOND),
     )
-    run(VoucherReply(1, "o1:1", VoucherOp.DEBIT, True))
+    run(VoucherReply(1, O1_LEG1, VoucherOp.DEBIT, True))
     assert run.order.state is S.SUCCEEDED and run.order.is_settled
     assert run.order.next_voucher_retry_at_ms is None
 
@@ -812,7 +816,7 @@ def test_a_failed_confirm_is_recorded_on_the_leg_but_never_undoes_the_success() 
     run = Run("cash+pre")
     run.hold_all()
     run(success(9_000))
-    run(VoucherReply(1, "o1:1", VoucherOp.CONFIRM, False, "hold_not_pending"))
+    run(VoucherReply(1, O1_LEG1, VoucherOp.CONFIRM, False, "hold_not_pending"))
     assert run.status(1) is L.CONFIRM_FAILED
     assert run.order.state is S.SUCCEEDED
 
@@ -828,7 +832,7 @@ def test_an_amount_mismatch_awaits_reconciliation_and_is_reported_not_fixed() ->
     # a close gives the vouchers back but does not refund money it does not understand
     closed = run(CloseOrder(CloseCause.USER))
     assert closed.effects == (
-        CancelHold("redpacket", "o1:1", 1), CancelHold("points", "o1:2", 2),
+        CancelHold("redpacket", O1_LEG1, 1), CancelHold("points", O1_LEG2, 2),
         retry_timer(T0 + SECOND),
     )
     assert run.status(0) is L.UNKNOWN
@@ -840,7 +844,7 @@ def test_a_success_after_a_definitive_failure_is_refunded() -> None:
     failed = run(failure())
     assert run.order.state is S.FAILED
     assert failed.effects == (
-        CancelHold("redpacket", "o1:1", 1), CancelHold("points", "o1:2", 2),
+        CancelHold("redpacket", O1_LEG1, 1), CancelHold("points", O1_LEG2, 2),
         retry_timer(T0 + SECOND),
     )
     assert run(failure(ResultSource.QUERY)).note.startswith("duplicate")
@@ -897,8 +901,8 @@ def test_activate_after_a_crash_reissues_every_in_flight_effect() -> None:
     first = run(Activate())
     again = run(Activate(), at=T0 + 5)
     assert again.effects == first.effects and not again.changed  # the Trys, once more
-    run(VoucherReply(1, "o1:1", VoucherOp.TRY, True))
-    run(VoucherReply(2, "o1:2", VoucherOp.TRY, True))
+    run(VoucherReply(1, O1_LEG1, VoucherOp.TRY, True))
+    run(VoucherReply(2, O1_LEG2, VoucherOp.TRY, True))
     paying = run(Activate(), at=T0 + 10)
     assert paying.effects == (
         ArmTimer(TimerKind.CLOSE, CLOSE_AT, 0),
@@ -915,8 +919,8 @@ def test_activate_after_a_crash_reissues_every_in_flight_effect() -> None:
     assert closed.effects == (
         CloseCash("wechat", "serial-o1"),
         ArmTimer(TimerKind.QUERY, T0 + 10 + SECOND, 0),
-        CancelHold("redpacket", "o1:1", 1),
-        CancelHold("points", "o1:2", 2),
+        CancelHold("redpacket", O1_LEG1, 1),
+        CancelHold("points", O1_LEG2, 2),
         retry_timer(T0 + 10 + SECOND),
     )
     assert not closed.changed
@@ -925,14 +929,19 @@ def test_activate_after_a_crash_reissues_every_in_flight_effect() -> None:
 def test_a_voucher_reply_for_another_hold_is_stale_and_a_repeated_one_a_duplicate() -> None:
     run = Run("cash+pre")
     run(Activate())
-    stale = run(VoucherReply(1, "o2:1", VoucherOp.TRY, True))
+    stale = run(VoucherReply(1, FenceKey.order_leg("o2", 1), VoucherOp.TRY, True))
     assert stale.note.startswith("stale") and not stale.changed
-    run(VoucherReply(1, "o1:1", VoucherOp.TRY, True))
+    # a caller's hold that happens to be called like the order's fence is another fence
+    for squatter in (FenceKey.user("o1:1"), FenceKey.user("o1"), FenceKey.refund_return("o1", 1)):
+        stale = run(VoucherReply(1, squatter, VoucherOp.TRY, True))
+        assert stale.note.startswith("stale") and not stale.changed, squatter
+    run(VoucherReply(1, O1_LEG1, VoucherOp.TRY, True))
     for op in VoucherOp:
         for ok in (True, False):
-            assert not run(VoucherReply(1, "o1:1", op, ok)).changed
+            assert not run(VoucherReply(1, O1_LEG1, op, ok)).changed
     with pytest.raises(InvalidRequest):
-        decide(run.order, VoucherReply(9, "o1:9", VoucherOp.TRY, True), now_ms=T0, policy=POLICY)
+        decide(run.order, VoucherReply(9, FenceKey.order_leg("o1", 9), VoucherOp.TRY, True),
+               now_ms=T0, policy=POLICY)
 
 
 def test_a_cash_result_before_the_channel_was_asked_is_an_illegal_transition() -> None:
@@ -944,19 +953,19 @@ def test_a_cash_result_before_the_channel_was_asked_is_an_illegal_transition() -
 
 def test_a_pre_held_leg_adopts_the_users_hold_and_binds_it_to_the_order() -> None:
     account = vo.fund(vo.VoucherAccount("credit", "CNY", None), 1_000)
-    pre = vo.try_hold(account, None, hold_id="pre-1", amount=200, order_id=None,
+    pre = vo.try_hold(account, None, key=PRE_1, amount=200, order_id=None,
                       expires_at_ms=T0 + 60 * SECOND, now_ms=T0 - 30 * SECOND)
     run = Run("cash+pre_held")
     decision = run(Activate())
     (try_,) = [e for e in decision.effects if isinstance(e, TryHold)]
-    assert try_ == TryHold("credit", "pre-1", 200, run.order.hold_expires_at_ms, 1,
+    assert try_ == TryHold("credit", PRE_1, 200, run.order.hold_expires_at_ms, 1,
                            adopt_only=True)
-    adopted = vo.try_hold(pre.account, pre.fence, hold_id=try_.hold_id, amount=try_.amount,
+    adopted = vo.try_hold(pre.account, pre.fence, key=try_.fence, amount=try_.amount,
                           order_id="o1", expires_at_ms=try_.expires_at_ms, now_ms=T0)
     assert adopted.account == pre.account
     assert adopted.fence is not None
     assert (adopted.fence.order_id, adopted.fence.expires_at_ms) == ("o1", try_.expires_at_ms)
-    run(VoucherReply(1, "pre-1", VoucherOp.TRY, True))
+    run(VoucherReply(1, PRE_1, VoucherOp.TRY, True))
     assert run.order.state is S.PAYING
 
 
@@ -964,31 +973,31 @@ def test_an_order_that_lost_a_shared_pre_hold_cannot_void_it_for_the_order_that_
     """The user submitted twice with one pre-hold; o2 is closed while its Try is in flight.
     Its Cancel must not void o1's hold, or o1 takes the cash and its voucher pays nothing."""
     account = vo.fund(vo.VoucherAccount("credit", "CNY", None), 1_000)
-    pre = vo.try_hold(account, None, hold_id="pre-1", amount=200, order_id=None,
+    pre = vo.try_hold(account, None, key=PRE_1, amount=200, order_id=None,
                       expires_at_ms=T0 + 60 * SECOND, now_ms=T0)
     account, fence = pre.account, pre.fence
     o1, o2 = Run("cash+pre_held", "o1"), Run("cash+pre_held", "o2")
     (try1,) = [e for e in o1(Activate()).effects if isinstance(e, TryHold)]
     (try2,) = [e for e in o2(Activate()).effects if isinstance(e, TryHold)]
-    out = vo.try_hold(account, fence, hold_id=try1.hold_id, amount=try1.amount, order_id="o1",
+    out = vo.try_hold(account, fence, key=try1.fence, amount=try1.amount, order_id="o1",
                       expires_at_ms=try1.expires_at_ms, now_ms=T0 + 1)
     account, fence = out.account, out.fence
-    o1(VoucherReply(1, "pre-1", VoucherOp.TRY, True))
+    o1(VoucherReply(1, PRE_1, VoucherOp.TRY, True))
     (cancel2,) = [e for e in o2(CloseOrder(CloseCause.USER)).effects if isinstance(e, CancelHold)]
     with pytest.raises(HoldRefused):
-        vo.cancel(account, fence, hold_id=cancel2.hold_id, order_id="o2", now_ms=T0 + 2)
+        vo.cancel(account, fence, key=cancel2.fence, order_id="o2", now_ms=T0 + 2)
     # o2 held nothing there: the account tells it so (as actors.account_actor does)
-    o2(VoucherReply(1, "pre-1", VoucherOp.CANCEL, True))
+    o2(VoucherReply(1, PRE_1, VoucherOp.CANCEL, True))
     assert o2.status(1) is L.CANCELLED
     with pytest.raises(HoldRefused):
-        vo.try_hold(account, fence, hold_id=try2.hold_id, amount=try2.amount, order_id="o2",
+        vo.try_hold(account, fence, key=try2.fence, amount=try2.amount, order_id="o2",
                     expires_at_ms=try2.expires_at_ms, now_ms=T0 + 3)
-    assert not o2(VoucherReply(1, "pre-1", VoucherOp.TRY, False)).changed
+    assert not o2(VoucherReply(1, PRE_1, VoucherOp.TRY, False)).changed
     o2(failure(ResultSource.CLOSE, "CLOSED"))
     assert o2.order.is_settled and o2.order.state is S.CLOSED
     (confirm1,) = [e for e in o1(success(9_800)).effects if isinstance(e, ConfirmHold)]
-    out = vo.confirm(account, fence, hold_id=confirm1.hold_id, now_ms=T0 + 4)
-    o1(VoucherReply(1, "pre-1", VoucherOp.CONFIRM, True))
+    out = vo.confirm(account, fence, key=confirm1.fence, now_ms=T0 + 4)
+    o1(VoucherReply(1, PRE_1, VoucherOp.CONFIRM, True))
     assert o1.order.state is S.SUCCEEDED and o1.status(1) is L.CONFIRMED
     assert (out.account.spent, out.account.held) == (200, 0)
 
@@ -1006,8 +1015,8 @@ def commands_in_flight(order: PaymentOrder) -> tuple[Effect, ...]:
         assert (leg.account_id is None) == leg.is_cash
         if leg.status not in VOUCHER_IN_FLIGHT:
             continue
-        account, hold = leg.account_id, leg.hold_id
-        assert account is not None and hold is not None
+        account, hold = leg.account_id, order.fence_of(leg)
+        assert account is not None
         if leg.status is L.TRYING:
             commands.append(TryHold(account, hold, leg.amount, order.hold_expires_at_ms,
                                     leg.leg_no, adopt_only=leg.mode is LegMode.PRE_HELD))
@@ -1075,8 +1084,8 @@ def reach(status: LegStatus) -> tuple[Run, int]:
             run = Run("cash+pre+2post")
             run.hold_all()
             run(success(9_000))
-            run(VoucherReply(2, "o1:2", VoucherOp.DEBIT, True))
-            run(VoucherReply(3, "o1:3", VoucherOp.DEBIT, False, "insufficient_balance"))
+            run(VoucherReply(2, O1_LEG2, VoucherOp.DEBIT, True))
+            run(VoucherReply(3, O1_LEG3, VoucherOp.DEBIT, False, "insufficient_balance"))
             return run, 2
     raise AssertionError(status)
 
@@ -1096,33 +1105,33 @@ def test_a_voucher_retry_resends_exactly_the_in_flight_voucher_commands_and_arms
     run.hold_all()
     paid = run(success(9_000))
     assert paid.effects[-1] == retry_timer(T0 + SECOND, 0)
-    run(VoucherReply(3, "o1:3", VoucherOp.DEBIT, False, "insufficient_balance"), at=T0 + 500)
+    run(VoucherReply(3, O1_LEG3, VoucherOp.DEBIT, False, "insufficient_balance"), at=T0 + 500)
     assert [run.status(n) for n in range(4)] == [L.PAID, L.HELD, L.DEBITING, L.SHORTFALL]
     # only leg 2's debit is unanswered: only it is sent again, and the next gap (2 s) armed
     before = run.order
     first = fire_voucher_retry(run)
     assert run.now == T0 + SECOND
-    assert first.effects == (DebitVoucher("points", "o1:2", 30, 2), retry_timer(T0 + 3 * SECOND, 1))
+    assert first.effects == (DebitVoucher("points", O1_LEG2, 30, 2), retry_timer(T0 + 3 * SECOND, 1))
     assert not first.transitions and first.note == "applied"
     assert run.order == replace(before, voucher_attempt=1, next_voucher_retry_at_ms=T0 + 3 * SECOND,
                                 version=before.version + 1)
     # the debit is answered: the payment fails, and the Cancel and the reversal go out on a
     # schedule started again from its first gap
-    failed = run(VoucherReply(2, "o1:2", VoucherOp.DEBIT, True), at=T0 + 1_500)
+    failed = run(VoucherReply(2, O1_LEG2, VoucherOp.DEBIT, True), at=T0 + 1_500)
     assert run.order.state is S.FAILED
     assert failed.effects[-1] == retry_timer(T0 + 2_500, 0)
     assert (run.order.voucher_attempt, run.order.next_voucher_retry_at_ms) == (0, T0 + 2_500)
     # the next retry sends both again, and nothing else (not the refund: it has its own timer)
     second = fire_voucher_retry(run)
     assert second.effects == (
-        CancelHold("redpacket", "o1:1", 1), CancelHold("points", "o1:2", 2),
+        CancelHold("redpacket", O1_LEG1, 1), CancelHold("points", O1_LEG2, 2),
         retry_timer(T0 + 4_500, 1),
     )
     # the old schedule's attempt-1 timer, on its time, is early for the new attempt 1
     assert not run(TimerFired(VR, 1), at=T0 + 3 * SECOND).changed
-    run(VoucherReply(2, "o1:2", VoucherOp.CANCEL, True))
+    run(VoucherReply(2, O1_LEG2, VoucherOp.CANCEL, True))
     third = fire_voucher_retry(run)
-    assert third.effects == (CancelHold("redpacket", "o1:1", 1), retry_timer(T0 + 9_500, 2))
+    assert third.effects == (CancelHold("redpacket", O1_LEG1, 1), retry_timer(T0 + 9_500, 2))
 
 
 @pytest.mark.parametrize("status", sorted(VOUCHER_IN_FLIGHT))
@@ -1138,7 +1147,7 @@ def test_a_voucher_retry_sends_the_command_each_in_flight_status_waits_for(
                 L.REVERSING: CancelHold, L.DEBITING: DebitVoucher}[status]
     assert type(command) is expected
     assert isinstance(command, TryHold | ConfirmHold | CancelHold | DebitVoucher)
-    assert (command.account_id, command.hold_id) == (leg.account_id, leg.hold_id)
+    assert (command.account_id, command.fence) == (leg.account_id, before.fence_of(leg))
     assert decision.effects == (*commands_in_flight(before), retry_timer(run.now + 2 * SECOND, 1))
 
 
@@ -1150,7 +1159,7 @@ def test_the_voucher_retry_resends_after_1_2_5_10_s_and_gives_up_30_s_later() ->
         decision = fire_voucher_retry(run)
         if run.order.state is not S.DEDUCTING:
             break
-        assert decision.effects[0] == DebitVoucher("points", "o1:1", 100, 1)
+        assert decision.effects[0] == DebitVoucher("points", O1_LEG1, 100, 1)
         sent_at.append(run.now - T0)
     assert sent_at == [0, 1_000, 3_000, 8_000, 18_000]
     assert run.now - T0 == 48_000  # the last gap is only a wait for the last answer
@@ -1162,10 +1171,10 @@ def test_a_custom_voucher_retry_schedule_is_followed_and_is_finite() -> None:
     d = decide(make_order("post_only"), Activate(), now_ms=T0, policy=policy)
     assert d.effects[-1] == retry_timer(T0 + 10, 0)
     d = decide(d.order, TimerFired(VR, 0), now_ms=T0 + 10, policy=policy)
-    assert d.effects == (DebitVoucher("points", "o1:1", 100, 1), retry_timer(T0 + 40, 1))
+    assert d.effects == (DebitVoucher("points", O1_LEG1, 100, 1), retry_timer(T0 + 40, 1))
     d = decide(d.order, TimerFired(VR, 1), now_ms=T0 + 40, policy=policy)
     assert d.order.state is S.FAILED and d.order.leg(1).status is L.REVERSING
-    assert d.effects == (CancelHold("points", "o1:1", 1), retry_timer(T0 + 50, 0))
+    assert d.effects == (CancelHold("points", O1_LEG1, 1), retry_timer(T0 + 50, 0))
     with pytest.raises(AssertionError):
         OrderPolicy(voucher_retry_schedule_ms=())
     with pytest.raises(AssertionError):
@@ -1192,8 +1201,8 @@ def test_a_stale_or_early_voucher_retry_timer_changes_nothing() -> None:
     nothing(TimerFired(VR, 0), T0 + 3 * SECOND - 1)  # a second delivery (Activate re-armed it)
     # every hold answers, then a close starts a new schedule for its Cancels: the timers of
     # the old schedule cannot pass for the new one's
-    run(VoucherReply(1, "o1:1", VoucherOp.TRY, True))
-    run(VoucherReply(2, "o1:2", VoucherOp.TRY, True))
+    run(VoucherReply(1, O1_LEG1, VoucherOp.TRY, True))
+    run(VoucherReply(2, O1_LEG2, VoucherOp.TRY, True))
     assert run.order.next_voucher_retry_at_ms is None
     run(CloseOrder(CloseCause.USER))
     assert (run.order.voucher_attempt, run.order.next_voucher_retry_at_ms) == (
@@ -1202,7 +1211,7 @@ def test_a_stale_or_early_voucher_retry_timer_changes_nothing() -> None:
     nothing(TimerFired(VR, 1), T0 + 3 * SECOND)  # the old attempt 1, on its time
     nothing(TimerFired(VR, 0), T0 + 3 * SECOND)  # the old attempt 0, late: early for the new
     assert fire_voucher_retry(run).effects[:2] == (
-        CancelHold("redpacket", "o1:1", 1), CancelHold("points", "o1:2", 2)
+        CancelHold("redpacket", O1_LEG1, 1), CancelHold("points", O1_LEG2, 2)
     )
 
 
@@ -1211,10 +1220,10 @@ def test_when_no_voucher_command_is_left_in_flight_the_retry_timer_is_disarmed()
     run(Activate())
     fire_voucher_retry(run)
     assert (run.order.voucher_attempt, run.order.next_voucher_retry_at_ms) == (1, T0 + 3 * SECOND)
-    one = run(VoucherReply(1, "o1:1", VoucherOp.TRY, True))
+    one = run(VoucherReply(1, O1_LEG1, VoucherOp.TRY, True))
     assert (run.order.voucher_attempt, run.order.next_voucher_retry_at_ms) == (1, T0 + 3 * SECOND)
     assert not any(isinstance(e, ArmTimer) and e.timer is VR for e in one.effects)
-    two = run(VoucherReply(2, "o1:2", VoucherOp.TRY, True))
+    two = run(VoucherReply(2, O1_LEG2, VoucherOp.TRY, True))
     assert run.order.state is S.PAYING
     assert (run.order.voucher_attempt, run.order.next_voucher_retry_at_ms) == (0, None)
     assert not any(isinstance(e, ArmTimer) and e.timer is VR for e in two.effects)
@@ -1237,7 +1246,7 @@ def test_an_unanswered_confirm_is_flagged_confirm_unknown_and_the_success_stands
     run = Run("cash+pre")
     run.hold_all()
     run(success(9_000))
-    run(VoucherReply(1, "o1:1", VoucherOp.CONFIRM, True), at=T0 + 500)
+    run(VoucherReply(1, O1_LEG1, VoucherOp.CONFIRM, True), at=T0 + 500)
     given_up = retry_until_given_up(run)
     assert run.now == T0 + 48 * SECOND
     assert run.order.state is S.SUCCEEDED and run.order.cause == "paid (callback)"
@@ -1254,7 +1263,7 @@ def test_an_unanswered_cancel_is_flagged_release_unknown_and_the_close_stands() 
     run = Run("cash+pre")
     run.hold_all()
     run(CloseOrder(CloseCause.USER))
-    run(VoucherReply(2, "o1:2", VoucherOp.CANCEL, True), at=T0 + 500)
+    run(VoucherReply(2, O1_LEG2, VoucherOp.CANCEL, True), at=T0 + 500)
     given_up = retry_until_given_up(run)
     assert run.order.state is S.CLOSED
     assert [run.status(n) for n in range(3)] == [L.PAYING, L.RELEASE_UNKNOWN, L.CANCELLED]
@@ -1270,7 +1279,7 @@ def test_an_unanswered_cancel_is_flagged_release_unknown_and_the_close_stands() 
 def test_an_unanswered_reversal_is_flagged_release_unknown_and_the_failure_stands() -> None:
     run, _ = reach(L.REVERSING)
     assert run.order.state is S.FAILED
-    run(VoucherReply(1, "o1:1", VoucherOp.CANCEL, True), at=T0 + 500)
+    run(VoucherReply(1, O1_LEG1, VoucherOp.CANCEL, True), at=T0 + 500)
     given_up = retry_until_given_up(run)
     assert run.order.state is S.FAILED
     assert [run.status(n) for n in range(4)] == [
@@ -1287,7 +1296,7 @@ def test_an_unanswered_try_fails_the_payment_and_releases_every_voucher_before_a
 ) -> None:
     run = Run("seeds")  # cash, a red packet held, points debited later, the user's pre-hold
     run(Activate())
-    run(VoucherReply(1, "o1:1", VoucherOp.TRY, True), at=T0 + 500)
+    run(VoucherReply(1, O1_LEG1, VoucherOp.TRY, True), at=T0 + 500)
     assert [run.status(n) for n in range(4)] == [L.NEW, L.HELD, L.NEW, L.TRYING]
     given_up = retry_until_given_up(run)
     assert run.order.state is S.FAILED
@@ -1297,15 +1306,15 @@ def test_an_unanswered_try_fails_the_payment_and_releases_every_voucher_before_a
     # the unanswered Try may have held: cancel it (void, or an empty rollback that refuses a
     # late Try); the Cancels get a fresh retry schedule of their own
     assert given_up.effects == (
-        CancelHold("redpacket", "o1:1", 1), CancelHold("credit", "pre-1", 3),
+        CancelHold("redpacket", O1_LEG1, 1), CancelHold("credit", PRE_1, 3),
         retry_timer(T0 + 49 * SECOND, 0),
     )
     assert not any(isinstance(e, PayCash) for e in run.history.effects)
     # the Try's answer, late, cannot bring the payment back
-    late = run(VoucherReply(3, "pre-1", VoucherOp.TRY, True))
+    late = run(VoucherReply(3, PRE_1, VoucherOp.TRY, True))
     assert late.note.startswith("duplicate") and not late.changed
-    run(VoucherReply(1, "o1:1", VoucherOp.CANCEL, True))
-    run(VoucherReply(3, "pre-1", VoucherOp.CANCEL, True))
+    run(VoucherReply(1, O1_LEG1, VoucherOp.CANCEL, True))
+    run(VoucherReply(3, PRE_1, VoucherOp.CANCEL, True))
     assert run.order.is_settled and run.order.state is S.FAILED
     assert run.order.next_voucher_retry_at_ms is None
 
@@ -1314,7 +1323,7 @@ def test_an_unanswered_debit_fails_the_payment_reverses_it_and_refunds_the_cash(
     run = Run("cash+pre+2post")
     run.hold_all()
     run(success(9_000))
-    run(VoucherReply(2, "o1:2", VoucherOp.DEBIT, True), at=T0 + 500)
+    run(VoucherReply(2, O1_LEG2, VoucherOp.DEBIT, True), at=T0 + 500)
     assert [run.status(n) for n in range(4)] == [L.PAID, L.HELD, L.DEBITED, L.DEBITING]
     given_up = retry_until_given_up(run)
     now = T0 + 48 * SECOND
@@ -1325,19 +1334,19 @@ def test_an_unanswered_debit_fails_the_payment_reverses_it_and_refunds_the_cash(
         L.REFUNDING, L.CANCELLING, L.REVERSING, L.REVERSING
     ]
     assert given_up.effects == (
-        CancelHold("credit", "o1:3", 3),  # the unanswered debit: reversed, or an empty rollback
+        CancelHold("credit", O1_LEG3, 3),  # the unanswered debit: reversed, or an empty rollback
         RefundCash("wechat", "serial-o1", "serial-o1-R1", 9_000, "CNY"),
         ArmTimer(TimerKind.REFUND_QUERY, now + SECOND, 0),
-        CancelHold("redpacket", "o1:1", 1),
-        CancelHold("points", "o1:2", 2),
+        CancelHold("redpacket", O1_LEG1, 1),
+        CancelHold("points", O1_LEG2, 2),
         retry_timer(now + SECOND, 0),
     )
     assert [t.to_state for t in given_up.transitions if t.entity == "order"] == ["failed"]
     assert run.order.leg(0).refund_id == "serial-o1-R1"
     # the late debit answer cannot bring the payment back
-    late = run(VoucherReply(3, "o1:3", VoucherOp.DEBIT, True))
+    late = run(VoucherReply(3, O1_LEG3, VoucherOp.DEBIT, True))
     assert late.note.startswith("duplicate") and not late.changed
-    for leg_no, hold in ((1, "o1:1"), (2, "o1:2"), (3, "o1:3")):
+    for leg_no, hold in ((1, O1_LEG1), (2, O1_LEG2), (3, O1_LEG3)):
         run(VoucherReply(leg_no, hold, VoucherOp.CANCEL, True))
     run(RefundResult("serial-o1-R1", ResultKind.SUCCESS, ResultSource.CALLBACK, "SUCCESS"))
     assert [run.status(n) for n in range(4)] == [L.REFUNDED, L.CANCELLED, L.REVERSED, L.REVERSED]
@@ -1347,13 +1356,13 @@ def test_an_unanswered_debit_fails_the_payment_reverses_it_and_refunds_the_cash(
 def test_an_unanswered_debit_of_a_vouchers_only_order_fails_it_and_releases_the_holds() -> None:
     run = Run("vouchers+post")
     run(Activate())
-    run(VoucherReply(1, "o1:1", VoucherOp.TRY, True))
+    run(VoucherReply(1, O1_LEG1, VoucherOp.TRY, True))
     assert run.order.state is S.DEDUCTING and run.status(2) is L.DEBITING
     given_up = retry_until_given_up(run)
     assert run.order.state is S.FAILED
     assert [run.status(n) for n in (1, 2)] == [L.CANCELLING, L.REVERSING]
     assert given_up.effects == (
-        CancelHold("points", "o1:2", 2), CancelHold("redpacket", "o1:1", 1),
+        CancelHold("points", O1_LEG2, 2), CancelHold("redpacket", O1_LEG1, 1),
         retry_timer(run.now + SECOND, 0),
     )
 
@@ -1363,23 +1372,22 @@ def test_a_retryable_voucher_failure_changes_nothing_and_the_retry_asks_again(
     status: LegStatus
 ) -> None:
     run, leg_no = reach(status)
-    leg = run.order.leg(leg_no)
-    assert leg.hold_id is not None
+    fence = run.order.fence_of(run.order.leg(leg_no))
     op = _EXPECTED_OP[status]
     before = run.order
-    ignored = run(VoucherReply(leg_no, leg.hold_id, op, False, "unavailable", retryable=True))
+    ignored = run(VoucherReply(leg_no, fence, op, False, "unavailable", retryable=True))
     assert ignored.note.startswith("ignored"), ignored.note
     assert (ignored.order, ignored.effects, ignored.transitions) == (before, (), ())
     # a retryable failure of another operation is a duplicate like any other stray reply
     for other in VoucherOp:
         if other is not op:
-            stray = run(VoucherReply(leg_no, leg.hold_id, other, False, "unavailable",
+            stray = run(VoucherReply(leg_no, fence, other, False, "unavailable",
                                      retryable=True))
             assert stray.note.startswith(("duplicate", "stale")) and stray.order == before
     # the retry asks again, and a decided answer then counts as usual
     again = fire_voucher_retry(run)
     assert again.effects == (*commands_in_flight(before), retry_timer(run.now + 2 * SECOND, 1))
-    answered = run(VoucherReply(leg_no, leg.hold_id, op, True))
+    answered = run(VoucherReply(leg_no, fence, op, True))
     assert answered.changed and run.status(leg_no) is not status
 
 
@@ -1387,7 +1395,7 @@ def test_retryable_failures_all_along_end_like_silence() -> None:
     run = Run("post_only")
     run(Activate())
     for _ in range(len(POLICY.voucher_retry_schedule_ms)):
-        reply = VoucherReply(1, "o1:1", VoucherOp.DEBIT, False, "unavailable", retryable=True)
+        reply = VoucherReply(1, O1_LEG1, VoucherOp.DEBIT, False, "unavailable", retryable=True)
         assert not run(reply).changed
         fire_voucher_retry(run)
     assert run.order.state is S.FAILED and run.status(1) is L.REVERSING
@@ -1396,7 +1404,7 @@ def test_retryable_failures_all_along_end_like_silence() -> None:
 def test_activate_after_a_crash_rearms_the_voucher_retry_timer_where_it_stood() -> None:
     run = Run("cash+pre")
     run(Activate())
-    run(VoucherReply(1, "o1:1", VoucherOp.TRY, True), at=T0 + 500)
+    run(VoucherReply(1, O1_LEG1, VoucherOp.TRY, True), at=T0 + 500)
     fire_voucher_retry(run)
     fire_voucher_retry(run)
     assert (run.order.voucher_attempt, run.order.next_voucher_retry_at_ms) == (2, T0 + 8 * SECOND)
@@ -1404,7 +1412,7 @@ def test_activate_after_a_crash_rearms_the_voucher_retry_timer_where_it_stood() 
     restarted = run(Activate(), at=T0 + 5 * SECOND)
     assert restarted.effects == (
         ArmTimer(TimerKind.CLOSE, CLOSE_AT, 0),
-        TryHold("points", "o1:2", 50, before.hold_expires_at_ms, 2),
+        TryHold("points", O1_LEG2, 50, before.hold_expires_at_ms, 2),
         retry_timer(T0 + 8 * SECOND, 2),  # the persisted schedule goes on: no fresh start
     )
     assert not restarted.changed and run.order == before
@@ -1412,7 +1420,7 @@ def test_activate_after_a_crash_rearms_the_voucher_retry_timer_where_it_stood() 
     late = run(Activate(), at=T0 + 9 * SECOND)
     assert retry_timer(T0 + 8 * SECOND, 2) in late.effects
     resumed = run(TimerFired(VR, 2))
-    assert resumed.effects == (TryHold("points", "o1:2", 50, before.hold_expires_at_ms, 2),
+    assert resumed.effects == (TryHold("points", O1_LEG2, 50, before.hold_expires_at_ms, 2),
                                retry_timer(T0 + 19 * SECOND, 3))
 
 
@@ -1420,12 +1428,12 @@ def test_a_command_issued_late_in_a_running_retry_schedule_gets_the_whole_schedu
     run = Run("cash+pre+2post")
     run.hold_all()
     run(success(9_000))
-    run(VoucherReply(2, "o1:2", VoucherOp.DEBIT, True), at=T0 + 500)
+    run(VoucherReply(2, O1_LEG2, VoucherOp.DEBIT, True), at=T0 + 500)
     for _ in range(4):  # leg 3's debit is sent again at +1, +3, +8 and +18 s ...
         fire_voucher_retry(run)
     assert run.order.voucher_attempt == 4  # ... only the wait for the last answer is left
     # ... and refused at +19 s: leg 2's debit must be reversed, leg 1's hold cancelled
-    refused = run(VoucherReply(3, "o1:3", VoucherOp.DEBIT, False, "insufficient_balance"),
+    refused = run(VoucherReply(3, O1_LEG3, VoucherOp.DEBIT, False, "insufficient_balance"),
                   at=T0 + 19 * SECOND)
     assert [run.status(n) for n in range(4)] == [
         L.REFUNDING, L.CANCELLING, L.REVERSING, L.SHORTFALL
@@ -1527,15 +1535,20 @@ def all_events(order: PaymentOrder) -> list[OrderEvent]:
     """Every event the order could be sent, right or wrong, fresh or stale."""
     events: list[OrderEvent] = [
         Activate(), CloseOrder(CloseCause.USER), CloseOrder(CloseCause.TIMEOUT),
-        VoucherReply(99, "nope", VoucherOp.TRY, True),
+        VoucherReply(99, FenceKey.user("nope"), VoucherOp.TRY, True),
     ]
     for leg in order.legs:
-        hold = leg.hold_id or "cash"
+        hold = FenceKey.user("cash") if leg.is_cash else order.fence_of(leg)
         for op in VoucherOp:
             for ok in (True, False):
                 events.append(VoucherReply(leg.leg_no, hold, op, ok, "" if ok else "no"))
             events.append(VoucherReply(leg.leg_no, hold, op, False, "unavailable", True))
-        events.append(VoucherReply(leg.leg_no, f"{hold}-other", VoucherOp.TRY, True))
+        events.append(VoucherReply(leg.leg_no, replace(hold, owner=f"{hold.owner}-other"),
+                                   VoucherOp.TRY, True))
+        # the same owner in another scope (a caller's hold named like the order's fence)
+        # is another fence: a stale reply
+        events.append(VoucherReply(leg.leg_no, FenceKey.user(f"{order.order_id}:{leg.leg_no}"),
+                                   VoucherOp.TRY, True))
     cash = order.cash_leg
     right = cash.amount if cash is not None else 1
     codes = {ResultKind.SUCCESS: "SUCCESS", ResultKind.FAILURE: "PAYERROR",
@@ -1564,10 +1577,11 @@ def pertinent_events(order: PaymentOrder) -> list[OrderEvent]:
     events: list[OrderEvent] = [TimerFired(TimerKind.CLOSE, 0)]
     for leg in order.legs:
         op = _EXPECTED_OP.get(leg.status)
-        if op is not None and leg.hold_id is not None:
-            events += [VoucherReply(leg.leg_no, leg.hold_id, op, True),
-                       VoucherReply(leg.leg_no, leg.hold_id, op, False, "refused"),
-                       VoucherReply(leg.leg_no, leg.hold_id, op, False, "unavailable", True)]
+        if op is not None and not leg.is_cash:
+            fence = order.fence_of(leg)
+            events += [VoucherReply(leg.leg_no, fence, op, True),
+                       VoucherReply(leg.leg_no, fence, op, False, "refused"),
+                       VoucherReply(leg.leg_no, fence, op, False, "unavailable", True)]
     if order.next_voucher_retry_at_ms is not None:
         # weighted, so that runs reach the end of the schedule and give up
         events += [TimerFired(TimerKind.VOUCHER_RETRY, order.voucher_attempt)] * 4
@@ -1712,9 +1726,9 @@ class World:
         self.sequence = 0
         self.channel = Channel()
         self.accounts: dict[str, vo.VoucherAccount] = {}
-        self.fences: dict[tuple[str, str], vo.Fence] = {}
+        self.fences: dict[tuple[str, FenceKey], vo.Fence] = {}
         self.lost = False
-        self.voucher_faults: dict[tuple[str, VoucherOp], int] = {}
+        self.voucher_faults: dict[tuple[FenceKey, VoucherOp], int] = {}
         for leg in self.order.legs:
             if leg.account_id is None:
                 continue
@@ -1735,12 +1749,13 @@ class World:
         amount = amount - 1 if kind == "other_amount" and amount > 1 else amount
         expires = T0 + (1 if kind == "short" else 60 * SECOND)
         try:
-            out = vo.try_hold(self.accounts[account_id], None, hold_id=hold_id, amount=amount,
-                              order_id=None, expires_at_ms=expires, now_ms=T0 - SECOND)
+            out = vo.try_hold(self.accounts[account_id], None, key=FenceKey.user(hold_id),
+                              amount=amount, order_id=None, expires_at_ms=expires,
+                              now_ms=T0 - SECOND)
         except PaymentError:
             return  # the user could not hold it: the order's own Try will tell
         self.accounts[account_id] = out.account
-        self.fences[(account_id, hold_id)] = out.fence  # type: ignore[assignment]
+        self.fences[(account_id, FenceKey.user(hold_id))] = out.fence  # type: ignore[assignment]
 
     # ----------------------------------------------------------------- the network
 
@@ -1759,9 +1774,9 @@ class World:
             if delay is not None:
                 break
 
-    def voucher_fault(self, hold_id: str, op: VoucherOp, chance: float) -> bool:
+    def voucher_fault(self, fence: FenceKey, op: VoucherOp, chance: float) -> bool:
         """Whether this exchange of a voucher command fails (within the command's budget)."""
-        key = (hold_id, op)
+        key = (fence, op)
         if not chance or self.voucher_faults.get(key, 0) >= VOUCHER_FAULTS_MAX:
             return False
         if self.rng.random() >= chance:
@@ -1814,7 +1829,7 @@ class World:
         for effect in decision.effects:
             match effect:
                 case TryHold() | ConfirmHold() | CancelHold() | DebitVoucher():
-                    if not self.voucher_fault(effect.hold_id, VOUCHER_OPS[type(effect)],
+                    if not self.voucher_fault(effect.fence, VOUCHER_OPS[type(effect)],
                                               self.scenario.voucher_loss):
                         self.send("voucher", effect)
                 case ArmTimer():
@@ -1828,45 +1843,45 @@ class World:
     def to_voucher(self, effect: Effect) -> None:
         assert isinstance(effect, TryHold | ConfirmHold | CancelHold | DebitVoucher)
         op = VOUCHER_OPS[type(effect)]
-        if self.voucher_fault(effect.hold_id, op, self.scenario.voucher_unavailable):
+        if self.voucher_fault(effect.fence, op, self.scenario.voucher_unavailable):
             # the voucher system failed without deciding anything: "ask again"
-            self.send("order", VoucherReply(effect.leg_no, effect.hold_id, op, False,
+            self.send("order", VoucherReply(effect.leg_no, effect.fence, op, False,
                                             "unavailable", retryable=True))
             return
-        key = (effect.account_id, effect.hold_id)
-        account, fence = self.accounts[effect.account_id], self.fences.get(key)
+        slot = (effect.account_id, effect.fence)
+        account, fence = self.accounts[effect.account_id], self.fences.get(slot)
         if fence is not None:  # the account sweeps a due hold before touching it
             swept = vo.expire_if_due(account, fence, self.now)
             account, fence = swept.account, swept.fence
             assert fence is not None
-            self.accounts[effect.account_id], self.fences[key] = account, fence
+            self.accounts[effect.account_id], self.fences[slot] = account, fence
         order_id = self.order.order_id
         try:
             match effect:
                 case TryHold():
-                    out = vo.try_hold(account, fence, hold_id=effect.hold_id,
+                    out = vo.try_hold(account, fence, key=effect.fence,
                                       amount=effect.amount, order_id=order_id,
                                       expires_at_ms=effect.expires_at_ms, now_ms=self.now,
                                       adopt_only=effect.adopt_only)
                 case ConfirmHold():
-                    out = vo.confirm(account, fence, hold_id=effect.hold_id, now_ms=self.now)
+                    out = vo.confirm(account, fence, key=effect.fence, now_ms=self.now)
                 case CancelHold():
-                    out = vo.cancel(account, fence, hold_id=effect.hold_id, order_id=order_id,
+                    out = vo.cancel(account, fence, key=effect.fence, order_id=order_id,
                                     now_ms=self.now)
                 case DebitVoucher():
-                    out = vo.debit(account, fence, hold_id=effect.hold_id, amount=effect.amount,
+                    out = vo.debit(account, fence, key=effect.fence, amount=effect.amount,
                                    order_id=order_id, now_ms=self.now)
         except PaymentError as error:
-            reply = VoucherReply(effect.leg_no, effect.hold_id, op, False, error.code)
+            reply = VoucherReply(effect.leg_no, effect.fence, op, False, error.code)
         else:
             self.accounts[effect.account_id] = out.account.check()
             assert out.fence is not None
-            self.fences[key] = out.fence
+            self.fences[slot] = out.fence
             # a refused fence answers the debit "short"; a Cancel that finds the debit refused
             # (given up on, its answer lost) has nothing to give back: that is a success
             ok = op is not VoucherOp.DEBIT or out.fence.status is not vo.FenceStatus.REFUSED
-            reply = VoucherReply(effect.leg_no, effect.hold_id, op, ok, "" if ok else "short")
-        if not self.voucher_fault(effect.hold_id, op, self.scenario.voucher_loss):
+            reply = VoucherReply(effect.leg_no, effect.fence, op, ok, "" if ok else "short")
+        if not self.voucher_fault(effect.fence, op, self.scenario.voucher_loss):
             self.send("order", reply)
 
     # ----------------------------------------------------------------- the channel
@@ -1954,10 +1969,10 @@ class World:
     def sweep(self) -> None:
         """Much later: every hold that was never confirmed has expired."""
         self.now = max([self.now] + [f.expires_at_ms or 0 for f in self.fences.values()]) + 1
-        for (account_id, hold_id), fence in list(self.fences.items()):
+        for (account_id, key), fence in list(self.fences.items()):
             out = vo.expire_if_due(self.accounts[account_id], fence, self.now)
             self.accounts[account_id] = out.account.check()
-            self.fences[(account_id, hold_id)] = out.fence  # type: ignore[assignment]
+            self.fences[(account_id, key)] = out.fence  # type: ignore[assignment]
 
 
 def _assert_money_safe(world: World) -> None:
@@ -1975,8 +1990,7 @@ def _assert_money_safe(world: World) -> None:
         for leg in order.legs:
             if leg.account_id is None:
                 continue
-            assert leg.hold_id is not None
-            fence = world.fences.get((leg.account_id, leg.hold_id))
+            fence = world.fences.get((leg.account_id, order.fence_of(leg)))
             account = world.accounts[leg.account_id]
             if leg.mode is LegMode.POST_DEDUCT:
                 # an unanswered debit fails the payment: a success has every debit taken

@@ -38,6 +38,7 @@ from payengine.engine.order import (
     VoucherReply,
     decide,
 )
+from payengine.engine.voucher import FenceKey, FenceScope
 from tests.test_engine_order import T0, make_order
 
 POLICY = OrderPolicy(refund_query_schedule_ms=(1_000, 2_000), voucher_retry_schedule_ms=(100, 200))
@@ -79,7 +80,8 @@ def test_vouchers_go_back_only_after_the_cash_part_did() -> None:
     returns = [e for e in effects if isinstance(e, ReturnVoucher)]
     assert [(r.account_id, r.amount) for r in returns] == [("redpacket", 500), ("points", 50)]
     for ret in returns:
-        order, _ = step(order, VoucherReply(ret.leg_no, ret.hold_id, VoucherOp.RETURN, True), T0 + 2)
+        assert ret.fence == FenceKey.refund_return(refund.refund_id, ret.leg_no)
+        order, _ = step(order, VoucherReply(ret.leg_no, ret.fence, VoucherOp.RETURN, True), T0 + 2)
     assert order.refunds[0].status is RefundStatus.SUCCEEDED and order.is_settled
 
 
@@ -117,10 +119,13 @@ def events_for(draw: st.DrawFn, order: PaymentOrder) -> OrderEvent:
         for kind in ResultKind:
             choices.append(RefundResult(refund_id, kind, ResultSource.QUERY, kind.value))
         for part in refund.parts if refund else ():
-            hold = f"{refund_id}:{part.leg_no}"
+            hold = FenceKey.refund_return(refund_id, part.leg_no)
+            # the same name in a caller's scope is another fence: its answer is stale
+            squatter = FenceKey.user(f"{refund_id}:{part.leg_no}")
             choices += [VoucherReply(part.leg_no, hold, VoucherOp.RETURN, True),
                         VoucherReply(part.leg_no, hold, VoucherOp.RETURN, False, "refused"),
-                        VoucherReply(part.leg_no, hold, VoucherOp.RETURN, False, "busy", True)]
+                        VoucherReply(part.leg_no, hold, VoucherOp.RETURN, False, "busy", True),
+                        VoucherReply(part.leg_no, squatter, VoucherOp.RETURN, False, "refused")]
     return draw(st.sampled_from(choices))
 
 
@@ -152,11 +157,12 @@ def test_no_interleaving_of_refunds_and_answers_gives_back_more_than_was_paid(
             if isinstance(effect, RefundCash):
                 assert sent_cash.setdefault(effect.refund_id, effect.amount_minor) == effect.amount_minor
             if isinstance(effect, ReturnVoucher):
-                refund = new.refund(refund_id=effect.hold_id.rpartition(":")[0])
+                assert effect.fence.scope is FenceScope.REFUND
+                refund = new.refund(refund_id=effect.fence.owner)
                 assert refund is not None
                 cash_part = refund.part(0)
                 if cash_part is not None and cash_part.status is not PartStatus.DONE:
-                    returned_before_cash.append(effect.hold_id)
+                    returned_before_cash.append(str(effect.fence))
         for before in order.refunds:
             after = new.refund(refund_id=before.refund_id)
             assert after is not None, "a refund disappeared"
@@ -211,12 +217,12 @@ def test_a_voucher_return_outlasts_the_retry_schedule_and_a_late_answer_still_co
     assert [p.status for p in order.refunds[0].parts[1:]] == [PartStatus.UNKNOWN] * 2
     assert order.refunds[0].status is RefundStatus.UNKNOWN and order.is_settled
     # a late answer still counts; a restart asks again for the one still unknown
-    run(VoucherReply(1, f"{refund_id}:1", VoucherOp.RETURN, True))
+    run(VoucherReply(1, FenceKey.refund_return(refund_id, 1), VoucherOp.RETURN, True))
     assert order.refunds[0].part(1).status is PartStatus.DONE  # type: ignore[union-attr]
     effects = run(Activate())
     assert [e for e in effects if isinstance(e, ReturnVoucher)] == [
-        ReturnVoucher("points", f"{refund_id}:2", 50, 2)]
-    run(VoucherReply(2, f"{refund_id}:2", VoucherOp.RETURN, True))
+        ReturnVoucher("points", FenceKey.refund_return(refund_id, 2), 50, 2)]
+    run(VoucherReply(2, FenceKey.refund_return(refund_id, 2), VoucherOp.RETURN, True))
     assert order.refunds[0].status is RefundStatus.SUCCEEDED
 
 

@@ -55,14 +55,13 @@ def test_a_hold_whose_order_decided_success_survives_an_outage_past_its_expiry(
                        CashPart(800, "wechat"), (VoucherPart("alice/points", 20),)),
         order_id="ord-1", payment_serial="P1", now_ms=now - 10_000,
         accounts={"alice/points": AccountUnit("POINTS", 10)}, policy=OrderPolicy())
-    hold_id = order.legs[1].hold_id
-    assert hold_id is not None
+    fence = order.fence_of(order.legs[1])
     store.insert_order(order, now - 10_000)
     decided = replace(order, state=OrderState.SUCCEEDED, cause="paid (callback)", version=1,
                       legs=(replace(order.legs[0], status=LegStatus.PAID),
                             replace(order.legs[1], status=LegStatus.CONFIRMING)))
     store.save_order(decided, [Transition("order", "paying", "succeeded", "paid")], now - 9_000)
-    store.save_account(account, funded, [Fence(hold_id, "alice/points", FenceKind.HOLD,
+    store.save_account(account, funded, [Fence(fence, "alice/points", FenceKind.HOLD,
                                                FenceStatus.PENDING, 20, "ord-1", now - 5_000,
                                                now - 10_000)],
                        [], now - 10_000)
@@ -71,8 +70,14 @@ def test_a_hold_whose_order_decided_success_survives_an_outage_past_its_expiry(
     engine = open_engine(path, ScriptedChannel())
     try:
         wait_for(lambda: engine.get_order("ord-1").settled, what="order settled")
-        assert engine.get_hold("alice/points", hold_id).status == "posted"
+        assert engine.get_order("ord-1").legs[1].status == "confirmed"
         points = engine.get_account("alice/points")
         assert (points.funded, points.available, points.held, points.spent) == (100, 80, 0, 20)
     finally:
         engine.shutdown()
+    reader = Store(path, exclusive=False)
+    try:
+        posted = reader.load_fence("alice/points", fence)
+        assert posted is not None and posted.status is FenceStatus.POSTED
+    finally:
+        reader.close()
