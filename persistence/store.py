@@ -51,7 +51,7 @@ from payengine.engine.order import (
     Transition,
 )
 from payengine.engine.voucher import Fence, FenceKind, FenceStatus, VoucherAccount
-from payengine.persistence import outbox, statements
+from payengine.persistence import outbox, rejections, statements
 
 SCHEMA_VERSION = 1
 
@@ -297,6 +297,7 @@ class Store:
             db.table("journal").create_index(["entity_kind", "entity_id"], if_not_exists=True)
             outbox.create_schema(db)
             statements.create_schema(db)
+            rejections.create_schema(db)
 
     # ------------------------------------------------------------------ orders
 
