@@ -6,16 +6,27 @@ thread. It answers with a ``ChannelReply`` holding the channel's raw codes; the 
 the channel, decides what they mean, by the channel's ``CodeTable``. An exception from a
 call (timeout, connection reset) means "unknown": the order keeps querying.
 
-Asynchronous results (the wallet's callback) come in through ``Engine.handle_callback`` and
-``Engine.handle_refund_callback``, from whatever thread the integrator's HTTP server uses.
+Asynchronous results (the wallet's notifications) come in through
+``Engine.handle_notification`` as the raw bytes the wallet sent: the adapter's
+``verify_notification`` checks the signature over those exact bytes and parses them, and
+only then does the engine cross-check and act on them. ``Engine.handle_callback`` takes a
+notification already parsed, whose origin the engine cannot check: it only makes the order
+ask the channel (a query), and the channel's answer counts. Either may be called from
+whatever thread the integrator's HTTP server uses.
 """
 
 from __future__ import annotations
 
+import enum
+import hashlib
+import hmac
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from payengine.engine.codes import CodeTable, ResultKind
+from payengine.engine.errors import NotificationRejected
 from payengine.engine.order import CashResult, RefundResult, ResultSource
 
 
@@ -31,6 +42,24 @@ class ChannelReply:
     result_code: str | None
     channel_txn_id: str | None = None
     amount_minor: int | None = None
+    currency: str | None = None
+    """The currency the channel reports the amount in, if it does (checked when given)."""
+
+
+class NotificationKind(enum.StrEnum):
+    PAYMENT = "payment"
+    REFUND = "refund"
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelNotification:
+    """What a wallet's notification says, once its adapter verified the signature."""
+
+    kind: NotificationKind
+    payment_serial: str
+    reply: ChannelReply
+    refund_id: str | None = None
+    """For a refund notification: the engine's refund id (out_refund_no)."""
 
 
 class Channel(Protocol):
@@ -42,15 +71,28 @@ class Channel(Protocol):
 
     def pay(self, payment_serial: str, amount_minor: int, currency: str, title: str
             ) -> ChannelReply:
-        """Start (or, for a serial seen before, look up) the payment."""
+        """Start (or, for a serial seen before, look up) the payment.
+
+        The engine never closes, nor pays again, a serial whose ``pay`` has not returned."""
         ...
 
     def query(self, payment_serial: str) -> ChannelReply:
         """The payment's current state."""
         ...
 
+    def query_charge(self, payment_serial: str, channel_txn_id: str) -> ChannelReply:
+        """One transaction of the payment, by the channel's transaction id.
+
+        Asked when a second charge is reported: answer a success code, with that
+        ``channel_txn_id`` and its amount, only if the channel really charged it for this
+        serial; anything else (not found, another serial) leaves the money where it is."""
+        ...
+
     def close(self, payment_serial: str) -> ChannelReply:
-        """Close an unpaid payment so it can no longer succeed; reply with its final state."""
+        """Close an unpaid payment so it can no longer succeed; reply with its final state.
+
+        Also for a serial the wallet has not seen (the pay request never reached it): record
+        it as closed, so a pay that arrives later is refused, and answer closed."""
         ...
 
     def refund(self, payment_serial: str, refund_id: str, amount_minor: int, currency: str
@@ -62,22 +104,129 @@ class Channel(Protocol):
         """The refund's current state."""
         ...
 
+    def verify_notification(self, body: bytes, headers: Mapping[str, str]
+                            ) -> ChannelNotification:
+        """Check the notification's signature over the exact ``body`` bytes and parse it.
+
+        Raise ``NotificationRejected`` (reason ``bad_signature`` or ``malformed``), or any
+        exception, for a notification that does not verify: nothing is then believed."""
+        ...
+
 
 def cash_result(channel: Channel, reply: ChannelReply | BaseException,
-                source: ResultSource) -> CashResult:
-    """Classify a payment reply, or the exception a call raised, into a ``CashResult``."""
+                source: ResultSource, *, reported_by: str | None = None) -> CashResult:
+    """Classify a payment reply, or the exception a call raised, into a ``CashResult``.
+
+    ``reported_by``: the channel a notification came through, for the order to check."""
     if isinstance(reply, BaseException):
+        return CashResult(ResultKind.PROCESSING, source, f"ERROR:{type(reply).__name__}")
+    if not isinstance(reply, ChannelReply):  # an adapter bug: never guess a result from it
         return CashResult(ResultKind.PROCESSING, source, f"ERROR:{type(reply).__name__}")
     kind = channel.pay_codes.classify(reply.return_code, reply.result_code)
     code = reply.result_code or reply.return_code or "NONE"
-    return CashResult(kind, source, code, reply.channel_txn_id, reply.amount_minor)
+    return CashResult(kind, source, code, reply.channel_txn_id, reply.amount_minor,
+                      reported_by, reply.currency)
 
 
 def refund_result(channel: Channel, refund_id: str, reply: ChannelReply | BaseException,
-                  source: ResultSource) -> RefundResult:
+                  source: ResultSource, *, reported_by: str | None = None) -> RefundResult:
     """Classify a refund reply, or the exception a call raised, into a ``RefundResult``."""
-    if isinstance(reply, BaseException):
+    if isinstance(reply, BaseException) or not isinstance(reply, ChannelReply):
         return RefundResult(refund_id, ResultKind.PROCESSING, source,
                             f"ERROR:{type(reply).__name__}")
     kind = channel.refund_codes.classify(reply.return_code, reply.result_code)
-    return RefundResult(refund_id, kind, source, reply.result_code or reply.return_code or "NONE")
+    return RefundResult(refund_id, kind, source, reply.result_code or reply.return_code or "NONE",
+                        reply.amount_minor, reported_by, reply.currency)
+
+
+def query_charge_result(channel: Channel, channel_txn_id: str,
+                        reply: ChannelReply | BaseException) -> CashResult:
+    """Classify the answer to ``query_charge``: a success only for that very transaction."""
+    result = cash_result(channel, reply, ResultSource.QUERY)
+    if result.kind is ResultKind.SUCCESS and result.channel_txn_id != channel_txn_id:
+        return CashResult(ResultKind.PROCESSING, ResultSource.QUERY,
+                          f"NOT_THAT_CHARGE:{result.code}")
+    return result
+
+
+SIGNATURE_HEADER = "X-Signature"
+
+
+class SignedJsonNotifications:
+    """A notification format for simulated and test channels, and a model for adapters.
+
+    The body is compact JSON (``kind, payment_serial, refund_id, return_code, result_code,
+    channel_txn_id, amount_minor, currency``); the header ``X-Signature`` is the hex
+    HMAC-SHA256 of the exact body bytes under the channel's key. Anything that does not
+    verify or parse strictly (a float amount, a missing serial) is ``NotificationRejected``.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        assert len(key) >= 16, "a signing key of at least 16 bytes"
+        self._key = key
+
+    def sign(self, notification: ChannelNotification) -> tuple[bytes, dict[str, str]]:
+        reply = notification.reply
+        body = json.dumps({
+            "kind": notification.kind.value, "payment_serial": notification.payment_serial,
+            "refund_id": notification.refund_id, "return_code": reply.return_code,
+            "result_code": reply.result_code, "channel_txn_id": reply.channel_txn_id,
+            "amount_minor": reply.amount_minor, "currency": reply.currency,
+        }, separators=(",", ":"), sort_keys=True).encode()
+        return body, {SIGNATURE_HEADER: self.signature(body)}
+
+    def signature(self, body: bytes) -> str:
+        return hmac.new(self._key, body, hashlib.sha256).hexdigest()
+
+    def verify(self, body: bytes, headers: Mapping[str, str]) -> ChannelNotification:
+        if not isinstance(body, bytes):
+            raise NotificationRejected("a notification body is the raw bytes received",
+                                       "malformed")
+        given = _header(headers, SIGNATURE_HEADER)
+        if not isinstance(given, str) or not hmac.compare_digest(
+            given.encode("ascii", "replace"), self.signature(body).encode()
+        ):
+            raise NotificationRejected("the notification's signature does not verify",
+                                       "bad_signature")
+        return _parse_notification(body)
+
+
+def _header(headers: Mapping[str, str], name: str) -> object:
+    if not isinstance(headers, Mapping):
+        return None
+    wanted = name.lower()
+    return next((v for k, v in headers.items() if isinstance(k, str) and k.lower() == wanted),
+                None)
+
+
+def _parse_notification(body: bytes) -> ChannelNotification:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise NotificationRejected("the notification is not JSON", "malformed") from None
+    if not isinstance(data, dict):
+        raise NotificationRejected("the notification is not a JSON object", "malformed")
+
+    def text(name: str, *, required: bool = False) -> str | None:
+        value = data.get(name)
+        if value in (None, "") and not required:  # wallets send empty optional fields
+            return None
+        if not isinstance(value, str) or not value or len(value) > 128:
+            raise NotificationRejected(f"notification field {name}: {value!r}", "malformed")
+        return value
+
+    amount = data.get("amount_minor")
+    if amount is not None and (isinstance(amount, bool) or not isinstance(amount, int)
+                               or amount <= 0):
+        raise NotificationRejected(f"notification amount_minor: {amount!r}", "malformed")
+    try:
+        kind = NotificationKind(str(data.get("kind")))
+    except ValueError:
+        raise NotificationRejected(f"notification kind: {data.get('kind')!r}",
+                                   "malformed") from None
+    serial = text("payment_serial", required=True)
+    assert serial is not None
+    refund_id = text("refund_id", required=kind is NotificationKind.REFUND)
+    reply = ChannelReply(text("return_code"), text("result_code"), text("channel_txn_id"),
+                         amount, text("currency"))
+    return ChannelNotification(kind, serial, reply, refund_id)

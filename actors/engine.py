@@ -8,6 +8,7 @@ the engine's truth, and never touch the channel.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -15,7 +16,14 @@ from typing import Any, Protocol
 
 from payengine.actors.account_actor import AccountBehaviour
 from payengine.actors.base import ActorBehaviour, Context, EngineConfig
-from payengine.actors.channel import Channel, ChannelReply, cash_result, refund_result
+from payengine.actors.channel import (
+    Channel,
+    ChannelNotification,
+    ChannelReply,
+    NotificationKind,
+    cash_result,
+    refund_result,
+)
 from payengine.actors.directory import Directory, Key
 from payengine.actors.logs import get_logger
 from payengine.actors.messages import (
@@ -34,10 +42,12 @@ from payengine.actors.order_actor import OrderBehaviour
 from payengine.actors.reconcile import ReconciliationReport, StatementSource
 from payengine.actors.runtime import Runtime, ThreadRuntime
 from payengine.actors.voucher_link import DirectVoucherLink, VoucherLink
+from payengine.engine.codes import ResultKind
 from payengine.engine.errors import (
     DuplicateSuspected,
     EngineClosed,
     InvalidRequest,
+    NotificationRejected,
     Overloaded,
     UnknownAccount,
     UnknownHold,
@@ -46,16 +56,21 @@ from payengine.engine.errors import (
 from payengine.engine.money import check_amount, check_unit
 from payengine.engine.order import (
     Activate,
+    CashResult,
     CloseCause,
     CloseOrder,
     OrderPolicy,
     PaymentRequest,
+    RefundResult,
     RequestRefund,
     ResultSource,
     build_order,
+    check_report,
     suspected_duplicates,
 )
 from payengine.engine.voucher import FenceKey, VoucherAccount
+from payengine.persistence import rejections
+from payengine.persistence.rejections import Rejection
 from payengine.persistence.store import JournalEntry, Store
 
 
@@ -85,6 +100,22 @@ class RandomIds:
 def _check_id(value: object, what: str) -> None:
     if not isinstance(value, str) or not value or len(value) > 128:
         raise InvalidRequest(f"{what} must be a non-empty string of at most 128 characters")
+
+
+def _check_reply(reply: object) -> None:
+    """A parsed channel reply from a caller: the right type, fields of the right types."""
+    if not isinstance(reply, ChannelReply):
+        raise InvalidRequest(f"a channel reply is a ChannelReply, not {type(reply).__name__}")
+    for name in ("return_code", "result_code", "channel_txn_id", "currency"):
+        value = getattr(reply, name)
+        if value is not None and (not isinstance(value, str) or len(value) > 128):
+            raise InvalidRequest(f"ChannelReply.{name} must be a string of at most 128 "
+                                 f"characters or None, got {type(value).__name__}")
+    amount = reply.amount_minor
+    if amount is not None and (isinstance(amount, bool) or not isinstance(amount, int)
+                               or amount <= 0):
+        raise InvalidRequest(f"ChannelReply.amount_minor must be a positive int or None, "
+                             f"got {amount!r}")
 
 
 class Engine:
@@ -371,25 +402,122 @@ class Engine:
             raise UnknownOrder(f"no payment order {order_id}")
         self._ctx.directory.tell(("order", order_id), CloseOrder(CloseCause.USER))
 
-    def handle_callback(self, channel: str, payment_serial: str, reply: ChannelReply, *,
-                        wait: bool = True) -> str:
-        """Feed a channel's asynchronous payment notification; returns the order's state.
+    def handle_notification(self, channel: str, body: bytes,
+                            headers: Mapping[str, str] | None = None, *,
+                            wait: bool = True) -> str:
+        """Feed a wallet's notification exactly as received: the raw body and its headers.
 
-        Returns once the result is committed, so the caller may then acknowledge the
-        notification to the channel. Duplicated, late and out-of-order callbacks are safe.
-        With ``wait=False`` it only enqueues the result and returns ``"queued"``.
+        The channel's adapter verifies the signature over the exact ``body`` bytes and parses
+        it (``Channel.verify_notification``); the engine then checks it against the order
+        (channel, currency, amount, refund id and amount, and that its transaction id pays
+        no other payment) and only then acts. Returns the order's state once the result is
+        committed: acknowledge the notification to the wallet only then. A notification
+        that does not verify or does not match raises ``NotificationRejected`` (recorded,
+        counted; do not acknowledge it). Duplicated, late and out-of-order ones are safe.
+        With ``wait=False`` it returns ``"queued"`` once the result is enqueued.
         """
         chan = self._channel(channel)
-        order_id = self._order_for_serial(payment_serial)
-        return self._feed(order_id, cash_result(chan, reply, ResultSource.CALLBACK), wait)
+        try:
+            note = chan.verify_notification(body, headers or {})
+            if not isinstance(note, ChannelNotification):
+                raise NotificationRejected(
+                    f"{channel}'s adapter returned {type(note).__name__}", "malformed")
+        except NotificationRejected as error:
+            self._reject(channel, "", None, "notification", error)
+            raise
+        except Exception as error:  # an adapter that cannot verify it: never believe it
+            rejected = NotificationRejected(
+                f"{channel} could not verify the notification: {type(error).__name__}",
+                "bad_signature")
+            self._reject(channel, "", None, "notification", rejected)
+            raise rejected from None
+        event: CashResult | RefundResult
+        if note.kind is NotificationKind.REFUND:
+            assert note.refund_id is not None
+            event = refund_result(chan, note.refund_id, note.reply, ResultSource.NOTIFICATION,
+                                  reported_by=channel)
+        else:
+            event = cash_result(chan, note.reply, ResultSource.NOTIFICATION, reported_by=channel)
+        return self._feed_report(channel, note.payment_serial, event, wait)
+
+    def handle_callback(self, channel: str, payment_serial: str, reply: ChannelReply, *,
+                        wait: bool = True) -> str:
+        """Feed a payment notification already parsed: it is *not* believed on its own.
+
+        The engine cannot check where a parsed reply came from, so a success or failure
+        fed here only makes the order ask the channel (``query``; a second charge:
+        ``query_charge``), at most once per ``OrderPolicy.confirm_query_interval_ms``, and
+        the channel's answer decides. One naming another channel, currency or amount than
+        the order's is ``NotificationRejected`` (recorded). Prefer ``handle_notification``
+        with the raw bytes. Returns the order's state after the notification was handled.
+        """
+        chan = self._channel(channel)
+        _check_reply(reply)
+        return self._feed_report(channel, payment_serial, cash_result(
+            chan, reply, ResultSource.CALLBACK, reported_by=channel), wait)
 
     def handle_refund_callback(self, channel: str, payment_serial: str, refund_id: str,
                                reply: ChannelReply, *, wait: bool = True) -> str:
-        """Feed a channel's asynchronous refund notification; returns the order's state."""
+        """Feed a refund notification already parsed; like ``handle_callback``, it only makes
+        the order ask the channel (``query_refund``), whose answer decides."""
         chan = self._channel(channel)
-        order_id = self._order_for_serial(payment_serial)
-        return self._feed(order_id, refund_result(chan, refund_id, reply, ResultSource.CALLBACK),
-                          wait)
+        _check_id(refund_id, "refund_id")
+        _check_reply(reply)
+        return self._feed_report(channel, payment_serial, refund_result(
+            chan, refund_id, reply, ResultSource.CALLBACK, reported_by=channel), wait)
+
+    def rejected_notifications(self, limit: int = 100) -> list[Rejection]:
+        """The newest notifications (and statement lines) the engine refused, newest first."""
+        self._check_open()
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= 10_000:
+            raise InvalidRequest("limit must be 1..10000")
+        return rejections.recent(self._ctx.store, limit)
+
+    def rejection_counts(self) -> dict[str, int]:
+        """How many notifications were refused ever, by reason (``bad_signature``...)."""
+        self._check_open()
+        return rejections.counts(self._ctx.store)
+
+    def _feed_report(self, channel: str, payment_serial: str,
+                     event: CashResult | RefundResult, wait: bool) -> str:
+        """Check a report from outside against the order, record a refusal, else feed it."""
+        source = event.source.value
+        refund_id = event.refund_id if isinstance(event, RefundResult) else None
+        try:
+            _check_id(payment_serial, "payment_serial")
+            order_id = self._order_for_serial(payment_serial)
+            order = self._ctx.store.load_order(order_id)
+            if order is None:
+                raise UnknownOrder(f"no payment order with serial {payment_serial}")
+            check_report(order, event, self._ctx.policy)
+            self._check_txn_owner(channel, order_id, event)
+            return self._feed(order_id, event, wait)
+        except (NotificationRejected, UnknownOrder) as error:
+            self._reject(channel, payment_serial, refund_id, source, error)
+            raise
+
+    def _check_txn_owner(self, channel: str, order_id: str,
+                         event: CashResult | RefundResult) -> None:
+        """A transaction id pays one payment only: one another order has is refused."""
+        if not isinstance(event, CashResult) or event.kind is not ResultKind.SUCCESS or (
+            event.channel_txn_id is None
+        ):
+            return
+        owner = rejections.txn_owner(self._ctx.store, channel, event.channel_txn_id)
+        if owner is not None and owner != order_id:
+            raise NotificationRejected(
+                f"transaction {event.channel_txn_id} belongs to order {owner}, not {order_id}",
+                "foreign_transaction")
+
+    def _reject(self, channel: str, payment_serial: str, refund_id: str | None, source: str,
+                error: NotificationRejected | UnknownOrder) -> None:
+        reason = error.reason if isinstance(error, NotificationRejected) else "unknown_order"
+        with contextlib.suppress(EngineClosed):  # shutting down: the refusal stands anyway
+            rejections.record(self._ctx.store, rejections.Rejection(
+                self._ctx.runtime.now_ms(), channel, payment_serial, refund_id, source, reason,
+                error.message))
+        self._ctx.log.warning("notification.rejected", channel=channel, reason=reason,
+                              payment_serial=payment_serial, detail=error.message)
 
     def _feed(self, order_id: str, event: Any, wait: bool) -> str:
         if wait:

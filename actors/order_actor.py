@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from payengine.actors.base import ActorBehaviour, Context
-from payengine.actors.channel import cash_result, refund_result
+from payengine.actors.channel import cash_result, query_charge_result, refund_result
 from payengine.actors.directory import Key
 from payengine.actors.messages import FromOrder, OrderView
 from payengine.actors.runtime import TimerHandle
@@ -34,6 +34,7 @@ from payengine.engine.order import (
     PayCash,
     PaymentOrder,
     QueryCash,
+    QueryCharge,
     QueryRefund,
     RefundCash,
     RefundResult,
@@ -152,6 +153,13 @@ class OrderBehaviour(ActorBehaviour):
             case QueryCash():
                 self._call_channel(effect.channel, ResultSource.QUERY,
                                    lambda ch: ch.query(effect.payment_serial))
+            case QueryCharge():
+                channel = self.ctx.channels[effect.channel]
+                directory, key, txn = self.ctx.directory, self.key, effect.channel_txn_id
+                self.ctx.runtime.run_io(
+                    effect.channel,
+                    lambda: channel.query_charge(effect.payment_serial, txn),
+                    lambda reply: directory.tell(key, query_charge_result(channel, txn, reply)))
             case CloseCash():
                 self._call_channel(effect.channel, ResultSource.CLOSE,
                                    lambda ch: ch.close(effect.payment_serial))

@@ -47,6 +47,7 @@ from payengine.engine.order import (
 from payengine.engine.statement import (
     FLAGGED,
     Judgement,
+    LineStatus,
     OrderSnapshot,
     StatementError,
     StatementLine,
@@ -59,7 +60,7 @@ from payengine.engine.statement import (
     judge_absent,
     scan,
 )
-from payengine.persistence import statements
+from payengine.persistence import rejections, statements
 from payengine.persistence.statements import LineKey, RecordedLine
 
 if TYPE_CHECKING:
@@ -355,11 +356,27 @@ class _Run:
         order_id = self.store.order_id_for_serial(line.out_trade_no)
         before = None if order_id is None else self._snapshot(order_id)
         judgement = judge(line, before)
-        if judgement.event is not None:
+        owner = self._foreign_owner(line, order_id) if judgement.event is not None else None
+        if owner is not None:
+            judgement = Judgement(
+                Verdict.CONFLICTING_LINE,
+                f"transaction {line.channel_txn_id} belongs to order {owner}, not to serial "
+                f"{line.out_trade_no}: one transaction pays one payment only; nothing fed")
+            rejections.record(self.store, rejections.Rejection(
+                self.engine.runtime.now_ms(), line.channel, line.out_trade_no, line.refund_id,
+                "statement", "foreign_transaction", judgement.detail))
+        elif judgement.event is not None:
             assert order_id is not None and before is not None
             judgement = self._feed(order_id, judgement, before, line)
         return RecordedLine(line, order_id, judgement.verdict.value, judgement.detail,
                             judgement.final)
+
+    def _foreign_owner(self, line: StatementLine, order_id: str | None) -> str | None:
+        """The other order a charge line's transaction id already belongs to, if any."""
+        if line.status is not LineStatus.SUCCESS:
+            return None
+        owner = rejections.txn_owner(self.store, line.channel, line.channel_txn_id)
+        return owner if owner is not None and owner != order_id else None
 
     def _feed(self, order_id: str, judgement: Judgement, before: OrderSnapshot,
               line: StatementLine | None) -> Judgement:

@@ -145,3 +145,20 @@ class DuplicateSuspected(PaymentError):
     def __init__(self, message: str, order_ids: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.order_ids = order_ids
+
+
+class NotificationRejected(PaymentError):
+    """A channel notification (or statement line) does not match what the engine knows.
+
+    Its signature does not verify, it names another channel, currency or amount than the
+    order's, or a transaction id that belongs to another payment. Nothing changed; the
+    rejection is recorded (``Engine.rejected_notifications``). ``reason`` is a short code:
+    ``bad_signature``, ``wrong_channel``, ``wrong_currency``, ``wrong_amount``,
+    ``foreign_transaction``, ``unknown_refund``, ``malformed``.
+    """
+
+    code = "notification_rejected"
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -31,6 +31,7 @@ from payengine.engine.errors import (
     IllegalTransition,
     InvalidAmount,
     InvalidRequest,
+    NotificationRejected,
     RefundRefused,
 )
 from payengine.engine.money import AMOUNT_MAX, check_amount, check_unit, value_in_minor
@@ -334,7 +335,8 @@ class Refund:
 
 
 PLANTABLE_BUGS = frozenset({"confirm-twice", "no-refund-after-close", "regress-success",
-                            "skip-hold", "over-refund", "ledger-unbalanced"})
+                            "skip-hold", "over-refund", "ledger-unbalanced",
+                            "accept-wrong-channel", "trust-forged-notification"})
 """Bugs the simulator can switch on (``payengine sim --plant-bug NAME``): a success after the
 close kept, a late "processing" moving a success back, vouchers never held, a hold posted
 twice. Each must make the oracle report a violation."""
@@ -363,6 +365,9 @@ class OrderPolicy:
     """A refund's voucher part must complete once its cash went back (R-TCC's retrying
     sentinel): after the schedule it is re-sent at the schedule's last gap, up to this many
     attempts in all (16 h at 30 s), and only then left ``unknown``."""
+    confirm_query_interval_ms: int = 1_000
+    """At most one query per order per this interval on unverified notifications, so a
+    flood of forged callbacks cannot turn into a flood of channel calls."""
     legs_max: int = 16
     refunds_max: int = 50
     """Refunds one order may have (merchant refunds and duplicate-charge refunds)."""
@@ -382,6 +387,7 @@ class OrderPolicy:
         assert self.refund_query_schedule_ms and all(g > 0 for g in self.refund_query_schedule_ms)
         assert 0 < self.pay_window_ms <= self.pay_window_ms_max
         assert self.hold_grace_ms > 0 and self.legs_max > 0
+        assert self.confirm_query_interval_ms > 0
         assert self.voucher_retry_schedule_ms and all(g > 0 for g in self.voucher_retry_schedule_ms)
 
 
@@ -417,6 +423,13 @@ class PaymentOrder:
     """When in-flight voucher commands are sent again; None when none is in flight."""
     refunds: tuple[Refund, ...] = ()
     version: int = 0
+    pay_in_flight: bool = field(default=False, compare=False)
+    """Volatile, never stored: a pay call of this process has not answered yet. The serial
+    is then neither closed nor paid again; the close waits for the answer. A reload starts
+    with none in flight, since a dead process's call can no longer answer."""
+    confirm_query_at_ms: int | None = field(default=None, compare=False)
+    """Volatile, never stored: when an unverified notification last made the order ask its
+    channel; such queries are at most one per ``OrderPolicy.confirm_query_interval_ms``."""
 
     @property
     def is_terminal(self) -> bool:
@@ -585,11 +598,25 @@ def _voucher_leg(
 
 
 class ResultSource(enum.StrEnum):
+    """Where a channel result came from, which decides how far it is trusted.
+
+    Answers to calls the engine made (``SYNC``, ``QUERY``, ``CLOSE``), notifications whose
+    signature the channel's adapter verified (``NOTIFICATION``) and an imported statement
+    (``RECONCILIATION``) are the channel's word. A ``CALLBACK`` is a notification fed already
+    parsed, whose origin the engine cannot check: it never moves money by itself, it only
+    makes the engine ask the channel (a query), whose answer then counts.
+    """
+
     SYNC = "sync"
     CALLBACK = "callback"
+    NOTIFICATION = "notification"
     QUERY = "query"
     CLOSE = "close"
     RECONCILIATION = "reconciliation"
+
+
+UNVERIFIED_SOURCES = frozenset({ResultSource.CALLBACK})
+"""Results that only prompt a query: see ``ResultSource``."""
 
 
 class CloseCause(enum.StrEnum):
@@ -640,6 +667,11 @@ class CashResult:
     code: str
     channel_txn_id: str | None = None
     amount_minor: int | None = None
+    channel: str | None = None
+    """The channel that reported it, when it came from outside (a notification, a
+    statement): checked against the order's channel. ``None``: the order's own channel."""
+    currency: str | None = None
+    """The currency the channel reported, if it did: checked against the order's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -650,6 +682,10 @@ class RefundResult:
     kind: ResultKind
     source: ResultSource
     code: str
+    amount_minor: int | None = None
+    """What the channel says it refunded, if it said: checked against what was asked."""
+    channel: str | None = None
+    currency: str | None = None
 
 
 REFUND_ABSENT_CODE = "ABSENT_FROM_STATEMENT"
@@ -741,6 +777,18 @@ class QueryCash:
 
 
 @dataclass(frozen=True, slots=True)
+class QueryCharge:
+    """Ask the channel whether one transaction of the payment is a real charge.
+
+    A notification of a second charge never moves money by itself: only the channel's
+    answer to this (or the statement) has the second charge refunded."""
+
+    channel: str
+    payment_serial: str
+    channel_txn_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class CloseCash:
     channel: str
     payment_serial: str
@@ -781,8 +829,8 @@ class ReturnVoucher:
 
 
 Effect = (
-    TryHold | ConfirmHold | CancelHold | DebitVoucher | PayCash | QueryCash | CloseCash
-    | RefundCash | QueryRefund | ArmTimer | ReturnVoucher
+    TryHold | ConfirmHold | CancelHold | DebitVoucher | PayCash | QueryCash | QueryCharge
+    | CloseCash | RefundCash | QueryRefund | ArmTimer | ReturnVoucher
 )
 
 
@@ -845,6 +893,10 @@ class _Draft:
     def update(self, **fields: object) -> None:
         self.order = replace(self.order, **fields)  # type: ignore[arg-type]
         self.touched = True
+
+    def volatile(self, **fields: object) -> None:
+        """Change fields that are never stored (``pay_in_flight``...): no new version."""
+        self.order = replace(self.order, **fields)  # type: ignore[arg-type]
 
     def set_refund(self, refund: Refund, cause: str) -> Refund:
         """Add or replace ``refund``, recording its and its parts' status changes."""
@@ -979,10 +1031,13 @@ def _reissue(d: _Draft, leg: Leg) -> None:
     elif leg.status is LegStatus.DEBITING and account is not None:
         d.effects.append(DebitVoucher(account, order.fence_of(leg), leg.amount, leg.leg_no))
     elif leg.status is LegStatus.PAYING and leg.channel is not None:
-        if order.is_terminal:  # closed: the channel close may never have left the process
+        if order.pay_in_flight:
+            pass  # its answer is still to come: neither close nor pay the serial again
+        elif order.is_terminal:  # closed: the channel close may never have left the process
             d.effects.append(CloseCash(leg.channel, order.payment_serial))
         elif leg.channel_code is None and d.now_ms < order.close_at_ms:
             d.effects.append(_pay(order, leg))  # never a payment past its window
+            d.volatile(pay_in_flight=True)
         if order.next_query_at_ms is not None:  # None: the schedule already ran out
             d.effects.append(ArmTimer(TimerKind.QUERY, order.next_query_at_ms, order.query_attempt))
     elif leg.status is LegStatus.REFUNDING and leg.channel and leg.refund_id:
@@ -1028,6 +1083,7 @@ def _start_cash(d: _Draft) -> None:
     assert cash.channel is not None
     d.set_leg(cash.leg_no, LegStatus.PAYING, "pay")
     d.effects.append(_pay(d.order, d.order.leg(cash.leg_no)))
+    d.volatile(pay_in_flight=True)
     _arm_query(d, attempt=0)
 
 
@@ -1158,6 +1214,89 @@ def _refund_cash(d: _Draft, leg: Leg, cause: str) -> None:
 # ---- cash results
 
 
+def check_report(order: PaymentOrder, result: CashResult | RefundResult,
+                 policy: OrderPolicy) -> None:
+    """Refuse a channel report that contradicts what the order is: ``NotificationRejected``.
+
+    Channel, currency and (for a notification) amount are fixed when the order is made, so
+    a report naming others is not about this payment, whatever it says. A verified success
+    of another amount is not refused here: money really moved, and it takes the mismatch
+    path (never a success). The shell checks the same before feeding, and records it.
+    """
+    cash = order.cash_leg
+    if cash is None:
+        raise NotificationRejected(f"order {order.order_id} has no cash part", "wrong_channel")
+    if result.channel is not None and result.channel != cash.channel and (
+        "accept-wrong-channel" not in policy.planted_bugs
+    ):
+        raise NotificationRejected(
+            f"order {order.order_id} pays through {cash.channel}, not {result.channel}",
+            "wrong_channel")
+    if result.currency is not None and result.currency != order.currency:
+        raise NotificationRejected(
+            f"order {order.order_id} is in {order.currency}, the report says {result.currency}",
+            "wrong_currency")
+    from_outside = result.source in (ResultSource.CALLBACK, ResultSource.NOTIFICATION)
+    if not from_outside or result.amount_minor is None:
+        return
+    if isinstance(result, RefundResult):
+        asked = _refund_cash_amount(order, result.refund_id)
+        if asked is None:
+            raise NotificationRejected(
+                f"order {order.order_id} has no refund {result.refund_id} through its channel",
+                "unknown_refund")
+        if result.amount_minor != asked:
+            raise NotificationRejected(
+                f"refund {result.refund_id} asked {asked}, the report says {result.amount_minor}",
+                "wrong_amount")
+    elif result.source in UNVERIFIED_SOURCES and result.amount_minor != cash.amount:
+        raise NotificationRejected(
+            f"order {order.order_id} asked {cash.amount}, the report says {result.amount_minor}",
+            "wrong_amount")
+
+
+def _refund_cash_amount(order: PaymentOrder, refund_id: str) -> int | None:
+    """What the channel was asked to give back under ``refund_id`` (``None``: nothing)."""
+    cash = order.cash_leg
+    if cash is None:
+        return None
+    if cash.refund_id == refund_id:
+        return cash.amount
+    refund = order.refund(refund_id=refund_id)
+    part = None if refund is None else refund.part(cash.leg_no)
+    return None if part is None else part.amount
+
+
+def _ask_channel(d: _Draft, effect: QueryCash | QueryCharge | QueryRefund, why: str) -> str:
+    """Ask the channel instead of believing a report; at most one per confirm interval."""
+    last = d.order.confirm_query_at_ms
+    if last is not None and d.now_ms - last < d.policy.confirm_query_interval_ms:
+        return f"ignored: {why}; the channel was asked moments ago"
+    d.volatile(confirm_query_at_ms=d.now_ms)
+    d.effects.append(effect)
+    return f"asked the channel: {why}"
+
+
+def _trusts(d: _Draft, source: ResultSource) -> bool:
+    return source not in UNVERIFIED_SOURCES or "trust-forged-notification" in d.policy.planted_bugs
+
+
+def _confirm_cash(d: _Draft, cash: Leg, result: CashResult) -> str:
+    """An unverified payment notification: ask the channel what it would change."""
+    why = f"unverified {result.kind.value} notification ({result.code})"
+    assert cash.channel is not None
+    txn = result.channel_txn_id
+    if result.kind is ResultKind.PROCESSING:
+        return f"ignored: {why}"
+    if cash.status in (LegStatus.PAYING, LegStatus.UNKNOWN, LegStatus.UNPAID):
+        return _ask_channel(d, QueryCash(cash.channel, d.order.payment_serial), why)
+    if result.kind is ResultKind.SUCCESS and txn and cash.channel_txn_id and (
+        txn != cash.channel_txn_id
+    ) and d.order.refund(refund_no=SECOND_CHARGE_PREFIX + txn) is None:
+        return _ask_channel(d, QueryCharge(cash.channel, d.order.payment_serial, txn), why)
+    return f"ignored: {why}, cash leg is {cash.status.value}"
+
+
 def _cash_result(d: _Draft, result: CashResult) -> str:
     cash = d.cash()
     if cash is None:
@@ -1167,6 +1306,10 @@ def _cash_result(d: _Draft, result: CashResult) -> str:
             f"order {d.order.order_id} has not asked its channel yet; a {result.kind.value} "
             "result cannot be for it"
         )
+    check_report(d.order, result, d.policy)
+    close_waited = d.order.pay_in_flight and d.order.is_terminal
+    if result.source is ResultSource.SYNC:
+        d.volatile(pay_in_flight=False)
     if not d.order.is_terminal and d.order.state is not OrderState.DEDUCTING and (
         d.now_ms >= d.order.close_at_ms
     ):
@@ -1175,6 +1318,20 @@ def _cash_result(d: _Draft, result: CashResult) -> str:
         _close(d, CloseCause.TIMEOUT)
         cash = d.cash()
         assert cash is not None
+    trusted = _trusts(d, result.source)
+    note = _apply_cash_result(d, result) if trusted else _confirm_cash(d, cash, result)
+    cash = d.cash()
+    if close_waited and not d.order.pay_in_flight and cash is not None and (
+        cash.status is LegStatus.PAYING
+    ):
+        assert cash.channel is not None  # the close waited for this answer: send it now
+        d.effects.append(CloseCash(cash.channel, d.order.payment_serial))
+    return note
+
+
+def _apply_cash_result(d: _Draft, result: CashResult) -> str:
+    cash = d.cash()
+    assert cash is not None
     match result.kind:
         case ResultKind.SUCCESS:
             return _cash_success(d, cash, result)
@@ -1192,9 +1349,17 @@ def _cash_result(d: _Draft, result: CashResult) -> str:
 
 def _cash_success(d: _Draft, cash: Leg, result: CashResult) -> str:
     if cash.status not in (LegStatus.PAYING, LegStatus.UNKNOWN, LegStatus.UNPAID):
-        if result.channel_txn_id and cash.channel_txn_id and (
-            result.channel_txn_id != cash.channel_txn_id
-        ):
+        txn = result.channel_txn_id
+        if txn and cash.channel_txn_id and txn != cash.channel_txn_id:
+            if result.source is ResultSource.NOTIFICATION and (
+                "trust-forged-notification" not in d.policy.planted_bugs
+            ):
+                # Money never leaves on a notification alone: the channel confirms first.
+                if d.order.refund(refund_no=SECOND_CHARGE_PREFIX + txn) is not None:
+                    return f"duplicate: second charge {txn} is already being refunded"
+                assert cash.channel is not None
+                return _ask_channel(d, QueryCharge(cash.channel, d.order.payment_serial, txn),
+                                    f"notified of a second charge {txn}")
             return _refund_second_charge(d, cash, result)
         return f"duplicate: success again ({result.source.value}), cash leg is {cash.status.value}"
     if result.amount_minor is not None and result.amount_minor != cash.amount:
@@ -1249,6 +1414,35 @@ def _cash_failure(d: _Draft, cash: Leg, result: CashResult) -> str:
 
 
 def _refund_result(d: _Draft, result: RefundResult) -> str:
+    if d.cash() is not None:
+        check_report(d.order, result, d.policy)
+    if not _trusts(d, result.source) or (
+        result.source is ResultSource.NOTIFICATION and result.kind is ResultKind.FAILURE
+        and "trust-forged-notification" not in d.policy.planted_bugs
+    ):
+        # An unverified report, or a failure (which would free the amount to be refunded
+        # again): the channel's own answer to a query decides.
+        return _confirm_refund(d, result)
+    return _apply_refund_result(d, result)
+
+
+def _confirm_refund(d: _Draft, result: RefundResult) -> str:
+    why = f"{result.source.value} says refund {result.refund_id} {result.kind.value}"
+    cash = d.cash()
+    if result.kind is ResultKind.PROCESSING or cash is None or cash.channel is None:
+        return f"ignored: {why}"
+    refund = d.order.refund(refund_id=result.refund_id)
+    part = None if refund is None else refund.part(cash.leg_no)
+    open_error_refund = cash.refund_id == result.refund_id and cash.status in (
+        LegStatus.REFUNDING, LegStatus.REFUND_UNKNOWN)
+    open_part = part is not None and part.status in (PartStatus.SENT, PartStatus.UNKNOWN)
+    if not (open_error_refund or open_part):
+        return f"ignored: {why}, nothing open to settle"
+    return _ask_channel(d, QueryRefund(cash.channel, d.order.payment_serial, result.refund_id),
+                        why)
+
+
+def _apply_refund_result(d: _Draft, result: RefundResult) -> str:
     cash = d.cash()
     if cash is None or cash.refund_id != result.refund_id:
         refund = d.order.refund(refund_id=result.refund_id)
@@ -1291,7 +1485,8 @@ def _close(d: _Draft, cause: CloseCause) -> str:
     cash = d.cash()
     if cash is not None and cash.status is LegStatus.PAYING:
         assert cash.channel is not None
-        d.effects.append(CloseCash(cash.channel, d.order.payment_serial))
+        if not d.order.pay_in_flight:  # else the close goes out once the pay call answered
+            d.effects.append(CloseCash(cash.channel, d.order.payment_serial))
         _arm_query(d, attempt=0)
     _release_everything(d, f"order closed ({cause.value})")
     return "applied"
@@ -1327,7 +1522,7 @@ def _query_due(d: _Draft, token: int) -> str:
             d.set_leg(cash.leg_no, LegStatus.UNKNOWN, "queries exhausted after close")
         d.update(next_query_at_ms=None, query_attempt=token + 1)
         return "applied"
-    if d.order.is_terminal:
+    if d.order.is_terminal and not d.order.pay_in_flight:
         # After the close, ask the channel to close again: idempotent, it answers with the
         # final state, and a close that was lost in a timeout is then made after all.
         d.effects.append(CloseCash(cash.channel, d.order.payment_serial))

@@ -15,7 +15,13 @@ payengine is quiet when embedded: it logs through structlog into the standard li
 """
 
 from payengine.actors.base import EngineConfig
-from payengine.actors.channel import Channel, ChannelReply
+from payengine.actors.channel import (
+    Channel,
+    ChannelNotification,
+    ChannelReply,
+    NotificationKind,
+    SignedJsonNotifications,
+)
 from payengine.actors.engine import Engine, IdSource, RandomIds
 from payengine.actors.messages import (
     AccountView,
@@ -44,6 +50,7 @@ from payengine.engine.errors import (
     InsufficientBalance,
     InvalidAmount,
     InvalidRequest,
+    NotificationRejected,
     Overloaded,
     PaymentError,
     RefundRefused,
@@ -61,17 +68,61 @@ from payengine.engine.order import (
 )
 from payengine.engine.statement import StatementError
 from payengine.persistence.outbox import OutboxEvent
+from payengine.persistence.rejections import Rejection
 
 __version__ = "0.2.0"
 
 __all__ = [
-    "AccountExists", "AccountView", "ActorBroken", "CashPart", "Channel", "ChannelReply",
-    "CodeTable", "CurrencyMismatch", "DatabaseInUse", "DuplicateSuspected", "Engine",
-    "EngineClosed", "EngineConfig", "HoldNotPending", "HoldRefused", "HoldView", "IdSource",
-    "IdempotencyConflict", "IllegalTransition", "IncompatibleDatabase", "InsufficientBalance",
-    "InvalidAmount", "InvalidRequest", "LegMode", "LegView", "NotificationConfig", "OrderPolicy",
-    "OrderState", "OrderView", "OutboxEvent", "Overloaded", "PaymentError", "PaymentRequest", "RandomIds",
-    "Receipt", "ReconciliationReport", "RefundRefused", "RefundView", "ResultKind", "Runtime",
-    "StatementError", "ThreadRuntime", "UnknownAccount", "UnknownHold", "UnknownOrder",
-    "VoucherPart", "__version__",
+    "AccountExists",
+    "AccountView",
+    "ActorBroken",
+    "CashPart",
+    "Channel",
+    "ChannelNotification",
+    "ChannelReply",
+    "CodeTable",
+    "CurrencyMismatch",
+    "DatabaseInUse",
+    "DuplicateSuspected",
+    "Engine",
+    "EngineClosed",
+    "EngineConfig",
+    "HoldNotPending",
+    "HoldRefused",
+    "HoldView",
+    "IdSource",
+    "IdempotencyConflict",
+    "IllegalTransition",
+    "IncompatibleDatabase",
+    "InsufficientBalance",
+    "InvalidAmount",
+    "InvalidRequest",
+    "LegMode",
+    "LegView",
+    "NotificationConfig",
+    "NotificationKind",
+    "NotificationRejected",
+    "OrderPolicy",
+    "OrderState",
+    "OrderView",
+    "OutboxEvent",
+    "Overloaded",
+    "PaymentError",
+    "PaymentRequest",
+    "RandomIds",
+    "Receipt",
+    "ReconciliationReport",
+    "RefundRefused",
+    "RefundView",
+    "Rejection",
+    "ResultKind",
+    "Runtime",
+    "SignedJsonNotifications",
+    "StatementError",
+    "ThreadRuntime",
+    "UnknownAccount",
+    "UnknownHold",
+    "UnknownOrder",
+    "VoucherPart",
+    "__version__",
 ]

@@ -59,7 +59,7 @@ from payengine.engine.voucher import (
     FenceStatus,
     VoucherAccount,
 )
-from payengine.persistence import outbox, statements
+from payengine.persistence import outbox, rejections, statements
 
 SCHEMA_VERSION = 2
 """Bumped whenever a table changes shape; a file of another version is refused at open
@@ -326,6 +326,7 @@ class Store:
             db.table("journal").create_index(["entity_kind", "entity_id"], if_not_exists=True)
             outbox.create_schema(db)
             statements.create_schema(db)
+            rejections.create_schema(db)
 
     # ------------------------------------------------------------------ orders
 

@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from payengine.actors.channel import ChannelReply
+from payengine.actors.channel import (
+    ChannelNotification,
+    ChannelReply,
+    NotificationKind,
+    SignedJsonNotifications,
+)
 from payengine.engine.codes import WECHAT_LIKE_PAY_CODES, WECHAT_LIKE_REFUND_CODES, CodeTable
 
 
@@ -33,13 +38,11 @@ class World(Protocol):
 
 
 class CallbackSink(Protocol):
-    """Where notifications go: an ``Engine`` has both methods."""
+    """Where notifications go: an ``Engine`` has this method."""
 
-    def handle_callback(self, channel: str, payment_serial: str, reply: ChannelReply, *,
-                        wait: bool = True) -> str: ...
-
-    def handle_refund_callback(self, channel: str, payment_serial: str, refund_id: str,
-                               reply: ChannelReply, *, wait: bool = True) -> str: ...
+    def handle_notification(self, channel: str, body: bytes,
+                            headers: Mapping[str, str] | None = None, *,
+                            wait: bool = True) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,10 @@ class SimRefund:
     state: str
 
 
+SENT_KEPT_MAX = 200
+"""Notifications a simulated wallet keeps for replay attacks (sim.forger)."""
+
+
 class SimulatedChannel:
     """A channel whose every answer is drawn from ``rng``; thread-safe."""
 
@@ -104,8 +111,12 @@ class SimulatedChannel:
 
     def __init__(self, name: str, world: World, *, seed: int = 0,
                  faults: ChannelFaults | None = None, wait_for_ack: bool = True,
-                 txn_prefix: str = "T") -> None:
+                 txn_prefix: str = "T", signing_key: bytes | None = None) -> None:
         self.name = name
+        self.notifications = SignedJsonNotifications(
+            signing_key or f"payengine-simulated-{name}-key".encode())
+        """Signs what this wallet sends and verifies it for the engine (the adapter's side
+        shares the key, as a real merchant shares its API key with the wallet)."""
         self.txn_prefix = txn_prefix
         """Transaction ids are ``<prefix><n>``: a channel that outlives one run (the demo
         on the same file) needs a prefix of its own, as a real channel's ids are unique."""
@@ -118,6 +129,8 @@ class SimulatedChannel:
         self.payments: dict[str, SimPayment] = {}
         self.sink: CallbackSink | None = None
         self.counts: dict[str, int] = {}
+        self.sent_notifications: list[tuple[bytes, dict[str, str]]] = []
+        """The newest notifications sent (``SENT_KEPT_MAX``), for replaying them."""
         self._lock = threading.RLock()
 
     def attach(self, sink: CallbackSink | None) -> None:
@@ -163,6 +176,22 @@ class SimulatedChannel:
             ):
                 return ChannelReply("SUCCESS", "USERPAYING", payment.txn_id)
             return self._reply(payment)
+
+    def query_charge(self, payment_serial: str, channel_txn_id: str) -> ChannelReply:
+        """One transaction of the payment: a success only for a charge really made."""
+        with self._lock:
+            if self._chance(self.faults.query_no_answer, "query_no_answer"):
+                return ChannelReply("FAIL", None)
+            payment = self.payments.get(payment_serial)
+            charge = None if payment is None else next(
+                (c for c in payment.charges if c[0] == channel_txn_id), None)
+            if charge is None:
+                return ChannelReply("SUCCESS", "ORDERNOTEXIST")
+            return ChannelReply("SUCCESS", "SUCCESS", charge[0], charge[1])
+
+    def verify_notification(self, body: bytes, headers: Mapping[str, str]
+                            ) -> ChannelNotification:
+        return self.notifications.verify(body, headers)
 
     def close(self, payment_serial: str) -> ChannelReply:
         with self._lock:
@@ -235,8 +264,8 @@ class SimulatedChannel:
             if self._chance(self.faults.double_charge, "double_charge"):
                 self._after(self.faults.callback_delay_ms,
                             lambda: self._charge_again(payment_serial))
-        self._notify(lambda sink: sink.handle_callback(self.name, payment_serial, reply,
-                                                       wait=self.wait_for_ack))
+        self._notify(self._signed(ChannelNotification(NotificationKind.PAYMENT, payment_serial,
+                                                      reply)))
 
     def _charge_again(self, payment_serial: str) -> None:
         """A second charge for a paid payment (a channel fault): its own notification."""
@@ -246,16 +275,25 @@ class SimulatedChannel:
             payment.charged_minor += payment.amount_minor
             payment.charges.append((txn, payment.amount_minor, self.world.now_ms()))
             reply = ChannelReply("SUCCESS", "SUCCESS", txn, payment.amount_minor)
-        self._notify(lambda sink: sink.handle_callback(self.name, payment_serial, reply,
-                                                       wait=self.wait_for_ack))
+        self._notify(self._signed(ChannelNotification(NotificationKind.PAYMENT, payment_serial,
+                                                      reply)))
 
     def _refund_done(self, payment_serial: str, refund_id: str) -> None:
         with self._lock:
             refund = self.payments[payment_serial].refunds[refund_id]
             refund.state = "SUCCESS"
-        reply = ChannelReply("SUCCESS", "SUCCESS")
-        self._notify(lambda sink: sink.handle_refund_callback(
-            self.name, payment_serial, refund_id, reply, wait=self.wait_for_ack), refund=True)
+        reply = ChannelReply("SUCCESS", "SUCCESS", None, refund.amount_minor)
+        self._notify(self._signed(ChannelNotification(NotificationKind.REFUND, payment_serial,
+                                                      reply, refund_id)), refund=True)
+
+    def _signed(self, notification: ChannelNotification) -> Callable[[CallbackSink], object]:
+        """The notification as the wallet POSTs it: signed body bytes and headers."""
+        body, headers = self.notifications.sign(notification)
+        with self._lock:
+            self.sent_notifications.append((body, headers))
+            del self.sent_notifications[:-SENT_KEPT_MAX]
+        return lambda sink: sink.handle_notification(self.name, body, headers,
+                                                     wait=self.wait_for_ack)
 
     def _notify(self, send: Callable[[CallbackSink], object], *, refund: bool = False) -> None:
         """Send a notification: maybe lost, maybe twice, after a delay; never blocks."""

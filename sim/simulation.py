@@ -49,6 +49,7 @@ from payengine.engine.order import (
 from payengine.engine.statement import FLAGGED, Verdict
 from payengine.persistence.outbox import OutboxEvent
 from payengine.sim.channel import ChannelFaults, SimulatedChannel
+from payengine.sim.forger import Forger
 from payengine.sim.merchant import SimMerchant
 from payengine.sim.oracle import OracleReport, Violation, check
 from payengine.sim.runtime import Scheduler, SimRuntime, SimWorld
@@ -60,7 +61,7 @@ FAULT_KINDS = (
     "channel-timeout", "unknown-code", "pay-failure", "query-no-answer", "query-processing",
     "user-never-pays", "user-pays-late", "duplicate-submit", "user-close", "timeout-close",
     "voucher-faults", "crash", "double-charge", "refund-callback-lost",
-    "refund-callback-duplicated", "merchant-down",
+    "refund-callback-duplicated", "merchant-down", "forged-notification",
 )
 """Every fault the simulator can inject; ``--faults`` picks from these."""
 
@@ -85,6 +86,9 @@ OUTBOX_RETENTION_MS = 5_000
 """Delivered events are pruned after 5 virtual seconds, so pruning runs all through a run,
 racing deliveries, retries and crashes; the oracle's notification checks (every terminal
 order notified and accepted) would catch an event pruned before its consumers had it."""
+
+ALIPAY_SHARE = 0.2
+"""Share of orders paying through the second channel, ``alipay`` (the rest: ``wechat``)."""
 
 REFUND_SHARE = 0.3
 """Share of submitted orders the merchant later asks to refund (if they succeeded)."""
@@ -182,6 +186,8 @@ class FaultMix:
     vouchers: VoucherFaults
     merchant_down: float = 0.0
     """How often the merchant's notification endpoint fails an attempt."""
+    forgeries: float = 0.0
+    """Chance per order that the forger (``sim.forger``) strikes at it, at a random time."""
 
     @staticmethod
     def draw(rng: random.Random, allowed: frozenset[str], *, swarm: bool = True) -> FaultMix:
@@ -219,6 +225,7 @@ class FaultMix:
             user_close=p("user-close", 0.2),
             pay_window_ms=rng.choice([800, 1_500]) if "timeout-close" in on else 3_000,
             merchant_down=p("merchant-down", 0.3),
+            forgeries=p("forged-notification", 0.5),
             vouchers=VoucherFaults(
                 request_lost=p("voucher-faults", 0.25), reply_lost=p("voucher-faults", 0.25),
                 unavailable=p("voucher-faults", 0.25),
@@ -244,6 +251,12 @@ class Simulation:
         self.channel = SimulatedChannel("wechat", self.world, seed=config.seed + 1,
                                         faults=self.mix.channel,
                                         wait_for_ack=config.runtime == "threads")
+        self.alipay = SimulatedChannel("alipay", self.world, seed=config.seed + 4,
+                                       faults=self.mix.channel, txn_prefix="A",
+                                       wait_for_ack=config.runtime == "threads")
+        self.channels = {"wechat": self.channel, "alipay": self.alipay}
+        self.forged_counts: dict[str, int] = {}
+        self.forger = Forger(random.Random(config.seed + 5), self.channels, self.forged_counts)
         bugs = frozenset({config.plant_bug}) if config.plant_bug else frozenset()
         self.policy = OrderPolicy(
             pay_window_ms=self.mix.pay_window_ms, hold_grace_ms=SIM_POLICY.hold_grace_ms,
@@ -284,12 +297,14 @@ class Simulation:
         else:
             runtime = ThreadRuntime()
         self.runtime = runtime
-        self.engine = Engine.open(self.path, channels=[self.channel], policy=self.policy,
+        self.engine = Engine.open(self.path, channels=list(self.channels.values()),
+                                  policy=self.policy,
                                   config=self.engine_config, runtime=runtime, ids=self.ids,
                                   synchronous="OFF" if self.scheduler else "NORMAL",
                                   voucher_link=self._voucher_link,
                                   subscribers={"downstream": self._downstream})
-        self.channel.attach(self.engine)
+        for channel in self.channels.values():
+            channel.attach(self.engine)
         retry, self.pending_submits = self.pending_submits, []
         for request in retry:
             self._submit(request)
@@ -319,7 +334,8 @@ class Simulation:
             return
         self.engine = None
         self._note_broken(engine)
-        self.channel.attach(None)
+        for channel in self.channels.values():
+            channel.attach(None)
         if isinstance(runtime, SimRuntime):
             runtime.crash()
         engine.abandon()
@@ -388,8 +404,9 @@ class Simulation:
             vouchers.append(VoucherPart(f"{c}/pts", 20, mode))
         total = rng.randint(10, 300) * 100
         value = sum(100 if v.account_id.endswith("/rp") else 200 for v in vouchers)
+        wallet = "alipay" if rng.random() < ALIPAY_SHARE else "wechat"
         return PaymentRequest("station-1", f"s{self.config.seed}-{i:06d}", c, "CNY", total,
-                               "Fuel", CashPart(total - value, "wechat"), tuple(vouchers))
+                               "Fuel", CashPart(total - value, wallet), tuple(vouchers))
 
     def _submit(self, request: PaymentRequest) -> None:
         engine = self.engine
@@ -418,6 +435,13 @@ class Simulation:
             self._at(self.world.now_ms() + delay, lambda: self._close(receipt.order_id))
         if first is receipt and not self.quiet and self.rng.random() < REFUND_SHARE:
             self._schedule_refunds(receipt.order_id, request.total_minor)
+        if first is receipt and request.cash is not None and (
+            self.rng.random() < self.mix.forgeries
+        ):
+            for _ in range(self.rng.randint(1, 3)):
+                at = self.world.now_ms() + self.rng.randint(0, 2 * self.mix.pay_window_ms + 3_000)
+                self._at(at, functools.partial(self._forge, receipt, request.cash.channel,
+                                               request.cash.amount_minor))
 
     def _schedule_refunds(self, order_id: str, total_minor: int) -> None:
         """The merchant refunds some paid orders: whole, in parts, twice, several at once.
@@ -443,6 +467,16 @@ class Simulation:
             self.counts[f"refund_refused:{error.code}"] += 1
         except ActorBroken:
             self.counts["refund_refused:actor_broken"] += 1  # a violation, noted at the end
+
+    def _forge(self, receipt: Receipt, channel: str, amount_minor: int) -> None:
+        """The forger strikes at this order (fault ``forged-notification``)."""
+        engine = self.engine
+        if engine is None or self.quiet:
+            return
+        with contextlib.suppress(PaymentError):
+            refund_ids = [r.refund_id for r in engine.get_order(receipt.order_id).refunds]
+            self.forger.strike(engine, channel, receipt.payment_serial, amount_minor,
+                               refund_ids)
 
     def _close(self, order_id: str) -> None:
         if self.engine is not None:
@@ -481,7 +515,7 @@ class Simulation:
     def _final_check(self) -> OracleReport:
         engine = self.engine
         assert engine is not None
-        report = check(engine.store, {"wechat": self.channel}, now_ms=self.world.now_ms())
+        report = check(engine.store, self.channels, now_ms=self.world.now_ms())
         self._note_broken(engine)
         for key, receipt in self.receipts.items():
             try:
@@ -583,8 +617,8 @@ class Simulation:
                 ) -> SimResult:
         merchant = Counter({"merchant_refused": self.merchant.refused,
                             "notification_duplicated_at_merchant": self.merchant.duplicates})
-        faults = dict(Counter(self.channel.counts) + self.counts + Counter(self.link_counts)
-                      + merchant)
+        faults = dict(Counter(self.channel.counts) + Counter(self.alipay.counts) + self.counts
+                      + Counter(self.link_counts) + Counter(self.forged_counts) + merchant)
         start = self.scheduler.start_ms if self.scheduler else 0
         virtual = (self.world.now_ms() - start) / 1000 if self.scheduler else 0.0
         return SimResult(
@@ -605,14 +639,15 @@ class Simulation:
         engine = self.engine
         assert engine is not None
         start = self.scheduler.start_ms if self.scheduler else 0
-        report = engine.reconcile(statement_from_channel(self.channel),
-                                  period_start_ms=start, period_end_ms=self.world.now_ms())
-        self.counts["statement_lines"] += report.lines
-        for entry in report.entries:
-            if entry.verdict in FLAGGED and entry.verdict is not Verdict.DUPLICATE_CHARGE:
-                self.violations.append(Violation(
-                    "statement-understood", f"order {entry.order_id or entry.out_trade_no}",
-                    f"{entry.verdict.value}: {entry.detail}"))
+        for name, channel in self.channels.items():
+            report = engine.reconcile(statement_from_channel(channel), period_start_ms=start,
+                                      period_end_ms=self.world.now_ms(), channels=[name])
+            self.counts["statement_lines"] += report.lines
+            for entry in report.entries:
+                if entry.verdict in FLAGGED and entry.verdict is not Verdict.DUPLICATE_CHARGE:
+                    self.violations.append(Violation(
+                        "statement-understood", f"order {entry.order_id or entry.out_trade_no}",
+                        f"{entry.verdict.value}: {entry.detail}"))
         self._drive(None, deadline_ms=deadline_ms)
 
     def _flush_pending(self) -> None:
@@ -623,7 +658,8 @@ class Simulation:
     def _start_quiet_phase(self) -> None:
         """Faults off; from here time runs on until nothing is left to do."""
         self.quiet = True
-        self.channel.faults = ChannelFaults.none()
+        for channel in self.channels.values():
+            channel.faults = ChannelFaults.none()
         if self.engine is not None:
             self.engine.store.after_commit = None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -19,13 +19,28 @@ from payengine import (
     PaymentRequest,
     VoucherPart,
 )
+from payengine.actors.channel import (
+    ChannelNotification,
+    NotificationKind,
+    SignedJsonNotifications,
+)
 from payengine.engine.codes import WECHAT_LIKE_PAY_CODES, WECHAT_LIKE_REFUND_CODES
 
 T = TypeVar("T")
 
+TEST_SIGNING_KEY = b"payengine-test-channel-key"
+TEST_NOTIFICATIONS = SignedJsonNotifications(TEST_SIGNING_KEY)
+"""How the tests' channels sign and verify their notifications."""
+
 PROCESSING = ChannelReply("SUCCESS", "USERPAYING")
 PAID = ChannelReply("SUCCESS", "SUCCESS", "TX1", None)
 NO_ANSWER = ChannelReply("FAIL", None)
+
+
+def paid_reply(payment_serial: str, amount_minor: int | None = None) -> ChannelReply:
+    """The wallet's success for one payment, under a transaction id of its own: a
+    transaction id pays one payment only (``PAID``'s ``TX1`` suits one order per test)."""
+    return ChannelReply("SUCCESS", "SUCCESS", f"TX-{payment_serial}", amount_minor)
 
 
 class ScriptedChannel:
@@ -41,6 +56,9 @@ class ScriptedChannel:
         self.close_reply: ChannelReply | Exception = ChannelReply("SUCCESS", "CLOSED")
         self.refund_reply: ChannelReply | Exception = ChannelReply("SUCCESS", "PROCESSING")
         self.refund_query_reply: ChannelReply | Exception = ChannelReply("SUCCESS", "SUCCESS")
+        self.charge_query_reply: ChannelReply | Exception = ChannelReply("SUCCESS",
+                                                                         "ORDERNOTEXIST")
+        self.notifications = TEST_NOTIFICATIONS
         self.calls: list[tuple[str, ...]] = []
         self._lock = threading.Lock()
 
@@ -69,9 +87,41 @@ class ScriptedChannel:
     def query_refund(self, payment_serial: str, refund_id: str) -> ChannelReply:
         return self._answer(("query_refund", payment_serial, refund_id), self.refund_query_reply)
 
+    def query_charge(self, payment_serial: str, channel_txn_id: str) -> ChannelReply:
+        return self._answer(("query_charge", payment_serial, channel_txn_id),
+                            self.charge_query_reply)
+
+    def verify_notification(self, body: bytes, headers: Mapping[str, str]
+                            ) -> ChannelNotification:
+        return self.notifications.verify(body, headers)
+
     def count(self, kind: str) -> int:
         with self._lock:
             return sum(1 for c in self.calls if c[0] == kind)
+
+
+def _signer(engine: Engine, channel: str) -> SignedJsonNotifications:
+    """The channel's own signer (a simulated wallet has its key), else the tests' key."""
+    known = engine._ctx.channels.get(channel)
+    signer = getattr(known, "notifications", TEST_NOTIFICATIONS)
+    assert isinstance(signer, SignedJsonNotifications)
+    return signer
+
+
+def signed_callback(engine: Engine, channel: str, payment_serial: str, reply: ChannelReply,
+                    *, wait: bool = True) -> str:
+    """The wallet's payment notification, signed as the wallet sends it, fed to the engine."""
+    body, headers = _signer(engine, channel).sign(
+        ChannelNotification(NotificationKind.PAYMENT, payment_serial, reply))
+    return engine.handle_notification(channel, body, headers, wait=wait)
+
+
+def signed_refund_callback(engine: Engine, channel: str, payment_serial: str, refund_id: str,
+                           reply: ChannelReply, *, wait: bool = True) -> str:
+    """The wallet's refund notification, signed, fed to the engine."""
+    body, headers = _signer(engine, channel).sign(
+        ChannelNotification(NotificationKind.REFUND, payment_serial, reply, refund_id))
+    return engine.handle_notification(channel, body, headers, wait=wait)
 
 
 def wait_for(predicate: Callable[[], T], timeout_s: float = 10.0, what: str = "condition") -> T:
@@ -123,7 +173,7 @@ def paid_order(engine: Engine, no: str = "order-1") -> OrderView:
     """Submit the fuel request ``no``, pay it by callback, and wait until it settled."""
     receipt = engine.submit(fuel_request(no))
     wait_for(lambda: engine.get_order(receipt.order_id).state == "paying", what="holds placed")
-    engine.handle_callback("wechat", receipt.payment_serial, PAID)
+    signed_callback(engine, "wechat", receipt.payment_serial, paid_reply(receipt.payment_serial))
     settled = wait_for(lambda: (o := engine.get_order(receipt.order_id)).settled and o,
                        what="paid and confirmed")
     assert settled.state == "succeeded", settled

@@ -32,6 +32,9 @@ from tests.helpers import (
     fuel_request,
     fund_customer,
     open_engine,
+    paid_reply,
+    signed_callback,
+    signed_refund_callback,
     wait_for,
 )
 
@@ -63,7 +66,8 @@ def test_a_combined_payment_holds_vouchers_before_calling_the_channel_then_confi
     wait_for(lambda: channel.calls, what="the channel called")
     assert channel.calls[0] == ("pay", receipt.payment_serial, "9600")
 
-    assert engine.handle_callback("wechat", receipt.payment_serial, PAID) == "succeeded"
+    serial = receipt.payment_serial
+    assert signed_callback(engine, "wechat", serial, paid_reply(serial)) == "succeeded"
     wait_for(lambda: settled(engine, receipt.order_id), what="settled")
     order = engine.get_order(receipt.order_id)
     assert [leg.status for leg in order.legs] == ["paid", "confirmed", "confirmed", "confirmed"]
@@ -75,7 +79,7 @@ def test_a_combined_payment_holds_vouchers_before_calling_the_channel_then_confi
 def test_every_transition_is_journalled_in_order(engine: Engine) -> None:
     receipt = engine.submit(fuel_request())
     wait_for(lambda: paying(engine, receipt.order_id))
-    engine.handle_callback("wechat", receipt.payment_serial, PAID)
+    signed_callback(engine, "wechat", receipt.payment_serial, paid_reply(receipt.payment_serial))
     wait_for(lambda: settled(engine, receipt.order_id))
     order_moves = [(e.from_state, e.to_state) for e in engine.journal(receipt.order_id)
                    if e.part == "order"]
@@ -90,7 +94,7 @@ def test_callback_before_close_leaves_the_order_paid_and_a_user_close_is_refused
 ) -> None:
     receipt = engine.submit(fuel_request())
     wait_for(lambda: paying(engine, receipt.order_id))
-    engine.handle_callback("wechat", receipt.payment_serial, PAID)
+    signed_callback(engine, "wechat", receipt.payment_serial, paid_reply(receipt.payment_serial))
     with pytest.raises(IllegalTransition):
         engine.close(receipt.order_id)
     assert engine.get_order(receipt.order_id).state == "succeeded"
@@ -106,11 +110,12 @@ def test_success_after_a_user_close_is_refunded_by_the_original_route_and_holds_
     assert engine.close(receipt.order_id).state == "closed"
     wait_for(lambda: balances(engine, "alice/points") == (1_000, 1_000, 0, 0), what="release")
 
-    assert engine.handle_callback("wechat", receipt.payment_serial, PAID) == "closed"
+    serial = receipt.payment_serial
+    assert signed_callback(engine, "wechat", serial, paid_reply(serial)) == "closed"
     wait_for(lambda: channel.count("refund") == 1, what="refund call")
     refund = next(c for c in channel.calls if c[0] == "refund")
     assert refund[1:] == (receipt.payment_serial, f"{receipt.payment_serial}-R1", "9600")
-    engine.handle_refund_callback("wechat", receipt.payment_serial, refund[2],
+    signed_refund_callback(engine, "wechat", receipt.payment_serial, refund[2],
                                   ChannelReply("SUCCESS", "SUCCESS"))
     wait_for(lambda: settled(engine, receipt.order_id))
     order = engine.get_order(receipt.order_id)
@@ -183,11 +188,11 @@ def test_duplicated_and_out_of_order_callbacks_change_nothing_after_success(
     receipt = engine.submit(fuel_request())
     wait_for(lambda: paying(engine, receipt.order_id))
     serial = receipt.payment_serial
-    assert engine.handle_callback("wechat", serial, PAID) == "succeeded"
-    assert engine.handle_callback("wechat", serial, PAID) == "succeeded"
-    assert engine.handle_callback("wechat", serial, ChannelReply("SUCCESS", "USERPAYING")) \
+    assert signed_callback(engine, "wechat", serial, paid_reply(serial)) == "succeeded"
+    assert signed_callback(engine, "wechat", serial, paid_reply(serial)) == "succeeded"
+    assert signed_callback(engine, "wechat", serial, ChannelReply("SUCCESS", "USERPAYING")) \
         == "succeeded"
-    assert engine.handle_callback("wechat", serial, ChannelReply("SUCCESS", "PAYERROR")) \
+    assert signed_callback(engine, "wechat", serial, ChannelReply("SUCCESS", "PAYERROR")) \
         == "succeeded"
     wait_for(lambda: settled(engine, receipt.order_id))
     paid_moves = [e for e in engine.journal(receipt.order_id) if e.to_state == "paid"]
@@ -201,9 +206,9 @@ def test_a_late_processing_reply_never_moves_a_success_back(
 ) -> None:
     receipt = engine.submit(fuel_request())
     wait_for(lambda: paying(engine, receipt.order_id))
-    engine.handle_callback("wechat", receipt.payment_serial, PAID)
+    signed_callback(engine, "wechat", receipt.payment_serial, paid_reply(receipt.payment_serial))
     for code in ("USERPAYING", "NOTPAY", "SYSTEMERROR", "WHATEVER"):
-        state = engine.handle_callback("wechat", receipt.payment_serial,
+        state = signed_callback(engine, "wechat", receipt.payment_serial,
                                        ChannelReply("SUCCESS", code))
         assert state == "succeeded"
 
@@ -213,7 +218,7 @@ def test_a_failure_callback_fails_the_payment_and_releases_every_hold(
 ) -> None:
     receipt = engine.submit(fuel_request())
     wait_for(lambda: paying(engine, receipt.order_id))
-    assert engine.handle_callback("wechat", receipt.payment_serial,
+    assert signed_callback(engine, "wechat", receipt.payment_serial,
                                   ChannelReply("SUCCESS", "PAYERROR")) == "failed"
     wait_for(lambda: settled(engine, receipt.order_id))
     for account in ("alice/red-packet", "alice/points", "alice/phone"):
@@ -237,7 +242,7 @@ def test_an_unknown_result_is_queried_on_its_schedule_then_awaits_reconciliation
                  what="needs_reconciliation")
         assert channel.count("query") == 3
         assert balances(engine, "alice/points") == (1_000, 980, 20, 0)  # holds stay held
-        engine.handle_callback("wechat", receipt.payment_serial, PAID)
+        signed_callback(engine, "wechat", receipt.payment_serial, paid_reply(receipt.payment_serial))
         wait_for(lambda: settled(engine, receipt.order_id))
         assert engine.get_order(receipt.order_id).state == "succeeded"
     finally:
@@ -273,10 +278,10 @@ def test_a_post_deduct_shortfall_refunds_the_cash_and_gives_every_voucher_back(
         receipt = engine.submit(fuel_request(phone_mode=LegMode.POST_DEDUCT))
         wait_for(lambda: paying(engine, receipt.order_id))
         assert balances(engine, "alice/phone") == (50, 50, 0, 0)  # nothing held
-        engine.handle_callback("wechat", receipt.payment_serial, PAID)
+        signed_callback(engine, "wechat", receipt.payment_serial, paid_reply(receipt.payment_serial))
         wait_for(lambda: channel.count("refund") == 1, what="refund")
         refund_id = next(c for c in channel.calls if c[0] == "refund")[2]
-        engine.handle_refund_callback("wechat", receipt.payment_serial, refund_id,
+        signed_refund_callback(engine, "wechat", receipt.payment_serial, refund_id,
                                       ChannelReply("SUCCESS", "SUCCESS"))
         wait_for(lambda: settled(engine, receipt.order_id))
         order = engine.get_order(receipt.order_id)
@@ -342,7 +347,7 @@ def test_bad_input_is_a_typed_error_and_leaves_the_engine_working(engine: Engine
     with pytest.raises(UnknownOrder):
         engine.close("ord_missing")
     with pytest.raises(UnknownOrder):
-        engine.handle_callback("wechat", "P-missing", PAID)
+        signed_callback(engine, "wechat", "P-missing", PAID)
     with pytest.raises(InsufficientBalance):
         engine.pre_hold("alice/points", 5_000)
     engine.open_account("usd/voucher", "USD")
@@ -377,12 +382,13 @@ def test_order_actors_stop_when_settled_and_accounts_after_their_quiet_period(
         receipt = engine.submit(fuel_request())
         wait_for(lambda: paying(engine, receipt.order_id))
         assert engine._ctx.directory.live_count("order") == 1
-        engine.handle_callback("wechat", receipt.payment_serial, PAID)
+        signed_callback(engine, "wechat", receipt.payment_serial, paid_reply(receipt.payment_serial))
         wait_for(lambda: settled(engine, receipt.order_id))
         wait_for(lambda: engine._ctx.directory.live_count("order") == 0, what="order stop")
         wait_for(lambda: engine._ctx.directory.live_count("account") == 0, what="account stop")
         # a late duplicate callback wakes the order from the database, changes nothing
-        assert engine.handle_callback("wechat", receipt.payment_serial, PAID) == "succeeded"
+        serial = receipt.payment_serial
+        assert signed_callback(engine, "wechat", serial, paid_reply(serial)) == "succeeded"
         wait_for(lambda: engine._ctx.directory.live_count("order") == 0)
     finally:
         engine.shutdown()
@@ -402,7 +408,8 @@ def test_shutdown_mid_flight_and_reopen_resumes_the_order(
     engine.shutdown()
     reopened = open_engine(path, channel)
     try:
-        assert reopened.handle_callback("wechat", receipt.payment_serial, PAID) == "succeeded"
+        serial = receipt.payment_serial
+        assert signed_callback(reopened, "wechat", serial, paid_reply(serial)) == "succeeded"
         wait_for(lambda: settled(reopened, receipt.order_id))
         assert balances(reopened, "alice/points") == (1_000, 980, 0, 20)
     finally:

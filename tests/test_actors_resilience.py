@@ -12,7 +12,15 @@ from payengine.actors.directory import Directory
 from payengine.actors.messages import FromOrder
 from payengine.actors.voucher_link import DirectVoucherLink
 from payengine.engine.order import ConfirmHold, VoucherReply
-from tests.helpers import PAID, ScriptedChannel, fuel_request, fund_customer, open_engine, wait_for
+from tests.helpers import (
+    ScriptedChannel,
+    fuel_request,
+    fund_customer,
+    open_engine,
+    paid_reply,
+    signed_callback,
+    wait_for,
+)
 
 
 class DropFirstConfirm(DirectVoucherLink):
@@ -57,7 +65,7 @@ def test_lost_voucher_requests_and_replies_are_sent_again_until_answered(tmp_pat
         receipt = engine.submit(fuel_request())
         wait_for(lambda: engine.get_order(receipt.order_id).state == "paying",
                  what="holds placed although every first Try reply was lost")
-        engine.handle_callback("wechat", receipt.payment_serial, PAID)
+        signed_callback(engine, "wechat", receipt.payment_serial, paid_reply(receipt.payment_serial))
         wait_for(lambda: engine.get_order(receipt.order_id).settled, what="confirmed")
         order = engine.get_order(receipt.order_id)
         assert [leg.status for leg in order.legs] == ["paid", "confirmed", "confirmed",
@@ -131,9 +139,9 @@ def test_an_order_that_breaks_an_invariant_is_quarantined_not_restarted_in_a_loo
         with pytest.raises(ActorBroken, match="quarantined"):
             engine.close(bad.order_id)
         with pytest.raises(ActorBroken):  # the channel is told to call back later
-            engine.handle_callback("wechat", bad.payment_serial, PAID)
+            signed_callback(engine, "wechat", bad.payment_serial, paid_reply(bad.payment_serial))
         seen = len(calls)
-        engine.handle_callback("wechat", good.payment_serial, PAID)
+        signed_callback(engine, "wechat", good.payment_serial, paid_reply(good.payment_serial))
         wait_for(lambda: engine.get_order(good.order_id).settled, what="good order settles")
         assert len(calls) == seen == 1, "the broken order was restarted"
         assert engine.get_order(bad.order_id).state == "accepted"  # last committed state

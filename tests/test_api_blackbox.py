@@ -22,7 +22,7 @@ import itertools
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,9 @@ from payengine import (
     UnknownOrder,
     VoucherPart,
 )
+from payengine.actors.channel import ChannelNotification
 from payengine.engine.codes import WECHAT_LIKE_PAY_CODES, WECHAT_LIKE_REFUND_CODES
+from tests.helpers import TEST_NOTIFICATIONS, signed_callback, signed_refund_callback
 
 TERMINAL = {"succeeded", "failed", "closed"}
 SETTLE_S = 10.0
@@ -147,6 +149,18 @@ class FakeChannel:
                 refund = [amount_minor, self.refund_result]
                 payment.refunds[refund_id] = refund
             return ChannelReply("SUCCESS", refund[1])
+
+    def query_charge(self, payment_serial: str, channel_txn_id: str) -> ChannelReply:
+        with self._lock:
+            self.calls.append(("query_charge", payment_serial, channel_txn_id))
+            payment = self.payments.get(payment_serial)
+            if payment is None or payment.state != "SUCCESS" or payment.txn != channel_txn_id:
+                return ChannelReply("SUCCESS", "ORDERNOTEXIST")
+            return self._reply(payment)
+
+    def verify_notification(self, body: bytes, headers: Mapping[str, str]
+                            ) -> ChannelNotification:
+        return TEST_NOTIFICATIONS.verify(body, headers)
 
     def query_refund(self, payment_serial: str, refund_id: str) -> ChannelReply:
         with self._lock:
@@ -427,7 +441,7 @@ def test_success_callback_races_user_close(tmp_path: Path) -> None:
             wait_paying(engine, channel, combo.receipt)
             paid = channel.user_pays(serial)
             copies = 4 if i % 3 == 2 else 1
-            tagged = [("cb", lambda: engine.handle_callback("wechat", serial, paid))] * copies \
+            tagged = [("cb", lambda: signed_callback(engine, "wechat", serial, paid))] * copies \
                 + [("close", lambda: engine.close(oid))] * copies
             rng.shuffle(tagged)
             outcome = run_together([f for _, f in tagged], rng)
@@ -452,7 +466,7 @@ def test_success_callback_races_user_close(tmp_path: Path) -> None:
                 cash_leg = order.legs[0]
                 assert cash_leg.mode == "cash" and cash_leg.status == "refunded", order
             # Late duplicates from 8 threads change nothing.
-            late = run_together([lambda: engine.handle_callback("wechat", serial, paid)] * 8)
+            late = run_together([lambda: signed_callback(engine, "wechat", serial, paid)] * 8)
             assert all(kind == "ok" for kind, _ in late), late
             again = settled(engine, oid)
             assert again.state == order.state
@@ -485,7 +499,7 @@ def test_success_callback_races_pay_window_timeout(tmp_path: Path) -> None:
             paid = channel.user_pays(receipt.payment_serial)
             target = start + window / 1000 + rng.uniform(-0.01, 0.01)
             time.sleep(max(0.0, target - time.monotonic()))
-            engine.handle_callback("wechat", receipt.payment_serial, paid)
+            signed_callback(engine, "wechat", receipt.payment_serial, paid)
             order = settled(engine, receipt.order_id)
             account = engine.get_account(red)
             if order.state == "succeeded":
@@ -530,7 +544,7 @@ def test_duplicate_success_callbacks_from_8_threads(tmp_path: Path) -> None:
             wait_paying(engine, channel, combo.receipt)
             paid = channel.user_pays(combo.receipt.payment_serial)
             results = run_together(
-                [lambda: engine.handle_callback("wechat", combo.receipt.payment_serial, paid)
+                [lambda: signed_callback(engine, "wechat", combo.receipt.payment_serial, paid)
                  for _ in range(8)], random.Random(i))
             assert all(kind == "ok" for kind, _ in results), results
             assert_combo_succeeded(engine, channel, combo)
@@ -554,7 +568,7 @@ def test_success_and_failure_callbacks_race(tmp_path: Path) -> None:
             wait_paying(engine, channel, combo.receipt)
             paid = channel.user_pays(serial)
             failed = ChannelReply("SUCCESS", "PAYERROR", paid.channel_txn_id)
-            fns = [lambda r=r: engine.handle_callback("wechat", serial, r)
+            fns = [lambda r=r: signed_callback(engine, "wechat", serial, r)
                    for r in (paid, failed) * 4]
             random.Random(i).shuffle(fns)
             results = run_together(fns, random.Random(i))
@@ -576,8 +590,8 @@ def test_failure_then_success_callback_is_refunded(tmp_path: Path) -> None:
         serial = combo.receipt.payment_serial
         wait_paying(engine, channel, combo.receipt)
         paid = channel.user_pays(serial)
-        engine.handle_callback("wechat", serial, ChannelReply("SUCCESS", "PAYERROR", paid.channel_txn_id))
-        engine.handle_callback("wechat", serial, paid)
+        signed_callback(engine, "wechat", serial, ChannelReply("SUCCESS", "PAYERROR", paid.channel_txn_id))
+        signed_callback(engine, "wechat", serial, paid)
         assert_combo_unwound(engine, channel, combo, states=("failed",))
 
 
@@ -588,7 +602,7 @@ def test_processing_after_success_never_moves_back(tmp_path: Path) -> None:
         serial = combo.receipt.payment_serial
         wait_paying(engine, channel, combo.receipt)
         paid = channel.user_pays(serial)
-        engine.handle_callback("wechat", serial, paid)
+        signed_callback(engine, "wechat", serial, paid)
         before = settled(engine, combo.receipt.order_id)
         assert before.state == "succeeded"
         noise = [ChannelReply("SUCCESS", "USERPAYING", paid.channel_txn_id),
@@ -596,7 +610,7 @@ def test_processing_after_success_never_moves_back(tmp_path: Path) -> None:
                  ChannelReply(None, None), ChannelReply("SUCCESS", "NOTPAY"),
                  ChannelReply("SUCCESS", "PAYERROR", paid.channel_txn_id),
                  ChannelReply("SUCCESS", "CLOSED", paid.channel_txn_id), paid]
-        results = run_together([lambda r=r: engine.handle_callback("wechat", serial, r)
+        results = run_together([lambda r=r: signed_callback(engine, "wechat", serial, r)
                                 for r in noise * 2], random.Random(7))
         assert all(kind == "ok" for kind, _ in results), results
         after = settled(engine, combo.receipt.order_id)
@@ -621,8 +635,8 @@ def test_stale_processing_pay_reply_after_callback(tmp_path: Path) -> None:
             with channel._lock:  # the user pays; the stale reply is already "on the wire"
                 stale = ChannelReply("SUCCESS", "USERPAYING", channel.payments[serial].txn)
             paid = channel.user_pays(serial)
-            engine.handle_callback("wechat", serial, paid)
-            engine.handle_callback("wechat", serial, stale)
+            signed_callback(engine, "wechat", serial, paid)
+            signed_callback(engine, "wechat", serial, stale)
             channel.pay_gate.set()
             channel.pay_gate = None
             assert_combo_succeeded(engine, channel, combo)
@@ -638,7 +652,7 @@ def test_refund_callbacks_duplicated_after_close(tmp_path: Path) -> None:
             wait_paying(engine, channel, combo.receipt)
             paid = channel.user_pays(serial)
             engine.close(combo.receipt.order_id)
-            engine.handle_callback("wechat", serial, paid)
+            signed_callback(engine, "wechat", serial, paid)
             wait_until(lambda: channel.refund_calls(serial), what="a refund call")
             order = engine.get_order(combo.receipt.order_id)
             assert order.state == "closed" and not order.settled, order
@@ -646,7 +660,7 @@ def test_refund_callbacks_duplicated_after_close(tmp_path: Path) -> None:
             assert len(done) == 1
             ok = ChannelReply("SUCCESS", "SUCCESS")
             results = run_together(
-                [lambda: engine.handle_refund_callback("wechat", serial, done[0], ok)
+                [lambda: signed_refund_callback(engine, "wechat", serial, done[0], ok)
                  for _ in range(8)], random.Random(i))
             assert all(kind == "ok" for kind, _ in results), results
             order = settled(engine, combo.receipt.order_id)
@@ -682,7 +696,7 @@ def test_same_submit_from_16_threads(tmp_path: Path) -> None:
             wait_paying(engine, channel, receipt)
             assert engine.get_account(red).held == 100  # held once, not 16 times
             assert {c[1] for c in channel.pay_calls() if c[1] == receipt.payment_serial}
-            engine.handle_callback("wechat", receipt.payment_serial,
+            signed_callback(engine, "wechat", receipt.payment_serial,
                                    channel.user_pays(receipt.payment_serial))
             assert settled(engine, receipt.order_id).state == "succeeded"
             assert engine.submit(request) == receipt
@@ -761,7 +775,7 @@ def test_pre_hold_then_submit_adopts_it(tmp_path: Path) -> None:
         assert engine.get_hold("p/points", hold.hold_id).order_id == receipt.order_id
         time.sleep(0.6)  # past the pre-hold's own ttl: an adopted hold must not expire
         assert engine.get_account("p/points").held == 20
-        engine.handle_callback("wechat", receipt.payment_serial,
+        signed_callback(engine, "wechat", receipt.payment_serial,
                                channel.user_pays(receipt.payment_serial))
         assert settled(engine, receipt.order_id).state == "succeeded"
         a = engine.get_account("p/points")
@@ -868,7 +882,7 @@ def test_success_with_wrong_amount_is_not_silently_accepted(tmp_path: Path) -> N
         wait_paying(engine, channel, combo.receipt)
         paid = channel.user_pays(serial)
         wrong = ChannelReply("SUCCESS", "SUCCESS", paid.channel_txn_id, combo.cash - 1)
-        engine.handle_callback("wechat", serial, wrong)
+        signed_callback(engine, "wechat", serial, wrong)
         order = engine.get_order(combo.receipt.order_id)
         assert order.state != "succeeded", order
         for account_id in combo.accounts:
@@ -924,7 +938,7 @@ def test_one_pre_hold_adopted_by_two_orders_at_once(tmp_path: Path) -> None:
             for r in receipts:
                 wait_until(lambda r=r: engine.get_order(r.order_id).state
                            in TERMINAL | {"paying"}, what="order to pay or end")
-            run_together([lambda r=r: engine.handle_callback(
+            run_together([lambda r=r: signed_callback(engine,
                 "wechat", r.payment_serial, channel.user_pays(r.payment_serial))
                 for r in receipts if engine.get_order(r.order_id).state == "paying"])
             orders = [settled(engine, r.order_id) for r in receipts]
@@ -962,7 +976,7 @@ def test_pre_hold_adopted_with_other_amount_or_account(tmp_path: Path) -> None:
             state = wait_until(lambda: (s := engine.get_order(receipt.order_id).state)
                                in TERMINAL | {"paying"} and s, what="order to pay or end")
             if state == "paying":
-                engine.handle_callback("wechat", receipt.payment_serial,
+                signed_callback(engine, "wechat", receipt.payment_serial,
                                        channel.user_pays(receipt.payment_serial))
             order = settled(engine, receipt.order_id)
             spent = engine.get_account(acc).spent
@@ -1027,7 +1041,7 @@ def test_concurrent_orders_share_one_voucher_account(tmp_path: Path) -> None:
                 if engine.get_order(r.order_id).state == "paying":
                     channel.wait_pay(r.payment_serial)
                     reply = channel.user_pays(r.payment_serial)
-                    fns.append(lambda r=r, reply=reply: engine.handle_callback(
+                    fns.append(lambda r=r, reply=reply: signed_callback(engine,
                         "wechat", r.payment_serial, reply))
             run_together(fns, random.Random(round_no))
             orders = [settled(engine, r.order_id) for r in receipts]
@@ -1200,7 +1214,7 @@ def test_many_orders_many_threads_conserve_money(tmp_path: Path, seed: int) -> N
                 reply = channel.user_fails(serial)
             elif kind != "close":
                 reply = channel.user_pays(serial)
-            cb = (lambda s=serial, r=reply: engine.handle_callback("wechat", s, r)) \
+            cb = (lambda s=serial, r=reply: signed_callback(engine, "wechat", s, r)) \
                 if kind != "close" else None
             close = swallow(lambda o=oid: engine.close(o))
             if kind in ("success", "fail"):
@@ -1242,7 +1256,7 @@ def test_race_then_restart_resumes_to_one_story(tmp_path: Path) -> None:
             serial, oid = combo.receipt.payment_serial, combo.receipt.order_id
             wait_paying(engine, channel, combo.receipt)
             paid = channel.user_pays(serial)
-            fns = [lambda: engine.handle_callback("wechat", serial, paid),
+            fns = [lambda: signed_callback(engine, "wechat", serial, paid),
                    lambda: engine.close(oid)]
             run_together(fns if i % 2 else fns[::-1], random.Random(i))
         finally:
@@ -1343,7 +1357,7 @@ def test_reads_and_callbacks_racing_shutdown_return_promptly(tmp_path: Path) -> 
                 lambda: engine.get_order(receipt.order_id),
                 lambda: engine.get_account("rd/red"),
                 lambda: engine.find_order("m", "rd-1"),
-                lambda: engine.handle_callback("wechat", receipt.payment_serial, paid)] * 4
+                lambda: signed_callback(engine, "wechat", receipt.payment_serial, paid)] * 4
             fns[7] = lambda: (time.sleep(0.002), engine.shutdown())
             results = run_together(fns, random.Random(round_no), join_s=2.0, stuck_ok=True)
         finally:
@@ -1431,7 +1445,7 @@ def test_chaos_with_queries_timeouts_and_lost_callbacks(tmp_path: Path, seed: in
                     reply = channel.user_pays(serial)
                     for _ in range(plan["copies"]):
                         time.sleep(r.uniform(0, 0.02))
-                        engine.handle_callback("wechat", serial, reply)
+                        signed_callback(engine, "wechat", serial, reply)
                 else:
                     with contextlib.suppress(IllegalTransition):
                         engine.close(oid)

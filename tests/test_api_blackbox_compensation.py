@@ -38,13 +38,15 @@ from payengine import (
 )
 from tests.helpers import (
     NO_ANSWER,
-    PAID,
     SLOW_POLICY,
     ScriptedChannel,
     fuel_request,
     fund_customer,
     open_engine,
     paid_order,
+    paid_reply,
+    signed_callback,
+    signed_refund_callback,
     wait_for,
 )
 
@@ -110,7 +112,7 @@ def points_request(no: str) -> PaymentRequest:
 
 def pay(engine: Engine, request: PaymentRequest, txn: str = "TX1") -> OrderView:
     order = paying(engine, request)
-    engine.handle_callback("wechat", order.payment_serial,
+    signed_callback(engine, "wechat", order.payment_serial,
                            ChannelReply("SUCCESS", "SUCCESS", txn, None))
     done = settled(engine, order.order_id)
     assert done.state == "succeeded"
@@ -172,7 +174,7 @@ def test_full_refund_goes_cash_first_then_vouchers_and_gives_everything_back(
     # nothing is returned to the voucher accounts before the cash went back
     assert balances(engine)["points"] == (1_000, 980, 0, 20)
 
-    engine.handle_refund_callback("wechat", order.payment_serial, refund.refund_id, REFUND_OK)
+    signed_refund_callback(engine, "wechat", order.payment_serial, refund.refund_id, REFUND_OK)
     done = settled(engine, order.order_id)
     assert done.state == "succeeded"  # a refunded order stays succeeded
     assert done.refunded_minor == 10_000
@@ -193,7 +195,7 @@ def test_partial_refund_takes_cash_only_and_reduces_the_merchant(
     order = paid_order(engine)
     refund = engine.refund(order.order_id, "r-30", 3_000)
     assert refund.parts == ((0, 3_000, "sent"),)
-    engine.handle_refund_callback("wechat", order.payment_serial, refund.refund_id, REFUND_OK)
+    signed_refund_callback(engine, "wechat", order.payment_serial, refund.refund_id, REFUND_OK)
     assert refund_settled(engine, order.order_id, "r-30").status == "succeeded"
     done = settled(engine, order.order_id)
     assert done.refunded_minor == 3_000
@@ -214,7 +216,7 @@ def test_refund_spilling_over_the_cash_takes_vouchers_in_leg_order(
     refund = engine.refund(order.order_id, "spill", 9_905)
     assert refund.parts == ((0, 9_600, "sent"), (1, 100, "waiting"), (2, 20, "waiting"),
                             (3, 5, "waiting"))
-    engine.handle_refund_callback("wechat", order.payment_serial, refund.refund_id, REFUND_OK)
+    signed_refund_callback(engine, "wechat", order.payment_serial, refund.refund_id, REFUND_OK)
     settled(engine, order.order_id)
     assert refund_of(engine, order.order_id, "spill").status == "succeeded"
     assert balances(engine) == {"red-packet": (1_000, 1_000, 0, 0),
@@ -236,7 +238,7 @@ def test_points_refund_in_whole_units_only(engine: Engine, channel: ScriptedChan
     # 0.10 is one point
     refund = engine.refund(order.order_id, "one-point", 9_610)
     assert refund.parts == ((0, 9_600, "sent"), (1, 1, "waiting"))
-    engine.handle_refund_callback("wechat", order.payment_serial, refund.refund_id, REFUND_OK)
+    signed_refund_callback(engine, "wechat", order.payment_serial, refund.refund_id, REFUND_OK)
     settled(engine, order.order_id)
     assert engine.get_account("alice/points").available == 1_000 - 40 + 1
     assert engine.ledger_balances(order.order_id)["merchant:station-1"] == 390
@@ -256,7 +258,7 @@ def test_refund_is_idempotent_by_refund_no(engine: Engine, channel: ScriptedChan
     assert len(view.refunds) == 1
     assert view.refunded_minor == 2_000
     wait_for(lambda: refund_calls(channel), T, what="refund call")
-    engine.handle_refund_callback("wechat", order.payment_serial, first.refund_id, REFUND_OK)
+    signed_refund_callback(engine, "wechat", order.payment_serial, first.refund_id, REFUND_OK)
     settled(engine, order.order_id)
     # a retry after the refund succeeded still returns the same refund, no new money moves
     late = engine.refund(order.order_id, "r1", 2_000, reason="r")
@@ -350,7 +352,7 @@ def test_racing_refunds_never_exceed_what_was_paid(engine: Engine, channel: Scri
     wait_for(lambda: len(refund_calls(channel)) == 10, T, what="10 channel refunds")
     assert sum(int(c[3]) for c in refund_calls(channel)) == 9_600
     for r in accepted:
-        engine.handle_refund_callback("wechat", order.payment_serial, r.refund_id, REFUND_OK)
+        signed_refund_callback(engine, "wechat", order.payment_serial, r.refund_id, REFUND_OK)
     done = settled(engine, order.order_id)
     assert all(r.status == "succeeded" for r in done.refunds)
     ledger = engine.ledger_balances(order.order_id)
@@ -381,7 +383,7 @@ def test_racing_retries_of_one_refund_no_make_one_refund(engine: Engine,
     assert len(got) == 12 and len(set(got)) == 1
     assert engine.get_order(order.order_id).refunded_minor == 5_000
     wait_for(lambda: refund_calls(channel), T)
-    engine.handle_refund_callback("wechat", order.payment_serial, got[0], REFUND_OK)
+    signed_refund_callback(engine, "wechat", order.payment_serial, got[0], REFUND_OK)
     settled(engine, order.order_id)
     assert {c[2] for c in refund_calls(channel)} == {got[0]}
     assert engine.ledger_balances(order.order_id)["merchant:station-1"] == 5_000
@@ -392,16 +394,16 @@ def test_duplicated_and_late_refund_callbacks_change_nothing(
     order = paid_order(engine)
     refund = engine.refund(order.order_id, "r", 9_700)  # cash + the red packet
     for _ in range(3):
-        engine.handle_refund_callback("wechat", order.payment_serial, refund.refund_id,
+        signed_refund_callback(engine, "wechat", order.payment_serial, refund.refund_id,
                                       REFUND_OK)
     done = settled(engine, order.order_id)
     assert done.refund("r").status == "succeeded"  # type: ignore[union-attr]
     snapshot = (balances(engine), engine.ledger_balances(), done.refunded_minor)
     assert snapshot[0]["red-packet"] == (1_000, 1_000, 0, 0)
     # a late, contradicting answer for a refund already settled does not move it back
-    engine.handle_refund_callback("wechat", order.payment_serial, refund.refund_id,
+    signed_refund_callback(engine, "wechat", order.payment_serial, refund.refund_id,
                                   REFUND_CLOSED)
-    engine.handle_refund_callback("wechat", order.payment_serial, refund.refund_id, REFUND_OK)
+    signed_refund_callback(engine, "wechat", order.payment_serial, refund.refund_id, REFUND_OK)
     after = settled(engine, order.order_id)
     assert after.refund("r").status == "succeeded"  # type: ignore[union-attr]
     assert (balances(engine), engine.ledger_balances(), after.refunded_minor) == snapshot
@@ -413,10 +415,12 @@ def test_refund_closed_by_the_channel_gives_nothing_and_frees_the_amount(
         engine: Engine, channel: ScriptedChannel) -> None:
     order = paid_order(engine)
     refund = engine.refund(order.order_id, "r1", 10_000)
-    engine.handle_refund_callback("wechat", order.payment_serial, refund.refund_id,
-                                  REFUND_CLOSED)
+    channel.refund_query_reply = REFUND_CLOSED  # the channel's own answer, asked before belief
+    signed_refund_callback(engine, "wechat", order.payment_serial, refund.refund_id,
+                           REFUND_CLOSED)
     failed = refund_settled(engine, order.order_id, "r1")
     assert failed.status == "failed"
+    assert ("query_refund", order.payment_serial, refund.refund_id) in channel.calls
     assert failed.parts[0] == (0, 9_600, "failed")
     assert [p[2] for p in failed.parts[1:]] == ["not_sent"] * 3
     view = settled(engine, order.order_id)
@@ -426,7 +430,7 @@ def test_refund_closed_by_the_channel_gives_nothing_and_frees_the_amount(
     # the amount may be asked again under a new refund_no
     again = engine.refund(order.order_id, "r2", 10_000)
     assert again.refund_id != refund.refund_id
-    engine.handle_refund_callback("wechat", order.payment_serial, again.refund_id, REFUND_OK)
+    signed_refund_callback(engine, "wechat", order.payment_serial, again.refund_id, REFUND_OK)
     wait_for(lambda: refund_of(engine, order.order_id, "r2").status == "succeeded", T)
     done = settled(engine, order.order_id)
     assert done.refunded_minor == 10_000
@@ -459,7 +463,7 @@ def test_ledger_of_a_succeeded_order_pays_the_merchant_the_total(engine: Engine)
 def test_failed_order_leaves_nothing_with_the_merchant(engine: Engine,
                                                        channel: ScriptedChannel) -> None:
     order = paying(engine, fuel_request("fails"))
-    engine.handle_callback("wechat", order.payment_serial, PAY_FAILED)
+    signed_callback(engine, "wechat", order.payment_serial, PAY_FAILED)
     done = settled(engine, order.order_id)
     assert done.state == "failed"
     ledger = engine.ledger_balances(order.order_id)
@@ -474,7 +478,7 @@ def test_success_after_close_is_refunded_and_never_reaches_the_merchant(
     order = paying(engine, fuel_request("late"))
     engine.close(order.order_id)
     wait_for(lambda: engine.get_order(order.order_id).state == "closed", T)
-    engine.handle_callback("wechat", order.payment_serial, PAID)
+    signed_callback(engine, "wechat", order.payment_serial, paid_reply(order.payment_serial))
     wait_for(lambda: refund_calls(channel), T, what="automatic refund")
     calls = refund_calls(channel)
     assert len(calls) == 1 and calls[0][1] == order.payment_serial and calls[0][3] == "9600"
@@ -482,9 +486,10 @@ def test_success_after_close_is_refunded_and_never_reaches_the_merchant(
     assert view.state == "closed"
     # the refund is recorded on the cash leg (cash statuses: ... refunding, refunded)
     assert view.legs[0].status == "refunding"
-    assert view.legs[0].refund_id == calls[0][2] and view.legs[0].channel_txn_id == "TX1"
+    assert view.legs[0].refund_id == calls[0][2]
+    assert view.legs[0].channel_txn_id == f"TX-{order.payment_serial}"
     assert not view.settled
-    engine.handle_refund_callback("wechat", order.payment_serial, calls[0][2], REFUND_OK)
+    signed_refund_callback(engine, "wechat", order.payment_serial, calls[0][2], REFUND_OK)
     done = settled(engine, order.order_id)
     assert done.state == "closed"
     assert done.legs[0].status == "refunded"
@@ -503,21 +508,23 @@ def test_success_after_close_is_refunded_and_never_reaches_the_merchant(
 def test_second_charge_is_refunded_whole_without_using_the_refundable_amount(
         engine: Engine, channel: ScriptedChannel) -> None:
     order = paid_order(engine)
-    engine.handle_callback("wechat", order.payment_serial,
-                           ChannelReply("SUCCESS", "SUCCESS", "TX2", None))
+    # the channel confirms the second charge when asked (query_charge): only then refunded
+    channel.charge_query_reply = ChannelReply("SUCCESS", "SUCCESS", "TX2", 9_600)
+    signed_callback(engine, "wechat", order.payment_serial,
+                    ChannelReply("SUCCESS", "SUCCESS", "TX2", None))
     wait_for(lambda: refund_calls(channel), T, what="refund of the second charge")
     view = engine.get_order(order.order_id)
     dup = view.refund("charge:TX2")
     assert dup is not None and dup.kind == "duplicate_charge" and dup.amount_minor == 9_600
     assert refund_calls(channel)[0][3] == "9600"
-    engine.handle_refund_callback("wechat", order.payment_serial, dup.refund_id, REFUND_OK)
+    signed_refund_callback(engine, "wechat", order.payment_serial, dup.refund_id, REFUND_OK)
     done = settled(engine, order.order_id)
     assert done.state == "succeeded"
     # the merchant may still refund everything
     full = engine.refund(order.order_id, "m-full", 10_000)
     assert full.amount_minor == 10_000
     assert engine.ledger_balances(order.order_id)["transit"] >= 0
-    engine.handle_refund_callback("wechat", order.payment_serial, full.refund_id, REFUND_OK)
+    signed_refund_callback(engine, "wechat", order.payment_serial, full.refund_id, REFUND_OK)
     settled(engine, order.order_id)
     ledger = engine.ledger_balances(order.order_id)
     assert ledger["merchant:station-1"] == 0 and ledger["transit"] == 0
@@ -551,7 +558,7 @@ def test_reconciliation_matches_resolves_and_flags(tmp_path: Path) -> None:
         engine.close(closed.order_id)
         wait_for(lambda: engine.get_order(closed.order_id).state == "closed", T)
         statement = HEADER + "".join([
-            line(matched.payment_serial, "TX1", 9_600),
+            line(matched.payment_serial, f"TX-{matched.payment_serial}", 9_600),
             line(waiting.payment_serial, "TXW", 9_600),
             line(mismatch.payment_serial, "TXM", 9_500),
             line("P-nobody-knows", "TXU", 1_234),
@@ -644,7 +651,7 @@ def test_reconciliation_from_a_path_and_refund_line(tmp_path: Path) -> None:
         refund = engine.refund(order.order_id, "r1", 2_000)
         wait_for(lambda: refund_calls(channel), T)
         path = tmp_path / "statement.csv"
-        path.write_text(HEADER + line(order.payment_serial, "TX1", 9_600)
+        path.write_text(HEADER + line(order.payment_serial, f"TX-{order.payment_serial}", 9_600)
                         + line(order.payment_serial, "TX1-R", 2_000, "REFUND", refund.refund_id),
                         encoding="utf-8")
         report = engine.reconcile(path)
@@ -668,7 +675,7 @@ def test_refund_the_channel_calls_abnormal_is_re_asked_then_unknown(tmp_path: Pa
         fund_customer(engine)
         order = paid_order(engine)
         refund = engine.refund(order.order_id, "r1", 6_000)
-        engine.handle_refund_callback("wechat", order.payment_serial, refund.refund_id,
+        signed_refund_callback(engine, "wechat", order.payment_serial, refund.refund_id,
                                       ChannelReply("SUCCESS", "CHANGE"))
         # abnormal is not a failure: it counts as refunded while it is re-asked
         assert engine.get_order(order.order_id).refunded_minor == 6_000
@@ -700,7 +707,7 @@ def test_unknown_refund_counts_as_refunded_and_is_resent_by_reconciliation(
             engine.refund(order.order_id, "r2", 4_001)
         asked = len(refund_calls(channel))
         # a statement that lacks the refund makes the engine ask the channel again
-        statement = HEADER + line(order.payment_serial, "TX1", 9_600)
+        statement = HEADER + line(order.payment_serial, f"TX-{order.payment_serial}", 9_600)
         report = engine.reconcile(statement, period_start_ms=start,
                                   period_end_ms=int(time.time() * 1000) + 1_000)
         assert verdicts(report)["REFUND_RESENT"] == 1
@@ -708,7 +715,7 @@ def test_unknown_refund_counts_as_refunded_and_is_resent_by_reconciliation(
         assert {c[2] for c in refund_calls(channel)} == {refund.refund_id}
         assert {c[3] for c in refund_calls(channel)} == {"6000"}
         assert refund_of(engine, order.order_id, "r1").status != "failed"
-        engine.handle_refund_callback("wechat", order.payment_serial, refund.refund_id,
+        signed_refund_callback(engine, "wechat", order.payment_serial, refund.refund_id,
                                       REFUND_OK)
         wait_for(lambda: refund_of(engine, order.order_id, "r1").status == "succeeded", T)
         settled(engine, order.order_id)
@@ -728,7 +735,8 @@ def test_statement_second_charge_and_missing_and_expired_orders(tmp_path: Path) 
         missing = paid_order(engine, "missing")
         expired = needs_reconciliation(engine, "expired")
         end = start + 10 * 60_000  # the 60 s pay window closed by the period's end
-        statement = HEADER + (line(charged_twice.payment_serial, "TX1", 9_600)
+        twice_txn = f"TX-{charged_twice.payment_serial}"
+        statement = HEADER + (line(charged_twice.payment_serial, twice_txn, 9_600)
                               + line(charged_twice.payment_serial, "TX2", 9_600))
         report = engine.reconcile(statement, period_start_ms=start, period_end_ms=end)
         counts = verdicts(report)
@@ -786,7 +794,7 @@ def test_duplicate_guard_warns_creates_nothing_and_can_be_overridden(guarded: En
 def test_duplicate_guard_ignores_orders_that_can_no_longer_be_paid(
         guarded: Engine, channel: ScriptedChannel) -> None:
     first = paying(guarded, cash_request("a"))
-    guarded.handle_callback("wechat", first.payment_serial, PAY_FAILED)
+    signed_callback(guarded, "wechat", first.payment_serial, PAY_FAILED)
     assert settled(guarded, first.order_id).state == "failed"
     second = guarded.submit(cash_request("b"))
     assert second.order_id != first.order_id
@@ -794,7 +802,7 @@ def test_duplicate_guard_ignores_orders_that_can_no_longer_be_paid(
 
 def test_duplicate_guard_warns_about_a_paid_order(guarded: Engine) -> None:
     first = paying(guarded, cash_request("a"))
-    guarded.handle_callback("wechat", first.payment_serial, PAID)
+    signed_callback(guarded, "wechat", first.payment_serial, paid_reply(first.payment_serial))
     assert settled(guarded, first.order_id).state == "succeeded"
     with pytest.raises(DuplicateSuspected) as info:
         guarded.submit(cash_request("b"))
@@ -820,7 +828,7 @@ def test_subscribers_get_every_state_change_with_stable_ids(tmp_path: Path,
         fund_customer(engine)
         order = paid_order(engine)
         failed = paying(engine, fuel_request("f"))
-        engine.handle_callback("wechat", failed.payment_serial, PAY_FAILED)
+        signed_callback(engine, "wechat", failed.payment_serial, PAY_FAILED)
         settled(engine, failed.order_id)
 
         def changes(order_id: str) -> list[tuple[str, str]]:

@@ -21,7 +21,13 @@ from hypothesis import strategies as st
 
 from payengine.engine import voucher as vo
 from payengine.engine.codes import WECHAT_LIKE_PAY_CODES, WECHAT_LIKE_REFUND_CODES, CodeTable, ResultKind
-from payengine.engine.errors import HoldRefused, IllegalTransition, InvalidRequest, PaymentError
+from payengine.engine.errors import (
+    HoldRefused,
+    IllegalTransition,
+    InvalidRequest,
+    NotificationRejected,
+    PaymentError,
+)
 from payengine.engine.order import (
     ALLOWED_TRANSITIONS,
     HOLD_MODES,
@@ -52,6 +58,7 @@ from payengine.engine.order import (
     PaymentOrder,
     PaymentRequest,
     QueryCash,
+    QueryCharge,
     QueryRefund,
     RefundCash,
     RefundResult,
@@ -228,7 +235,8 @@ def check_effects(
                     "wechat", order.payment_serial, cash.amount, order.currency, order.title
                 )
             case QueryCash():
-                assert cash is not None and cash.status is L.PAYING
+                # a query tick, or a report the order asks the channel about first
+                assert cash is not None and cash.status in (L.PAYING, L.UNKNOWN, L.UNPAID)
                 assert effect.payment_serial == order.payment_serial
             case CloseCash():
                 assert cash is not None and order.state is S.CLOSED
@@ -248,8 +256,18 @@ def check_effects(
                 )
                 assert cash.refund_id == effect.refund_id
             case QueryRefund():
-                assert cash is not None and cash.status is L.REFUNDING
-                assert effect.refund_id == cash.refund_id
+                # a report of a refund's outcome that the order does not take on its word
+                assert cash is not None
+                refund = order.refund(refund_id=effect.refund_id)
+                part = None if refund is None else refund.part(cash.leg_no)
+                assert (cash.status in (L.REFUNDING, L.REFUND_UNKNOWN)
+                        and effect.refund_id == cash.refund_id) or (
+                    part is not None and part.status in (PartStatus.SENT, PartStatus.UNKNOWN))
+            case QueryCharge():
+                # a second charge was reported: asked about, never refunded on the report
+                assert cash is not None and cash.channel_txn_id is not None
+                assert effect.channel_txn_id != cash.channel_txn_id
+                assert order.refund(refund_no=f"charge:{effect.channel_txn_id}") is None
             case ArmTimer(timer=TimerKind.CLOSE):
                 # armed by Activate of a live order (which may then move on at once)
                 assert effect.due_at_ms == order.close_at_ms and effect.token == 0
@@ -381,6 +399,13 @@ class History:
             ), (event, old.state)
             self.illegal += 1
             return None
+        except NotificationRejected:
+            # a report naming another channel, currency or amount than the order's
+            assert isinstance(event, CashResult | RefundResult)
+            assert event.source in (ResultSource.CALLBACK, ResultSource.NOTIFICATION) or (
+                event.channel not in (None, "wechat") or event.currency not in (None, "CNY"))
+            self.illegal += 1
+            return None
         except InvalidRequest:
             assert isinstance(event, VoucherReply)
             assert event.leg_no not in {leg.leg_no for leg in old.legs}
@@ -423,9 +448,13 @@ class History:
 class Run:
     """Drive one order through ``decide`` by hand, checking every step with the oracle."""
 
-    def __init__(self, mix: str = "cash", order_id: str = "o1") -> None:
+    def __init__(self, mix: str = "cash", order_id: str = "o1", *,
+                 pay_answers: bool = True) -> None:
         self.history = History(make_order(mix, order_id))
         self.now = T0
+        self.pay_answers = pay_answers
+        """Model the pay call as answered at once with nothing new (the tests of a close
+        racing the pay call itself switch this off and feed the SYNC answer)."""
 
     @property
     def order(self) -> PaymentOrder:
@@ -437,6 +466,8 @@ class Run:
             self.now = at
         decision = self.history.apply(event, self.now)
         assert decision is not None, f"{event!r} was refused"
+        if self.pay_answers and self.order.pay_in_flight:
+            self.history.order = replace(self.order, pay_in_flight=False)
         return decision
 
     def refused(self, event: OrderEvent) -> None:
@@ -456,11 +487,11 @@ class Run:
                 self(VoucherReply(effect.leg_no, effect.fence, VoucherOp.TRY, True))
 
 
-def success(amount: int | None = None, source: ResultSource = ResultSource.CALLBACK) -> CashResult:
+def success(amount: int | None = None, source: ResultSource = ResultSource.NOTIFICATION) -> CashResult:
     return CashResult(ResultKind.SUCCESS, source, "SUCCESS", "wx-txn-1", amount)
 
 
-def failure(source: ResultSource = ResultSource.CALLBACK, code: str = "PAYERROR") -> CashResult:
+def failure(source: ResultSource = ResultSource.NOTIFICATION, code: str = "PAYERROR") -> CashResult:
     return CashResult(ResultKind.FAILURE, source, code)
 
 
@@ -539,7 +570,7 @@ def test_a_close_before_the_callback_cancels_the_holds_and_a_later_success_is_re
         RefundCash("wechat", "serial-o1", "serial-o1-R1", 9_000, "CNY"),
         ArmTimer(TimerKind.REFUND_QUERY, T0 + 63 * SECOND, 0),
     )
-    run(RefundResult("serial-o1-R1", ResultKind.SUCCESS, ResultSource.CALLBACK, "SUCCESS"))
+    run(RefundResult("serial-o1-R1", ResultKind.SUCCESS, ResultSource.NOTIFICATION, "SUCCESS"))
     run(VoucherReply(1, O1_LEG1, VoucherOp.CANCEL, True))
     assert not run.order.is_settled
     run(VoucherReply(2, O1_LEG2, VoucherOp.CANCEL, True))
@@ -609,7 +640,8 @@ def test_a_duplicate_success_is_a_no_op() -> None:
     paid = run.order
     for source in ResultSource:
         again = run(success(9_000, source))
-        assert again.note.startswith("duplicate")
+        # an unverified callback is not even looked at: the order has nothing to ask
+        assert again.note.startswith("ignored" if source is ResultSource.CALLBACK else "duplicate")
         assert (again.order, again.effects, again.changed) == (paid, (), False)
 
 
@@ -879,9 +911,9 @@ def test_the_refund_is_asked_again_on_its_schedule_then_becomes_refund_unknown()
     assert queries == 7
     assert run.status(0) is L.REFUND_UNKNOWN
     assert run.order.next_refund_query_at_ms is None
-    late = run(RefundResult("serial-o1-R1", ResultKind.SUCCESS, ResultSource.CALLBACK, "SUCCESS"))
+    late = run(RefundResult("serial-o1-R1", ResultKind.SUCCESS, ResultSource.NOTIFICATION, "SUCCESS"))
     assert late.changed and run.status(0) is L.REFUNDED  # the truth, late, still counts
-    again = run(RefundResult("serial-o1-R1", ResultKind.SUCCESS, ResultSource.CALLBACK, "SUCCESS"))
+    again = run(RefundResult("serial-o1-R1", ResultKind.SUCCESS, ResultSource.NOTIFICATION, "SUCCESS"))
     assert again.note.startswith("duplicate")
 
 
@@ -890,9 +922,14 @@ def test_a_refund_result_for_another_refund_is_stale() -> None:
     run(Activate())
     run(CloseOrder(CloseCause.USER))
     run(success(10_000))
-    stale = run(RefundResult("serial-o1-R9", ResultKind.SUCCESS, ResultSource.CALLBACK, "SUCCESS"))
+    stale = run(RefundResult("serial-o1-R9", ResultKind.SUCCESS, ResultSource.NOTIFICATION, "SUCCESS"))
     assert stale.note.startswith("stale") and not stale.changed
-    failed = run(RefundResult("serial-o1-R1", ResultKind.FAILURE, ResultSource.CALLBACK, "REFUNDCLOSE"))
+    notified = run(RefundResult("serial-o1-R1", ResultKind.FAILURE, ResultSource.NOTIFICATION,
+                                "REFUNDCLOSE"))
+    # a failure would free the amount again: only the channel's answer to a query counts
+    assert not notified.changed and run.status(0) is L.REFUNDING
+    assert notified.effects == (QueryRefund("wechat", "serial-o1", "serial-o1-R1"),)
+    failed = run(RefundResult("serial-o1-R1", ResultKind.FAILURE, ResultSource.QUERY, "REFUNDCLOSE"))
     assert failed.changed and run.status(0) is L.REFUND_FAILED
 
 
@@ -1249,7 +1286,7 @@ def test_an_unanswered_confirm_is_flagged_confirm_unknown_and_the_success_stands
     run(VoucherReply(1, O1_LEG1, VoucherOp.CONFIRM, True), at=T0 + 500)
     given_up = retry_until_given_up(run)
     assert run.now == T0 + 48 * SECOND
-    assert run.order.state is S.SUCCEEDED and run.order.cause == "paid (callback)"
+    assert run.order.state is S.SUCCEEDED and run.order.cause == "paid (notification)"
     assert [run.status(n) for n in range(3)] == [L.PAID, L.CONFIRMED, L.CONFIRM_UNKNOWN]
     assert given_up.effects == ()  # never guessed either way: no Cancel, no second Confirm
     assert given_up.transitions == (
@@ -1348,7 +1385,7 @@ def test_an_unanswered_debit_fails_the_payment_reverses_it_and_refunds_the_cash(
     assert late.note.startswith("duplicate") and not late.changed
     for leg_no, hold in ((1, O1_LEG1), (2, O1_LEG2), (3, O1_LEG3)):
         run(VoucherReply(leg_no, hold, VoucherOp.CANCEL, True))
-    run(RefundResult("serial-o1-R1", ResultKind.SUCCESS, ResultSource.CALLBACK, "SUCCESS"))
+    run(RefundResult("serial-o1-R1", ResultKind.SUCCESS, ResultSource.NOTIFICATION, "SUCCESS"))
     assert [run.status(n) for n in range(4)] == [L.REFUNDED, L.CANCELLED, L.REVERSED, L.REVERSED]
     assert run.order.is_settled and run.order.next_voucher_retry_at_ms is None
 
@@ -1557,10 +1594,17 @@ def all_events(order: PaymentOrder) -> list[OrderEvent]:
         for source in ResultSource:
             for amount in (None, right, right + 1):
                 events.append(CashResult(kind, source, code, "wx-1", amount))
+            events.append(CashResult(kind, source, code, "wx-2", right))  # a second charge?
     events.append(CashResult(ResultKind.PROCESSING, ResultSource.QUERY, "SYSTEMERROR"))
+    for channel, currency in (("alipay", None), (None, "USD"), ("wechat", "CNY")):
+        events.append(CashResult(ResultKind.SUCCESS, ResultSource.NOTIFICATION, "SUCCESS", "wx-1",
+                                 right, channel, currency))
     for refund_id in (f"{order.payment_serial}-R1", "other-R1"):
         for kind in ResultKind:
-            events.append(RefundResult(refund_id, kind, ResultSource.CALLBACK, kind.value.upper()))
+            for source in (ResultSource.NOTIFICATION, ResultSource.CALLBACK, ResultSource.QUERY):
+                events.append(RefundResult(refund_id, kind, source, kind.value.upper()))
+            events.append(RefundResult(refund_id, kind, ResultSource.NOTIFICATION,
+                                       kind.value.upper(), 1))  # a refund of another amount
     for timer in TimerKind:
         for token in range(len(POLICY.query_schedule_ms) + 3):
             events.append(TimerFired(timer, token))
@@ -1927,7 +1971,7 @@ class World:
                     channel.state, channel.charged = "SUCCESS", channel.amount
                 else:
                     channel.state = "PAYERROR"
-                self.send("order", self.cash_result(ResultSource.CALLBACK), lossy=True)
+                self.send("order", self.cash_result(ResultSource.NOTIFICATION), lossy=True)
             case QueryCash():
                 self.send("order", self.cash_result(ResultSource.QUERY), lossy=True)
             case CloseCash():

@@ -29,19 +29,22 @@ POLICY = OrderPolicy(pay_window_ms=10_000)
 T0 = 1_700_000_000_000
 
 
-def paying_order() -> PaymentOrder:
+def paying_order(*, pay_in_flight: bool = False) -> PaymentOrder:
+    """An order whose pay call went out; by default as reloaded from the database, where
+    no call of a previous process is in flight any more."""
     order = PaymentRequest("m", "n1", "u", "CNY", 1_000, "Fuel", CashPart(1_000, "wechat"))
     built = build_order(order, order_id="o1", payment_serial="S1", now_ms=T0, accounts={},
                         policy=POLICY)
     decision = decide(built, Activate(), now_ms=T0, policy=POLICY)
     assert decision.order.state is OrderState.PAYING
-    return decision.order
+    assert decision.order.pay_in_flight
+    return replace(decision.order, pay_in_flight=pay_in_flight)
 
 
 def test_a_success_handled_after_the_pay_window_is_refunded_even_before_the_close_timer() -> None:
     order = paying_order()
     late = T0 + POLICY.pay_window_ms + 1
-    success = CashResult(ResultKind.SUCCESS, ResultSource.CALLBACK, "SUCCESS", "TX", 1_000)
+    success = CashResult(ResultKind.SUCCESS, ResultSource.NOTIFICATION, "SUCCESS", "TX", 1_000)
     decision = decide(order, success, now_ms=late, policy=POLICY)
     assert decision.order.state is OrderState.CLOSED
     assert decision.order.cash_leg is not None
@@ -51,7 +54,7 @@ def test_a_success_handled_after_the_pay_window_is_refunded_even_before_the_clos
 
 def test_a_success_inside_the_pay_window_succeeds() -> None:
     order = paying_order()
-    success = CashResult(ResultKind.SUCCESS, ResultSource.CALLBACK, "SUCCESS", "TX", 1_000)
+    success = CashResult(ResultKind.SUCCESS, ResultSource.NOTIFICATION, "SUCCESS", "TX", 1_000)
     decision = decide(order, success, now_ms=T0 + POLICY.pay_window_ms - 1, policy=POLICY)
     assert decision.order.state is OrderState.SUCCEEDED
 
@@ -93,3 +96,40 @@ def test_the_hold_grace_must_outlast_twice_the_voucher_retry_schedule() -> None:
     else:
         raise AssertionError("a hold could expire while its Confirm is still being retried")
     assert replace(POLICY).hold_grace_ms > 2 * sum(POLICY.voucher_retry_schedule_ms)
+
+
+def test_a_close_never_overtakes_the_pay_call_it_waits_for_its_answer_then_closes() -> None:
+    order = paying_order(pay_in_flight=True)
+    closed = decide(order, TimerFired(TimerKind.CLOSE, 0), now_ms=T0 + POLICY.pay_window_ms,
+                    policy=POLICY)
+    assert closed.order.state is OrderState.CLOSED
+    assert not any(isinstance(e, CloseCash) for e in closed.effects)
+    tick = decide(closed.order, TimerFired(TimerKind.QUERY, closed.order.query_attempt),
+                  now_ms=closed.order.next_query_at_ms or 0, policy=POLICY)
+    assert QueryCash("wechat", "S1") in tick.effects  # asking is safe, closing is not
+    assert not any(isinstance(e, CloseCash) for e in tick.effects)
+    answered = decide(tick.order, CashResult(ResultKind.PROCESSING, ResultSource.SYNC,
+                                             "USERPAYING"), now_ms=T0 + 20_000, policy=POLICY)
+    assert answered.effects.count(CloseCash("wechat", "S1")) == 1
+    assert not answered.order.pay_in_flight
+
+
+def test_a_pay_answered_with_success_after_the_close_is_refunded_not_closed() -> None:
+    order = paying_order(pay_in_flight=True)
+    closed = decide(order, TimerFired(TimerKind.CLOSE, 0), now_ms=T0 + POLICY.pay_window_ms,
+                    policy=POLICY).order
+    paid = decide(closed, CashResult(ResultKind.SUCCESS, ResultSource.SYNC, "SUCCESS", "TX",
+                                     1_000), now_ms=T0 + 20_000, policy=POLICY)
+    assert paid.order.cash_leg is not None
+    assert paid.order.cash_leg.status is LegStatus.REFUNDING
+    assert not any(isinstance(e, CloseCash) for e in paid.effects)
+
+
+def test_activate_while_the_pay_call_is_in_flight_neither_pays_again_nor_closes() -> None:
+    order = paying_order(pay_in_flight=True)
+    again = decide(order, Activate(), now_ms=T0 + 1, policy=POLICY)
+    assert not any(isinstance(e, PayCash | CloseCash) for e in again.effects)
+    closed = decide(order, TimerFired(TimerKind.CLOSE, 0), now_ms=T0 + POLICY.pay_window_ms,
+                    policy=POLICY).order
+    resumed = decide(closed, Activate(), now_ms=T0 + 60_000, policy=POLICY)
+    assert not any(isinstance(e, PayCash | CloseCash) for e in resumed.effects)

@@ -76,7 +76,7 @@ def test_vouchers_go_back_only_after_the_cash_part_did() -> None:
     order, _ = step(order, RequestRefund("rf-1", order.total_minor), T0)
     refund = order.refunds[0]
     order, effects = step(order, RefundResult(refund.refund_id, ResultKind.SUCCESS,
-                                              ResultSource.CALLBACK, "SUCCESS"), T0 + 1)
+                                              ResultSource.NOTIFICATION, "SUCCESS"), T0 + 1)
     returns = [e for e in effects if isinstance(e, ReturnVoucher)]
     assert [(r.account_id, r.amount) for r in returns] == [("redpacket", 500), ("points", 50)]
     for ret in returns:
@@ -109,7 +109,7 @@ def events_for(draw: st.DrawFn, order: PaymentOrder) -> OrderEvent:
     choices: list[OrderEvent] = [Activate(),
                                  TimerFired(TimerKind.REFUND_QUERY, order.refund_query_attempt),
                                  TimerFired(TimerKind.VOUCHER_RETRY, order.voucher_attempt),
-                                 CashResult(ResultKind.SUCCESS, ResultSource.CALLBACK, "SUCCESS",
+                                 CashResult(ResultKind.SUCCESS, ResultSource.NOTIFICATION, "SUCCESS",
                                             "wx-2", 1_000)]
     for no in REFUND_NOS:
         for amount in (1, 500, 2_500, 5_000, 9_000, 10_000):
@@ -203,7 +203,7 @@ def test_a_voucher_return_outlasts_the_retry_schedule_and_a_late_answer_still_co
 
     run(RequestRefund("rf-1", order.total_minor))
     refund_id = order.refunds[0].refund_id
-    run(RefundResult(refund_id, ResultKind.SUCCESS, ResultSource.CALLBACK, "SUCCESS"))
+    run(RefundResult(refund_id, ResultKind.SUCCESS, ResultSource.NOTIFICATION, "SUCCESS"))
     sent_again = 0
     for _ in range(3):  # the schedule (2 gaps) runs out, the returns are still asked, at 200 ms
         assert order.next_voucher_retry_at_ms is not None
@@ -231,7 +231,7 @@ def test_a_second_charge_and_a_merchant_refund_number_never_collide() -> None:
     with pytest.raises(PaymentError, match="not starting with"):
         step(order, RequestRefund("charge:wx-2", 100), T0)
     order, _ = step(order, RequestRefund("wx-2", 100), T0)
-    order, _ = step(order, CashResult(ResultKind.SUCCESS, ResultSource.CALLBACK, "SUCCESS",
+    order, _ = step(order, CashResult(ResultKind.SUCCESS, ResultSource.QUERY, "SUCCESS",
                                       "wx-2", order.total_minor), T0)
     assert [(r.kind, r.refund_no) for r in order.refunds] == [
         (RefundKind.MERCHANT, "wx-2"), (RefundKind.DUPLICATE_CHARGE, "charge:wx-2")]

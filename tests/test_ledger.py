@@ -7,12 +7,13 @@ from pathlib import Path
 
 from payengine import ChannelReply, Engine, EngineConfig
 from tests.helpers import (
-    PAID,
     ScriptedChannel,
     fuel_request,
     fund_customer,
     open_engine,
     paid_order,
+    paid_reply,
+    signed_callback,
     wait_for,
 )
 
@@ -52,7 +53,7 @@ def test_a_success_after_the_close_is_refunded_from_transit_and_never_reaches_th
     receipt = engine.submit(fuel_request())
     wait_for(lambda: engine.get_order(receipt.order_id).state == "paying", what="holds")
     engine.close(receipt.order_id)
-    engine.handle_callback("wechat", receipt.payment_serial, PAID)
+    signed_callback(engine, "wechat", receipt.payment_serial, paid_reply(receipt.payment_serial))
     wait_for(lambda: engine.get_order(receipt.order_id).settled, what="refunded")
     balances = engine.ledger_balances(receipt.order_id)
     assert "merchant:station-1" not in balances
@@ -69,7 +70,7 @@ def test_refunds_take_from_the_merchant_and_give_back_to_payer_and_vouchers(
     channel.refund_reply = REFUND_OK
     receipt = paid_order(engine)
     engine.refund(receipt.order_id, "rf-1", 9_700)
-    engine.handle_callback("wechat", receipt.payment_serial,
+    signed_callback(engine, "wechat", receipt.payment_serial,
                            ChannelReply("SUCCESS", "SUCCESS", "TX2", 9_600))
     wait_for(lambda: engine.get_order(receipt.order_id).settled, what="refunds done")
     assert nonzero(engine.ledger_balances(receipt.order_id)) == {

@@ -27,7 +27,7 @@ from payengine.actors.notifier import (
     verify_signature,
 )
 from payengine.sim.runtime import Scheduler, SimRuntime
-from tests.helpers import PAID, SLOW_POLICY, ScriptedChannel, wait_for
+from tests.helpers import SLOW_POLICY, ScriptedChannel, paid_reply, signed_callback, wait_for
 
 SECRET = "s3cret-key-of-station-1"
 CONSUMERS = ("settlement", "terminal-push", "invoice", "membership", "marketing")
@@ -50,7 +50,7 @@ def open_with(path: Path, channel: ScriptedChannel, *, subscribers: dict[str, Su
 def pay(engine: Engine, no: str, merchant_id: str = "station-1") -> str:
     receipt = engine.submit(cash_request(no, merchant_id))
     wait_for(lambda: engine.get_order(receipt.order_id).state == "paying", what="paying")
-    engine.handle_callback("wechat", receipt.payment_serial, PAID)
+    signed_callback(engine, "wechat", receipt.payment_serial, paid_reply(receipt.payment_serial))
     wait_for(lambda: engine.get_order(receipt.order_id).settled, what="settled")
     return receipt.order_id
 

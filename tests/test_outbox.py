@@ -12,7 +12,14 @@ from payengine import CashPart, Engine, OrderPolicy, OrderState, PaymentRequest
 from payengine.engine.order import Transition, build_order
 from payengine.persistence import outbox
 from payengine.persistence.store import Store
-from tests.helpers import PAID, ScriptedChannel, fuel_request, open_engine, wait_for
+from tests.helpers import (
+    ScriptedChannel,
+    fuel_request,
+    open_engine,
+    paid_reply,
+    signed_callback,
+    wait_for,
+)
 
 
 def cash_request(no: str, merchant_id: str = "station-1", total_minor: int = 500) -> PaymentRequest:
@@ -33,7 +40,7 @@ def test_every_order_state_change_has_exactly_one_outbox_event_and_leg_changes_h
 ) -> None:
     receipt = engine.submit(fuel_request())
     wait_for(lambda: engine.get_order(receipt.order_id).state == "paying", what="paying")
-    engine.handle_callback("wechat", receipt.payment_serial, PAID)
+    signed_callback(engine, "wechat", receipt.payment_serial, paid_reply(receipt.payment_serial))
     wait_for(lambda: engine.get_order(receipt.order_id).settled, what="settled")
 
     events = engine.notifications.events(receipt.order_id)
@@ -61,7 +68,7 @@ def test_event_ids_are_unique_and_stay_the_same_across_reads_and_a_reopen(
         receipts = [engine.submit(cash_request(f"o{i}")) for i in range(4)]
         for r in receipts:
             wait_for(lambda r=r: engine.get_order(r.order_id).state == "paying", what="paying")
-        engine.handle_callback("wechat", receipts[0].payment_serial, PAID)
+        signed_callback(engine, "wechat", receipts[0].payment_serial, paid_reply(receipts[0].payment_serial))
         engine.close(receipts[1].order_id)
         wait_for(lambda: engine.get_order(receipts[0].order_id).settled, what="settled")
         first = engine.notifications.events()

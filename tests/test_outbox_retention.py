@@ -14,7 +14,7 @@ import pytest
 from payengine import CashPart, Engine, EngineConfig, InvalidRequest, PaymentRequest
 from payengine.actors.notifier import EVENT_ID_HEADER, NotificationConfig, OutboxEvent
 from payengine.sim.runtime import Scheduler, SimRuntime
-from tests.helpers import PAID, SLOW_POLICY, ScriptedChannel
+from tests.helpers import SLOW_POLICY, ScriptedChannel, paid_reply, signed_callback
 
 RETENTION_MS = 10_000
 SECRET = "s3cret-key-of-station-1"
@@ -71,7 +71,7 @@ class World:
             merchant_id="station-1", merchant_order_no=no, user_id="alice", currency="CNY",
             total_minor=500, title="Fuel", cash=CashPart(500, "wechat")))
         self.settle()
-        self.engine.handle_callback("wechat", receipt.payment_serial, PAID)
+        signed_callback(self.engine, "wechat", receipt.payment_serial, paid_reply(receipt.payment_serial))
         self.settle()
         assert self.engine.get_order(receipt.order_id).state == "succeeded"
         return receipt.order_id

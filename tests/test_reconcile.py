@@ -25,6 +25,7 @@ from tests.helpers import (
     fuel_request,
     fund_customer,
     open_engine,
+    signed_callback,
     wait_for,
 )
 
@@ -63,7 +64,7 @@ def awaiting(engine: Engine, no: str, who: str = "alice") -> Receipt:
 def paid(engine: Engine, no: str, txn: str) -> Receipt:
     receipt = awaiting(engine, no)
     reply = ChannelReply("SUCCESS", "SUCCESS", txn, 9_600)
-    assert engine.handle_callback("wechat", receipt.payment_serial, reply) == "succeeded"
+    assert signed_callback(engine, "wechat", receipt.payment_serial, reply) == "succeeded"
     wait_for(lambda: engine.get_order(receipt.order_id).settled, what=f"{no} settled")
     return receipt
 

@@ -8,6 +8,7 @@ no interleaving of requests can give back more than was paid.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -22,11 +23,15 @@ from payengine import (
     RefundRefused,
 )
 from tests.helpers import (
+    SLOW_POLICY,
     ScriptedChannel,
     fuel_request,
     fund_customer,
     open_engine,
     paid_order,
+    paid_reply,
+    signed_callback,
+    signed_refund_callback,
     wait_for,
 )
 
@@ -145,8 +150,8 @@ def test_a_refund_still_processing_is_settled_by_its_callback(
     refund = engine.refund(order.order_id, "rf-1", 9_700)
     assert refund.status == "refunding"
     assert not engine.get_order(order.order_id).settled
-    engine.handle_refund_callback("wechat", order.payment_serial, refund.refund_id, REFUND_OK)
-    engine.handle_refund_callback("wechat", order.payment_serial, refund.refund_id, REFUND_OK)
+    signed_refund_callback(engine, "wechat", order.payment_serial, refund.refund_id, REFUND_OK)
+    signed_refund_callback(engine, "wechat", order.payment_serial, refund.refund_id, REFUND_OK)
     wait_for(lambda: engine.get_order(order.order_id).refund("rf-1").status == "succeeded",
              what="refund done after its callback")
     assert engine.get_account("alice/red-packet").available == 1_000
@@ -211,8 +216,14 @@ def test_a_second_charge_of_a_paid_order_is_refunded_whole(
     engine, channel = setup
     order = paid_order(engine)
     second = ChannelReply("SUCCESS", "SUCCESS", "TX2", 9_600)
-    engine.handle_callback("wechat", order.payment_serial, second)
-    engine.handle_callback("wechat", order.payment_serial, second)  # reported twice
+    signed_callback(engine, "wechat", order.payment_serial, second)
+    # money never leaves on a notification alone: the channel is asked about TX2 first
+    wait_for(lambda: ("query_charge", order.payment_serial, "TX2") in channel.calls,
+             what="the second charge asked about")
+    assert engine.get_order(order.order_id).refunds == ()
+    channel.charge_query_reply = second  # the channel confirms it really charged TX2
+    time.sleep(SLOW_POLICY.confirm_query_interval_ms / 1000)  # past the bound on such queries
+    signed_callback(engine, "wechat", order.payment_serial, second)  # reported again
     done = wait_for(lambda: (o := engine.get_order(order.order_id)).settled and o.refunds and o,
                     what="second charge refunded")
     (refund,) = done.refunds
@@ -227,7 +238,6 @@ def test_a_refund_left_unknown_and_absent_from_the_statement_is_asked_again(
     tmp_path: Path
 ) -> None:
     from payengine.engine.statement import LineStatus, StatementLine, Verdict, render_statement
-    from tests.helpers import PAID
 
     channel = ScriptedChannel()
     channel.refund_reply = TimeoutError("refund timed out")
@@ -242,7 +252,8 @@ def test_a_refund_left_unknown_and_absent_from_the_statement_is_asked_again(
         closed = engine.submit(fuel_request("closed"))
         wait_for(lambda: engine.get_order(closed.order_id).state == "paying", what="paying")
         engine.close(closed.order_id)
-        engine.handle_callback("wechat", closed.payment_serial, PAID)  # paid after the close
+        # paid after the close
+        signed_callback(engine, "wechat", closed.payment_serial, paid_reply(closed.payment_serial))
         wait_for(lambda: engine.get_order(order.order_id).refund("rf-1").status == "unknown"
                  and engine.get_order(closed.order_id).legs[0].status == "refund_unknown",
                  what="both refunds unknown after their schedules")

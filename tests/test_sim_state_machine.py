@@ -64,6 +64,7 @@ from payengine.sim.channel import ChannelFaults, SimulatedChannel
 from payengine.sim.oracle import Violation, check
 from payengine.sim.runtime import Scheduler, SimRuntime, SimWorld
 from payengine.sim.simulation import SIM_POLICY, SeqIds, SimulatedCrash
+from tests.helpers import signed_callback
 
 T = TypeVar("T")
 
@@ -373,7 +374,7 @@ class EngineMachine(RuleBasedStateMachine):
         if payment is None or payment.state == "USERPAYING":
             return
         reply = self.channel._reply(payment)
-        state = self._guarded(lambda: self._engine.handle_callback(
+        state = self._guarded(lambda: signed_callback(self._engine,
             "wechat", receipt.payment_serial, reply, wait=True))
         assert state in STATES, state
 
@@ -386,7 +387,7 @@ class EngineMachine(RuleBasedStateMachine):
             return  # the channel was never asked: no notification can exist
         reply = ChannelReply("SUCCESS", code, payment.txn_id)
         before = self._engine.get_order(receipt.order_id).state
-        state = self._guarded(lambda: self._engine.handle_callback(
+        state = self._guarded(lambda: signed_callback(self._engine,
             "wechat", receipt.payment_serial, reply, wait=True))
         assert state in STATES, state
         if before in TERMINAL:
