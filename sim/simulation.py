@@ -506,9 +506,6 @@ class Simulation:
                     "merchant-notified", f"order {order.order_id}",
                     f"{order.state.value}, but the merchant never accepted a notification "
                     f"of it ({engine.notifications.counts()})"))
-        for event_id in self.merchant.bad_signatures[:5]:
-            report.violations.append(Violation(
-                "notification-signed", f"event {event_id}", "the signature did not verify"))
             if not order.is_settled:
                 report.violations.append(Violation(
                     "converged-after-quiet-phase", f"order {order.order_id}",
@@ -524,6 +521,9 @@ class Simulation:
                     "resolved-by-reconciliation", f"order {order.order_id}",
                     f"cash leg {cash and cash.status.value}, refunds "
                     f"{[r.status.value for r in order.refunds]} after the statement"))
+        for event_id in self.merchant.bad_signatures[:5]:
+            report.violations.append(Violation(
+                "notification-signed", f"event {event_id}", "the signature did not verify"))
         return report
 
     # ------------------------------------------------------------------ the run
