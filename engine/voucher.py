@@ -363,6 +363,20 @@ def expire_if_due(account: VoucherAccount, fence: Fence, now_ms: int) -> Outcome
     )
 
 
+def defer_expiry(account: VoucherAccount, fence: Fence, expires_at_ms: int, now_ms: int
+                 ) -> Outcome:
+    """Move a pending hold's expiry out to ``expires_at_ms`` (never earlier); balances stay.
+
+    For a hold whose order decided to confirm it (R-TCC: Confirm must succeed once Try did):
+    the account keeps it until the order's Confirm arrives, however late.
+    """
+    _assert_same_account(account, fence)
+    if fence.status is not FenceStatus.PENDING or (fence.expires_at_ms or 0) >= expires_at_ms:
+        return Outcome(account, fence, False)
+    return Outcome(account, replace(fence, expires_at_ms=expires_at_ms, updated_at_ms=now_ms),
+                   True)
+
+
 def check_unit_matches(account: VoucherAccount, unit: str) -> None:
     """A request naming a unit for this account must name the account's own unit."""
     if unit != account.unit:

@@ -55,6 +55,7 @@ from payengine.engine.order import (
     LegMode,
     OrderPolicy,
     OrderState,
+    OwedCommand,
     PaymentRequest,
     VoucherPart,
 )
@@ -69,8 +70,8 @@ __all__ = [
     "EngineClosed", "EngineConfig", "HoldNotPending", "HoldRefused", "HoldView", "IdSource",
     "IdempotencyConflict", "IllegalTransition", "InsufficientBalance", "InvalidAmount",
     "InvalidRequest", "LegMode", "LegView", "NotificationConfig", "OrderPolicy", "OrderState",
-    "OrderView", "OutboxEvent", "Overloaded", "PaymentError", "PaymentRequest", "RandomIds",
-    "Receipt", "ReconciliationReport", "RefundRefused", "RefundView", "ResultKind", "Runtime",
-    "StatementError", "ThreadRuntime", "UnknownAccount", "UnknownHold", "UnknownOrder",
+    "OrderView", "OutboxEvent", "Overloaded", "OwedCommand", "PaymentError", "PaymentRequest",
+    "RandomIds", "Receipt", "ReconciliationReport", "RefundRefused", "RefundView", "ResultKind",
+    "Runtime", "StatementError", "ThreadRuntime", "UnknownAccount", "UnknownHold", "UnknownOrder",
     "VoucherPart", "__version__",
 ]

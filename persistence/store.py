@@ -35,6 +35,7 @@ from payengine.engine.errors import (
 )
 from payengine.engine.ledger import Posting
 from payengine.engine.order import (
+    FOLLOW_UP_OPS,
     IN_FLIGHT_LEG_STATUSES,
     TERMINAL_STATES,
     AccountUnit,
@@ -297,6 +298,31 @@ class Store:
             db.table("journal").create_index(["entity_kind", "entity_id"], if_not_exists=True)
             outbox.create_schema(db)
             statements.create_schema(db)
+            self._migrate_owed_follow_ups()
+
+    def _migrate_owed_follow_ups(self) -> None:
+        """Once per database: orders saved as settled while a voucher follow-up was owed
+        (before the sentinel, ``confirm_unknown`` and the like counted as settled) are marked
+        unsettled, so that the next open resumes them and their follow-ups are sent again."""
+        conn = self._conn
+        if conn.execute("SELECT 1 FROM meta WHERE key = 'owed_follow_ups_unsettled'").fetchone():
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(
+                "UPDATE payment_orders SET settled = 0 WHERE settled = 1 AND (order_id IN"
+                " (SELECT order_id FROM legs WHERE status IN (?, ?)) OR order_id IN"
+                " (SELECT r.order_id FROM refunds r JOIN json_each(r.parts) p"
+                " JOIN legs l ON l.order_id = r.order_id"
+                " AND l.leg_no = json_extract(p.value, '$[0]')"
+                " WHERE json_extract(p.value, '$[3]') = ? AND l.mode != ?))",
+                (LegStatus.CONFIRM_UNKNOWN.value, LegStatus.RELEASE_UNKNOWN.value,
+                 PartStatus.UNKNOWN.value, LegMode.CASH.value))
+            conn.execute("INSERT INTO meta (key, value) VALUES ('owed_follow_ups_unsettled', '1')")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     # ------------------------------------------------------------------ orders
 
@@ -443,6 +469,22 @@ class Store:
             rows = conn.execute(
                 "SELECT order_id FROM payment_orders WHERE settled = 0 ORDER BY created_at_ms"
             ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def orders_owing_follow_ups(self, limit: int) -> list[str]:
+        """Unsettled orders, oldest first, that may owe a voucher follow-up: a leg confirming,
+        cancelling, reversing or flagged, or a refund part sent or unknown (``engine.order.
+        owed_commands`` says exactly what). At most ``limit``."""
+        with self._read(snapshot=False) as conn:
+            rows = conn.execute(
+                "SELECT o.order_id FROM payment_orders o WHERE o.settled = 0 AND (EXISTS"
+                " (SELECT 1 FROM legs l WHERE l.order_id = o.order_id AND l.status IN"
+                f" ({','.join('?' * len(FOLLOW_UP_OPS))})) OR EXISTS (SELECT 1 FROM refunds r"
+                " JOIN json_each(r.parts) p WHERE r.order_id = o.order_id"
+                " AND json_extract(p.value, '$[3]') IN (?, ?)))"
+                " ORDER BY o.created_at_ms, o.order_id LIMIT ?",
+                (*(status.value for status in FOLLOW_UP_OPS), PartStatus.SENT.value,
+                 PartStatus.UNKNOWN.value, limit)).fetchall()
         return [str(r[0]) for r in rows]
 
     def iter_orders(self, batch_size: int = 500) -> Iterator[PaymentOrder]:
@@ -607,6 +649,18 @@ class Store:
                     f"hold:{hold_id}", "pending", "pending",
                     f"expiry {old} extended at open: its order has not decided yet")])
         return len(rows)
+
+    def confirm_owed(self, account_id: str, hold_id: str, order_id: str) -> bool:
+        """True if ``order_id`` decided to confirm its hold ``hold_id`` and has not heard the
+        answer yet (its leg is ``confirming`` or ``confirm_unknown``): the hold must not
+        expire under it."""
+        with self._read(snapshot=False) as conn:
+            row = conn.execute(
+                "SELECT 1 FROM legs WHERE order_id = ? AND account_id = ? AND hold_id = ?"
+                " AND status IN (?, ?)",
+                (order_id, account_id, hold_id, LegStatus.CONFIRMING.value,
+                 LegStatus.CONFIRM_UNKNOWN.value)).fetchone()
+        return row is not None
 
     # ------------------------------------------------------------------ journal
 

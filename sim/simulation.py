@@ -70,6 +70,7 @@ SIM_POLICY = OrderPolicy(
     query_schedule_ms=(100, 200, 500, 1_000, 2_000),
     refund_query_schedule_ms=(100, 200, 500, 1_000, 2_000),
     voucher_retry_schedule_ms=(200, 400, 800, 1_600, 3_000),
+    voucher_sentinel_interval_ms=2_000,
 )
 
 
@@ -249,7 +250,9 @@ class Simulation:
             pay_window_ms=self.mix.pay_window_ms, hold_grace_ms=SIM_POLICY.hold_grace_ms,
             query_schedule_ms=SIM_POLICY.query_schedule_ms,
             refund_query_schedule_ms=SIM_POLICY.refund_query_schedule_ms,
-            voucher_retry_schedule_ms=SIM_POLICY.voucher_retry_schedule_ms, planted_bugs=bugs)
+            voucher_retry_schedule_ms=SIM_POLICY.voucher_retry_schedule_ms,
+            voucher_sentinel_interval_ms=SIM_POLICY.voucher_sentinel_interval_ms,
+            planted_bugs=bugs)
         self.merchant = SimMerchant(f"secret-{config.seed:012d}", random.Random(config.seed + 3),
                                     lambda: 0.0 if self.quiet else self.mix.merchant_down)
         self.engine_config = EngineConfig(account_idle_ms=2_000, planted_bugs=bugs,
