@@ -226,6 +226,8 @@ class AccountBehaviour(ActorBehaviour):
         self.ctx.store.save_account(before, outcome.account, [outcome.fence], [transition],
                                     self.ctx.runtime.now_ms())
         self.account = outcome.account
+        if outcome.fence.status is FenceStatus.EXPIRED and self.ctx.notifications is not None:
+            self.ctx.notifications.kick()  # the expiry is an outbox event: deliver it
         fence = outcome.fence
         if fence.status is FenceStatus.PENDING:
             self.pending[fence.hold_id] = fence

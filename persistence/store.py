@@ -593,7 +593,9 @@ class Store:
         now_ms: int,
         funding: tuple[str, int] | None = None,
     ) -> None:
-        """Write balances (checked against ``before``), fence rows and journal in one commit."""
+        """Write balances (checked against ``before``), fence rows and journal in one commit,
+        with an outbox event for each hold that expired (``pending -> expired``: its owner has
+        the voucher back)."""
         with self._tx() as conn:
             cur = conn.execute(
                 "UPDATE voucher_accounts SET funded = ?, available = ?, held = ?, spent = ?,"
@@ -617,6 +619,11 @@ class Store:
                              " VALUES (?, ?, ?, ?)", (funding[0], after.account_id, funding[1],
                                                       now_ms))
             self._journal(conn, now_ms, "account", after.account_id, transitions)
+            expired = _hold_expiries(after, fences, transitions)
+            if expired:
+                version = conn.execute("SELECT version FROM voucher_accounts WHERE account_id = ?",
+                                       (after.account_id,)).fetchone()[0]
+                outbox.record_hold_events(conn, int(version), expired, now_ms)
 
     def accounts_with_pending_holds(self) -> list[str]:
         with self._read(snapshot=False) as conn:
@@ -708,6 +715,23 @@ class Store:
             rows = conn.execute(f"SELECT {_FENCE_COLUMNS} FROM holds WHERE account_id = ?"
                                 " ORDER BY hold_id", (account_id,)).fetchall()
         return [_fence_from_row(r) for r in rows]
+
+
+def _hold_expiries(account: VoucherAccount, fences: Sequence[Fence],
+                   transitions: Sequence[Transition]) -> list[outbox.HoldChange]:
+    """The holds of one account commit that went ``pending -> expired``: outbox events."""
+    changes: list[outbox.HoldChange] = []
+    for fence in fences:
+        if fence.status is not FenceStatus.EXPIRED:
+            continue
+        for t in transitions:
+            if t.entity == f"hold:{fence.hold_id}" and (t.from_state, t.to_state) == (
+                FenceStatus.PENDING.value, FenceStatus.EXPIRED.value
+            ):
+                changes.append(outbox.HoldChange(fence.account_id, fence.hold_id, fence.amount,
+                                                 account.unit, fence.order_id, t.from_state,
+                                                 t.to_state, t.cause))
+    return changes
 
 
 def _lock_exclusively(lock_path: str) -> IO[str]:

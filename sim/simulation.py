@@ -50,7 +50,7 @@ from payengine.engine.statement import FLAGGED, Verdict
 from payengine.persistence.outbox import OutboxEvent
 from payengine.sim.channel import ChannelFaults, SimulatedChannel
 from payengine.sim.merchant import SimMerchant
-from payengine.sim.oracle import OracleReport, Violation, check
+from payengine.sim.oracle import OracleReport, Told, Violation, check, check_notified, told_of
 from payengine.sim.runtime import Scheduler, SimRuntime, SimWorld
 from payengine.sim.statement import statement_from_channel
 from payengine.sim.voucher_link import LossyVoucherLink, VoucherFaults
@@ -275,8 +275,8 @@ class Simulation:
         self.quiet = False
         self.link_rng = random.Random(config.seed + 2)
         self.link_counts: dict[str, int] = {}
-        self.notified: dict[str, tuple[str, str]] = {}
-        """Outbox events the downstream subscriber received: event id -> (order, state)."""
+        self.notified: dict[str, Told] = {}
+        """Outbox events the downstream subscriber received: event id -> what it told."""
 
     # ------------------------------------------------------------------ engine lifecycle
 
@@ -306,7 +306,7 @@ class Simulation:
         if event.event_id in self.notified:
             self.counts["notification_duplicated"] += 1
             return
-        self.notified[event.event_id] = (event.order_id, event.to_state)
+        self.notified[event.event_id] = told_of(event)
 
     def _voucher_link(self, directory: Directory) -> LossyVoucherLink:
         return LossyVoucherLink(directory, self.world, self.link_rng, self._voucher_faults,
@@ -497,18 +497,9 @@ class Simulation:
                 report.violations.append(Violation(
                     "one-order-per-key", f"key {key}",
                     f"receipt {receipt.order_id}, database {found.order_id}"))
-        told = set(self.notified.values())
-        merchant_told = set(self.merchant.received.values())
+        report.violations += check_notified(engine.store, set(self.notified.values()),
+                                            set(self.merchant.received.values()), ["station-1"])
         for order in engine.store.iter_orders():
-            if order.is_terminal and (order.order_id, order.state.value) not in told:
-                report.violations.append(Violation(
-                    "terminal-order-notified", f"order {order.order_id}",
-                    f"{order.state.value}, but downstream never heard of it"))
-            if order.is_terminal and (order.order_id, order.state.value) not in merchant_told:
-                report.violations.append(Violation(
-                    "merchant-notified", f"order {order.order_id}",
-                    f"{order.state.value}, but the merchant never accepted a notification "
-                    f"of it ({engine.notifications.counts()})"))
             if not order.is_settled:
                 report.violations.append(Violation(
                     "converged-after-quiet-phase", f"order {order.order_id}",
