@@ -1806,8 +1806,10 @@ class OwedCommand:
 
 def owed_commands(order: PaymentOrder) -> tuple[OwedCommand, ...]:
     """The follow-ups ``order`` still owes its voucher accounts, in leg order, then refunds."""
-    attempts = order.voucher_attempt + 1
     next_at = order.next_voucher_retry_at_ms
+    # every round of the schedule that fired sent it (but the one that found the sentinel's
+    # re-sends used up), and so did the first send
+    attempts = order.voucher_attempt + (0 if next_at is None else 1)
     owed: list[OwedCommand] = []
     for leg in order.legs:
         op = FOLLOW_UP_OPS.get(leg.status)

@@ -10,6 +10,7 @@ systems behind a link that loses every request while they are "down".
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -182,7 +183,10 @@ def test_an_owed_confirm_is_sent_at_once_by_a_reopened_engine(world: World) -> N
     assert world.balances() == {a: (FUNDED - SPENT[a], 0, SPENT[a]) for a in ACCOUNTS}
 
 
-def test_a_reopen_restarts_a_sentinel_whose_bounded_re_sends_ran_out(world: World) -> None:
+def test_a_reopen_restarts_a_sentinel_whose_bounded_re_sends_ran_out(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="payengine")
     bounded = OrderPolicy(pay_window_ms=2_000, hold_grace_ms=5_000, query_schedule_ms=(60_000,),
                           voucher_retry_schedule_ms=RETRY_MS, voucher_sentinel_interval_ms=500,
                           voucher_sentinel_attempts_max=2)
@@ -193,9 +197,13 @@ def test_a_reopen_restarts_a_sentinel_whose_bounded_re_sends_ran_out(world: Worl
     world.run_for(sum(RETRY_MS) + 3 * 500 + 100)
     owed = owed_of(world.engine, order_id)
     # used up: no next attempt, yet still listed, flagged and unsettled (never silently)
-    assert [(o.status, o.flagged, o.next_attempt_at_ms) for o in owed] == [
-        ("confirm_unknown", True, None)] * 3
+    assert [(o.status, o.flagged, o.next_attempt_at_ms, o.attempts) for o in owed] == [
+        ("confirm_unknown", True, None, 1 + (len(RETRY_MS) - 1) + 2)] * 3
     assert not world.order(order_id).settled
+    stopped = [r.msg for r in caplog.records if isinstance(r.msg, dict)
+               and r.msg.get("event") == "sentinel.stopped"]
+    assert sorted((m["order_id"], m["leg"], m["operation"]) for m in stopped) == [
+        (order_id, n, "confirm") for n in (1, 2, 3)]
     sent = world.network.lost["ConfirmHold"]
     world.run_for(60_000)
     assert world.network.lost["ConfirmHold"] == sent  # bounded: nothing more until a start
