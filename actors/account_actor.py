@@ -153,6 +153,12 @@ class AccountBehaviour(ActorBehaviour):
             case ConfirmHold():
                 if fence is not None and fence.order_id not in (None, order_id):
                     raise UnknownHold(f"hold {key} belongs to another order")
+                if fence is not None and fence.status is FenceStatus.PENDING and (
+                    fence.expires_at_ms is not None and fence.expires_at_ms <= now_ms
+                ) and self._defer_if_confirm_owed(fence, now_ms):
+                    # due, not yet expired, and its order owes this Confirm: it is kept
+                    assert self.account is not None
+                    account, fence = self.account, self.pending[fence.key]
                 if ("confirm-twice" in self.ctx.config.planted_bugs and fence is not None
                         and fence.status is FenceStatus.POSTED):
                     posted_again = replace(account, available=account.available - fence.amount,
@@ -233,6 +239,8 @@ class AccountBehaviour(ActorBehaviour):
         self.ctx.store.save_account(before, outcome.account, [outcome.fence], [transition],
                                     self.ctx.runtime.now_ms())
         self.account = outcome.account
+        if outcome.fence.status is FenceStatus.EXPIRED and self.ctx.notifications is not None:
+            self.ctx.notifications.kick()  # the expiry is an outbox event: deliver it
         fence = outcome.fence
         if fence.status is FenceStatus.PENDING:
             self.pending[fence.key] = fence
@@ -248,10 +256,28 @@ class AccountBehaviour(ActorBehaviour):
         now_ms = self.ctx.runtime.now_ms()
         for fence in sorted(self.pending.values(), key=lambda f: f.expires_at_ms or 0):
             assert self.account is not None
+            if fence.expires_at_ms is None:
+                continue
+            if fence.expires_at_ms > now_ms:
+                break
+            if self._defer_if_confirm_owed(fence, now_ms):
+                continue
             outcome = voucher.expire_if_due(self.account, fence, now_ms)
             if not outcome.changed:
                 break
             self._commit(outcome, "expired")
+
+    def _defer_if_confirm_owed(self, fence: Fence, now_ms: int) -> bool:
+        """A due hold whose order decided to confirm it and has not heard back does not
+        expire (R-TCC: the Confirm must succeed once the Try did; the order's sentinel goes on
+        sending it): its expiry moves out by ``hold_grace_ms``, journalled. True if deferred."""
+        assert self.account is not None
+        if fence.order_id is None or not self.ctx.store.confirm_owed(fence):
+            return False
+        outcome = voucher.defer_expiry(self.account, fence,
+                                       now_ms + self.ctx.policy.hold_grace_ms, now_ms)
+        self._commit(outcome, f"expiry deferred: order {fence.order_id} owes its Confirm")
+        return outcome.changed
 
     def _arm_expiry(self) -> None:
         due = min((f.expires_at_ms for f in self.pending.values() if f.expires_at_ms), default=None)

@@ -60,12 +60,14 @@ from payengine.engine.order import (
     CloseCause,
     CloseOrder,
     OrderPolicy,
+    OwedCommand,
     PaymentRequest,
     RefundResult,
     RequestRefund,
     ResultSource,
     build_order,
     check_report,
+    owed_commands,
     suspected_duplicates,
 )
 from payengine.engine.voucher import FenceKey, VoucherAccount
@@ -569,6 +571,25 @@ class Engine:
         """
         return {f"{kind}:{ident}": error
                 for (kind, ident), error in self._ctx.directory.broken().items()}
+
+    def owed(self, *, limit: int = 1_000) -> list[OwedCommand]:
+        """Voucher follow-ups decided and not yet answered, oldest order first, at most
+        ``limit`` (1..10000): each order's Confirms, Cancels (releases and reversals) and
+        refund voucher returns that are sent and waiting, with ``flagged`` for those the
+        voucher system left unanswered on the whole retry schedule (``confirm_unknown``,
+        ``release_unknown``, a return ``unknown``), which the sentinel goes on re-sending
+        until they are answered. Read from the database; empty when nothing is owed.
+        """
+        self._check_open()
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
+            raise InvalidRequest(f"limit must be 1..10000, got {limit!r}")
+        store = self._ctx.store
+        owed: list[OwedCommand] = []
+        for order_id in store.orders_owing_follow_ups(limit):
+            order = store.load_order(order_id)
+            if order is not None:
+                owed += owed_commands(order)
+        return owed[:limit]
 
     def unsettled_count(self) -> int:
         """Orders with work left (not terminal, or a leg's follow-up still in flight)."""

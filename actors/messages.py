@@ -138,7 +138,9 @@ class OrderView:
     total_minor: int
     currency: str
     settled: bool
-    """Nothing more will happen by itself: terminal, and every leg's follow-up is done."""
+    """Nothing more will happen by itself: terminal, and every leg's and refund's follow-up is
+    done. An order whose voucher follow-up is still owed (``confirm_unknown``,
+    ``release_unknown``, a return ``unknown``: ``Engine.owed()``) is not settled."""
     legs: tuple[LegView, ...]
     refunds: tuple[RefundView, ...] = ()
     refunded_minor: int = 0

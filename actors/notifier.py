@@ -1,9 +1,10 @@
 """Delivery of outbox events: to in-process subscribers and to merchants' callback URLs.
 
-Every order state change is an event in the outbox (``persistence.outbox``), committed with
-the change. ``Engine.open`` builds one ``Notifications`` and calls ``start`` (which resumes
-everything undelivered, also after a crash); the order actor calls ``kick`` after each
-commit that wrote transitions; ``Engine.shutdown`` and ``abandon`` call ``stop``.
+Every order state change, refund status change and hold expiry is an event in the outbox
+(``persistence.outbox``), committed with the change. ``Engine.open`` builds one
+``Notifications`` and calls ``start`` (which resumes everything undelivered, also after a
+crash); the order actor calls ``kick`` after each commit that wrote transitions, the
+account actor after a hold expired; ``Engine.shutdown`` and ``abandon`` call ``stop``.
 
 Consumers, each driven by a ``_Pump`` (one delivery round at a time, on its own I/O lane):
 
@@ -49,7 +50,6 @@ from typing import TYPE_CHECKING, Any
 
 from payengine.actors.runtime import Runtime, TimerHandle
 from payengine.engine.errors import EngineClosed, InvalidRequest, Overloaded
-from payengine.engine.order import OrderState
 from payengine.persistence import outbox
 from payengine.persistence.outbox import (
     MERCHANTS,
@@ -449,12 +449,16 @@ class Notifications:
 
     def register_merchant(self, merchant_id: str, callback_url: str, secret: str, *,
                           states: Iterable[str] | None = None) -> MerchantEndpoint:
-        """Notify ``merchant_id`` of its orders' state changes at ``callback_url``.
+        """Notify ``merchant_id`` of its orders' changes (state, refunds, holds expiring) at
+        ``callback_url``.
 
         Each notification is a POST of a JSON body signed with ``secret`` (see ``sign``),
         retried on ``NotificationConfig.merchant_schedule_ms`` until answered 2xx with the
-        body ``SUCCESS``. ``states``: only changes into these order states (default: every
-        change). Events committed from now on are notified; registering again changes the
+        body ``SUCCESS``. ``states``: only these events (default: every event of the
+        merchant): order states such as ``succeeded`` for an order's changes into them,
+        ``refund_refunding`` (a refund started), ``refund_succeeded``, ``refund_failed``,
+        ``refund_unknown`` for its refunds, ``hold_expired`` for its holds expiring.
+        Events committed from now on are notified; registering again changes the
         URL, secret and states (pending notifications use the new ones). The secret is
         stored in the database in the clear, like the rest of the engine's data: protect
         the file. Raises ``InvalidRequest`` for a bad id, URL (http or https only), secret
@@ -753,12 +757,12 @@ def _check_states(states: Iterable[str] | None) -> tuple[str, ...]:
         return ()
     if isinstance(states, str):
         raise InvalidRequest("states must be a collection of order states, not one string")
-    known = {s.value for s in OrderState}
+    known = set(outbox.FILTER_KEYS)
     wanted = tuple(dict.fromkeys(states))
     bad = [s for s in wanted if s not in known]
     if bad or not wanted:
-        raise InvalidRequest(f"states must be order states among {sorted(known)}, got "
-                             f"{list(wanted)!r}")
+        raise InvalidRequest(f"states must be order states or refund and hold events among "
+                             f"{list(outbox.FILTER_KEYS)}, got {list(wanted)!r}")
     return wanted
 
 

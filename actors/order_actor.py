@@ -46,6 +46,7 @@ from payengine.engine.order import (
     TryHold,
     VoucherReply,
     decide,
+    owed_commands,
 )
 
 _EVENTS = (Activate, VoucherReply, CashResult, RefundResult, CloseOrder, TimerFired,
@@ -100,10 +101,13 @@ class OrderBehaviour(ActorBehaviour):
             self.ctx.store.save_order(
                 decision.order, decision.transitions, now_ms, postings,
                 skew_ledger="ledger-unbalanced" in self.ctx.config.planted_bugs)
-        self.order = decision.order
+        before, self.order = self.order, decision.order
         if saved and decision.transitions:
             self.ctx.notifications.kick()
         self._log(event, decision)
+        if (before.next_voucher_retry_at_ms is not None and self.order.owes_follow_up
+                and self.order.next_voucher_retry_at_ms is None):
+            self._log_sentinel_stopped()
         failed = 0
         for effect in decision.effects:
             try:
@@ -131,6 +135,19 @@ class OrderBehaviour(ActorBehaviour):
             if not decision.transitions:
                 self.log.debug("event", order_id=order.order_id, on=type(event).__name__,
                                note=decision.note)
+        except Exception:
+            pass
+
+    def _log_sentinel_stopped(self) -> None:
+        """The sentinel's bounded re-sends are used up with follow-ups still owed: loudly."""
+        assert self.order is not None
+        try:
+            for owed in owed_commands(self.order):
+                self.log.error("sentinel.stopped", order_id=owed.order_id, leg=owed.leg_no,
+                               refund_id=owed.refund_id, account_id=owed.account_id,
+                               operation=owed.operation, status=owed.status,
+                               attempts=owed.attempts,
+                               note="still owed: listed by Engine.owed(), re-sent at next open")
         except Exception:
             pass
 

@@ -145,9 +145,12 @@ class LegStatus(enum.StrEnum):
     RELEASE_FAILED = "release_failed"
     """The account refused to void or reverse: an anomaly for reconciliation, never silent."""
     CONFIRM_UNKNOWN = "confirm_unknown"
-    """The voucher system never answered the Confirm on its whole retry schedule."""
+    """The voucher system did not answer the Confirm on its whole retry schedule. Still owed:
+    the sentinel re-sends it (``OrderPolicy.voucher_sentinel_interval_ms``, and at every
+    start of the order's actor) until an answer turns it ``confirmed`` (or ``confirm_failed``)."""
     RELEASE_UNKNOWN = "release_unknown"
-    """The voucher system never answered the Cancel on its whole retry schedule."""
+    """The voucher system did not answer the Cancel (or the reversal of a debit) on its whole
+    retry schedule. Still owed, and re-sent by the sentinel like ``confirm_unknown``."""
     # post-deduct debits
     DEBITING = "debiting"
     DEBITED = "debited"
@@ -180,6 +183,11 @@ IN_FLIGHT_LEG_STATUSES = frozenset(
     }
 )
 """A leg in one of these still has work to do; an order is settled when none is left."""
+
+OWED_LEG_STATUSES = frozenset({LegStatus.CONFIRM_UNKNOWN, LegStatus.RELEASE_UNKNOWN})
+"""A follow-up command the voucher system never answered on the retry schedule: owed (R-TCC:
+after the payment's outcome the follow-up steps are guaranteed), re-sent by the sentinel.
+An order with one is not settled."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,7 +352,8 @@ twice. Each must make the oracle report a violation."""
 
 @dataclass(frozen=True, slots=True)
 class OrderPolicy:
-    """Tunables of the order life cycle. Every schedule is finite: nothing retries forever."""
+    """Tunables of the order life cycle. Every schedule is bounded: nothing retries forever
+    (an owed voucher follow-up outlives its schedule only by being re-sent at every start)."""
 
     pay_window_ms: int = 15 * 60 * 1000
     """Default time from acceptance to the timeout close."""
@@ -359,12 +368,17 @@ class OrderPolicy:
     )
     voucher_retry_schedule_ms: tuple[int, ...] = (1_000, 2_000, 5_000, 10_000, 30_000)
     """Gaps between re-sending unanswered voucher commands (idempotent by hold id); after
-    the last gap an unanswered Try or debit fails the payment, an unanswered Confirm or
-    Cancel is flagged for reconciliation."""
-    voucher_return_attempts_max: int = 2_000
-    """A refund's voucher part must complete once its cash went back (R-TCC's retrying
-    sentinel): after the schedule it is re-sent at the schedule's last gap, up to this many
-    attempts in all (16 h at 30 s), and only then left ``unknown``."""
+    the last gap an unanswered Try or debit is cancelled and fails the payment, while an
+    unanswered follow-up (a Confirm, a Cancel, a refund's voucher return) is flagged
+    (``confirm_unknown``, ``release_unknown``, part ``unknown``) and handed to the sentinel."""
+    voucher_sentinel_interval_ms: int = 5 * 60 * 1000
+    """The sentinel (R-TCC: once the outcome is decided the follow-up steps must happen):
+    after the retry schedule, owed follow-ups are re-sent at this interval (at most an hour)
+    until the voucher system answers, and again at every start of the order's actor."""
+    voucher_sentinel_attempts_max: int = 2_016
+    """Sentinel re-sends per schedule (7 days at 5 min). Then the timer stops, an error is
+    logged and the follow-ups stay flagged and listed by ``Engine.owed()``; every reopen of
+    the engine re-sends them and starts the schedule again."""
     confirm_query_interval_ms: int = 1_000
     """At most one query per order per this interval on unverified notifications, so a
     flood of forged callbacks cannot turn into a flood of channel calls."""
@@ -389,6 +403,11 @@ class OrderPolicy:
         assert self.hold_grace_ms > 0 and self.legs_max > 0
         assert self.confirm_query_interval_ms > 0
         assert self.voucher_retry_schedule_ms and all(g > 0 for g in self.voucher_retry_schedule_ms)
+        assert 0 < self.voucher_sentinel_interval_ms <= 60 * 60 * 1000, (
+            f"voucher_sentinel_interval_ms {self.voucher_sentinel_interval_ms} must be 1 ms..1 h")
+        assert 0 < self.voucher_sentinel_attempts_max <= 1_000_000, (
+            f"voucher_sentinel_attempts_max {self.voucher_sentinel_attempts_max} must be "
+            "1..1000000")
 
 
 # --------------------------------------------------------------------------- the order
@@ -437,10 +456,22 @@ class PaymentOrder:
 
     @property
     def is_settled(self) -> bool:
-        """Terminal with no leg or refund left in flight: nothing more will happen by itself."""
+        """Terminal with nothing left in flight or owed: nothing more will happen by itself.
+
+        A follow-up the voucher system never answered (``OWED_LEG_STATUSES``, a refund's
+        voucher return ``unknown``) is still owed and re-sent, so its order is not settled.
+        """
         return self.is_terminal and not any(
-            leg.status in IN_FLIGHT_LEG_STATUSES for leg in self.legs
-        ) and not any(r.status is RefundStatus.REFUNDING for r in self.refunds)
+            leg.status in IN_FLIGHT_LEG_STATUSES or leg.status in OWED_LEG_STATUSES
+            for leg in self.legs
+        ) and not any(r.status is RefundStatus.REFUNDING for r in self.refunds) and not (
+            _owed_returns(self))
+
+    @property
+    def owes_follow_up(self) -> bool:
+        """A voucher follow-up (Confirm, Cancel, return) went unanswered on the whole retry
+        schedule: it is flagged and still owed, and the sentinel re-sends it."""
+        return _has_owed(self)
 
     def refund(self, *, refund_id: str | None = None, refund_no: str | None = None
                ) -> Refund | None:
@@ -996,7 +1027,11 @@ def _assert_consistent(order: PaymentOrder, policy: OrderPolicy) -> None:
 
 
 def _activate(d: _Draft) -> str:
-    """Re-issue every in-flight effect (all idempotent) and re-arm the timers."""
+    """Re-issue every in-flight and owed effect (all idempotent) and re-arm the timers.
+
+    Owed follow-ups (the sentinel's) are sent again at once; if their schedule had run out
+    (or was never armed, in a database from before the sentinel) it starts again.
+    """
     order = d.order
     if order.state in (OrderState.ACCEPTED, OrderState.PAYING, OrderState.NEEDS_RECONCILIATION):
         d.effects.append(ArmTimer(TimerKind.CLOSE, order.close_at_ms, 0))
@@ -1004,10 +1039,12 @@ def _activate(d: _Draft) -> str:
         _reissue(d, leg)
     for refund in order.refunds:
         _resend_refund(d, refund, cash=True, vouchers=True)
-        _retry_unknown_returns(d, refund)
+    _resend_owed_returns(d)
     if order.next_voucher_retry_at_ms is not None:
         d.effects.append(ArmTimer(TimerKind.VOUCHER_RETRY, order.next_voucher_retry_at_ms,
                                   order.voucher_attempt))
+    elif _has_owed(order):
+        _arm_voucher_retry(d, 0)
     cash = order.cash_leg
     refunding = cash is not None and (
         cash.status is LegStatus.REFUNDING or bool(_cash_parts_in_flight(order)))
@@ -1024,9 +1061,11 @@ def _reissue(d: _Draft, leg: Leg) -> None:
     account = leg.account_id
     if leg.status is LegStatus.TRYING and account is not None:
         d.effects.append(_try(order, leg))
-    elif leg.status is LegStatus.CONFIRMING and account is not None:
+    elif leg.status in (LegStatus.CONFIRMING, LegStatus.CONFIRM_UNKNOWN) and account is not None:
         d.effects.append(ConfirmHold(account, order.fence_of(leg), leg.leg_no))
-    elif leg.status in (LegStatus.CANCELLING, LegStatus.REVERSING) and account is not None:
+    elif leg.status in (LegStatus.CANCELLING, LegStatus.REVERSING, LegStatus.RELEASE_UNKNOWN) and (
+        account is not None
+    ):
         d.effects.append(CancelHold(account, order.fence_of(leg), leg.leg_no))
     elif leg.status is LegStatus.DEBITING and account is not None:
         d.effects.append(DebitVoucher(account, order.fence_of(leg), leg.amount, leg.leg_no))
@@ -1119,11 +1158,14 @@ def _voucher_reply(d: _Draft, reply: VoucherReply) -> str:
     match leg.status:
         case LegStatus.TRYING:
             return _hold_reply(d, leg, reply)
-        case LegStatus.CONFIRMING:
+        case LegStatus.CONFIRMING | LegStatus.CONFIRM_UNKNOWN:
             status = LegStatus.CONFIRMED if reply.ok else LegStatus.CONFIRM_FAILED
             d.set_leg(leg.leg_no, status, reply.reason or "confirmed")
-        case LegStatus.CANCELLING | LegStatus.REVERSING:
-            done = LegStatus.CANCELLED if leg.status is LegStatus.CANCELLING else LegStatus.REVERSED
+        case LegStatus.CANCELLING | LegStatus.REVERSING | LegStatus.RELEASE_UNKNOWN:
+            # only a post-deduct leg is reversed (its debit); a held one is cancelled
+            reversal = leg.status is LegStatus.REVERSING or (
+                leg.status is LegStatus.RELEASE_UNKNOWN and leg.mode is LegMode.POST_DEDUCT)
+            done = LegStatus.REVERSED if reversal else LegStatus.CANCELLED
             status = done if reply.ok else LegStatus.RELEASE_FAILED
             d.set_leg(leg.leg_no, status, reply.reason or "released")
         case LegStatus.DEBITING:
@@ -1136,10 +1178,13 @@ def _voucher_reply(d: _Draft, reply: VoucherReply) -> str:
 _EXPECTED_OP = {
     LegStatus.TRYING: VoucherOp.TRY,
     LegStatus.CONFIRMING: VoucherOp.CONFIRM,
+    LegStatus.CONFIRM_UNKNOWN: VoucherOp.CONFIRM,
     LegStatus.CANCELLING: VoucherOp.CANCEL,
     LegStatus.REVERSING: VoucherOp.CANCEL,
+    LegStatus.RELEASE_UNKNOWN: VoucherOp.CANCEL,
     LegStatus.DEBITING: VoucherOp.DEBIT,
 }
+"""The answer each leg status waits for; a late answer to an owed follow-up still counts."""
 
 
 def _hold_reply(d: _Draft, leg: Leg, reply: VoucherReply) -> str:
@@ -1579,6 +1624,8 @@ def _keep_voucher_retry(d: _Draft) -> None:
 
     A command issued in this decision restarts the schedule from its first gap, so every
     command gets the whole schedule, however far along an earlier command's retries were.
+    Owed follow-ups keep the timer (the sentinel's) but never re-arm a stopped one: only a
+    new command or a start of the actor does.
     """
     in_flight = any(leg.status in VOUCHER_IN_FLIGHT for leg in d.order.legs) or bool(
         _returns_in_flight(d.order))
@@ -1589,51 +1636,68 @@ def _keep_voucher_retry(d: _Draft) -> None:
         for t in d.transitions)
     if in_flight and (d.order.next_voucher_retry_at_ms is None or issued):
         _arm_voucher_retry(d, 0)
-    elif not in_flight and d.order.next_voucher_retry_at_ms is not None:
+    elif not in_flight and not _has_owed(d.order) and d.order.next_voucher_retry_at_ms is not None:
         d.update(next_voucher_retry_at_ms=None, voucher_attempt=0)
 
 
 def _arm_voucher_retry(d: _Draft, attempt: int) -> None:
+    """Attempt ``attempt`` is due after the schedule's gap, or the sentinel's interval once
+    the schedule is over."""
     schedule = d.policy.voucher_retry_schedule_ms
-    due = d.now_ms + schedule[min(attempt, len(schedule) - 1)]
+    gap = schedule[attempt] if attempt < len(schedule) else d.policy.voucher_sentinel_interval_ms
+    due = d.now_ms + gap
     d.update(voucher_attempt=attempt, next_voucher_retry_at_ms=due)
     d.effects.append(ArmTimer(TimerKind.VOUCHER_RETRY, due, attempt))
 
 
 def _voucher_retry_due(d: _Draft, token: int) -> str:
+    """Re-send what is unanswered; at the end of the schedule give up on Trys and debits and
+    hand the follow-ups to the sentinel, which re-sends them at its interval, bounded."""
     order = d.order
     due = order.next_voucher_retry_at_ms
     if due is None or token != order.voucher_attempt or d.now_ms < due:
         return "stale: voucher retry timer"
-    if token + 1 < len(d.policy.voucher_retry_schedule_ms):
+    schedule = len(d.policy.voucher_retry_schedule_ms)
+    if token + 1 < schedule:
         for leg in order.legs:
-            if leg.status in VOUCHER_IN_FLIGHT:
+            if leg.status in VOUCHER_IN_FLIGHT or leg.status in OWED_LEG_STATUSES:
                 _reissue(d, leg)
         for refund in order.refunds:
             _resend_refund(d, refund, cash=False, vouchers=True)
+        _resend_owed_returns(d)
         _arm_voucher_retry(d, token + 1)
         return "applied"
-    if _returns_in_flight(order) and token + 1 < d.policy.voucher_return_attempts_max:
-        # Payments give up here; refunds' voucher returns keep being asked, at the last gap.
-        _give_up_on_vouchers(d, returns=False)
-        for refund in d.order.refunds:
-            _resend_refund(d, refund, cash=False, vouchers=True)
-        _arm_voucher_retry(d, token + 1)
-        return "applied"
-    d.update(next_voucher_retry_at_ms=None, voucher_attempt=0)
+    # The schedule is over (or this is one of the sentinel's rounds): a Try or a debit still
+    # unanswered is cancelled; a follow-up is flagged, owed, and sent again.
     _give_up_on_vouchers(d)
+    if not _has_owed(d.order):
+        d.update(next_voucher_retry_at_ms=None, voucher_attempt=0)
+        return "applied"
+    if token + 1 - schedule >= d.policy.voucher_sentinel_attempts_max:
+        # Bounded: the timer stops here. Never silently: the follow-ups stay flagged, the
+        # actor logs this as an error, ``owed_commands`` lists them with no next attempt,
+        # and the next start of the actor sends them again on a fresh schedule.
+        d.update(next_voucher_retry_at_ms=None, voucher_attempt=token + 1)
+        return "applied"
+    for leg in d.order.legs:
+        if leg.status in OWED_LEG_STATUSES:
+            _reissue(d, leg)
+    _resend_owed_returns(d)
+    _arm_voucher_retry(d, token + 1)
     return "applied"
 
 
-def _give_up_on_vouchers(d: _Draft, *, returns: bool = True) -> None:
+def _give_up_on_vouchers(d: _Draft) -> None:
     """The voucher system stayed silent for the whole schedule: stop waiting, safely.
 
     An unanswered Try or debit may or may not have happened, so it is cancelled (voids the
     hold, reverses the debit, or records an empty rollback) and the payment fails. An
-    unanswered Confirm or Cancel is flagged for reconciliation: never guessed either way.
+    unanswered Confirm, Cancel or voucher return is never guessed either way: it is flagged
+    (``confirm_unknown``, ``release_unknown``, part ``unknown``) and stays owed: the
+    sentinel goes on sending it.
     """
     cause = "voucher system did not answer"
-    for refund, leg_no in _returns_in_flight(d.order) if returns else ():
+    for refund, leg_no in _returns_in_flight(d.order):
         _set_part(d, refund, leg_no, PartStatus.UNKNOWN, cause)
     for leg in d.order.legs:
         if leg.status is LegStatus.CONFIRMING:
@@ -1786,18 +1850,35 @@ def _set_part(d: _Draft, refund: Refund, leg_no: int, status: PartStatus, cause:
     return d.set_refund(replace(refund, parts=parts), cause)
 
 
-def _retry_unknown_returns(d: _Draft, refund: Refund) -> None:
-    """On (re)activation, voucher returns left unknown are asked again: the cash went back,
-    so they are owed, and each restart of the engine gives them a fresh schedule."""
-    cash = d.order.cash_leg
-    cash_part = None if cash is None else refund.part(cash.leg_no)
-    if cash_part is not None and cash_part.status is not PartStatus.DONE:
-        return
-    for part in refund.parts:
-        if part.status is PartStatus.UNKNOWN and (cash is None or part.leg_no != cash.leg_no):
-            refund = _set_part(d, refund, part.leg_no, PartStatus.SENT,
-                               "unknown return asked again on activation")
-            _resend_refund(d, refund, cash=False, vouchers=True)
+def _resend_owed_returns(d: _Draft) -> None:
+    """Send again every voucher return left ``unknown``: its cash went back, so it is owed
+    (the sentinel's), and its status stays ``unknown`` until the account answers."""
+    order = d.order
+    for refund, leg_no in _owed_returns(order):
+        part = refund.part(leg_no)
+        leg = order.leg(leg_no)
+        assert part is not None and leg.account_id is not None
+        d.effects.append(ReturnVoucher(leg.account_id,
+                                       FenceKey.refund_return(refund.refund_id, leg_no),
+                                       part.amount, leg_no))
+
+
+def _owed_returns(order: PaymentOrder) -> list[tuple[Refund, int]]:
+    """Voucher parts of refunds that were sent and never answered on the retry schedule.
+
+    A voucher part is sent only after its refund's cash part went back (or at once when the
+    refund has none), so an ``unknown`` voucher part is always owed.
+    """
+    cash = order.cash_leg
+    cash_no = None if cash is None else cash.leg_no
+    return [(r, p.leg_no) for r in order.refunds for p in r.parts
+            if p.status is PartStatus.UNKNOWN and p.leg_no != cash_no]
+
+
+def _has_owed(order: PaymentOrder) -> bool:
+    """True while the order owes a follow-up the voucher system never answered."""
+    return any(leg.status in OWED_LEG_STATUSES for leg in order.legs) or bool(
+        _owed_returns(order))
 
 
 def _cash_parts_in_flight(order: PaymentOrder) -> list[Refund]:
@@ -1889,3 +1970,74 @@ def _refund_second_charge(d: _Draft, cash: Leg, result: CashResult) -> str:
     _resend_refund(d, refund, cash=True, vouchers=False)
     _arm_refund_query(d, attempt=0)
     return "applied"
+
+
+# ---- what is owed
+
+
+FOLLOW_UP_OPS: Mapping[LegStatus, VoucherOp] = {
+    LegStatus.CONFIRMING: VoucherOp.CONFIRM,
+    LegStatus.CONFIRM_UNKNOWN: VoucherOp.CONFIRM,
+    LegStatus.CANCELLING: VoucherOp.CANCEL,
+    LegStatus.REVERSING: VoucherOp.CANCEL,
+    LegStatus.RELEASE_UNKNOWN: VoucherOp.CANCEL,
+}
+"""Leg statuses of a follow-up sent and not yet answered, and the command they wait on."""
+
+
+@dataclass(frozen=True, slots=True)
+class OwedCommand:
+    """A voucher follow-up an order still owes: decided, sent, not yet answered."""
+
+    order_id: str
+    leg_no: int
+    refund_id: str | None
+    """``None`` for the leg's own Confirm or Cancel; the refund's id for a voucher return."""
+    account_id: str
+    operation: str
+    """``confirm``, ``cancel`` (a hold's release or a debit's reversal) or ``return``."""
+    fence: FenceKey
+    """The fence the voucher account keeps the command under (the leg's own, the user's
+    pre-hold a pre-held leg adopted, or the refund's return)."""
+    amount: int
+    """In the account's unit."""
+    status: str
+    """The leg's status (``confirming``, ``confirm_unknown``, ...) or the refund part's
+    (``sent``, ``unknown``)."""
+    flagged: bool
+    """Unanswered on the whole retry schedule: the sentinel re-sends it."""
+    attempts: int
+    """Sends of the order's voucher commands since its schedule last (re)started."""
+    next_attempt_at_ms: int | None
+    """When it is sent again; ``None`` once the sentinel's re-sends are used up (the next
+    start of the engine sends it again)."""
+
+
+def owed_commands(order: PaymentOrder) -> tuple[OwedCommand, ...]:
+    """The follow-ups ``order`` still owes its voucher accounts, in leg order, then refunds."""
+    next_at = order.next_voucher_retry_at_ms
+    # every round of the schedule that fired sent it (but the one that found the sentinel's
+    # re-sends used up), and so did the first send
+    attempts = order.voucher_attempt + (0 if next_at is None else 1)
+    owed: list[OwedCommand] = []
+    for leg in order.legs:
+        op = FOLLOW_UP_OPS.get(leg.status)
+        if op is None or leg.account_id is None:
+            continue
+        owed.append(OwedCommand(order.order_id, leg.leg_no, None, leg.account_id, op.value,
+                                order.fence_of(leg), leg.amount, leg.status.value,
+                                leg.status in OWED_LEG_STATUSES, attempts, next_at))
+    for refund in order.refunds:
+        for part in refund.parts:
+            leg = order.leg(part.leg_no)
+            if leg.is_cash or leg.account_id is None or part.status not in (
+                PartStatus.SENT, PartStatus.UNKNOWN
+            ):
+                continue
+            owed.append(OwedCommand(order.order_id, part.leg_no, refund.refund_id,
+                                    leg.account_id, VoucherOp.RETURN.value,
+                                    FenceKey.refund_return(refund.refund_id, part.leg_no),
+                                    part.amount,
+                                    part.status.value, part.status is PartStatus.UNKNOWN,
+                                    attempts, next_at))
+    return tuple(owed)

@@ -86,6 +86,12 @@ class FenceKey:
         """
         return f"fence:{self.scope.value}:{self.leg}:{self.owner}"
 
+    @property
+    def public_id(self) -> str:
+        """How events name the fence: the caller's own hold id for a pre-hold, else the
+        journal label (an order's or refund's fence has no id a caller ever gave)."""
+        return self.owner if self.scope is FenceScope.USER else self.journal_part
+
     def __str__(self) -> str:
         """For messages and logs only; never parsed."""
         if self.scope is FenceScope.USER:
@@ -427,6 +433,20 @@ def expire_if_due(account: VoucherAccount, fence: Fence, now_ms: int) -> Outcome
     return Outcome(
         new_account, replace(fence, status=FenceStatus.EXPIRED, updated_at_ms=now_ms), True
     )
+
+
+def defer_expiry(account: VoucherAccount, fence: Fence, expires_at_ms: int, now_ms: int
+                 ) -> Outcome:
+    """Move a pending hold's expiry out to ``expires_at_ms`` (never earlier); balances stay.
+
+    For a hold whose order decided to confirm it (R-TCC: Confirm must succeed once Try did):
+    the account keeps it until the order's Confirm arrives, however late.
+    """
+    _assert_same_account(account, fence)
+    if fence.status is not FenceStatus.PENDING or (fence.expires_at_ms or 0) >= expires_at_ms:
+        return Outcome(account, fence, False)
+    return Outcome(account, replace(fence, expires_at_ms=expires_at_ms, updated_at_ms=now_ms),
+                   True)
 
 
 def check_unit_matches(account: VoucherAccount, unit: str) -> None:

@@ -63,6 +63,7 @@ from payengine.engine.order import (
     LegMode,
     OrderPolicy,
     OrderState,
+    OwedCommand,
     PaymentRequest,
     VoucherPart,
 )
@@ -107,6 +108,7 @@ __all__ = [
     "OrderView",
     "OutboxEvent",
     "Overloaded",
+    "OwedCommand",
     "PaymentError",
     "PaymentRequest",
     "RandomIds",

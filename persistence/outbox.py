@@ -1,12 +1,16 @@
-"""The durable outbox: every order state change, written in the transaction of the change.
+"""The durable outbox: every order state change, refund change and hold expiry, written in
+the transaction of the change.
 
-``Store`` calls ``create_schema`` when it opens and ``record_order_events`` inside the
-transaction that writes an order, so an event exists if and only if its change was committed
-(the transactional outbox pattern: no change without its message, no message without its
+``Store`` calls ``create_schema`` when it opens, ``record_order_events`` inside the
+transaction that writes an order and ``record_hold_events`` inside the one that writes a
+voucher account, so an event exists if and only if its change was committed (the
+transactional outbox pattern: no change without its message, no message without its
 change). Everything else here is the delivery bookkeeping the notifier
 (``actors.notifier``) keeps next to the events, in the same database:
 
-- ``outbox``: one row per order-level transition. ``seq`` (the rowid) grows in commit order:
+- ``outbox``: one row per event: an order-level transition, a refund's status change (a
+  merchant refund, the refund of a success the order could not keep, a second charge's
+  refund), a hold's expiry. ``seq`` (the rowid) grows in commit order:
   the store has one writer at a time (``BEGIN IMMEDIATE``), so a reader that sees ``seq`` N
   has seen every event before it. Events are never updated; ``prune`` deletes those every
   consumer is done with, once they are older than the retention.
@@ -34,13 +38,57 @@ from typing import Any
 
 import sqlite_utils
 
-from payengine.engine.order import PaymentOrder, Transition
+from payengine.engine.order import (
+    LegStatus,
+    OrderState,
+    PaymentOrder,
+    RefundStatus,
+    Transition,
+)
 
 MERCHANTS = "~merchants"
 """Cursor of the merchant dispatcher. Subscriber names may not start with ``~``."""
 
 ORDER_STATE_CHANGED = "order.state_changed"
-"""The ``event_type`` of every outbox event (the only kind so far)."""
+"""``event_type`` of an order's state change: ``from_state``/``to_state`` are order states."""
+REFUND_STATE_CHANGED = "refund.state_changed"
+"""``event_type`` of a refund's status change: ``from_state``/``to_state`` are refund statuses
+(``"" -> refunding`` when it is created; then ``succeeded``, ``failed`` or ``unknown``)."""
+HOLD_STATE_CHANGED = "hold.state_changed"
+"""``event_type`` of a voucher hold's change: ``pending -> expired`` (the voucher is available
+to its owner again)."""
+EVENT_TYPES = (ORDER_STATE_CHANGED, REFUND_STATE_CHANGED, HOLD_STATE_CHANGED)
+
+LEG_REFUND_KIND = "error_refund"
+"""``refund_kind`` of the refund an order makes of its own cash leg (差错退款): a success that
+came after the close or a failure, or a payment whose post-deduct vouchers fell short. The
+other kinds are ``engine.order.RefundKind``'s: ``merchant``, ``duplicate_charge``."""
+
+_LEG_REFUND_STATUS = {
+    LegStatus.REFUNDING.value: RefundStatus.REFUNDING.value,
+    LegStatus.REFUNDED.value: RefundStatus.SUCCEEDED.value,
+    LegStatus.REFUND_FAILED.value: RefundStatus.FAILED.value,
+    LegStatus.REFUND_UNKNOWN.value: RefundStatus.UNKNOWN.value,
+}
+"""A cash leg's refund statuses, as the refund statuses they are in events."""
+
+
+def filter_key(event_type: str, to_state: str) -> str:
+    """What a merchant's ``states`` filter matches an event by: the order state for an order
+    event, ``refund_<status>`` for a refund event, ``hold_<status>`` for a hold event."""
+    if event_type == REFUND_STATE_CHANGED:
+        return f"refund_{to_state}"
+    if event_type == HOLD_STATE_CHANGED:
+        return f"hold_{to_state}"
+    return to_state
+
+
+FILTER_KEYS = (
+    *(state.value for state in OrderState),
+    *(filter_key(REFUND_STATE_CHANGED, status.value) for status in RefundStatus),
+    filter_key(HOLD_STATE_CHANGED, "expired"),
+)
+"""Every value a merchant's ``states`` may name."""
 
 
 class NotificationStatus(enum.StrEnum):
@@ -54,11 +102,12 @@ class NotificationStatus(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class OutboxEvent:
-    """One order state change, as published to subscribers and merchants.
+    """One change, as published to subscribers and merchants; ``event_type`` says what kind.
 
-    ``event_id`` is stable (``"{order_id}:{order_version}:{index}"``: the order's version
-    after the commit and the transition's position among that commit's order-level
-    transitions) and unique: deduplicate on it, since delivery is at least once.
+    ``event_id`` is stable and unique: deduplicate on it, since delivery is at least once.
+    Order and refund events of one commit are ``"{order_id}:{order_version}:{index}"`` (the
+    order's version after the commit; the order's own transitions first, then its refunds');
+    a hold's expiry is ``"hold:{account_id}:{account_version}:{index}"``.
     """
 
     seq: int
@@ -77,16 +126,40 @@ class OutboxEvent:
     currency: str
     at_ms: int
     """When the change was committed (the engine's clock)."""
+    event_type: str = ORDER_STATE_CHANGED
+    """``order.state_changed``, ``refund.state_changed`` or ``hold.state_changed``: what
+    ``from_state`` and ``to_state`` are the states of."""
+    user_id: str | None = None
+    """The order's user (whom to tell); ``None`` for a hold no order adopted."""
+    refund_id: str | None = None
+    """Refund events: the refund's id (the channel knows its cash part by it)."""
+    refund_no: str | None = None
+    """Refund events: the merchant's refund number, ``charge:<txn>`` for a second charge,
+    ``None`` for an ``error_refund``."""
+    refund_kind: str | None = None
+    """Refund events: ``merchant``, ``duplicate_charge`` or ``error_refund``."""
+    account_id: str | None = None
+    """Hold events: the voucher account."""
+    hold_id: str | None = None
+    """Hold events: the hold."""
+    amount: int | None = None
+    """Refund events: the refund's amount in minor units of ``currency``; hold events: the
+    hold's amount in ``unit``."""
+    unit: str | None = None
+    """The unit of ``amount``: the order's currency, or the voucher account's unit."""
 
     def payload(self) -> dict[str, Any]:
         """The event as a JSON-ready mapping (what a merchant notification carries)."""
         return {
-            "event_id": self.event_id, "event_type": ORDER_STATE_CHANGED, "seq": self.seq,
+            "event_id": self.event_id, "event_type": self.event_type, "seq": self.seq,
             "order_id": self.order_id, "order_version": self.order_version,
             "merchant_id": self.merchant_id, "merchant_order_no": self.merchant_order_no,
             "payment_serial": self.payment_serial, "from_state": self.from_state,
             "to_state": self.to_state, "cause": self.cause, "total_minor": self.total_minor,
-            "currency": self.currency, "at_ms": self.at_ms,
+            "currency": self.currency, "at_ms": self.at_ms, "user_id": self.user_id,
+            "refund_id": self.refund_id, "refund_no": self.refund_no,
+            "refund_kind": self.refund_kind, "account_id": self.account_id,
+            "hold_id": self.hold_id, "amount": self.amount, "unit": self.unit,
         }
 
 
@@ -121,7 +194,8 @@ class MerchantEndpoint:
     merchant_id: str
     callback_url: str
     states: tuple[str, ...]
-    """Order states (``to_state``) the merchant is notified of; empty means every change."""
+    """What the merchant is notified of (``filter_key``: order states, ``refund_<status>``,
+    ``hold_expired``); empty means every event."""
     from_seq: int
     """Events after this outbox position are notified (the position at registration)."""
     registered_at_ms: int
@@ -164,10 +238,17 @@ def create_schema(db: sqlite_utils.Database) -> None:
         {"seq": int, "event_id": str, "order_id": str, "order_version": int,
          "merchant_id": str, "merchant_order_no": str, "payment_serial": str,
          "from_state": str, "to_state": str, "cause": str, "total_minor": int,
-         "currency": str, "at_ms": int},
+         "currency": str, "at_ms": int, **_EXTRA_COLUMNS},
         pk="seq", not_null={"event_id", "order_id", "order_version", "merchant_id", "at_ms"},
         if_not_exists=True,
     )
+    outbox = db.table("outbox")
+    missing = [name for name in _EXTRA_COLUMNS if name not in outbox.columns_dict]
+    for name in missing:  # a database from before refund and hold events
+        outbox.add_column(name, _EXTRA_COLUMNS[name])
+    if missing:
+        db.execute("UPDATE outbox SET event_type = ? WHERE event_type IS NULL",
+                   [ORDER_STATE_CHANGED])
     db.table("outbox_cursors").create(
         {"consumer": str, "seq": int, "attempts": int, "next_at_ms": int, "last_error": str,
          "updated_at_ms": int},
@@ -197,31 +278,103 @@ def create_schema(db: sqlite_utils.Database) -> None:
 
 # ---------------------------------------------------------------------- the hot path
 
+_EXTRA_COLUMNS: dict[str, type] = {
+    "event_type": str, "user_id": str, "refund_id": str, "refund_no": str, "refund_kind": str,
+    "account_id": str, "hold_id": str, "amount": int, "unit": str,
+}
+"""Columns added with refund and hold events (``OutboxEvent``'s fields after ``at_ms``)."""
+
 _EVENT_COLUMNS = (
     "seq, event_id, order_id, order_version, merchant_id, merchant_order_no, payment_serial,"
-    " from_state, to_state, cause, total_minor, currency, at_ms"
+    " from_state, to_state, cause, total_minor, currency, at_ms, " + ", ".join(_EXTRA_COLUMNS)
 )
 _INSERT_EVENT = (
     "INSERT INTO outbox (event_id, order_id, order_version, merchant_id, merchant_order_no,"
-    " payment_serial, from_state, to_state, cause, total_minor, currency, at_ms)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " payment_serial, from_state, to_state, cause, total_minor, currency, at_ms, "
+    + ", ".join(_EXTRA_COLUMNS) + ") VALUES (" + ", ".join("?" * (12 + len(_EXTRA_COLUMNS)))
+    + ")"
 )
 
 
 def record_order_events(conn: sqlite3.Connection, order: PaymentOrder,
                         transitions: Sequence[Transition], now_ms: int) -> None:
-    """Append one event per order-level transition of ``order`` (inside the caller's tx).
+    """Append the events of one commit of ``order`` (inside the caller's transaction).
 
-    Leg and refund transitions are not events (they are in the journal). Runs on the thread
-    of whoever commits the order (an order actor, or the API thread of a submit).
+    One per order-level transition, then one per refund status change: a refund's own
+    (``refund:<id>``; its parts' changes are not events) or the cash leg's refund (the leg's
+    ``refunding``, ``refunded``, ``refund_failed``, ``refund_unknown``). Other leg changes
+    are not events (they are in the journal). Runs on the thread of whoever commits the
+    order (an order actor, or the API thread of a submit).
     """
     rows: list[tuple[object, ...]] = []
+
+    def add(t: Transition, from_state: str, to_state: str, event_type: str,
+            refund: tuple[str | None, str | None, str | None, int | None]) -> None:
+        refund_id, refund_no, kind, amount = refund
+        rows.append((f"{order.order_id}:{order.version}:{len(rows)}", order.order_id,
+                     order.version, order.merchant_id, order.merchant_order_no,
+                     order.payment_serial, from_state, to_state, t.cause,
+                     order.total_minor, order.currency, now_ms, event_type, order.user_id,
+                     refund_id, refund_no, kind, None, None, amount,
+                     None if amount is None else order.currency))
+
     for t in transitions:
         if t.entity == "order":
-            rows.append((f"{order.order_id}:{order.version}:{len(rows)}", order.order_id,
-                         order.version, order.merchant_id, order.merchant_order_no,
-                         order.payment_serial, t.from_state, t.to_state, t.cause,
-                         order.total_minor, order.currency, now_ms))
+            add(t, t.from_state, t.to_state, ORDER_STATE_CHANGED, (None, None, None, None))
+    cash = order.cash_leg
+    for t in transitions:
+        if t.from_state == t.to_state:
+            continue
+        if t.entity.startswith("refund:") and t.entity.count(":") == 1:
+            refund = order.refund(refund_id=t.entity[len("refund:"):])
+            assert refund is not None, t
+            add(t, t.from_state, t.to_state, REFUND_STATE_CHANGED,
+                (refund.refund_id, refund.refund_no, refund.kind.value, refund.amount_minor))
+        elif cash is not None and t.entity == f"leg:{cash.leg_no}" and (
+            t.to_state in _LEG_REFUND_STATUS
+        ):
+            assert cash.refund_id is not None, t
+            add(t, _LEG_REFUND_STATUS.get(t.from_state, ""), _LEG_REFUND_STATUS[t.to_state],
+                REFUND_STATE_CHANGED, (cash.refund_id, None, LEG_REFUND_KIND, cash.amount))
+    if rows:
+        conn.executemany(_INSERT_EVENT, rows)
+
+
+@dataclass(frozen=True, slots=True)
+class HoldChange:
+    """A hold's change that is an event (its expiry), with what the event tells of it."""
+
+    account_id: str
+    hold_id: str
+    amount: int
+    unit: str
+    order_id: str | None
+    from_state: str
+    to_state: str
+    cause: str
+
+
+def record_hold_events(conn: sqlite3.Connection, account_version: int,
+                       changes: Sequence[HoldChange], now_ms: int) -> None:
+    """Append one event per hold change (inside the transaction that writes the account).
+
+    A hold its order adopted belongs to that order's merchant (and is notified to it); a
+    user's pre-hold no order adopted has no merchant: in-process subscribers only.
+    """
+    rows: list[tuple[object, ...]] = []
+    for change in changes:
+        order = None if change.order_id is None else conn.execute(
+            "SELECT order_id, version, merchant_id, merchant_order_no, payment_serial,"
+            " total_minor, currency, user_id FROM payment_orders WHERE order_id = ?",
+            (change.order_id,)).fetchone()
+        if order is None:
+            order = ("", 0, "", "", "", 0, "", None)
+        order_id, version, merchant_id, merchant_order_no, serial, total, currency, user = order
+        rows.append((f"hold:{change.account_id}:{account_version}:{len(rows)}", order_id,
+                     version, merchant_id, merchant_order_no, serial, change.from_state,
+                     change.to_state, change.cause, total, currency, now_ms,
+                     HOLD_STATE_CHANGED, user, None, None, None, change.account_id,
+                     change.hold_id, change.amount, change.unit))
     if rows:
         conn.executemany(_INSERT_EVENT, rows)
 
@@ -231,10 +384,18 @@ def record_order_events(conn: sqlite3.Connection, order: PaymentOrder,
 
 def _event(row: Sequence[Any]) -> OutboxEvent:
     (seq, event_id, order_id, version, merchant_id, merchant_order_no, serial, from_state,
-     to_state, cause, total, currency, at_ms) = row
+     to_state, cause, total, currency, at_ms, event_type, user_id, refund_id, refund_no,
+     refund_kind, account_id, hold_id, amount, unit) = row
+
+    def text(value: Any) -> str | None:
+        return None if value is None else str(value)
+
     return OutboxEvent(int(seq), str(event_id), str(order_id), int(version), str(merchant_id),
                        str(merchant_order_no), str(serial), str(from_state), str(to_state),
-                       str(cause), int(total), str(currency), int(at_ms))
+                       str(cause), int(total), str(currency), int(at_ms),
+                       str(event_type or ORDER_STATE_CHANGED), text(user_id), text(refund_id),
+                       text(refund_no), text(refund_kind), text(account_id), text(hold_id),
+                       None if amount is None else int(amount), text(unit))
 
 
 def read_events(conn: sqlite3.Connection, after_seq: int, limit: int,
@@ -403,19 +564,21 @@ def dispatch(conn: sqlite3.Connection, limit: int, now_ms: int) -> bool:
     """Create the notifications of up to ``limit`` events past the dispatcher's cursor.
 
     Call inside a write transaction. Only events of registered merchants after their
-    ``from_seq`` and in their ``states`` get a notification, due at once. Returns True if
+    ``from_seq`` whose ``filter_key`` is in their ``states`` get a notification, due at
+    once. An event with no merchant (a user's pre-hold expiring) is never notified. Returns True if
     ``limit`` was reached (more may follow: call again).
     """
     cursor = load_cursor(conn, MERCHANTS)
     rows = conn.execute(
-        "SELECT o.seq, o.event_id, o.merchant_id, o.order_id, o.to_state, m.states"
-        " FROM outbox o JOIN merchant_endpoints m ON m.merchant_id = o.merchant_id"
+        "SELECT o.seq, o.event_id, o.merchant_id, o.order_id, o.to_state, m.states,"
+        " o.event_type FROM outbox o JOIN merchant_endpoints m ON m.merchant_id = o.merchant_id"
         " WHERE o.seq > ? AND o.seq > m.from_seq ORDER BY o.seq LIMIT ?",
         (cursor.seq, limit)).fetchall()
     full = len(rows) >= limit
     end = int(rows[-1][0]) if full else last_seq(conn)
     wanted = [(r[1], r[0], r[2], r[3], NotificationStatus.PENDING.value, now_ms, now_ms, now_ms)
-              for r in rows if not r[5] or str(r[4]) in str(r[5]).split(",")]
+              for r in rows if not r[5] or filter_key(str(r[6] or ORDER_STATE_CHANGED),
+                                                      str(r[4])) in str(r[5]).split(",")]
     if wanted:
         conn.executemany(
             "INSERT OR IGNORE INTO merchant_notifications (event_id, seq, merchant_id, order_id,"

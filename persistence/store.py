@@ -36,6 +36,7 @@ from payengine.engine.errors import (
 )
 from payengine.engine.ledger import Posting
 from payengine.engine.order import (
+    FOLLOW_UP_OPS,
     IN_FLIGHT_LEG_STATUSES,
     TERMINAL_STATES,
     AccountUnit,
@@ -475,6 +476,22 @@ class Store:
             ).fetchall()
         return [str(r[0]) for r in rows]
 
+    def orders_owing_follow_ups(self, limit: int) -> list[str]:
+        """Unsettled orders, oldest first, that may owe a voucher follow-up: a leg confirming,
+        cancelling, reversing or flagged, or a refund part sent or unknown (``engine.order.
+        owed_commands`` says exactly what). At most ``limit``."""
+        with self._read(snapshot=False) as conn:
+            rows = conn.execute(
+                "SELECT o.order_id FROM payment_orders o WHERE o.settled = 0 AND (EXISTS"
+                " (SELECT 1 FROM legs l WHERE l.order_id = o.order_id AND l.status IN"
+                f" ({','.join('?' * len(FOLLOW_UP_OPS))})) OR EXISTS (SELECT 1 FROM refunds r"
+                " JOIN json_each(r.parts) p WHERE r.order_id = o.order_id"
+                " AND json_extract(p.value, '$[3]') IN (?, ?)))"
+                " ORDER BY o.created_at_ms, o.order_id LIMIT ?",
+                (*(status.value for status in FOLLOW_UP_OPS), PartStatus.SENT.value,
+                 PartStatus.UNKNOWN.value, limit)).fetchall()
+        return [str(r[0]) for r in rows]
+
     def iter_orders(self, batch_size: int = 500) -> Iterator[PaymentOrder]:
         """Every order, in batches so memory stays bounded."""
         last = ""
@@ -581,7 +598,9 @@ class Store:
         now_ms: int,
         funding: tuple[str, int] | None = None,
     ) -> None:
-        """Write balances (checked against ``before``), fence rows and journal in one commit."""
+        """Write balances (checked against ``before``), fence rows and journal in one commit,
+        with an outbox event for each hold that expired (``pending -> expired``: its owner has
+        the voucher back)."""
         with self._tx() as conn:
             cur = conn.execute(
                 "UPDATE voucher_accounts SET funded = ?, available = ?, held = ?, spent = ?,"
@@ -606,6 +625,11 @@ class Store:
                              " VALUES (?, ?, ?, ?)", (funding[0], after.account_id, funding[1],
                                                       now_ms))
             self._journal(conn, now_ms, "account", after.account_id, transitions)
+            expired = _hold_expiries(after, fences, transitions)
+            if expired:
+                version = conn.execute("SELECT version FROM voucher_accounts WHERE account_id = ?",
+                                       (after.account_id,)).fetchone()[0]
+                outbox.record_hold_events(conn, int(version), expired, now_ms)
 
     def accounts_with_pending_holds(self) -> list[str]:
         with self._read(snapshot=False) as conn:
@@ -639,6 +663,29 @@ class Store:
                     key.journal_part, "pending", "pending",
                     f"expiry {old} extended at open: its order has not decided yet")])
         return len(rows)
+
+    def confirm_owed(self, fence: Fence) -> bool:
+        """True if the order holding ``fence`` decided to confirm it and has not heard the
+        answer yet (its leg is ``confirming`` or ``confirm_unknown``): the hold must not
+        expire under it. An order's own fence names its leg; an adopted pre-hold is found
+        by the order's pre-held leg on that account."""
+        key = fence.key
+        if fence.order_id is None or key.scope is FenceScope.REFUND:
+            return False
+        statuses = (LegStatus.CONFIRMING.value, LegStatus.CONFIRM_UNKNOWN.value)
+        with self._read(snapshot=False) as conn:
+            if key.scope is FenceScope.ORDER:
+                row = conn.execute(
+                    "SELECT 1 FROM legs WHERE order_id = ? AND leg_no = ? AND account_id = ?"
+                    " AND status IN (?, ?)",
+                    (key.owner, key.leg, fence.account_id, *statuses)).fetchone()
+            else:
+                row = conn.execute(
+                    "SELECT 1 FROM legs WHERE order_id = ? AND account_id = ? AND hold_id = ?"
+                    " AND mode = ? AND status IN (?, ?)",
+                    (fence.order_id, fence.account_id, key.owner, LegMode.PRE_HELD.value,
+                     *statuses)).fetchone()
+        return row is not None
 
     # ------------------------------------------------------------------ journal
 
@@ -687,6 +734,23 @@ class Store:
             rows = conn.execute(f"SELECT {_FENCE_COLUMNS} FROM holds WHERE account_id = ?"
                                 " ORDER BY scope, owner, leg", (account_id,)).fetchall()
         return [_fence_from_row(r) for r in rows]
+
+
+def _hold_expiries(account: VoucherAccount, fences: Sequence[Fence],
+                   transitions: Sequence[Transition]) -> list[outbox.HoldChange]:
+    """The holds of one account commit that went ``pending -> expired``: outbox events."""
+    changes: list[outbox.HoldChange] = []
+    for fence in fences:
+        if fence.status is not FenceStatus.EXPIRED:
+            continue
+        for t in transitions:
+            if t.entity == fence.key.journal_part and (t.from_state, t.to_state) == (
+                FenceStatus.PENDING.value, FenceStatus.EXPIRED.value
+            ):
+                changes.append(outbox.HoldChange(fence.account_id, fence.key.public_id, fence.amount,
+                                                 account.unit, fence.order_id, t.from_state,
+                                                 t.to_state, t.cause))
+    return changes
 
 
 def _lock_exclusively(lock_path: str) -> IO[str]:

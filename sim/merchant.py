@@ -1,10 +1,10 @@
 """A simulated merchant server: receives the engine's signed notifications, sometimes down.
 
 It stands in for the HTTP endpoint behind ``Notifications.register_merchant`` (through
-``NotificationConfig.transport``), so the simulator can check that every terminal order
-reaches the merchant, signed, however often the merchant fails and the engine crashes. It
-lives outside the engine: what it received survives the engine's crashes, like a real
-merchant's database.
+``NotificationConfig.transport``), so the simulator can check that every terminal order,
+finished refund and expired hold reaches the merchant, signed, however often the merchant
+fails and the engine crashes. It lives outside the engine: what it received survives the
+engine's crashes, like a real merchant's database.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Mapping
 
 from payengine.actors.notifier import EVENT_ID_HEADER, SIGNATURE_HEADER, verify_signature
+from payengine.sim.oracle import Told, told_key
 
 
 class SimMerchant:
@@ -24,8 +25,8 @@ class SimMerchant:
         self.secret = secret
         self.rng = rng
         self.down = down
-        self.received: dict[str, tuple[str, str]] = {}
-        """event id -> (order id, state): each event once, however often it came."""
+        self.received: dict[str, Told] = {}
+        """event id -> what it told (``sim.oracle.Told``): each event once, however often."""
         self.duplicates = 0
         self.refused = 0
         self.bad_signatures: list[str] = []
@@ -44,5 +45,7 @@ class SimMerchant:
             payload = json.loads(body)
             if event_id in self.received:
                 self.duplicates += 1
-            self.received[event_id] = (str(payload["order_id"]), str(payload["to_state"]))
+            self.received[event_id] = told_key(
+                str(payload["event_type"]), str(payload["order_id"]), str(payload["to_state"]),
+                payload.get("refund_id"), payload.get("account_id"), payload.get("hold_id"))
             return True, "HTTP 200"

@@ -9,7 +9,10 @@ Checked (each failure is one ``Violation`` naming the order or account):
 - orders: a succeeded order's cash was really charged once and kept, and every voucher leg
   spent; any other order has nothing charged (net of refunds) and nothing spent, unless its
   cash leg is explicitly awaiting reconciliation (reported apart, not as a violation);
-- every order transition in the journal is in the core's table of legal transitions.
+- every order transition in the journal is in the core's table of legal transitions;
+- (``check_notified``, given what downstream was told) every terminal order, every finished
+  refund (merchant refunds, second charges, a success the order could not keep) and every
+  hold expiry was notified to the subscriber, and the order's to its merchant.
 
 The cash check is meaningful once orders have converged (after the quiet phase): an order
 still deducting, or closed while its payment is in flight, may hold money for a moment.
@@ -34,7 +37,35 @@ from payengine.engine.order import (
     RefundStatus,
 )
 from payengine.engine.voucher import Fence, FenceKey, FenceKind, FenceScope, FenceStatus
+from payengine.persistence.outbox import (
+    HOLD_STATE_CHANGED,
+    LEG_REFUND_KIND,
+    ORDER_STATE_CHANGED,
+    REFUND_STATE_CHANGED,
+    OutboxEvent,
+)
 from payengine.persistence.store import Store
+
+Told = tuple[str, str, str, str]
+"""What a notification told, to match against what should have been told: (event_type,
+order_id, subject, to_state); the subject is the refund id, ``account_id/hold_id`` for a
+hold, ``""`` for the order itself."""
+
+
+def told_key(event_type: str, order_id: str, to_state: str, refund_id: str | None = None,
+             account_id: str | None = None, hold_id: str | None = None) -> Told:
+    if event_type == REFUND_STATE_CHANGED:
+        subject = refund_id or ""
+    elif event_type == HOLD_STATE_CHANGED:
+        subject = f"{account_id}/{hold_id}"
+    else:
+        subject = ""
+    return (event_type, order_id, subject, to_state)
+
+
+def told_of(event: OutboxEvent) -> Told:
+    return told_key(event.event_type, event.order_id, event.to_state, event.refund_id,
+                    event.account_id, event.hold_id)
 
 RECONCILIATION_LEG_STATUSES = frozenset(
     {LegStatus.UNKNOWN, LegStatus.REFUND_UNKNOWN, LegStatus.REFUND_FAILED,
@@ -299,3 +330,58 @@ def check_ledger_zero_sum(store: Store) -> list[Violation]:
     """Every posting sums to zero (so all balances do)."""
     return [Violation("ledger-zero-sum", f"posting {posting}", f"entries sum to {total}")
             for posting, total in store.unbalanced_postings()]
+
+
+def _must_tell(order: PaymentOrder) -> list[tuple[str, Told]]:
+    """(invariant, what) each subscriber must have been told of a settled-down order."""
+    must: list[tuple[str, Told]] = []
+    if order.is_terminal:
+        must.append(("terminal-order-notified",
+                     told_key(ORDER_STATE_CHANGED, order.order_id, order.state.value)))
+    for refund in order.refunds:
+        if refund.status in (RefundStatus.SUCCEEDED, RefundStatus.FAILED):
+            must.append(("refund-notified", told_key(REFUND_STATE_CHANGED, order.order_id,
+                                                     refund.status.value, refund.refund_id)))
+    cash = order.cash_leg
+    leg_final = {LegStatus.REFUNDED: RefundStatus.SUCCEEDED, LegStatus.REFUND_FAILED:
+                 RefundStatus.FAILED}
+    if cash is not None and cash.status in leg_final:
+        must.append((f"refund-notified ({LEG_REFUND_KIND})", told_key(
+            REFUND_STATE_CHANGED, order.order_id, leg_final[cash.status].value, cash.refund_id)))
+    return must
+
+
+def check_notified(store: Store, told: set[Told], merchant_told: set[Told],
+                   merchants: Iterable[str]) -> list[Violation]:
+    """Every terminal order, finished refund and expired hold was told to the subscriber
+    (``told``), and to the merchant (``merchant_told``) if it is one of ``merchants``: one
+    violation per missing thing for the subscriber, one per order for the merchant."""
+    violations: list[Violation] = []
+    registered = set(merchants)
+    expected: dict[str, list[tuple[str, Told]]] = {}
+    merchant_of: dict[str, str] = {}
+    for order in store.iter_orders():
+        expected[order.order_id] = _must_tell(order)
+        merchant_of[order.order_id] = order.merchant_id
+    for _, fences in store.accounts_with_fences():
+        for fence in fences:
+            if fence.status is FenceStatus.EXPIRED:
+                key = told_key(HOLD_STATE_CHANGED, fence.order_id or "", "expired",
+                               account_id=fence.account_id,
+                               hold_id=fence.key.public_id)
+                expected.setdefault(fence.order_id or "", []).append(("hold-expiry-notified",
+                                                                      key))
+    for order_id, must in expected.items():
+        subject = f"order {order_id}" if order_id else "pre-holds"
+        for invariant, key in must:
+            if key not in told:
+                what = key[3] if key[0] == ORDER_STATE_CHANGED else f"{key[0]} {key[2]} {key[3]}"
+                violations.append(Violation(invariant, subject,
+                                            f"{what}, but downstream never heard of it"))
+        if merchant_of.get(order_id) in registered:
+            missing = [key for _, key in must if key not in merchant_told]
+            if missing:
+                violations.append(Violation(
+                    "merchant-notified", subject,
+                    f"the merchant never accepted a notification of {missing}"))
+    return violations

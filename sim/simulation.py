@@ -51,7 +51,7 @@ from payengine.persistence.outbox import OutboxEvent
 from payengine.sim.channel import ChannelFaults, SimulatedChannel
 from payengine.sim.forger import Forger
 from payengine.sim.merchant import SimMerchant
-from payengine.sim.oracle import OracleReport, Violation, check
+from payengine.sim.oracle import OracleReport, Told, Violation, check, check_notified, told_of
 from payengine.sim.runtime import Scheduler, SimRuntime, SimWorld
 from payengine.sim.statement import statement_from_channel
 from payengine.sim.voucher_link import LossyVoucherLink, VoucherFaults
@@ -71,6 +71,7 @@ SIM_POLICY = OrderPolicy(
     query_schedule_ms=(100, 200, 500, 1_000, 2_000),
     refund_query_schedule_ms=(100, 200, 500, 1_000, 2_000),
     voucher_retry_schedule_ms=(200, 400, 800, 1_600, 3_000),
+    voucher_sentinel_interval_ms=2_000,
 )
 
 
@@ -262,7 +263,9 @@ class Simulation:
             pay_window_ms=self.mix.pay_window_ms, hold_grace_ms=SIM_POLICY.hold_grace_ms,
             query_schedule_ms=SIM_POLICY.query_schedule_ms,
             refund_query_schedule_ms=SIM_POLICY.refund_query_schedule_ms,
-            voucher_retry_schedule_ms=SIM_POLICY.voucher_retry_schedule_ms, planted_bugs=bugs)
+            voucher_retry_schedule_ms=SIM_POLICY.voucher_retry_schedule_ms,
+            voucher_sentinel_interval_ms=SIM_POLICY.voucher_sentinel_interval_ms,
+            planted_bugs=bugs)
         self.merchant = SimMerchant(f"secret-{config.seed:012d}", random.Random(config.seed + 3),
                                     lambda: 0.0 if self.quiet else self.mix.merchant_down)
         self.engine_config = EngineConfig(account_idle_ms=2_000, planted_bugs=bugs,
@@ -285,8 +288,8 @@ class Simulation:
         self.quiet = False
         self.link_rng = random.Random(config.seed + 2)
         self.link_counts: dict[str, int] = {}
-        self.notified: dict[str, tuple[str, str]] = {}
-        """Outbox events the downstream subscriber received: event id -> (order, state)."""
+        self.notified: dict[str, Told] = {}
+        """Outbox events the downstream subscriber received: event id -> what it told."""
 
     # ------------------------------------------------------------------ engine lifecycle
 
@@ -318,7 +321,7 @@ class Simulation:
         if event.event_id in self.notified:
             self.counts["notification_duplicated"] += 1
             return
-        self.notified[event.event_id] = (event.order_id, event.to_state)
+        self.notified[event.event_id] = told_of(event)
 
     def _voucher_link(self, directory: Directory) -> LossyVoucherLink:
         return LossyVoucherLink(directory, self.world, self.link_rng, self._voucher_faults,
@@ -528,21 +531,9 @@ class Simulation:
                 report.violations.append(Violation(
                     "one-order-per-key", f"key {key}",
                     f"receipt {receipt.order_id}, database {found.order_id}"))
-        told = set(self.notified.values())
-        merchant_told = set(self.merchant.received.values())
+        report.violations += check_notified(engine.store, set(self.notified.values()),
+                                            set(self.merchant.received.values()), ["station-1"])
         for order in engine.store.iter_orders():
-            if order.is_terminal and (order.order_id, order.state.value) not in told:
-                report.violations.append(Violation(
-                    "terminal-order-notified", f"order {order.order_id}",
-                    f"{order.state.value}, but downstream never heard of it"))
-            if order.is_terminal and (order.order_id, order.state.value) not in merchant_told:
-                report.violations.append(Violation(
-                    "merchant-notified", f"order {order.order_id}",
-                    f"{order.state.value}, but the merchant never accepted a notification "
-                    f"of it ({engine.notifications.counts()})"))
-        for event_id in self.merchant.bad_signatures[:5]:
-            report.violations.append(Violation(
-                "notification-signed", f"event {event_id}", "the signature did not verify"))
             if not order.is_settled:
                 report.violations.append(Violation(
                     "converged-after-quiet-phase", f"order {order.order_id}",
@@ -558,6 +549,9 @@ class Simulation:
                     "resolved-by-reconciliation", f"order {order.order_id}",
                     f"cash leg {cash and cash.status.value}, refunds "
                     f"{[r.status.value for r in order.refunds]} after the statement"))
+        for event_id in self.merchant.bad_signatures[:5]:
+            report.violations.append(Violation(
+                "notification-signed", f"event {event_id}", "the signature did not verify"))
         return report
 
     # ------------------------------------------------------------------ the run

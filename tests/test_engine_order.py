@@ -217,8 +217,8 @@ def check_effects(
                 assert (effect.account_id, effect.fence) == (leg.account_id, order.fence_of(leg))
                 expected = {
                     TryHold: {L.TRYING},
-                    ConfirmHold: {L.CONFIRMING},
-                    CancelHold: {L.CANCELLING, L.REVERSING},
+                    ConfirmHold: {L.CONFIRMING, L.CONFIRM_UNKNOWN},
+                    CancelHold: {L.CANCELLING, L.REVERSING, L.RELEASE_UNKNOWN},
                     DebitVoucher: {L.DEBITING},
                 }[type(effect)]
                 assert leg.status in expected, (effect, leg.status)
@@ -283,7 +283,8 @@ def check_effects(
                 # order's current retry, and something is waiting for the voucher system
                 assert effect.token == order.voucher_attempt
                 assert effect.due_at_ms == order.next_voucher_retry_at_ms
-                assert any(leg.status in VOUCHER_IN_FLIGHT for leg in order.legs)
+                assert any(leg.status in VOUCHER_IN_FLIGHT for leg in order.legs) or (
+                    order.owes_follow_up)
             case _:
                 raise AssertionError(f"unexpected effect {effect!r}")
 
@@ -351,9 +352,15 @@ def check_decision(
     # the voucher system failing without deciding is no answer: nothing moves
     if isinstance(event, VoucherReply) and event.retryable and not event.ok:
         assert new == old and not decision.effects
-    # the voucher retry is armed exactly while a voucher command waits for its answer
+    # the voucher retry is armed exactly while a voucher command waits for its answer, or
+    # (the sentinel) while a follow-up is owed, until its bounded re-sends are used up
     waiting = any(leg.status in VOUCHER_IN_FLIGHT for leg in new.legs)
-    assert (new.next_voucher_retry_at_ms is not None) == waiting, (waiting, new)
+    sentinel_done = len(POLICY.voucher_retry_schedule_ms) + POLICY.voucher_sentinel_attempts_max
+    if not waiting and new.owes_follow_up:
+        assert (new.next_voucher_retry_at_ms is None) == (
+            new.voucher_attempt >= sentinel_done), new
+    else:
+        assert (new.next_voucher_retry_at_ms is not None) == waiting, (waiting, new)
     if waiting:
         due = new.next_voucher_retry_at_ms
         assert due is not None
@@ -366,7 +373,7 @@ def check_decision(
             assert decision.effects[-1] == ArmTimer(TimerKind.VOUCHER_RETRY, due, 0)
             if now_ms is not None:
                 assert due == now_ms + POLICY.voucher_retry_schedule_ms[0]
-    else:
+    elif not new.owes_follow_up:
         assert new.voucher_attempt == 0
     # giving up on the voucher system can only fail a payment, never succeed or close one
     if isinstance(event, TimerFired) and event.timer is TimerKind.VOUCHER_RETRY:
@@ -1279,7 +1286,24 @@ def test_when_no_voucher_command_is_left_in_flight_the_retry_timer_is_disarmed()
     assert cash.order.next_voucher_retry_at_ms is None
 
 
-def test_an_unanswered_confirm_is_flagged_confirm_unknown_and_the_success_stands() -> None:
+SENTINEL = POLICY.voucher_sentinel_interval_ms
+FAST = len(POLICY.voucher_retry_schedule_ms)
+
+
+def sentinel_rounds(run: Run, rounds: int, sent: tuple[Effect, ...]) -> None:
+    """Fire ``rounds`` of the sentinel: each sends ``sent`` again and arms the next one an
+    interval later, changing no status."""
+    for _ in range(rounds):
+        before = run.order
+        attempt, due = before.voucher_attempt, before.next_voucher_retry_at_ms
+        assert attempt >= FAST and due is not None
+        decision = fire_voucher_retry(run)
+        assert run.now == due and not decision.transitions
+        assert decision.effects == (*sent, retry_timer(due + SENTINEL, attempt + 1))
+        assert not run.order.is_settled
+
+
+def test_an_unanswered_confirm_is_flagged_then_re_sent_by_the_sentinel_until_it_lands() -> None:
     run = Run("cash+pre")
     run.hold_all()
     run(success(9_000))
@@ -1288,15 +1312,23 @@ def test_an_unanswered_confirm_is_flagged_confirm_unknown_and_the_success_stands
     assert run.now == T0 + 48 * SECOND
     assert run.order.state is S.SUCCEEDED and run.order.cause == "paid (notification)"
     assert [run.status(n) for n in range(3)] == [L.PAID, L.CONFIRMED, L.CONFIRM_UNKNOWN]
-    assert given_up.effects == ()  # never guessed either way: no Cancel, no second Confirm
+    # never guessed either way (no Cancel), never dropped: the Confirm is owed and sent again
+    confirm = ConfirmHold("points", O1_LEG2, 2)
+    assert given_up.effects == (confirm, retry_timer(run.now + SENTINEL, FAST))
     assert given_up.transitions == (
         Transition("leg:2", "confirming", "confirm_unknown", GIVE_UP),
     )
+    assert run.order.owes_follow_up and not run.order.is_settled
+    sentinel_rounds(run, 3, (confirm,))
+    # a late answer (to any of the sends) resolves the leg: the order is settled at last
+    landed = run(VoucherReply(2, O1_LEG2, VoucherOp.CONFIRM, True), at=run.now + 7)
+    assert landed.transitions == (Transition("leg:2", "confirm_unknown", "confirmed", "confirmed"),)
+    assert run.status(2) is L.CONFIRMED and run.order.is_settled
     assert (run.order.voucher_attempt, run.order.next_voucher_retry_at_ms) == (0, None)
-    assert run.order.is_settled
+    assert not run.order.owes_follow_up
 
 
-def test_an_unanswered_cancel_is_flagged_release_unknown_and_the_close_stands() -> None:
+def test_an_unanswered_cancel_is_flagged_release_unknown_and_re_sent_until_answered() -> None:
     run = Run("cash+pre")
     run.hold_all()
     run(CloseOrder(CloseCause.USER))
@@ -1304,16 +1336,24 @@ def test_an_unanswered_cancel_is_flagged_release_unknown_and_the_close_stands() 
     given_up = retry_until_given_up(run)
     assert run.order.state is S.CLOSED
     assert [run.status(n) for n in range(3)] == [L.PAYING, L.RELEASE_UNKNOWN, L.CANCELLED]
-    assert given_up.effects == ()
+    cancel = CancelHold("redpacket", O1_LEG1, 1)
+    assert given_up.effects == (cancel, retry_timer(run.now + SENTINEL, FAST))
     assert given_up.transitions == (
         Transition("leg:1", "cancelling", "release_unknown", GIVE_UP),
     )
-    assert run.order.next_voucher_retry_at_ms is None
     # the cash close goes on by its own schedule
     assert run.order.next_query_at_ms is not None
+    sentinel_rounds(run, 2, (cancel,))
+    # a restart sends it at once and keeps the sentinel's next round where it was
+    due = run.order.next_voucher_retry_at_ms
+    assert due is not None
+    restarted = run(Activate())
+    assert cancel in restarted.effects and retry_timer(due, FAST + 2) in restarted.effects
+    run(VoucherReply(1, O1_LEG1, VoucherOp.CANCEL, True))
+    assert run.status(1) is L.CANCELLED and run.order.next_voucher_retry_at_ms is None
 
 
-def test_an_unanswered_reversal_is_flagged_release_unknown_and_the_failure_stands() -> None:
+def test_an_unanswered_reversal_is_flagged_release_unknown_and_a_late_answer_reverses() -> None:
     run, _ = reach(L.REVERSING)
     assert run.order.state is S.FAILED
     run(VoucherReply(1, O1_LEG1, VoucherOp.CANCEL, True), at=T0 + 500)
@@ -1322,11 +1362,46 @@ def test_an_unanswered_reversal_is_flagged_release_unknown_and_the_failure_stand
     assert [run.status(n) for n in range(4)] == [
         L.REFUNDING, L.CANCELLED, L.RELEASE_UNKNOWN, L.SHORTFALL
     ]
-    assert given_up.effects == ()
+    reverse = CancelHold("points", O1_LEG2, 2)
+    assert given_up.effects == (reverse, retry_timer(run.now + SENTINEL, FAST))
     assert given_up.transitions == (Transition("leg:2", "reversing", "release_unknown", GIVE_UP),)
-    assert run.order.next_voucher_retry_at_ms is None
     run(RefundResult("serial-o1-R1", ResultKind.SUCCESS, ResultSource.QUERY, "SUCCESS"))
-    assert run.order.is_settled and run.status(0) is L.REFUNDED
+    assert run.status(0) is L.REFUNDED and not run.order.is_settled  # the reversal is owed
+    run(VoucherReply(2, O1_LEG2, VoucherOp.CANCEL, True))
+    assert run.status(2) is L.REVERSED and run.order.is_settled
+
+
+def test_the_sentinel_is_bounded_and_a_restart_sends_again_on_a_fresh_schedule() -> None:
+    policy = replace(POLICY, voucher_sentinel_attempts_max=3)
+    order = make_order("cash+pre")
+    now = T0
+
+    def run(event: OrderEvent) -> Decision:
+        nonlocal order
+        decision = decide(order, event, now_ms=now, policy=policy)
+        order = decision.order
+        return decision
+
+    for effect in run(Activate()).effects:
+        if isinstance(effect, TryHold):
+            run(VoucherReply(effect.leg_no, effect.fence, VoucherOp.TRY, True))
+    run(success(9_000))
+    run(VoucherReply(2, O1_LEG2, VoucherOp.CONFIRM, True))
+    confirms = 0
+    while order.next_voucher_retry_at_ms is not None:
+        now = order.next_voucher_retry_at_ms
+        confirms += sum(isinstance(e, ConfirmHold) for e in run(
+            TimerFired(VR, order.voucher_attempt)).effects)
+    # the schedule's re-sends, then 3 of the sentinel's; then it stops, owed and flagged
+    assert confirms == FAST - 1 + 3
+    assert order.leg(1).status is L.CONFIRM_UNKNOWN and order.owes_follow_up
+    assert not order.is_settled and order.voucher_attempt == FAST + 3
+    # a start of the actor (an engine reopen) sends it at once, on a fresh schedule
+    restarted = run(Activate())
+    assert ConfirmHold("redpacket", O1_LEG1, 1) in restarted.effects
+    assert restarted.effects[-1] == retry_timer(now + POLICY.voucher_retry_schedule_ms[0], 0)
+    run(VoucherReply(1, O1_LEG1, VoucherOp.CONFIRM, True))
+    assert order.is_settled and order.next_voucher_retry_at_ms is None
 
 
 def test_an_unanswered_try_fails_the_payment_and_releases_every_voucher_before_any_charge(
@@ -1481,11 +1556,14 @@ def test_a_command_issued_late_in_a_running_retry_schedule_gets_the_whole_schedu
     # up on (LegStatus.RELEASE_UNKNOWN: "never answered ... on its whole retry schedule")
     given_up = retry_until_given_up(run)
     assert run.now == T0 + 19 * SECOND + sum(POLICY.voucher_retry_schedule_ms)
-    assert given_up.effects == ()
+    # ... and handed to the sentinel, which sends both again at once and at its interval
+    assert given_up.effects == (CancelHold("redpacket", O1_LEG1, 1),
+                                CancelHold("points", O1_LEG2, 2),
+                                retry_timer(run.now + SENTINEL, FAST))
     assert [run.status(n) for n in range(4)] == [
         L.REFUNDING, L.RELEASE_UNKNOWN, L.RELEASE_UNKNOWN, L.SHORTFALL
     ]
-    sends = len(POLICY.voucher_retry_schedule_ms)  # once, then at every retry but the last
+    sends = len(POLICY.voucher_retry_schedule_ms) + 1  # once, at every retry, at the end
     cancels = [e.leg_no for e in run.history.effects if isinstance(e, CancelHold)]
     assert sorted(cancels) == [1] * sends + [2] * sends
 

@@ -191,7 +191,7 @@ def test_no_interleaving_of_refunds_and_answers_gives_back_more_than_was_paid(
 
 
 def test_a_voucher_return_outlasts_the_retry_schedule_and_a_late_answer_still_counts() -> None:
-    policy = replace(POLICY, voucher_return_attempts_max=4)
+    policy = replace(POLICY, voucher_sentinel_interval_ms=60_000, voucher_sentinel_attempts_max=4)
     order = succeeded("cash+pre")
     now = T0
 
@@ -204,26 +204,33 @@ def test_a_voucher_return_outlasts_the_retry_schedule_and_a_late_answer_still_co
     run(RequestRefund("rf-1", order.total_minor))
     refund_id = order.refunds[0].refund_id
     run(RefundResult(refund_id, ResultKind.SUCCESS, ResultSource.NOTIFICATION, "SUCCESS"))
-    sent_again = 0
-    for _ in range(3):  # the schedule (2 gaps) runs out, the returns are still asked, at 200 ms
-        assert order.next_voucher_retry_at_ms is not None
+    returns = [ReturnVoucher("redpacket", FenceKey.refund_return(refund_id, 1), 500, 1),
+               ReturnVoucher("points", FenceKey.refund_return(refund_id, 2), 50, 2)]
+    gaps, sent = [], []
+    while order.next_voucher_retry_at_ms is not None:
+        gaps.append(order.next_voucher_retry_at_ms - now)
         now = order.next_voucher_retry_at_ms
         effects = run(TimerFired(TimerKind.VOUCHER_RETRY, order.voucher_attempt))
-        sent_again += sum(isinstance(e, ReturnVoucher) for e in effects)
-        assert {p.status for p in order.refunds[0].parts[1:]} == {PartStatus.SENT}
-    assert sent_again == 6
-    now = order.next_voucher_retry_at_ms or now
-    run(TimerFired(TimerKind.VOUCHER_RETRY, order.voucher_attempt))  # the 4th: given up
+        sent.append([e for e in effects if isinstance(e, ReturnVoucher)])
+    # the schedule's 2 gaps, then the sentinel's 4 re-sends (the first as the schedule ends)
+    assert gaps == [100, 200, 60_000, 60_000, 60_000, 60_000]
+    assert sent == [returns] * 5 + [[]]
+    # past the schedule the parts are flagged unknown (the refund too), owed, never settled
     assert [p.status for p in order.refunds[0].parts[1:]] == [PartStatus.UNKNOWN] * 2
-    assert order.refunds[0].status is RefundStatus.UNKNOWN and order.is_settled
+    assert order.refunds[0].status is RefundStatus.UNKNOWN
+    assert order.owes_follow_up and not order.is_settled
+    # the sentinel's re-sends are bounded: the timer stops, the returns stay owed
+    assert order.next_voucher_retry_at_ms is None
     # a late answer still counts; a restart asks again for the one still unknown
     run(VoucherReply(1, FenceKey.refund_return(refund_id, 1), VoucherOp.RETURN, True))
     assert order.refunds[0].part(1).status is PartStatus.DONE  # type: ignore[union-attr]
+    assert not order.is_settled
     effects = run(Activate())
-    assert [e for e in effects if isinstance(e, ReturnVoucher)] == [
-        ReturnVoucher("points", FenceKey.refund_return(refund_id, 2), 50, 2)]
+    assert [e for e in effects if isinstance(e, ReturnVoucher)] == returns[1:]
+    assert order.next_voucher_retry_at_ms == now + 100  # a fresh schedule
     run(VoucherReply(2, FenceKey.refund_return(refund_id, 2), VoucherOp.RETURN, True))
-    assert order.refunds[0].status is RefundStatus.SUCCEEDED
+    assert order.refunds[0].status is RefundStatus.SUCCEEDED and order.is_settled
+    assert order.next_voucher_retry_at_ms is None
 
 
 def test_a_second_charge_and_a_merchant_refund_number_never_collide() -> None:
