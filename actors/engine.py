@@ -55,6 +55,7 @@ from payengine.engine.errors import (
 )
 from payengine.engine.money import check_amount, check_unit
 from payengine.engine.order import (
+    UNVERIFIED_SOURCES,
     Activate,
     CashResult,
     CloseCause,
@@ -68,6 +69,7 @@ from payengine.engine.order import (
     build_order,
     check_report,
     owed_commands,
+    report_agrees,
     suspected_duplicates,
 )
 from payengine.engine.voucher import FenceKey, VoucherAccount
@@ -444,14 +446,16 @@ class Engine:
 
     def handle_callback(self, channel: str, payment_serial: str, reply: ChannelReply, *,
                         wait: bool = True) -> str:
-        """Feed a payment notification already parsed: it is *not* believed on its own.
+        """Feed a payment notification already parsed, which the engine cannot authenticate.
 
-        The engine cannot check where a parsed reply came from, so a success or failure
-        fed here only makes the order ask the channel (``query``; a second charge:
-        ``query_charge``), at most once per ``OrderPolicy.confirm_query_interval_ms``, and
-        the channel's answer decides. One naming another channel, currency or amount than
-        the order's is ``NotificationRejected`` (recorded). Prefer ``handle_notification``
-        with the raw bytes. Returns the order's state after the notification was handled.
+        After the same checks as ``handle_notification`` (channel, currency, amount,
+        transaction owner): a reply that only agrees with what the order already knows
+        (the same success again, "processing") returns the order's state. One that would
+        change something is not believed: the order asks the channel (``query``; a second
+        charge: ``query_charge``; at most once per ``OrderPolicy.confirm_query_interval_ms``)
+        and this raises ``NotificationRejected`` (reason ``unverified``): do not acknowledge
+        it; once the channel's answer is in, the wallet's next retry agrees and returns.
+        Prefer ``handle_notification`` with the raw bytes.
         """
         chan = self._channel(channel)
         _check_reply(reply)
@@ -460,8 +464,9 @@ class Engine:
 
     def handle_refund_callback(self, channel: str, payment_serial: str, refund_id: str,
                                reply: ChannelReply, *, wait: bool = True) -> str:
-        """Feed a refund notification already parsed; like ``handle_callback``, it only makes
-        the order ask the channel (``query_refund``), whose answer decides."""
+        """Feed a refund notification already parsed; like ``handle_callback``, one that
+        would change the refund only makes the order ask the channel (``query_refund``) and
+        raises ``NotificationRejected`` (``unverified``)."""
         chan = self._channel(channel)
         _check_id(refund_id, "refund_id")
         _check_reply(reply)
@@ -493,7 +498,14 @@ class Engine:
                 raise UnknownOrder(f"no payment order with serial {payment_serial}")
             check_report(order, event, self._ctx.policy)
             self._check_txn_owner(channel, order_id, event)
-            return self._feed(order_id, event, wait)
+            if event.source not in UNVERIFIED_SOURCES or report_agrees(order, event) or (
+                "trust-forged-notification" in self._ctx.policy.planted_bugs
+            ):
+                return self._feed(order_id, event, wait)
+            self._feed(order_id, event, False)  # the order asks the channel
+            raise NotificationRejected(
+                f"an unverified {event.kind.value} for {payment_serial} is not believed: the "
+                "channel is asked; acknowledge once the order shows it", "unverified")
         except (NotificationRejected, UnknownOrder) as error:
             self._reject(channel, payment_serial, refund_id, source, error)
             raise

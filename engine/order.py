@@ -1300,6 +1300,35 @@ def check_report(order: PaymentOrder, result: CashResult | RefundResult,
             "wrong_amount")
 
 
+PAID_CASH_STATUSES = frozenset({LegStatus.PAID, LegStatus.REFUNDING, LegStatus.REFUNDED,
+                                LegStatus.REFUND_UNKNOWN, LegStatus.REFUND_FAILED})
+"""Cash statuses that mean the channel charged the payment (under ``channel_txn_id``)."""
+
+
+def report_agrees(order: PaymentOrder, result: CashResult | RefundResult) -> bool:
+    """Whether a report says only what the order already knows from its channel.
+
+    An unverified notification that agrees (the same success again, "still processing")
+    can be acknowledged; one that would change something cannot be believed and is refused
+    while the order asks the channel."""
+    cash = order.cash_leg
+    if cash is None or result.kind is ResultKind.PROCESSING:
+        return True
+    if isinstance(result, RefundResult):
+        refund = order.refund(refund_id=result.refund_id)
+        part = None if refund is None else refund.part(cash.leg_no)
+        done = (cash.refund_id == result.refund_id and cash.status is LegStatus.REFUNDED) or (
+            part is not None and part.status is PartStatus.DONE)
+        failed = (cash.refund_id == result.refund_id
+                  and cash.status is LegStatus.REFUND_FAILED) or (
+            part is not None and part.status is PartStatus.FAILED)
+        return done if result.kind is ResultKind.SUCCESS else failed
+    if result.kind is ResultKind.FAILURE:
+        return cash.status is LegStatus.UNPAID
+    return cash.status in PAID_CASH_STATUSES and result.channel_txn_id in (
+        None, cash.channel_txn_id)
+
+
 def _refund_cash_amount(order: PaymentOrder, refund_id: str) -> int | None:
     """What the channel was asked to give back under ``refund_id`` (``None``: nothing)."""
     cash = order.cash_leg

@@ -57,7 +57,8 @@ class Rejection:
     """``notification`` (signed, raw), ``callback`` (parsed) or ``statement``."""
     reason: str
     """``bad_signature``, ``wrong_channel``, ``wrong_currency``, ``wrong_amount``,
-    ``foreign_transaction``, ``unknown_refund``, ``unknown_order``, ``malformed``."""
+    ``foreign_transaction``, ``unknown_refund``, ``unknown_order``, ``malformed``,
+    ``unverified``."""
     detail: str
 
 

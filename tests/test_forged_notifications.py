@@ -91,9 +91,11 @@ def test_an_unsigned_success_the_wallet_never_sent_only_makes_the_engine_ask(
     order_id = paying(engine, "o1")
     serial = serial_of(engine, order_id)
     wechat.query_reply = NOT_PAID
-    state = engine.handle_callback("wechat", serial,
-                                   ChannelReply("SUCCESS", "SUCCESS", "forged-1", amount))
-    assert state == "paying"
+    with pytest.raises(NotificationRejected) as raised:
+        engine.handle_callback("wechat", serial,
+                               ChannelReply("SUCCESS", "SUCCESS", "forged-1", amount))
+    assert raised.value.reason == "unverified"
+    assert engine.rejection_counts() == {"unverified": 1}
     wait_for(lambda: ("query", serial) in wechat.calls, what="the channel asked")
     view = engine.get_order(order_id)
     assert view.state == "paying" and view.legs[0].status == "paying"
@@ -105,10 +107,14 @@ def test_an_unsigned_success_counts_once_the_channel_confirms_it(
     order_id = paying(engine, "o1")
     serial = serial_of(engine, order_id)
     wechat.query_reply = paid_reply(serial, 1_000)
-    engine.handle_callback("wechat", serial, paid_reply(serial))
+    with pytest.raises(NotificationRejected, match="not believed"):
+        engine.handle_callback("wechat", serial, paid_reply(serial))
     done = wait_for(lambda: (o := engine.get_order(order_id)).state == "succeeded" and o,
                     what="paid by the query's answer")
     assert done.legs[0].channel_txn_id == f"TX-{serial}"
+    # the wallet sends it again (it was not acknowledged): now it agrees, and is acknowledged
+    assert engine.handle_callback("wechat", serial, paid_reply(serial)) == "succeeded"
+    assert engine.handle_callback("wechat", serial, PROCESSING) == "succeeded"
 
 
 def test_a_float_amount_in_a_reply_is_a_typed_error_and_changes_nothing(
@@ -223,7 +229,8 @@ def test_a_second_charge_is_refunded_only_after_the_channel_confirms_it(
     if verified:
         signed_callback(engine, "wechat", serial, replayed)
     else:
-        engine.handle_callback("wechat", serial, replayed)
+        with pytest.raises(NotificationRejected, match="not believed"):
+            engine.handle_callback("wechat", serial, replayed)
     wait_for(lambda: ("query_charge", serial, "TX-second") in wechat.calls, what="asked")
     order = engine.get_order(order_id)
     assert order.refunds == () and wechat.count("refund") == 0  # the channel said no
@@ -268,8 +275,11 @@ def test_a_refund_close_the_channel_does_not_confirm_leaves_the_refund_in_flight
     serial = serial_of(engine, order_id)
     wechat.refund_query_reply = ChannelReply("SUCCESS", "PROCESSING")  # really paying it out
     refund = engine.refund(order_id, "r1", 500)
-    feed = signed_refund_callback if verified else _unsigned_refund
-    feed(engine, "wechat", serial, refund.refund_id, REFUND_CLOSED)
+    if verified:  # a failure would free the amount: asked first, even when signed
+        signed_refund_callback(engine, "wechat", serial, refund.refund_id, REFUND_CLOSED)
+    else:
+        with pytest.raises(NotificationRejected, match="not believed"):
+            _unsigned_refund(engine, "wechat", serial, refund.refund_id, REFUND_CLOSED)
     wait_for(lambda: ("query_refund", serial, refund.refund_id) in wechat.calls, what="asked")
     assert engine.get_order(order_id).refund("r1").status == "refunding"  # type: ignore[union-attr]
     # so the merchant cannot ask for the same money again: it is still being refunded
