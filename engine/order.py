@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -262,13 +263,15 @@ class PaymentRequest:
 
     def fingerprint(self) -> str:
         """A stable digest of every parameter: equal requests, equal fingerprints."""
-        parts = [
+        # JSON, not joined strings: ids may contain any separator, and two different
+        # requests must never share a digest (a changed retry would get the old receipt)
+        canonical = json.dumps([
             self.merchant_id, self.merchant_order_no, self.user_id, self.currency,
-            str(self.total_minor), self.title, str(self.pay_window_ms),
-            "cash" if self.cash is None else f"cash:{self.cash.amount_minor}:{self.cash.channel}",
-        ]
-        parts += [f"v:{v.account_id}:{v.amount}:{v.mode.value}:{v.hold_id}" for v in self.vouchers]
-        return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+            self.total_minor, self.title, self.pay_window_ms,
+            None if self.cash is None else [self.cash.amount_minor, self.cash.channel],
+            [[v.account_id, v.amount, v.mode.value, v.hold_id] for v in self.vouchers],
+        ], ensure_ascii=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

@@ -2286,3 +2286,14 @@ def test_a_payment_racing_the_close_either_succeeds_or_is_refunded_by_the_origin
     if world.channel.charged and world.order.state is not S.SUCCEEDED:
         assert cash.status in (L.REFUNDED, L.REFUND_UNKNOWN)
     hypothesis_event(f"{world.order.state.value}, cash {cash.status.value}")
+
+
+def test_requests_that_differ_only_where_a_separator_could_hide_have_other_fingerprints() -> None:
+    def request(account: str, hold: str) -> PaymentRequest:
+        return PaymentRequest("m", "n", "u", "CNY", 300, "t", None, (
+            VoucherPart(account, 300, LegMode.PRE_HELD, hold_id=hold),))
+
+    # joined with ':' both read "v:x:300:pre_held:y:300:pre_held:h"
+    assert request("x:300:pre_held:y", "h").fingerprint() != request(
+        "x", "y:300:pre_held:h").fingerprint()
+    assert request("a", "h").fingerprint() == request("a", "h").fingerprint()
