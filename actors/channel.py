@@ -15,7 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from payengine.engine.checks import check_instance, check_optional_id
 from payengine.engine.codes import CodeTable, ResultKind
+from payengine.engine.money import check_amount
 from payengine.engine.order import CashResult, RefundResult, ResultSource
 
 
@@ -31,6 +33,20 @@ class ChannelReply:
     result_code: str | None
     channel_txn_id: str | None = None
     amount_minor: int | None = None
+
+
+def check_reply(reply: object, what: str = "reply") -> ChannelReply:
+    """Return ``reply`` if it is a ``ChannelReply`` of well-typed fields: the codes and the
+    transaction id ``None`` or ids (``engine.checks.check_id``), the amount ``None`` or a
+    positive int of minor units (``InvalidAmount``). For what a caller feeds the engine
+    (``Engine.handle_callback``); a typed error otherwise."""
+    reply = check_instance(reply, ChannelReply, what)
+    check_optional_id(reply.return_code, f"{what} return_code")
+    check_optional_id(reply.result_code, f"{what} result_code")
+    check_optional_id(reply.channel_txn_id, f"{what} channel_txn_id")
+    if reply.amount_minor is not None:
+        check_amount(reply.amount_minor, f"{what} amount_minor")
+    return reply
 
 
 class Channel(Protocol):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from payengine.engine.checks import shown
 from payengine.engine.currency import describe
 from payengine.engine.errors import CurrencyMismatch, InvalidAmount, InvalidRequest
 
@@ -32,19 +33,20 @@ def check_amount(amount: object, what: str = "amount") -> int:
     if isinstance(amount, bool) or not isinstance(amount, int):
         raise InvalidAmount(
             f"{what} must be an integer count of minor units, got {type(amount).__name__} "
-            f"{amount!r}"
+            f"{shown(amount)}"
         )
     if amount <= 0:
-        raise InvalidAmount(f"{what} must be positive, got {amount}")
+        raise InvalidAmount(f"{what} must be positive, got {shown(amount)}")
     if amount > AMOUNT_MAX:
-        raise InvalidAmount(f"{what} {amount} exceeds the maximum {AMOUNT_MAX}")
+        raise InvalidAmount(f"{what} {shown(amount)} exceeds the maximum {AMOUNT_MAX}")
     return amount
 
 
 def check_unit(unit: object, what: str = "currency") -> str:
     """Return ``unit`` if it looks like a currency or voucher unit code (``CNY``, ``POINTS``)."""
-    if not isinstance(unit, str) or not _UNIT_PATTERN.match(unit):
-        raise InvalidRequest(f"{what} must be an upper-case code such as 'CNY', got {unit!r}")
+    if not isinstance(unit, str) or not _UNIT_PATTERN.fullmatch(unit):
+        raise InvalidRequest(f"{what} must be an upper-case code such as 'CNY', got "
+                             f"{shown(unit)}")
     return unit
 
 
