@@ -456,12 +456,13 @@ class Engine:
         check_id(order_id, "order_id")
         return self._ctx.store.journal("order", order_id)
 
-    def ledger_balances(self, order_id: str | None = None) -> dict[str, int]:
-        """Double-entry balances by ledger account, in minor units (see ``engine.ledger``).
+    def ledger_balances(self, order_id: str | None = None) -> dict[str, dict[str, int]]:
+        """Double-entry balances ``{currency: {ledger account: minor units}}`` (see
+        ``engine.ledger``): amounts in different currencies are kept apart, never added.
 
-        All balances sum to zero. ``transit`` holds money between payer and merchant: for a
-        settled order without unknowns its share is zero. With ``order_id``: that order's
-        postings only.
+        In each currency the balances sum to zero. ``transit`` holds money between payer
+        and merchant: for a settled order without unknowns its share is zero. With
+        ``order_id``: that order's postings only (one currency, the order's).
         """
         self._check_open()
         check_optional_id(order_id, "order_id")
