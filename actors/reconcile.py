@@ -248,8 +248,8 @@ class _Source:
             # what the import records as its source: a file name may hold bytes that are
             # not UTF-8 (or a lone surrogate), which the database could not store
             self.name = os.fsdecode(statement).encode("utf-8", "backslashreplace").decode()
-        elif isinstance(statement, Sequence):
-            self.name = "<lines>"
+        elif isinstance(statement, Sequence) and not isinstance(statement, bytes | bytearray):
+            self.name = "<lines>"  # (bytes are a sequence too, of ints: decode them first)
         else:
             raise InvalidRequest("a statement is CSV text (str), a file (Path) or StatementLines, "
                                  f"not {type(statement).__name__}")
