@@ -1556,8 +1556,9 @@ def check_refund_request(request: RequestRefund) -> tuple[str, int]:
     The shell calls it before asking the order's actor, the core again when deciding."""
     no = check_id(request.refund_no, "refund_no")
     if no.startswith(SECOND_CHARGE_PREFIX):
-        raise InvalidRequest(f"refund_no must not start with {SECOND_CHARGE_PREFIX!r}: those "
-                             "name the engine's own refunds of second charges")
+        raise InvalidRequest(f"refund_no must be an id not starting with "
+                             f"{SECOND_CHARGE_PREFIX!r}: those name the engine's own refunds "
+                             "of second charges")
     amount = check_amount(request.amount_minor, "refund amount_minor")
     check_text(request.reason, "reason", REASON_MAX)
     return no, amount
