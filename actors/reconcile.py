@@ -113,7 +113,7 @@ class ReconciliationReport:
     entries: list[ReportEntry] = field(default_factory=list)
     entries_omitted: int = 0
     """Entries beyond ``entries_max`` (counted, recorded in the database, not listed)."""
-    currencies: Mapping[str, int] = field(default_factory=lambda: ISO_4217, repr=False,
+    currencies: Mapping[str, int] = field(default_factory=lambda: dict(ISO_4217), repr=False,
                                           compare=False)
     """The engine's currency table, to write amounts with their currency's digits."""
 

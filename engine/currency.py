@@ -46,16 +46,17 @@ ISO_4217: Mapping[str, int] = MappingProxyType({
 """ISO 4217 currency code -> minor digits, for the codes in use that have a minor unit."""
 
 
-def currency_table(extra: Mapping[str, int] | None = None) -> Mapping[str, int]:
-    """``ISO_4217`` with ``extra``'s entries added or overriding; read-only.
+def currency_table(extra: Mapping[str, int] | None = None) -> dict[str, int]:
+    """``ISO_4217`` with ``extra``'s entries added or overriding, as a new dict (a plain one,
+    so that a config holding it can be copied and pickled).
 
     Each extra code is three upper-case letters (a points unit such as ``POINTS`` is not a
     currency: it is an account unit with ``minor_per_unit``) with 0..``MINOR_DIGITS_MAX``
     digits; anything else is an ``InvalidRequest``, so a typo in the configuration stops the
     engine from opening instead of mispricing a statement.
     """
-    if not extra:
-        return ISO_4217
+    if extra is None:
+        return dict(ISO_4217)
     if not isinstance(extra, Mapping):
         raise InvalidRequest(f"currencies must map a code to its minor digits, not "
                              f"{type(extra).__name__}")
@@ -67,7 +68,7 @@ def currency_table(extra: Mapping[str, int] | None = None) -> Mapping[str, int]:
         ):
             raise InvalidRequest(f"currency {code}: minor digits must be an int "
                                  f"0..{MINOR_DIGITS_MAX}, got {digits!r}")
-    return MappingProxyType({**ISO_4217, **extra})
+    return {**ISO_4217, **extra}
 
 
 def check_currency(currency: object, currencies: Mapping[str, int] = ISO_4217,

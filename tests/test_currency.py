@@ -4,6 +4,7 @@ currency the table does not know are refused, typed, with nothing created."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,6 +87,8 @@ def test_configuration_adds_and_overrides_entries_for_one_table_only() -> None:
     assert "XTS" not in ISO_4217 and ISO_4217["JPY"] == 0
     assert config(XTS=2).currency_table["XTS"] == 2
     assert "XTS" not in EngineConfig().currency_table
+    copied = copy.deepcopy(config(XTS=2))  # a config can be copied (and pickled) whole
+    assert copied.currency_table["XTS"] == 2 and copied.currencies == {"XTS": 2}
 
 
 @pytest.mark.parametrize("extra", [
