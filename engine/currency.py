@@ -18,6 +18,7 @@ import re
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from payengine.engine.checks import shown
 from payengine.engine.errors import InvalidRequest
 
 MINOR_DIGITS_MAX = 4
@@ -62,12 +63,12 @@ def currency_table(extra: Mapping[str, int] | None = None) -> dict[str, int]:
                              f"{type(extra).__name__}")
     for code, digits in extra.items():
         if not isinstance(code, str) or not _CODE.fullmatch(code):
-            raise InvalidRequest(f"a currency code is three upper-case letters, got {code!r}")
+            raise InvalidRequest(f"a currency code is three upper-case letters, got {shown(code)}")
         if isinstance(digits, bool) or not isinstance(digits, int) or not (
             0 <= digits <= MINOR_DIGITS_MAX
         ):
             raise InvalidRequest(f"currency {code}: minor digits must be an int "
-                                 f"0..{MINOR_DIGITS_MAX}, got {digits!r}")
+                                 f"0..{MINOR_DIGITS_MAX}, got {shown(digits)}")
     return {**ISO_4217, **extra}
 
 
@@ -75,9 +76,9 @@ def check_currency(currency: object, currencies: Mapping[str, int] = ISO_4217,
                    what: str = "currency") -> str:
     """Return ``currency`` if ``currencies`` knows it; otherwise ``InvalidRequest``."""
     if not isinstance(currency, str) or currency not in currencies:
-        shown = repr(currency) if isinstance(currency, str) else type(currency).__name__
         raise InvalidRequest(f"{what} must be a known currency code such as 'CNY' "
-                             f"(ISO 4217, or added by EngineConfig.currencies), got {shown}")
+                             f"(ISO 4217, or added by EngineConfig.currencies), got "
+                             f"{shown(currency)}")
     return currency
 
 

@@ -32,6 +32,7 @@ from payengine.engine.checks import (
     check_optional_id,
     check_parts,
     check_text,
+    shown,
 )
 from payengine.engine.codes import ResultKind
 from payengine.engine.currency import ISO_4217, check_currency
@@ -485,7 +486,8 @@ def check_request(request: object, *, policy: OrderPolicy,
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or not (
         0 < window <= policy.pay_window_ms_max
     )):
-        raise InvalidRequest(f"pay_window_ms must be 1..{policy.pay_window_ms_max}, got {window!r}")
+        raise InvalidRequest(f"pay_window_ms must be 1..{policy.pay_window_ms_max}, got "
+                             f"{shown(window)}")
     check_bool(request.confirm_duplicate, "confirm_duplicate")
     if request.cash is not None:
         cash = check_instance(request.cash, CashPart, "cash")
@@ -499,7 +501,7 @@ def check_request(request: object, *, policy: OrderPolicy,
         check_amount(part.amount, f"voucher part {leg_no} amount")
         if not isinstance(part.mode, LegMode) or part.mode is LegMode.CASH:
             raise InvalidRequest(f"voucher part {leg_no}: mode must be a voucher mode (a "
-                                 f"LegMode), not {part.mode!r}")
+                                 f"LegMode), not {shown(part.mode)}")
         check_optional_id(part.hold_id, f"voucher part {leg_no} hold_id")
     return request
 

@@ -35,6 +35,7 @@ from payengine import (
     PaymentRequest,
     VoucherPart,
 )
+from payengine.engine.checks import shown
 from payengine.engine.money import AMOUNT_MAX
 from payengine.engine.statement import StatementError
 from tests.helpers import PAID, ScriptedChannel, fund_customer, open_engine, paid_order, wait_for
@@ -107,8 +108,12 @@ WRONG_DATACLASSES = st.sampled_from([
     PaymentRequest("m", "n", "u", "CNY", 100, "t", CashPart(100, "wechat")),
 ])
 
+HUGE_INTS = st.sampled_from([10**5000, -(10**5000)])
+"""Ints too long to print (``str()`` refuses beyond 4,300 digits): the error message must
+not trip over them."""
+
 NOT_STR = st.one_of(
-    st.booleans(), st.floats(allow_nan=True), st.integers(), st.binary(max_size=8),
+    st.booleans(), st.floats(allow_nan=True), st.integers(), HUGE_INTS, st.binary(max_size=8),
     st.lists(st.text(max_size=3), max_size=3), st.tuples(st.text(max_size=3)),
     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2), WRONG_DATACLASSES,
     st.just(object()),
@@ -126,7 +131,7 @@ NOT_INT = st.one_of(
     st.integers(1, 10_000).map(str),
 )
 BAD_AMOUNT_VALUES = st.one_of(NOT_INT.filter(lambda v: v is not None), st.integers(max_value=0),
-                              st.integers(min_value=AMOUNT_MAX + 1))
+                              st.integers(min_value=AMOUNT_MAX + 1), HUGE_INTS)
 BAD_AMOUNT = _with(InvalidAmount, st.one_of(st.none(), BAD_AMOUNT_VALUES))
 BAD_OPTIONAL_AMOUNT = _with(InvalidAmount, BAD_AMOUNT_VALUES)
 
@@ -142,7 +147,8 @@ def bad_text(max_len: int, *, required: bool) -> st.SearchStrategy[Any]:
 
 def bad_int_setting(high: int, *, optional: bool) -> st.SearchStrategy[Any]:
     """A bad ``ttl_ms``, ``pay_window_ms``, period bound: not an int, or out of range."""
-    values = st.one_of(NOT_INT, st.integers(max_value=-1), st.integers(min_value=high + 1))
+    values = st.one_of(NOT_INT, st.integers(max_value=-1), st.integers(min_value=high + 1),
+                       HUGE_INTS)
     return _with(InvalidRequest, values.filter(lambda v: not (optional and v is None)))
 
 
@@ -356,12 +362,12 @@ def _check_refused(world: World, call: Call, arg: str, bad: Any,
         result = call.invoke(world, args)
     except PaymentError as error:
         assert isinstance(error, expected), (
-            f"{call.name}({arg}={bad!r}) raised {type(error).__name__} {error.message!r}, "
+            f"{call.name}({arg}={shown(bad)}) raised {type(error).__name__} {error.message!r}, "
             f"expected {expected.__name__}")
         assert error.code == expected.code
     else:
-        pytest.fail(f"{call.name}({arg}={bad!r}) was accepted: {result!r}")
-    assert dump(world.path) == before, f"{call.name}({arg}={bad!r}) changed the database"
+        pytest.fail(f"{call.name}({arg}={shown(bad)}) was accepted: {result!r}")
+    assert dump(world.path) == before, f"{call.name}({arg}={shown(bad)}) changed the database"
     assert world.channel.count("pay") == 1 and world.channel.count("refund") == 0
     assert world.engine.broken_actors() == {}
 
