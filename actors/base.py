@@ -19,6 +19,7 @@ from payengine.actors.directory import Directory, Key
 from payengine.actors.messages import Asked
 from payengine.actors.notifier import NotificationConfig
 from payengine.actors.runtime import Runtime, TimerHandle
+from payengine.engine.currency import currency_table
 from payengine.engine.errors import EngineClosed, PaymentError
 from payengine.engine.order import OrderPolicy
 from payengine.persistence.store import Store
@@ -42,6 +43,16 @@ class EngineConfig:
     """For the simulator only (``engine.order.PLANTABLE_BUGS``); empty in a real engine."""
     notifications: NotificationConfig = field(default_factory=NotificationConfig)
     """Outbox delivery: merchant notification schedule, subscriber retries, batch bounds."""
+    currencies: Mapping[str, int] = field(default_factory=dict)
+    """Currencies added to (or overriding) ISO 4217 for this engine: code -> minor digits,
+    e.g. ``{"XTS": 2}``. Orders, money vouchers and statements use only known currencies."""
+    currency_table: Mapping[str, int] = field(init=False, repr=False, compare=False)
+    """ISO 4217 merged with ``currencies`` (``engine.currency.currency_table``); derived."""
+
+    def __post_init__(self) -> None:
+        # Merged once here (and validated: a bad entry refuses the config, typed), since
+        # every submit and every statement line looks currencies up.
+        object.__setattr__(self, "currency_table", currency_table(self.currencies))
 
 
 @dataclass

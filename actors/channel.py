@@ -25,8 +25,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from payengine.engine.checks import check_instance, check_optional_id
 from payengine.engine.codes import CodeTable, ResultKind
 from payengine.engine.errors import NotificationRejected
+from payengine.engine.money import check_amount
 from payengine.engine.order import CashResult, RefundResult, ResultSource
 
 
@@ -60,6 +62,21 @@ class ChannelNotification:
     reply: ChannelReply
     refund_id: str | None = None
     """For a refund notification: the engine's refund id (out_refund_no)."""
+
+
+def check_reply(reply: object, what: str = "reply") -> ChannelReply:
+    """Return ``reply`` if it is a ``ChannelReply`` of well-typed fields: the codes and the
+    transaction id ``None`` or ids (``engine.checks.check_id``), the amount ``None`` or a
+    positive int of minor units (``InvalidAmount``). For what a caller feeds the engine
+    (``Engine.handle_callback``); a typed error otherwise."""
+    reply = check_instance(reply, ChannelReply, what)
+    check_optional_id(reply.return_code, f"{what} return_code")
+    check_optional_id(reply.result_code, f"{what} result_code")
+    check_optional_id(reply.channel_txn_id, f"{what} channel_txn_id")
+    check_optional_id(reply.currency, f"{what} currency")
+    if reply.amount_minor is not None:
+        check_amount(reply.amount_minor, f"{what} amount_minor")
+    return reply
 
 
 class Channel(Protocol):

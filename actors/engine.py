@@ -22,6 +22,7 @@ from payengine.actors.channel import (
     ChannelReply,
     NotificationKind,
     cash_result,
+    check_reply,
     refund_result,
 )
 from payengine.actors.directory import Directory, Key
@@ -42,7 +43,9 @@ from payengine.actors.order_actor import OrderBehaviour
 from payengine.actors.reconcile import ReconciliationReport, StatementSource
 from payengine.actors.runtime import Runtime, ThreadRuntime
 from payengine.actors.voucher_link import DirectVoucherLink, VoucherLink
+from payengine.engine.checks import check_bool, check_id, check_optional_id, shown
 from payengine.engine.codes import ResultKind
+from payengine.engine.currency import check_currency
 from payengine.engine.errors import (
     DuplicateSuspected,
     EngineClosed,
@@ -67,7 +70,9 @@ from payengine.engine.order import (
     RequestRefund,
     ResultSource,
     build_order,
+    check_refund_request,
     check_report,
+    check_request,
     owed_commands,
     report_agrees,
     suspected_duplicates,
@@ -101,25 +106,20 @@ class RandomIds:
         return f"hold_{uuid.uuid4().hex}"
 
 
-def _check_id(value: object, what: str) -> None:
-    if not isinstance(value, str) or not value or len(value) > 128:
-        raise InvalidRequest(f"{what} must be a non-empty string of at most 128 characters")
+def _check_notification(channel: object, payment_serial: object, reply: object, wait: object,
+                        **ids: object) -> None:
+    """The types of a wallet notification's arguments (``handle_callback``,
+    ``handle_refund_callback``): ids, a ``ChannelReply`` of codes, a bool."""
+    check_id(channel, "channel")
+    check_id(payment_serial, "payment_serial")
+    for name, value in ids.items():
+        check_id(value, name)
+    check_reply(reply)
+    check_bool(wait, "wait")
 
 
-def _check_reply(reply: object) -> None:
-    """A parsed channel reply from a caller: the right type, fields of the right types."""
-    if not isinstance(reply, ChannelReply):
-        raise InvalidRequest(f"a channel reply is a ChannelReply, not {type(reply).__name__}")
-    for name in ("return_code", "result_code", "channel_txn_id", "currency"):
-        value = getattr(reply, name)
-        if value is not None and (not isinstance(value, str) or len(value) > 128):
-            raise InvalidRequest(f"ChannelReply.{name} must be a string of at most 128 "
-                                 f"characters or None, got {type(value).__name__}")
-    amount = reply.amount_minor
-    if amount is not None and (isinstance(amount, bool) or not isinstance(amount, int)
-                               or amount <= 0):
-        raise InvalidRequest(f"ChannelReply.amount_minor must be a positive int or None, "
-                             f"got {amount!r}")
+NOTIFICATION_BYTES_MAX = 64 * 1024
+"""The largest notification body accepted: wallets send a few hundred bytes."""
 
 
 class Engine:
@@ -249,13 +249,18 @@ class Engine:
         """Create a voucher account in ``unit`` (the currency, or e.g. ``"POINTS"``).
 
         ``minor_per_unit`` says what one unit is worth in minor units of an order's currency
-        (points); ``None`` for money vouchers, which pay only orders in their own currency.
-        Opening an existing account with the same parameters returns it.
+        (points); ``None`` for money vouchers, which pay only orders in their own currency:
+        their unit must then be a known currency (``InvalidRequest`` otherwise: a money
+        voucher in a currency nobody knows could never pay). Opening an existing account
+        with the same parameters returns it.
         """
         self._check_open()
-        _check_id(account_id, "account_id")
+        check_id(account_id, "account_id")
         check_unit(unit, "unit")
-        if minor_per_unit is not None:
+        if minor_per_unit is None:
+            check_currency(unit, self._ctx.config.currency_table,
+                           "unit (of a money voucher: without minor_per_unit)")
+        else:
             check_amount(minor_per_unit, "minor_per_unit")
         account = self._ctx.store.create_account(
             VoucherAccount(account_id, unit, minor_per_unit), self._ctx.runtime.now_ms())
@@ -263,8 +268,9 @@ class Engine:
 
     def fund(self, account_id: str, amount: int, *, funding_id: str) -> AccountView:
         """Top up an account by ``amount`` of its unit; idempotent by ``funding_id``."""
+        check_id(account_id, "account_id")
         check_amount(amount)
-        _check_id(funding_id, "funding_id (it makes a retried top-up safe)")
+        check_id(funding_id, "funding_id (it makes a retried top-up safe)")
         return self._ask_account(account_id, Fund(funding_id, amount))  # type: ignore[no-any-return]
 
     def pre_hold(self, account_id: str, amount: int, *, hold_id: str | None = None,
@@ -275,23 +281,27 @@ class Engine:
         an order adopts it and confirms or cancels it. A hold no order adopts expires after
         ``ttl_ms``. Idempotent by ``hold_id``.
         """
+        check_id(account_id, "account_id")
         check_amount(amount)
+        check_optional_id(hold_id, "hold_id")
         cfg = self._ctx.config
         ttl = cfg.pre_hold_ttl_ms if ttl_ms is None else ttl_ms
         if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 < ttl <= cfg.pre_hold_ttl_ms_max:
             raise InvalidRequest(f"ttl_ms must be 1..{cfg.pre_hold_ttl_ms_max}")
         if hold_id is None:
             hold_id = self._ids.new_hold_id()
-        _check_id(hold_id, "hold_id")
         expires = self._ctx.runtime.now_ms() + ttl
         return self._ask_account(account_id, PreHold(hold_id, amount, expires))  # type: ignore[no-any-return]
 
     def release_hold(self, account_id: str, hold_id: str) -> HoldView:
         """Release a pre-hold that no order adopted; idempotent."""
+        check_id(account_id, "account_id")
+        check_id(hold_id, "hold_id")
         return self._ask_account(account_id, ReleaseHold(hold_id))  # type: ignore[no-any-return]
 
     def get_account(self, account_id: str) -> AccountView:
         self._check_open()
+        check_id(account_id, "account_id")
         account = self._ctx.store.load_account(account_id)
         if account is None:
             raise UnknownAccount(f"no voucher account {account_id}")
@@ -301,6 +311,8 @@ class Engine:
         """The caller's pre-hold ``hold_id``; the engine's own fences are not holds of the
         caller and are never found here, whatever the id."""
         self._check_open()
+        check_id(account_id, "account_id")
+        check_id(hold_id, "hold_id")
         fence = self._ctx.store.load_fence(account_id, FenceKey.user(hold_id))
         if fence is None:
             raise UnknownHold(f"no hold {hold_id} on account {account_id}")
@@ -324,8 +336,7 @@ class Engine:
         """
         self._check_open()
         ctx = self._ctx
-        if not isinstance(request, PaymentRequest):
-            raise InvalidRequest(f"submit takes a PaymentRequest, not {type(request).__name__}")
+        check_request(request, policy=ctx.policy, currencies=ctx.config.currency_table)
         if request.cash is not None and request.cash.channel not in ctx.channels:
             raise InvalidRequest(f"unknown channel {request.cash.channel!r}; "
                                  f"known: {sorted(ctx.channels)}")
@@ -337,7 +348,8 @@ class Engine:
         now_ms = ctx.runtime.now_ms()
         order = build_order(request, order_id=self._ids.new_order_id(),
                             payment_serial=self._ids.new_payment_serial(), now_ms=now_ms,
-                            accounts=units, policy=ctx.policy)
+                            accounts=units, policy=ctx.policy,
+                            currencies=ctx.config.currency_table)
         if ctx.directory.live_count("order") >= ctx.config.live_orders_max:
             raise Overloaded(f"{ctx.config.live_orders_max} orders in flight; retry later")
         self._guard_user_duplicates(request, now_ms)
@@ -381,6 +393,7 @@ class Engine:
 
     def close(self, order_id: str) -> OrderView:
         """The user (or cashier) closes an unpaid order. A paid order raises IllegalTransition."""
+        check_id(order_id, "order_id")
         return self._ask_order(order_id, CloseOrder(CloseCause.USER))
 
     def refund(self, order_id: str, refund_no: str, amount_minor: int, *,
@@ -396,12 +409,16 @@ class Engine:
         REFUNDING (or already done); follow it with ``get_order(...).refund(refund_no)``.
         Refunds of one order are serialised by its actor, so none can over-refund.
         """
-        view = self._ask_order(order_id, RequestRefund(refund_no, amount_minor, reason))
+        check_id(order_id, "order_id")
+        request = RequestRefund(refund_no, amount_minor, reason)
+        check_refund_request(request)
+        view = self._ask_order(order_id, request)
         return view.refund(refund_no)
 
     def request_close(self, order_id: str) -> None:
         """Enqueue a user close without waiting for it (an illegal one is logged, not raised)."""
         self._check_open()
+        check_id(order_id, "order_id")
         if self._ctx.store.load_order(order_id) is None:
             raise UnknownOrder(f"no payment order {order_id}")
         self._ctx.directory.tell(("order", order_id), CloseOrder(CloseCause.USER))
@@ -420,6 +437,13 @@ class Engine:
         counted; do not acknowledge it). Duplicated, late and out-of-order ones are safe.
         With ``wait=False`` it returns ``"queued"`` once the result is enqueued.
         """
+        check_id(channel, "channel")
+        check_bool(wait, "wait")
+        if not isinstance(body, bytes) or not 0 < len(body) <= NOTIFICATION_BYTES_MAX:
+            raise InvalidRequest(f"a notification body is the raw bytes received, 1.."
+                                 f"{NOTIFICATION_BYTES_MAX} of them, not {shown(body)}")
+        if headers is not None and not isinstance(headers, Mapping):
+            raise InvalidRequest(f"headers are a mapping of str to str, not {shown(headers)}")
         chan = self._channel(channel)
         try:
             note = chan.verify_notification(body, headers or {})
@@ -457,8 +481,8 @@ class Engine:
         it; once the channel's answer is in, the wallet's next retry agrees and returns.
         Prefer ``handle_notification`` with the raw bytes.
         """
+        _check_notification(channel, payment_serial, reply, wait)
         chan = self._channel(channel)
-        _check_reply(reply)
         return self._feed_report(channel, payment_serial, cash_result(
             chan, reply, ResultSource.CALLBACK, reported_by=channel), wait)
 
@@ -467,9 +491,8 @@ class Engine:
         """Feed a refund notification already parsed; like ``handle_callback``, one that
         would change the refund only makes the order ask the channel (``query_refund``) and
         raises ``NotificationRejected`` (``unverified``)."""
+        _check_notification(channel, payment_serial, reply, wait, refund_id=refund_id)
         chan = self._channel(channel)
-        _check_id(refund_id, "refund_id")
-        _check_reply(reply)
         return self._feed_report(channel, payment_serial, refund_result(
             chan, refund_id, reply, ResultSource.CALLBACK, reported_by=channel), wait)
 
@@ -491,7 +514,7 @@ class Engine:
         source = event.source.value
         refund_id = event.refund_id if isinstance(event, RefundResult) else None
         try:
-            _check_id(payment_serial, "payment_serial")
+            check_id(payment_serial, "payment_serial")
             order_id = self._order_for_serial(payment_serial)
             order = self._ctx.store.load_order(order_id)
             if order is None:
@@ -542,6 +565,7 @@ class Engine:
     def get_order(self, order_id: str) -> OrderView:
         """The order as the engine knows it (the database; never the channel)."""
         self._check_open()
+        check_id(order_id, "order_id")
         order = self._ctx.store.load_order(order_id)
         if order is None:
             raise UnknownOrder(f"no payment order {order_id}")
@@ -550,6 +574,8 @@ class Engine:
     def find_order(self, merchant_id: str, merchant_order_no: str) -> OrderView:
         """The order submitted under a merchant's order number."""
         self._check_open()
+        check_id(merchant_id, "merchant_id")
+        check_id(merchant_order_no, "merchant_order_no")
         order_id = self._ctx.store.order_id_for_merchant(merchant_id, merchant_order_no)
         if order_id is None:
             raise UnknownOrder(f"no order for {merchant_id}/{merchant_order_no}")
@@ -558,16 +584,19 @@ class Engine:
     def journal(self, order_id: str) -> list[JournalEntry]:
         """Every recorded transition of the order and its legs, oldest first."""
         self._check_open()
+        check_id(order_id, "order_id")
         return self._ctx.store.journal("order", order_id)
 
-    def ledger_balances(self, order_id: str | None = None) -> dict[str, int]:
-        """Double-entry balances by ledger account, in minor units (see ``engine.ledger``).
+    def ledger_balances(self, order_id: str | None = None) -> dict[str, dict[str, int]]:
+        """Double-entry balances ``{currency: {ledger account: minor units}}`` (see
+        ``engine.ledger``): amounts in different currencies are kept apart, never added.
 
-        All balances sum to zero. ``transit`` holds money between payer and merchant: for a
-        settled order without unknowns its share is zero. With ``order_id``: that order's
-        postings only.
+        In each currency the balances sum to zero. ``transit`` holds money between payer
+        and merchant: for a settled order without unknowns its share is zero. With
+        ``order_id``: that order's postings only (one currency, the order's).
         """
         self._check_open()
+        check_optional_id(order_id, "order_id")
         return self._ctx.store.ledger_balances(order_id)
 
     def unbalanced_postings(self) -> list[tuple[str, int]]:

@@ -31,11 +31,13 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from payengine.engine.checks import check_ids, check_time_ms
 from payengine.engine.codes import ResultKind
+from payengine.engine.currency import ISO_4217, describe, minor_digits
 from payengine.engine.errors import InvalidRequest, PaymentError
 from payengine.engine.order import (
     REFUND_ABSENT_CODE,
@@ -46,6 +48,7 @@ from payengine.engine.order import (
 )
 from payengine.engine.statement import (
     FLAGGED,
+    MAX_CHANNELS,
     Judgement,
     LineStatus,
     OrderSnapshot,
@@ -53,7 +56,6 @@ from payengine.engine.statement import (
     StatementLine,
     Verdict,
     confirm,
-    format_amount,
     format_time,
     iter_statement,
     judge,
@@ -112,6 +114,9 @@ class ReconciliationReport:
     entries: list[ReportEntry] = field(default_factory=list)
     entries_omitted: int = 0
     """Entries beyond ``entries_max`` (counted, recorded in the database, not listed)."""
+    currencies: Mapping[str, int] = field(default_factory=lambda: dict(ISO_4217), repr=False,
+                                          compare=False)
+    """The engine's currency table, to write amounts with their currency's digits."""
 
     def count(self, verdict: Verdict) -> int:
         return self.counts.get(verdict, 0)
@@ -159,7 +164,7 @@ class ReconciliationReport:
                         f"{'amount':>14}  detail", "-" * 140]
             for e in shown:
                 amount = ("" if e.amount_minor is None or e.currency is None
-                          else f"{format_amount(e.amount_minor, e.currency)} {e.currency}")
+                          else describe(e.amount_minor, e.currency, self.currencies))
                 out.append(f"{e.verdict.value:<21} {e.line_no if e.line_no else '-':>7} "
                            f"{_cut(e.out_trade_no, 34):<34} {_cut(e.order_id or '-', 38):<38} "
                            f"{amount:>14}  {e.detail}")
@@ -197,15 +202,15 @@ def reconcile(engine: Engine, statement: StatementSource, *,
     charge are not looked for. ``channels`` (whose orders are expected) defaults to the
     statement's channels.
     """
-    if isinstance(channels, str):
-        raise InvalidRequest("channels is a collection of channel names, not one string")
+    if channels is not None:
+        channels = check_ids(channels, "channels", MAX_CHANNELS)
     for name, value in (("period_start_ms", period_start_ms), ("period_end_ms", period_end_ms)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or value < 0):
-            raise InvalidRequest(f"{name} must be epoch milliseconds, got {value!r}")
+        if value is not None:
+            check_time_ms(value, name)
     if not 0 < batch_size <= 10_000 or entries_max < 0:
         raise InvalidRequest("batch_size must be 1..10000 and entries_max not negative")
-    source = _Source(statement)
+    currencies = engine._ctx.config.currency_table
+    source = _Source(statement, currencies)
     summary = scan(source.lines())  # validates everything before anything is applied
     start = summary.first_time_ms if period_start_ms is None else period_start_ms
     end = summary.last_time_ms if period_end_ms is None else period_end_ms
@@ -218,8 +223,9 @@ def reconcile(engine: Engine, statement: StatementSource, *,
                                         lines=summary.lines, period=period,
                                         now_ms=engine.runtime.now_ms())
     report = ReconciliationReport(import_id, source.name, source.digest(), summary.lines,
-                                  start if period else None, end if period else None, wanted)
-    run = _Run(engine, report, import_id, batch_size, entries_max)
+                                  start if period else None, end if period else None, wanted,
+                                  currencies=currencies)
+    run = _Run(engine, report, import_id, batch_size, entries_max, currencies)
     run.apply_lines(source.lines())
     if period is not None:
         for channel in wanted:
@@ -233,33 +239,42 @@ def reconcile(engine: Engine, statement: StatementSource, *,
 class _Source:
     """A statement that can be read twice (validate, then apply) without holding it all."""
 
-    def __init__(self, statement: StatementSource) -> None:
+    def __init__(self, statement: StatementSource, currencies: Mapping[str, int]) -> None:
         self._statement = statement
+        self._currencies = currencies
         self._digest: str | None = None
         if isinstance(statement, str):
             self.name = "<text>"
         elif isinstance(statement, os.PathLike):
-            self.name = os.fspath(statement)
-        elif isinstance(statement, Sequence):
-            self.name = "<lines>"
+            # what the import records as its source: a file name may hold bytes that are
+            # not UTF-8 (or a lone surrogate), which the database could not store
+            self.name = os.fsdecode(statement).encode("utf-8", "backslashreplace").decode()
+        elif isinstance(statement, Sequence) and not isinstance(statement, bytes | bytearray):
+            self.name = "<lines>"  # (bytes are a sequence too, of ints: decode them first)
         else:
             raise InvalidRequest("a statement is CSV text (str), a file (Path) or StatementLines, "
                                  f"not {type(statement).__name__}")
 
     def lines(self) -> Iterator[StatementLine]:
-        statement = self._statement
+        statement, currencies = self._statement, self._currencies
         if isinstance(statement, str):
-            yield from iter_statement(io.StringIO(statement, newline=""))
+            yield from iter_statement(io.StringIO(statement, newline=""), currencies)
         elif isinstance(statement, os.PathLike):
             try:
                 with open(statement, encoding="utf-8", newline="") as handle:
-                    yield from iter_statement(handle)
+                    yield from iter_statement(handle, currencies)
             except UnicodeDecodeError as error:
                 raise StatementError(f"{self.name} is not UTF-8 text: {error.reason}") from None
+            except (OSError, UnicodeEncodeError) as error:
+                raise StatementError(f"cannot read {self.name}: {_why(error)}") from None
         else:
             for line in statement:
                 if not isinstance(line, StatementLine):
                     raise StatementError(f"not a StatementLine: {type(line).__name__}")
+                try:  # built in code, so checked against this engine's table only here
+                    minor_digits(line.currency, currencies)
+                except InvalidRequest as error:
+                    raise StatementError(error.message, line.line_no or None) from None
                 yield line
 
     def digest(self) -> str:
@@ -270,9 +285,12 @@ class _Source:
             if isinstance(statement, str):
                 hasher.update(statement.encode("utf-8", "surrogatepass"))
             elif isinstance(statement, os.PathLike):
-                with open(statement, "rb") as handle:
-                    for chunk in iter(lambda: handle.read(1 << 20), b""):
-                        hasher.update(chunk)
+                try:
+                    with open(statement, "rb") as handle:
+                        for chunk in iter(lambda: handle.read(1 << 20), b""):
+                            hasher.update(chunk)
+                except (OSError, UnicodeEncodeError) as error:
+                    raise StatementError(f"cannot read {self.name}: {_why(error)}") from None
             else:
                 for line in statement:
                     hasher.update(repr(dataclasses.astuple(line)[:-1]).encode() + b"\n")
@@ -280,12 +298,19 @@ class _Source:
         return self._digest
 
 
+def _why(error: Exception) -> str:
+    """Why a statement file could not be read, in a few words."""
+    return (error.strerror or type(error).__name__) if isinstance(error, OSError) else (
+        "its name cannot be encoded for the file system")
+
+
 class _Run:
     """One import in progress: feeds orders, records lines in batches, fills the report."""
 
     def __init__(self, engine: Engine, report: ReconciliationReport, import_id: int,
-                 batch_size: int, entries_max: int) -> None:
+                 batch_size: int, entries_max: int, currencies: Mapping[str, int]) -> None:
         self.engine = engine
+        self.currencies = currencies
         self.store = engine.store
         self.report = report
         self.import_id = import_id
@@ -355,7 +380,7 @@ class _Run:
     def _apply_line(self, line: StatementLine) -> RecordedLine:
         order_id = self.store.order_id_for_serial(line.out_trade_no)
         before = None if order_id is None else self._snapshot(order_id)
-        judgement = judge(line, before)
+        judgement = judge(line, before, self.currencies)
         owner = self._foreign_owner(line, order_id) if judgement.event is not None else None
         if owner is not None:
             judgement = Judgement(

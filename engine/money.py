@@ -1,6 +1,7 @@
 """Money and voucher units as integers.
 
-Money is an integer count of minor units (fen, cents) with an ISO-4217-like currency code.
+Money is an integer count of minor units (fen, cents) with an ISO 4217 currency code (see
+``engine.currency`` for the codes and their minor digits).
 Points and other voucher units are their own unit (e.g. ``"POINTS"``) and are worth a fixed
 number of minor units each (``minor_per_unit``). No float ever enters: a float amount is
 rejected, not rounded.
@@ -11,6 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from payengine.engine.checks import shown
+from payengine.engine.currency import describe
 from payengine.engine.errors import CurrencyMismatch, InvalidAmount, InvalidRequest
 
 AMOUNT_MAX = 10**15
@@ -30,19 +33,20 @@ def check_amount(amount: object, what: str = "amount") -> int:
     if isinstance(amount, bool) or not isinstance(amount, int):
         raise InvalidAmount(
             f"{what} must be an integer count of minor units, got {type(amount).__name__} "
-            f"{amount!r}"
+            f"{shown(amount)}"
         )
     if amount <= 0:
-        raise InvalidAmount(f"{what} must be positive, got {amount}")
+        raise InvalidAmount(f"{what} must be positive, got {shown(amount)}")
     if amount > AMOUNT_MAX:
-        raise InvalidAmount(f"{what} {amount} exceeds the maximum {AMOUNT_MAX}")
+        raise InvalidAmount(f"{what} {shown(amount)} exceeds the maximum {AMOUNT_MAX}")
     return amount
 
 
 def check_unit(unit: object, what: str = "currency") -> str:
     """Return ``unit`` if it looks like a currency or voucher unit code (``CNY``, ``POINTS``)."""
-    if not isinstance(unit, str) or not _UNIT_PATTERN.match(unit):
-        raise InvalidRequest(f"{what} must be an upper-case code such as 'CNY', got {unit!r}")
+    if not isinstance(unit, str) or not _UNIT_PATTERN.fullmatch(unit):
+        raise InvalidRequest(f"{what} must be an upper-case code such as 'CNY', got "
+                             f"{shown(unit)}")
     return unit
 
 
@@ -64,8 +68,8 @@ class Money:
         return Money(self.amount_minor + other.amount_minor, self.currency)
 
     def __str__(self) -> str:
-        whole, minor = divmod(self.amount_minor, 100)
-        return f"{whole}.{minor:02d} {self.currency}"
+        """``96.00 CNY``, ``96 JPY``, ``1.005 KWD``: the currency's own minor digits."""
+        return describe(self.amount_minor, self.currency)
 
 
 def value_in_minor(amount: int, unit: str, minor_per_unit: int | None, currency: str) -> int:

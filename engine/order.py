@@ -26,7 +26,17 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from payengine.engine.checks import (
+    check_bool,
+    check_id,
+    check_instance,
+    check_optional_id,
+    check_parts,
+    check_text,
+    shown,
+)
 from payengine.engine.codes import ResultKind
+from payengine.engine.currency import ISO_4217, check_currency
 from payengine.engine.errors import (
     IdempotencyConflict,
     IllegalTransition,
@@ -35,7 +45,7 @@ from payengine.engine.errors import (
     NotificationRejected,
     RefundRefused,
 )
-from payengine.engine.money import AMOUNT_MAX, check_amount, check_unit, value_in_minor
+from payengine.engine.money import AMOUNT_MAX, check_amount, value_in_minor
 from payengine.engine.voucher import FenceKey, FenceScope
 
 # --------------------------------------------------------------------------- states
@@ -512,6 +522,51 @@ class PaymentOrder:
         return FenceKey.order_leg(self.order_id, leg.leg_no)
 
 
+TITLE_MAX = 128
+"""Most characters in an order's title (what the wallet shows the payer)."""
+REASON_MAX = 256
+"""Most characters in a refund's reason."""
+
+
+def check_request(request: object, *, policy: OrderPolicy,
+                  currencies: Mapping[str, int] = ISO_4217) -> PaymentRequest:
+    """Return ``request`` if every field has its type and shape; a typed error otherwise.
+
+    What needs no lookup: ids, title, a known currency (``currencies``: the engine's table),
+    amounts, the parts' types, modes and hold ids, the pay window, the flag. The shell runs
+    it before it looks a channel or an account up, so no bad value reaches a dict or SQLite;
+    ``build_order`` runs it again (it is cheap) so that the core never trusts its caller.
+    """
+    request = check_instance(request, PaymentRequest, "the request")
+    for name in ("merchant_id", "merchant_order_no", "user_id"):
+        check_id(getattr(request, name), name)
+    check_text(request.title, "title", TITLE_MAX, required=True)
+    check_currency(request.currency, currencies)
+    check_amount(request.total_minor, "total_minor")
+    window = request.pay_window_ms
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or not (
+        0 < window <= policy.pay_window_ms_max
+    )):
+        raise InvalidRequest(f"pay_window_ms must be 1..{policy.pay_window_ms_max}, got "
+                             f"{shown(window)}")
+    check_bool(request.confirm_duplicate, "confirm_duplicate")
+    if request.cash is not None:
+        cash = check_instance(request.cash, CashPart, "cash")
+        check_amount(cash.amount_minor, "cash amount_minor")
+        check_id(cash.channel, "the cash part's channel")
+    vouchers = check_parts(request.vouchers, VoucherPart, "vouchers", policy.legs_max - 1)
+    if request.cash is None and not vouchers:
+        raise InvalidRequest("a payment needs a cash part or at least one voucher part")
+    for leg_no, part in enumerate(vouchers, start=1):
+        check_id(part.account_id, f"voucher part {leg_no} account_id")
+        check_amount(part.amount, f"voucher part {leg_no} amount")
+        if not isinstance(part.mode, LegMode) or part.mode is LegMode.CASH:
+            raise InvalidRequest(f"voucher part {leg_no}: mode must be a voucher mode (a "
+                                 f"LegMode), not {shown(part.mode)}")
+        check_optional_id(part.hold_id, f"voucher part {leg_no} hold_id")
+    return request
+
+
 def build_order(
     request: PaymentRequest,
     *,
@@ -520,35 +575,24 @@ def build_order(
     now_ms: int,
     accounts: Mapping[str, AccountUnit],
     policy: OrderPolicy,
+    currencies: Mapping[str, int] = ISO_4217,
 ) -> PaymentOrder:
     """Validate ``request`` and build its order in ACCEPTED; raise a typed error if invalid.
 
     ``accounts`` gives the unit of every voucher account the request names; a missing one is
-    the caller's ``UnknownAccount`` to raise before calling this.
+    the caller's ``UnknownAccount`` to raise before calling this. ``currencies``: the
+    engine's currency table (an order in a currency it does not know is ``InvalidRequest``).
     """
-    for name in ("merchant_id", "merchant_order_no", "user_id", "title"):
-        value = getattr(request, name)
-        if not isinstance(value, str) or not value or len(value) > 128:
-            raise InvalidRequest(f"{name} must be a non-empty string of at most 128 characters")
+    check_request(request, policy=policy, currencies=currencies)
     assert ":" not in payment_serial, (
         f"payment serial {payment_serial!r}: an IdSource must not use ':', which separates a "
         "refund id (made from the serial) from its part in journal entries")
-    currency = check_unit(request.currency)
-    total = check_amount(request.total_minor, "total_minor")
+    currency = request.currency
+    total = request.total_minor
     window = policy.pay_window_ms if request.pay_window_ms is None else request.pay_window_ms
-    if isinstance(window, bool) or not isinstance(window, int) or not (
-        0 < window <= policy.pay_window_ms_max
-    ):
-        raise InvalidRequest(f"pay_window_ms must be 1..{policy.pay_window_ms_max}, got {window!r}")
-    if request.cash is None and not request.vouchers:
-        raise InvalidRequest("a payment needs a cash part or at least one voucher part")
-    if len(request.vouchers) + 1 > policy.legs_max:
-        raise InvalidRequest(f"at most {policy.legs_max - 1} voucher parts")
     legs: list[Leg] = []
     if request.cash is not None:
-        cash_amount = check_amount(request.cash.amount_minor, "cash amount_minor")
-        if not isinstance(request.cash.channel, str) or not request.cash.channel:
-            raise InvalidRequest("the cash part needs a channel name")
+        cash_amount = request.cash.amount_minor
         legs.append(
             Leg(0, LegMode.CASH, None, cash_amount, currency, cash_amount, None,
                 channel=request.cash.channel)
@@ -610,9 +654,7 @@ def _voucher_leg(
     accounts: Mapping[str, AccountUnit],
     seen_accounts: set[str],
 ) -> Leg:
-    if part.mode is LegMode.CASH or not isinstance(part.mode, LegMode):
-        raise InvalidRequest(f"voucher part {leg_no}: mode must be a voucher mode, not {part.mode!r}")
-    amount = check_amount(part.amount, f"voucher part {leg_no} amount")
+    amount = part.amount  # checked by check_request, like the mode and the hold id
     if part.account_id in seen_accounts:
         raise InvalidRequest(f"account {part.account_id} appears in two parts; merge them")
     seen_accounts.add(part.account_id)
@@ -1779,13 +1821,7 @@ def _request_refund(d: _Draft, request: RequestRefund) -> str:
     leaves nothing half-returned. Raises (order untouched) for a bad or excessive request.
     """
     order = d.order
-    no = request.refund_no
-    if not isinstance(no, str) or not no or len(no) > 128 or no.startswith(SECOND_CHARGE_PREFIX):
-        raise InvalidRequest("refund_no must be a non-empty string of at most 128 characters, "
-                             f"not starting with {SECOND_CHARGE_PREFIX!r}")
-    amount = check_amount(request.amount_minor, "refund amount_minor")
-    if not isinstance(request.reason, str) or len(request.reason) > 256:
-        raise InvalidRequest("reason must be a string of at most 256 characters")
+    no, amount = check_refund_request(request)
     existing = order.refund(refund_no=no)
     merchant_refunds = sum(1 for r in order.refunds if r.kind is RefundKind.MERCHANT)
     if existing is not None:
@@ -1818,6 +1854,19 @@ def _request_refund(d: _Draft, request: RequestRefund) -> str:
     if first_cash:
         _arm_refund_query(d, attempt=0)
     return "applied"
+
+
+def check_refund_request(request: RequestRefund) -> tuple[str, int]:
+    """``(refund_no, amount_minor)`` if the request is well formed; a typed error if not.
+    The shell calls it before asking the order's actor, the core again when deciding."""
+    no = check_id(request.refund_no, "refund_no")
+    if no.startswith(SECOND_CHARGE_PREFIX):
+        raise InvalidRequest(f"refund_no must be an id not starting with "
+                             f"{SECOND_CHARGE_PREFIX!r}: those name the engine's own refunds "
+                             "of second charges")
+    amount = check_amount(request.amount_minor, "refund amount_minor")
+    check_text(request.reason, "reason", REASON_MAX)
+    return no, amount
 
 
 def _allocate(order: PaymentOrder, amount: int, *, over_refund: bool) -> tuple[RefundPart, ...]:

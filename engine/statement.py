@@ -17,7 +17,9 @@ Format (UTF-8, a header row, then one line per charge or refund)::
 ``out_trade_no`` is the engine's payment serial (what the channel knows the payment by).
 ``amount`` is in major units with exactly the currency's minor digits ("96.00" for CNY,
 "96" for JPY): a statement that says "96.0" or "96.001" was not written by the channel's
-rules, and guessing what it meant is how money goes missing, so it is refused.
+rules, and guessing what it meant is how money goes missing, so it is refused. The digits
+come from the engine's currency table (``engine.currency``: ISO 4217 plus
+``EngineConfig.currencies``); a line in a currency the table does not know is refused too.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
+from payengine.engine.checks import check_id
 from payengine.engine.codes import CodeTable, ResultKind
+from payengine.engine.currency import ISO_4217, describe, format_minor, minor_digits
 from payengine.engine.errors import InvalidRequest
 from payengine.engine.money import AMOUNT_MAX
 from payengine.engine.order import (
@@ -61,14 +65,6 @@ STATEMENT_CODE = "STATEMENT"
 ABSENT_CODE = "ABSENT_FROM_STATEMENT"
 """The code of the failure fed for an order the channel's statement does not know."""
 
-MINOR_DIGITS: Mapping[str, int] = {
-    **dict.fromkeys(("BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF",
-                     "UGX", "UYI", "VND", "VUV", "XAF", "XOF", "XPF"), 0),
-    **dict.fromkeys(("BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"), 3),
-}
-"""ISO 4217 currencies whose minor unit is not a hundredth; every other one has 2 digits."""
-
-_ID_MAX = 128
 _CURRENCY = re.compile(r"[A-Z]{3}", re.ASCII)
 _TIME = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,3}))?"
@@ -146,15 +142,21 @@ class StatementLine:
 # --------------------------------------------------------------------------- amounts, times
 
 
-def minor_digits(currency: str) -> int:
-    return MINOR_DIGITS.get(currency, 2)
+def _digits(currency: str, currencies: Mapping[str, int], line_no: int | None) -> int:
+    """The currency's minor digits; a currency the table does not know is a bad line (its
+    amount cannot be read, and no order can be in it)."""
+    try:
+        return minor_digits(currency, currencies)
+    except InvalidRequest as error:
+        raise StatementError(error.message, line_no) from None
 
 
-def parse_amount(text: str, currency: str, line_no: int | None = None) -> int:
+def parse_amount(text: str, currency: str, line_no: int | None = None,
+                 currencies: Mapping[str, int] = ISO_4217) -> int:
     """``"96.00"`` CNY -> 9600. Exactly the currency's minor digits, no sign, no exponent,
     no leading zeros, positive, at most ``AMOUNT_MAX``; anything else is a ``StatementError``.
     Integer arithmetic only: a float never holds money here, not even for a moment."""
-    digits = minor_digits(currency)
+    digits = _digits(currency, currencies, line_no)
     frac = rf"\.([0-9]{{{digits}}})" if digits else "()"
     match = re.fullmatch(rf"(0|[1-9][0-9]{{0,{_AMOUNT_INT_DIGITS}}}){frac}", text, re.ASCII)
     if match is None:
@@ -169,13 +171,10 @@ def parse_amount(text: str, currency: str, line_no: int | None = None) -> int:
     return amount
 
 
-def format_amount(amount_minor: int, currency: str) -> str:
+def format_amount(amount_minor: int, currency: str,
+                  currencies: Mapping[str, int] = ISO_4217) -> str:
     """9600, CNY -> ``"96.00"``: the inverse of ``parse_amount``."""
-    digits = minor_digits(currency)
-    if digits == 0:
-        return str(amount_minor)
-    whole, minor = divmod(amount_minor, 10**digits)
-    return f"{whole}.{minor:0{digits}d}"
+    return format_minor(amount_minor, _digits(currency, currencies, None))
 
 
 def _days_from_civil(year: int, month: int, day: int) -> int:
@@ -237,19 +236,21 @@ def format_time(time_ms: int) -> str:
 
 
 def _check_id(value: object, what: str, line_no: int | None) -> None:
-    if not isinstance(value, str) or not value or len(value) > _ID_MAX or any(
-        ord(c) < 0x20 or ord(c) == 0x7F for c in value
-    ):
-        raise StatementError(f"{what} must be 1..{_ID_MAX} printable characters, got {value!r}",
-                             line_no or None)
+    """The engine's rule for ids (``engine.checks.check_id``), naming the line."""
+    try:
+        check_id(value, what)
+    except InvalidRequest as error:
+        raise StatementError(error.message, line_no or None) from None
 
 
 # --------------------------------------------------------------------------- parsing
 
 
-def iter_statement(lines: Iterable[str]) -> Iterator[StatementLine]:
+def iter_statement(lines: Iterable[str], currencies: Mapping[str, int] = ISO_4217
+                   ) -> Iterator[StatementLine]:
     """Parse a statement lazily from its lines (a file opened with ``newline=""``, or
     ``io.StringIO(text, newline="")``). Raises ``StatementError`` at the first bad line.
+    ``currencies``: the engine's currency table (code -> minor digits).
 
     Lazy so that a million-line file is validated in one pass of bounded memory; callers
     that apply lines validate the whole file first (``scan``), since nothing may be applied
@@ -279,12 +280,13 @@ def iter_statement(lines: Iterable[str]) -> Iterator[StatementLine]:
             if count > MAX_LINES:
                 raise StatementError(f"more than {MAX_LINES} lines; split the statement",
                                      reader.line_num)
-            yield _line(row, index, reader.line_num)
+            yield _line(row, index, reader.line_num, currencies)
     except csv.Error as error:
         raise StatementError(f"not valid CSV: {error}", reader.line_num) from None
 
 
-def _line(row: list[str], index: Mapping[str, int], line_no: int) -> StatementLine:
+def _line(row: list[str], index: Mapping[str, int], line_no: int,
+          currencies: Mapping[str, int]) -> StatementLine:
     if len(row) != len(index):
         raise StatementError(f"{len(row)} fields, the header has {len(index)}", line_no)
 
@@ -302,15 +304,17 @@ def _line(row: list[str], index: Mapping[str, int], line_no: int) -> StatementLi
     return StatementLine(
         channel=field("channel"), channel_txn_id=field("channel_txn_id"),
         out_trade_no=field("out_trade_no"),
-        amount_minor=parse_amount(field("amount"), currency, line_no), currency=currency,
+        amount_minor=parse_amount(field("amount"), currency, line_no, currencies),
+        currency=currency,
         status=status, time_ms=parse_time(field("time"), line_no),
         refund_id=field("refund_id") or None, line_no=line_no,
     )
 
 
-def parse_statement(text: str) -> list[StatementLine]:
+def parse_statement(text: str, currencies: Mapping[str, int] = ISO_4217
+                    ) -> list[StatementLine]:
     """Parse a whole statement held in memory (tests, small files)."""
-    return list(iter_statement(io.StringIO(text, newline="")))
+    return list(iter_statement(io.StringIO(text, newline=""), currencies))
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,14 +344,16 @@ def scan(lines: Iterable[StatementLine]) -> StatementSummary:
     return StatementSummary(count, frozenset(channels), first, last)
 
 
-def render_statement(lines: Iterable[StatementLine]) -> str:
+def render_statement(lines: Iterable[StatementLine],
+                     currencies: Mapping[str, int] = ISO_4217) -> str:
     """Write lines as statement CSV text (with the optional ``refund_id`` column)."""
     out = io.StringIO(newline="")
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(COLUMNS)
     for line in lines:
         writer.writerow([line.channel, line.channel_txn_id, line.out_trade_no,
-                         format_amount(line.amount_minor, line.currency), line.currency,
+                         format_amount(line.amount_minor, line.currency, currencies),
+                         line.currency,
                          line.status.value, format_time(line.time_ms), line.refund_id or ""])
     return out.getvalue()
 
@@ -509,18 +515,20 @@ class Judgement:
     later import tries it again (feeding is idempotent) instead of calling it a repeat."""
 
 
-def judge(line: StatementLine, order: OrderSnapshot | None) -> Judgement:
-    """What ``line`` means for ``order`` (the order with the line's serial, or ``None``)."""
+def judge(line: StatementLine, order: OrderSnapshot | None,
+          currencies: Mapping[str, int] = ISO_4217) -> Judgement:
+    """What ``line`` means for ``order`` (the order with the line's serial, or ``None``).
+    ``currencies`` only says how amounts are written in the detail."""
     if line.status is LineStatus.REFUND:
-        return _judge_refund(line, order)
+        return _judge_refund(line, order, currencies)
     if order is None:
         return Judgement(Verdict.UNKNOWN_ORDER, f"no order with serial {line.out_trade_no}")
     if order.cash_status is None or order.channel != line.channel:
         paid_by = "no cash part" if order.cash_status is None else f"channel {order.channel}"
         return Judgement(Verdict.UNKNOWN_ORDER,
                          f"order {order.order_id} pays by {paid_by}, not {line.channel}")
-    asked = f"{format_amount(order.cash_amount_minor or 0, order.currency)} {order.currency}"
-    said = f"{format_amount(line.amount_minor, line.currency)} {line.currency}"
+    asked = describe(order.cash_amount_minor or 0, order.currency, currencies)
+    said = describe(line.amount_minor, line.currency, currencies)
     if line.currency != order.currency:
         # Not fed: the core compares amounts, not currencies, and would take it as paid.
         return Judgement(Verdict.AMOUNT_MISMATCH, f"statement says {said}, order asked {asked}; "
@@ -570,7 +578,8 @@ def judge(line: StatementLine, order: OrderSnapshot | None) -> Judgement:
 _TERMINAL_ENDS = frozenset({OrderState.CLOSED, OrderState.FAILED, OrderState.SUCCEEDED})
 
 
-def _judge_refund(line: StatementLine, order: OrderSnapshot | None) -> Judgement:
+def _judge_refund(line: StatementLine, order: OrderSnapshot | None,
+                  currencies: Mapping[str, int]) -> Judgement:
     refund_id = line.refund_id
     assert refund_id is not None
     if order is None or order.channel != line.channel:
@@ -579,9 +588,9 @@ def _judge_refund(line: StatementLine, order: OrderSnapshot | None) -> Judgement
     refund = order.refund(refund_id)
     if refund is None:
         return Judgement(Verdict.UNKNOWN_REFUND, f"order {order.order_id} has no refund {refund_id}")
-    said = f"{format_amount(line.amount_minor, line.currency)} {line.currency}"
+    said = describe(line.amount_minor, line.currency, currencies)
     if line.currency != order.currency or line.amount_minor != refund.amount_minor:
-        asked = f"{format_amount(refund.amount_minor, order.currency)} {order.currency}"
+        asked = describe(refund.amount_minor, order.currency, currencies)
         return Judgement(Verdict.AMOUNT_MISMATCH, f"refund {refund_id}: statement says {said}, "
                          f"the engine asked {asked}; flagged, nothing changed")
     match refund.state:

@@ -415,13 +415,18 @@ class Store:
 
     # ------------------------------------------------------------------ ledger
 
-    def ledger_balances(self, order_id: str | None = None) -> dict[str, int]:
-        """Balance of every ledger account (of one order's postings if ``order_id``)."""
+    def ledger_balances(self, order_id: str | None = None) -> dict[str, dict[str, int]]:
+        """``{currency: {account: minor}}`` of every ledger account (of one order's postings
+        if ``order_id``). Amounts of two currencies are never added together."""
         where, args = ("WHERE order_id = ?", (order_id,)) if order_id else ("", ())
         with self._read(snapshot=False) as conn:
-            rows = conn.execute(f"SELECT account, SUM(amount_minor) FROM ledger {where}"
-                                " GROUP BY account ORDER BY account", args).fetchall()
-        return {str(account): int(total) for account, total in rows}
+            rows = conn.execute(f"SELECT currency, account, SUM(amount_minor) FROM ledger {where}"
+                                " GROUP BY currency, account ORDER BY currency, account",
+                                args).fetchall()
+        balances: dict[str, dict[str, int]] = {}
+        for currency, account, total in rows:
+            balances.setdefault(str(currency), {})[str(account)] = int(total)
+        return balances
 
     def unbalanced_postings(self, limit: int = 100) -> list[tuple[str, int]]:
         """Postings whose entries do not sum to zero (none, unless there is a bug)."""

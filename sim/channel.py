@@ -324,7 +324,8 @@ class SimulatedChannel:
     def _reply(self, payment: SimPayment) -> ChannelReply:
         # the trade's own amount, as a real channel reports it (not the sum of a double charge)
         amount = payment.amount_minor if payment.state == "SUCCESS" else None
-        return ChannelReply("SUCCESS", payment.state, payment.txn_id, amount)
+        # a trade closed before it was paid has no transaction id: None, not ""
+        return ChannelReply("SUCCESS", payment.state, payment.txn_id or None, amount)
 
     def _chance(self, probability: float, kind: str) -> bool:
         hit = probability > 0 and self.rng.random() < probability

@@ -309,7 +309,7 @@ def _check_ledger(store: Store, order: PaymentOrder, report: OracleReport) -> No
     exactly what was paid less what was refunded (no fees in the simulator), or nothing."""
     if not order.is_settled or order.order_id in report.awaiting_reconciliation:
         return
-    balances = store.ledger_balances(order.order_id)
+    balances = store.ledger_balances(order.order_id).get(order.currency, {})
     subject = f"order {order.order_id}"
     if balances.get(TRANSIT, 0) != 0:
         report.violations.append(Violation(

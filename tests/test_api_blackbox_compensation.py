@@ -127,6 +127,11 @@ def balances(engine: Engine, who: str = "alice") -> dict[str, tuple[int, int, in
     return out
 
 
+def cny(ledger: dict[str, dict[str, int]]) -> dict[str, int]:
+    """The CNY balances of ``Engine.ledger_balances`` (none if nothing was posted)."""
+    return ledger.get("CNY", {})
+
+
 def amount_text(minor: int) -> str:
     return f"{minor // 100}.{minor % 100:02d}"
 
@@ -148,7 +153,7 @@ def verdicts(report: object) -> Counter[str]:
 
 def assert_ledger_balanced(engine: Engine) -> None:
     assert not engine.unbalanced_postings()
-    assert sum(engine.ledger_balances().values()) == 0
+    assert all(sum(by_account.values()) == 0 for by_account in engine.ledger_balances().values())
 
 
 # =========================================================================== refunds
@@ -183,7 +188,7 @@ def test_full_refund_goes_cash_first_then_vouchers_and_gives_everything_back(
     assert final.parts == ((0, 9_600, "done"), (1, 100, "done"), (2, 20, "done"),
                            (3, 100, "done"))
     assert balances(engine) == before
-    ledger = engine.ledger_balances(order.order_id)
+    ledger = engine.ledger_balances(order.order_id)["CNY"]
     assert ledger["transit"] == 0
     assert ledger["merchant:station-1"] == 0
     assert all(v == 0 for v in ledger.values()), ledger
@@ -200,7 +205,7 @@ def test_partial_refund_takes_cash_only_and_reduces_the_merchant(
     done = settled(engine, order.order_id)
     assert done.refunded_minor == 3_000
     assert refund_calls(channel) == [("refund", order.payment_serial, refund.refund_id, "3000")]
-    ledger = engine.ledger_balances(order.order_id)
+    ledger = engine.ledger_balances(order.order_id)["CNY"]
     assert ledger["merchant:station-1"] == 7_000
     assert ledger["transit"] == 0
     assert ledger["payer:wechat"] == -6_600
@@ -222,8 +227,8 @@ def test_refund_spilling_over_the_cash_takes_vouchers_in_leg_order(
     assert balances(engine) == {"red-packet": (1_000, 1_000, 0, 0),
                                 "points": (1_000, 1_000, 0, 0),
                                 "phone": (1_000, 905, 0, 95)}
-    assert engine.ledger_balances(order.order_id)["merchant:station-1"] == 95
-    assert engine.ledger_balances(order.order_id)["transit"] == 0
+    assert engine.ledger_balances(order.order_id)["CNY"]["merchant:station-1"] == 95
+    assert engine.ledger_balances(order.order_id)["CNY"]["transit"] == 0
 
 
 def test_points_refund_in_whole_units_only(engine: Engine, channel: ScriptedChannel) -> None:
@@ -241,7 +246,7 @@ def test_points_refund_in_whole_units_only(engine: Engine, channel: ScriptedChan
     signed_refund_callback(engine, "wechat", order.payment_serial, refund.refund_id, REFUND_OK)
     settled(engine, order.order_id)
     assert engine.get_account("alice/points").available == 1_000 - 40 + 1
-    assert engine.ledger_balances(order.order_id)["merchant:station-1"] == 390
+    assert engine.ledger_balances(order.order_id)["CNY"]["merchant:station-1"] == 390
 
 
 def test_refund_is_idempotent_by_refund_no(engine: Engine, channel: ScriptedChannel) -> None:
@@ -274,14 +279,14 @@ def test_over_refund_refused_and_state_untouched(engine: Engine, channel: Script
         engine.refund(order.order_id, "too-much", 10_001)
     engine.refund(order.order_id, "a", 6_000)
     journal = list(engine.journal(order.order_id))
-    ledger = engine.ledger_balances(order.order_id)
+    ledger = engine.ledger_balances(order.order_id)["CNY"]
     with pytest.raises(RefundRefused):
         engine.refund(order.order_id, "b", 4_001)
     view = engine.get_order(order.order_id)
     assert [r.refund_no for r in view.refunds] == ["a"]
     assert view.refunded_minor == 6_000
     assert list(engine.journal(order.order_id)) == journal
-    assert engine.ledger_balances(order.order_id) == ledger
+    assert engine.ledger_balances(order.order_id)["CNY"] == ledger
     # exactly what is left is fine
     rest = engine.refund(order.order_id, "b-exact", 4_000)
     assert rest.amount_minor == 4_000
@@ -355,7 +360,7 @@ def test_racing_refunds_never_exceed_what_was_paid(engine: Engine, channel: Scri
         signed_refund_callback(engine, "wechat", order.payment_serial, r.refund_id, REFUND_OK)
     done = settled(engine, order.order_id)
     assert all(r.status == "succeeded" for r in done.refunds)
-    ledger = engine.ledger_balances(order.order_id)
+    ledger = engine.ledger_balances(order.order_id)["CNY"]
     assert ledger["merchant:station-1"] == 0 and ledger["transit"] == 0
     assert all(v == 0 for v in ledger.values()), ledger
     assert balances(engine)["points"] == (1_000, 1_000, 0, 0)
@@ -386,7 +391,7 @@ def test_racing_retries_of_one_refund_no_make_one_refund(engine: Engine,
     signed_refund_callback(engine, "wechat", order.payment_serial, got[0], REFUND_OK)
     settled(engine, order.order_id)
     assert {c[2] for c in refund_calls(channel)} == {got[0]}
-    assert engine.ledger_balances(order.order_id)["merchant:station-1"] == 5_000
+    assert engine.ledger_balances(order.order_id)["CNY"]["merchant:station-1"] == 5_000
 
 
 def test_duplicated_and_late_refund_callbacks_change_nothing(
@@ -407,7 +412,7 @@ def test_duplicated_and_late_refund_callbacks_change_nothing(
     after = settled(engine, order.order_id)
     assert after.refund("r").status == "succeeded"  # type: ignore[union-attr]
     assert (balances(engine), engine.ledger_balances(), after.refunded_minor) == snapshot
-    assert engine.ledger_balances(order.order_id)["merchant:station-1"] == 300
+    assert engine.ledger_balances(order.order_id)["CNY"]["merchant:station-1"] == 300
     assert_ledger_balanced(engine)
 
 
@@ -426,7 +431,7 @@ def test_refund_closed_by_the_channel_gives_nothing_and_frees_the_amount(
     view = settled(engine, order.order_id)
     assert view.refunded_minor == 0
     assert balances(engine)["points"] == (1_000, 980, 0, 20)  # vouchers not given back
-    assert engine.ledger_balances(order.order_id)["merchant:station-1"] == 10_000
+    assert engine.ledger_balances(order.order_id)["CNY"]["merchant:station-1"] == 10_000
     # the amount may be asked again under a new refund_no
     again = engine.refund(order.order_id, "r2", 10_000)
     assert again.refund_id != refund.refund_id
@@ -434,7 +439,7 @@ def test_refund_closed_by_the_channel_gives_nothing_and_frees_the_amount(
     wait_for(lambda: refund_of(engine, order.order_id, "r2").status == "succeeded", T)
     done = settled(engine, order.order_id)
     assert done.refunded_minor == 10_000
-    assert engine.ledger_balances(order.order_id)["merchant:station-1"] == 0
+    assert engine.ledger_balances(order.order_id)["CNY"]["merchant:station-1"] == 0
     assert balances(engine)["points"] == (1_000, 1_000, 0, 0)
 
 
@@ -445,7 +450,7 @@ def test_refund_refused_synchronously_by_the_channel_is_failed(
     engine.refund(order.order_id, "r1", 4_000)
     assert refund_settled(engine, order.order_id, "r1").status == "failed"
     assert engine.get_order(order.order_id).refunded_minor == 0
-    assert engine.ledger_balances(order.order_id)["merchant:station-1"] == 10_000
+    assert engine.ledger_balances(order.order_id)["CNY"]["merchant:station-1"] == 10_000
 
 
 # =========================================================================== ledger
@@ -453,7 +458,7 @@ def test_refund_refused_synchronously_by_the_channel_is_failed(
 
 def test_ledger_of_a_succeeded_order_pays_the_merchant_the_total(engine: Engine) -> None:
     order = paid_order(engine)
-    ledger = engine.ledger_balances(order.order_id)
+    ledger = engine.ledger_balances(order.order_id)["CNY"]
     assert ledger == {"merchant:station-1": 10_000, "payer:wechat": -9_600, "transit": 0,
                       "vouchers:alice/phone": -100, "vouchers:alice/points": -200,
                       "vouchers:alice/red-packet": -100}
@@ -466,7 +471,7 @@ def test_failed_order_leaves_nothing_with_the_merchant(engine: Engine,
     signed_callback(engine, "wechat", order.payment_serial, PAY_FAILED)
     done = settled(engine, order.order_id)
     assert done.state == "failed"
-    ledger = engine.ledger_balances(order.order_id)
+    ledger = cny(engine.ledger_balances(order.order_id))
     assert ledger.get("merchant:station-1", 0) == 0
     assert ledger.get("transit", 0) == 0
     assert balances(engine)["points"] == (1_000, 1_000, 0, 0)
@@ -494,7 +499,7 @@ def test_success_after_close_is_refunded_and_never_reaches_the_merchant(
     assert done.state == "closed"
     assert done.legs[0].status == "refunded"
     assert done.refunded_minor == 0  # not a merchant refund
-    ledger = engine.ledger_balances(order.order_id)
+    ledger = engine.ledger_balances(order.order_id)["CNY"]
     assert ledger.get("merchant:station-1", 0) == 0
     assert ledger.get("transit", 0) == 0
     assert ledger.get("payer:wechat", 0) == 0
@@ -523,10 +528,10 @@ def test_second_charge_is_refunded_whole_without_using_the_refundable_amount(
     # the merchant may still refund everything
     full = engine.refund(order.order_id, "m-full", 10_000)
     assert full.amount_minor == 10_000
-    assert engine.ledger_balances(order.order_id)["transit"] >= 0
+    assert engine.ledger_balances(order.order_id)["CNY"]["transit"] >= 0
     signed_refund_callback(engine, "wechat", order.payment_serial, full.refund_id, REFUND_OK)
     settled(engine, order.order_id)
-    ledger = engine.ledger_balances(order.order_id)
+    ledger = engine.ledger_balances(order.order_id)["CNY"]
     assert ledger["merchant:station-1"] == 0 and ledger["transit"] == 0
     assert_ledger_balanced(engine)
 
@@ -577,7 +582,7 @@ def test_reconciliation_matches_resolves_and_flags(tmp_path: Path) -> None:
         mm = engine.get_order(mismatch.order_id)
         assert mm.state != "succeeded"
         assert mm.legs[0].status == "unknown"
-        assert engine.ledger_balances(mismatch.order_id).get("merchant:station-1", 0) == 0
+        assert cny(engine.ledger_balances(mismatch.order_id)).get("merchant:station-1", 0) == 0
         # the charged closed order is refunded by the original route, stays closed
         wait_for(lambda: any(c[1] == closed.payment_serial for c in refund_calls(channel)), T)
         c = [c for c in refund_calls(channel) if c[1] == closed.payment_serial]
@@ -586,7 +591,7 @@ def test_reconciliation_matches_resolves_and_flags(tmp_path: Path) -> None:
         assert closed_view.state == "closed"
         assert closed_view.legs[0].status == "refunding"
         assert closed_view.legs[0].refund_id == c[0][2]
-        assert engine.ledger_balances(closed.order_id).get("merchant:station-1", 0) == 0
+        assert cny(engine.ledger_balances(closed.order_id)).get("merchant:station-1", 0) == 0
 
         # importing the same statement again changes nothing
         snapshot = ([engine.get_order(o.order_id) for o in (matched, waiting, mismatch, closed)],
@@ -611,7 +616,7 @@ def test_amount_mismatch_is_never_a_success(tmp_path: Path) -> None:
         assert view.state == "needs_reconciliation"
         assert view.legs[0].status == "unknown"
         assert balances(engine)["points"][3] == 0  # nothing spent
-        assert engine.ledger_balances(order.order_id).get("merchant:station-1", 0) == 0
+        assert cny(engine.ledger_balances(order.order_id)).get("merchant:station-1", 0) == 0
     finally:
         engine.shutdown()
 
@@ -660,7 +665,7 @@ def test_reconciliation_from_a_path_and_refund_line(tmp_path: Path) -> None:
         assert counts["REFUND_RESOLVED"] + counts["REFUND_MATCHED"] == 1
         assert refund_settled(engine, order.order_id, "r1").status == "succeeded"
         settled(engine, order.order_id)
-        assert engine.ledger_balances(order.order_id)["merchant:station-1"] == 8_000
+        assert engine.ledger_balances(order.order_id)["CNY"]["merchant:station-1"] == 8_000
         assert len(refund_calls(channel)) == 1
     finally:
         engine.shutdown()
@@ -719,7 +724,7 @@ def test_unknown_refund_counts_as_refunded_and_is_resent_by_reconciliation(
                                       REFUND_OK)
         wait_for(lambda: refund_of(engine, order.order_id, "r1").status == "succeeded", T)
         settled(engine, order.order_id)
-        ledger = engine.ledger_balances(order.order_id)
+        ledger = engine.ledger_balances(order.order_id)["CNY"]
         assert ledger["merchant:station-1"] == 4_000 and ledger["transit"] == 0
         assert_ledger_balanced(engine)
     finally:
@@ -755,7 +760,7 @@ def test_statement_second_charge_and_missing_and_expired_orders(tmp_path: Path) 
         assert gone.state in ("failed", "closed")
         assert gone.legs[0].status == "unpaid"
         assert engine.get_account("alice/points").held == 0
-        assert engine.ledger_balances(expired.order_id).get("merchant:station-1", 0) == 0
+        assert cny(engine.ledger_balances(expired.order_id)).get("merchant:station-1", 0) == 0
     finally:
         engine.shutdown()
 

@@ -170,6 +170,21 @@ def test_money_prints_as_whole_and_two_minor_digits(amount: int, text: str) -> N
     assert str(Money(amount, "CNY")) == text
 
 
+@pytest.mark.parametrize(
+    ("amount", "currency", "text"),
+    [(96, "JPY", "96 JPY"), (1_005, "KWD", "1.005 KWD"), (12_345, "CLF", "1.2345 CLF"),
+     (5, "BHD", "0.005 BHD"), (9_600, "USD", "96.00 USD"), (100, "VND", "100 VND")],
+)
+def test_money_prints_with_its_currency_minor_digits(amount: int, currency: str,
+                                                      text: str) -> None:
+    """Yen have no minor unit and dinars three: 96 JPY is not "0.96 JPY"."""
+    assert str(Money(amount, currency)) == text
+
+
+def test_money_in_a_code_the_table_does_not_know_prints_its_minor_units() -> None:
+    assert str(Money(9_600, "XXZ")) == "9600 minor units of XXZ"
+
+
 def test_a_money_voucher_is_worth_its_face_value_in_its_own_currency() -> None:
     assert value_in_minor(100, "CNY", None, "CNY") == 100
 

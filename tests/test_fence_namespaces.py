@@ -253,7 +253,7 @@ def test_order_ids_with_a_colon_pay_and_refund(tmp_path: Path) -> None:
         assert order.refunded_minor == 10_000
         for account in accounts:
             assert _balances(engine, account) == (FUNDED, FUNDED, 0, 0)
-        assert engine.ledger_balances(receipt.order_id).get("transit", 0) == 0
+        assert engine.ledger_balances(receipt.order_id)["CNY"].get("transit", 0) == 0
     finally:
         engine.shutdown()
 

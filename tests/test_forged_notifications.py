@@ -20,7 +20,7 @@ from payengine import (
     ChannelReply,
     Engine,
     EngineConfig,
-    InvalidRequest,
+    InvalidAmount,
     NotificationKind,
     NotificationRejected,
     OrderPolicy,
@@ -121,7 +121,7 @@ def test_a_float_amount_in_a_reply_is_a_typed_error_and_changes_nothing(
         engine: Engine, wechat: ScriptedChannel) -> None:
     order_id = paying(engine, "o1")
     serial = serial_of(engine, order_id)
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(InvalidAmount):
         engine.handle_callback("wechat", serial,
                                ChannelReply("SUCCESS", "SUCCESS", "x", 1000.0))  # type: ignore[arg-type]
     assert engine.get_order(order_id).state == "paying"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from payengine import ChannelReply, Engine, EngineConfig
+from payengine import CashPart, ChannelReply, Engine, EngineConfig, PaymentRequest
 from tests.helpers import (
     ScriptedChannel,
     fuel_request,
@@ -34,13 +34,14 @@ def test_a_paid_order_moves_every_leg_through_transit_to_the_merchant_less_the_f
     try:
         fund_customer(engine)
         receipt = paid_order(engine)
-        assert nonzero(engine.ledger_balances(receipt.order_id)) == {
+        assert nonzero(engine.ledger_balances(receipt.order_id)["CNY"]) == {
             "payer:wechat": -9_600, "vouchers:alice/red-packet": -100,
             "vouchers:alice/points": -200, "vouchers:alice/phone": -100,
             "merchant:station-1": 10_000 - 58, "fees:wechat": 58,
         }
-        assert engine.ledger_balances(receipt.order_id)["transit"] == 0
-        assert sum(engine.ledger_balances().values()) == 0
+        assert engine.ledger_balances(receipt.order_id)["CNY"]["transit"] == 0
+        assert list(engine.ledger_balances()) == ["CNY"]
+        assert sum(engine.ledger_balances()["CNY"].values()) == 0
         assert engine.unbalanced_postings() == []
     finally:
         engine.shutdown()
@@ -55,7 +56,7 @@ def test_a_success_after_the_close_is_refunded_from_transit_and_never_reaches_th
     engine.close(receipt.order_id)
     signed_callback(engine, "wechat", receipt.payment_serial, paid_reply(receipt.payment_serial))
     wait_for(lambda: engine.get_order(receipt.order_id).settled, what="refunded")
-    balances = engine.ledger_balances(receipt.order_id)
+    balances = engine.ledger_balances(receipt.order_id)["CNY"]
     assert "merchant:station-1" not in balances
     assert nonzero(balances) == {}
     entries = engine.store.ledger_entries(receipt.order_id)
@@ -73,8 +74,33 @@ def test_refunds_take_from_the_merchant_and_give_back_to_payer_and_vouchers(
     signed_callback(engine, "wechat", receipt.payment_serial,
                            ChannelReply("SUCCESS", "SUCCESS", "TX2", 9_600))
     wait_for(lambda: engine.get_order(receipt.order_id).settled, what="refunds done")
-    assert nonzero(engine.ledger_balances(receipt.order_id)) == {
+    assert nonzero(engine.ledger_balances(receipt.order_id)["CNY"]) == {
         "merchant:station-1": 300, "vouchers:alice/points": -200,
         "vouchers:alice/phone": -100,
     }
+    assert engine.unbalanced_postings() == []
+
+
+def _pay_cash(engine: Engine, no: str, currency: str, amount_minor: int) -> str:
+    receipt = engine.submit(PaymentRequest(
+        merchant_id="station-1", merchant_order_no=no, user_id="bob", currency=currency,
+        total_minor=amount_minor, title="Fuel", cash=CashPart(amount_minor, "wechat")))
+    wait_for(lambda: engine.get_order(receipt.order_id).state == "paying", what="paying")
+    signed_callback(engine, "wechat", receipt.payment_serial,
+                           ChannelReply("SUCCESS", "SUCCESS", f"TX-{no}", amount_minor))
+    wait_for(lambda: engine.get_order(receipt.order_id).settled, what="paid")
+    return receipt.order_id
+
+
+def test_balances_of_two_currencies_are_kept_apart(engine: Engine) -> None:
+    """96.00 CNY and 96 JPY are not 192 of anything: each currency has its own balances,
+    and in each they sum to zero."""
+    cny_order = _pay_cash(engine, "cny-1", "CNY", 9_600)
+    jpy_order = _pay_cash(engine, "jpy-1", "JPY", 96)
+    paid = {"payer:wechat": -9_600, "merchant:station-1": 9_600, "transit": 0}
+    assert engine.ledger_balances() == {
+        "CNY": paid, "JPY": {"payer:wechat": -96, "merchant:station-1": 96, "transit": 0}}
+    assert engine.ledger_balances(cny_order) == {"CNY": paid}
+    assert engine.ledger_balances(jpy_order) == {
+        "JPY": {"payer:wechat": -96, "merchant:station-1": 96, "transit": 0}}
     assert engine.unbalanced_postings() == []

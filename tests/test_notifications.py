@@ -26,6 +26,7 @@ from payengine.actors.notifier import (
     Subscriber,
     verify_signature,
 )
+from payengine.persistence import outbox as outbox_store
 from payengine.sim.runtime import Scheduler, SimRuntime
 from tests.helpers import SLOW_POLICY, ScriptedChannel, paid_reply, signed_callback, wait_for
 
@@ -95,8 +96,18 @@ def all_ids(engine: Engine) -> set[str]:
 
 
 def test_every_subscriber_gets_every_event_in_outbox_order(
-    tmp_path: Path, channel: ScriptedChannel
+    tmp_path: Path, channel: ScriptedChannel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A subscriber's cursor is saved after it took the batch, so "got every event" does not
+    yet mean "cursor saved": wait for the cursors themselves. The save is slowed down here so
+    that reading the cursors too early fails every time, not one run in fifty."""
+    save_cursor = outbox_store.save_cursor
+
+    def slow_save_cursor(*args: Any, **kwargs: Any) -> None:
+        time.sleep(0.05)
+        save_cursor(*args, **kwargs)
+
+    monkeypatch.setattr(outbox_store, "save_cursor", slow_save_cursor)
     recorders = {name: Recorder() for name in CONSUMERS}
     engine = open_with(tmp_path / "subs.db", channel, subscribers=dict(recorders))
     try:
@@ -108,9 +119,16 @@ def test_every_subscriber_gets_every_event_in_outbox_order(
             wait_for(lambda r=recorder: r.ids() == expected, what=f"{name} got every event")
             seqs = [e.seq for e in recorder.got]
             assert seqs == sorted(seqs), f"{name} got events out of order"
-        cursors = engine.notifications.cursors()
         last = max(e.seq for e in engine.notifications.events())
-        assert all(cursors[name].seq == last and cursors[name].attempts == 0 for name in CONSUMERS)
+
+        def every_cursor_saved_at_last() -> bool:
+            cursors = engine.notifications.cursors()
+            return all(name in cursors and cursors[name].seq == last for name in CONSUMERS)
+
+        wait_for(every_cursor_saved_at_last, what="every subscriber's cursor saved")
+        cursors = engine.notifications.cursors()
+        assert {name: (cursors[name].seq, cursors[name].attempts) for name in CONSUMERS} == {
+            name: (last, 0) for name in CONSUMERS}
     finally:
         engine.shutdown()
 

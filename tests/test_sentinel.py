@@ -160,8 +160,8 @@ def test_an_unanswered_confirm_outlives_its_schedule_and_lands_when_the_vouchers
     journal = [(j.part, j.from_state, j.to_state) for j in world.engine.journal(order_id)]
     assert ("leg:2", "confirm_unknown", "confirmed") in journal
     # the voucher value reached the merchant once the Confirm landed (the ledger follows)
-    assert world.engine.ledger_balances(order_id)["merchant:station-1"] == 10_000
-    assert world.engine.ledger_balances(order_id).get("transit", 0) == 0
+    assert world.engine.ledger_balances(order_id)["CNY"]["merchant:station-1"] == 10_000
+    assert world.engine.ledger_balances(order_id)["CNY"].get("transit", 0) == 0
 
 
 def test_an_owed_confirm_is_sent_at_once_by_a_reopened_engine(world: World) -> None:

@@ -385,7 +385,7 @@ class EngineMachine(RuleBasedStateMachine):
         payment = self.channel.payments.get(receipt.payment_serial)
         if payment is None:
             return  # the channel was never asked: no notification can exist
-        reply = ChannelReply("SUCCESS", code, payment.txn_id)
+        reply = ChannelReply("SUCCESS", code, payment.txn_id or None)
         before = self._engine.get_order(receipt.order_id).state
         state = self._guarded(lambda: signed_callback(self._engine,
             "wechat", receipt.payment_serial, reply, wait=True))
