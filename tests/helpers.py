@@ -35,6 +35,8 @@ TEST_NOTIFICATIONS = SignedJsonNotifications(TEST_SIGNING_KEY)
 PROCESSING = ChannelReply("SUCCESS", "USERPAYING")
 PAID = ChannelReply("SUCCESS", "SUCCESS", "TX1", None)
 NO_ANSWER = ChannelReply("FAIL", None)
+REFUND_OK = ChannelReply("SUCCESS", "SUCCESS")
+REFUND_CLOSED = ChannelReply("SUCCESS", "REFUNDCLOSE")
 
 
 def paid_reply(payment_serial: str, amount_minor: int | None = None) -> ChannelReply:

@@ -38,6 +38,8 @@ from payengine import (
 )
 from tests.helpers import (
     NO_ANSWER,
+    REFUND_CLOSED,
+    REFUND_OK,
     SLOW_POLICY,
     ScriptedChannel,
     fuel_request,
@@ -50,8 +52,6 @@ from tests.helpers import (
     wait_for,
 )
 
-REFUND_OK = ChannelReply("SUCCESS", "SUCCESS")
-REFUND_CLOSED = ChannelReply("SUCCESS", "REFUNDCLOSE")
 PAY_FAILED = ChannelReply("SUCCESS", "PAYERROR")
 HEADER = "channel,channel_txn_id,out_trade_no,amount,currency,status,time,refund_id\n"
 T = 5.0  # generous polling timeout; every test finishes far below it

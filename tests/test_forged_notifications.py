@@ -29,6 +29,8 @@ from payengine import (
 )
 from tests.helpers import (
     PROCESSING,
+    REFUND_CLOSED,
+    REFUND_OK,
     SLOW_POLICY,
     TEST_NOTIFICATIONS,
     ScriptedChannel,
@@ -38,8 +40,6 @@ from tests.helpers import (
     wait_for,
 )
 
-REFUND_OK = ChannelReply("SUCCESS", "SUCCESS")
-REFUND_CLOSED = ChannelReply("SUCCESS", "REFUNDCLOSE")
 NOT_PAID = ChannelReply("SUCCESS", "NOTPAY")
 
 
