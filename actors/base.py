@@ -19,9 +19,10 @@ from payengine.actors.directory import Directory, Key
 from payengine.actors.messages import Asked
 from payengine.actors.notifier import NotificationConfig
 from payengine.actors.runtime import Runtime, TimerHandle
+from payengine.engine.checks import check_id, check_instance, check_int, check_setting, shown
 from payengine.engine.currency import currency_table
 from payengine.engine.errors import EngineClosed, PaymentError
-from payengine.engine.order import OrderPolicy
+from payengine.engine.order import PLANTABLE_BUGS, OrderPolicy
 from payengine.persistence.store import Store
 
 
@@ -50,6 +51,24 @@ class EngineConfig:
     """ISO 4217 merged with ``currencies`` (``engine.currency.currency_table``); derived."""
 
     def __post_init__(self) -> None:
+        """Settings are input too: a bad one is ``InvalidRequest``, even under ``python -O``."""
+        timeout = self.ask_timeout_s
+        check_setting(not isinstance(timeout, bool) and isinstance(timeout, int | float)
+                      and 0 < timeout <= 3_600, f"ask_timeout_s must be 0..3600 s, got "
+                      f"{shown(timeout)}")
+        day_ms = 24 * 60 * 60 * 1000
+        check_int(self.account_idle_ms, "account_idle_ms", 1, day_ms)
+        check_int(self.live_orders_max, "live_orders_max", 1, 10_000_000)
+        check_int(self.pre_hold_ttl_ms_max, "pre_hold_ttl_ms_max", 1, 7 * day_ms)
+        check_int(self.pre_hold_ttl_ms, "pre_hold_ttl_ms", 1, self.pre_hold_ttl_ms_max)
+        check_int(self.duplicate_guard_window_ms, "duplicate_guard_window_ms", 0, day_ms)
+        check_setting(isinstance(self.fee_ppm, Mapping), "fee_ppm maps channel names to ppm")
+        for channel, ppm in self.fee_ppm.items():
+            check_id(channel, "fee_ppm channel")
+            check_int(ppm, f"fee_ppm[{channel!r}]", 0, 999_999)  # a fee below the payment
+        unknown = set(self.planted_bugs) - PLANTABLE_BUGS
+        check_setting(not unknown, f"unknown planted bugs {sorted(unknown)}")
+        check_instance(self.notifications, NotificationConfig, "notifications")
         # Merged once here (and validated: a bad entry refuses the config, typed), since
         # every submit and every statement line looks currencies up.
         object.__setattr__(self, "currency_table", currency_table(self.currencies))

@@ -23,11 +23,11 @@ import hmac
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from payengine.engine.checks import check_instance, check_optional_id
+from payengine.engine.checks import check_id, check_instance, check_optional_id, shown
 from payengine.engine.codes import CodeTable, ResultKind
-from payengine.engine.errors import NotificationRejected
+from payengine.engine.errors import NotificationRejected, PaymentError
 from payengine.engine.money import check_amount
 from payengine.engine.order import CashResult, RefundResult, ResultSource
 
@@ -224,26 +224,36 @@ def _parse_notification(body: bytes) -> ChannelNotification:
     if not isinstance(data, dict):
         raise NotificationRejected("the notification is not a JSON object", "malformed")
 
-    def text(name: str, *, required: bool = False) -> str | None:
+    def optional(name: str) -> Any:
         value = data.get(name)
-        if value in (None, "") and not required:  # wallets send empty optional fields
-            return None
-        if not isinstance(value, str) or not value or len(value) > 128:
-            raise NotificationRejected(f"notification field {name}: {value!r}", "malformed")
-        return value
+        return None if value == "" else value  # wallets send empty optional fields
 
-    amount = data.get("amount_minor")
-    if amount is not None and (isinstance(amount, bool) or not isinstance(amount, int)
-                               or amount <= 0):
-        raise NotificationRejected(f"notification amount_minor: {amount!r}", "malformed")
     try:
         kind = NotificationKind(str(data.get("kind")))
     except ValueError:
-        raise NotificationRejected(f"notification kind: {data.get('kind')!r}",
+        raise NotificationRejected(f"notification kind: {shown(data.get('kind'))}",
                                    "malformed") from None
-    serial = text("payment_serial", required=True)
-    assert serial is not None
-    refund_id = text("refund_id", required=kind is NotificationKind.REFUND)
-    reply = ChannelReply(text("return_code"), text("result_code"), text("channel_txn_id"),
-                         amount, text("currency"))
-    return ChannelNotification(kind, serial, reply, refund_id)
+    reply = ChannelReply(optional("return_code"), optional("result_code"),
+                         optional("channel_txn_id"), data.get("amount_minor"),
+                         optional("currency"))
+    serial: Any = data.get("payment_serial")  # checked below, with every other field
+    return check_notification(ChannelNotification(kind, serial, reply,
+                                                  optional("refund_id")))
+
+
+def check_notification(notification: object) -> ChannelNotification:
+    """Return what an adapter verified if every field is well formed (ids, codes, a positive
+    int amount, a refund id for a refund), else ``NotificationRejected`` (``malformed``):
+    a signature says who sent it, not that its content is sane."""
+    try:
+        note = check_instance(notification, ChannelNotification, "notification")
+        check_instance(note.kind, NotificationKind, "notification kind")
+        check_id(note.payment_serial, "notification payment_serial")
+        if note.kind is NotificationKind.REFUND:
+            check_id(note.refund_id, "notification refund_id")
+        else:
+            check_optional_id(note.refund_id, "notification refund_id")
+        check_reply(note.reply, "notification")
+    except PaymentError as error:
+        raise NotificationRejected(error.message, "malformed") from None
+    return note

@@ -9,6 +9,7 @@ the engine's truth, and never touch the channel.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -18,10 +19,10 @@ from payengine.actors.account_actor import AccountBehaviour
 from payengine.actors.base import ActorBehaviour, Context, EngineConfig
 from payengine.actors.channel import (
     Channel,
-    ChannelNotification,
     ChannelReply,
     NotificationKind,
     cash_result,
+    check_notification,
     check_reply,
     refund_result,
 )
@@ -43,7 +44,13 @@ from payengine.actors.order_actor import OrderBehaviour
 from payengine.actors.reconcile import ReconciliationReport, StatementSource
 from payengine.actors.runtime import Runtime, ThreadRuntime
 from payengine.actors.voucher_link import DirectVoucherLink, VoucherLink
-from payengine.engine.checks import check_bool, check_id, check_optional_id, shown
+from payengine.engine.checks import (
+    check_bool,
+    check_id,
+    check_instance,
+    check_optional_id,
+    shown,
+)
 from payengine.engine.codes import ResultKind
 from payengine.engine.currency import check_currency
 from payengine.engine.errors import (
@@ -118,8 +125,31 @@ def _check_notification(channel: object, payment_serial: object, reply: object, 
     check_bool(wait, "wait")
 
 
+SYNCHRONOUS_MODES = ("FULL", "NORMAL", "OFF")
+"""SQLite's durability levels the engine runs with: FULL (the default) survives a power
+loss; NORMAL in WAL mode may lose the last commits on one (never corrupts); OFF is for the
+simulator."""
+
+CHANNELS_MAX = 1_000
+
 NOTIFICATION_BYTES_MAX = 64 * 1024
 """The largest notification body accepted: wallets send a few hundred bytes."""
+
+
+def _channels_by_name(channels: Iterable[Channel]) -> dict[str, Channel]:
+    """The channels by name: each named by an id, no name twice (a notification through
+    one must never reach another's orders), at most ``CHANNELS_MAX``."""
+    if isinstance(channels, str | bytes | Mapping) or not isinstance(channels, Iterable):
+        raise InvalidRequest(f"channels is a list of Channel objects, not {shown(channels)}")
+    by_name: dict[str, Channel] = {}
+    for channel in itertools.islice(channels, CHANNELS_MAX + 1):
+        name = check_id(getattr(channel, "name", None), "a channel's name")
+        if name in by_name:
+            raise InvalidRequest(f"two channels are named {name!r}")
+        by_name[name] = channel
+    if len(by_name) > CHANNELS_MAX:
+        raise InvalidRequest(f"at most {CHANNELS_MAX} channels")
+    return by_name
 
 
 class Engine:
@@ -160,9 +190,14 @@ class Engine:
         re-arms its timers); every account with pending holds is started (it expires those
         whose time has passed).
         """
+        by_name = _channels_by_name(channels)
+        check_instance(policy or OrderPolicy(), OrderPolicy, "policy")
+        check_instance(config or EngineConfig(), EngineConfig, "config")
+        if synchronous not in SYNCHRONOUS_MODES:
+            raise InvalidRequest(f"synchronous must be one of {SYNCHRONOUS_MODES}, got "
+                                 f"{shown(synchronous)}")
         store = Store(path, synchronous=synchronous)  # first: a refused file starts nothing
         runtime = runtime or ThreadRuntime()
-        by_name = {channel.name: channel for channel in channels}
         ctx_holder: list[Context] = []
 
         def factory(key: Key) -> ActorBehaviour:
@@ -446,10 +481,7 @@ class Engine:
             raise InvalidRequest(f"headers are a mapping of str to str, not {shown(headers)}")
         chan = self._channel(channel)
         try:
-            note = chan.verify_notification(body, headers or {})
-            if not isinstance(note, ChannelNotification):
-                raise NotificationRejected(
-                    f"{channel}'s adapter returned {type(note).__name__}", "malformed")
+            note = check_notification(chan.verify_notification(body, headers or {}))
         except NotificationRejected as error:
             self._reject(channel, "", None, "notification", error)
             raise
@@ -582,9 +614,11 @@ class Engine:
         return self.get_order(order_id)
 
     def journal(self, order_id: str) -> list[JournalEntry]:
-        """Every recorded transition of the order and its legs, oldest first."""
+        """Every recorded transition of the order and its legs, oldest first
+        (``UnknownOrder`` for an id no order has)."""
         self._check_open()
         check_id(order_id, "order_id")
+        self._known_order(order_id)
         return self._ctx.store.journal("order", order_id)
 
     def ledger_balances(self, order_id: str | None = None) -> dict[str, dict[str, int]]:
@@ -593,11 +627,18 @@ class Engine:
 
         In each currency the balances sum to zero. ``transit`` holds money between payer
         and merchant: for a settled order without unknowns its share is zero. With
-        ``order_id``: that order's postings only (one currency, the order's).
+        ``order_id``: that order's postings only (one currency, the order's; ``{}`` before
+        its first posting; ``UnknownOrder`` for an id no order has).
         """
         self._check_open()
         check_optional_id(order_id, "order_id")
+        if order_id is not None:
+            self._known_order(order_id)
         return self._ctx.store.ledger_balances(order_id)
+
+    def _known_order(self, order_id: str) -> None:
+        if not self._ctx.store.order_exists(order_id):
+            raise UnknownOrder(f"no payment order {order_id}")
 
     def unbalanced_postings(self) -> list[tuple[str, int]]:
         """Ledger postings whose entries do not sum to zero: always empty unless a bug."""

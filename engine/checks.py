@@ -120,3 +120,28 @@ def check_time_ms(value: object, what: str) -> int:
         raise InvalidRequest(f"{what} must be epoch milliseconds (an int 0..{TIME_MS_MAX}), "
                              f"got {shown(value)}")
     return value
+
+
+def check_int(value: object, what: str, low: int, high: int) -> int:
+    """Return ``value`` if it is an ``int`` (not a bool) in ``low..high``: for settings."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidRequest(f"{what} must be an int {low}..{high}, got {shown(value)}")
+    return value
+
+
+def check_schedule(value: object, what: str, *, gap_max: int, len_max: int = 100
+                   ) -> tuple[int, ...]:
+    """Return a schedule of gaps in ms: a non-empty tuple of at most ``len_max`` ints, each
+    1..``gap_max``. Every schedule is finite, so nothing retries for ever."""
+    if not isinstance(value, tuple) or not 0 < len(value) <= len_max:
+        raise InvalidRequest(f"{what} must be a tuple of 1..{len_max} gaps in ms, got "
+                             f"{shown(value)}")
+    for gap in value:
+        check_int(gap, f"{what} gap", 1, gap_max)
+    return value
+
+
+def check_setting(ok: bool, message: str) -> None:
+    """A relation between settings that must hold: ``InvalidRequest`` with ``message``."""
+    if not ok:
+        raise InvalidRequest(message)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from payengine.engine.errors import InvalidRequest
+
 
 class ResultKind(enum.StrEnum):
     SUCCESS = "success"
@@ -30,8 +32,11 @@ class CodeTable:
     failure: frozenset[str]
 
     def __post_init__(self) -> None:
+        """A code meaning both success and failure would decide money by accident."""
         overlap = self.success & self.failure
-        assert not overlap, f"{self.channel}: codes both success and failure: {sorted(overlap)}"
+        if overlap:
+            raise InvalidRequest(f"{self.channel}: codes both success and failure: "
+                                 f"{sorted(overlap)}")
 
     def classify(self, communication_code: str | None, business_code: str | None) -> ResultKind:
         """Map a reply's two codes to a result; unknown or missing codes mean PROCESSING."""

@@ -268,6 +268,10 @@ def try_hold(
         )
     if fence.order_id is not None and order_id is not None and fence.order_id != order_id:
         raise HoldRefused(f"hold {key} is bound to order {fence.order_id}, not {order_id}")
+    if order_id is None:
+        # the caller's retry of its own pre-hold: the same hold, its expiry as first set
+        # (a retry that pushed it out would let a client keep points locked for ever)
+        return Outcome(account, fence, False)
     bound = fence.order_id if fence.order_id is not None else order_id
     new_expiry = max(fence.expires_at_ms or 0, expires_at_ms)
     if bound == fence.order_id and new_expiry == fence.expires_at_ms:

@@ -460,6 +460,11 @@ class Store:
             order = replace(order, refunds=tuple(_refund_from_row(r) for r in refunds))
         return order
 
+    def order_exists(self, order_id: str) -> bool:
+        with self._read(snapshot=False) as conn:
+            return conn.execute("SELECT 1 FROM payment_orders WHERE order_id = ?",
+                                (order_id,)).fetchone() is not None
+
     def order_id_for_serial(self, payment_serial: str) -> str | None:
         with self._read(snapshot=False) as conn:
             row = conn.execute("SELECT order_id FROM payment_orders WHERE payment_serial = ?",

@@ -531,7 +531,11 @@ class VoucherAccountMachine(RuleBasedStateMachine):
                 assert self.account.available == available  # no money moved again
                 assert result.fence is not None
                 assert result.fence.order_id == (before.order_id or order_id)
-                assert result.fence.expires_at_ms == max(before.expires_at_ms, self.now + ttl_ms)
+                if order_id is None:  # the caller's retry: the same hold, expiry as first set
+                    assert result.fence == before and not result.changed
+                else:  # an order adopts it: the expiry moves out to the order's
+                    assert result.fence.expires_at_ms == max(before.expires_at_ms,
+                                                             self.now + ttl_ms)
         elif before.kind is FenceKind.HOLD and before.status is FenceStatus.POSTED:
             assert isinstance(result, Outcome if before.order_id == order_id else HoldRefused)
         else:

@@ -331,3 +331,17 @@ def test_no_caller_hold_ids_interfere_with_orders_and_refunds(tmp_path: Path) ->
         one_payment()
     finally:
         engine.shutdown()
+
+
+def test_a_retried_pre_hold_is_the_same_hold_and_keeps_its_first_expiry() -> None:
+    from payengine.engine import voucher as vo
+    from payengine.engine.voucher import FenceKey, VoucherAccount
+
+    account = vo.fund(VoucherAccount("pts", "POINTS", 10), 100)
+    key = FenceKey.user("tick-1")
+    first = vo.try_hold(account, None, key=key, amount=20, order_id=None,
+                        expires_at_ms=1_000, now_ms=0)
+    assert first.fence is not None
+    again = vo.try_hold(first.account, first.fence, key=key, amount=20, order_id=None,
+                        expires_at_ms=5_000, now_ms=500)
+    assert (again.changed, again.fence, again.account) == (False, first.fence, first.account)

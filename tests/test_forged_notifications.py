@@ -333,3 +333,40 @@ def test_a_close_never_overtakes_the_pay_call_still_in_flight(tmp_path: Path) ->
     finally:
         gate.set()
         engine.shutdown()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("channel_txn_id", "T\ud800"), ("channel_txn_id", "T\n1"), ("channel_txn_id", "T\x001"),
+    ("result_code", "\ud800"), ("return_code", "S" * 129), ("amount_minor", 10**30),
+    ("amount_minor", 10.0), ("amount_minor", True), ("payment_serial", "P\ud800"),
+    ("currency", 7),
+])
+def test_a_signed_notification_with_a_malformed_field_is_refused_as_malformed(
+        engine: Engine, field: str, value: object) -> None:
+    order_id = paying(engine, "o1")
+    serial = serial_of(engine, order_id)
+    data: dict[str, object] = {
+        "kind": "payment", "payment_serial": serial, "refund_id": None,
+        "return_code": "SUCCESS", "result_code": "SUCCESS", "channel_txn_id": "T1",
+        "amount_minor": 1_000, "currency": "CNY"}
+    data[field] = value
+    body = json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
+    headers = {"X-Signature": TEST_NOTIFICATIONS.signature(body)}  # a correct signature
+    with pytest.raises(NotificationRejected) as raised:
+        engine.handle_notification("wechat", body, headers)
+    assert raised.value.reason == "malformed"
+    assert engine.rejection_counts() == {"malformed": 1}
+    assert engine.get_order(order_id).legs[0].status == "paying"
+
+
+def test_an_unverified_second_charge_sent_again_after_the_channel_confirmed_it_agrees(
+        engine: Engine, wechat: ScriptedChannel) -> None:
+    order_id = paid(engine, "o1")
+    serial = serial_of(engine, order_id)
+    second = ChannelReply("SUCCESS", "SUCCESS", "TX-second", 1_000)
+    wechat.charge_query_reply = second
+    with pytest.raises(NotificationRejected, match="not believed"):
+        engine.handle_callback("wechat", serial, second)
+    wait_for(lambda: [r for r in engine.get_order(order_id).refunds
+                      if r.refund_no == "charge:TX-second"], what="the second charge refunding")
+    assert engine.handle_callback("wechat", serial, second) == "succeeded"

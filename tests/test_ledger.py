@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from payengine import CashPart, ChannelReply, Engine, EngineConfig, PaymentRequest
 from tests.helpers import (
     ScriptedChannel,
@@ -104,3 +106,13 @@ def test_balances_of_two_currencies_are_kept_apart(engine: Engine) -> None:
     assert engine.ledger_balances(jpy_order) == {
         "JPY": {"payer:wechat": -96, "merchant:station-1": 96, "transit": 0}}
     assert engine.unbalanced_postings() == []
+
+
+def test_an_order_id_no_order_has_is_unknown_to_the_ledger_and_the_journal(
+        engine: Engine) -> None:
+    from payengine import UnknownOrder
+
+    with pytest.raises(UnknownOrder):
+        engine.ledger_balances("ord_nobody")
+    with pytest.raises(UnknownOrder):
+        engine.journal("ord_nobody")
