@@ -60,7 +60,9 @@ class EngineConfig:
         check_int(self.account_idle_ms, "account_idle_ms", 1, day_ms)
         check_int(self.live_orders_max, "live_orders_max", 1, 10_000_000)
         check_int(self.pre_hold_ttl_ms_max, "pre_hold_ttl_ms_max", 1, 7 * day_ms)
-        check_int(self.pre_hold_ttl_ms, "pre_hold_ttl_ms", 1, self.pre_hold_ttl_ms_max)
+        # a default TTL above the maximum is used as the maximum (a config that only lowers
+        # the maximum is meant as is)
+        check_int(self.pre_hold_ttl_ms, "pre_hold_ttl_ms", 1, 7 * day_ms)
         check_int(self.duplicate_guard_window_ms, "duplicate_guard_window_ms", 0, day_ms)
         check_setting(isinstance(self.fee_ppm, Mapping), "fee_ppm maps channel names to ppm")
         for channel, ppm in self.fee_ppm.items():

@@ -320,7 +320,7 @@ class Engine:
         check_amount(amount)
         check_optional_id(hold_id, "hold_id")
         cfg = self._ctx.config
-        ttl = cfg.pre_hold_ttl_ms if ttl_ms is None else ttl_ms
+        ttl = min(cfg.pre_hold_ttl_ms, cfg.pre_hold_ttl_ms_max) if ttl_ms is None else ttl_ms
         if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 < ttl <= cfg.pre_hold_ttl_ms_max:
             raise InvalidRequest(f"ttl_ms must be 1..{cfg.pre_hold_ttl_ms_max}")
         if hold_id is None:

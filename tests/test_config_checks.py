@@ -47,6 +47,22 @@ def test_engine_open_refuses_a_bad_durability_level_and_two_channels_of_one_name
     assert not (tmp_path / "a.db").exists() and not (tmp_path / "b.db").exists()
 
 
+def test_a_lower_maximum_pre_hold_ttl_caps_the_default(tmp_path: Path) -> None:
+    engine = Engine.open(tmp_path / "c.db", channels=[ScriptedChannel()],  # type: ignore[list-item]
+                         config=EngineConfig(pre_hold_ttl_ms_max=60_000))
+    try:
+        engine.open_account("pts", "POINTS", minor_per_unit=10)
+        engine.fund("pts", 10, funding_id="f")
+        before = engine.runtime.now_ms()
+        hold = engine.pre_hold("pts", 1, hold_id="h")
+        assert hold.expires_at_ms is not None
+        assert before + 60_000 <= hold.expires_at_ms <= engine.runtime.now_ms() + 60_000
+        with pytest.raises(InvalidRequest):
+            engine.pre_hold("pts", 1, hold_id="h2", ttl_ms=60_001)
+    finally:
+        engine.shutdown()
+
+
 def test_the_defaults_are_valid() -> None:
     assert OrderPolicy().pay_window_ms == 15 * 60 * 1000
     assert EngineConfig().live_orders_max == 10_000
