@@ -344,10 +344,12 @@ class Refund:
 
 PLANTABLE_BUGS = frozenset({"confirm-twice", "no-refund-after-close", "regress-success",
                             "skip-hold", "over-refund", "ledger-unbalanced",
-                            "accept-wrong-channel", "trust-forged-notification"})
+                            "accept-wrong-channel", "trust-forged-notification",
+                            "holds-never-expire"})
 """Bugs the simulator can switch on (``payengine sim --plant-bug NAME``): a success after the
 close kept, a late "processing" moving a success back, vouchers never held, a hold posted
-twice. Each must make the oracle report a violation."""
+twice, a hold never expired (the account actor's). Each must make the oracle report a
+violation."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,7 +51,16 @@ from payengine.persistence.outbox import OutboxEvent
 from payengine.sim.channel import ChannelFaults, SimulatedChannel
 from payengine.sim.forger import Forger
 from payengine.sim.merchant import SimMerchant
-from payengine.sim.oracle import OracleReport, Told, Violation, check, check_notified, told_of
+from payengine.sim.oracle import (
+    OracleReport,
+    Told,
+    Violation,
+    check,
+    check_notified,
+    check_pre_holds,
+    told_of,
+)
+from payengine.sim.preholds import PreHolder
 from payengine.sim.runtime import Scheduler, SimRuntime, SimWorld
 from payengine.sim.statement import statement_from_channel
 from payengine.sim.voucher_link import LossyVoucherLink, VoucherFaults
@@ -61,9 +70,13 @@ FAULT_KINDS = (
     "channel-timeout", "unknown-code", "pay-failure", "query-no-answer", "query-processing",
     "user-never-pays", "user-pays-late", "duplicate-submit", "user-close", "timeout-close",
     "voucher-faults", "crash", "double-charge", "refund-callback-lost",
-    "refund-callback-duplicated", "merchant-down", "forged-notification",
+    "refund-callback-duplicated", "merchant-down", "forged-notification", "pre-holds",
 )
 """Every fault the simulator can inject; ``--faults`` picks from these."""
+
+LATER_KINDS = frozenset({"pre-holds"})
+"""Faults (and features) added after the others: drawn from a stream of their own
+(``FaultMix.draw``'s ``later``), so that adding them changed no other fault's draws."""
 
 SIM_POLICY = OrderPolicy(
     pay_window_ms=3_000,
@@ -87,6 +100,12 @@ OUTBOX_RETENTION_MS = 5_000
 """Delivered events are pruned after 5 virtual seconds, so pruning runs all through a run,
 racing deliveries, retries and crashes; the oracle's notification checks (every terminal
 order notified and accepted) would catch an event pruned before its consumers had it."""
+
+PRE_HOLD_TOP_UP = 500
+"""Points each customer's points account gets on top when users pre-hold (``pre-holds``)."""
+
+POINTS_FUNDED_MAX = 500 + PRE_HOLD_TOP_UP
+"""The most any points account is funded with (``Simulation._setup``)."""
 
 ALIPAY_SHARE = 0.2
 """Share of orders paying through the second channel, ``alipay`` (the rest: ``wechat``)."""
@@ -189,14 +208,27 @@ class FaultMix:
     """How often the merchant's notification endpoint fails an attempt."""
     forgeries: float = 0.0
     """Chance per order that the forger (``sim.forger``) strikes at it, at a random time."""
+    pre_holds: float = 0.0
+    """Share of orders whose user pre-holds points first (``sim.preholds``)."""
 
     @staticmethod
-    def draw(rng: random.Random, allowed: frozenset[str], *, swarm: bool = True) -> FaultMix:
-        """Switch each allowed fault on with probability 0.6 (all of them if not ``swarm``)."""
-        on = frozenset(k for k in sorted(allowed) if rng.random() < 0.6 or not swarm)
+    def draw(rng: random.Random, allowed: frozenset[str], *, swarm: bool = True,
+             later: random.Random | None = None) -> FaultMix:
+        """Switch each allowed fault on with probability 0.6 (all of them if not ``swarm``).
+
+        ``LATER_KINDS`` are drawn from ``later`` (a fixed stream if not given), after the
+        others, so that they leave the others' draws as they were.
+        """
+        later = later or random.Random(0)
+        on = frozenset(k for k in sorted(allowed - LATER_KINDS) if rng.random() < 0.6 or not swarm)
+        on |= frozenset(k for k in sorted(allowed & LATER_KINDS)
+                        if later.random() < 0.6 or not swarm)
 
         def p(kind: str, high: float) -> float:
             return rng.uniform(0.02, high) if kind in on else 0.0
+
+        def p_later(kind: str, high: float) -> float:
+            return later.uniform(0.02, high) if kind in on else 0.0
 
         early = "callback-early" in on
         channel = ChannelFaults(
@@ -227,6 +259,7 @@ class FaultMix:
             pay_window_ms=rng.choice([800, 1_500]) if "timeout-close" in on else 3_000,
             merchant_down=p("merchant-down", 0.3),
             forgeries=p("forged-notification", 0.5),
+            pre_holds=p_later("pre-holds", 0.4),
             vouchers=VoucherFaults(
                 request_lost=p("voucher-faults", 0.25), reply_lost=p("voucher-faults", 0.25),
                 unavailable=p("voucher-faults", 0.25),
@@ -241,7 +274,8 @@ class Simulation:
         self.config = config
         self.rng = random.Random(config.seed)
         # A planted bug is shown against every allowed fault, so a default run triggers it.
-        self.mix = FaultMix.draw(self.rng, config.faults, swarm=config.plant_bug is None)
+        self.mix = FaultMix.draw(self.rng, config.faults, swarm=config.plant_bug is None,
+                                 later=random.Random(config.seed + 6))
         self.scheduler: Scheduler | None = None
         self.world: Any
         if config.runtime == "sim":
@@ -290,6 +324,12 @@ class Simulation:
         self.link_counts: dict[str, int] = {}
         self.notified: dict[str, Told] = {}
         """Outbox events the downstream subscriber received: event id -> what it told."""
+        self.pre_holder: PreHolder | None = None
+        if "pre-holds" in self.mix.on:
+            self.pre_holder = PreHolder(
+                random.Random(config.seed + 7), self.mix.pre_holds, now_ms=self.world.now_ms,
+                at=self._at, engine=lambda: self.engine, counts=self.counts,
+                violations=self.violations, points_funded_max=POINTS_FUNDED_MAX)
 
     # ------------------------------------------------------------------ engine lifecycle
 
@@ -394,6 +434,9 @@ class Simulation:
             engine.fund(f"{c}/rp", self.rng.choice([300, 1_000]), funding_id=f"{c}/rp")
             engine.open_account(f"{c}/pts", "POINTS", minor_per_unit=10)
             engine.fund(f"{c}/pts", self.rng.choice([60, 500]), funding_id=f"{c}/pts")
+        if self.pre_holder is not None:  # points to tick in the app, besides the orders'
+            for c in customers:
+                engine.fund(f"{c}/pts", PRE_HOLD_TOP_UP, funding_id=f"{c}/pts-pre")
         return customers
 
     def _request(self, i: int, customers: list[str]) -> PaymentRequest:
@@ -492,7 +535,10 @@ class Simulation:
         for i in range(self.config.orders):
             request = self._request(i, customers)
             at = now + self.rng.randint(0, span_ms)
-            self._at(at, functools.partial(self._submit, request))
+            submit: Callable[[], None] = functools.partial(self._submit, request)
+            if self.pre_holder is not None:
+                request, submit = self.pre_holder.around_order(request, at, self._submit)
+            self._at(at, submit)
             if self.rng.random() < self.mix.duplicate_submit:
                 self.counts["duplicate_submit"] += 1
                 self._at(at + self.rng.randint(0, 5), functools.partial(self._submit, request))
@@ -549,6 +595,10 @@ class Simulation:
                     "resolved-by-reconciliation", f"order {order.order_id}",
                     f"cash leg {cash and cash.status.value}, refunds "
                     f"{[r.status.value for r in order.refunds]} after the statement"))
+        if self.pre_holder is not None:
+            violations, counts = check_pre_holds(engine.store, self.pre_holder.plans)
+            report.violations += violations
+            self.counts.update(counts)
         for event_id in self.merchant.bad_signatures[:5]:
             report.violations.append(Violation(
                 "notification-signed", f"event {event_id}", "the signature did not verify"))
