@@ -34,13 +34,19 @@ from payengine.actors.engine import Engine
 from payengine.actors.messages import Receipt
 from payengine.actors.notifier import NotificationConfig
 from payengine.actors.runtime import Runtime, ThreadRuntime
-from payengine.engine.errors import ActorBroken, DuplicateSuspected, PaymentError
+from payengine.engine.errors import (
+    ActorBroken,
+    DuplicateSuspected,
+    IllegalTransition,
+    PaymentError,
+)
 from payengine.engine.order import (
     PLANTABLE_BUGS,
     CashPart,
     LegMode,
     LegStatus,
     OrderPolicy,
+    OrderState,
     PaymentRequest,
     RefundKind,
     RefundStatus,
@@ -71,10 +77,11 @@ FAULT_KINDS = (
     "user-never-pays", "user-pays-late", "duplicate-submit", "user-close", "timeout-close",
     "voucher-faults", "crash", "double-charge", "refund-callback-lost",
     "refund-callback-duplicated", "merchant-down", "forged-notification", "pre-holds",
+    "late-close",
 )
 """Every fault the simulator can inject; ``--faults`` picks from these."""
 
-LATER_KINDS = frozenset({"pre-holds"})
+LATER_KINDS = frozenset({"pre-holds", "late-close"})
 """Faults (and features) added after the others: drawn from a stream of their own
 (``FaultMix.draw``'s ``later``), so that adding them changed no other fault's draws."""
 
@@ -210,6 +217,8 @@ class FaultMix:
     """Chance per order that the forger (``sim.forger``) strikes at it, at a random time."""
     pre_holds: float = 0.0
     """Share of orders whose user pre-holds points first (``sim.preholds``)."""
+    late_close: float = 0.0
+    """Chance per order of a user close after its pay window (``Engine.close``)."""
 
     @staticmethod
     def draw(rng: random.Random, allowed: frozenset[str], *, swarm: bool = True,
@@ -260,6 +269,7 @@ class FaultMix:
             merchant_down=p("merchant-down", 0.3),
             forgeries=p("forged-notification", 0.5),
             pre_holds=p_later("pre-holds", 0.4),
+            late_close=p_later("late-close", 0.3),
             vouchers=VoucherFaults(
                 request_lost=p("voucher-faults", 0.25), reply_lost=p("voucher-faults", 0.25),
                 unavailable=p("voucher-faults", 0.25),
@@ -330,6 +340,11 @@ class Simulation:
                 random.Random(config.seed + 7), self.mix.pre_holds, now_ms=self.world.now_ms,
                 at=self._at, engine=lambda: self.engine, counts=self.counts,
                 violations=self.violations, points_funded_max=POINTS_FUNDED_MAX)
+        self.late_rng = random.Random(config.seed + 8)
+        self.close_refused: set[str] = set()
+        """Orders a late user close was refused for (paid): they never end closed."""
+        self.closed_by_user: set[str] = set()
+        """Orders a late user close answered closed (or failed): they never end paid."""
 
     # ------------------------------------------------------------------ engine lifecycle
 
@@ -479,6 +494,10 @@ class Simulation:
             self.counts["user_close"] += 1
             delay = self.rng.randint(0, self.mix.pay_window_ms)
             self._at(self.world.now_ms() + delay, lambda: self._close(receipt.order_id))
+        if first is receipt and not self.quiet and self.mix.late_close and (
+            self.late_rng.random() < self.mix.late_close
+        ):
+            self._schedule_late_closes(receipt.order_id)
         if first is receipt and not self.quiet and self.rng.random() < REFUND_SHARE:
             self._schedule_refunds(receipt.order_id, request.total_minor)
         if first is receipt and request.cash is not None and (
@@ -528,6 +547,45 @@ class Simulation:
         if self.engine is not None:
             with contextlib.suppress(PaymentError):
                 self.engine.request_close(order_id)
+
+    def _schedule_late_closes(self, order_id: str) -> None:
+        """The user closes the order late (fault ``late-close``): at the end of its pay
+        window (racing the timeout close), after it (the order closed, or paid: the close is
+        refused), while the user pays late (racing the late payment, which must then be
+        refunded), and sometimes twice (the second finds it closed already)."""
+        rng, window = self.late_rng, self.mix.pay_window_ms
+        at = self.world.now_ms() + rng.choice([
+            rng.randint(max(0, window - 50), window + 50),
+            rng.randint(window, window + 3_000),
+            rng.randint(2_000, 6_000),  # the channel's late payments come then
+        ])
+        self._at(at, functools.partial(self._late_close, order_id))
+        if rng.random() < 0.3:
+            self._at(at + rng.randint(0, 500), functools.partial(self._late_close, order_id))
+
+    def _late_close(self, order_id: str) -> None:
+        """A user close that waits for its answer (``Engine.close``): closed (or already
+        failed), or ``IllegalTransition`` for an order already paid."""
+        engine = self.engine
+        if engine is None or self.quiet:
+            return
+        self.counts["late_close"] += 1
+        try:
+            view = engine.close(order_id)
+        except IllegalTransition:
+            self.counts["late_close_refused_paid"] += 1
+            self.close_refused.add(order_id)
+            return
+        except (PaymentError, ActorBroken) as error:
+            self.counts[f"late_close_error:{getattr(error, 'code', 'actor_broken')}"] += 1
+            return
+        self.counts[f"late_close_{view.state}"] += 1
+        if view.state not in ("closed", "failed"):
+            self.violations.append(Violation(
+                "close-answers-truthfully", f"order {order_id}",
+                f"a user close answered {view.state}"))
+        else:
+            self.closed_by_user.add(order_id)
 
     def _schedule_workload(self, customers: list[str]) -> int:
         now: int = self.world.now_ms()
@@ -595,6 +653,17 @@ class Simulation:
                     "resolved-by-reconciliation", f"order {order.order_id}",
                     f"cash leg {cash and cash.status.value}, refunds "
                     f"{[r.status.value for r in order.refunds]} after the statement"))
+        for order_id in sorted(self.close_refused | self.closed_by_user):
+            late = engine.store.load_order(order_id)
+            state = None if late is None else late.state
+            if order_id in self.close_refused and state is OrderState.CLOSED:
+                report.violations.append(Violation(
+                    "paid-order-never-closed", f"order {order_id}",
+                    "a user close was refused as the order was paid, yet it ended closed"))
+            if order_id in self.closed_by_user and state is OrderState.SUCCEEDED:
+                report.violations.append(Violation(
+                    "closed-order-never-paid", f"order {order_id}",
+                    "a user close answered closed, yet the order ended succeeded"))
         if self.pre_holder is not None:
             violations, counts = check_pre_holds(engine.store, self.pre_holder.plans)
             report.violations += violations

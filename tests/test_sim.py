@@ -219,6 +219,13 @@ def test_pre_holds_play_every_story_and_each_ends_as_it_should() -> None:
         assert counts.get(kind, 0) > 0, f"no {kind} in {counts}"
 
 
+def test_late_user_closes_of_paid_orders_are_refused_and_never_undo_the_payment() -> None:
+    result = run(SimConfig(seed=4, orders=120, faults=frozenset({"late-close", "user-pays-late"})))
+    assert result.ok, result.violations
+    assert result.faults["late_close_refused_paid"] > 0
+    assert result.faults.get("late_close_closed", 0) + result.faults.get("late_close_failed", 0)
+
+
 def test_the_pre_hold_oracle_sees_a_hold_not_given_back_and_one_acknowledged_then_lost(
     tmp_path: Any
 ) -> None:
