@@ -10,6 +10,8 @@ Checked (each failure is one ``Violation`` naming the order or account):
   spent; any other order has nothing charged (net of refunds) and nothing spent, unless its
   cash leg is explicitly awaiting reconciliation (reported apart, not as a violation);
 - every order transition in the journal is in the core's table of legal transitions;
+- an owed voucher follow-up (a Confirm, a release, a refund's return the voucher system never
+  answered) always has its next re-send scheduled: the sentinel never gives up;
 - (``check_notified``, given what downstream was told) every terminal order, every finished
   refund (merchant refunds, second charges, a success the order could not keep) and every
   hold expiry was notified to the subscriber, and the order's to its merchant;
@@ -34,6 +36,7 @@ from payengine.engine.ledger import TRANSIT
 from payengine.engine.order import (
     ALLOWED_TRANSITIONS,
     HOLD_MODES,
+    OWED_LEG_STATUSES,
     LegMode,
     LegStatus,
     OrderState,
@@ -215,6 +218,13 @@ def _check_order(store: Store, order: PaymentOrder, channels: Mapping[str, Groun
         ):
             v.append(Violation("hold-posted-without-confirm", subject,
                                f"leg {leg.leg_no} is {leg.status.value}"))
+    if order.owes_follow_up and order.next_voucher_retry_at_ms is None:
+        owed = [f"leg {leg.leg_no} {leg.status.value}" for leg in order.legs
+                if leg.status in OWED_LEG_STATUSES] + [
+            f"return {r.refund_id} leg {p.leg_no}" for r in order.refunds for p in r.parts
+            if p.status is PartStatus.UNKNOWN and not order.leg(p.leg_no).is_cash]
+        v.append(Violation("sentinel-never-gives-up", subject,
+                           f"owes {owed}, and nothing will send it again"))
     _check_returns(store, order, report)
     _check_ledger(store, order, report)
     for entry in store.journal("order", order.order_id):

@@ -114,6 +114,10 @@ PRE_HOLD_TOP_UP = 500
 POINTS_FUNDED_MAX = 500 + PRE_HOLD_TOP_UP
 """The most any points account is funded with (``Simulation._setup``)."""
 
+VOUCHER_OUTAGE_MS = (6_500, 8_000)
+"""How long one voucher system is unreachable (fault ``voucher-faults``): longer than the
+whole voucher retry schedule, so follow-ups sent into it are only done by the sentinel."""
+
 ALIPAY_SHARE = 0.2
 """Share of orders paying through the second channel, ``alipay`` (the rest: ``wechat``)."""
 
@@ -219,14 +223,17 @@ class FaultMix:
     """Share of orders whose user pre-holds points first (``sim.preholds``)."""
     late_close: float = 0.0
     """Chance per order of a user close after its pay window (``Engine.close``)."""
+    voucher_outage: tuple[str, int, int] | None = None
+    """One voucher system unreachable: (accounts ending so, start after the workload's
+    start, length), in ms; ``None``: no outage."""
 
     @staticmethod
     def draw(rng: random.Random, allowed: frozenset[str], *, swarm: bool = True,
              later: random.Random | None = None) -> FaultMix:
         """Switch each allowed fault on with probability 0.6 (all of them if not ``swarm``).
 
-        ``LATER_KINDS`` are drawn from ``later`` (a fixed stream if not given), after the
-        others, so that they leave the others' draws as they were.
+        ``LATER_KINDS`` and the voucher outage are drawn from ``later`` (a fixed stream if
+        not given), after the others, so that they leave the others' draws as they were.
         """
         later = later or random.Random(0)
         on = frozenset(k for k in sorted(allowed - LATER_KINDS) if rng.random() < 0.6 or not swarm)
@@ -270,6 +277,10 @@ class FaultMix:
             forgeries=p("forged-notification", 0.5),
             pre_holds=p_later("pre-holds", 0.4),
             late_close=p_later("late-close", 0.3),
+            voucher_outage=(
+                later.choice(["/pts", "/rp"]), later.randint(0, 1_000_000),
+                later.randint(*VOUCHER_OUTAGE_MS))
+            if "voucher-faults" in on and (later.random() < 0.5 or not swarm) else None,
             vouchers=VoucherFaults(
                 request_lost=p("voucher-faults", 0.25), reply_lost=p("voucher-faults", 0.25),
                 unavailable=p("voucher-faults", 0.25),
@@ -590,6 +601,15 @@ class Simulation:
     def _schedule_workload(self, customers: list[str]) -> int:
         now: int = self.world.now_ms()
         span_ms = max(1_000, self.config.orders * 20)
+        faults_end = now + span_ms + self.mix.pay_window_ms + 3_000
+        if self.mix.voucher_outage is not None:
+            # In the second half of the orders: the first half's Confirms go out into it.
+            # The faults last until it is over.
+            system, start, length = self.mix.voucher_outage
+            start = now + span_ms // 2 + start % (span_ms // 2 + 1)
+            self.mix = replace(self.mix, vouchers=replace(
+                self.mix.vouchers, outage=(system, start, start + length)))
+            faults_end = max(faults_end, start + length)
         for i in range(self.config.orders):
             request = self._request(i, customers)
             at = now + self.rng.randint(0, span_ms)
@@ -609,7 +629,7 @@ class Simulation:
                 self._at(at, self._crash)
             else:
                 self._at(at, self._arm_crash_after_commit)
-        return now + span_ms + self.mix.pay_window_ms + 3_000
+        return faults_end
 
     # ------------------------------------------------------------------ checks
 
@@ -701,13 +721,14 @@ class Simulation:
         self._at(quiet_at, self._start_quiet_phase)
         self._drive(quiet_at)
         quiet_deadline_ms = quiet_at + QUIET_PHASE_MAX_MS
+        looped: list[Violation] = []
         while True:
             if self.engine is None:
                 self._open()
             self._flush_pending()
             self._drive(None, deadline_ms=quiet_deadline_ms)
             if self.world.now_ms() > quiet_deadline_ms:
-                self.violations.append(Violation(
+                looped.append(Violation(
                     "quiet-phase-ends", f"seed {self.config.seed}",
                     f"work still scheduled {QUIET_PHASE_MAX_MS // 1000} virtual seconds "
                     "after the faults stopped: a retry or timer loop"))
@@ -718,7 +739,9 @@ class Simulation:
                 break
         self._reconcile(quiet_deadline_ms)
         report = self._final_check()
-        self.violations += report.violations
+        # What the final check names (an order, with its journal) goes first: a loop is
+        # often its consequence, e.g. a hold kept for a Confirm that is never sent again.
+        self.violations += report.violations + looped
         engine = self.engine
         assert engine is not None
         final = engine.store.count_orders_by_state()
