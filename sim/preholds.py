@@ -18,8 +18,8 @@ holder's own seeded ``random.Random``:
 - ``abandoned``: ticked and forgotten: the hold must expire after its TTL and give
   everything back.
 
-Ticks and unticks the engine did not answer (down, crashed, busy) are sent again once, with
-the same hold id. What each plan must end as is checked by ``oracle.check_pre_holds``.
+Ticks and unticks the engine did not answer (down, crashed, busy) are sent again with the
+same hold id, a few times, 1-3 s apart. What each plan must end as is checked by ``oracle.check_pre_holds``.
 """
 
 from __future__ import annotations
@@ -52,6 +52,9 @@ FATE_WEIGHTS = {Fate.ADOPTED: 40, Fate.DEAD: 15, Fate.RELEASED: 15, Fate.RACE: 1
 
 NOT_ANSWERED = (EngineClosed, Overloaded)
 """The engine did not answer (down, crashing, busy): the app tries again."""
+
+ATTEMPTS = 4
+"""Sends of one tick or untick at most, 1-3 s apart (an engine restarts within 3 s)."""
 
 
 class PreHolder:
@@ -143,15 +146,17 @@ class PreHolder:
     # ------------------------------------------------------------------ the user's app
 
     def _again(self, fn: Callable[[int], None], attempt: int) -> None:
-        """The app sends what was not answered once more, a moment later."""
-        if attempt < 2:
-            self.at(self.now_ms() + self.rng.randint(300, 3_000),
+        """The app sends what was not answered again a moment later, up to ``ATTEMPTS`` in
+        all: long enough to outlast a restart of the engine."""
+        if attempt < ATTEMPTS:
+            self.at(self.now_ms() + self.rng.randint(1_000, 3_000),
                     functools.partial(fn, attempt + 1))
 
     def _tick(self, plan: PreHoldPlan, ttl_ms: int, retry: bool, attempt: int) -> None:
         engine = self.engine()
         again = functools.partial(self._tick, plan, ttl_ms, False)
         if engine is None:
+            self.counts["pre_hold_not_answered"] += 1
             self._again(again, attempt)
             return
         try:
@@ -226,6 +231,7 @@ class PreHolder:
         engine = self.engine()
         again = functools.partial(self._untick, plan)
         if engine is None:
+            self.counts["pre_hold_release_not_answered"] += 1
             self._again(again, attempt)
             return
         try:
