@@ -253,6 +253,8 @@ class AccountBehaviour(ActorBehaviour):
     # ------------------------------------------------------------------ expiry and idling
 
     def _expire_due(self) -> None:
+        if "holds-never-expire" in self.ctx.config.planted_bugs:
+            return  # the planted bug: a due hold stays pending, its vouchers locked
         now_ms = self.ctx.runtime.now_ms()
         for fence in sorted(self.pending.values(), key=lambda f: f.expires_at_ms or 0):
             assert self.account is not None

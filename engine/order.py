@@ -360,10 +360,13 @@ class Refund:
 
 PLANTABLE_BUGS = frozenset({"confirm-twice", "no-refund-after-close", "regress-success",
                             "skip-hold", "over-refund", "ledger-unbalanced",
-                            "accept-wrong-channel", "trust-forged-notification"})
+                            "accept-wrong-channel", "trust-forged-notification",
+                            "holds-never-expire", "sentinel-gives-up"})
 """Bugs the simulator can switch on (``payengine sim --plant-bug NAME``): a success after the
 close kept, a late "processing" moving a success back, vouchers never held, a hold posted
-twice. Each must make the oracle report a violation."""
+twice, a hold never expired (the account actor's), owed voucher follow-ups no longer sent
+once the fast retry schedule is over or at a start of the order (``sentinel-gives-up``).
+Each must make the oracle report a violation."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -1086,15 +1089,18 @@ def _activate(d: _Draft) -> str:
     order = d.order
     if order.state in (OrderState.ACCEPTED, OrderState.PAYING, OrderState.NEEDS_RECONCILIATION):
         d.effects.append(ArmTimer(TimerKind.CLOSE, order.close_at_ms, 0))
+    gives_up = "sentinel-gives-up" in d.policy.planted_bugs
     for leg in order.legs:
-        _reissue(d, leg)
+        if not (gives_up and leg.status in OWED_LEG_STATUSES):  # the bug: owed is forgotten
+            _reissue(d, leg)
     for refund in order.refunds:
         _resend_refund(d, refund, cash=True, vouchers=True)
-    _resend_owed_returns(d)
+    if not gives_up:
+        _resend_owed_returns(d)
     if order.next_voucher_retry_at_ms is not None:
         d.effects.append(ArmTimer(TimerKind.VOUCHER_RETRY, order.next_voucher_retry_at_ms,
                                   order.voucher_attempt))
-    elif _has_owed(order):
+    elif _has_owed(order) and not gives_up:
         _arm_voucher_retry(d, 0)
     cash = order.cash_leg
     refunding = cash is not None and (
@@ -1754,7 +1760,8 @@ def _voucher_retry_due(d: _Draft, token: int) -> str:
     # The schedule is over (or this is one of the sentinel's rounds): a Try or a debit still
     # unanswered is cancelled; a follow-up is flagged, owed, and sent again.
     _give_up_on_vouchers(d)
-    if not _has_owed(d.order):
+    if not _has_owed(d.order) or "sentinel-gives-up" in d.policy.planted_bugs:
+        # (the planted bug: follow-ups still owed are flagged and then never sent again)
         d.update(next_voucher_retry_at_ms=None, voucher_attempt=0)
         return "applied"
     if token + 1 - schedule >= d.policy.voucher_sentinel_attempts_max:

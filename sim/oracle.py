@@ -10,9 +10,15 @@ Checked (each failure is one ``Violation`` naming the order or account):
   spent; any other order has nothing charged (net of refunds) and nothing spent, unless its
   cash leg is explicitly awaiting reconciliation (reported apart, not as a violation);
 - every order transition in the journal is in the core's table of legal transitions;
+- an owed voucher follow-up (a Confirm, a release, a refund's return the voucher system never
+  answered) always has its next re-send scheduled: the sentinel never gives up;
 - (``check_notified``, given what downstream was told) every terminal order, every finished
   refund (merchant refunds, second charges, a success the order could not keep) and every
-  hold expiry was notified to the subscriber, and the order's to its merchant.
+  hold expiry was notified to the subscriber, and the order's to its merchant;
+- (``check_pre_holds``, given what the users did with ``pre_hold``/``release_hold``) every
+  user's pre-hold ends as its story says: an abandoned one expired, a released one voided
+  (or never made), an adopted one posted exactly when its order succeeded, an order naming
+  a dead hold failed, a tick refused after its untick left nothing behind.
 
 The cash check is meaningful once orders have converged (after the quiet phase): an order
 still deducting, or closed while its payment is in flight, may hold money for a moment.
@@ -20,6 +26,8 @@ still deducting, or closed while its payment is in flight, may hold money for a 
 
 from __future__ import annotations
 
+import enum
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -28,6 +36,7 @@ from payengine.engine.ledger import TRANSIT
 from payengine.engine.order import (
     ALLOWED_TRANSITIONS,
     HOLD_MODES,
+    OWED_LEG_STATUSES,
     LegMode,
     LegStatus,
     OrderState,
@@ -124,6 +133,8 @@ def check(store: Store, channels: Mapping[str, GroundTruth], *, now_ms: int | No
 
 
 def _check_accounts(store: Store, report: OracleReport, now_ms: int | None) -> None:
+    """Balances against fences; with ``now_ms``, no fence of any scope (a user's pre-hold,
+    an order leg's hold, a refund's) still pending past its expiry."""
     for account, fences in store.accounts_with_fences():
         report.accounts_checked += 1
         subject = f"account {account.account_id}"
@@ -146,6 +157,11 @@ def _check_accounts(store: Store, report: OracleReport, now_ms: int | None) -> N
             if not _in_its_scope(f):
                 v.append(Violation("fence-in-its-scope", subject,
                                    f"{f.kind.value} fence {f.key!r} for order {f.order_id}"))
+            if f.status is FenceStatus.EMPTY_ROLLBACK and (f.kind, f.amount) != (
+                FenceKind.EMPTY, 0
+            ):
+                v.append(Violation("empty-rollback-holds-nothing", subject,
+                                   f"{f.kind.value} fence {f.key!r} of {f.amount}"))
             if f.kind is FenceKind.RETURN and not _return_owned(store, f):
                 v.append(Violation("voucher-return-has-a-refund", subject,
                                    f"return {f.key} of {f.amount} names no refund part of "
@@ -202,6 +218,13 @@ def _check_order(store: Store, order: PaymentOrder, channels: Mapping[str, Groun
         ):
             v.append(Violation("hold-posted-without-confirm", subject,
                                f"leg {leg.leg_no} is {leg.status.value}"))
+    if order.owes_follow_up and order.next_voucher_retry_at_ms is None:
+        owed = [f"leg {leg.leg_no} {leg.status.value}" for leg in order.legs
+                if leg.status in OWED_LEG_STATUSES] + [
+            f"return {r.refund_id} leg {p.leg_no}" for r in order.refunds for p in r.parts
+            if p.status is PartStatus.UNKNOWN and not order.leg(p.leg_no).is_cash]
+        v.append(Violation("sentinel-never-gives-up", subject,
+                           f"owes {owed}, and nothing will send it again"))
     _check_returns(store, order, report)
     _check_ledger(store, order, report)
     for entry in store.journal("order", order.order_id):
@@ -385,3 +408,121 @@ def check_notified(store: Store, told: set[Told], merchant_told: set[Told],
                     "merchant-notified", subject,
                     f"the merchant never accepted a notification of {missing}"))
     return violations
+
+
+# --------------------------------------------------------------------------- pre-holds
+
+
+class Fate(enum.StrEnum):
+    """What a user did with a pre-hold (``sim.preholds``)."""
+
+    ADOPTED = "adopted"
+    """Ticked, then ordered with it (a ``PRE_HELD`` part)."""
+    DEAD = "dead"
+    """Ordered with it after it expired or was released, or although the tick was refused."""
+    RELEASED = "released"
+    """Ticked, then unticked."""
+    RACE = "untick_race"
+    """Untick and tick sent together, either first."""
+    ABANDONED = "abandoned"
+    """Ticked, never ordered with, never unticked."""
+
+
+@dataclass
+class PreHoldPlan:
+    """One user's pre-hold and what became of the calls the app made for it."""
+
+    account_id: str
+    hold_id: str
+    amount: int
+    fate: Fate
+    order_key: tuple[str, str] | None = None
+    """(merchant_id, merchant_order_no) of the order naming the hold, if one does."""
+    placed: bool = False
+    """A ``pre_hold`` call answered with the hold pending."""
+    refused: str | None = None
+    """The code a ``pre_hold`` call was refused with."""
+    released: bool = False
+    """A ``release_hold`` call answered."""
+    dead: bool = False
+    """At its order's submit the hold was already final or due, or was refused for want of
+    points (no hold made): the order cannot succeed with it."""
+
+    @property
+    def subject(self) -> str:
+        return f"pre-hold {self.account_id}/{self.hold_id}"
+
+
+GIVEN_BACK = frozenset({FenceStatus.VOIDED, FenceStatus.EXPIRED, FenceStatus.EMPTY_ROLLBACK})
+"""How a pre-hold no order kept ends: released, expired, or never made (empty rollback)."""
+
+
+def check_pre_holds(store: Store, plans: Iterable[PreHoldPlan]
+                    ) -> tuple[list[Violation], Counter[str]]:
+    """Each user's pre-hold ended as its story says; with how many ended each way.
+
+    Meant after the quiet phase (every order settled, every TTL passed): no pre-hold is
+    pending then. One no order kept (abandoned, released, raced, or named by an order that
+    did not succeed) gave everything back (voided, expired, or never made), an abandoned one
+    by expiring; an adopted one is posted, bound to its order, exactly when the order
+    succeeded; an order naming a dead hold did not succeed; a tick refused after its untick
+    left an empty rollback that never held anything; an acknowledged tick is durable.
+    """
+    violations: list[Violation] = []
+    counts: Counter[str] = Counter()
+    for plan in plans:
+        subject = plan.subject
+        fence = store.load_fence(plan.account_id, FenceKey.user(plan.hold_id))
+        order = None
+        if plan.order_key is not None:
+            order_id = store.order_id_for_merchant(*plan.order_key)
+            order = None if order_id is None else store.load_order(order_id)
+        succeeded = order is not None and order.state is OrderState.SUCCEEDED
+        if plan.dead and order is not None and not succeeded:
+            counts["pre_held_order_failed"] += 1
+        if fence is None:
+            counts["pre_hold_never_made"] += 1
+            if plan.placed:
+                violations.append(Violation("acknowledged-pre-hold-survives", subject,
+                                            "pre_hold answered, the account has no such hold"))
+            if succeeded:
+                violations.append(Violation("dead-pre-hold-fails-its-order", subject,
+                                            f"order {order and order.order_id} succeeded "
+                                            "with a hold that was never made"))
+            continue
+        counts[f"pre_hold_{fence.status.value}"] += 1
+        adopted = plan.order_key is not None and not plan.dead  # named, alive at submit
+        if adopted and succeeded:
+            assert order is not None
+            if fence.status is not FenceStatus.POSTED or fence.order_id != order.order_id:
+                violations.append(Violation(
+                    "adopted-pre-hold-posted-iff-succeeded", subject,
+                    f"order {order.order_id} succeeded, the hold is {fence.status.value} "
+                    f"for {fence.order_id}"))
+        elif plan.dead and succeeded:
+            assert order is not None
+            violations.append(Violation(
+                "dead-pre-hold-fails-its-order", subject,
+                f"order {order.order_id} succeeded with a hold that was {fence.status.value} "
+                "before it was submitted"))
+        elif fence.status not in GIVEN_BACK:
+            state = "no order" if order is None else f"order {order.order_id} {order.state.value}"
+            violations.append(Violation(
+                "pre-hold-given-back", subject,
+                f"{plan.fate.value} ({state}): the hold is {fence.status.value}, "
+                f"{fence.amount} points not given back"))
+        elif plan.fate is Fate.ABANDONED and fence.status is not FenceStatus.EXPIRED:
+            violations.append(Violation(
+                "abandoned-pre-hold-expires", subject,
+                f"nobody released it, yet it is {fence.status.value}"))
+        if plan.order_key is None and fence.order_id is not None:
+            violations.append(Violation("pre-hold-unadopted", subject,
+                                        f"no order names it, yet order {fence.order_id} has it"))
+        if plan.refused == "hold_refused" and fence.status is FenceStatus.EMPTY_ROLLBACK:
+            held = [e for e in store.journal("account", plan.account_id)
+                    if e.part == fence.key.journal_part and e.to_state != "empty_rollback"]
+            if held:
+                violations.append(Violation(
+                    "refused-tick-changed-nothing", subject,
+                    f"its untick came first, yet the hold went {held[0].to_state}"))
+    return violations, counts

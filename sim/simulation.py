@@ -34,13 +34,19 @@ from payengine.actors.engine import Engine
 from payengine.actors.messages import Receipt
 from payengine.actors.notifier import NotificationConfig
 from payengine.actors.runtime import Runtime, ThreadRuntime
-from payengine.engine.errors import ActorBroken, DuplicateSuspected, PaymentError
+from payengine.engine.errors import (
+    ActorBroken,
+    DuplicateSuspected,
+    IllegalTransition,
+    PaymentError,
+)
 from payengine.engine.order import (
     PLANTABLE_BUGS,
     CashPart,
     LegMode,
     LegStatus,
     OrderPolicy,
+    OrderState,
     PaymentRequest,
     RefundKind,
     RefundStatus,
@@ -51,7 +57,16 @@ from payengine.persistence.outbox import OutboxEvent
 from payengine.sim.channel import ChannelFaults, SimulatedChannel
 from payengine.sim.forger import Forger
 from payengine.sim.merchant import SimMerchant
-from payengine.sim.oracle import OracleReport, Told, Violation, check, check_notified, told_of
+from payengine.sim.oracle import (
+    OracleReport,
+    Told,
+    Violation,
+    check,
+    check_notified,
+    check_pre_holds,
+    told_of,
+)
+from payengine.sim.preholds import PreHolder
 from payengine.sim.runtime import Scheduler, SimRuntime, SimWorld
 from payengine.sim.statement import statement_from_channel
 from payengine.sim.voucher_link import LossyVoucherLink, VoucherFaults
@@ -61,9 +76,14 @@ FAULT_KINDS = (
     "channel-timeout", "unknown-code", "pay-failure", "query-no-answer", "query-processing",
     "user-never-pays", "user-pays-late", "duplicate-submit", "user-close", "timeout-close",
     "voucher-faults", "crash", "double-charge", "refund-callback-lost",
-    "refund-callback-duplicated", "merchant-down", "forged-notification",
+    "refund-callback-duplicated", "merchant-down", "forged-notification", "pre-holds",
+    "late-close",
 )
 """Every fault the simulator can inject; ``--faults`` picks from these."""
+
+LATER_KINDS = frozenset({"pre-holds", "late-close"})
+"""Faults (and features) added after the others: drawn from a stream of their own
+(``FaultMix.draw``'s ``later``), so that adding them changed no other fault's draws."""
 
 SIM_POLICY = OrderPolicy(
     pay_window_ms=3_000,
@@ -87,6 +107,16 @@ OUTBOX_RETENTION_MS = 5_000
 """Delivered events are pruned after 5 virtual seconds, so pruning runs all through a run,
 racing deliveries, retries and crashes; the oracle's notification checks (every terminal
 order notified and accepted) would catch an event pruned before its consumers had it."""
+
+PRE_HOLD_TOP_UP = 500
+"""Points each customer's points account gets on top when users pre-hold (``pre-holds``)."""
+
+POINTS_FUNDED_MAX = 500 + PRE_HOLD_TOP_UP
+"""The most any points account is funded with (``Simulation._setup``)."""
+
+VOUCHER_OUTAGE_MS = (6_500, 8_000)
+"""How long one voucher system is unreachable (fault ``voucher-faults``): longer than the
+whole voucher retry schedule, so follow-ups sent into it are only done by the sentinel."""
 
 ALIPAY_SHARE = 0.2
 """Share of orders paying through the second channel, ``alipay`` (the rest: ``wechat``)."""
@@ -189,14 +219,32 @@ class FaultMix:
     """How often the merchant's notification endpoint fails an attempt."""
     forgeries: float = 0.0
     """Chance per order that the forger (``sim.forger``) strikes at it, at a random time."""
+    pre_holds: float = 0.0
+    """Share of orders whose user pre-holds points first (``sim.preholds``)."""
+    late_close: float = 0.0
+    """Chance per order of a user close after its pay window (``Engine.close``)."""
+    voucher_outage: tuple[str, int, int] | None = None
+    """One voucher system unreachable: (accounts ending so, start after the workload's
+    start, length), in ms; ``None``: no outage."""
 
     @staticmethod
-    def draw(rng: random.Random, allowed: frozenset[str], *, swarm: bool = True) -> FaultMix:
-        """Switch each allowed fault on with probability 0.6 (all of them if not ``swarm``)."""
-        on = frozenset(k for k in sorted(allowed) if rng.random() < 0.6 or not swarm)
+    def draw(rng: random.Random, allowed: frozenset[str], *, swarm: bool = True,
+             later: random.Random | None = None) -> FaultMix:
+        """Switch each allowed fault on with probability 0.6 (all of them if not ``swarm``).
+
+        ``LATER_KINDS`` and the voucher outage are drawn from ``later`` (a fixed stream if
+        not given), after the others, so that they leave the others' draws as they were.
+        """
+        later = later or random.Random(0)
+        on = frozenset(k for k in sorted(allowed - LATER_KINDS) if rng.random() < 0.6 or not swarm)
+        on |= frozenset(k for k in sorted(allowed & LATER_KINDS)
+                        if later.random() < 0.6 or not swarm)
 
         def p(kind: str, high: float) -> float:
             return rng.uniform(0.02, high) if kind in on else 0.0
+
+        def p_later(kind: str, high: float) -> float:
+            return later.uniform(0.02, high) if kind in on else 0.0
 
         early = "callback-early" in on
         channel = ChannelFaults(
@@ -227,6 +275,12 @@ class FaultMix:
             pay_window_ms=rng.choice([800, 1_500]) if "timeout-close" in on else 3_000,
             merchant_down=p("merchant-down", 0.3),
             forgeries=p("forged-notification", 0.5),
+            pre_holds=p_later("pre-holds", 0.4),
+            late_close=p_later("late-close", 0.3),
+            voucher_outage=(
+                later.choice(["/pts", "/rp"]), later.randint(0, 1_000_000),
+                later.randint(*VOUCHER_OUTAGE_MS))
+            if "voucher-faults" in on and (later.random() < 0.5 or not swarm) else None,
             vouchers=VoucherFaults(
                 request_lost=p("voucher-faults", 0.25), reply_lost=p("voucher-faults", 0.25),
                 unavailable=p("voucher-faults", 0.25),
@@ -241,7 +295,8 @@ class Simulation:
         self.config = config
         self.rng = random.Random(config.seed)
         # A planted bug is shown against every allowed fault, so a default run triggers it.
-        self.mix = FaultMix.draw(self.rng, config.faults, swarm=config.plant_bug is None)
+        self.mix = FaultMix.draw(self.rng, config.faults, swarm=config.plant_bug is None,
+                                 later=random.Random(config.seed + 6))
         self.scheduler: Scheduler | None = None
         self.world: Any
         if config.runtime == "sim":
@@ -290,6 +345,17 @@ class Simulation:
         self.link_counts: dict[str, int] = {}
         self.notified: dict[str, Told] = {}
         """Outbox events the downstream subscriber received: event id -> what it told."""
+        self.pre_holder: PreHolder | None = None
+        if "pre-holds" in self.mix.on:
+            self.pre_holder = PreHolder(
+                random.Random(config.seed + 7), self.mix.pre_holds, now_ms=self.world.now_ms,
+                at=self._at, engine=lambda: self.engine, counts=self.counts,
+                violations=self.violations, points_funded_max=POINTS_FUNDED_MAX)
+        self.late_rng = random.Random(config.seed + 8)
+        self.close_refused: set[str] = set()
+        """Orders a late user close was refused for (paid): they never end closed."""
+        self.closed_by_user: set[str] = set()
+        """Orders a late user close answered closed (or failed): they never end paid."""
 
     # ------------------------------------------------------------------ engine lifecycle
 
@@ -394,6 +460,9 @@ class Simulation:
             engine.fund(f"{c}/rp", self.rng.choice([300, 1_000]), funding_id=f"{c}/rp")
             engine.open_account(f"{c}/pts", "POINTS", minor_per_unit=10)
             engine.fund(f"{c}/pts", self.rng.choice([60, 500]), funding_id=f"{c}/pts")
+        if self.pre_holder is not None:  # points to tick in the app, besides the orders'
+            for c in customers:
+                engine.fund(f"{c}/pts", PRE_HOLD_TOP_UP, funding_id=f"{c}/pts-pre")
         return customers
 
     def _request(self, i: int, customers: list[str]) -> PaymentRequest:
@@ -436,6 +505,10 @@ class Simulation:
             self.counts["user_close"] += 1
             delay = self.rng.randint(0, self.mix.pay_window_ms)
             self._at(self.world.now_ms() + delay, lambda: self._close(receipt.order_id))
+        if first is receipt and not self.quiet and self.mix.late_close and (
+            self.late_rng.random() < self.mix.late_close
+        ):
+            self._schedule_late_closes(receipt.order_id)
         if first is receipt and not self.quiet and self.rng.random() < REFUND_SHARE:
             self._schedule_refunds(receipt.order_id, request.total_minor)
         if first is receipt and request.cash is not None and (
@@ -486,13 +559,64 @@ class Simulation:
             with contextlib.suppress(PaymentError):
                 self.engine.request_close(order_id)
 
+    def _schedule_late_closes(self, order_id: str) -> None:
+        """The user closes the order late (fault ``late-close``): at the end of its pay
+        window (racing the timeout close), after it (the order closed, or paid: the close is
+        refused), while the user pays late (racing the late payment, which must then be
+        refunded), and sometimes twice (the second finds it closed already)."""
+        rng, window = self.late_rng, self.mix.pay_window_ms
+        at = self.world.now_ms() + rng.choice([
+            rng.randint(max(0, window - 50), window + 50),
+            rng.randint(window, window + 3_000),
+            rng.randint(2_000, 6_000),  # the channel's late payments come then
+        ])
+        self._at(at, functools.partial(self._late_close, order_id))
+        if rng.random() < 0.3:
+            self._at(at + rng.randint(0, 500), functools.partial(self._late_close, order_id))
+
+    def _late_close(self, order_id: str) -> None:
+        """A user close that waits for its answer (``Engine.close``): closed (or already
+        failed), or ``IllegalTransition`` for an order already paid."""
+        engine = self.engine
+        if engine is None or self.quiet:
+            return
+        self.counts["late_close"] += 1
+        try:
+            view = engine.close(order_id)
+        except IllegalTransition:
+            self.counts["late_close_refused_paid"] += 1
+            self.close_refused.add(order_id)
+            return
+        except (PaymentError, ActorBroken) as error:
+            self.counts[f"late_close_error:{getattr(error, 'code', 'actor_broken')}"] += 1
+            return
+        self.counts[f"late_close_{view.state}"] += 1
+        if view.state not in ("closed", "failed"):
+            self.violations.append(Violation(
+                "close-answers-truthfully", f"order {order_id}",
+                f"a user close answered {view.state}"))
+        else:
+            self.closed_by_user.add(order_id)
+
     def _schedule_workload(self, customers: list[str]) -> int:
         now: int = self.world.now_ms()
         span_ms = max(1_000, self.config.orders * 20)
+        faults_end = now + span_ms + self.mix.pay_window_ms + 3_000
+        if self.mix.voucher_outage is not None:
+            # In the second half of the orders: the first half's Confirms go out into it.
+            # The faults last until it is over.
+            system, start, length = self.mix.voucher_outage
+            start = now + span_ms // 2 + start % (span_ms // 2 + 1)
+            self.mix = replace(self.mix, vouchers=replace(
+                self.mix.vouchers, outage=(system, start, start + length)))
+            faults_end = max(faults_end, start + length)
         for i in range(self.config.orders):
             request = self._request(i, customers)
             at = now + self.rng.randint(0, span_ms)
-            self._at(at, functools.partial(self._submit, request))
+            submit: Callable[[], None] = functools.partial(self._submit, request)
+            if self.pre_holder is not None:
+                request, submit = self.pre_holder.around_order(request, at, self._submit)
+            self._at(at, submit)
             if self.rng.random() < self.mix.duplicate_submit:
                 self.counts["duplicate_submit"] += 1
                 self._at(at + self.rng.randint(0, 5), functools.partial(self._submit, request))
@@ -505,7 +629,7 @@ class Simulation:
                 self._at(at, self._crash)
             else:
                 self._at(at, self._arm_crash_after_commit)
-        return now + span_ms + self.mix.pay_window_ms + 3_000
+        return faults_end
 
     # ------------------------------------------------------------------ checks
 
@@ -549,6 +673,21 @@ class Simulation:
                     "resolved-by-reconciliation", f"order {order.order_id}",
                     f"cash leg {cash and cash.status.value}, refunds "
                     f"{[r.status.value for r in order.refunds]} after the statement"))
+        for order_id in sorted(self.close_refused | self.closed_by_user):
+            late = engine.store.load_order(order_id)
+            state = None if late is None else late.state
+            if order_id in self.close_refused and state is OrderState.CLOSED:
+                report.violations.append(Violation(
+                    "paid-order-never-closed", f"order {order_id}",
+                    "a user close was refused as the order was paid, yet it ended closed"))
+            if order_id in self.closed_by_user and state is OrderState.SUCCEEDED:
+                report.violations.append(Violation(
+                    "closed-order-never-paid", f"order {order_id}",
+                    "a user close answered closed, yet the order ended succeeded"))
+        if self.pre_holder is not None:
+            violations, counts = check_pre_holds(engine.store, self.pre_holder.plans)
+            report.violations += violations
+            self.counts.update(counts)
         for event_id in self.merchant.bad_signatures[:5]:
             report.violations.append(Violation(
                 "notification-signed", f"event {event_id}", "the signature did not verify"))
@@ -582,13 +721,14 @@ class Simulation:
         self._at(quiet_at, self._start_quiet_phase)
         self._drive(quiet_at)
         quiet_deadline_ms = quiet_at + QUIET_PHASE_MAX_MS
+        looped: list[Violation] = []
         while True:
             if self.engine is None:
                 self._open()
             self._flush_pending()
             self._drive(None, deadline_ms=quiet_deadline_ms)
             if self.world.now_ms() > quiet_deadline_ms:
-                self.violations.append(Violation(
+                looped.append(Violation(
                     "quiet-phase-ends", f"seed {self.config.seed}",
                     f"work still scheduled {QUIET_PHASE_MAX_MS // 1000} virtual seconds "
                     "after the faults stopped: a retry or timer loop"))
@@ -599,7 +739,9 @@ class Simulation:
                 break
         self._reconcile(quiet_deadline_ms)
         report = self._final_check()
-        self.violations += report.violations
+        # What the final check names (an order, with its journal) goes first: a loop is
+        # often its consequence, e.g. a hold kept for a Confirm that is never sent again.
+        self.violations += report.violations + looped
         engine = self.engine
         assert engine is not None
         final = engine.store.count_orders_by_state()

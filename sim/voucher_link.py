@@ -40,6 +40,9 @@ class VoucherFaults:
     unavailable: float = 0.0
     """The voucher system answers "try again" without doing anything."""
     delay_ms: tuple[int, int] = (0, 5)
+    outage: tuple[str, int, int] | None = None
+    """One voucher system unreachable: requests to accounts whose id ends with the first
+    item are lost from the second item's virtual time (ms) until the third's."""
 
 
 class LossyVoucherLink:
@@ -55,6 +58,11 @@ class LossyVoucherLink:
 
     def request(self, account_id: str, command: FromOrder) -> None:
         f = self._faults()
+        if f.outage is not None and account_id.endswith(f.outage[0]) and (
+            f.outage[1] <= self._world.now_ms() < f.outage[2]
+        ):
+            self._counts["voucher_outage_lost"] = self._counts.get("voucher_outage_lost", 0) + 1
+            return
         if self._chance(f.request_lost, "voucher_request_lost"):
             return
         if self._chance(f.unavailable, "voucher_unavailable"):

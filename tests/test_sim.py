@@ -205,3 +205,57 @@ def test_work_still_scheduled_after_the_quiet_phase_deadline_is_a_violation(
     monkeypatch.setattr(payengine.sim.simulation, "QUIET_PHASE_MAX_MS", 1)  # as if a timer looped
     result = run(SimConfig(seed=3, orders=20, faults=frozenset()))
     assert "quiet-phase-ends" in {v.invariant for v in result.violations}
+
+
+def test_pre_holds_play_every_story_and_each_ends_as_it_should() -> None:
+    result = run(SimConfig(seed=2, orders=120, faults=frozenset({"pre-holds"})))
+    assert result.ok, result.violations
+    assert result.fault_mix == ["pre-holds"]
+    counts = result.faults
+    for kind in ("pre_hold", "pre_hold_retry", "pre_hold_released", "untick_race",
+                 "pre_hold_refused", "pre_hold_refused:insufficient_balance",
+                 "pre_hold_posted", "pre_hold_voided", "pre_hold_expired",
+                 "pre_hold_empty_rollback", "pre_held_order_failed"):
+        assert counts.get(kind, 0) > 0, f"no {kind} in {counts}"
+
+
+def test_late_user_closes_of_paid_orders_are_refused_and_never_undo_the_payment() -> None:
+    result = run(SimConfig(seed=4, orders=120, faults=frozenset({"late-close", "user-pays-late"})))
+    assert result.ok, result.violations
+    assert result.faults["late_close_refused_paid"] > 0
+    assert result.faults.get("late_close_closed", 0) + result.faults.get("late_close_failed", 0)
+
+
+def test_the_pre_hold_oracle_sees_a_hold_not_given_back_and_one_acknowledged_then_lost(
+    tmp_path: Any
+) -> None:
+    from payengine import Engine, HoldRefused
+    from payengine.actors.runtime import ThreadRuntime
+    from payengine.sim.channel import ChannelFaults, SimulatedChannel
+    from payengine.sim.oracle import Fate, PreHoldPlan, check_pre_holds
+
+    world = ThreadRuntime()
+    engine = Engine.open(tmp_path / "holds.db", channels=[SimulatedChannel(
+        "wechat", world, seed=1, faults=ChannelFaults.none())])
+    try:
+        engine.open_account("u/pts", "POINTS", minor_per_unit=10)
+        engine.fund("u/pts", 100, funding_id="f1")
+        engine.pre_hold("u/pts", 10, hold_id="kept", ttl_ms=60_000)  # "abandoned", not expired
+        engine.release_hold("u/pts", "raced")  # the untick overtakes the tick ...
+        with pytest.raises(HoldRefused):
+            engine.pre_hold("u/pts", 10, hold_id="raced")  # ... which is refused
+        engine.pre_hold("u/pts", 10, hold_id="unticked")
+        engine.release_hold("u/pts", "unticked")
+        plans = [PreHoldPlan("u/pts", "kept", 10, Fate.ABANDONED, placed=True),
+                 PreHoldPlan("u/pts", "raced", 10, Fate.RACE, refused="hold_refused"),
+                 PreHoldPlan("u/pts", "unticked", 10, Fate.RELEASED, placed=True,
+                             released=True),
+                 PreHoldPlan("u/pts", "lost", 10, Fate.ABANDONED, placed=True)]
+        violations, counts = check_pre_holds(engine.store, plans)
+    finally:
+        engine.shutdown()
+        world.shutdown()
+    assert {(v.invariant, v.subject) for v in violations} == {
+        ("pre-hold-given-back", "pre-hold u/pts/kept"),
+        ("acknowledged-pre-hold-survives", "pre-hold u/pts/lost")}
+    assert counts["pre_hold_empty_rollback"] == 1 and counts["pre_hold_voided"] == 1
