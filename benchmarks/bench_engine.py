@@ -81,7 +81,7 @@ def bench_core(n: int) -> float:
             fence = order.fence_of(leg)
             order = decide(order, VoucherReply(leg.leg_no, fence, VoucherOp.TRY, True),
                            now_ms=2, policy=policy).order
-        order = decide(order, CashResult(ResultKind.SUCCESS, ResultSource.CALLBACK, "SUCCESS"),
+        order = decide(order, CashResult(ResultKind.SUCCESS, ResultSource.NOTIFICATION, "SUCCESS"),
                        now_ms=3, policy=policy).order
         for leg in order.legs[1:]:
             fence = order.fence_of(leg)
