@@ -10,6 +10,7 @@ directory restarts it from the database on the next message.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,6 +92,34 @@ class Context:
     """An ``actors.voucher_link.VoucherLink``; set by ``Engine.open``."""
     notifications: Any = None
     """The ``actors.notifier.Notifications`` of this engine; set by ``Engine.open``."""
+    pays_in_flight: PaysInFlight = field(default_factory=lambda: PaysInFlight())
+    """Payment serials whose ``pay`` call this process made and has not had back."""
+
+
+class PaysInFlight:
+    """The serials whose ``Channel.pay`` call is running in this process. Thread-safe.
+
+    Kept by the shell, not by an order's actor: an actor restarted in this process (after
+    a crash of its handler) must still know its serial's pay is running, so it neither
+    closes nor pays it again; a new process starts with none, since the calls of a dead one
+    can no longer answer.
+    """
+
+    def __init__(self) -> None:
+        self._serials: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, serial: str) -> None:
+        with self._lock:
+            self._serials.add(serial)
+
+    def discard(self, serial: str) -> None:
+        with self._lock:
+            self._serials.discard(serial)
+
+    def __contains__(self, serial: object) -> bool:
+        with self._lock:
+            return serial in self._serials
 
 
 class ActorBehaviour:

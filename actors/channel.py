@@ -139,10 +139,13 @@ def cash_result(channel: Channel, reply: ChannelReply | BaseException,
         return CashResult(ResultKind.PROCESSING, source, f"ERROR:{type(reply).__name__}")
     if not isinstance(reply, ChannelReply):  # an adapter bug: never guess a result from it
         return CashResult(ResultKind.PROCESSING, source, f"ERROR:{type(reply).__name__}")
-    kind = channel.pay_codes.classify(reply.return_code, reply.result_code)
-    code = reply.result_code or reply.return_code or "NONE"
-    return CashResult(kind, source, code, reply.channel_txn_id, reply.amount_minor,
-                      reported_by, reply.currency)
+    try:
+        kind = channel.pay_codes.classify(reply.return_code, reply.result_code)
+        code = str(reply.result_code or reply.return_code or "NONE")
+        return CashResult(kind, source, code, reply.channel_txn_id, reply.amount_minor,
+                          reported_by, reply.currency)
+    except Exception as error:  # an adapter's malformed reply: never guess a result from it
+        return CashResult(ResultKind.PROCESSING, source, f"ERROR:{type(error).__name__}")
 
 
 def refund_result(channel: Channel, refund_id: str, reply: ChannelReply | BaseException,
@@ -151,9 +154,14 @@ def refund_result(channel: Channel, refund_id: str, reply: ChannelReply | BaseEx
     if isinstance(reply, BaseException) or not isinstance(reply, ChannelReply):
         return RefundResult(refund_id, ResultKind.PROCESSING, source,
                             f"ERROR:{type(reply).__name__}")
-    kind = channel.refund_codes.classify(reply.return_code, reply.result_code)
-    return RefundResult(refund_id, kind, source, reply.result_code or reply.return_code or "NONE",
-                        reply.amount_minor, reported_by, reply.currency)
+    try:
+        kind = channel.refund_codes.classify(reply.return_code, reply.result_code)
+        return RefundResult(refund_id, kind, source,
+                            str(reply.result_code or reply.return_code or "NONE"),
+                            reply.amount_minor, reported_by, reply.currency)
+    except Exception as error:  # an adapter's malformed reply: never guess a result from it
+        return RefundResult(refund_id, ResultKind.PROCESSING, source,
+                            f"ERROR:{type(error).__name__}")
 
 
 def query_charge_result(channel: Channel, channel_txn_id: str,

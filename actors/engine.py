@@ -26,6 +26,7 @@ from payengine.actors.channel import (
     check_reply,
     refund_result,
 )
+from payengine.actors.confirm_limiter import ConfirmLimiter
 from payengine.actors.directory import Directory, Key
 from payengine.actors.logs import get_logger
 from payengine.actors.messages import (
@@ -80,6 +81,7 @@ from payengine.engine.order import (
     check_refund_request,
     check_report,
     check_request,
+    needs_confirmation,
     owed_commands,
     report_agrees,
     suspected_duplicates,
@@ -159,6 +161,7 @@ class Engine:
         self._ctx = ctx
         self._ids = ids
         self._closed = False
+        self._confirm_limiter = ConfirmLimiter(ctx.policy.confirm_query_interval_ms)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -553,14 +556,21 @@ class Engine:
                 raise UnknownOrder(f"no payment order with serial {payment_serial}")
             check_report(order, event, self._ctx.policy)
             self._check_txn_owner(channel, order_id, event)
-            if event.source not in UNVERIFIED_SOURCES or report_agrees(order, event) or (
-                "trust-forged-notification" in self._ctx.policy.planted_bugs
-            ):
+            unverified = event.source in UNVERIFIED_SOURCES
+            if report_agrees(order, event) or "trust-forged-notification" in (
+                self._ctx.policy.planted_bugs
+            ) or not (unverified or needs_confirmation(order, event)):
                 return self._feed(order_id, event, wait)
-            self._feed(order_id, event, False)  # the order asks the channel
+            # Not believed on its word: the order asks the channel (bounded), and this is
+            # not acknowledged, so the wallet sends it again; once the channel's answer is
+            # in, it agrees and returns the state.
+            if self._confirm_limiter.allow(order_id, not unverified, self._ctx.runtime.now_ms()):
+                self._feed(order_id, event, False)
+            what = "an unverified" if unverified else "a verified but unconfirmed"
             raise NotificationRejected(
-                f"an unverified {event.kind.value} for {payment_serial} is not believed: the "
-                "channel is asked; acknowledge once the order shows it", "unverified")
+                f"{what} {event.kind.value} for {payment_serial} is not believed: the channel "
+                "is asked; acknowledge once the order shows it",
+                "unverified" if unverified else "unconfirmed")
         except (NotificationRejected, UnknownOrder) as error:
             self._reject(channel, payment_serial, refund_id, source, error)
             raise

@@ -49,6 +49,13 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from payengine.actors.runtime import Runtime, TimerHandle
+from payengine.engine.checks import (
+    check_id,
+    check_ids,
+    check_optional_id,
+    check_text,
+    shown,
+)
 from payengine.engine.errors import EngineClosed, InvalidRequest, Overloaded
 from payengine.persistence import outbox
 from payengine.persistence.outbox import (
@@ -464,7 +471,7 @@ class Notifications:
         the file. Raises ``InvalidRequest`` for a bad id, URL (http or https only), secret
         (16..256 characters) or state.
         """
-        _check_text(merchant_id, "merchant_id", 1, 128)
+        check_id(merchant_id, "merchant_id")
         url = _check_url(callback_url)
         _check_text(secret, "secret", 16, 256)
         wanted = _check_states(states)
@@ -483,6 +490,7 @@ class Notifications:
 
         Returns how many were pending. Raises ``InvalidRequest`` if it is not registered.
         """
+        check_id(merchant_id, "merchant_id")
         self._check_open()
         with self.ctx.store._tx() as conn:
             if outbox.load_merchant(conn, merchant_id) is None:
@@ -495,6 +503,7 @@ class Notifications:
         return dropped
 
     def merchant(self, merchant_id: str) -> MerchantEndpoint | None:
+        check_id(merchant_id, "merchant_id")
         with self.ctx.store._read() as conn:
             return outbox.load_merchant(conn, merchant_id)
 
@@ -503,11 +512,13 @@ class Notifications:
     def status(self, event_id: str) -> Notification | None:
         """The merchant notification of an event; ``None`` if there is none (its merchant is
         not registered, the state is not in its ``states``, or it is not dispatched yet)."""
+        check_text(event_id, "event_id", 512, required=True)
         with self.ctx.store._read() as conn:
             return outbox.load_notification(conn, event_id)
 
     def notifications_of(self, order_id: str) -> list[Notification]:
         """Every merchant notification of an order, in event order."""
+        check_id(order_id, "order_id")
         with self.ctx.store._read() as conn:
             return outbox.notifications_of(conn, order_id)
 
@@ -525,7 +536,8 @@ class Notifications:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
             raise InvalidRequest(f"limit must be 1..10000, got {limit!r}")
         if isinstance(after_seq, bool) or not isinstance(after_seq, int) or after_seq < 0:
-            raise InvalidRequest(f"after_seq must be an int >= 0, got {after_seq!r}")
+            raise InvalidRequest(f"after_seq must be an int >= 0, got {shown(after_seq)}")
+        check_optional_id(order_id, "order_id")
         with self.ctx.store._read() as conn:
             return outbox.read_events(conn, after_seq, limit, order_id)
 
@@ -552,6 +564,7 @@ class Notifications:
 
     def dead_letters(self, subscriber: str | None = None) -> list[DeadLetter]:
         """Events a subscriber refused on every attempt and was then skipped."""
+        check_optional_id(subscriber, "subscriber")
         with self.ctx.store._read() as conn:
             return outbox.dead_letters(conn, subscriber)
 
@@ -731,7 +744,9 @@ class Notifications:
 
 
 def _check_text(value: object, what: str, low: int, high: int) -> None:
-    if not isinstance(value, str) or not low <= len(value) <= high:
+    check_text(value, what, high, required=low > 0)
+    assert isinstance(value, str)
+    if not low <= len(value) <= high:
         raise InvalidRequest(f"{what} must be a string of {low}..{high} characters")
 
 
@@ -755,10 +770,8 @@ def _check_url(url: object) -> str:
 def _check_states(states: Iterable[str] | None) -> tuple[str, ...]:
     if states is None:
         return ()
-    if isinstance(states, str):
-        raise InvalidRequest("states must be a collection of order states, not one string")
     known = set(outbox.FILTER_KEYS)
-    wanted = tuple(dict.fromkeys(states))
+    wanted = tuple(dict.fromkeys(check_ids(states, "states", len(known))))
     bad = [s for s in wanted if s not in known]
     if bad or not wanted:
         raise InvalidRequest(f"states must be order states or refund and hold events among "

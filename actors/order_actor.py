@@ -11,6 +11,7 @@ When the order is settled (terminal and nothing in flight) the actor stops; any 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from payengine.actors.base import ActorBehaviour, Context
@@ -60,7 +61,10 @@ class OrderBehaviour(ActorBehaviour):
         self.timers: dict[TimerKind, TimerHandle] = {}
 
     def load(self) -> None:
-        self.order = self.ctx.store.load_order(self.key[1])
+        order = self.ctx.store.load_order(self.key[1])
+        if order is not None and order.payment_serial in self.ctx.pays_in_flight:
+            order = replace(order, pay_in_flight=True)  # restarted while its pay is running
+        self.order = order
         # An unsettled order whose actor (re)started has effects in flight that nobody may
         # carry out any more (the previous actor died, or the engine restarted): the first
         # message is preceded by an Activate, which re-issues them (all idempotent).
@@ -165,8 +169,7 @@ class OrderBehaviour(ActorBehaviour):
                 self.timers[effect.timer] = self.tell_later(
                     effect.due_at_ms, TimerFired(effect.timer, effect.token))
             case PayCash():
-                self._call_channel(effect.channel, ResultSource.SYNC, lambda ch: ch.pay(
-                    effect.payment_serial, effect.amount_minor, effect.currency, effect.title))
+                self._pay(effect)
             case QueryCash():
                 self._call_channel(effect.channel, ResultSource.QUERY,
                                    lambda ch: ch.query(effect.payment_serial))
@@ -188,6 +191,25 @@ class OrderBehaviour(ActorBehaviour):
                 self._call_refund(effect.channel, effect.refund_id, ResultSource.QUERY,
                                   lambda ch: ch.query_refund(effect.payment_serial,
                                                              effect.refund_id))
+
+    def _pay(self, effect: PayCash) -> None:
+        """Call ``pay`` on the channel's lane; the serial counts as in flight, process-wide,
+        until the call has come back (see ``PaysInFlight``)."""
+        channel = self.ctx.channels[effect.channel]
+        directory, key, serial = self.ctx.directory, self.key, effect.payment_serial
+        in_flight = self.ctx.pays_in_flight
+
+        def answered(reply: Any) -> None:
+            in_flight.discard(serial)
+            directory.tell(key, cash_result(channel, reply, ResultSource.SYNC))
+
+        in_flight.add(serial)
+        try:
+            self.ctx.runtime.run_io(effect.channel, lambda: channel.pay(
+                serial, effect.amount_minor, effect.currency, effect.title), answered)
+        except BaseException:
+            in_flight.discard(serial)  # never started: nothing is in flight
+            raise
 
     def _call_channel(self, name: str, source: ResultSource, call: Any) -> None:
         channel = self.ctx.channels[name]

@@ -154,8 +154,10 @@ class NotificationRejected(PaymentError):
     order's, or a transaction id that belongs to another payment. Nothing changed; the
     rejection is recorded (``Engine.rejected_notifications``). ``reason`` is a short code:
     ``bad_signature``, ``wrong_channel``, ``wrong_currency``, ``wrong_amount``,
-    ``foreign_transaction``, ``unknown_refund``, ``malformed``, or ``unverified`` (a parsed
-    notification that would change something: the order asks the channel instead).
+    ``foreign_transaction``, ``unknown_refund``, ``malformed``, ``unverified`` (a parsed
+    notification that would change something: the order asks the channel instead) or
+    ``unconfirmed`` (a verified second charge or refund failure the channel has not
+    confirmed yet: it is asked).
     """
 
     code = "notification_rejected"

@@ -1334,11 +1334,13 @@ def check_report(order: PaymentOrder, result: CashResult | RefundResult,
         raise NotificationRejected(
             f"order {order.order_id} pays through {cash.channel}, not {result.channel}",
             "wrong_channel")
-    if result.currency is not None and result.currency != order.currency:
+    from_outside = result.source in (ResultSource.CALLBACK, ResultSource.NOTIFICATION)
+    if from_outside and result.currency is not None and result.currency != order.currency:
+        # (an answer to the engine's own call in another currency is not refused: if money
+        # moved, it takes the mismatch path, never a success)
         raise NotificationRejected(
             f"order {order.order_id} is in {order.currency}, the report says {result.currency}",
             "wrong_currency")
-    from_outside = result.source in (ResultSource.CALLBACK, ResultSource.NOTIFICATION)
     if not from_outside or result.amount_minor is None:
         return
     if isinstance(result, RefundResult):
@@ -1390,6 +1392,21 @@ def report_agrees(order: PaymentOrder, result: CashResult | RefundResult) -> boo
         refund_no=SECOND_CHARGE_PREFIX + txn) is not None
 
 
+def needs_confirmation(order: PaymentOrder, result: CashResult | RefundResult) -> bool:
+    """Whether even a verified report is believed only once the channel's answer to a query
+    says the same: a second charge (money would leave) and a refund failure (the amount
+    would be free to refund again)."""
+    cash = order.cash_leg
+    if cash is None:
+        return False
+    if isinstance(result, RefundResult):
+        return result.kind is ResultKind.FAILURE
+    txn = result.channel_txn_id
+    return (result.kind is ResultKind.SUCCESS and cash.status in PAID_CASH_STATUSES
+            and txn is not None and cash.channel_txn_id is not None
+            and txn != cash.channel_txn_id)
+
+
 def _refund_cash_amount(order: PaymentOrder, refund_id: str) -> int | None:
     """What the channel was asked to give back under ``refund_id`` (``None``: nothing)."""
     cash = order.cash_leg
@@ -1402,12 +1419,16 @@ def _refund_cash_amount(order: PaymentOrder, refund_id: str) -> int | None:
     return None if part is None else part.amount
 
 
-def _ask_channel(d: _Draft, effect: QueryCash | QueryCharge | QueryRefund, why: str) -> str:
-    """Ask the channel instead of believing a report; at most one per confirm interval."""
+def _ask_channel(d: _Draft, effect: QueryCash | QueryCharge | QueryRefund, why: str, *,
+                 source: ResultSource) -> str:
+    """Ask the channel instead of believing a report. For unverified reports at most one
+    query per confirm interval (the shell bounds them per order too, across restarts of the
+    actor); a verified one always asks, so forged callbacks can never use up its turn."""
     last = d.order.confirm_query_at_ms
-    if last is not None and d.now_ms - last < d.policy.confirm_query_interval_ms:
-        return f"ignored: {why}; the channel was asked moments ago"
-    d.volatile(confirm_query_at_ms=d.now_ms)
+    if source in UNVERIFIED_SOURCES:
+        if last is not None and d.now_ms - last < d.policy.confirm_query_interval_ms:
+            return f"ignored: {why}; the channel was asked moments ago"
+        d.volatile(confirm_query_at_ms=d.now_ms)
     d.effects.append(effect)
     return f"asked the channel: {why}"
 
@@ -1424,11 +1445,13 @@ def _confirm_cash(d: _Draft, cash: Leg, result: CashResult) -> str:
     if result.kind is ResultKind.PROCESSING:
         return f"ignored: {why}"
     if cash.status in (LegStatus.PAYING, LegStatus.UNKNOWN, LegStatus.UNPAID):
-        return _ask_channel(d, QueryCash(cash.channel, d.order.payment_serial), why)
+        return _ask_channel(d, QueryCash(cash.channel, d.order.payment_serial), why,
+                            source=result.source)
     if result.kind is ResultKind.SUCCESS and txn and cash.channel_txn_id and (
         txn != cash.channel_txn_id
     ) and d.order.refund(refund_no=SECOND_CHARGE_PREFIX + txn) is None:
-        return _ask_channel(d, QueryCharge(cash.channel, d.order.payment_serial, txn), why)
+        return _ask_channel(d, QueryCharge(cash.channel, d.order.payment_serial, txn), why,
+                            source=result.source)
     return f"ignored: {why}, cash leg is {cash.status.value}"
 
 
@@ -1441,10 +1464,10 @@ def _cash_result(d: _Draft, result: CashResult) -> str:
             f"order {d.order.order_id} has not asked its channel yet; a {result.kind.value} "
             "result cannot be for it"
         )
-    check_report(d.order, result, d.policy)
     close_waited = d.order.pay_in_flight and d.order.is_terminal
-    if result.source is ResultSource.SYNC:
+    if result.source is ResultSource.SYNC:  # first: the pay call is back, whatever it says
         d.volatile(pay_in_flight=False)
+    check_report(d.order, result, d.policy)
     if not d.order.is_terminal and d.order.state is not OrderState.DEDUCTING and (
         d.now_ms >= d.order.close_at_ms
     ):
@@ -1494,11 +1517,14 @@ def _cash_success(d: _Draft, cash: Leg, result: CashResult) -> str:
                     return f"duplicate: second charge {txn} is already being refunded"
                 assert cash.channel is not None
                 return _ask_channel(d, QueryCharge(cash.channel, d.order.payment_serial, txn),
-                                    f"notified of a second charge {txn}")
+                                    f"notified of a second charge {txn}", source=result.source)
             return _refund_second_charge(d, cash, result)
         return f"duplicate: success again ({result.source.value}), cash leg is {cash.status.value}"
-    if result.amount_minor is not None and result.amount_minor != cash.amount:
-        cause = f"amount_mismatch: channel charged {result.amount_minor}, asked {cash.amount}"
+    if (result.amount_minor is not None and result.amount_minor != cash.amount) or (
+        result.currency is not None and result.currency != d.order.currency
+    ):
+        cause = (f"amount_mismatch: channel charged {result.amount_minor} "
+                 f"{result.currency or d.order.currency}, asked {cash.amount} {d.order.currency}")
         d.set_leg(cash.leg_no, LegStatus.UNKNOWN, cause, channel_code=result.code,
                   channel_txn_id=result.channel_txn_id)
         if d.order.state is OrderState.PAYING:
@@ -1574,7 +1600,7 @@ def _confirm_refund(d: _Draft, result: RefundResult) -> str:
     if not (open_error_refund or open_part):
         return f"ignored: {why}, nothing open to settle"
     return _ask_channel(d, QueryRefund(cash.channel, d.order.payment_serial, result.refund_id),
-                        why)
+                        why, source=result.source)
 
 
 def _apply_refund_result(d: _Draft, result: RefundResult) -> str:

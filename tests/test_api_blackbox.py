@@ -936,8 +936,11 @@ def test_one_pre_hold_adopted_by_two_orders_at_once(tmp_path: Path) -> None:
             assert all(kind == "ok" or isinstance(v, PaymentError) for kind, v in results)
             assert receipts, results
             for r in receipts:
-                wait_until(lambda r=r: engine.get_order(r.order_id).state
-                           in TERMINAL | {"paying"}, what="order to pay or end")
+                # "paying" is committed before the pay call reaches the wallet: wait for the
+                # call too, or the user pays a payment the wallet does not know yet
+                wait_until(lambda r=r: engine.get_order(r.order_id).state in TERMINAL or (
+                    engine.get_order(r.order_id).state == "paying"
+                    and r.payment_serial in channel.payments), what="order to pay or end")
             run_together([lambda r=r: signed_callback(engine,
                 "wechat", r.payment_serial, channel.user_pays(r.payment_serial))
                 for r in receipts if engine.get_order(r.order_id).state == "paying"])

@@ -27,6 +27,7 @@ from payengine import (
     IdempotencyConflict,
     IllegalTransition,
     NotificationConfig,
+    NotificationRejected,
     OrderView,
     OutboxEvent,
     PaymentError,
@@ -406,8 +407,10 @@ def test_duplicated_and_late_refund_callbacks_change_nothing(
     snapshot = (balances(engine), engine.ledger_balances(), done.refunded_minor)
     assert snapshot[0]["red-packet"] == (1_000, 1_000, 0, 0)
     # a late, contradicting answer for a refund already settled does not move it back
-    signed_refund_callback(engine, "wechat", order.payment_serial, refund.refund_id,
-                                  REFUND_CLOSED)
+    # (and is not acknowledged: a failure is believed only once the channel says so)
+    with pytest.raises(NotificationRejected):
+        signed_refund_callback(engine, "wechat", order.payment_serial, refund.refund_id,
+                               REFUND_CLOSED)
     signed_refund_callback(engine, "wechat", order.payment_serial, refund.refund_id, REFUND_OK)
     after = settled(engine, order.order_id)
     assert after.refund("r").status == "succeeded"  # type: ignore[union-attr]
@@ -421,9 +424,13 @@ def test_refund_closed_by_the_channel_gives_nothing_and_frees_the_amount(
     order = paid_order(engine)
     refund = engine.refund(order.order_id, "r1", 10_000)
     channel.refund_query_reply = REFUND_CLOSED  # the channel's own answer, asked before belief
+    with pytest.raises(NotificationRejected, match="unconfirmed"):
+        signed_refund_callback(engine, "wechat", order.payment_serial, refund.refund_id,
+                               REFUND_CLOSED)
+    failed = refund_settled(engine, order.order_id, "r1")
+    # sent again by the wallet, it now agrees with what the channel answered: acknowledged
     signed_refund_callback(engine, "wechat", order.payment_serial, refund.refund_id,
                            REFUND_CLOSED)
-    failed = refund_settled(engine, order.order_id, "r1")
     assert failed.status == "failed"
     assert ("query_refund", order.payment_serial, refund.refund_id) in channel.calls
     assert failed.parts[0] == (0, 9_600, "failed")
@@ -515,8 +522,9 @@ def test_second_charge_is_refunded_whole_without_using_the_refundable_amount(
     order = paid_order(engine)
     # the channel confirms the second charge when asked (query_charge): only then refunded
     channel.charge_query_reply = ChannelReply("SUCCESS", "SUCCESS", "TX2", 9_600)
-    signed_callback(engine, "wechat", order.payment_serial,
-                    ChannelReply("SUCCESS", "SUCCESS", "TX2", None))
+    with pytest.raises(NotificationRejected, match="unconfirmed"):
+        signed_callback(engine, "wechat", order.payment_serial,
+                        ChannelReply("SUCCESS", "SUCCESS", "TX2", None))
     wait_for(lambda: refund_calls(channel), T, what="refund of the second charge")
     view = engine.get_order(order.order_id)
     dup = view.refund("charge:TX2")

@@ -226,11 +226,10 @@ def test_a_second_charge_is_refunded_only_after_the_channel_confirms_it(
     order_id = paid(engine, "o1")
     serial = serial_of(engine, order_id)
     replayed = ChannelReply("SUCCESS", "SUCCESS", "TX-second", 1_000)
-    if verified:
-        signed_callback(engine, "wechat", serial, replayed)
-    else:
-        with pytest.raises(NotificationRejected, match="not believed"):
-            engine.handle_callback("wechat", serial, replayed)
+    feed = signed_callback if verified else _unsigned
+    with pytest.raises(NotificationRejected, match="not believed") as raised:
+        feed(engine, "wechat", serial, replayed)
+    assert raised.value.reason == ("unconfirmed" if verified else "unverified")
     wait_for(lambda: ("query_charge", serial, "TX-second") in wechat.calls, what="asked")
     order = engine.get_order(order_id)
     assert order.refunds == () and wechat.count("refund") == 0  # the channel said no
@@ -275,11 +274,11 @@ def test_a_refund_close_the_channel_does_not_confirm_leaves_the_refund_in_flight
     serial = serial_of(engine, order_id)
     wechat.refund_query_reply = ChannelReply("SUCCESS", "PROCESSING")  # really paying it out
     refund = engine.refund(order_id, "r1", 500)
-    if verified:  # a failure would free the amount: asked first, even when signed
-        signed_refund_callback(engine, "wechat", serial, refund.refund_id, REFUND_CLOSED)
-    else:
-        with pytest.raises(NotificationRejected, match="not believed"):
-            _unsigned_refund(engine, "wechat", serial, refund.refund_id, REFUND_CLOSED)
+    # a failure would free the amount: asked first, and not acknowledged, even when signed
+    feed = signed_refund_callback if verified else _unsigned_refund
+    with pytest.raises(NotificationRejected, match="not believed") as raised:
+        feed(engine, "wechat", serial, refund.refund_id, REFUND_CLOSED)
+    assert raised.value.reason == ("unconfirmed" if verified else "unverified")
     wait_for(lambda: ("query_refund", serial, refund.refund_id) in wechat.calls, what="asked")
     assert engine.get_order(order_id).refund("r1").status == "refunding"  # type: ignore[union-attr]
     # so the merchant cannot ask for the same money again: it is still being refunded
@@ -295,6 +294,10 @@ def test_a_refund_success_counts_once_verified(engine: Engine) -> None:
     done = wait_for(lambda: (r := engine.get_order(order_id).refund("r1")) is not None
                     and r.status == "succeeded" and r, what="refunded")
     assert done.parts == ((0, 500, "done"),)
+
+
+def _unsigned(engine: Engine, channel: str, serial: str, reply: ChannelReply) -> str:
+    return engine.handle_callback(channel, serial, reply)
 
 
 def _unsigned_refund(engine: Engine, channel: str, serial: str, refund_id: str,

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from payengine import CashPart, ChannelReply, Engine, EngineConfig, PaymentRequest
+from payengine import (
+    CashPart,
+    ChannelReply,
+    Engine,
+    EngineConfig,
+    NotificationRejected,
+    PaymentRequest,
+)
 from tests.helpers import (
     ScriptedChannel,
     fuel_request,
@@ -73,9 +80,12 @@ def test_refunds_take_from_the_merchant_and_give_back_to_payer_and_vouchers(
     channel.refund_reply = REFUND_OK
     receipt = paid_order(engine)
     engine.refund(receipt.order_id, "rf-1", 9_700)
-    signed_callback(engine, "wechat", receipt.payment_serial,
-                           ChannelReply("SUCCESS", "SUCCESS", "TX2", 9_600))
-    wait_for(lambda: engine.get_order(receipt.order_id).settled, what="refunds done")
+    second = ChannelReply("SUCCESS", "SUCCESS", "TX2", 9_600)
+    channel.charge_query_reply = second  # the channel confirms the second charge when asked
+    with pytest.raises(NotificationRejected, match="unconfirmed"):
+        signed_callback(engine, "wechat", receipt.payment_serial, second)
+    wait_for(lambda: engine.get_order(receipt.order_id).refunds[-1:] and engine.get_order(
+        receipt.order_id).settled, what="refunds done")
     assert nonzero(engine.ledger_balances(receipt.order_id)["CNY"]) == {
         "merchant:station-1": 300, "vouchers:alice/points": -200,
         "vouchers:alice/phone": -100,

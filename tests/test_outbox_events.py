@@ -22,6 +22,7 @@ from payengine import (
     EngineConfig,
     InvalidRequest,
     NotificationConfig,
+    NotificationRejected,
     OrderPolicy,
     OutboxEvent,
     PaymentRequest,
@@ -210,7 +211,8 @@ def test_a_second_charge_refund_is_published_as_a_duplicate_charge(world: World)
     world.settle()
     second = ChannelReply("SUCCESS", "SUCCESS", "TX2", 500)
     world.channel.charge_query_reply = second  # the channel confirms the second charge
-    signed_callback(world.engine, "wechat", serial, second)
+    with pytest.raises(NotificationRejected, match="unconfirmed"):
+        signed_callback(world.engine, "wechat", serial, second)
     world.settle()
     pushed = world.subscriber.of(REFUND_STATE_CHANGED, order_id)
     assert [(e.to_state, e.refund_kind, e.refund_no, e.amount) for e in pushed] == [

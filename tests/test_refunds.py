@@ -19,6 +19,7 @@ from payengine import (
     IdempotencyConflict,
     IllegalTransition,
     InvalidAmount,
+    NotificationRejected,
     OrderPolicy,
     RefundRefused,
 )
@@ -216,14 +217,16 @@ def test_a_second_charge_of_a_paid_order_is_refunded_whole(
     engine, channel = setup
     order = paid_order(engine)
     second = ChannelReply("SUCCESS", "SUCCESS", "TX2", 9_600)
-    signed_callback(engine, "wechat", order.payment_serial, second)
+    with pytest.raises(NotificationRejected, match="unconfirmed"):
+        signed_callback(engine, "wechat", order.payment_serial, second)
     # money never leaves on a notification alone: the channel is asked about TX2 first
     wait_for(lambda: ("query_charge", order.payment_serial, "TX2") in channel.calls,
              what="the second charge asked about")
     assert engine.get_order(order.order_id).refunds == ()
     channel.charge_query_reply = second  # the channel confirms it really charged TX2
     time.sleep(SLOW_POLICY.confirm_query_interval_ms / 1000)  # past the bound on such queries
-    signed_callback(engine, "wechat", order.payment_serial, second)  # reported again
+    with pytest.raises(NotificationRejected, match="unconfirmed"):  # the wallet's retry
+        signed_callback(engine, "wechat", order.payment_serial, second)
     done = wait_for(lambda: (o := engine.get_order(order.order_id)).settled and o.refunds and o,
                     what="second charge refunded")
     (refund,) = done.refunds
