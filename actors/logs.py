@@ -28,11 +28,45 @@ _PROCESSORS: list[Any] = [
 ]
 
 
+class LevelFilteredLogger(structlog.stdlib.BoundLogger):
+    """A stdlib-backed structlog logger that does nothing at all below the stdlib logger's
+    level: no context copied, no processor run (``logging.Logger.isEnabledFor`` is cached
+    by the standard library, so the check is one dict lookup). Embedded with logging off,
+    the engine's logging costs a method call per event."""
+
+    def _enabled(self, level: int) -> bool:
+        return bool(self._logger.isEnabledFor(level))
+
+    def debug(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if self._enabled(logging.DEBUG):
+            return super().debug(event, *args, **kw)
+        return None
+
+    def info(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if self._enabled(logging.INFO):
+            return super().info(event, *args, **kw)
+        return None
+
+    def warning(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if self._enabled(logging.WARNING):
+            return super().warning(event, *args, **kw)
+        return None
+
+    def error(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if self._enabled(logging.ERROR):
+            return super().error(event, *args, **kw)
+        return None
+
+    def is_enabled_for(self, level: int) -> bool:
+        """For a caller that would build many events (a loop): ask once, skip them all."""
+        return self._enabled(level)
+
+
 def get_logger(name: str = ROOT_LOGGER_NAME) -> Any:
     """A structlog logger writing to the stdlib logger ``name`` (under ``payengine``)."""
     assert name == ROOT_LOGGER_NAME or name.startswith(ROOT_LOGGER_NAME + "."), name
     return structlog.wrap_logger(logging.getLogger(name), processors=_PROCESSORS,
-                                 wrapper_class=structlog.stdlib.BoundLogger,
+                                 wrapper_class=LevelFilteredLogger,
                                  cache_logger_on_first_use=True)
 
 

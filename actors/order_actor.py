@@ -11,6 +11,7 @@ When the order is settled (terminal and nothing in flight) the actor stops; any 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import Any
 
@@ -132,11 +133,12 @@ class OrderBehaviour(ActorBehaviour):
         """Log the decision; a failing log never undoes or blocks a committed decision."""
         order = decision.order
         try:
-            for t in decision.transitions:
-                self.log.info("transition", order_id=order.order_id, part=t.entity,
-                              from_state=t.from_state, to_state=t.to_state, cause=t.cause,
-                              on=type(event).__name__)
-            if not decision.transitions:
+            if decision.transitions and self.log.is_enabled_for(logging.INFO):
+                for t in decision.transitions:
+                    self.log.info("transition", order_id=order.order_id, part=t.entity,
+                                  from_state=t.from_state, to_state=t.to_state, cause=t.cause,
+                                  on=type(event).__name__)
+            elif not decision.transitions and self.log.is_enabled_for(logging.DEBUG):
                 self.log.debug("event", order_id=order.order_id, on=type(event).__name__,
                                note=decision.note)
         except Exception:

@@ -8,6 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE = ROOT / "engine"
 FORBIDDEN_STDLIB = {"time", "random", "uuid", "threading", "asyncio", "socket", "os", "sqlite3",
@@ -68,3 +70,27 @@ def test_the_public_face_is_the_top_of_the_package() -> None:
     for name in payengine.__all__:
         assert getattr(payengine, name) is not None
     assert payengine.Engine.__module__ == "payengine.actors.engine"
+
+
+def test_the_engine_is_quiet_by_default_and_builds_nothing_for_a_level_nobody_reads(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import logging
+
+    import structlog
+
+    from payengine.actors.logs import get_logger
+
+    log = get_logger("payengine.test").bind(order_id="o1")
+    engine_logger = logging.getLogger("payengine")
+    assert any(isinstance(h, logging.NullHandler) for h in engine_logger.handlers)
+
+    def processed(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an event below the level reached the processors")
+
+    monkeypatch.setattr(structlog.stdlib.BoundLogger, "_proxy_to_logger", processed)
+    monkeypatch.setattr(logging.getLogger("payengine.test"), "level", logging.WARNING)
+    log.info("transition", part="order")
+    log.debug("event")
+    assert not log.is_enabled_for(logging.INFO)
+    assert capsys.readouterr() == ("", "")
