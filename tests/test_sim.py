@@ -259,3 +259,17 @@ def test_the_pre_hold_oracle_sees_a_hold_not_given_back_and_one_acknowledged_the
         ("pre-hold-given-back", "pre-hold u/pts/kept"),
         ("acknowledged-pre-hold-survives", "pre-hold u/pts/lost")}
     assert counts["pre_hold_empty_rollback"] == 1 and counts["pre_hold_voided"] == 1
+
+
+def test_bench_prints_its_figures_as_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--payments", "30", "--workers", "4", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["payments"] == figures["settled"] == 30
+    assert figures["commits_per_payment"] > 0 and figures["rows_per_payment"] > 0
+    assert figures["settled_p99_ms"] >= figures["settled_p50_ms"] > 0
+    assert figures["offered_per_s"] is None and figures["peak_threads"] > 1
+
+
+def test_bench_refuses_a_bad_number_as_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--payments", "0"]) == 2
+    assert "--payments" in capsys.readouterr().err

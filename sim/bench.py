@@ -1,0 +1,211 @@
+"""``payengine bench``: the real engine, on threads and a SQLite file, measured and printed.
+
+A combined payment (cash through an instant channel, a red packet and points held at
+submit) is submitted by client threads, closed loop (as fast as the engine takes them) or
+open loop (paced at ``--rate`` payments per second, so latency is measured at a load, not
+at saturation). A payment counts when a subscriber hears it ``succeeded``. Printed: payments
+per second, submit→receipt and submit→settled p50/p99, SQLite commits, write statements and
+rows per payment (counted on the engine's writer connection), peak threads and RSS.
+
+Figures are printed, never asserted: the machine is shared and noisy; compare runs made
+side by side (``../shared/bench/peers/`` for the ratio to hand-written SQL).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from payengine.actors.channel import ChannelNotification, ChannelReply, SignedJsonNotifications
+from payengine.actors.engine import Engine
+from payengine.engine.codes import WECHAT_LIKE_PAY_CODES, WECHAT_LIKE_REFUND_CODES
+from payengine.engine.order import CashPart, PaymentRequest, VoucherPart
+from payengine.persistence.outbox import ORDER_STATE_CHANGED, OutboxEvent
+
+USERS = 50
+PAYMENTS_MAX = 1_000_000
+
+
+class InstantChannel:
+    """A wallet that charges at once, in the synchronous reply: the engine is what is timed."""
+
+    name = "wechat"
+    pay_codes = WECHAT_LIKE_PAY_CODES
+    refund_codes = WECHAT_LIKE_REFUND_CODES
+    notifications = SignedJsonNotifications(b"payengine-bench-channel-key")
+
+    def pay(self, payment_serial: str, amount_minor: int, currency: str, title: str
+            ) -> ChannelReply:
+        return ChannelReply("SUCCESS", "SUCCESS", f"T-{payment_serial}", amount_minor)
+
+    def query(self, payment_serial: str) -> ChannelReply:
+        return ChannelReply("SUCCESS", "SUCCESS", f"T-{payment_serial}")
+
+    def query_charge(self, payment_serial: str, channel_txn_id: str) -> ChannelReply:
+        return ChannelReply("SUCCESS", "ORDERNOTEXIST")
+
+    def close(self, payment_serial: str) -> ChannelReply:
+        return ChannelReply("SUCCESS", "CLOSED")
+
+    def refund(self, payment_serial: str, refund_id: str, amount_minor: int, currency: str
+               ) -> ChannelReply:
+        return ChannelReply("SUCCESS", "SUCCESS")
+
+    def query_refund(self, payment_serial: str, refund_id: str) -> ChannelReply:
+        return ChannelReply("SUCCESS", "SUCCESS")
+
+    def verify_notification(self, body: bytes, headers: Mapping[str, str]
+                            ) -> ChannelNotification:
+        return self.notifications.verify(body, headers)
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    payments: int
+    settled: int
+    synchronous: str
+    workers: int
+    offered_per_s: float | None
+    """``None``: closed loop (as fast as the engine takes them)."""
+    wall_s: float
+    payments_per_s: float
+    receipt_p50_ms: float
+    receipt_p99_ms: float
+    settled_p50_ms: float
+    settled_p99_ms: float
+    commits_per_payment: float
+    write_statements_per_payment: float
+    rows_per_payment: float
+    peak_threads: int
+    max_rss_mib: float
+
+    def render(self) -> str:
+        load = ("closed loop" if self.offered_per_s is None
+                else f"{self.offered_per_s:,.0f}/s offered")
+        return "\n".join([
+            f"payengine bench: {self.settled}/{self.payments} combined payments settled, "
+            f"{load}, {self.workers} client threads, synchronous={self.synchronous}",
+            f"  throughput        {self.payments_per_s:10,.0f} payments/s "
+            f"({self.wall_s:.1f} s wall)",
+            f"  submit->receipt   p50 {self.receipt_p50_ms:8.1f} ms   "
+            f"p99 {self.receipt_p99_ms:8.1f} ms",
+            f"  submit->settled   p50 {self.settled_p50_ms:8.1f} ms   "
+            f"p99 {self.settled_p99_ms:8.1f} ms",
+            f"  per payment       {self.commits_per_payment:.1f} commits, "
+            f"{self.write_statements_per_payment:.1f} write statements, "
+            f"{self.rows_per_payment:.1f} rows",
+            f"  peak threads {self.peak_threads}, max RSS {self.max_rss_mib:,.0f} MiB",
+        ])
+
+    def as_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+class _WriterCounter:
+    """Counts what the engine's writer connection executes (SQLite's trace callback)."""
+
+    def __init__(self) -> None:
+        self.statements = 0
+        self.commits = 0
+
+    def __call__(self, sql: str) -> None:
+        head = sql.lstrip()[:6].upper()
+        if head == "COMMIT":
+            self.commits += 1
+        elif head not in ("BEGIN ", "SAVEPO", "RELEAS", "PRAGMA", "SELECT"):
+            self.statements += 1
+
+
+def _request(i: int) -> PaymentRequest:
+    user = i % USERS
+    return PaymentRequest("station-1", f"bench-{i}", f"u{user}", "CNY", 10_000 + i, "Fuel",
+                          CashPart(9_700 + i, "wechat"),
+                          (VoucherPart(f"rp{user}", 100), VoucherPart(f"pts{user}", 20)))
+
+
+def run_bench(payments: int = 1_000, *, workers: int = 8, rate_per_s: float | None = None,
+              synchronous: str = "FULL", progress: bool = False,
+              settle_timeout_s: float = 600.0) -> BenchResult:
+    """Run one measurement on a fresh temporary database and return its figures."""
+    assert 0 < payments <= PAYMENTS_MAX and 0 < workers <= 256
+    assert rate_per_s is None or rate_per_s > 0
+    submitted_at: dict[str, float] = {}
+    settled_at: dict[str, float] = {}
+    lock = threading.Lock()
+
+    def subscriber(event: OutboxEvent) -> None:
+        if event.event_type == ORDER_STATE_CHANGED and event.to_state == "succeeded":
+            with lock:
+                settled_at.setdefault(event.order_id, time.perf_counter())
+
+    with tempfile.TemporaryDirectory(prefix="payengine-bench-") as tmp:
+        engine = Engine.open(Path(tmp) / "bench.db", channels=[InstantChannel()],
+                             synchronous=synchronous, subscribers={"bench": subscriber})
+        try:
+            for k in range(USERS):
+                for name, unit, rate in (("rp", "CNY", None), ("pts", "POINTS", 10)):
+                    engine.open_account(f"{name}{k}", unit, minor_per_unit=rate)
+                    engine.fund(f"{name}{k}", 10**12, funding_id=f"{name}{k}")
+            counter = _WriterCounter()
+            conn: sqlite3.Connection = engine.store._conn
+            conn.set_trace_callback(counter)
+            rows_before = conn.total_changes
+            receipts_ms: list[float] = []
+            peak_threads = threading.active_count()
+            started = time.perf_counter()
+
+            def submit(i: int) -> None:
+                if rate_per_s is not None:  # open loop: the i-th payment is due at i / rate
+                    delay = started + i / rate_per_s - time.perf_counter()
+                    if delay > 0:
+                        time.sleep(delay)
+                at = time.perf_counter()
+                receipt = engine.submit(_request(i))
+                done = time.perf_counter()
+                with lock:
+                    submitted_at[receipt.order_id] = at
+                    receipts_ms.append((done - at) * 1000)
+
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for n, _ in enumerate(pool.map(submit, range(payments)), start=1):
+                    if progress and n % max(1, payments // 20) == 0:
+                        print(f"\rbench: {n}/{payments} submitted", end="", file=sys.stderr)
+            deadline = time.perf_counter() + settle_timeout_s
+            while len(settled_at) < payments and time.perf_counter() < deadline:
+                peak_threads = max(peak_threads, threading.active_count())
+                time.sleep(0.005)
+            wall = max(settled_at.values(), default=time.perf_counter()) - started
+            conn.set_trace_callback(None)
+            rows = conn.total_changes - rows_before
+            if progress:
+                print(file=sys.stderr)
+        finally:
+            engine.shutdown()
+    to_settle = [(settled_at[o] - at) * 1000 for o, at in submitted_at.items() if o in settled_at]
+    count = len(settled_at)
+    return BenchResult(
+        payments=payments, settled=count, synchronous=synchronous, workers=workers,
+        offered_per_s=rate_per_s, wall_s=wall, payments_per_s=count / wall if wall > 0 else 0.0,
+        receipt_p50_ms=_percentile(receipts_ms, 0.5),
+        receipt_p99_ms=_percentile(receipts_ms, 0.99),
+        settled_p50_ms=_percentile(to_settle, 0.5), settled_p99_ms=_percentile(to_settle, 0.99),
+        commits_per_payment=counter.commits / payments,
+        write_statements_per_payment=counter.statements / payments,
+        rows_per_payment=rows / payments, peak_threads=peak_threads,
+        max_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
