@@ -209,3 +209,84 @@ def run_bench(payments: int = 1_000, *, workers: int = 8, rate_per_s: float | No
         write_statements_per_payment=counter.statements / payments,
         rows_per_payment=rows / payments, peak_threads=peak_threads,
         max_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+class SilentChannel(InstantChannel):
+    """A wallet whose users never pay: every order stays open (``paying``)."""
+
+    def pay(self, payment_serial: str, amount_minor: int, currency: str, title: str
+            ) -> ChannelReply:
+        return ChannelReply("SUCCESS", "USERPAYING")
+
+    def query(self, payment_serial: str) -> ChannelReply:
+        return ChannelReply("SUCCESS", "USERPAYING")
+
+
+@dataclass(frozen=True)
+class OpenOrdersResult:
+    open_orders: int
+    accepted: int
+    """Submits taken before the first ``Overloaded`` (the live-order bound)."""
+    submit_s: float
+    threads: int
+    rss_mib: float
+    reopen_s: float
+    """``Engine.open`` of the file with every order unsettled: until it returned."""
+
+    def render(self) -> str:
+        return "\n".join([
+            f"payengine bench --open-orders {self.open_orders}: {self.accepted} accepted in "
+            f"{self.submit_s:.1f} s",
+            f"  with them open: {self.threads} threads, max RSS {self.rss_mib:,.0f} MiB",
+            f"  reopen with {self.accepted} unsettled: {self.reopen_s:.1f} s",
+        ])
+
+    def as_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def run_open_orders(open_orders: int, *, workers: int = 8) -> OpenOrdersResult:
+    """Hold ``open_orders`` payments open (their users never pay), then measure the
+    process's threads and RSS, shut down, and time the reopen that resumes them all."""
+    from payengine.engine.errors import Overloaded
+    from payengine.engine.order import OrderPolicy
+
+    assert 0 < open_orders <= PAYMENTS_MAX
+    policy = OrderPolicy(pay_window_ms=24 * 60 * 60 * 1000,
+                         query_schedule_ms=(24 * 60 * 60 * 1000,))  # nothing fires meanwhile
+    accepted = 0
+    lock = threading.Lock()
+    with tempfile.TemporaryDirectory(prefix="payengine-bench-") as tmp:
+        path = Path(tmp) / "open.db"
+        engine = Engine.open(path, channels=[SilentChannel()], policy=policy,
+                             synchronous="NORMAL")
+        try:
+            for k in range(USERS):
+                for name, unit, rate in (("rp", "CNY", None), ("pts", "POINTS", 10)):
+                    engine.open_account(f"{name}{k}", unit, minor_per_unit=rate)
+                    engine.fund(f"{name}{k}", 10**12, funding_id=f"{name}{k}")
+            started = time.perf_counter()
+
+            def submit(i: int) -> None:
+                nonlocal accepted
+                try:
+                    engine.submit(_request(i))
+                except Overloaded:
+                    return
+                with lock:
+                    accepted += 1
+
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(submit, range(open_orders)))
+            submit_s = time.perf_counter() - started
+            time.sleep(0.5)  # let the actors take their holds
+            threads = threading.active_count()
+        finally:
+            engine.shutdown()
+        started = time.perf_counter()
+        reopened = Engine.open(path, channels=[SilentChannel()], policy=policy,
+                               synchronous="NORMAL")
+        reopen_s = time.perf_counter() - started
+        reopened.shutdown()
+    return OpenOrdersResult(open_orders, accepted, submit_s, threads,
+                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, reopen_s)

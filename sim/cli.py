@@ -6,7 +6,8 @@
     payengine show ORDER_ID [--db PATH] [--json]
     payengine reconcile FILE [--db PATH] [--json] [--period-start T] [--period-end T]
                         [--settle-timeout S] [--log-file F]
-    payengine bench [--payments N] [--workers W] [--rate R] [--synchronous FULL|NORMAL] [--json]
+    payengine bench [--payments N] [--workers W] [--rate R] [--synchronous FULL|NORMAL]
+                    [--open-orders N] [--json]
 """
 
 from __future__ import annotations
@@ -135,6 +136,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="payments/s offered, paced (open loop); default: as fast as taken")
     bench.add_argument("--synchronous", choices=["FULL", "NORMAL"], default="FULL",
                        help="SQLite durability (default FULL)")
+    bench.add_argument("--open-orders", type=int, default=None, metavar="N",
+                       help="instead: hold N payments open (never paid), print threads and "
+                            "RSS, then time the reopen that resumes them")
     bench.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     return parser
 
@@ -226,7 +230,7 @@ def _report_failure(result: Any, args: argparse.Namespace, seed: int) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from payengine.sim.bench import PAYMENTS_MAX, run_bench
+    from payengine.sim.bench import PAYMENTS_MAX, run_bench, run_open_orders
 
     if not 0 < args.payments <= PAYMENTS_MAX or not 0 < args.workers <= 256 or (
         args.rate is not None and not args.rate > 0
@@ -234,6 +238,13 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"payengine bench: --payments 1..{PAYMENTS_MAX}, --workers 1..256, --rate > 0",
               file=sys.stderr)
         return 2
+    if args.open_orders is not None:
+        if not 0 < args.open_orders <= PAYMENTS_MAX:
+            print(f"payengine bench: --open-orders 1..{PAYMENTS_MAX}", file=sys.stderr)
+            return 2
+        held = run_open_orders(args.open_orders, workers=args.workers)
+        print(held.as_json() if args.json else held.render())
+        return 0
     result = run_bench(args.payments, workers=args.workers, rate_per_s=args.rate,
                        synchronous=args.synchronous, progress=not args.json)
     print(result.as_json() if args.json else result.render())

@@ -273,3 +273,12 @@ def test_bench_prints_its_figures_as_json(capsys: pytest.CaptureFixture[str]) ->
 def test_bench_refuses_a_bad_number_as_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--payments", "0"]) == 2
     assert "--payments" in capsys.readouterr().err
+
+
+def test_bench_open_orders_holds_them_and_times_the_reopen(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--open-orders", "20", "--workers", "4", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["open_orders"] == figures["accepted"] == 20
+    assert figures["threads"] > 20  # one thread per live order today (issue 10)
+    assert figures["reopen_s"] > 0
