@@ -28,38 +28,28 @@ _PROCESSORS: list[Any] = [
 ]
 
 
+_METHOD_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+                  "warn": logging.WARNING, "error": logging.ERROR, "exception": logging.ERROR,
+                  "critical": logging.CRITICAL, "fatal": logging.CRITICAL}
+
+
 class LevelFilteredLogger(structlog.stdlib.BoundLogger):
     """A stdlib-backed structlog logger that does nothing at all below the stdlib logger's
     level: no context copied, no processor run (``logging.Logger.isEnabledFor`` is cached
     by the standard library, so the check is one dict lookup). Embedded with logging off,
-    the engine's logging costs a method call per event."""
+    the engine's logging costs a method call per event. Every level method goes through
+    ``_proxy_to_logger``, so the check sits there, once."""
 
-    def _enabled(self, level: int) -> bool:
-        return bool(self._logger.isEnabledFor(level))
-
-    def debug(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
-        if self._enabled(logging.DEBUG):
-            return super().debug(event, *args, **kw)
-        return None
-
-    def info(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
-        if self._enabled(logging.INFO):
-            return super().info(event, *args, **kw)
-        return None
-
-    def warning(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
-        if self._enabled(logging.WARNING):
-            return super().warning(event, *args, **kw)
-        return None
-
-    def error(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
-        if self._enabled(logging.ERROR):
-            return super().error(event, *args, **kw)
-        return None
+    def _proxy_to_logger(self, method_name: str, event: str | None = None,
+                         *event_args: str, **event_kw: Any) -> Any:
+        level = _METHOD_LEVELS.get(method_name)
+        if level is not None and not self._logger.isEnabledFor(level):
+            return None
+        return super()._proxy_to_logger(method_name, event, *event_args, **event_kw)
 
     def is_enabled_for(self, level: int) -> bool:
         """For a caller that would build many events (a loop): ask once, skip them all."""
-        return self._enabled(level)
+        return bool(self._logger.isEnabledFor(level))
 
 
 def get_logger(name: str = ROOT_LOGGER_NAME) -> Any:

@@ -21,8 +21,8 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from payengine import CashPart, ChannelReply, Engine, OrderPolicy, PaymentRequest, VoucherPart
-from payengine.engine.codes import WECHAT_LIKE_PAY_CODES, WECHAT_LIKE_REFUND_CODES, ResultKind
+from payengine import CashPart, Engine, OrderPolicy, PaymentRequest, VoucherPart
+from payengine.engine.codes import ResultKind
 from payengine.engine.order import (
     AccountUnit,
     Activate,
@@ -33,30 +33,7 @@ from payengine.engine.order import (
     build_order,
     decide,
 )
-
-
-class InstantChannel:
-    """Every payment succeeds in the synchronous reply."""
-
-    name = "wechat"
-    pay_codes = WECHAT_LIKE_PAY_CODES
-    refund_codes = WECHAT_LIKE_REFUND_CODES
-
-    def pay(self, payment_serial: str, amount_minor: int, currency: str, title: str) -> ChannelReply:
-        return ChannelReply("SUCCESS", "SUCCESS", "TX", amount_minor)
-
-    def query(self, payment_serial: str) -> ChannelReply:
-        return ChannelReply("SUCCESS", "SUCCESS")
-
-    def close(self, payment_serial: str) -> ChannelReply:
-        return ChannelReply("SUCCESS", "CLOSED")
-
-    def refund(self, payment_serial: str, refund_id: str, amount_minor: int, currency: str
-               ) -> ChannelReply:
-        return ChannelReply("SUCCESS", "SUCCESS")
-
-    def query_refund(self, payment_serial: str, refund_id: str) -> ChannelReply:
-        return ChannelReply("SUCCESS", "SUCCESS")
+from payengine.sim.bench import InstantChannel
 
 
 def request(i: int) -> PaymentRequest:
