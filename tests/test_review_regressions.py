@@ -253,3 +253,15 @@ def test_the_notifications_api_refuses_bad_ids_typed(engine: Engine, bad: object
             continue  # an event id may be longer than an id (order id, version, index)
         with pytest.raises(InvalidRequest):
             call()
+
+
+def test_the_confirm_limiter_gives_verified_reports_their_own_turn_and_stays_bounded() -> None:
+    from payengine.actors.confirm_limiter import ConfirmLimiter
+
+    limiter = ConfirmLimiter(interval_ms=1_000, orders_max=2)
+    assert limiter.allow("o1", False, 0) and not limiter.allow("o1", False, 999)
+    assert limiter.allow("o1", True, 999)  # a forger's turn is not the wallet's
+    assert limiter.allow("o1", False, 1_000)  # the interval is over
+    limiter.allow("o2", False, 1_000)
+    limiter.allow("o3", False, 1_000)  # the least recent ones are forgotten past the bound
+    assert limiter.allow("o1", False, 1_001)
