@@ -1,8 +1,9 @@
 """SQLite persistence for orders, legs, voucher accounts, holds and the journal.
 
-One database file in WAL mode, one connection, one lock: every write is a short
-``BEGIN IMMEDIATE … COMMIT`` and is durable (``synchronous=FULL`` by default) before the
-caller acknowledges anything or lets an effect leave the process. sqlite-utils creates and
+One database file in WAL mode, one writer connection, one lock: every write is a change
+that is durable (``synchronous=FULL`` by default) before the caller acknowledges anything or
+lets an effect leave the process. Changes of concurrent writers share one transaction and one
+fsync (group commit, ``persistence.group_commit``), each in its own savepoint. sqlite-utils creates and
 inspects the schema; the hot path uses fixed SQL (see DESIGN.md: the Table API issues ~7x the
 statements).
 
@@ -19,7 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
@@ -61,6 +62,7 @@ from payengine.engine.voucher import (
     VoucherAccount,
 )
 from payengine.persistence import outbox, rejections, statements
+from payengine.persistence.group_commit import CommitStats, GroupCommit, GroupCommitConfig
 
 SCHEMA_VERSION = 2
 """Bumped whenever a table changes shape; a file of another version is refused at open
@@ -85,7 +87,8 @@ class Store:
     """The engine's database. Open with ``Store(path)``; ``":memory:"`` works for tests."""
 
     def __init__(self, path: str | Path, *, synchronous: str = "FULL",
-                 readers_max: int = 8, exclusive: bool = True) -> None:
+                 readers_max: int = 8, exclusive: bool = True,
+                 group_commit: GroupCommitConfig | None = None) -> None:
         """``exclusive``: hold a lock file for as long as the store is open, so that a second
         engine on the same file (this process or another) is refused with ``DatabaseInUse``.
         Read-only inspection (``payengine show``) opens without it."""
@@ -105,6 +108,9 @@ class Store:
         self.after_commit: Callable[[], None] | None = None
         """Called right after each commit; the simulator crashes the engine here, between a
         decision becoming durable and its effects being carried out."""
+        self._writer = GroupCommit(self._conn, self._lock, config=group_commit,
+                                   is_closed=lambda: self._closed,
+                                   after_commit=lambda: self.after_commit)
         self.db = sqlite_utils.Database(self._conn)
         if self.path != ":memory:":
             self.db.enable_wal()
@@ -120,10 +126,22 @@ class Store:
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        """Close the connections; later calls raise ``EngineClosed``."""
+        """Commit what writers are waiting on, close the connections; later calls raise
+        ``EngineClosed``."""
+        if not self._closed:
+            with suppress(sqlite3.Error):  # its writers got the error; closing goes on
+                self._writer.flush()
+        self._close()
+
+    def kill(self) -> None:
+        """Simulate power loss: nothing after this call commits. What committed stays."""
+        self._close()
+
+    def _close(self) -> None:
         with self._lock:
             if not self._closed:
                 self._closed = True
+                self._writer.abandon()
                 self._conn.close()
         while True:
             try:
@@ -134,29 +152,20 @@ class Store:
             self._lock_file.close()  # releases the lock
             self._lock_file = None
 
-    def kill(self) -> None:
-        """Simulate power loss: nothing after this call commits. What committed stays."""
-        self.close()
+    @property
+    def commit_stats(self) -> CommitStats:
+        """Commits, changes and the largest batch so far (for benchmarks and metrics)."""
+        return self._writer.stats
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            if self._closed:
-                raise EngineClosed("the engine's database is closed")
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-                self._conn.execute("COMMIT")
-            except BaseException:
-                if self._conn.in_transaction:  # a failed COMMIT may leave it open
-                    self._conn.execute("ROLLBACK")
-                raise
-        if self.after_commit is not None:
-            self.after_commit()
+    def _tx(self, statements: int = 1) -> AbstractContextManager[sqlite3.Connection]:
+        """One change: its statements run on the writer connection and are durable when the
+        block exits (group commit: they may share their commit with other threads' changes;
+        see ``persistence.group_commit``). A change that raises is undone alone."""
+        return self._writer.change(statements)
 
     @contextmanager
     def _read(self, *, snapshot: bool = True) -> Iterator[sqlite3.Connection]:
