@@ -36,6 +36,16 @@ class EngineConfig:
     """An account actor with nothing to do stops after this long (its state is in SQLite)."""
     live_orders_max: int = 10_000
     """Submits beyond this many orders in flight are refused with ``Overloaded``."""
+    submits_in_flight_max: int = 64
+    """Submits being taken at once; one more waits ``admission_wait_ms`` for a slot, then is
+    refused with ``Overloaded`` (``actors.admission``)."""
+    admission_wait_ms: int = 2
+    actor_backlog_max: int = 256
+    """Messages told to actors and not yet handled beyond which a submit is refused at once
+    with ``Overloaded``: the actors are behind, and the orders they already have come first."""
+    writer_backlog_max: int = 256
+    """Changes queued for the database writer beyond which a submit is refused at once: the
+    engine is behind, and the orders it already took come first."""
     pre_hold_ttl_ms: int = 15 * 60 * 1000
     pre_hold_ttl_ms_max: int = 24 * 60 * 60 * 1000
     duplicate_guard_window_ms: int = 60_000
@@ -60,6 +70,10 @@ class EngineConfig:
         day_ms = 24 * 60 * 60 * 1000
         check_int(self.account_idle_ms, "account_idle_ms", 1, day_ms)
         check_int(self.live_orders_max, "live_orders_max", 1, 10_000_000)
+        check_int(self.submits_in_flight_max, "submits_in_flight_max", 1, 100_000)
+        check_int(self.admission_wait_ms, "admission_wait_ms", 0, 60_000)
+        check_int(self.writer_backlog_max, "writer_backlog_max", 1, 1_000_000)
+        check_int(self.actor_backlog_max, "actor_backlog_max", 1, 10_000_000)
         check_int(self.pre_hold_ttl_ms_max, "pre_hold_ttl_ms_max", 1, 7 * day_ms)
         # a default TTL above the maximum is used as the maximum (a config that only lowers
         # the maximum is meant as is)
@@ -163,6 +177,7 @@ class ActorBehaviour:
             self.stopped = True
             raise
         finally:
+            self.ctx.directory.note_handled()
             if not self.stopped and not self.ctx.store.closed and self.idle():
                 self.try_release()
 

@@ -46,6 +46,9 @@ class Directory:
         self._closed = False
         self._broken: dict[Key, str] = {}
         """Actors stopped on a broken invariant, with the error: refused until reopen."""
+        self._told = 0
+        self._handled = 0
+        self._handled_lock = threading.Lock()
 
     def tell(self, key: Key, message: Any) -> None:
         with self._lock:
@@ -69,15 +72,27 @@ class Directory:
                 "be applied: retry it (every request is idempotent)"
             ) from None
 
+    @property
+    def backlog(self) -> int:
+        """Messages sent to actors and not handled yet: how far behind the actors are."""
+        return self._told - self._handled
+
+    def note_handled(self) -> None:
+        """Called by an actor after each message it handled (any thread)."""
+        with self._handled_lock:
+            self._handled += 1
+
     def _enqueue(self, key: Key, message: Any) -> None:
         live = self._get_or_start(key)
         live.sent += 1
+        self._told += 1
         try:
             live.ref.tell(message)
         except pykka.ActorDeadError:
             # The actor died of a bug (its failure was logged); start it afresh from the
             # database once. A second death propagates.
             del self._live[key]
+            self._forget_unhandled(live)
             live = self._get_or_start(key)
             live.sent += 1
             live.ref.tell(message)
@@ -86,9 +101,18 @@ class Directory:
         live = self._get_or_start(key)
         if not live.ref.alive:
             del self._live[key]
+            self._forget_unhandled(live)
             live = self._get_or_start(key)
         live.sent += 1
+        self._told += 1
         return live
+
+    def _forget_unhandled(self, live: _Live) -> None:
+        """A dead actor's queued messages will never be handled: out of the backlog."""
+        lost = live.sent - int(getattr(live.behaviour, "handled", live.sent))
+        if lost > 0:
+            with self._handled_lock:
+                self._handled += lost
 
     def _get_or_start(self, key: Key) -> _Live:
         if self._closed:
@@ -126,6 +150,8 @@ class Directory:
         with self._lock:
             self._broken.setdefault(key, error)
             live = self._live.pop(key, None)
+            if live is not None:
+                self._forget_unhandled(live)
         if live is not None:
             live.ref.stop()  # an asked actor survives its exception in pykka: stop it here
 

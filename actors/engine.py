@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from payengine.actors.account_actor import AccountBehaviour
+from payengine.actors.admission import Admission, AdmissionStats
 from payengine.actors.base import ActorBehaviour, Context, EngineConfig
 from payengine.actors.channel import (
     Channel,
@@ -162,6 +163,14 @@ class Engine:
         self._ids = ids
         self._closed = False
         self._confirm_limiter = ConfirmLimiter(ctx.policy.confirm_query_interval_ms)
+        store, directory, config = ctx.store, ctx.directory, ctx.config
+        self._admission = Admission(
+            submits_in_flight_max=config.submits_in_flight_max,
+            wait_ms=config.admission_wait_ms,
+            backlogs={
+                "actor messages": (lambda: directory.backlog, config.actor_backlog_max),
+                "database changes": (lambda: store.writer_backlog, config.writer_backlog_max),
+            })
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -370,11 +379,22 @@ class Engine:
 
         The same request again (same merchant_id and merchant_order_no, same parameters)
         returns an equal receipt, however many threads send it at once; the same key with
-        other parameters raises ``IdempotencyConflict``.
+        other parameters raises ``IdempotencyConflict``. Above capacity it raises
+        ``Overloaded`` at once, having created nothing (``actors.admission``).
         """
         self._check_open()
         ctx = self._ctx
         check_request(request, policy=ctx.policy, currencies=ctx.config.currency_table)
+        with self._admission.admit():
+            return self._submit(request)
+
+    @property
+    def admission_stats(self) -> AdmissionStats:
+        """Submits admitted and refused (``Overloaded``) since open."""
+        return self._admission.stats
+
+    def _submit(self, request: PaymentRequest) -> Receipt:
+        ctx = self._ctx
         if request.cash is not None and request.cash.channel not in ctx.channels:
             raise InvalidRequest(f"unknown channel {request.cash.channel!r}; "
                                  f"known: {sorted(ctx.channels)}")

@@ -104,7 +104,7 @@ class OrderBehaviour(ActorBehaviour):
             postings = postings_for(self.order, decision.order, decision.transitions,
                                     fee_ppm=self.ctx.config.fee_ppm)
             self.ctx.store.save_order(
-                decision.order, decision.transitions, now_ms, postings,
+                decision.order, decision.transitions, now_ms, postings, before=self.order,
                 skew_ledger="ledger-unbalanced" in self.ctx.config.planted_bugs)
         before, self.order = self.order, decision.order
         if saved and decision.transitions:

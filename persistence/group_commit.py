@@ -81,6 +81,11 @@ class GroupCommit:
         self._waiting_lock = threading.Lock()
         self.stats = CommitStats()
 
+    @property
+    def backlog(self) -> int:
+        """Writers queued for the connection right now (a figure for admission)."""
+        return self._waiting
+
     @contextmanager
     def change(self, statements: int = 1) -> Iterator[sqlite3.Connection]:
         """Run the body's statements as one change; return once they are durable.

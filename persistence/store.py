@@ -153,6 +153,11 @@ class Store:
             self._lock_file = None
 
     @property
+    def writer_backlog(self) -> int:
+        """Changes queued for the writer connection right now."""
+        return self._writer.backlog
+
+    @property
     def commit_stats(self) -> CommitStats:
         """Commits, changes and the largest batch so far (for benchmarks and metrics)."""
         return self._writer.stats
@@ -381,15 +386,17 @@ class Store:
 
     def save_order(
         self, order: PaymentOrder, transitions: Sequence[Transition], now_ms: int,
-        postings: Sequence[Posting] = (), *, skew_ledger: bool = False,
+        postings: Sequence[Posting] = (), *, before: PaymentOrder | None = None,
+        skew_ledger: bool = False,
     ) -> None:
         """Write a decided order (optimistic: its previous version must be the stored one)
-        with its ledger postings, in one transaction.
+        with its ledger postings, as one change. Given ``before`` (the stored order), only
+        the legs that changed are written.
 
         ``skew_ledger`` is the simulator's planted bug ``ledger-unbalanced``: one entry off by
         one minor unit, for proving the oracle's zero-sum check has teeth. Never set it.
         """
-        with self._tx() as conn:
+        with self._tx(1 + len(order.legs) + len(transitions) + 2 * len(postings)) as conn:
             cur = conn.execute(
                 "UPDATE payment_orders SET state = ?, cause = ?, query_attempt = ?,"
                 " next_query_at_ms = ?, refund_query_attempt = ?, next_refund_query_at_ms = ?,"
@@ -405,12 +412,16 @@ class Store:
                 f"order {order.order_id}: stored version is not {order.version - 1}; "
                 "two writers for one order"
             )
-            conn.executemany(
-                "UPDATE legs SET status = ?, channel_txn_id = ?, channel_code = ?, refund_id = ?"
-                " WHERE order_id = ? AND leg_no = ?",
-                [(leg.status.value, leg.channel_txn_id, leg.channel_code, leg.refund_id,
-                  order.order_id, leg.leg_no) for leg in order.legs],
-            )
+            changed_legs = order.legs if before is None else [
+                leg for leg, old in zip(order.legs, before.legs, strict=True)
+                if leg is not old and leg != old]
+            if changed_legs:
+                conn.executemany(
+                    "UPDATE legs SET status = ?, channel_txn_id = ?, channel_code = ?,"
+                    " refund_id = ? WHERE order_id = ? AND leg_no = ?",
+                    [(leg.status.value, leg.channel_txn_id, leg.channel_code, leg.refund_id,
+                      order.order_id, leg.leg_no) for leg in changed_legs],
+                )
             entities = {t.entity for t in transitions if t.entity.startswith("refund:")}
             if entities:
                 conn.executemany(_UPSERT_REFUND, [

@@ -28,6 +28,7 @@ from pathlib import Path
 from payengine.actors.channel import ChannelNotification, ChannelReply, SignedJsonNotifications
 from payengine.actors.engine import Engine
 from payengine.engine.codes import WECHAT_LIKE_PAY_CODES, WECHAT_LIKE_REFUND_CODES
+from payengine.engine.errors import Overloaded
 from payengine.engine.order import CashPart, PaymentRequest, VoucherPart
 from payengine.persistence.outbox import ORDER_STATE_CHANGED, OutboxEvent
 
@@ -87,10 +88,16 @@ class BenchResult:
     rows_per_payment: float
     peak_threads: int
     max_rss_mib: float
+    refused: int = 0
+    """Submits refused ``Overloaded`` (admission): nothing was created for them."""
+    refused_p99_ms: float = float("nan")
+    """How long a refused submit took to be told."""
 
     def render(self) -> str:
         load = ("closed loop" if self.offered_per_s is None
                 else f"{self.offered_per_s:,.0f}/s offered")
+        refused = ([f"  refused           {self.refused} submits Overloaded, told in p99 "
+                    f"{self.refused_p99_ms:.1f} ms"] if self.refused else [])
         return "\n".join([
             f"payengine bench: {self.settled}/{self.payments} combined payments settled, "
             f"{load}, {self.workers} client threads, synchronous={self.synchronous}",
@@ -103,6 +110,7 @@ class BenchResult:
             f"  per payment       {self.commits_per_payment:.1f} commits, "
             f"{self.write_statements_per_payment:.1f} write statements, "
             f"{self.rows_per_payment:.1f} rows",
+            *refused,
             f"  peak threads {self.peak_threads}, max RSS {self.max_rss_mib:,.0f} MiB",
         ])
 
@@ -167,6 +175,7 @@ def run_bench(payments: int = 1_000, *, workers: int = 8, rate_per_s: float | No
             conn.set_trace_callback(counter)
             rows_before = conn.total_changes
             receipts_ms: list[float] = []
+            refused_ms: list[float] = []
             peak_threads = threading.active_count()
             started = time.perf_counter()
 
@@ -176,7 +185,12 @@ def run_bench(payments: int = 1_000, *, workers: int = 8, rate_per_s: float | No
                     if delay > 0:
                         time.sleep(delay)
                 at = time.perf_counter()
-                receipt = engine.submit(_request(i))
+                try:
+                    receipt = engine.submit(_request(i))
+                except Overloaded:
+                    with lock:
+                        refused_ms.append((time.perf_counter() - at) * 1000)
+                    return
                 done = time.perf_counter()
                 with lock:
                     submitted_at[receipt.order_id] = at
@@ -187,7 +201,8 @@ def run_bench(payments: int = 1_000, *, workers: int = 8, rate_per_s: float | No
                     if progress and n % max(1, payments // 20) == 0:
                         print(f"\rbench: {n}/{payments} submitted", end="", file=sys.stderr)
             deadline = time.perf_counter() + settle_timeout_s
-            while len(settled_at) < payments and time.perf_counter() < deadline:
+            accepted = payments - len(refused_ms)
+            while len(settled_at) < accepted and time.perf_counter() < deadline:
                 peak_threads = max(peak_threads, threading.active_count())
                 time.sleep(0.005)
             wall = max(settled_at.values(), default=time.perf_counter()) - started
@@ -205,10 +220,48 @@ def run_bench(payments: int = 1_000, *, workers: int = 8, rate_per_s: float | No
         receipt_p50_ms=_percentile(receipts_ms, 0.5),
         receipt_p99_ms=_percentile(receipts_ms, 0.99),
         settled_p50_ms=_percentile(to_settle, 0.5), settled_p99_ms=_percentile(to_settle, 0.99),
-        commits_per_payment=counter.commits / payments,
-        write_statements_per_payment=counter.statements / payments,
-        rows_per_payment=rows / payments, peak_threads=peak_threads,
-        max_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        commits_per_payment=counter.commits / max(accepted, 1),
+        write_statements_per_payment=counter.statements / max(accepted, 1),
+        rows_per_payment=rows / max(accepted, 1), peak_threads=peak_threads,
+        max_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        refused=len(refused_ms), refused_p99_ms=_percentile(refused_ms, 0.99))
+
+
+@dataclass(frozen=True)
+class OverloadResult:
+    capacity: BenchResult
+    """Closed loop: what the engine takes when clients wait for each receipt."""
+    overloaded: BenchResult
+    """Twice that offered, paced (open loop), from 64 client threads."""
+
+    @property
+    def completion_share(self) -> float:
+        """Completions per second at twice the capacity offered, over the capacity."""
+        capacity = self.capacity.payments_per_s
+        return self.overloaded.payments_per_s / capacity if capacity else float("nan")
+
+    def render(self) -> str:
+        return "\n".join([
+            self.capacity.render(), "", self.overloaded.render(), "",
+            f"at 2x capacity offered: completions {100 * self.completion_share:.0f}% of "
+            f"capacity, {self.overloaded.refused} submits refused (told in p99 "
+            f"{self.overloaded.refused_p99_ms:.1f} ms)",
+        ])
+
+    def as_json(self) -> str:
+        return json.dumps({"capacity": asdict(self.capacity),
+                           "overloaded": asdict(self.overloaded),
+                           "completion_share": self.completion_share})
+
+
+def run_overload(payments: int = 1_000, *, synchronous: str = "FULL",
+                 progress: bool = False) -> OverloadResult:
+    """Measure capacity closed loop, then offer twice it for as long (open loop)."""
+    capacity = run_bench(payments, workers=8, synchronous=synchronous, progress=progress)
+    offered = 2 * max(capacity.payments_per_s, 1.0)
+    overloaded = run_bench(min(2 * payments, PAYMENTS_MAX), workers=64, rate_per_s=offered,
+                           synchronous=synchronous, progress=progress)
+    return OverloadResult(capacity, overloaded)
 
 
 class SilentChannel(InstantChannel):
