@@ -23,7 +23,7 @@ from payengine.actors.runtime import Runtime, TimerHandle
 from payengine.engine.checks import check_id, check_instance, check_int, check_setting, shown
 from payengine.engine.currency import currency_table
 from payengine.engine.errors import EngineClosed, PaymentError
-from payengine.engine.order import PLANTABLE_BUGS, OrderPolicy
+from payengine.engine.order import PLANTABLE_BUGS, OrderPolicy, PaymentOrder
 from payengine.persistence.store import Store
 
 
@@ -108,6 +108,33 @@ class Context:
     """The ``actors.notifier.Notifications`` of this engine; set by ``Engine.open``."""
     pays_in_flight: PaysInFlight = field(default_factory=lambda: PaysInFlight())
     """Payment serials whose ``pay`` call this process made and has not had back."""
+    fresh_orders: FreshOrders = field(default_factory=lambda: FreshOrders())
+    """Orders a submit just committed, for their actor's first load (no re-read)."""
+
+
+class FreshOrders:
+    """Orders just committed by a submit, handed to the actor that starts for them.
+
+    A new order's actor would otherwise read back the rows the submit wrote a moment before
+    (three queries); the committed object is the same state. Taken once; bounded: if an
+    actor never starts (the engine shut down between), its entry is evicted in time and the
+    next start reads the database as before. Thread-safe.
+    """
+
+    def __init__(self, entries_max: int = 4_096) -> None:
+        self._orders: dict[str, PaymentOrder] = {}
+        self._entries_max = entries_max
+        self._lock = threading.Lock()
+
+    def put(self, order: PaymentOrder) -> None:
+        with self._lock:
+            if len(self._orders) >= self._entries_max:
+                del self._orders[next(iter(self._orders))]  # the oldest
+            self._orders[order.order_id] = order
+
+    def take(self, order_id: str) -> PaymentOrder | None:
+        with self._lock:
+            return self._orders.pop(order_id, None)
 
 
 class PaysInFlight:

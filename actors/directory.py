@@ -42,6 +42,8 @@ class Directory:
         self._runtime = runtime
         self._factory = factory
         self._live: dict[Key, _Live] = {}
+        self._live_by_kind: dict[str, int] = {}
+        """How many of ``_live`` per kind: read by every submit, so kept, not counted."""
         self._lock = threading.Lock()
         self._closed = False
         self._broken: dict[Key, str] = {}
@@ -91,7 +93,7 @@ class Directory:
         except pykka.ActorDeadError:
             # The actor died of a bug (its failure was logged); start it afresh from the
             # database once. A second death propagates.
-            del self._live[key]
+            self._drop_live(key)
             self._forget_unhandled(live)
             live = self._get_or_start(key)
             live.sent += 1
@@ -100,7 +102,7 @@ class Directory:
     def _enqueue_ask_slot(self, key: Key) -> _Live:
         live = self._get_or_start(key)
         if not live.ref.alive:
-            del self._live[key]
+            self._drop_live(key)
             self._forget_unhandled(live)
             live = self._get_or_start(key)
         live.sent += 1
@@ -126,6 +128,7 @@ class Directory:
             behaviour = self._factory(key)
             live = _Live(self._runtime.spawn(f"{key[0]}:{key[1]}", behaviour), behaviour)
             self._live[key] = live
+            self._live_by_kind[key[0]] = self._live_by_kind.get(key[0], 0) + 1
         return live
 
     def release(self, key: Key, behaviour: Behaviour, handled: int) -> bool:
@@ -137,7 +140,7 @@ class Directory:
             live = self._live.get(key)
             if live is None or live.behaviour is not behaviour or live.sent != handled:
                 return False
-            del self._live[key]
+            self._drop_live(key)
             live.ref.stop()
             return True
 
@@ -149,7 +152,7 @@ class Directory:
         """
         with self._lock:
             self._broken.setdefault(key, error)
-            live = self._live.pop(key, None)
+            live = self._drop_live(key)
             if live is not None:
                 self._forget_unhandled(live)
         if live is not None:
@@ -160,8 +163,15 @@ class Directory:
             return dict(self._broken)
 
     def live_count(self, kind: str) -> int:
-        with self._lock:
-            return sum(1 for k in self._live if k[0] == kind)
+        """Live actors of ``kind`` ("order", "account"); O(1)."""
+        return self._live_by_kind.get(kind, 0)
+
+    def _drop_live(self, key: Key) -> _Live | None:
+        """Forget ``key``'s live actor (under the lock)."""
+        live = self._live.pop(key, None)
+        if live is not None:
+            self._live_by_kind[key[0]] -= 1
+        return live
 
     def close(self) -> list[ActorRef]:
         """Refuse new messages; return the live actors for the caller to stop."""
@@ -169,4 +179,5 @@ class Directory:
             self._closed = True
             refs = [live.ref for live in self._live.values()]
             self._live.clear()
+            self._live_by_kind.clear()
         return refs

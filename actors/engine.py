@@ -417,6 +417,7 @@ class Engine:
         ctx.log.info("transition", order_id=order.order_id, part="order", from_state="",
                      to_state=order.state.value, cause="submitted",
                      merchant_order_no=order.merchant_order_no)
+        ctx.fresh_orders.put(order)
         try:
             ctx.directory.tell(("order", order.order_id), Activate())
         except EngineClosed:

@@ -62,7 +62,7 @@ class OrderBehaviour(ActorBehaviour):
         self.timers: dict[TimerKind, TimerHandle] = {}
 
     def load(self) -> None:
-        order = self.ctx.store.load_order(self.key[1])
+        order = self.ctx.fresh_orders.take(self.key[1]) or self.ctx.store.load_order(self.key[1])
         if order is not None and order.payment_serial in self.ctx.pays_in_flight:
             order = replace(order, pay_in_flight=True)  # restarted while its pay is running
         self.order = order

@@ -105,6 +105,7 @@ class Store:
         self._readers: deque[sqlite3.Connection] = deque()
         self._readers_open = 0
         self._readers_max = readers_max
+        self._units: dict[str, AccountUnit] = {}
         self.after_commit: Callable[[], None] | None = None
         """Called right after each commit; the simulator crashes the engine here, between a
         decision becoming durable and its effects being carried out."""
@@ -591,15 +592,27 @@ class Store:
         return None if row is None else VoucherAccount(*row)
 
     def account_units(self, account_ids: Iterable[str]) -> dict[str, AccountUnit]:
-        ids = list(dict.fromkeys(account_ids))
+        """The unit of each account that exists. An account's unit never changes once it is
+        created, so units are remembered (bounded) and every submit is not a read."""
+        cache = self._units
+        units: dict[str, AccountUnit] = {}
+        for account_id in account_ids:
+            known = cache.get(account_id)  # get: another thread may clear it meanwhile
+            if known is not None:
+                units[account_id] = known
+        ids = [a for a in dict.fromkeys(account_ids) if a not in units]
         if not ids:
-            return {}
+            return units
         marks = ",".join("?" * len(ids))
         with self._read(snapshot=False) as conn:
             rows = conn.execute(
                 f"SELECT account_id, unit, minor_per_unit FROM voucher_accounts"
                 f" WHERE account_id IN ({marks})", ids).fetchall()
-        return {r[0]: AccountUnit(r[1], r[2]) for r in rows}
+        if len(cache) + len(rows) > _UNITS_REMEMBERED_MAX:
+            cache.clear()
+        for account_id, unit, minor_per_unit in rows:
+            units[account_id] = cache[account_id] = AccountUnit(unit, minor_per_unit)
+        return units
 
     def load_fence(self, account_id: str, key: FenceKey) -> Fence | None:
         with self._read(snapshot=False) as conn:
@@ -797,6 +810,9 @@ def _lock_exclusively(lock_path: str) -> IO[str]:
 
 
 # ---------------------------------------------------------------------- row mapping
+
+_UNITS_REMEMBERED_MAX = 100_000
+"""Account units kept in memory by ``Store.account_units`` (dropped all at once beyond)."""
 
 _ORDER_COLUMNS = (
     "order_id, merchant_id, merchant_order_no, payment_serial, user_id, title, currency,"
