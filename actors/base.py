@@ -24,6 +24,7 @@ from payengine.engine.checks import check_id, check_instance, check_int, check_s
 from payengine.engine.currency import currency_table
 from payengine.engine.errors import EngineClosed, PaymentError
 from payengine.engine.order import PLANTABLE_BUGS, OrderPolicy, PaymentOrder
+from payengine.persistence.group_commit import GroupCommitConfig
 from payengine.persistence.store import Store
 
 
@@ -58,6 +59,8 @@ class EngineConfig:
     currencies: Mapping[str, int] = field(default_factory=dict)
     """Currencies added to (or overriding) ISO 4217 for this engine: code -> minor digits,
     e.g. ``{"XTS": 2}``. Orders, money vouchers and statements use only known currencies."""
+    group_commit: GroupCommitConfig = field(default_factory=GroupCommitConfig)
+    """Bounds of one commit of the database writer: changes, statements, wait."""
     currency_table: Mapping[str, int] = field(init=False, repr=False, compare=False)
     """ISO 4217 merged with ``currencies`` (``engine.currency.currency_table``); derived."""
 
@@ -86,6 +89,7 @@ class EngineConfig:
         unknown = set(self.planted_bugs) - PLANTABLE_BUGS
         check_setting(not unknown, f"unknown planted bugs {sorted(unknown)}")
         check_instance(self.notifications, NotificationConfig, "notifications")
+        check_instance(self.group_commit, GroupCommitConfig, "group_commit")
         # Merged once here (and validated: a bad entry refuses the config, typed), since
         # every submit and every statement line looks currencies up.
         object.__setattr__(self, "currency_table", currency_table(self.currencies))

@@ -208,7 +208,8 @@ class Engine:
         if synchronous not in SYNCHRONOUS_MODES:
             raise InvalidRequest(f"synchronous must be one of {SYNCHRONOUS_MODES}, got "
                                  f"{shown(synchronous)}")
-        store = Store(path, synchronous=synchronous)  # first: a refused file starts nothing
+        store = Store(path, synchronous=synchronous,  # first: a refused file starts nothing
+                      group_commit=(config or EngineConfig()).group_commit)
         runtime = runtime or ThreadRuntime()
         ctx_holder: list[Context] = []
 

@@ -68,6 +68,7 @@ from payengine.engine.order import (
     VoucherPart,
 )
 from payengine.engine.statement import StatementError
+from payengine.persistence.group_commit import GroupCommitConfig
 from payengine.persistence.outbox import OutboxEvent
 from payengine.persistence.rejections import Rejection
 
@@ -88,6 +89,7 @@ __all__ = [
     "Engine",
     "EngineClosed",
     "EngineConfig",
+    "GroupCommitConfig",
     "HoldNotPending",
     "HoldRefused",
     "HoldView",

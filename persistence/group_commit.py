@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from payengine.engine.checks import check_int
 from payengine.engine.errors import EngineClosed
 
 
@@ -42,6 +43,12 @@ class GroupCommitConfig:
     """Statements (rows of work) in one batch at most: bounds the bytes of a commit."""
     wait_max_ms: int = 20
     """A writer whose batch has been open this long commits it itself."""
+
+    def __post_init__(self) -> None:
+        """Settings are input: a bad one is ``InvalidRequest``, even under ``python -O``."""
+        check_int(self.changes_max, "group_commit.changes_max", 1, 100_000)
+        check_int(self.statements_max, "group_commit.statements_max", 1, 10_000_000)
+        check_int(self.wait_max_ms, "group_commit.wait_max_ms", 1, 10_000)
 
 
 @dataclass

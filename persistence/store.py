@@ -64,14 +64,18 @@ from payengine.engine.voucher import (
 from payengine.persistence import outbox, rejections, statements
 from payengine.persistence.group_commit import CommitStats, GroupCommit, GroupCommitConfig
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Bumped whenever a table changes shape; a file of another version is refused at open
-(``IncompatibleDatabase``). 2: fences keyed by (account, scope, owner, leg), not a hold id."""
+(``IncompatibleDatabase``). 2: fences keyed by (account, scope, owner, leg), not a hold id.
+3: one journal row per change, holding that change's transitions."""
 
 
 @dataclass(frozen=True, slots=True)
 class JournalEntry:
-    """One row of the append-only journal: a transition of an order, a leg or an account."""
+    """One transition of an order, a leg or an account, from the append-only journal.
+
+    ``seq`` orders the changes: the transitions one change committed together share it
+    (the journal stores them as one row) and keep their order within it."""
 
     seq: int
     at_ms: int
@@ -298,13 +302,14 @@ class Store:
             )
             db.table("refunds").create_index(["order_id", "refund_no"], unique=True,
                                              if_not_exists=True)
+            # One row per change of an order: its postings as [[memo, [[account, minor],
+            # ...]], ...]; posting n of the row is posting "<order_id>:<version>:<n>".
             db.table("ledger").create(
-                {"seq": int, "posting_id": str, "order_id": str, "account": str,
-                 "amount_minor": int, "currency": str, "memo": str, "at_ms": int},
-                pk="seq", not_null={"posting_id", "account", "amount_minor"}, if_not_exists=True,
+                {"seq": int, "order_id": str, "version": int, "currency": str, "at_ms": int,
+                 "postings": str},
+                pk="seq", not_null={"order_id", "version", "postings"}, if_not_exists=True,
             )
             db.table("ledger").create_index(["order_id"], if_not_exists=True)
-            db.table("ledger").create_index(["account"], if_not_exists=True)
             db.table("voucher_accounts").create(
                 {"account_id": str, "unit": str, "minor_per_unit": int, "funded": int,
                  "available": int, "held": int, "spent": int, "version": int,
@@ -327,9 +332,9 @@ class Store:
                 if_not_exists=True,
             )
             db.table("journal").create(
-                {"seq": int, "at_ms": int, "entity_kind": str, "entity_id": str, "part": str,
-                 "from_state": str, "to_state": str, "cause": str},
-                pk="seq", if_not_exists=True,
+                {"seq": int, "at_ms": int, "entity_kind": str, "entity_id": str,
+                 "transitions": str},
+                pk="seq", not_null={"transitions"}, if_not_exists=True,
             )
             db.table("meta").create({"key": str, "value": str}, pk="key", if_not_exists=True)
             db.table("meta").insert({"key": "schema_version", "value": str(SCHEMA_VERSION)},
@@ -430,7 +435,7 @@ class Store:
                     if any(e == f"refund:{r.refund_id}" or e.startswith(f"refund:{r.refund_id}:")
                            for e in entities)])
             if postings:
-                conn.executemany(_INSERT_ENTRY, _entry_rows(order, postings, now_ms, skew_ledger))
+                conn.execute(_INSERT_POSTINGS, _postings_row(order, postings, now_ms, skew_ledger))
             self._journal(conn, now_ms, "order", order.order_id, transitions)
             outbox.record_order_events(conn, order, transitions, now_ms)
 
@@ -439,11 +444,11 @@ class Store:
     def ledger_balances(self, order_id: str | None = None) -> dict[str, dict[str, int]]:
         """``{currency: {account: minor}}`` of every ledger account (of one order's postings
         if ``order_id``). Amounts of two currencies are never added together."""
-        where, args = ("WHERE order_id = ?", (order_id,)) if order_id else ("", ())
+        where, args = ("WHERE l.order_id = ?", (order_id,)) if order_id else ("", ())
         with self._read(snapshot=False) as conn:
-            rows = conn.execute(f"SELECT currency, account, SUM(amount_minor) FROM ledger {where}"
-                                " GROUP BY currency, account ORDER BY currency, account",
-                                args).fetchall()
+            rows = conn.execute(f"SELECT {_ENTRY_CURRENCY}, {_ENTRY_ACCOUNT}, SUM({_ENTRY_MINOR})"
+                                f" FROM {_LEDGER_ENTRIES} {where}"
+                                " GROUP BY 1, 2 ORDER BY 1, 2", args).fetchall()
         balances: dict[str, dict[str, int]] = {}
         for currency, account, total in rows:
             balances.setdefault(str(currency), {})[str(account)] = int(total)
@@ -453,15 +458,18 @@ class Store:
         """Postings whose entries do not sum to zero (none, unless there is a bug)."""
         with self._read(snapshot=False) as conn:
             rows = conn.execute(
-                "SELECT posting_id, SUM(amount_minor) FROM ledger GROUP BY posting_id"
-                " HAVING SUM(amount_minor) != 0 LIMIT ?", (limit,)).fetchall()
+                f"SELECT {_POSTING_ID}, SUM({_ENTRY_MINOR}) FROM {_LEDGER_ENTRIES}"
+                f" GROUP BY l.seq, p.key HAVING SUM({_ENTRY_MINOR}) != 0 LIMIT ?",
+                (limit,)).fetchall()
         return [(str(posting), int(total)) for posting, total in rows]
 
     def ledger_entries(self, order_id: str) -> list[tuple[str, str, int, str]]:
         """(posting_id, account, amount_minor, memo) of one order, oldest first."""
         with self._read(snapshot=False) as conn:
-            rows = conn.execute("SELECT posting_id, account, amount_minor, memo FROM ledger"
-                                " WHERE order_id = ? ORDER BY seq", (order_id,)).fetchall()
+            rows = conn.execute(
+                f"SELECT {_POSTING_ID}, {_ENTRY_ACCOUNT}, {_ENTRY_MINOR}, {_POSTING_MEMO}"
+                f" FROM {_LEDGER_ENTRIES} WHERE l.order_id = ? ORDER BY l.seq, p.key, e.key",
+                (order_id,)).fetchall()
         return [(str(p), str(a), int(m), str(memo)) for p, a, m, memo in rows]
 
     def load_order(self, order_id: str) -> PaymentOrder | None:
@@ -737,21 +745,26 @@ class Store:
     @staticmethod
     def _journal(conn: sqlite3.Connection, now_ms: int, kind: str, entity_id: str,
                  transitions: Sequence[Transition]) -> None:
+        """Append one change's transitions as one row (one statement, not one per
+        transition: a payment's journal was a quarter of its statements)."""
         if transitions:
-            conn.executemany(
-                "INSERT INTO journal (at_ms, entity_kind, entity_id, part, from_state, to_state,"
-                " cause) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(now_ms, kind, entity_id, t.entity, t.from_state, t.to_state, t.cause)
-                 for t in transitions],
-            )
+            conn.execute(
+                "INSERT INTO journal (at_ms, entity_kind, entity_id, transitions)"
+                " VALUES (?, ?, ?, ?)",
+                (now_ms, kind, entity_id, json.dumps(
+                    [[t.entity, t.from_state, t.to_state, t.cause] for t in transitions],
+                    ensure_ascii=False, separators=(",", ":"))))
 
     def journal(self, entity_kind: str, entity_id: str) -> list[JournalEntry]:
         with self._read(snapshot=False) as conn:
             rows = conn.execute(
-                "SELECT seq, at_ms, entity_kind, entity_id, part, from_state, to_state, cause"
-                " FROM journal WHERE entity_kind = ? AND entity_id = ? ORDER BY seq",
+                "SELECT seq, at_ms, transitions FROM journal"
+                " WHERE entity_kind = ? AND entity_id = ? ORDER BY seq",
                 (entity_kind, entity_id)).fetchall()
-        return [JournalEntry(*r) for r in rows]
+        return [JournalEntry(int(seq), int(at_ms), entity_kind, entity_id, str(part),
+                             str(from_state), str(to_state), str(cause))
+                for seq, at_ms, packed in rows
+                for part, from_state, to_state, cause in json.loads(packed)]
 
     def all_accounts(self) -> list[VoucherAccount]:
         with self._read(snapshot=False) as conn:
@@ -835,22 +848,28 @@ _FENCE_COLUMNS = ("scope, owner, leg, account_id, kind, status, amount, order_id
                   " updated_at_ms")
 
 
-_INSERT_ENTRY = (
-    "INSERT INTO ledger (posting_id, order_id, account, amount_minor, currency, memo, at_ms)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+_INSERT_POSTINGS = (
+    "INSERT INTO ledger (order_id, version, currency, at_ms, postings) VALUES (?, ?, ?, ?, ?)"
 )
+# The ledger's entries, one row each, out of the packed rows (SQLite's JSON1 table functions):
+# l = the change's row, p = one of its postings, e = one entry of that posting.
+_LEDGER_ENTRIES = "ledger l, json_each(l.postings) p, json_each(p.value, '$[1]') e"
+_ENTRY_ACCOUNT = "json_extract(e.value, '$[0]')"
+_ENTRY_MINOR = "json_extract(e.value, '$[1]')"
+_ENTRY_CURRENCY = "l.currency"
+_POSTING_MEMO = "json_extract(p.value, '$[0]')"
+_POSTING_ID = "l.order_id || ':' || l.version || ':' || p.key"
 
 
-def _entry_rows(order: PaymentOrder, postings: Sequence[Posting], now_ms: int,
-                skew: bool) -> list[tuple[object, ...]]:
-    rows: list[tuple[object, ...]] = []
-    for n, posting in enumerate(postings):
-        posting_id = f"{order.order_id}:{order.version}:{n}"
-        for i, entry in enumerate(posting.entries):
-            amount = entry.amount_minor + (1 if skew and n == 0 and i == 0 else 0)
-            rows.append((posting_id, order.order_id, entry.account, amount, order.currency,
-                         posting.memo, now_ms))
-    return rows
+def _postings_row(order: PaymentOrder, postings: Sequence[Posting], now_ms: int,
+                  skew: bool) -> tuple[object, ...]:
+    """One change's postings as one row (one statement, where one row per entry was a fifth
+    of a payment's statements). ``skew``: the planted bug, first entry off by one."""
+    packed = [[posting.memo, [[entry.account, entry.amount_minor + (
+        1 if skew and n == 0 and i == 0 else 0)] for i, entry in enumerate(posting.entries)]]
+        for n, posting in enumerate(postings)]
+    return (order.order_id, order.version, order.currency, now_ms,
+            json.dumps(packed, ensure_ascii=False, separators=(",", ":")))
 
 
 _REFUND_COLUMNS = "refund_id, refund_no, kind, amount_minor, reason, status, requested_at_ms, parts"
