@@ -34,8 +34,13 @@ class EngineConfig:
     ask_timeout_s: float = 10.0
     account_idle_ms: int = 30_000
     """An account actor with nothing to do stops after this long (its state is in SQLite)."""
-    live_orders_max: int = 10_000
-    """Submits beyond this many orders in flight are refused with ``Overloaded``."""
+    live_orders_max: int = 200_000
+    """Submits beyond this many orders in flight are refused with ``Overloaded``. Each open
+    order is a live actor, a few KiB of memory and no thread of its own (``actor_threads``)."""
+    actor_threads: int = 8
+    """Threads that run every actor (``actors.pool.PooledRuntime``, made by ``Engine.open``
+    when no runtime is given): at most this many handlers run (or wait on SQLite) at once,
+    however many orders are in flight."""
     pre_hold_ttl_ms: int = 15 * 60 * 1000
     pre_hold_ttl_ms_max: int = 24 * 60 * 60 * 1000
     duplicate_guard_window_ms: int = 60_000
@@ -60,6 +65,7 @@ class EngineConfig:
         day_ms = 24 * 60 * 60 * 1000
         check_int(self.account_idle_ms, "account_idle_ms", 1, day_ms)
         check_int(self.live_orders_max, "live_orders_max", 1, 10_000_000)
+        check_int(self.actor_threads, "actor_threads", 1, 256)
         check_int(self.pre_hold_ttl_ms_max, "pre_hold_ttl_ms_max", 1, 7 * day_ms)
         # a default TTL above the maximum is used as the maximum (a config that only lowers
         # the maximum is meant as is)

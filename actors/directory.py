@@ -14,6 +14,7 @@ from an actor's handler, which must not block on another actor.
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,7 @@ Key = tuple[str, str]
 """(kind, id): ``("order", order_id)`` or ``("account", account_id)``."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Live:
     ref: ActorRef
     behaviour: Behaviour
@@ -42,6 +43,9 @@ class Directory:
         self._runtime = runtime
         self._factory = factory
         self._live: dict[Key, _Live] = {}
+        self._live_counts: Counter[str] = Counter()
+        """Live actors by kind, kept with ``_live``: a submit reads it, and counting 100,000
+        live orders per submit was O(live)."""
         self._lock = threading.Lock()
         self._closed = False
         self._broken: dict[Key, str] = {}
@@ -77,7 +81,7 @@ class Directory:
         except pykka.ActorDeadError:
             # The actor died of a bug (its failure was logged); start it afresh from the
             # database once. A second death propagates.
-            del self._live[key]
+            self._forget(key)
             live = self._get_or_start(key)
             live.sent += 1
             live.ref.tell(message)
@@ -85,7 +89,7 @@ class Directory:
     def _enqueue_ask_slot(self, key: Key) -> _Live:
         live = self._get_or_start(key)
         if not live.ref.alive:
-            del self._live[key]
+            self._forget(key)
             live = self._get_or_start(key)
         live.sent += 1
         return live
@@ -102,6 +106,13 @@ class Directory:
             behaviour = self._factory(key)
             live = _Live(self._runtime.spawn(f"{key[0]}:{key[1]}", behaviour), behaviour)
             self._live[key] = live
+            self._live_counts[key[0]] += 1
+        return live
+
+    def _forget(self, key: Key) -> _Live | None:
+        live = self._live.pop(key, None)
+        if live is not None:
+            self._live_counts[key[0]] -= 1
         return live
 
     def release(self, key: Key, behaviour: Behaviour, handled: int) -> bool:
@@ -113,7 +124,7 @@ class Directory:
             live = self._live.get(key)
             if live is None or live.behaviour is not behaviour or live.sent != handled:
                 return False
-            del self._live[key]
+            self._forget(key)
             live.ref.stop()
             return True
 
@@ -125,7 +136,7 @@ class Directory:
         """
         with self._lock:
             self._broken.setdefault(key, error)
-            live = self._live.pop(key, None)
+            live = self._forget(key)
         if live is not None:
             live.ref.stop()  # an asked actor survives its exception in pykka: stop it here
 
@@ -135,7 +146,7 @@ class Directory:
 
     def live_count(self, kind: str) -> int:
         with self._lock:
-            return sum(1 for k in self._live if k[0] == kind)
+            return self._live_counts[kind]
 
     def close(self) -> list[ActorRef]:
         """Refuse new messages; return the live actors for the caller to stop."""
@@ -143,4 +154,5 @@ class Directory:
             self._closed = True
             refs = [live.ref for live in self._live.values()]
             self._live.clear()
+            self._live_counts.clear()
         return refs

@@ -42,8 +42,9 @@ from payengine.actors.messages import (
 )
 from payengine.actors.notifier import Notifications, Subscriber
 from payengine.actors.order_actor import OrderBehaviour
+from payengine.actors.pool import PooledRuntime
 from payengine.actors.reconcile import ReconciliationReport, StatementSource
-from payengine.actors.runtime import Runtime, ThreadRuntime
+from payengine.actors.runtime import Runtime
 from payengine.actors.voucher_link import DirectVoucherLink, VoucherLink
 from payengine.engine.checks import (
     check_bool,
@@ -200,7 +201,8 @@ class Engine:
             raise InvalidRequest(f"synchronous must be one of {SYNCHRONOUS_MODES}, got "
                                  f"{shown(synchronous)}")
         store = Store(path, synchronous=synchronous)  # first: a refused file starts nothing
-        runtime = runtime or ThreadRuntime()
+        config = config or EngineConfig()
+        runtime = runtime or PooledRuntime(actor_threads=config.actor_threads)
         ctx_holder: list[Context] = []
 
         def factory(key: Key) -> ActorBehaviour:
@@ -209,7 +211,7 @@ class Engine:
 
         ctx = Context(store=store, runtime=runtime, directory=Directory(runtime, factory),
                       channels=by_name, policy=policy or OrderPolicy(),
-                      config=config or EngineConfig(),
+                      config=config,
                       log=get_logger().bind(db=store.path))
         ctx.voucher_link = (voucher_link or DirectVoucherLink)(ctx.directory)
         ctx.notifications = Notifications(ctx, subscribers or {})
