@@ -17,7 +17,7 @@ from typing import Any
 
 from payengine.actors.channel import Channel
 from payengine.actors.directory import Directory, Key
-from payengine.actors.messages import Asked
+from payengine.actors.messages import Asked, Paced
 from payengine.actors.notifier import NotificationConfig
 from payengine.actors.runtime import Runtime, TimerHandle
 from payengine.engine.checks import check_id, check_instance, check_int, check_setting, shown
@@ -146,6 +146,11 @@ class ActorBehaviour:
         self.cancel_timers()
 
     def on_message(self, message: Any) -> Any:
+        if isinstance(message, Paced):
+            try:
+                return self.on_message(message.message)
+            finally:
+                message.done()
         self.handled += 1
         asked = isinstance(message, Asked)
         payload = message.message if asked else message

@@ -52,10 +52,16 @@ class Directory:
         """Actors stopped on a broken invariant, with the error: refused until reopen."""
 
     def tell(self, key: Key, message: Any) -> None:
+        self.offer(key, message)
+
+    def offer(self, key: Key, message: Any) -> bool:
+        """``tell``, saying if it was enqueued: not when the key is quarantined (dropped:
+        the failure was logged when it broke)."""
         with self._lock:
             if key in self._broken:
-                return  # quarantined: the failure was logged when it broke
+                return False
             self._enqueue(key, message)
+            return True
 
     def ask(self, key: Key, message: Any, timeout_s: float) -> Any:
         with self._lock:

@@ -44,6 +44,7 @@ from payengine.actors.notifier import Notifications, Subscriber
 from payengine.actors.order_actor import OrderBehaviour
 from payengine.actors.pool import PooledRuntime
 from payengine.actors.reconcile import ReconciliationReport, StatementSource
+from payengine.actors.resume import ResumeFeeder
 from payengine.actors.runtime import Runtime
 from payengine.actors.voucher_link import DirectVoucherLink, VoucherLink
 from payengine.engine.checks import (
@@ -163,6 +164,8 @@ class Engine:
         self._ids = ids
         self._closed = False
         self._confirm_limiter = ConfirmLimiter(ctx.policy.confirm_query_interval_ms)
+        self._resume_feeder = ResumeFeeder(ctx.directory, ctx.runtime, (),
+                                           grace_ms=ctx.policy.hold_grace_ms, log=ctx.log)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -226,13 +229,19 @@ class Engine:
         now_ms = ctx.runtime.now_ms()
         extended = ctx.store.extend_holds_of_unsettled_orders(now_ms, ctx.policy.hold_grace_ms)
         orders = ctx.store.unsettled_order_ids()
-        for order_id in orders:
-            ctx.directory.tell(("order", order_id), Activate())
+        self._resume_feeder = ResumeFeeder(ctx.directory, ctx.runtime, orders,
+                                           grace_ms=ctx.policy.hold_grace_ms, log=ctx.log)
+        self._resume_feeder.start()
         accounts = ctx.store.accounts_with_pending_holds()
         for account_id in accounts:
             ctx.directory.tell(("account", account_id), ExpireDue())
         ctx.log.info("engine.opened", resumed_orders=len(orders),
                      accounts_with_holds=len(accounts), holds_extended=extended)
+
+    def resuming(self) -> int:
+        """Unsettled orders of the last ``open`` whose activation is not handled yet: the
+        resume is paced (``actors.resume``), so ``open`` returns before it ends."""
+        return self._resume_feeder.pending()
 
     def shutdown(self) -> None:
         """Stop accepting work and stop every actor; unfinished orders resume on next open."""
