@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from payengine.actors.channel import Channel
 from payengine.actors.directory import Directory, Key
-from payengine.actors.messages import Asked
+from payengine.actors.messages import Asked, Paced
 from payengine.actors.notifier import NotificationConfig
 from payengine.actors.runtime import Runtime, TimerHandle
 from payengine.engine.checks import check_id, check_instance, check_int, check_setting, shown
@@ -35,13 +36,18 @@ class EngineConfig:
     ask_timeout_s: float = 10.0
     account_idle_ms: int = 30_000
     """An account actor with nothing to do stops after this long (its state is in SQLite)."""
-    live_orders_max: int = 10_000
-    """Submits beyond this many orders in flight are refused with ``Overloaded``."""
+    live_orders_max: int = 200_000
+    """Submits beyond this many orders in flight are refused with ``Overloaded``. Each open
+    order is a live actor, a few KiB of memory and no thread of its own (``actor_threads``)."""
+    actor_threads: int = 8
+    """Threads that run every actor (``actors.pool.PooledRuntime``, made by ``Engine.open``
+    when no runtime is given): at most this many handlers run (or wait on SQLite) at once,
+    however many orders are in flight."""
     submits_in_flight_max: int = 64
     """Submits being taken at once; one more waits ``admission_wait_ms`` for a slot, then is
     refused with ``Overloaded`` (``actors.admission``)."""
     admission_wait_ms: int = 2
-    actor_backlog_max: int = 256
+    actor_backlog_max: int = 1_024
     """Messages told to actors and not yet handled beyond which a submit is refused at once
     with ``Overloaded``: the actors are behind, and the orders they already have come first."""
     writer_backlog_max: int = 256
@@ -77,6 +83,7 @@ class EngineConfig:
         check_int(self.admission_wait_ms, "admission_wait_ms", 0, 60_000)
         check_int(self.writer_backlog_max, "writer_backlog_max", 1, 1_000_000)
         check_int(self.actor_backlog_max, "actor_backlog_max", 1, 10_000_000)
+        check_int(self.actor_threads, "actor_threads", 1, 256)
         check_int(self.pre_hold_ttl_ms_max, "pre_hold_ttl_ms_max", 1, 7 * day_ms)
         # a default TTL above the maximum is used as the maximum (a config that only lowers
         # the maximum is meant as is)
@@ -185,6 +192,11 @@ class ActorBehaviour:
         self.cancel_timers()
 
     def on_message(self, message: Any) -> Any:
+        if isinstance(message, Paced):
+            try:
+                return self.on_message(message.message)
+            finally:
+                message.done()
         self.handled += 1
         asked = isinstance(message, Asked)
         payload = message.message if asked else message
@@ -239,12 +251,11 @@ class ActorBehaviour:
     def tell_later(self, due_at_ms: int, message: Any) -> TimerHandle:
         """Arm a timer that tells ``message`` to this actor (restarting it if it stopped)."""
         directory, key = self.ctx.directory, self.key
-        return self.ctx.runtime.call_at(due_at_ms, _teller(directory, key, message))
+        return self.ctx.runtime.call_at(due_at_ms, partial(_tell_quietly, directory, key, message))
 
 
-def _teller(directory: Directory, key: Key, message: Any) -> Callable[[], None]:
-    def tell() -> None:
-        with contextlib.suppress(EngineClosed):
-            directory.tell(key, message)
-
-    return tell
+def _tell_quietly(directory: Directory, key: Key, message: Any) -> None:
+    """A timer's tell (a partial of this: a closure per timer cost twice the memory, and an
+    open order keeps two timers for hours)."""
+    with contextlib.suppress(EngineClosed):
+        directory.tell(key, message)

@@ -14,6 +14,7 @@ from an actor's handler, which must not block on another actor.
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,7 @@ Key = tuple[str, str]
 """(kind, id): ``("order", order_id)`` or ``("account", account_id)``."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Live:
     ref: ActorRef
     behaviour: Behaviour
@@ -42,8 +43,9 @@ class Directory:
         self._runtime = runtime
         self._factory = factory
         self._live: dict[Key, _Live] = {}
-        self._live_by_kind: dict[str, int] = {}
-        """How many of ``_live`` per kind: read by every submit, so kept, not counted."""
+        self._live_counts: Counter[str] = Counter()
+        """Live actors by kind, kept with ``_live``: a submit reads it, and counting 100,000
+        live orders per submit was O(live)."""
         self._lock = threading.Lock()
         self._closed = False
         self._broken: dict[Key, str] = {}
@@ -53,10 +55,16 @@ class Directory:
         self._handled_lock = threading.Lock()
 
     def tell(self, key: Key, message: Any) -> None:
+        self.offer(key, message)
+
+    def offer(self, key: Key, message: Any) -> bool:
+        """``tell``, saying if it was enqueued: not when the key is quarantined (dropped:
+        the failure was logged when it broke)."""
         with self._lock:
             if key in self._broken:
-                return  # quarantined: the failure was logged when it broke
+                return False
             self._enqueue(key, message)
+            return True
 
     def ask(self, key: Key, message: Any, timeout_s: float) -> Any:
         with self._lock:
@@ -93,7 +101,7 @@ class Directory:
         except pykka.ActorDeadError:
             # The actor died of a bug (its failure was logged); start it afresh from the
             # database once. A second death propagates.
-            self._drop_live(key)
+            self._forget(key)
             self._forget_unhandled(live)
             live = self._get_or_start(key)
             live.sent += 1
@@ -102,19 +110,12 @@ class Directory:
     def _enqueue_ask_slot(self, key: Key) -> _Live:
         live = self._get_or_start(key)
         if not live.ref.alive:
-            self._drop_live(key)
+            self._forget(key)
             self._forget_unhandled(live)
             live = self._get_or_start(key)
         live.sent += 1
         self._told += 1
         return live
-
-    def _forget_unhandled(self, live: _Live) -> None:
-        """A dead actor's queued messages will never be handled: out of the backlog."""
-        lost = live.sent - int(getattr(live.behaviour, "handled", live.sent))
-        if lost > 0:
-            with self._handled_lock:
-                self._handled += lost
 
     def _get_or_start(self, key: Key) -> _Live:
         if self._closed:
@@ -128,8 +129,21 @@ class Directory:
             behaviour = self._factory(key)
             live = _Live(self._runtime.spawn(f"{key[0]}:{key[1]}", behaviour), behaviour)
             self._live[key] = live
-            self._live_by_kind[key[0]] = self._live_by_kind.get(key[0], 0) + 1
+            self._live_counts[key[0]] += 1
         return live
+
+    def _forget(self, key: Key) -> _Live | None:
+        live = self._live.pop(key, None)
+        if live is not None:
+            self._live_counts[key[0]] -= 1
+        return live
+
+    def _forget_unhandled(self, live: _Live) -> None:
+        """A dead actor's queued messages will never be handled: out of the backlog."""
+        lost = live.sent - int(getattr(live.behaviour, "handled", live.sent))
+        if lost > 0:
+            with self._handled_lock:
+                self._handled += lost
 
     def release(self, key: Key, behaviour: Behaviour, handled: int) -> bool:
         """Stop ``behaviour``'s actor if it handled every message it was sent; say if it did.
@@ -140,7 +154,7 @@ class Directory:
             live = self._live.get(key)
             if live is None or live.behaviour is not behaviour or live.sent != handled:
                 return False
-            self._drop_live(key)
+            self._forget(key)
             live.ref.stop()
             return True
 
@@ -152,7 +166,7 @@ class Directory:
         """
         with self._lock:
             self._broken.setdefault(key, error)
-            live = self._drop_live(key)
+            live = self._forget(key)
             if live is not None:
                 self._forget_unhandled(live)
         if live is not None:
@@ -163,15 +177,8 @@ class Directory:
             return dict(self._broken)
 
     def live_count(self, kind: str) -> int:
-        """Live actors of ``kind`` ("order", "account"); O(1)."""
-        return self._live_by_kind.get(kind, 0)
-
-    def _drop_live(self, key: Key) -> _Live | None:
-        """Forget ``key``'s live actor (under the lock)."""
-        live = self._live.pop(key, None)
-        if live is not None:
-            self._live_by_kind[key[0]] -= 1
-        return live
+        with self._lock:
+            return self._live_counts[kind]
 
     def close(self) -> list[ActorRef]:
         """Refuse new messages; return the live actors for the caller to stop."""
@@ -179,5 +186,5 @@ class Directory:
             self._closed = True
             refs = [live.ref for live in self._live.values()]
             self._live.clear()
-            self._live_by_kind.clear()
+            self._live_counts.clear()
         return refs

@@ -6,6 +6,7 @@ Messages are immutable dataclasses. Order actors receive the core's events
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,17 @@ class Asked:
     """
 
     message: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Paced:
+    """Wraps a told message whose sender paces what it sends: ``done`` is called once the
+    actor has handled ``message``, on the actor's thread, however the handler ended (the
+    resume's feeder tells the next Activate then). ``done`` must be quick and never block.
+    """
+
+    message: Any
+    done: Callable[[], None]
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import pykka
@@ -124,27 +124,38 @@ class _PykkaRef:
         return bool(self.ref.is_alive())
 
 
-@dataclass(order=True)
 class _Timer:
-    due_at_ms: int
-    seq: int
-    fn: Callable[[], None] = field(compare=False)
-    cancelled: bool = field(default=False, compare=False)
+    """A pending timer and its handle. Heap entries are ``(due_at_ms, seq, timer)`` tuples,
+    compared in C: a dataclass ``__lt__`` made each push cost microseconds with 100,000s of
+    timers pending (one or two per open order)."""
+
+    __slots__ = ("cancelled", "fn", "owner")
+
+    def __init__(self, fn: Callable[[], None], owner: TimerThread) -> None:
+        self.fn = fn
+        self.owner = owner
+        self.cancelled = False
 
     def cancel(self) -> None:
-        self.cancelled = True
+        if not self.cancelled:
+            self.cancelled = True
+            self.owner.forget_one()
 
 
 class TimerThread:
     """One thread and a heap of timers; ``timers_max`` bounds the heap.
 
     Runs each due callback on its own thread, so callbacks must not block (they tell).
+    Cancelled timers leave the heap when due, or sooner: once they are half of it, the heap
+    is rebuilt without them (amortised O(1) per cancel), so timers cancelled long before
+    they are due (a settled order's close timer, a day ahead) do not pile up.
     """
 
     def __init__(self, now_ms: Callable[[], int], timers_max: int = 1_000_000) -> None:
         self._now_ms = now_ms
         self._timers_max = timers_max
-        self._heap: list[_Timer] = []
+        self._heap: list[tuple[int, int, _Timer]] = []
+        self._cancelled = 0
         self._seq = itertools.count()
         self._cond = threading.Condition()
         self._stopped = False
@@ -156,15 +167,31 @@ class TimerThread:
             if self._stopped:
                 raise EngineClosed("timers are stopped")
             if len(self._heap) >= self._timers_max:
-                self._heap = [t for t in self._heap if not t.cancelled]
-                heapq.heapify(self._heap)
+                self._compact()
                 if len(self._heap) >= self._timers_max:
                     raise Overloaded(f"{self._timers_max} timers pending")
-            timer = _Timer(due_at_ms, next(self._seq), fn)
-            heapq.heappush(self._heap, timer)
-            if self._heap[0] is timer:
+            timer = _Timer(fn, self)
+            heapq.heappush(self._heap, (due_at_ms, next(self._seq), timer))
+            if self._heap[0][2] is timer:
                 self._cond.notify()
             return timer
+
+    def forget_one(self) -> None:
+        """A timer was cancelled (any thread): rebuild the heap once half of it is dead."""
+        with self._cond:
+            self._cancelled += 1
+            if self._cancelled > 1_000 and 2 * self._cancelled > len(self._heap):
+                self._compact()
+
+    def _compact(self) -> None:
+        self._heap = [entry for entry in self._heap if not entry[2].cancelled]
+        heapq.heapify(self._heap)
+        self._cancelled = 0
+
+    def pending(self) -> int:
+        """Timers in the heap, cancelled ones not yet dropped included."""
+        with self._cond:
+            return len(self._heap)
 
     def stop(self) -> None:
         with self._cond:
@@ -179,18 +206,21 @@ class TimerThread:
                     if not self._heap:
                         self._cond.wait()
                         continue
-                    wait_ms = self._heap[0].due_at_ms - self._now_ms()
+                    wait_ms = self._heap[0][0] - self._now_ms()
                     if wait_ms <= 0:
                         break
                     self._cond.wait(timeout=wait_ms / 1000)
                 if self._stopped:
                     return
-                timer = heapq.heappop(self._heap)
-            if not timer.cancelled:
-                try:
-                    timer.fn()
-                except Exception as exc:  # a timer must never kill the timer thread
-                    log.warning("timer.callback_failed", error=repr(exc))
+                timer = heapq.heappop(self._heap)[2]
+                if timer.cancelled:
+                    self._cancelled -= 1
+                    continue
+                timer.cancelled = True  # no longer pending: a late cancel() counts nothing
+            try:
+                timer.fn()
+            except Exception as exc:  # a timer must never kill the timer thread
+                log.warning("timer.callback_failed", error=repr(exc))
 
 
 class _Lane:
@@ -201,23 +231,16 @@ class _Lane:
         self.slots = threading.BoundedSemaphore(workers + queue_max)
 
 
-class ThreadRuntime:
-    """Production runtime: wall clock, pykka ThreadingActors, a timer thread, I/O lanes."""
+class IoLanes:
+    """``Runtime.run_io`` for the production runtimes: one bounded thread pool per lane,
+    made on the lane's first call. ``run_io`` may be called from any thread."""
 
-    def __init__(self, *, io_workers_per_lane: int = 4, io_queue_max: int = 1_000,
-                 timers_max: int = 1_000_000) -> None:
-        self._timers = TimerThread(self.now_ms, timers_max)
-        self._io_workers = io_workers_per_lane
-        self._io_queue_max = io_queue_max
+    def __init__(self, workers_per_lane: int, queue_max: int) -> None:
+        self._workers = workers_per_lane
+        self._queue_max = queue_max
         self._lanes: dict[str, _Lane] = {}
         self._lock = threading.Lock()
         self._closed = False
-
-    def now_ms(self) -> int:
-        return time.time_ns() // 1_000_000
-
-    def call_at(self, due_at_ms: int, fn: Callable[[], None]) -> TimerHandle:
-        return self._timers.call_at(due_at_ms, fn)
 
     def run_io(self, lane: str, fn: Callable[[], Any], done: Callable[[Any], None]) -> None:
         with self._lock:
@@ -225,7 +248,7 @@ class ThreadRuntime:
                 raise EngineClosed("the runtime is shut down")
             pool = self._lanes.get(lane)
             if pool is None:
-                pool = self._lanes[lane] = _Lane(lane, self._io_workers, self._io_queue_max)
+                pool = self._lanes[lane] = _Lane(lane, self._workers, self._queue_max)
         if not pool.slots.acquire(blocking=False):
             done(Overloaded(f"I/O lane {lane} is full"))
             return
@@ -247,13 +270,39 @@ class ThreadRuntime:
         except RuntimeError:  # pool shut down meanwhile
             pool.slots.release()
 
+    def shutdown(self) -> None:
+        """Refuse new calls; queued ones are dropped, running ones finish on their own."""
+        with self._lock:
+            self._closed = True
+            lanes = list(self._lanes.values())
+        for lane in lanes:
+            lane.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class ThreadRuntime:
+    """Production runtime: wall clock, pykka ThreadingActors, a timer thread, I/O lanes.
+
+    One OS thread per live actor: fine for a few hundred; ``actors.pool.PooledRuntime``
+    (the default of ``Engine.open``) bounds the threads whatever the number of actors.
+    """
+
+    def __init__(self, *, io_workers_per_lane: int = 4, io_queue_max: int = 1_000,
+                 timers_max: int = 1_000_000) -> None:
+        self._timers = TimerThread(self.now_ms, timers_max)
+        self._io = IoLanes(io_workers_per_lane, io_queue_max)
+
+    def now_ms(self) -> int:
+        return time.time_ns() // 1_000_000
+
+    def call_at(self, due_at_ms: int, fn: Callable[[], None]) -> TimerHandle:
+        return self._timers.call_at(due_at_ms, fn)
+
+    def run_io(self, lane: str, fn: Callable[[], Any], done: Callable[[Any], None]) -> None:
+        self._io.run_io(lane, fn, done)
+
     def spawn(self, name: str, behaviour: Behaviour) -> ActorRef:
         return _PykkaRef(_PykkaHost.start(name, behaviour))
 
     def shutdown(self) -> None:
-        with self._lock:
-            self._closed = True
-            lanes = list(self._lanes.values())
         self._timers.stop()
-        for lane in lanes:
-            lane.pool.shutdown(wait=False, cancel_futures=True)
+        self._io.shutdown()

@@ -283,24 +283,62 @@ class OpenOrdersResult:
     submit_s: float
     threads: int
     rss_mib: float
+    """Resident memory with every order open (now, not the peak)."""
+    bytes_per_open_order: float
+    """What the open orders added to the resident memory, per order: its actor, state,
+    timers and directory entry (and the SQLite pages and allocator slack they brought)."""
     reopen_s: float
-    """``Engine.open`` of the file with every order unsettled: until it returned."""
+    """``Engine.open`` of the file with every order unsettled, until every order's
+    activation was handled (``Engine.resuming() == 0``)."""
+    reopen_returned_s: float
+    """Until ``Engine.open`` returned: the resume goes on, paced, after it."""
+    reopen_threads: int
+    max_rss_mib: float
 
     def render(self) -> str:
         return "\n".join([
             f"payengine bench --open-orders {self.open_orders}: {self.accepted} accepted in "
             f"{self.submit_s:.1f} s",
-            f"  with them open: {self.threads} threads, max RSS {self.rss_mib:,.0f} MiB",
-            f"  reopen with {self.accepted} unsettled: {self.reopen_s:.1f} s",
+            f"  with them open: {self.threads} threads, RSS {self.rss_mib:,.0f} MiB "
+            f"({self.bytes_per_open_order:,.0f} bytes per open order)",
+            f"  reopen with {self.accepted} unsettled: {self.reopen_s:.1f} s to resume them all "
+            f"(open returned after {self.reopen_returned_s:.1f} s), {self.reopen_threads} "
+            "threads",
+            f"  max RSS {self.max_rss_mib:,.0f} MiB",
         ])
 
     def as_json(self) -> str:
         return json.dumps(asdict(self))
 
 
+def _rss_mib() -> float:
+    """The process's resident memory now (Linux ``/proc``; the peak elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            pages = int(statm.read().split()[1])
+        return pages * resource.getpagesize() / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _wait_until_quiet(engine: Engine, quiet_s: float = 1.0, timeout_s: float = 600.0) -> None:
+    """Wait until the engine's writer has committed nothing for ``quiet_s``: the orders took
+    their holds and called the channel. (Measured before this, a reopen also finished the
+    work the first engine had queued, and timed that.)"""
+    conn: sqlite3.Connection = engine.store._conn
+    deadline = time.perf_counter() + timeout_s
+    changes, quiet_since = conn.total_changes, time.perf_counter()
+    while time.perf_counter() < deadline and time.perf_counter() - quiet_since < quiet_s:
+        time.sleep(0.05)
+        if conn.total_changes != changes:
+            changes, quiet_since = conn.total_changes, time.perf_counter()
+
+
 def run_open_orders(open_orders: int, *, workers: int = 8) -> OpenOrdersResult:
     """Hold ``open_orders`` payments open (their users never pay), then measure the
     process's threads and RSS, shut down, and time the reopen that resumes them all."""
+    import gc
+
     from payengine.engine.errors import Overloaded
     from payengine.engine.order import OrderPolicy
 
@@ -318,6 +356,8 @@ def run_open_orders(open_orders: int, *, workers: int = 8) -> OpenOrdersResult:
                 for name, unit, rate in (("rp", "CNY", None), ("pts", "POINTS", 10)):
                     engine.open_account(f"{name}{k}", unit, minor_per_unit=rate)
                     engine.fund(f"{name}{k}", 10**12, funding_id=f"{name}{k}")
+            gc.collect()
+            rss_before = _rss_mib()
             started = time.perf_counter()
 
             def submit(i: int) -> None:
@@ -332,14 +372,24 @@ def run_open_orders(open_orders: int, *, workers: int = 8) -> OpenOrdersResult:
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 list(pool.map(submit, range(open_orders)))
             submit_s = time.perf_counter() - started
-            time.sleep(0.5)  # let the actors take their holds
+            _wait_until_quiet(engine)  # every order holding its vouchers, its user paying
+            gc.collect()
             threads = threading.active_count()
+            rss = _rss_mib()
         finally:
             engine.shutdown()
         started = time.perf_counter()
         reopened = Engine.open(path, channels=[SilentChannel()], policy=policy,
                                synchronous="NORMAL")
-        reopen_s = time.perf_counter() - started
-        reopened.shutdown()
-    return OpenOrdersResult(open_orders, accepted, submit_s, threads,
-                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, reopen_s)
+        try:
+            returned_s = time.perf_counter() - started
+            while reopened.resuming():
+                time.sleep(0.005)
+            reopen_s = time.perf_counter() - started
+            reopen_threads = threading.active_count()
+        finally:
+            reopened.shutdown()
+    return OpenOrdersResult(
+        open_orders, accepted, submit_s, threads, rss,
+        (rss - rss_before) * 2**20 / max(1, accepted), reopen_s, returned_s, reopen_threads,
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -30,6 +30,8 @@ def test_a_bad_order_policy_is_refused_typed(settings: dict[str, Any]) -> None:
     {"account_idle_ms": -1}, {"pre_hold_ttl_ms": 0}, {"duplicate_guard_window_ms": -1},
     {"fee_ppm": {"wechat": 2_000_000}}, {"fee_ppm": {"wechat": -1}}, {"fee_ppm": {"": 10}},
     {"fee_ppm": [("wechat", 10)]}, {"planted_bugs": frozenset({"nope"})},
+    {"actor_threads": 0}, {"actor_threads": 257}, {"actor_threads": True},
+    {"actor_threads": 2.0},
 ])
 def test_a_bad_engine_config_is_refused_typed(settings: dict[str, Any]) -> None:
     with pytest.raises(InvalidRequest):
@@ -65,4 +67,5 @@ def test_a_lower_maximum_pre_hold_ttl_caps_the_default(tmp_path: Path) -> None:
 
 def test_the_defaults_are_valid() -> None:
     assert OrderPolicy().pay_window_ms == 15 * 60 * 1000
-    assert EngineConfig().live_orders_max == 10_000
+    assert EngineConfig().live_orders_max == 200_000  # 100,000 open orders fit
+    assert EngineConfig().actor_threads == 8
