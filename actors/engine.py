@@ -239,8 +239,10 @@ class Engine:
         now_ms = ctx.runtime.now_ms()
         extended = ctx.store.extend_holds_of_unsettled_orders(now_ms, ctx.policy.hold_grace_ms)
         orders = ctx.store.unsettled_order_ids()
-        self._resume_feeder = ResumeFeeder(ctx.directory, ctx.runtime, orders,
-                                           grace_ms=ctx.policy.hold_grace_ms, log=ctx.log)
+        # A quarter of the actor backlog bound: submits still get in during a long resume.
+        self._resume_feeder = ResumeFeeder(
+            ctx.directory, ctx.runtime, orders, grace_ms=ctx.policy.hold_grace_ms, log=ctx.log,
+            in_flight_max=max(1, ctx.config.actor_backlog_max // 4))
         self._resume_feeder.start()
         accounts = ctx.store.accounts_with_pending_holds()
         for account_id in accounts:
