@@ -35,7 +35,6 @@ Guarantees (all survive restarts: positions and attempts are in SQLite):
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import http.client
 import json
@@ -181,7 +180,8 @@ def _check_schedule(schedule: object, name: str, min_len: int, max_gap_ms: int) 
 
 def sign(secret: str, body: bytes) -> str:
     """The ``X-Payengine-Signature`` of ``body``: hex HMAC-SHA256 keyed with ``secret``."""
-    return hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
+    # one-shot (no HMAC object): the same hex, in half the time
+    return hmac.digest(secret.encode("utf-8"), body, "sha256").hex()
 
 
 def verify_signature(secret: str, body: bytes, signature: str) -> bool:

@@ -24,7 +24,7 @@ import enum
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from payengine.engine.checks import (
     check_bool,
@@ -48,6 +48,7 @@ from payengine.engine.errors import (
     NotificationRejected,
     RefundRefused,
 )
+from payengine.engine.evolve import evolve
 from payengine.engine.money import AMOUNT_MAX, check_amount, value_in_minor
 from payengine.engine.voucher import FenceKey, FenceScope
 
@@ -510,7 +511,10 @@ class PaymentOrder:
 
     @property
     def cash_leg(self) -> Leg | None:
-        return next((leg for leg in self.legs if leg.is_cash), None)
+        for leg in self.legs:  # a loop, not next(genexpr): read several times per event
+            if leg.mode is LegMode.CASH:
+                return leg
+        return None
 
     def leg(self, leg_no: int) -> Leg:
         for leg in self.legs:
@@ -962,31 +966,31 @@ class _Draft:
         self.transitions.append(
             Transition("order", self.order.state.value, target.value, cause or trigger.value)
         )
-        self.order = replace(self.order, state=target, cause=cause or trigger.value)
+        self.order = evolve(self.order, state=target, cause=cause or trigger.value)
 
     def set_leg(self, leg_no: int, status: LegStatus, cause: str, **fields: object) -> Leg:
         old = self.order.leg(leg_no)
-        new = replace(old, status=status, **fields)  # type: ignore[arg-type]
+        new = evolve(old, status=status, **fields)
         if old.status is not status:
             self.transitions.append(Transition(f"leg:{leg_no}", old.status.value, status.value, cause))
         elif new != old:
             self.touched = True
         legs = tuple(new if leg.leg_no == leg_no else leg for leg in self.order.legs)
-        self.order = replace(self.order, legs=legs)
+        self.order = evolve(self.order, legs=legs)
         return new
 
     def update(self, **fields: object) -> None:
-        self.order = replace(self.order, **fields)  # type: ignore[arg-type]
+        self.order = evolve(self.order, **fields)
         self.touched = True
 
     def volatile(self, **fields: object) -> None:
         """Change fields that are never stored (``pay_in_flight``...): no new version."""
-        self.order = replace(self.order, **fields)  # type: ignore[arg-type]
+        self.order = evolve(self.order, **fields)
 
     def set_refund(self, refund: Refund, cause: str) -> Refund:
         """Add or replace ``refund``, recording its and its parts' status changes."""
         old = self.order.refund(refund_id=refund.refund_id)
-        refund = replace(refund, status=_refund_status(refund))
+        refund = evolve(refund, status=_refund_status(refund))
         if old is None or old.status is not refund.status:
             self.transitions.append(Transition(f"refund:{refund.refund_id}",
                                                "" if old is None else old.status.value,
@@ -1002,7 +1006,7 @@ class _Draft:
         else:
             refunds = tuple(refund if r.refund_id == refund.refund_id else r
                             for r in self.order.refunds)
-        self.order = replace(self.order, refunds=refunds)
+        self.order = evolve(self.order, refunds=refunds)
         self.touched = True
         return refund
 
@@ -1015,7 +1019,7 @@ class _Draft:
     def done(self, note: str) -> Decision:
         if self.transitions or self.touched:
             note = "applied"
-            self.order = replace(self.order, version=self.order.version + 1)
+            self.order = evolve(self.order, version=self.order.version + 1)
         elif note == "applied":
             # the handler found nothing to change (e.g. the same amount mismatch again): it is
             # not a change, or ``Decision.changed`` would say so with the version unchanged
@@ -1500,7 +1504,7 @@ def _apply_cash_result(d: _Draft, result: CashResult) -> str:
         return "applied"
     if "regress-success" in d.policy.planted_bugs and d.order.state is OrderState.SUCCEEDED:
         d.transitions.append(Transition("order", "succeeded", "paying", "planted bug"))
-        d.order = replace(d.order, state=OrderState.PAYING, cause="planted bug")
+        d.order = evolve(d.order, state=OrderState.PAYING, cause="planted bug")
         return "applied"
     return f"ignored: {result.source.value} says processing, cash leg is {cash.status.value}"
 
@@ -1887,7 +1891,7 @@ def _request_refund(d: _Draft, request: RequestRefund) -> str:
     cash = order.cash_leg
     first_cash = cash is not None and any(p.leg_no == cash.leg_no for p in parts)
     parts = tuple(
-        replace(p, status=PartStatus.SENT) if not first_cash or (cash and p.leg_no == cash.leg_no)
+        evolve(p, status=PartStatus.SENT) if not first_cash or (cash and p.leg_no == cash.leg_no)
         else p for p in parts)
     refund = Refund(f"{order.payment_serial}-RF{len(order.refunds) + 1}", no,
                     RefundKind.MERCHANT, amount, request.reason, RefundStatus.REFUNDING, parts,
@@ -1970,8 +1974,8 @@ def _resend_refund(d: _Draft, refund: Refund, *, cash: bool, vouchers: bool) -> 
 
 def _set_part(d: _Draft, refund: Refund, leg_no: int, status: PartStatus, cause: str) -> Refund:
     refund = d.order.refund(refund_id=refund.refund_id) or refund
-    parts = tuple(replace(p, status=status) if p.leg_no == leg_no else p for p in refund.parts)
-    return d.set_refund(replace(refund, parts=parts), cause)
+    parts = tuple(evolve(p, status=status) if p.leg_no == leg_no else p for p in refund.parts)
+    return d.set_refund(evolve(refund, parts=parts), cause)
 
 
 def _resend_owed_returns(d: _Draft) -> None:
@@ -1993,6 +1997,8 @@ def _owed_returns(order: PaymentOrder) -> list[tuple[Refund, int]]:
     A voucher part is sent only after its refund's cash part went back (or at once when the
     refund has none), so an ``unknown`` voucher part is always owed.
     """
+    if not order.refunds:  # most orders: skip the cash leg lookup
+        return []
     cash = order.cash_leg
     cash_no = None if cash is None else cash.leg_no
     return [(r, p.leg_no) for r in order.refunds for p in r.parts
@@ -2014,6 +2020,8 @@ def _cash_parts_in_flight(order: PaymentOrder) -> list[Refund]:
 
 
 def _returns_in_flight(order: PaymentOrder) -> list[tuple[Refund, int]]:
+    if not order.refunds:  # most orders: skip the cash leg lookup
+        return []
     cash = order.cash_leg
     cash_no = None if cash is None else cash.leg_no
     return [(r, p.leg_no) for r in order.refunds for p in r.parts
@@ -2045,10 +2053,10 @@ def _cash_part_result(d: _Draft, refund: Refund, cash: Leg, result: RefundResult
     cash_status, waiting_to = ((PartStatus.FAILED, PartStatus.NOT_SENT) if failed
                                else (PartStatus.DONE, PartStatus.SENT))
     parts = tuple(
-        replace(p, status=cash_status) if p.leg_no == cash.leg_no
-        else replace(p, status=waiting_to) if p.status is PartStatus.WAITING else p
+        evolve(p, status=cash_status) if p.leg_no == cash.leg_no
+        else evolve(p, status=waiting_to) if p.status is PartStatus.WAITING else p
         for p in refund.parts)
-    refund = d.set_refund(replace(refund, parts=parts), cause)
+    refund = d.set_refund(evolve(refund, parts=parts), cause)
     if not failed:
         _resend_refund(d, refund, cash=False, vouchers=True)
     return "applied"

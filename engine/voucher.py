@@ -24,7 +24,7 @@ returns the new account, the new fence and whether anything changed. They raise 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from payengine.engine.errors import (
     CurrencyMismatch,
@@ -35,6 +35,7 @@ from payengine.engine.errors import (
     InvalidAmount,
     UnknownHold,
 )
+from payengine.engine.evolve import evolve
 from payengine.engine.money import AMOUNT_MAX, check_amount
 
 
@@ -193,7 +194,7 @@ def fund(account: VoucherAccount, amount: int) -> VoucherAccount:
         raise InvalidAmount(
             f"funding {amount} would take {account.account_id} above {AMOUNT_MAX}"
         )
-    return replace(
+    return evolve(
         account, funded=account.funded + amount, available=account.available + amount
     ).check()
 
@@ -243,7 +244,7 @@ def try_hold(
                 f"account {account.account_id} has {account.available} {account.unit} "
                 f"available, {amount} asked"
             )
-        new_account = replace(
+        new_account = evolve(
             account, available=account.available - amount, held=account.held + amount
         ).check()
         new_fence = Fence(
@@ -277,7 +278,7 @@ def try_hold(
     if bound == fence.order_id and new_expiry == fence.expires_at_ms:
         return Outcome(account, fence, False)
     return Outcome(
-        account, replace(fence, order_id=bound, expires_at_ms=new_expiry, updated_at_ms=now_ms),
+        account, evolve(fence, order_id=bound, expires_at_ms=new_expiry, updated_at_ms=now_ms),
         True,
     )
 
@@ -297,11 +298,11 @@ def confirm(account: VoucherAccount, fence: Fence | None, *, key: FenceKey, now_
         raise HoldNotPending(f"hold {key} expired at {fence.expires_at_ms}, before Confirm")
     if fence.status is not FenceStatus.PENDING:
         raise HoldNotPending(f"hold {key} is {fence.status.value}; it cannot be confirmed")
-    new_account = replace(
+    new_account = evolve(
         account, held=account.held - fence.amount, spent=account.spent + fence.amount
     ).check()
     return Outcome(
-        new_account, replace(fence, status=FenceStatus.POSTED, updated_at_ms=now_ms), True
+        new_account, evolve(fence, status=FenceStatus.POSTED, updated_at_ms=now_ms), True
     )
 
 
@@ -333,20 +334,20 @@ def cancel(
         if fence.order_id is not None and order_id is not None and fence.order_id != order_id:
             # two orders named one pre-hold: the one that did not adopt it may not void it
             raise HoldRefused(f"hold {key} is bound to order {fence.order_id}, not {order_id}")
-        new_account = replace(
+        new_account = evolve(
             account, held=account.held - fence.amount, available=account.available + fence.amount
         ).check()
         return Outcome(
-            new_account, replace(fence, status=FenceStatus.VOIDED, updated_at_ms=now_ms), True
+            new_account, evolve(fence, status=FenceStatus.VOIDED, updated_at_ms=now_ms), True
         )
     assert fence.status is FenceStatus.POSTED
     if fence.kind is FenceKind.HOLD:
         raise HoldNotPending(f"hold {key} was confirmed; only a refund can give it back")
-    new_account = replace(
+    new_account = evolve(
         account, spent=account.spent - fence.amount, available=account.available + fence.amount
     ).check()
     return Outcome(
-        new_account, replace(fence, status=FenceStatus.REVERSED, updated_at_ms=now_ms), True
+        new_account, evolve(fence, status=FenceStatus.REVERSED, updated_at_ms=now_ms), True
     )
 
 
@@ -380,7 +381,7 @@ def debit(
             order_id, None, now_ms,
         )
         return Outcome(account, refused, True)
-    new_account = replace(
+    new_account = evolve(
         account, available=account.available - amount, spent=account.spent + amount
     ).check()
     posted = Fence(
@@ -414,7 +415,7 @@ def give_back(
     if amount > account.spent:
         raise HoldRefused(f"account {account.account_id} has spent {account.spent} "
                           f"{account.unit}; {amount} cannot be given back")
-    new_account = replace(
+    new_account = evolve(
         account, spent=account.spent - amount, available=account.available + amount
     ).check()
     posted = Fence(key, account.account_id, FenceKind.RETURN, FenceStatus.POSTED, amount,
@@ -431,11 +432,11 @@ def expire_if_due(account: VoucherAccount, fence: Fence, now_ms: int) -> Outcome
     _assert_same_account(account, fence)
     if fence.status is not FenceStatus.PENDING or not _due(fence, now_ms):
         return Outcome(account, fence, False)
-    new_account = replace(
+    new_account = evolve(
         account, held=account.held - fence.amount, available=account.available + fence.amount
     ).check()
     return Outcome(
-        new_account, replace(fence, status=FenceStatus.EXPIRED, updated_at_ms=now_ms), True
+        new_account, evolve(fence, status=FenceStatus.EXPIRED, updated_at_ms=now_ms), True
     )
 
 
@@ -449,7 +450,7 @@ def defer_expiry(account: VoucherAccount, fence: Fence, expires_at_ms: int, now_
     _assert_same_account(account, fence)
     if fence.status is not FenceStatus.PENDING or (fence.expires_at_ms or 0) >= expires_at_ms:
         return Outcome(account, fence, False)
-    return Outcome(account, replace(fence, expires_at_ms=expires_at_ms, updated_at_ms=now_ms),
+    return Outcome(account, evolve(fence, expires_at_ms=expires_at_ms, updated_at_ms=now_ms),
                    True)
 
 

@@ -119,13 +119,18 @@ class OracleReport:
 
 
 def check(store: Store, channels: Mapping[str, GroundTruth], *, now_ms: int | None = None,
-          order_ids: Iterable[str] | None = None) -> OracleReport:
-    """Run every check; ``order_ids`` limits the order checks (all orders if ``None``)."""
+          order_ids: Iterable[str] | None = None,
+          all_orders: Iterable[PaymentOrder] | None = None) -> OracleReport:
+    """Run every check; ``order_ids`` limits the order checks (all orders if ``None``).
+    ``all_orders``: every order, loaded already by the caller (who checks them more ways)."""
     report = OracleReport()
     report.violations += check_ledger_zero_sum(store)
     _check_accounts(store, report, now_ms)
-    orders = (store.iter_orders() if order_ids is None
-              else (o for o in map(store.load_order, order_ids) if o is not None))
+    orders: Iterable[PaymentOrder]
+    if order_ids is not None:
+        orders = (o for o in map(store.load_order, order_ids) if o is not None)
+    else:
+        orders = store.iter_orders() if all_orders is None else all_orders
     for order in orders:
         report.orders_checked += 1
         _check_order(store, order, channels, report)
@@ -375,7 +380,8 @@ def _must_tell(order: PaymentOrder) -> list[tuple[str, Told]]:
 
 
 def check_notified(store: Store, told: set[Told], merchant_told: set[Told],
-                   merchants: Iterable[str]) -> list[Violation]:
+                   merchants: Iterable[str],
+                   all_orders: Iterable[PaymentOrder] | None = None) -> list[Violation]:
     """Every terminal order, finished refund and expired hold was told to the subscriber
     (``told``), and to the merchant (``merchant_told``) if it is one of ``merchants``: one
     violation per missing thing for the subscriber, one per order for the merchant."""
@@ -383,7 +389,7 @@ def check_notified(store: Store, told: set[Told], merchant_told: set[Told],
     registered = set(merchants)
     expected: dict[str, list[tuple[str, Told]]] = {}
     merchant_of: dict[str, str] = {}
-    for order in store.iter_orders():
+    for order in store.iter_orders() if all_orders is None else all_orders:
         expected[order.order_id] = _must_tell(order)
         merchant_of[order.order_id] = order.merchant_id
     for _, fences in store.accounts_with_fences():

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import pykka
-from pykka import ActorRegistry, Future
+from pykka import Future
 from pykka._envelope import Envelope
-from pykka.messages import _ActorStop
+from pykka.messages import ProxyCall, ProxyGetAttr, ProxySetAttr, _ActorStop
 
 from payengine.actors.runtime import ActorRef, Behaviour
 
@@ -81,6 +81,9 @@ class Scheduler:
         self._runnable_at: dict[int, int] = {}
         self.current: SimActor | None = None
         self._hash = hashlib.blake2b(digest_size=16)
+        self._trace: list[str] = []
+        """Trace lines not yet hashed: hashed in batches, which gives the same digest as
+        line by line (a hash of a concatenation) for a fraction of the calls."""
         self.on_step: Callable[[], None] | None = None
 
     # -- what can happen
@@ -185,10 +188,18 @@ class Scheduler:
         return events[0][0] if events else None
 
     def _record(self, line: str) -> None:
-        self._hash.update(line.encode())
+        trace = self._trace
+        trace.append(line)
+        if len(trace) >= 4_096:
+            self._flush_trace()
+
+    def _flush_trace(self) -> None:
+        self._hash.update("".join(self._trace).encode())
+        self._trace.clear()
 
     @property
     def trace_hash(self) -> str:
+        self._flush_trace()
         return self._hash.hexdigest()
 
 
@@ -260,20 +271,68 @@ class SimFuture(Future[Any]):
         self._exc, self._done = exc_info[1], True
 
 
+class _Flag:
+    """``threading.Event`` as an actor's ``actor_stopped`` uses it, for one thread: a bool.
+    (An Event is a condition variable and a lock, built per actor started.)"""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+
+    def clear(self) -> None:
+        self._set = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._set
+
+
 class SimActor(pykka.Actor):
-    """A pykka actor with no thread: the scheduler calls ``step`` for each message."""
+    """A pykka actor with no thread: the scheduler calls ``step`` for each message.
+
+    Lighter than pykka's own start, which one thread does not need: no uuid4 (a urandom
+    read) and no ``threading.Event`` per actor, no entry in pykka's ``ActorRegistry`` (a
+    locked list, whose ``remove`` at each stop scans every live actor; nothing here looks
+    actors up there).
+    """
 
     scheduler: Scheduler
     name: str
+    _serial = itertools.count()
 
-    def __init__(self, name: str, behaviour: Behaviour) -> None:
-        super().__init__()
+    def __init__(self, name: str, behaviour: Behaviour) -> None:  # no super().__init__()
+        self.actor_urn = f"urn:sim:{next(SimActor._serial)}"
+        inbox = SimInbox()
+        self.actor_inbox = inbox
+        self.actor_stopped = _Flag()  # type: ignore[assignment]
+        self._actor_ref = pykka.ActorRef(self)
         self.name = name
         self.behaviour = behaviour
         self.dead = False
-        inbox = self.actor_inbox
-        assert isinstance(inbox, SimInbox)
+        self.stop_after_step = False
+        """Asked to stop (``_SimRef.stop``) by its own handler: it stops when the step
+        ends, as a stop message would once the inbox is done, but without a step of its
+        own (an empty inbox) or by a stop message behind what is queued."""
         inbox.actor = self
+
+    @classmethod
+    def start(cls, *args: Any, **kwargs: Any) -> pykka.ActorRef[Any]:
+        actor = cls(*args, **kwargs)
+        actor._start_actor_loop()
+        return actor.actor_ref
+
+    def _stop(self) -> None:
+        self.actor_stopped.set()
+        try:
+            self.on_stop()
+        except Exception:
+            self._handle_failure(*_exc_info())
 
     @staticmethod
     def _create_actor_inbox() -> SimInbox:
@@ -303,7 +362,10 @@ class SimActor(pykka.Actor):
             self._refuse(envelope)
             return label + ":dead"
         try:
-            response = self._handle_receive(message)
+            if isinstance(message, _PYKKA_MESSAGES):
+                response = self._handle_receive(message)
+            else:  # what pykka's _handle_receive does for a plain message
+                response = self.behaviour.on_message(message)
             if envelope.reply_to is not None:
                 envelope.reply_to.set(response)
         except (Deadlock, StepLimitReached):
@@ -322,6 +384,14 @@ class SimActor(pykka.Actor):
                 envelope.reply_to.set_exception(
                     (pykka.ActorDeadError, pykka.ActorDeadError("actor lost in a crash"), None))
             raise
+        if self.stop_after_step:
+            self.stop_after_step = False
+            if self.actor_stopped.is_set():
+                pass  # stopped by a failure already: no second on_stop
+            elif inbox.has_messages():  # what is queued first, as with a stop message
+                self.actor_ref.tell(_ActorStop())
+            else:
+                self._stop()
         if self.actor_stopped.is_set():
             while inbox.has_messages():
                 self._refuse(inbox.get())
@@ -346,7 +416,6 @@ class SimActor(pykka.Actor):
                 envelope.reply_to.set_exception(
                     (pykka.ActorDeadError, pykka.ActorDeadError("actor lost in a crash"), None))
         inbox.queue.clear()
-        ActorRegistry.unregister(self.actor_ref)
         self.actor_stopped.set()
 
 
@@ -356,10 +425,15 @@ def _exc_info() -> Any:
     return sys.exc_info()
 
 
+_PYKKA_MESSAGES = (_ActorStop, ProxyCall, ProxyGetAttr, ProxySetAttr)
+"""Messages pykka's ``_handle_receive`` handles itself; any other goes to the behaviour."""
+
+
 @dataclass(frozen=True)
 class _SimRef:
     ref: pykka.ActorRef[Any]
     name: str
+    actor: SimActor
 
     def tell(self, message: Any) -> None:
         self.ref.tell(message)
@@ -371,7 +445,11 @@ class _SimRef:
         return future.get(timeout=timeout_s)
 
     def stop(self) -> None:
-        if self.ref.is_alive():
+        if not self.ref.is_alive():
+            return
+        if self.actor.scheduler.current is self.actor:
+            self.actor.stop_after_step = True  # its own handler let it go: see SimActor
+        else:
             self.ref.tell(_ActorStop())
 
     @property
@@ -431,7 +509,7 @@ class SimRuntime:
         if len(self._actors) > 2 * self._live_after_prune + 64:  # amortised O(1) per spawn
             self._actors = [a for a in self._actors if not a.actor_stopped.is_set()]
             self._live_after_prune = len(self._actors)
-        return _SimRef(ref, name)
+        return _SimRef(ref, name, actor)
 
     def shutdown(self) -> None:
         for _, _, event in self.scheduler._events:

@@ -282,3 +282,38 @@ def test_bench_open_orders_holds_them_and_times_the_reopen(
     assert figures["open_orders"] == figures["accepted"] == 20
     assert figures["threads"] < 64  # a pool of actor threads, not one per order
     assert figures["reopen_s"] >= figures["reopen_returned_s"] > 0
+
+
+class _Releaser:
+    """Lets its own actor go after each message, as an idle order or account does."""
+
+    def __init__(self) -> None:
+        self.ref: Any = None
+        self.handled: list[Any] = []
+        self.stops = 0
+
+    def on_start(self) -> None: ...
+
+    def on_stop(self) -> None:
+        self.stops += 1
+
+    def on_message(self, message: Any) -> Any:
+        self.handled.append(message)
+        self.ref.stop()
+
+
+def test_an_actor_its_own_handler_lets_go_stops_without_a_step_of_its_own() -> None:
+    scheduler = Scheduler(seed=1)
+    runtime = SimRuntime(scheduler)
+    behaviour = _Releaser()
+    behaviour.ref = runtime.spawn("order:1", behaviour)
+    behaviour.ref.tell("one")
+    assert scheduler.step() and not behaviour.ref.alive  # stopped with that step
+    assert behaviour.stops == 1 and scheduler.idle()
+    # Messages already queued are handled first, as behind pykka's stop message.
+    queued = _Releaser()
+    queued.ref = runtime.spawn("order:2", queued)
+    queued.ref.tell("a")
+    queued.ref.tell("b")
+    scheduler.run_until_idle()
+    assert queued.handled == ["a", "b"] and queued.stops == 1 and not queued.ref.alive
