@@ -398,8 +398,8 @@ class Engine:
         """
         self._check_open()
         ctx = self._ctx
-        check_request(request, policy=ctx.policy, currencies=ctx.config.currency_table)
-        with self._admission.admit():
+        with self._admission.admit():  # first: a refusal above capacity must cost nothing
+            check_request(request, policy=ctx.policy, currencies=ctx.config.currency_table)
             return self._submit(request)
 
     @property

@@ -34,7 +34,10 @@ from payengine.persistence.outbox import ORDER_STATE_CHANGED, OutboxEvent
 
 USERS = 50
 _CLOSED_LOOP_BACKOFF_S = 0.002
-"""A closed-loop client refused ``Overloaded`` waits this long before asking again."""
+_CLOSED_LOOP_BACKOFF_MAX_S = 0.064
+"""A closed-loop client refused ``Overloaded`` waits 2 ms before asking again, doubling up to
+64 ms while it is refused, as a till would (a client retrying at once only steals the CPU
+the engine needs to catch up)."""
 PAYMENTS_MAX = 1_000_000
 
 
@@ -188,6 +191,7 @@ def run_bench(payments: int = 1_000, *, workers: int = 8, rate_per_s: float | No
                     delay = started + i / rate_per_s - time.perf_counter()
                     if delay > 0:
                         time.sleep(delay)
+                backoff_s = _CLOSED_LOOP_BACKOFF_S
                 while True:
                     at = time.perf_counter()
                     try:
@@ -198,8 +202,9 @@ def run_bench(payments: int = 1_000, *, workers: int = 8, rate_per_s: float | No
                             refused_ms.append((time.perf_counter() - at) * 1000)
                         if rate_per_s is not None:
                             return  # open loop: the load above capacity is shed
-                        shed[0] += 1  # closed loop: back off a moment and ask again
-                        time.sleep(_CLOSED_LOOP_BACKOFF_S)
+                        shed[0] += 1  # closed loop: back off (doubling) and ask again
+                        time.sleep(backoff_s)
+                        backoff_s = min(2 * backoff_s, _CLOSED_LOOP_BACKOFF_MAX_S)
                 done = time.perf_counter()
                 with lock:
                     submitted_at[receipt.order_id] = at
