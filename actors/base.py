@@ -43,7 +43,7 @@ class EngineConfig:
     """Threads that run every actor (``actors.pool.PooledRuntime``, made by ``Engine.open``
     when no runtime is given): at most this many handlers run (or wait on SQLite) at once,
     however many orders are in flight."""
-    submits_in_flight_max: int = 64
+    submits_in_flight_max: int = 8
     """Submits being taken at once; one more waits ``admission_wait_ms`` for a slot, then is
     refused with ``Overloaded`` (``actors.admission``)."""
     admission_wait_ms: int = 2
