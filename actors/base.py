@@ -43,10 +43,10 @@ class EngineConfig:
     """Threads that run every actor (``actors.pool.PooledRuntime``, made by ``Engine.open``
     when no runtime is given): at most this many handlers run (or wait on SQLite) at once,
     however many orders are in flight."""
-    submits_in_flight_max: int = 8
+    submits_in_flight_max: int = 16
     """Submits being taken at once; one more waits ``admission_wait_ms`` for a slot, then is
     refused with ``Overloaded`` (``actors.admission``)."""
-    admission_wait_ms: int = 2
+    admission_wait_ms: int = 5
     actor_backlog_max: int = 256
     """Messages told to actors and not yet handled beyond which a submit is refused at once
     with ``Overloaded``: the actors are behind, and the orders they already have come first."""
