@@ -225,8 +225,12 @@ class ActorBehaviour:
                 self.try_release()
 
     def try_release(self) -> None:
-        if self.ctx.directory.release(self.key, self, self.handled):
-            self.cancel_timers()
+        kept = self.passive_state()
+        if self.ctx.directory.release(self.key, self, self.handled, kept):
+            if kept is None:
+                self.cancel_timers()
+            else:
+                self.handed_over()
 
     # -- for subclasses
 
@@ -244,6 +248,15 @@ class ActorBehaviour:
     def idle(self) -> bool:
         """True when this actor may stop after the current message."""
         return False
+
+    def passive_state(self) -> Any:
+        """When ``idle`` with work still to come: what the next actor for the key needs
+        and the database does not hold (``Directory.release``). ``None``: the actor is done,
+        its timers are cancelled when it stops."""
+        return None
+
+    def handed_over(self) -> None:
+        """``passive_state`` went to the directory: forget it (the next actor owns it)."""
 
     def cancel_timers(self) -> None:
         """Cancel timers that would only wake a stopped actor for nothing."""

@@ -218,9 +218,11 @@ class Engine:
         runtime = runtime or PooledRuntime(actor_threads=config.actor_threads)
         ctx_holder: list[Context] = []
 
-        def factory(key: Key) -> ActorBehaviour:
-            kind = OrderBehaviour if key[0] == "order" else AccountBehaviour
-            return kind(key, ctx_holder[0])
+        def factory(key: Key, kept: Any) -> ActorBehaviour:
+            if key[0] == "order":
+                return OrderBehaviour(key, ctx_holder[0], kept)
+            assert kept is None, "only orders are passivated"
+            return AccountBehaviour(key, ctx_holder[0])
 
         ctx = Context(store=store, runtime=runtime, directory=Directory(runtime, factory),
                       channels=by_name, policy=policy or OrderPolicy(),
@@ -420,7 +422,7 @@ class Engine:
                             payment_serial=self._ids.new_payment_serial(), now_ms=now_ms,
                             accounts=units, policy=ctx.policy,
                             currencies=ctx.config.currency_table)
-        if ctx.directory.live_count("order") >= ctx.config.live_orders_max:
+        if ctx.directory.count("order") >= ctx.config.live_orders_max:
             raise Overloaded(f"{ctx.config.live_orders_max} orders in flight; retry later")
         self._guard_user_duplicates(request, now_ms)
         existing = ctx.store.insert_order(order, now_ms)
