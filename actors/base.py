@@ -14,7 +14,6 @@ import functools
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 from payengine.actors.channel import Channel
@@ -38,8 +37,9 @@ class EngineConfig:
     account_idle_ms: int = 30_000
     """An account actor with nothing to do stops after this long (its state is in SQLite)."""
     live_orders_max: int = 200_000
-    """Submits beyond this many orders in flight are refused with ``Overloaded``. Each open
-    order is a live actor, a few KiB of memory and no thread of its own (``actor_threads``)."""
+    """Submits beyond this many orders in flight are refused with ``Overloaded``. An order at
+    work is a live actor (a few KiB, no thread of its own: ``actor_threads``); one only
+    waiting for its user is passivated, a directory entry and its timers (``Directory``)."""
     actor_threads: int = 8
     """Threads that run every actor (``actors.pool.PooledRuntime``, made by ``Engine.open``
     when no runtime is given): at most this many handlers run (or wait on SQLite) at once,
@@ -270,11 +270,21 @@ class ActorBehaviour:
     def tell_later(self, due_at_ms: int, message: Any) -> TimerHandle:
         """Arm a timer that tells ``message`` to this actor (restarting it if it stopped)."""
         directory, key = self.ctx.directory, self.key
-        return self.ctx.runtime.call_at(due_at_ms, partial(_tell_quietly, directory, key, message))
+        return self.ctx.runtime.call_at(due_at_ms, _TellLater(directory, key, message))
 
 
-def _tell_quietly(directory: Directory, key: Key, message: Any) -> None:
-    """A timer's tell (a partial of this: a closure per timer cost twice the memory, and an
-    open order keeps two timers for hours)."""
-    with contextlib.suppress(EngineClosed):
-        directory.tell(key, message)
+class _TellLater:
+    """A timer's tell: one slotted object per timer, where a ``partial`` was a partial and
+    its argument tuple (and a closure twice that); a passivated open order is little more
+    than its two timers, for hours."""
+
+    __slots__ = ("directory", "key", "message")
+
+    def __init__(self, directory: Directory, key: Key, message: Any) -> None:
+        self.directory = directory
+        self.key = key
+        self.message = message
+
+    def __call__(self) -> None:
+        with contextlib.suppress(EngineClosed):
+            self.directory.tell(self.key, self.message)
