@@ -45,7 +45,7 @@ from payengine.actors.notifier import Notifications, Subscriber
 from payengine.actors.order_actor import OrderBehaviour
 from payengine.actors.pool import PooledRuntime
 from payengine.actors.reconcile import ReconciliationReport, StatementSource
-from payengine.actors.resume import ResumeFeeder
+from payengine.actors.resume import ResumeFeeder, in_flight_for
 from payengine.actors.runtime import Runtime
 from payengine.actors.voucher_link import DirectVoucherLink, VoucherLink
 from payengine.engine.checks import (
@@ -241,8 +241,9 @@ class Engine:
         now_ms = ctx.runtime.now_ms()
         extended = ctx.store.extend_holds_of_unsettled_orders(now_ms, ctx.policy.hold_grace_ms)
         orders = ctx.store.unsettled_order_ids()
-        self._resume_feeder = ResumeFeeder(ctx.directory, ctx.runtime, orders,
-                                           grace_ms=ctx.policy.hold_grace_ms, log=ctx.log)
+        self._resume_feeder = ResumeFeeder(
+            ctx.directory, ctx.runtime, orders, grace_ms=ctx.policy.hold_grace_ms, log=ctx.log,
+            in_flight_max=in_flight_for(ctx.config.actor_threads))
         self._resume_feeder.start()
         accounts = ctx.store.accounts_with_pending_holds()
         for account_id in accounts:
