@@ -10,10 +10,10 @@ directory restarts it from the database on the next message.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 from payengine.actors.channel import Channel
@@ -37,8 +37,9 @@ class EngineConfig:
     account_idle_ms: int = 30_000
     """An account actor with nothing to do stops after this long (its state is in SQLite)."""
     live_orders_max: int = 200_000
-    """Submits beyond this many orders in flight are refused with ``Overloaded``. Each open
-    order is a live actor, a few KiB of memory and no thread of its own (``actor_threads``)."""
+    """Submits beyond this many orders in flight are refused with ``Overloaded``. An order at
+    work is a live actor (a few KiB, no thread of its own: ``actor_threads``); one only
+    waiting for its user is passivated, a directory entry and its timers (``Directory``)."""
     actor_threads: int = 8
     """Threads that run every actor (``actors.pool.PooledRuntime``, made by ``Engine.open``
     when no runtime is given): at most this many handlers run (or wait on SQLite) at once,
@@ -182,7 +183,12 @@ class ActorBehaviour:
         self.ctx = ctx
         self.handled = 0
         self.stopped = False
-        self.log = ctx.log.bind(actor=f"{key[0]}:{key[1]}")
+
+    @functools.cached_property
+    def log(self) -> Any:
+        """The actor's bound logger, made on first use: most actors never log (a start of
+        each of 100,000 orders at a reopen bound one for nothing)."""
+        return self.ctx.log.bind(actor=f"{self.key[0]}:{self.key[1]}")
 
     def on_start(self) -> None:
         self.load()
@@ -225,8 +231,12 @@ class ActorBehaviour:
                 self.try_release()
 
     def try_release(self) -> None:
-        if self.ctx.directory.release(self.key, self, self.handled):
-            self.cancel_timers()
+        kept = self.passive_state()
+        if self.ctx.directory.release(self.key, self, self.handled, kept):
+            if kept is None:
+                self.cancel_timers()
+            else:
+                self.handed_over()
 
     # -- for subclasses
 
@@ -245,17 +255,36 @@ class ActorBehaviour:
         """True when this actor may stop after the current message."""
         return False
 
+    def passive_state(self) -> Any:
+        """When ``idle`` with work still to come: what the next actor for the key needs
+        and the database does not hold (``Directory.release``). ``None``: the actor is done,
+        its timers are cancelled when it stops."""
+        return None
+
+    def handed_over(self) -> None:
+        """``passive_state`` went to the directory: forget it (the next actor owns it)."""
+
     def cancel_timers(self) -> None:
         """Cancel timers that would only wake a stopped actor for nothing."""
 
     def tell_later(self, due_at_ms: int, message: Any) -> TimerHandle:
         """Arm a timer that tells ``message`` to this actor (restarting it if it stopped)."""
         directory, key = self.ctx.directory, self.key
-        return self.ctx.runtime.call_at(due_at_ms, partial(_tell_quietly, directory, key, message))
+        return self.ctx.runtime.call_at(due_at_ms, _TellLater(directory, key, message))
 
 
-def _tell_quietly(directory: Directory, key: Key, message: Any) -> None:
-    """A timer's tell (a partial of this: a closure per timer cost twice the memory, and an
-    open order keeps two timers for hours)."""
-    with contextlib.suppress(EngineClosed):
-        directory.tell(key, message)
+class _TellLater:
+    """A timer's tell: one slotted object per timer, where a ``partial`` was a partial and
+    its argument tuple (and a closure twice that); a passivated open order is little more
+    than its two timers, for hours."""
+
+    __slots__ = ("directory", "key", "message")
+
+    def __init__(self, directory: Directory, key: Key, message: Any) -> None:
+        self.directory = directory
+        self.key = key
+        self.message = message
+
+    def __call__(self) -> None:
+        with contextlib.suppress(EngineClosed):
+            self.directory.tell(self.key, self.message)

@@ -7,6 +7,13 @@ many messages each live actor was sent, and an actor may stop only when it has h
 exactly that many (``release``): nothing is ever left in a stopping actor's inbox, where
 pykka would drop it. A later message simply starts a fresh actor from the database.
 
+An actor may also be let go while its work goes on (``release`` with ``kept``): an open
+order that only waits for its user's wallet or a timer is passivated, its actor gone, and
+what it would need again (its armed timers' handles) kept here under its key. The next
+message for the key starts a fresh actor from the database and hands it ``kept``
+(``factory(key, kept)``); meanwhile the order costs a row, its timers and this entry, not an
+actor. Passive entries count with the live ones in ``count`` (the live-order bound).
+
 Threads: any thread may call ``tell``; ``ask`` only from outside actors (API threads), never
 from an actor's handler, which must not block on another actor.
 """
@@ -37,15 +44,19 @@ class _Live:
 
 
 class Directory:
-    """Live actors by key. ``factory(key)`` builds the behaviour of a new actor."""
+    """Live actors by key. ``factory(key, kept)`` builds the behaviour of a new actor;
+    ``kept`` is what its passivated predecessor left (``release``), or ``None``."""
 
-    def __init__(self, runtime: Runtime, factory: Callable[[Key], Behaviour]) -> None:
+    def __init__(self, runtime: Runtime, factory: Callable[[Key, Any], Behaviour]) -> None:
         self._runtime = runtime
         self._factory = factory
         self._live: dict[Key, _Live] = {}
         self._live_counts: Counter[str] = Counter()
         """Live actors by kind, kept with ``_live``: a submit reads it, and counting 100,000
         live orders per submit was O(live)."""
+        self._passive: dict[Key, Any] = {}
+        """Passivated actors: what each left for its successor (``release``)."""
+        self._passive_counts: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._closed = False
         self._broken: dict[Key, str] = {}
@@ -126,8 +137,18 @@ class Directory:
                               "is reopened")
         live = self._live.get(key)
         if live is None:
-            behaviour = self._factory(key)
-            live = _Live(self._runtime.spawn(f"{key[0]}:{key[1]}", behaviour), behaviour)
+            kept = self._passive.pop(key, None)
+            if kept is not None:
+                self._passive_counts[key[0]] -= 1
+            try:
+                behaviour = self._factory(key, kept)
+                ref = self._runtime.spawn(f"{key[0]}:{key[1]}", behaviour)
+            except BaseException:
+                if kept is not None:  # not handed over: keep it for the next try
+                    self._passive[key] = kept
+                    self._passive_counts[key[0]] += 1
+                raise
+            live = _Live(ref, behaviour)
             self._live[key] = live
             self._live_counts[key[0]] += 1
         return live
@@ -145,9 +166,12 @@ class Directory:
             with self._handled_lock:
                 self._handled += lost
 
-    def release(self, key: Key, behaviour: Behaviour, handled: int) -> bool:
+    def release(self, key: Key, behaviour: Behaviour, handled: int, kept: Any = None) -> bool:
         """Stop ``behaviour``'s actor if it handled every message it was sent; say if it did.
 
+        ``kept`` (not ``None``): the actor is passivated, its work not done; the next actor
+        started for ``key`` gets ``kept`` from the factory. Stored under the same lock as
+        the release, so a message racing it finds either the live actor or ``kept``.
         Called by the actor itself, on its own thread, at the end of a handler.
         """
         with self._lock:
@@ -155,6 +179,9 @@ class Directory:
             if live is None or live.behaviour is not behaviour or live.sent != handled:
                 return False
             self._forget(key)
+            if kept is not None and not self._closed:
+                self._passive[key] = kept
+                self._passive_counts[key[0]] += 1
             live.ref.stop()
             return True
 
@@ -177,8 +204,14 @@ class Directory:
             return dict(self._broken)
 
     def live_count(self, kind: str) -> int:
+        """Live actors of ``kind`` (passivated ones not counted)."""
         with self._lock:
             return self._live_counts[kind]
+
+    def count(self, kind: str) -> int:
+        """Live and passivated actors of ``kind``: for orders, the orders in flight."""
+        with self._lock:
+            return self._live_counts[kind] + self._passive_counts[kind]
 
     def close(self) -> list[ActorRef]:
         """Refuse new messages; return the live actors for the caller to stop."""
@@ -187,4 +220,6 @@ class Directory:
             refs = [live.ref for live in self._live.values()]
             self._live.clear()
             self._live_counts.clear()
+            self._passive.clear()  # their timers stop with the runtime
+            self._passive_counts.clear()
         return refs

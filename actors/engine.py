@@ -45,7 +45,7 @@ from payengine.actors.notifier import Notifications, Subscriber
 from payengine.actors.order_actor import OrderBehaviour
 from payengine.actors.pool import PooledRuntime
 from payengine.actors.reconcile import ReconciliationReport, StatementSource
-from payengine.actors.resume import ResumeFeeder
+from payengine.actors.resume import ResumeFeeder, in_flight_for
 from payengine.actors.runtime import Runtime
 from payengine.actors.voucher_link import DirectVoucherLink, VoucherLink
 from payengine.engine.checks import (
@@ -218,9 +218,11 @@ class Engine:
         runtime = runtime or PooledRuntime(actor_threads=config.actor_threads)
         ctx_holder: list[Context] = []
 
-        def factory(key: Key) -> ActorBehaviour:
-            kind = OrderBehaviour if key[0] == "order" else AccountBehaviour
-            return kind(key, ctx_holder[0])
+        def factory(key: Key, kept: Any) -> ActorBehaviour:
+            if key[0] == "order":
+                return OrderBehaviour(key, ctx_holder[0], kept)
+            assert kept is None, "only orders are passivated"
+            return AccountBehaviour(key, ctx_holder[0])
 
         ctx = Context(store=store, runtime=runtime, directory=Directory(runtime, factory),
                       channels=by_name, policy=policy or OrderPolicy(),
@@ -239,10 +241,9 @@ class Engine:
         now_ms = ctx.runtime.now_ms()
         extended = ctx.store.extend_holds_of_unsettled_orders(now_ms, ctx.policy.hold_grace_ms)
         orders = ctx.store.unsettled_order_ids()
-        # A quarter of the actor backlog bound: submits still get in during a long resume.
         self._resume_feeder = ResumeFeeder(
             ctx.directory, ctx.runtime, orders, grace_ms=ctx.policy.hold_grace_ms, log=ctx.log,
-            in_flight_max=max(1, ctx.config.actor_backlog_max // 4))
+            in_flight_max=in_flight_for(ctx.config.actor_threads))
         self._resume_feeder.start()
         accounts = ctx.store.accounts_with_pending_holds()
         for account_id in accounts:
@@ -422,7 +423,7 @@ class Engine:
                             payment_serial=self._ids.new_payment_serial(), now_ms=now_ms,
                             accounts=units, policy=ctx.policy,
                             currencies=ctx.config.currency_table)
-        if ctx.directory.live_count("order") >= ctx.config.live_orders_max:
+        if ctx.directory.count("order") >= ctx.config.live_orders_max:
             raise Overloaded(f"{ctx.config.live_orders_max} orders in flight; retry later")
         self._guard_user_duplicates(request, now_ms)
         existing = ctx.store.insert_order(order, now_ms)

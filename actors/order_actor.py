@@ -7,6 +7,17 @@ callback, a query result and the close timer are decided by the order of this ma
 
 When the order is settled (terminal and nothing in flight) the actor stops; any later message
 (a duplicate callback, a stale timer) starts it again from the database.
+
+An open order that only waits (its user is paying: the pay call answered, every hold held,
+nothing else in flight) is passivated: the actor stops and its armed timers stay in the
+timer heap, their handles kept by the directory. Its next message (the wallet's callback, a
+query or close timer, a user's close) starts a fresh actor from the database, which adopts
+the handles and goes on without an ``Activate``: nothing was lost that the database does
+not hold. What is never stored is re-derived: ``pay_in_flight`` comes from the process-wide
+``PaysInFlight`` (and an order whose pay call is out is never passivated), and an order that
+asked its channel about an unverified report less than ``confirm_query_interval_ms`` ago
+stays live until that is past (``confirm_query_at_ms`` is not stored). 100,000 open orders
+are then 100,000 rows and their timers, not 100,000 actors.
 """
 
 from __future__ import annotations
@@ -33,6 +44,8 @@ from payengine.engine.order import (
     DebitVoucher,
     Decision,
     Effect,
+    LegStatus,
+    OrderState,
     PayCash,
     PaymentOrder,
     QueryCash,
@@ -56,10 +69,13 @@ _EVENTS = (Activate, VoucherReply, CashResult, RefundResult, CloseOrder, TimerFi
 
 
 class OrderBehaviour(ActorBehaviour):
-    def __init__(self, key: Key, ctx: Context) -> None:
+    def __init__(self, key: Key, ctx: Context, kept: dict[TimerKind, TimerHandle] | None = None
+                 ) -> None:
         super().__init__(key, ctx)
         self.order: PaymentOrder | None = None
-        self.timers: dict[TimerKind, TimerHandle] = {}
+        self.passivated = kept is not None
+        """Started for an order its previous actor passivated (``kept``: its timers)."""
+        self.timers: dict[TimerKind, TimerHandle] = {} if kept is None else kept
 
     def load(self) -> None:
         order = self.ctx.fresh_orders.take(self.key[1]) or self.ctx.store.load_order(self.key[1])
@@ -68,11 +84,35 @@ class OrderBehaviour(ActorBehaviour):
         self.order = order
         # An unsettled order whose actor (re)started has effects in flight that nobody may
         # carry out any more (the previous actor died, or the engine restarted): the first
-        # message is preceded by an Activate, which re-issues them (all idempotent).
-        self.needs_activation = self.order is not None and not self.order.is_settled
+        # message is preceded by an Activate, which re-issues them (all idempotent). Not
+        # after a passivation: nothing was lost, its timers are still armed.
+        self.needs_activation = (self.order is not None and not self.order.is_settled
+                                 and not self.passivated)
 
     def idle(self) -> bool:
-        return self.order is None or self.order.is_settled
+        return self.order is None or self.order.is_settled or self._waiting(self.order)
+
+    def _waiting(self, order: PaymentOrder) -> bool:
+        """Only waiting for its user to pay, or for a timer: nothing in flight that this
+        actor's memory knows and the database does not (see the module's docstring)."""
+        if self.needs_activation or order.pay_in_flight or order.state is not OrderState.PAYING:
+            return False
+        if order.refunds or order.next_voucher_retry_at_ms is not None:
+            return False
+        for leg in order.legs:
+            if leg.status is not (LegStatus.PAYING if leg.is_cash else LegStatus.HELD):
+                return False
+        asked = order.confirm_query_at_ms
+        return asked is None or (self.ctx.runtime.now_ms() - asked
+                                 >= self.ctx.policy.confirm_query_interval_ms)
+
+    def passive_state(self) -> dict[TimerKind, TimerHandle] | None:
+        if self.order is None or self.order.is_settled:
+            return None
+        return self.timers
+
+    def handed_over(self) -> None:
+        self.timers = {}  # the next actor's now: this one's on_stop must not cancel them
 
     def cancel_timers(self) -> None:
         for handle in self.timers.values():

@@ -381,10 +381,12 @@ def test_order_actors_stop_when_settled_and_accounts_after_their_quiet_period(
         fund_customer(engine)
         receipt = engine.submit(fuel_request())
         wait_for(lambda: paying(engine, receipt.order_id))
-        assert engine._ctx.directory.live_count("order") == 1
+        # in flight, but only waiting for its user: passivated, its actor gone
+        assert engine._ctx.directory.count("order") == 1
+        wait_for(lambda: engine._ctx.directory.live_count("order") == 0, what="passivation")
         signed_callback(engine, "wechat", receipt.payment_serial, paid_reply(receipt.payment_serial))
         wait_for(lambda: settled(engine, receipt.order_id))
-        wait_for(lambda: engine._ctx.directory.live_count("order") == 0, what="order stop")
+        wait_for(lambda: engine._ctx.directory.count("order") == 0, what="order stop")
         wait_for(lambda: engine._ctx.directory.live_count("account") == 0, what="account stop")
         # a late duplicate callback wakes the order from the database, changes nothing
         serial = receipt.payment_serial

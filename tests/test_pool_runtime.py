@@ -397,9 +397,56 @@ def test_a_reopened_engine_resumes_every_open_order(tmp_path: Path) -> None:
     reopened = open_engine(tmp_path / "pay.db", SilentChannel(), policy)
     try:
         wait_for(lambda: reopened.resuming() == 0, what="the resume")
-        assert reopened._ctx.directory.live_count("order") == len(ids)
+        assert reopened._ctx.directory.count("order") == len(ids)
+        # each resumed, then passivated: only waiting for its user, its timers armed
+        wait_for(lambda: reopened._ctx.directory.live_count("order") == 0, what="passivation")
+        assert all(reopened.get_order(o).state == "paying" for o in ids)
         runtime = reopened.runtime
         assert isinstance(runtime, PooledRuntime)
         assert runtime.pool.threads() <= EngineConfig().actor_threads
     finally:
         reopened.shutdown()
+
+
+def test_a_passivated_order_wakes_on_its_timers_and_closes_at_its_window(
+        tmp_path: Path) -> None:
+    """An order only waiting for its user is passivated with its timers armed: each query
+    timer starts it again from the database (no Activate: the pay is never re-sent), and
+    the close timer closes it; the user's close of another passivated order is answered."""
+    from payengine.engine.order import OrderPolicy
+    from payengine.sim.bench import SilentChannel
+
+    class Counting(SilentChannel):
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def pay(self, payment_serial: str, *args: Any) -> Any:
+            self.calls.append("pay")
+            return super().pay(payment_serial, *args)
+
+        def query(self, payment_serial: str) -> Any:
+            self.calls.append("query")
+            return super().query(payment_serial)
+
+        def close(self, payment_serial: str) -> Any:
+            self.calls.append("close")
+            return super().close(payment_serial)
+
+    channel = Counting()
+    policy = OrderPolicy(pay_window_ms=1_500, query_schedule_ms=(200, 200, 60_000))
+    engine = open_engine(tmp_path / "pay.db", channel, policy)
+    try:
+        fund_customer(engine)
+        timed = engine.submit(fuel_request("timed")).order_id
+        closed = engine.submit(fuel_request("closed")).order_id
+        directory = engine._ctx.directory
+        wait_for(lambda: directory.live_count("order") == 0 and directory.count("order") == 2,
+                 what="both passivated")
+        assert engine.close(closed).state == "closed"
+        wait_for(lambda: engine.get_order(timed).state == "closed", what="the timeout close")
+        wait_for(lambda: directory.count("order") == 0, what="both settled")
+        assert engine.get_order(timed).cause == "close_timeout"
+        assert channel.calls.count("pay") == 2  # once per order, never re-sent on a wake-up
+        assert channel.calls.count("query") >= 2  # the passivated order's query timers fired
+    finally:
+        engine.shutdown()

@@ -75,7 +75,7 @@ def test_an_ask_inside_a_handler_is_reported_as_a_deadlock_naming_both_actors() 
     scheduler = Scheduler(seed=1)
     runtime = SimRuntime(scheduler)
     behaviours: dict[tuple[str, str], Any] = {}
-    directory = Directory(runtime, lambda key: behaviours[key])
+    directory = Directory(runtime, lambda key, kept: behaviours[key])
     behaviours[("a", "1")] = _Asker(directory, ("b", "2"))
     behaviours[("b", "2")] = _Asker(directory, ("a", "1"))
     directory.tell(("a", "1"), "go")
