@@ -182,6 +182,8 @@ class ActorBehaviour:
         self.ctx = ctx
         self.handled = 0
         self.stopped = False
+        self.answering = False
+        """True while handling an asked message: its reply must be durable."""
         self.log = ctx.log.bind(actor=f"{key[0]}:{key[1]}")
 
     def on_start(self) -> None:
@@ -199,6 +201,7 @@ class ActorBehaviour:
                 message.done()
         self.handled += 1
         asked = isinstance(message, Asked)
+        self.answering = asked
         payload = message.message if asked else message
         try:
             result = self.handle(payload)
