@@ -183,6 +183,8 @@ class ActorBehaviour:
         self.ctx = ctx
         self.handled = 0
         self.stopped = False
+        self.answering = False
+        """True while handling an asked message: its reply must be durable."""
 
     @functools.cached_property
     def log(self) -> Any:
@@ -205,6 +207,7 @@ class ActorBehaviour:
                 message.done()
         self.handled += 1
         asked = isinstance(message, Asked)
+        self.answering = asked
         payload = message.message if asked else message
         try:
             result = self.handle(payload)

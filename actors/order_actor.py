@@ -32,7 +32,7 @@ from payengine.actors.directory import Key
 from payengine.actors.messages import FromOrder, OrderView
 from payengine.actors.runtime import TimerHandle
 from payengine.engine.errors import EngineClosed, InvalidRequest, UnknownOrder
-from payengine.engine.ledger import postings_for
+from payengine.engine.ledger import Posting, postings_for
 from payengine.engine.order import (
     Activate,
     ArmTimer,
@@ -58,11 +58,16 @@ from payengine.engine.order import (
     ReturnVoucher,
     TimerFired,
     TimerKind,
+    Transition,
     TryHold,
     VoucherReply,
     decide,
     owed_commands,
 )
+
+_QUIET_LEG_STEPS = frozenset({(LegStatus.TRYING.value, LegStatus.HELD.value),
+                              (LegStatus.CONFIRMING.value, LegStatus.CONFIRMED.value)})
+"""Leg steps that may wait for the order's next commit (``OrderBehaviour._may_wait_to_save``)."""
 
 _EVENTS = (Activate, VoucherReply, CashResult, RefundResult, CloseOrder, TimerFired,
            RequestRefund)
@@ -76,12 +81,16 @@ class OrderBehaviour(ActorBehaviour):
         self.passivated = kept is not None
         """Started for an order its previous actor passivated (``kept``: its timers)."""
         self.timers: dict[TimerKind, TimerHandle] = {} if kept is None else kept
+        self.durable: PaymentOrder | None = None
+        """The order as last committed (``order`` may be ahead: ``_may_wait_to_save``)."""
+        self.unsaved_transitions: list[Transition] = []
+        self.unsaved_postings: list[Posting] = []
 
     def load(self) -> None:
         order = self.ctx.fresh_orders.take(self.key[1]) or self.ctx.store.load_order(self.key[1])
         if order is not None and order.payment_serial in self.ctx.pays_in_flight:
             order = replace(order, pay_in_flight=True)  # restarted while its pay is running
-        self.order = order
+        self.order = self.durable = order
         # An unsettled order whose actor (re)started has effects in flight that nobody may
         # carry out any more (the previous actor died, or the engine restarted): the first
         # message is preceded by an Activate, which re-issues them (all idempotent). Not
@@ -90,6 +99,8 @@ class OrderBehaviour(ActorBehaviour):
                                  and not self.passivated)
 
     def idle(self) -> bool:
+        if self.order is not None and self.unsaved_transitions:
+            return False  # decided, not yet committed (``_may_wait_to_save``): keep it
         return self.order is None or self.order.is_settled or self._waiting(self.order)
 
     def _waiting(self, order: PaymentOrder) -> bool:
@@ -139,13 +150,16 @@ class OrderBehaviour(ActorBehaviour):
         assert self.order is not None
         now_ms = self.ctx.runtime.now_ms()
         decision = decide(self.order, event, now_ms=now_ms, policy=self.ctx.policy)
-        saved = decision.order.version != self.order.version
-        if saved:
-            postings = postings_for(self.order, decision.order, decision.transitions,
-                                    fee_ppm=self.ctx.config.fee_ppm)
-            self.ctx.store.save_order(
-                decision.order, decision.transitions, now_ms, postings, before=self.order,
-                skew_ledger="ledger-unbalanced" in self.ctx.config.planted_bugs)
+        changed = decision.order.version != self.order.version
+        saved = False
+        if changed:
+            self.unsaved_postings += postings_for(self.order, decision.order,
+                                                  decision.transitions,
+                                                  fee_ppm=self.ctx.config.fee_ppm)
+            self.unsaved_transitions += decision.transitions
+            if not self._may_wait_to_save(decision):
+                self._save(decision.order, now_ms)
+                saved = True
         before, self.order = self.order, decision.order
         if saved and decision.transitions:
             self.ctx.notifications.kick()
@@ -168,6 +182,33 @@ class OrderBehaviour(ActorBehaviour):
             # every in-flight effect (idempotent). Bounded by the effects' own schedules.
             self.tell_later(now_ms + 1_000, Activate())
         return self.order
+
+    def _may_wait_to_save(self, decision: Decision) -> bool:
+        """True if this decision may ride with the next commit instead of its own.
+
+        Only a voucher's answer that changes nothing but its leg (``trying -> held`` while
+        another leg's Try is out, ``confirming -> confirmed`` while another Confirm is):
+        nothing acts on it (no effect, no reply, no event, the order neither changes state
+        nor settles), and if it is lost in a crash the order's activation re-sends that
+        leg's command, whose fence answers the same again. Persist-before-act holds: every
+        effect still goes out after every decision before it is durable. Saves a commit
+        per voucher leg but the last, twice per payment.
+        """
+        if decision.effects or self.answering or not decision.transitions:
+            return False
+        before, after = self.order, decision.order
+        assert before is not None
+        if after.state is not before.state or after.is_settled:
+            return False
+        return all(t.entity.startswith("leg:") and (t.from_state, t.to_state) in _QUIET_LEG_STEPS
+                   for t in decision.transitions)
+
+    def _save(self, order: PaymentOrder, now_ms: int) -> None:
+        """Commit ``order`` with every change decided since the last commit."""
+        self.ctx.store.save_order(
+            order, self.unsaved_transitions, now_ms, self.unsaved_postings, before=self.durable,
+            skew_ledger="ledger-unbalanced" in self.ctx.config.planted_bugs)
+        self.durable, self.unsaved_transitions, self.unsaved_postings = order, [], []
 
     def _log(self, event: Any, decision: Decision) -> None:
         """Log the decision; a failing log never undoes or blocks a committed decision."""

@@ -395,9 +395,10 @@ class Store:
         postings: Sequence[Posting] = (), *, before: PaymentOrder | None = None,
         skew_ledger: bool = False,
     ) -> None:
-        """Write a decided order (optimistic: its previous version must be the stored one)
-        with its ledger postings, as one change. Given ``before`` (the stored order), only
-        the legs that changed are written.
+        """Write a decided order with its ledger postings, as one change. Optimistic: the
+        stored version must be ``before``'s (the order as last stored), or ``order.version
+        - 1`` without it. Given ``before``, only the legs that changed are written, and
+        ``transitions`` and ``postings`` are those of every decision since ``before``.
 
         ``skew_ledger`` is the simulator's planted bug ``ledger-unbalanced``: one entry off by
         one minor unit, for proving the oracle's zero-sum check has teeth. Never set it.
@@ -412,10 +413,11 @@ class Store:
                 (order.state.value, order.cause, order.query_attempt, order.next_query_at_ms,
                  order.refund_query_attempt, order.next_refund_query_at_ms,
                  order.voucher_attempt, order.next_voucher_retry_at_ms, order.version,
-                 now_ms, int(order.is_settled), order.order_id, order.version - 1),
+                 now_ms, int(order.is_settled), order.order_id,
+                 order.version - 1 if before is None else before.version),
             )
             assert cur.rowcount == 1, (
-                f"order {order.order_id}: stored version is not {order.version - 1}; "
+                f"order {order.order_id}: stored version is not the one it was decided from; "
                 "two writers for one order"
             )
             changed_legs = order.legs if before is None else [
