@@ -51,9 +51,11 @@ class EngineConfig:
     actor_backlog_max: int = 256
     """Messages told to actors and not yet handled beyond which a submit is refused at once
     with ``Overloaded``: the actors are behind, and the orders they already have come first."""
-    writer_backlog_max: int = 256
-    """Changes queued for the database writer beyond which a submit is refused at once: the
-    engine is behind, and the orders it already took come first."""
+    writer_backlog_max: int = 24
+    """Writers waiting for the database connection beyond which a submit is refused at
+    once: the disk is behind, and the orders already taken come first. Writers are threads
+    (actor threads, submit slots, delivery lanes), so the default is the actor threads and
+    submit slots of the default config: all of them waiting."""
     pre_hold_ttl_ms: int = 15 * 60 * 1000
     pre_hold_ttl_ms_max: int = 24 * 60 * 60 * 1000
     duplicate_guard_window_ms: int = 60_000
@@ -127,10 +129,11 @@ class Context:
 class FreshOrders:
     """Orders just committed by a submit, handed to the actor that starts for them.
 
-    A new order's actor would otherwise read back the rows the submit wrote a moment before
-    (three queries); the committed object is the same state. Taken once; bounded: if an
-    actor never starts (the engine shut down between), its entry is evicted in time and the
-    next start reads the database as before. Thread-safe.
+    A new order's actor would otherwise read back the rows the submit wrote a moment before;
+    the committed object is the same state. Put before the insert commits (no actor can
+    start for an order that is not stored yet) and taken by the first actor that starts for
+    it, so it is never stale. Bounded: an entry nobody takes (the engine shut down between)
+    is evicted in time. Thread-safe.
     """
 
     def __init__(self, entries_max: int = 4_096) -> None:

@@ -171,7 +171,8 @@ class Engine:
             wait_ms=config.admission_wait_ms,
             backlogs={
                 "actor messages": (lambda: directory.backlog, config.actor_backlog_max),
-                "database changes": (lambda: store.writer_backlog, config.writer_backlog_max),
+                "writers of the database": (lambda: store.writer_backlog,
+                                            config.writer_backlog_max),
             })
         self._resume_feeder = ResumeFeeder(ctx.directory, ctx.runtime, (),
                                            grace_ms=ctx.policy.hold_grace_ms, log=ctx.log)
@@ -426,13 +427,20 @@ class Engine:
         if ctx.directory.count("order") >= ctx.config.live_orders_max:
             raise Overloaded(f"{ctx.config.live_orders_max} orders in flight; retry later")
         self._guard_user_duplicates(request, now_ms)
-        existing = ctx.store.insert_order(order, now_ms)
+        # Handed over before the commit makes the order visible: the first actor that
+        # starts for it, whoever's message starts it, takes exactly the committed state.
+        ctx.fresh_orders.put(order)
+        try:
+            existing = ctx.store.insert_order(order, now_ms)
+        except BaseException:
+            ctx.fresh_orders.take(order.order_id)
+            raise
         if existing is not None:
+            ctx.fresh_orders.take(order.order_id)  # never stored: no actor will want it
             return Receipt.of(existing)
         ctx.log.info("transition", order_id=order.order_id, part="order", from_state="",
                      to_state=order.state.value, cause="submitted",
                      merchant_order_no=order.merchant_order_no)
-        ctx.fresh_orders.put(order)
         try:
             ctx.directory.tell(("order", order.order_id), Activate())
         except EngineClosed:

@@ -151,15 +151,23 @@ class OrderBehaviour(ActorBehaviour):
         now_ms = self.ctx.runtime.now_ms()
         decision = decide(self.order, event, now_ms=now_ms, policy=self.ctx.policy)
         changed = decision.order.version != self.order.version
-        saved = False
+        transitions, postings = self.unsaved_transitions, self.unsaved_postings
         if changed:
-            self.unsaved_postings += postings_for(self.order, decision.order,
-                                                  decision.transitions,
-                                                  fee_ppm=self.ctx.config.fee_ppm)
-            self.unsaved_transitions += decision.transitions
-            if not self._may_wait_to_save(decision):
-                self._save(decision.order, now_ms)
-                saved = True
+            transitions = [*transitions, *decision.transitions]
+            postings = [*postings, *postings_for(self.order, decision.order,
+                                                 decision.transitions,
+                                                 fee_ppm=self.ctx.config.fee_ppm)]
+        # Commit unless this decision may wait (_may_wait_to_save); and commit what earlier
+        # decisions left waiting before anything acts on this one or answers an asker. Kept
+        # only once committed or deliberately deferred: a failed commit leaves this actor
+        # exactly as it was (the asker's retry decides again, and writes it once).
+        saved = False
+        if (changed and not self._may_wait_to_save(decision)) or (
+                transitions and (decision.effects or self.answering)):
+            self._save(decision.order, transitions, postings, now_ms)
+            saved = True
+        elif changed:
+            self.unsaved_transitions, self.unsaved_postings = transitions, postings
         before, self.order = self.order, decision.order
         if saved and decision.transitions:
             self.ctx.notifications.kick()
@@ -203,10 +211,11 @@ class OrderBehaviour(ActorBehaviour):
         return all(t.entity.startswith("leg:") and (t.from_state, t.to_state) in _QUIET_LEG_STEPS
                    for t in decision.transitions)
 
-    def _save(self, order: PaymentOrder, now_ms: int) -> None:
+    def _save(self, order: PaymentOrder, transitions: list[Transition],
+              postings: list[Posting], now_ms: int) -> None:
         """Commit ``order`` with every change decided since the last commit."""
         self.ctx.store.save_order(
-            order, self.unsaved_transitions, now_ms, self.unsaved_postings, before=self.durable,
+            order, transitions, now_ms, postings, before=self.durable,
             skew_ledger="ledger-unbalanced" in self.ctx.config.planted_bugs)
         self.durable, self.unsaved_transitions, self.unsaved_postings = order, [], []
 

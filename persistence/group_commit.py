@@ -90,7 +90,7 @@ class GroupCommit:
 
     @property
     def backlog(self) -> int:
-        """Writers queued for the connection right now (a figure for admission)."""
+        """Writers (threads) waiting for the connection right now (a figure for admission)."""
         return self._waiting
 
     @contextmanager
@@ -102,9 +102,11 @@ class GroupCommit:
         """
         with self._waiting_lock:
             self._waiting += 1
-        self._lock.acquire()
-        with self._waiting_lock:
-            self._waiting -= 1
+        try:
+            self._lock.acquire()
+        finally:
+            with self._waiting_lock:
+                self._waiting -= 1
         if self._depth:  # nested in a change of this thread: a savepoint of it
             try:
                 with self._savepoint():
@@ -125,6 +127,10 @@ class GroupCommit:
                 self._undo(batch)
             finally:
                 self._depth = 0
+            if failure is None and not self._conn.in_transaction:
+                # SQLite rolled the whole transaction back under this change (disk full, an
+                # I/O error the body swallowed): the batch is gone, every writer of it told
+                failure = self._lost(batch)
             if failure is None:
                 batch.changes += 1
                 batch.statements += statements
@@ -162,6 +168,9 @@ class GroupCommit:
 
     def _join(self, statements: int) -> _Batch:
         batch = self._batch
+        if batch is not None and not self._conn.in_transaction:
+            self._lost(batch)  # rolled back under an earlier change: never join a dead batch
+            batch = None
         if batch is None:
             self._conn.execute("BEGIN IMMEDIATE")
             batch = self._batch = _Batch(time.monotonic())
@@ -170,16 +179,40 @@ class GroupCommit:
         return batch
 
     def _undo(self, batch: _Batch) -> None:
-        """Undo the failed change: the whole transaction if it was alone in it."""
+        """Undo the failed change: the whole transaction if it was alone in it.
+
+        SQLite itself rolls the whole transaction back on some errors (``SQLITE_FULL``,
+        ``SQLITE_IOERR``...): then the other changes of the batch are gone too, and their
+        writers are told so (``_lost``), never that they are durable.
+        """
         conn = self._conn
-        if batch.changes == 0:
+        if not conn.in_transaction:
+            self._lost(batch)
+            return
+        try:
+            if batch.changes == 0:
+                conn.execute("ROLLBACK")
+                self._batch = None
+                batch.done.set()
+            else:
+                conn.execute("ROLLBACK TO change")
+                conn.execute("RELEASE change")
+        except sqlite3.Error:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            self._lost(batch)
+
+    def _lost(self, batch: _Batch) -> sqlite3.OperationalError:
+        """The batch's transaction is gone: fail every writer of it; return the error."""
+        error = sqlite3.OperationalError(
+            "the database rolled back the transaction this change shared with others "
+            "(disk full or an I/O error): nothing of it is durable")
+        if self._batch is batch:
             self._batch = None
-            batch.done.set()
-        else:
-            conn.execute("ROLLBACK TO change")
-            conn.execute("RELEASE change")
+        if batch.error is None:
+            batch.error = error
+        batch.done.set()
+        return error
 
     @contextmanager
     def _savepoint(self) -> Iterator[None]:
@@ -213,10 +246,12 @@ class GroupCommit:
         try:
             self._conn.execute("COMMIT")
         except BaseException as exc:
-            if self._conn.in_transaction:  # a failed COMMIT may leave it open
-                self._conn.execute("ROLLBACK")
-            batch.error = exc
-            batch.done.set()
+            try:
+                if self._conn.in_transaction:  # a failed COMMIT may leave it open
+                    self._conn.execute("ROLLBACK")
+            finally:  # whatever the ROLLBACK does, the batch's writers are told
+                batch.error = exc
+                batch.done.set()
             return False
         stats = self.stats
         stats.commits += 1

@@ -159,7 +159,7 @@ class Store:
 
     @property
     def writer_backlog(self) -> int:
-        """Changes queued for the writer connection right now."""
+        """Writers (threads) waiting for the writer connection right now."""
         return self._writer.backlog
 
     @property

@@ -33,10 +33,10 @@ def test_a_submit_behind_a_long_writer_queue_is_refused_at_once_and_creates_noth
     try:
         fund_customer(engine)
         writer = engine.store._writer
-        writer._waiting += 5  # five changes queued for the database: beyond the bound
+        writer._waiting += 5  # five writers waiting for the database: beyond the bound
         try:
             started = time.monotonic()
-            with pytest.raises(Overloaded, match="database changes queued"):
+            with pytest.raises(Overloaded, match="writers of the database queued"):
                 engine.submit(fuel_request("o-1"))
             assert time.monotonic() - started < 0.5
         finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from payengine.engine.errors import EngineClosed
-from payengine.persistence.group_commit import GroupCommitConfig
+from payengine.persistence.group_commit import GroupCommit, GroupCommitConfig
 from payengine.persistence.store import Store
 
 
@@ -184,3 +185,39 @@ def test_exactly_the_acknowledged_changes_are_durable(tmp_path_factory: pytest.T
     store.close()
     assert sorted(acknowledged) == sorted(_durable_keys(path))
     assert len(acknowledged) == len(set(acknowledged))
+
+
+def test_disk_full_in_one_change_fails_its_whole_batch_and_never_acknowledges_it(
+        tmp_path: Path) -> None:
+    """SQLite rolls the whole transaction back on SQLITE_FULL: the other changes of the
+    batch are gone too, so their writers must hear an error, never that they are durable
+    (found in review: a follower was acknowledged for a row that was not there)."""
+    conn = sqlite3.connect(tmp_path / "g.db", isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE t (who TEXT, pad TEXT)")
+    conn.execute("PRAGMA max_page_count=30")  # a small disk
+    writer = GroupCommit(conn, threading.RLock(), config=GroupCommitConfig(wait_max_ms=3_000))
+    outcome: dict[str, str] = {}
+
+    def follower() -> None:
+        try:
+            with writer.change() as c:
+                c.execute("INSERT INTO t VALUES ('a', '')")
+            outcome["a"] = "acknowledged"
+        except sqlite3.Error:
+            outcome["a"] = "refused"
+
+    writer._waiting += 1  # a writer is queued: the follower leaves the commit to it
+    thread = threading.Thread(target=follower)
+    thread.start()
+    time.sleep(0.2)
+    writer._waiting -= 1
+    with pytest.raises(sqlite3.Error), writer.change() as c:  # a change that fills the disk
+        for _ in range(1_000):
+            c.execute("INSERT INTO t VALUES ('b', ?)", ("x" * 4_000,))
+    with writer.change() as c:  # the next writer starts a batch of its own
+        c.execute("INSERT INTO t VALUES ('c', '')")
+    thread.join(5)
+    rows = [r[0] for r in conn.execute("SELECT who FROM t")]
+    conn.close()
+    assert outcome == {"a": "refused"} and rows == ["c"]
