@@ -45,7 +45,15 @@ from pykka._envelope import Envelope
 from pykka.messages import _ActorStop
 
 from payengine.actors.logs import get_logger
-from payengine.actors.runtime import ActorRef, Behaviour, IoLanes, TimerHandle, TimerThread
+from payengine.actors.runtime import (
+    ActorRef,
+    Behaviour,
+    BehaviourHost,
+    IoLanes,
+    PykkaRef,
+    TimerHandle,
+    TimerThread,
+)
 from payengine.engine.checks import check_int
 from payengine.engine.errors import EngineClosed
 
@@ -109,7 +117,7 @@ class PoolInbox:
         return self.envelopes is None
 
 
-class PooledActor(pykka.Actor):
+class PooledActor(BehaviourHost, pykka.Actor):
     """A pykka actor without a thread of its own: ``ActorPool`` workers run its turns.
 
     Subclassed per runtime (``PooledRuntime``) to bind ``pool``.
@@ -145,15 +153,6 @@ class PooledActor(pykka.Actor):
         actor = cls(name, behaviour)
         actor._start_actor_loop()
         return actor.actor_ref
-
-    def on_start(self) -> None:
-        self.behaviour.on_start()
-
-    def on_receive(self, message: Any) -> Any:
-        return self.behaviour.on_message(message)
-
-    def on_stop(self) -> None:
-        self.behaviour.on_stop()
 
     def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
         log.error("actor.failed", actor=self.name, error=repr(exception_value))
@@ -315,25 +314,14 @@ class ActorPool:
 
 
 @dataclass(frozen=True)
-class PooledRef:
-    """``actors.runtime.ActorRef`` of a pooled actor."""
-
-    ref: pykka.ActorRef[PooledActor]
-
-    def tell(self, message: Any) -> None:
-        self.ref.tell(message)
-
-    def ask(self, message: Any, timeout_s: float) -> Any:
-        return self.ref.ask(message, timeout=timeout_s)
+class PooledRef(PykkaRef):
+    """``actors.runtime.ActorRef`` of a pooled actor: a stop is a message in its inbox (no
+    thread of its own to stop)."""
 
     def stop(self) -> None:
         """Stop after the messages already queued; a no-op on a stopped actor."""
         if self.ref.is_alive():
             self.ref.actor_inbox.put(Envelope(_ActorStop()))
-
-    @property
-    def alive(self) -> bool:
-        return bool(self.ref.is_alive())
 
 
 class PooledRuntime:

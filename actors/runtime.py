@@ -82,15 +82,13 @@ class Runtime(Protocol):
 # ---------------------------------------------------------------------- threads
 
 
-class _PykkaHost(pykka.ThreadingActor):
-    """A pykka thread that runs a ``Behaviour``. Daemon: an abandoned engine never blocks exit."""
+class BehaviourHost:
+    """pykka's hooks for an actor that runs a ``Behaviour``: one definition for every
+    runtime's actor class (threads here, the pool, the simulator). Put it first among the
+    bases so its hooks override ``pykka.Actor``'s."""
 
-    use_daemon_thread = True
-
-    def __init__(self, name: str, behaviour: Behaviour) -> None:
-        super().__init__()
-        self.name = name
-        self.behaviour = behaviour
+    name: str
+    behaviour: Behaviour
 
     def on_start(self) -> None:
         self.behaviour.on_start()
@@ -101,12 +99,25 @@ class _PykkaHost(pykka.ThreadingActor):
     def on_stop(self) -> None:
         self.behaviour.on_stop()
 
+
+class _PykkaHost(BehaviourHost, pykka.ThreadingActor):
+    """A pykka thread that runs a ``Behaviour``. Daemon: an abandoned engine never blocks exit."""
+
+    use_daemon_thread = True
+
+    def __init__(self, name: str, behaviour: Behaviour) -> None:
+        super().__init__()
+        self.name = name
+        self.behaviour = behaviour
+
     def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
         log.error("actor.failed", actor=self.name, error=repr(exception_value))
 
 
 @dataclass(frozen=True)
-class _PykkaRef:
+class PykkaRef:
+    """``ActorRef`` over a pykka actor ref (a thread's or a pooled actor's)."""
+
     ref: pykka.ActorRef[Any]
 
     def tell(self, message: Any) -> None:
@@ -301,7 +312,7 @@ class ThreadRuntime:
         self._io.run_io(lane, fn, done)
 
     def spawn(self, name: str, behaviour: Behaviour) -> ActorRef:
-        return _PykkaRef(_PykkaHost.start(name, behaviour))
+        return PykkaRef(_PykkaHost.start(name, behaviour))
 
     def shutdown(self) -> None:
         self._timers.stop()

@@ -33,7 +33,7 @@ from pykka import Future
 from pykka._envelope import Envelope
 from pykka.messages import ProxyCall, ProxyGetAttr, ProxySetAttr, _ActorStop
 
-from payengine.actors.runtime import ActorRef, Behaviour
+from payengine.actors.runtime import ActorRef, Behaviour, BehaviourHost
 
 
 class Deadlock(RuntimeError):
@@ -293,7 +293,7 @@ class _Flag:
         return self._set
 
 
-class SimActor(pykka.Actor):
+class SimActor(BehaviourHost, pykka.Actor):
     """A pykka actor with no thread: the scheduler calls ``step`` for each message.
 
     Lighter than pykka's own start, which one thread does not need: no uuid4 (a urandom
@@ -341,14 +341,6 @@ class SimActor(pykka.Actor):
     def _start_actor_loop(self) -> None:
         self._actor_loop_setup()
 
-    def on_start(self) -> None:
-        self.behaviour.on_start()
-
-    def on_receive(self, message: Any) -> Any:
-        return self.behaviour.on_message(message)
-
-    def on_stop(self) -> None:
-        self.behaviour.on_stop()
 
     def step(self) -> str:
         """Handle one message as pykka's loop would; return a label for the trace."""
