@@ -23,8 +23,9 @@ from typing import Any
 
 from payengine.actors.base import EngineConfig
 from payengine.actors.engine import Engine
+from payengine.actors.messages import Receipt
 from payengine.actors.runtime import ThreadRuntime
-from payengine.engine.errors import DuplicateSuspected, PaymentError
+from payengine.engine.errors import DuplicateSuspected, Overloaded, PaymentError
 from payengine.engine.order import CashPart, LegMode, OrderPolicy, PaymentRequest, VoucherPart
 from payengine.engine.statement import FLAGGED, Verdict
 from payengine.sim.channel import ChannelFaults, SimulatedChannel
@@ -255,6 +256,24 @@ class _Outcome:
     errors: list[str] = field(default_factory=list)
 
 
+_RETRY_BACKOFF_S = (0.002, 0.064)
+_RETRY_FOR_S = 30.0
+
+
+def _submit(engine: Engine, request: PaymentRequest) -> Receipt:
+    """Submit as a terminal does: refused ``Overloaded`` (the engine is at capacity and
+    created nothing), wait a moment, doubling, and ask again, for at most 30 s."""
+    backoff_s, deadline = _RETRY_BACKOFF_S[0], time.monotonic() + _RETRY_FOR_S
+    while True:
+        try:
+            return engine.submit(request)
+        except Overloaded:
+            if time.monotonic() + backoff_s > deadline:
+                raise
+            time.sleep(backoff_s)
+            backoff_s = min(2 * backoff_s, _RETRY_BACKOFF_S[1])
+
+
 def _pay(engine: Engine, plan: _Plan) -> _Outcome:
     """What one pump terminal does for one customer. Runs on a worker thread."""
     outcome = _Outcome()
@@ -272,16 +291,16 @@ def _pay(engine: Engine, plan: _Plan) -> _Outcome:
             with contextlib.suppress(PaymentError):
                 engine.pre_hold(account, amount, hold_id=hold_id, ttl_ms=5_000)
         try:
-            receipt = engine.submit(request)
+            receipt = _submit(engine, request)
         except DuplicateSuspected:
             # "an order of this amount exists, pay anyway?": this customer says yes
             outcome.duplicate_warnings = 1
             request = replace(request, confirm_duplicate=True)
-            receipt = engine.submit(request)
+            receipt = _submit(engine, request)
         outcome.order_ids.append(receipt.order_id)
         if plan.duplicate:
             outcome.duplicates = 1
-            outcome.receipts_equal = engine.submit(request) == receipt
+            outcome.receipts_equal = _submit(engine, request) == receipt
         if plan.close_after_ms is not None:
             time.sleep(plan.close_after_ms / 1000)
             try:
