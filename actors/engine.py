@@ -62,7 +62,6 @@ from payengine.engine.errors import (
     EngineClosed,
     InvalidRequest,
     NotificationRejected,
-    Overloaded,
     UnknownAccount,
     UnknownHold,
     UnknownOrder,
@@ -424,8 +423,10 @@ class Engine:
                             payment_serial=self._ids.new_payment_serial(), now_ms=now_ms,
                             accounts=units, policy=ctx.policy,
                             currencies=ctx.config.currency_table)
-        if ctx.directory.count("order") >= ctx.config.live_orders_max:
-            raise Overloaded(f"{ctx.config.live_orders_max} orders in flight; retry later")
+        live, bound = ctx.directory.count("order"), ctx.config.live_orders_max
+        if live >= bound and ctx.store.order_id_for_merchant(
+                request.merchant_id, request.merchant_order_no) is None:
+            raise self._admission.refuse_live_orders(live, bound)  # a retry is not new
         self._guard_user_duplicates(request, now_ms)
         # Handed over before the commit makes the order visible: the first actor that
         # starts for it, whoever's message starts it, takes exactly the committed state.

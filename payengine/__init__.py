@@ -14,6 +14,7 @@ payengine is quiet when embedded: it logs through structlog into the standard li
 ``NullHandler``. Configure ``logging`` in your application to see the records.
 """
 
+from payengine.actors.admission import AdmissionStats
 from payengine.actors.base import EngineConfig
 from payengine.actors.channel import (
     Channel,
@@ -78,6 +79,7 @@ __all__ = [
     "AccountExists",
     "AccountView",
     "ActorBroken",
+    "AdmissionStats",
     "CashPart",
     "Channel",
     "ChannelNotification",

@@ -40,6 +40,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -642,6 +643,8 @@ def run_kills(kills: int, *, seed: int = 0, db_dir: Path | None = None,
         print(file=sys.stderr)
     final = check_database(db, wallet_path, acks, synchronous=synchronous)
     violations += final.violations
+    if db_dir is None and not violations:
+        shutil.rmtree(folder, ignore_errors=True)  # a temporary folder is kept only to look at
     return SigkillReport(
         kills=kills, kills_during_opening=during_opening, seed=seed, synchronous=synchronous,
         db_dir=str(folder), wall_s=time.monotonic() - started,
