@@ -47,7 +47,7 @@ class EngineConfig:
     submits_in_flight_max: int = 16
     """Submits being taken at once; one more waits ``admission_wait_ms`` for a slot, then is
     refused with ``Overloaded`` (``actors.admission``)."""
-    admission_wait_ms: int = 5
+    admission_wait_ms: int = 2
     actor_backlog_max: int = 256
     """Messages told to actors and not yet handled beyond which a submit is refused at once
     with ``Overloaded``: the actors are behind, and the orders they already have come first."""

@@ -58,7 +58,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert c.actor_backlog_max == 256
     assert c.writer_backlog_max == 24
     assert c.submits_in_flight_max == 16
-    assert c.admission_wait_ms == 5
+    assert c.admission_wait_ms == 2
     assert c.group_commit == GroupCommitConfig(changes_max=512, statements_max=8192, wait_max_ms=20)
     g = GroupCommitConfig()
     assert (g.changes_max, g.statements_max, g.wait_max_ms) == (512, 8192, 20)
