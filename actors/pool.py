@@ -281,7 +281,26 @@ class ActorPool:
                     self._cond.wait()
                     self._idle -= 1
                 actor = self._ready.popleft()
-            self._run_turn(actor)
+            try:
+                self._run_turn(actor)
+            except BaseException as exc:
+                # Exceptions are handled by the actor (pykka's discipline); what escapes is a
+                # BaseException (SystemExit from a handler...). Ending the thread here would
+                # shrink the pool for good and leave the actor scheduled with its messages
+                # never handled: stop the actor instead, loudly, and go on.
+                log.critical("actor.escaped", actor=actor.name, error=repr(exc))
+                self._abandon(actor)
+
+    def _abandon(self, actor: PooledActor) -> None:
+        """Stop ``actor`` after an escape: its waiting askers get ``ActorDeadError``."""
+        inbox: PoolInbox = actor.actor_inbox  # type: ignore[assignment]
+        actor.actor_stopped.set()
+        with self._cond:
+            left = inbox.envelopes or deque()
+            inbox.envelopes = None
+            inbox.scheduled = False
+        for envelope in left:
+            refuse(envelope, actor.name)
 
     def _run_turn(self, actor: PooledActor) -> None:
         """Up to ``messages_per_turn`` messages of ``actor``, then requeue or release it."""

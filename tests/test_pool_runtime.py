@@ -223,6 +223,26 @@ def test_a_failing_on_start_stops_the_actor_and_refuses_its_asks(
     assert not ref.alive
 
 
+def test_a_base_exception_from_on_start_stops_that_actor_and_the_worker_goes_on() -> None:
+    """What escapes pykka's discipline (a BaseException) must not end a worker thread:
+    the pool would shrink for good and the actor stay scheduled, its messages never
+    handled (found in review)."""
+    runtime = PooledRuntime(actor_threads=1)
+    try:
+        class ExitsAtStart(Recorder):
+            def on_start(self) -> None:
+                raise SystemExit("a handler asked to exit")
+
+        bad = runtime.spawn("bad", ExitsAtStart())
+        with pytest.raises(pykka.ActorDeadError):
+            bad.ask("hello", TIMEOUT_S)
+        assert not bad.alive
+        good = runtime.spawn("good", Recorder())  # the only worker still serves others
+        assert good.ask("still here", TIMEOUT_S) == "still here"
+    finally:
+        runtime.shutdown()
+
+
 def test_an_ask_times_out_with_pykka_timeout(runtime: PooledRuntime) -> None:
     gate = threading.Event()
     ref = runtime.spawn("a", Recorder(lambda m: gate.wait(TIMEOUT_S)))
