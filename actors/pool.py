@@ -33,9 +33,7 @@ from __future__ import annotations
 import itertools
 import sys
 import threading
-import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -49,10 +47,8 @@ from payengine.actors.runtime import (
     ActorRef,
     Behaviour,
     BehaviourHost,
-    IoLanes,
     PykkaRef,
-    TimerHandle,
-    TimerThread,
+    WallClockRuntime,
 )
 from payengine.engine.checks import check_int
 from payengine.engine.errors import EngineClosed
@@ -343,7 +339,7 @@ class PooledRef(PykkaRef):
             self.ref.actor_inbox.put(Envelope(_ActorStop()))
 
 
-class PooledRuntime:
+class PooledRuntime(WallClockRuntime):
     """Production runtime: wall clock, pooled actors, one timer thread, I/O lanes.
 
     Threads: ``actor_threads`` workers (started as work arrives), the timer thread, and
@@ -353,20 +349,11 @@ class PooledRuntime:
     def __init__(self, *, actor_threads: int = ACTOR_THREADS_DEFAULT,
                  messages_per_turn: int = MESSAGES_PER_TURN, io_workers_per_lane: int = 4,
                  io_queue_max: int = 1_000, timers_max: int = 1_000_000) -> None:
+        super().__init__(io_workers_per_lane=io_workers_per_lane, io_queue_max=io_queue_max,
+                         timers_max=timers_max)
         self.pool = ActorPool(actor_threads, messages_per_turn)
         self._actor_class: type[PooledActor] = type(
             "PooledActorFor", (PooledActor,), {"pool": self.pool})
-        self._timers = TimerThread(self.now_ms, timers_max)
-        self._io = IoLanes(io_workers_per_lane, io_queue_max)
-
-    def now_ms(self) -> int:
-        return time.time_ns() // 1_000_000
-
-    def call_at(self, due_at_ms: int, fn: Callable[[], None]) -> TimerHandle:
-        return self._timers.call_at(due_at_ms, fn)
-
-    def run_io(self, lane: str, fn: Callable[[], Any], done: Callable[[Any], None]) -> None:
-        self._io.run_io(lane, fn, done)
 
     def spawn(self, name: str, behaviour: Behaviour) -> ActorRef:
         return PooledRef(self._actor_class.spawn(name, behaviour))
@@ -374,6 +361,5 @@ class PooledRuntime:
     def shutdown(self) -> None:
         """Stop timers and I/O lanes; the workers leave once the actors' queued messages
         (and the stops sent right after this) are handled."""
-        self._timers.stop()
-        self._io.shutdown()
+        super().shutdown()
         self.pool.shutdown()

@@ -290,12 +290,9 @@ class IoLanes:
             lane.pool.shutdown(wait=False, cancel_futures=True)
 
 
-class ThreadRuntime:
-    """Production runtime: wall clock, pykka ThreadingActors, a timer thread, I/O lanes.
-
-    One OS thread per live actor: fine for a few hundred; ``actors.pool.PooledRuntime``
-    (the default of ``Engine.open``) bounds the threads whatever the number of actors.
-    """
+class WallClockRuntime:
+    """What the production runtimes share: the wall clock, one timer thread for every timer,
+    and a bounded I/O lane per channel. Subclasses supply ``spawn`` (how actors run)."""
 
     def __init__(self, *, io_workers_per_lane: int = 4, io_queue_max: int = 1_000,
                  timers_max: int = 1_000_000) -> None:
@@ -311,9 +308,18 @@ class ThreadRuntime:
     def run_io(self, lane: str, fn: Callable[[], Any], done: Callable[[Any], None]) -> None:
         self._io.run_io(lane, fn, done)
 
-    def spawn(self, name: str, behaviour: Behaviour) -> ActorRef:
-        return PykkaRef(_PykkaHost.start(name, behaviour))
-
     def shutdown(self) -> None:
+        """Stop timers and I/O lanes; queued timers are dropped."""
         self._timers.stop()
         self._io.shutdown()
+
+
+class ThreadRuntime(WallClockRuntime):
+    """Production runtime: wall clock, pykka ThreadingActors, a timer thread, I/O lanes.
+
+    One OS thread per live actor: fine for a few hundred; ``actors.pool.PooledRuntime``
+    (the default of ``Engine.open``) bounds the threads whatever the number of actors.
+    """
+
+    def spawn(self, name: str, behaviour: Behaviour) -> ActorRef:
+        return PykkaRef(_PykkaHost.start(name, behaviour))
