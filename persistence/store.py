@@ -14,6 +14,7 @@ only for the statements of one transaction, never while waiting on anything else
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import sqlite3
 import threading
@@ -424,12 +425,7 @@ class Store:
                 leg for leg, old in zip(order.legs, before.legs, strict=True)
                 if leg is not old and leg != old]
             if changed_legs:
-                conn.executemany(
-                    "UPDATE legs SET status = ?, channel_txn_id = ?, channel_code = ?,"
-                    " refund_id = ? WHERE order_id = ? AND leg_no = ?",
-                    [(leg.status.value, leg.channel_txn_id, leg.channel_code, leg.refund_id,
-                      order.order_id, leg.leg_no) for leg in changed_legs],
-                )
+                _update_legs(conn, order.order_id, changed_legs)
             entities = {t.entity for t in transitions if t.entity.startswith("refund:")}
             if entities:
                 conn.executemany(_UPSERT_REFUND, [
@@ -842,6 +838,33 @@ def _lock_exclusively(lock_path: str) -> IO[str]:
 
 
 # ---------------------------------------------------------------------- row mapping
+
+_LEG_CHANGING_COLUMNS = ("status", "channel_txn_id", "channel_code", "refund_id")
+
+
+@functools.lru_cache(maxsize=16)
+def _update_legs_sql(legs: int) -> str:
+    """One UPDATE for ``legs`` legs of one order (a CASE per column), not one per leg."""
+    whens = " ".join(["WHEN ? THEN ?"] * legs)
+    sets = ", ".join(f"{col} = CASE leg_no {whens} END" for col in _LEG_CHANGING_COLUMNS)
+    marks = ", ".join(["?"] * legs)
+    return f"UPDATE legs SET {sets} WHERE order_id = ? AND leg_no IN ({marks})"
+
+
+def _update_legs(conn: sqlite3.Connection, order_id: str, legs: Sequence[Leg]) -> None:
+    """Write the changing columns of ``legs`` (rows that exist) in one statement."""
+    params: list[object] = []
+    columns: tuple[list[object], ...] = (  # in the order of _LEG_CHANGING_COLUMNS
+        [leg.status.value for leg in legs], [leg.channel_txn_id for leg in legs],
+        [leg.channel_code for leg in legs], [leg.refund_id for leg in legs])
+    for values in columns:
+        for leg, value in zip(legs, values, strict=True):
+            params += (leg.leg_no, value)
+    params.append(order_id)
+    params += [leg.leg_no for leg in legs]
+    cur = conn.execute(_update_legs_sql(len(legs)), params)
+    assert cur.rowcount == len(legs), f"order {order_id}: legs missing from the table"
+
 
 _UNITS_REMEMBERED_MAX = 100_000
 """Account units kept in memory by ``Store.account_units`` (dropped all at once beyond)."""
