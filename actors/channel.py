@@ -20,11 +20,13 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import inspect
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from payengine.engine.channel_data import PayDetails, Prepay, check_prepay
 from payengine.engine.checks import check_id, check_instance, check_optional_id, shown
 from payengine.engine.codes import CodeTable, ResultKind
 from payengine.engine.errors import NotificationRejected, PaymentError
@@ -46,6 +48,10 @@ class ChannelReply:
     amount_minor: int | None = None
     currency: str | None = None
     """The currency the channel reports the amount in, if it does (checked when given)."""
+    prepay: Prepay | None = None
+    """A pay reply's (or a query's, while the payer has not paid) data for the payer: QR
+    code, prepay id, deeplink, "enter password". Kept with the order; shown by
+    ``OrderView.prepay``."""
 
 
 class NotificationKind(enum.StrEnum):
@@ -76,6 +82,8 @@ def check_reply(reply: object, what: str = "reply") -> ChannelReply:
     check_optional_id(reply.currency, f"{what} currency")
     if reply.amount_minor is not None:
         check_amount(reply.amount_minor, f"{what} amount_minor")
+    if reply.prepay is not None:
+        check_prepay(reply.prepay, f"{what} prepay")
     return reply
 
 
@@ -86,10 +94,13 @@ class Channel(Protocol):
     pay_codes: CodeTable
     refund_codes: CodeTable
 
-    def pay(self, payment_serial: str, amount_minor: int, currency: str, title: str
-            ) -> ChannelReply:
+    def pay(self, payment_serial: str, amount_minor: int, currency: str, title: str,
+            details: PayDetails | None = None) -> ChannelReply:
         """Start (or, for a serial seen before, look up) the payment.
 
+        ``details``: the cash part's ``PayDetails`` (scenario, payer id, barcode...), or
+        ``None`` when the request gave none. A channel whose ``pay`` takes only the first four
+        arguments still works: the engine then refuses requests with details for it.
         The engine never closes, nor pays again, a serial whose ``pay`` has not returned."""
         ...
 
@@ -130,6 +141,24 @@ class Channel(Protocol):
         ...
 
 
+def takes_details(channel: Channel) -> bool:
+    """Whether ``channel.pay`` accepts ``details`` (older adapters take four arguments)."""
+    try:
+        parameters = inspect.signature(channel.pay).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "details" or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+               for p in parameters)
+
+
+def call_pay(channel: Channel, payment_serial: str, amount_minor: int, currency: str,
+             title: str, details: PayDetails | None) -> ChannelReply:
+    """``channel.pay``, with ``details`` only when there are any (``takes_details``)."""
+    if details is None:
+        return channel.pay(payment_serial, amount_minor, currency, title)
+    return channel.pay(payment_serial, amount_minor, currency, title, details=details)
+
+
 def cash_result(channel: Channel, reply: ChannelReply | BaseException,
                 source: ResultSource, *, reported_by: str | None = None) -> CashResult:
     """Classify a payment reply, or the exception a call raised, into a ``CashResult``.
@@ -142,8 +171,9 @@ def cash_result(channel: Channel, reply: ChannelReply | BaseException,
     try:
         kind = channel.pay_codes.classify(reply.return_code, reply.result_code)
         code = str(reply.result_code or reply.return_code or "NONE")
+        prepay = None if reply.prepay is None else check_prepay(reply.prepay)
         return CashResult(kind, source, code, reply.channel_txn_id, reply.amount_minor,
-                          reported_by, reply.currency)
+                          reported_by, reply.currency, prepay)
     except Exception as error:  # an adapter's malformed reply: never guess a result from it
         return CashResult(ResultKind.PROCESSING, source, f"ERROR:{type(error).__name__}")
 

@@ -78,15 +78,25 @@ class Directory:
             return True
 
     def ask(self, key: Key, message: Any, timeout_s: float) -> Any:
-        with self._lock:
-            live = self._enqueue_ask_slot(key)
-            ref = live.ref
+        """Ask ``key``'s actor. An actor that stopped with the ask still queued (it failed on
+        an earlier message, or was released in the same instant) never handled it: the ask
+        goes once more, to an actor started afresh from the database, as ``tell`` does."""
+        for attempt in range(2):
+            with self._lock:
+                live = self._enqueue_ask_slot(key)
+                ref = live.ref
+            try:
+                return self._ask_live(key, ref, message, timeout_s)
+            except pykka.ActorDeadError:
+                if self._closed:
+                    raise EngineClosed("the engine shut down before answering") from None
+                if attempt == 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _ask_live(self, key: Key, ref: ActorRef, message: Any, timeout_s: float) -> Any:
         try:
             return ref.ask(Asked(message), timeout_s)
-        except pykka.ActorDeadError:
-            if self._closed:
-                raise EngineClosed("the engine shut down before answering") from None
-            raise
         except pykka.Timeout:
             raise Overloaded(
                 f"{key[0]} {key[1]} did not answer within {timeout_s} s; the request may still "

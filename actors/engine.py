@@ -26,6 +26,7 @@ from payengine.actors.channel import (
     check_notification,
     check_reply,
     refund_result,
+    takes_details,
 )
 from payengine.actors.confirm_limiter import ConfirmLimiter
 from payengine.actors.directory import Directory, Key
@@ -164,6 +165,8 @@ class Engine:
         self._ids = ids
         self._closed = False
         self._confirm_limiter = ConfirmLimiter(ctx.policy.confirm_query_interval_ms)
+        self._channels_taking_details = frozenset(
+            name for name, channel in ctx.channels.items() if takes_details(channel))
         store, directory, config = ctx.store, ctx.directory, ctx.config
         self._admission = Admission(
             submits_in_flight_max=config.submits_in_flight_max,
@@ -413,6 +416,11 @@ class Engine:
         if request.cash is not None and request.cash.channel not in ctx.channels:
             raise InvalidRequest(f"unknown channel {request.cash.channel!r}; "
                                  f"known: {sorted(ctx.channels)}")
+        if request.cash is not None and request.cash.details is not None and (
+            request.cash.channel not in self._channels_taking_details
+        ):
+            raise InvalidRequest(f"channel {request.cash.channel!r} takes no pay details (its "
+                                 "pay() has no 'details' parameter)")
         names = [part.account_id for part in request.vouchers]
         units = ctx.store.account_units(names)
         missing = [name for name in names if name not in units]

@@ -10,11 +10,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from payengine.engine.channel_data import Prepay
 from payengine.engine.order import (
     CancelHold,
     ConfirmHold,
     DebitVoucher,
     Leg,
+    LegStatus,
     PaymentOrder,
     Refund,
     ReturnVoucher,
@@ -157,14 +159,22 @@ class OrderView:
     refunds: tuple[RefundView, ...] = ()
     refunded_minor: int = 0
     """Merchant refunds given back or still under way (FAILED ones excluded)."""
+    prepay: Prepay | None = None
+    """What the payer is to be shown, from the channel's pay reply: the QR code (NATIVE),
+    the prepay id (JSAPI, APP), the deeplink (H5), or ``user_action`` such as
+    ``"enter_password"`` (a barcode payment waiting for the payer's PIN). ``None`` until the
+    channel answered the pay with one, and once the order is closed or paid."""
 
     @staticmethod
     def of(order: PaymentOrder) -> OrderView:
+        cash = order.cash_leg
+        showing = cash is not None and cash.status is LegStatus.PAYING and not order.is_terminal
         return OrderView(order.order_id, order.merchant_id, order.merchant_order_no,
                          order.payment_serial, order.state.value, order.cause,
                          order.total_minor, order.currency, order.is_settled,
                          tuple(LegView.of(leg) for leg in order.legs),
-                         tuple(RefundView.of(r) for r in order.refunds), order.refunded_minor)
+                         tuple(RefundView.of(r) for r in order.refunds), order.refunded_minor,
+                         order.prepay if showing else None)
 
     def refund(self, refund_no: str) -> RefundView:
         """The refund the merchant asked for under ``refund_no``."""

@@ -27,7 +27,7 @@ from dataclasses import replace
 from typing import Any
 
 from payengine.actors.base import ActorBehaviour, Context
-from payengine.actors.channel import cash_result, query_charge_result, refund_result
+from payengine.actors.channel import call_pay, cash_result, query_charge_result, refund_result
 from payengine.actors.directory import Key
 from payengine.actors.messages import FromOrder, OrderView
 from payengine.actors.runtime import TimerHandle
@@ -297,8 +297,9 @@ class OrderBehaviour(ActorBehaviour):
 
         in_flight.add(serial)
         try:
-            self.ctx.runtime.run_io(effect.channel, lambda: channel.pay(
-                serial, effect.amount_minor, effect.currency, effect.title), answered)
+            self.ctx.runtime.run_io(effect.channel, lambda: call_pay(
+                channel, serial, effect.amount_minor, effect.currency, effect.title,
+                effect.details), answered)
         except BaseException:
             in_flight.discard(serial)  # never started: nothing is in flight
             raise

@@ -26,6 +26,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from payengine.engine.channel_data import PayDetails, Prepay, check_pay_details, details_json
 from payengine.engine.checks import (
     check_bool,
     check_id,
@@ -238,10 +239,14 @@ class Leg:
 
 @dataclass(frozen=True, slots=True)
 class CashPart:
-    """The cash part of a combined payment: ``amount_minor`` through ``channel``."""
+    """The cash part of a combined payment: ``amount_minor`` through ``channel``.
+
+    ``details``: what the channel needs besides the amount (scenario, payer id, barcode...);
+    kept with the order and given to ``Channel.pay``."""
 
     amount_minor: int
     channel: str
+    details: PayDetails | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,10 +284,14 @@ class PaymentRequest:
         """A stable digest of every parameter: equal requests, equal fingerprints."""
         # JSON, not joined strings: ids may contain any separator, and two different
         # requests must never share a digest (a changed retry would get the old receipt)
+        cash: list[object] | None = None
+        if self.cash is not None:
+            cash = [self.cash.amount_minor, self.cash.channel]
+            if self.cash.details is not None:  # appended only when given: digests of
+                cash.append(details_json(self.cash.details))  # older requests stay equal
         canonical = json.dumps([
             self.merchant_id, self.merchant_order_no, self.user_id, self.currency,
-            self.total_minor, self.title, self.pay_window_ms,
-            None if self.cash is None else [self.cash.amount_minor, self.cash.channel],
+            self.total_minor, self.title, self.pay_window_ms, cash,
             [[v.account_id, v.amount, v.mode.value, v.hold_id] for v in self.vouchers],
         ], ensure_ascii=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
@@ -362,11 +371,12 @@ class Refund:
 PLANTABLE_BUGS = frozenset({"confirm-twice", "no-refund-after-close", "regress-success",
                             "skip-hold", "over-refund", "ledger-unbalanced",
                             "accept-wrong-channel", "trust-forged-notification",
-                            "holds-never-expire", "sentinel-gives-up"})
+                            "holds-never-expire", "sentinel-gives-up", "pay-details-lost"})
 """Bugs the simulator can switch on (``payengine sim --plant-bug NAME``): a success after the
 close kept, a late "processing" moving a success back, vouchers never held, a hold posted
 twice, a hold never expired (the account actor's), owed voucher follow-ups no longer sent
-once the fast retry schedule is over or at a start of the order (``sentinel-gives-up``).
+once the fast retry schedule is over or at a start of the order (``sentinel-gives-up``), a
+pay re-sent after a restart without the request's details (``pay-details-lost``).
 Each must make the oracle report a violation."""
 
 
@@ -465,6 +475,11 @@ class PaymentOrder:
     """When in-flight voucher commands are sent again; None when none is in flight."""
     refunds: tuple[Refund, ...] = ()
     version: int = 0
+    pay_details: PayDetails | None = None
+    """What the cash part's channel needs besides the amount (``CashPart.details``)."""
+    prepay: Prepay | None = None
+    """What the pay reply gave for the payer (QR code, prepay id, "enter password"): the
+    latest one an answer to the engine's own call carried while the cash was being paid."""
     pay_in_flight: bool = field(default=False, compare=False)
     """Volatile, never stored: a pay call of this process has not answered yet. The serial
     is then neither closed nor paid again; the close waits for the answer. A reload starts
@@ -567,6 +582,8 @@ def check_request(request: object, *, policy: OrderPolicy,
         cash = check_instance(request.cash, CashPart, "cash")
         check_amount(cash.amount_minor, "cash amount_minor")
         check_id(cash.channel, "the cash part's channel")
+        if cash.details is not None:
+            check_pay_details(cash.details, "the cash part's details")
     vouchers = check_parts(request.vouchers, VoucherPart, "vouchers", policy.legs_max - 1)
     if request.cash is None and not vouchers:
         raise InvalidRequest("a payment needs a cash part or at least one voucher part")
@@ -634,6 +651,7 @@ def build_order(
         close_at_ms=close_at,
         hold_expires_at_ms=close_at + policy.hold_grace_ms,
         legs=tuple(legs),
+        pay_details=None if request.cash is None else request.cash.details,
     )
 
 
@@ -761,6 +779,8 @@ class CashResult:
     statement): checked against the order's channel. ``None``: the order's own channel."""
     currency: str | None = None
     """The currency the channel reported, if it did: checked against the order's."""
+    prepay: Prepay | None = None
+    """What the reply gave for the payer (``Channel.pay``'s QR code, prepay id...)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -857,6 +877,7 @@ class PayCash:
     amount_minor: int
     currency: str
     title: str
+    details: PayDetails | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1136,7 +1157,10 @@ def _reissue(d: _Draft, leg: Leg) -> None:
         elif order.is_terminal:  # closed: the channel close may never have left the process
             d.effects.append(CloseCash(leg.channel, order.payment_serial))
         elif leg.channel_code is None and d.now_ms < order.close_at_ms:
-            d.effects.append(_pay(order, leg))  # never a payment past its window
+            pay = _pay(order, leg)  # never a payment past its window
+            if "pay-details-lost" in d.policy.planted_bugs:
+                pay = evolve(pay, details=None)
+            d.effects.append(pay)
             d.volatile(pay_in_flight=True)
         if order.next_query_at_ms is not None:  # None: the schedule already ran out
             d.effects.append(ArmTimer(TimerKind.QUERY, order.next_query_at_ms, order.query_attempt))
@@ -1152,7 +1176,8 @@ def _try(order: PaymentOrder, leg: Leg) -> TryHold:
 
 def _pay(order: PaymentOrder, cash: Leg) -> PayCash:
     assert cash.channel is not None
-    return PayCash(cash.channel, order.payment_serial, cash.amount, order.currency, order.title)
+    return PayCash(cash.channel, order.payment_serial, cash.amount, order.currency, order.title,
+                   order.pay_details)
 
 
 def _refund(order: PaymentOrder, cash: Leg) -> RefundCash:
@@ -1480,6 +1505,7 @@ def _cash_result(d: _Draft, result: CashResult) -> str:
         _close(d, CloseCause.TIMEOUT)
         cash = d.cash()
         assert cash is not None
+    _keep_prepay(d, result)
     trusted = _trusts(d, result.source)
     note = _apply_cash_result(d, result) if trusted else _confirm_cash(d, cash, result)
     cash = d.cash()
@@ -1489,6 +1515,20 @@ def _cash_result(d: _Draft, result: CashResult) -> str:
         assert cash.channel is not None  # the close waited for this answer: send it now
         d.effects.append(CloseCash(cash.channel, d.order.payment_serial))
     return note
+
+
+PREPAY_SOURCES = frozenset({ResultSource.SYNC, ResultSource.QUERY})
+"""Answers to the engine's own calls: only they may say what the payer is shown."""
+
+
+def _keep_prepay(d: _Draft, result: CashResult) -> None:
+    """Keep a new prepay (QR code, "enter password") while the cash is being paid, so the
+    terminal polling the order shows it; a notification's, or a late one's, is not kept."""
+    cash = d.cash()
+    if result.prepay is not None and result.source in PREPAY_SOURCES and (
+        cash is not None and cash.status is LegStatus.PAYING and not d.order.is_terminal
+    ) and result.prepay != d.order.prepay:
+        d.update(prepay=result.prepay)
 
 
 def _apply_cash_result(d: _Draft, result: CashResult) -> str:

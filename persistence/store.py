@@ -28,6 +28,12 @@ from typing import IO, Any
 
 import sqlite_utils
 
+from payengine.engine.channel_data import (
+    details_from_json,
+    details_json,
+    prepay_from_json,
+    prepay_json,
+)
 from payengine.engine.errors import (
     AccountExists,
     DatabaseInUse,
@@ -65,10 +71,11 @@ from payengine.engine.voucher import (
 from payengine.persistence import outbox, rejections, statements
 from payengine.persistence.group_commit import CommitStats, GroupCommit, GroupCommitConfig
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Bumped whenever a table changes shape; a file of another version is refused at open
 (``IncompatibleDatabase``). 2: fences keyed by (account, scope, owner, leg), not a hold id.
-3: one journal row per change, holding that change's transitions."""
+3: one journal row per change, holding that change's transitions. 4: an order's pay details
+and prepay (JSON arrays)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,8 +289,8 @@ class Store:
                  "created_at_ms": int, "close_at_ms": int, "hold_expires_at_ms": int,
                  "query_attempt": int, "next_query_at_ms": int, "refund_query_attempt": int,
                  "next_refund_query_at_ms": int, "voucher_attempt": int,
-                 "next_voucher_retry_at_ms": int, "version": int, "updated_at_ms": int,
-                 "settled": int},
+                 "next_voucher_retry_at_ms": int, "version": int, "pay_details": str,
+                 "prepay": str, "updated_at_ms": int, "settled": int},
                 pk="order_id",
                 not_null={"payment_serial", "state", "total_minor", "version"},
                 if_not_exists=True,
@@ -409,12 +416,12 @@ class Store:
                 "UPDATE payment_orders SET state = ?, cause = ?, query_attempt = ?,"
                 " next_query_at_ms = ?, refund_query_attempt = ?, next_refund_query_at_ms = ?,"
                 " voucher_attempt = ?, next_voucher_retry_at_ms = ?,"
-                " version = ?, updated_at_ms = ?, settled = ?"
+                " version = ?, prepay = ?, updated_at_ms = ?, settled = ?"
                 " WHERE order_id = ? AND version = ?",
                 (order.state.value, order.cause, order.query_attempt, order.next_query_at_ms,
                  order.refund_query_attempt, order.next_refund_query_at_ms,
                  order.voucher_attempt, order.next_voucher_retry_at_ms, order.version,
-                 now_ms, int(order.is_settled), order.order_id,
+                 _json_or_none(prepay_json(order.prepay)), now_ms, int(order.is_settled), order.order_id,
                  order.version - 1 if before is None else before.version),
             )
             assert cur.rowcount == 1, (
@@ -873,11 +880,11 @@ _ORDER_COLUMNS = (
     "order_id, merchant_id, merchant_order_no, payment_serial, user_id, title, currency,"
     " total_minor, fingerprint, state, cause, created_at_ms, close_at_ms, hold_expires_at_ms,"
     " query_attempt, next_query_at_ms, refund_query_attempt, next_refund_query_at_ms,"
-    " voucher_attempt, next_voucher_retry_at_ms, version"
+    " voucher_attempt, next_voucher_retry_at_ms, version, pay_details, prepay"
 )
 _INSERT_ORDER = (
     f"INSERT INTO payment_orders ({_ORDER_COLUMNS}, updated_at_ms, settled)"
-    " VALUES (" + ",".join("?" * 23) + ")"
+    " VALUES (" + ",".join("?" * 25) + ")"
 )
 _LEG_COLUMNS = (
     "leg_no, mode, account_id, amount, unit, value_minor, hold_id, status, channel,"
@@ -955,8 +962,18 @@ def _order_row(order: PaymentOrder, now_ms: int) -> tuple[object, ...]:
         order.state.value, order.cause, order.created_at_ms, order.close_at_ms,
         order.hold_expires_at_ms, order.query_attempt, order.next_query_at_ms,
         order.refund_query_attempt, order.next_refund_query_at_ms, order.voucher_attempt,
-        order.next_voucher_retry_at_ms, order.version, now_ms, int(order.is_settled),
+        order.next_voucher_retry_at_ms, order.version,
+        _json_or_none(details_json(order.pay_details)), _json_or_none(prepay_json(order.prepay)),
+        now_ms, int(order.is_settled),
     )
+
+
+def _json_or_none(value: object) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def _json_loaded(stored: object) -> object:
+    return None if stored is None else json.loads(str(stored))
 
 
 def _leg_row(order_id: str, leg: Leg) -> tuple[object, ...]:
@@ -980,7 +997,7 @@ column (an engine reopening with 100,000 open orders reads 200,000 pending holds
 def _order_from_rows(row: Sequence[Any], legs: Sequence[Sequence[Any]]) -> PaymentOrder:
     (order_id, merchant_id, merchant_order_no, serial, user_id, title, currency, total,
      fingerprint, state, cause, created, close_at, hold_exp, q_attempt, next_q, rq_attempt,
-     next_rq, v_attempt, next_v, version) = row
+     next_rq, v_attempt, next_v, version, pay_details, prepay) = row
     return PaymentOrder(
         order_id=str(order_id), merchant_id=str(merchant_id),
         merchant_order_no=str(merchant_order_no), payment_serial=str(serial),
@@ -997,6 +1014,8 @@ def _order_from_rows(row: Sequence[Any], legs: Sequence[Sequence[Any]]) -> Payme
         voucher_attempt=int(v_attempt or 0),
         next_voucher_retry_at_ms=None if next_v is None else int(next_v),
         version=int(version),
+        pay_details=details_from_json(_json_loaded(pay_details)),
+        prepay=prepay_from_json(_json_loaded(prepay)),
     )
 
 

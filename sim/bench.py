@@ -27,6 +27,7 @@ from pathlib import Path
 
 from payengine.actors.channel import ChannelNotification, ChannelReply, SignedJsonNotifications
 from payengine.actors.engine import Engine
+from payengine.engine.channel_data import PayDetails
 from payengine.engine.codes import WECHAT_LIKE_PAY_CODES, WECHAT_LIKE_REFUND_CODES
 from payengine.engine.errors import Overloaded
 from payengine.engine.order import CashPart, PaymentRequest, VoucherPart
@@ -49,8 +50,8 @@ class InstantChannel:
     refund_codes = WECHAT_LIKE_REFUND_CODES
     notifications = SignedJsonNotifications(b"payengine-bench-channel-key")
 
-    def pay(self, payment_serial: str, amount_minor: int, currency: str, title: str
-            ) -> ChannelReply:
+    def pay(self, payment_serial: str, amount_minor: int, currency: str, title: str,
+            details: PayDetails | None = None) -> ChannelReply:
         return ChannelReply("SUCCESS", "SUCCESS", f"T-{payment_serial}", amount_minor)
 
     def query(self, payment_serial: str) -> ChannelReply:
@@ -281,8 +282,8 @@ def run_overload(payments: int = 1_000, *, synchronous: str = "FULL",
 class SilentChannel(InstantChannel):
     """A wallet whose users never pay: every order stays open (``paying``)."""
 
-    def pay(self, payment_serial: str, amount_minor: int, currency: str, title: str
-            ) -> ChannelReply:
+    def pay(self, payment_serial: str, amount_minor: int, currency: str, title: str,
+            details: PayDetails | None = None) -> ChannelReply:
         return ChannelReply("SUCCESS", "USERPAYING")
 
     def query(self, payment_serial: str) -> ChannelReply:

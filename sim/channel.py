@@ -24,6 +24,7 @@ from payengine.actors.channel import (
     NotificationKind,
     SignedJsonNotifications,
 )
+from payengine.engine.channel_data import PayDetails, PayScenario, Prepay
 from payengine.engine.codes import WECHAT_LIKE_PAY_CODES, WECHAT_LIKE_REFUND_CODES, CodeTable
 
 
@@ -84,6 +85,7 @@ class SimPayment:
     txn_id: str
     charged_minor: int = 0
     refunds: dict[str, SimRefund] = field(default_factory=dict)
+    scenario: PayScenario = PayScenario.NATIVE
     charges: list[tuple[str, int, int]] = field(default_factory=list)
     """Every charge really made: (transaction id, amount, at_ms); two for a double charge."""
 
@@ -131,6 +133,9 @@ class SimulatedChannel:
         self.counts: dict[str, int] = {}
         self.sent_notifications: list[tuple[bytes, dict[str, str]]] = []
         """The newest notifications sent (``SENT_KEPT_MAX``), for replaying them."""
+        self.pay_details: dict[str, list[PayDetails | None]] = {}
+        """The details every ``pay`` call brought, by serial: what the oracle compares with
+        the request's (a pay re-sent after a crash must bring the same)."""
         self._lock = threading.RLock()
 
     def attach(self, sink: CallbackSink | None) -> None:
@@ -139,15 +144,18 @@ class SimulatedChannel:
 
     # ------------------------------------------------------------------ the Channel API
 
-    def pay(self, payment_serial: str, amount_minor: int, currency: str, title: str
-            ) -> ChannelReply:
+    def pay(self, payment_serial: str, amount_minor: int, currency: str, title: str,
+            details: PayDetails | None = None) -> ChannelReply:
         with self._lock:
+            self.pay_details.setdefault(payment_serial, []).append(details)
             payment = self.payments.get(payment_serial)
             if payment is not None:
                 return self._reply(payment)
             f = self.faults
             payment = SimPayment(payment_serial, amount_minor, "USERPAYING",
-                                 f"{self.txn_prefix}{len(self.payments):012d}")
+                                 f"{self.txn_prefix}{len(self.payments):012d}",
+                                 scenario=PayScenario.NATIVE if details is None
+                                 else details.scenario)
             self.payments[payment_serial] = payment
             if self._chance(f.sync_failure, "sync_failure"):
                 payment.state = "PAYERROR"
@@ -325,7 +333,30 @@ class SimulatedChannel:
         # the trade's own amount, as a real channel reports it (not the sum of a double charge)
         amount = payment.amount_minor if payment.state == "SUCCESS" else None
         # a trade closed before it was paid has no transaction id: None, not ""
-        return ChannelReply("SUCCESS", payment.state, payment.txn_id or None, amount)
+        prepay = self.prepay_for(payment) if payment.state == "USERPAYING" else None
+        return ChannelReply("SUCCESS", payment.state, payment.txn_id or None, amount,
+                            prepay=prepay)
+
+    def pay_details_sent(self, payment_serial: str) -> list[PayDetails | None]:
+        with self._lock:
+            return list(self.pay_details.get(payment_serial, ()))
+
+    def prepay_given(self, payment_serial: str) -> Prepay | None:
+        with self._lock:
+            payment = self.payments.get(payment_serial)
+            return None if payment is None else self.prepay_for(payment)
+
+    def prepay_for(self, payment: SimPayment) -> Prepay:
+        """What this wallet gives the payer for an unpaid trade, by its scenario."""
+        serial = payment.serial
+        match payment.scenario:
+            case PayScenario.JSAPI | PayScenario.APP:
+                return Prepay(prepay_id=f"prepay-{serial}")
+            case PayScenario.H5:
+                return Prepay(deeplink=f"https://{self.name}.sim.example/h5/{serial}")
+            case PayScenario.BARCODE:
+                return Prepay(user_action="enter_password")
+        return Prepay(code_url=f"{self.name}://qr/{serial}")
 
     def _chance(self, probability: float, kind: str) -> bool:
         hit = probability > 0 and self.rng.random() < probability

@@ -30,8 +30,9 @@ import enum
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
+from payengine.engine.channel_data import PayDetails, Prepay
 from payengine.engine.ledger import TRANSIT
 from payengine.engine.order import (
     ALLOWED_TRANSITIONS,
@@ -93,6 +94,19 @@ class GroundTruth(Protocol):
 
     def refund_given(self, payment_serial: str, refund_id: str) -> int:
         """What the channel really gave back under ``refund_id`` (0: nothing)."""
+        ...
+
+
+@runtime_checkable
+class PayDataTruth(Protocol):
+    """What a channel really received and gave for the payer (``SimulatedChannel`` fits)."""
+
+    def pay_details_sent(self, payment_serial: str) -> list[PayDetails | None]:
+        """The ``details`` of every ``pay`` call for the serial, in order."""
+        ...
+
+    def prepay_given(self, payment_serial: str) -> Prepay | None:
+        """What the channel gives the payer for the serial (``None``: it never saw it)."""
         ...
 
 
@@ -230,6 +244,8 @@ def _check_order(store: Store, order: PaymentOrder, channels: Mapping[str, Groun
             if p.status is PartStatus.UNKNOWN and not order.leg(p.leg_no).is_cash]
         v.append(Violation("sentinel-never-gives-up", subject,
                            f"owes {owed}, and nothing will send it again"))
+    if cash is not None and isinstance(channels.get(cash.channel or ""), PayDataTruth):
+        _check_pay_data(order, channels[cash.channel or ""], report)  # type: ignore[arg-type]
     _check_returns(store, order, report)
     _check_ledger(store, order, report)
     for entry in store.journal("order", order.order_id):
@@ -238,6 +254,23 @@ def _check_order(store: Store, order: PaymentOrder, channels: Mapping[str, Groun
         ):
             v.append(Violation("legal-transition", subject,
                                f"{entry.from_state} -> {entry.to_state} ({entry.cause})"))
+
+
+def _check_pay_data(order: PaymentOrder, channel: PayDataTruth, report: OracleReport) -> None:
+    """Every pay the channel got carried the request's details (a pay re-sent after a
+    restart too), and what the order shows the payer is what the channel gave."""
+    subject = f"order {order.order_id}"
+    for sent in channel.pay_details_sent(order.payment_serial):
+        if sent != order.pay_details:
+            report.violations.append(Violation(
+                "pay-details-reach-channel", subject,
+                f"the channel got {sent!r}, the request gave {order.pay_details!r}"))
+            break
+    if order.prepay is not None and order.prepay != channel.prepay_given(order.payment_serial):
+        report.violations.append(Violation(
+            "prepay-from-channel", subject,
+            f"shows {order.prepay!r}, the channel gave "
+            f"{channel.prepay_given(order.payment_serial)!r}"))
 
 
 def _check_refunds(order: PaymentOrder, channels: Mapping[str, GroundTruth],

@@ -59,6 +59,7 @@ from typing import IO, Any
 from payengine.actors.base import EngineConfig
 from payengine.actors.channel import ChannelNotification, ChannelReply, SignedJsonNotifications
 from payengine.actors.engine import Engine
+from payengine.engine.channel_data import PayDetails
 from payengine.engine.codes import WECHAT_LIKE_PAY_CODES, WECHAT_LIKE_REFUND_CODES
 from payengine.engine.errors import PaymentError, UnknownHold, UnknownOrder
 from payengine.engine.order import (
@@ -163,8 +164,8 @@ class DurableWallet:
             return ChannelReply("SUCCESS", "SUCCESS", f"T-{payment_serial}", amount_minor)
         return ChannelReply("SUCCESS", state)
 
-    def pay(self, payment_serial: str, amount_minor: int, currency: str, title: str
-            ) -> ChannelReply:
+    def pay(self, payment_serial: str, amount_minor: int, currency: str, title: str,
+            details: PayDetails | None = None) -> ChannelReply:
         with self._lock:
             state = "USERPAYING" if self.pays_later(payment_serial) else "SUCCESS"
             self._conn.execute("INSERT OR IGNORE INTO payments VALUES (?, ?, ?)",

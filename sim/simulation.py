@@ -34,6 +34,7 @@ from payengine.actors.engine import Engine
 from payengine.actors.messages import Receipt
 from payengine.actors.notifier import NotificationConfig
 from payengine.actors.runtime import Runtime, ThreadRuntime
+from payengine.engine.channel_data import PayDetails, PayScenario
 from payengine.engine.errors import (
     ActorBroken,
     DuplicateSuspected,
@@ -294,6 +295,7 @@ class Simulation:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.rng = random.Random(config.seed)
+        self.details_rng = random.Random(config.seed + 11)
         # A planted bug is shown against every allowed fault, so a default run triggers it.
         self.mix = FaultMix.draw(self.rng, config.faults, swarm=config.plant_bug is None,
                                  later=random.Random(config.seed + 6))
@@ -478,7 +480,24 @@ class Simulation:
         value = sum(100 if v.account_id.endswith("/rp") else 200 for v in vouchers)
         wallet = "alipay" if rng.random() < ALIPAY_SHARE else "wechat"
         return PaymentRequest("station-1", f"s{self.config.seed}-{i:06d}", c, "CNY", total,
-                               "Fuel", CashPart(total - value, wallet), tuple(vouchers))
+                               "Fuel", CashPart(total - value, wallet, self._pay_details(c)),
+                               tuple(vouchers))
+
+    def _pay_details(self, customer: str) -> PayDetails | None:
+        """How the customer pays: a scenario and what it needs (drawn from its own stream, so
+        the rest of a seed's workload is what it was before details existed)."""
+        rng = self.details_rng
+        scenario = rng.choice([*PayScenario, None])
+        if scenario is None:
+            return None
+        return PayDetails(
+            scenario,
+            payer_id=f"openid-{customer}" if scenario is PayScenario.JSAPI else None,
+            auth_code="".join(rng.choices("0123456789", k=18))
+            if scenario is PayScenario.BARCODE else None,
+            client_ip=f"10.0.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
+            if scenario is PayScenario.H5 else None,
+            device_id=f"pump-{rng.randint(1, 12)}" if rng.random() < 0.5 else None)
 
     def _submit(self, request: PaymentRequest) -> None:
         engine = self.engine
