@@ -35,6 +35,7 @@ from payengine.actors.messages import (
 from payengine.actors.notifier import NotificationConfig
 from payengine.actors.reconcile import ReconciliationReport
 from payengine.actors.runtime import Runtime, ThreadRuntime
+from payengine.engine.channel_data import PayDetails, PayScenario, Prepay
 from payengine.engine.codes import CodeTable, ResultKind
 from payengine.engine.errors import (
     AccountExists,
@@ -113,8 +114,11 @@ __all__ = [
     "OutboxEvent",
     "Overloaded",
     "OwedCommand",
+    "PayDetails",
+    "PayScenario",
     "PaymentError",
     "PaymentRequest",
+    "Prepay",
     "RandomIds",
     "Receipt",
     "ReconciliationReport",
