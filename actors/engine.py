@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import uuid
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,6 +31,7 @@ from payengine.actors.channel import (
 )
 from payengine.actors.confirm_limiter import ConfirmLimiter
 from payengine.actors.directory import Directory, Key
+from payengine.actors.health import ChannelHealth
 from payengine.actors.logs import get_logger
 from payengine.actors.messages import (
     AccountView,
@@ -67,7 +69,7 @@ from payengine.engine.errors import (
     UnknownHold,
     UnknownOrder,
 )
-from payengine.engine.money import check_amount, check_unit
+from payengine.engine.money import AMOUNT_MAX, check_amount, check_unit
 from payengine.engine.order import (
     UNVERIFIED_SOURCES,
     Activate,
@@ -80,6 +82,7 @@ from payengine.engine.order import (
     RefundResult,
     RequestRefund,
     ResultSource,
+    Transition,
     build_order,
     check_refund_request,
     check_report,
@@ -88,6 +91,13 @@ from payengine.engine.order import (
     owed_commands,
     report_agrees,
     suspected_duplicates,
+)
+from payengine.engine.routing import (
+    NoRoute,
+    RouteChoice,
+    RoutingTable,
+    choose_route,
+    route_draw,
 )
 from payengine.engine.voucher import FenceKey, VoucherAccount
 from payengine.persistence import rejections
@@ -233,6 +243,7 @@ class Engine:
                       log=get_logger().bind(db=store.path))
         ctx.voucher_link = (voucher_link or DirectVoucherLink)(ctx.directory)
         ctx.notifications = Notifications(ctx, subscribers or {})
+        ctx.health = ChannelHealth(by_name, config.breaker, runtime.now_ms)
         ctx_holder.append(ctx)
         engine = cls(ctx, ids or RandomIds())
         engine._resume()
@@ -413,13 +424,18 @@ class Engine:
 
     def _submit(self, request: PaymentRequest) -> Receipt:
         ctx = self._ctx
-        if request.cash is not None and request.cash.channel not in ctx.channels:
+        order_id = self._ids.new_order_id()
+        route = self._route(request, order_id)
+        channel = route.channel if route is not None else (
+            None if request.cash is None else request.cash.channel)
+        if request.cash is not None and channel not in ctx.channels:
             raise InvalidRequest(f"unknown channel {request.cash.channel!r}; "
-                                 f"known: {sorted(ctx.channels)}")
+                                 f"known: {sorted(ctx.channels)}, methods: "
+                                 f"{sorted(ctx.config.routing.methods)}")
         if request.cash is not None and request.cash.details is not None and (
-            request.cash.channel not in self._channels_taking_details
+            channel not in self._channels_taking_details
         ):
-            raise InvalidRequest(f"channel {request.cash.channel!r} takes no pay details (its "
+            raise InvalidRequest(f"channel {channel!r} takes no pay details (its "
                                  "pay() has no 'details' parameter)")
         names = [part.account_id for part in request.vouchers]
         units = ctx.store.account_units(names)
@@ -427,10 +443,10 @@ class Engine:
         if missing:
             raise UnknownAccount(f"no voucher account {missing[0]}")
         now_ms = ctx.runtime.now_ms()
-        order = build_order(request, order_id=self._ids.new_order_id(),
+        order = build_order(request, order_id=order_id,
                             payment_serial=self._ids.new_payment_serial(), now_ms=now_ms,
                             accounts=units, policy=ctx.policy,
-                            currencies=ctx.config.currency_table)
+                            currencies=ctx.config.currency_table, cash_channel=channel)
         live, bound = ctx.directory.count("order"), ctx.config.live_orders_max
         if live >= bound and ctx.store.order_id_for_merchant(
                 request.merchant_id, request.merchant_order_no) is None:
@@ -440,7 +456,9 @@ class Engine:
         # starts for it, whoever's message starts it, takes exactly the committed state.
         ctx.fresh_orders.put(order)
         try:
-            existing = ctx.store.insert_order(order, now_ms)
+            existing = ctx.store.insert_order(
+                order, now_ms, () if route is None else (
+                    Transition("route", route.method, route.channel, route.cause),))
         except BaseException:
             ctx.fresh_orders.take(order.order_id)
             raise
@@ -457,6 +475,30 @@ class Engine:
             # and the next Engine.open resumes it. Saying "refused" now would be a lie.
             ctx.log.info("submit.accepted_during_shutdown", order_id=order.order_id)
         return Receipt.of(order)
+
+    def _route(self, request: PaymentRequest, order_id: str) -> RouteChoice | None:
+        """The channel for a cash part that names a payment method (``EngineConfig.routing``);
+        ``None`` for one that names its channel. ``NoRoute`` when no route can take it,
+        except for a retry of an accepted order, which gets its receipt whatever the
+        channels' health now (the first route stands in: the stored order is answered)."""
+        ctx = self._ctx
+        table = ctx.config.routing
+        if request.cash is None or request.cash.channel not in table.methods:
+            return None
+        if "route-ignores-limits" in ctx.config.planted_bugs:
+            table = RoutingTable(tuple(replace(r, amount_max_minor=AMOUNT_MAX)
+                                       for r in table.routes))
+        try:
+            return choose_route(table, request.cash.channel, request.cash.amount_minor,
+                                request.currency, unavailable=ctx.health.unavailable(),
+                                fee_ppm=ctx.config.fee_ppm, draw=route_draw(order_id),
+                                known_channels=ctx.channels.keys())
+        except NoRoute:
+            if ctx.store.order_id_for_merchant(request.merchant_id,
+                                               request.merchant_order_no) is None:
+                raise
+            first = table.of(request.cash.channel)[0]
+            return RouteChoice(first.method, first.channel, ())
 
     def _guard_user_duplicates(self, request: PaymentRequest, now_ms: int) -> None:
         """Warn (``DuplicateSuspected``) of a new order like one the user made moments ago.
@@ -707,6 +749,11 @@ class Engine:
         """Ledger postings whose entries do not sum to zero: always empty unless a bug."""
         self._check_open()
         return self._ctx.store.unbalanced_postings()
+
+    def channel_health(self) -> dict[str, str]:
+        """Each channel's circuit breaker: ``closed`` (in use), ``open`` (down: routing skips
+        it) or ``half_open`` (routing may try it again). See ``engine.health``."""
+        return {name: state.value for name, state in self._ctx.health.states().items()}
 
     def broken_actors(self) -> dict[str, str]:
         """Orders and accounts quarantined on a broken invariant ("order:ID" -> error).

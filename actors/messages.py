@@ -131,12 +131,15 @@ class LegView:
     """The caller's pre-hold a ``pre_held`` leg adopted; ``None`` for every other leg."""
     channel_txn_id: str | None
     refund_id: str | None
+    channel: str | None = None
+    """The cash leg's executing channel (the one routing chose for a method); ``None`` for a
+    voucher leg."""
 
     @staticmethod
     def of(leg: Leg) -> LegView:
         return LegView(leg.leg_no, leg.mode.value, leg.account_id, leg.amount, leg.unit,
                        leg.value_minor, leg.status.value, leg.hold_id, leg.channel_txn_id,
-                       leg.refund_id)
+                       leg.refund_id, leg.channel)
 
 
 @dataclass(frozen=True, slots=True)

@@ -371,12 +371,14 @@ class Refund:
 PLANTABLE_BUGS = frozenset({"confirm-twice", "no-refund-after-close", "regress-success",
                             "skip-hold", "over-refund", "ledger-unbalanced",
                             "accept-wrong-channel", "trust-forged-notification",
-                            "holds-never-expire", "sentinel-gives-up", "pay-details-lost"})
+                            "holds-never-expire", "sentinel-gives-up", "pay-details-lost",
+                            "route-ignores-limits"})
 """Bugs the simulator can switch on (``payengine sim --plant-bug NAME``): a success after the
 close kept, a late "processing" moving a success back, vouchers never held, a hold posted
 twice, a hold never expired (the account actor's), owed voucher follow-ups no longer sent
 once the fast retry schedule is over or at a start of the order (``sentinel-gives-up``), a
-pay re-sent after a restart without the request's details (``pay-details-lost``).
+pay sent without the request's details (``pay-details-lost``), routing
+past a route's amount limits (``route-ignores-limits``).
 Each must make the oracle report a violation."""
 
 
@@ -606,8 +608,12 @@ def build_order(
     accounts: Mapping[str, AccountUnit],
     policy: OrderPolicy,
     currencies: Mapping[str, int] = ISO_4217,
+    cash_channel: str | None = None,
 ) -> PaymentOrder:
     """Validate ``request`` and build its order in ACCEPTED; raise a typed error if invalid.
+
+    ``cash_channel``: the channel routing chose for the method ``request.cash.channel``
+    names (``engine.routing``); ``None``: the cash part names its channel itself.
 
     ``accounts`` gives the unit of every voucher account the request names; a missing one is
     the caller's ``UnknownAccount`` to raise before calling this. ``currencies``: the
@@ -623,9 +629,11 @@ def build_order(
     legs: list[Leg] = []
     if request.cash is not None:
         cash_amount = request.cash.amount_minor
+        channel = request.cash.channel if cash_channel is None else check_id(
+            cash_channel, "the routed channel")
         legs.append(
             Leg(0, LegMode.CASH, None, cash_amount, currency, cash_amount, None,
-                channel=request.cash.channel)
+                channel=channel)
         )
     seen_accounts: set[str] = set()
     for leg_no, part in enumerate(request.vouchers, start=1):
@@ -1157,10 +1165,7 @@ def _reissue(d: _Draft, leg: Leg) -> None:
         elif order.is_terminal:  # closed: the channel close may never have left the process
             d.effects.append(CloseCash(leg.channel, order.payment_serial))
         elif leg.channel_code is None and d.now_ms < order.close_at_ms:
-            pay = _pay(order, leg)  # never a payment past its window
-            if "pay-details-lost" in d.policy.planted_bugs:
-                pay = evolve(pay, details=None)
-            d.effects.append(pay)
+            d.effects.append(_pay(d, leg))  # never a payment past its window
             d.volatile(pay_in_flight=True)
         if order.next_query_at_ms is not None:  # None: the schedule already ran out
             d.effects.append(ArmTimer(TimerKind.QUERY, order.next_query_at_ms, order.query_attempt))
@@ -1174,10 +1179,12 @@ def _try(order: PaymentOrder, leg: Leg) -> TryHold:
                    leg.leg_no, adopt_only=leg.mode is LegMode.PRE_HELD)
 
 
-def _pay(order: PaymentOrder, cash: Leg) -> PayCash:
+def _pay(d: _Draft, cash: Leg) -> PayCash:
+    order = d.order
     assert cash.channel is not None
+    details = None if "pay-details-lost" in d.policy.planted_bugs else order.pay_details
     return PayCash(cash.channel, order.payment_serial, cash.amount, order.currency, order.title,
-                   order.pay_details)
+                   details)
 
 
 def _refund(order: PaymentOrder, cash: Leg) -> RefundCash:
@@ -1207,7 +1214,7 @@ def _start_cash(d: _Draft) -> None:
     d.move(Trigger.HOLDS_PLACED)
     assert cash.channel is not None
     d.set_leg(cash.leg_no, LegStatus.PAYING, "pay")
-    d.effects.append(_pay(d.order, d.order.leg(cash.leg_no)))
+    d.effects.append(_pay(d, d.order.leg(cash.leg_no)))
     d.volatile(pay_in_flight=True)
     _arm_query(d, attempt=0)
 

@@ -60,6 +60,7 @@ from payengine.engine.errors import (
     UnknownHold,
     UnknownOrder,
 )
+from payengine.engine.health import BreakerPolicy
 from payengine.engine.order import (
     CashPart,
     LegMode,
@@ -69,6 +70,7 @@ from payengine.engine.order import (
     PaymentRequest,
     VoucherPart,
 )
+from payengine.engine.routing import NoRoute, Route, RoutingTable
 from payengine.engine.statement import StatementError
 from payengine.persistence.group_commit import GroupCommitConfig
 from payengine.persistence.outbox import OutboxEvent
@@ -81,6 +83,7 @@ __all__ = [
     "AccountView",
     "ActorBroken",
     "AdmissionStats",
+    "BreakerPolicy",
     "CashPart",
     "Channel",
     "ChannelNotification",
@@ -105,6 +108,7 @@ __all__ = [
     "InvalidRequest",
     "LegMode",
     "LegView",
+    "NoRoute",
     "NotificationConfig",
     "NotificationKind",
     "NotificationRejected",
@@ -126,6 +130,8 @@ __all__ = [
     "RefundView",
     "Rejection",
     "ResultKind",
+    "Route",
+    "RoutingTable",
     "Runtime",
     "SignedJsonNotifications",
     "StatementError",

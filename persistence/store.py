@@ -359,12 +359,14 @@ class Store:
 
     # ------------------------------------------------------------------ orders
 
-    def insert_order(self, order: PaymentOrder, now_ms: int) -> PaymentOrder | None:
+    def insert_order(self, order: PaymentOrder, now_ms: int,
+                     also_journal: Sequence[Transition] = ()) -> PaymentOrder | None:
         """Insert a new order under its idempotency key, or return the order that holds the key.
 
         The primary key of ``trade_orders`` on (merchant_id, merchant_order_no) is the backstop:
         of many concurrent submits exactly one insert wins. Returns ``None`` if this one won.
         Raises ``IdempotencyConflict`` if the key is taken by different parameters.
+        ``also_journal``: transitions journalled with the submit (the routing decision).
         """
         try:
             with self._tx() as conn:
@@ -377,7 +379,8 @@ class Store:
                 conn.execute(_INSERT_ORDER, _order_row(order, now_ms))
                 conn.executemany(_INSERT_LEG, [_leg_row(order.order_id, leg) for leg in order.legs])
                 submitted = [Transition("order", "", order.state.value, "submitted")]
-                self._journal(conn, now_ms, "order", order.order_id, submitted)
+                self._journal(conn, now_ms, "order", order.order_id,
+                              [*submitted, *also_journal])
                 outbox.record_order_events(conn, order, submitted, now_ms)
             return None
         except sqlite3.IntegrityError:

@@ -46,6 +46,7 @@ from payengine.engine.order import (
     RefundKind,
     RefundStatus,
 )
+from payengine.engine.routing import RoutingTable
 from payengine.engine.voucher import Fence, FenceKey, FenceKind, FenceScope, FenceStatus
 from payengine.persistence.outbox import (
     HOLD_STATE_CHANGED,
@@ -385,6 +386,38 @@ def _check_ledger(store: Store, order: PaymentOrder, report: OracleReport) -> No
         report.violations.append(Violation(
             "ledger-merchant-share", subject,
             f"{order.state.value}: merchant holds {merchant}, expected {expected}"))
+
+
+def check_routes(store: Store, table: RoutingTable, orders: Iterable[PaymentOrder]
+                 ) -> list[Violation]:
+    """Every routed order went through a route of its method that could take its amount
+    and currency, and its cash leg is on the channel the journal says was chosen."""
+    violations: list[Violation] = []
+    for order in orders:
+        cash = order.cash_leg
+        if cash is None:
+            continue
+        for entry in store.journal("order", order.order_id):
+            if entry.part != "route":
+                continue
+            route = next((r for r in table.of(entry.from_state)
+                          if r.channel == entry.to_state), None)
+            subject = f"order {order.order_id}"
+            if route is None:
+                violations.append(Violation("routed-by-a-route", subject,
+                                            f"{entry.from_state} -> {entry.to_state}"))
+            elif not route.amount_min_minor <= cash.amount <= route.amount_max_minor or (
+                route.currencies and order.currency not in route.currencies
+            ):
+                violations.append(Violation(
+                    "route-takes-the-payment", subject,
+                    f"{cash.amount} {order.currency} through {route.channel}, which takes "
+                    f"{route.amount_min_minor}..{route.amount_max_minor}"))
+            if cash.channel != entry.to_state:
+                violations.append(Violation("paid-where-routed", subject,
+                                            f"routed to {entry.to_state}, cash leg on "
+                                            f"{cash.channel}"))
+    return violations
 
 
 def check_ledger_zero_sum(store: Store) -> list[Violation]:

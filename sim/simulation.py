@@ -53,6 +53,7 @@ from payengine.engine.order import (
     RefundStatus,
     VoucherPart,
 )
+from payengine.engine.routing import Route, RoutingTable
 from payengine.engine.statement import FLAGGED, Verdict
 from payengine.persistence.outbox import OutboxEvent
 from payengine.sim.channel import ChannelFaults, SimulatedChannel
@@ -65,6 +66,7 @@ from payengine.sim.oracle import (
     check,
     check_notified,
     check_pre_holds,
+    check_routes,
     told_of,
 )
 from payengine.sim.preholds import PreHolder
@@ -120,6 +122,12 @@ VOUCHER_OUTAGE_MS = (6_500, 8_000)
 whole voucher retry schedule, so follow-ups sent into it are only done by the sentinel."""
 
 ALIPAY_SHARE = 0.2
+ROUTED_SHARE = 0.3
+"""Payments that name the method ``qr`` instead of a wallet: routing picks the channel."""
+SIM_ROUTES = RoutingTable((Route("qr", "wechat", amount_max_minor=15_000),
+                           Route("qr", "alipay", priority=1)))
+"""WeChat takes QR payments up to 150.00 (a merchant number's cap), Alipay the rest and
+whatever comes while WeChat's breaker is open."""
 """Share of orders paying through the second channel, ``alipay`` (the rest: ``wechat``)."""
 
 REFUND_SHARE = 0.3
@@ -296,6 +304,7 @@ class Simulation:
         self.config = config
         self.rng = random.Random(config.seed)
         self.details_rng = random.Random(config.seed + 11)
+        self.route_rng = random.Random(config.seed + 12)
         # A planted bug is shown against every allowed fault, so a default run triggers it.
         self.mix = FaultMix.draw(self.rng, config.faults, swarm=config.plant_bug is None,
                                  later=random.Random(config.seed + 6))
@@ -326,6 +335,7 @@ class Simulation:
         self.merchant = SimMerchant(f"secret-{config.seed:012d}", random.Random(config.seed + 3),
                                     lambda: 0.0 if self.quiet else self.mix.merchant_down)
         self.engine_config = EngineConfig(account_idle_ms=2_000, planted_bugs=bugs,
+                                          routing=SIM_ROUTES,
                                           notifications=NotificationConfig(
                                               merchant_schedule_ms=MERCHANT_SCHEDULE_MS,
                                               outbox_retention_ms=OUTBOX_RETENTION_MS,
@@ -479,6 +489,8 @@ class Simulation:
         total = rng.randint(10, 300) * 100
         value = sum(100 if v.account_id.endswith("/rp") else 200 for v in vouchers)
         wallet = "alipay" if rng.random() < ALIPAY_SHARE else "wechat"
+        if self.route_rng.random() < ROUTED_SHARE:
+            wallet = "qr"
         return PaymentRequest("station-1", f"s{self.config.seed}-{i:06d}", c, "CNY", total,
                                "Fuel", CashPart(total - value, wallet, self._pay_details(c)),
                                tuple(vouchers))
@@ -535,7 +547,7 @@ class Simulation:
         ):
             for _ in range(self.rng.randint(1, 3)):
                 at = self.world.now_ms() + self.rng.randint(0, 2 * self.mix.pay_window_ms + 3_000)
-                self._at(at, functools.partial(self._forge, receipt, request.cash.channel,
+                self._at(at, functools.partial(self._forge, receipt,
                                                request.cash.amount_minor))
 
     def _schedule_refunds(self, order_id: str, total_minor: int) -> None:
@@ -563,15 +575,18 @@ class Simulation:
         except ActorBroken:
             self.counts["refund_refused:actor_broken"] += 1  # a violation, noted at the end
 
-    def _forge(self, receipt: Receipt, channel: str, amount_minor: int) -> None:
-        """The forger strikes at this order (fault ``forged-notification``)."""
+    def _forge(self, receipt: Receipt, amount_minor: int) -> None:
+        """The forger strikes at this order (fault ``forged-notification``), through the
+        channel its cash leg is on (the one routing chose, for a method)."""
         engine = self.engine
         if engine is None or self.quiet:
             return
         with contextlib.suppress(PaymentError):
-            refund_ids = [r.refund_id for r in engine.get_order(receipt.order_id).refunds]
+            order = engine.get_order(receipt.order_id)
+            channel = order.legs[0].channel
+            assert channel is not None, "only orders with a cash part are forged at"
             self.forger.strike(engine, channel, receipt.payment_serial, amount_minor,
-                               refund_ids)
+                               [r.refund_id for r in order.refunds])
 
     def _close(self, order_id: str) -> None:
         if self.engine is not None:
@@ -678,6 +693,7 @@ class Simulation:
                 report.violations.append(Violation(
                     "one-order-per-key", f"key {key}",
                     f"receipt {receipt.order_id}, database {found.order_id}"))
+        report.violations += check_routes(engine.store, SIM_ROUTES, orders)
         report.violations += check_notified(engine.store, set(self.notified.values()),
                                             set(self.merchant.received.values()), ["station-1"],
                                             all_orders=orders)
