@@ -55,6 +55,7 @@ from payengine.engine.checks import (
     check_bool,
     check_id,
     check_instance,
+    check_int,
     check_optional_id,
     shown,
 )
@@ -71,6 +72,7 @@ from payengine.engine.errors import (
 )
 from payengine.engine.money import AMOUNT_MAX, check_amount, check_unit
 from payengine.engine.order import (
+    ATTEMPTS_MAX,
     UNVERIFIED_SOURCES,
     Activate,
     CashResult,
@@ -84,6 +86,7 @@ from payengine.engine.order import (
     ResultSource,
     Transition,
     build_order,
+    check_next_attempt,
     check_refund_request,
     check_report,
     check_request,
@@ -448,8 +451,8 @@ class Engine:
                             accounts=units, policy=ctx.policy,
                             currencies=ctx.config.currency_table, cash_channel=channel)
         live, bound = ctx.directory.count("order"), ctx.config.live_orders_max
-        if live >= bound and ctx.store.order_id_for_merchant(
-                request.merchant_id, request.merchant_order_no) is None:
+        if live >= bound and ctx.store.attempt_order_id(
+                request.merchant_id, request.merchant_order_no, request.attempt) is None:
             raise self._admission.refuse_live_orders(live, bound)  # a retry is not new
         self._guard_user_duplicates(request, now_ms)
         # Handed over before the commit makes the order visible: the first actor that
@@ -458,7 +461,9 @@ class Engine:
         try:
             existing = ctx.store.insert_order(
                 order, now_ms, () if route is None else (
-                    Transition("route", route.method, route.channel, route.cause),))
+                    Transition("route", route.method, route.channel, route.cause),),
+                may_follow=lambda latest: check_next_attempt(
+                    latest, request, planted_bugs=ctx.config.planted_bugs))
         except BaseException:
             ctx.fresh_orders.take(order.order_id)
             raise
@@ -494,8 +499,8 @@ class Engine:
                                 fee_ppm=ctx.config.fee_ppm, draw=route_draw(order_id),
                                 known_channels=ctx.channels.keys())
         except NoRoute:
-            if ctx.store.order_id_for_merchant(request.merchant_id,
-                                               request.merchant_order_no) is None:
+            if ctx.store.attempt_order_id(request.merchant_id, request.merchant_order_no,
+                                          request.attempt) is None:
                 raise
             first = table.of(request.cash.channel)[0]
             return RouteChoice(first.method, first.channel, ())
@@ -508,10 +513,11 @@ class Engine:
         """
         window_ms = self._ctx.config.duplicate_guard_window_ms
         store = self._ctx.store
-        if request.confirm_duplicate or window_ms <= 0 or store.order_id_for_merchant(
-            request.merchant_id, request.merchant_order_no
-        ) is not None:
-            return
+        if request.confirm_duplicate or window_ms <= 0 or request.attempt != 1 or (
+            store.order_id_for_merchant(request.merchant_id, request.merchant_order_no)
+            is not None
+        ):
+            return  # a retry, or another attempt of the same trade: not a new purchase
         similar = suspected_duplicates(request, store.recent_user_orders(
             request.user_id, now_ms - window_ms, request.total_minor, request.currency),
             now_ms=now_ms, window_ms=window_ms)
@@ -708,14 +714,22 @@ class Engine:
             raise UnknownOrder(f"no payment order {order_id}")
         return OrderView.of(order)
 
-    def find_order(self, merchant_id: str, merchant_order_no: str) -> OrderView:
-        """The order submitted under a merchant's order number."""
+    def find_order(self, merchant_id: str, merchant_order_no: str,
+                   attempt: int | None = None) -> OrderView:
+        """The order submitted under a merchant's order number: its latest attempt, or
+        ``attempt`` (``UnknownOrder`` if that attempt was never made)."""
         self._check_open()
         check_id(merchant_id, "merchant_id")
         check_id(merchant_order_no, "merchant_order_no")
-        order_id = self._ctx.store.order_id_for_merchant(merchant_id, merchant_order_no)
+        store = self._ctx.store
+        if attempt is None:
+            order_id = store.order_id_for_merchant(merchant_id, merchant_order_no)
+        else:
+            check_int(attempt, "attempt", 1, ATTEMPTS_MAX)
+            order_id = store.attempt_order_id(merchant_id, merchant_order_no, attempt)
         if order_id is None:
-            raise UnknownOrder(f"no order for {merchant_id}/{merchant_order_no}")
+            which = "" if attempt is None else f" attempt {attempt}"
+            raise UnknownOrder(f"no order for {merchant_id}/{merchant_order_no}{which}")
         return self.get_order(order_id)
 
     def journal(self, order_id: str) -> list[JournalEntry]:

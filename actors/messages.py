@@ -110,12 +110,14 @@ class Receipt:
     title: str
     accepted_at_ms: int
     close_at_ms: int
+    attempt: int = 1
+    """Which payment attempt of the trade order this order is."""
 
     @staticmethod
     def of(order: PaymentOrder) -> Receipt:
         return Receipt(order.order_id, order.payment_serial, order.merchant_id,
                        order.merchant_order_no, order.total_minor, order.currency, order.title,
-                       order.created_at_ms, order.close_at_ms)
+                       order.created_at_ms, order.close_at_ms, order.attempt)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +169,8 @@ class OrderView:
     the prepay id (JSAPI, APP), the deeplink (H5), or ``user_action`` such as
     ``"enter_password"`` (a barcode payment waiting for the payer's PIN). ``None`` until the
     channel answered the pay with one, and once the order is closed or paid."""
+    attempt: int = 1
+    """Which payment attempt of its trade order this order is (``PaymentRequest.attempt``)."""
 
     @staticmethod
     def of(order: PaymentOrder) -> OrderView:
@@ -177,7 +181,7 @@ class OrderView:
                          order.total_minor, order.currency, order.is_settled,
                          tuple(LegView.of(leg) for leg in order.legs),
                          tuple(RefundView.of(r) for r in order.refunds), order.refunded_minor,
-                         order.prepay if showing else None)
+                         order.prepay if showing else None, order.attempt)
 
     def refund(self, refund_no: str) -> RefundView:
         """The refund the merchant asked for under ``refund_no``."""

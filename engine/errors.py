@@ -85,6 +85,13 @@ class IdempotencyConflict(PaymentError):
     code = "idempotency_conflict"
 
 
+class AttemptRefused(PaymentError):
+    """A new attempt of a trade order cannot be made now: its latest attempt is still being
+    paid, or succeeded, or the attempt number is not the next one. Nothing was created."""
+
+    code = "attempt_refused"
+
+
 class IllegalTransition(PaymentError):
     """The order's state does not allow this event (e.g. a user close of a paid order)."""
 

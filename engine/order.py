@@ -42,6 +42,7 @@ from payengine.engine.checks import (
 from payengine.engine.codes import ResultKind
 from payengine.engine.currency import ISO_4217, check_currency
 from payengine.engine.errors import (
+    AttemptRefused,
     IdempotencyConflict,
     IllegalTransition,
     InvalidAmount,
@@ -279,6 +280,10 @@ class PaymentRequest:
     confirm_duplicate: bool = False
     """The caller was warned of a similar recent order (``DuplicateSuspected``) and the user
     chose to pay anyway. Not part of the fingerprint: it is a decision, not a parameter."""
+    attempt: int = 1
+    """Which payment attempt of the trade order this is (1..``ATTEMPTS_MAX``). Attempt n+1
+    may be made once attempt n failed or closed, maybe with another method; only one attempt
+    of a trade order can succeed (a success on an older one is refunded)."""
 
     def fingerprint(self) -> str:
         """A stable digest of every parameter: equal requests, equal fingerprints."""
@@ -289,11 +294,14 @@ class PaymentRequest:
             cash = [self.cash.amount_minor, self.cash.channel]
             if self.cash.details is not None:  # appended only when given: digests of
                 cash.append(details_json(self.cash.details))  # older requests stay equal
-        canonical = json.dumps([
+        fields: list[object] = [
             self.merchant_id, self.merchant_order_no, self.user_id, self.currency,
             self.total_minor, self.title, self.pay_window_ms, cash,
             [[v.account_id, v.amount, v.mode.value, v.hold_id] for v in self.vouchers],
-        ], ensure_ascii=True, separators=(",", ":"))
+        ]
+        if self.attempt != 1:  # appended only then: first attempts keep older digests
+            fields.append(self.attempt)
+        canonical = json.dumps(fields, ensure_ascii=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -372,13 +380,14 @@ PLANTABLE_BUGS = frozenset({"confirm-twice", "no-refund-after-close", "regress-s
                             "skip-hold", "over-refund", "ledger-unbalanced",
                             "accept-wrong-channel", "trust-forged-notification",
                             "holds-never-expire", "sentinel-gives-up", "pay-details-lost",
-                            "route-ignores-limits"})
+                            "route-ignores-limits", "two-attempts-succeed"})
 """Bugs the simulator can switch on (``payengine sim --plant-bug NAME``): a success after the
 close kept, a late "processing" moving a success back, vouchers never held, a hold posted
 twice, a hold never expired (the account actor's), owed voucher follow-ups no longer sent
 once the fast retry schedule is over or at a start of the order (``sentinel-gives-up``), a
 pay sent without the request's details (``pay-details-lost``), routing
-past a route's amount limits (``route-ignores-limits``).
+past a route's amount limits (``route-ignores-limits``), a next attempt made while the
+previous one may still succeed (``two-attempts-succeed``).
 Each must make the oracle report a violation."""
 
 
@@ -479,6 +488,8 @@ class PaymentOrder:
     version: int = 0
     pay_details: PayDetails | None = None
     """What the cash part's channel needs besides the amount (``CashPart.details``)."""
+    attempt: int = 1
+    """Which payment attempt of its trade order this order is (``PaymentRequest.attempt``)."""
     prepay: Prepay | None = None
     """What the pay reply gave for the payer (QR code, prepay id, "enter password"): the
     latest one an answer to the engine's own call carried while the cash was being paid."""
@@ -552,6 +563,8 @@ class PaymentOrder:
         return FenceKey.order_leg(self.order_id, leg.leg_no)
 
 
+ATTEMPTS_MAX = 10
+"""Most payment attempts of one trade order."""
 TITLE_MAX = 128
 """Most characters in an order's title (what the wallet shows the payer)."""
 REASON_MAX = 256
@@ -580,6 +593,7 @@ def check_request(request: object, *, policy: OrderPolicy,
         raise InvalidRequest(f"pay_window_ms must be 1..{policy.pay_window_ms_max}, got "
                              f"{shown(window)}")
     check_bool(request.confirm_duplicate, "confirm_duplicate")
+    check_int(request.attempt, "attempt", 1, ATTEMPTS_MAX)
     if request.cash is not None:
         cash = check_instance(request.cash, CashPart, "cash")
         check_amount(cash.amount_minor, "cash amount_minor")
@@ -660,6 +674,7 @@ def build_order(
         hold_expires_at_ms=close_at + policy.hold_grace_ms,
         legs=tuple(legs),
         pay_details=None if request.cash is None else request.cash.details,
+        attempt=request.attempt,
     )
 
 
@@ -683,6 +698,35 @@ def suspected_duplicates(request: PaymentRequest, recent: Sequence[PaymentOrder]
             and now_ms - window_ms <= o.created_at_ms <= now_ms
             and (o.merchant_id, o.merchant_order_no) != (request.merchant_id,
                                                          request.merchant_order_no)]
+
+
+RETRYABLE_STATES = frozenset({OrderState.FAILED, OrderState.CLOSED})
+"""An attempt in one of these may be followed by the next attempt: nothing was kept (a
+success that still comes for it is refunded, as for any closed or failed order)."""
+
+
+def check_next_attempt(latest: PaymentOrder, request: PaymentRequest, *,
+                       planted_bugs: frozenset[str] = frozenset()) -> None:
+    """Whether ``request`` may be the next attempt after ``latest`` (its trade order's latest
+    attempt): ``AttemptRefused`` or ``IdempotencyConflict`` otherwise.
+
+    The trade order is what the merchant sells, so the next attempt pays the same: same user,
+    currency, total and title; its method and split may differ.
+    """
+    if request.attempt != latest.attempt + 1:
+        raise AttemptRefused(
+            f"trade order {request.merchant_id}/{request.merchant_order_no} has "
+            f"{latest.attempt} attempt(s): the next is {latest.attempt + 1}, not "
+            f"{request.attempt}")
+    if latest.state not in RETRYABLE_STATES and "two-attempts-succeed" not in planted_bugs:
+        raise AttemptRefused(
+            f"attempt {latest.attempt} of {request.merchant_id}/{request.merchant_order_no} "
+            f"is {latest.state.value}: a new attempt only after it failed or closed")
+    same = (latest.user_id, latest.currency, latest.total_minor, latest.title)
+    if (request.user_id, request.currency, request.total_minor, request.title) != same:
+        raise IdempotencyConflict(
+            f"attempt {request.attempt} of {request.merchant_id}/{request.merchant_order_no} "
+            "must pay the same trade (user, currency, total, title) as the ones before")
 
 
 def _voucher_leg(

@@ -40,6 +40,7 @@ from payengine.engine.codes import CodeTable, ResultKind
 from payengine.engine.errors import (
     AccountExists,
     ActorBroken,
+    AttemptRefused,
     CurrencyMismatch,
     DatabaseInUse,
     DuplicateSuspected,
@@ -83,6 +84,7 @@ __all__ = [
     "AccountView",
     "ActorBroken",
     "AdmissionStats",
+    "AttemptRefused",
     "BreakerPolicy",
     "CashPart",
     "Channel",

@@ -388,6 +388,23 @@ def _check_ledger(store: Store, order: PaymentOrder, report: OracleReport) -> No
             f"{order.state.value}: merchant holds {merchant}, expected {expected}"))
 
 
+def check_one_success_per_trade(orders: Iterable[PaymentOrder]) -> list[Violation]:
+    """At most one attempt of a trade order succeeded, and its attempts are 1..n."""
+    succeeded: dict[tuple[str, str], list[str]] = {}
+    attempts: dict[tuple[str, str], list[int]] = {}
+    for order in orders:
+        key = (order.merchant_id, order.merchant_order_no)
+        attempts.setdefault(key, []).append(order.attempt)
+        if order.state is OrderState.SUCCEEDED:
+            succeeded.setdefault(key, []).append(order.order_id)
+    violations = [Violation("one-success-per-trade", f"trade {k[0]}/{k[1]}",
+                            f"attempts {ids} all succeeded")
+                  for k, ids in succeeded.items() if len(ids) > 1]
+    violations += [Violation("attempts-in-order", f"trade {k[0]}/{k[1]}", f"attempts {sorted(n)}")
+                   for k, n in attempts.items() if sorted(n) != list(range(1, len(n) + 1))]
+    return violations
+
+
 def check_routes(store: Store, table: RoutingTable, orders: Iterable[PaymentOrder]
                  ) -> list[Violation]:
     """Every routed order went through a route of its method that could take its amount

