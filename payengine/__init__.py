@@ -14,6 +14,20 @@ payengine is quiet when embedded: it logs through structlog into the standard li
 ``NullHandler``. Configure ``logging`` in your application to see the records.
 """
 
+from payengine.actors.adapters import (
+    ChannelConfig,
+    Credentials,
+    HttpChannel,
+    Operation,
+    RecordedChannel,
+    ReplyMapping,
+    Signing,
+    load_channels,
+    load_config,
+    parse_config,
+    read_records,
+    replay_mismatches,
+)
 from payengine.actors.admission import AdmissionStats
 from payengine.actors.base import EngineConfig
 from payengine.actors.channel import (
@@ -40,6 +54,7 @@ from payengine.engine.codes import CodeTable, ResultKind
 from payengine.engine.errors import (
     AccountExists,
     ActorBroken,
+    ConfigError,
     CurrencyMismatch,
     DatabaseInUse,
     DuplicateSuspected,
@@ -83,9 +98,12 @@ __all__ = [
     "AdmissionStats",
     "CashPart",
     "Channel",
+    "ChannelConfig",
     "ChannelNotification",
     "ChannelReply",
     "CodeTable",
+    "ConfigError",
+    "Credentials",
     "CurrencyMismatch",
     "DatabaseInUse",
     "DuplicateSuspected",
@@ -96,6 +114,7 @@ __all__ = [
     "HoldNotPending",
     "HoldRefused",
     "HoldView",
+    "HttpChannel",
     "IdSource",
     "IdempotencyConflict",
     "IllegalTransition",
@@ -108,6 +127,7 @@ __all__ = [
     "NotificationConfig",
     "NotificationKind",
     "NotificationRejected",
+    "Operation",
     "OrderPolicy",
     "OrderState",
     "OrderView",
@@ -122,12 +142,15 @@ __all__ = [
     "RandomIds",
     "Receipt",
     "ReconciliationReport",
+    "RecordedChannel",
     "RefundRefused",
     "RefundView",
     "Rejection",
+    "ReplyMapping",
     "ResultKind",
     "Runtime",
     "SignedJsonNotifications",
+    "Signing",
     "StatementError",
     "ThreadRuntime",
     "UnknownAccount",
@@ -135,4 +158,9 @@ __all__ = [
     "UnknownOrder",
     "VoucherPart",
     "__version__",
+    "load_channels",
+    "load_config",
+    "parse_config",
+    "read_records",
+    "replay_mismatches",
 ]
