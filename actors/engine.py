@@ -9,6 +9,7 @@ the engine's truth, and never touch the channel.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -170,6 +171,28 @@ def _channels_by_name(channels: Iterable[Channel]) -> dict[str, Channel]:
     return by_name
 
 
+_SCHEDULES = (("query_schedule_ms", "channel_query_schedules_ms"),
+              ("refund_query_schedule_ms", "channel_refund_query_schedules_ms"))
+
+
+def _with_channel_schedules(policy: OrderPolicy, channels: Mapping[str, Channel]
+                            ) -> OrderPolicy:
+    """``policy`` with the query schedules the channels carry (a configured channel's
+    ``query_schedule_ms``, ``refund_query_schedule_ms``); one the policy names already
+    for that channel is kept."""
+    added: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+    for channel_attribute, policy_field in _SCHEDULES:
+        named = {pair[0] for pair in getattr(policy, policy_field)}
+        for name, channel in channels.items():
+            own = getattr(channel, channel_attribute, None)
+            if own is not None and name not in named:
+                added.setdefault(policy_field, []).append((name, own))
+    if not added:
+        return policy
+    return dataclasses.replace(policy, **{
+        field: getattr(policy, field) + tuple(pairs) for field, pairs in added.items()})
+
+
 class Engine:
     """A payment engine on one SQLite file. Use ``Engine.open(path, channels=[...])``."""
 
@@ -229,6 +252,7 @@ class Engine:
             raise InvalidRequest(f"synchronous must be one of {SYNCHRONOUS_MODES}, got "
                                  f"{shown(synchronous)}")
         config = config or EngineConfig()
+        policy = _with_channel_schedules(policy or OrderPolicy(), by_name)
         store = Store(path, synchronous=synchronous,  # first: a refused file starts nothing
                       group_commit=config.group_commit)
         runtime = runtime or PooledRuntime(actor_threads=config.actor_threads)

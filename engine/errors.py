@@ -154,6 +154,23 @@ class DuplicateSuspected(PaymentError):
         self.order_ids = order_ids
 
 
+class ConfigError(PaymentError):
+    """A channel configuration (a TOML file, its parsed dict, or ``ChannelConfig`` objects)
+    is wrong: ``key`` names the setting (``channels.wechat-1.signing.method``), ``problem``
+    says what is wrong with it. Nothing was built."""
+
+    code = "config_error"
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}" if key else problem)
+        self.key = key
+        self.problem = problem
+
+    def within(self, prefix: str) -> ConfigError:
+        """The same error, its key under ``prefix`` (``channels.wechat-1`` + ``fee``)."""
+        return ConfigError(f"{prefix}.{self.key}" if self.key else prefix, self.problem)
+
+
 class NotificationRejected(PaymentError):
     """A channel notification (or statement line) does not match what the engine knows.
 

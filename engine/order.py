@@ -380,15 +380,18 @@ PLANTABLE_BUGS = frozenset({"confirm-twice", "no-refund-after-close", "regress-s
                             "skip-hold", "over-refund", "ledger-unbalanced",
                             "accept-wrong-channel", "trust-forged-notification",
                             "holds-never-expire", "sentinel-gives-up", "pay-details-lost",
-                            "route-ignores-limits", "two-attempts-succeed"})
+                            "route-ignores-limits", "two-attempts-succeed",
+                            "codes-processing-as-failure"})
 """Bugs the simulator can switch on (``payengine sim --plant-bug NAME``): a success after the
 close kept, a late "processing" moving a success back, vouchers never held, a hold posted
 twice, a hold never expired (the account actor's), owed voucher follow-ups no longer sent
 once the fast retry schedule is over or at a start of the order (``sentinel-gives-up``), a
 pay sent without the request's details (``pay-details-lost``), routing
 past a route's amount limits (``route-ignores-limits``), a next attempt made while the
-previous one may still succeed (``two-attempts-succeed``).
-Each must make the oracle report a violation."""
+previous one may still succeed (``two-attempts-succeed``), a channel configuration's
+``processing`` codes read as failures (``codes-processing-as-failure``: the bug lives in the
+configuration loader, ``actors.adapters.config``, which the simulator builds its wallets
+with). Each must make the oracle report a violation."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,6 +410,11 @@ class OrderPolicy:
     refund_query_schedule_ms: tuple[int, ...] = (
         1_000, 2_000, 5_000, 10_000, 20_000, 40_000, 100_000,
     )
+    channel_query_schedules_ms: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """``(channel, schedule)`` pairs: a channel's own ``query_schedule_ms`` (from its
+    configuration; ``Engine.open`` adds those its channels carry); other channels use the
+    default."""
+    channel_refund_query_schedules_ms: tuple[tuple[str, tuple[int, ...]], ...] = ()
     voucher_retry_schedule_ms: tuple[int, ...] = (1_000, 2_000, 5_000, 10_000, 30_000)
     """Gaps between re-sending unanswered voucher commands (idempotent by hold id); after
     the last gap an unanswered Try or debit is cancelled and fails the payment, while an
@@ -439,6 +447,18 @@ class OrderPolicy:
         for name in ("query_schedule_ms", "refund_query_schedule_ms",
                      "voucher_retry_schedule_ms"):
             check_schedule(getattr(self, name), name, gap_max=day_ms)
+        for name in ("channel_query_schedules_ms", "channel_refund_query_schedules_ms"):
+            pairs = getattr(self, name)
+            check_setting(isinstance(pairs, tuple) and len(pairs) <= 1_000,
+                          f"{name} must be a tuple of at most 1000 (channel, schedule) pairs")
+            seen = set()
+            for pair in pairs:
+                check_setting(isinstance(pair, tuple) and len(pair) == 2,
+                              f"{name} holds (channel, schedule) pairs, not {shown(pair)}")
+                channel = check_id(pair[0], f"{name} channel")
+                check_setting(channel not in seen, f"{name} names {channel!r} twice")
+                seen.add(channel)
+                check_schedule(pair[1], f"{name} {channel}", gap_max=day_ms)
         retry_total = sum(self.voucher_retry_schedule_ms)
         check_setting(self.hold_grace_ms > 2 * retry_total, (
             f"hold_grace_ms {self.hold_grace_ms} must exceed twice the voucher retry schedule "
@@ -452,6 +472,19 @@ class OrderPolicy:
         check_int(self.refunds_max, "refunds_max", 1, 10_000)
         unknown = set(self.planted_bugs) - PLANTABLE_BUGS
         check_setting(not unknown, f"unknown planted bugs {sorted(unknown)}")
+
+    def query_schedule_for(self, channel: str | None) -> tuple[int, ...]:
+        """The gaps between status queries of a payment through ``channel``."""
+        for name, schedule in self.channel_query_schedules_ms:
+            if name == channel:
+                return schedule
+        return self.query_schedule_ms
+
+    def refund_query_schedule_for(self, channel: str | None) -> tuple[int, ...]:
+        for name, schedule in self.channel_refund_query_schedules_ms:
+            if name == channel:
+                return schedule
+        return self.refund_query_schedule_ms
 
 
 # --------------------------------------------------------------------------- the order
@@ -1263,8 +1296,13 @@ def _start_cash(d: _Draft) -> None:
     _arm_query(d, attempt=0)
 
 
+def _cash_channel(d: _Draft) -> str | None:
+    cash = d.cash()
+    return None if cash is None else cash.channel
+
+
 def _arm_query(d: _Draft, attempt: int) -> None:
-    schedule = d.policy.query_schedule_ms
+    schedule = d.policy.query_schedule_for(_cash_channel(d))
     gap = schedule[min(attempt, len(schedule) - 1)]
     due = d.now_ms + gap
     d.update(query_attempt=attempt, next_query_at_ms=due)
@@ -1272,7 +1310,7 @@ def _arm_query(d: _Draft, attempt: int) -> None:
 
 
 def _arm_refund_query(d: _Draft, attempt: int) -> None:
-    schedule = d.policy.refund_query_schedule_ms
+    schedule = d.policy.refund_query_schedule_for(_cash_channel(d))
     due = d.now_ms + schedule[min(attempt, len(schedule) - 1)]
     d.update(refund_query_attempt=attempt, next_refund_query_at_ms=due)
     d.effects.append(ArmTimer(TimerKind.REFUND_QUERY, due, attempt))
@@ -1770,7 +1808,7 @@ def _query_due(d: _Draft, token: int) -> str:
     if cash is None or cash.status is not LegStatus.PAYING or token != d.order.query_attempt:
         return "stale: query timer"
     assert cash.channel is not None
-    attempts = len(d.policy.query_schedule_ms)
+    attempts = len(d.policy.query_schedule_for(cash.channel))
     if token >= attempts:
         if d.order.state is OrderState.PAYING:
             d.move(Trigger.QUERIES_EXHAUSTED)
@@ -1798,7 +1836,7 @@ def _refund_query_due(d: _Draft, token: int) -> str:
     ):
         return "stale: refund query timer"
     assert cash.channel is not None
-    if token >= len(d.policy.refund_query_schedule_ms):
+    if token >= len(d.policy.refund_query_schedule_for(cash.channel)):
         cause = "refund queries exhausted"
         if closing:
             d.set_leg(cash.leg_no, LegStatus.REFUND_UNKNOWN, cause)

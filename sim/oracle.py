@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from payengine.engine.channel_data import PayDetails, Prepay
+from payengine.engine.codes import CodeTable, ResultKind
 from payengine.engine.ledger import TRANSIT
 from payengine.engine.order import (
     ALLOWED_TRANSITIONS,
@@ -56,6 +57,7 @@ from payengine.persistence.outbox import (
     OutboxEvent,
 )
 from payengine.persistence.store import Store
+from payengine.sim.channel import PAY_CODE_MEANINGS, REFUND_CODE_MEANINGS
 
 Told = tuple[str, str, str, str]
 """What a notification told, to match against what should have been told: (event_type,
@@ -615,3 +617,27 @@ def check_pre_holds(store: Store, plans: Iterable[PreHoldPlan]
                     "refused-tick-changed-nothing", subject,
                     f"its untick came first, yet the hold went {held[0].to_state}"))
     return violations, counts
+
+
+def check_code_tables(channels: Mapping[str, object]) -> list[Violation]:
+    """Each simulated wallet's code tables (from its configuration) read every code it
+    answers as the wallet means it, and a failed communication as processing: a table that
+    fails a payment the wallet still waits for would fail orders the payer then pays."""
+    violations = []
+    for name, channel in channels.items():
+        for what, meanings in (("pay_codes", PAY_CODE_MEANINGS),
+                               ("refund_codes", REFUND_CODE_MEANINGS)):
+            table = getattr(channel, what, None)
+            if not isinstance(table, CodeTable):
+                continue
+            for code, meaning in meanings.items():
+                read = table.classify("SUCCESS", code)
+                if read is not meaning:
+                    violations.append(Violation(
+                        "codes-as-the-wallet-means", f"channel {name}",
+                        f"{what} reads {code} as {read.value}; the wallet means "
+                        f"{meaning.value}"))
+            if table.classify("FAIL", None) is not ResultKind.PROCESSING:
+                violations.append(Violation("codes-as-the-wallet-means", f"channel {name}",
+                                            f"{what} decides a failed communication"))
+    return violations

@@ -28,6 +28,7 @@ from multiprocessing.pool import AsyncResult
 from pathlib import Path
 from typing import Any
 
+from payengine.actors.adapters.config import PLANTED_CONFIG_BUGS, load_config
 from payengine.actors.base import EngineConfig
 from payengine.actors.directory import Directory
 from payengine.actors.engine import Engine
@@ -64,6 +65,7 @@ from payengine.sim.oracle import (
     Told,
     Violation,
     check,
+    check_code_tables,
     check_notified,
     check_one_success_per_trade,
     check_pre_holds,
@@ -88,6 +90,38 @@ FAULT_KINDS = (
 LATER_KINDS = frozenset({"pre-holds", "late-close"})
 """Faults (and features) added after the others: drawn from a stream of their own
 (``FaultMix.draw``'s ``later``), so that adding them changed no other fault's draws."""
+
+SIM_CHANNELS_TOML = """
+[channels.wechat]
+kind = "simulated"
+wallet = "wechat"
+merchant_no = "sim-wechat-0001"
+credentials = { key = "payengine-simulated-wechat-key" }
+simulated = { txn_prefix = "T" }
+
+[channels.wechat.codes.pay]
+communication_ok = ["SUCCESS"]
+success = ["SUCCESS"]
+failure = ["PAYERROR", "CLOSED", "REVOKED"]
+processing = ["USERPAYING", "NOTPAY"]
+retryable = ["PAYERROR"]
+
+[channels.wechat.codes.refund]
+communication_ok = ["SUCCESS"]
+success = ["SUCCESS"]
+failure = ["REFUNDCLOSE"]
+processing = ["PROCESSING", "CHANGE"]
+
+[channels.alipay]
+like = "wechat"
+wallet = "alipay"
+merchant_no = "sim-alipay-0001"
+credentials = { key = "payengine-simulated-alipay-key" }
+simulated = { txn_prefix = "A" }
+"""
+"""The simulator's two wallets, as a channel configuration (``actors.adapters``). Seeds,
+faults and the signing keys are those the wallets had before they came from a
+configuration, so every seed's run is the same."""
 
 SIM_POLICY = OrderPolicy(
     pay_window_ms=3_000,
@@ -321,16 +355,22 @@ class Simulation:
             self.world = SimWorld(self.scheduler, io_latency_ms=(1, 30))
         else:
             self.world = ThreadRuntime()
-        self.channel = SimulatedChannel("wechat", self.world, seed=config.seed + 1,
-                                        faults=self.mix.channel,
-                                        wait_for_ack=config.runtime == "threads")
-        self.alipay = SimulatedChannel("alipay", self.world, seed=config.seed + 4,
-                                       faults=self.mix.channel, txn_prefix="A",
-                                       wait_for_ack=config.runtime == "threads")
+        bugs = frozenset({config.plant_bug}) if config.plant_bug else frozenset()
+        # The wallets come from a channel configuration, as a deployment's do: the loader,
+        # its code tables and the simulated kind run in every seed.
+        wallets = {c.name: c for c in load_config(SIM_CHANNELS_TOML,
+                                                  planted_bugs=bugs & PLANTED_CONFIG_BUGS)}
+        self.channel = SimulatedChannel.from_config(wallets["wechat"], self.world,
+                                                    seed=config.seed + 1,
+                                                    faults=self.mix.channel,
+                                                    wait_for_ack=config.runtime == "threads")
+        self.alipay = SimulatedChannel.from_config(wallets["alipay"], self.world,
+                                                   seed=config.seed + 4,
+                                                   faults=self.mix.channel,
+                                                   wait_for_ack=config.runtime == "threads")
         self.channels = {"wechat": self.channel, "alipay": self.alipay}
         self.forged_counts: dict[str, int] = {}
         self.forger = Forger(random.Random(config.seed + 5), self.channels, self.forged_counts)
-        bugs = frozenset({config.plant_bug}) if config.plant_bug else frozenset()
         self.policy = OrderPolicy(
             pay_window_ms=self.mix.pay_window_ms, hold_grace_ms=SIM_POLICY.hold_grace_ms,
             query_schedule_ms=SIM_POLICY.query_schedule_ms,
@@ -705,6 +745,7 @@ class Simulation:
         orders = list(engine.store.iter_orders())
         report = check(engine.store, self.channels, now_ms=self.world.now_ms(),
                        all_orders=orders)
+        report.violations += check_code_tables(self.channels)
         self._note_broken(engine)
         report.violations += check_one_success_per_trade(orders)
         for (key, attempt), receipt in self.receipts.items():

@@ -318,3 +318,21 @@ def test_an_actor_its_own_handler_lets_go_stops_without_a_step_of_its_own() -> N
     queued.ref.tell("b")
     scheduler.run_until_idle()
     assert queued.handled == ["a", "b"] and queued.stops == 1 and not queued.ref.alive
+
+
+def test_the_simulated_wallets_come_from_a_channel_configuration(tmp_path: Any) -> None:
+    """The loader, the code tables and the simulated kind run in every seed; the oracle
+    checks the tables against what the wallet means by each code."""
+    from payengine.sim.oracle import check_code_tables
+    from payengine.sim.simulation import Simulation
+
+    sim = Simulation(SimConfig(seed=1, orders=1, db_dir=str(tmp_path)))
+    assert sim.channel.config is not None and sim.channel.config.merchant_no == "sim-wechat-0001"
+    assert sim.alipay.config is not None and sim.alipay.config.wallet == "alipay"
+    assert sim.alipay.txn_prefix == "A"
+    assert check_code_tables(sim.channels) == []
+    bugged = Simulation(SimConfig(seed=1, orders=1, db_dir=str(tmp_path),
+                                  plant_bug="codes-processing-as-failure"))
+    found = check_code_tables(bugged.channels)
+    assert {v.subject for v in found} == {"channel wechat", "channel alipay"}
+    assert any("USERPAYING as failure" in v.detail for v in found)
