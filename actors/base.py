@@ -18,6 +18,7 @@ from typing import Any
 
 from payengine.actors.channel import Channel
 from payengine.actors.directory import Directory, Key
+from payengine.actors.merchant_auth import MerchantRequestConfig
 from payengine.actors.messages import Asked, Paced
 from payengine.actors.notifier import NotificationConfig
 from payengine.actors.runtime import Runtime, TimerHandle
@@ -70,6 +71,8 @@ class EngineConfig:
     e.g. ``{"XTS": 2}``. Orders, money vouchers and statements use only known currencies."""
     group_commit: GroupCommitConfig = field(default_factory=GroupCommitConfig)
     """Bounds of one commit of the database writer: changes, statements, wait."""
+    merchant_requests: MerchantRequestConfig = field(default_factory=MerchantRequestConfig)
+    """Signed merchant requests: timestamp window, nonces remembered at most."""
     currency_table: Mapping[str, int] = field(init=False, repr=False, compare=False)
     """ISO 4217 merged with ``currencies`` (``engine.currency.currency_table``); derived."""
 
@@ -100,6 +103,7 @@ class EngineConfig:
         check_setting(not unknown, f"unknown planted bugs {sorted(unknown)}")
         check_instance(self.notifications, NotificationConfig, "notifications")
         check_instance(self.group_commit, GroupCommitConfig, "group_commit")
+        check_instance(self.merchant_requests, MerchantRequestConfig, "merchant_requests")
         # Merged once here (and validated: a bad entry refuses the config, typed), since
         # every submit and every statement line looks currencies up.
         object.__setattr__(self, "currency_table", currency_table(self.currencies))

@@ -371,12 +371,14 @@ class Refund:
 PLANTABLE_BUGS = frozenset({"confirm-twice", "no-refund-after-close", "regress-success",
                             "skip-hold", "over-refund", "ledger-unbalanced",
                             "accept-wrong-channel", "trust-forged-notification",
-                            "holds-never-expire", "sentinel-gives-up", "pay-details-lost"})
+                            "holds-never-expire", "sentinel-gives-up", "pay-details-lost",
+                            "accept-bad-signature"})
 """Bugs the simulator can switch on (``payengine sim --plant-bug NAME``): a success after the
 close kept, a late "processing" moving a success back, vouchers never held, a hold posted
 twice, a hold never expired (the account actor's), owed voucher follow-ups no longer sent
 once the fast retry schedule is over or at a start of the order (``sentinel-gives-up``), a
-pay re-sent after a restart without the request's details (``pay-details-lost``).
+pay re-sent after a restart without the request's details (``pay-details-lost``), a signed
+merchant request taken although its signature does not verify (``accept-bad-signature``).
 Each must make the oracle report a violation."""
 
 

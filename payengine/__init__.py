@@ -24,6 +24,7 @@ from payengine.actors.channel import (
     SignedJsonNotifications,
 )
 from payengine.actors.engine import Engine, IdSource, RandomIds
+from payengine.actors.merchant_auth import MerchantRequestConfig, MerchantSigner, MerchantView
 from payengine.actors.messages import (
     AccountView,
     HoldView,
@@ -56,6 +57,7 @@ from payengine.engine.errors import (
     Overloaded,
     PaymentError,
     RefundRefused,
+    RequestRejected,
     UnknownAccount,
     UnknownHold,
     UnknownOrder,
@@ -71,6 +73,7 @@ from payengine.engine.order import (
 )
 from payengine.engine.statement import StatementError
 from payengine.persistence.group_commit import GroupCommitConfig
+from payengine.persistence.merchants import RequestRejection
 from payengine.persistence.outbox import OutboxEvent
 from payengine.persistence.rejections import Rejection
 
@@ -105,6 +108,9 @@ __all__ = [
     "InvalidRequest",
     "LegMode",
     "LegView",
+    "MerchantRequestConfig",
+    "MerchantSigner",
+    "MerchantView",
     "NotificationConfig",
     "NotificationKind",
     "NotificationRejected",
@@ -125,6 +131,8 @@ __all__ = [
     "RefundRefused",
     "RefundView",
     "Rejection",
+    "RequestRejected",
+    "RequestRejection",
     "ResultKind",
     "Runtime",
     "SignedJsonNotifications",

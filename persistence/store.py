@@ -68,14 +68,15 @@ from payengine.engine.voucher import (
     FenceStatus,
     VoucherAccount,
 )
-from payengine.persistence import outbox, rejections, statements
+from payengine.persistence import merchants, outbox, rejections, statements
 from payengine.persistence.group_commit import CommitStats, GroupCommit, GroupCommitConfig
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """Bumped whenever a table changes shape; a file of another version is refused at open
 (``IncompatibleDatabase``). 2: fences keyed by (account, scope, owner, leg), not a hold id.
 3: one journal row per change, holding that change's transitions. 4: an order's pay details
-and prepay (JSON arrays)."""
+and prepay (JSON arrays). 5: merchants' signing keys and status, users' status, the nonces
+of signed requests and the requests refused (``persistence.merchants``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,18 +357,27 @@ class Store:
             outbox.create_schema(db)
             statements.create_schema(db)
             rejections.create_schema(db)
+            merchants.create_schema(db)
 
     # ------------------------------------------------------------------ orders
 
-    def insert_order(self, order: PaymentOrder, now_ms: int) -> PaymentOrder | None:
+    def insert_order(self, order: PaymentOrder, now_ms: int,
+                     nonce: merchants.NonceUse | None = None) -> PaymentOrder | None:
         """Insert a new order under its idempotency key, or return the order that holds the key.
 
         The primary key of ``trade_orders`` on (merchant_id, merchant_order_no) is the backstop:
         of many concurrent submits exactly one insert wins. Returns ``None`` if this one won.
         Raises ``IdempotencyConflict`` if the key is taken by different parameters.
+
+        ``nonce``: a signed request's, recorded in the same change as the new order, so the
+        order and its nonce are stored together or not at all; a nonce used before raises
+        ``RequestRejected`` (``replayed_nonce``) and nothing is stored. When the key is taken
+        (the order is returned) the nonce is *not* recorded: the caller decides.
         """
         try:
             with self._tx() as conn:
+                if nonce is not None:
+                    merchants.insert_nonce(conn, nonce)
                 conn.execute(
                     "INSERT INTO trade_orders (merchant_id, merchant_order_no, fingerprint,"
                     " order_id, created_at_ms) VALUES (?, ?, ?, ?, ?)",
