@@ -201,6 +201,8 @@ def rsa_signature_matches(pem: str, message: bytes, signature_b64: str) -> bool:
         signature = base64.b64decode(signature_b64, validate=True)
     except (binascii.Error, ValueError):
         return False
+    if base64.b64encode(signature).decode("ascii") != signature_b64:
+        return False  # one spelling only: unused bits set would be a second valid signature
     try:
         _public_key(pem).verify(signature, message, padding.PKCS1v15(), hashes.SHA256())
     except invalid:

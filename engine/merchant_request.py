@@ -10,7 +10,8 @@ checked. Each one is a JSON body and five headers (names in any case):
 ``X-Payengine-Nonce``        16..64 characters of ``A-Z a-z 0-9 _ -``, never used twice
 ``X-Payengine-Sign-Type``    ``HMAC-SHA256`` (a shared secret) or ``RSA-SHA256`` (the
                              merchant's RSA key pair, PKCS#1 v1.5 over SHA-256)
-``X-Payengine-Signature``    HMAC: 64 hex digits; RSA: standard base64 (with padding)
+``X-Payengine-Signature``    HMAC: 64 lower-case hex digits; RSA: standard base64 (with
+                             padding, canonical)
 ==========================  ===========================================================
 
 What is signed is ``string_to_sign``: five lines (``\\n``, UTF-8) and then the exact body
@@ -85,7 +86,7 @@ SECRET_MAX = 256
 NONCE_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")
 """A nonce: 16 to 64 URL-safe characters (``secrets.token_hex(16)`` gives 32)."""
 _TIMESTAMP_RE = re.compile(r"[0-9]{1,16}")
-_HEX_SIGNATURE_RE = re.compile(r"[0-9a-fA-F]{64}")
+_HEX_SIGNATURE_RE = re.compile(r"[0-9a-f]{64}")
 _BASE64_RE = re.compile(r"[A-Za-z0-9+/]{16,2048}={0,2}")
 
 
@@ -118,7 +119,7 @@ class Envelope:
     nonce: str
     sign_type: SignType
     signature: str
-    """As sent: 64 hex digits (HMAC, compared lower-cased) or base64 (RSA)."""
+    """As sent: 64 lower-case hex digits (HMAC) or base64 (RSA)."""
 
 
 def _malformed(message: str) -> RequestRejected:
@@ -174,7 +175,7 @@ def parse_envelope(headers: object) -> Envelope:
     signature = values[SIGNATURE_HEADER]
     pattern = _HEX_SIGNATURE_RE if sign_type is SignType.HMAC_SHA256 else _BASE64_RE
     if not pattern.fullmatch(signature):
-        what = "64 hex digits" if sign_type is SignType.HMAC_SHA256 else "standard base64"
+        what = "64 lower-case hex digits" if sign_type is SignType.HMAC_SHA256 else "standard base64"
         raise _malformed(f"{SIGNATURE_HEADER} of a {sign_type.value} request must be {what}")
     return Envelope(merchant_id, int(stamp), nonce, sign_type, signature)
 
@@ -194,10 +195,11 @@ def hmac_signature(secret: str, message: bytes) -> str:
 
 
 def hmac_matches(secret: str, message: bytes, signature: str) -> bool:
-    """Whether ``signature`` (hex, any case) is ``message``'s HMAC under ``secret``; compared
-    in constant time."""
+    """Whether ``signature`` (lower-case hex) is ``message``'s HMAC under ``secret``;
+    compared in constant time. One spelling only: no byte of a signed request can change
+    and leave it valid."""
     return hmac.compare_digest(hmac_signature(secret, message).encode("ascii"),
-                               signature.lower().encode("ascii", "replace"))
+                               signature.encode("ascii", "replace"))
 
 
 def check_timestamp(timestamp_ms: int, now_ms: int, window_ms: int, floor_ms: int = 0) -> None:
