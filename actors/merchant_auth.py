@@ -335,6 +335,11 @@ class MerchantGate:
                                       f"{op_name(op)!r}", "malformed")
             if isinstance(op, PayOp):
                 self.check_parties(envelope.merchant_id, op.request.user_id)
+            if self.nonces.known(envelope.merchant_id, envelope.nonce):
+                # a read, so a replay is named as one before anything else about its order;
+                # the insert with the request's effect is what makes the nonce used once
+                raise RequestRejected(f"merchant {envelope.merchant_id} used nonce "
+                                      f"{envelope.nonce} before: a replay", "replayed_nonce")
             return Verified(envelope, op)
         except RequestRejected as error:
             self.reject(envelope, op, error, op_hint=expected_op)

@@ -31,6 +31,7 @@ from typing import Any
 from payengine.actors.base import EngineConfig
 from payengine.actors.directory import Directory
 from payengine.actors.engine import Engine
+from payengine.actors.merchant_auth import MerchantRequestConfig
 from payengine.actors.messages import Receipt
 from payengine.actors.notifier import NotificationConfig
 from payengine.actors.runtime import Runtime, ThreadRuntime
@@ -69,6 +70,7 @@ from payengine.sim.oracle import (
 )
 from payengine.sim.preholds import PreHolder
 from payengine.sim.runtime import Scheduler, SimRuntime, SimWorld
+from payengine.sim.signed_requests import SignedRequests
 from payengine.sim.statement import statement_from_channel
 from payengine.sim.voucher_link import LossyVoucherLink, VoucherFaults
 
@@ -78,13 +80,21 @@ FAULT_KINDS = (
     "user-never-pays", "user-pays-late", "duplicate-submit", "user-close", "timeout-close",
     "voucher-faults", "crash", "double-charge", "refund-callback-lost",
     "refund-callback-duplicated", "merchant-down", "forged-notification", "pre-holds",
-    "late-close",
+    "late-close", "forged-request",
 )
 """Every fault the simulator can inject; ``--faults`` picks from these."""
 
 LATER_KINDS = frozenset({"pre-holds", "late-close"})
 """Faults (and features) added after the others: drawn from a stream of their own
 (``FaultMix.draw``'s ``later``), so that adding them changed no other fault's draws."""
+
+REQUEST_KINDS = frozenset({"forged-request"})
+"""Signed merchant requests (``sim.signed_requests``): drawn from a stream of their own too
+(``FaultMix.draw``'s ``requests``), after the later ones, which they leave as they were."""
+
+REQUEST_WINDOW_MS = 5_000
+"""The signed requests' timestamp window in the simulator: short, so that replays fall both
+inside it (refused as replays) and outside (stale), and nonces are pruned during a run."""
 
 SIM_POLICY = OrderPolicy(
     pay_window_ms=3_000,
@@ -224,22 +234,31 @@ class FaultMix:
     """Share of orders whose user pre-holds points first (``sim.preholds``)."""
     late_close: float = 0.0
     """Chance per order of a user close after its pay window (``Engine.close``)."""
+    forged_requests: float = 0.0
+    """Signed-request episodes per order (``sim.signed_requests``): a genuine signed pay
+    and two attacks each."""
     voucher_outage: tuple[str, int, int] | None = None
     """One voucher system unreachable: (accounts ending so, start after the workload's
     start, length), in ms; ``None``: no outage."""
 
     @staticmethod
     def draw(rng: random.Random, allowed: frozenset[str], *, swarm: bool = True,
-             later: random.Random | None = None) -> FaultMix:
+             later: random.Random | None = None,
+             requests: random.Random | None = None) -> FaultMix:
         """Switch each allowed fault on with probability 0.6 (all of them if not ``swarm``).
 
         ``LATER_KINDS`` and the voucher outage are drawn from ``later`` (a fixed stream if
-        not given), after the others, so that they leave the others' draws as they were.
+        not given), after the others, so that they leave the others' draws as they were;
+        ``REQUEST_KINDS`` from ``requests`` likewise.
         """
         later = later or random.Random(0)
-        on = frozenset(k for k in sorted(allowed - LATER_KINDS) if rng.random() < 0.6 or not swarm)
+        requests = requests or random.Random(1)
+        on = frozenset(k for k in sorted(allowed - LATER_KINDS - REQUEST_KINDS)
+                       if rng.random() < 0.6 or not swarm)
         on |= frozenset(k for k in sorted(allowed & LATER_KINDS)
                         if later.random() < 0.6 or not swarm)
+        on |= frozenset(k for k in sorted(allowed & REQUEST_KINDS)
+                        if requests.random() < 0.6 or not swarm)
 
         def p(kind: str, high: float) -> float:
             return rng.uniform(0.02, high) if kind in on else 0.0
@@ -278,6 +297,7 @@ class FaultMix:
             forgeries=p("forged-notification", 0.5),
             pre_holds=p_later("pre-holds", 0.4),
             late_close=p_later("late-close", 0.3),
+            forged_requests=requests.uniform(0.05, 0.3) if "forged-request" in on else 0.0,
             voucher_outage=(
                 later.choice(["/pts", "/rp"]), later.randint(0, 1_000_000),
                 later.randint(*VOUCHER_OUTAGE_MS))
@@ -297,8 +317,10 @@ class Simulation:
         self.rng = random.Random(config.seed)
         self.details_rng = random.Random(config.seed + 11)
         # A planted bug is shown against every allowed fault, so a default run triggers it.
+        self.requests_rng = random.Random(config.seed + 17)
         self.mix = FaultMix.draw(self.rng, config.faults, swarm=config.plant_bug is None,
-                                 later=random.Random(config.seed + 6))
+                                 later=random.Random(config.seed + 6),
+                                 requests=self.requests_rng)
         self.scheduler: Scheduler | None = None
         self.world: Any
         if config.runtime == "sim":
@@ -331,6 +353,9 @@ class Simulation:
                                               outbox_retention_ms=OUTBOX_RETENTION_MS,
                                               prune_interval_ms=1_000, prune_batch_max=50,
                                               transport=self.merchant),
+                                          merchant_requests=MerchantRequestConfig(
+                                              timestamp_window_ms=REQUEST_WINDOW_MS,
+                                              nonce_prune_interval_ms=500),
                                           ask_timeout_s=30.0)
         self.ids = SeqIds()
         self._tmp = Path(config.db_dir or tempfile.mkdtemp(prefix="payengine-sim-"))
@@ -354,6 +379,13 @@ class Simulation:
                 at=self._at, engine=lambda: self.engine, counts=self.counts,
                 violations=self.violations, points_funded_max=POINTS_FUNDED_MAX)
         self.late_rng = random.Random(config.seed + 8)
+        self.signed: SignedRequests | None = None
+        if "forged-request" in self.mix.on:
+            self.signed = SignedRequests(
+                self.requests_rng, self.mix.forged_requests, window_ms=REQUEST_WINDOW_MS,
+                engine=lambda: self.engine, now_ms=self.world.now_ms, at=self._at,
+                quiet=lambda: self.quiet, counts=self.counts, violations=self.violations,
+                seed=config.seed)
         self.close_refused: set[str] = set()
         """Orders a late user close was refused for (paid): they never end closed."""
         self.closed_by_user: set[str] = set()
@@ -379,6 +411,8 @@ class Simulation:
         retry, self.pending_submits = self.pending_submits, []
         for request in retry:
             self._submit(request)
+        if self.signed is not None:
+            self.signed.flush()
 
     def _downstream(self, event: OutboxEvent) -> None:
         """A downstream system (settlement, terminal push): keeps what it was told, by id.
@@ -465,6 +499,8 @@ class Simulation:
         if self.pre_holder is not None:  # points to tick in the app, besides the orders'
             for c in customers:
                 engine.fund(f"{c}/pts", PRE_HOLD_TOP_UP, funding_id=f"{c}/pts-pre")
+        if self.signed is not None:
+            self.signed.setup(engine, customers)
         return customers
 
     def _request(self, i: int, customers: list[str]) -> PaymentRequest:
@@ -639,6 +675,8 @@ class Simulation:
             if self.rng.random() < self.mix.duplicate_submit:
                 self.counts["duplicate_submit"] += 1
                 self._at(at + self.rng.randint(0, 5), functools.partial(self._submit, request))
+        if self.signed is not None:
+            self.signed.schedule(now, span_ms, self.config.orders)
         crashes = self.config.crashes if "crash" in self.mix.on else 0
         for _ in range(crashes):
             at = now + self.rng.randint(0, span_ms + self.mix.pay_window_ms)
@@ -712,6 +750,8 @@ class Simulation:
             violations, counts = check_pre_holds(engine.store, self.pre_holder.plans)
             report.violations += violations
             self.counts.update(counts)
+        if self.signed is not None:
+            report.violations += self.signed.check(engine)
         for event_id in self.merchant.bad_signatures[:5]:
             report.violations.append(Violation(
                 "notification-signed", f"event {event_id}", "the signature did not verify"))
@@ -759,7 +799,9 @@ class Simulation:
                 if self.engine is None:
                     self._open()
                 break
-            if self.engine is not None and not self.pending_submits:
+            if self.engine is not None and not self.pending_submits and not (
+                self.signed is not None and self.signed.pending
+            ):
                 break
         self._reconcile(quiet_deadline_ms)
         report = self._final_check()
@@ -814,6 +856,8 @@ class Simulation:
         retry, self.pending_submits = self.pending_submits, []
         for request in retry:
             self._submit(request)
+        if self.signed is not None and self.engine is not None:
+            self.signed.flush()
 
     def _start_quiet_phase(self) -> None:
         """Faults off; from here time runs on until nothing is left to do."""
