@@ -454,10 +454,10 @@ class Engine:
                 request.merchant_id, request.merchant_order_no) is None:
             raise self._admission.refuse_live_orders(live, bound)  # a retry is not new
         self._guard_user_duplicates(request, now_ms)
-        # Handed over before the commit makes the order visible: the first actor that
-        # starts for it, whoever's message starts it, takes exactly the committed state.
         if nonce is not None:
             self._gate.nonces.reserve(now_ms)  # a full table refuses (Overloaded) first
+        # Handed over before the commit makes the order visible: the first actor that
+        # starts for it, whoever's message starts it, takes exactly the committed state.
         ctx.fresh_orders.put(order)
         try:
             existing = ctx.store.insert_order(order, now_ms, nonce)

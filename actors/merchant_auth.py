@@ -434,6 +434,8 @@ class MerchantSigner:
     def sign(self, body: bytes, *, timestamp_ms: int | None = None,
              nonce: str | None = None) -> dict[str, str]:
         """The headers that make ``body`` a signed request."""
+        if not isinstance(body, bytes):
+            raise InvalidRequest(f"a body to sign is bytes, not {shown(body)}")
         stamp = self._clock_ms() if timestamp_ms is None else timestamp_ms
         nonce = secrets.token_hex(16) if nonce is None else nonce
         if not NONCE_RE.fullmatch(nonce):

@@ -676,3 +676,20 @@ def test_settings_are_bounded() -> None:
         with pytest.raises(InvalidRequest):
             MerchantRequestConfig(**bad)  # type: ignore[arg-type]
 
+
+
+def test_the_simulated_forger_plays_every_attack_and_each_is_refused_for_its_reason() -> None:
+    from payengine.sim.signed_requests import ATTACKS
+    from payengine.sim.simulation import SimConfig, run
+
+    result = run(SimConfig(seed=0, orders=120, faults=frozenset({"forged-request", "crash"})))
+    assert result.ok, result.violations[:3]
+    assert "forged-request" in result.fault_mix  # this seed draws it (swarm testing)
+    played = {kind.split(":", 1)[1] for kind in result.faults
+              if kind.startswith("forged_request:")}
+    assert played == set(ATTACKS)
+    refused = sum(n for kind, n in result.faults.items()
+                  if kind.startswith("forged_request_refused:"))
+    assert refused == sum(n for kind, n in result.faults.items()
+                          if kind.startswith("forged_request:"))
+    assert result.faults["signed_pay"] >= 5
