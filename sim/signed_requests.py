@@ -1,9 +1,10 @@
 """Signed merchant requests in the simulated world: the merchant's own server, and a forger.
 
-Fault ``forged-request``. The merchant ``station-1`` sends some of its payments as signed
-requests (``Engine.submit_signed``), re-signing a retry after a crash; later it queries
-them, and refunds some (``query_signed``, ``refund_signed``). Meanwhile the outside attacks
-(every kind in turn, so a run with a few episodes sees each):
+Fault ``forged-request``. The merchant ``station-1`` sends a share of the workload's
+payments as signed requests (``Engine.submit_signed``; a duplicate or a retry is signed
+anew, as a client must); later it queries them and refunds some (``query_signed``,
+``refund_signed``). Meanwhile the outside attacks, in episodes spread over the workload,
+every kind in turn (so that a run with a few episodes sees each):
 
 - ``forged-key``: a pay for a new order signed with a key that is not the merchant's;
 - ``tampered-body``: a pay the merchant signed, its amount changed on the way;
@@ -20,7 +21,9 @@ them, and refunds some (``query_signed``, ``refund_signed``). Meanwhile the outs
 
 Each must be refused (``RequestRejected``, for its reason) and leave nothing: checked at
 once, and at the end no order exists for a forged pay and no refund for a forged refund,
-while every genuine pay was taken (``check``).
+while every genuine pay that was answered has its order (``check``; a genuine pay refused
+for anything but a pay window that is over, which a retry after a crash may meet, is a
+violation at once: ``Simulation._submit``).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from payengine.actors.merchant_auth import MerchantSigner
 from payengine.actors.messages import Receipt
 from payengine.engine.errors import EngineClosed, Overloaded, PaymentError, RequestRejected
 from payengine.engine.merchant_request import SIGNATURE_HEADER, encode_pay
-from payengine.engine.order import CashPart, PaymentRequest, VoucherPart
+from payengine.engine.order import CashPart, PaymentRequest
 from payengine.sim.oracle import Violation
 
 if TYPE_CHECKING:
@@ -99,9 +102,8 @@ class SignedRequests:
                                      clock_ms=now_ms)
         self.stranger = MerchantSigner("station-x", secret=REQUEST_SECRET, clock_ms=now_ms)
         self.genuine: dict[str, _Genuine] = {}
-        self.pending: list[str] = []
-        """Genuine pays not answered (the engine was down or crashed): re-signed and sent
-        again once it is back."""
+        self._signs: dict[str, bool] = {}
+        """Whether each merchant order number of the workload goes signed (drawn once)."""
         self.accepted: list[tuple[str, bytes, dict[str, str]]] = []
         """Requests the engine took (op, body, headers), byte for byte, for the replays."""
         self.forged_orders: set[tuple[str, str]] = set()
@@ -127,83 +129,47 @@ class SignedRequests:
         self.customers = customers
 
     def schedule(self, start_ms: int, span_ms: int, orders: int) -> None:
-        """Episodes spread over the workload: each a genuine pay and two attacks."""
+        """Attack episodes spread over the workload, two attacks each, at least five."""
         for _ in range(max(5, round(self.rate * orders))):
-            self._episode(start_ms + self.rng.randint(0, span_ms))
-
-    def _episode(self, at_ms: int) -> None:
-        self._n += 1
-        no = f"sr{self.seed}-{self._n:05d}"
-        customer = self.rng.choice(self.customers)
-        total = self.rng.randint(5, 200) * 100
-        vouchers = (VoucherPart(f"{customer}/rp", 100),) if self.rng.random() < 0.5 else ()
-        cash = total - sum(v.amount for v in vouchers)
-        request = PaymentRequest(MERCHANT, no, customer, "CNY", total, "Fuel (signed)",
-                                 CashPart(cash, self.rng.choice(["wechat", "alipay"])),
-                                 vouchers, confirm_duplicate=True)
-        self.genuine[no] = _Genuine(request)
-        self._at(at_ms, lambda: self._send_genuine(no))
-        later = at_ms + self.rng.randint(500, 8_000)
-        self._at(later, lambda: self._query(no))
-        if self.rng.random() < 0.3:
-            amount = self.rng.randint(1, total)
-            self._at(later + self.rng.randint(0, 2_000), lambda: self._refund(no, amount))
-        for _ in range(2):
-            attack = self._attacks[self._turn % len(self._attacks)]  # every kind in turn
-            self._turn += 1
-            self._at(at_ms + self.rng.randint(0, 3_000), functools.partial(
-                self._attack, attack, no))
+            at_ms = start_ms + self.rng.randint(0, span_ms)
+            for _ in range(2):
+                attack = self._attacks[self._turn % len(self._attacks)]  # every kind in turn
+                self._turn += 1
+                self._at(at_ms + self.rng.randint(0, 3_000),
+                         functools.partial(self._attack, attack))
 
     # ------------------------------------------------------------------ the merchant
 
-    def _send_genuine(self, no: str, retry: bool = False) -> None:
-        engine, genuine = self._engine(), self.genuine[no]
-        if engine is None:
-            self.pending.append(no)
-            return
-        body, headers = self.signer.pay(genuine.request, nonce=self._nonce())
-        try:
-            receipt = engine.submit_signed(body, headers)
-        except (Overloaded, EngineClosed):
-            self.pending.append(no)
-            return
-        except RequestRejected as error:
-            if retry and error.reason == "pay_window_over":
-                # the first try was taken but its answer lost in a crash, and the retry
-                # came too late to pay: the merchant asks what became of its order
-                self._count("signed_pay_retry_too_late")
-                self._query(no)
-                return
-            self.violations.append(Violation(
-                "genuine-request-taken", f"merchant order {no}",
-                f"refused {error.reason}: {error.message}"))
-            return
-        except PaymentError as error:
-            self.violations.append(Violation(
-                "genuine-request-taken", f"merchant order {no}",
-                f"refused {error.code}: {error.message}"))
-            return
-        except BaseException:  # a crash in the middle: not answered, so sent again
-            self.pending.append(no)
-            raise
+    def takes(self, request: PaymentRequest) -> bool:
+        """Whether this payment of the workload goes as a signed request (decided once per
+        order number, so its duplicates and retries go the same way)."""
+        no = request.merchant_order_no
+        if no not in self._signs:
+            self._signs[no] = request.merchant_id == MERCHANT and self.rng.random() < self.rate
+        return self._signs[no]
+
+    def submit(self, engine: Engine, request: PaymentRequest) -> Receipt:
+        """Sign ``request`` afresh and submit it; raises what ``submit_signed`` raises."""
+        body, headers = self.signer.pay(request, nonce=self._nonce())
+        receipt = engine.submit_signed(body, headers)
         self._count("signed_pay")
         self.accepted.append(("pay", body, headers))
-        if genuine.order_id is not None and genuine.order_id != receipt.order_id:
-            self.violations.append(Violation("genuine-request-taken", f"merchant order {no}",
-                                             f"receipt {receipt.order_id} after "
-                                             f"{genuine.order_id}"))
+        no = request.merchant_order_no
+        genuine = self.genuine.get(no)
+        if genuine is None:
+            self.genuine[no] = genuine = _Genuine(request)
+            later = self._now_ms() + self.rng.randint(500, 8_000)
+            self._at(later, functools.partial(self._query, no))
+            if self.rng.random() < 0.3:
+                amount = self.rng.randint(1, request.total_minor)
+                self._at(later + self.rng.randint(0, 2_000),
+                         functools.partial(self._refund, no, amount))
         genuine.receipt, genuine.order_id = receipt, receipt.order_id
-
-    def flush(self) -> None:
-        """Send again (signed anew) the genuine pays nobody answered."""
-        retry, self.pending = self.pending, []
-        for no in retry:
-            self._count("signed_pay_retry")
-            self._send_genuine(no, retry=True)
+        return receipt
 
     def _query(self, no: str) -> None:
         engine, genuine = self._engine(), self.genuine[no]
-        if engine is None or (genuine.order_id is None and no in self.pending):
+        if engine is None:
             return
         body, headers = self.signer.query(no, nonce=self._nonce())
         try:
@@ -211,14 +177,11 @@ class SignedRequests:
         except (Overloaded, EngineClosed):
             return
         except PaymentError as error:
-            if genuine.order_id is not None:
-                self.violations.append(Violation("signed-query-answers", f"merchant order {no}",
-                                                 f"refused {error.code}: {error.message}"))
+            self.violations.append(Violation("signed-query-answers", f"merchant order {no}",
+                                             f"refused {error.code}: {error.message}"))
             return
         self._count("signed_query")
-        if genuine.order_id is None:
-            genuine.order_id = view.order_id
-        elif view.order_id != genuine.order_id:
+        if view.order_id != genuine.order_id:
             self.violations.append(Violation("signed-query-answers", f"merchant order {no}",
                                              f"{view.order_id} != {genuine.order_id}"))
         self.accepted.append(("query", body, headers))
@@ -250,10 +213,12 @@ class SignedRequests:
         return PaymentRequest(merchant, no, user or self.rng.choice(self.customers), "CNY",
                               total, "Fuel", CashPart(total, "wechat"), confirm_duplicate=True)
 
-    def _attack(self, attack: str, no: str) -> None:
+    def _attack(self, attack: str, no: str | None = None) -> None:
         engine = self._engine()
         if engine is None:  # also in the quiet phase: a refused request changes nothing
             return
+        if no is None and self.genuine:  # the attacks on a real order pick one
+            no = self.rng.choice(sorted(self.genuine))
         sent = self._forge(attack, no)
         if sent is None:
             return
@@ -278,11 +243,12 @@ class SignedRequests:
         self.violations.append(Violation("forged-request-refused", f"attack {attack}",
                                          f"taken: {body[:200]!r}"))
 
-    def _forge(self, attack: str, no: str) -> tuple[Callable[[Engine], Callable[..., object]],
-                                                    bytes, dict[str, str]] | None:
+    def _forge(self, attack: str, no: str | None
+               ) -> tuple[Callable[[Engine], Callable[..., object]], bytes,
+                          dict[str, str]] | None:
         pay = lambda engine: engine.submit_signed  # noqa: E731
         now = self._now_ms()
-        genuine = self.genuine[no]
+        genuine = None if no is None else self.genuine[no]
         match attack:
             case "forged-key":
                 body, headers = self.forger.pay(self._forged_pay(), nonce=self._nonce())
@@ -318,16 +284,16 @@ class SignedRequests:
                 body, headers = self.stranger.pay(self._forged_pay("station-x"),
                                                   nonce=self._nonce())
             case "cached-url":
-                receipt = genuine.receipt
-                if receipt is None:
+                receipt = None if genuine is None else genuine.receipt
+                if genuine is None or receipt is None:
                     return None
                 if now <= receipt.close_at_ms:  # not over yet: come back when it is
                     self._at(receipt.close_at_ms + self.rng.randint(1, 3_000),
-                             lambda: self._attack(attack, no))
+                             functools.partial(self._attack, attack, no))
                     return None
                 body, headers = self.signer.pay(genuine.request, nonce=self._nonce())
             case "forged-refund":
-                if genuine.order_id is None:
+                if genuine is None or no is None:
                     return None
                 self._n += 1
                 body, headers = self.forger.refund(no, f"{FORGED_REFUND_PREFIX}{self._n}",

@@ -41,6 +41,7 @@ from payengine.engine.errors import (
     DuplicateSuspected,
     IllegalTransition,
     PaymentError,
+    RequestRejected,
 )
 from payengine.engine.order import (
     PLANTABLE_BUGS,
@@ -411,8 +412,6 @@ class Simulation:
         retry, self.pending_submits = self.pending_submits, []
         for request in retry:
             self._submit(request)
-        if self.signed is not None:
-            self.signed.flush()
 
     def _downstream(self, event: OutboxEvent) -> None:
         """A downstream system (settlement, terminal push): keeps what it was told, by id.
@@ -541,7 +540,20 @@ class Simulation:
             self.pending_submits.append(request)
             return
         try:
-            receipt = engine.submit(request)
+            if self.signed is not None and self.signed.takes(request):
+                receipt = self.signed.submit(engine, request)  # the merchant's signed pay
+            else:
+                receipt = engine.submit(request)
+        except RequestRejected as error:
+            # a genuine signed pay; only a retry whose first try was taken (its answer lost
+            # in a crash) may come after the order's pay window
+            if error.reason == "pay_window_over" and self._order_exists(request):
+                self.counts["signed_pay_too_late"] += 1
+            else:
+                self.violations.append(Violation(
+                    "genuine-request-taken", f"merchant order {request.merchant_order_no}",
+                    f"refused {error.reason}: {error.message}"))
+            return
         except DuplicateSuspected:
             # the cashier shows "an order of this amount exists, pay anyway?"; the user
             # confirms (a different pump, a second car), and the terminal submits again
@@ -573,6 +585,16 @@ class Simulation:
                 at = self.world.now_ms() + self.rng.randint(0, 2 * self.mix.pay_window_ms + 3_000)
                 self._at(at, functools.partial(self._forge, receipt, request.cash.channel,
                                                request.cash.amount_minor))
+
+    def _order_exists(self, request: PaymentRequest) -> bool:
+        engine = self.engine
+        if engine is None:
+            return False
+        try:
+            engine.find_order(request.merchant_id, request.merchant_order_no)
+        except PaymentError:
+            return False
+        return True
 
     def _schedule_refunds(self, order_id: str, total_minor: int) -> None:
         """The merchant refunds some paid orders: whole, in parts, twice, several at once.
@@ -799,9 +821,7 @@ class Simulation:
                 if self.engine is None:
                     self._open()
                 break
-            if self.engine is not None and not self.pending_submits and not (
-                self.signed is not None and self.signed.pending
-            ):
+            if self.engine is not None and not self.pending_submits:
                 break
         self._reconcile(quiet_deadline_ms)
         report = self._final_check()
@@ -856,8 +876,6 @@ class Simulation:
         retry, self.pending_submits = self.pending_submits, []
         for request in retry:
             self._submit(request)
-        if self.signed is not None and self.engine is not None:
-            self.signed.flush()
 
     def _start_quiet_phase(self) -> None:
         """Faults off; from here time runs on until nothing is left to do."""
