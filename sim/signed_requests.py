@@ -67,11 +67,11 @@ ATTACKS: dict[str, frozenset[str]] = {
 
 @dataclass
 class _Genuine:
+    """A payment of the workload that the engine took as a signed request."""
+
     request: PaymentRequest
     receipt: Receipt | None = None
     order_id: str | None = None
-    """The order it created: from the receipt, or from a query when the receipt was lost
-    in a crash and the retry came after the pay window."""
 
 
 _CALLS = {"pay": "submit_signed", "close": "close_signed", "refund": "refund_signed",
@@ -101,6 +101,7 @@ class SignedRequests:
         self.forger = MerchantSigner(MERCHANT, secret="not-the-merchants-key-0123456789abc",
                                      clock_ms=now_ms)
         self.stranger = MerchantSigner("station-x", secret=REQUEST_SECRET, clock_ms=now_ms)
+        self.customers: list[str] = []
         self.genuine: dict[str, _Genuine] = {}
         self._signs: dict[str, bool] = {}
         """Whether each merchant order number of the workload goes signed (drawn once)."""
