@@ -19,6 +19,7 @@ from typing import Any
 from payengine.actors.channel import Channel
 from payengine.actors.directory import Directory, Key
 from payengine.actors.health import ChannelHealth
+from payengine.actors.merchant_auth import MerchantRequestConfig
 from payengine.actors.messages import Asked, Paced
 from payengine.actors.notifier import NotificationConfig
 from payengine.actors.runtime import Runtime, TimerHandle
@@ -78,6 +79,8 @@ class EngineConfig:
     ``CashPart.channel`` names its channel directly."""
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     """When a channel counts as down, and for how long routing skips it (``engine.health``)."""
+    merchant_requests: MerchantRequestConfig = field(default_factory=MerchantRequestConfig)
+    """Signed merchant requests: timestamp window, nonces remembered at most."""
     currency_table: Mapping[str, int] = field(init=False, repr=False, compare=False)
     """ISO 4217 merged with ``currencies`` (``engine.currency.currency_table``); derived."""
 
@@ -110,6 +113,7 @@ class EngineConfig:
         check_instance(self.group_commit, GroupCommitConfig, "group_commit")
         check_instance(self.routing, RoutingTable, "routing")
         check_instance(self.breaker, BreakerPolicy, "breaker")
+        check_instance(self.merchant_requests, MerchantRequestConfig, "merchant_requests")
         # Merged once here (and validated: a bad entry refuses the config, typed), since
         # every submit and every statement line looks currencies up.
         object.__setattr__(self, "currency_table", currency_table(self.currencies))

@@ -34,6 +34,7 @@ from payengine.actors.confirm_limiter import ConfirmLimiter
 from payengine.actors.directory import Directory, Key
 from payengine.actors.health import ChannelHealth
 from payengine.actors.logs import get_logger
+from payengine.actors.merchant_auth import MerchantGate, MerchantView, Verified
 from payengine.actors.messages import (
     AccountView,
     ExpireDue,
@@ -67,9 +68,17 @@ from payengine.engine.errors import (
     EngineClosed,
     InvalidRequest,
     NotificationRejected,
+    RequestRejected,
     UnknownAccount,
     UnknownHold,
     UnknownOrder,
+)
+from payengine.engine.merchant_request import (
+    CloseOp,
+    PayOp,
+    QueryOp,
+    RefundOp,
+    pay_window_over,
 )
 from payengine.engine.money import AMOUNT_MAX, check_amount, check_unit
 from payengine.engine.order import (
@@ -81,6 +90,7 @@ from payengine.engine.order import (
     CloseOrder,
     OrderPolicy,
     OwedCommand,
+    PaymentOrder,
     PaymentRequest,
     RefundResult,
     RequestRefund,
@@ -104,7 +114,8 @@ from payengine.engine.routing import (
     route_draw,
 )
 from payengine.engine.voucher import FenceKey, VoucherAccount
-from payengine.persistence import rejections
+from payengine.persistence import merchants, rejections
+from payengine.persistence.merchants import NonceUse, RequestRejection
 from payengine.persistence.rejections import Rejection
 from payengine.persistence.store import JournalEntry, Store
 
@@ -214,6 +225,9 @@ class Engine:
             })
         self._resume_feeder = ResumeFeeder(ctx.directory, ctx.runtime, (),
                                            grace_ms=ctx.policy.hold_grace_ms, log=ctx.log)
+        self._gate = MerchantGate(store, config.merchant_requests, ctx.policy,
+                                  config.currency_table, ctx.runtime.now_ms, ctx.log,
+                                  config.planted_bugs | ctx.policy.planted_bugs)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -442,6 +456,7 @@ class Engine:
         ctx = self._ctx
         with self._admission.admit():  # first: a refusal above capacity must cost nothing
             check_request(request, policy=ctx.policy, currencies=ctx.config.currency_table)
+            self._gate.check_parties(request.merchant_id, request.user_id)
             return self._submit(request)
 
     @property
@@ -449,7 +464,10 @@ class Engine:
         """Submits admitted and refused (``Overloaded``) since open."""
         return self._admission.stats
 
-    def _submit(self, request: PaymentRequest) -> Receipt:
+    def _submit(self, request: PaymentRequest, nonce: NonceUse | None = None) -> Receipt:
+        """Create the order (or find the one its key names). ``nonce``: a signed request's,
+        stored with the new order in one transaction, or on its own when the order exists
+        (after its pay window is checked)."""
         ctx = self._ctx
         order_id = self._ids.new_order_id()
         route = self._route(request, order_id)
@@ -479,6 +497,8 @@ class Engine:
                 request.merchant_id, request.merchant_order_no, request.attempt) is None:
             raise self._admission.refuse_live_orders(live, bound)  # a retry is not new
         self._guard_user_duplicates(request, now_ms)
+        if nonce is not None:
+            self._gate.nonces.reserve(now_ms)  # a full table refuses (Overloaded) first
         # Handed over before the commit makes the order visible: the first actor that
         # starts for it, whoever's message starts it, takes exactly the committed state.
         ctx.fresh_orders.put(order)
@@ -487,13 +507,19 @@ class Engine:
                 order, now_ms, () if route is None else (
                     Transition("route", route.method, route.channel, route.cause),),
                 may_follow=lambda latest: check_next_attempt(
-                    latest, request, planted_bugs=ctx.config.planted_bugs))
+                    latest, request, planted_bugs=ctx.config.planted_bugs),
+                nonce=nonce)
         except BaseException:
             ctx.fresh_orders.take(order.order_id)
             raise
         if existing is not None:
             ctx.fresh_orders.take(order.order_id)  # never stored: no actor will want it
+            if nonce is not None:
+                self._check_payable(existing, now_ms)
+                self._gate.nonces.use(nonce, now_ms)
             return Receipt.of(existing)
+        if nonce is not None:
+            self._gate.nonces.added()
         ctx.log.info("transition", order_id=order.order_id, part="order", from_state="",
                      to_state=order.state.value, cause="submitted",
                      merchant_order_no=order.merchant_order_no)
@@ -575,6 +601,10 @@ class Engine:
         check_id(order_id, "order_id")
         request = RequestRefund(refund_no, amount_minor, reason)
         check_refund_request(request)
+        if self._gate.restricted:  # a frozen or closed merchant gives no money back
+            order = self._ctx.store.load_order(order_id)
+            if order is not None:
+                self._gate.check_parties(order.merchant_id, None)
         view = self._ask_order(order_id, request)
         return view.refund(refund_no)
 
@@ -871,3 +901,131 @@ class Engine:
         self._check_open()
         return reconcile(self, statement, period_start_ms=period_start_ms,
                          period_end_ms=period_end_ms, channels=channels)
+
+    # ------------------------------------------------------------------ signed merchant requests
+    # (issue 11 item 5; the wire format: engine.merchant_request; the checks: actors.merchant_auth)
+
+    def register_merchant_key(self, merchant_id: str, *, secret: str | None = None,
+                              public_key_pem: str | None = None) -> MerchantView:
+        """Register (or replace) the key ``merchant_id`` signs its requests with: ``secret``
+        for HMAC-SHA256 (32..256 characters), or ``public_key_pem`` for RSA-SHA256 (an RSA
+        public key of 2048..8192 bits, SubjectPublicKeyInfo PEM; needs the ``cryptography``
+        package, ``payengine[rsa]``, else ``InvalidRequest``). A new merchant is active; the
+        old key stops verifying at once. Separate from ``notifications.register_merchant``
+        (where the engine sends its notifications, with a secret of its own). The secret is
+        stored in the database in the clear, like the rest of the engine's data."""
+        self._check_open()
+        return self._gate.register_key(merchant_id, secret, public_key_pem)
+
+    def get_merchant(self, merchant_id: str) -> MerchantView | None:
+        """The merchant's status and sign type (never its key); ``None`` if it has neither
+        a key nor a status."""
+        self._check_open()
+        return self._gate.merchant(merchant_id)
+
+    def set_merchant_status(self, merchant_id: str, status: str) -> str:
+        """Set the merchant ``active``, ``frozen`` or ``closed`` (final: ``IllegalTransition``
+        to leave it); returns the status it had. A frozen or closed merchant is refused new
+        payments and refunds (``RequestRejected``: ``merchant_frozen``, ``merchant_closed``),
+        signed or not; closes and queries go on. Journalled (``journal`` kind ``merchant``)."""
+        self._check_open()
+        return self._gate.set_status("merchant", merchant_id, status)
+
+    def set_user_status(self, user_id: str, status: str) -> str:
+        """Set the user ``active``, ``frozen`` or ``closed`` (final); returns the status it
+        had. A frozen or closed user is refused new payments (``user_frozen``,
+        ``user_closed``), signed or not; refunds to them go on."""
+        self._check_open()
+        return self._gate.set_status("user", user_id, status)
+
+    def get_user_status(self, user_id: str) -> str:
+        """``active`` (also for a user never given a status), ``frozen`` or ``closed``."""
+        self._check_open()
+        return self._gate.user_status(user_id)
+
+    def submit_signed(self, body: bytes, headers: Mapping[str, str]) -> Receipt:
+        """A merchant's signed pay request (``op: pay``), exactly as received: verified
+        (signature, timestamp, merchant and user status, the pay window of an order that
+        exists), then submitted as ``submit`` does, its nonce stored in the same transaction
+        as the order. The same order again (signed anew, within its pay window) gets its
+        receipt. A refusal is ``RequestRejected`` (recorded); after verification the
+        submit's own errors (``IdempotencyConflict``, ``DuplicateSuspected``,
+        ``UnknownAccount``, ``Overloaded``...) leave the nonce unused. See README, *Signed
+        merchant requests*."""
+        self._check_open()
+        with self._admission.admit():
+            verified = self._gate.verify(body, headers, "pay")
+            assert isinstance(verified.op, PayOp)
+            request = verified.op.request
+            try:
+                existing = self._ctx.store.attempt_order_id(  # this attempt's, if made
+                    request.merchant_id, request.merchant_order_no, request.attempt)
+                if existing is not None:
+                    order = self._ctx.store.load_order(existing)
+                    assert order is not None
+                    self._check_payable(order, self._ctx.runtime.now_ms())
+                return self._submit(request, verified.nonce)
+            except RequestRejected as error:
+                self._gate.reject(verified.envelope, verified.op, error)
+                raise
+
+    def close_signed(self, body: bytes, headers: Mapping[str, str]) -> OrderView:
+        """A merchant's signed close (``op: close``) of its order ``merchant_order_no``:
+        verified, its nonce used, then ``close``. ``UnknownOrder`` if the merchant has no
+        such order."""
+        verified = self._verified(body, headers, "close")
+        assert isinstance(verified.op, CloseOp)
+        order_id = self._merchant_order(verified, verified.op.merchant_order_no)
+        self._gate.use_nonce(verified)
+        return self.close(order_id)
+
+    def refund_signed(self, body: bytes, headers: Mapping[str, str]) -> RefundView:
+        """A merchant's signed refund (``op: refund``): verified (a frozen or closed
+        merchant is refused), its nonce used, then ``refund``."""
+        verified = self._verified(body, headers, "refund")
+        op = verified.op
+        assert isinstance(op, RefundOp)
+        order_id = self._merchant_order(verified, op.merchant_order_no)
+        self._gate.use_nonce(verified)
+        return self.refund(order_id, op.refund_no, op.amount_minor, reason=op.reason)
+
+    def query_signed(self, body: bytes, headers: Mapping[str, str]) -> OrderView:
+        """A merchant's signed query (``op: query``) of its order: verified, its nonce used,
+        then the order as ``get_order`` reads it."""
+        verified = self._verified(body, headers, "query")
+        assert isinstance(verified.op, QueryOp)
+        order_id = self._merchant_order(verified, verified.op.merchant_order_no)
+        self._gate.use_nonce(verified)
+        return self.get_order(order_id)
+
+    def rejected_requests(self, limit: int = 100) -> list[RequestRejection]:
+        """The newest signed merchant requests the engine refused, newest first."""
+        self._check_open()
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= 10_000:
+            raise InvalidRequest("limit must be 1..10000")
+        return merchants.recent_rejections(self._ctx.store, limit)
+
+    def request_rejection_counts(self) -> dict[str, int]:
+        """How many signed merchant requests were refused ever, by reason."""
+        self._check_open()
+        return merchants.rejection_counts(self._ctx.store)
+
+    def _verified(self, body: bytes, headers: Mapping[str, str], op: str) -> Verified:
+        self._check_open()
+        return self._gate.verify(body, headers, op)
+
+    def _merchant_order(self, verified: Verified, merchant_order_no: str) -> str:
+        merchant_id = verified.envelope.merchant_id
+        order_id = self._ctx.store.order_id_for_merchant(merchant_id, merchant_order_no)
+        if order_id is None:
+            raise UnknownOrder(f"merchant {merchant_id} has no order {merchant_order_no}")
+        return order_id
+
+    def _check_payable(self, order: PaymentOrder, now_ms: int) -> None:
+        """A pay request for an order that exists: refused once its pay window is over (it
+        closed or failed, or its time ran out), so a cached cashier URL cannot pay again."""
+        if pay_window_over(order, now_ms):
+            raise RequestRejected(
+                f"order {order.merchant_id}/{order.merchant_order_no} is {order.state.value} "
+                f"and its pay window ended at {order.close_at_ms}: no payment for it any more",
+                "pay_window_over")

@@ -189,3 +189,23 @@ class NotificationRejected(PaymentError):
     def __init__(self, message: str, reason: str = "malformed") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class RequestRejected(PaymentError):
+    """A merchant's request from outside the process was refused before it took effect.
+
+    Its envelope or body is not the wire format, its signature does not verify with the
+    merchant's key, its timestamp is outside the window, its nonce was used before, a party
+    is frozen or closed, or it asks to pay an order whose pay window is over. Nothing was
+    created (not even the nonce); the refusal is recorded (``Engine.rejected_requests``).
+    ``reason`` is a short code: ``malformed``, ``unknown_merchant``, ``wrong_sign_type``,
+    ``unsupported_sign_type``, ``bad_signature``, ``stale_timestamp``, ``replayed_nonce``,
+    ``merchant_frozen``, ``merchant_closed``, ``user_frozen``, ``user_closed``,
+    ``pay_window_over``.
+    """
+
+    code = "request_rejected"
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason

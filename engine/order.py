@@ -381,7 +381,7 @@ PLANTABLE_BUGS = frozenset({"confirm-twice", "no-refund-after-close", "regress-s
                             "accept-wrong-channel", "trust-forged-notification",
                             "holds-never-expire", "sentinel-gives-up", "pay-details-lost",
                             "route-ignores-limits", "two-attempts-succeed",
-                            "codes-processing-as-failure"})
+                            "codes-processing-as-failure", "accept-bad-signature"})
 """Bugs the simulator can switch on (``payengine sim --plant-bug NAME``): a success after the
 close kept, a late "processing" moving a success back, vouchers never held, a hold posted
 twice, a hold never expired (the account actor's), owed voucher follow-ups no longer sent
@@ -391,7 +391,9 @@ past a route's amount limits (``route-ignores-limits``), a next attempt made whi
 previous one may still succeed (``two-attempts-succeed``), a channel configuration's
 ``processing`` codes read as failures (``codes-processing-as-failure``: the bug lives in the
 configuration loader, ``actors.adapters.config``, which the simulator builds its wallets
-with). Each must make the oracle report a violation."""
+with), a signed
+merchant request taken although its signature does not verify (``accept-bad-signature``).
+Each must make the oracle report a violation."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,7 @@ from payengine.actors.channel import (
     SignedJsonNotifications,
 )
 from payengine.actors.engine import Engine, IdSource, RandomIds
+from payengine.actors.merchant_auth import MerchantRequestConfig, MerchantSigner, MerchantView
 from payengine.actors.messages import (
     AccountView,
     HoldView,
@@ -72,6 +73,7 @@ from payengine.engine.errors import (
     Overloaded,
     PaymentError,
     RefundRefused,
+    RequestRejected,
     UnknownAccount,
     UnknownHold,
     UnknownOrder,
@@ -89,6 +91,7 @@ from payengine.engine.order import (
 from payengine.engine.routing import NoRoute, Route, RoutingTable
 from payengine.engine.statement import StatementError
 from payengine.persistence.group_commit import GroupCommitConfig
+from payengine.persistence.merchants import RequestRejection
 from payengine.persistence.outbox import OutboxEvent
 from payengine.persistence.rejections import Rejection
 
@@ -129,6 +132,9 @@ __all__ = [
     "InvalidRequest",
     "LegMode",
     "LegView",
+    "MerchantRequestConfig",
+    "MerchantSigner",
+    "MerchantView",
     "NoRoute",
     "NotificationConfig",
     "NotificationKind",
@@ -153,6 +159,8 @@ __all__ = [
     "RefundView",
     "Rejection",
     "ReplyMapping",
+    "RequestRejected",
+    "RequestRejection",
     "ResultKind",
     "Route",
     "RoutingTable",

@@ -69,15 +69,17 @@ from payengine.engine.voucher import (
     FenceStatus,
     VoucherAccount,
 )
-from payengine.persistence import outbox, rejections, statements
+from payengine.persistence import merchants, outbox, rejections, statements
 from payengine.persistence.group_commit import CommitStats, GroupCommit, GroupCommitConfig
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """Bumped whenever a table changes shape; a file of another version is refused at open
 (``IncompatibleDatabase``). 2: fences keyed by (account, scope, owner, leg), not a hold id.
 3: one journal row per change, holding that change's transitions. 4: an order's pay details
 and prepay (JSON arrays); payment attempts (``payment_orders.attempt``, unique per trade
-order; ``trade_orders.order_id`` is the latest attempt)."""
+order; ``trade_orders.order_id`` is the latest attempt). 5: merchants' signing keys and
+status, users' status, the nonces of signed requests and the requests refused
+(``persistence.merchants``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,13 +362,14 @@ class Store:
             outbox.create_schema(db)
             statements.create_schema(db)
             rejections.create_schema(db)
+            merchants.create_schema(db)
 
     # ------------------------------------------------------------------ orders
 
     def insert_order(self, order: PaymentOrder, now_ms: int,
                      also_journal: Sequence[Transition] = (),
                      may_follow: Callable[[PaymentOrder], None] | None = None,
-                     ) -> PaymentOrder | None:
+                     nonce: merchants.NonceUse | None = None) -> PaymentOrder | None:
         """Insert a new order under its idempotency key, or return the order that holds the key.
 
         The primary key of ``trade_orders`` on (merchant_id, merchant_order_no) is the backstop:
@@ -375,12 +378,19 @@ class Store:
         ``also_journal``: transitions journalled with the submit (the routing decision).
         An order of attempt 2 or more is inserted only if ``may_follow`` (given the trade
         order's latest attempt, read in the same transaction) does not raise.
+
+        ``nonce``: a signed request's, recorded in the same change as the new order, so the
+        order and its nonce are stored together or not at all; a nonce used before raises
+        ``RequestRejected`` (``replayed_nonce``) and nothing is stored. When the key is taken
+        (the order is returned) the nonce is *not* recorded: the caller decides.
         """
         if order.attempt != 1:
             assert may_follow is not None, "a next attempt is checked against the latest"
-            return self._insert_attempt(order, now_ms, also_journal, may_follow)
+            return self._insert_attempt(order, now_ms, also_journal, may_follow, nonce)
         try:
             with self._tx() as conn:
+                if nonce is not None:
+                    merchants.insert_nonce(conn, nonce)
                 conn.execute(
                     "INSERT INTO trade_orders (merchant_id, merchant_order_no, fingerprint,"
                     " order_id, created_at_ms) VALUES (?, ?, ?, ?, ?)",
@@ -414,7 +424,8 @@ class Store:
 
     def _insert_attempt(self, order: PaymentOrder, now_ms: int,
                         also_journal: Sequence[Transition],
-                        may_follow: Callable[[PaymentOrder], None]) -> PaymentOrder | None:
+                        may_follow: Callable[[PaymentOrder], None],
+                        nonce: merchants.NonceUse | None) -> PaymentOrder | None:
         key = (order.merchant_id, order.merchant_order_no)
         if self.attempt_order_id(*key, order.attempt) is None:
             try:
@@ -434,6 +445,8 @@ class Store:
                     rows = conn.execute(_LOAD_ORDER, (row[0],)).fetchall()
                     may_follow(_order_from_rows(rows[0][:_HAS_REFUNDS], [
                         r[_HAS_REFUNDS + 1:] for r in rows if r[_HAS_REFUNDS + 1] is not None]))
+                    if nonce is not None:
+                        merchants.insert_nonce(conn, nonce)
                     conn.execute("UPDATE trade_orders SET order_id = ? WHERE merchant_id = ?"
                                  " AND merchant_order_no = ?", (order.order_id, *key))
                     conn.execute(_INSERT_ORDER, _order_row(order, now_ms))

@@ -32,6 +32,7 @@ from payengine.actors.adapters.config import PLANTED_CONFIG_BUGS, load_config
 from payengine.actors.base import EngineConfig
 from payengine.actors.directory import Directory
 from payengine.actors.engine import Engine
+from payengine.actors.merchant_auth import MerchantRequestConfig
 from payengine.actors.messages import Receipt
 from payengine.actors.notifier import NotificationConfig
 from payengine.actors.runtime import Runtime, ThreadRuntime
@@ -41,6 +42,7 @@ from payengine.engine.errors import (
     DuplicateSuspected,
     IllegalTransition,
     PaymentError,
+    RequestRejected,
 )
 from payengine.engine.order import (
     PLANTABLE_BUGS,
@@ -74,6 +76,7 @@ from payengine.sim.oracle import (
 )
 from payengine.sim.preholds import PreHolder
 from payengine.sim.runtime import Scheduler, SimRuntime, SimWorld
+from payengine.sim.signed_requests import SignedRequests
 from payengine.sim.statement import statement_from_channel
 from payengine.sim.voucher_link import LossyVoucherLink, VoucherFaults
 
@@ -83,7 +86,7 @@ FAULT_KINDS = (
     "user-never-pays", "user-pays-late", "duplicate-submit", "user-close", "timeout-close",
     "voucher-faults", "crash", "double-charge", "refund-callback-lost",
     "refund-callback-duplicated", "merchant-down", "forged-notification", "pre-holds",
-    "late-close",
+    "late-close", "forged-request",
 )
 """Every fault the simulator can inject; ``--faults`` picks from these."""
 
@@ -122,6 +125,14 @@ simulated = { txn_prefix = "A" }
 """The simulator's two wallets, as a channel configuration (``actors.adapters``). Seeds,
 faults and the signing keys are those the wallets had before they came from a
 configuration, so every seed's run is the same."""
+
+REQUEST_KINDS = frozenset({"forged-request"})
+"""Signed merchant requests (``sim.signed_requests``): drawn from a stream of their own too
+(``FaultMix.draw``'s ``requests``), after the later ones, which they leave as they were."""
+
+REQUEST_WINDOW_MS = 5_000
+"""The signed requests' timestamp window in the simulator: short, so that replays fall both
+inside it (refused as replays) and outside (stale), and nonces are pruned during a run."""
 
 SIM_POLICY = OrderPolicy(
     pay_window_ms=3_000,
@@ -271,22 +282,31 @@ class FaultMix:
     """Share of orders whose user pre-holds points first (``sim.preholds``)."""
     late_close: float = 0.0
     """Chance per order of a user close after its pay window (``Engine.close``)."""
+    forged_requests: float = 0.0
+    """Signed-request episodes per order (``sim.signed_requests``): a genuine signed pay
+    and two attacks each."""
     voucher_outage: tuple[str, int, int] | None = None
     """One voucher system unreachable: (accounts ending so, start after the workload's
     start, length), in ms; ``None``: no outage."""
 
     @staticmethod
     def draw(rng: random.Random, allowed: frozenset[str], *, swarm: bool = True,
-             later: random.Random | None = None) -> FaultMix:
+             later: random.Random | None = None,
+             requests: random.Random | None = None) -> FaultMix:
         """Switch each allowed fault on with probability 0.6 (all of them if not ``swarm``).
 
         ``LATER_KINDS`` and the voucher outage are drawn from ``later`` (a fixed stream if
-        not given), after the others, so that they leave the others' draws as they were.
+        not given), after the others, so that they leave the others' draws as they were;
+        ``REQUEST_KINDS`` from ``requests`` likewise.
         """
         later = later or random.Random(0)
-        on = frozenset(k for k in sorted(allowed - LATER_KINDS) if rng.random() < 0.6 or not swarm)
+        requests = requests or random.Random(1)
+        on = frozenset(k for k in sorted(allowed - LATER_KINDS - REQUEST_KINDS)
+                       if rng.random() < 0.6 or not swarm)
         on |= frozenset(k for k in sorted(allowed & LATER_KINDS)
                         if later.random() < 0.6 or not swarm)
+        on |= frozenset(k for k in sorted(allowed & REQUEST_KINDS)
+                        if requests.random() < 0.6 or not swarm)
 
         def p(kind: str, high: float) -> float:
             return rng.uniform(0.02, high) if kind in on else 0.0
@@ -325,6 +345,7 @@ class FaultMix:
             forgeries=p("forged-notification", 0.5),
             pre_holds=p_later("pre-holds", 0.4),
             late_close=p_later("late-close", 0.3),
+            forged_requests=requests.uniform(0.05, 0.3) if "forged-request" in on else 0.0,
             voucher_outage=(
                 later.choice(["/pts", "/rp"]), later.randint(0, 1_000_000),
                 later.randint(*VOUCHER_OUTAGE_MS))
@@ -346,8 +367,10 @@ class Simulation:
         self.route_rng = random.Random(config.seed + 12)
         self.attempt_rng = random.Random(config.seed + 13)
         # A planted bug is shown against every allowed fault, so a default run triggers it.
+        self.requests_rng = random.Random(config.seed + 17)
         self.mix = FaultMix.draw(self.rng, config.faults, swarm=config.plant_bug is None,
-                                 later=random.Random(config.seed + 6))
+                                 later=random.Random(config.seed + 6),
+                                 requests=self.requests_rng)
         self.scheduler: Scheduler | None = None
         self.world: Any
         if config.runtime == "sim":
@@ -387,6 +410,9 @@ class Simulation:
                                               outbox_retention_ms=OUTBOX_RETENTION_MS,
                                               prune_interval_ms=1_000, prune_batch_max=50,
                                               transport=self.merchant),
+                                          merchant_requests=MerchantRequestConfig(
+                                              timestamp_window_ms=REQUEST_WINDOW_MS,
+                                              nonce_prune_interval_ms=500),
                                           ask_timeout_s=30.0)
         self.ids = SeqIds()
         self._tmp = Path(config.db_dir or tempfile.mkdtemp(prefix="payengine-sim-"))
@@ -411,6 +437,13 @@ class Simulation:
                 at=self._at, engine=lambda: self.engine, counts=self.counts,
                 violations=self.violations, points_funded_max=POINTS_FUNDED_MAX)
         self.late_rng = random.Random(config.seed + 8)
+        self.signed: SignedRequests | None = None
+        if "forged-request" in self.mix.on:
+            self.signed = SignedRequests(
+                self.requests_rng, self.mix.forged_requests, window_ms=REQUEST_WINDOW_MS,
+                engine=lambda: self.engine, now_ms=self.world.now_ms, at=self._at,
+                quiet=lambda: self.quiet, counts=self.counts, violations=self.violations,
+                seed=config.seed)
         self.close_refused: set[str] = set()
         """Orders a late user close was refused for (paid): they never end closed."""
         self.closed_by_user: set[str] = set()
@@ -522,6 +555,8 @@ class Simulation:
         if self.pre_holder is not None:  # points to tick in the app, besides the orders'
             for c in customers:
                 engine.fund(f"{c}/pts", PRE_HOLD_TOP_UP, funding_id=f"{c}/pts-pre")
+        if self.signed is not None:
+            self.signed.setup(engine, customers)
         return customers
 
     def _request(self, i: int, customers: list[str]) -> PaymentRequest:
@@ -564,7 +599,20 @@ class Simulation:
             self.pending_submits.append(request)
             return
         try:
-            receipt = engine.submit(request)
+            if self.signed is not None and self.signed.takes(request):
+                receipt = self.signed.submit(engine, request)  # the merchant's signed pay
+            else:
+                receipt = engine.submit(request)
+        except RequestRejected as error:
+            # a genuine signed pay; only a retry whose first try was taken (its answer lost
+            # in a crash) may come after the order's pay window
+            if error.reason == "pay_window_over" and self._order_exists(request):
+                self.counts["signed_pay_too_late"] += 1
+            else:
+                self.violations.append(Violation(
+                    "genuine-request-taken", f"merchant order {request.merchant_order_no}",
+                    f"refused {error.reason}: {error.message}"))
+            return
         except DuplicateSuspected:
             # the cashier shows "an order of this amount exists, pay anyway?"; the user
             # confirms (a different pump, a second car), and the terminal submits again
@@ -613,6 +661,16 @@ class Simulation:
             wallet = self.attempt_rng.choice(["wechat", "alipay", "qr"])
             cash = replace(cash, channel=wallet)
         self._submit(replace(request, attempt=request.attempt + 1, cash=cash))
+
+    def _order_exists(self, request: PaymentRequest) -> bool:
+        engine = self.engine
+        if engine is None:
+            return False
+        try:
+            engine.find_order(request.merchant_id, request.merchant_order_no)
+        except PaymentError:
+            return False
+        return True
 
     def _schedule_refunds(self, order_id: str, total_minor: int) -> None:
         """The merchant refunds some paid orders: whole, in parts, twice, several at once.
@@ -718,6 +776,8 @@ class Simulation:
             if self.rng.random() < self.mix.duplicate_submit:
                 self.counts["duplicate_submit"] += 1
                 self._at(at + self.rng.randint(0, 5), functools.partial(self._submit, request))
+        if self.signed is not None:
+            self.signed.schedule(now, span_ms, self.config.orders)
         crashes = self.config.crashes if "crash" in self.mix.on else 0
         for _ in range(crashes):
             at = now + self.rng.randint(0, span_ms + self.mix.pay_window_ms)
@@ -794,6 +854,8 @@ class Simulation:
             violations, counts = check_pre_holds(engine.store, self.pre_holder.plans)
             report.violations += violations
             self.counts.update(counts)
+        if self.signed is not None:
+            report.violations += self.signed.check(engine)
         for event_id in self.merchant.bad_signatures[:5]:
             report.violations.append(Violation(
                 "notification-signed", f"event {event_id}", "the signature did not verify"))

@@ -193,3 +193,25 @@ def test_attempts_survive_a_reopen(tmp_path: Path) -> None:
         assert engine.submit(SECOND) == second
     finally:
         engine.shutdown()
+
+
+def test_a_signed_pay_of_the_next_attempt_is_taken_after_the_first_closed(
+        tmp_path: Path) -> None:
+    from payengine import MerchantSigner, RequestRejected
+
+    engine, _, alipay = open_engine(tmp_path / "a.db")
+    try:
+        secret = "station-1-request-key-0123456789abcdef"
+        engine.register_merchant_key("station-1", secret=secret)
+        signer = MerchantSigner("station-1", secret=secret)
+        first = engine.submit_signed(*signer.pay(FIRST))
+        closed(engine, first.order_id)
+        with pytest.raises(RequestRejected) as refused:  # the cached attempt-1 URL again
+            engine.submit_signed(*signer.pay(FIRST))
+        assert refused.value.reason == "pay_window_over"
+        second = engine.submit_signed(*signer.pay(SECOND))
+        assert second.attempt == 2 and second.order_id != first.order_id
+        assert engine.submit_signed(*signer.pay(SECOND)) == second  # a retry, signed anew
+        wait_for(lambda: alipay.count("pay") == 1, what="attempt 2 paid through alipay")
+    finally:
+        engine.shutdown()
