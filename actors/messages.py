@@ -22,6 +22,7 @@ from payengine.engine.order import (
     ReturnVoucher,
     TryHold,
 )
+from payengine.engine.risk import Verification
 from payengine.engine.voucher import Fence, FenceScope, VoucherAccount
 
 
@@ -110,12 +111,35 @@ class Receipt:
     title: str
     accepted_at_ms: int
     close_at_ms: int
+    needs_verification: bool = False
+    """The risk gate asked for a step-up: send the user to identity verification, then
+    ``Engine.verify(order_id, code)``. The same for a retried submit of the same order."""
 
     @staticmethod
     def of(order: PaymentOrder) -> Receipt:
         return Receipt(order.order_id, order.payment_serial, order.merchant_id,
                        order.merchant_order_no, order.total_minor, order.currency, order.title,
-                       order.created_at_ms, order.close_at_ms)
+                       order.created_at_ms, order.close_at_ms, order.verification is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationView:
+    """A step-up the risk gate asked for: never the code, nor its digest."""
+
+    status: str
+    """``pending`` (waiting for the code: show the verification page), ``passed``,
+    ``failed`` (too many wrong codes), ``expired``, ``closed`` (the order was closed)."""
+    rule: str
+    """What asked for it."""
+    expires_at_ms: int
+    attempts_left: int
+
+    @staticmethod
+    def of(verification: Verification | None) -> VerificationView | None:
+        if verification is None:
+            return None
+        return VerificationView(verification.status.value, verification.rule,
+                                verification.expires_at_ms, verification.attempts_left)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +188,9 @@ class OrderView:
     the prepay id (JSAPI, APP), the deeplink (H5), or ``user_action`` such as
     ``"enter_password"`` (a barcode payment waiting for the payer's PIN). ``None`` until the
     channel answered the pay with one, and once the order is closed or paid."""
+    verification: VerificationView | None = None
+    """The step-up the risk gate asked for (``None``: none). While ``state`` is
+    ``needs_verification`` its ``status`` is ``pending``: go to identity verification (核身)."""
 
     @staticmethod
     def of(order: PaymentOrder) -> OrderView:
@@ -174,7 +201,8 @@ class OrderView:
                          order.total_minor, order.currency, order.is_settled,
                          tuple(LegView.of(leg) for leg in order.legs),
                          tuple(RefundView.of(r) for r in order.refunds), order.refunded_minor,
-                         order.prepay if showing else None)
+                         order.prepay if showing else None,
+                         VerificationView.of(order.verification))
 
     def refund(self, refund_no: str) -> RefundView:
         """The refund the merchant asked for under ``refund_no``."""

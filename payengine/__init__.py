@@ -31,9 +31,11 @@ from payengine.actors.messages import (
     OrderView,
     Receipt,
     RefundView,
+    VerificationView,
 )
 from payengine.actors.notifier import NotificationConfig
 from payengine.actors.reconcile import ReconciliationReport
+from payengine.actors.risk_gate import RiskConfig, RiskContext, RiskHook
 from payengine.actors.runtime import Runtime, ThreadRuntime
 from payengine.engine.channel_data import PayDetails, PayScenario, Prepay
 from payengine.engine.codes import CodeTable, ResultKind
@@ -56,9 +58,11 @@ from payengine.engine.errors import (
     Overloaded,
     PaymentError,
     RefundRefused,
+    RiskBlocked,
     UnknownAccount,
     UnknownHold,
     UnknownOrder,
+    VerificationFailed,
 )
 from payengine.engine.order import (
     CashPart,
@@ -69,6 +73,7 @@ from payengine.engine.order import (
     PaymentRequest,
     VoucherPart,
 )
+from payengine.engine.risk import RiskOutcome, RiskRules, RiskVerdict
 from payengine.engine.statement import StatementError
 from payengine.persistence.group_commit import GroupCommitConfig
 from payengine.persistence.outbox import OutboxEvent
@@ -126,6 +131,13 @@ __all__ = [
     "RefundView",
     "Rejection",
     "ResultKind",
+    "RiskBlocked",
+    "RiskConfig",
+    "RiskContext",
+    "RiskHook",
+    "RiskOutcome",
+    "RiskRules",
+    "RiskVerdict",
     "Runtime",
     "SignedJsonNotifications",
     "StatementError",
@@ -133,6 +145,8 @@ __all__ = [
     "UnknownAccount",
     "UnknownHold",
     "UnknownOrder",
+    "VerificationFailed",
+    "VerificationView",
     "VoucherPart",
     "__version__",
 ]
