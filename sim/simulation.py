@@ -33,6 +33,7 @@ from payengine.actors.directory import Directory
 from payengine.actors.engine import Engine
 from payengine.actors.messages import Receipt
 from payengine.actors.notifier import NotificationConfig
+from payengine.actors.risk_gate import RiskConfig
 from payengine.actors.runtime import Runtime, ThreadRuntime
 from payengine.engine.channel_data import PayDetails, PayScenario
 from payengine.engine.errors import (
@@ -65,9 +66,11 @@ from payengine.sim.oracle import (
     check,
     check_notified,
     check_pre_holds,
+    check_step_ups,
     told_of,
 )
 from payengine.sim.preholds import PreHolder
+from payengine.sim.risk import StepUpUser, risk_config
 from payengine.sim.runtime import Scheduler, SimRuntime, SimWorld
 from payengine.sim.statement import statement_from_channel
 from payengine.sim.voucher_link import LossyVoucherLink, VoucherFaults
@@ -78,13 +81,17 @@ FAULT_KINDS = (
     "user-never-pays", "user-pays-late", "duplicate-submit", "user-close", "timeout-close",
     "voucher-faults", "crash", "double-charge", "refund-callback-lost",
     "refund-callback-duplicated", "merchant-down", "forged-notification", "pre-holds",
-    "late-close",
+    "late-close", "risk",
 )
 """Every fault the simulator can inject; ``--faults`` picks from these."""
 
 LATER_KINDS = frozenset({"pre-holds", "late-close"})
 """Faults (and features) added after the others: drawn from a stream of their own
 (``FaultMix.draw``'s ``later``), so that adding them changed no other fault's draws."""
+
+OWN_STREAM_KINDS = frozenset({"risk"})
+"""Features drawn (and run) from a stream each of their own (``Simulation``), not by
+``FaultMix.draw``: adding one changes no other draw of a seed."""
 
 SIM_POLICY = OrderPolicy(
     pay_window_ms=3_000,
@@ -237,7 +244,8 @@ class FaultMix:
         not given), after the others, so that they leave the others' draws as they were.
         """
         later = later or random.Random(0)
-        on = frozenset(k for k in sorted(allowed - LATER_KINDS) if rng.random() < 0.6 or not swarm)
+        on = frozenset(k for k in sorted(allowed - LATER_KINDS - OWN_STREAM_KINDS)
+                       if rng.random() < 0.6 or not swarm)
         on |= frozenset(k for k in sorted(allowed & LATER_KINDS)
                         if later.random() < 0.6 or not swarm)
 
@@ -299,6 +307,15 @@ class Simulation:
         # A planted bug is shown against every allowed fault, so a default run triggers it.
         self.mix = FaultMix.draw(self.rng, config.faults, swarm=config.plant_bug is None,
                                  later=random.Random(config.seed + 6))
+        # The risk gate (``sim.risk``): its own stream, so a seed's other draws stay as
+        # they were; on for every planted bug, like every fault.
+        self.risk_rng = random.Random(config.seed + 9)
+        self.risk: RiskConfig | None = None
+        self.step_ups: StepUpUser | None = None
+        if "risk" in config.faults and (self.risk_rng.random() < 0.6
+                                        or config.plant_bug is not None):
+            self.mix = replace(self.mix, on=self.mix.on | {"risk"})
+            self.risk = risk_config(self.risk_rng, config.seed)
         self.scheduler: Scheduler | None = None
         self.world: Any
         if config.runtime == "sim":
@@ -354,6 +371,10 @@ class Simulation:
                 at=self._at, engine=lambda: self.engine, counts=self.counts,
                 violations=self.violations, points_funded_max=POINTS_FUNDED_MAX)
         self.late_rng = random.Random(config.seed + 8)
+        if self.risk is not None:
+            self.step_ups = StepUpUser(self.risk_rng, config.seed, self.risk, at=self._at,
+                                       now_ms=self.world.now_ms, engine=lambda: self.engine,
+                                       counts=self.counts)
         self.close_refused: set[str] = set()
         """Orders a late user close was refused for (paid): they never end closed."""
         self.closed_by_user: set[str] = set()
@@ -373,7 +394,8 @@ class Simulation:
                                   config=self.engine_config, runtime=runtime, ids=self.ids,
                                   synchronous="OFF" if self.scheduler else "NORMAL",
                                   voucher_link=self._voucher_link,
-                                  subscribers={"downstream": self._downstream})
+                                  subscribers={"downstream": self._downstream},
+                                  risk=self.risk)
         for channel in self.channels.values():
             channel.attach(self.engine)
         retry, self.pending_submits = self.pending_submits, []
@@ -517,6 +539,8 @@ class Simulation:
             return
         key = request.merchant_order_no
         first = self.receipts.setdefault(key, receipt)
+        if first is receipt and receipt.needs_verification and self.step_ups is not None:
+            self.step_ups.stepped_up(receipt.order_id, key)
         if first != receipt:
             self.violations.append(Violation(
                 "duplicate-submit-same-receipt", f"key {key}", f"{first} != {receipt}"))
@@ -708,6 +732,9 @@ class Simulation:
                 report.violations.append(Violation(
                     "closed-order-never-paid", f"order {order_id}",
                     "a user close answered closed, yet the order ended succeeded"))
+        if self.step_ups is not None:
+            report.violations += check_step_ups(engine.store, self.channels,
+                                                self.step_ups.right_code_sent, all_orders=orders)
         if self.pre_holder is not None:
             violations, counts = check_pre_holds(engine.store, self.pre_holder.plans)
             report.violations += violations
