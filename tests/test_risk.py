@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from payengine import (
@@ -28,6 +28,7 @@ from payengine import (
     RiskOutcome,
     RiskRules,
     RiskVerdict,
+    UnknownOrder,
     VerificationFailed,
     VoucherPart,
 )
@@ -177,8 +178,8 @@ def risky(tmp_path: Path, channel: ScriptedChannel) -> Iterator[Engine]:
     engine.shutdown()
 
 
-def held(engine: Engine) -> int:
-    return sum(engine.get_account(f"alice/{name}").held
+def held(engine: Engine, who: str = "alice") -> int:
+    return sum(engine.get_account(f"{who}/{name}").held
                for name in ("red-packet", "points", "phone"))
 
 
@@ -430,3 +431,79 @@ def test_a_waiting_order_survives_a_restart_and_can_still_be_verified(
         assert channel.count("pay") == 1
     finally:
         again.shutdown()
+
+
+def test_any_blocked_submit_creates_nothing_and_holds_nothing(
+        tmp_path: Path, channel: ScriptedChannel) -> None:
+    engine = open_risky(tmp_path, channel, RiskConfig(rules=RiskRules(
+        amount_max={"CNY": 20_000}, blocked_users=frozenset({"mallory"}))))
+    fund_customer(engine, "mallory")
+    numbers = iter(range(10**6))
+    try:
+        @settings(max_examples=40, deadline=None)
+        @given(who=st.sampled_from(["alice", "mallory"]), cash=st.integers(1, 300).map(
+            lambda n: n * 100))
+        def submit(who: str, cash: int) -> None:
+            request = replace(fuel_request(f"p{next(numbers)}", who),
+                              total_minor=cash + 400, cash=CashPart(cash, "wechat"))
+            before = sum(engine.store.count_orders_by_state().values())
+            blocked = who == "mallory" or cash + 400 > 20_000
+            try:
+                engine.submit(request)
+            except RiskBlocked:
+                assert blocked
+                assert sum(engine.store.count_orders_by_state().values()) == before
+                with pytest.raises(UnknownOrder):
+                    engine.find_order("station-1", request.merchant_order_no)
+                assert held(engine, "mallory") == 0
+            else:
+                assert not blocked
+
+        submit()
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_verify_racing_the_window_timer_either_pays_once_or_never(
+        tmp_path: Path, seed: int) -> None:
+    """On the deterministic runtime, the right code arrives around the end of the window:
+    the order's mailbox decides, so the order passed and paid once, or expired and never
+    paid; never both, never neither."""
+    from payengine.sim.channel import ChannelFaults, SimulatedChannel
+    from payengine.sim.runtime import Scheduler, SimRuntime, SimWorld
+    from payengine.sim.simulation import SeqIds
+
+    sched = Scheduler(seed)
+    world = SimWorld(sched, io_latency_ms=(1, 30))
+    wechat = SimulatedChannel("wechat", world, seed=seed, faults=replace(
+        ChannelFaults.none(), user_never_pays=1.0), wait_for_ack=False)
+    engine = Engine.open(tmp_path / f"race-{seed}.db", channels=[wechat],
+                         policy=replace(SLOW_POLICY, pay_window_ms=30_000),
+                         runtime=SimRuntime(sched, io_latency_ms=(1, 40)), ids=SeqIds(),
+                         synchronous="OFF", risk=step_up_everything(verification_window_ms=1_000))
+    wechat.attach(engine)
+    answers: list[str] = []
+    try:
+        fund_customer(engine)
+        receipt = engine.submit(fuel_request(f"race-{seed}"))
+        expires = engine.get_order(receipt.order_id).verification.expires_at_ms  # type: ignore[union-attr]
+
+        def verify() -> None:
+            try:
+                answers.append(engine.verify(receipt.order_id, CODE).state)
+            except IllegalTransition:
+                answers.append("refused")
+
+        world.call_at(expires + seed % 5 - 2, verify)
+        sched.run_until(lambda: sched.idle() or sched.now_ms > expires + 5_000)
+        order = engine.get_order(receipt.order_id)
+        assert order.verification is not None and len(answers) == 1
+        pays = len(wechat.pay_details_sent(receipt.payment_serial))
+        if order.verification.status == "passed":
+            assert answers[0] != "refused" and pays == 1
+        else:
+            assert order.verification.status == "expired" and order.state == "failed"
+            assert answers[0] == "refused" and pays == 0
+    finally:
+        engine.shutdown()
