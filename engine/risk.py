@@ -106,10 +106,14 @@ def check_code(code: object) -> str:
 
 
 def worst(*verdicts: RiskVerdict) -> RiskVerdict:
-    """The most severe verdict (block > step_up > pass); the first of equals."""
+    """The most severe verdict (block > step_up > pass); of equals the first, except that
+    a step-up whose code was sent already (the risk service's) beats one without, so the
+    user is never sent a second code."""
     best = verdicts[0]
     for verdict in verdicts[1:]:
-        if _SEVERITY[verdict.outcome] > _SEVERITY[best.outcome]:
+        severity, best_severity = _SEVERITY[verdict.outcome], _SEVERITY[best.outcome]
+        if severity > best_severity or (severity == best_severity and best.code is None
+                                        and verdict.code is not None):
             best = verdict
     return best
 

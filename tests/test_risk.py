@@ -507,3 +507,32 @@ def test_a_verify_racing_the_window_timer_either_pays_once_or_never(
             assert answers[0] == "refused" and pays == 0
     finally:
         engine.shutdown()
+
+
+def test_a_step_up_with_the_services_code_beats_the_rules_step_up(
+        tmp_path: Path, channel: ScriptedChannel) -> None:
+    issued: list[str] = []
+
+    def issue_once(request: PaymentRequest, context: RiskContext) -> str:
+        issued.append(request.merchant_order_no)
+        return CODE
+
+    engine = open_risky(tmp_path, channel, RiskConfig(
+        rules=RiskRules(step_up_amount={"CNY": 1}), issue_code=issue_once,
+        hook=Hook(RiskVerdict.step_up("new_device", "5555"))))
+    try:
+        receipt = engine.submit(fuel_request("both-1"))
+        assert issued == []  # the user got the service's code only
+        assert engine.verify(receipt.order_id, "5555").verification.status == "passed"  # type: ignore[union-attr]
+    finally:
+        engine.shutdown()
+
+
+def test_an_order_waiting_for_its_code_is_passivated_and_wakes_for_the_code(
+        risky: Engine, channel: ScriptedChannel) -> None:
+    receipt = risky.submit(fuel_request("idle-1"))
+    wait_for(lambda: risky._ctx.directory.live_count("order") == 0, what="passivation")
+    assert risky._ctx.directory.count("order") == 1  # still in flight
+    risky.verify(receipt.order_id, CODE)
+    wait_for(lambda: risky.get_order(receipt.order_id).state == "paying", what="paying")
+    assert channel.count("pay") == 1
