@@ -41,6 +41,7 @@ from payengine.engine.errors import (
     DuplicateSuspected,
     IllegalTransition,
     PaymentError,
+    RiskBlocked,
 )
 from payengine.engine.order import (
     PLANTABLE_BUGS,
@@ -377,6 +378,8 @@ class Simulation:
                                        counts=self.counts)
         self.close_refused: set[str] = set()
         """Orders a late user close was refused for (paid): they never end closed."""
+        self.risk_blocked: set[str] = set()
+        """Merchant order numbers a submit of was refused by the risk gate."""
         self.closed_by_user: set[str] = set()
         """Orders a late user close answered closed (or failed): they never end paid."""
 
@@ -536,6 +539,8 @@ class Simulation:
             return
         except PaymentError as error:
             self.counts[f"submit_refused:{error.code}"] += 1
+            if isinstance(error, RiskBlocked):
+                self.risk_blocked.add(request.merchant_order_no)
             return
         key = request.merchant_order_no
         first = self.receipts.setdefault(key, receipt)
@@ -732,6 +737,8 @@ class Simulation:
                 report.violations.append(Violation(
                     "closed-order-never-paid", f"order {order_id}",
                     "a user close answered closed, yet the order ended succeeded"))
+        # orders the gate refused every submit of: no order, as promised (one per key)
+        self.counts["orders_blocked_by_risk"] = len(self.risk_blocked - set(self.receipts))
         if self.step_ups is not None:
             report.violations += check_step_ups(engine.store, self.channels,
                                                 self.step_ups.right_code_sent, all_orders=orders)
