@@ -28,6 +28,7 @@ which no code can be had is a block (``step_up_unavailable``): fail closed.
 from __future__ import annotations
 
 import concurrent.futures
+import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -133,7 +134,7 @@ class RiskGate:
         """``count``: ``Store.count_recent_orders``."""
         self.config = config
         self._count = count
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool: _DaemonPool | None = None
         self._pool_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(2 * config.hook_threads)
         self._closed = False
@@ -143,7 +144,7 @@ class RiskGate:
         with self._pool_lock:
             self._closed = True
             if self._pool is not None:
-                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool.shutdown()
 
     def assess(self, request: PaymentRequest, *, order_id: str, now_ms: int) -> Assessment:
         """Pass (``verification`` ``None``), step-up (a ``Verification``), or raise
@@ -191,7 +192,7 @@ class RiskGate:
             return None, "busy (every call slot taken)"
         try:
             future = self._submit(call)
-        except RuntimeError:  # shut down
+        except (RuntimeError, queue.Full):  # shut down (or, never, more than the slots)
             self._slots.release()
             return None, "unavailable (engine shutting down)"
         future.add_done_callback(lambda _: self._slots.release())
@@ -209,8 +210,7 @@ class RiskGate:
             if self._closed:
                 raise RuntimeError("the risk gate is shut down")
             if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    self.config.hook_threads, thread_name_prefix="payengine-risk")
+                self._pool = _DaemonPool(self.config.hook_threads, 2 * self.config.hook_threads)
             return self._pool.submit(call)
 
     def _issue_code(self, request: PaymentRequest, context: RiskContext) -> str:
@@ -224,3 +224,42 @@ class RiskGate:
             raise RiskBlocked("the risk check asks for a verification, and sending the code "
                               f"{failure} (step_up_unavailable)", "step_up_unavailable")
         return code
+
+
+class _DaemonPool:
+    """A fixed pool of daemon threads with a bounded queue.
+
+    Not a ``ThreadPoolExecutor``: its threads are joined when the interpreter exits, so one
+    risk service call that never returns would keep the application from exiting. The
+    callers bound what is queued (``RiskGate._slots``), so ``submit`` never waits."""
+
+    def __init__(self, threads: int, queued_max: int) -> None:
+        self._tasks: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None]
+        self._tasks = queue.Queue(maxsize=queued_max)
+        self._threads = [threading.Thread(target=self._work, name=f"payengine-risk-{n}",
+                                          daemon=True) for n in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, call: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._tasks.put_nowait((call, future))  # bounded by the caller's slots
+        return future
+
+    def shutdown(self) -> None:
+        """Let every thread end once it has nothing to do (a hung call ends with it)."""
+        for _ in self._threads:
+            try:
+                self._tasks.put_nowait(None)
+            except queue.Full:
+                break  # busy threads: they are daemons, nobody waits for them
+
+    def _work(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            call, future = task
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(call())
+            except BaseException as error:  # handed to the waiting submit, never lost
+                future.set_exception(error)

@@ -695,9 +695,9 @@ def with_risk(order: PaymentOrder, verification: Verification | None, note: str 
                   cause=f"{cause}; risk step_up ({verification.rule})")
 
 
-DUPLICATE_GUARD_STATES = frozenset({OrderState.NEEDS_VERIFICATION, OrderState.ACCEPTED, OrderState.PAYING,
-                                    OrderState.DEDUCTING, OrderState.NEEDS_RECONCILIATION,
-                                    OrderState.SUCCEEDED})
+DUPLICATE_GUARD_STATES = frozenset({OrderState.NEEDS_VERIFICATION, OrderState.ACCEPTED,
+                                    OrderState.PAYING, OrderState.DEDUCTING,
+                                    OrderState.NEEDS_RECONCILIATION, OrderState.SUCCEEDED})
 """States of a recent order that make a new one for the same user and amount suspect: it is
 paid or may still be. A failed or closed one is what a user retries after, in good faith."""
 

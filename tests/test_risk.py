@@ -536,3 +536,21 @@ def test_an_order_waiting_for_its_code_is_passivated_and_wakes_for_the_code(
     risky.verify(receipt.order_id, CODE)
     wait_for(lambda: risky.get_order(receipt.order_id).state == "paying", what="paying")
     assert channel.count("pay") == 1
+
+
+def test_a_hook_whose_calls_all_hang_is_not_asked_past_its_slots(
+        tmp_path: Path, channel: ScriptedChannel) -> None:
+    gate = threading.Event()
+    hook = Hook(RiskVerdict.passed(), gate=gate)
+    engine = open_risky(tmp_path, channel, RiskConfig(hook=hook, hook_timeout_ms=20,
+                                                      hook_threads=1))
+    try:
+        causes = [engine.journal(engine.submit(fuel_request(f"hang-{n}")).order_id)[0].cause
+                  for n in range(3)]
+        assert all("risk pass by default" in cause for cause in causes)
+        assert "timed out" in causes[0] and "timed out" in causes[1]
+        assert "busy" in causes[2]  # two calls out (one running, one queued): not asked
+        assert hook.calls == 1
+    finally:
+        gate.set()
+        engine.shutdown()
