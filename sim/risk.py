@@ -89,7 +89,9 @@ def risk_config(rng: random.Random, seed: int) -> RiskConfig:
         device_orders_max=rng.choice([4, 8]),
         velocity_action=rng.choice([RiskOutcome.BLOCK, RiskOutcome.STEP_UP]),
     )
-    return RiskConfig(rules=rules, hook=SimRiskService(seed), hook_timeout_ms=2_000,
+    # The longest wait: the service answers at once, and a real-time timeout on a loaded
+    # machine would make a run depend on the machine, not only on its seed.
+    return RiskConfig(rules=rules, hook=SimRiskService(seed), hook_timeout_ms=10_000,
                       on_timeout=rng.choice(list(RiskOutcome)), issue_code=issue,
                       verification_window_ms=rng.choice([1_000, 2_000]),
                       verify_attempts_max=3)
