@@ -222,6 +222,7 @@ def test_the_right_code_lets_the_order_pay_once(risky: Engine, channel: Scripted
     signed_callback(risky, "wechat", receipt.payment_serial, paid_reply(receipt.payment_serial))
     done = wait_for(lambda: (o := risky.get_order(receipt.order_id)).settled and o)
     assert done.state == "succeeded"
+    wait_for(lambda: channel.count("pay") >= 1, what="the pay call")  # on its lane
     assert channel.count("pay") == 1
     with pytest.raises(IllegalTransition):
         risky.verify(receipt.order_id, "000000")  # not waiting any more
@@ -428,6 +429,7 @@ def test_a_waiting_order_survives_a_restart_and_can_still_be_verified(
         assert again.get_order(receipt.order_id).state == "needs_verification"
         again.verify(receipt.order_id, CODE)
         wait_for(lambda: again.get_order(receipt.order_id).state == "paying")
+        wait_for(lambda: channel.count("pay") >= 1, what="the pay call")  # on its lane
         assert channel.count("pay") == 1
     finally:
         again.shutdown()
@@ -535,6 +537,7 @@ def test_an_order_waiting_for_its_code_is_passivated_and_wakes_for_the_code(
     assert risky._ctx.directory.count("order") == 1  # still in flight
     risky.verify(receipt.order_id, CODE)
     wait_for(lambda: risky.get_order(receipt.order_id).state == "paying", what="paying")
+    wait_for(lambda: channel.count("pay") >= 1, what="the pay call")  # on its lane
     assert channel.count("pay") == 1
 
 
