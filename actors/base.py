@@ -18,13 +18,16 @@ from typing import Any
 
 from payengine.actors.channel import Channel
 from payengine.actors.directory import Directory, Key
+from payengine.actors.health import ChannelHealth
 from payengine.actors.messages import Asked, Paced
 from payengine.actors.notifier import NotificationConfig
 from payengine.actors.runtime import Runtime, TimerHandle
 from payengine.engine.checks import check_id, check_instance, check_int, check_setting, shown
 from payengine.engine.currency import currency_table
 from payengine.engine.errors import EngineClosed, PaymentError
+from payengine.engine.health import BreakerPolicy
 from payengine.engine.order import PLANTABLE_BUGS, OrderPolicy, PaymentOrder
+from payengine.engine.routing import RoutingTable
 from payengine.persistence.group_commit import GroupCommitConfig
 from payengine.persistence.store import Store
 
@@ -70,6 +73,11 @@ class EngineConfig:
     e.g. ``{"XTS": 2}``. Orders, money vouchers and statements use only known currencies."""
     group_commit: GroupCommitConfig = field(default_factory=GroupCommitConfig)
     """Bounds of one commit of the database writer: changes, statements, wait."""
+    routing: RoutingTable = field(default_factory=RoutingTable)
+    """Payment methods and the channels that execute them (``engine.routing``); empty: a
+    ``CashPart.channel`` names its channel directly."""
+    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
+    """When a channel counts as down, and for how long routing skips it (``engine.health``)."""
     currency_table: Mapping[str, int] = field(init=False, repr=False, compare=False)
     """ISO 4217 merged with ``currencies`` (``engine.currency.currency_table``); derived."""
 
@@ -100,6 +108,8 @@ class EngineConfig:
         check_setting(not unknown, f"unknown planted bugs {sorted(unknown)}")
         check_instance(self.notifications, NotificationConfig, "notifications")
         check_instance(self.group_commit, GroupCommitConfig, "group_commit")
+        check_instance(self.routing, RoutingTable, "routing")
+        check_instance(self.breaker, BreakerPolicy, "breaker")
         # Merged once here (and validated: a bad entry refuses the config, typed), since
         # every submit and every statement line looks currencies up.
         object.__setattr__(self, "currency_table", currency_table(self.currencies))
@@ -124,6 +134,9 @@ class Context:
     """Payment serials whose ``pay`` call this process made and has not had back."""
     fresh_orders: FreshOrders = field(default_factory=lambda: FreshOrders())
     """Orders a submit just committed, for their actor's first load (no re-read)."""
+    health: ChannelHealth = field(default_factory=lambda: ChannelHealth((), BreakerPolicy(),
+                                                                        lambda: 0))
+    """Every channel's circuit breaker; set by ``Engine.open``."""
 
 
 class FreshOrders:

@@ -159,6 +159,12 @@ def call_pay(channel: Channel, payment_serial: str, amount_minor: int, currency:
     return channel.pay(payment_serial, amount_minor, currency, title, details=details)
 
 
+def communicated(reply: object, codes: CodeTable) -> bool:
+    """Whether a call got a well-formed answer (its communication code is OK), whatever the
+    answer said: what a channel's circuit breaker counts (``engine.health``)."""
+    return isinstance(reply, ChannelReply) and reply.return_code in codes.communication_ok
+
+
 def cash_result(channel: Channel, reply: ChannelReply | BaseException,
                 source: ResultSource, *, reported_by: str | None = None) -> CashResult:
     """Classify a payment reply, or the exception a call raised, into a ``CashResult``.

@@ -9,9 +9,11 @@ the engine's truth, and never touch the channel.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import uuid
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,6 +32,7 @@ from payengine.actors.channel import (
 )
 from payengine.actors.confirm_limiter import ConfirmLimiter
 from payengine.actors.directory import Directory, Key
+from payengine.actors.health import ChannelHealth
 from payengine.actors.logs import get_logger
 from payengine.actors.messages import (
     AccountView,
@@ -54,6 +57,7 @@ from payengine.engine.checks import (
     check_bool,
     check_id,
     check_instance,
+    check_int,
     check_optional_id,
     shown,
 )
@@ -70,8 +74,9 @@ from payengine.engine.errors import (
     UnknownOrder,
     VerificationFailed,
 )
-from payengine.engine.money import check_amount, check_unit
+from payengine.engine.money import AMOUNT_MAX, check_amount, check_unit
 from payengine.engine.order import (
+    ATTEMPTS_MAX,
     UNVERIFIED_SOURCES,
     Activate,
     CashResult,
@@ -84,8 +89,10 @@ from payengine.engine.order import (
     RefundResult,
     RequestRefund,
     ResultSource,
+    Transition,
     VerifyCode,
     build_order,
+    check_next_attempt,
     check_refund_request,
     check_report,
     check_request,
@@ -96,6 +103,13 @@ from payengine.engine.order import (
     with_risk,
 )
 from payengine.engine.risk import VerificationStatus, check_code
+from payengine.engine.routing import (
+    NoRoute,
+    RouteChoice,
+    RoutingTable,
+    choose_route,
+    route_draw,
+)
 from payengine.engine.voucher import FenceKey, VoucherAccount
 from payengine.persistence import rejections
 from payengine.persistence.rejections import Rejection
@@ -164,6 +178,28 @@ def _channels_by_name(channels: Iterable[Channel]) -> dict[str, Channel]:
     return by_name
 
 
+_SCHEDULES = (("query_schedule_ms", "channel_query_schedules_ms"),
+              ("refund_query_schedule_ms", "channel_refund_query_schedules_ms"))
+
+
+def _with_channel_schedules(policy: OrderPolicy, channels: Mapping[str, Channel]
+                            ) -> OrderPolicy:
+    """``policy`` with the query schedules the channels carry (a configured channel's
+    ``query_schedule_ms``, ``refund_query_schedule_ms``); one the policy names already
+    for that channel is kept."""
+    added: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+    for channel_attribute, policy_field in _SCHEDULES:
+        named = {pair[0] for pair in getattr(policy, policy_field)}
+        for name, channel in channels.items():
+            own = getattr(channel, channel_attribute, None)
+            if own is not None and name not in named:
+                added.setdefault(policy_field, []).append((name, own))
+    if not added:
+        return policy
+    return dataclasses.replace(policy, **{
+        field: getattr(policy, field) + tuple(pairs) for field, pairs in added.items()})
+
+
 class Engine:
     """A payment engine on one SQLite file. Use ``Engine.open(path, channels=[...])``."""
 
@@ -227,6 +263,7 @@ class Engine:
             raise InvalidRequest(f"synchronous must be one of {SYNCHRONOUS_MODES}, got "
                                  f"{shown(synchronous)}")
         config = config or EngineConfig()
+        policy = _with_channel_schedules(policy or OrderPolicy(), by_name)
         store = Store(path, synchronous=synchronous,  # first: a refused file starts nothing
                       group_commit=config.group_commit)
         runtime = runtime or PooledRuntime(actor_threads=config.actor_threads)
@@ -244,6 +281,7 @@ class Engine:
                       log=get_logger().bind(db=store.path))
         ctx.voucher_link = (voucher_link or DirectVoucherLink)(ctx.directory)
         ctx.notifications = Notifications(ctx, subscribers or {})
+        ctx.health = ChannelHealth(by_name, config.breaker, runtime.now_ms)
         ctx_holder.append(ctx)
         engine = cls(ctx, ids or RandomIds(), risk)
         engine._resume()
@@ -428,13 +466,18 @@ class Engine:
 
     def _submit(self, request: PaymentRequest) -> Receipt:
         ctx = self._ctx
-        if request.cash is not None and request.cash.channel not in ctx.channels:
+        order_id = self._ids.new_order_id()
+        route = self._route(request, order_id)
+        channel = route.channel if route is not None else (
+            None if request.cash is None else request.cash.channel)
+        if request.cash is not None and channel not in ctx.channels:
             raise InvalidRequest(f"unknown channel {request.cash.channel!r}; "
-                                 f"known: {sorted(ctx.channels)}")
+                                 f"known: {sorted(ctx.channels)}, methods: "
+                                 f"{sorted(ctx.config.routing.methods)}")
         if request.cash is not None and request.cash.details is not None and (
-            request.cash.channel not in self._channels_taking_details
+            channel not in self._channels_taking_details
         ):
-            raise InvalidRequest(f"channel {request.cash.channel!r} takes no pay details (its "
+            raise InvalidRequest(f"channel {channel!r} takes no pay details (its "
                                  "pay() has no 'details' parameter)")
         names = [part.account_id for part in request.vouchers]
         units = ctx.store.account_units(names)
@@ -442,13 +485,13 @@ class Engine:
         if missing:
             raise UnknownAccount(f"no voucher account {missing[0]}")
         now_ms = ctx.runtime.now_ms()
-        order = build_order(request, order_id=self._ids.new_order_id(),
+        order = build_order(request, order_id=order_id,
                             payment_serial=self._ids.new_payment_serial(), now_ms=now_ms,
                             accounts=units, policy=ctx.policy,
-                            currencies=ctx.config.currency_table)
+                            currencies=ctx.config.currency_table, cash_channel=channel)
         live, bound = ctx.directory.count("order"), ctx.config.live_orders_max
-        if live >= bound and ctx.store.order_id_for_merchant(
-                request.merchant_id, request.merchant_order_no) is None:
+        if live >= bound and ctx.store.attempt_order_id(
+                request.merchant_id, request.merchant_order_no, request.attempt) is None:
             raise self._admission.refuse_live_orders(live, bound)  # a retry is not new
         self._guard_user_duplicates(request, now_ms)
         order = self._assess_risk(request, order, now_ms)
@@ -456,7 +499,11 @@ class Engine:
         # starts for it, whoever's message starts it, takes exactly the committed state.
         ctx.fresh_orders.put(order)
         try:
-            existing = ctx.store.insert_order(order, now_ms)
+            existing = ctx.store.insert_order(
+                order, now_ms, () if route is None else (
+                    Transition("route", route.method, route.channel, route.cause),),
+                may_follow=lambda latest: check_next_attempt(
+                    latest, request, planted_bugs=ctx.config.planted_bugs))
         except BaseException:
             ctx.fresh_orders.take(order.order_id)
             raise
@@ -478,9 +525,10 @@ class Engine:
                      ) -> PaymentOrder:
         """The risk gate (``actors.risk_gate``): ``order`` as the gate decided (a step-up
         starts in ``needs_verification``), or ``RiskBlocked`` with nothing created. A retry
-        of an accepted submit is not assessed again: it gets its receipt."""
-        if self._risk is None or self._ctx.store.order_id_for_merchant(
-                request.merchant_id, request.merchant_order_no) is not None:
+        of an accepted submit is not assessed again: it gets its receipt (another attempt
+        of the same trade order is a new payment: it is)."""
+        if self._risk is None or self._ctx.store.attempt_order_id(
+                request.merchant_id, request.merchant_order_no, request.attempt) is not None:
             return order
         assessment = self._risk.assess(request, order_id=order.order_id, now_ms=now_ms)
         return with_risk(order, assessment.verification, assessment.note)
@@ -515,6 +563,30 @@ class Engine:
         raise IllegalTransition(f"order {order_id} is {view.state}: its verification "
                                 f"{verification.status} before the code came")
 
+    def _route(self, request: PaymentRequest, order_id: str) -> RouteChoice | None:
+        """The channel for a cash part that names a payment method (``EngineConfig.routing``);
+        ``None`` for one that names its channel. ``NoRoute`` when no route can take it,
+        except for a retry of an accepted order, which gets its receipt whatever the
+        channels' health now (the first route stands in: the stored order is answered)."""
+        ctx = self._ctx
+        table = ctx.config.routing
+        if request.cash is None or request.cash.channel not in table.methods:
+            return None
+        if "route-ignores-limits" in ctx.config.planted_bugs:
+            table = RoutingTable(tuple(replace(r, amount_max_minor=AMOUNT_MAX)
+                                       for r in table.routes))
+        try:
+            return choose_route(table, request.cash.channel, request.cash.amount_minor,
+                                request.currency, unavailable=ctx.health.unavailable(),
+                                fee_ppm=ctx.config.fee_ppm, draw=route_draw(order_id),
+                                known_channels=ctx.channels.keys())
+        except NoRoute:
+            if ctx.store.attempt_order_id(request.merchant_id, request.merchant_order_no,
+                                          request.attempt) is None:
+                raise
+            first = table.of(request.cash.channel)[0]
+            return RouteChoice(first.method, first.channel, ())
+
     def _guard_user_duplicates(self, request: PaymentRequest, now_ms: int) -> None:
         """Warn (``DuplicateSuspected``) of a new order like one the user made moments ago.
 
@@ -523,10 +595,11 @@ class Engine:
         """
         window_ms = self._ctx.config.duplicate_guard_window_ms
         store = self._ctx.store
-        if request.confirm_duplicate or window_ms <= 0 or store.order_id_for_merchant(
-            request.merchant_id, request.merchant_order_no
-        ) is not None:
-            return
+        if request.confirm_duplicate or window_ms <= 0 or request.attempt != 1 or (
+            store.order_id_for_merchant(request.merchant_id, request.merchant_order_no)
+            is not None
+        ):
+            return  # a retry, or another attempt of the same trade: not a new purchase
         similar = suspected_duplicates(request, store.recent_user_orders(
             request.user_id, now_ms - window_ms, request.total_minor, request.currency),
             now_ms=now_ms, window_ms=window_ms)
@@ -723,14 +796,22 @@ class Engine:
             raise UnknownOrder(f"no payment order {order_id}")
         return OrderView.of(order)
 
-    def find_order(self, merchant_id: str, merchant_order_no: str) -> OrderView:
-        """The order submitted under a merchant's order number."""
+    def find_order(self, merchant_id: str, merchant_order_no: str,
+                   attempt: int | None = None) -> OrderView:
+        """The order submitted under a merchant's order number: its latest attempt, or
+        ``attempt`` (``UnknownOrder`` if that attempt was never made)."""
         self._check_open()
         check_id(merchant_id, "merchant_id")
         check_id(merchant_order_no, "merchant_order_no")
-        order_id = self._ctx.store.order_id_for_merchant(merchant_id, merchant_order_no)
+        store = self._ctx.store
+        if attempt is None:
+            order_id = store.order_id_for_merchant(merchant_id, merchant_order_no)
+        else:
+            check_int(attempt, "attempt", 1, ATTEMPTS_MAX)
+            order_id = store.attempt_order_id(merchant_id, merchant_order_no, attempt)
         if order_id is None:
-            raise UnknownOrder(f"no order for {merchant_id}/{merchant_order_no}")
+            which = "" if attempt is None else f" attempt {attempt}"
+            raise UnknownOrder(f"no order for {merchant_id}/{merchant_order_no}{which}")
         return self.get_order(order_id)
 
     def journal(self, order_id: str) -> list[JournalEntry]:
@@ -764,6 +845,11 @@ class Engine:
         """Ledger postings whose entries do not sum to zero: always empty unless a bug."""
         self._check_open()
         return self._ctx.store.unbalanced_postings()
+
+    def channel_health(self) -> dict[str, str]:
+        """Each channel's circuit breaker: ``closed`` (in use), ``open`` (down: routing skips
+        it) or ``half_open`` (routing may try it again). See ``engine.health``."""
+        return {name: state.value for name, state in self._ctx.health.states().items()}
 
     def broken_actors(self) -> dict[str, str]:
         """Orders and accounts quarantined on a broken invariant ("order:ID" -> error).

@@ -111,6 +111,8 @@ class Receipt:
     title: str
     accepted_at_ms: int
     close_at_ms: int
+    attempt: int = 1
+    """Which payment attempt of the trade order this order is."""
     needs_verification: bool = False
     """The risk gate asked for a step-up: send the user to identity verification, then
     ``Engine.verify(order_id, code)``. The same for a retried submit of the same order."""
@@ -119,7 +121,8 @@ class Receipt:
     def of(order: PaymentOrder) -> Receipt:
         return Receipt(order.order_id, order.payment_serial, order.merchant_id,
                        order.merchant_order_no, order.total_minor, order.currency, order.title,
-                       order.created_at_ms, order.close_at_ms, order.verification is not None)
+                       order.created_at_ms, order.close_at_ms, order.attempt,
+                       order.verification is not None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,12 +158,15 @@ class LegView:
     """The caller's pre-hold a ``pre_held`` leg adopted; ``None`` for every other leg."""
     channel_txn_id: str | None
     refund_id: str | None
+    channel: str | None = None
+    """The cash leg's executing channel (the one routing chose for a method); ``None`` for a
+    voucher leg."""
 
     @staticmethod
     def of(leg: Leg) -> LegView:
         return LegView(leg.leg_no, leg.mode.value, leg.account_id, leg.amount, leg.unit,
                        leg.value_minor, leg.status.value, leg.hold_id, leg.channel_txn_id,
-                       leg.refund_id)
+                       leg.refund_id, leg.channel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +194,8 @@ class OrderView:
     the prepay id (JSAPI, APP), the deeplink (H5), or ``user_action`` such as
     ``"enter_password"`` (a barcode payment waiting for the payer's PIN). ``None`` until the
     channel answered the pay with one, and once the order is closed or paid."""
+    attempt: int = 1
+    """Which payment attempt of its trade order this order is (``PaymentRequest.attempt``)."""
     verification: VerificationView | None = None
     """The step-up the risk gate asked for (``None``: none). While ``state`` is
     ``needs_verification`` its ``status`` is ``pending``: go to identity verification (核身)."""
@@ -201,7 +209,7 @@ class OrderView:
                          order.total_minor, order.currency, order.is_settled,
                          tuple(LegView.of(leg) for leg in order.legs),
                          tuple(RefundView.of(r) for r in order.refunds), order.refunded_minor,
-                         order.prepay if showing else None,
+                         order.prepay if showing else None, order.attempt,
                          VerificationView.of(order.verification))
 
     def refund(self, refund_no: str) -> RefundView:

@@ -27,7 +27,13 @@ from dataclasses import replace
 from typing import Any
 
 from payengine.actors.base import ActorBehaviour, Context
-from payengine.actors.channel import call_pay, cash_result, query_charge_result, refund_result
+from payengine.actors.channel import (
+    call_pay,
+    cash_result,
+    communicated,
+    query_charge_result,
+    refund_result,
+)
 from payengine.actors.directory import Key
 from payengine.actors.messages import FromOrder, OrderView
 from payengine.actors.runtime import TimerHandle
@@ -296,8 +302,11 @@ class OrderBehaviour(ActorBehaviour):
         directory, key, serial = self.ctx.directory, self.key, effect.payment_serial
         in_flight = self.ctx.pays_in_flight
 
+        health = self.ctx.health
+
         def answered(reply: Any) -> None:
             in_flight.discard(serial)
+            health.record(effect.channel, communicated(reply, channel.pay_codes))
             directory.tell(key, cash_result(channel, reply, ResultSource.SYNC))
 
         in_flight.add(serial)
@@ -311,11 +320,13 @@ class OrderBehaviour(ActorBehaviour):
 
     def _call_channel(self, name: str, source: ResultSource, call: Any) -> None:
         channel = self.ctx.channels[name]
-        directory, key = self.ctx.directory, self.key
-        self.ctx.runtime.run_io(
-            name, lambda: call(channel),
-            lambda reply: directory.tell(key, cash_result(channel, reply, source)),
-        )
+        directory, key, health = self.ctx.directory, self.key, self.ctx.health
+
+        def answered(reply: Any) -> None:
+            health.record(name, communicated(reply, channel.pay_codes))
+            directory.tell(key, cash_result(channel, reply, source))
+
+        self.ctx.runtime.run_io(name, lambda: call(channel), answered)
 
     def _call_refund(self, name: str, refund_id: str, source: ResultSource, call: Any) -> None:
         channel = self.ctx.channels[name]

@@ -24,19 +24,41 @@ class ResultKind(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class CodeTable:
-    """The codes of one channel. Frozen sets so a table is a value that can be shared."""
+    """The codes of one channel. Frozen sets so a table is a value that can be shared.
+
+    ``processing`` and ``retryable`` are optional, for tables written in a configuration:
+    ``processing`` names codes known to mean "not decided yet" (they classify as any
+    unlisted code does, but a table that lists them cannot also list them as success or
+    failure by mistake); ``retryable`` names the failure codes after which paying the same
+    amount by another route is safe (nothing was charged and nothing will be: a balance too
+    low, a card refused), for the routing to use. A communication failure is never
+    retryable: the request may have reached the channel."""
 
     channel: str
     communication_ok: frozenset[str]
     success: frozenset[str]
     failure: frozenset[str]
+    processing: frozenset[str] = frozenset()
+    retryable: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         """A code meaning both success and failure would decide money by accident."""
+        for name in ("communication_ok", "success", "failure", "processing", "retryable"):
+            value = getattr(self, name)
+            if not isinstance(value, frozenset) or not all(isinstance(c, str) for c in value):
+                raise InvalidRequest(f"{self.channel}: {name} must be a frozenset of str")
         overlap = self.success & self.failure
         if overlap:
             raise InvalidRequest(f"{self.channel}: codes both success and failure: "
                                  f"{sorted(overlap)}")
+        overlap = self.processing & (self.success | self.failure)
+        if overlap:
+            raise InvalidRequest(f"{self.channel}: codes both processing and decided: "
+                                 f"{sorted(overlap)}")
+        stray = self.retryable - self.failure
+        if stray:
+            raise InvalidRequest(f"{self.channel}: retryable codes must be failure codes: "
+                                 f"{sorted(stray)}")
 
     def classify(self, communication_code: str | None, business_code: str | None) -> ResultKind:
         """Map a reply's two codes to a result; unknown or missing codes mean PROCESSING."""
@@ -47,6 +69,11 @@ class CodeTable:
         if business_code in self.failure:
             return ResultKind.FAILURE
         return ResultKind.PROCESSING
+
+    def is_retryable(self, communication_code: str | None, business_code: str | None) -> bool:
+        """Whether the reply is a failure after which another route may be tried."""
+        return (self.classify(communication_code, business_code) is ResultKind.FAILURE
+                and business_code in self.retryable)
 
 
 WECHAT_LIKE_PAY_CODES = CodeTable(

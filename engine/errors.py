@@ -85,6 +85,13 @@ class IdempotencyConflict(PaymentError):
     code = "idempotency_conflict"
 
 
+class AttemptRefused(PaymentError):
+    """A new attempt of a trade order cannot be made now: its latest attempt is still being
+    paid, or succeeded, or the attempt number is not the next one. Nothing was created."""
+
+    code = "attempt_refused"
+
+
 class IllegalTransition(PaymentError):
     """The order's state does not allow this event (e.g. a user close of a paid order)."""
 
@@ -145,6 +152,23 @@ class DuplicateSuspected(PaymentError):
     def __init__(self, message: str, order_ids: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.order_ids = order_ids
+
+
+class ConfigError(PaymentError):
+    """A channel configuration (a TOML file, its parsed dict, or ``ChannelConfig`` objects)
+    is wrong: ``key`` names the setting (``channels.wechat-1.signing.method``), ``problem``
+    says what is wrong with it. Nothing was built."""
+
+    code = "config_error"
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}" if key else problem)
+        self.key = key
+        self.problem = problem
+
+    def within(self, prefix: str) -> ConfigError:
+        """The same error, its key under ``prefix`` (``channels.wechat-1`` + ``fee``)."""
+        return ConfigError(f"{prefix}.{self.key}" if self.key else prefix, self.problem)
 
 
 class NotificationRejected(PaymentError):

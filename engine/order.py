@@ -45,6 +45,7 @@ from payengine.engine.checks import (
 from payengine.engine.codes import ResultKind
 from payengine.engine.currency import ISO_4217, check_currency
 from payengine.engine.errors import (
+    AttemptRefused,
     IdempotencyConflict,
     IllegalTransition,
     InvalidAmount,
@@ -300,6 +301,10 @@ class PaymentRequest:
     confirm_duplicate: bool = False
     """The caller was warned of a similar recent order (``DuplicateSuspected``) and the user
     chose to pay anyway. Not part of the fingerprint: it is a decision, not a parameter."""
+    attempt: int = 1
+    """Which payment attempt of the trade order this is (1..``ATTEMPTS_MAX``). Attempt n+1
+    may be made once attempt n failed or closed, maybe with another method; only one attempt
+    of a trade order can succeed (a success on an older one is refunded)."""
 
     def fingerprint(self) -> str:
         """A stable digest of every parameter: equal requests, equal fingerprints."""
@@ -310,11 +315,14 @@ class PaymentRequest:
             cash = [self.cash.amount_minor, self.cash.channel]
             if self.cash.details is not None:  # appended only when given: digests of
                 cash.append(details_json(self.cash.details))  # older requests stay equal
-        canonical = json.dumps([
+        fields: list[object] = [
             self.merchant_id, self.merchant_order_no, self.user_id, self.currency,
             self.total_minor, self.title, self.pay_window_ms, cash,
             [[v.account_id, v.amount, v.mode.value, v.hold_id] for v in self.vouchers],
-        ], ensure_ascii=True, separators=(",", ":"))
+        ]
+        if self.attempt != 1:  # appended only then: first attempts keep older digests
+            fields.append(self.attempt)
+        canonical = json.dumps(fields, ensure_ascii=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -393,14 +401,19 @@ PLANTABLE_BUGS = frozenset({"confirm-twice", "no-refund-after-close", "regress-s
                             "skip-hold", "over-refund", "ledger-unbalanced",
                             "accept-wrong-channel", "trust-forged-notification",
                             "holds-never-expire", "sentinel-gives-up", "pay-details-lost",
-                            "risk-ignored"})
+                            "route-ignores-limits", "two-attempts-succeed",
+                            "codes-processing-as-failure", "risk-ignored"})
 """Bugs the simulator can switch on (``payengine sim --plant-bug NAME``): a success after the
 close kept, a late "processing" moving a success back, vouchers never held, a hold posted
 twice, a hold never expired (the account actor's), owed voucher follow-ups no longer sent
 once the fast retry schedule is over or at a start of the order (``sentinel-gives-up``), a
-pay re-sent after a restart without the request's details (``pay-details-lost``), an order
-waiting for its step-up verification paid all the same (``risk-ignored``).
-Each must make the oracle report a violation."""
+pay sent without the request's details (``pay-details-lost``), routing
+past a route's amount limits (``route-ignores-limits``), a next attempt made while the
+previous one may still succeed (``two-attempts-succeed``), a channel configuration's
+``processing`` codes read as failures (``codes-processing-as-failure``: the bug lives in the
+configuration loader, ``actors.adapters.config``, which the simulator builds its wallets
+with), an order waiting for its step-up verification paid all the same
+(``risk-ignored``). Each must make the oracle report a violation."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,6 +432,11 @@ class OrderPolicy:
     refund_query_schedule_ms: tuple[int, ...] = (
         1_000, 2_000, 5_000, 10_000, 20_000, 40_000, 100_000,
     )
+    channel_query_schedules_ms: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """``(channel, schedule)`` pairs: a channel's own ``query_schedule_ms`` (from its
+    configuration; ``Engine.open`` adds those its channels carry); other channels use the
+    default."""
+    channel_refund_query_schedules_ms: tuple[tuple[str, tuple[int, ...]], ...] = ()
     voucher_retry_schedule_ms: tuple[int, ...] = (1_000, 2_000, 5_000, 10_000, 30_000)
     """Gaps between re-sending unanswered voucher commands (idempotent by hold id); after
     the last gap an unanswered Try or debit is cancelled and fails the payment, while an
@@ -451,6 +469,18 @@ class OrderPolicy:
         for name in ("query_schedule_ms", "refund_query_schedule_ms",
                      "voucher_retry_schedule_ms"):
             check_schedule(getattr(self, name), name, gap_max=day_ms)
+        for name in ("channel_query_schedules_ms", "channel_refund_query_schedules_ms"):
+            pairs = getattr(self, name)
+            check_setting(isinstance(pairs, tuple) and len(pairs) <= 1_000,
+                          f"{name} must be a tuple of at most 1000 (channel, schedule) pairs")
+            seen = set()
+            for pair in pairs:
+                check_setting(isinstance(pair, tuple) and len(pair) == 2,
+                              f"{name} holds (channel, schedule) pairs, not {shown(pair)}")
+                channel = check_id(pair[0], f"{name} channel")
+                check_setting(channel not in seen, f"{name} names {channel!r} twice")
+                seen.add(channel)
+                check_schedule(pair[1], f"{name} {channel}", gap_max=day_ms)
         retry_total = sum(self.voucher_retry_schedule_ms)
         check_setting(self.hold_grace_ms > 2 * retry_total, (
             f"hold_grace_ms {self.hold_grace_ms} must exceed twice the voucher retry schedule "
@@ -464,6 +494,19 @@ class OrderPolicy:
         check_int(self.refunds_max, "refunds_max", 1, 10_000)
         unknown = set(self.planted_bugs) - PLANTABLE_BUGS
         check_setting(not unknown, f"unknown planted bugs {sorted(unknown)}")
+
+    def query_schedule_for(self, channel: str | None) -> tuple[int, ...]:
+        """The gaps between status queries of a payment through ``channel``."""
+        for name, schedule in self.channel_query_schedules_ms:
+            if name == channel:
+                return schedule
+        return self.query_schedule_ms
+
+    def refund_query_schedule_for(self, channel: str | None) -> tuple[int, ...]:
+        for name, schedule in self.channel_refund_query_schedules_ms:
+            if name == channel:
+                return schedule
+        return self.refund_query_schedule_ms
 
 
 # --------------------------------------------------------------------------- the order
@@ -500,6 +543,8 @@ class PaymentOrder:
     version: int = 0
     pay_details: PayDetails | None = None
     """What the cash part's channel needs besides the amount (``CashPart.details``)."""
+    attempt: int = 1
+    """Which payment attempt of its trade order this order is (``PaymentRequest.attempt``)."""
     prepay: Prepay | None = None
     """What the pay reply gave for the payer (QR code, prepay id, "enter password"): the
     latest one an answer to the engine's own call carried while the cash was being paid."""
@@ -575,6 +620,8 @@ class PaymentOrder:
         return FenceKey.order_leg(self.order_id, leg.leg_no)
 
 
+ATTEMPTS_MAX = 10
+"""Most payment attempts of one trade order."""
 TITLE_MAX = 128
 """Most characters in an order's title (what the wallet shows the payer)."""
 REASON_MAX = 256
@@ -603,6 +650,7 @@ def check_request(request: object, *, policy: OrderPolicy,
         raise InvalidRequest(f"pay_window_ms must be 1..{policy.pay_window_ms_max}, got "
                              f"{shown(window)}")
     check_bool(request.confirm_duplicate, "confirm_duplicate")
+    check_int(request.attempt, "attempt", 1, ATTEMPTS_MAX)
     if request.cash is not None:
         cash = check_instance(request.cash, CashPart, "cash")
         check_amount(cash.amount_minor, "cash amount_minor")
@@ -631,8 +679,12 @@ def build_order(
     accounts: Mapping[str, AccountUnit],
     policy: OrderPolicy,
     currencies: Mapping[str, int] = ISO_4217,
+    cash_channel: str | None = None,
 ) -> PaymentOrder:
     """Validate ``request`` and build its order in ACCEPTED; raise a typed error if invalid.
+
+    ``cash_channel``: the channel routing chose for the method ``request.cash.channel``
+    names (``engine.routing``); ``None``: the cash part names its channel itself.
 
     ``accounts`` gives the unit of every voucher account the request names; a missing one is
     the caller's ``UnknownAccount`` to raise before calling this. ``currencies``: the
@@ -648,9 +700,11 @@ def build_order(
     legs: list[Leg] = []
     if request.cash is not None:
         cash_amount = request.cash.amount_minor
+        channel = request.cash.channel if cash_channel is None else check_id(
+            cash_channel, "the routed channel")
         legs.append(
             Leg(0, LegMode.CASH, None, cash_amount, currency, cash_amount, None,
-                channel=request.cash.channel)
+                channel=channel)
         )
     seen_accounts: set[str] = set()
     for leg_no, part in enumerate(request.vouchers, start=1):
@@ -677,6 +731,7 @@ def build_order(
         hold_expires_at_ms=close_at + policy.hold_grace_ms,
         legs=tuple(legs),
         pay_details=None if request.cash is None else request.cash.details,
+        attempt=request.attempt,
     )
 
 
@@ -715,6 +770,35 @@ def suspected_duplicates(request: PaymentRequest, recent: Sequence[PaymentOrder]
             and now_ms - window_ms <= o.created_at_ms <= now_ms
             and (o.merchant_id, o.merchant_order_no) != (request.merchant_id,
                                                          request.merchant_order_no)]
+
+
+RETRYABLE_STATES = frozenset({OrderState.FAILED, OrderState.CLOSED})
+"""An attempt in one of these may be followed by the next attempt: nothing was kept (a
+success that still comes for it is refunded, as for any closed or failed order)."""
+
+
+def check_next_attempt(latest: PaymentOrder, request: PaymentRequest, *,
+                       planted_bugs: frozenset[str] = frozenset()) -> None:
+    """Whether ``request`` may be the next attempt after ``latest`` (its trade order's latest
+    attempt): ``AttemptRefused`` or ``IdempotencyConflict`` otherwise.
+
+    The trade order is what the merchant sells, so the next attempt pays the same: same user,
+    currency, total and title; its method and split may differ.
+    """
+    if request.attempt != latest.attempt + 1:
+        raise AttemptRefused(
+            f"trade order {request.merchant_id}/{request.merchant_order_no} has "
+            f"{latest.attempt} attempt(s): the next is {latest.attempt + 1}, not "
+            f"{request.attempt}")
+    if latest.state not in RETRYABLE_STATES and "two-attempts-succeed" not in planted_bugs:
+        raise AttemptRefused(
+            f"attempt {latest.attempt} of {request.merchant_id}/{request.merchant_order_no} "
+            f"is {latest.state.value}: a new attempt only after it failed or closed")
+    same = (latest.user_id, latest.currency, latest.total_minor, latest.title)
+    if (request.user_id, request.currency, request.total_minor, request.title) != same:
+        raise IdempotencyConflict(
+            f"attempt {request.attempt} of {request.merchant_id}/{request.merchant_order_no} "
+            "must pay the same trade (user, currency, total, title) as the ones before")
 
 
 def _voucher_leg(
@@ -1228,10 +1312,7 @@ def _reissue(d: _Draft, leg: Leg) -> None:
         elif order.is_terminal:  # closed: the channel close may never have left the process
             d.effects.append(CloseCash(leg.channel, order.payment_serial))
         elif leg.channel_code is None and d.now_ms < order.close_at_ms:
-            pay = _pay(order, leg)  # never a payment past its window
-            if "pay-details-lost" in d.policy.planted_bugs:
-                pay = evolve(pay, details=None)
-            d.effects.append(pay)
+            d.effects.append(_pay(d, leg))  # never a payment past its window
             d.volatile(pay_in_flight=True)
         if order.next_query_at_ms is not None:  # None: the schedule already ran out
             d.effects.append(ArmTimer(TimerKind.QUERY, order.next_query_at_ms, order.query_attempt))
@@ -1245,10 +1326,12 @@ def _try(order: PaymentOrder, leg: Leg) -> TryHold:
                    leg.leg_no, adopt_only=leg.mode is LegMode.PRE_HELD)
 
 
-def _pay(order: PaymentOrder, cash: Leg) -> PayCash:
+def _pay(d: _Draft, cash: Leg) -> PayCash:
+    order = d.order
     assert cash.channel is not None
+    details = None if "pay-details-lost" in d.policy.planted_bugs else order.pay_details
     return PayCash(cash.channel, order.payment_serial, cash.amount, order.currency, order.title,
-                   order.pay_details)
+                   details)
 
 
 def _refund(order: PaymentOrder, cash: Leg) -> RefundCash:
@@ -1278,13 +1361,18 @@ def _start_cash(d: _Draft) -> None:
     d.move(Trigger.HOLDS_PLACED)
     assert cash.channel is not None
     d.set_leg(cash.leg_no, LegStatus.PAYING, "pay")
-    d.effects.append(_pay(d.order, d.order.leg(cash.leg_no)))
+    d.effects.append(_pay(d, d.order.leg(cash.leg_no)))
     d.volatile(pay_in_flight=True)
     _arm_query(d, attempt=0)
 
 
+def _cash_channel(d: _Draft) -> str | None:
+    cash = d.cash()
+    return None if cash is None else cash.channel
+
+
 def _arm_query(d: _Draft, attempt: int) -> None:
-    schedule = d.policy.query_schedule_ms
+    schedule = d.policy.query_schedule_for(_cash_channel(d))
     gap = schedule[min(attempt, len(schedule) - 1)]
     due = d.now_ms + gap
     d.update(query_attempt=attempt, next_query_at_ms=due)
@@ -1292,7 +1380,7 @@ def _arm_query(d: _Draft, attempt: int) -> None:
 
 
 def _arm_refund_query(d: _Draft, attempt: int) -> None:
-    schedule = d.policy.refund_query_schedule_ms
+    schedule = d.policy.refund_query_schedule_for(_cash_channel(d))
     due = d.now_ms + schedule[min(attempt, len(schedule) - 1)]
     d.update(refund_query_attempt=attempt, next_refund_query_at_ms=due)
     d.effects.append(ArmTimer(TimerKind.REFUND_QUERY, due, attempt))
@@ -1859,7 +1947,7 @@ def _query_due(d: _Draft, token: int) -> str:
     if cash is None or cash.status is not LegStatus.PAYING or token != d.order.query_attempt:
         return "stale: query timer"
     assert cash.channel is not None
-    attempts = len(d.policy.query_schedule_ms)
+    attempts = len(d.policy.query_schedule_for(cash.channel))
     if token >= attempts:
         if d.order.state is OrderState.PAYING:
             d.move(Trigger.QUERIES_EXHAUSTED)
@@ -1887,7 +1975,7 @@ def _refund_query_due(d: _Draft, token: int) -> str:
     ):
         return "stale: refund query timer"
     assert cash.channel is not None
-    if token >= len(d.policy.refund_query_schedule_ms):
+    if token >= len(d.policy.refund_query_schedule_for(cash.channel)):
         cause = "refund queries exhausted"
         if closing:
             d.set_leg(cash.leg_no, LegStatus.REFUND_UNKNOWN, cause)

@@ -14,6 +14,20 @@ payengine is quiet when embedded: it logs through structlog into the standard li
 ``NullHandler``. Configure ``logging`` in your application to see the records.
 """
 
+from payengine.actors.adapters import (
+    ChannelConfig,
+    Credentials,
+    HttpChannel,
+    Operation,
+    RecordedChannel,
+    ReplyMapping,
+    Signing,
+    load_channels,
+    load_config,
+    parse_config,
+    read_records,
+    replay_mismatches,
+)
 from payengine.actors.admission import AdmissionStats
 from payengine.actors.base import EngineConfig
 from payengine.actors.channel import (
@@ -42,6 +56,8 @@ from payengine.engine.codes import CodeTable, ResultKind
 from payengine.engine.errors import (
     AccountExists,
     ActorBroken,
+    AttemptRefused,
+    ConfigError,
     CurrencyMismatch,
     DatabaseInUse,
     DuplicateSuspected,
@@ -64,6 +80,7 @@ from payengine.engine.errors import (
     UnknownOrder,
     VerificationFailed,
 )
+from payengine.engine.health import BreakerPolicy
 from payengine.engine.order import (
     CashPart,
     LegMode,
@@ -74,6 +91,7 @@ from payengine.engine.order import (
     VoucherPart,
 )
 from payengine.engine.risk import RiskOutcome, RiskRules, RiskVerdict
+from payengine.engine.routing import NoRoute, Route, RoutingTable
 from payengine.engine.statement import StatementError
 from payengine.persistence.group_commit import GroupCommitConfig
 from payengine.persistence.outbox import OutboxEvent
@@ -86,11 +104,16 @@ __all__ = [
     "AccountView",
     "ActorBroken",
     "AdmissionStats",
+    "AttemptRefused",
+    "BreakerPolicy",
     "CashPart",
     "Channel",
+    "ChannelConfig",
     "ChannelNotification",
     "ChannelReply",
     "CodeTable",
+    "ConfigError",
+    "Credentials",
     "CurrencyMismatch",
     "DatabaseInUse",
     "DuplicateSuspected",
@@ -101,6 +124,7 @@ __all__ = [
     "HoldNotPending",
     "HoldRefused",
     "HoldView",
+    "HttpChannel",
     "IdSource",
     "IdempotencyConflict",
     "IllegalTransition",
@@ -110,9 +134,11 @@ __all__ = [
     "InvalidRequest",
     "LegMode",
     "LegView",
+    "NoRoute",
     "NotificationConfig",
     "NotificationKind",
     "NotificationRejected",
+    "Operation",
     "OrderPolicy",
     "OrderState",
     "OrderView",
@@ -127,9 +153,11 @@ __all__ = [
     "RandomIds",
     "Receipt",
     "ReconciliationReport",
+    "RecordedChannel",
     "RefundRefused",
     "RefundView",
     "Rejection",
+    "ReplyMapping",
     "ResultKind",
     "RiskBlocked",
     "RiskConfig",
@@ -138,8 +166,11 @@ __all__ = [
     "RiskOutcome",
     "RiskRules",
     "RiskVerdict",
+    "Route",
+    "RoutingTable",
     "Runtime",
     "SignedJsonNotifications",
+    "Signing",
     "StatementError",
     "ThreadRuntime",
     "UnknownAccount",
@@ -149,4 +180,9 @@ __all__ = [
     "VerificationView",
     "VoucherPart",
     "__version__",
+    "load_channels",
+    "load_config",
+    "parse_config",
+    "read_records",
+    "replay_mismatches",
 ]

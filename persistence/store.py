@@ -36,6 +36,7 @@ from payengine.engine.channel_data import (
 )
 from payengine.engine.errors import (
     AccountExists,
+    AttemptRefused,
     DatabaseInUse,
     EngineClosed,
     IdempotencyConflict,
@@ -72,12 +73,13 @@ from payengine.engine.voucher import (
 from payengine.persistence import outbox, rejections, statements
 from payengine.persistence.group_commit import CommitStats, GroupCommit, GroupCommitConfig
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """Bumped whenever a table changes shape; a file of another version is refused at open
 (``IncompatibleDatabase``). 2: fences keyed by (account, scope, owner, leg), not a hold id.
 3: one journal row per change, holding that change's transitions. 4: an order's pay details
-and prepay (JSON arrays). 5: an order's step-up verification (a JSON array) and device id
-(for the risk gate's velocity per device)."""
+and prepay (JSON arrays); payment attempts (``payment_orders.attempt``, unique per trade
+order; ``trade_orders.order_id`` is the latest attempt). 6: an order's step-up verification
+(a JSON array) and device id (for the risk gate's velocity per device)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,7 +294,7 @@ class Store:
                  "query_attempt": int, "next_query_at_ms": int, "refund_query_attempt": int,
                  "next_refund_query_at_ms": int, "voucher_attempt": int,
                  "next_voucher_retry_at_ms": int, "version": int, "pay_details": str,
-                 "prepay": str, "verification": str, "device_id": str,
+                 "prepay": str, "attempt": int, "verification": str, "device_id": str,
                  "updated_at_ms": int, "settled": int},
                 pk="order_id",
                 not_null={"payment_serial", "state", "total_minor", "version"},
@@ -352,6 +354,8 @@ class Store:
                               ignore=True)
             db.table("payment_orders").create_index(["payment_serial"], unique=True,
                                               if_not_exists=True)
+            db.table("payment_orders").create_index(
+                ["merchant_id", "merchant_order_no", "attempt"], unique=True, if_not_exists=True)
             db.table("payment_orders").create_index(["settled"], if_not_exists=True)
             db.table("payment_orders").create_index(["user_id", "created_at_ms"], if_not_exists=True)
             db.table("payment_orders").create_index(["device_id", "created_at_ms"],
@@ -364,13 +368,22 @@ class Store:
 
     # ------------------------------------------------------------------ orders
 
-    def insert_order(self, order: PaymentOrder, now_ms: int) -> PaymentOrder | None:
+    def insert_order(self, order: PaymentOrder, now_ms: int,
+                     also_journal: Sequence[Transition] = (),
+                     may_follow: Callable[[PaymentOrder], None] | None = None,
+                     ) -> PaymentOrder | None:
         """Insert a new order under its idempotency key, or return the order that holds the key.
 
         The primary key of ``trade_orders`` on (merchant_id, merchant_order_no) is the backstop:
         of many concurrent submits exactly one insert wins. Returns ``None`` if this one won.
         Raises ``IdempotencyConflict`` if the key is taken by different parameters.
+        ``also_journal``: transitions journalled with the submit (the routing decision).
+        An order of attempt 2 or more is inserted only if ``may_follow`` (given the trade
+        order's latest attempt, read in the same transaction) does not raise.
         """
+        if order.attempt != 1:
+            assert may_follow is not None, "a next attempt is checked against the latest"
+            return self._insert_attempt(order, now_ms, also_journal, may_follow)
         try:
             with self._tx() as conn:
                 conn.execute(
@@ -382,15 +395,16 @@ class Store:
                 conn.execute(_INSERT_ORDER, _order_row(order, now_ms))
                 conn.executemany(_INSERT_LEG, [_leg_row(order.order_id, leg) for leg in order.legs])
                 submitted = [Transition("order", "", order.state.value, order.cause)]
-                self._journal(conn, now_ms, "order", order.order_id, submitted)
+                self._journal(conn, now_ms, "order", order.order_id,
+                              [*submitted, *also_journal])
                 outbox.record_order_events(conn, order, submitted, now_ms)
             return None
         except sqlite3.IntegrityError:
             pass
         with self._read(snapshot=False) as conn:
-            row = conn.execute(
-                "SELECT order_id, fingerprint FROM trade_orders"
-                " WHERE merchant_id = ? AND merchant_order_no = ?",
+            row = conn.execute(  # attempt 1's: the trade order's key may have later attempts
+                "SELECT order_id, fingerprint FROM payment_orders"
+                " WHERE merchant_id = ? AND merchant_order_no = ? AND attempt = 1",
                 (order.merchant_id, order.merchant_order_no),
             ).fetchone()
         assert row is not None, "insert failed on a key that does not exist"
@@ -402,6 +416,61 @@ class Store:
         existing = self.load_order(row[0])
         assert existing is not None
         return existing
+
+    def _insert_attempt(self, order: PaymentOrder, now_ms: int,
+                        also_journal: Sequence[Transition],
+                        may_follow: Callable[[PaymentOrder], None]) -> PaymentOrder | None:
+        key = (order.merchant_id, order.merchant_order_no)
+        if self.attempt_order_id(*key, order.attempt) is None:
+            try:
+                with self._tx() as conn:
+                    if conn.execute(  # made meanwhile by a concurrent submit: answer with it
+                        "SELECT 1 FROM payment_orders WHERE merchant_id = ?"
+                        " AND merchant_order_no = ? AND attempt = ?", (*key, order.attempt)
+                    ).fetchone() is not None:
+                        raise _AttemptExists
+                    row = conn.execute(
+                        "SELECT order_id FROM trade_orders WHERE merchant_id = ?"
+                        " AND merchant_order_no = ?", key).fetchone()
+                    if row is None:
+                        raise AttemptRefused(
+                            f"trade order {key[0]}/{key[1]} was never submitted: attempt "
+                            f"{order.attempt} needs attempt 1 first")
+                    rows = conn.execute(_LOAD_ORDER, (row[0],)).fetchall()
+                    may_follow(_order_from_rows(rows[0][:_HAS_REFUNDS], [
+                        r[_HAS_REFUNDS + 1:] for r in rows if r[_HAS_REFUNDS + 1] is not None]))
+                    conn.execute("UPDATE trade_orders SET order_id = ? WHERE merchant_id = ?"
+                                 " AND merchant_order_no = ?", (order.order_id, *key))
+                    conn.execute(_INSERT_ORDER, _order_row(order, now_ms))
+                    conn.executemany(_INSERT_LEG, [_leg_row(order.order_id, leg)
+                                                   for leg in order.legs])
+                    submitted = [Transition("order", "", order.state.value,
+                                            f"submitted: attempt {order.attempt}")]
+                    self._journal(conn, now_ms, "order", order.order_id,
+                                  [*submitted, *also_journal])
+                    outbox.record_order_events(conn, order, submitted, now_ms)
+                return None
+            except (sqlite3.IntegrityError, _AttemptExists):
+                pass  # a concurrent submit of the same attempt won
+        existing_id = self.attempt_order_id(*key, order.attempt)
+        assert existing_id is not None, "an attempt refused by its index exists"
+        existing = self.load_order(existing_id)
+        assert existing is not None
+        if existing.fingerprint != order.fingerprint:
+            raise IdempotencyConflict(
+                f"attempt {order.attempt} of merchant order {key[0]}/{key[1]} was submitted "
+                "before with different parameters")
+        return existing
+
+    def attempt_order_id(self, merchant_id: str, merchant_order_no: str, attempt: int
+                         ) -> str | None:
+        """The order of one attempt of a trade order, if it was made."""
+        with self._read(snapshot=False) as conn:
+            row = conn.execute(
+                "SELECT order_id FROM payment_orders WHERE merchant_id = ?"
+                " AND merchant_order_no = ? AND attempt = ?",
+                (merchant_id, merchant_order_no, attempt)).fetchone()
+        return None if row is None else str(row[0])
 
     def save_order(
         self, order: PaymentOrder, transitions: Sequence[Transition], now_ms: int,
@@ -837,6 +906,10 @@ class Store:
         return [_fence_from_row(r) for r in rows]
 
 
+class _AttemptExists(Exception):
+    """Leaves an attempt's insert, writing nothing: a concurrent submit made that attempt."""
+
+
 def _hold_expiries(account: VoucherAccount, fences: Sequence[Fence],
                    transitions: Sequence[Transition]) -> list[outbox.HoldChange]:
     """The holds of one account commit that went ``pending -> expired``: outbox events."""
@@ -901,11 +974,12 @@ _ORDER_COLUMNS = (
     "order_id, merchant_id, merchant_order_no, payment_serial, user_id, title, currency,"
     " total_minor, fingerprint, state, cause, created_at_ms, close_at_ms, hold_expires_at_ms,"
     " query_attempt, next_query_at_ms, refund_query_attempt, next_refund_query_at_ms,"
-    " voucher_attempt, next_voucher_retry_at_ms, version, pay_details, prepay, verification"
+    " voucher_attempt, next_voucher_retry_at_ms, version, pay_details, prepay, attempt,"
+    " verification"
 )
 _INSERT_ORDER = (
     f"INSERT INTO payment_orders ({_ORDER_COLUMNS}, device_id, updated_at_ms, settled)"
-    " VALUES (" + ",".join("?" * 27) + ")"
+    " VALUES (" + ",".join("?" * 28) + ")"
 )
 _LEG_COLUMNS = (
     "leg_no, mode, account_id, amount, unit, value_minor, hold_id, status, channel,"
@@ -985,7 +1059,7 @@ def _order_row(order: PaymentOrder, now_ms: int) -> tuple[object, ...]:
         order.refund_query_attempt, order.next_refund_query_at_ms, order.voucher_attempt,
         order.next_voucher_retry_at_ms, order.version,
         _json_or_none(details_json(order.pay_details)), _json_or_none(prepay_json(order.prepay)),
-        _json_or_none(verification_json(order.verification)),
+        order.attempt, _json_or_none(verification_json(order.verification)),
         None if order.pay_details is None else order.pay_details.device_id,
         now_ms, int(order.is_settled),
     )
@@ -1020,7 +1094,7 @@ column (an engine reopening with 100,000 open orders reads 200,000 pending holds
 def _order_from_rows(row: Sequence[Any], legs: Sequence[Sequence[Any]]) -> PaymentOrder:
     (order_id, merchant_id, merchant_order_no, serial, user_id, title, currency, total,
      fingerprint, state, cause, created, close_at, hold_exp, q_attempt, next_q, rq_attempt,
-     next_rq, v_attempt, next_v, version, pay_details, prepay, verification) = row
+     next_rq, v_attempt, next_v, version, pay_details, prepay, attempt, verification) = row
     return PaymentOrder(
         order_id=str(order_id), merchant_id=str(merchant_id),
         merchant_order_no=str(merchant_order_no), payment_serial=str(serial),
@@ -1039,6 +1113,7 @@ def _order_from_rows(row: Sequence[Any], legs: Sequence[Sequence[Any]]) -> Payme
         version=int(version),
         pay_details=details_from_json(_json_loaded(pay_details)),
         prepay=prepay_from_json(_json_loaded(prepay)),
+        attempt=int(attempt),
         verification=verification_from_json(_json_loaded(verification)),
     )
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from payengine.actors.adapters.config import ChannelConfig
 from payengine.actors.channel import (
     ChannelNotification,
     ChannelReply,
@@ -25,7 +26,12 @@ from payengine.actors.channel import (
     SignedJsonNotifications,
 )
 from payengine.engine.channel_data import PayDetails, PayScenario, Prepay
-from payengine.engine.codes import WECHAT_LIKE_PAY_CODES, WECHAT_LIKE_REFUND_CODES, CodeTable
+from payengine.engine.codes import (
+    WECHAT_LIKE_PAY_CODES,
+    WECHAT_LIKE_REFUND_CODES,
+    CodeTable,
+    ResultKind,
+)
 
 
 class World(Protocol):
@@ -101,6 +107,16 @@ class SimRefund:
     state: str
 
 
+PAY_CODE_MEANINGS: Mapping[str, ResultKind] = {
+    "SUCCESS": ResultKind.SUCCESS, "PAYERROR": ResultKind.FAILURE,
+    "CLOSED": ResultKind.FAILURE, "USERPAYING": ResultKind.PROCESSING,
+    "SYSTEMBUSY_X": ResultKind.PROCESSING, "ORDERNOTEXIST": ResultKind.PROCESSING}
+"""Every business code this wallet answers a payment call with (return code ``SUCCESS``),
+and what it means: the truth a configured code table must agree with (``sim.oracle``)."""
+REFUND_CODE_MEANINGS: Mapping[str, ResultKind] = {
+    "SUCCESS": ResultKind.SUCCESS, "REFUNDCLOSE": ResultKind.FAILURE,
+    "PROCESSING": ResultKind.PROCESSING, "REFUNDNOTEXIST": ResultKind.PROCESSING}
+
 SENT_KEPT_MAX = 200
 """Notifications a simulated wallet keeps for replay attacks (sim.forger)."""
 
@@ -113,8 +129,16 @@ class SimulatedChannel:
 
     def __init__(self, name: str, world: World, *, seed: int = 0,
                  faults: ChannelFaults | None = None, wait_for_ack: bool = True,
-                 txn_prefix: str = "T", signing_key: bytes | None = None) -> None:
+                 txn_prefix: str = "T", signing_key: bytes | None = None,
+                 pay_codes: CodeTable | None = None,
+                 refund_codes: CodeTable | None = None) -> None:
         self.name = name
+        if pay_codes is not None:
+            self.pay_codes = pay_codes
+        if refund_codes is not None:
+            self.refund_codes = refund_codes
+        self.config: ChannelConfig | None = None
+        """The configuration it was built from (``from_config``), if any."""
         self.notifications = SignedJsonNotifications(
             signing_key or f"payengine-simulated-{name}-key".encode())
         """Signs what this wallet sends and verifies it for the engine (the adapter's side
@@ -137,6 +161,41 @@ class SimulatedChannel:
         """The details every ``pay`` call brought, by serial: what the oracle compares with
         the request's (a pay re-sent after a crash must bring the same)."""
         self._lock = threading.RLock()
+
+    @classmethod
+    def from_config(cls, config: ChannelConfig, world: World, *, seed: int | None = None,
+                    faults: ChannelFaults | None = None, wait_for_ack: bool = True
+                    ) -> SimulatedChannel:
+        """The simulated wallet a configuration declares (``kind = "simulated"``): its name,
+        code tables and notification key from the config, its seed, transaction id prefix and
+        faults from ``[channels.NAME.simulated]`` unless ``seed`` or ``faults`` are given
+        (the simulator draws its own per run)."""
+        options = config.simulated
+        if faults is None:
+            if options.faults == "none":
+                faults = ChannelFaults.none()
+            else:
+                overrides = {} if isinstance(options.faults, str) else dict(options.faults)
+                faults = ChannelFaults(**{  # type: ignore[arg-type]  # checked by the config
+                    name: tuple(value) if isinstance(value, list | tuple) else value
+                    for name, value in overrides.items()})
+        assert config.credentials.key is not None
+        pay_codes, refund_codes = config.codes
+        channel = cls(config.name, world, seed=options.seed if seed is None else seed,
+                      faults=faults, wait_for_ack=wait_for_ack, txn_prefix=options.txn_prefix,
+                      signing_key=config.credentials.key.encode(), pay_codes=pay_codes,
+                      refund_codes=refund_codes)
+        channel.config = config
+        return channel
+
+    @property
+    def query_schedule_ms(self) -> tuple[int, ...] | None:
+        """Its configuration's query schedule, if any (``Engine.open`` uses it)."""
+        return None if self.config is None else self.config.query_schedule_ms
+
+    @property
+    def refund_query_schedule_ms(self) -> tuple[int, ...] | None:
+        return None if self.config is None else self.config.refund_query_schedule_ms
 
     def attach(self, sink: CallbackSink | None) -> None:
         """Send notifications to ``sink`` from now on (``None``: the merchant is down)."""

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from payengine.engine.channel_data import PayDetails, Prepay
+from payengine.engine.codes import CodeTable, ResultKind
 from payengine.engine.ledger import TRANSIT
 from payengine.engine.order import (
     ALLOWED_TRANSITIONS,
@@ -50,6 +51,7 @@ from payengine.engine.order import (
     RefundStatus,
 )
 from payengine.engine.risk import VerificationStatus
+from payengine.engine.routing import RoutingTable
 from payengine.engine.voucher import Fence, FenceKey, FenceKind, FenceScope, FenceStatus
 from payengine.persistence.outbox import (
     HOLD_STATE_CHANGED,
@@ -59,6 +61,7 @@ from payengine.persistence.outbox import (
     OutboxEvent,
 )
 from payengine.persistence.store import Store
+from payengine.sim.channel import PAY_CODE_MEANINGS, REFUND_CODE_MEANINGS
 
 Told = tuple[str, str, str, str]
 """What a notification told, to match against what should have been told: (event_type,
@@ -391,6 +394,55 @@ def _check_ledger(store: Store, order: PaymentOrder, report: OracleReport) -> No
             f"{order.state.value}: merchant holds {merchant}, expected {expected}"))
 
 
+def check_one_success_per_trade(orders: Iterable[PaymentOrder]) -> list[Violation]:
+    """At most one attempt of a trade order succeeded, and its attempts are 1..n."""
+    succeeded: dict[tuple[str, str], list[str]] = {}
+    attempts: dict[tuple[str, str], list[int]] = {}
+    for order in orders:
+        key = (order.merchant_id, order.merchant_order_no)
+        attempts.setdefault(key, []).append(order.attempt)
+        if order.state is OrderState.SUCCEEDED:
+            succeeded.setdefault(key, []).append(order.order_id)
+    violations = [Violation("one-success-per-trade", f"trade {k[0]}/{k[1]}",
+                            f"attempts {ids} all succeeded")
+                  for k, ids in succeeded.items() if len(ids) > 1]
+    violations += [Violation("attempts-in-order", f"trade {k[0]}/{k[1]}", f"attempts {sorted(n)}")
+                   for k, n in attempts.items() if sorted(n) != list(range(1, len(n) + 1))]
+    return violations
+
+
+def check_routes(store: Store, table: RoutingTable, orders: Iterable[PaymentOrder]
+                 ) -> list[Violation]:
+    """Every routed order went through a route of its method that could take its amount
+    and currency, and its cash leg is on the channel the journal says was chosen."""
+    violations: list[Violation] = []
+    for order in orders:
+        cash = order.cash_leg
+        if cash is None:
+            continue
+        for entry in store.journal("order", order.order_id):
+            if entry.part != "route":
+                continue
+            route = next((r for r in table.of(entry.from_state)
+                          if r.channel == entry.to_state), None)
+            subject = f"order {order.order_id}"
+            if route is None:
+                violations.append(Violation("routed-by-a-route", subject,
+                                            f"{entry.from_state} -> {entry.to_state}"))
+            elif not route.amount_min_minor <= cash.amount <= route.amount_max_minor or (
+                route.currencies and order.currency not in route.currencies
+            ):
+                violations.append(Violation(
+                    "route-takes-the-payment", subject,
+                    f"{cash.amount} {order.currency} through {route.channel}, which takes "
+                    f"{route.amount_min_minor}..{route.amount_max_minor}"))
+            if cash.channel != entry.to_state:
+                violations.append(Violation("paid-where-routed", subject,
+                                            f"routed to {entry.to_state}, cash leg on "
+                                            f"{cash.channel}"))
+    return violations
+
+
 def check_ledger_zero_sum(store: Store) -> list[Violation]:
     """Every posting sums to zero (so all balances do)."""
     return [Violation("ledger-zero-sum", f"posting {posting}", f"entries sum to {total}")
@@ -619,4 +671,28 @@ def check_step_ups(store: Store, channels: Mapping[str, object], right_code_sent
                     "unverified-order-releases-holds", subject,
                     f"verification {v.status.value}, leg {leg.leg_no}'s fence is "
                     f"{fence.status.value}"))
+    return violations
+
+
+def check_code_tables(channels: Mapping[str, object]) -> list[Violation]:
+    """Each simulated wallet's code tables (from its configuration) read every code it
+    answers as the wallet means it, and a failed communication as processing: a table that
+    fails a payment the wallet still waits for would fail orders the payer then pays."""
+    violations = []
+    for name, channel in channels.items():
+        for what, meanings in (("pay_codes", PAY_CODE_MEANINGS),
+                               ("refund_codes", REFUND_CODE_MEANINGS)):
+            table = getattr(channel, what, None)
+            if not isinstance(table, CodeTable):
+                continue
+            for code, meaning in meanings.items():
+                read = table.classify("SUCCESS", code)
+                if read is not meaning:
+                    violations.append(Violation(
+                        "codes-as-the-wallet-means", f"channel {name}",
+                        f"{what} reads {code} as {read.value}; the wallet means "
+                        f"{meaning.value}"))
+            if table.classify("FAIL", None) is not ResultKind.PROCESSING:
+                violations.append(Violation("codes-as-the-wallet-means", f"channel {name}",
+                                            f"{what} decides a failed communication"))
     return violations

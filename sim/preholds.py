@@ -41,7 +41,7 @@ from payengine.engine.errors import (
     PaymentError,
     UnknownHold,
 )
-from payengine.engine.order import CashPart, LegMode, PaymentRequest, VoucherPart
+from payengine.engine.order import LegMode, PaymentRequest, VoucherPart
 from payengine.sim.oracle import Fate, PreHoldPlan, Violation
 
 POINT_MINOR = 10
@@ -295,4 +295,4 @@ def _with_pre_held(request: PaymentRequest, plan: PreHoldPlan) -> PaymentRequest
         _points_of(request, plan.account_id) - plan.amount) * POINT_MINOR
     assert cash > 0, (request, plan)
     part = VoucherPart(plan.account_id, plan.amount, LegMode.PRE_HELD, hold_id=plan.hold_id)
-    return replace(request, cash=CashPart(cash, request.cash.channel), vouchers=(*kept, part))
+    return replace(request, cash=replace(request.cash, amount_minor=cash), vouchers=(*kept, part))

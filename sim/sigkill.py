@@ -573,6 +573,10 @@ def kill_once(db: Path, wallet_path: Path, stderr_log: IO[bytes], *, seed: int,
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [_package_root(),
                                                       env.get("PYTHONPATH")]))
+    # SQLite's own temporary files (etilqs_*) go beside the database: a kill that lands
+    # between SQLite creating one and unlinking it leaves it in the run's folder, not in
+    # the system's temporary directory
+    env["SQLITE_TMPDIR"] = str(db.parent)
     command = [sys.executable, "-m", "payengine.sim.sigkill", "child", "--db", str(db),
                "--wallet", str(wallet_path), "--seed", str(seed), "--first-order",
                str(first_order), "--synchronous", synchronous]

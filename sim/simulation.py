@@ -28,6 +28,7 @@ from multiprocessing.pool import AsyncResult
 from pathlib import Path
 from typing import Any
 
+from payengine.actors.adapters.config import PLANTED_CONFIG_BUGS, load_config
 from payengine.actors.base import EngineConfig
 from payengine.actors.directory import Directory
 from payengine.actors.engine import Engine
@@ -55,6 +56,7 @@ from payengine.engine.order import (
     RefundStatus,
     VoucherPart,
 )
+from payengine.engine.routing import Route, RoutingTable
 from payengine.engine.statement import FLAGGED, Verdict
 from payengine.persistence.outbox import OutboxEvent
 from payengine.sim.channel import ChannelFaults, SimulatedChannel
@@ -65,8 +67,11 @@ from payengine.sim.oracle import (
     Told,
     Violation,
     check,
+    check_code_tables,
     check_notified,
+    check_one_success_per_trade,
     check_pre_holds,
+    check_routes,
     check_step_ups,
     told_of,
 )
@@ -93,6 +98,38 @@ LATER_KINDS = frozenset({"pre-holds", "late-close"})
 OWN_STREAM_KINDS = frozenset({"risk"})
 """Features drawn (and run) from a stream each of their own (``Simulation``), not by
 ``FaultMix.draw``: adding one changes no other draw of a seed."""
+
+SIM_CHANNELS_TOML = """
+[channels.wechat]
+kind = "simulated"
+wallet = "wechat"
+merchant_no = "sim-wechat-0001"
+credentials = { key = "payengine-simulated-wechat-key" }
+simulated = { txn_prefix = "T" }
+
+[channels.wechat.codes.pay]
+communication_ok = ["SUCCESS"]
+success = ["SUCCESS"]
+failure = ["PAYERROR", "CLOSED", "REVOKED"]
+processing = ["USERPAYING", "NOTPAY"]
+retryable = ["PAYERROR"]
+
+[channels.wechat.codes.refund]
+communication_ok = ["SUCCESS"]
+success = ["SUCCESS"]
+failure = ["REFUNDCLOSE"]
+processing = ["PROCESSING", "CHANGE"]
+
+[channels.alipay]
+like = "wechat"
+wallet = "alipay"
+merchant_no = "sim-alipay-0001"
+credentials = { key = "payengine-simulated-alipay-key" }
+simulated = { txn_prefix = "A" }
+"""
+"""The simulator's two wallets, as a channel configuration (``actors.adapters``). Seeds,
+faults and the signing keys are those the wallets had before they came from a
+configuration, so every seed's run is the same."""
 
 SIM_POLICY = OrderPolicy(
     pay_window_ms=3_000,
@@ -128,9 +165,19 @@ VOUCHER_OUTAGE_MS = (6_500, 8_000)
 whole voucher retry schedule, so follow-ups sent into it are only done by the sentinel."""
 
 ALIPAY_SHARE = 0.2
+ROUTED_SHARE = 0.3
+"""Payments that name the method ``qr`` instead of a wallet: routing picks the channel."""
+SIM_ROUTES = RoutingTable((Route("qr", "wechat", amount_max_minor=15_000),
+                           Route("qr", "alipay", priority=1)))
+"""WeChat takes QR payments up to 150.00 (a merchant number's cap), Alipay the rest and
+whatever comes while WeChat's breaker is open."""
 """Share of orders paying through the second channel, ``alipay`` (the rest: ``wechat``)."""
 
 REFUND_SHARE = 0.3
+PAY_AGAIN_SHARE = 0.15
+"""Orders whose terminal asks to pay again (a next attempt), at a random moment: refused
+while the attempt may still succeed, taken once it failed or closed."""
+SIM_ATTEMPTS_MAX = 3
 """Share of submitted orders the merchant later asks to refund (if they succeeded)."""
 
 QUIET_PHASE_MAX_MS = 15 * 60 * 1000
@@ -305,6 +352,8 @@ class Simulation:
         self.config = config
         self.rng = random.Random(config.seed)
         self.details_rng = random.Random(config.seed + 11)
+        self.route_rng = random.Random(config.seed + 12)
+        self.attempt_rng = random.Random(config.seed + 13)
         # A planted bug is shown against every allowed fault, so a default run triggers it.
         self.mix = FaultMix.draw(self.rng, config.faults, swarm=config.plant_bug is None,
                                  later=random.Random(config.seed + 6))
@@ -324,16 +373,22 @@ class Simulation:
             self.world = SimWorld(self.scheduler, io_latency_ms=(1, 30))
         else:
             self.world = ThreadRuntime()
-        self.channel = SimulatedChannel("wechat", self.world, seed=config.seed + 1,
-                                        faults=self.mix.channel,
-                                        wait_for_ack=config.runtime == "threads")
-        self.alipay = SimulatedChannel("alipay", self.world, seed=config.seed + 4,
-                                       faults=self.mix.channel, txn_prefix="A",
-                                       wait_for_ack=config.runtime == "threads")
+        bugs = frozenset({config.plant_bug}) if config.plant_bug else frozenset()
+        # The wallets come from a channel configuration, as a deployment's do: the loader,
+        # its code tables and the simulated kind run in every seed.
+        wallets = {c.name: c for c in load_config(SIM_CHANNELS_TOML,
+                                                  planted_bugs=bugs & PLANTED_CONFIG_BUGS)}
+        self.channel = SimulatedChannel.from_config(wallets["wechat"], self.world,
+                                                    seed=config.seed + 1,
+                                                    faults=self.mix.channel,
+                                                    wait_for_ack=config.runtime == "threads")
+        self.alipay = SimulatedChannel.from_config(wallets["alipay"], self.world,
+                                                   seed=config.seed + 4,
+                                                   faults=self.mix.channel,
+                                                   wait_for_ack=config.runtime == "threads")
         self.channels = {"wechat": self.channel, "alipay": self.alipay}
         self.forged_counts: dict[str, int] = {}
         self.forger = Forger(random.Random(config.seed + 5), self.channels, self.forged_counts)
-        bugs = frozenset({config.plant_bug}) if config.plant_bug else frozenset()
         self.policy = OrderPolicy(
             pay_window_ms=self.mix.pay_window_ms, hold_grace_ms=SIM_POLICY.hold_grace_ms,
             query_schedule_ms=SIM_POLICY.query_schedule_ms,
@@ -344,6 +399,7 @@ class Simulation:
         self.merchant = SimMerchant(f"secret-{config.seed:012d}", random.Random(config.seed + 3),
                                     lambda: 0.0 if self.quiet else self.mix.merchant_down)
         self.engine_config = EngineConfig(account_idle_ms=2_000, planted_bugs=bugs,
+                                          routing=SIM_ROUTES,
                                           notifications=NotificationConfig(
                                               merchant_schedule_ms=MERCHANT_SCHEDULE_MS,
                                               outbox_retention_ms=OUTBOX_RETENTION_MS,
@@ -355,7 +411,8 @@ class Simulation:
         self.path = self._tmp / f"sim-{config.seed}.db"
         self.engine: Engine | None = None
         self.runtime: Runtime | None = None
-        self.receipts: dict[str, Receipt] = {}
+        self.receipts: dict[tuple[str, int], Receipt] = {}
+        """Every acknowledged submit, by (merchant order number, attempt)."""
         self.violations: list[Violation] = []
         self.crashes_done = 0
         self.counts: Counter[str] = Counter()
@@ -504,6 +561,8 @@ class Simulation:
         total = rng.randint(10, 300) * 100
         value = sum(100 if v.account_id.endswith("/rp") else 200 for v in vouchers)
         wallet = "alipay" if rng.random() < ALIPAY_SHARE else "wechat"
+        if self.route_rng.random() < ROUTED_SHARE:
+            wallet = "qr"
         return PaymentRequest("station-1", f"s{self.config.seed}-{i:06d}", c, "CNY", total,
                                "Fuel", CashPart(total - value, wallet, self._pay_details(c)),
                                tuple(vouchers))
@@ -542,10 +601,10 @@ class Simulation:
             if isinstance(error, RiskBlocked):
                 self.risk_blocked.add(request.merchant_order_no)
             return
-        key = request.merchant_order_no
+        key = (request.merchant_order_no, request.attempt)
         first = self.receipts.setdefault(key, receipt)
         if first is receipt and receipt.needs_verification and self.step_ups is not None:
-            self.step_ups.stepped_up(receipt.order_id, key)
+            self.step_ups.stepped_up(receipt.order_id, request.merchant_order_no)
         if first != receipt:
             self.violations.append(Violation(
                 "duplicate-submit-same-receipt", f"key {key}", f"{first} != {receipt}"))
@@ -559,13 +618,30 @@ class Simulation:
             self._schedule_late_closes(receipt.order_id)
         if first is receipt and not self.quiet and self.rng.random() < REFUND_SHARE:
             self._schedule_refunds(receipt.order_id, request.total_minor)
+        if first is receipt and not self.quiet and request.attempt < SIM_ATTEMPTS_MAX and (
+            self.attempt_rng.random() < PAY_AGAIN_SHARE
+        ):
+            at = self.world.now_ms() + self.attempt_rng.randint(0, 2 * self.mix.pay_window_ms)
+            self._at(at, functools.partial(self._pay_again, request))
         if first is receipt and request.cash is not None and (
             self.rng.random() < self.mix.forgeries
         ):
             for _ in range(self.rng.randint(1, 3)):
                 at = self.world.now_ms() + self.rng.randint(0, 2 * self.mix.pay_window_ms + 3_000)
-                self._at(at, functools.partial(self._forge, receipt, request.cash.channel,
+                self._at(at, functools.partial(self._forge, receipt,
                                                request.cash.amount_minor))
+
+    def _pay_again(self, request: PaymentRequest) -> None:
+        """The terminal pays the trade again (the next attempt, maybe with the other wallet):
+        refused (``attempt_refused``) while the last attempt may still succeed."""
+        if self.quiet:
+            return
+        self.counts["pay_again"] += 1
+        cash = request.cash
+        if cash is not None:
+            wallet = self.attempt_rng.choice(["wechat", "alipay", "qr"])
+            cash = replace(cash, channel=wallet)
+        self._submit(replace(request, attempt=request.attempt + 1, cash=cash))
 
     def _schedule_refunds(self, order_id: str, total_minor: int) -> None:
         """The merchant refunds some paid orders: whole, in parts, twice, several at once.
@@ -592,15 +668,18 @@ class Simulation:
         except ActorBroken:
             self.counts["refund_refused:actor_broken"] += 1  # a violation, noted at the end
 
-    def _forge(self, receipt: Receipt, channel: str, amount_minor: int) -> None:
-        """The forger strikes at this order (fault ``forged-notification``)."""
+    def _forge(self, receipt: Receipt, amount_minor: int) -> None:
+        """The forger strikes at this order (fault ``forged-notification``), through the
+        channel its cash leg is on (the one routing chose, for a method)."""
         engine = self.engine
         if engine is None or self.quiet:
             return
         with contextlib.suppress(PaymentError):
-            refund_ids = [r.refund_id for r in engine.get_order(receipt.order_id).refunds]
+            order = engine.get_order(receipt.order_id)
+            channel = order.legs[0].channel
+            assert channel is not None, "only orders with a cash part are forged at"
             self.forger.strike(engine, channel, receipt.payment_serial, amount_minor,
-                               refund_ids)
+                               [r.refund_id for r in order.refunds])
 
     def _close(self, order_id: str) -> None:
         if self.engine is not None:
@@ -695,10 +774,12 @@ class Simulation:
         orders = list(engine.store.iter_orders())
         report = check(engine.store, self.channels, now_ms=self.world.now_ms(),
                        all_orders=orders)
+        report.violations += check_code_tables(self.channels)
         self._note_broken(engine)
-        for key, receipt in self.receipts.items():
+        report.violations += check_one_success_per_trade(orders)
+        for (key, attempt), receipt in self.receipts.items():
             try:
-                found = engine.find_order("station-1", key)
+                found = engine.find_order("station-1", key, attempt)
             except PaymentError:
                 report.violations.append(Violation("acknowledged-submit-survives", f"key {key}",
                                                    f"receipt {receipt.order_id} lost"))
@@ -707,6 +788,7 @@ class Simulation:
                 report.violations.append(Violation(
                     "one-order-per-key", f"key {key}",
                     f"receipt {receipt.order_id}, database {found.order_id}"))
+        report.violations += check_routes(engine.store, SIM_ROUTES, orders)
         report.violations += check_notified(engine.store, set(self.notified.values()),
                                             set(self.merchant.received.values()), ["station-1"],
                                             all_orders=orders)
@@ -738,7 +820,8 @@ class Simulation:
                     "closed-order-never-paid", f"order {order_id}",
                     "a user close answered closed, yet the order ended succeeded"))
         # orders the gate refused every submit of: no order, as promised (one per key)
-        self.counts["orders_blocked_by_risk"] = len(self.risk_blocked - set(self.receipts))
+        self.counts["orders_blocked_by_risk"] = len(
+            self.risk_blocked - {no for no, _ in self.receipts})
         if self.step_ups is not None:
             report.violations += check_step_ups(engine.store, self.channels,
                                                 self.step_ups.right_code_sent, all_orders=orders)

@@ -31,8 +31,10 @@ from payengine import (
     InvalidRequest,
     LegMode,
     OrderPolicy,
+    PayDetails,
     PaymentError,
     PaymentRequest,
+    PayScenario,
     VoucherPart,
 )
 from payengine.engine.checks import shown
@@ -193,6 +195,11 @@ def bad_cash() -> st.SearchStrategy[Any]:
         BAD_AMOUNT.map(lambda b: (dataclasses.replace(valid, amount_minor=b[0]), b[1])),
         BAD_ID.map(lambda b: (dataclasses.replace(valid, channel=b[0]), b[1])),
         _with(InvalidRequest, st.just(CashPart(9_600, "alipay"))),  # not a channel of this engine
+        _with(InvalidRequest, st.sampled_from([  # details the scenario cannot use
+            PayDetails(PayScenario.JSAPI), PayDetails(PayScenario.BARCODE, auth_code="12"),
+            PayDetails(PayScenario.H5, client_ip="::g"), PayDetails(notify_url="x y"),
+            PayDetails(device_id=""), {"scenario": "native"}, "native",
+        ]).map(lambda d: dataclasses.replace(valid, details=d))),
     )
 
 
@@ -287,6 +294,7 @@ _SUBMIT_FIELDS = {
     "cash": bad_cash(), "vouchers": bad_vouchers(),
     "pay_window_ms": bad_int_setting(POLICY.pay_window_ms_max, optional=True),
     "confirm_duplicate": BAD_BOOL,
+    "attempt": bad_int_setting(10, optional=False),
 }
 
 CALLS = [
@@ -324,9 +332,12 @@ CALLS = [
           "wait": BAD_BOOL}),
     Call("get_order", {}, lambda w, a: w.engine.get_order(_order(w, a)["order_id"]),
          {"order_id": BAD_ID}),
-    Call("find_order", {"merchant_id": "station-1", "merchant_order_no": "order-1"},
-         lambda w, a: w.engine.find_order(a["merchant_id"], a["merchant_order_no"]),
-         {"merchant_id": BAD_ID, "merchant_order_no": BAD_ID}),
+    Call("find_order", {"merchant_id": "station-1", "merchant_order_no": "order-1",
+                        "attempt": None},
+         lambda w, a: w.engine.find_order(a["merchant_id"], a["merchant_order_no"],
+                                          a["attempt"]),
+         {"merchant_id": BAD_ID, "merchant_order_no": BAD_ID,
+          "attempt": bad_int_setting(10, optional=True)}),
     Call("journal", {}, lambda w, a: w.engine.journal(_order(w, a)["order_id"]),
          {"order_id": BAD_ID}),
     Call("get_account", {"account_id": ACCOUNT}, lambda w, a: w.engine.get_account(a["account_id"]),
