@@ -51,6 +51,7 @@ from payengine.actors.order_actor import OrderBehaviour
 from payengine.actors.pool import PooledRuntime
 from payengine.actors.reconcile import ReconciliationReport, StatementSource
 from payengine.actors.resume import ResumeFeeder, in_flight_for
+from payengine.actors.risk_gate import RiskConfig, RiskGate
 from payengine.actors.runtime import Runtime
 from payengine.actors.voucher_link import DirectVoucherLink, VoucherLink
 from payengine.engine.checks import (
@@ -66,12 +67,14 @@ from payengine.engine.currency import check_currency
 from payengine.engine.errors import (
     DuplicateSuspected,
     EngineClosed,
+    IllegalTransition,
     InvalidRequest,
     NotificationRejected,
     RequestRejected,
     UnknownAccount,
     UnknownHold,
     UnknownOrder,
+    VerificationFailed,
 )
 from payengine.engine.merchant_request import (
     CloseOp,
@@ -96,6 +99,7 @@ from payengine.engine.order import (
     RequestRefund,
     ResultSource,
     Transition,
+    VerifyCode,
     build_order,
     check_next_attempt,
     check_refund_request,
@@ -105,7 +109,9 @@ from payengine.engine.order import (
     owed_commands,
     report_agrees,
     suspected_duplicates,
+    with_risk,
 )
+from payengine.engine.risk import VerificationStatus, check_code
 from payengine.engine.routing import (
     NoRoute,
     RouteChoice,
@@ -207,10 +213,11 @@ def _with_channel_schedules(policy: OrderPolicy, channels: Mapping[str, Channel]
 class Engine:
     """A payment engine on one SQLite file. Use ``Engine.open(path, channels=[...])``."""
 
-    def __init__(self, ctx: Context, ids: IdSource) -> None:
+    def __init__(self, ctx: Context, ids: IdSource, risk: RiskConfig | None = None) -> None:
         self._ctx = ctx
         self._ids = ids
         self._closed = False
+        self._risk = None if risk is None else RiskGate(risk, ctx.store.count_recent_orders)
         self._confirm_limiter = ConfirmLimiter(ctx.policy.confirm_query_interval_ms)
         self._channels_taking_details = frozenset(
             name for name, channel in ctx.channels.items() if takes_details(channel))
@@ -251,6 +258,7 @@ class Engine:
         synchronous: str = "FULL",
         voucher_link: Callable[[Directory], VoucherLink] | None = None,
         subscribers: Mapping[str, Subscriber] | None = None,
+        risk: RiskConfig | None = None,
     ) -> Engine:
         """Open (or create) the database at ``path`` and resume every unfinished order.
 
@@ -262,6 +270,8 @@ class Engine:
         by_name = _channels_by_name(channels)
         check_instance(policy or OrderPolicy(), OrderPolicy, "policy")
         check_instance(config or EngineConfig(), EngineConfig, "config")
+        if risk is not None:
+            check_instance(risk, RiskConfig, "risk")
         if synchronous not in SYNCHRONOUS_MODES:
             raise InvalidRequest(f"synchronous must be one of {SYNCHRONOUS_MODES}, got "
                                  f"{shown(synchronous)}")
@@ -286,7 +296,7 @@ class Engine:
         ctx.notifications = Notifications(ctx, subscribers or {})
         ctx.health = ChannelHealth(by_name, config.breaker, runtime.now_ms)
         ctx_holder.append(ctx)
-        engine = cls(ctx, ids or RandomIds())
+        engine = cls(ctx, ids or RandomIds(), risk)
         engine._resume()
         ctx.notifications.start()
         return engine
@@ -317,6 +327,8 @@ class Engine:
             return
         self._closed = True
         refs = self._ctx.directory.close()
+        if self._risk is not None:
+            self._risk.shutdown()
         self._ctx.notifications.stop()
         self._ctx.runtime.shutdown()
         for ref in refs:
@@ -334,6 +346,8 @@ class Engine:
         # Refuse new messages first: an actor started after the kill would die loading its
         # state, and a caller racing the crash must see EngineClosed, not a dead actor.
         refs = self._ctx.directory.close()
+        if self._risk is not None:
+            self._risk.shutdown()
         self._ctx.store.kill()
         self._ctx.notifications.stop()
         self._ctx.runtime.shutdown()
@@ -499,6 +513,7 @@ class Engine:
         self._guard_user_duplicates(request, now_ms)
         if nonce is not None:
             self._gate.nonces.reserve(now_ms)  # a full table refuses (Overloaded) first
+        order = self._assess_risk(request, order, now_ms)
         # Handed over before the commit makes the order visible: the first actor that
         # starts for it, whoever's message starts it, takes exactly the committed state.
         ctx.fresh_orders.put(order)
@@ -521,7 +536,7 @@ class Engine:
         if nonce is not None:
             self._gate.nonces.added()
         ctx.log.info("transition", order_id=order.order_id, part="order", from_state="",
-                     to_state=order.state.value, cause="submitted",
+                     to_state=order.state.value, cause=order.cause,
                      merchant_order_no=order.merchant_order_no)
         try:
             ctx.directory.tell(("order", order.order_id), Activate())
@@ -530,6 +545,48 @@ class Engine:
             # and the next Engine.open resumes it. Saying "refused" now would be a lie.
             ctx.log.info("submit.accepted_during_shutdown", order_id=order.order_id)
         return Receipt.of(order)
+
+    def _assess_risk(self, request: PaymentRequest, order: PaymentOrder, now_ms: int
+                     ) -> PaymentOrder:
+        """The risk gate (``actors.risk_gate``): ``order`` as the gate decided (a step-up
+        starts in ``needs_verification``), or ``RiskBlocked`` with nothing created. A retry
+        of an accepted submit is not assessed again: it gets its receipt (another attempt
+        of the same trade order is a new payment: it is)."""
+        if self._risk is None or self._ctx.store.attempt_order_id(
+                request.merchant_id, request.merchant_order_no, request.attempt) is not None:
+            return order
+        assessment = self._risk.assess(request, order_id=order.order_id, now_ms=now_ms)
+        return with_risk(order, assessment.verification, assessment.note)
+
+    def verify(self, order_id: str, code: str) -> OrderView:
+        """The user's step-up code for an order in ``needs_verification``.
+
+        The right code: the order goes on (holds, then the channel) and its view is returned
+        (the right code again after that returns it again). A wrong one raises
+        ``VerificationFailed`` with ``attempts_left``; the last wrong one fails the order and
+        releases everything (``attempts_left`` 0, ``state`` ``failed``). An order not waiting
+        for a code (never stepped up, failed, expired, closed) raises ``IllegalTransition``;
+        so does a code that comes after the verification or pay window ended (the order is
+        then failed or closed). Concurrent verifies and the window's timer are decided by
+        the order's mailbox, one at a time.
+        """
+        check_id(order_id, "order_id")
+        check_code(code)
+        view = self._ask_order(order_id, VerifyCode(code))
+        verification = view.verification
+        assert verification is not None
+        if verification.status == VerificationStatus.PASSED:
+            return view
+        if verification.status == VerificationStatus.PENDING:
+            raise VerificationFailed(
+                f"wrong verification code for order {order_id}; "
+                f"{verification.attempts_left} attempts left", verification.attempts_left,
+                view.state)
+        if verification.status == VerificationStatus.FAILED:
+            raise VerificationFailed(f"wrong verification code for order {order_id}: no "
+                                     "attempts left, the order failed", 0, view.state)
+        raise IllegalTransition(f"order {order_id} is {view.state}: its verification "
+                                f"{verification.status} before the code came")
 
     def _route(self, request: PaymentRequest, order_id: str) -> RouteChoice | None:
         """The channel for a cash part that names a payment method (``EngineConfig.routing``);

@@ -22,6 +22,7 @@ from payengine.engine.order import (
     ReturnVoucher,
     TryHold,
 )
+from payengine.engine.risk import Verification
 from payengine.engine.voucher import Fence, FenceScope, VoucherAccount
 
 
@@ -112,12 +113,36 @@ class Receipt:
     close_at_ms: int
     attempt: int = 1
     """Which payment attempt of the trade order this order is."""
+    needs_verification: bool = False
+    """The risk gate asked for a step-up: send the user to identity verification, then
+    ``Engine.verify(order_id, code)``. The same for a retried submit of the same order."""
 
     @staticmethod
     def of(order: PaymentOrder) -> Receipt:
         return Receipt(order.order_id, order.payment_serial, order.merchant_id,
                        order.merchant_order_no, order.total_minor, order.currency, order.title,
-                       order.created_at_ms, order.close_at_ms, order.attempt)
+                       order.created_at_ms, order.close_at_ms, order.attempt,
+                       order.verification is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationView:
+    """A step-up the risk gate asked for: never the code, nor its digest."""
+
+    status: str
+    """``pending`` (waiting for the code: show the verification page), ``passed``,
+    ``failed`` (too many wrong codes), ``expired``, ``closed`` (the order was closed)."""
+    rule: str
+    """What asked for it."""
+    expires_at_ms: int
+    attempts_left: int
+
+    @staticmethod
+    def of(verification: Verification | None) -> VerificationView | None:
+        if verification is None:
+            return None
+        return VerificationView(verification.status.value, verification.rule,
+                                verification.expires_at_ms, verification.attempts_left)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +196,9 @@ class OrderView:
     channel answered the pay with one, and once the order is closed or paid."""
     attempt: int = 1
     """Which payment attempt of its trade order this order is (``PaymentRequest.attempt``)."""
+    verification: VerificationView | None = None
+    """The step-up the risk gate asked for (``None``: none). While ``state`` is
+    ``needs_verification`` its ``status`` is ``pending``: go to identity verification (核身)."""
 
     @staticmethod
     def of(order: PaymentOrder) -> OrderView:
@@ -181,7 +209,8 @@ class OrderView:
                          order.total_minor, order.currency, order.is_settled,
                          tuple(LegView.of(leg) for leg in order.legs),
                          tuple(RefundView.of(r) for r in order.refunds), order.refunded_minor,
-                         order.prepay if showing else None, order.attempt)
+                         order.prepay if showing else None, order.attempt,
+                         VerificationView.of(order.verification))
 
     def refund(self, refund_no: str) -> RefundView:
         """The refund the merchant asked for under ``refund_no``."""

@@ -66,6 +66,7 @@ from payengine.engine.order import (
     TimerKind,
     Transition,
     TryHold,
+    VerifyCode,
     VoucherReply,
     decide,
     owed_commands,
@@ -76,7 +77,7 @@ _QUIET_LEG_STEPS = frozenset({(LegStatus.TRYING.value, LegStatus.HELD.value),
 """Leg steps that may wait for the order's next commit (``OrderBehaviour._may_wait_to_save``)."""
 
 _EVENTS = (Activate, VoucherReply, CashResult, RefundResult, CloseOrder, TimerFired,
-           RequestRefund)
+           RequestRefund, VerifyCode)
 
 
 class OrderBehaviour(ActorBehaviour):
@@ -112,6 +113,10 @@ class OrderBehaviour(ActorBehaviour):
     def _waiting(self, order: PaymentOrder) -> bool:
         """Only waiting for its user to pay, or for a timer: nothing in flight that this
         actor's memory knows and the database does not (see the module's docstring)."""
+        if order.state is OrderState.NEEDS_VERIFICATION and not self.needs_activation:
+            # waiting for the user's code: nothing is in flight (every leg new), and its
+            # close and verification timers are armed
+            return all(leg.status is LegStatus.NEW for leg in order.legs)
         if self.needs_activation or order.pay_in_flight or order.state is not OrderState.PAYING:
             return False
         if order.refunds or order.next_voucher_retry_at_ms is not None:

@@ -209,3 +209,30 @@ class RequestRejected(PaymentError):
     def __init__(self, message: str, reason: str = "malformed") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class RiskBlocked(PaymentError):
+    """The risk gate refused the payment: nothing was created and nothing held.
+
+    ``rule`` names what refused it (``amount_max``, ``blocked_user``, ``blocked_device``,
+    ``blocked_payer``, ``velocity_user``, ``velocity_device``, ``step_up_unavailable``, or the
+    risk service's own rule name): never the data it matched."""
+
+    code = "risk_blocked"
+
+    def __init__(self, message: str, rule: str = "") -> None:
+        super().__init__(message)
+        self.rule = rule
+
+
+class VerificationFailed(PaymentError):
+    """A step-up verification code was wrong. The attempt counts (unlike other refusals,
+    this one changes the order: that is its point): ``attempts_left`` more may be tried;
+    at 0 the order has failed and released everything."""
+
+    code = "verification_failed"
+
+    def __init__(self, message: str, attempts_left: int = 0, state: str = "") -> None:
+        super().__init__(message)
+        self.attempts_left = attempts_left
+        self.state = state

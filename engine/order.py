@@ -7,6 +7,9 @@ call the channel, arm a timer).
 
 Life cycle (the order's coarse state; each leg has its own status)::
 
+    NEEDS_VERIFICATION --verified--> ACCEPTED    (a risk step-up: see ``engine.risk``)
+        \\--wrong codes / window over--> FAILED;  --close--> CLOSED
+
     ACCEPTED --holds placed--> PAYING --cash success--> [DEDUCTING --debits done-->] SUCCEEDED
         |                        |   \\--query schedule ran out--> NEEDS_RECONCILIATION
         |                        |--cash failure / shortfall--> FAILED
@@ -52,12 +55,22 @@ from payengine.engine.errors import (
 )
 from payengine.engine.evolve import evolve
 from payengine.engine.money import AMOUNT_MAX, check_amount, value_in_minor
+from payengine.engine.risk import (
+    Verification,
+    VerificationStatus,
+    check_code,
+    code_matches,
+)
 from payengine.engine.voucher import FenceKey, FenceScope
 
 # --------------------------------------------------------------------------- states
 
 
 class OrderState(enum.StrEnum):
+    NEEDS_VERIFICATION = "needs_verification"
+    """The risk gate asked for a step-up: the order waits for the user's code
+    (``Engine.verify``), holding nothing and charging nothing. Polling shows it: send the
+    user to identity verification (核身)."""
     ACCEPTED = "accepted"
     """Persisted and acknowledged; voucher holds are being placed."""
     PAYING = "paying"
@@ -89,11 +102,19 @@ class Trigger(enum.StrEnum):
     QUERIES_EXHAUSTED = "queries_exhausted"
     CLOSE_TIMEOUT = "close_timeout"
     CLOSE_USER = "close_user"
+    VERIFIED = "verified"
+    VERIFICATION_FAILED = "verification_failed"
+    VERIFICATION_EXPIRED = "verification_expired"
 
 
 S = OrderState
 T = Trigger
 TRANSITIONS: Mapping[tuple[OrderState, Trigger], OrderState] = {
+    (S.NEEDS_VERIFICATION, T.VERIFIED): S.ACCEPTED,
+    (S.NEEDS_VERIFICATION, T.VERIFICATION_FAILED): S.FAILED,
+    (S.NEEDS_VERIFICATION, T.VERIFICATION_EXPIRED): S.FAILED,
+    (S.NEEDS_VERIFICATION, T.CLOSE_TIMEOUT): S.CLOSED,
+    (S.NEEDS_VERIFICATION, T.CLOSE_USER): S.CLOSED,
     (S.ACCEPTED, T.HOLDS_PLACED): S.PAYING,
     (S.ACCEPTED, T.CASH_SUCCEEDED): S.SUCCEEDED,  # no cash leg: vouchers only
     (S.ACCEPTED, T.CASH_SUCCEEDED_DEDUCT): S.DEDUCTING,
@@ -381,7 +402,8 @@ PLANTABLE_BUGS = frozenset({"confirm-twice", "no-refund-after-close", "regress-s
                             "accept-wrong-channel", "trust-forged-notification",
                             "holds-never-expire", "sentinel-gives-up", "pay-details-lost",
                             "route-ignores-limits", "two-attempts-succeed",
-                            "codes-processing-as-failure", "accept-bad-signature"})
+                            "codes-processing-as-failure", "accept-bad-signature",
+                            "risk-ignored"})
 """Bugs the simulator can switch on (``payengine sim --plant-bug NAME``): a success after the
 close kept, a late "processing" moving a success back, vouchers never held, a hold posted
 twice, a hold never expired (the account actor's), owed voucher follow-ups no longer sent
@@ -392,7 +414,8 @@ previous one may still succeed (``two-attempts-succeed``), a channel configurati
 ``processing`` codes read as failures (``codes-processing-as-failure``: the bug lives in the
 configuration loader, ``actors.adapters.config``, which the simulator builds its wallets
 with), a signed
-merchant request taken although its signature does not verify (``accept-bad-signature``).
+merchant request taken although its signature does not verify (``accept-bad-signature``),
+an order waiting for its step-up verification paid all the same (``risk-ignored``).
 Each must make the oracle report a violation."""
 
 
@@ -528,6 +551,8 @@ class PaymentOrder:
     prepay: Prepay | None = None
     """What the pay reply gave for the payer (QR code, prepay id, "enter password"): the
     latest one an answer to the engine's own call carried while the cash was being paid."""
+    verification: Verification | None = None
+    """The step-up the risk gate asked for at submit (``None``: none asked)."""
     pay_in_flight: bool = field(default=False, compare=False)
     """Volatile, never stored: a pay call of this process has not answered yet. The serial
     is then neither closed nor paid again; the close waits for the answer. A reload starts
@@ -713,9 +738,24 @@ def build_order(
     )
 
 
-DUPLICATE_GUARD_STATES = frozenset({OrderState.ACCEPTED, OrderState.PAYING,
-                                    OrderState.DEDUCTING, OrderState.NEEDS_RECONCILIATION,
-                                    OrderState.SUCCEEDED})
+def with_risk(order: PaymentOrder, verification: Verification | None, note: str = ""
+              ) -> PaymentOrder:
+    """The new ``order`` as the risk gate decided: a step-up starts it in
+    NEEDS_VERIFICATION (its window never outlasting the pay window); ``note`` (why, when
+    worth journalling: a default taken) goes into the cause of its first transition."""
+    assert order.state is OrderState.ACCEPTED and order.version == 0, order.state
+    cause = f"submitted; {note}" if note else "submitted"
+    if verification is None:
+        return evolve(order, cause=cause)
+    verification = evolve(verification,
+                          expires_at_ms=min(verification.expires_at_ms, order.close_at_ms))
+    return evolve(order, state=OrderState.NEEDS_VERIFICATION, verification=verification,
+                  cause=f"{cause}; risk step_up ({verification.rule})")
+
+
+DUPLICATE_GUARD_STATES = frozenset({OrderState.NEEDS_VERIFICATION, OrderState.ACCEPTED,
+                                    OrderState.PAYING, OrderState.DEDUCTING,
+                                    OrderState.NEEDS_RECONCILIATION, OrderState.SUCCEEDED})
 """States of a recent order that make a new one for the same user and amount suspect: it is
 paid or may still be. A failed or closed one is what a user retries after, in good faith."""
 
@@ -823,6 +863,8 @@ class TimerKind(enum.StrEnum):
     QUERY = "query"
     REFUND_QUERY = "refund_query"
     VOUCHER_RETRY = "voucher_retry"
+    VERIFY = "verify"
+    """The end of a step-up's verification window."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -915,8 +957,16 @@ class RequestRefund:
     reason: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class VerifyCode:
+    """The user typed a step-up verification code (``Engine.verify``). Never stored."""
+
+    code: str = field(repr=False)
+
+
 OrderEvent = (
     Activate | VoucherReply | CashResult | RefundResult | CloseOrder | TimerFired | RequestRefund
+    | VerifyCode
 )
 
 # --------------------------------------------------------------------------- effects
@@ -1160,6 +1210,8 @@ def decide(
             note = _timer(draft, event)
         case RequestRefund():
             note = _request_refund(draft, event)
+        case VerifyCode():
+            note = _verify(draft, event)
     _keep_voucher_retry(draft)
     decision = draft.done(note)
     _assert_consistent(decision.order, policy)
@@ -1180,6 +1232,17 @@ def _assert_consistent(order: PaymentOrder, policy: OrderPolicy) -> None:
         assert not statuses & {LegStatus.CONFIRMING, LegStatus.CONFIRMED}, (
             f"{order.state.value} order {order.order_id} confirmed a hold"
         )
+    if order.state is OrderState.NEEDS_VERIFICATION:
+        # R-PROD: nothing is held, tried or charged before the step-up passed
+        assert statuses == {LegStatus.NEW}, (
+            f"order {order.order_id} waits for verification with legs {sorted(statuses)}")
+        assert order.verification is not None and (
+            order.verification.status is VerificationStatus.PENDING), order.verification
+    v = order.verification
+    if v is not None and v.status is not VerificationStatus.PASSED:
+        assert order.state in (OrderState.NEEDS_VERIFICATION, OrderState.FAILED,
+                               OrderState.CLOSED), (
+            f"order {order.order_id} is {order.state.value}, its verification {v.status.value}")
     for refund in order.refunds:
         assert sum(p.value_minor for p in refund.parts) == refund.amount_minor, refund
         assert refund.kind is RefundKind.DUPLICATE_CHARGE or order.state is OrderState.SUCCEEDED
@@ -1199,8 +1262,16 @@ def _activate(d: _Draft) -> str:
     (or was never armed, in a database from before the sentinel) it starts again.
     """
     order = d.order
-    if order.state in (OrderState.ACCEPTED, OrderState.PAYING, OrderState.NEEDS_RECONCILIATION):
+    if order.state in (OrderState.ACCEPTED, OrderState.PAYING, OrderState.NEEDS_RECONCILIATION,
+                       OrderState.NEEDS_VERIFICATION):
         d.effects.append(ArmTimer(TimerKind.CLOSE, order.close_at_ms, 0))
+    if order.state is OrderState.NEEDS_VERIFICATION:
+        assert order.verification is not None
+        if "risk-ignored" in d.policy.planted_bugs:  # the bug: the gate's step-up skipped
+            _verified(d, "planted bug: step-up ignored")
+            return "activated"
+        d.effects.append(ArmTimer(TimerKind.VERIFY, order.verification.expires_at_ms, 0))
+        return "activated"  # nothing else: every leg is new
     gives_up = "sentinel-gives-up" in d.policy.planted_bugs
     for leg in order.legs:
         if not (gives_up and leg.status in OWED_LEG_STATUSES):  # the bug: owed is forgotten
@@ -1777,6 +1848,8 @@ def _close(d: _Draft, cause: CloseCause) -> str:
     if state in (OrderState.FAILED, OrderState.CLOSED):
         return f"duplicate: order is already {state.value}"
     trigger = Trigger.CLOSE_USER if cause is CloseCause.USER else Trigger.CLOSE_TIMEOUT
+    if state is OrderState.NEEDS_VERIFICATION:
+        _end_verification(d, VerificationStatus.CLOSED)
     d.move(trigger)
     cash = d.cash()
     if cash is not None and cash.status is LegStatus.PAYING:
@@ -1786,6 +1859,65 @@ def _close(d: _Draft, cause: CloseCause) -> str:
         _arm_query(d, attempt=0)
     _release_everything(d, f"order closed ({cause.value})")
     return "applied"
+
+
+# ---- step-up verification
+
+
+def _verify(d: _Draft, event: VerifyCode) -> str:
+    """The user's code for the step-up: right, the order goes on (holds, then the channel);
+    wrong, it counts, and the last wrong one fails the order and releases everything.
+
+    A verify of an order that is not waiting is ``IllegalTransition`` (order untouched),
+    except the right code again after a pass (a retried call), which changes nothing. Past
+    the verification window or the pay window the window decides, as the timer would have.
+    """
+    order = d.order
+    code = check_code(event.code)
+    v = order.verification
+    if v is None:
+        raise IllegalTransition(f"order {order.order_id} was not asked for a verification")
+    if order.state is not OrderState.NEEDS_VERIFICATION:
+        if v.status is VerificationStatus.PASSED and code_matches(v, order.order_id, code):
+            return "duplicate: verified already"
+        raise IllegalTransition(f"order {order.order_id} is {order.state.value}, its "
+                                f"verification {v.status.value}: not waiting for a code")
+    if d.now_ms >= order.close_at_ms:
+        return _close(d, CloseCause.TIMEOUT)
+    if d.now_ms >= v.expires_at_ms:
+        _fail_verification(d, VerificationStatus.EXPIRED, Trigger.VERIFICATION_EXPIRED)
+        return "applied"
+    if code_matches(v, order.order_id, code):
+        _verified(d, "verified: the right code")
+        return "applied"
+    d.update(verification=evolve(v, attempts=v.attempts + 1))
+    if v.attempts + 1 >= v.attempts_max:
+        _fail_verification(d, VerificationStatus.FAILED, Trigger.VERIFICATION_FAILED)
+    return "applied"
+
+
+def _verified(d: _Draft, cause: str) -> None:
+    """The step-up passed: the order is accepted and places its holds, then pays."""
+    _end_verification(d, VerificationStatus.PASSED)
+    d.move(Trigger.VERIFIED, cause)
+    _advance_holds(d)
+
+
+def _end_verification(d: _Draft, status: VerificationStatus) -> None:
+    v = d.order.verification
+    assert v is not None
+    d.update(verification=evolve(v, status=status))
+
+
+def _fail_verification(d: _Draft, status: VerificationStatus, trigger: Trigger) -> None:
+    """Wrong codes or the window over: the order fails; every leg is released (nothing was
+    held but the user's own pre-holds, which go back)."""
+    v = d.order.verification
+    assert v is not None
+    _end_verification(d, status)
+    cause = f"{trigger.value} ({v.attempts} wrong of {v.attempts_max})"
+    d.move(trigger, cause)
+    _release_everything(d, trigger.value)
 
 
 # ---- timers
@@ -1803,6 +1935,14 @@ def _timer(d: _Draft, fired: TimerFired) -> str:
             return _refund_query_due(d, fired.token)
         case TimerKind.VOUCHER_RETRY:
             return _voucher_retry_due(d, fired.token)
+        case TimerKind.VERIFY:
+            v = d.order.verification
+            if d.order.state is not OrderState.NEEDS_VERIFICATION or v is None:
+                return "stale: verification timer"
+            if d.now_ms < v.expires_at_ms:
+                return "stale: verification timer fired early"
+            _fail_verification(d, VerificationStatus.EXPIRED, Trigger.VERIFICATION_EXPIRED)
+            return "applied"
 
 
 def _query_due(d: _Draft, token: int) -> str:

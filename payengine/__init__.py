@@ -46,9 +46,11 @@ from payengine.actors.messages import (
     OrderView,
     Receipt,
     RefundView,
+    VerificationView,
 )
 from payengine.actors.notifier import NotificationConfig
 from payengine.actors.reconcile import ReconciliationReport
+from payengine.actors.risk_gate import RiskConfig, RiskContext, RiskHook
 from payengine.actors.runtime import Runtime, ThreadRuntime
 from payengine.engine.channel_data import PayDetails, PayScenario, Prepay
 from payengine.engine.codes import CodeTable, ResultKind
@@ -74,9 +76,11 @@ from payengine.engine.errors import (
     PaymentError,
     RefundRefused,
     RequestRejected,
+    RiskBlocked,
     UnknownAccount,
     UnknownHold,
     UnknownOrder,
+    VerificationFailed,
 )
 from payengine.engine.health import BreakerPolicy
 from payengine.engine.order import (
@@ -88,6 +92,7 @@ from payengine.engine.order import (
     PaymentRequest,
     VoucherPart,
 )
+from payengine.engine.risk import RiskOutcome, RiskRules, RiskVerdict
 from payengine.engine.routing import NoRoute, Route, RoutingTable
 from payengine.engine.statement import StatementError
 from payengine.persistence.group_commit import GroupCommitConfig
@@ -162,6 +167,13 @@ __all__ = [
     "RequestRejected",
     "RequestRejection",
     "ResultKind",
+    "RiskBlocked",
+    "RiskConfig",
+    "RiskContext",
+    "RiskHook",
+    "RiskOutcome",
+    "RiskRules",
+    "RiskVerdict",
     "Route",
     "RoutingTable",
     "Runtime",
@@ -172,6 +184,8 @@ __all__ = [
     "UnknownAccount",
     "UnknownHold",
     "UnknownOrder",
+    "VerificationFailed",
+    "VerificationView",
     "VoucherPart",
     "__version__",
     "load_channels",

@@ -61,6 +61,7 @@ from payengine.engine.order import (
     RefundStatus,
     Transition,
 )
+from payengine.engine.risk import verification_from_json, verification_json
 from payengine.engine.voucher import (
     Fence,
     FenceKey,
@@ -72,14 +73,15 @@ from payengine.engine.voucher import (
 from payengine.persistence import merchants, outbox, rejections, statements
 from payengine.persistence.group_commit import CommitStats, GroupCommit, GroupCommitConfig
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """Bumped whenever a table changes shape; a file of another version is refused at open
 (``IncompatibleDatabase``). 2: fences keyed by (account, scope, owner, leg), not a hold id.
 3: one journal row per change, holding that change's transitions. 4: an order's pay details
 and prepay (JSON arrays); payment attempts (``payment_orders.attempt``, unique per trade
 order; ``trade_orders.order_id`` is the latest attempt). 5: merchants' signing keys and
 status, users' status, the nonces of signed requests and the requests refused
-(``persistence.merchants``)."""
+(``persistence.merchants``). 6: an order's step-up verification (a JSON array) and device
+id (for the risk gate's velocity per device)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,7 +296,8 @@ class Store:
                  "query_attempt": int, "next_query_at_ms": int, "refund_query_attempt": int,
                  "next_refund_query_at_ms": int, "voucher_attempt": int,
                  "next_voucher_retry_at_ms": int, "version": int, "pay_details": str,
-                 "prepay": str, "attempt": int, "updated_at_ms": int, "settled": int},
+                 "prepay": str, "attempt": int, "verification": str, "device_id": str,
+                 "updated_at_ms": int, "settled": int},
                 pk="order_id",
                 not_null={"payment_serial", "state", "total_minor", "version"},
                 if_not_exists=True,
@@ -357,6 +360,8 @@ class Store:
                 ["merchant_id", "merchant_order_no", "attempt"], unique=True, if_not_exists=True)
             db.table("payment_orders").create_index(["settled"], if_not_exists=True)
             db.table("payment_orders").create_index(["user_id", "created_at_ms"], if_not_exists=True)
+            db.table("payment_orders").create_index(["device_id", "created_at_ms"],
+                                                    if_not_exists=True)
             db.table("holds").create_index(["status", "expires_at_ms"], if_not_exists=True)
             db.table("journal").create_index(["entity_kind", "entity_id"], if_not_exists=True)
             outbox.create_schema(db)
@@ -399,7 +404,7 @@ class Store:
                 )
                 conn.execute(_INSERT_ORDER, _order_row(order, now_ms))
                 conn.executemany(_INSERT_LEG, [_leg_row(order.order_id, leg) for leg in order.legs])
-                submitted = [Transition("order", "", order.state.value, "submitted")]
+                submitted = [Transition("order", "", order.state.value, order.cause)]
                 self._journal(conn, now_ms, "order", order.order_id,
                               [*submitted, *also_journal])
                 outbox.record_order_events(conn, order, submitted, now_ms)
@@ -453,7 +458,7 @@ class Store:
                     conn.executemany(_INSERT_LEG, [_leg_row(order.order_id, leg)
                                                    for leg in order.legs])
                     submitted = [Transition("order", "", order.state.value,
-                                            f"submitted: attempt {order.attempt}")]
+                                            f"{order.cause} (attempt {order.attempt})")]
                     self._journal(conn, now_ms, "order", order.order_id,
                                   [*submitted, *also_journal])
                     outbox.record_order_events(conn, order, submitted, now_ms)
@@ -498,12 +503,14 @@ class Store:
                 "UPDATE payment_orders SET state = ?, cause = ?, query_attempt = ?,"
                 " next_query_at_ms = ?, refund_query_attempt = ?, next_refund_query_at_ms = ?,"
                 " voucher_attempt = ?, next_voucher_retry_at_ms = ?,"
-                " version = ?, prepay = ?, updated_at_ms = ?, settled = ?"
+                " version = ?, prepay = ?, verification = ?, updated_at_ms = ?, settled = ?"
                 " WHERE order_id = ? AND version = ?",
                 (order.state.value, order.cause, order.query_attempt, order.next_query_at_ms,
                  order.refund_query_attempt, order.next_refund_query_at_ms,
                  order.voucher_attempt, order.next_voucher_retry_at_ms, order.version,
-                 _json_or_none(prepay_json(order.prepay)), now_ms, int(order.is_settled), order.order_id,
+                 _json_or_none(prepay_json(order.prepay)),
+                 _json_or_none(verification_json(order.verification)), now_ms,
+                 int(order.is_settled), order.order_id,
                  order.version - 1 if before is None else before.version),
             )
             assert cur.rowcount == 1, (
@@ -670,6 +677,20 @@ class Store:
                 " AND total_minor = ? AND currency = ? ORDER BY created_at_ms DESC LIMIT ?",
                 (user_id, since_ms, total_minor, currency, limit)).fetchall()]
         return [o for o in map(self.load_order, ids) if o is not None]
+
+    def count_recent_orders(self, *, since_ms: int, until_ms: int, count_max: int,
+                            user_id: str | None = None, device_id: str | None = None) -> int:
+        """Orders of ``user_id`` (or from ``device_id``) created in ``since_ms < created <=
+        until_ms`` (``engine.risk.in_window``), counted up to ``count_max``: bounded, and
+        cheap on the (user_id | device_id, created_at_ms) indexes. For the risk gate."""
+        column, value = ("user_id", user_id) if user_id is not None else ("device_id", device_id)
+        assert value is not None and column in ("user_id", "device_id")
+        with self._read(snapshot=False) as conn:
+            row = conn.execute(
+                f"SELECT COUNT(*) FROM (SELECT 1 FROM payment_orders WHERE {column} = ?"
+                " AND created_at_ms > ? AND created_at_ms <= ? LIMIT ?)",
+                (value, since_ms, until_ms, count_max)).fetchone()
+        return int(row[0])
 
     # ------------------------------------------------------------------ accounts
 
@@ -966,11 +987,12 @@ _ORDER_COLUMNS = (
     "order_id, merchant_id, merchant_order_no, payment_serial, user_id, title, currency,"
     " total_minor, fingerprint, state, cause, created_at_ms, close_at_ms, hold_expires_at_ms,"
     " query_attempt, next_query_at_ms, refund_query_attempt, next_refund_query_at_ms,"
-    " voucher_attempt, next_voucher_retry_at_ms, version, pay_details, prepay, attempt"
+    " voucher_attempt, next_voucher_retry_at_ms, version, pay_details, prepay, attempt,"
+    " verification"
 )
 _INSERT_ORDER = (
-    f"INSERT INTO payment_orders ({_ORDER_COLUMNS}, updated_at_ms, settled)"
-    " VALUES (" + ",".join("?" * 26) + ")"
+    f"INSERT INTO payment_orders ({_ORDER_COLUMNS}, device_id, updated_at_ms, settled)"
+    " VALUES (" + ",".join("?" * 28) + ")"
 )
 _LEG_COLUMNS = (
     "leg_no, mode, account_id, amount, unit, value_minor, hold_id, status, channel,"
@@ -1050,7 +1072,9 @@ def _order_row(order: PaymentOrder, now_ms: int) -> tuple[object, ...]:
         order.refund_query_attempt, order.next_refund_query_at_ms, order.voucher_attempt,
         order.next_voucher_retry_at_ms, order.version,
         _json_or_none(details_json(order.pay_details)), _json_or_none(prepay_json(order.prepay)),
-        order.attempt, now_ms, int(order.is_settled),
+        order.attempt, _json_or_none(verification_json(order.verification)),
+        None if order.pay_details is None else order.pay_details.device_id,
+        now_ms, int(order.is_settled),
     )
 
 
@@ -1083,7 +1107,7 @@ column (an engine reopening with 100,000 open orders reads 200,000 pending holds
 def _order_from_rows(row: Sequence[Any], legs: Sequence[Sequence[Any]]) -> PaymentOrder:
     (order_id, merchant_id, merchant_order_no, serial, user_id, title, currency, total,
      fingerprint, state, cause, created, close_at, hold_exp, q_attempt, next_q, rq_attempt,
-     next_rq, v_attempt, next_v, version, pay_details, prepay, attempt) = row
+     next_rq, v_attempt, next_v, version, pay_details, prepay, attempt, verification) = row
     return PaymentOrder(
         order_id=str(order_id), merchant_id=str(merchant_id),
         merchant_order_no=str(merchant_order_no), payment_serial=str(serial),
@@ -1103,6 +1127,7 @@ def _order_from_rows(row: Sequence[Any], legs: Sequence[Sequence[Any]]) -> Payme
         pay_details=details_from_json(_json_loaded(pay_details)),
         prepay=prepay_from_json(_json_loaded(prepay)),
         attempt=int(attempt),
+        verification=verification_from_json(_json_loaded(verification)),
     )
 
 

@@ -15,6 +15,9 @@ Checked (each failure is one ``Violation`` naming the order or account):
 - (``check_notified``, given what downstream was told) every terminal order, every finished
   refund (merchant refunds, second charges, a success the order could not keep) and every
   hold expiry was notified to the subscriber, and the order's to its merchant;
+- (``check_step_ups``, given which users sent the right code) no order whose risk step-up
+  did not pass ever reached the channel's ``pay`` or kept a hold, and none passed without
+  its user's right code;
 - (``check_pre_holds``, given what the users did with ``pre_hold``/``release_hold``) every
   user's pre-hold ends as its story says: an abandoned one expired, a released one voided
   (or never made), an adopted one posted exactly when its order succeeded, an order naming
@@ -47,6 +50,7 @@ from payengine.engine.order import (
     RefundKind,
     RefundStatus,
 )
+from payengine.engine.risk import VerificationStatus
 from payengine.engine.routing import RoutingTable
 from payengine.engine.voucher import Fence, FenceKey, FenceKind, FenceScope, FenceStatus
 from payengine.persistence.outbox import (
@@ -617,6 +621,57 @@ def check_pre_holds(store: Store, plans: Iterable[PreHoldPlan]
                     "refused-tick-changed-nothing", subject,
                     f"its untick came first, yet the hold went {held[0].to_state}"))
     return violations, counts
+
+
+# --------------------------------------------------------------------------- step-ups
+
+
+def check_step_ups(store: Store, channels: Mapping[str, object], right_code_sent: set[str],
+                   all_orders: Iterable[PaymentOrder] | None = None) -> list[Violation]:
+    """Every step-up the risk gate asked for ended as its user's answers say.
+
+    Meant after the quiet phase. An order born in ``needs_verification`` (its first journal
+    entry says so: the verdict was persisted with the order) whose verification did not pass
+    never reached the channel's ``pay`` (the channel records each call by serial), and holds
+    and spends nothing (its voucher fences are all given back); one whose verification
+    passed had its user send the right code (``right_code_sent``).
+    """
+    violations: list[Violation] = []
+    for order in store.iter_orders() if all_orders is None else all_orders:
+        v = order.verification
+        if v is None:
+            continue
+        subject = f"order {order.order_id}"
+        first = store.journal("order", order.order_id)[0]
+        if (first.from_state, first.to_state) != ("", OrderState.NEEDS_VERIFICATION.value):
+            violations.append(Violation("step-up-persisted-with-its-order", subject,
+                                        f"first transition {first.from_state!r} -> "
+                                        f"{first.to_state}"))
+        if v.status is VerificationStatus.PASSED:
+            if order.order_id not in right_code_sent:
+                violations.append(Violation(
+                    "verified-only-by-its-code", subject,
+                    f"{order.state.value}: the verification passed, its user never sent the "
+                    "right code"))
+            continue
+        cash = order.cash_leg
+        truth = None if cash is None else channels.get(cash.channel or "")
+        if isinstance(truth, PayDataTruth) and truth.pay_details_sent(order.payment_serial):
+            violations.append(Violation(
+                "no-pay-before-verification", subject,
+                f"the channel was asked to pay while the verification is {v.status.value}"))
+        for leg in order.legs:
+            if leg.account_id is None:
+                continue
+            fence = store.load_fence(leg.account_id, order.fence_of(leg))
+            if fence is not None and fence.order_id in (None, order.order_id) and (
+                fence.status in (FenceStatus.PENDING, FenceStatus.POSTED)
+            ):
+                violations.append(Violation(
+                    "unverified-order-releases-holds", subject,
+                    f"verification {v.status.value}, leg {leg.leg_no}'s fence is "
+                    f"{fence.status.value}"))
+    return violations
 
 
 def check_code_tables(channels: Mapping[str, object]) -> list[Violation]:

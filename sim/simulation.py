@@ -35,6 +35,7 @@ from payengine.actors.engine import Engine
 from payengine.actors.merchant_auth import MerchantRequestConfig
 from payengine.actors.messages import Receipt
 from payengine.actors.notifier import NotificationConfig
+from payengine.actors.risk_gate import RiskConfig
 from payengine.actors.runtime import Runtime, ThreadRuntime
 from payengine.engine.channel_data import PayDetails, PayScenario
 from payengine.engine.errors import (
@@ -43,6 +44,7 @@ from payengine.engine.errors import (
     IllegalTransition,
     PaymentError,
     RequestRejected,
+    RiskBlocked,
 )
 from payengine.engine.order import (
     PLANTABLE_BUGS,
@@ -72,9 +74,11 @@ from payengine.sim.oracle import (
     check_one_success_per_trade,
     check_pre_holds,
     check_routes,
+    check_step_ups,
     told_of,
 )
 from payengine.sim.preholds import PreHolder
+from payengine.sim.risk import StepUpUser, risk_config
 from payengine.sim.runtime import Scheduler, SimRuntime, SimWorld
 from payengine.sim.signed_requests import SignedRequests
 from payengine.sim.statement import statement_from_channel
@@ -86,13 +90,17 @@ FAULT_KINDS = (
     "user-never-pays", "user-pays-late", "duplicate-submit", "user-close", "timeout-close",
     "voucher-faults", "crash", "double-charge", "refund-callback-lost",
     "refund-callback-duplicated", "merchant-down", "forged-notification", "pre-holds",
-    "late-close", "forged-request",
+    "late-close", "forged-request", "risk",
 )
 """Every fault the simulator can inject; ``--faults`` picks from these."""
 
 LATER_KINDS = frozenset({"pre-holds", "late-close"})
 """Faults (and features) added after the others: drawn from a stream of their own
 (``FaultMix.draw``'s ``later``), so that adding them changed no other fault's draws."""
+
+OWN_STREAM_KINDS = frozenset({"risk"})
+"""Features drawn (and run) from a stream each of their own (``Simulation``), not by
+``FaultMix.draw``: adding one changes no other draw of a seed."""
 
 SIM_CHANNELS_TOML = """
 [channels.wechat]
@@ -301,7 +309,7 @@ class FaultMix:
         """
         later = later or random.Random(0)
         requests = requests or random.Random(1)
-        on = frozenset(k for k in sorted(allowed - LATER_KINDS - REQUEST_KINDS)
+        on = frozenset(k for k in sorted(allowed - LATER_KINDS - REQUEST_KINDS - OWN_STREAM_KINDS)
                        if rng.random() < 0.6 or not swarm)
         on |= frozenset(k for k in sorted(allowed & LATER_KINDS)
                         if later.random() < 0.6 or not swarm)
@@ -371,6 +379,15 @@ class Simulation:
         self.mix = FaultMix.draw(self.rng, config.faults, swarm=config.plant_bug is None,
                                  later=random.Random(config.seed + 6),
                                  requests=self.requests_rng)
+        # The risk gate (``sim.risk``): its own stream, so a seed's other draws stay as
+        # they were; on for every planted bug, like every fault.
+        self.risk_rng = random.Random(config.seed + 9)
+        self.risk: RiskConfig | None = None
+        self.step_ups: StepUpUser | None = None
+        if "risk" in config.faults and (self.risk_rng.random() < 0.6
+                                        or config.plant_bug is not None):
+            self.mix = replace(self.mix, on=self.mix.on | {"risk"})
+            self.risk = risk_config(self.risk_rng, config.seed)
         self.scheduler: Scheduler | None = None
         self.world: Any
         if config.runtime == "sim":
@@ -444,8 +461,14 @@ class Simulation:
                 engine=lambda: self.engine, now_ms=self.world.now_ms, at=self._at,
                 quiet=lambda: self.quiet, counts=self.counts, violations=self.violations,
                 seed=config.seed)
+        if self.risk is not None:
+            self.step_ups = StepUpUser(self.risk_rng, config.seed, self.risk, at=self._at,
+                                       now_ms=self.world.now_ms, engine=lambda: self.engine,
+                                       counts=self.counts)
         self.close_refused: set[str] = set()
         """Orders a late user close was refused for (paid): they never end closed."""
+        self.risk_blocked: set[str] = set()
+        """Merchant order numbers a submit of was refused by the risk gate."""
         self.closed_by_user: set[str] = set()
         """Orders a late user close answered closed (or failed): they never end paid."""
 
@@ -463,7 +486,8 @@ class Simulation:
                                   config=self.engine_config, runtime=runtime, ids=self.ids,
                                   synchronous="OFF" if self.scheduler else "NORMAL",
                                   voucher_link=self._voucher_link,
-                                  subscribers={"downstream": self._downstream})
+                                  subscribers={"downstream": self._downstream},
+                                  risk=self.risk)
         for channel in self.channels.values():
             channel.attach(self.engine)
         retry, self.pending_submits = self.pending_submits, []
@@ -621,9 +645,13 @@ class Simulation:
             return
         except PaymentError as error:
             self.counts[f"submit_refused:{error.code}"] += 1
+            if isinstance(error, RiskBlocked):
+                self.risk_blocked.add(request.merchant_order_no)
             return
         key = (request.merchant_order_no, request.attempt)
         first = self.receipts.setdefault(key, receipt)
+        if first is receipt and receipt.needs_verification and self.step_ups is not None:
+            self.step_ups.stepped_up(receipt.order_id, request.merchant_order_no)
         if first != receipt:
             self.violations.append(Violation(
                 "duplicate-submit-same-receipt", f"key {key}", f"{first} != {receipt}"))
@@ -850,6 +878,12 @@ class Simulation:
                 report.violations.append(Violation(
                     "closed-order-never-paid", f"order {order_id}",
                     "a user close answered closed, yet the order ended succeeded"))
+        # orders the gate refused every submit of: no order, as promised (one per key)
+        self.counts["orders_blocked_by_risk"] = len(
+            self.risk_blocked - {no for no, _ in self.receipts})
+        if self.step_ups is not None:
+            report.violations += check_step_ups(engine.store, self.channels,
+                                                self.step_ups.right_code_sent, all_orders=orders)
         if self.pre_holder is not None:
             violations, counts = check_pre_holds(engine.store, self.pre_holder.plans)
             report.violations += violations
