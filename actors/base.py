@@ -219,6 +219,15 @@ class ActorBehaviour:
         self.stopped = True
         self.cancel_timers()
 
+    def on_failed(self) -> None:
+        """On the actor's thread: a told message raised something unexpected and the actor
+        stops (pykka's discipline). Messages still queued will never be handled: the
+        directory takes them out of its backlog now (they kept admission refusing submits
+        for as long as nobody wrote to this key again) and forgets this actor. Its timers
+        stay armed: one that fires starts a fresh actor from the database."""
+        self.stopped = True
+        self.ctx.directory.stopped(self.key, self)
+
     def on_message(self, message: Any) -> Any:
         if isinstance(message, Paced):
             try:

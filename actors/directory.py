@@ -195,6 +195,18 @@ class Directory:
             live.ref.stop()
             return True
 
+    def stopped(self, key: Key, behaviour: Behaviour) -> None:
+        """``behaviour``'s actor is stopping (its own thread): if it is still the live one
+        for ``key`` (it failed; a release or a quarantine forgot it already), forget it, and
+        what it was sent and did not handle leaves the backlog. The next message to ``key``
+        starts a fresh actor from the database."""
+        with self._lock:
+            live = self._live.get(key)
+            if live is None or live.behaviour is not behaviour:
+                return
+            self._forget(key)
+            self._forget_unhandled(live)
+
     def quarantine(self, key: Key, error: str) -> None:
         """Refuse every further message to ``key``: its actor broke an invariant.
 

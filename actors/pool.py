@@ -150,9 +150,6 @@ class PooledActor(BehaviourHost, pykka.Actor):
         actor._start_actor_loop()
         return actor.actor_ref
 
-    def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
-        log.error("actor.failed", actor=self.name, error=repr(exception_value))
-
     def _stop(self) -> None:
         """pykka's ``_stop`` less the registry it was never in. On its worker."""
         self.actor_stopped.set()
@@ -291,6 +288,7 @@ class ActorPool:
         """Stop ``actor`` after an escape: its waiting askers get ``ActorDeadError``."""
         inbox: PoolInbox = actor.actor_inbox  # type: ignore[assignment]
         actor.actor_stopped.set()
+        actor.behaviour_failed()
         with self._cond:
             left = inbox.envelopes or deque()
             inbox.envelopes = None

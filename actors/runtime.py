@@ -99,6 +99,17 @@ class BehaviourHost:
     def on_stop(self) -> None:
         self.behaviour.on_stop()
 
+    def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
+        """A told message raised: pykka stops the actor without ``on_stop``. Logged, and the
+        behaviour told (``on_failed``, if it has one) that it will handle nothing more."""
+        log.error("actor.failed", actor=self.name, error=repr(exception_value))
+        self.behaviour_failed()
+
+    def behaviour_failed(self) -> None:
+        failed = getattr(self.behaviour, "on_failed", None)
+        if failed is not None:
+            failed()
+
 
 class _PykkaHost(BehaviourHost, pykka.ThreadingActor):
     """A pykka thread that runs a ``Behaviour``. Daemon: an abandoned engine never blocks exit."""
@@ -110,8 +121,6 @@ class _PykkaHost(BehaviourHost, pykka.ThreadingActor):
         self.name = name
         self.behaviour = behaviour
 
-    def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
-        log.error("actor.failed", actor=self.name, error=repr(exception_value))
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,9 @@ _CLOSED_LOOP_BACKOFF_MAX_S = 0.064
 """A closed-loop client refused ``Overloaded`` waits 2 ms before asking again, doubling up to
 64 ms while it is refused, as a till would (a client retrying at once only steals the CPU
 the engine needs to catch up)."""
+_CLOSED_LOOP_REFUSED_MAX_S = 30.0
+"""A closed-loop client refused for this long gives its payment up (counted refused): an
+engine that refuses every submit shows as a failed run, not as a benchmark that hangs."""
 PAYMENTS_MAX = 1_000_000
 
 
@@ -193,6 +196,7 @@ def run_bench(payments: int = 1_000, *, workers: int = 8, rate_per_s: float | No
                     if delay > 0:
                         time.sleep(delay)
                 backoff_s = _CLOSED_LOOP_BACKOFF_S
+                first_try = time.perf_counter()
                 while True:
                     at = time.perf_counter()
                     try:
@@ -201,7 +205,9 @@ def run_bench(payments: int = 1_000, *, workers: int = 8, rate_per_s: float | No
                     except Overloaded:
                         with lock:
                             refused_ms.append((time.perf_counter() - at) * 1000)
-                        if rate_per_s is not None:
+                        if rate_per_s is not None or (
+                            at - first_try > _CLOSED_LOOP_REFUSED_MAX_S
+                        ):
                             return  # open loop: the load above capacity is shed
                         shed[0] += 1  # closed loop: back off (doubling) and ask again
                         time.sleep(backoff_s)

@@ -80,3 +80,51 @@ def test_an_ask_whose_actor_stopped_because_the_engine_shut_is_engine_closed_not
     with pytest.raises(EngineClosed):
         directory.ask(KEY, "q", 1.0)
     assert sum(len(r.asked) for r in runtime.spawned) == 1
+
+
+def test_messages_queued_behind_a_failure_leave_the_backlog_when_the_actor_stops() -> None:
+    """A told message that raises stops its actor (pykka's discipline); what was queued
+    behind it is never handled. Counted as still queued, it kept admission refusing submits
+    (``Overloaded``) for as long as nobody wrote to that key again."""
+    import threading
+    import time
+
+    from payengine.actors.pool import PooledRuntime
+
+    gate = threading.Event()
+    runtime = PooledRuntime(actor_threads=2)
+    directory: Directory
+
+    class Failing:
+        handled = 0
+
+        def on_start(self) -> None: ...
+
+        def on_message(self, message: Any) -> None:
+            self.handled += 1
+            try:
+                if message == "wait":
+                    gate.wait(10)
+                if message == "fail":
+                    raise RuntimeError("a bug in a handler")
+            finally:
+                directory.note_handled()
+
+        def on_stop(self) -> None: ...
+
+        def on_failed(self) -> None:
+            directory.stopped(KEY, self)
+
+    directory = Directory(runtime, lambda key, kept: Failing())
+    try:
+        for message in ("wait", "fail", "never", "never"):
+            directory.tell(KEY, message)
+        assert directory.backlog == 4
+        gate.set()
+        deadline = time.monotonic() + 10
+        while directory.backlog and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert directory.backlog == 0
+        assert directory.live_count("order") == 0  # the next message starts a fresh actor
+    finally:
+        runtime.shutdown()
