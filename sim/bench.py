@@ -181,9 +181,13 @@ def run_bench(payments: int = 1_000, *, workers: int = 8, rate_per_s: float | No
                     engine.open_account(f"{name}{k}", unit, minor_per_unit=rate)
                     engine.fund(f"{name}{k}", 10**12, funding_id=f"{name}{k}")
             counter = _WriterCounter()
-            conn: sqlite3.Connection = engine.store._conn
-            conn.set_trace_callback(counter)
-            rows_before = conn.total_changes
+            # The writer connection is touched only inside a change (the group commit's
+            # exclusive turn): set_trace_callback and total_changes hold the GIL while they
+            # wait for SQLite's connection mutex, and a writer stepping with the callback
+            # installed holds that mutex while it waits for the GIL: a deadlock otherwise.
+            with engine.store._tx(0) as conn:
+                conn.set_trace_callback(counter)
+                rows_before = conn.total_changes
             receipts_ms: list[float] = []
             refused_ms: list[float] = []
             shed = [0]  # refusals a closed-loop client retried (not lost payments)
@@ -227,8 +231,9 @@ def run_bench(payments: int = 1_000, *, workers: int = 8, rate_per_s: float | No
                 peak_threads = max(peak_threads, threading.active_count())
                 time.sleep(0.005)
             wall = max(settled_at.values(), default=time.perf_counter()) - started
-            conn.set_trace_callback(None)
-            rows = conn.total_changes - rows_before
+            with engine.store._tx(0) as conn:
+                conn.set_trace_callback(None)
+                rows = conn.total_changes - rows_before
             if progress:
                 print(file=sys.stderr)
         finally:
