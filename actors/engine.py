@@ -65,6 +65,7 @@ from payengine.engine.checks import (
 from payengine.engine.codes import ResultKind
 from payengine.engine.currency import check_currency
 from payengine.engine.errors import (
+    AttemptRefused,
     DuplicateSuspected,
     EngineClosed,
     IllegalTransition,
@@ -552,9 +553,21 @@ class Engine:
         starts in ``needs_verification``), or ``RiskBlocked`` with nothing created. A retry
         of an accepted submit is not assessed again: it gets its receipt (another attempt
         of the same trade order is a new payment: it is)."""
-        if self._risk is None or self._ctx.store.attempt_order_id(
+        store = self._ctx.store
+        if self._risk is None or store.attempt_order_id(
                 request.merchant_id, request.merchant_order_no, request.attempt) is not None:
             return order
+        if request.attempt != 1:
+            # An attempt the insert would refuse must not reach the risk service (which may
+            # text the user a code): checked here first, and again in the insert's transaction.
+            latest_id = store.order_id_for_merchant(request.merchant_id,
+                                                    request.merchant_order_no)
+            latest = None if latest_id is None else store.load_order(latest_id)
+            if latest is None:
+                raise AttemptRefused(
+                    f"trade order {request.merchant_id}/{request.merchant_order_no} was never "
+                    f"submitted: attempt {request.attempt} needs attempt 1 first")
+            check_next_attempt(latest, request, planted_bugs=self._ctx.config.planted_bugs)
         assessment = self._risk.assess(request, order_id=order.order_id, now_ms=now_ms)
         return with_risk(order, assessment.verification, assessment.note)
 
