@@ -114,7 +114,6 @@ from payengine.engine.order import (
 )
 from payengine.engine.risk import VerificationStatus, check_code
 from payengine.engine.routing import (
-    NoRoute,
     RouteChoice,
     RoutingTable,
     choose_route,
@@ -603,27 +602,31 @@ class Engine:
 
     def _route(self, request: PaymentRequest, order_id: str) -> RouteChoice | None:
         """The channel for a cash part that names a payment method (``EngineConfig.routing``);
-        ``None`` for one that names its channel. ``NoRoute`` when no route can take it,
-        except for a retry of an accepted order, which gets its receipt whatever the
-        channels' health now (the first route stands in: the stored order is answered)."""
+        ``None`` for one that names its channel. ``NoRoute`` when no route can take it (a
+        channel whose ``pay`` takes no details is none for a payment that has some), except
+        for a retry of an accepted order, which gets its receipt whatever the channels'
+        health now: it is not routed again, its stored channel stands."""
         ctx = self._ctx
         table = ctx.config.routing
         if request.cash is None or request.cash.channel not in table.methods:
             return None
+        method = request.cash.channel
+        existing_id = ctx.store.attempt_order_id(request.merchant_id,
+                                                 request.merchant_order_no, request.attempt)
+        if existing_id is not None:  # a retry: answered with the stored order, never re-routed
+            stored = ctx.store.load_order(existing_id)
+            leg = None if stored is None else stored.cash_leg
+            if leg is not None and leg.channel is not None:
+                return RouteChoice(method, leg.channel, ())
         if "route-ignores-limits" in ctx.config.planted_bugs:
             table = RoutingTable(tuple(replace(r, amount_max_minor=AMOUNT_MAX)
                                        for r in table.routes))
-        try:
-            return choose_route(table, request.cash.channel, request.cash.amount_minor,
-                                request.currency, unavailable=ctx.health.unavailable(),
-                                fee_ppm=ctx.config.fee_ppm, draw=route_draw(order_id),
-                                known_channels=ctx.channels.keys())
-        except NoRoute:
-            if ctx.store.attempt_order_id(request.merchant_id, request.merchant_order_no,
-                                          request.attempt) is None:
-                raise
-            first = table.of(request.cash.channel)[0]
-            return RouteChoice(first.method, first.channel, ())
+        no_details = () if request.cash.details is None else (
+            ctx.channels.keys() - self._channels_taking_details)
+        return choose_route(table, method, request.cash.amount_minor,
+                            request.currency, unavailable=ctx.health.unavailable(),
+                            fee_ppm=ctx.config.fee_ppm, draw=route_draw(order_id),
+                            known_channels=ctx.channels.keys(), no_details=no_details)
 
     def _guard_user_duplicates(self, request: PaymentRequest, now_ms: int) -> None:
         """Warn (``DuplicateSuspected``) of a new order like one the user made moments ago.

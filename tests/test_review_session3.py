@@ -14,8 +14,12 @@ from payengine import (
     EngineConfig,
     PaymentRequest,
 )
+from payengine.actors.channel import ChannelReply
 from payengine.actors.risk_gate import RiskConfig, RiskContext
+from payengine.engine.channel_data import PayDetails, PayScenario
+from payengine.engine.health import BreakerPolicy
 from payengine.engine.risk import RiskVerdict
+from payengine.engine.routing import NoRoute, Route, RoutingTable
 from tests.helpers import ScriptedChannel, wait_for
 
 FIRST = PaymentRequest("station-1", "pump3-0187", "alice", "CNY", 9_600, "Fuel",
@@ -53,5 +57,67 @@ def test_an_attempt_refused_for_its_predecessor_is_never_put_to_the_risk_service
         with pytest.raises(AttemptRefused, match="the next is 2, not 3"):
             engine.submit(replace(SECOND, attempt=3))
         assert hook.asked == [("pump3-0187", 1)]
+    finally:
+        engine.shutdown()
+
+
+# ---------------------------------------------------------------- routing and pay details
+
+QR = "qr"
+
+
+class DetailsChannel(ScriptedChannel):
+    """A channel whose ``pay`` takes the cash part's details."""
+
+    def pay(self, payment_serial: str, amount_minor: int, currency: str, title: str,
+            details: PayDetails | None = None) -> ChannelReply:
+        return super().pay(payment_serial, amount_minor, currency, title)
+
+
+def _routed(path: Path) -> tuple[Engine, DetailsChannel, ScriptedChannel]:
+    takes, plain = DetailsChannel("wechat-1"), ScriptedChannel("wechat-2")
+    config = EngineConfig(routing=RoutingTable((Route(QR, "wechat-1"),
+                                                Route(QR, "wechat-2", priority=1))),
+                          duplicate_guard_window_ms=0,
+                          breaker=BreakerPolicy(window_calls=4, calls_min=2, failure_pct=100,
+                                                open_ms=60_000))
+    return Engine.open(path, channels=[takes, plain], config=config), takes, plain
+
+
+def _with_details(no: str) -> PaymentRequest:
+    return PaymentRequest("station-1", no, f"u-{no}", "CNY", 5_000, "Fuel",
+                          CashPart(5_000, QR, PayDetails(PayScenario.JSAPI, payer_id="openid-1")))
+
+
+def test_a_retry_of_an_order_with_details_gets_its_receipt_when_routing_now_picks_a_plain_channel(
+        tmp_path: Path) -> None:
+    """The retry was routed afresh: with the details-taking channel's breaker open it went to
+    one whose pay takes no details and was refused ``InvalidRequest``, although its order
+    was accepted. A retry is answered with the stored order, whatever routing says now."""
+    engine, _, _ = _routed(tmp_path / "a.db")
+    try:
+        accepted = engine.submit(_with_details("o-1"))
+        assert engine.get_order(accepted.order_id).legs[0].channel == "wechat-1"
+        for _ in range(2):
+            engine._ctx.health.record("wechat-1", False)
+        assert engine.channel_health()["wechat-1"] == "open"
+        assert engine.submit(_with_details("o-1")) == accepted
+    finally:
+        engine.shutdown()
+
+
+def test_a_new_order_with_details_is_not_routed_to_a_channel_that_cannot_take_them(
+        tmp_path: Path) -> None:
+    """Routing chose the plain channel and the submit then failed ``InvalidRequest``; a
+    channel that cannot take the details is a route that cannot take the payment: skipped,
+    and when no other is left the refusal is ``NoRoute`` saying why."""
+    engine, _, _ = _routed(tmp_path / "a.db")
+    try:
+        for _ in range(2):
+            engine._ctx.health.record("wechat-1", False)
+        with pytest.raises(NoRoute, match="wechat-2 skipped: takes no pay details"):
+            engine.submit(_with_details("o-2"))
+        plain_order = engine.submit(replace(_with_details("o-3"), cash=CashPart(5_000, QR)))
+        assert engine.get_order(plain_order.order_id).legs[0].channel == "wechat-2"
     finally:
         engine.shutdown()
