@@ -121,3 +121,26 @@ def test_a_new_order_with_details_is_not_routed_to_a_channel_that_cannot_take_th
         assert engine.get_order(plain_order.order_id).legs[0].channel == "wechat-2"
     finally:
         engine.shutdown()
+
+
+# ---------------------------------------------------------------- the breaker's bookkeeping
+
+
+def test_a_malformed_pay_reply_still_reaches_the_order_and_its_close_goes_out(
+        tmp_path: Path) -> None:
+    """The breaker's ``communicated`` read the reply before ``cash_result`` guarded it: a
+    return code that is not a string (unhashable) raised in the I/O callback, the pay's
+    answer never reached the order, which then waited for it forever and never sent the
+    close. Now the malformed reply counts as a failure and the order hears it (processing)."""
+    channel = ScriptedChannel("wechat")
+    channel.pay_reply = ChannelReply(["SUCCESS"], "NOTPAY")  # type: ignore[arg-type]
+    engine = Engine.open(tmp_path / "a.db", channels=[channel],
+                         config=EngineConfig(duplicate_guard_window_ms=0))
+    try:
+        receipt = engine.submit(FIRST)
+        wait_for(lambda: channel.count("pay") == 1, what="the pay call")
+        engine.close(receipt.order_id)
+        wait_for(lambda: channel.count("close") >= 1, what="the channel close")
+        assert engine.get_order(receipt.order_id).state == "closed"
+    finally:
+        engine.shutdown()
