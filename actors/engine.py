@@ -89,6 +89,7 @@ from payengine.engine.order import (
     ATTEMPTS_MAX,
     UNVERIFIED_SOURCES,
     Activate,
+    CashPart,
     CashResult,
     CloseCause,
     CloseOrder,
@@ -602,8 +603,8 @@ class Engine:
 
     def _route(self, request: PaymentRequest, order_id: str) -> RouteChoice | None:
         """The channel for a cash part that names a payment method (``EngineConfig.routing``);
-        ``None`` for one that names its channel. ``NoRoute`` when no route can take it (a
-        channel whose ``pay`` takes no details is none for a payment that has some), except
+        ``None`` for one that names its channel. ``NoRoute`` when no route can take it (see
+        ``_cannot_take`` besides the routes' own conditions), except
         for a retry of an accepted order, which gets its receipt whatever the channels'
         health now: it is not routed again, its stored channel stands."""
         ctx = self._ctx
@@ -621,12 +622,30 @@ class Engine:
         if "route-ignores-limits" in ctx.config.planted_bugs:
             table = RoutingTable(tuple(replace(r, amount_max_minor=AMOUNT_MAX)
                                        for r in table.routes))
-        no_details = () if request.cash.details is None else (
-            ctx.channels.keys() - self._channels_taking_details)
+        excluded = {}
+        for route in table.of(method):
+            why = self._cannot_take(route.channel, request.cash)
+            if why is not None:
+                excluded[route.channel] = why
         return choose_route(table, method, request.cash.amount_minor,
                             request.currency, unavailable=ctx.health.unavailable(),
                             fee_ppm=ctx.config.fee_ppm, draw=route_draw(order_id),
-                            known_channels=ctx.channels.keys(), no_details=no_details)
+                            known_channels=ctx.channels.keys(), excluded=excluded)
+
+    def _cannot_take(self, channel: str, cash: CashPart) -> str | None:
+        """Why routing must not give ``cash`` to ``channel`` (its configuration says
+        ``enabled = false``, or its ``limits`` leave the amount out; its ``pay`` takes no
+        details and the payment has some), or ``None``."""
+        config = getattr(self._ctx.channels.get(channel), "config", None)
+        if getattr(config, "enabled", True) is False:
+            return "disabled"
+        limits = getattr(config, "limits", None)
+        if limits is not None and not limits.allows(cash.amount_minor):
+            return (f"amount outside the channel's limits {limits.amount_min_minor}.."
+                    f"{limits.amount_max_minor}")
+        if cash.details is not None and channel not in self._channels_taking_details:
+            return "takes no pay details"
+        return None
 
     def _guard_user_duplicates(self, request: PaymentRequest, now_ms: int) -> None:
         """Warn (``DuplicateSuspected``) of a new order like one the user made moments ago.

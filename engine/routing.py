@@ -117,12 +117,12 @@ def route_draw(order_id: str) -> int:
 def choose_route(table: RoutingTable, method: str, amount_minor: int, currency: str, *,
                  unavailable: Collection[str], fee_ppm: Mapping[str, int], draw: int,
                  known_channels: Collection[str] | None = None,
-                 no_details: Collection[str] = ()) -> RouteChoice:
+                 excluded: Mapping[str, str] | None = None) -> RouteChoice:
     """The route for a payment of ``amount_minor`` ``currency`` by ``method``.
 
     ``unavailable``: channels to skip (circuit open); ``known_channels``: the engine's
-    channels (a route to another is skipped, never chosen); ``no_details``: channels that
-    cannot take the payment's ``PayDetails`` (skipped: pass them only when it has some).
+    channels (a route to another is skipped, never chosen); ``excluded``: channels that
+    cannot take this payment, with why (disabled, their own limits, no pay details): skipped.
     Raises ``NoRoute`` (with every route's reason) when none qualifies.
     """
     routes = table.of(method)
@@ -130,8 +130,8 @@ def choose_route(table: RoutingTable, method: str, amount_minor: int, currency: 
     eligible: list[Route] = []
     for route in routes:
         why = _skip_reason(route, amount_minor, currency, unavailable, known_channels)
-        if why is None and route.channel in no_details:
-            why = "takes no pay details"
+        if why is None and excluded:
+            why = excluded.get(route.channel)
         if why is None:
             eligible.append(route)
         else:

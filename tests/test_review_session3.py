@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -14,6 +15,7 @@ from payengine import (
     EngineConfig,
     PaymentRequest,
 )
+from payengine.actors.adapters.config import Limits
 from payengine.actors.channel import ChannelReply
 from payengine.actors.risk_gate import RiskConfig, RiskContext
 from payengine.engine.channel_data import PayDetails, PayScenario
@@ -142,5 +144,46 @@ def test_a_malformed_pay_reply_still_reaches_the_order_and_its_close_goes_out(
         engine.close(receipt.order_id)
         wait_for(lambda: channel.count("close") >= 1, what="the channel close")
         assert engine.get_order(receipt.order_id).state == "closed"
+    finally:
+        engine.shutdown()
+
+
+# ---------------------------------------------------------------- configured channels in routing
+
+
+class ConfiguredChannel(ScriptedChannel):
+    """A channel built from a configuration: it carries its ``config`` (``enabled``,
+    ``limits``), as ``load_channels`` builds them."""
+
+    def __init__(self, name: str, *, enabled: bool = True, limits: Limits | None = None
+                 ) -> None:
+        super().__init__(name)
+        self.config = SimpleNamespace(enabled=enabled, limits=limits or Limits())
+
+
+def test_routing_offers_no_new_payment_to_a_disabled_channel_nor_one_outside_its_limits(
+        tmp_path: Path) -> None:
+    """README: ``enabled = false`` is "offered for no new payment by the routing", and a
+    channel's ``limits`` are "for the routing"; the engine read neither, so a merchant number
+    switched off still took every payment its route drew."""
+    off = ConfiguredChannel("wechat-1", enabled=False)
+    small = ConfiguredChannel("wechat-2", limits=Limits(1, 1_000))
+    spare = ConfiguredChannel("wechat-3")
+    config = EngineConfig(routing=RoutingTable((Route(QR, "wechat-1"),
+                                                Route(QR, "wechat-2", priority=1),
+                                                Route(QR, "wechat-3", priority=2))),
+                          duplicate_guard_window_ms=0)
+    engine = Engine.open(tmp_path / "a.db", channels=[off, small, spare], config=config)
+    try:
+        cheap = engine.submit(PaymentRequest("station-1", "o-1", "u-1", "CNY", 500, "Fuel",
+                                             CashPart(500, QR)))
+        assert engine.get_order(cheap.order_id).legs[0].channel == "wechat-2"
+        big = engine.submit(PaymentRequest("station-1", "o-2", "u-2", "CNY", 5_000, "Fuel",
+                                           CashPart(5_000, QR)))
+        assert engine.get_order(big.order_id).legs[0].channel == "wechat-3"
+        routed = [e.cause for e in engine.journal(big.order_id) if e.part == "route"]
+        assert routed == ["method qr: wechat-3 chosen; wechat-1 skipped: disabled; wechat-2 "
+                          "skipped: amount outside the channel's limits 1..1000"]
+        assert off.count("pay") == 0
     finally:
         engine.shutdown()
