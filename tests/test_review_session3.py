@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,13 +17,16 @@ from payengine import (
     EngineConfig,
     PaymentRequest,
 )
-from payengine.actors.adapters.config import Limits
+from payengine.actors.adapters import ReplyError, parse_config
+from payengine.actors.adapters.config import ChannelConfig, Limits
+from payengine.actors.adapters.mapping import read_reply
 from payengine.actors.channel import ChannelReply
 from payengine.actors.risk_gate import RiskConfig, RiskContext
 from payengine.engine.channel_data import PayDetails, PayScenario
 from payengine.engine.health import BreakerPolicy
 from payengine.engine.risk import RiskVerdict
 from payengine.engine.routing import NoRoute, Route, RoutingTable
+from tests.channel_configs import readme_toml_at
 from tests.helpers import ScriptedChannel, wait_for
 
 FIRST = PaymentRequest("station-1", "pump3-0187", "alice", "CNY", 9_600, "Fuel",
@@ -187,3 +192,32 @@ def test_routing_offers_no_new_payment_to_a_disabled_channel_nor_one_outside_its
         assert off.count("pay") == 0
     finally:
         engine.shutdown()
+
+
+# ---------------------------------------------------------------- amounts from a wallet
+
+
+def _wechat_1() -> ChannelConfig:
+    return parse_config(tomllib.loads(readme_toml_at("http://127.0.0.1:1")))[0]
+
+
+@pytest.mark.parametrize("amount", [0, "0"])
+def test_a_success_reporting_an_amount_of_zero_is_not_a_reply_whose_amount_is_unknown(
+        amount: object) -> None:
+    """A reported amount of 0 was read as "no amount reported", and the engine checks only a
+    reported amount against the order's: a wallet saying "SUCCESS, total_fee 0" was taken as
+    the order paid in full. A success of nothing is not a success to believe: ``ReplyError``
+    (the engine then reads the call as processing and asks again)."""
+    config = _wechat_1()
+    body = json.dumps({"return_code": "SUCCESS", "trade_state": "SUCCESS",
+                       "transaction_id": "T1", "total_fee": amount}).encode()
+    with pytest.raises(ReplyError, match="amount 0"):
+        read_reply(config, "query", 200, body, {}, verify=False)
+
+
+def test_an_amount_of_zero_in_a_reply_that_is_no_success_still_reads_as_none() -> None:
+    config = _wechat_1()
+    body = json.dumps({"return_code": "SUCCESS", "trade_state": "NOTPAY",
+                       "total_fee": 0}).encode()
+    assert read_reply(config, "query", 200, body, {}, verify=False) == ChannelReply(
+        "SUCCESS", "NOTPAY")
