@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import threading
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -71,6 +72,7 @@ from payengine.engine.errors import (
     IllegalTransition,
     InvalidRequest,
     NotificationRejected,
+    Overloaded,
     RequestRejected,
     UnknownAccount,
     UnknownHold,
@@ -189,6 +191,10 @@ def _channels_by_name(channels: Iterable[Channel]) -> dict[str, Channel]:
     return by_name
 
 
+_ASSESSMENT_SLACK_S = 5.0
+"""Beyond the risk gate's own calls, how long a submit waits for another submit of the same
+attempt to be inserted (``Engine._one_assessment``)."""
+
 _SCHEDULES = (("query_schedule_ms", "channel_query_schedules_ms"),
               ("refund_query_schedule_ms", "channel_refund_query_schedules_ms"))
 
@@ -219,6 +225,9 @@ class Engine:
         self._ids = ids
         self._closed = False
         self._risk = None if risk is None else RiskGate(risk, ctx.store.count_recent_orders)
+        self._assessing: dict[tuple[str, str, int], threading.Event] = {}
+        """Submits being assessed and inserted, by attempt (``_one_assessment``)."""
+        self._assessing_lock = threading.Lock()
         self._confirm_limiter = ConfirmLimiter(ctx.policy.confirm_query_interval_ms)
         self._channels_taking_details = frozenset(
             name for name, channel in ctx.channels.items() if takes_details(channel))
@@ -514,20 +523,21 @@ class Engine:
         self._guard_user_duplicates(request, now_ms)
         if nonce is not None:
             self._gate.nonces.reserve(now_ms)  # a full table refuses (Overloaded) first
-        order = self._assess_risk(request, order, now_ms)
-        # Handed over before the commit makes the order visible: the first actor that
-        # starts for it, whoever's message starts it, takes exactly the committed state.
-        ctx.fresh_orders.put(order)
-        try:
-            existing = ctx.store.insert_order(
-                order, now_ms, () if route is None else (
-                    Transition("route", route.method, route.channel, route.cause),),
-                may_follow=lambda latest: check_next_attempt(
-                    latest, request, planted_bugs=ctx.config.planted_bugs),
-                nonce=nonce)
-        except BaseException:
-            ctx.fresh_orders.take(order.order_id)
-            raise
+        with self._one_assessment(request):
+            order = self._assess_risk(request, order, now_ms)
+            # Handed over before the commit makes the order visible: the first actor that
+            # starts for it, whoever's message starts it, takes exactly the committed state.
+            ctx.fresh_orders.put(order)
+            try:
+                existing = ctx.store.insert_order(
+                    order, now_ms, () if route is None else (
+                        Transition("route", route.method, route.channel, route.cause),),
+                    may_follow=lambda latest: check_next_attempt(
+                        latest, request, planted_bugs=ctx.config.planted_bugs),
+                    nonce=nonce)
+            except BaseException:
+                ctx.fresh_orders.take(order.order_id)
+                raise
         if existing is not None:
             ctx.fresh_orders.take(order.order_id)  # never stored: no actor will want it
             if nonce is not None:
@@ -546,6 +556,37 @@ class Engine:
             # and the next Engine.open resumes it. Saying "refused" now would be a lie.
             ctx.log.info("submit.accepted_during_shutdown", order_id=order.order_id)
         return Receipt.of(order)
+
+    @contextlib.contextmanager
+    def _one_assessment(self, request: PaymentRequest) -> Iterator[None]:
+        """With a risk gate: the submits of one attempt of a trade order are assessed one at a
+        time, each up to its insert. A retry that comes while the first submit is still with
+        the risk service waits for that insert and then gets its receipt (``_assess_risk``
+        skips an attempt that exists), instead of asking again: a second step-up would text
+        the user a second code, and only the stored order's would work. Bounded: one entry
+        per submit in flight (admission), a wait of at most the gate's own calls and then
+        ``Overloaded``."""
+        if self._risk is None:
+            yield
+            return
+        key = (request.merchant_id, request.merchant_order_no, request.attempt)
+        wait_s = 2 * self._risk.config.hook_timeout_ms / 1000 + _ASSESSMENT_SLACK_S
+        while True:
+            with self._assessing_lock:
+                busy = self._assessing.get(key)
+                if busy is None:
+                    mine = self._assessing[key] = threading.Event()
+                    break
+            if not busy.wait(wait_s):
+                raise Overloaded(
+                    f"a submit of {request.merchant_id}/{request.merchant_order_no} attempt "
+                    f"{request.attempt} is still being assessed: retry later")
+        try:
+            yield
+        finally:
+            with self._assessing_lock:
+                del self._assessing[key]
+            mine.set()
 
     def _assess_risk(self, request: PaymentRequest, order: PaymentOrder, now_ms: int
                      ) -> PaymentOrder:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 import tomllib
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +18,7 @@ from payengine import (
     Engine,
     EngineConfig,
     PaymentRequest,
+    Receipt,
 )
 from payengine.actors.adapters import ReplyError, parse_config
 from payengine.actors.adapters.config import ChannelConfig, Limits
@@ -221,3 +224,55 @@ def test_an_amount_of_zero_in_a_reply_that_is_no_success_still_reads_as_none() -
                        "total_fee": 0}).encode()
     assert read_reply(config, "query", 200, body, {}, verify=False) == ChannelReply(
         "SUCCESS", "NOTPAY")
+
+
+# ---------------------------------------------------------------- a retry during the assessment
+
+
+class SlowStepUp:
+    """A risk service that steps every payment up with a fresh code, texted to the user; the
+    first call waits for ``gate``."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.codes: list[str] = []
+        self._lock = threading.Lock()
+
+    def assess(self, request: PaymentRequest, context: RiskContext) -> RiskVerdict:
+        with self._lock:
+            code = f"{100_000 + len(self.codes)}"
+            self.codes.append(code)
+            first = len(self.codes) == 1
+        if first:
+            self.gate.wait(10)
+        return RiskVerdict.step_up("new_device", code)
+
+
+def test_a_retry_while_the_first_submit_is_with_the_risk_service_texts_no_second_code(
+        tmp_path: Path) -> None:
+    """A client retrying a submit whose answer is slow (the risk service takes its time) got
+    its retry assessed too: a second step-up code texted to the user, of which only the one
+    of the submit that inserted first works. The retry now waits for that insert and gets
+    its receipt."""
+    hook = SlowStepUp()
+    engine = Engine.open(tmp_path / "a.db", channels=[ScriptedChannel("wechat")],
+                         config=EngineConfig(duplicate_guard_window_ms=0),
+                         risk=RiskConfig(hook=hook, hook_timeout_ms=10_000))
+    receipts: list[Receipt] = []
+    try:
+        first = threading.Thread(target=lambda: receipts.append(engine.submit(FIRST)))
+        first.start()
+        wait_for(lambda: hook.codes, what="the first submit with the risk service")
+        retry = threading.Thread(target=lambda: receipts.append(engine.submit(FIRST)))
+        retry.start()
+        wait_for(lambda: engine.admission_stats.admitted == 2, what="the retry admitted")
+        time.sleep(0.2)  # lets the retry reach the risk gate (it can only make the bug show)
+        hook.gate.set()
+        first.join(10)
+        retry.join(10)
+        assert len(receipts) == 2 and receipts[0] == receipts[1]
+        assert hook.codes == ["100000"]
+        engine.verify(receipts[0].order_id, "100000")
+    finally:
+        hook.gate.set()
+        engine.shutdown()
