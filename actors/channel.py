@@ -161,8 +161,13 @@ def call_pay(channel: Channel, payment_serial: str, amount_minor: int, currency:
 
 def communicated(reply: object, codes: CodeTable) -> bool:
     """Whether a call got a well-formed answer (its communication code is OK), whatever the
-    answer said: what a channel's circuit breaker counts (``engine.health``)."""
-    return isinstance(reply, ChannelReply) and reply.return_code in codes.communication_ok
+    answer said: what a channel's circuit breaker counts (``engine.health``). Never raises:
+    it runs in the call's callback, before the reply is handed to the order (a malformed
+    reply, e.g. an unhashable code from an adapter, is a failure, not a lost answer)."""
+    try:
+        return isinstance(reply, ChannelReply) and reply.return_code in codes.communication_ok
+    except Exception:
+        return False
 
 
 def cash_result(channel: Channel, reply: ChannelReply | BaseException,

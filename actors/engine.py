@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import threading
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -65,11 +66,13 @@ from payengine.engine.checks import (
 from payengine.engine.codes import ResultKind
 from payengine.engine.currency import check_currency
 from payengine.engine.errors import (
+    AttemptRefused,
     DuplicateSuspected,
     EngineClosed,
     IllegalTransition,
     InvalidRequest,
     NotificationRejected,
+    Overloaded,
     RequestRejected,
     UnknownAccount,
     UnknownHold,
@@ -88,6 +91,7 @@ from payengine.engine.order import (
     ATTEMPTS_MAX,
     UNVERIFIED_SOURCES,
     Activate,
+    CashPart,
     CashResult,
     CloseCause,
     CloseOrder,
@@ -113,7 +117,6 @@ from payengine.engine.order import (
 )
 from payengine.engine.risk import VerificationStatus, check_code
 from payengine.engine.routing import (
-    NoRoute,
     RouteChoice,
     RoutingTable,
     choose_route,
@@ -188,6 +191,10 @@ def _channels_by_name(channels: Iterable[Channel]) -> dict[str, Channel]:
     return by_name
 
 
+_ASSESSMENT_SLACK_S = 5.0
+"""Beyond the risk gate's own calls, how long a submit waits for another submit of the same
+attempt to be inserted (``Engine._one_assessment``)."""
+
 _SCHEDULES = (("query_schedule_ms", "channel_query_schedules_ms"),
               ("refund_query_schedule_ms", "channel_refund_query_schedules_ms"))
 
@@ -218,6 +225,9 @@ class Engine:
         self._ids = ids
         self._closed = False
         self._risk = None if risk is None else RiskGate(risk, ctx.store.count_recent_orders)
+        self._assessing: dict[tuple[str, str, int], threading.Event] = {}
+        """Submits being assessed and inserted, by attempt (``_one_assessment``)."""
+        self._assessing_lock = threading.Lock()
         self._confirm_limiter = ConfirmLimiter(ctx.policy.confirm_query_interval_ms)
         self._channels_taking_details = frozenset(
             name for name, channel in ctx.channels.items() if takes_details(channel))
@@ -513,20 +523,21 @@ class Engine:
         self._guard_user_duplicates(request, now_ms)
         if nonce is not None:
             self._gate.nonces.reserve(now_ms)  # a full table refuses (Overloaded) first
-        order = self._assess_risk(request, order, now_ms)
-        # Handed over before the commit makes the order visible: the first actor that
-        # starts for it, whoever's message starts it, takes exactly the committed state.
-        ctx.fresh_orders.put(order)
-        try:
-            existing = ctx.store.insert_order(
-                order, now_ms, () if route is None else (
-                    Transition("route", route.method, route.channel, route.cause),),
-                may_follow=lambda latest: check_next_attempt(
-                    latest, request, planted_bugs=ctx.config.planted_bugs),
-                nonce=nonce)
-        except BaseException:
-            ctx.fresh_orders.take(order.order_id)
-            raise
+        with self._one_assessment(request):
+            order = self._assess_risk(request, order, now_ms)
+            # Handed over before the commit makes the order visible: the first actor that
+            # starts for it, whoever's message starts it, takes exactly the committed state.
+            ctx.fresh_orders.put(order)
+            try:
+                existing = ctx.store.insert_order(
+                    order, now_ms, () if route is None else (
+                        Transition("route", route.method, route.channel, route.cause),),
+                    may_follow=lambda latest: check_next_attempt(
+                        latest, request, planted_bugs=ctx.config.planted_bugs),
+                    nonce=nonce)
+            except BaseException:
+                ctx.fresh_orders.take(order.order_id)
+                raise
         if existing is not None:
             ctx.fresh_orders.take(order.order_id)  # never stored: no actor will want it
             if nonce is not None:
@@ -546,15 +557,58 @@ class Engine:
             ctx.log.info("submit.accepted_during_shutdown", order_id=order.order_id)
         return Receipt.of(order)
 
+    @contextlib.contextmanager
+    def _one_assessment(self, request: PaymentRequest) -> Iterator[None]:
+        """With a risk gate: the submits of one attempt of a trade order are assessed one at a
+        time, each up to its insert. A retry that comes while the first submit is still with
+        the risk service waits for that insert and then gets its receipt (``_assess_risk``
+        skips an attempt that exists), instead of asking again: a second step-up would text
+        the user a second code, and only the stored order's would work. Bounded: one entry
+        per submit in flight (admission), a wait of at most the gate's own calls and then
+        ``Overloaded``."""
+        if self._risk is None:
+            yield
+            return
+        key = (request.merchant_id, request.merchant_order_no, request.attempt)
+        wait_s = 2 * self._risk.config.hook_timeout_ms / 1000 + _ASSESSMENT_SLACK_S
+        while True:
+            with self._assessing_lock:
+                busy = self._assessing.get(key)
+                if busy is None:
+                    mine = self._assessing[key] = threading.Event()
+                    break
+            if not busy.wait(wait_s):
+                raise Overloaded(
+                    f"a submit of {request.merchant_id}/{request.merchant_order_no} attempt "
+                    f"{request.attempt} is still being assessed: retry later")
+        try:
+            yield
+        finally:
+            with self._assessing_lock:
+                del self._assessing[key]
+            mine.set()
+
     def _assess_risk(self, request: PaymentRequest, order: PaymentOrder, now_ms: int
                      ) -> PaymentOrder:
         """The risk gate (``actors.risk_gate``): ``order`` as the gate decided (a step-up
         starts in ``needs_verification``), or ``RiskBlocked`` with nothing created. A retry
         of an accepted submit is not assessed again: it gets its receipt (another attempt
         of the same trade order is a new payment: it is)."""
-        if self._risk is None or self._ctx.store.attempt_order_id(
+        store = self._ctx.store
+        if self._risk is None or store.attempt_order_id(
                 request.merchant_id, request.merchant_order_no, request.attempt) is not None:
             return order
+        if request.attempt != 1:
+            # An attempt the insert would refuse must not reach the risk service (which may
+            # text the user a code): checked here first, and again in the insert's transaction.
+            latest_id = store.order_id_for_merchant(request.merchant_id,
+                                                    request.merchant_order_no)
+            latest = None if latest_id is None else store.load_order(latest_id)
+            if latest is None:
+                raise AttemptRefused(
+                    f"trade order {request.merchant_id}/{request.merchant_order_no} was never "
+                    f"submitted: attempt {request.attempt} needs attempt 1 first")
+            check_next_attempt(latest, request, planted_bugs=self._ctx.config.planted_bugs)
         assessment = self._risk.assess(request, order_id=order.order_id, now_ms=now_ms)
         return with_risk(order, assessment.verification, assessment.note)
 
@@ -590,27 +644,49 @@ class Engine:
 
     def _route(self, request: PaymentRequest, order_id: str) -> RouteChoice | None:
         """The channel for a cash part that names a payment method (``EngineConfig.routing``);
-        ``None`` for one that names its channel. ``NoRoute`` when no route can take it,
-        except for a retry of an accepted order, which gets its receipt whatever the
-        channels' health now (the first route stands in: the stored order is answered)."""
+        ``None`` for one that names its channel. ``NoRoute`` when no route can take it (see
+        ``_cannot_take`` besides the routes' own conditions), except
+        for a retry of an accepted order, which gets its receipt whatever the channels'
+        health now: it is not routed again, its stored channel stands."""
         ctx = self._ctx
         table = ctx.config.routing
         if request.cash is None or request.cash.channel not in table.methods:
             return None
+        method = request.cash.channel
+        existing_id = ctx.store.attempt_order_id(request.merchant_id,
+                                                 request.merchant_order_no, request.attempt)
+        if existing_id is not None:  # a retry: answered with the stored order, never re-routed
+            stored = ctx.store.load_order(existing_id)
+            leg = None if stored is None else stored.cash_leg
+            if leg is not None and leg.channel is not None:
+                return RouteChoice(method, leg.channel, ())
         if "route-ignores-limits" in ctx.config.planted_bugs:
             table = RoutingTable(tuple(replace(r, amount_max_minor=AMOUNT_MAX)
                                        for r in table.routes))
-        try:
-            return choose_route(table, request.cash.channel, request.cash.amount_minor,
-                                request.currency, unavailable=ctx.health.unavailable(),
-                                fee_ppm=ctx.config.fee_ppm, draw=route_draw(order_id),
-                                known_channels=ctx.channels.keys())
-        except NoRoute:
-            if ctx.store.attempt_order_id(request.merchant_id, request.merchant_order_no,
-                                          request.attempt) is None:
-                raise
-            first = table.of(request.cash.channel)[0]
-            return RouteChoice(first.method, first.channel, ())
+        excluded = {}
+        for route in table.of(method):
+            why = self._cannot_take(route.channel, request.cash)
+            if why is not None:
+                excluded[route.channel] = why
+        return choose_route(table, method, request.cash.amount_minor,
+                            request.currency, unavailable=ctx.health.unavailable(),
+                            fee_ppm=ctx.config.fee_ppm, draw=route_draw(order_id),
+                            known_channels=ctx.channels.keys(), excluded=excluded)
+
+    def _cannot_take(self, channel: str, cash: CashPart) -> str | None:
+        """Why routing must not give ``cash`` to ``channel`` (its configuration says
+        ``enabled = false``, or its ``limits`` leave the amount out; its ``pay`` takes no
+        details and the payment has some), or ``None``."""
+        config = getattr(self._ctx.channels.get(channel), "config", None)
+        if getattr(config, "enabled", True) is False:
+            return "disabled"
+        limits = getattr(config, "limits", None)
+        if limits is not None and not limits.allows(cash.amount_minor):
+            return (f"amount outside the channel's limits {limits.amount_min_minor}.."
+                    f"{limits.amount_max_minor}")
+        if cash.details is not None and channel not in self._channels_taking_details:
+            return "takes no pay details"
+        return None
 
     def _guard_user_duplicates(self, request: PaymentRequest, now_ms: int) -> None:
         """Warn (``DuplicateSuspected``) of a new order like one the user made moments ago.

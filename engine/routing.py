@@ -116,18 +116,22 @@ def route_draw(order_id: str) -> int:
 
 def choose_route(table: RoutingTable, method: str, amount_minor: int, currency: str, *,
                  unavailable: Collection[str], fee_ppm: Mapping[str, int], draw: int,
-                 known_channels: Collection[str] | None = None) -> RouteChoice:
+                 known_channels: Collection[str] | None = None,
+                 excluded: Mapping[str, str] | None = None) -> RouteChoice:
     """The route for a payment of ``amount_minor`` ``currency`` by ``method``.
 
     ``unavailable``: channels to skip (circuit open); ``known_channels``: the engine's
-    channels (a route to another is skipped, never chosen). Raises ``NoRoute`` (with every
-    route's reason) when none qualifies.
+    channels (a route to another is skipped, never chosen); ``excluded``: channels that
+    cannot take this payment, with why (disabled, their own limits, no pay details): skipped.
+    Raises ``NoRoute`` (with every route's reason) when none qualifies.
     """
     routes = table.of(method)
     verdicts: list[tuple[str, str]] = []
     eligible: list[Route] = []
     for route in routes:
         why = _skip_reason(route, amount_minor, currency, unavailable, known_channels)
+        if why is None and excluded:
+            why = excluded.get(route.channel)
         if why is None:
             eligible.append(route)
         else:

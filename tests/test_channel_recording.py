@@ -38,6 +38,13 @@ FAST = OrderPolicy(pay_window_ms=60_000, query_schedule_ms=(100, 200, 400, 800),
 AUTH_CODE = "134567890123456789"
 
 
+@pytest.fixture(autouse=True)
+def _recordings_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A configuration given as text records to a file relative to the current folder:
+    keep it out of the repository (a run used to leave, and commit, ./wechat-1.jsonl)."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def wallet() -> ScriptedWallet:
     return ScriptedWallet({MERCHANT_1: KEY_1, MERCHANT_2: KEY_2})

@@ -26,6 +26,7 @@ from payengine.actors.channel import (
     check_reply,
 )
 from payengine.engine.channel_data import PayDetails, Prepay
+from payengine.engine.codes import CodeTable, ResultKind
 from payengine.engine.currency import ISO_4217, format_minor
 from payengine.engine.errors import NotificationRejected, PaymentError
 
@@ -198,7 +199,13 @@ def read_reply(config: ChannelConfig, operation: str, status: int, body: bytes,
                                                                      headers):
         raise ReplyError("the reply's signature does not verify")
     return map_reply(config.operation_reply(operation), status, data,
-                     currency or config.currency)
+                     currency or config.currency, codes_of(config, operation))
+
+
+def codes_of(config: ChannelConfig, operation: str) -> CodeTable:
+    """The code table an operation's replies are read with (a refund's or a payment's)."""
+    pay_codes, refund_codes = config.codes
+    return refund_codes if operation in ("refund", "query_refund") else pay_codes
 
 
 def signature_ok(config: ChannelConfig, body: bytes, data: Any,
@@ -261,7 +268,7 @@ def _amount(value: Any, mapping: ReplyMapping, currency: str | None) -> int | No
             value = int(value)
         if not isinstance(value, int):
             raise ReplyError(f"amount is not an integer of minor units: {value!r:.40}")
-        return value or None
+        return value
     if currency not in ISO_4217:
         raise ReplyError("a decimal amount needs a currency (in the reply, or the channel's"
                          " currency)")
@@ -275,12 +282,17 @@ def _amount(value: Any, mapping: ReplyMapping, currency: str | None) -> int | No
             raise InvalidOperation
     except InvalidOperation:
         raise ReplyError(f"amount is not a decimal of {currency}: {value!r:.40}") from None
-    return int(minor) or None
+    return int(minor)
 
 
 def map_reply(mapping: ReplyMapping, status: int | None, data: Any,
-              currency: str | None) -> ChannelReply:
-    """A reply (or notification) object as a ``ChannelReply``, checked."""
+              currency: str | None, codes: CodeTable | None = None) -> ChannelReply:
+    """A reply (or notification) object as a ``ChannelReply``, checked.
+
+    A reported amount of 0 is read as none reported (a wallet may send 0 with a trade not
+    paid yet), except in a reply ``codes`` reads as a success: a success of nothing cannot
+    be checked against the order (the engine checks only a reported amount), so it is a
+    ``ReplyError``, never a payment in full."""
     def get(name: str) -> Any:
         return lookup(data, mapping.path(name), status)
 
@@ -290,11 +302,17 @@ def map_reply(mapping: ReplyMapping, status: int | None, data: Any,
         result = mapping.rename_result.get(result, result)
     prepay_values = [_text(get(name), name)
                      for name in ("prepay_id", "code_url", "deeplink", "user_action")]
+    return_code = _text(get("return_code"), "return_code")
+    amount = _amount(get("amount"), mapping, reply_currency or currency)
+    if amount == 0 and codes is not None and (
+        codes.classify(return_code, result) is ResultKind.SUCCESS
+    ):
+        raise ReplyError(f"the reply says {result or return_code} for an amount 0")
     reply = ChannelReply(
-        return_code=_text(get("return_code"), "return_code"),
+        return_code=return_code,
         result_code=result,
         channel_txn_id=_text(get("channel_txn_id"), "channel_txn_id"),
-        amount_minor=_amount(get("amount"), mapping, reply_currency or currency),
+        amount_minor=amount or None,
         currency=reply_currency,
         prepay=Prepay(*prepay_values) if any(v is not None for v in prepay_values) else None)
     try:
@@ -356,7 +374,8 @@ def read_notification(config: ChannelConfig, body: bytes, headers: Mapping[str, 
         refund_id = _text(lookup(data, spec.refund_id, None), "refund_id")
         mapping = (spec.refund_reply if refund_id is not None and spec.refund_reply
                    else spec.reply) or config.reply
-        reply = map_reply(mapping, None, data, config.currency)
+        reply = map_reply(mapping, None, data, config.currency,
+                          codes_of(config, "refund" if refund_id is not None else "pay"))
     except ReplyError as error:
         raise NotificationRejected(str(error), "malformed") from None
     kind = NotificationKind.PAYMENT if refund_id is None else NotificationKind.REFUND

@@ -39,6 +39,7 @@ from typing import Any
 from payengine.actors.adapters.config import ChannelConfig, Recording
 from payengine.actors.adapters.mapping import (
     ReplyError,
+    codes_of,
     map_reply,
     read_notification,
     reply_from_json,
@@ -326,8 +327,9 @@ class RecordedChannel:
         if self.remap and self.config is not None and isinstance(status, int):
             if not 200 <= status < 300 or not isinstance(body, dict):
                 raise ReplyError(f"recorded reply: status {status}")
-            return map_reply(self.config.operation_reply(str(record.get("operation"))),
-                             status, body, self.config.currency)
+            operation = str(record.get("operation"))
+            return map_reply(self.config.operation_reply(operation), status, body,
+                             self.config.currency, codes_of(self.config, operation))
         result = record.get("result")
         if not isinstance(result, Mapping):
             raise NotRecorded(f"{self.name}: the record has no result")
