@@ -668,10 +668,12 @@ class Engine:
             why = self._cannot_take(route.channel, request.cash)
             if why is not None:
                 excluded[route.channel] = why
-        return choose_route(table, method, request.cash.amount_minor,
-                            request.currency, unavailable=ctx.health.unavailable(),
-                            fee_ppm=ctx.config.fee_ppm, draw=route_draw(order_id),
-                            known_channels=ctx.channels.keys(), excluded=excluded)
+        choice = choose_route(table, method, request.cash.amount_minor,
+                              request.currency, unavailable=ctx.health.unavailable(),
+                              fee_ppm=ctx.config.fee_ppm, draw=route_draw(order_id),
+                              known_channels=ctx.channels.keys(), excluded=excluded)
+        ctx.health.chosen(choice.channel)
+        return choice
 
     def _cannot_take(self, channel: str, cash: CashPart) -> str | None:
         """Why routing must not give ``cash`` to ``channel`` (its configuration says

@@ -30,6 +30,14 @@ class ChannelHealth:
             if breaker is not None:
                 self._breakers[channel] = breaker.record(answered, now, self._policy)
 
+    def chosen(self, channel: str) -> None:
+        """Routing chose ``channel`` for a payment: a half-open breaker's probe is out."""
+        now = self._clock_ms()
+        with self._lock:
+            breaker = self._breakers.get(channel)
+            if breaker is not None:
+                self._breakers[channel] = breaker.probe(now, self._policy)
+
     def unavailable(self) -> frozenset[str]:
         """Channels whose breaker is open now: routing skips them."""
         now = self._clock_ms()

@@ -8,8 +8,10 @@ payer's card declined) is an answer, not a failure. The breaker:
 - ``closed``: counts the last ``BreakerPolicy.window_calls`` outcomes; when at least
   ``calls_min`` of them are there and ``failure_pct`` percent or more failed, it opens;
 - ``open``: the channel is skipped by routing for ``open_ms``;
-- ``half_open``: after that, routing may use it again; the next outcome closes it (a success)
-  or opens it again (a failure).
+- ``half_open``: after that, routing may send it **one** payment (the probe: ``probe``); the
+  next outcome closes it (a success) or opens it again (a failure). A probe that brings no
+  outcome within ``open_ms`` (the payment went elsewhere, the call hangs) lets another one
+  through.
 
 Pure: time comes in as ``now_ms``; the shell keeps one breaker per channel.
 """
@@ -54,6 +56,8 @@ class Breaker:
     """The latest outcomes while closed, oldest first (``True``: answered)."""
     open_until_ms: int | None = None
     """Set while open or half open: when the open period ends(ed)."""
+    probe_until_ms: int | None = None
+    """Half open: until when the payment routed to it as a probe is waited for."""
 
     def state(self, now_ms: int) -> BreakerState:
         if self.open_until_ms is None:
@@ -61,7 +65,19 @@ class Breaker:
         return BreakerState.OPEN if now_ms < self.open_until_ms else BreakerState.HALF_OPEN
 
     def available(self, now_ms: int) -> bool:
-        return self.state(now_ms) is not BreakerState.OPEN
+        """Whether routing may choose the channel now: closed, or half open with no probe
+        out."""
+        state = self.state(now_ms)
+        if state is BreakerState.HALF_OPEN:
+            return self.probe_until_ms is None or now_ms >= self.probe_until_ms
+        return state is BreakerState.CLOSED
+
+    def probe(self, now_ms: int, policy: BreakerPolicy) -> Breaker:
+        """Routing chose the channel: a half-open breaker lets nothing else through until
+        the probe's outcome (or ``open_ms``)."""
+        if self.state(now_ms) is not BreakerState.HALF_OPEN:
+            return self
+        return Breaker(self.outcomes, self.open_until_ms, now_ms + policy.open_ms)
 
     def record(self, answered: bool, now_ms: int, policy: BreakerPolicy) -> Breaker:
         state = self.state(now_ms)

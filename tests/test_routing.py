@@ -284,3 +284,34 @@ def test_the_cheaper_channel_takes_the_payment_among_equal_priorities(tmp_path: 
         assert {engine.get_order(r.order_id).legs[0].channel for r in receipts} == {"wechat-2"}
     finally:
         engine.shutdown()
+
+
+def test_a_half_open_breaker_lets_one_probe_through_until_its_outcome_or_open_ms() -> None:
+    half_open = Breaker((), 1_000)
+    assert half_open.available(1_000)
+    probing = half_open.probe(1_000, POLICY)
+    assert probing.state(1_500) is BreakerState.HALF_OPEN
+    assert not probing.available(1_500)  # the probe is out: nothing else goes there
+    assert probing.available(2_000)  # no outcome within open_ms: another probe may go
+    assert probing.record(True, 1_200, POLICY).available(1_200)  # it answered: closed
+    reopened = probing.record(False, 1_200, POLICY)
+    assert reopened.state(1_200) is BreakerState.OPEN and not reopened.available(2_199)
+    assert Breaker().probe(0, POLICY) == Breaker()  # a closed breaker takes no probe
+
+
+@given(st.lists(st.sampled_from(["route", "ok", "fail", "wait"]), max_size=40))
+def test_a_half_open_breaker_never_has_two_probes_out_at_once(steps: list[str]) -> None:
+    b, now, out = Breaker((), 0), 0, 0
+    for step in steps:
+        if step == "wait":
+            now += 400
+            if b.probe_until_ms is not None and now >= b.probe_until_ms:
+                out = 0  # the probe's time is up: it no longer counts
+        elif step == "route" and b.available(now):
+            if b.state(now) is BreakerState.HALF_OPEN:
+                out += 1
+            b = b.probe(now, POLICY)
+        elif step in ("ok", "fail"):
+            b = b.record(step == "ok", now, POLICY)
+            out = 0
+        assert out <= 1
