@@ -144,6 +144,22 @@ def _check_url(value: object, what: str) -> None:
                              f"{shown(value)}")
 
 
+AUTH_CODE_SHOWN = 4
+"""Digits of a payment code kept once it can no longer be needed (``without_auth_code``)."""
+
+
+def without_auth_code(details: PayDetails | None) -> PayDetails | None:
+    """``details`` with the payer's payment code masked to its last digits: a barcode is a
+    one-time bearer credential, needed only while a pay may still be sent, so it is not kept
+    once the cash leg left ``paying``."""
+    if details is None or details.auth_code is None or details.auth_code.startswith("*"):
+        return details
+    code = details.auth_code
+    masked = "*" * (len(code) - AUTH_CODE_SHOWN) + code[-AUTH_CODE_SHOWN:]
+    return PayDetails(details.scenario, details.payer_id, masked, details.client_ip,
+                      details.notify_url, details.device_id)
+
+
 def details_json(details: PayDetails | None) -> list[str | None] | None:
     """The stored form (a JSON array), also part of a request's fingerprint."""
     if details is None:

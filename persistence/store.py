@@ -29,10 +29,12 @@ from typing import IO, Any
 import sqlite_utils
 
 from payengine.engine.channel_data import (
+    PayDetails,
     details_from_json,
     details_json,
     prepay_from_json,
     prepay_json,
+    without_auth_code,
 )
 from payengine.engine.errors import (
     AccountExists,
@@ -503,12 +505,13 @@ class Store:
                 "UPDATE payment_orders SET state = ?, cause = ?, query_attempt = ?,"
                 " next_query_at_ms = ?, refund_query_attempt = ?, next_refund_query_at_ms = ?,"
                 " voucher_attempt = ?, next_voucher_retry_at_ms = ?,"
-                " version = ?, prepay = ?, verification = ?, updated_at_ms = ?, settled = ?"
-                " WHERE order_id = ? AND version = ?",
+                " version = ?, prepay = ?, pay_details = ?, verification = ?, updated_at_ms = ?,"
+                " settled = ? WHERE order_id = ? AND version = ?",
                 (order.state.value, order.cause, order.query_attempt, order.next_query_at_ms,
                  order.refund_query_attempt, order.next_refund_query_at_ms,
                  order.voucher_attempt, order.next_voucher_retry_at_ms, order.version,
                  _json_or_none(prepay_json(order.prepay)),
+                 _json_or_none(details_json(_stored_details(order))),
                  _json_or_none(verification_json(order.verification)), now_ms,
                  int(order.is_settled), order.order_id,
                  order.version - 1 if before is None else before.version),
@@ -1076,6 +1079,15 @@ def _order_row(order: PaymentOrder, now_ms: int) -> tuple[object, ...]:
         None if order.pay_details is None else order.pay_details.device_id,
         now_ms, int(order.is_settled),
     )
+
+
+def _stored_details(order: PaymentOrder) -> PayDetails | None:
+    """The pay details as stored: the payment code only while the cash leg may still be
+    paid (``engine.channel_data.without_auth_code``)."""
+    cash = order.cash_leg
+    if cash is not None and cash.status in (LegStatus.NEW, LegStatus.PAYING):
+        return order.pay_details
+    return without_auth_code(order.pay_details)
 
 
 def _json_or_none(value: object) -> str | None:

@@ -278,3 +278,25 @@ def test_a_malformed_prepay_from_the_adapter_is_neither_kept_nor_believed(
     finally:
         engine.shutdown()
 
+
+
+def test_the_payment_code_is_kept_only_while_the_cash_may_still_be_paid(tmp_path: Path) -> None:
+    """A barcode is a one-time bearer credential: stored to re-send a pay after a crash,
+    masked to its last four digits once the cash leg left ``paying``."""
+    barcode = PayDetails(PayScenario.BARCODE, auth_code="134670070457647112")
+    channel = DetailedChannel()
+    engine = open_engine(tmp_path / "a.db", channel)
+    try:
+        receipt = engine.submit(request(details=barcode))
+        wait_for(lambda: channel.count("pay") == 1, what="pay")
+        stored = engine.store.load_order(receipt.order_id)
+        assert stored is not None and stored.pay_details == barcode  # still paying
+        signed_callback(engine, "wechat", receipt.payment_serial,
+                        paid_reply(receipt.payment_serial, 9_600))
+        wait_for(lambda: engine.get_order(receipt.order_id).settled, what="settled")
+        stored = engine.store.load_order(receipt.order_id)
+        assert stored is not None and stored.pay_details is not None
+        assert stored.pay_details.auth_code == "**************7112"
+        assert channel.details_seen == [barcode]
+    finally:
+        engine.shutdown()
