@@ -1146,8 +1146,12 @@ class Engine:
         return merchants.rejection_counts(self._ctx.store)
 
     def _verified(self, body: bytes, headers: Mapping[str, str], op: str) -> Verified:
+        """Verify under admission, as a submit is: a refusal is a write (the refusal log),
+        so a flood of forged closes and queries is shed (``Overloaded``) once the writer or
+        the actors are behind, instead of queueing a commit each."""
         self._check_open()
-        return self._gate.verify(body, headers, op)
+        with self._admission.admit():
+            return self._gate.verify(body, headers, op)
 
     def _merchant_order(self, verified: Verified, merchant_order_no: str) -> str:
         merchant_id = verified.envelope.merchant_id

@@ -693,3 +693,25 @@ def test_the_simulated_forger_plays_every_attack_and_each_is_refused_for_its_rea
     assert refused == sum(n for kind, n in result.faults.items()
                           if kind.startswith("forged_request:"))
     assert result.faults["signed_pay"] >= 5
+
+
+def test_signed_closes_and_queries_are_verified_under_admission_so_a_flood_is_shed(
+        tmp_path: Path) -> None:
+    """A refused request is a write (the refusal log): forged closes and queries go through
+    the admission gate as submits do, and are refused Overloaded while it is closed."""
+    from payengine import MerchantSigner, Overloaded
+
+    engine = Engine.open(tmp_path / "a.db", channels=[])
+    try:
+        engine.register_merchant_key("m-1", secret="m-1-request-key-0123456789abcdef0123")
+        forger = MerchantSigner("m-1", secret="not-the-key-0123456789abcdef0123456789")
+        before = engine.admission_stats.admitted
+        with pytest.raises(RequestRejected):
+            engine.query_signed(*forger.query("o-1"))
+        assert engine.admission_stats.admitted == before + 1
+        engine._admission._backlogs["test: always behind"] = (lambda: 1, 0)
+        with pytest.raises(Overloaded):
+            engine.close_signed(*forger.close("o-1"))
+        assert engine.request_rejection_counts() == {"bad_signature": 1}  # nothing written
+    finally:
+        engine.shutdown()
