@@ -47,7 +47,7 @@ BAD_DETAILS = [
     (PayDetails(PayScenario.BARCODE, auth_code="123456789"), "auth_code"),
     (PayDetails(PayScenario.BARCODE, auth_code="1" * 33), "auth_code"),
     (PayDetails(PayScenario.BARCODE, auth_code="13467007045764711a"), "auth_code"),
-    (PayDetails(PayScenario.BARCODE, auth_code="１３４６７００７０４５７"), "auth_code"),
+    (PayDetails(PayScenario.BARCODE, auth_code="\uff11" * 12), "auth_code"),
     # "`client_ip` an IPv4 or IPv6 address"
     (PayDetails(PayScenario.H5, client_ip="300.1.2.3"), "client_ip"),
     (PayDetails(PayScenario.H5, client_ip="example.com"), "client_ip"),
@@ -198,7 +198,8 @@ def test_prepay_newest_from_query_kept(world) -> None:
     # "(or from `query` while the payer has not paid) ... the newest one is kept"
     channel = ScriptedChannel("wechat")
     channel.pay_reply = lambda s, a: ChannelReply("SUCCESS", "NOTPAY", prepay=Prepay(prepay_id="wx-first"))
-    channel.query_reply = lambda s: ChannelReply("SUCCESS", "USERPAYING", prepay=Prepay(prepay_id="wx-second"))
+    second = Prepay(prepay_id="wx-second")
+    channel.query_reply = lambda s: ChannelReply("SUCCESS", "USERPAYING", prepay=second)
     engine, _ = _engine(world, channel)
     receipt = engine.submit(fuel())
     wait_for(lambda: channel.query_calls, "a query")
@@ -254,7 +255,8 @@ def test_bad_prepay_is_processing_nothing_kept(world, bad) -> None:
 def test_prepay_user_action_64_chars_kept(world) -> None:
     # "`user_action` a short text (1..64 characters"
     channel = ScriptedChannel("wechat")
-    channel.pay_reply = lambda s, a: ChannelReply("SUCCESS", "USERPAYING", prepay=Prepay(user_action="p" * 64))
+    longest = Prepay(user_action="p" * 64)
+    channel.pay_reply = lambda s, a: ChannelReply("SUCCESS", "USERPAYING", prepay=longest)
     engine, _ = _engine(world, channel)
     receipt = engine.submit(fuel())
     view = wait_for(lambda: (v := engine.get_order(receipt.order_id)).prepay and v, "prepay")
