@@ -41,9 +41,9 @@ def uniq(prefix: str = "no") -> str:
     return f"{prefix}-{next(_counter)}-{time.monotonic_ns() % 1_000_000}"
 
 
-def fuel(no: str | None = None, total: int = 100_00, channel: str = "wechat", user: str = "alice",
+def fuel(no: str | None = None, total: int = 100_00, channel: str = "wechat", user: str | None = None,
          merchant: str = "station-42", details: Any = None, **kw: Any) -> PaymentRequest:
-    return PaymentRequest(merchant, no or uniq(), user, "CNY", total, "Fuel",
+    return PaymentRequest(merchant, no or uniq(), user or uniq("user"), "CNY", total, "Fuel",
                           cash=CashPart(total, channel, details), **kw)
 
 
