@@ -87,7 +87,8 @@ def test_amount_limit_skips_route(world) -> None:
 
 
 def test_amount_min_skips_route(world) -> None:
-    engine, _ = _open(world, ["a", "b"], [Route("qr", "a", amount_min_minor=50_00), Route("qr", "b", priority=5)])
+    engine, _ = _open(world, ["a", "b"], [Route("qr", "a", amount_min_minor=50_00),
+                                          Route("qr", "b", priority=5)])
     receipt = engine.submit(fuel(channel="qr", total=49_99))
     assert engine.get_order(receipt.order_id).legs[0].channel == "b"
 
@@ -129,7 +130,8 @@ def test_priority_before_fee(world) -> None:
 
 def test_weight_draw(world) -> None:
     # "among those still equal, by `weight`, with a draw derived from the order id"
-    engine, _ = _open(world, ["light", "heavy"], [Route("qr", "light", weight=1), Route("qr", "heavy", weight=1000)])
+    engine, _ = _open(world, ["light", "heavy"], [Route("qr", "light", weight=1),
+                                                  Route("qr", "heavy", weight=1000)])
     chosen = [engine.get_order(engine.submit(fuel(channel="qr")).order_id).legs[0].channel for _ in range(20)]
     assert chosen.count("heavy") >= 15
 
@@ -184,6 +186,9 @@ def test_pair_once_and_at_most_1000_routes() -> None:
 # --- health -------------------------------------------------------------------------------
 
 BREAKER = BreakerPolicy(window_calls=4, calls_min=2, failure_pct=50, open_ms=1_500)
+
+
+LONG_OPEN = BreakerPolicy(window_calls=4, calls_min=2, failure_pct=50, open_ms=60_000)
 
 
 def test_breaker_policy_defaults() -> None:
@@ -263,7 +268,7 @@ def test_half_open_after_open_ms_then_closes(world) -> None:
 def test_open_breaker_keeps_querying_orders_on_it(world) -> None:
     # "A breaker affects routing only: orders already on a channel keep querying it."
     engine, channels = _open(world, ["a"], [Route("qr", "a")],
-                             breaker=BreakerPolicy(window_calls=4, calls_min=2, failure_pct=50, open_ms=60_000))
+                             breaker=LONG_OPEN)
     _break(engine, channels["a"], "a")
     seen = len(channels["a"].query_calls)
     wait_for(lambda: len(channels["a"].query_calls) > seen + 2, "queries continue")
@@ -273,7 +278,7 @@ def test_open_breaker_keeps_querying_orders_on_it(world) -> None:
 def test_retry_of_accepted_order_gets_receipt_whatever_health(world) -> None:
     # "A retry of an accepted order gets its receipt whatever the channels' health now."
     engine, channels = _open(world, ["a"], [Route("qr", "a")],
-                             breaker=BreakerPolicy(window_calls=4, calls_min=2, failure_pct=50, open_ms=60_000))
+                             breaker=LONG_OPEN)
     request = fuel(channel="qr")
     receipt = engine.submit(request)
     _break(engine, channels["a"], "a")
