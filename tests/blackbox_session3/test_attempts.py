@@ -230,7 +230,8 @@ def test_late_success_of_older_attempt_refunded_by_original_route(world) -> None
     assert wechat.refund_calls[0][0] == first.payment_serial
     assert wechat.refund_calls[0][1] == f"{first.payment_serial}-R1"
     assert alipay.refund_calls == []
-    leg = wait_for(lambda: (v := engine.get_order(first.order_id)).legs[0].status == "refunded" and v, "refunded")
+    leg = wait_for(lambda: (v := engine.get_order(first.order_id)).legs[0].status == "refunded" and v,
+                   "refunded")
     assert leg.state == "closed"
 
 
