@@ -629,3 +629,37 @@ def test_codes_processing_stays_processing(cfg, world, wallet) -> None:
     wait_for(lambda: len(wallet.of("/pay/orderquery")) >= 3, "queried while NOTPAY")
     assert engine.get_order(receipt.order_id).state == "paying"
     assert ChannelReply("SUCCESS", "NOTPAY").result_code == "NOTPAY"
+
+
+@pytest.mark.xfail(strict=True, reason="README says replies need 'a positive amount' (else raise); the "
+                                       "adapter maps total_fee 0 to 'no amount' (None) while -1 raises")
+@pytest.mark.parametrize("amount", [0, "0"])
+def test_zero_minor_amount_raises(cfg, world, wallet, amount) -> None:
+    # "its values are well formed (codes and ids texts of at most 128 characters, a positive amount, ...);
+    #  anything else ... raises"
+    from .wallet import signed
+
+    channel = chans(cfg, world)["wechat-1"]
+    reply = signed({"return_code": "SUCCESS", "result_code": "SUCCESS", "trade_state": "SUCCESS",
+                    "transaction_id": "T1", "total_fee": amount})
+    wallet.script["/pay/orderquery"] = lambda body: (200, json.dumps(reply).encode())
+    _raises_processing(lambda: channel.query("P606"))
+
+
+@pytest.mark.xfail(strict=True, reason="a WeChat-like notification of SUCCESS with total_fee 0 verifies and "
+                                       "pays the whole order (amount read as absent) instead of 'malformed'")
+def test_zero_amount_notification_refused(cfg, world, wallet) -> None:
+    # "What an adapter returns is checked like any input (ids, codes, a positive int amount): a malformed one
+    #  is refused as `malformed` even when its signature is right."
+    channels = chans(cfg, world)
+    engine = world.open([channels["wechat-1"]], policy=FAST)
+    receipt = engine.submit(PaymentRequest("station-42", uniq(), "alice", "CNY", 96_00, "Fuel",
+                                           cash=CashPart(96_00, "wechat-1")))
+    wait_for(lambda: wallet.of("/pay/unifiedorder"), "pay sent")
+    body = wallet.notification(receipt.payment_serial, 0)
+    try:
+        with pytest.raises(NotificationRejected) as info:
+            engine.handle_notification("wechat-1", body, {})
+        assert info.value.reason == "malformed"
+    finally:
+        assert engine.get_order(receipt.order_id).state != "succeeded"
