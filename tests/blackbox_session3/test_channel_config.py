@@ -663,3 +663,73 @@ def test_zero_amount_notification_refused(cfg, world, wallet) -> None:
         assert info.value.reason == "malformed"
     finally:
         assert engine.get_order(receipt.order_id).state != "succeeded"
+
+
+def test_keep_rotation_and_header_redaction(tmp_path, world, wallet) -> None:
+    # "`keep` (default 1,000, 0..100,000) newest exchanges in memory"; "rotated to `file.1` past
+    #  `file_bytes_max`"; "Redacted ...: the credentials (wherever their text appears), ... `Authorization`
+    #  and `Cookie` headers"
+    from .wallet import signed
+
+    text = TOML.replace("http://127.0.0.1:8801", wallet.url).replace(
+        'keep = 1000\nfile = "wechat-1.jsonl"',
+        'keep = 2\nfile = "wechat-1.jsonl"\nfile_bytes_max = 4096').replace(
+        "timeout_ms = 3000", 'timeout_ms = 3000\nheaders = { Authorization = "Bearer tok-SECRET-1", '
+                             'Cookie = "sid=COOKIE-2", "X-Plain" = "visible" }')
+    path = tmp_path / "channels.toml"
+    path.write_text(text)
+    channel = {c.name: c for c in load_channels(path, world=world.runtime)}["wechat-1"]
+    echo = signed({"return_code": "SUCCESS", "result_code": "SUCCESS", "trade_state": "NOTPAY",
+                   "echo": "your key is " + KEY})
+    wallet.script["/pay/orderquery"] = lambda body: (200, json.dumps(echo).encode())
+    for i in range(12):
+        channel.query(f"P{i}")
+    assert len(channel.recorder.records()) == 2
+    assert (tmp_path / "wechat-1.jsonl.1").exists()
+    assert wallet.requests[-1]["headers"]["Authorization"] == "Bearer tok-SECRET-1"
+    for name in ("wechat-1.jsonl", "wechat-1.jsonl.1"):
+        recorded = (tmp_path / name).read_text()
+        assert KEY not in recorded and "tok-SECRET-1" not in recorded and "COOKIE-2" not in recorded
+        assert "visible" in recorded
+
+
+def test_like_chain_merges_tables_key_by_key(tmp_path, world) -> None:
+    # "`like` | ... its table, with this one's keys merged over it (tables key by key, anything else
+    #  replaced ...); chains allowed, no circles"
+    text = TOML.replace('file = "wechat-1.jsonl"', "").replace('recording = { file = "wechat-2.jsonl" }', "")
+    text += '''
+[channels.wechat-3]
+like = "wechat-2"
+merchant_no = "1900000111"
+signing = { verify_replies = false }
+'''
+    configs = {c.name: c for c in load_config(text)}
+    three = configs["wechat-3"]
+    assert three.merchant_no == "1900000111"
+    assert three.base_url == "http://127.0.0.1:8802"              # from wechat-2
+    assert three.credentials.key == "8934e7d15453e97507ef794cf7b0519d"
+    assert three.signing.method == "md5"                          # table merged key by key
+    assert three.signing.verify_replies is False
+    assert three.operations["pay"] == configs["wechat-1"].operations["pay"]
+
+
+def test_simulated_faults_table(world) -> None:
+    # "`faults`: `"none"` ..., `"default"`, or a table of `payengine.sim.channel.ChannelFaults` fields"
+    text = '''
+[channels.sim-x]
+kind = "simulated"
+wallet = "wechat"
+merchant_no = "x"
+credentials = { key = "simulated-wallet-key-000x" }
+simulated = { seed = 3, faults = { user_never_pays = 1.0, callback_delay_ms = [10, 20] } }
+'''
+    (channel,) = load_channels(text, world=world.runtime)
+    engine = world.open([channel], policy=OrderPolicy(pay_window_ms=2_000, query_schedule_ms=(100,) * 5))
+    channel.attach(engine)
+    receipt = engine.submit(PaymentRequest("station-42", uniq(), "alice", "CNY", 100, "t",
+                                           cash=CashPart(100, "sim-x")))
+    wait_for(lambda: engine.get_order(receipt.order_id).state == "closed", "never paid: closed")
+    with pytest.raises(ConfigError):
+        load_config(text.replace("user_never_pays = 1.0", "user_never_pays = 1.5"))
+    with pytest.raises(ConfigError):
+        load_config(text.replace("user_never_pays = 1.0", "user_never_pay = 0.5"))

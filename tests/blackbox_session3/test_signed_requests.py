@@ -671,3 +671,33 @@ def test_checks_in_order(env) -> None:
     engine.close(receipt.order_id)
     wait_for(lambda: engine.get_order(receipt.order_id).state == "closed", "closed")
     rejected(engine, engine.submit_signed, pay_body(no), headers, "replayed_nonce")
+
+
+def test_duplicate_suspected_leaves_nonce_unused(world) -> None:
+    # "so a pay refused for any reason, even after verification (`DuplicateSuspected`, `Overloaded`...),
+    #  leaves its nonce unused"
+    from payengine import DuplicateSuspected
+
+    channel = ScriptedChannel("wechat")
+    engine = world.open([channel], policy=POLICY)
+    engine.register_merchant_key("station-42", secret=SECRET)
+    first_no = uniq()
+    first = engine.submit_signed(pay_body(first_no, user="ivy"), sign(pay_body(first_no, user="ivy")))
+    body = pay_body(uniq(), user="ivy")
+    headers = sign(body)
+    with pytest.raises(DuplicateSuspected):
+        engine.submit_signed(body, headers)
+    engine.close(first.order_id)
+    wait_for(lambda: engine.get_order(first.order_id).state == "closed", "closed")
+    assert engine.submit_signed(body, headers).merchant_id == "station-42"
+
+
+def test_refund_reason_null_is_absent(env) -> None:
+    # "An absent optional field and `null` are the same."
+    engine, channel = env
+    channel.pay_reply = lambda s, a: ChannelReply("SUCCESS", "SUCCESS", "T-" + s, a, "CNY")
+    no = uniq()
+    receipt = engine.submit_signed(pay_body(no), sign(pay_body(no)))
+    wait_for(lambda: engine.get_order(receipt.order_id).settled, "paid")
+    body = op_body("refund", no, refund_no="r-null", amount_minor=100, reason=None)
+    assert engine.refund_signed(body, sign(body)).reason == ""
