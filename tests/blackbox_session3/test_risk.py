@@ -470,3 +470,53 @@ def test_rule_length_checked(world) -> None:
     engine, _ = _open(world, RiskConfig(hook=VerdictHook(lambda: RiskVerdict.blocked("r" * 129)),
                                         on_timeout=RiskOutcome.PASS))
     assert not engine.submit(fuel()).needs_verification
+
+
+def test_code_never_stored(world, tmp_path) -> None:
+    # "The engine sends no SMS and never stores a code: the order keeps a SHA-256 digest over the order id
+    #  and the code"
+    code = "ZQX-unique-code-987"
+    engine, _ = _open(world, step_up_risk(issue_code=lambda r, c: code), db="codes.db")
+    receipt = engine.submit(fuel(total=600_00))
+    with pytest.raises(VerificationFailed):
+        engine.verify(receipt.order_id, "wrong-code-123")
+    engine.shutdown()
+    for path in tmp_path.glob("codes.db*"):
+        assert code.encode() not in path.read_bytes(), path.name
+
+
+def test_issue_code_timeout_blocks(world) -> None:
+    # "`RiskConfig.issue_code` | ... Called on the same pool with the same timeout; if it fails, the payment
+    #  is blocked (`rule` `step_up_unavailable`): fail closed"
+    release = threading.Event()
+
+    def slow(request, context):
+        release.wait(10)
+        return CODE
+
+    engine, _ = _open(world, step_up_risk(issue_code=slow, hook_timeout_ms=200))
+    try:
+        with pytest.raises(RiskBlocked) as info:
+            engine.submit(fuel(total=600_00))
+        assert info.value.rule == "step_up_unavailable"
+    finally:
+        release.set()
+
+
+def test_step_up_vouchers_held_only_after_code(world) -> None:
+    # "its holds are placed only once the code passed"
+    channel = ScriptedChannel("wechat")
+    from payengine import ChannelReply
+
+    channel.pay_reply = lambda s, a: ChannelReply("SUCCESS", "SUCCESS", "T-" + s, a, "CNY")
+    engine, _ = _open(world, step_up_risk(), channel=channel)
+    engine.open_account("kim/rp", "CNY")
+    engine.fund("kim/rp", 1000, funding_id=uniq("f"))
+    request = PaymentRequest("station-42", uniq(), "kim", "CNY", 600_00, "Fuel",
+                             cash=CashPart(599_00, "wechat"), vouchers=(VoucherPart("kim/rp", 100),))
+    receipt = engine.submit(request)
+    assert engine.get_account("kim/rp").held == 0
+    engine.verify(receipt.order_id, CODE)
+    wait_for(lambda: engine.get_order(receipt.order_id).settled, "settled")
+    account = engine.get_account("kim/rp")
+    assert (account.spent, account.held, account.available) == (100, 0, 900)

@@ -295,3 +295,9 @@ def test_order_stays_on_its_channel_for_refunds(world) -> None:
     engine.refund(receipt.order_id, "r1", 10_00)
     wait_for(lambda: channels["a"].refund_calls, "refund on a")
     assert channels["b"].refund_calls == [] and channels["b"].pay_calls == []
+
+
+def test_two_channels_one_name_refused(world) -> None:
+    # "so do ... two channels of one name at `Engine.open`" (InvalidRequest)
+    with pytest.raises(InvalidRequest):
+        world.open([ScriptedChannel("a"), ScriptedChannel("a")])
