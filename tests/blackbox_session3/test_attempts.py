@@ -244,3 +244,15 @@ def test_unknown_attempt_lookup(world) -> None:
         engine.find_order(request.merchant_id, request.merchant_order_no, attempt=2)
     with pytest.raises(UnknownOrder):
         engine.find_order(request.merchant_id, uniq())
+
+
+def test_attempt_refused_while_needs_reconciliation(world) -> None:
+    # "attempt n is still ... `needs_reconciliation`"
+    wechat = ScriptedChannel("wechat")
+    wechat.query_raises = ConnectionError("wallet unreachable")
+    engine = world.open([wechat], policy=OrderPolicy(pay_window_ms=60_000, query_schedule_ms=(50, 50)))
+    request = fuel()
+    first = engine.submit(request)
+    wait_for(lambda: engine.get_order(first.order_id).state == "needs_reconciliation", "awaiting statement")
+    with pytest.raises(AttemptRefused):
+        engine.submit(dataclasses.replace(request, attempt=2))

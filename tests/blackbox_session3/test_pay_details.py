@@ -281,3 +281,37 @@ def test_default_config_is_fine(world) -> None:
     # sanity: an EngineConfig with defaults opens with a scripted channel
     engine, _ = _engine(world, config=EngineConfig())
     assert engine.get_order is not None
+
+
+@pytest.mark.parametrize("details", [
+    {"scenario": "native"},
+    PayDetails(scenario="jsapi", payer_id="x"),   # type: ignore[arg-type]
+    PayDetails(scenario="bogus"),                  # type: ignore[arg-type]
+])
+def test_details_must_be_pay_details(world, details) -> None:
+    # "`cash` is a `CashPart` (its `details` `None` or a `PayDetails`...)": otherwise `InvalidRequest`
+    engine, _ = _engine(world)
+    with pytest.raises(InvalidRequest):
+        engine.submit(fuel(details=details))
+
+
+def test_prepay_not_a_prepay_is_processing(world) -> None:
+    channel = ScriptedChannel("wechat")
+    channel.pay_reply = lambda s, a: ChannelReply("SUCCESS", "NOTPAY", prepay={"prepay_id": "x"})
+    engine, _ = _engine(world, channel)
+    receipt = engine.submit(fuel())
+    wait_for(lambda: channel.query_calls.count(receipt.payment_serial) >= 1, "queried")
+    view = engine.get_order(receipt.order_id)
+    assert view.prepay is None and view.state == "paying"
+
+
+def test_prepay_kept_when_query_has_none(world) -> None:
+    # "the newest one is kept while the cash leg is `paying` and the order is not terminal"
+    channel = ScriptedChannel("wechat")
+    channel.pay_reply = lambda s, a: ChannelReply("SUCCESS", "NOTPAY", prepay=Prepay(prepay_id="wx-A"))
+    channel.query_reply = lambda s: ChannelReply("SUCCESS", "NOTPAY")
+    engine, _ = _engine(world, channel)
+    receipt = engine.submit(fuel())
+    wait_for(lambda: engine.get_order(receipt.order_id).prepay, "prepay")
+    wait_for(lambda: channel.query_calls.count(receipt.payment_serial) >= 2, "queried twice")
+    assert engine.get_order(receipt.order_id).prepay == Prepay(prepay_id="wx-A")
