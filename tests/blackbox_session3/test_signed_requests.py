@@ -701,3 +701,40 @@ def test_refund_reason_null_is_absent(env) -> None:
     wait_for(lambda: engine.get_order(receipt.order_id).settled, "paid")
     body = op_body("refund", no, refund_no="r-null", amount_minor=100, reason=None)
     assert engine.refund_signed(body, sign(body)).reason == ""
+
+
+def test_replay_after_window_is_stale(world) -> None:
+    # "A nonce is remembered while a request with its timestamp could be taken, then pruned ...; a replay
+    #  after that is `stale_timestamp`."
+    engine = world.open([ScriptedChannel("wechat")], policy=POLICY, config=EngineConfig(
+        merchant_requests=MerchantRequestConfig(timestamp_window_ms=1_000, nonce_prune_interval_ms=10)))
+    engine.register_merchant_key("station-42", secret=SECRET)
+    no = uniq()
+    ts = now_ms()
+    body, headers = pay_body(no), sign(pay_body(no), ts=ts)
+    engine.submit_signed(body, headers)
+    wait_for(lambda: now_ms() > ts + 1_500, "window passed")
+    rejected(engine, engine.submit_signed, body, headers, "stale_timestamp")
+
+
+def test_widened_window_after_restart(world) -> None:
+    # "A window widened at a restart does not let in a request whose nonce the narrower window already
+    #  forgot: until the wider window has passed, timestamps older than the old window's reach at the
+    #  restart are `stale_timestamp`."
+    narrow = EngineConfig(merchant_requests=MerchantRequestConfig(timestamp_window_ms=2_000,
+                                                                  nonce_prune_interval_ms=10))
+    engine = world.open([ScriptedChannel("wechat")], policy=POLICY, config=narrow, db="widen.db")
+    engine.register_merchant_key("station-42", secret=SECRET)
+    no = uniq()
+    ts = now_ms()
+    body, headers = pay_body(no), sign(pay_body(no), ts=ts)
+    engine.submit_signed(body, headers)
+    wait_for(lambda: now_ms() > ts + 3_000, "narrow window passed")
+    engine.shutdown()
+    wide = EngineConfig(merchant_requests=MerchantRequestConfig(timestamp_window_ms=600_000))
+    engine = world.open([ScriptedChannel("wechat")], policy=POLICY, config=wide, db="widen.db")
+    rejected(engine, engine.submit_signed, body, headers, "stale_timestamp")
+    # a new request signed 100 s ago is inside the wide window but older than the old reach: stale too
+    no2 = uniq()
+    rejected(engine, engine.submit_signed, pay_body(no2), sign(pay_body(no2), ts=now_ms() - 100_000),
+             "stale_timestamp")
