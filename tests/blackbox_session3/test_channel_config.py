@@ -651,6 +651,7 @@ def test_zero_minor_amount_raises(cfg, world, wallet, amount) -> None:
 def test_zero_amount_notification_refused(cfg, world, wallet) -> None:
     # "What an adapter returns is checked like any input (ids, codes, a positive int amount): a malformed one
     #  is refused as `malformed` even when its signature is right."
+    # "A verified success of *another* amount is never a success (the cash leg goes `unknown`...)"
     channels = chans(cfg, world)
     engine = world.open([channels["wechat-1"]], policy=FAST)
     receipt = engine.submit(PaymentRequest("station-42", uniq(), "alice", "CNY", 96_00, "Fuel",
