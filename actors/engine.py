@@ -663,15 +663,19 @@ class Engine:
         if "route-ignores-limits" in ctx.config.planted_bugs:
             table = RoutingTable(tuple(replace(r, amount_max_minor=AMOUNT_MAX)
                                        for r in table.routes))
-        excluded = {}
+        excluded, fees = {}, {}
         for route in table.of(method):
             why = self._cannot_take(route.channel, request.cash)
             if why is not None:
                 excluded[route.channel] = why
+            fee = getattr(getattr(ctx.channels.get(route.channel), "config", None), "fee", None)
+            if fee is not None and (fee.basis_points or fee.fixed_minor):
+                fees[route.channel] = fee.of(request.cash.amount_minor)
         choice = choose_route(table, method, request.cash.amount_minor,
                               request.currency, unavailable=ctx.health.unavailable(),
                               fee_ppm=ctx.config.fee_ppm, draw=route_draw(order_id),
-                              known_channels=ctx.channels.keys(), excluded=excluded)
+                              known_channels=ctx.channels.keys(), excluded=excluded,
+                              fees_minor=fees)
         ctx.health.chosen(choice.channel)
         return choice
 
@@ -1110,8 +1114,8 @@ class Engine:
         such order."""
         verified = self._verified(body, headers, "close")
         assert isinstance(verified.op, CloseOp)
+        self._gate.use_nonce(verified)  # first: even a request that then fails is spent
         order_id = self._merchant_order(verified, verified.op.merchant_order_no)
-        self._gate.use_nonce(verified)
         return self.close(order_id)
 
     def refund_signed(self, body: bytes, headers: Mapping[str, str]) -> RefundView:
@@ -1120,8 +1124,8 @@ class Engine:
         verified = self._verified(body, headers, "refund")
         op = verified.op
         assert isinstance(op, RefundOp)
+        self._gate.use_nonce(verified)  # first: even a request that then fails is spent
         order_id = self._merchant_order(verified, op.merchant_order_no)
-        self._gate.use_nonce(verified)
         return self.refund(order_id, op.refund_no, op.amount_minor, reason=op.reason)
 
     def query_signed(self, body: bytes, headers: Mapping[str, str]) -> OrderView:
@@ -1129,8 +1133,8 @@ class Engine:
         then the order as ``get_order`` reads it."""
         verified = self._verified(body, headers, "query")
         assert isinstance(verified.op, QueryOp)
+        self._gate.use_nonce(verified)  # first: even a request that then fails is spent
         order_id = self._merchant_order(verified, verified.op.merchant_order_no)
-        self._gate.use_nonce(verified)
         return self.get_order(order_id)
 
     def rejected_requests(self, limit: int = 100) -> list[RequestRejection]:

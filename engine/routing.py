@@ -117,8 +117,12 @@ def route_draw(order_id: str) -> int:
 def choose_route(table: RoutingTable, method: str, amount_minor: int, currency: str, *,
                  unavailable: Collection[str], fee_ppm: Mapping[str, int], draw: int,
                  known_channels: Collection[str] | None = None,
-                 excluded: Mapping[str, str] | None = None) -> RouteChoice:
+                 excluded: Mapping[str, str] | None = None,
+                 fees_minor: Mapping[str, int] | None = None) -> RouteChoice:
     """The route for a payment of ``amount_minor`` ``currency`` by ``method``.
+
+    The fee that ranks routes of equal priority: ``fees_minor[channel]`` (what the channel's
+    own configuration says it charges for this amount), else ``fee_ppm``'s share.
 
     ``unavailable``: channels to skip (circuit open); ``known_channels``: the engine's
     channels (a route to another is skipped, never chosen); ``excluded``: channels that
@@ -126,6 +130,7 @@ def choose_route(table: RoutingTable, method: str, amount_minor: int, currency: 
     Raises ``NoRoute`` (with every route's reason) when none qualifies.
     """
     routes = table.of(method)
+    fees_minor = fees_minor or {}
     verdicts: list[tuple[str, str]] = []
     eligible: list[Route] = []
     for route in routes:
@@ -141,8 +146,10 @@ def choose_route(table: RoutingTable, method: str, amount_minor: int, currency: 
         raise NoRoute(f"no route of method {method!r} can take {amount_minor} {currency}: "
                       f"{reasons}")
 
-    def fee(route: Route) -> int:
-        return amount_minor * fee_ppm.get(route.channel, 0)  # ppm: compared, never divided
+    def fee(route: Route) -> int:  # in millionths of a minor unit: compared, never divided
+        if route.channel in fees_minor:
+            return fees_minor[route.channel] * 1_000_000
+        return amount_minor * fee_ppm.get(route.channel, 0)
 
     eligible.sort(key=lambda r: (r.priority, fee(r), r.channel))
     best = [r for r in eligible if (r.priority, fee(r)) == (eligible[0].priority, fee(eligible[0]))]

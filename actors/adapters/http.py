@@ -239,6 +239,7 @@ class HttpChannel:
         started = time.monotonic()
         entry: dict[str, Any] = {
             "at_ms": self._clock_ms(), "operation": "notification", "serial": None,
+            "error": None,
             "request": {"headers": dict(headers) if isinstance(headers, Mapping) else {},
                         "body": body_for_record(body) if isinstance(body, bytes) else None}}
         try:
@@ -248,7 +249,7 @@ class HttpChannel:
             raise
         finally:
             entry["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
-            if "error" in entry:
+            if entry["error"] is not None:
                 self.recorder.record(entry)
         entry.update(serial=notification.payment_serial, refund_id=notification.refund_id,
                      kind=notification.kind.value, result=reply_json(notification.reply))
@@ -266,7 +267,7 @@ class HttpChannel:
         entry: dict[str, Any] = {
             "at_ms": now_ms, "operation": operation, "serial": serial,
             "refund_id": values.get("refund_id"),
-            "channel_txn_id": values.get("channel_txn_id")}
+            "channel_txn_id": values.get("channel_txn_id"), "error": None}
         started = time.monotonic()
         try:
             method, path, body, headers, sent = assemble(config, operation, fields)
@@ -285,7 +286,7 @@ class HttpChannel:
             raise
         finally:
             entry["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
-            if "error" in entry:
+            if entry["error"] is not None:
                 self.recorder.record(entry, masked=[fields.get("auth_code")])
         entry["result"] = reply_json(reply)
         self.recorder.record(entry, masked=[fields.get("auth_code")])

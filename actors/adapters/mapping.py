@@ -258,6 +258,10 @@ def _text(value: Any, what: str) -> str | None:
     return str(value)
 
 
+_PLAIN_DECIMAL = re.compile(r"[0-9]{1,18}(\.[0-9]{1,6})?")
+"""A decimal amount as wallets write it: ASCII digits, at most one point."""
+
+
 def _amount(value: Any, mapping: ReplyMapping, currency: str | None) -> int | None:
     if value is None or value == "":
         return None
@@ -274,8 +278,9 @@ def _amount(value: Any, mapping: ReplyMapping, currency: str | None) -> int | No
                          " currency)")
     assert currency is not None
     try:
-        if not isinstance(value, str | int | Decimal) or (isinstance(value, str)
-                                                          and len(value) > 24):
+        if not isinstance(value, str | int | Decimal) or not _PLAIN_DECIMAL.fullmatch(
+            str(value)
+        ):  # "88.88" only: no exponent, sign, spaces or non-ASCII digits are guessed at
             raise InvalidOperation
         minor = Decimal(value).scaleb(ISO_4217[currency])
         if not minor.is_finite() or minor != minor.to_integral_value():

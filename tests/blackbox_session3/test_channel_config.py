@@ -406,8 +406,6 @@ def test_auth_code_masked_wherever_its_digits_appear(tmp_path, world, wallet) ->
     assert "134670070457647112" not in (tmp_path / "wechat-1.jsonl").read_text()
 
 
-@pytest.mark.xfail(strict=True, reason="README's record shows \"error\": null; the engine omits the key "
-                                       "when the call raised nothing")
 def test_record_has_error_field(cfg, world, wallet) -> None:
     # README record: `"error": null, "duration_ms": 6.7,` and "(`error`, e.g. `"TimeoutError: ..."`, for a
     # call that ended in one ...)"
@@ -631,8 +629,6 @@ def test_codes_processing_stays_processing(cfg, world, wallet) -> None:
     assert ChannelReply("SUCCESS", "NOTPAY").result_code == "NOTPAY"
 
 
-@pytest.mark.xfail(strict=True, reason="README says replies need 'a positive amount' (else raise); the "
-                                       "adapter maps total_fee 0 to 'no amount' (None) while -1 raises")
 @pytest.mark.parametrize("amount", [0, "0"])
 def test_zero_minor_amount_raises(cfg, world, wallet, amount) -> None:
     # "its values are well formed (codes and ids texts of at most 128 characters, a positive amount, ...);
@@ -646,8 +642,6 @@ def test_zero_minor_amount_raises(cfg, world, wallet, amount) -> None:
     _raises_processing(lambda: channel.query("P606"))
 
 
-@pytest.mark.xfail(strict=True, reason="a WeChat-like notification of SUCCESS with total_fee 0 verifies and "
-                                       "pays the whole order (amount read as absent) instead of 'malformed'")
 def test_zero_amount_notification_refused(cfg, world, wallet) -> None:
     # "What an adapter returns is checked like any input (ids, codes, a positive int amount): a malformed one
     #  is refused as `malformed` even when its signature is right."

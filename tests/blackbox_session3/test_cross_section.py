@@ -76,8 +76,6 @@ def _routed(world, routes, total):
     return engine.get_order(receipt.order_id).legs[0].channel, engine
 
 
-@pytest.mark.xfail(strict=True, reason="README says a channel with enabled = false is 'offered for no new "
-                                       "payment by the routing'; the engine routes new payments to it")
 def test_disabled_channel_not_offered_by_routing(world) -> None:
     # "`enabled` | `true` | `false`: still built (orders that used it still need queries and refunds),
     #  offered for no new payment by the routing"
@@ -91,9 +89,6 @@ def test_disabled_channel_still_built(world) -> None:
     assert "sim-a" in names
 
 
-@pytest.mark.xfail(strict=True, reason="README says 'Fee, limits and enabled are for the routing'; a "
-                                       "route to a channel whose [limits] exclude the amount is still "
-                                       "chosen (only Route's own amount limits count)")
 def test_config_limits_used_by_routing(world) -> None:
     # "`[channels.NAME.limits]` `amount_min_minor` ... `amount_max_minor` ...: `config.limits.allows(amount)`.
     #  Fee, limits and `enabled` are for the routing"
@@ -101,9 +96,6 @@ def test_config_limits_used_by_routing(world) -> None:
     assert channel == "sim-c"
 
 
-@pytest.mark.xfail(strict=True, reason="README says 'Fee, limits and enabled are for the routing'; with "
-                                       "equal priority the routing ignores [fee] (100 bp vs 10 bp) and "
-                                       "draws by weight")
 def test_config_fee_used_by_routing(world) -> None:
     # "among those the lowest fee for this amount"; "Fee, limits and `enabled` are for the routing"
     channels = load_channels(SIM_TOML, world=world.runtime)

@@ -178,12 +178,8 @@ def test_unsigned_or_wrong_key_reply_raises(v3) -> None:
 
 @pytest.mark.parametrize("total", [
     "12.345", "-12.34", "12,34", "0x10", "NaN",
-    pytest.param("0.00", marks=pytest.mark.xfail(
-        strict=True, reason="README says a reply is mapped only with 'a positive amount'; a decimal 0.00 "
-                            "is read as no amount at all (None), and the reply is taken")),
-    pytest.param("1e3", marks=pytest.mark.xfail(
-        strict=True, reason="README: decimal is '\"88.88\" in the major unit, by the currency's digits' and "
-                            "'Nothing is ever guessed'; engine reads '1e3' as 1000.00")),
+    pytest.param("0.00"),
+    pytest.param("1e3"),
 ])
 def test_decimal_amount_must_have_currency_digits(v3, total) -> None:
     # "`"decimal"` (`"88.88"` in the major unit, by the currency's digits)"; "a positive amount";
@@ -327,9 +323,6 @@ def test_form_body(tmp_path, world) -> None:
         wallet.close()
 
 
-@pytest.mark.xfail(strict=True, reason="README says replies need 'a positive amount' else they raise "
-                                       "('processing'); a success whose amount is 0.00 is read as having no "
-                                       "amount and pays the order in full")
 def test_zero_amount_success_never_pays(tmp_path, world) -> None:
     # "A reply is mapped only if ... its values are well formed (... a positive amount ...); anything else
     #  ... raises, which the engine reads as "processing: query it". Nothing is ever guessed."

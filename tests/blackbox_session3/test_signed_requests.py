@@ -473,9 +473,6 @@ def test_close_that_fails_still_uses_nonce(env) -> None:
     rejected(engine, engine.close_signed, close, headers, "replayed_nonce")
 
 
-@pytest.mark.xfail(strict=True, reason="README says 'the same bytes again are a replay' and a close uses its "
-                   "nonce 'even if it then fails'; engine leaves the nonce of a close/query for an unknown "
-                   "order unused, so the captured close is carried out when replayed later")
 def test_close_of_unknown_order_uses_nonce(env) -> None:
     # "A close, refund or query uses its nonce just before it is carried out, so it can never be carried
     #  out twice, even if it then fails." / "Always sign a retry anew ...: the same bytes again are a
