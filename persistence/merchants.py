@@ -31,7 +31,7 @@ import sqlite_utils
 from payengine.engine.errors import IllegalTransition, Overloaded, RequestRejected
 from payengine.engine.merchant_request import AccountStatus, SignType
 from payengine.engine.order import Transition
-from payengine.persistence.rejections import _clip
+from payengine.persistence.rejections import append_refusal, newest_refusals, refusal_counts
 
 if TYPE_CHECKING:
     from payengine.persistence.store import Store
@@ -302,33 +302,20 @@ class RequestRejection:
 
 def record_rejection(store: Store, rejection: RequestRejection) -> None:
     """Record one refusal and count it; prune the oldest beyond the bound."""
-    with store._tx(3) as conn:
-        cursor = conn.execute(
-            "INSERT INTO rejected_requests (at_ms, merchant_id, op, merchant_order_no, nonce,"
-            " reason, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (rejection.at_ms, _clip(rejection.merchant_id), _clip(rejection.op),
-             _clip(rejection.merchant_order_no), _clip(rejection.nonce),
-             _clip(rejection.reason), _clip(rejection.detail)))
-        conn.execute("INSERT INTO request_rejection_counts (reason, count) VALUES (?, 1)"
-                     " ON CONFLICT (reason) DO UPDATE SET count = count + 1",
-                     (_clip(rejection.reason),))
-        seq = cursor.lastrowid
-        if seq is not None and seq > REQUEST_REJECTIONS_KEPT_MAX and seq % 1_000 == 0:
-            conn.execute("DELETE FROM rejected_requests WHERE seq <= ?",
-                         (seq - REQUEST_REJECTIONS_KEPT_MAX,))
+    append_refusal(store, "rejected_requests", "request_rejection_counts", {
+        "at_ms": rejection.at_ms, "merchant_id": rejection.merchant_id, "op": rejection.op,
+        "merchant_order_no": rejection.merchant_order_no, "nonce": rejection.nonce,
+        "reason": rejection.reason, "detail": rejection.detail,
+    }, REQUEST_REJECTIONS_KEPT_MAX)
 
 
 def recent_rejections(store: Store, limit: int = 100) -> list[RequestRejection]:
     """The newest refusals first, at most ``limit``."""
-    with store._read(snapshot=False) as conn:
-        rows = conn.execute(
-            "SELECT at_ms, merchant_id, op, merchant_order_no, nonce, reason, detail"
-            " FROM rejected_requests ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
-    return [RequestRejection(*row) for row in rows]
+    return [RequestRejection(*row) for row in newest_refusals(
+        store, "rejected_requests",
+        "at_ms, merchant_id, op, merchant_order_no, nonce, reason, detail", limit)]
 
 
 def rejection_counts(store: Store) -> dict[str, int]:
     """Refusals ever recorded, by reason."""
-    with store._read(snapshot=False) as conn:
-        rows = conn.execute("SELECT reason, count FROM request_rejection_counts").fetchall()
-    return {str(reason): int(count) for reason, count in rows}
+    return refusal_counts(store, "request_rejection_counts")

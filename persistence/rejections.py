@@ -16,7 +16,7 @@ discipline and crash hook), as ``persistence.statements`` does.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import sqlite_utils
 
@@ -68,38 +68,59 @@ def _clip(value: object) -> str:
     return text[:TEXT_MAX].encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def append_refusal(store: Store, table: str, counts_table: str, fields: dict[str, object],
+                   kept_max: int) -> None:
+    """Append one refusal to ``table`` (its text fields clipped) and count its ``reason`` in
+    ``counts_table``, in one change; past ``kept_max`` rows the oldest go (every 1,000th
+    insert prunes), the counts stay exact. Shared by the notification and request logs."""
+    columns = ", ".join(fields)
+    values = [v if v is None or isinstance(v, int) else _clip(v) for v in fields.values()]
+    with store._tx(3) as conn:
+        cursor = conn.execute(
+            f"INSERT INTO {table} ({columns}) VALUES ({', '.join('?' * len(fields))})", values)
+        conn.execute(f"INSERT INTO {counts_table} (reason, count) VALUES (?, 1)"
+                     " ON CONFLICT (reason) DO UPDATE SET count = count + 1",
+                     (_clip(fields["reason"]),))
+        seq = cursor.lastrowid
+        if seq is not None and seq > kept_max and seq % 1_000 == 0:
+            conn.execute(f"DELETE FROM {table} WHERE seq <= ?", (seq - kept_max,))
+
+
+def newest_refusals(store: Store, table: str, columns: str, limit: int) -> list[Any]:
+    """The newest rows of a refusal log first, at most ``limit``."""
+    with store._read(snapshot=False) as conn:
+        return conn.execute(f"SELECT {columns} FROM {table} ORDER BY seq DESC LIMIT ?",
+                            (limit,)).fetchall()
+
+
+def refusal_counts(store: Store, counts_table: str) -> dict[str, int]:
+    """Refusals ever recorded in a log, by reason."""
+    with store._read(snapshot=False) as conn:
+        rows = conn.execute(f"SELECT reason, count FROM {counts_table}").fetchall()
+    return {str(reason): int(count) for reason, count in rows}
+
+
+_COLUMNS = "at_ms, channel, payment_serial, refund_id, source, reason, detail"
+
+
 def record(store: Store, rejection: Rejection) -> None:
     """Record one rejection and count it; prune the oldest beyond ``REJECTIONS_KEPT_MAX``."""
-    with store._tx() as conn:
-        cursor = conn.execute(
-            "INSERT INTO rejected_notifications (at_ms, channel, payment_serial, refund_id, "
-            "source, reason, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (rejection.at_ms, _clip(rejection.channel), _clip(rejection.payment_serial),
-             None if rejection.refund_id is None else _clip(rejection.refund_id),
-             rejection.source, _clip(rejection.reason), _clip(rejection.detail)))
-        conn.execute("INSERT INTO rejection_counts (reason, count) VALUES (?, 1) "
-                     "ON CONFLICT(reason) DO UPDATE SET count = count + 1",
-                     (_clip(rejection.reason),))
-        seq = cursor.lastrowid
-        if seq is not None and seq > REJECTIONS_KEPT_MAX and seq % 1_000 == 0:
-            conn.execute("DELETE FROM rejected_notifications WHERE seq <= ?",
-                         (seq - REJECTIONS_KEPT_MAX,))
+    append_refusal(store, "rejected_notifications", "rejection_counts", {
+        "at_ms": rejection.at_ms, "channel": rejection.channel,
+        "payment_serial": rejection.payment_serial, "refund_id": rejection.refund_id,
+        "source": rejection.source, "reason": rejection.reason, "detail": rejection.detail,
+    }, REJECTIONS_KEPT_MAX)
 
 
 def recent(store: Store, limit: int = 100) -> list[Rejection]:
     """The newest rejections first, at most ``limit``."""
-    with store._read(snapshot=False) as conn:
-        rows = conn.execute(
-            "SELECT at_ms, channel, payment_serial, refund_id, source, reason, detail "
-            "FROM rejected_notifications ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
-    return [Rejection(*row) for row in rows]
+    return [Rejection(*row) for row in newest_refusals(store, "rejected_notifications",
+                                                         _COLUMNS, limit)]
 
 
 def counts(store: Store) -> dict[str, int]:
     """Rejections ever recorded, by reason."""
-    with store._read(snapshot=False) as conn:
-        rows = conn.execute("SELECT reason, count FROM rejection_counts").fetchall()
-    return {reason: count for reason, count in rows}
+    return refusal_counts(store, "rejection_counts")
 
 
 def txn_owner(store: Store, channel: str, channel_txn_id: str) -> str | None:
