@@ -17,7 +17,7 @@ import hashlib
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
-from payengine.engine.checks import check_id, check_instance, check_int, check_setting
+from payengine.engine.checks import check_id, check_instance, check_int, check_setting, shown
 from payengine.engine.errors import PaymentError
 from payengine.engine.money import AMOUNT_MAX
 
@@ -61,8 +61,11 @@ class Route:
         check_int(self.amount_max_minor, "route amount_max_minor", self.amount_min_minor,
                   AMOUNT_MAX)
         check_instance(self.currencies, frozenset, "route currencies")
-        for currency in self.currencies:
-            check_id(currency, "route currency")
+        for currency in self.currencies:  # a code that can never match is a typo, refused
+            check_setting(isinstance(currency, str) and len(currency) == 3
+                          and currency.isascii() and currency.isupper() and currency.isalpha(),
+                          f"route currency must be an ISO 4217 code such as CNY, not "
+                          f"{shown(currency)}")
 
 
 @dataclass(frozen=True, slots=True)

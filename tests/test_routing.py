@@ -102,6 +102,8 @@ def test_the_journal_cause_says_why_each_route_was_or_was_not_taken() -> None:
     lambda: Route(QR, "a", amount_min_minor=5, amount_max_minor=4),
     lambda: Route(QR, ""), lambda: table(Route(QR, "a"), Route(QR, "a", priority=2)),
     lambda: BreakerPolicy(calls_min=30, window_calls=20), lambda: BreakerPolicy(open_ms=0),
+    lambda: Route(QR, "a", currencies=frozenset({"cny"})),
+    lambda: Route(QR, "a", currencies=frozenset({"YUAN"})),
 ])
 def test_a_bad_routing_setting_is_refused_when_built(bad: object) -> None:
     with pytest.raises(InvalidRequest):
