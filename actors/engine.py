@@ -69,6 +69,7 @@ from payengine.engine.errors import (
     AttemptRefused,
     DuplicateSuspected,
     EngineClosed,
+    IdempotencyConflict,
     IllegalTransition,
     InvalidRequest,
     NotificationRejected,
@@ -493,6 +494,9 @@ class Engine:
         stored with the new order in one transaction, or on its own when the order exists
         (after its pay window is checked)."""
         ctx = self._ctx
+        retried = self._retried(request, nonce)
+        if retried is not None:
+            return retried
         order_id = self._ids.new_order_id()
         route = self._route(request, order_id)
         channel = route.channel if route is not None else (
@@ -1163,6 +1167,28 @@ class Engine:
         if order_id is None:
             raise UnknownOrder(f"merchant {merchant_id} has no order {merchant_order_no}")
         return order_id
+
+    def _retried(self, request: PaymentRequest, nonce: NonceUse | None) -> Receipt | None:
+        """The receipt of a retried submit (its attempt exists with these parameters), before
+        anything that may have changed since is looked at again (routing and channel
+        health, a channel no longer configured, the risk gate, accounts): a retry is
+        answered, never decided anew. ``None`` for a new one (the insert still backstops)."""
+        store = self._ctx.store
+        existing_id = store.attempt_order_id(request.merchant_id, request.merchant_order_no,
+                                             request.attempt)
+        if existing_id is None:
+            return None
+        existing = store.load_order(existing_id)
+        assert existing is not None, "an order whose key exists is stored"
+        if existing.fingerprint != request.fingerprint():
+            raise IdempotencyConflict(
+                f"merchant order {request.merchant_id}/{request.merchant_order_no} (attempt "
+                f"{request.attempt}) was submitted before with different parameters")
+        if nonce is not None:
+            now_ms = self._ctx.runtime.now_ms()
+            self._check_payable(existing, now_ms)
+            self._gate.nonces.use(nonce, now_ms)
+        return Receipt.of(existing)
 
     def _check_payable(self, order: PaymentOrder, now_ms: int) -> None:
         """A pay request for an order that exists: refused once its pay window is over (it

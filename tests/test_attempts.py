@@ -215,3 +215,20 @@ def test_a_signed_pay_of_the_next_attempt_is_taken_after_the_first_closed(
         wait_for(lambda: alipay.count("pay") == 1, what="attempt 2 paid through alipay")
     finally:
         engine.shutdown()
+
+
+def test_a_retry_is_answered_with_its_receipt_even_once_its_channel_is_gone(
+        tmp_path: Path) -> None:
+    """A retried submit is answered, never decided anew: not by a channel the engine no
+    longer has (review finding: it was InvalidRequest), nor by an account deleted since."""
+    engine, _, _ = open_engine(tmp_path / "a.db")
+    first = engine.submit(FIRST)
+    engine.shutdown()
+    reopened = Engine.open(tmp_path / "a.db", channels=[ScriptedChannel("alipay")],
+                           config=EngineConfig(duplicate_guard_window_ms=0))
+    try:
+        assert reopened.submit(FIRST) == first
+        with pytest.raises(IdempotencyConflict):
+            reopened.submit(replace(FIRST, title="Fuel, pump 4"))
+    finally:
+        reopened.shutdown()
