@@ -521,9 +521,8 @@ class Engine:
                             accounts=units, policy=ctx.policy,
                             currencies=ctx.config.currency_table, cash_channel=channel)
         live, bound = ctx.directory.count("order"), ctx.config.live_orders_max
-        if live >= bound and ctx.store.attempt_order_id(
-                request.merchant_id, request.merchant_order_no, request.attempt) is None:
-            raise self._admission.refuse_live_orders(live, bound)  # a retry is not new
+        if live >= bound:  # a retry was answered before (``_retried``): this one is new
+            raise self._admission.refuse_live_orders(live, bound)
         self._guard_user_duplicates(request, now_ms)
         if nonce is not None:
             self._gate.nonces.reserve(now_ms)  # a full table refuses (Overloaded) first
@@ -649,21 +648,13 @@ class Engine:
     def _route(self, request: PaymentRequest, order_id: str) -> RouteChoice | None:
         """The channel for a cash part that names a payment method (``EngineConfig.routing``);
         ``None`` for one that names its channel. ``NoRoute`` when no route can take it (see
-        ``_cannot_take`` besides the routes' own conditions), except
-        for a retry of an accepted order, which gets its receipt whatever the channels'
-        health now: it is not routed again, its stored channel stands."""
+        ``_cannot_take`` besides the routes' own conditions). A retry of an accepted order
+        never gets here (``_retried``): its stored channel stands."""
         ctx = self._ctx
         table = ctx.config.routing
         if request.cash is None or request.cash.channel not in table.methods:
             return None
         method = request.cash.channel
-        existing_id = ctx.store.attempt_order_id(request.merchant_id,
-                                                 request.merchant_order_no, request.attempt)
-        if existing_id is not None:  # a retry: answered with the stored order, never re-routed
-            stored = ctx.store.load_order(existing_id)
-            leg = None if stored is None else stored.cash_leg
-            if leg is not None and leg.channel is not None:
-                return RouteChoice(method, leg.channel, ())
         if "route-ignores-limits" in ctx.config.planted_bugs:
             table = RoutingTable(tuple(replace(r, amount_max_minor=AMOUNT_MAX)
                                        for r in table.routes))
@@ -701,16 +692,13 @@ class Engine:
     def _guard_user_duplicates(self, request: PaymentRequest, now_ms: int) -> None:
         """Warn (``DuplicateSuspected``) of a new order like one the user made moments ago.
 
-        A retry of an accepted submit (its key exists) is not new, and is never warned. The
-        guard is advisory: two such submits racing each other may both pass.
+        A retry of an accepted submit was answered before (``_retried``) and is never
+        warned. The guard is advisory: two such submits racing each other may both pass.
         """
         window_ms = self._ctx.config.duplicate_guard_window_ms
         store = self._ctx.store
-        if request.confirm_duplicate or window_ms <= 0 or request.attempt != 1 or (
-            store.order_id_for_merchant(request.merchant_id, request.merchant_order_no)
-            is not None
-        ):
-            return  # a retry, or another attempt of the same trade: not a new purchase
+        if request.confirm_duplicate or window_ms <= 0 or request.attempt != 1:
+            return  # another attempt of the same trade: not a new purchase
         similar = suspected_duplicates(request, store.recent_user_orders(
             request.user_id, now_ms - window_ms, request.total_minor, request.currency),
             now_ms=now_ms, window_ms=window_ms)
@@ -1100,13 +1088,7 @@ class Engine:
             verified = self._gate.verify(body, headers, "pay")
             assert isinstance(verified.op, PayOp)
             request = verified.op.request
-            try:
-                existing = self._ctx.store.attempt_order_id(  # this attempt's, if made
-                    request.merchant_id, request.merchant_order_no, request.attempt)
-                if existing is not None:
-                    order = self._ctx.store.load_order(existing)
-                    assert order is not None
-                    self._check_payable(order, self._ctx.runtime.now_ms())
+            try:  # an order that exists: its pay window is checked first (``_retried``)
                 return self._submit(request, verified.nonce)
             except RequestRejected as error:
                 self._gate.reject(verified.envelope, verified.op, error)
@@ -1180,13 +1162,14 @@ class Engine:
             return None
         existing = store.load_order(existing_id)
         assert existing is not None, "an order whose key exists is stored"
+        now_ms = self._ctx.runtime.now_ms()
+        if nonce is not None:  # a cached cashier URL: refused whatever it carries
+            self._check_payable(existing, now_ms)
         if existing.fingerprint != request.fingerprint():
             raise IdempotencyConflict(
                 f"merchant order {request.merchant_id}/{request.merchant_order_no} (attempt "
                 f"{request.attempt}) was submitted before with different parameters")
         if nonce is not None:
-            now_ms = self._ctx.runtime.now_ms()
-            self._check_payable(existing, now_ms)
             self._gate.nonces.use(nonce, now_ms)
         return Receipt.of(existing)
 
