@@ -40,6 +40,7 @@ from payengine.engine.agreement import (
 from payengine.engine.channel_data import PayDetails, PayScenario
 from payengine.engine.checks import check_id, check_ids, shown
 from payengine.engine.errors import (
+    AgreementInactive,
     AgreementMismatch,
     AgreementNotFound,
     AgreementsUnsupported,
@@ -214,25 +215,26 @@ class Withholder:
         check_request(PaymentRequest(merchant_id, merchant_order_no, user_id, currency,
                                      amount_minor, title, CashPart(amount_minor, "check")),
                       policy=self._ctx.policy, currencies=self._ctx.config.currency_table)
+        named = None if agreement_ids is None else check_ids(
+            agreement_ids, "agreement_ids", config.agreements_per_withhold_max)
         with self._lock:
-            chosen = self._agreements_for(user_id, agreement_ids)
+            existing = db.load_withholding(self._ctx.store, merchant_id, merchant_order_no)
+            if existing is not None:  # a retry of the call: the same trade, or a conflict
+                return _same(existing, user_id, amount_minor, currency, title, named)
+            chosen, first = self._agreements_for(user_id, named)
             now = self._now()
             w = Withholding(merchant_id, merchant_order_no, user_id, amount_minor, currency,
-                            title, chosen, (chosen[0],), WithholdState.PAYING,
-                            "withhold asked", now, now)
-            existing = db.load_withholding(self._ctx.store, merchant_id, merchant_order_no)
-            if existing is not None:
-                return self._same(existing, w)
+                            title, chosen, (first,), WithholdState.PAYING, "withhold asked",
+                            now, now)
             if db.count_open_withholdings(self._ctx.store) >= config.withholds_open_max:
                 raise Overloaded(f"{config.withholds_open_max} withholdings are paying "
                                  "(withholds_open_max)")
             existing = db.insert_withholding(self._ctx.store, w)
-            if existing is not None:
-                return self._same(existing, w)
+            assert existing is None, "inserted under the lock after a miss"
             try:
                 self._submit(self._request(w))
-            except PaymentError:
-                db.delete_withholding(self._ctx.store, w)  # nothing was created
+            except PaymentError as error:
+                db.delete_withholding(self._ctx.store, w, error.code)  # nothing was created
                 raise
         return w
 
@@ -244,33 +246,31 @@ class Withholder:
             raise UnknownWithholding(f"no withholding {merchant_id}/{merchant_order_no}")
         return w
 
-    def _agreements_for(self, user_id: str, agreement_ids: Sequence[str] | None
-                        ) -> tuple[str, ...]:
-        """The agreements a new withholding may use, in order: those named (each the
-        user's, the first active), or all the user's active ones, oldest first."""
-        limit = self._config.agreements_per_withhold_max
-        if agreement_ids is None:
-            active = tuple(a.agreement_id for a in self.of(user_id) if a.is_active)[:limit]
-            if not active:
-                raise AgreementNotFound(f"user {user_id} has no active agreement")
-            return active
-        named = check_ids(agreement_ids, "agreement_ids", limit)
+    def _agreements_for(self, user_id: str, named: tuple[str, ...] | None
+                        ) -> tuple[tuple[str, ...], str]:
+        """The agreements a new withholding may use, in order, and the one attempt 1 pays
+        on (the first active): those named (each the user's), or all the user's active
+        ones, oldest first. ``AgreementNotFound`` / ``AgreementInactive`` otherwise."""
+        if named is None:
+            mine = self.of(user_id)
+            if not mine:
+                raise AgreementNotFound(f"user {user_id} has no agreement")
+            chosen = tuple(a.agreement_id for a in mine if a.is_active)[
+                :self._config.agreements_per_withhold_max]
+            if not chosen:
+                raise AgreementInactive(f"no agreement of user {user_id} is active")
+            return chosen, chosen[0]
         if not named or len(set(named)) != len(named):
             raise InvalidRequest("agreement_ids must name 1 or more agreements, each once")
-        for agreement_id in named:
-            if self.get(agreement_id).user_id != user_id:
-                raise AgreementNotFound(f"user {user_id} has no agreement {agreement_id}")
-        check_usable(self.get(named[0]))
-        return named
-
-    @staticmethod
-    def _same(existing: Withholding, asked: Withholding) -> Withholding:
-        fields = ("user_id", "amount_minor", "currency", "title", "agreement_ids")
-        if any(getattr(existing, f) != getattr(asked, f) for f in fields):
-            raise IdempotencyConflict(
-                f"withholding {asked.merchant_id}/{asked.merchant_order_no} was asked before "
-                "with different parameters")
-        return existing
+        agreements = [self.get(agreement_id) for agreement_id in named]
+        for agreement in agreements:
+            if agreement.user_id != user_id:
+                raise AgreementNotFound(f"user {user_id} has no agreement "
+                                        f"{agreement.agreement_id}")
+        active = [a.agreement_id for a in agreements if a.is_active]
+        if not active:
+            raise AgreementInactive(f"none of the agreements {list(named)} is active")
+        return named, active[0]
 
     def _request(self, w: Withholding) -> PaymentRequest:
         agreement = self.get(w.agreement_id)
@@ -384,3 +384,14 @@ class Withholder:
         return self._ctx.runtime.now_ms()
 
 
+def _same(existing: Withholding, user_id: str, amount_minor: int, currency: str, title: str,
+          named: tuple[str, ...] | None) -> Withholding:
+    """``existing`` if a withhold call asked for the same trade (and, if it named
+    agreements, the same ones); ``IdempotencyConflict`` otherwise."""
+    if (existing.user_id, existing.amount_minor, existing.currency, existing.title) != (
+            user_id, amount_minor, currency, title) or (
+            named is not None and named != existing.agreement_ids):
+        raise IdempotencyConflict(
+            f"withholding {existing.merchant_id}/{existing.merchant_order_no} was asked "
+            "before with different parameters")
+    return existing

@@ -12,7 +12,8 @@ The retry rule, the point of this module:
 - an attempt declined with a retryable code (insufficient balance, card refused: the
   channel's ``CodeTable.retryable``) charged nothing: pay again on the next agreement
   that has not declined (another method or card);
-- an attempt closed at the end of its pay window (a timeout) is retried, on the same
+- an attempt closed at the end of its pay window (a timeout; one closed on purpose with
+  ``Engine.close`` ends the withholding instead) is retried, on the same
   agreement first, only once the channel confirmed that nothing was charged (the cash leg
   ``unpaid``); while its result is unknown (the close not answered, the charge unknown
   after every query) the withholding waits, however long;
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 from payengine.engine.checks import check_int
 from payengine.engine.evolve import evolve
-from payengine.engine.order import ATTEMPTS_MAX, LegStatus, OrderState, PaymentOrder
+from payengine.engine.order import ATTEMPTS_MAX, LegStatus, OrderState, PaymentOrder, Trigger
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +104,7 @@ class AttemptOutcome(enum.StrEnum):
     DECLINED = "declined"
     """Failed with a retryable code: nothing was charged, another method may pay."""
     CLOSED_UNPAID = "closed_unpaid"
-    """Closed (timed out, or closed by the user) and confirmed uncharged by the channel."""
+    """Closed at the end of its pay window and confirmed uncharged by the channel."""
     FAILED = "failed"
     """Failed for good, or charged after its close (and refunded): no retry."""
 
@@ -123,6 +124,8 @@ def attempt_outcome(order: PaymentOrder, *, retryable: bool,
     if order.state is OrderState.FAILED and cash.status in _UNCHARGED:
         return AttemptOutcome.DECLINED if retryable else AttemptOutcome.FAILED
     if order.state is OrderState.CLOSED:
+        if order.cause == Trigger.CLOSE_USER.value and cash.status in _UNCHARGED:
+            return AttemptOutcome.FAILED  # closed on purpose (Engine.close): not retried
         if cash.status in _UNCHARGED:
             return AttemptOutcome.CLOSED_UNPAID
         if cash.status is LegStatus.PAYING and (

@@ -132,11 +132,15 @@ def insert_withholding(store: Store, w: Withholding) -> Withholding | None:
     return None
 
 
-def delete_withholding(store: Store, w: Withholding) -> None:
-    """Undo ``insert_withholding`` when its first attempt was refused: nothing was created."""
-    with store._tx() as conn:
+def delete_withholding(store: Store, w: Withholding, why: str) -> None:
+    """Undo ``insert_withholding`` when its first attempt was refused: nothing was created
+    (the journal keeps both lines, so the refusal is seen)."""
+    with store._tx(2) as conn:
         conn.execute("DELETE FROM withholdings WHERE merchant_id = ? AND merchant_order_no = ?"
                      " AND version = 0", (w.merchant_id, w.merchant_order_no))
+        store._journal(conn, w.updated_at_ms, "withholding",
+                       f"{w.merchant_id}/{w.merchant_order_no}",
+                       [Transition("attempt:1", w.state.value, "", f"refused: {why}")])
 
 
 def save_withholding(store: Store, before: Withholding, after: Withholding) -> bool:
