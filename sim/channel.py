@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from payengine.actors.adapters.config import ChannelConfig
@@ -73,11 +73,15 @@ class ChannelFaults:
     refund_callback_lost: float = 0.0
     refund_callback_duplicated: float = 0.0
     withhold_declined: float = 0.0
-    """A withholding pay answered PAYERROR (balance too low): retryable, nothing charged."""
+    """A withholding pay answered NOTENOUGH (balance too low): retryable, nothing charged."""
     withhold_timeout: float = 0.0
     """A withholding pay times out; the wallet charges later (or never, if closed first)."""
     withhold_close_lost: float = 0.0
     """The answer to the close of a withholding pay is lost (the close itself took)."""
+    agreement_pending: float = 0.0
+    """The user confirms an agreement later: ``sign`` answers PENDING, a callback follows."""
+    agreement_refused: float = 0.0
+    """The user declines an agreement: ``sign`` answers FAILED."""
     user_pay_delay_ms: tuple[int, int] = (10, 300)
     late_pay_delay_ms: tuple[int, int] = (1_000, 4_000)
     callback_delay_ms: tuple[int, int] = (0, 200)
@@ -118,7 +122,8 @@ class SimRefund:
 PAY_CODE_MEANINGS: Mapping[str, ResultKind] = {
     "SUCCESS": ResultKind.SUCCESS, "PAYERROR": ResultKind.FAILURE,
     "CLOSED": ResultKind.FAILURE, "USERPAYING": ResultKind.PROCESSING,
-    "SYSTEMBUSY_X": ResultKind.PROCESSING, "ORDERNOTEXIST": ResultKind.PROCESSING}
+    "SYSTEMBUSY_X": ResultKind.PROCESSING, "ORDERNOTEXIST": ResultKind.PROCESSING,
+    "NOTENOUGH": ResultKind.FAILURE}
 """Every business code this wallet answers a payment call with (return code ``SUCCESS``),
 and what it means: the truth a configured code table must agree with (``sim.oracle``)."""
 REFUND_CODE_MEANINGS: Mapping[str, ResultKind] = {
@@ -132,10 +137,17 @@ SENT_KEPT_MAX = 200
 """Notifications a simulated wallet keeps for replay attacks (sim.forger)."""
 
 
+SIM_PAY_CODES = replace(WECHAT_LIKE_PAY_CODES,
+                        failure=WECHAT_LIKE_PAY_CODES.failure | {"NOTENOUGH"},
+                        retryable=frozenset({"NOTENOUGH"}))
+"""WeChat-like, and NOTENOUGH (WeChat's "balance too low"), which a withholding pay is
+declined with: a failure after which another method may pay (retryable)."""
+
+
 class SimulatedChannel:
     """A channel whose every answer is drawn from ``rng``; thread-safe."""
 
-    pay_codes: CodeTable = WECHAT_LIKE_PAY_CODES
+    pay_codes: CodeTable = SIM_PAY_CODES
     refund_codes: CodeTable = WECHAT_LIKE_REFUND_CODES
 
     def __init__(self, name: str, world: World, *, seed: int = 0,
@@ -294,22 +306,21 @@ class SimulatedChannel:
     # ------------------------------------------------------------------ agreements
 
     def sign(self, agreement_id: str, user_id: str) -> AgreementStatus:
-        """Most users confirm at once; some later (a callback), a few decline."""
+        """The user confirms at once, or later (a callback: ``agreement_pending``), or
+        declines (``agreement_refused``)."""
         with self._lock:
             known = self.agreements.get(agreement_id)
             if known is not None:
                 return known[1]
-            draw = self.agreement_rng.random()
-            if draw < 0.1:
+            if self._agreement_chance(self.faults.agreement_refused, "agreement_refused"):
                 self.agreements[agreement_id] = (user_id, AgreementStatus.FAILED)
                 return AgreementStatus.FAILED
-            if draw < 0.7:
+            if not self._agreement_chance(self.faults.agreement_pending, "agreement_pending"):
                 self.agreements[agreement_id] = (user_id, AgreementStatus.SIGNED)
                 return AgreementStatus.SIGNED
             self.agreements[agreement_id] = (user_id, AgreementStatus.PENDING)
             delay = self.agreement_rng.randint(10, 500)
-        self.world.call_at(self.world.now_ms() + delay,
-                           lambda: self._agreement_decided(agreement_id, AgreementStatus.SIGNED))
+        self._agreement_decided(agreement_id, AgreementStatus.SIGNED, delay)
         return AgreementStatus.PENDING
 
     def unsign(self, agreement_id: str) -> AgreementStatus:
@@ -382,7 +393,7 @@ class SimulatedChannel:
             self.counts["withhold_no_agreement"] = self.counts.get("withhold_no_agreement", 0) + 1
             return self._reply(payment)
         if self._agreement_chance(f.withhold_declined, "withhold_declined"):
-            payment.state = "PAYERROR"
+            payment.state = "NOTENOUGH"
             return self._reply(payment)
         if self._agreement_chance(f.withhold_timeout, "withhold_timeout"):
             if self.agreement_rng.random() < 0.5:

@@ -114,9 +114,9 @@ simulated = { txn_prefix = "T" }
 [channels.wechat.codes.pay]
 communication_ok = ["SUCCESS"]
 success = ["SUCCESS"]
-failure = ["PAYERROR", "CLOSED", "REVOKED"]
+failure = ["PAYERROR", "CLOSED", "REVOKED", "NOTENOUGH"]
 processing = ["USERPAYING", "NOTPAY"]
-retryable = ["PAYERROR"]
+retryable = ["PAYERROR", "NOTENOUGH"]
 
 [channels.wechat.codes.refund]
 communication_ok = ["SUCCESS"]

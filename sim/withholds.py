@@ -65,7 +65,8 @@ class Withholds:
         """``faults`` with this run's withholding faults."""
         return replace(faults, withhold_declined=self.rng.uniform(0.1, 0.4),
                        withhold_timeout=self.rng.uniform(0.1, 0.4),
-                       withhold_close_lost=self.rng.uniform(0.0, 0.5))
+                       withhold_close_lost=self.rng.uniform(0.0, 0.5),
+                       agreement_pending=0.3, agreement_refused=0.1)
 
     def setup(self, customers: list[str]) -> None:
         engine = self.engine()
@@ -182,14 +183,15 @@ class Withholds:
 
     def _check_agreement(self, store: Store, agreement_id: str, customer: str
                          ) -> list[Violation]:
-        """The engine's agreement ends as the wallet's did (the callbacks arrived)."""
+        """The engine's agreement ends (final) when the wallet's did (the callbacks
+        arrived, in whatever order)."""
         agreement = db.load_agreement(store, agreement_id)
         truth = [w.agreement_status(agreement_id) for w in self.wallets.values()]
         truth_known = [t for t in truth if t is not None]
         if agreement is None or agreement.user_id != customer:
             return [Violation("agreement-kept", f"agreement {agreement_id}", "lost")]
         if AgreementStatus.TERMINATED in truth_known and agreement.state.value not in (
-                "terminated",):
+                "terminated", "failed"):  # failed: revoked before the signature was heard
             return [Violation("agreement-follows-wallet", f"agreement {agreement_id}",
                               f"wallet ended it, engine has {agreement.state.value}")]
         return []
