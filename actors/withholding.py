@@ -46,6 +46,7 @@ from payengine.engine.errors import (
     AgreementsUnsupported,
     EngineClosed,
     IdempotencyConflict,
+    IllegalTransition,
     InvalidRequest,
     Overloaded,
     PaymentError,
@@ -106,7 +107,8 @@ class Withholder:
     def sign(self, user_id: str, channel: str) -> Agreement:
         """Ask ``channel`` to sign an agreement for ``user_id`` (persisted as ``signing``
         first). A live one (signing, active, unsigning) of the same user and channel is
-        returned instead of a second."""
+        returned instead of a second; one still ``signing`` is asked of the wallet again
+        (idempotent by its id), in case its answer or callback was lost."""
         check_id(user_id, "user_id")
         wallet = self._wallet(channel)
         with self._lock:
@@ -114,18 +116,22 @@ class Withholder:
                                     self._config.agreements_per_user_max + 1)
             live = [a for a in mine if a.channel == channel and a.state.value in (
                 "signing", "active", "unsigning")]
-            if live:
+            if live and live[0].state.value != "signing":
                 return live[0]
-            if len(mine) >= self._config.agreements_per_user_max:
+            if live:
+                agreement = live[0]
+            elif len(mine) >= self._config.agreements_per_user_max:
                 raise Overloaded(f"user {user_id} has {len(mine)} agreements "
                                  f"(agreements_per_user_max)")
-            agreement = new_agreement(check_id(self._new_id(), "agreement id"), user_id,
-                                      channel, self._now())
-            db.insert_agreement(self._ctx.store, agreement)
+            else:
+                agreement = new_agreement(check_id(self._new_id(), "agreement id"), user_id,
+                                          channel, self._now())
+                db.insert_agreement(self._ctx.store, agreement)
         answer = self._ask_wallet(lambda: wallet.sign(agreement.agreement_id, user_id))
         if answer in (AgreementStatus.SIGNED, AgreementStatus.FAILED):
-            return self._apply(agreement.agreement_id, _CALLBACK_EVENTS[answer],
-                               f"sign answered {answer.value}")
+            with contextlib.suppress(IllegalTransition):  # a callback came first: it stands
+                return self._apply(agreement.agreement_id, _CALLBACK_EVENTS[answer],
+                                   f"sign answered {answer.value}")
         return self.get(agreement.agreement_id)
 
     def unsign(self, agreement_id: str) -> Agreement:

@@ -89,7 +89,13 @@ def wallets(tmp_path: Path) -> Iterator[tuple[Engine, AgreementWallet, Agreement
 
 
 def attempt_order(engine: Engine, attempt: int, no: str = "sub-2026-12") -> str:
-    return engine.find_order("gym-1", no, attempt).order_id
+    """The order of ``attempt``, once submitted (a retry is decided, then submitted)."""
+    def found() -> str | None:
+        try:
+            return engine.find_order("gym-1", no, attempt).order_id
+        except UnknownOrder:
+            return None
+    return wait_for(found, what=f"attempt {attempt}'s order")
 
 
 def cash_channel(order: OrderView) -> str | None:
@@ -139,6 +145,19 @@ def test_a_pending_signature_is_activated_by_the_wallet_callback(wallets) -> Non
     again = engine.handle_agreement_callback("wechat", agreement.agreement_id, "alice",
                                              AgreementStatus.SIGNED)
     assert again == signed
+
+
+def test_signing_again_asks_the_wallet_again_about_an_agreement_still_signing(
+        wallets) -> None:
+    engine, wechat, _ = wallets
+    wechat.sign_answer = AgreementStatus.PENDING
+    pending = engine.sign_agreement("alice", "wechat")
+    wechat.sign_answer = AgreementStatus.SIGNED
+    signed = engine.sign_agreement("alice", "wechat")
+    assert signed.agreement_id == pending.agreement_id
+    assert signed.state is AgreementState.ACTIVE
+    assert [c for c in wechat.calls if c[0] == "sign"] == [
+        ("sign", pending.agreement_id, "alice")] * 2
 
 
 def test_an_agreement_callback_naming_another_channel_user_or_agreement_changes_nothing(
