@@ -409,3 +409,9 @@ def test_submit_refuses_a_withhold_payment_made_by_hand(wallets) -> None:
         engine.submit(request)
     with pytest.raises(UnknownOrder):
         engine.find_order("gym-1", "sub-2026-12")
+
+
+def test_the_withholding_subscriber_name_is_reserved(tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequest):
+        Engine.open(tmp_path / "pay.db", channels=[AgreementWallet("wechat")], config=CONFIG,
+                    subscribers={"payengine.withholding": lambda event: None})
