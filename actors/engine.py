@@ -300,6 +300,10 @@ class Engine:
                                  f"{shown(synchronous)}")
         config = config or EngineConfig()
         policy = _with_channel_schedules(policy or OrderPolicy(), by_name)
+        subscribers = dict(subscribers or {})
+        withholds = any(signs_agreements(c) for c in by_name.values())
+        if WITHHOLD_SUBSCRIBER in subscribers:
+            raise InvalidRequest(f"subscriber name {WITHHOLD_SUBSCRIBER!r} is the engine's")
         store = Store(path, synchronous=synchronous,  # first: a refused file starts nothing
                       group_commit=config.group_commit)
         runtime = runtime or PooledRuntime(actor_threads=config.actor_threads)
@@ -316,12 +320,8 @@ class Engine:
                       config=config,
                       log=get_logger().bind(db=store.path))
         ctx.voucher_link = (voucher_link or DirectVoucherLink)(ctx.directory)
-        subscribers = dict(subscribers or {})
-        withholds = any(signs_agreements(c) for c in by_name.values())
         engines: list[Engine] = []
         if withholds:  # the auto-retry hears every attempt's end through the outbox
-            if WITHHOLD_SUBSCRIBER in subscribers:
-                raise InvalidRequest(f"subscriber name {WITHHOLD_SUBSCRIBER!r} is the engine's")
             subscribers[WITHHOLD_SUBSCRIBER] = lambda event: engines[0]._withholder.on_event(
                 event)
         ctx.notifications = Notifications(ctx, subscribers)
