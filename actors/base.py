@@ -29,6 +29,7 @@ from payengine.engine.errors import EngineClosed, PaymentError
 from payengine.engine.health import BreakerPolicy
 from payengine.engine.order import PLANTABLE_BUGS, OrderPolicy, PaymentOrder
 from payengine.engine.routing import RoutingTable
+from payengine.engine.withhold import WithholdConfig
 from payengine.persistence.group_commit import GroupCommitConfig
 from payengine.persistence.store import Store
 
@@ -81,6 +82,8 @@ class EngineConfig:
     """When a channel counts as down, and for how long routing skips it (``engine.health``)."""
     merchant_requests: MerchantRequestConfig = field(default_factory=MerchantRequestConfig)
     """Signed merchant requests: timestamp window, nonces remembered at most."""
+    withholding: WithholdConfig = field(default_factory=WithholdConfig)
+    """Agreements and withholdings: attempts, agreements per user, open withholdings."""
     currency_table: Mapping[str, int] = field(init=False, repr=False, compare=False)
     """ISO 4217 merged with ``currencies`` (``engine.currency.currency_table``); derived."""
 
@@ -114,6 +117,7 @@ class EngineConfig:
         check_instance(self.routing, RoutingTable, "routing")
         check_instance(self.breaker, BreakerPolicy, "breaker")
         check_instance(self.merchant_requests, MerchantRequestConfig, "merchant_requests")
+        check_instance(self.withholding, WithholdConfig, "withholding")
         # Merged once here (and validated: a bad entry refuses the config, typed), since
         # every submit and every statement line looks currencies up.
         object.__setattr__(self, "currency_table", currency_table(self.currencies))

@@ -141,6 +141,44 @@ class Channel(Protocol):
         ...
 
 
+class AgreementStatus(enum.StrEnum):
+    """A wallet's answer to ``AgreementChannel.sign`` or ``unsign``, and what its agreement
+    callback reports (``Engine.handle_agreement_callback``)."""
+
+    SIGNED = "signed"
+    """The user confirmed the agreement: it is active."""
+    PENDING = "pending"
+    """Not decided yet (the user has to confirm in the wallet app): a callback will say."""
+    FAILED = "failed"
+    """The wallet refused to sign it (or the user declined)."""
+    TERMINATED = "terminated"
+    """It ended: unsigned as asked, or (unasked, in a callback) revoked by the user."""
+
+
+class AgreementChannel(Protocol):
+    """The optional part of a channel that signs payment agreements (签约) for withholding.
+
+    A channel without ``sign`` and ``unsign`` refuses agreements (``AgreementsUnsupported``).
+    Both may block; both must be idempotent by ``agreement_id`` (the engine's id, which the
+    wallet keeps as the merchant's contract number). A withholding pays through the
+    channel's ``pay`` with ``PayDetails(scenario=WITHHOLD, agreement_id=...)``: the wallet
+    answers a balance too low with a failure code its ``pay_codes`` lists as retryable."""
+
+    def sign(self, agreement_id: str, user_id: str) -> AgreementStatus:
+        """Ask the wallet to sign an agreement for ``user_id``."""
+        ...
+
+    def unsign(self, agreement_id: str) -> AgreementStatus:
+        """Ask the wallet to end the agreement; ``TERMINATED`` once it did."""
+        ...
+
+
+def signs_agreements(channel: object) -> bool:
+    """Whether ``channel`` implements ``AgreementChannel``."""
+    return callable(getattr(channel, "sign", None)) and callable(
+        getattr(channel, "unsign", None))
+
+
 def takes_details(channel: Channel) -> bool:
     """Whether ``channel.pay`` accepts ``details`` (older adapters take four arguments)."""
     try:

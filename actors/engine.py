@@ -13,7 +13,7 @@ import dataclasses
 import itertools
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,6 +22,7 @@ from payengine.actors.account_actor import AccountBehaviour
 from payengine.actors.admission import Admission, AdmissionStats
 from payengine.actors.base import ActorBehaviour, Context, EngineConfig
 from payengine.actors.channel import (
+    AgreementStatus,
     Channel,
     ChannelReply,
     NotificationKind,
@@ -29,6 +30,7 @@ from payengine.actors.channel import (
     check_notification,
     check_reply,
     refund_result,
+    signs_agreements,
     takes_details,
 )
 from payengine.actors.confirm_limiter import ConfirmLimiter
@@ -55,6 +57,10 @@ from payengine.actors.resume import ResumeFeeder, in_flight_for
 from payengine.actors.risk_gate import RiskConfig, RiskGate
 from payengine.actors.runtime import Runtime
 from payengine.actors.voucher_link import DirectVoucherLink, VoucherLink
+from payengine.actors.withholding import SUBSCRIBER_NAME as WITHHOLD_SUBSCRIBER
+from payengine.actors.withholding import Withholder
+from payengine.engine.agreement import Agreement
+from payengine.engine.channel_data import PayDetails, PayScenario
 from payengine.engine.checks import (
     check_bool,
     check_id,
@@ -124,6 +130,7 @@ from payengine.engine.routing import (
     route_draw,
 )
 from payengine.engine.voucher import FenceKey, VoucherAccount
+from payengine.engine.withhold import Withholding
 from payengine.persistence import merchants, rejections
 from payengine.persistence.merchants import NonceUse, RequestRejection
 from payengine.persistence.rejections import Rejection
@@ -151,6 +158,9 @@ class RandomIds:
 
     def new_hold_id(self) -> str:
         return f"hold_{uuid.uuid4().hex}"
+
+    def new_agreement_id(self) -> str:
+        return f"agr_{uuid.uuid4().hex}"
 
 
 def _check_notification(channel: object, payment_serial: object, reply: object, wait: object,
@@ -246,6 +256,8 @@ class Engine:
         self._gate = MerchantGate(store, config.merchant_requests, ctx.policy,
                                   config.currency_table, ctx.runtime.now_ms, ctx.log,
                                   config.planted_bugs | ctx.policy.planted_bugs)
+        self._withholder = Withholder(ctx, self._submit_withholding,
+                                      getattr(ids, "new_agreement_id", None))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -288,6 +300,10 @@ class Engine:
                                  f"{shown(synchronous)}")
         config = config or EngineConfig()
         policy = _with_channel_schedules(policy or OrderPolicy(), by_name)
+        subscribers = dict(subscribers or {})
+        withholds = any(signs_agreements(c) for c in by_name.values())
+        if WITHHOLD_SUBSCRIBER in subscribers:
+            raise InvalidRequest(f"subscriber name {WITHHOLD_SUBSCRIBER!r} is the engine's")
         store = Store(path, synchronous=synchronous,  # first: a refused file starts nothing
                       group_commit=config.group_commit)
         runtime = runtime or PooledRuntime(actor_threads=config.actor_threads)
@@ -304,12 +320,19 @@ class Engine:
                       config=config,
                       log=get_logger().bind(db=store.path))
         ctx.voucher_link = (voucher_link or DirectVoucherLink)(ctx.directory)
-        ctx.notifications = Notifications(ctx, subscribers or {})
+        engines: list[Engine] = []
+        if withholds:  # the auto-retry hears every attempt's end through the outbox
+            subscribers[WITHHOLD_SUBSCRIBER] = lambda event: engines[0]._withholder.on_event(
+                event)
+        ctx.notifications = Notifications(ctx, subscribers)
         ctx.health = ChannelHealth(by_name, config.breaker, runtime.now_ms)
         ctx_holder.append(ctx)
         engine = cls(ctx, ids or RandomIds(), risk)
+        engines.append(engine)
         engine._resume()
         ctx.notifications.start()
+        if withholds:
+            engine._withholder.resume()
         return engine
 
     def _resume(self) -> None:
@@ -467,6 +490,57 @@ class Engine:
         return self._ctx.directory.ask(("account", account_id), message,
                                        self._ctx.config.ask_timeout_s)
 
+    # ------------------------------------------------------------------ agreements
+
+    def sign_agreement(self, user_id: str, channel: str) -> Agreement:
+        """Sign a payment agreement of ``user_id`` on ``channel`` (an ``AgreementChannel``):
+        stored ``signing``, then the wallet is asked; its answer (or later its callback)
+        makes it ``active`` or ``failed``. A live agreement of the same user and channel is
+        returned instead of a second one."""
+        self._check_open()
+        return self._withholder.sign(user_id, channel)
+
+    def unsign_agreement(self, agreement_id: str) -> Agreement:
+        """End an active agreement: ``unsigning`` at once, ``terminated`` once the wallet
+        confirms (its answer or callback). ``AgreementInactive`` if it is not active."""
+        self._check_open()
+        return self._withholder.unsign(agreement_id)
+
+    def get_agreement(self, agreement_id: str) -> Agreement:
+        """The agreement (``AgreementNotFound`` if no agreement has this id)."""
+        return self._withholder.get(agreement_id)
+
+    def agreements_of(self, user_id: str) -> list[Agreement]:
+        """The user's agreements in every state, oldest first."""
+        return self._withholder.of(user_id)
+
+    def handle_agreement_callback(self, channel: str, agreement_id: str, user_id: str,
+                                  status: AgreementStatus) -> Agreement:
+        """A wallet's callback on an agreement: ``signed``, ``failed`` (for one signing) or
+        ``terminated`` (unsigned as asked, or revoked by the user in the wallet app).
+        Checked first: an unknown agreement is ``AgreementNotFound``, another channel or
+        user ``AgreementMismatch``, a status that does not apply ``IllegalTransition``;
+        nothing changes then. The same callback again returns the agreement unchanged."""
+        self._check_open()
+        return self._withholder.callback(channel, agreement_id, user_id, status)
+
+    def withhold(self, merchant_id: str, merchant_order_no: str, user_id: str,
+                 amount_minor: int, currency: str, title: str, *,
+                 agreement_ids: Sequence[str] | None = None) -> Withholding:
+        """Charge ``user_id`` on an agreement (代扣), retrying by itself (see README,
+        "Withholding and agreements"). ``agreement_ids``: the user's agreements to use, in
+        order of preference, the first active; ``None``: all the user's active ones, oldest
+        first. Returns the withholding (state ``paying``); attempt 1 is submitted. The
+        same call again returns it; the key with other parameters is
+        ``IdempotencyConflict``."""
+        self._check_open()
+        return self._withholder.withhold(merchant_id, merchant_order_no, user_id,
+                                         amount_minor, currency, title, agreement_ids)
+
+    def get_withholding(self, merchant_id: str, merchant_order_no: str) -> Withholding:
+        """The withholding now (``UnknownWithholding`` if none has this key)."""
+        return self._withholder.get_withholding(merchant_id, merchant_order_no)
+
     # ------------------------------------------------------------------ payments
 
     def submit(self, request: PaymentRequest) -> Receipt:
@@ -477,6 +551,16 @@ class Engine:
         other parameters raises ``IdempotencyConflict``. Above capacity it raises
         ``Overloaded`` at once, having created nothing (``actors.admission``).
         """
+        self._check_open()
+        check_instance(request, PaymentRequest, "the request")
+        details = None if not isinstance(request.cash, CashPart) else request.cash.details
+        if isinstance(details, PayDetails) and details.scenario is PayScenario.WITHHOLD:
+            raise InvalidRequest("a withhold payment is made by Engine.withhold, on an "
+                                 "active agreement, not submitted")
+        return self._submit_withholding(request)
+
+    def _submit_withholding(self, request: PaymentRequest) -> Receipt:
+        """``submit`` without the refusal of the WITHHOLD scenario: for ``Withholder``."""
         self._check_open()
         ctx = self._ctx
         with self._admission.admit():  # first: a refusal above capacity must cost nothing

@@ -38,6 +38,9 @@ class PayScenario(enum.StrEnum):
     """The merchant's own app hands the prepay id to the wallet's SDK."""
     H5 = "h5"
     """A mobile browser, sent to the wallet by ``Prepay.deeplink``: needs ``client_ip``."""
+    WITHHOLD = "withhold"
+    """Withholding (代扣) on a signed agreement, without the payer: needs ``agreement_id``.
+    Made by ``Engine.withhold``; a request of its own with it is refused."""
 
 
 URL_MAX = 512
@@ -66,6 +69,8 @@ class PayDetails:
     """Where the wallet posts its notification for this payment, if not the channel's."""
     device_id: str | None = None
     """The terminal or device that took the payment (a pump's terminal, a cash register)."""
+    agreement_id: str | None = None
+    """WITHHOLD: the engine's id of the agreement the wallet charges on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +92,7 @@ _REQUIRED = {
     PayScenario.JSAPI: "payer_id",
     PayScenario.BARCODE: "auth_code",
     PayScenario.H5: "client_ip",
+    PayScenario.WITHHOLD: "agreement_id",
 }
 """The field a scenario cannot do without."""
 
@@ -100,6 +106,9 @@ def check_pay_details(value: object, what: str = "cash details") -> PayDetails:
                              f"{shown(details.scenario)}")
     check_optional_id(details.payer_id, f"{what} payer_id")
     check_optional_id(details.device_id, f"{what} device_id")
+    check_optional_id(details.agreement_id, f"{what} agreement_id")
+    if details.agreement_id is not None and details.scenario is not PayScenario.WITHHOLD:
+        raise InvalidRequest(f"{what}: agreement_id is only for a withhold payment")
     if details.auth_code is not None and not (
         isinstance(details.auth_code, str) and _AUTH_CODE.fullmatch(details.auth_code)
     ):
@@ -157,24 +166,28 @@ def without_auth_code(details: PayDetails | None) -> PayDetails | None:
     code = details.auth_code
     masked = "*" * (len(code) - AUTH_CODE_SHOWN) + code[-AUTH_CODE_SHOWN:]
     return PayDetails(details.scenario, details.payer_id, masked, details.client_ip,
-                      details.notify_url, details.device_id)
+                      details.notify_url, details.device_id, details.agreement_id)
 
 
 def details_json(details: PayDetails | None) -> list[str | None] | None:
-    """The stored form (a JSON array), also part of a request's fingerprint."""
+    """The stored form (a JSON array), also part of a request's fingerprint. The agreement
+    id is appended only when there is one: older details keep their form and digests."""
     if details is None:
         return None
-    return [details.scenario.value, details.payer_id, details.auth_code, details.client_ip,
-            details.notify_url, details.device_id]
+    stored = [details.scenario.value, details.payer_id, details.auth_code, details.client_ip,
+              details.notify_url, details.device_id]
+    if details.agreement_id is not None:
+        stored.append(details.agreement_id)
+    return stored
 
 
 def details_from_json(stored: object) -> PayDetails | None:
     if stored is None:
         return None
-    assert isinstance(stored, list) and len(stored) == 6, f"stored pay details {stored!r}"
-    scenario, payer_id, auth_code, client_ip, notify_url, device_id = stored
+    assert isinstance(stored, list) and len(stored) in (6, 7), f"stored pay details {stored!r}"
+    scenario, payer_id, auth_code, client_ip, notify_url, device_id = stored[:6]
     return PayDetails(PayScenario(scenario), payer_id, auth_code, client_ip, notify_url,
-                      device_id)
+                      device_id, stored[6] if len(stored) == 7 else None)
 
 
 def prepay_json(prepay: Prepay | None) -> list[str | None] | None:

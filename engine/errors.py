@@ -236,3 +236,35 @@ class VerificationFailed(PaymentError):
         super().__init__(message)
         self.attempts_left = attempts_left
         self.state = state
+
+
+class AgreementNotFound(PaymentError):
+    """No payment agreement has this id (or none of this user's is named)."""
+
+    code = "agreement_not_found"
+
+
+class AgreementInactive(PaymentError):
+    """The agreement is not active (still signing, being unsigned, terminated or failed):
+    nothing may be paid on it, nor may it be unsigned. Nothing was created or changed."""
+
+    code = "agreement_inactive"
+
+
+class AgreementMismatch(PaymentError):
+    """A wallet's agreement callback names another channel or user than the agreement's.
+    Nothing changed."""
+
+    code = "agreement_mismatch"
+
+
+class AgreementsUnsupported(PaymentError):
+    """The channel cannot sign agreements (it does not implement ``AgreementChannel``)."""
+
+    code = "agreements_unsupported"
+
+
+class UnknownWithholding(PaymentError):
+    """No withholding has this merchant id and merchant order number."""
+
+    code = "unknown_withholding"

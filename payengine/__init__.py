@@ -31,6 +31,8 @@ from payengine.actors.adapters import (
 from payengine.actors.admission import AdmissionStats
 from payengine.actors.base import EngineConfig
 from payengine.actors.channel import (
+    AgreementChannel,
+    AgreementStatus,
     Channel,
     ChannelNotification,
     ChannelReply,
@@ -52,11 +54,16 @@ from payengine.actors.notifier import NotificationConfig
 from payengine.actors.reconcile import ReconciliationReport
 from payengine.actors.risk_gate import RiskConfig, RiskContext, RiskHook
 from payengine.actors.runtime import Runtime, ThreadRuntime
+from payengine.engine.agreement import Agreement, AgreementState
 from payengine.engine.channel_data import PayDetails, PayScenario, Prepay
 from payengine.engine.codes import CodeTable, ResultKind
 from payengine.engine.errors import (
     AccountExists,
     ActorBroken,
+    AgreementInactive,
+    AgreementMismatch,
+    AgreementNotFound,
+    AgreementsUnsupported,
     AttemptRefused,
     ConfigError,
     CurrencyMismatch,
@@ -80,6 +87,7 @@ from payengine.engine.errors import (
     UnknownAccount,
     UnknownHold,
     UnknownOrder,
+    UnknownWithholding,
     VerificationFailed,
 )
 from payengine.engine.health import BreakerPolicy
@@ -95,6 +103,7 @@ from payengine.engine.order import (
 from payengine.engine.risk import RiskOutcome, RiskRules, RiskVerdict
 from payengine.engine.routing import NoRoute, Route, RoutingTable
 from payengine.engine.statement import StatementError
+from payengine.engine.withhold import WithholdConfig, Withholding, WithholdState
 from payengine.persistence.group_commit import GroupCommitConfig
 from payengine.persistence.merchants import RequestRejection
 from payengine.persistence.outbox import OutboxEvent
@@ -107,6 +116,14 @@ __all__ = [
     "AccountView",
     "ActorBroken",
     "AdmissionStats",
+    "Agreement",
+    "AgreementChannel",
+    "AgreementInactive",
+    "AgreementMismatch",
+    "AgreementNotFound",
+    "AgreementState",
+    "AgreementStatus",
+    "AgreementsUnsupported",
     "AttemptRefused",
     "BreakerPolicy",
     "CashPart",
@@ -184,9 +201,13 @@ __all__ = [
     "UnknownAccount",
     "UnknownHold",
     "UnknownOrder",
+    "UnknownWithholding",
     "VerificationFailed",
     "VerificationView",
     "VoucherPart",
+    "WithholdConfig",
+    "WithholdState",
+    "Withholding",
     "__version__",
     "load_channels",
     "load_config",

@@ -72,10 +72,10 @@ from payengine.engine.voucher import (
     FenceStatus,
     VoucherAccount,
 )
-from payengine.persistence import merchants, outbox, rejections, statements
+from payengine.persistence import agreements, merchants, outbox, rejections, statements
 from payengine.persistence.group_commit import CommitStats, GroupCommit, GroupCommitConfig
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 """Bumped whenever a table changes shape; a file of another version is refused at open
 (``IncompatibleDatabase``). 2: fences keyed by (account, scope, owner, leg), not a hold id.
 3: one journal row per change, holding that change's transitions. 4: an order's pay details
@@ -83,7 +83,8 @@ and prepay (JSON arrays); payment attempts (``payment_orders.attempt``, unique p
 order; ``trade_orders.order_id`` is the latest attempt). 5: merchants' signing keys and
 status, users' status, the nonces of signed requests and the requests refused
 (``persistence.merchants``). 6: an order's step-up verification (a JSON array) and device
-id (for the risk gate's velocity per device)."""
+id (for the risk gate's velocity per device). 7: payment agreements and withholdings
+(``persistence.agreements``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,6 +371,7 @@ class Store:
             statements.create_schema(db)
             rejections.create_schema(db)
             merchants.create_schema(db)
+            agreements.create_schema(db)
 
     # ------------------------------------------------------------------ orders
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 import random
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from payengine.actors.adapters.config import ChannelConfig
 from payengine.actors.channel import (
+    AgreementStatus,
     ChannelNotification,
     ChannelReply,
     NotificationKind,
@@ -32,6 +33,7 @@ from payengine.engine.codes import (
     CodeTable,
     ResultKind,
 )
+from payengine.engine.errors import PaymentError
 
 
 class World(Protocol):
@@ -70,6 +72,16 @@ class ChannelFaults:
     """The channel charges a paid payment a second time, under another transaction id."""
     refund_callback_lost: float = 0.0
     refund_callback_duplicated: float = 0.0
+    withhold_declined: float = 0.0
+    """A withholding pay answered NOTENOUGH (balance too low): retryable, nothing charged."""
+    withhold_timeout: float = 0.0
+    """A withholding pay times out; the wallet charges later (or never, if closed first)."""
+    withhold_close_lost: float = 0.0
+    """The answer to the close of a withholding pay is lost (the close itself took)."""
+    agreement_pending: float = 0.0
+    """The user confirms an agreement later: ``sign`` answers PENDING, a callback follows."""
+    agreement_refused: float = 0.0
+    """The user declines an agreement: ``sign`` answers FAILED."""
     user_pay_delay_ms: tuple[int, int] = (10, 300)
     late_pay_delay_ms: tuple[int, int] = (1_000, 4_000)
     callback_delay_ms: tuple[int, int] = (0, 200)
@@ -110,21 +122,32 @@ class SimRefund:
 PAY_CODE_MEANINGS: Mapping[str, ResultKind] = {
     "SUCCESS": ResultKind.SUCCESS, "PAYERROR": ResultKind.FAILURE,
     "CLOSED": ResultKind.FAILURE, "USERPAYING": ResultKind.PROCESSING,
-    "SYSTEMBUSY_X": ResultKind.PROCESSING, "ORDERNOTEXIST": ResultKind.PROCESSING}
+    "SYSTEMBUSY_X": ResultKind.PROCESSING, "ORDERNOTEXIST": ResultKind.PROCESSING,
+    "NOTENOUGH": ResultKind.FAILURE}
 """Every business code this wallet answers a payment call with (return code ``SUCCESS``),
 and what it means: the truth a configured code table must agree with (``sim.oracle``)."""
 REFUND_CODE_MEANINGS: Mapping[str, ResultKind] = {
     "SUCCESS": ResultKind.SUCCESS, "REFUNDCLOSE": ResultKind.FAILURE,
     "PROCESSING": ResultKind.PROCESSING, "REFUNDNOTEXIST": ResultKind.PROCESSING}
 
+AGREEMENT_CALLBACK_TRIES = 40
+AGREEMENT_CALLBACK_GAP_MS = 500
+"""A wallet sends an agreement callback again this long after a failed one."""
 SENT_KEPT_MAX = 200
 """Notifications a simulated wallet keeps for replay attacks (sim.forger)."""
+
+
+SIM_PAY_CODES = replace(WECHAT_LIKE_PAY_CODES,
+                        failure=WECHAT_LIKE_PAY_CODES.failure | {"NOTENOUGH"},
+                        retryable=frozenset({"NOTENOUGH"}))
+"""WeChat-like, and NOTENOUGH (WeChat's "balance too low"), which a withholding pay is
+declined with: a failure after which another method may pay (retryable)."""
 
 
 class SimulatedChannel:
     """A channel whose every answer is drawn from ``rng``; thread-safe."""
 
-    pay_codes: CodeTable = WECHAT_LIKE_PAY_CODES
+    pay_codes: CodeTable = SIM_PAY_CODES
     refund_codes: CodeTable = WECHAT_LIKE_REFUND_CODES
 
     def __init__(self, name: str, world: World, *, seed: int = 0,
@@ -161,6 +184,11 @@ class SimulatedChannel:
         """The details every ``pay`` call brought, by serial: what the oracle compares with
         the request's (a pay re-sent after a crash must bring the same)."""
         self._lock = threading.RLock()
+        self.agreements: dict[str, tuple[str, AgreementStatus]] = {}
+        """Agreement id -> (user, status) as the wallet sees it: the ground truth."""
+        self.agreement_rng = random.Random(seed + 21)
+        """Every draw for agreements and withholding pays: a stream of its own, so the
+        other payments' fates are what they were before withholding existed."""
 
     @classmethod
     def from_config(cls, config: ChannelConfig, world: World, *, seed: int | None = None,
@@ -210,6 +238,8 @@ class SimulatedChannel:
             payment = self.payments.get(payment_serial)
             if payment is not None:
                 return self._reply(payment)
+            if details is not None and details.scenario is PayScenario.WITHHOLD:
+                return self._withhold(payment_serial, amount_minor, details)
             f = self.faults
             payment = SimPayment(payment_serial, amount_minor, "USERPAYING",
                                  f"{self.txn_prefix}{len(self.payments):012d}",
@@ -268,7 +298,135 @@ class SimulatedChannel:
                 self.payments[payment_serial] = payment
             elif payment.state == "USERPAYING":
                 payment.state = "CLOSED"
+            if payment.scenario is PayScenario.WITHHOLD and self._agreement_chance(
+                    self.faults.withhold_close_lost, "withhold_close_lost"):
+                raise TimeoutError(f"{self.name}: close {payment_serial} timed out")
             return self._reply(payment)
+
+    # ------------------------------------------------------------------ agreements
+
+    def sign(self, agreement_id: str, user_id: str) -> AgreementStatus:
+        """The user confirms at once, or later (a callback: ``agreement_pending``), or
+        declines (``agreement_refused``)."""
+        with self._lock:
+            known = self.agreements.get(agreement_id)
+            if known is not None:
+                return known[1]
+            if self._agreement_chance(self.faults.agreement_refused, "agreement_refused"):
+                self.agreements[agreement_id] = (user_id, AgreementStatus.FAILED)
+                return AgreementStatus.FAILED
+            if not self._agreement_chance(self.faults.agreement_pending, "agreement_pending"):
+                self.agreements[agreement_id] = (user_id, AgreementStatus.SIGNED)
+                return AgreementStatus.SIGNED
+            self.agreements[agreement_id] = (user_id, AgreementStatus.PENDING)
+            delay = self.agreement_rng.randint(10, 500)
+        self._agreement_decided(agreement_id, AgreementStatus.SIGNED, delay)
+        return AgreementStatus.PENDING
+
+    def unsign(self, agreement_id: str) -> AgreementStatus:
+        with self._lock:
+            known = self.agreements.get(agreement_id)
+            if known is None:
+                return AgreementStatus.FAILED
+            self.agreements[agreement_id] = (known[0], AgreementStatus.TERMINATED)
+            return AgreementStatus.TERMINATED
+
+    def revoke(self, agreement_id: str) -> bool:
+        """The user cancels the agreement in the wallet app: it ends here at once, and the
+        wallet tells the merchant (the engine) by a callback a moment later."""
+        with self._lock:
+            known = self.agreements.get(agreement_id)
+            if known is None or known[1] is not AgreementStatus.SIGNED:
+                return False
+            delay = self.agreement_rng.randint(0, 200)
+        self._agreement_decided(agreement_id, AgreementStatus.TERMINATED, delay)
+        return True
+
+    def agreement_status(self, agreement_id: str) -> AgreementStatus | None:
+        with self._lock:
+            known = self.agreements.get(agreement_id)
+            return None if known is None else known[1]
+
+    def _agreement_decided(self, agreement_id: str, status: AgreementStatus,
+                           delay_ms: int = 0) -> None:
+        with self._lock:
+            user, before = self.agreements[agreement_id]
+            if before in (AgreementStatus.TERMINATED, AgreementStatus.FAILED):
+                return
+            self.agreements[agreement_id] = (user, status)
+
+        self.world.call_at(self.world.now_ms() + delay_ms,
+                           lambda: self._tell_agreement(agreement_id, user, status, 0))
+
+    def _tell_agreement(self, agreement_id: str, user: str, status: AgreementStatus,
+                        tries: int) -> None:
+        """Send an agreement callback until the merchant takes it, as a wallet does (every
+        ``AGREEMENT_CALLBACK_GAP_MS``, at most ``AGREEMENT_CALLBACK_TRIES`` times)."""
+        if tries >= AGREEMENT_CALLBACK_TRIES:
+            return
+
+        def again(result: object) -> None:
+            if isinstance(result, BaseException) and not isinstance(result, PaymentError):
+                self.world.call_at(
+                    self.world.now_ms() + AGREEMENT_CALLBACK_GAP_MS,
+                    lambda: self._tell_agreement(agreement_id, user, status, tries + 1))
+
+        def call() -> object:
+            handle = getattr(self.sink, "handle_agreement_callback", None)
+            if handle is None:
+                raise ConnectionError("the merchant is down")
+            return handle(self.name, agreement_id, user, status)
+
+        self.world.run_io(f"notify-{self.name}", call, again)
+
+    def _withhold(self, serial: str, amount_minor: int, details: PayDetails) -> ChannelReply:
+        """A withholding pay: on a signed agreement, charged at once, unless the balance is
+        too low (PAYERROR) or the call times out (charged later, if not closed first)."""
+        f = self.faults
+        payment = SimPayment(serial, amount_minor, "USERPAYING",
+                             f"{self.txn_prefix}{len(self.payments):012d}",
+                             scenario=PayScenario.WITHHOLD)
+        self.payments[serial] = payment
+        known = self.agreements.get(details.agreement_id or "")
+        if known is None or known[1] is not AgreementStatus.SIGNED:
+            payment.state = "PAYERROR"
+            self.counts["withhold_no_agreement"] = self.counts.get("withhold_no_agreement", 0) + 1
+            return self._reply(payment)
+        if self._agreement_chance(f.withhold_declined, "withhold_declined"):
+            payment.state = "NOTENOUGH"
+            return self._reply(payment)
+        if self._agreement_chance(f.withhold_timeout, "withhold_timeout"):
+            if self.agreement_rng.random() < 0.5:
+                delay = self.agreement_rng.randint(*f.late_pay_delay_ms)
+                self.world.call_at(self.world.now_ms() + delay,
+                                   lambda: self._withhold_charged(serial))
+            raise TimeoutError(f"{self.name}: withhold {serial} timed out")
+        self._charge(payment)
+        return self._reply(payment)
+
+    def _withhold_charged(self, serial: str) -> None:
+        """A timed-out withholding pay goes through after all (if it was not closed)."""
+        with self._lock:
+            payment = self.payments[serial]
+            if payment.state != "USERPAYING":
+                return
+            self._charge(payment)
+            reply = self._reply(payment)
+            body, headers = self.notifications.sign(
+                ChannelNotification(NotificationKind.PAYMENT, serial, reply))
+        self._deliver(lambda sink: sink.handle_notification(self.name, body, headers,
+                                                            wait=self.wait_for_ack))
+
+    def _charge(self, payment: SimPayment) -> None:
+        payment.state = "SUCCESS"
+        payment.charged_minor = payment.amount_minor
+        payment.charges.append((payment.txn_id, payment.amount_minor, self.world.now_ms()))
+
+    def _agreement_chance(self, probability: float, kind: str) -> bool:
+        hit = probability > 0 and self.agreement_rng.random() < probability
+        if hit:
+            self.counts[kind] = self.counts.get(kind, 0) + 1
+        return hit
 
     def refund(self, payment_serial: str, refund_id: str, amount_minor: int, currency: str
                ) -> ChannelReply:

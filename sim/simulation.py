@@ -83,6 +83,7 @@ from payengine.sim.runtime import Scheduler, SimRuntime, SimWorld
 from payengine.sim.signed_requests import SignedRequests
 from payengine.sim.statement import statement_from_channel
 from payengine.sim.voucher_link import LossyVoucherLink, VoucherFaults
+from payengine.sim.withholds import Withholds
 
 FAULT_KINDS = (
     "jitter", "callback-lost", "callback-duplicated", "callback-reordered", "callback-early",
@@ -90,7 +91,7 @@ FAULT_KINDS = (
     "user-never-pays", "user-pays-late", "duplicate-submit", "user-close", "timeout-close",
     "voucher-faults", "crash", "double-charge", "refund-callback-lost",
     "refund-callback-duplicated", "merchant-down", "forged-notification", "pre-holds",
-    "late-close", "forged-request", "risk",
+    "late-close", "forged-request", "risk", "withhold",
 )
 """Every fault the simulator can inject; ``--faults`` picks from these."""
 
@@ -98,7 +99,7 @@ LATER_KINDS = frozenset({"pre-holds", "late-close"})
 """Faults (and features) added after the others: drawn from a stream of their own
 (``FaultMix.draw``'s ``later``), so that adding them changed no other fault's draws."""
 
-OWN_STREAM_KINDS = frozenset({"risk"})
+OWN_STREAM_KINDS = frozenset({"risk", "withhold"})
 """Features drawn (and run) from a stream each of their own (``Simulation``), not by
 ``FaultMix.draw``: adding one changes no other draw of a seed."""
 
@@ -113,9 +114,9 @@ simulated = { txn_prefix = "T" }
 [channels.wechat.codes.pay]
 communication_ok = ["SUCCESS"]
 success = ["SUCCESS"]
-failure = ["PAYERROR", "CLOSED", "REVOKED"]
+failure = ["PAYERROR", "CLOSED", "REVOKED", "NOTENOUGH"]
 processing = ["USERPAYING", "NOTPAY"]
-retryable = ["PAYERROR"]
+retryable = ["PAYERROR", "NOTENOUGH"]
 
 [channels.wechat.codes.refund]
 communication_ok = ["SUCCESS"]
@@ -152,6 +153,8 @@ SIM_POLICY = OrderPolicy(
 )
 
 
+SIM_SCENARIOS = tuple(s for s in PayScenario if s is not PayScenario.WITHHOLD)
+"""Scenarios a terminal's payment draws (a withholding is ``Engine.withhold``'s)."""
 CASH_UNRESOLVED = frozenset({LegStatus.UNKNOWN, LegStatus.REFUND_UNKNOWN,
                              LegStatus.REFUND_FAILED})
 """Cash outcomes the channel's statement must settle (a voucher system's silence it cannot)."""
@@ -269,6 +272,9 @@ class SeqIds:
 
     def new_hold_id(self) -> str:
         return self._next("hold")
+
+    def new_agreement_id(self) -> str:
+        return self._next("agr")
 
 
 @dataclass(frozen=True)
@@ -388,6 +394,17 @@ class Simulation:
                                         or config.plant_bug is not None):
             self.mix = replace(self.mix, on=self.mix.on | {"risk"})
             self.risk = risk_config(self.risk_rng, config.seed)
+        # Agreements and withholding (``sim.withholds``): their own stream too.
+        self.withhold_rng = random.Random(config.seed + 21)
+        self.withholds: Withholds | None = None
+        if "withhold" in config.faults and (self.withhold_rng.random() < 0.6
+                                            or config.plant_bug is not None):
+            self.mix = replace(self.mix, on=self.mix.on | {"withhold"})
+            self.withholds = Withholds(
+                self.withhold_rng, config.seed, engine=lambda: self.engine,
+                wallets={}, at=self._at, now_ms=lambda: self.world.now_ms(),
+                counts=Counter(), quiet=lambda: self.quiet)
+            self.mix = replace(self.mix, channel=self.withholds.faults(self.mix.channel))
         self.scheduler: Scheduler | None = None
         self.world: Any
         if config.runtime == "sim":
@@ -409,6 +426,8 @@ class Simulation:
                                                    faults=self.mix.channel,
                                                    wait_for_ack=config.runtime == "threads")
         self.channels = {"wechat": self.channel, "alipay": self.alipay}
+        if self.withholds is not None:
+            self.withholds.wallets = self.channels
         self.forged_counts: dict[str, int] = {}
         self.forger = Forger(random.Random(config.seed + 5), self.channels, self.forged_counts)
         self.policy = OrderPolicy(
@@ -441,6 +460,8 @@ class Simulation:
         self.violations: list[Violation] = []
         self.crashes_done = 0
         self.counts: Counter[str] = Counter()
+        if self.withholds is not None:
+            self.withholds.counts = self.counts
         self.pending_submits: list[PaymentRequest] = []
         self.quiet = False
         self.link_rng = random.Random(config.seed + 2)
@@ -581,6 +602,8 @@ class Simulation:
                 engine.fund(f"{c}/pts", PRE_HOLD_TOP_UP, funding_id=f"{c}/pts-pre")
         if self.signed is not None:
             self.signed.setup(engine, customers)
+        if self.withholds is not None:
+            self.withholds.setup(customers)
         return customers
 
     def _request(self, i: int, customers: list[str]) -> PaymentRequest:
@@ -605,7 +628,7 @@ class Simulation:
         """How the customer pays: a scenario and what it needs (drawn from its own stream, so
         the rest of a seed's workload is what it was before details existed)."""
         rng = self.details_rng
-        scenario = rng.choice([*PayScenario, None])
+        scenario = rng.choice([*SIM_SCENARIOS, None])
         if scenario is None:
             return None
         return PayDetails(
@@ -806,6 +829,8 @@ class Simulation:
                 self._at(at + self.rng.randint(0, 5), functools.partial(self._submit, request))
         if self.signed is not None:
             self.signed.schedule(now, span_ms, self.config.orders)
+        if self.withholds is not None:
+            self.withholds.schedule(now, span_ms, self.config.orders)
         crashes = self.config.crashes if "crash" in self.mix.on else 0
         for _ in range(crashes):
             at = now + self.rng.randint(0, span_ms + self.mix.pay_window_ms)
@@ -890,6 +915,8 @@ class Simulation:
             self.counts.update(counts)
         if self.signed is not None:
             report.violations += self.signed.check(engine)
+        if self.withholds is not None:
+            report.violations += self.withholds.check(engine.store)
         for event_id in self.merchant.bad_signatures[:5]:
             report.violations.append(Violation(
                 "notification-signed", f"event {event_id}", "the signature did not verify"))

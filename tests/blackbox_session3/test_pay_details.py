@@ -34,7 +34,9 @@ def _engine(world, channel=None, **kw):
 
 def test_scenario_values() -> None:
     # | `native` (default) | ... | `jsapi` | ... | `barcode` | ... | `app` | ... | `h5` |
-    assert [s.value for s in PayScenario] == ["native", "jsapi", "barcode", "app", "h5"]
+    # | `withhold` | (made by Engine.withhold only) |
+    assert [s.value for s in PayScenario] == ["native", "jsapi", "barcode", "app", "h5",
+                                              "withhold"]
     assert PayDetails().scenario is PayScenario.NATIVE
 
 
