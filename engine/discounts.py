@@ -34,7 +34,13 @@ from payengine.engine.checks import (
     shown,
 )
 from payengine.engine.errors import InvalidRequest, PaymentError
-from payengine.engine.fuel import ML_PER_L, FuelSale, check_fuel_sale
+from payengine.engine.fuel import (
+    ML_PER_L,
+    FuelSale,
+    check_fuel_sale,
+    fuel_sale_from_json,
+    fuel_sale_json,
+)
 
 PPM = 1_000_000
 MINUTES_PER_DAY = 1_440
@@ -491,4 +497,89 @@ def _check_unique(ids: list[str], what: str) -> None:
 def _check_int(value: object, what: str, least: int, most: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most:
         raise InvalidRequest(f"{what} must be an int {least}..{most}, got {shown(value)}")
+    return value
+
+
+# --------------------------------------------------------------------------- kept with orders
+
+
+@dataclass(frozen=True, slots=True)
+class QuoteUse:
+    """A submit's choice: combination ``combination_id`` of quote ``quote_id``."""
+
+    quote_id: str
+    combination_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class PricedSale:
+    """What an order sold and at which terms, kept with it for its events and reports: the
+    sale, and (when the submit named a quote) the quote, the combination and its discounts."""
+
+    sale: FuelSale
+    quote_id: str | None = None
+    combination_id: str | None = None
+    discounts: tuple[AppliedDiscount, ...] = ()
+
+    @property
+    def discount_minor(self) -> int:
+        return sum(d.amount_minor for d in self.discounts)
+
+
+def priced_sale_json(priced: PricedSale | None) -> dict[str, object] | None:
+    """``priced`` as plain JSON values (stored with the order)."""
+    if priced is None:
+        return None
+    return {"sale": fuel_sale_json(priced.sale), "quote_id": priced.quote_id,
+            "combination_id": priced.combination_id,
+            "discounts": [[d.rule_id, d.kind.value, d.amount_minor] for d in priced.discounts]}
+
+
+def priced_sale_from_json(stored: object) -> PricedSale | None:
+    """The inverse of ``priced_sale_json``; a malformed row fails loudly (it was ours)."""
+    if stored is None:
+        return None
+    assert isinstance(stored, dict), stored
+    sale = fuel_sale_from_json(stored["sale"])
+    assert sale is not None
+    return PricedSale(sale, stored["quote_id"], stored["combination_id"],
+                      tuple(AppliedDiscount(rule_id, DiscountKind(kind), amount)
+                            for rule_id, kind, amount in stored["discounts"]))
+
+
+def quote_json(quote: Quote) -> dict[str, object]:
+    """``quote`` as plain JSON values (the stored snapshot)."""
+    return {"quote_id": quote.quote_id, "merchant_id": quote.merchant_id,
+            "user_id": quote.user_id, "sale": fuel_sale_json(quote.sale),
+            "points_account_id": quote.points_account_id,
+            "created_at_ms": quote.created_at_ms, "expires_at_ms": quote.expires_at_ms,
+            "combinations": [
+                [c.combination_id, [[d.rule_id, d.kind.value, d.amount_minor]
+                                    for d in c.discounts],
+                 c.gross_minor, c.discount_minor, c.total_minor, c.points,
+                 c.points_value_minor, c.cash_minor] for c in quote.combinations]}
+
+
+def quote_from_json(stored: dict[str, object]) -> Quote:
+    """The inverse of ``quote_json``."""
+    sale = fuel_sale_from_json(stored["sale"])
+    assert sale is not None
+    rows = stored["combinations"]
+    assert isinstance(rows, list)
+    combinations = tuple(
+        Combination(cid, tuple(AppliedDiscount(r, DiscountKind(k), a) for r, k, a in ds),
+                    gross, discount, total, points, value, cash)
+        for cid, ds, gross, discount, total, points, value, cash in rows)
+    return Quote(str(stored["quote_id"]), str(stored["merchant_id"]), str(stored["user_id"]),
+                 sale, _optional_str(stored["points_account_id"]),
+                 _int(stored["created_at_ms"]), _int(stored["expires_at_ms"]), combinations)
+
+
+def _optional_str(value: object) -> str | None:
+    assert value is None or isinstance(value, str), value
+    return value
+
+
+def _int(value: object) -> int:
+    assert isinstance(value, int), value
     return value

@@ -36,6 +36,7 @@ from payengine.engine.channel_data import (
     prepay_json,
     without_auth_code,
 )
+from payengine.engine.discounts import priced_sale_from_json, priced_sale_json
 from payengine.engine.errors import (
     AccountExists,
     AttemptRefused,
@@ -72,10 +73,10 @@ from payengine.engine.voucher import (
     FenceStatus,
     VoucherAccount,
 )
-from payengine.persistence import merchants, outbox, rejections, statements
+from payengine.persistence import merchants, outbox, quotes, rejections, statements
 from payengine.persistence.group_commit import CommitStats, GroupCommit, GroupCommitConfig
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 """Bumped whenever a table changes shape; a file of another version is refused at open
 (``IncompatibleDatabase``). 2: fences keyed by (account, scope, owner, leg), not a hold id.
 3: one journal row per change, holding that change's transitions. 4: an order's pay details
@@ -83,7 +84,8 @@ and prepay (JSON arrays); payment attempts (``payment_orders.attempt``, unique p
 order; ``trade_orders.order_id`` is the latest attempt). 5: merchants' signing keys and
 status, users' status, the nonces of signed requests and the requests refused
 (``persistence.merchants``). 6: an order's step-up verification (a JSON array) and device
-id (for the risk gate's velocity per device)."""
+id (for the risk gate's velocity per device). 7: an order's sale and discount terms
+(``payment_orders.sale``) and the quotes (``persistence.quotes``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,7 +301,7 @@ class Store:
                  "next_refund_query_at_ms": int, "voucher_attempt": int,
                  "next_voucher_retry_at_ms": int, "version": int, "pay_details": str,
                  "prepay": str, "attempt": int, "verification": str, "device_id": str,
-                 "updated_at_ms": int, "settled": int},
+                 "updated_at_ms": int, "settled": int, "sale": str},
                 pk="order_id",
                 not_null={"payment_serial", "state", "total_minor", "version"},
                 if_not_exists=True,
@@ -370,6 +372,7 @@ class Store:
             statements.create_schema(db)
             rejections.create_schema(db)
             merchants.create_schema(db)
+            quotes.create_schema(db)
 
     # ------------------------------------------------------------------ orders
 
@@ -991,11 +994,11 @@ _ORDER_COLUMNS = (
     " total_minor, fingerprint, state, cause, created_at_ms, close_at_ms, hold_expires_at_ms,"
     " query_attempt, next_query_at_ms, refund_query_attempt, next_refund_query_at_ms,"
     " voucher_attempt, next_voucher_retry_at_ms, version, pay_details, prepay, attempt,"
-    " verification"
+    " verification, sale"
 )
 _INSERT_ORDER = (
     f"INSERT INTO payment_orders ({_ORDER_COLUMNS}, device_id, updated_at_ms, settled)"
-    " VALUES (" + ",".join("?" * 28) + ")"
+    " VALUES (" + ",".join("?" * 29) + ")"
 )
 _LEG_COLUMNS = (
     "leg_no, mode, account_id, amount, unit, value_minor, hold_id, status, channel,"
@@ -1076,6 +1079,7 @@ def _order_row(order: PaymentOrder, now_ms: int) -> tuple[object, ...]:
         order.next_voucher_retry_at_ms, order.version,
         _json_or_none(details_json(order.pay_details)), _json_or_none(prepay_json(order.prepay)),
         order.attempt, _json_or_none(verification_json(order.verification)),
+        _json_or_none(priced_sale_json(order.sale)),
         None if order.pay_details is None else order.pay_details.device_id,
         now_ms, int(order.is_settled),
     )
@@ -1119,7 +1123,8 @@ column (an engine reopening with 100,000 open orders reads 200,000 pending holds
 def _order_from_rows(row: Sequence[Any], legs: Sequence[Sequence[Any]]) -> PaymentOrder:
     (order_id, merchant_id, merchant_order_no, serial, user_id, title, currency, total,
      fingerprint, state, cause, created, close_at, hold_exp, q_attempt, next_q, rq_attempt,
-     next_rq, v_attempt, next_v, version, pay_details, prepay, attempt, verification) = row
+     next_rq, v_attempt, next_v, version, pay_details, prepay, attempt, verification,
+     sale) = row
     return PaymentOrder(
         order_id=str(order_id), merchant_id=str(merchant_id),
         merchant_order_no=str(merchant_order_no), payment_serial=str(serial),
@@ -1140,6 +1145,7 @@ def _order_from_rows(row: Sequence[Any], legs: Sequence[Sequence[Any]]) -> Payme
         prepay=prepay_from_json(_json_loaded(prepay)),
         attempt=int(attempt),
         verification=verification_from_json(_json_loaded(verification)),
+        sale=priced_sale_from_json(_json_loaded(sale)),
     )
 
 

@@ -1,0 +1,157 @@
+"""Quotes through the engine (issue 12, items 1 and 2): ``Engine.quote`` stores a snapshot,
+a submit naming it is charged its amounts after a time-of-day cut ended, an expired, foreign
+or altered use is refused with nothing created, and the order keeps its sale and terms."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from payengine import CashPart, Engine, EngineConfig, PaymentRequest, UnknownOrder
+from payengine.actors.pool import PooledRuntime
+from payengine.engine.discounts import (
+    Benefits,
+    Coupon,
+    CouponKind,
+    DiscountRules,
+    PointsBalance,
+    PriceCut,
+    QuoteExpired,
+    QuoteMismatch,
+    QuoteUse,
+    UnknownQuote,
+)
+from payengine.engine.errors import Overloaded
+from payengine.engine.fuel import FuelLine, FuelSale
+from payengine.engine.order import LegMode, VoucherPart
+from tests.helpers import ScriptedChannel, paid_reply, signed_callback, wait_for
+from tests.test_discounts import at
+
+RULES = DiscountRules(price_cuts=(PriceCut("noon", 20, from_minute=11 * 60,
+                                           to_minute=14 * 60),))
+SALE = FuelSale("st-1", 3, 2, FuelLine.by_amount("95", 789, 20000), cashier_id="cs-9",
+                shift_id="2026-12-01/A")
+
+
+class SetClock(PooledRuntime):
+    """The production runtime with a clock the test sets."""
+
+    def __init__(self, now_ms: int) -> None:
+        self.clock_ms = now_ms
+        super().__init__()
+
+    def now_ms(self) -> int:
+        return self.clock_ms
+
+
+@pytest.fixture
+def station(tmp_path: Path):
+    clock = SetClock(at(13, 59))
+    wechat = ScriptedChannel("wechat")
+    engine = Engine.open(tmp_path / "q.db", channels=[wechat], runtime=clock,
+                         config=EngineConfig(discounts=RULES, duplicate_guard_window_ms=0,
+                                             quotes_max=3))
+    yield engine, clock, wechat
+    engine.shutdown()
+
+
+def request_for(quote_id: str, combination_id: str, total: int, no: str = "n-1"
+                ) -> PaymentRequest:
+    return PaymentRequest("m-1", no, "alice", "CNY", total, "95 fuel", CashPart(total, "wechat"),
+                          quote=QuoteUse(quote_id, combination_id))
+
+
+def test_a_submit_after_the_cut_ended_is_charged_the_snapshot_and_keeps_its_terms(station):
+    engine, clock, _ = station
+    quote = engine.quote("m-1", "alice", SALE)
+    (only,) = quote.combinations
+    assert (only.total_minor, only.discounts[0].rule_id) == (19494, "noon")
+    clock.clock_ms = at(14, 2)  # the noon cut ended two minutes ago
+    receipt = engine.submit(request_for(quote.quote_id, "c1", 19494))
+    order = engine.get_order(receipt.order_id)
+    assert order.total_minor == 19494
+    assert order.sale is not None and order.sale.sale == SALE
+    assert (order.sale.quote_id, order.sale.combination_id) == (quote.quote_id, "c1")
+    assert order.sale.discount_minor == 506
+    wait_for(lambda: engine.get_order(receipt.order_id).state == "paying", what="paying")
+    signed_callback(engine, "wechat", order.payment_serial, paid_reply(order.payment_serial))
+    wait_for(lambda: engine.get_order(receipt.order_id).state == "succeeded", what="paid")
+
+
+def test_an_expired_quote_is_refused_and_creates_nothing_but_a_retry_gets_its_receipt(station):
+    engine, clock, _ = station
+    quote = engine.quote("m-1", "alice", SALE)
+    first = engine.submit(request_for(quote.quote_id, "c1", 19494))
+    clock.clock_ms = quote.expires_at_ms
+    assert engine.submit(request_for(quote.quote_id, "c1", 19494)) == first
+    with pytest.raises(QuoteExpired):
+        engine.submit(request_for(quote.quote_id, "c1", 19494, no="n-2"))
+    with pytest.raises(UnknownOrder):
+        engine.find_order("m-1", "n-2")
+
+
+@pytest.mark.parametrize("change, error", [
+    ({"user_id": "bob"}, QuoteMismatch), ({"merchant_id": "m-2"}, QuoteMismatch),
+    ({"total_minor": 20000, "cash": CashPart(20000, "wechat")}, QuoteMismatch),
+    ({"quote": QuoteUse("quote-nope", "c1")}, UnknownQuote),
+    ({"quote": None}, None),
+])
+def test_a_foreign_or_altered_use_of_a_quote_is_refused(station, change, error):
+    engine, _, _ = station
+    quote = engine.quote("m-1", "alice", SALE)
+    request = replace(request_for(quote.quote_id, "c1", 19494), **change)
+    if error is None:  # without the quote the same request is an ordinary payment
+        assert engine.get_order(engine.submit(request).order_id).sale is None
+        return
+    with pytest.raises(error):
+        engine.submit(request)
+
+
+def test_a_request_whose_sale_is_not_the_quotes_is_refused(station):
+    engine, _, _ = station
+    quote = engine.quote("m-1", "alice", SALE)
+    other = replace(SALE, pump=4)
+    with pytest.raises(QuoteMismatch, match="sale"):
+        engine.submit(replace(request_for(quote.quote_id, "c1", 19494), sale=other))
+
+
+def test_points_in_a_combination_must_be_paid_as_points(station):
+    engine, _, _ = station
+    engine.open_account("alice/points", "POINTS", minor_per_unit=10)
+    engine.fund("alice/points", 500, funding_id="f-1")
+    quote = engine.quote("m-1", "alice", SALE, Benefits(
+        coupons=(Coupon("ten", CouponKind.FIXED, 1000),),
+        points=PointsBalance("alice/points", 100, 10)))
+    best = quote.combinations[0]
+    assert (best.coupon_id, best.points, best.cash_minor) == ("ten", 100, 17494)
+    with pytest.raises(QuoteMismatch, match="100 points"):
+        engine.submit(request_for(quote.quote_id, best.combination_id, best.total_minor))
+    receipt = engine.submit(replace(
+        request_for(quote.quote_id, best.combination_id, best.total_minor),
+        cash=CashPart(best.cash_minor, "wechat"),
+        vouchers=(VoucherPart("alice/points", 100, LegMode.PRE_DEDUCT),)))
+    assert engine.get_order(receipt.order_id).sale.combination_id == best.combination_id
+
+
+def test_quotes_are_bounded_and_expired_ones_make_room(station):
+    engine, clock, _ = station
+    for _ in range(3):
+        engine.quote("m-1", "alice", SALE)
+    with pytest.raises(Overloaded, match="quotes_max"):
+        engine.quote("m-1", "alice", SALE)
+    clock.clock_ms += RULES.quote_ttl_ms
+    fresh = engine.quote("m-1", "alice", SALE)
+    assert engine.get_quote(fresh.quote_id) == fresh
+
+
+def test_an_order_keeps_its_sale_across_a_reopen(tmp_path: Path):
+    wechat = ScriptedChannel("wechat")
+    sale_only = PaymentRequest("m-1", "n-9", "alice", "CNY", 20000, "95 fuel",
+                               CashPart(20000, "wechat"), sale=SALE)
+    with Engine.open(tmp_path / "r.db", channels=[wechat]) as engine:
+        order_id = engine.submit(sale_only).order_id
+    with Engine.open(tmp_path / "r.db", channels=[wechat]) as engine:
+        kept = engine.get_order(order_id).sale
+        assert kept is not None and kept.sale == SALE and kept.discounts == ()
