@@ -132,8 +132,9 @@ from payengine.engine.routing import (
     choose_route,
     route_draw,
 )
+from payengine.engine.shift_report import ShiftReport
 from payengine.engine.voucher import FenceKey, VoucherAccount
-from payengine.persistence import merchants, quotes, rejections
+from payengine.persistence import merchants, quotes, rejections, reports
 from payengine.persistence.merchants import NonceUse, RequestRejection
 from payengine.persistence.rejections import Rejection
 from payengine.persistence.store import JournalEntry, Store
@@ -626,6 +627,15 @@ class Engine:
         if found is None:
             raise UnknownQuote(f"no quote {quote_id}")
         return found
+
+    def shift_report(self, station_id: str, shift_id: str) -> ShiftReport:
+        """What ``station_id`` took during ``shift_id`` (the orders whose ``FuelSale`` names
+        them), from the ledger: see ``engine.shift_report``. Reads only."""
+        self._check_open()
+        check_id(station_id, "station_id")
+        check_id(shift_id, "shift_id")
+        return reports.report_shift(self._ctx.store, station_id, shift_id,
+                                    planted_bugs=self._ctx.config.planted_bugs)
 
     def _new_quote_id(self) -> str:
         new_quote_id = getattr(self._ids, "new_quote_id", None)

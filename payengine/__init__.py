@@ -114,6 +114,7 @@ from payengine.engine.order import (
 )
 from payengine.engine.risk import RiskOutcome, RiskRules, RiskVerdict
 from payengine.engine.routing import NoRoute, Route, RoutingTable
+from payengine.engine.shift_report import ShiftReport, ShiftTotals
 from payengine.engine.statement import StatementError
 from payengine.persistence.group_commit import GroupCommitConfig
 from payengine.persistence.merchants import RequestRejection
@@ -215,6 +216,8 @@ __all__ = [
     "Route",
     "RoutingTable",
     "Runtime",
+    "ShiftReport",
+    "ShiftTotals",
     "SignedJsonNotifications",
     "Signing",
     "StatementError",

@@ -85,7 +85,8 @@ order; ``trade_orders.order_id`` is the latest attempt). 5: merchants' signing k
 status, users' status, the nonces of signed requests and the requests refused
 (``persistence.merchants``). 6: an order's step-up verification (a JSON array) and device
 id (for the risk gate's velocity per device). 7: an order's sale and discount terms
-(``payment_orders.sale``) and the quotes (``persistence.quotes``)."""
+(``payment_orders.sale``, with its station and shift for the shift report) and the quotes
+(``persistence.quotes``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,7 +302,8 @@ class Store:
                  "next_refund_query_at_ms": int, "voucher_attempt": int,
                  "next_voucher_retry_at_ms": int, "version": int, "pay_details": str,
                  "prepay": str, "attempt": int, "verification": str, "device_id": str,
-                 "updated_at_ms": int, "settled": int, "sale": str},
+                 "updated_at_ms": int, "settled": int, "sale": str, "station_id": str,
+                 "shift_id": str},
                 pk="order_id",
                 not_null={"payment_serial", "state", "total_minor", "version"},
                 if_not_exists=True,
@@ -363,6 +365,9 @@ class Store:
             db.table("payment_orders").create_index(
                 ["merchant_id", "merchant_order_no", "attempt"], unique=True, if_not_exists=True)
             db.table("payment_orders").create_index(["settled"], if_not_exists=True)
+            db.execute(  # partial: orders without a fuel sale cost the index nothing
+                "CREATE INDEX IF NOT EXISTS idx_payment_orders_shift ON payment_orders"
+                " (station_id, shift_id, order_id) WHERE station_id IS NOT NULL")
             db.table("payment_orders").create_index(["user_id", "created_at_ms"], if_not_exists=True)
             db.table("payment_orders").create_index(["device_id", "created_at_ms"],
                                                     if_not_exists=True)
@@ -649,6 +654,25 @@ class Store:
                 (*(status.value for status in FOLLOW_UP_OPS), LegMode.CASH.value,
                  PartStatus.SENT.value, PartStatus.UNKNOWN.value, limit)).fetchall()
         return [str(r[0]) for r in rows]
+
+    def orders_of_shift(self, station_id: str, shift_id: str, batch_size: int = 500
+                        ) -> Iterator[PaymentOrder]:
+        """The orders sold at ``station_id`` during ``shift_id`` (``FuelSale``), in batches
+        so memory stays bounded; by the (station, shift) index."""
+        last = ""
+        while True:
+            with self._read(snapshot=False) as conn:
+                ids = [r[0] for r in conn.execute(
+                    "SELECT order_id FROM payment_orders WHERE station_id = ? AND shift_id = ?"
+                    " AND order_id > ? ORDER BY order_id LIMIT ?",
+                    (station_id, shift_id, last, batch_size)).fetchall()]
+            if not ids:
+                return
+            for order_id in ids:
+                order = self.load_order(order_id)
+                assert order is not None
+                yield order
+            last = ids[-1]
 
     def iter_orders(self, batch_size: int = 500) -> Iterator[PaymentOrder]:
         """Every order, in batches so memory stays bounded."""
@@ -997,8 +1021,8 @@ _ORDER_COLUMNS = (
     " verification, sale"
 )
 _INSERT_ORDER = (
-    f"INSERT INTO payment_orders ({_ORDER_COLUMNS}, device_id, updated_at_ms, settled)"
-    " VALUES (" + ",".join("?" * 29) + ")"
+    f"INSERT INTO payment_orders ({_ORDER_COLUMNS}, device_id, station_id, shift_id,"
+    " updated_at_ms, settled) VALUES (" + ",".join("?" * 31) + ")"
 )
 _LEG_COLUMNS = (
     "leg_no, mode, account_id, amount, unit, value_minor, hold_id, status, channel,"
@@ -1081,6 +1105,8 @@ def _order_row(order: PaymentOrder, now_ms: int) -> tuple[object, ...]:
         order.attempt, _json_or_none(verification_json(order.verification)),
         _json_or_none(priced_sale_json(order.sale)),
         None if order.pay_details is None else order.pay_details.device_id,
+        None if order.sale is None else order.sale.sale.station_id,
+        None if order.sale is None else order.sale.sale.shift_id,
         now_ms, int(order.is_settled),
     )
 

@@ -16,6 +16,7 @@ from payengine.engine.discounts import (
     Coupon,
     CouponKind,
     DiscountRules,
+    LevelCut,
     PointsBalance,
     PriceCut,
     QuoteExpired,
@@ -155,3 +156,29 @@ def test_an_order_keeps_its_sale_across_a_reopen(tmp_path: Path):
     with Engine.open(tmp_path / "r.db", channels=[wechat]) as engine:
         kept = engine.get_order(order_id).sale
         assert kept is not None and kept.sale == SALE and kept.discounts == ()
+
+
+@pytest.mark.parametrize("hour, figures", [(13, (18494, 100, 17494)),
+                                           (15, (18747, 100, 17747))])
+def test_the_readme_example_gives_the_figures_it_prints(tmp_path: Path, hour, figures):
+    rules = DiscountRules(
+        price_cuts=(PriceCut("noon", 20, grades=frozenset({"95"}), from_minute=11 * 60,
+                             to_minute=14 * 60, with_level=False),),
+        level_cuts=(LevelCut("gold", "gold", 10),))
+    engine = Engine.open(tmp_path / "s.db", channels=[ScriptedChannel("wechat")],
+                         runtime=SetClock(at(hour, 0)), config=EngineConfig(discounts=rules))
+    with engine:
+        engine.open_account("alice/points", "POINTS", minor_per_unit=10)
+        engine.fund("alice/points", 500, funding_id="welcome")
+        sale = FuelSale("st-1", pump=3, nozzle=2, line=FuelLine.by_amount("95", 789, 200_00))
+        quote = engine.quote("station-42", "alice", sale, Benefits(
+            level="gold", coupons=(Coupon("fixed-10", CouponKind.FIXED, 10_00,
+                                          threshold_minor=150_00),),
+            points=PointsBalance("alice/points", balance=100, minor_per_point=10)))
+        best = quote.combinations[0]
+        assert (best.total_minor, best.points, best.cash_minor) == figures
+        receipt = engine.submit(PaymentRequest(
+            "station-42", "pump3-000188", "alice", "CNY", best.total_minor, "95 fuel",
+            CashPart(best.cash_minor, "wechat"), (VoucherPart("alice/points", best.points),),
+            quote=QuoteUse(quote.quote_id, best.combination_id)))
+        assert engine.get_order(receipt.order_id).sale.combination_id == "c1"
