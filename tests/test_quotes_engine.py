@@ -4,6 +4,7 @@ or altered use is refused with nothing created, and the order keeps its sale and
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from payengine.engine.discounts import (
 from payengine.engine.errors import Overloaded
 from payengine.engine.fuel import FuelLine, FuelSale
 from payengine.engine.order import LegMode, VoucherPart
+from payengine.persistence.outbox import OutboxEvent
 from tests.helpers import ScriptedChannel, paid_reply, signed_callback, wait_for
 from tests.test_discounts import at
 
@@ -182,3 +184,32 @@ def test_the_readme_example_gives_the_figures_it_prints(tmp_path: Path, hour, fi
             CashPart(best.cash_minor, "wechat"), (VoucherPart("alice/points", best.points),),
             quote=QuoteUse(quote.quote_id, best.combination_id)))
         assert engine.get_order(receipt.order_id).sale.combination_id == "c1"
+
+
+def test_every_event_of_a_sold_order_carries_its_sale_discounts_and_split(tmp_path: Path):
+    seen: list[OutboxEvent] = []
+    engine = Engine.open(tmp_path / "e.db", channels=[ScriptedChannel("wechat")],
+                         runtime=SetClock(at(13, 0)),
+                         config=EngineConfig(discounts=RULES, duplicate_guard_window_ms=0),
+                         subscribers={"terminal-push": seen.append})
+    with engine:
+        engine.open_account("alice/rp", "CNY")
+        engine.fund("alice/rp", 1_00, funding_id="rp")
+        quote = engine.quote("m-1", "alice", SALE)
+        receipt = engine.submit(replace(
+            request_for(quote.quote_id, "c1", 19494), cash=CashPart(19394, "wechat"),
+            vouchers=(VoucherPart("alice/rp", 1_00, LegMode.PRE_DEDUCT),)))
+        serial = engine.get_order(receipt.order_id).payment_serial
+        wait_for(lambda: engine.get_order(receipt.order_id).state == "paying", what="paying")
+        signed_callback(engine, "wechat", serial, paid_reply(serial))
+        wait_for(lambda: any(e.to_state == "succeeded" for e in seen), what="the event")
+    events = [e for e in seen if e.order_id == receipt.order_id]
+    assert [e.to_state for e in events] == ["accepted", "paying", "succeeded"]
+    for event in events:
+        assert event.sale is not None and event.sale.sale == SALE
+        assert [(d.rule_id, d.amount_minor) for d in event.sale.discounts] == [("noon", 506)]
+        assert event.split == (("cash:wechat", 19394), ("voucher:alice/rp", 100))
+    payload = json.loads(json.dumps(events[-1].payload()))
+    assert payload["sale"]["sale"]["pump"] == 3 and payload["sale"]["sale"]["shift_id"] == (
+        "2026-12-01/A")
+    assert payload["split"] == [["cash:wechat", 19394], ["voucher:alice/rp", 100]]
