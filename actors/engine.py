@@ -820,6 +820,31 @@ class Engine:
         view = self._ask_order(order_id, request)
         return view.refund(refund_no)
 
+    def change_order(self, previous_order_id: str, request: PaymentRequest) -> Receipt:
+        """The user changed an unpaid order (another nozzle, amount, method or discount): close
+        ``previous_order_id``, which releases its holds and pre-deducted vouchers, and submit
+        ``request`` in its place, in one call, so locked points are never left behind by an
+        edit (R-FUEL, pre-deduct mode). ``request`` is checked first (nothing is closed for a
+        malformed one) and must be the same merchant's and user's. A previous order that is
+        paid raises ``IllegalTransition`` and nothing is submitted; one already closed or
+        failed is left as it is. A retry of the same call returns the same receipt. If the
+        new submit is refused after the close (``Overloaded``, a risk block, a quote that
+        expired...), the previous order stays closed: submit the new one again."""
+        self._check_open()
+        check_id(previous_order_id, "previous_order_id")
+        check_request(request, policy=self._ctx.policy,
+                      currencies=self._ctx.config.currency_table)
+        previous = self._ctx.store.load_order(previous_order_id)
+        if previous is None:
+            raise UnknownOrder(f"no payment order {previous_order_id}")
+        if (previous.merchant_id, previous.user_id) != (request.merchant_id, request.user_id):
+            raise InvalidRequest(
+                f"order {previous_order_id} is {previous.merchant_id}/{previous.user_id}'s: a "
+                "change replaces an order of the same merchant and user")
+        if "change-keeps-holds" not in self._ctx.config.planted_bugs:
+            self.close(previous_order_id)
+        return self.submit(request)
+
     def request_close(self, order_id: str) -> None:
         """Enqueue a user close without waiting for it (an illegal one is logged, not raised)."""
         self._check_open()

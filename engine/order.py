@@ -415,7 +415,7 @@ PLANTABLE_BUGS = frozenset({"confirm-twice", "no-refund-after-close", "regress-s
                             "route-ignores-limits", "two-attempts-succeed",
                             "codes-processing-as-failure", "accept-bad-signature",
                             "risk-ignored", "quote-price-drift",
-                            "shift-counts-unpaid"})
+                            "shift-counts-unpaid", "change-keeps-holds"})
 """Bugs the simulator can switch on (``payengine sim --plant-bug NAME``): a success after the
 close kept, a late "processing" moving a success back, vouchers never held, a hold posted
 twice, a hold never expired (the account actor's), owed voucher follow-ups no longer sent
@@ -429,7 +429,8 @@ with), a signed
 merchant request taken although its signature does not verify (``accept-bad-signature``),
 an order waiting for its step-up verification paid all the same (``risk-ignored``), a
 quote priced anew at submit instead of charged as quoted (``quote-price-drift``), a shift
-report counting unpaid orders as paid (``shift-counts-unpaid``).
+report counting unpaid orders as paid (``shift-counts-unpaid``), an order changed by the
+user left open with its holds (``change-keeps-holds``, in ``Engine.change_order``).
 Each must make the oracle report a violation."""
 
 

@@ -30,13 +30,18 @@ from payengine.engine.discounts import (
     DiscountRules,
     PriceCut,
     Quote,
-    QuoteExpired,
     QuoteRefused,
     QuoteUse,
 )
-from payengine.engine.errors import DuplicateSuspected, PaymentError
+from payengine.engine.errors import DuplicateSuspected, IllegalTransition, PaymentError
 from payengine.engine.fuel import FuelLine, FuelSale
-from payengine.engine.order import CashPart, OrderState, PaymentOrder, PaymentRequest
+from payengine.engine.order import (
+    CashPart,
+    OrderState,
+    PaymentOrder,
+    PaymentRequest,
+    VoucherPart,
+)
 from payengine.engine.shift_report import ShiftTotals
 from payengine.sim.oracle import Violation
 
@@ -52,6 +57,10 @@ QUOTED_SHARE = 0.25
 QUOTE_TTL_MS = 60_000
 SUBMIT_DELAY_MS_MAX = 75_000
 """Longest wait between a quote and its submit: past ``QUOTE_TTL_MS``, so some expire."""
+EDIT_SHARE = 0.2
+"""Quoted orders the user changes before paying (``Engine.change_order``)."""
+POINTS, POINTS_VALUE_MINOR = 20, 200
+"""Each quoted payment also spends 20 of the user's points (pre-deduct: held at once)."""
 GRADE, UNIT_PRICE_MINOR, CUT_MINOR_PER_L = "95", 789, 30
 _MS_PER_MINUTE, _UTC_OFFSET_MINUTES = 60_000, 480
 
@@ -73,6 +82,8 @@ class _Quoted:
 
     no: str
     customer: str
+    replaces: _Quoted | None = None
+    """The user's edit of that payment (``Engine.change_order``), made with a new quote."""
     quote: Quote | None = None
     submitted_at_ms: int | None = None
     order_id: str | None = None
@@ -102,6 +113,15 @@ class QuotingTerminals:
             pump, delay = rng.randint(1, 12), rng.randint(0, SUBMIT_DELAY_MS_MAX)
             self._at(at, functools.partial(self._quote, quoted, amount, pump, at + delay))
 
+    def _edit(self, previous: _Quoted) -> None:
+        """The user changes pump and amount before paying: a new quote, and the order
+        changed to it at once."""
+        rng = self._rng
+        edited = _Quoted(f"{previous.no}-e", previous.customer, replaces=previous)
+        self.quoted.append(edited)
+        self._count("quote_edit")
+        self._quote(edited, rng.randint(20, 300) * 100, rng.randint(1, 12), self._now_ms())
+
     def _quote(self, quoted: _Quoted, amount_minor: int, pump: int, submit_at_ms: int) -> None:
         engine = self._engine()
         if engine is None:  # the server is down: the app shows an error, no payment
@@ -126,24 +146,53 @@ class QuotingTerminals:
         (combination, *_) = quote.combinations
         total = combination.total_minor
         request = PaymentRequest(MERCHANT, quoted.no, quoted.customer, "CNY", total,
-                                 "95 fuel", CashPart(total, "wechat"),
+                                 "95 fuel", CashPart(total - POINTS_VALUE_MINOR, "wechat"),
+                                 (VoucherPart(f"{quoted.customer}/pts", POINTS),),
                                  quote=QuoteUse(quote.quote_id, combination.combination_id),
                                  confirm_duplicate=confirm_duplicate)
         quoted.submitted_at_ms = self._now_ms()
+        previous = quoted.replaces
         try:
-            order_id = engine.submit(request).order_id
+            if previous is not None and previous.order_id is not None:
+                order_id = self._change(engine, previous.order_id, request)
+            else:
+                order_id = engine.submit(request).order_id
             if quoted.order_id is None:
                 self._count("quoted_order")
             quoted.order_id, quoted.refused = order_id, None
+            if previous is None and self._rng.random() < EDIT_SHARE:
+                self._at(self._now_ms() + self._rng.randint(0, 3_000),
+                         functools.partial(self._edit, quoted))
         except DuplicateSuspected:
             self._submit(quoted, confirm_duplicate=True)
         except PaymentError as error:
             quoted.refused = error.code
-            if isinstance(error, QuoteRefused) and not isinstance(error, QuoteExpired):
+            expired = quoted.submitted_at_ms >= quote.expires_at_ms  # maybe pruned: unknown
+            if isinstance(error, QuoteRefused) and not expired:
                 self._violations.append(Violation(
                     "quote-honoured", f"merchant order {quoted.no}",
                     f"a submit with quote {quote.quote_id}'s own amounts was refused "
                     f"({error.code}): {error.message}"))
+
+    def _change(self, engine: Engine, previous_id: str, request: PaymentRequest) -> str:
+        """``Engine.change_order``; checked at once: the previous order is closed (or was
+        paid, and the change refused), so its points are not locked any more."""
+        try:
+            order_id = engine.change_order(previous_id, request).order_id
+        except IllegalTransition:
+            self._count("quote_edit_refused_paid")
+            if engine.get_order(previous_id).state not in ("succeeded", "deducting"):
+                self._violations.append(Violation(
+                    "change-closes-previous", f"order {previous_id}",
+                    "a change was refused as if the order were paid; it is "
+                    f"{engine.get_order(previous_id).state}"))
+            raise
+        state = engine.get_order(previous_id).state
+        if state not in ("closed", "failed"):
+            self._violations.append(Violation(
+                "change-closes-previous", f"order {previous_id}",
+                f"changed to {order_id}, yet still {state}, its holds locked"))
+        return order_id
 
     def check(self, engine: Engine) -> list[Violation]:
         """After the run: expiry respected, every quoted order kept its snapshot's terms."""
