@@ -659,29 +659,23 @@ class Store:
                         ) -> Iterator[PaymentOrder]:
         """The orders sold at ``station_id`` during ``shift_id`` (``FuelSale``), in batches
         so memory stays bounded; by the (station, shift) index."""
-        last = ""
-        while True:
-            with self._read(snapshot=False) as conn:
-                ids = [r[0] for r in conn.execute(
-                    "SELECT order_id FROM payment_orders WHERE station_id = ? AND shift_id = ?"
-                    " AND order_id > ? ORDER BY order_id LIMIT ?",
-                    (station_id, shift_id, last, batch_size)).fetchall()]
-            if not ids:
-                return
-            for order_id in ids:
-                order = self.load_order(order_id)
-                assert order is not None
-                yield order
-            last = ids[-1]
+        return self._orders_where("station_id = ? AND shift_id = ? AND", (station_id, shift_id),
+                                  batch_size)
 
     def iter_orders(self, batch_size: int = 500) -> Iterator[PaymentOrder]:
         """Every order, in batches so memory stays bounded."""
+        return self._orders_where("", (), batch_size)
+
+    def _orders_where(self, condition: str, args: tuple[object, ...], batch_size: int
+                      ) -> Iterator[PaymentOrder]:
+        """The orders matching ``condition`` (a constant SQL prefix ending in AND, or ""),
+        by order id, ``batch_size`` ids read at a time."""
         last = ""
         while True:
             with self._read(snapshot=False) as conn:
                 ids = [r[0] for r in conn.execute(
-                    "SELECT order_id FROM payment_orders WHERE order_id > ? ORDER BY order_id"
-                    " LIMIT ?", (last, batch_size)).fetchall()]
+                    f"SELECT order_id FROM payment_orders WHERE {condition} order_id > ?"
+                    " ORDER BY order_id LIMIT ?", (*args, last, batch_size)).fetchall()]
             if not ids:
                 return
             for order_id in ids:
