@@ -25,6 +25,7 @@ from payengine.actors.notifier import NotificationConfig
 from payengine.actors.runtime import Runtime, TimerHandle
 from payengine.engine.checks import check_id, check_instance, check_int, check_setting, shown
 from payengine.engine.currency import currency_table
+from payengine.engine.discounts import DiscountRules, check_rules
 from payengine.engine.errors import EngineClosed, PaymentError
 from payengine.engine.health import BreakerPolicy
 from payengine.engine.order import PLANTABLE_BUGS, OrderPolicy, PaymentOrder
@@ -84,6 +85,11 @@ class EngineConfig:
     """Signed merchant requests: timestamp window, nonces remembered at most."""
     withholding: WithholdConfig = field(default_factory=WithholdConfig)
     """Agreements and withholdings: attempts, agreements per user, open withholdings."""
+    discounts: DiscountRules = field(default_factory=DiscountRules)
+    """The station's discount rules for ``Engine.quote`` (``engine.discounts``); default none
+    (a quote then lists the user's coupons and points only)."""
+    quotes_max: int = 100_000
+    """Most unexpired quotes stored at once; beyond, ``Engine.quote`` is ``Overloaded``."""
     currency_table: Mapping[str, int] = field(init=False, repr=False, compare=False)
     """ISO 4217 merged with ``currencies`` (``engine.currency.currency_table``); derived."""
 
@@ -118,6 +124,8 @@ class EngineConfig:
         check_instance(self.breaker, BreakerPolicy, "breaker")
         check_instance(self.merchant_requests, MerchantRequestConfig, "merchant_requests")
         check_instance(self.withholding, WithholdConfig, "withholding")
+        check_rules(self.discounts, "discounts")
+        check_int(self.quotes_max, "quotes_max", 1, 10_000_000)
         # Merged once here (and validated: a bad entry refuses the config, typed), since
         # every submit and every statement line looks currencies up.
         object.__setattr__(self, "currency_table", currency_table(self.currencies))

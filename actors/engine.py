@@ -71,6 +71,14 @@ from payengine.engine.checks import (
 )
 from payengine.engine.codes import ResultKind
 from payengine.engine.currency import check_currency
+from payengine.engine.discounts import (
+    Benefits,
+    PricedSale,
+    Quote,
+    UnknownQuote,
+    check_quote_use,
+    make_quote,
+)
 from payengine.engine.errors import (
     AttemptRefused,
     DuplicateSuspected,
@@ -86,6 +94,7 @@ from payengine.engine.errors import (
     UnknownOrder,
     VerificationFailed,
 )
+from payengine.engine.fuel import FuelSale
 from payengine.engine.merchant_request import (
     CloseOp,
     PayOp,
@@ -129,9 +138,10 @@ from payengine.engine.routing import (
     choose_route,
     route_draw,
 )
+from payengine.engine.shift_report import ShiftReport
 from payengine.engine.voucher import FenceKey, VoucherAccount
 from payengine.engine.withhold import Withholding
-from payengine.persistence import merchants, rejections
+from payengine.persistence import merchants, quotes, rejections, reports
 from payengine.persistence.merchants import NonceUse, RequestRejection
 from payengine.persistence.rejections import Rejection
 from payengine.persistence.store import JournalEntry, Store
@@ -145,6 +155,9 @@ class IdSource(Protocol):
     def new_payment_serial(self) -> str: ...
 
     def new_hold_id(self) -> str: ...
+
+    # Optional: ``new_quote_id() -> str`` (the simulator's seeded ids have it); without it
+    # quote ids are random (``Engine._new_quote_id``).
 
 
 class RandomIds:
@@ -581,6 +594,7 @@ class Engine:
         retried = self._retried(request, nonce)
         if retried is not None:
             return retried
+        priced = None if request.quote is None else self._quoted_terms(request)
         order_id = self._ids.new_order_id()
         route = self._route(request, order_id)
         channel = route.channel if route is not None else (
@@ -603,7 +617,8 @@ class Engine:
         order = build_order(request, order_id=order_id,
                             payment_serial=self._ids.new_payment_serial(), now_ms=now_ms,
                             accounts=units, policy=ctx.policy,
-                            currencies=ctx.config.currency_table, cash_channel=channel)
+                            currencies=ctx.config.currency_table, cash_channel=channel,
+                            priced=priced)
         live, bound = ctx.directory.count("order"), ctx.config.live_orders_max
         if live >= bound:  # a retry was answered before (``_retried``): this one is new
             raise self._admission.refuse_live_orders(live, bound)
@@ -643,6 +658,72 @@ class Engine:
             # and the next Engine.open resumes it. Saying "refused" now would be a lie.
             ctx.log.info("submit.accepted_during_shutdown", order_id=order.order_id)
         return Receipt.of(order)
+
+    def _quoted_terms(self, request: PaymentRequest) -> PricedSale:
+        """The terms of the quote ``request`` names, checked against it (its own merchant
+        and user, unexpired now, the combination's total and points); a ``QuoteRefused``
+        otherwise. Checked after ``_retried``: a retry of an accepted submit gets its
+        receipt even once the quote has expired."""
+        assert request.quote is not None
+        ctx = self._ctx
+        quote = quotes.load(ctx.store, request.quote.quote_id)
+        if quote is None:
+            raise UnknownQuote(f"no quote {request.quote.quote_id} (never made, or pruned "
+                               "after it expired)")
+        points = sum(part.amount for part in request.vouchers
+                     if part.account_id == quote.points_account_id)
+        now_ms = ctx.runtime.now_ms()
+        if "quote-price-drift" in ctx.config.planted_bugs:  # the bug: priced anew at submit
+            quote = make_quote(quote.merchant_id, quote.user_id, quote.sale, Benefits(),
+                               ctx.config.discounts, quote_id=quote.quote_id, now_ms=now_ms)
+        combination = check_quote_use(
+            quote, request.quote.combination_id, merchant_id=request.merchant_id,
+            user_id=request.user_id, total_minor=request.total_minor, points=points,
+            now_ms=now_ms)
+        return PricedSale(quote.sale, quote.quote_id, combination.combination_id,
+                          combination.discounts)
+
+    # ------------------------------------------------------------------ quotes
+
+    def quote(self, merchant_id: str, user_id: str, sale: FuelSale,
+              benefits: Benefits | None = None) -> Quote:
+        """The discount combinations for ``sale`` now (``engine.discounts.make_quote`` with
+        ``EngineConfig.discounts``), stored as a snapshot before it is returned: a submit
+        naming it (``PaymentRequest.quote``) is charged its amounts until it expires.
+        Creates no order and holds nothing. Under admission (``Overloaded`` above capacity,
+        or with ``quotes_max`` unexpired quotes stored)."""
+        self._check_open()
+        ctx = self._ctx
+        with self._admission.admit():
+            now_ms = ctx.runtime.now_ms()
+            made = make_quote(merchant_id, user_id, sale,
+                              Benefits() if benefits is None else benefits,
+                              ctx.config.discounts, quote_id=self._new_quote_id(),
+                              now_ms=now_ms)
+            quotes.save(ctx.store, made, now_ms=now_ms, quotes_max=ctx.config.quotes_max)
+            return made
+
+    def get_quote(self, quote_id: str) -> Quote:
+        """A stored quote, expired or not, until it is pruned (``UnknownQuote`` then)."""
+        self._check_open()
+        check_id(quote_id, "quote_id")
+        found = quotes.load(self._ctx.store, quote_id)
+        if found is None:
+            raise UnknownQuote(f"no quote {quote_id}")
+        return found
+
+    def shift_report(self, station_id: str, shift_id: str) -> ShiftReport:
+        """What ``station_id`` took during ``shift_id`` (the orders whose ``FuelSale`` names
+        them), from the ledger: see ``engine.shift_report``. Reads only."""
+        self._check_open()
+        check_id(station_id, "station_id")
+        check_id(shift_id, "shift_id")
+        return reports.report_shift(self._ctx.store, station_id, shift_id,
+                                    planted_bugs=self._ctx.config.planted_bugs)
+
+    def _new_quote_id(self) -> str:
+        new_quote_id = getattr(self._ids, "new_quote_id", None)
+        return f"quote_{uuid.uuid4().hex}" if new_quote_id is None else str(new_quote_id())
 
     @contextlib.contextmanager
     def _one_assessment(self, request: PaymentRequest) -> Iterator[None]:
@@ -822,6 +903,31 @@ class Engine:
                 self._gate.check_parties(order.merchant_id, None)
         view = self._ask_order(order_id, request)
         return view.refund(refund_no)
+
+    def change_order(self, previous_order_id: str, request: PaymentRequest) -> Receipt:
+        """The user changed an unpaid order (another nozzle, amount, method or discount): close
+        ``previous_order_id``, which releases its holds and pre-deducted vouchers, and submit
+        ``request`` in its place, in one call, so locked points are never left behind by an
+        edit (R-FUEL, pre-deduct mode). ``request`` is checked first (nothing is closed for a
+        malformed one) and must be the same merchant's and user's. A previous order that is
+        paid raises ``IllegalTransition`` and nothing is submitted; one already closed or
+        failed is left as it is. A retry of the same call returns the same receipt. If the
+        new submit is refused after the close (``Overloaded``, a risk block, a quote that
+        expired...), the previous order stays closed: submit the new one again."""
+        self._check_open()
+        check_id(previous_order_id, "previous_order_id")
+        check_request(request, policy=self._ctx.policy,
+                      currencies=self._ctx.config.currency_table)
+        previous = self._ctx.store.load_order(previous_order_id)
+        if previous is None:
+            raise UnknownOrder(f"no payment order {previous_order_id}")
+        if (previous.merchant_id, previous.user_id) != (request.merchant_id, request.user_id):
+            raise InvalidRequest(
+                f"order {previous_order_id} is {previous.merchant_id}/{previous.user_id}'s: a "
+                "change replaces an order of the same merchant and user")
+        if "change-keeps-holds" not in self._ctx.config.planted_bugs:
+            self.close(previous_order_id)
+        return self.submit(request)
 
     def request_close(self, order_id: str) -> None:
         """Enqueue a user close without waiting for it (an illegal one is logged, not raised)."""

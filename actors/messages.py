@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from payengine.engine.channel_data import Prepay
+from payengine.engine.discounts import PricedSale
 from payengine.engine.order import (
     CancelHold,
     ConfirmHold,
@@ -199,6 +200,9 @@ class OrderView:
     verification: VerificationView | None = None
     """The step-up the risk gate asked for (``None``: none). While ``state`` is
     ``needs_verification`` its ``status`` is ``pending``: go to identity verification (核身)."""
+    sale: PricedSale | None = None
+    """What was sold (station, pump, grade, litres, cashier, shift) and, for a submit that
+    named a quote, the quote, the combination and the discounts it was charged."""
 
     @staticmethod
     def of(order: PaymentOrder) -> OrderView:
@@ -210,7 +214,7 @@ class OrderView:
                          tuple(LegView.of(leg) for leg in order.legs),
                          tuple(RefundView.of(r) for r in order.refunds), order.refunded_minor,
                          order.prepay if showing else None, order.attempt,
-                         VerificationView.of(order.verification))
+                         VerificationView.of(order.verification), order.sale)
 
     def refund(self, refund_no: str) -> RefundView:
         """The refund the merchant asked for under ``refund_no``."""

@@ -44,6 +44,7 @@ from payengine.engine.checks import (
 )
 from payengine.engine.codes import ResultKind
 from payengine.engine.currency import ISO_4217, check_currency
+from payengine.engine.discounts import PricedSale, QuoteMismatch, QuoteUse
 from payengine.engine.errors import (
     AttemptRefused,
     IdempotencyConflict,
@@ -54,6 +55,7 @@ from payengine.engine.errors import (
     RefundRefused,
 )
 from payengine.engine.evolve import evolve
+from payengine.engine.fuel import FuelSale, check_fuel_sale, fuel_sale_json
 from payengine.engine.money import AMOUNT_MAX, check_amount, value_in_minor
 from payengine.engine.risk import (
     Verification,
@@ -305,6 +307,12 @@ class PaymentRequest:
     """Which payment attempt of the trade order this is (1..``ATTEMPTS_MAX``). Attempt n+1
     may be made once attempt n failed or closed, maybe with another method; only one attempt
     of a trade order can succeed (a success on an older one is refunded)."""
+    sale: FuelSale | None = None
+    """What is sold, where (a fuel station's pump, grade, litres, cashier, shift): kept with
+    the order for its events and reports. With ``quote``: the quote's sale, or None."""
+    quote: QuoteUse | None = None
+    """The discount combination of a quote (``Engine.quote``) this payment takes: the order
+    is charged the snapshot's amounts, and must name them (``check_quote_use``)."""
 
     def fingerprint(self) -> str:
         """A stable digest of every parameter: equal requests, equal fingerprints."""
@@ -322,6 +330,9 @@ class PaymentRequest:
         ]
         if self.attempt != 1:  # appended only then: first attempts keep older digests
             fields.append(self.attempt)
+        if self.sale is not None or self.quote is not None:  # likewise
+            fields.append([fuel_sale_json(self.sale), None if self.quote is None else
+                           [self.quote.quote_id, self.quote.combination_id]])
         canonical = json.dumps(fields, ensure_ascii=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -403,7 +414,9 @@ PLANTABLE_BUGS = frozenset({"confirm-twice", "no-refund-after-close", "regress-s
                             "holds-never-expire", "sentinel-gives-up", "pay-details-lost",
                             "route-ignores-limits", "two-attempts-succeed",
                             "codes-processing-as-failure", "accept-bad-signature",
-                            "risk-ignored", "withhold-retry-after-timeout"})
+                            "risk-ignored", "withhold-retry-after-timeout",
+                            "quote-price-drift", "shift-counts-unpaid",
+                            "change-keeps-holds"})
 """Bugs the simulator can switch on (``payengine sim --plant-bug NAME``): a success after the
 close kept, a late "processing" moving a success back, vouchers never held, a hold posted
 twice, a hold never expired (the account actor's), owed voucher follow-ups no longer sent
@@ -417,7 +430,10 @@ with), a signed
 merchant request taken although its signature does not verify (``accept-bad-signature``),
 an order waiting for its step-up verification paid all the same (``risk-ignored``), a
 withholding retried while its timed-out attempt's close is not answered yet
-(``withhold-retry-after-timeout``: ``engine.withhold``).
+(``withhold-retry-after-timeout``: ``engine.withhold``), a
+quote priced anew at submit instead of charged as quoted (``quote-price-drift``), a shift
+report counting unpaid orders as paid (``shift-counts-unpaid``), an order changed by the
+user left open with its holds (``change-keeps-holds``, in ``Engine.change_order``).
 Each must make the oracle report a violation."""
 
 
@@ -555,6 +571,8 @@ class PaymentOrder:
     latest one an answer to the engine's own call carried while the cash was being paid."""
     verification: Verification | None = None
     """The step-up the risk gate asked for at submit (``None``: none asked)."""
+    sale: PricedSale | None = None
+    """What was sold and at which terms (``PaymentRequest.sale`` / ``quote``); immutable."""
     pay_in_flight: bool = field(default=False, compare=False)
     """Volatile, never stored: a pay call of this process has not answered yet. The serial
     is then neither closed nor paid again; the close waits for the answer. A reload starts
@@ -672,6 +690,12 @@ def check_request(request: object, *, policy: OrderPolicy,
             raise InvalidRequest(f"voucher part {leg_no}: mode must be a voucher mode (a "
                                  f"LegMode), not {shown(part.mode)}")
         check_optional_id(part.hold_id, f"voucher part {leg_no} hold_id")
+    if request.sale is not None:
+        check_fuel_sale(request.sale, "sale")
+    if request.quote is not None:
+        quote = check_instance(request.quote, QuoteUse, "quote")
+        check_id(quote.quote_id, "quote quote_id")
+        check_id(quote.combination_id, "quote combination_id")
     return request
 
 
@@ -685,8 +709,12 @@ def build_order(
     policy: OrderPolicy,
     currencies: Mapping[str, int] = ISO_4217,
     cash_channel: str | None = None,
+    priced: PricedSale | None = None,
 ) -> PaymentOrder:
     """Validate ``request`` and build its order in ACCEPTED; raise a typed error if invalid.
+
+    ``priced``: the terms of the quote the request names, as the shell checked them
+    (``check_quote_use``); required exactly when the request names a quote.
 
     ``cash_channel``: the channel routing chose for the method ``request.cash.channel``
     names (``engine.routing``); ``None``: the cash part names its channel itself.
@@ -720,6 +748,7 @@ def build_order(
     assert paid <= AMOUNT_MAX * policy.legs_max
     close_at = now_ms + window
     return PaymentOrder(
+        sale=_priced_sale(request, priced),
         order_id=order_id,
         merchant_id=request.merchant_id,
         merchant_order_no=request.merchant_order_no,
@@ -760,6 +789,19 @@ DUPLICATE_GUARD_STATES = frozenset({OrderState.NEEDS_VERIFICATION, OrderState.AC
                                     OrderState.NEEDS_RECONCILIATION, OrderState.SUCCEEDED})
 """States of a recent order that make a new one for the same user and amount suspect: it is
 paid or may still be. A failed or closed one is what a user retries after, in good faith."""
+
+
+def _priced_sale(request: PaymentRequest, priced: PricedSale | None) -> PricedSale | None:
+    """The order's sale: the checked quote's terms, or the request's sale without any."""
+    if request.quote is None:
+        assert priced is None, "terms without a quote"
+        return None if request.sale is None else PricedSale(request.sale)
+    assert priced is not None and priced.quote_id == request.quote.quote_id, (
+        "a request naming a quote is built with its checked terms")
+    if request.sale is not None and request.sale != priced.sale:
+        raise QuoteMismatch(f"the request's sale is not quote {priced.quote_id}'s: leave "
+                            "sale out (the quote's is taken) or send the same")
+    return priced
 
 
 def suspected_duplicates(request: PaymentRequest, recent: Sequence[PaymentOrder], *,

@@ -57,6 +57,25 @@ from payengine.actors.runtime import Runtime, ThreadRuntime
 from payengine.engine.agreement import Agreement, AgreementState
 from payengine.engine.channel_data import PayDetails, PayScenario, Prepay
 from payengine.engine.codes import CodeTable, ResultKind
+from payengine.engine.discounts import (
+    AppliedDiscount,
+    Benefits,
+    Combination,
+    Coupon,
+    CouponKind,
+    DiscountKind,
+    DiscountRules,
+    LevelCut,
+    PointsBalance,
+    PriceCut,
+    PricedSale,
+    Quote,
+    QuoteExpired,
+    QuoteMismatch,
+    QuoteRefused,
+    QuoteUse,
+    UnknownQuote,
+)
 from payengine.engine.errors import (
     AccountExists,
     ActorBroken,
@@ -90,6 +109,7 @@ from payengine.engine.errors import (
     UnknownWithholding,
     VerificationFailed,
 )
+from payengine.engine.fuel import FuelLine, FuelSale
 from payengine.engine.health import BreakerPolicy
 from payengine.engine.order import (
     CashPart,
@@ -102,6 +122,7 @@ from payengine.engine.order import (
 )
 from payengine.engine.risk import RiskOutcome, RiskRules, RiskVerdict
 from payengine.engine.routing import NoRoute, Route, RoutingTable
+from payengine.engine.shift_report import ShiftReport, ShiftTotals
 from payengine.engine.statement import StatementError
 from payengine.engine.withhold import WithholdConfig, Withholding, WithholdState
 from payengine.persistence.group_commit import GroupCommitConfig
@@ -124,7 +145,9 @@ __all__ = [
     "AgreementState",
     "AgreementStatus",
     "AgreementsUnsupported",
+    "AppliedDiscount",
     "AttemptRefused",
+    "Benefits",
     "BreakerPolicy",
     "CashPart",
     "Channel",
@@ -132,14 +155,21 @@ __all__ = [
     "ChannelNotification",
     "ChannelReply",
     "CodeTable",
+    "Combination",
     "ConfigError",
+    "Coupon",
+    "CouponKind",
     "Credentials",
     "CurrencyMismatch",
     "DatabaseInUse",
+    "DiscountKind",
+    "DiscountRules",
     "DuplicateSuspected",
     "Engine",
     "EngineClosed",
     "EngineConfig",
+    "FuelLine",
+    "FuelSale",
     "GroupCommitConfig",
     "HoldNotPending",
     "HoldRefused",
@@ -154,6 +184,7 @@ __all__ = [
     "InvalidRequest",
     "LegMode",
     "LegView",
+    "LevelCut",
     "MerchantRequestConfig",
     "MerchantSigner",
     "MerchantView",
@@ -172,7 +203,15 @@ __all__ = [
     "PayScenario",
     "PaymentError",
     "PaymentRequest",
+    "PointsBalance",
     "Prepay",
+    "PriceCut",
+    "PricedSale",
+    "Quote",
+    "QuoteExpired",
+    "QuoteMismatch",
+    "QuoteRefused",
+    "QuoteUse",
     "RandomIds",
     "Receipt",
     "ReconciliationReport",
@@ -194,6 +233,8 @@ __all__ = [
     "Route",
     "RoutingTable",
     "Runtime",
+    "ShiftReport",
+    "ShiftTotals",
     "SignedJsonNotifications",
     "Signing",
     "StatementError",
@@ -201,6 +242,7 @@ __all__ = [
     "UnknownAccount",
     "UnknownHold",
     "UnknownOrder",
+    "UnknownQuote",
     "UnknownWithholding",
     "VerificationFailed",
     "VerificationView",

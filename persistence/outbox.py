@@ -31,6 +31,7 @@ rowid table without a secondary index).
 from __future__ import annotations
 
 import enum
+import json
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from typing import Any
 
 import sqlite_utils
 
+from payengine.engine.discounts import PricedSale, priced_sale_from_json, priced_sale_json
 from payengine.engine.order import (
     LegStatus,
     OrderState,
@@ -147,6 +149,12 @@ class OutboxEvent:
     hold's amount in ``unit``."""
     unit: str | None = None
     """The unit of ``amount``: the order's currency, or the voucher account's unit."""
+    sale: PricedSale | None = None
+    """Order and refund events of an order with a ``FuelSale``: what was sold, where (station,
+    pump, nozzle, grade, litres, cashier, shift) and the discounts it was charged."""
+    split: tuple[tuple[str, int], ...] = ()
+    """Order and refund events: how the order is paid, ``(method, minor)`` per part:
+    ``cash:<channel>`` and ``voucher:<account_id>`` (vouchers at their value)."""
 
     def payload(self) -> dict[str, Any]:
         """The event as a JSON-ready mapping (what a merchant notification carries)."""
@@ -160,6 +168,7 @@ class OutboxEvent:
             "refund_id": self.refund_id, "refund_no": self.refund_no,
             "refund_kind": self.refund_kind, "account_id": self.account_id,
             "hold_id": self.hold_id, "amount": self.amount, "unit": self.unit,
+            "sale": priced_sale_json(self.sale), "split": [list(part) for part in self.split],
         }
 
 
@@ -280,9 +289,10 @@ def create_schema(db: sqlite_utils.Database) -> None:
 
 _EXTRA_COLUMNS: dict[str, type] = {
     "event_type": str, "user_id": str, "refund_id": str, "refund_no": str, "refund_kind": str,
-    "account_id": str, "hold_id": str, "amount": int, "unit": str,
+    "account_id": str, "hold_id": str, "amount": int, "unit": str, "sale": str, "split": str,
 }
-"""Columns added with refund and hold events (``OutboxEvent``'s fields after ``at_ms``)."""
+"""Columns added with refund and hold events, then with sales and splits (``OutboxEvent``'s
+fields after ``at_ms``)."""
 
 _EVENT_COLUMNS = (
     "seq, event_id, order_id, order_version, merchant_id, merchant_order_no, payment_serial,"
@@ -307,16 +317,19 @@ def record_order_events(conn: sqlite3.Connection, order: PaymentOrder,
     order (an order actor, or the API thread of a submit).
     """
     rows: list[tuple[object, ...]] = []
+    described: list[str | None] = []  # the sale and the split, made once per commit
 
     def add(t: Transition, from_state: str, to_state: str, event_type: str,
             refund: tuple[str | None, str | None, str | None, int | None]) -> None:
         refund_id, refund_no, kind, amount = refund
+        if not described:
+            described.extend(_describe(order))
         rows.append((f"{order.order_id}:{order.version}:{len(rows)}", order.order_id,
                      order.version, order.merchant_id, order.merchant_order_no,
                      order.payment_serial, from_state, to_state, t.cause,
                      order.total_minor, order.currency, now_ms, event_type, order.user_id,
                      refund_id, refund_no, kind, None, None, amount,
-                     None if amount is None else order.currency))
+                     None if amount is None else order.currency, *described))
 
     for t in transitions:
         if t.entity == "order":
@@ -338,6 +351,15 @@ def record_order_events(conn: sqlite3.Connection, order: PaymentOrder,
                 REFUND_STATE_CHANGED, (cash.refund_id, None, LEG_REFUND_KIND, cash.amount))
     if rows:
         conn.executemany(_INSERT_EVENT, rows)
+
+
+def _describe(order: PaymentOrder) -> tuple[str | None, str]:
+    """The order's sale and split as stored with its events (JSON texts)."""
+    sale = priced_sale_json(order.sale)
+    split = [[f"cash:{leg.channel}" if leg.is_cash else f"voucher:{leg.account_id}",
+              leg.value_minor] for leg in order.legs]
+    return (None if sale is None else json.dumps(sale, separators=(",", ":")),
+            json.dumps(split, separators=(",", ":")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,7 +396,7 @@ def record_hold_events(conn: sqlite3.Connection, account_version: int,
                      version, merchant_id, merchant_order_no, serial, change.from_state,
                      change.to_state, change.cause, total, currency, now_ms,
                      HOLD_STATE_CHANGED, user, None, None, None, change.account_id,
-                     change.hold_id, change.amount, change.unit))
+                     change.hold_id, change.amount, change.unit, None, None))
     if rows:
         conn.executemany(_INSERT_EVENT, rows)
 
@@ -385,7 +407,7 @@ def record_hold_events(conn: sqlite3.Connection, account_version: int,
 def _event(row: Sequence[Any]) -> OutboxEvent:
     (seq, event_id, order_id, version, merchant_id, merchant_order_no, serial, from_state,
      to_state, cause, total, currency, at_ms, event_type, user_id, refund_id, refund_no,
-     refund_kind, account_id, hold_id, amount, unit) = row
+     refund_kind, account_id, hold_id, amount, unit, sale, split) = row
 
     def text(value: Any) -> str | None:
         return None if value is None else str(value)
@@ -395,7 +417,10 @@ def _event(row: Sequence[Any]) -> OutboxEvent:
                        str(cause), int(total), str(currency), int(at_ms),
                        str(event_type or ORDER_STATE_CHANGED), text(user_id), text(refund_id),
                        text(refund_no), text(refund_kind), text(account_id), text(hold_id),
-                       None if amount is None else int(amount), text(unit))
+                       None if amount is None else int(amount), text(unit),
+                       None if sale is None else priced_sale_from_json(json.loads(sale)),
+                       () if split is None else tuple((str(method), int(minor))
+                                                      for method, minor in json.loads(split)))
 
 
 def read_events(conn: sqlite3.Connection, after_seq: int, limit: int,

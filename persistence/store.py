@@ -36,6 +36,7 @@ from payengine.engine.channel_data import (
     prepay_json,
     without_auth_code,
 )
+from payengine.engine.discounts import priced_sale_from_json, priced_sale_json
 from payengine.engine.errors import (
     AccountExists,
     AttemptRefused,
@@ -72,7 +73,14 @@ from payengine.engine.voucher import (
     FenceStatus,
     VoucherAccount,
 )
-from payengine.persistence import agreements, merchants, outbox, rejections, statements
+from payengine.persistence import (
+    agreements,
+    merchants,
+    outbox,
+    quotes,
+    rejections,
+    statements,
+)
 from payengine.persistence.group_commit import CommitStats, GroupCommit, GroupCommitConfig
 
 SCHEMA_VERSION = 7
@@ -84,7 +92,9 @@ order; ``trade_orders.order_id`` is the latest attempt). 5: merchants' signing k
 status, users' status, the nonces of signed requests and the requests refused
 (``persistence.merchants``). 6: an order's step-up verification (a JSON array) and device
 id (for the risk gate's velocity per device). 7: payment agreements and withholdings
-(``persistence.agreements``)."""
+(``persistence.agreements``); an order's sale and discount terms
+(``payment_orders.sale``, with its station and shift for the shift report) and the quotes
+(``persistence.quotes``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,7 +310,8 @@ class Store:
                  "next_refund_query_at_ms": int, "voucher_attempt": int,
                  "next_voucher_retry_at_ms": int, "version": int, "pay_details": str,
                  "prepay": str, "attempt": int, "verification": str, "device_id": str,
-                 "updated_at_ms": int, "settled": int},
+                 "updated_at_ms": int, "settled": int, "sale": str, "station_id": str,
+                 "shift_id": str},
                 pk="order_id",
                 not_null={"payment_serial", "state", "total_minor", "version"},
                 if_not_exists=True,
@@ -362,6 +373,9 @@ class Store:
             db.table("payment_orders").create_index(
                 ["merchant_id", "merchant_order_no", "attempt"], unique=True, if_not_exists=True)
             db.table("payment_orders").create_index(["settled"], if_not_exists=True)
+            db.execute(  # partial: orders without a fuel sale cost the index nothing
+                "CREATE INDEX IF NOT EXISTS idx_payment_orders_shift ON payment_orders"
+                " (station_id, shift_id, order_id) WHERE station_id IS NOT NULL")
             db.table("payment_orders").create_index(["user_id", "created_at_ms"], if_not_exists=True)
             db.table("payment_orders").create_index(["device_id", "created_at_ms"],
                                                     if_not_exists=True)
@@ -372,6 +386,7 @@ class Store:
             rejections.create_schema(db)
             merchants.create_schema(db)
             agreements.create_schema(db)
+            quotes.create_schema(db)
 
     # ------------------------------------------------------------------ orders
 
@@ -649,14 +664,27 @@ class Store:
                  PartStatus.SENT.value, PartStatus.UNKNOWN.value, limit)).fetchall()
         return [str(r[0]) for r in rows]
 
+    def orders_of_shift(self, station_id: str, shift_id: str, batch_size: int = 500
+                        ) -> Iterator[PaymentOrder]:
+        """The orders sold at ``station_id`` during ``shift_id`` (``FuelSale``), in batches
+        so memory stays bounded; by the (station, shift) index."""
+        return self._orders_where("station_id = ? AND shift_id = ? AND", (station_id, shift_id),
+                                  batch_size)
+
     def iter_orders(self, batch_size: int = 500) -> Iterator[PaymentOrder]:
         """Every order, in batches so memory stays bounded."""
+        return self._orders_where("", (), batch_size)
+
+    def _orders_where(self, condition: str, args: tuple[object, ...], batch_size: int
+                      ) -> Iterator[PaymentOrder]:
+        """The orders matching ``condition`` (a constant SQL prefix ending in AND, or ""),
+        by order id, ``batch_size`` ids read at a time."""
         last = ""
         while True:
             with self._read(snapshot=False) as conn:
                 ids = [r[0] for r in conn.execute(
-                    "SELECT order_id FROM payment_orders WHERE order_id > ? ORDER BY order_id"
-                    " LIMIT ?", (last, batch_size)).fetchall()]
+                    f"SELECT order_id FROM payment_orders WHERE {condition} order_id > ?"
+                    " ORDER BY order_id LIMIT ?", (*args, last, batch_size)).fetchall()]
             if not ids:
                 return
             for order_id in ids:
@@ -993,11 +1021,11 @@ _ORDER_COLUMNS = (
     " total_minor, fingerprint, state, cause, created_at_ms, close_at_ms, hold_expires_at_ms,"
     " query_attempt, next_query_at_ms, refund_query_attempt, next_refund_query_at_ms,"
     " voucher_attempt, next_voucher_retry_at_ms, version, pay_details, prepay, attempt,"
-    " verification"
+    " verification, sale"
 )
 _INSERT_ORDER = (
-    f"INSERT INTO payment_orders ({_ORDER_COLUMNS}, device_id, updated_at_ms, settled)"
-    " VALUES (" + ",".join("?" * 28) + ")"
+    f"INSERT INTO payment_orders ({_ORDER_COLUMNS}, device_id, station_id, shift_id,"
+    " updated_at_ms, settled) VALUES (" + ",".join("?" * 31) + ")"
 )
 _LEG_COLUMNS = (
     "leg_no, mode, account_id, amount, unit, value_minor, hold_id, status, channel,"
@@ -1078,7 +1106,10 @@ def _order_row(order: PaymentOrder, now_ms: int) -> tuple[object, ...]:
         order.next_voucher_retry_at_ms, order.version,
         _json_or_none(details_json(order.pay_details)), _json_or_none(prepay_json(order.prepay)),
         order.attempt, _json_or_none(verification_json(order.verification)),
+        _json_or_none(priced_sale_json(order.sale)),
         None if order.pay_details is None else order.pay_details.device_id,
+        None if order.sale is None else order.sale.sale.station_id,
+        None if order.sale is None else order.sale.sale.shift_id,
         now_ms, int(order.is_settled),
     )
 
@@ -1121,7 +1152,8 @@ column (an engine reopening with 100,000 open orders reads 200,000 pending holds
 def _order_from_rows(row: Sequence[Any], legs: Sequence[Sequence[Any]]) -> PaymentOrder:
     (order_id, merchant_id, merchant_order_no, serial, user_id, title, currency, total,
      fingerprint, state, cause, created, close_at, hold_exp, q_attempt, next_q, rq_attempt,
-     next_rq, v_attempt, next_v, version, pay_details, prepay, attempt, verification) = row
+     next_rq, v_attempt, next_v, version, pay_details, prepay, attempt, verification,
+     sale) = row
     return PaymentOrder(
         order_id=str(order_id), merchant_id=str(merchant_id),
         merchant_order_no=str(merchant_order_no), payment_serial=str(serial),
@@ -1142,6 +1174,7 @@ def _order_from_rows(row: Sequence[Any], legs: Sequence[Sequence[Any]]) -> Payme
         prepay=prepay_from_json(_json_loaded(prepay)),
         attempt=int(attempt),
         verification=verification_from_json(_json_loaded(verification)),
+        sale=priced_sale_from_json(_json_loaded(sale)),
     )
 
 

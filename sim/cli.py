@@ -4,6 +4,7 @@
     payengine sim --seed S --orders N [--seeds K] [--faults all|none|NAME,...] [--crashes N]
                   [--runtime sim|threads] [--plant-bug NAME] [--jobs J] [--json]
     payengine show ORDER_ID [--db PATH] [--json]
+    payengine report shift --station S --shift SH [--db PATH] [--json]
     payengine reconcile FILE [--db PATH] [--json] [--period-start T] [--period-end T]
                         [--settle-timeout S] [--log-file F]
     payengine bench [--payments N] [--workers W] [--rate R] [--synchronous FULL|NORMAL]
@@ -97,6 +98,20 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("order_id")
     show.add_argument("--db", default=DEFAULT_DB, help=f"SQLite file (default {DEFAULT_DB})")
     show.add_argument("--json", action="store_true", help="print as JSON")
+    report = sub.add_parser("report", help="print a report from a database")
+    kinds = report.add_subparsers(dest="report", required=True, metavar="REPORT")
+    shift = kinds.add_parser(
+        "shift", help="one station's shift (班结): orders, money by method, refunds, "
+                      "discounts, fees, from the ledger",
+        description="Reads the orders whose sale names the station and the shift and prints "
+                    "their totals from the ledger, by currency: orders by state, paid, gross "
+                    "and discounts (succeeded orders), money collected by method net of what "
+                    "went back, refunds, channel fees, the merchant's net share, money still "
+                    "in transit, litres by grade. Reads only: safe beside a running engine.")
+    shift.add_argument("--station", required=True, help="the FuelSale station_id")
+    shift.add_argument("--shift", required=True, help="the FuelSale shift_id")
+    shift.add_argument("--db", default=DEFAULT_DB, help=f"SQLite file (default {DEFAULT_DB})")
+    shift.add_argument("--json", action="store_true", help="print as one JSON object")
     recon = sub.add_parser(
         "reconcile", help="import a channel statement (CSV) and settle what it says",
         description="Imports a channel statement (channel,channel_txn_id,out_trade_no,amount,"
@@ -161,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             return 130
     if args.command == "reconcile":
         return _reconcile(args)
+    if args.command == "report":
+        return _report_shift(args)
     return _show(args)
 
 
@@ -313,6 +330,48 @@ def _show(args: argparse.Namespace) -> int:
               f"{refund.amount_minor} {view.currency} {refund.status}  [{parts}]")
     for e in journal:
         print(f"  {e.at_ms}  {e.part:<8} {e.from_state or '-':>20} -> {e.to_state:<20} {e.cause}")
+    return 0
+
+
+def _report_shift(args: argparse.Namespace) -> int:
+    from payengine.engine.checks import check_id
+    from payengine.engine.errors import InvalidRequest
+    from payengine.persistence.reports import report_shift
+    from payengine.persistence.store import Store
+
+    try:
+        check_id(args.station, "--station")
+        check_id(args.shift, "--shift")
+    except InvalidRequest as error:
+        print(f"payengine report shift: {error.message}", file=sys.stderr)
+        return 2
+    if not Path(args.db).exists():
+        print(f"payengine report shift: no database at {args.db}", file=sys.stderr)
+        return 2
+    store = Store(args.db, exclusive=False)
+    try:
+        report = report_shift(store, args.station, args.shift)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({**dataclasses.asdict(report), "orders": report.orders}))
+        return 0
+    print(f"shift {report.shift_id} at station {report.station_id}: {report.orders} orders "
+          + " ".join(f"{state} {n}" for state, n in report.orders_by_state.items()))
+    for grade, volume_ml in report.litres_ml_by_grade.items():
+        print(f"  {grade:<12} {volume_ml / 1000:>12.3f} litres")
+    for currency, totals in report.totals.items():
+        print(f"  {currency} (minor units)")
+        rows = [("paid orders", totals.paid_orders), ("paid", totals.paid_minor),
+                ("gross", totals.gross_minor), ("discounts", totals.discount_minor),
+                *((f"  {rule}", amount) for rule, amount in totals.discounts_by_rule.items()),
+                *((f"collected {method}", amount)
+                  for method, amount in totals.collected_by_method.items()),
+                ("refunds", totals.refunds), ("refunded", totals.refunded_minor),
+                ("fees", totals.fees_minor), ("merchant net", totals.merchant_net_minor),
+                ("in transit", totals.in_transit_minor)]
+        for name, value in rows:
+            print(f"    {name:<28} {value:>14}")
     return 0
 
 

@@ -78,6 +78,7 @@ from payengine.sim.oracle import (
     told_of,
 )
 from payengine.sim.preholds import PreHolder
+from payengine.sim.quotes import QuotingTerminals, sim_discounts
 from payengine.sim.risk import StepUpUser, risk_config
 from payengine.sim.runtime import Scheduler, SimRuntime, SimWorld
 from payengine.sim.signed_requests import SignedRequests
@@ -259,6 +260,7 @@ class SeqIds:
 
     def __init__(self) -> None:
         self.n = 0
+        self.quotes = 0
 
     def _next(self, prefix: str) -> str:
         self.n += 1
@@ -275,6 +277,10 @@ class SeqIds:
 
     def new_agreement_id(self) -> str:
         return self._next("agr")
+    def new_quote_id(self) -> str:
+        """Counted apart, so the quotes leave the other ids of a seed as they were."""
+        self.quotes += 1
+        return f"quote{self.quotes:07d}"
 
 
 @dataclass(frozen=True)
@@ -446,6 +452,7 @@ class Simulation:
                                               outbox_retention_ms=OUTBOX_RETENTION_MS,
                                               prune_interval_ms=1_000, prune_batch_max=50,
                                               transport=self.merchant),
+                                          discounts=sim_discounts(self.world.now_ms()),
                                           merchant_requests=MerchantRequestConfig(
                                               timestamp_window_ms=REQUEST_WINDOW_MS,
                                               nonce_prune_interval_ms=500),
@@ -492,6 +499,12 @@ class Simulation:
         """Merchant order numbers a submit of was refused by the risk gate."""
         self.closed_by_user: set[str] = set()
         """Orders a late user close answered closed (or failed): they never end paid."""
+        self.quoter: QuotingTerminals | None = None
+        if config.runtime == "sim":  # submits up to 75 s after their quote: virtual time only
+            self.quoter = QuotingTerminals(
+                random.Random(config.seed + 25), seed=config.seed, engine=lambda: self.engine,
+                now_ms=self.world.now_ms, at=self._at, counts=self.counts,
+                violations=self.violations)
 
     # ------------------------------------------------------------------ engine lifecycle
 
@@ -831,6 +844,8 @@ class Simulation:
             self.signed.schedule(now, span_ms, self.config.orders)
         if self.withholds is not None:
             self.withholds.schedule(now, span_ms, self.config.orders)
+        if self.quoter is not None:
+            self.quoter.schedule(now, span_ms, self.config.orders, customers)
         crashes = self.config.crashes if "crash" in self.mix.on else 0
         for _ in range(crashes):
             at = now + self.rng.randint(0, span_ms + self.mix.pay_window_ms)
@@ -917,6 +932,9 @@ class Simulation:
             report.violations += self.signed.check(engine)
         if self.withholds is not None:
             report.violations += self.withholds.check(engine.store)
+        if self.quoter is not None:
+            report.violations += self.quoter.check(engine)
+            report.violations += self.quoter.check_shift_reports(engine, orders)
         for event_id in self.merchant.bad_signatures[:5]:
             report.violations.append(Violation(
                 "notification-signed", f"event {event_id}", "the signature did not verify"))

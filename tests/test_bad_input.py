@@ -38,6 +38,8 @@ from payengine import (
     VoucherPart,
 )
 from payengine.engine.checks import shown
+from payengine.engine.discounts import QuoteUse, UnknownQuote
+from payengine.engine.fuel import FuelLine, FuelSale
 from payengine.engine.money import AMOUNT_MAX
 from payengine.engine.statement import StatementError
 from tests.helpers import (
@@ -288,6 +290,29 @@ def _order(world: World, args: dict[str, Any]) -> dict[str, Any]:
 VALID = object()
 """Stands for a valid argument built from the world (``None`` is a bad value to try)."""
 
+def bad_sale() -> st.SearchStrategy[Any]:
+    line = FuelLine.by_volume("95", 789, 10_000)
+    valid = FuelSale("st-1", 1, 1, line)
+    return st.one_of(
+        _with(InvalidRequest, NOT_STR.filter(lambda v: not isinstance(v, FuelSale))),
+        BAD_ID.map(lambda b: (dataclasses.replace(valid, station_id=b[0]), b[1])),
+        BAD_OPTIONAL_ID.map(lambda b: (dataclasses.replace(valid, shift_id=b[0]), b[1])),
+        _with(InvalidRequest, st.one_of(st.integers(max_value=0), st.integers(min_value=1_000),
+                                        st.booleans()).map(
+            lambda pump: dataclasses.replace(valid, pump=pump))),
+        _with(InvalidRequest, st.integers(1, 50_000).filter(lambda ml: ml != 10_000).map(
+            lambda ml: dataclasses.replace(valid, line=dataclasses.replace(line,
+                                                                           volume_ml=ml)))))
+
+
+def bad_quote() -> st.SearchStrategy[Any]:
+    return st.one_of(
+        _with(InvalidRequest, NOT_STR.filter(lambda v: not isinstance(v, QuoteUse))),
+        BAD_ID.map(lambda b: (QuoteUse(b[0], "c1"), b[1])),
+        BAD_ID.map(lambda b: (QuoteUse("q-1", b[0]), b[1])),
+        _with(UnknownQuote, st.just(QuoteUse("q-nobody-made", "c1"))))
+
+
 _SUBMIT_FIELDS = {
     "merchant_id": BAD_ID, "merchant_order_no": BAD_ID, "user_id": BAD_ID,
     "currency": BAD_CURRENCY, "total_minor": BAD_AMOUNT, "title": bad_text(128, required=True),
@@ -295,6 +320,7 @@ _SUBMIT_FIELDS = {
     "pay_window_ms": bad_int_setting(POLICY.pay_window_ms_max, optional=True),
     "confirm_duplicate": BAD_BOOL,
     "attempt": bad_int_setting(10, optional=False),
+    "sale": bad_sale(), "quote": bad_quote(),
 }
 
 CALLS = [

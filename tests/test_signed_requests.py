@@ -316,8 +316,8 @@ def test_a_signed_pay_creates_the_order_and_uses_up_its_nonce(
     body, headers = signer.pay(pay_request("o-1"))
     receipt = engine.submit_signed(body, headers)
     order = engine.find_order("station-42", "o-1")
-    assert (order.order_id, order.total_minor, order.state) == (receipt.order_id, 1_000,
-                                                                 "accepted")
+    assert (order.order_id, order.total_minor) == (receipt.order_id, 1_000)
+    assert order.state in ("accepted", "paying")  # its actor may have started already
     assert engine._gate.nonces.known("station-42", headers[NONCE_HEADER])
     assert engine.request_rejection_counts() == {}
 

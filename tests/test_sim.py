@@ -54,8 +54,11 @@ def test_a_run_without_faults_has_no_crash_and_every_order_settles() -> None:
     result = run(SimConfig(seed=3, orders=80, faults=frozenset()))
     assert result.ok, result.violations
     assert result.crashes == 0 and result.fault_mix == []
-    # 80 trade orders; the ones paid again (workload, not a fault) add their attempts
-    assert 80 <= sum(result.final_states.values()) <= 80 + result.faults.get("pay_again", 0)
+    # 80 trade orders; the ones paid again (workload, not a fault) add their attempts, the
+    # quoting terminals (sim.quotes) their orders
+    assert 80 <= sum(result.final_states.values()) <= (
+        80 + result.faults.get("pay_again", 0) + result.faults.get("quoted_order", 0))
+    assert result.faults.get("quoted_order", 0) >= 10
 
 
 class _Asker:
@@ -185,7 +188,9 @@ def test_a_merchant_that_never_accepts_a_notification_is_a_violation() -> None:
     simulation.merchant.down = lambda: 1.0
     result = simulation.run()
     assert {v.invariant for v in result.violations} == {"merchant-notified"}
-    assert len(result.violations) == 30
+    # one per order: the 30 of the workload and those the quoting terminals made
+    assert len(result.violations) == sum(result.final_states.values()) == (
+        30 + result.faults.get("quoted_order", 0))
 
 
 def test_an_exception_in_a_seed_is_that_seeds_violation_not_the_end_of_the_batch(

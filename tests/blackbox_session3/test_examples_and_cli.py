@@ -68,7 +68,8 @@ PLANTED = [
     "ledger-unbalanced", "accept-wrong-channel", "trust-forged-notification", "holds-never-expire",
     "sentinel-gives-up", "pay-details-lost", "route-ignores-limits", "two-attempts-succeed",
     "codes-processing-as-failure", "accept-bad-signature", "risk-ignored",
-    "withhold-retry-after-timeout",
+    "withhold-retry-after-timeout", "quote-price-drift", "shift-counts-unpaid",
+    "change-keeps-holds",
 ]
 
 
