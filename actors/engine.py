@@ -67,6 +67,7 @@ from payengine.engine.codes import ResultKind
 from payengine.engine.currency import check_currency
 from payengine.engine.errors import (
     AttemptRefused,
+    ChannelsMissing,
     DuplicateSuspected,
     EngineClosed,
     IdempotencyConflict,
@@ -218,6 +219,22 @@ def _with_channel_schedules(policy: OrderPolicy, channels: Mapping[str, Channel]
         field: getattr(policy, field) + tuple(pairs) for field, pairs in added.items()})
 
 
+def _check_channels_of_unsettled(store: Store, channels: Mapping[str, Channel]) -> None:
+    """Refuse (``ChannelsMissing``, the store closed, nothing started) an open without a
+    channel that unsettled orders still use: their actors would find no channel for every
+    query, close or refund they owe. Refusing is safe (no order moves, no money moves) and
+    loud; the operator opens again with the channel."""
+    missing = {name: n for name, n in sorted(store.unsettled_orders_by_channel().items())
+               if name not in channels}
+    if missing:
+        store.close()
+        named = ", ".join(f"{name!r} ({n} unsettled orders)" for name, n in missing.items())
+        raise ChannelsMissing(
+            f"unsettled orders use channels this engine was not given: {named}; open it "
+            "with them (a channel taken out of routing: keep it configured, e.g. "
+            "enabled = false, until its orders settled)", missing)
+
+
 class Engine:
     """A payment engine on one SQLite file. Use ``Engine.open(path, channels=[...])``."""
 
@@ -290,6 +307,7 @@ class Engine:
         policy = _with_channel_schedules(policy or OrderPolicy(), by_name)
         store = Store(path, synchronous=synchronous,  # first: a refused file starts nothing
                       group_commit=config.group_commit)
+        _check_channels_of_unsettled(store, by_name)
         runtime = runtime or PooledRuntime(actor_threads=config.actor_threads)
         ctx_holder: list[Context] = []
 
@@ -732,12 +750,23 @@ class Engine:
         check_id(order_id, "order_id")
         request = RequestRefund(refund_no, amount_minor, reason)
         check_refund_request(request)
-        if self._gate.restricted:  # a frozen or closed merchant gives no money back
-            order = self._ctx.store.load_order(order_id)
-            if order is not None:
+        order = self._ctx.store.load_order(order_id)
+        if order is not None:
+            if self._gate.restricted:  # a frozen or closed merchant gives no money back
                 self._gate.check_parties(order.merchant_id, None)
+            self._check_refund_channel(order)
         view = self._ask_order(order_id, request)
         return view.refund(refund_no)
+
+    def _check_refund_channel(self, order: PaymentOrder) -> None:
+        """A refund's cash part goes back through the order's channel: one this engine was
+        not given is refused (``ChannelsMissing``) before the order is asked."""
+        cash = next((leg for leg in order.legs if leg.is_cash), None)
+        if cash is not None and cash.channel is not None and (
+                cash.channel not in self._ctx.channels):
+            raise ChannelsMissing(
+                f"order {order.order_id} was paid through channel {cash.channel!r}, which "
+                "this engine was not given: its refund cannot go back", {cash.channel: 1})
 
     def request_close(self, order_id: str) -> None:
         """Enqueue a user close without waiting for it (an illegal one is logged, not raised)."""
