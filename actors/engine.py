@@ -76,6 +76,7 @@ from payengine.engine.errors import (
     NotificationRejected,
     Overloaded,
     RequestRejected,
+    RiskBlocked,
     UnknownAccount,
     UnknownHold,
     UnknownOrder,
@@ -1119,7 +1120,9 @@ class Engine:
             request = verified.op.request
             try:  # an order that exists: its pay window is checked first (``_retried``)
                 return self._submit(request, verified.nonce)
-            except RequestRejected as error:
+            except (RequestRejected, RiskBlocked, IdempotencyConflict) as error:
+                # refusals of the request itself (the same request never passes), recorded;
+                # "ask again" ones (Overloaded, DuplicateSuspected...) are not
                 self._gate.reject(verified.envelope, verified.op, error)
                 raise
 
