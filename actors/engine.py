@@ -310,6 +310,10 @@ class Engine:
                       group_commit=config.group_commit)
         _check_channels_of_unsettled(store, by_name)
         runtime = runtime or PooledRuntime(actor_threads=config.actor_threads)
+        for channel in by_name.values():  # a simulated wallet without a world of its own
+            lend = getattr(channel, "use_runtime", None)
+            if callable(lend):
+                lend(runtime)
         ctx_holder: list[Context] = []
 
         def factory(key: Key, kept: Any) -> ActorBehaviour:

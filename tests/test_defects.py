@@ -26,6 +26,7 @@ from payengine import (
     RiskConfig,
     RiskRules,
     VerificationFailed,
+    load_channels,
 )
 from payengine.engine.order import (
     OrderPolicy,
@@ -37,6 +38,7 @@ from payengine.engine.order import (
     with_risk,
 )
 from payengine.engine.risk import Verification, VerificationStatus, code_digest
+from payengine.sim.channel import SimulatedChannel
 from tests.helpers import (
     SLOW_POLICY,
     ScriptedChannel,
@@ -103,14 +105,6 @@ def test_a_refund_through_a_channel_no_longer_configured_is_refused_and_changes_
         assert refused.value.channels == {"wechat": 1}
         assert again.get_order(order.order_id).refunds == ()
         assert again.unsettled_count() == 0
-
-
-@pytest.fixture
-def no_threads_left() -> Iterator[None]:
-    before = set(threading.enumerate())
-    yield
-    wait_for(lambda: not [t for t in threading.enumerate() if t not in before],
-             what="every thread started by the test to end")
 
 
 # ------------------------------------------------------------------ 2. a retried wrong code
@@ -265,3 +259,48 @@ def test_a_signed_pay_conflicting_with_its_order_is_recorded_as_a_refusal(
             "pay", "order-1", "idempotency_conflict")
         assert engine.request_rejection_counts() == {"idempotency_conflict": 1}
         assert engine.get_order(receipt.order_id).total_minor == 10_000
+
+
+# ------------------------------------------------------------------ 5. no thread left behind
+@pytest.fixture
+def no_threads_left() -> Iterator[None]:
+    before = set(threading.enumerate())
+    yield
+    wait_for(lambda: not [t for t in threading.enumerate() if t not in before],
+             what="every thread started by the test to end")
+
+
+SIMULATED_TOML = """
+[channels.sim-wallet]
+kind = "simulated"
+wallet = "wechat"
+merchant_no = "1"
+credentials = { key = "simulated-wallet-key-0001" }
+simulated = { faults = "none", txn_prefix = "S" }
+"""
+
+
+def test_loading_simulated_channels_without_a_world_starts_no_thread(
+        no_threads_left: None) -> None:
+    (wallet,) = load_channels(SIMULATED_TOML)
+    assert isinstance(wallet, SimulatedChannel)
+
+
+def test_simulated_channels_without_a_world_pay_and_leave_no_thread_after_shutdown(
+        tmp_path: Path, no_threads_left: None) -> None:
+    (wallet,) = load_channels(SIMULATED_TOML)
+    request = PaymentRequest("station-1", "sim-1", "alice", "CNY", 500, "Fuel",
+                             CashPart(500, "sim-wallet"))
+    with Engine.open(tmp_path / "pay.db", channels=[wallet]) as engine:
+        assert isinstance(wallet, SimulatedChannel)
+        wallet.attach(engine)
+        receipt = engine.submit(request)
+        done = wait_for(lambda: (o := engine.get_order(receipt.order_id)).settled and o,
+                        what="the simulated user to pay")
+        assert done.state == "succeeded"
+    with Engine.open(tmp_path / "pay.db", channels=[wallet]) as again:  # reopened: still works
+        wallet.attach(again)
+        receipt = again.submit(replace(request, merchant_order_no="sim-2", user_id="bob"))
+        done = wait_for(lambda: (o := again.get_order(receipt.order_id)).settled and o,
+                        what="the simulated user to pay again")
+        assert done.state == "succeeded"
