@@ -31,6 +31,7 @@ from payengine.actors.channel import (
     refund_result,
     takes_details,
 )
+from payengine.actors.claim import Claim, Claimed
 from payengine.actors.confirm_limiter import ConfirmLimiter
 from payengine.actors.directory import Directory, Key
 from payengine.actors.health import ChannelHealth
@@ -652,7 +653,7 @@ class Engine:
         """
         check_id(order_id, "order_id")
         check_code(code)
-        view = self._ask_order(order_id, VerifyCode(code))
+        view = self._ask_claimed(order_id, VerifyCode(code))
         verification = view.verification
         assert verification is not None
         if verification.status == VerificationStatus.PASSED:
@@ -667,6 +668,22 @@ class Engine:
                                      "attempts left, the order failed", 0, view.state)
         raise IllegalTransition(f"order {order_id} is {view.state}: its verification "
                                 f"{verification.status} before the code came")
+
+    def _ask_claimed(self, order_id: str, event: Any) -> OrderView:
+        """Ask the order under a ``Claim`` (``actors.claim``): ``Overloaded`` only if the
+        event was withdrawn unhandled, so a retry of the call is handled once; an event the
+        actor took is answered, waiting up to ``ask_timeout_s`` more for its commit."""
+        claim = Claim()
+        try:
+            return self._ask_order(order_id, Claimed(claim, event))
+        except Overloaded:
+            if claim.withdraw():
+                raise Overloaded(f"order {order_id} did not take the request within "
+                                 f"{self._ctx.config.ask_timeout_s} s; nothing was done: "
+                                 "retry it") from None
+        view = claim.outcome(self._ctx.config.ask_timeout_s)
+        assert isinstance(view, OrderView)
+        return view
 
     def _route(self, request: PaymentRequest, order_id: str) -> RouteChoice | None:
         """The channel for a cash part that names a payment method (``EngineConfig.routing``);

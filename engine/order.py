@@ -60,8 +60,6 @@ from payengine.engine.risk import (
     VerificationStatus,
     check_code,
     code_matches,
-    with_wrong_code,
-    wrong_code_counted,
 )
 from payengine.engine.voucher import FenceKey, FenceScope
 
@@ -1882,8 +1880,6 @@ def _verify(d: _Draft, event: VerifyCode) -> str:
     if order.state is not OrderState.NEEDS_VERIFICATION:
         if v.status is VerificationStatus.PASSED and code_matches(v, order.order_id, code):
             return "duplicate: verified already"
-        if v.status is VerificationStatus.FAILED and wrong_code_counted(v, order.order_id, code):
-            return "duplicate: the wrong code that failed it, again"
         raise IllegalTransition(f"order {order.order_id} is {order.state.value}, its "
                                 f"verification {v.status.value}: not waiting for a code")
     if d.now_ms >= order.close_at_ms:
@@ -1894,9 +1890,7 @@ def _verify(d: _Draft, event: VerifyCode) -> str:
     if code_matches(v, order.order_id, code):
         _verified(d, "verified: the right code")
         return "applied"
-    if wrong_code_counted(v, order.order_id, code):
-        return "duplicate: this wrong code counted already"
-    d.update(verification=with_wrong_code(v, order.order_id, code))
+    d.update(verification=evolve(v, attempts=v.attempts + 1))
     if v.attempts + 1 >= v.attempts_max:
         _fail_verification(d, VerificationStatus.FAILED, Trigger.VERIFICATION_FAILED)
     return "applied"

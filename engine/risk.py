@@ -26,7 +26,7 @@ import enum
 import hashlib
 import hmac
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from payengine.engine.checks import check_id, check_int, check_setting, shown
@@ -266,13 +266,8 @@ class Verification:
     rule: str
     """What asked for it (``step_up_amount``, a risk service's rule...)."""
     attempts: int = 0
-    """Wrong codes so far: distinct ones (``wrong_digests``)."""
+    """Wrong codes so far."""
     status: VerificationStatus = VerificationStatus.PENDING
-    wrong_digests: tuple[str, ...] = ()
-    """``code_digest`` of each wrong code counted, at most ``attempts_max``: the same wrong
-    code again is a retry of one call (the caller got ``Overloaded``, or lost the answer),
-    not a new guess, so it counts once. A wrong code's digest tells nothing of the right
-    one."""
 
     @property
     def attempts_left(self) -> int:
@@ -295,28 +290,13 @@ def verification_json(verification: Verification | None) -> list[object] | None:
     if verification is None:
         return None
     v = verification
-    return [v.code_digest, v.expires_at_ms, v.attempts_max, v.rule, v.attempts, v.status.value,
-            list(v.wrong_digests)]
+    return [v.code_digest, v.expires_at_ms, v.attempts_max, v.rule, v.attempts, v.status.value]
 
 
 def verification_from_json(data: object) -> Verification | None:
     if data is None:
         return None
-    assert isinstance(data, list) and len(data) in (6, 7), f"a stored verification: {data!r}"
-    digest, expires, attempts_max, rule, attempts, status = data[:6]
-    wrong = data[6] if len(data) == 7 else []  # written before wrong codes were kept
-    assert isinstance(wrong, list) and len(wrong) <= int(attempts_max), wrong
+    assert isinstance(data, list) and len(data) == 6, f"a stored verification: {data!r}"
+    digest, expires, attempts_max, rule, attempts, status = data
     return Verification(str(digest), int(expires), int(attempts_max), str(rule), int(attempts),
-                        VerificationStatus(status), tuple(str(w) for w in wrong))
-
-
-def wrong_code_counted(verification: Verification, order_id: str, code: str) -> bool:
-    """Whether ``code`` is a wrong code this verification counted already (its retry)."""
-    return code_digest(order_id, code) in verification.wrong_digests
-
-
-def with_wrong_code(verification: Verification, order_id: str, code: str) -> Verification:
-    """``verification`` with one more wrong code counted."""
-    assert len(verification.wrong_digests) < verification.attempts_max, verification
-    return replace(verification, attempts=verification.attempts + 1,
-                   wrong_digests=(*verification.wrong_digests, code_digest(order_id, code)))
+                        VerificationStatus(status))

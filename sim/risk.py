@@ -118,12 +118,10 @@ class StepUpUser:
         if fate == "abandoned":
             return
         right = code_for(self.seed, merchant_order_no)
-        # distinct wrong codes: the same wrong code again is a retry and counts once
-        wrong = [f"{(int(right) + k) % 1_000_000:06d}" for k in range(1, 11)]
+        wrong = f"{(int(right) + 1) % 1_000_000:06d}"
         attempts = self.config.verify_attempts_max
-        codes = {"right": [right],
-                 "wrong_then_right": [*wrong[:rng.randint(1, attempts - 1)], right],
-                 "only_wrong": wrong[:attempts]}[fate]
+        codes = {"right": [right], "wrong_then_right": [wrong] * rng.randint(1, attempts - 1)
+                 + [right], "only_wrong": [wrong] * attempts}[fate]
         window = self.config.verification_window_ms  # mostly in time, some too late
         when = self._now_ms() + rng.choice([rng.randint(0, window // 2),
                                             rng.randint(0, window + 500)])

@@ -21,6 +21,7 @@ from payengine import (
     IdempotencyConflict,
     IllegalTransition,
     MerchantSigner,
+    Overloaded,
     PaymentRequest,
     RiskBlocked,
     RiskConfig,
@@ -28,16 +29,9 @@ from payengine import (
     VerificationFailed,
     load_channels,
 )
-from payengine.engine.order import (
-    OrderPolicy,
-    OrderState,
-    PaymentOrder,
-    VerifyCode,
-    build_order,
-    decide,
-    with_risk,
-)
-from payengine.engine.risk import Verification, VerificationStatus, code_digest
+from payengine.actors import order_actor
+from payengine.actors.claim import Claim
+from payengine.engine.order import Activate, PaymentOrder, VerifyCode
 from payengine.sim.channel import SimulatedChannel
 from tests.helpers import (
     SLOW_POLICY,
@@ -110,9 +104,11 @@ def test_a_refund_through_a_channel_no_longer_configured_is_refused_and_changes_
 # ------------------------------------------------------------------ 2. a retried wrong code
 
 
-def open_stepping_up(tmp_path: Path, channel: ScriptedChannel, attempts: int = 3) -> Engine:
+def open_stepping_up(tmp_path: Path, channel: ScriptedChannel, attempts: int = 3,
+                     ask_timeout_s: float = 5.0) -> Engine:
     engine = Engine.open(tmp_path / "risk.db", channels=[channel], policy=SLOW_POLICY,
-                         config=EngineConfig(ask_timeout_s=5.0, duplicate_guard_window_ms=0),
+                         config=EngineConfig(ask_timeout_s=ask_timeout_s,
+                                             duplicate_guard_window_ms=0),
                          risk=RiskConfig(rules=RiskRules(step_up_amount={"CNY": 1}),
                                          issue_code=lambda request, context: CODE,
                                          verify_attempts_max=attempts))
@@ -126,76 +122,75 @@ def wrong(engine: Engine, order_id: str, code: str) -> tuple[int, str]:
     return failed.value.attempts_left, failed.value.state
 
 
-def test_a_wrong_code_sent_again_by_a_retrying_caller_counts_once(tmp_path: Path) -> None:
-    with open_stepping_up(tmp_path, ScriptedChannel()) as engine:
+class HeldActor:
+    """Holds the order actors' ``decide`` on chosen events until released: a busy actor,
+    deterministically (no sleeps)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, hold_on: type) -> None:
+        self.holding = threading.Event()
+        self.release = threading.Event()
+        self._hold_on, self._decide = hold_on, order_actor.decide
+        monkeypatch.setattr(order_actor, "decide", self._held_decide)
+
+    def _held_decide(self, order: PaymentOrder, event: object, **kwargs: object) -> object:
+        if isinstance(event, self._hold_on) and not self.release.is_set():
+            self.holding.set()
+            assert self.release.wait(30), "never released"
+        return self._decide(order, event, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_wrong_code_retried_after_overloaded_counts_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with open_stepping_up(tmp_path, ScriptedChannel(), ask_timeout_s=0.2) as engine:
         receipt = engine.submit(fuel_request("big-1"))
+        held = HeldActor(monkeypatch, Activate)
+        engine._ctx.directory.tell(("order", receipt.order_id), Activate())
+        assert held.holding.wait(10)  # the order's actor is busy: the code waits in its queue
+        with pytest.raises(Overloaded, match="nothing was done"):
+            engine.verify(receipt.order_id, "000000")
+        held.release.set()
+        # the caller retries the same call: it counts once
         assert wrong(engine, receipt.order_id, "000000") == (2, "needs_verification")
-        # the caller got Overloaded (the actor did not answer in time) and sends it again
-        assert wrong(engine, receipt.order_id, "000000") == (2, "needs_verification")
-        assert wrong(engine, receipt.order_id, "111111") == (1, "needs_verification")
-        assert engine.verify(receipt.order_id, CODE).state == "accepted"
+        view = wait_for(lambda: engine.get_order(receipt.order_id).verification)
+        assert view.attempts_left == 2
 
 
-def test_the_retry_of_the_last_wrong_code_is_told_the_order_failed_again(
-        tmp_path: Path) -> None:
-    with open_stepping_up(tmp_path, ScriptedChannel(), attempts=2) as engine:
+def test_a_code_the_actor_took_before_the_wait_ended_is_answered_not_overloaded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with open_stepping_up(tmp_path, ScriptedChannel(), ask_timeout_s=0.2) as engine:
         receipt = engine.submit(fuel_request("big-1"))
-        assert wrong(engine, receipt.order_id, "000000") == (1, "needs_verification")
-        assert wrong(engine, receipt.order_id, "111111") == (0, "failed")
-        assert wrong(engine, receipt.order_id, "111111") == (0, "failed")  # its retry
-        with pytest.raises(IllegalTransition):
-            engine.verify(receipt.order_id, "222222")  # a new code: not waiting any more
-        view = engine.get_order(receipt.order_id)
-        assert view.verification is not None and view.verification.attempts_left == 0
+        held = HeldActor(monkeypatch, VerifyCode)
+        withdraw = Claim.withdraw
+
+        def withdrawn_then_released(claim: Claim) -> bool:
+            taken = not withdraw(claim)
+            held.release.set()  # the asker gave up waiting: let the actor go on
+            return not taken
+
+        monkeypatch.setattr(Claim, "withdraw", withdrawn_then_released)
+        assert wrong(engine, receipt.order_id, "000000") == (2, "needs_verification")
+        assert held.holding.is_set()
 
 
-def test_wrong_codes_survive_a_restart_so_a_retry_after_it_counts_once(tmp_path: Path) -> None:
-    engine = open_stepping_up(tmp_path, ScriptedChannel())
-    receipt = engine.submit(fuel_request("big-1"))
-    assert wrong(engine, receipt.order_id, "000000") == (2, "needs_verification")
-    engine.shutdown()
-    with open_stepping_up(tmp_path, ScriptedChannel()) as again:
-        assert wrong(again, receipt.order_id, "000000") == (2, "needs_verification")
+@settings(max_examples=100, deadline=None)
+@given(steps=st.lists(st.sampled_from(["take", "withdraw"]), min_size=1, max_size=6))
+def test_a_claim_is_won_by_whoever_comes_first_and_only_by_them(steps: list[str]) -> None:
+    claim = Claim()
+    answers = [(step, claim.take() if step == "take" else claim.withdraw()) for step in steps]
+    first = steps[0]
+    assert all(won == (step == first) for step, won in answers)
 
 
-@settings(max_examples=200, deadline=None)
-@given(codes=st.lists(st.sampled_from(["000000", "111111", "222222", "333333", CODE]),
-                      max_size=12),
-       attempts_max=st.integers(1, 4))
-def test_only_distinct_wrong_codes_count_against_the_attempts(codes: list[str],
-                                                              attempts_max: int) -> None:
-    order = stepped_up_core(attempts_max)
-    distinct: set[str] = set()
-    for code in codes:
-        before, seen = order, code in distinct
-        try:
-            order = decide(order, VerifyCode(code), now_ms=CORE_T0, policy=CORE_POLICY).order
-        except IllegalTransition:
-            assert before.state is not OrderState.NEEDS_VERIFICATION
-            continue
-        if before.state is OrderState.NEEDS_VERIFICATION and code != CODE:
-            distinct.add(code)
-        if seen or before.state is not OrderState.NEEDS_VERIFICATION:
-            assert order == before  # a retry changes nothing
-        v = order.verification
-        assert v is not None and v.attempts == min(len(distinct), attempts_max)
-    assert order.verification is not None
-    wrong_before_right = codes[:codes.index(CODE)] if CODE in codes else codes
-    expected = min(len(set(wrong_before_right)), attempts_max)
-    assert order.verification.attempts == expected
-    assert (order.verification.status is VerificationStatus.FAILED) == (expected == attempts_max)
-
-
-CORE_T0 = 1_700_000_000_000
-CORE_POLICY = OrderPolicy(pay_window_ms=10_000)
-
-
-def stepped_up_core(attempts_max: int) -> PaymentOrder:
-    request = PaymentRequest("m", "n1", "alice", "CNY", 10_000, "Fuel", CashPart(10_000, "wechat"))
-    order = build_order(request, order_id="o1", payment_serial="P1", now_ms=CORE_T0,
-                        accounts={}, policy=CORE_POLICY)
-    return with_risk(order, Verification(code_digest("o1", CODE), CORE_T0 + 5_000, attempts_max,
-                                         "step_up_amount"))
+def test_a_claims_outcome_is_handed_over_or_overloaded_when_it_does_not_come() -> None:
+    claim = Claim()
+    with pytest.raises(Overloaded):
+        claim.outcome(0.01)
+    claim.finish("view")
+    assert claim.outcome(0.01) == "view"
+    failed = Claim()
+    failed.finish(IllegalTransition("not waiting"))
+    with pytest.raises(IllegalTransition):
+        failed.outcome(0.01)
 
 
 # ------------------------------------------------------------------ 3. receipts tell the truth
