@@ -20,6 +20,7 @@ from payengine import (
     InvalidRequest,
     MerchantSigner,
     PaymentRequest,
+    Receipt,
     RequestRejected,
     RiskBlocked,
     RiskConfig,
@@ -176,6 +177,16 @@ def signed(tmp_path: Path) -> Engine:
 
 
 SIGNER = MerchantSigner("station-1", secret=SECRET)
+
+
+def signed_and_paid(engine: Engine, no: str) -> Receipt:
+    """A signed pay of ``no``, paid by the wallet's notification and settled."""
+    channel = engine._ctx.channels["wechat"]
+    receipt = engine.submit_signed(*SIGNER.pay(cash_only(no)))
+    wait_for(lambda: channel.count("pay") == 1)  # type: ignore[attr-defined]
+    signed_callback(engine, "wechat", receipt.payment_serial, paid_reply(receipt.payment_serial))
+    wait_for(lambda: engine.get_order(receipt.order_id).settled)
+    return receipt
 
 
 def test_header_names_may_come_in_any_case(signed: Engine) -> None:
@@ -514,11 +525,7 @@ def test_unknown_merchant_and_wrong_sign_type(signed: Engine) -> None:
 
 
 def test_a_frozen_user_pays_nothing_but_is_refunded(signed: Engine) -> None:
-    channel = signed._ctx.channels["wechat"]
-    receipt = signed.submit_signed(*SIGNER.pay(cash_only("c-1")))
-    wait_for(lambda: channel.count("pay") == 1)  # type: ignore[attr-defined]
-    signed_callback(signed, "wechat", receipt.payment_serial, paid_reply(receipt.payment_serial))
-    wait_for(lambda: signed.get_order(receipt.order_id).settled)
+    signed_and_paid(signed, "c-1")
     signed.set_user_status("alice", "frozen")
     with pytest.raises(RequestRejected) as refused:
         signed.submit_signed(*SIGNER.pay(cash_only("c-2")))
@@ -604,11 +611,7 @@ def test_a_signed_attempt_above_10_is_malformed(signed: Engine) -> None:
 
 
 def test_a_frozen_merchant_gets_no_signed_refund(signed: Engine) -> None:
-    channel = signed._ctx.channels["wechat"]
-    receipt = signed.submit_signed(*SIGNER.pay(cash_only("c-1")))
-    wait_for(lambda: channel.count("pay") == 1)  # type: ignore[attr-defined]
-    signed_callback(signed, "wechat", receipt.payment_serial, paid_reply(receipt.payment_serial))
-    wait_for(lambda: signed.get_order(receipt.order_id).settled)
+    receipt = signed_and_paid(signed, "c-1")
     signed.set_merchant_status("station-1", "frozen")
     with pytest.raises(RequestRejected) as refused:
         signed.refund_signed(*SIGNER.refund("c-1", "r-1", 100))
