@@ -649,7 +649,8 @@ class Engine:
         for a code (never stepped up, failed, expired, closed) raises ``IllegalTransition``;
         so does a code that comes after the verification or pay window ended (the order is
         then failed or closed). Concurrent verifies and the window's timer are decided by
-        the order's mailbox, one at a time.
+        the order's mailbox, one at a time. ``Overloaded`` means the code was withdrawn
+        before the order looked at it (``_ask_claimed``): the caller's retry counts once.
         """
         check_id(order_id, "order_id")
         check_code(code)
