@@ -403,7 +403,7 @@ PLANTABLE_BUGS = frozenset({"confirm-twice", "no-refund-after-close", "regress-s
                             "holds-never-expire", "sentinel-gives-up", "pay-details-lost",
                             "route-ignores-limits", "two-attempts-succeed",
                             "codes-processing-as-failure", "accept-bad-signature",
-                            "risk-ignored"})
+                            "risk-ignored", "open-without-needed-channel"})
 """Bugs the simulator can switch on (``payengine sim --plant-bug NAME``): a success after the
 close kept, a late "processing" moving a success back, vouchers never held, a hold posted
 twice, a hold never expired (the account actor's), owed voucher follow-ups no longer sent
@@ -415,7 +415,9 @@ previous one may still succeed (``two-attempts-succeed``), a channel configurati
 configuration loader, ``actors.adapters.config``, which the simulator builds its wallets
 with), a signed
 merchant request taken although its signature does not verify (``accept-bad-signature``),
-an order waiting for its step-up verification paid all the same (``risk-ignored``).
+an order waiting for its step-up verification paid all the same (``risk-ignored``), an
+engine opened without a channel its unsettled orders use (``open-without-needed-channel``:
+the bug lives in ``Engine.open``).
 Each must make the oracle report a violation."""
 
 
