@@ -237,7 +237,7 @@ def test_a_body_over_64_kib_is_malformed(signed: Engine) -> None:
     b'{"op":"refund","merchant_order_no":"x","refund_no":"r","amount_minor":1e2}',
     b'{"op":"refund","merchant_order_no":"x","refund_no":"r","amount_minor":true}',
 ])
-def test_strict_parsing_refuses_as_malformed(signed: Engine, body: bytes) -> None:
+def test_unknown_repeated_float_or_boolean_fields_are_malformed(signed: Engine, body: bytes) -> None:
     call = signed.refund_signed if b"refund" in body else signed.query_signed
     with pytest.raises(RequestRejected) as refused:
         call(body, SIGNER.sign(body))
@@ -506,7 +506,7 @@ def test_a_signed_pay_for_a_closed_order_is_pay_window_over(signed: Engine) -> N
     assert signed.submit_signed(*SIGNER.pay(cash_only("c-1", attempt=2))).attempt == 2
 
 
-def test_unknown_merchant_and_wrong_sign_type(signed: Engine) -> None:
+def test_an_unknown_merchant_and_a_wrong_sign_type_are_refused_by_name(signed: Engine) -> None:
     stranger = MerchantSigner("station-9", secret=SECRET)
     with pytest.raises(RequestRejected) as refused:
         signed.submit_signed(*stranger.pay(replace(cash_only("c-1"), merchant_id="station-9")))
