@@ -68,6 +68,7 @@ PLANTED = [
     "ledger-unbalanced", "accept-wrong-channel", "trust-forged-notification", "holds-never-expire",
     "sentinel-gives-up", "pay-details-lost", "route-ignores-limits", "two-attempts-succeed",
     "codes-processing-as-failure", "accept-bad-signature", "risk-ignored",
+    "open-without-needed-channel",
 ]
 
 
