@@ -33,6 +33,7 @@ from payengine.actors.channel import (
     signs_agreements,
     takes_details,
 )
+from payengine.actors.claim import Claim, Claimed
 from payengine.actors.confirm_limiter import ConfirmLimiter
 from payengine.actors.directory import Directory, Key
 from payengine.actors.health import ChannelHealth
@@ -81,6 +82,7 @@ from payengine.engine.discounts import (
 )
 from payengine.engine.errors import (
     AttemptRefused,
+    ChannelsMissing,
     DuplicateSuspected,
     EngineClosed,
     IdempotencyConflict,
@@ -89,6 +91,7 @@ from payengine.engine.errors import (
     NotificationRejected,
     Overloaded,
     RequestRejected,
+    RiskBlocked,
     UnknownAccount,
     UnknownHold,
     UnknownOrder,
@@ -241,6 +244,22 @@ def _with_channel_schedules(policy: OrderPolicy, channels: Mapping[str, Channel]
         field: getattr(policy, field) + tuple(pairs) for field, pairs in added.items()})
 
 
+def _check_channels_of_unsettled(store: Store, channels: Mapping[str, Channel]) -> None:
+    """Refuse (``ChannelsMissing``, the store closed, nothing started) an open without a
+    channel that unsettled orders still use: their actors would find no channel for every
+    query, close or refund they owe. Refusing is safe (no order moves, no money moves) and
+    loud; the operator opens again with the channel."""
+    missing = {name: n for name, n in sorted(store.unsettled_orders_by_channel().items())
+               if name not in channels}
+    if missing:
+        store.close()
+        named = ", ".join(f"{name!r} ({n} unsettled orders)" for name, n in missing.items())
+        raise ChannelsMissing(
+            f"unsettled orders use channels this engine was not given: {named}; open it "
+            "with them (a channel taken out of routing: keep it configured, e.g. "
+            "enabled = false, until its orders settled)", missing)
+
+
 class Engine:
     """A payment engine on one SQLite file. Use ``Engine.open(path, channels=[...])``."""
 
@@ -319,7 +338,13 @@ class Engine:
             raise InvalidRequest(f"subscriber name {WITHHOLD_SUBSCRIBER!r} is the engine's")
         store = Store(path, synchronous=synchronous,  # first: a refused file starts nothing
                       group_commit=config.group_commit)
+        if "open-without-needed-channel" not in config.planted_bugs | policy.planted_bugs:
+            _check_channels_of_unsettled(store, by_name)
         runtime = runtime or PooledRuntime(actor_threads=config.actor_threads)
+        for channel in by_name.values():  # a simulated wallet without a world of its own
+            lend = getattr(channel, "use_runtime", None)
+            if callable(lend):
+                lend(runtime)
         ctx_holder: list[Context] = []
 
         def factory(key: Key, kept: Any) -> ActorBehaviour:
@@ -790,11 +815,12 @@ class Engine:
         for a code (never stepped up, failed, expired, closed) raises ``IllegalTransition``;
         so does a code that comes after the verification or pay window ended (the order is
         then failed or closed). Concurrent verifies and the window's timer are decided by
-        the order's mailbox, one at a time.
+        the order's mailbox, one at a time. ``Overloaded`` means the code was withdrawn
+        before the order looked at it (``_ask_claimed``): the caller's retry counts once.
         """
         check_id(order_id, "order_id")
         check_code(code)
-        view = self._ask_order(order_id, VerifyCode(code))
+        view = self._ask_claimed(order_id, VerifyCode(code))
         verification = view.verification
         assert verification is not None
         if verification.status == VerificationStatus.PASSED:
@@ -809,6 +835,22 @@ class Engine:
                                      "attempts left, the order failed", 0, view.state)
         raise IllegalTransition(f"order {order_id} is {view.state}: its verification "
                                 f"{verification.status} before the code came")
+
+    def _ask_claimed(self, order_id: str, event: Any) -> OrderView:
+        """Ask the order under a ``Claim`` (``actors.claim``): ``Overloaded`` only if the
+        event was withdrawn unhandled, so a retry of the call is handled once; an event the
+        actor took is answered, waiting up to ``ask_timeout_s`` more for its commit."""
+        claim = Claim()
+        try:
+            return self._ask_order(order_id, Claimed(claim, event))
+        except Overloaded:
+            if claim.withdraw():
+                raise Overloaded(f"order {order_id} did not take the request within "
+                                 f"{self._ctx.config.ask_timeout_s} s; nothing was done: "
+                                 "retry it") from None
+        view = claim.outcome(self._ctx.config.ask_timeout_s)
+        assert isinstance(view, OrderView)
+        return view
 
     def _route(self, request: PaymentRequest, order_id: str) -> RouteChoice | None:
         """The channel for a cash part that names a payment method (``EngineConfig.routing``);
@@ -897,10 +939,11 @@ class Engine:
         check_id(order_id, "order_id")
         request = RequestRefund(refund_no, amount_minor, reason)
         check_refund_request(request)
-        if self._gate.restricted:  # a frozen or closed merchant gives no money back
-            order = self._ctx.store.load_order(order_id)
-            if order is not None:
+        order = self._ctx.store.load_order(order_id)
+        if order is not None:
+            if self._gate.restricted:  # a frozen or closed merchant gives no money back
                 self._gate.check_parties(order.merchant_id, None)
+            self._check_refund_channel(order)
         view = self._ask_order(order_id, request)
         return view.refund(refund_no)
 
@@ -928,6 +971,15 @@ class Engine:
         if "change-keeps-holds" not in self._ctx.config.planted_bugs:
             self.close(previous_order_id)
         return self.submit(request)
+    def _check_refund_channel(self, order: PaymentOrder) -> None:
+        """A refund's cash part goes back through the order's channel: one this engine was
+        not given is refused (``ChannelsMissing``) before the order is asked."""
+        cash = next((leg for leg in order.legs if leg.is_cash), None)
+        if cash is not None and cash.channel is not None and (
+                cash.channel not in self._ctx.channels):
+            raise ChannelsMissing(
+                f"order {order.order_id} was paid through channel {cash.channel!r}, which "
+                "this engine was not given: its refund cannot go back", {cash.channel: 1})
 
     def request_close(self, order_id: str) -> None:
         """Enqueue a user close without waiting for it (an illegal one is logged, not raised)."""
@@ -1280,7 +1332,9 @@ class Engine:
             request = verified.op.request
             try:  # an order that exists: its pay window is checked first (``_retried``)
                 return self._submit(request, verified.nonce)
-            except RequestRejected as error:
+            except (RequestRejected, RiskBlocked, IdempotencyConflict) as error:
+                # refusals of the request itself (the same request never passes), recorded;
+                # "ask again" ones (Overloaded, DuplicateSuspected...) are not
                 self._gate.reject(verified.envelope, verified.op, error)
                 raise
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from payengine.engine.checks import check_id, check_int, check_text, shown
-from payengine.engine.errors import EngineClosed, InvalidRequest, RequestRejected
+from payengine.engine.errors import EngineClosed, InvalidRequest, PaymentError, RequestRejected
 from payengine.engine.merchant_request import (
     BODY_BYTES_MAX,
     MERCHANT_HEADER,
@@ -364,10 +364,12 @@ class MerchantGate:
             self.reject(verified.envelope, verified.op, error)
             raise
 
-    def reject(self, envelope: Envelope | None, op: MerchantOp | None, error: RequestRejected,
+    def reject(self, envelope: Envelope | None, op: MerchantOp | None, error: PaymentError,
                op_hint: str = "") -> None:
         """Record and log a refusal (what the request claimed, clipped); ``op_hint``: the
-        operation called, when the body was not read."""
+        operation called, when the body was not read. Its reason: a ``RequestRejected``'s
+        ``reason``, else the error's ``code`` (``risk_blocked``, ``idempotency_conflict``)."""
+        reason = error.reason if isinstance(error, RequestRejected) else error.code
         merchant_id = "" if envelope is None else envelope.merchant_id
         name = op_hint if op is None else op_name(op)
         order_no = "" if op is None else (op.request.merchant_order_no if isinstance(op, PayOp)
@@ -375,10 +377,9 @@ class MerchantGate:
         nonce = "" if envelope is None else envelope.nonce
         with contextlib.suppress(EngineClosed):  # shutting down: the refusal stands anyway
             merchants.record_rejection(self._store, RequestRejection(
-                self._now_ms(), merchant_id, name, order_no, nonce, error.reason,
-                error.message))
+                self._now_ms(), merchant_id, name, order_no, nonce, reason, error.message))
         self._log.warning("merchant_request.rejected", merchant_id=merchant_id, op=name,
-                          merchant_order_no=order_no, reason=error.reason,
+                          merchant_order_no=order_no, reason=reason,
                           detail=error.message)
 
 

@@ -18,6 +18,7 @@ from payengine.engine.order import (
     DebitVoucher,
     Leg,
     LegStatus,
+    OrderState,
     PaymentOrder,
     Refund,
     ReturnVoucher,
@@ -115,15 +116,16 @@ class Receipt:
     attempt: int = 1
     """Which payment attempt of the trade order this order is."""
     needs_verification: bool = False
-    """The risk gate asked for a step-up: send the user to identity verification, then
-    ``Engine.verify(order_id, code)``. The same for a retried submit of the same order."""
+    """The order waits for a step-up code now: send the user to identity verification, then
+    ``Engine.verify(order_id, code)``. The current truth: a retried submit after the code
+    passed (or the step-up failed, expired or was closed) gets ``False``."""
 
     @staticmethod
     def of(order: PaymentOrder) -> Receipt:
         return Receipt(order.order_id, order.payment_serial, order.merchant_id,
                        order.merchant_order_no, order.total_minor, order.currency, order.title,
                        order.created_at_ms, order.close_at_ms, order.attempt,
-                       order.verification is not None)
+                       order.state is OrderState.NEEDS_VERIFICATION)
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,10 +34,11 @@ from payengine.actors.channel import (
     query_charge_result,
     refund_result,
 )
+from payengine.actors.claim import Claimed
 from payengine.actors.directory import Key
 from payengine.actors.messages import FromOrder, OrderView
 from payengine.actors.runtime import TimerHandle
-from payengine.engine.errors import EngineClosed, InvalidRequest, UnknownOrder
+from payengine.engine.errors import EngineClosed, InvalidRequest, Overloaded, UnknownOrder
 from payengine.engine.ledger import Posting, postings_for
 from payengine.engine.order import (
     Activate,
@@ -142,6 +143,8 @@ class OrderBehaviour(ActorBehaviour):
         self.timers.clear()
 
     def handle(self, message: Any) -> Any:
+        if isinstance(message, Claimed):
+            return self._handle_claimed(message)
         if self.order is None:
             raise UnknownOrder(f"no payment order {self.key[1]}")
         if not isinstance(message, _EVENTS):
@@ -151,6 +154,19 @@ class OrderBehaviour(ActorBehaviour):
             if not isinstance(message, Activate):
                 self._apply(Activate())
         return self._apply(message)
+
+    def _handle_claimed(self, message: Claimed) -> Any:
+        """An event whose asker may have given up (``actors.claim``): handled only if the
+        asker did not withdraw it, and its outcome handed over for an asker still waiting."""
+        if not message.claim.take():
+            raise Overloaded("its asker gave up waiting: withdrawn, not handled")
+        try:
+            result = self.handle(message.event)
+        except BaseException as error:
+            message.claim.finish(error)
+            raise
+        message.claim.finish(self.reply(result))
+        return result
 
     def reply(self, result: Any) -> OrderView:
         assert isinstance(result, PaymentOrder)

@@ -134,6 +134,20 @@ class ActorBroken(AssertionError):
     """
 
 
+class ChannelsMissing(PaymentError):
+    """Work left on a channel the engine was not given: ``Engine.open`` without a channel
+    that unsettled orders still pay or refund through, or a refund of an order whose
+    channel is no longer configured. Refused before anything started or changed (no order
+    is resumed, no money moves); open again with the channels. ``channels`` maps each
+    missing channel to the orders that need it (unsettled ones at ``open``)."""
+
+    code = "channels_missing"
+
+    def __init__(self, message: str, channels: dict[str, int] | None = None) -> None:
+        super().__init__(message)
+        self.channels = dict(channels or {})
+
+
 class RefundRefused(PaymentError):
     """A refund asks for more than the payment may still give back, or cannot be split."""
 

@@ -416,7 +416,7 @@ PLANTABLE_BUGS = frozenset({"confirm-twice", "no-refund-after-close", "regress-s
                             "codes-processing-as-failure", "accept-bad-signature",
                             "risk-ignored", "withhold-retry-after-timeout",
                             "quote-price-drift", "shift-counts-unpaid",
-                            "change-keeps-holds"})
+                            "change-keeps-holds", "open-without-needed-channel"})
 """Bugs the simulator can switch on (``payengine sim --plant-bug NAME``): a success after the
 close kept, a late "processing" moving a success back, vouchers never held, a hold posted
 twice, a hold never expired (the account actor's), owed voucher follow-ups no longer sent
@@ -433,7 +433,9 @@ withholding retried while its timed-out attempt's close is not answered yet
 (``withhold-retry-after-timeout``: ``engine.withhold``), a
 quote priced anew at submit instead of charged as quoted (``quote-price-drift``), a shift
 report counting unpaid orders as paid (``shift-counts-unpaid``), an order changed by the
-user left open with its holds (``change-keeps-holds``, in ``Engine.change_order``).
+user left open with its holds (``change-keeps-holds``, in ``Engine.change_order``), an
+engine opened without a channel its unsettled orders use (``open-without-needed-channel``:
+the bug lives in ``Engine.open``).
 Each must make the oracle report a violation."""
 
 

@@ -646,6 +646,17 @@ class Store:
             ).fetchall()
         return [str(r[0]) for r in rows]
 
+    def unsettled_orders_by_channel(self) -> dict[str, int]:
+        """How many unsettled orders have a cash leg through each channel (``Engine.open``
+        checks every one is configured). At most one row per channel ever used."""
+        with self._read(snapshot=False) as conn:
+            rows = conn.execute(
+                "SELECT l.channel, COUNT(DISTINCT o.order_id) FROM payment_orders o"
+                " JOIN legs l ON l.order_id = o.order_id"
+                " WHERE o.settled = 0 AND l.channel IS NOT NULL GROUP BY l.channel"
+            ).fetchall()
+        return {str(channel): int(n) for channel, n in rows}
+
     def orders_owing_follow_ups(self, limit: int) -> list[str]:
         """Unsettled orders, oldest first, that may owe a voucher follow-up: a leg confirming,
         cancelling, reversing or flagged, or a refund part sent or unknown (``engine.order.

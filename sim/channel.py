@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -33,7 +34,7 @@ from payengine.engine.codes import (
     CodeTable,
     ResultKind,
 )
-from payengine.engine.errors import PaymentError
+from payengine.engine.errors import EngineClosed, PaymentError
 
 
 class World(Protocol):
@@ -133,6 +134,39 @@ REFUND_CODE_MEANINGS: Mapping[str, ResultKind] = {
 AGREEMENT_CALLBACK_TRIES = 40
 AGREEMENT_CALLBACK_GAP_MS = 500
 """A wallet sends an agreement callback again this long after a failed one."""
+class BorrowedWorld:
+    """The world of a simulated wallet built without one (``load_channels`` without
+    ``world=``): the runtime of the engine it is given to (``SimulatedChannel.use_runtime``,
+    called by ``Engine.open``). It starts no thread of its own, so nothing is left running
+    that nobody stops: the engine's shutdown stops its runtime, and with it the wallet's
+    pending events (a user about to pay); a reopened engine lends its new runtime. Before
+    any engine took the wallet its clock is the wall clock and it can schedule nothing
+    (``EngineClosed``: no engine could have asked it anything yet). Thread-safe."""
+
+    def __init__(self) -> None:
+        self._runtime: World | None = None
+
+    def use(self, runtime: World) -> None:
+        self._runtime = runtime
+
+    def _lent(self) -> World:
+        runtime = self._runtime
+        if runtime is None:
+            raise EngineClosed("this simulated wallet was given to no engine yet: it "
+                               "schedules on the runtime of the engine it is given to")
+        return runtime
+
+    def now_ms(self) -> int:
+        runtime = self._runtime
+        return time.time_ns() // 1_000_000 if runtime is None else runtime.now_ms()
+
+    def call_at(self, due_at_ms: int, fn: Callable[[], None]) -> Any:
+        return self._lent().call_at(due_at_ms, fn)
+
+    def run_io(self, lane: str, fn: Callable[[], Any], done: Callable[[Any], None]) -> None:
+        self._lent().run_io(lane, fn, done)
+
+
 SENT_KEPT_MAX = 200
 """Notifications a simulated wallet keeps for replay attacks (sim.forger)."""
 
@@ -224,6 +258,12 @@ class SimulatedChannel:
     @property
     def refund_query_schedule_ms(self) -> tuple[int, ...] | None:
         return None if self.config is None else self.config.refund_query_schedule_ms
+
+    def use_runtime(self, runtime: World) -> None:
+        """``Engine.open`` lends its runtime: a wallet built without a world (a
+        ``BorrowedWorld``) schedules on it; one with a world of its own keeps that."""
+        if isinstance(self.world, BorrowedWorld):
+            self.world.use(runtime)
 
     def attach(self, sink: CallbackSink | None) -> None:
         """Send notifications to ``sink`` from now on (``None``: the merchant is down)."""

@@ -61,6 +61,7 @@ from payengine.engine.order import (
 from payengine.engine.routing import Route, RoutingTable
 from payengine.engine.statement import FLAGGED, Verdict
 from payengine.persistence.outbox import OutboxEvent
+from payengine.persistence.store import Store
 from payengine.sim.channel import ChannelFaults, SimulatedChannel
 from payengine.sim.forger import Forger
 from payengine.sim.merchant import SimMerchant
@@ -79,6 +80,7 @@ from payengine.sim.oracle import (
 )
 from payengine.sim.preholds import PreHolder
 from payengine.sim.quotes import QuotingTerminals, sim_discounts
+from payengine.sim.reopen import ReopenTry, check_reopens, try_without_each
 from payengine.sim.risk import StepUpUser, risk_config
 from payengine.sim.runtime import Scheduler, SimRuntime, SimWorld
 from payengine.sim.signed_requests import SignedRequests
@@ -508,25 +510,44 @@ class Simulation:
 
     # ------------------------------------------------------------------ engine lifecycle
 
-    def _open(self) -> None:
-        runtime: Runtime
+    def _new_runtime(self) -> Runtime:
         if self.scheduler is not None:
-            runtime = SimRuntime(self.scheduler, io_latency_ms=self.mix.io_latency_ms)
-        else:
-            runtime = ThreadRuntime()
+            return SimRuntime(self.scheduler, io_latency_ms=self.mix.io_latency_ms)
+        return ThreadRuntime()
+
+    def _open_engine(self, runtime: Runtime, *, without: str | None = None) -> Engine:
+        return Engine.open(self.path, channels=[c for name, c in self.channels.items()
+                                                if name != without],
+                           policy=self.policy,
+                           config=self.engine_config, runtime=runtime, ids=self.ids,
+                           synchronous="OFF" if self.scheduler else "NORMAL",
+                           voucher_link=self._voucher_link,
+                           subscribers={"downstream": self._downstream},
+                           risk=self.risk)
+
+    def _open(self, tries: list[ReopenTry] | None = None) -> None:
+        """Open the engine; ``tries``: the opens without a channel just refused or accepted,
+        checked against the store before anything runs (``sim.reopen``)."""
+        usage = self._unsettled_by_channel() if tries else {}
+        runtime = self._new_runtime()
         self.runtime = runtime
-        self.engine = Engine.open(self.path, channels=list(self.channels.values()),
-                                  policy=self.policy,
-                                  config=self.engine_config, runtime=runtime, ids=self.ids,
-                                  synchronous="OFF" if self.scheduler else "NORMAL",
-                                  voucher_link=self._voucher_link,
-                                  subscribers={"downstream": self._downstream},
-                                  risk=self.risk)
+        self.engine = self._open_engine(runtime)
+        if tries:
+            self.violations += check_reopens(tries, usage)
         for channel in self.channels.values():
             channel.attach(self.engine)
         retry, self.pending_submits = self.pending_submits, []
         for request in retry:
             self._submit(request)
+
+    def _unsettled_by_channel(self) -> dict[str, int]:
+        """Read from the file before the real open: ``Engine.open`` itself may start work
+        (a withholding's next attempt is submitted as it resumes)."""
+        store = Store(self.path, exclusive=False)
+        try:
+            return store.unsettled_orders_by_channel()
+        finally:
+            store.close()
 
     def _downstream(self, event: OutboxEvent) -> None:
         """A downstream system (settlement, terminal push): keeps what it was told, by id.
@@ -572,9 +593,31 @@ class Simulation:
                 self.violations.append(violation)
 
     def _reopen(self) -> None:
-        self._open()
+        self._open(self._try_reopens_without_a_channel())
         assert self.engine is not None
         self._check_during_run()
+
+    def _try_reopens_without_a_channel(self) -> list[ReopenTry]:
+        """Each channel left out once (``sim.reopen``); deterministic runtime only: there an
+        accepted engine runs nothing before it is abandoned."""
+        if self.scheduler is None:
+            return []
+        runtimes: list[Runtime] = []
+
+        def open_without(name: str) -> Engine:
+            runtimes.append(self._new_runtime())
+            return self._open_engine(runtimes[-1], without=name)
+
+        def abandon(engine: Engine) -> None:
+            runtime = runtimes[-1]
+            if isinstance(runtime, SimRuntime):
+                runtime.crash()
+            engine.abandon()
+
+        tries = try_without_each(self.channels, open_without, abandon)
+        self.counts["reopen_refused_without_a_channel"] += sum(
+            t.named is not None for t in tries)
+        return tries
 
     def _arm_crash_after_commit(self) -> None:
         """The next commit of the engine crashes it: its decision is durable, its effects lost."""

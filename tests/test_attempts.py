@@ -220,9 +220,12 @@ def test_a_signed_pay_of_the_next_attempt_is_taken_after_the_first_closed(
 def test_a_retry_is_answered_with_its_receipt_even_once_its_channel_is_gone(
         tmp_path: Path) -> None:
     """A retried submit is answered, never decided anew: not by a channel the engine no
-    longer has (review finding: it was InvalidRequest), nor by an account deleted since."""
+    longer has (review finding: it was InvalidRequest), nor by an account deleted since.
+    The order is settled first: an engine is not opened at all without a channel that
+    unsettled orders use (``ChannelsMissing``, tests/test_defects.py)."""
     engine, _, _ = open_engine(tmp_path / "a.db")
     first = engine.submit(FIRST)
+    closed(engine, first.order_id)
     engine.shutdown()
     reopened = Engine.open(tmp_path / "a.db", channels=[ScriptedChannel("alipay")],
                            config=EngineConfig(duplicate_guard_window_ms=0))

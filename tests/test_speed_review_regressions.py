@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from payengine import Engine
+from payengine.engine.order import OrderState, PaymentOrder
 from tests.helpers import (
     ScriptedChannel,
     fuel_request,
@@ -30,13 +31,20 @@ def _paid_with_a_failing_first_save(tmp_path: Path, fail_once: bool
         wait_for(lambda: engine.get_order(receipt.order_id).state == "paying", what="paying")
         store = engine.store
         real_save = store.save_order
-        calls = [0]
+        failed = [False]
 
-        def flaky(*args: Any, **kwargs: Any) -> None:
-            calls[0] += 1
-            if fail_once and calls[0] == 1:
+        def flaky(order: PaymentOrder, *args: Any, **kwargs: Any) -> None:
+            # the commit of the notification's result (the one that takes the order out of
+            # paying), not whatever commit comes first: the pay call's answer may still be
+            # on its way when the order shows paying, and its commit must not be the one
+            # that fails (the callback would then go through at once)
+            before = kwargs.get("before")
+            leaves_paying = (before is not None and before.state is OrderState.PAYING
+                             and order.state is not OrderState.PAYING)
+            if fail_once and leaves_paying and not failed[0]:
+                failed[0] = True
                 raise sqlite3.OperationalError("disk I/O error")
-            real_save(*args, **kwargs)
+            real_save(order, *args, **kwargs)
 
         store.save_order = flaky  # type: ignore[method-assign]
         if fail_once:
@@ -46,7 +54,8 @@ def _paid_with_a_failing_first_save(tmp_path: Path, fail_once: bool
         # the wallet was not acknowledged: it sends the notification again
         signed_callback(engine, "wechat", receipt.payment_serial,
                         paid_reply(receipt.payment_serial))
-        wait_for(lambda: engine.get_order(receipt.order_id).settled, what="settled")
+        wait_for(lambda: engine.get_order(receipt.order_id).settled, timeout_s=60,
+                 what="settled")
         return (engine.ledger_balances(receipt.order_id),
                 [(e.part, e.from_state, e.to_state) for e in engine.journal(receipt.order_id)])
     finally:

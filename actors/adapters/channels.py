@@ -59,16 +59,16 @@ def build_channel(config: ChannelConfig, *, world: Any = None,
                   base_dir: str | Path | None = None,
                   transport: Transport | None = None) -> Channel:
     """One channel. ``world``: the runtime a simulated wallet schedules on (its clock, timers
-    and I/O lanes; ``payengine.ThreadRuntime()`` if not given); ``base_dir``: where a
+    and I/O lanes; if not given, the runtime of the engine it is given to: a
+    ``BorrowedWorld``, which starts no thread of its own); ``base_dir``: where a
     relative ``recording.file`` goes; ``transport``: the HTTP exchange (tests)."""
     if not isinstance(config, ChannelConfig):
         raise ConfigError("channels", f"must be a ChannelConfig, not {shown(config)}")
     if config.kind == "http":
         return HttpChannel(config, transport=transport, base_dir=base_dir)
-    from payengine.actors.runtime import ThreadRuntime
-    from payengine.sim.channel import SimulatedChannel
+    from payengine.sim.channel import BorrowedWorld, SimulatedChannel
 
-    return SimulatedChannel.from_config(config, world if world is not None else ThreadRuntime())
+    return SimulatedChannel.from_config(config, world if world is not None else BorrowedWorld())
 
 
 def load_channels(source: ConfigSource, *, world: Any = None,
@@ -81,9 +81,5 @@ def load_channels(source: ConfigSource, *, world: Any = None,
     (the orders that used them still need queries and refunds); see ``ChannelConfig.enabled``.
     """
     configs, base = configs_of(source)
-    if world is None and any(c.kind == "simulated" for c in configs):
-        from payengine.actors.runtime import ThreadRuntime
-
-        world = ThreadRuntime()
     return [build_channel(c, world=world, base_dir=base, transport=transport)
             for c in configs]

@@ -1,0 +1,63 @@
+"""An operator's mistake at a restart: a channel left out that unsettled orders still use.
+
+At every reopen after a crash (deterministic runtime only) the simulator first opens the
+engine once without each channel in turn. ``Engine.open`` must refuse (``ChannelsMissing``)
+exactly when unsettled orders use the channel left out, naming it with their number, and
+before anything ran: an engine that took such an open would leave those orders' actors with
+no channel at every timer. Nothing of the workload is drawn here, so seeds' workloads stay
+the same; a refused open starts nothing, an accepted one is abandoned before it was driven.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from payengine.actors.engine import Engine
+from payengine.engine.errors import ChannelsMissing
+from payengine.sim.oracle import Violation
+
+
+@dataclass(frozen=True, slots=True)
+class ReopenTry:
+    """One open without ``missing``: refused with ``named`` (channel -> unsettled orders),
+    or accepted (``named`` is ``None``)."""
+
+    missing: str
+    named: dict[str, int] | None
+
+
+def try_without_each(channels: Mapping[str, object],
+                     open_without: Callable[[str], Engine],
+                     abandon: Callable[[Engine], None]) -> list[ReopenTry]:
+    """Open without each channel in turn (``open_without(name)``), in name order."""
+    tries = []
+    for missing in sorted(channels):
+        try:
+            engine = open_without(missing)
+        except ChannelsMissing as refused:
+            tries.append(ReopenTry(missing, dict(refused.channels)))
+            continue
+        abandon(engine)
+        tries.append(ReopenTry(missing, None))
+    return tries
+
+
+def check_reopens(tries: list[ReopenTry], usage: Mapping[str, int]) -> list[Violation]:
+    """``usage``: unsettled orders by channel, read from the file just before the real
+    open. A refusal names exactly the channel left out and its orders; an accepted open
+    left out a channel no unsettled order uses."""
+    violations = []
+    for t in tries:
+        used = usage.get(t.missing, 0)
+        if t.named is None and used:
+            violations.append(Violation(
+                "reopen-needs-its-channels", f"channel {t.missing}",
+                f"an engine opened without channel {t.missing}, which {used} unsettled "
+                "orders use"))
+        elif t.named is not None and t.named != {t.missing: used}:
+            violations.append(Violation(
+                "reopen-needs-its-channels", f"channel {t.missing}",
+                f"the open without it was refused naming {t.named}, but {used} unsettled "
+                "orders use it"))
+    return violations
