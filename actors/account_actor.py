@@ -44,7 +44,9 @@ from payengine.engine.errors import (
 )
 from payengine.engine.order import (
     CancelHold,
+    ClawBack,
     ConfirmHold,
+    CreditVoucher,
     DebitVoucher,
     ReturnVoucher,
     Transition,
@@ -62,7 +64,8 @@ from payengine.engine.voucher import (
 )
 
 _OPS = {TryHold: VoucherOp.TRY, ConfirmHold: VoucherOp.CONFIRM, CancelHold: VoucherOp.CANCEL,
-        DebitVoucher: VoucherOp.DEBIT, ReturnVoucher: VoucherOp.RETURN}
+        DebitVoucher: VoucherOp.DEBIT, ReturnVoucher: VoucherOp.RETURN,
+        CreditVoucher: VoucherOp.CREDIT, ClawBack: VoucherOp.CLAWBACK}
 
 
 class AccountBehaviour(ActorBehaviour):
@@ -134,7 +137,7 @@ class AccountBehaviour(ActorBehaviour):
             outcome = self._apply(command.order_id, effect)
             # A refused fence fails a debit (the balance fell short); a Cancel that finds
             # one refused has nothing to release, which is the success it asked for.
-            if (isinstance(effect, DebitVoucher) and outcome.fence is not None
+            if (isinstance(effect, DebitVoucher | ClawBack) and outcome.fence is not None
                     and outcome.fence.status is FenceStatus.REFUSED):
                 ok, reason = False, "insufficient balance at debit"
             self._commit(outcome, f"{op.value} for order {command.order_id}")
@@ -187,6 +190,14 @@ class AccountBehaviour(ActorBehaviour):
             case ReturnVoucher():
                 return voucher.give_back(account, fence, key=key, amount=effect.amount,
                                          order_id=order_id, now_ms=now_ms)
+            case CreditVoucher():
+                return voucher.credit(account, fence, key=key, amount=effect.amount,
+                                      order_id=order_id, now_ms=now_ms)
+            case ClawBack() if effect.undo:
+                return voucher.cancel(account, fence, key=key, order_id=order_id, now_ms=now_ms)
+            case ClawBack():
+                return voucher.debit(account, fence, key=key, amount=effect.amount,
+                                     order_id=order_id, now_ms=now_ms)
         raise AssertionError(f"not a voucher effect: {effect!r}")
 
     def _fund(self, command: Fund) -> AccountView:
@@ -338,8 +349,8 @@ def _assert_order_may_name(order_id: str, effect: Any) -> None:
     confirming or releasing it) the user's pre-hold its leg named. The core builds these
     keys, so anything else is a bug there, never a caller's input."""
     key: FenceKey = effect.fence
-    if isinstance(effect, ReturnVoucher):
-        assert key.scope is FenceScope.REFUND, f"a return under {key!r}"
+    if isinstance(effect, ReturnVoucher | ClawBack):
+        assert key.scope is FenceScope.REFUND, f"a return or clawback under {key!r}"
     elif key.scope is FenceScope.ORDER:
         assert key.owner == order_id, f"order {order_id} names {key!r}"
     else:

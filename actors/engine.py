@@ -21,6 +21,13 @@ from typing import Any, Protocol
 from payengine.actors.account_actor import AccountBehaviour
 from payengine.actors.admission import Admission, AdmissionStats
 from payengine.actors.base import ActorBehaviour, Context, EngineConfig
+from payengine.actors.beneficiary import (
+    TRANSFER_MERCHANT,
+    check_recharge_refund,
+    check_transfer,
+    transfer_request,
+    transfer_source,
+)
 from payengine.actors.channel import (
     Channel,
     ChannelReply,
@@ -481,6 +488,9 @@ class Engine:
         ctx = self._ctx
         with self._admission.admit():  # first: a refusal above capacity must cost nothing
             check_request(request, policy=ctx.policy, currencies=ctx.config.currency_table)
+            if request.merchant_id == TRANSFER_MERCHANT:
+                raise InvalidRequest(f"merchant id {TRANSFER_MERCHANT!r} is reserved for "
+                                     "transfers (Engine.transfer)")
             self._gate.check_parties(request.merchant_id, request.user_id)
             return self._submit(request)
 
@@ -511,6 +521,8 @@ class Engine:
             raise InvalidRequest(f"channel {channel!r} takes no pay details (its "
                                  "pay() has no 'details' parameter)")
         names = [part.account_id for part in request.vouchers]
+        if request.credit_account is not None:
+            names.append(request.credit_account)
         units = ctx.store.account_units(names)
         missing = [name for name in names if name not in units]
         if missing:
@@ -732,12 +744,58 @@ class Engine:
         check_id(order_id, "order_id")
         request = RequestRefund(refund_no, amount_minor, reason)
         check_refund_request(request)
-        if self._gate.restricted:  # a frozen or closed merchant gives no money back
-            order = self._ctx.store.load_order(order_id)
-            if order is not None:
-                self._gate.check_parties(order.merchant_id, None)
+        order = self._ctx.store.load_order(order_id)
+        if order is not None and self._gate.restricted:  # a frozen or closed merchant
+            self._gate.check_parties(order.merchant_id, None)  # gives no money back
+        if order is not None:
+            check_recharge_refund(self._ctx.store, order, refund_no, amount_minor)
         view = self._ask_order(order_id, request)
         return view.refund(refund_no)
+
+    def recharge(self, merchant_id: str, merchant_order_no: str, account_id: str,
+                 amount_minor: int, currency: str, cash: CashPart, *,
+                 user_id: str | None = None, title: str = "recharge",
+                 pay_window_ms: int | None = None, attempt: int = 1) -> Receipt:
+        """Top up the stored-value account ``account_id`` by ``amount_minor``, paid by
+        ``cash`` (channel or method, and pay details, as for a payment).
+
+        A payment order like any other (idempotent by merchant order number and attempt,
+        risk, routing, polling), whose account is credited exactly once and only after the
+        cash success is committed; then it is ``succeeded``. A success after the close is
+        refunded and credits nothing. ``user_id`` defaults to the account id. Runs on the
+        caller's thread; returns at once with the receipt.
+        """
+        request = PaymentRequest(merchant_id, merchant_order_no,
+                                 account_id if user_id is None else user_id, currency,
+                                 amount_minor, title, cash, pay_window_ms=pay_window_ms,
+                                 attempt=attempt, credit_account=account_id)
+        return self.submit(request)
+
+    def transfer(self, transfer_id: str, from_account: str, to_account: str,
+                 amount: int) -> Receipt:
+        """Move ``amount`` between two money accounts of one currency: held on the source
+        (Try), credited to the target, confirmed on the source; or, if the credit cannot
+        happen, the hold is voided. All or nothing, idempotent by ``transfer_id`` (other
+        parameters: ``IdempotencyConflict``). A new transfer is refused before anything is
+        created (see ``actors.beneficiary.check_transfer``). Returns at once; follow it with
+        ``get_transfer(transfer_id)``. Runs on the caller's thread.
+        """
+        self._check_open()
+        store = self._ctx.store
+        source = transfer_source(store, transfer_id, from_account, to_account, amount)
+        request = transfer_request(transfer_id, from_account, to_account, amount, source)
+        retried = self._retried(request, None)
+        if retried is not None:  # answered as it was, whatever the balances are now
+            return retried
+        check_transfer(store, source, to_account, amount)
+        with self._admission.admit():
+            check_request(request, policy=self._ctx.policy,
+                          currencies=self._ctx.config.currency_table)
+            return self._submit(request)
+
+    def get_transfer(self, transfer_id: str) -> OrderView:
+        """The order of the transfer ``transfer_id`` (``UnknownOrder`` if never made)."""
+        return self.find_order(TRANSFER_MERCHANT, transfer_id)
 
     def request_close(self, order_id: str) -> None:
         """Enqueue a user close without waiting for it (an illegal one is logged, not raised)."""

@@ -13,7 +13,9 @@ from typing import Any
 from payengine.engine.channel_data import Prepay
 from payengine.engine.order import (
     CancelHold,
+    ClawBack,
     ConfirmHold,
+    CreditVoucher,
     DebitVoucher,
     Leg,
     LegStatus,
@@ -52,7 +54,8 @@ class FromOrder:
     """An order's voucher effect, to be answered with a ``VoucherReply`` told to the order."""
 
     order_id: str
-    effect: TryHold | ConfirmHold | CancelHold | DebitVoucher | ReturnVoucher
+    effect: (TryHold | ConfirmHold | CancelHold | DebitVoucher | ReturnVoucher | CreditVoucher
+             | ClawBack)
 
 
 @dataclass(frozen=True, slots=True)

@@ -109,6 +109,9 @@ class FenceKind(enum.StrEnum):
     """Cancel came before any Try for this id: nothing moved, later Trys are refused."""
     RETURN = "return"
     """A refund: spent value given back (spent -> available), posted at once."""
+    CREDIT = "credit"
+    """A recharge's or transfer's credit: new value (funded and available up), posted at
+    once, once per order (the credit leg's fence)."""
 
 
 class FenceStatus(enum.StrEnum):
@@ -419,6 +422,34 @@ def give_back(
         account, spent=account.spent - amount, available=account.available + amount
     ).check()
     posted = Fence(key, account.account_id, FenceKind.RETURN, FenceStatus.POSTED, amount,
+                   order_id, None, now_ms)
+    return Outcome(new_account, posted, True)
+
+
+def credit(
+    account: VoucherAccount,
+    fence: Fence | None,
+    *,
+    key: FenceKey,
+    amount: int,
+    order_id: str,
+    now_ms: int,
+) -> Outcome:
+    """Credit ``amount`` (funded and available up), idempotent by ``key``: the same credit
+    again changes nothing, so a credit re-sent after a crash lands exactly once."""
+    _assert_fence_of(account, fence, key)
+    check_amount(amount)
+    if fence is not None:
+        if fence.kind is FenceKind.CREDIT and (fence.amount, fence.order_id) == (amount, order_id):
+            return Outcome(account, fence, False)
+        raise IdempotencyConflict(f"credit {key} was {fence.kind.value} of {fence.amount} "
+                                  f"for {fence.order_id}, not a credit of {amount}")
+    if account.funded + amount > AMOUNT_MAX:
+        raise InvalidAmount(f"crediting {amount} would take {account.account_id} above "
+                            f"{AMOUNT_MAX}")
+    new_account = evolve(account, funded=account.funded + amount,
+                         available=account.available + amount).check()
+    posted = Fence(key, account.account_id, FenceKind.CREDIT, FenceStatus.POSTED, amount,
                    order_id, None, now_ms)
     return Outcome(new_account, posted, True)
 

@@ -641,10 +641,11 @@ class Store:
                 " JOIN json_each(r.parts) p JOIN legs v ON v.order_id = r.order_id"
                 " AND v.leg_no = json_extract(p.value, '$[0]') AND v.mode != ?"
                 " WHERE r.order_id = o.order_id"
-                " AND json_extract(p.value, '$[3]') IN (?, ?)))"
+                " AND json_extract(p.value, '$[3]') IN (?, ?, ?)))"
                 " ORDER BY o.created_at_ms, o.order_id LIMIT ?",
                 (*(status.value for status in FOLLOW_UP_OPS), LegMode.CASH.value,
-                 PartStatus.SENT.value, PartStatus.UNKNOWN.value, limit)).fetchall()
+                 PartStatus.SENT.value, PartStatus.UNKNOWN.value, PartStatus.REVERSING.value,
+                 limit)).fetchall()
         return [str(r[0]) for r in rows]
 
     def iter_orders(self, batch_size: int = 500) -> Iterator[PaymentOrder]:
