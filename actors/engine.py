@@ -755,20 +755,23 @@ class Engine:
     def recharge(self, merchant_id: str, merchant_order_no: str, account_id: str,
                  amount_minor: int, currency: str, cash: CashPart, *,
                  user_id: str | None = None, title: str = "recharge",
-                 pay_window_ms: int | None = None, attempt: int = 1) -> Receipt:
+                 pay_window_ms: int | None = None, attempt: int = 1,
+                 confirm_duplicate: bool = False) -> Receipt:
         """Top up the stored-value account ``account_id`` by ``amount_minor``, paid by
         ``cash`` (channel or method, and pay details, as for a payment).
 
         A payment order like any other (idempotent by merchant order number and attempt,
         risk, routing, polling), whose account is credited exactly once and only after the
         cash success is committed; then it is ``succeeded``. A success after the close is
-        refunded and credits nothing. ``user_id`` defaults to the account id. Runs on the
-        caller's thread; returns at once with the receipt.
+        refunded and credits nothing. ``user_id`` defaults to the account id; the duplicate
+        guard and ``confirm_duplicate`` are as for ``submit``. Runs on the caller's thread;
+        returns at once with the receipt.
         """
         request = PaymentRequest(merchant_id, merchant_order_no,
                                  account_id if user_id is None else user_id, currency,
                                  amount_minor, title, cash, pay_window_ms=pay_window_ms,
-                                 attempt=attempt, credit_account=account_id)
+                                 confirm_duplicate=confirm_duplicate, attempt=attempt,
+                                 credit_account=account_id)
         return self.submit(request)
 
     def transfer(self, transfer_id: str, from_account: str, to_account: str,

@@ -916,6 +916,14 @@ class Store:
                 fences.setdefault(fence.account_id, []).append(fence)
         return [(a, fences[a.account_id]) for a in accounts]
 
+    def top_ups(self) -> dict[str, int]:
+        """Each account's top-ups (``Engine.fund``) summed: what it was funded with besides
+        the credits of recharges and transfers (its ``credit`` fences)."""
+        with self._read(snapshot=False) as conn:
+            rows = conn.execute("SELECT account_id, SUM(amount) FROM fundings"
+                                " GROUP BY account_id").fetchall()
+        return {str(r[0]): int(r[1]) for r in rows}
+
     def fences_of(self, account_id: str) -> list[Fence]:
         with self._read(snapshot=False) as conn:
             rows = conn.execute(f"SELECT {_FENCE_COLUMNS} FROM holds WHERE account_id = ?"
