@@ -30,6 +30,7 @@ from payengine.actors.messages import (
     IdleCheck,
     PreHold,
     ReleaseHold,
+    SetAccountStatus,
 )
 from payengine.engine import voucher
 from payengine.engine.errors import (
@@ -117,6 +118,8 @@ class AccountBehaviour(ActorBehaviour):
                 return self._pre_hold(message)
             case ReleaseHold():
                 return self._release(message.hold_id)
+            case SetAccountStatus():
+                return self._set_status(message.status)
             case ExpireDue():
                 return None
         raise InvalidRequest(f"an account cannot handle {type(message).__name__}")
@@ -221,6 +224,17 @@ class AccountBehaviour(ActorBehaviour):
                 f"funding {command.funding_id} was used for another account") from None
         self.account = after
         return AccountView.of(after)
+
+    def _set_status(self, status: str) -> str:
+        """Freeze, unfreeze or close: persisted, then taken; returns the previous status.
+        On the account's own thread, so no operation of it sees half a change."""
+        before = self.account
+        assert before is not None
+        after = voucher.set_status(before, status)
+        if after != before:
+            self.ctx.store.set_account_status(before, after, self.ctx.runtime.now_ms())
+            self.account = after
+        return before.status.value
 
     def _pre_hold(self, command: PreHold) -> HoldView:
         assert self.account is not None

@@ -58,10 +58,13 @@ def transfer_source(store: Store, transfer_id: object, from_account: object,
 
 def check_transfer(store: Store, source: VoucherAccount, target_id: str, value: int) -> None:
     """Whether a new transfer may be made, before anything is created: ``UnknownAccount``,
-    ``CurrencyMismatch`` (not two money accounts of one currency), ``InsufficientBalance``
-    (the source's available balance now)."""
+    ``AccountFrozen`` / ``AccountClosed`` (either account), ``CurrencyMismatch`` (not two
+    money accounts of one currency), ``InsufficientBalance`` (the source's available
+    balance now)."""
     source_id = source.account_id
     target = _account(store, target_id)
+    source.check_usable()
+    target.check_usable()
     for account in (source, target):
         if account.minor_per_unit is not None:
             raise CurrencyMismatch(f"account {account.account_id} is in {account.unit} "
@@ -74,6 +77,14 @@ def check_transfer(store: Store, source: VoucherAccount, target_id: str, value: 
                                   f"{source.unit} available, {value} asked")
 
 
+def check_recharge_target(store: Store, account_id: object) -> None:
+    """A recharge's account, if it exists (the submit says ``UnknownAccount``), must take
+    credits now (``AccountFrozen``, ``AccountClosed``). Advisory: frozen after this, the
+    credit is refused when the cash is paid, and the cash is refunded."""
+    if isinstance(account_id, str) and (account := store.load_account(account_id)):
+        account.check_usable()
+
+
 def check_recharge_refund(store: Store, order: PaymentOrder, refund_no: str,
                           amount: int) -> None:
     """A new refund of a recharge takes its value back from the account first: refused
@@ -83,6 +94,7 @@ def check_recharge_refund(store: Store, order: PaymentOrder, refund_no: str,
         return  # not a recharge (a transfer's refund is refused by its order), or a retry
     assert credit.account_id is not None
     account = _account(store, credit.account_id)
+    account.check_usable()
     if account.available < amount:
         raise InsufficientBalance(
             f"recharge {order.order_id} credited {credit.account_id}, which has "

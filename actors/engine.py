@@ -24,6 +24,7 @@ from payengine.actors.base import ActorBehaviour, Context, EngineConfig
 from payengine.actors.beneficiary import (
     TRANSFER_MERCHANT,
     check_recharge_refund,
+    check_recharge_target,
     check_transfer,
     transfer_request,
     transfer_source,
@@ -53,6 +54,7 @@ from payengine.actors.messages import (
     Receipt,
     RefundView,
     ReleaseHold,
+    SetAccountStatus,
 )
 from payengine.actors.notifier import Notifications, Subscriber
 from payengine.actors.order_actor import OrderBehaviour
@@ -422,6 +424,15 @@ class Engine:
         check_id(funding_id, "funding_id (it makes a retried top-up safe)")
         return self._ask_account(account_id, Fund(funding_id, amount))  # type: ignore[no-any-return]
 
+    def set_account_status(self, account_id: str, status: str) -> str:
+        """``active``, ``frozen`` or ``closed`` (final); returns the previous status. A
+        frozen or closed account takes nothing new (holds, debits, credits, top-ups:
+        ``AccountFrozen``, ``AccountClosed``); what was decided before still completes."""
+        check_id(account_id, "account_id")
+        previous = self._ask_account(account_id, SetAccountStatus(status))
+        assert isinstance(previous, str)
+        return previous
+
     def pre_hold(self, account_id: str, amount: int, *, hold_id: str | None = None,
                  ttl_ms: int | None = None) -> HoldView:
         """Hold vouchers before ordering (the user ticked "use points").
@@ -772,6 +783,9 @@ class Engine:
                                  amount_minor, title, cash, pay_window_ms=pay_window_ms,
                                  confirm_duplicate=confirm_duplicate, attempt=attempt,
                                  credit_account=account_id)
+        self._check_open()
+        if self._retried(request, None) is None:  # a retry is answered as it was
+            check_recharge_target(self._ctx.store, account_id)
         return self.submit(request)
 
     def transfer(self, transfer_id: str, from_account: str, to_account: str,

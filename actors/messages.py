@@ -67,6 +67,13 @@ class Fund:
 
 
 @dataclass(frozen=True, slots=True)
+class SetAccountStatus:
+    """Freeze, unfreeze or close an account (``Engine.set_account_status``)."""
+
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
 class PreHold:
     """Hold vouchers before an order exists (the user ticked "use points").
 
@@ -252,11 +259,14 @@ class AccountView:
     available: int
     held: int
     spent: int
+    status: str = "active"
+    """``active``, ``frozen`` or ``closed`` (``Engine.set_account_status``)."""
 
     @staticmethod
     def of(account: VoucherAccount) -> AccountView:
         return AccountView(account.account_id, account.unit, account.minor_per_unit,
-                           account.funded, account.available, account.held, account.spent)
+                           account.funded, account.available, account.held, account.spent,
+                           account.status.value)
 
 
 @dataclass(frozen=True, slots=True)

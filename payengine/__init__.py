@@ -55,7 +55,9 @@ from payengine.actors.runtime import Runtime, ThreadRuntime
 from payengine.engine.channel_data import PayDetails, PayScenario, Prepay
 from payengine.engine.codes import CodeTable, ResultKind
 from payengine.engine.errors import (
+    AccountClosed,
     AccountExists,
+    AccountFrozen,
     ActorBroken,
     AttemptRefused,
     ConfigError,
@@ -103,7 +105,9 @@ from payengine.persistence.rejections import Rejection
 __version__ = "0.2.0"
 
 __all__ = [
+    "AccountClosed",
     "AccountExists",
+    "AccountFrozen",
     "AccountView",
     "ActorBroken",
     "AdmissionStats",

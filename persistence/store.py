@@ -65,6 +65,7 @@ from payengine.engine.order import (
 )
 from payengine.engine.risk import verification_from_json, verification_json
 from payengine.engine.voucher import (
+    AccountStatus,
     Fence,
     FenceKey,
     FenceKind,
@@ -75,7 +76,7 @@ from payengine.engine.voucher import (
 from payengine.persistence import merchants, outbox, rejections, statements
 from payengine.persistence.group_commit import CommitStats, GroupCommit, GroupCommitConfig
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 """Bumped whenever a table changes shape; a file of another version is refused at open
 (``IncompatibleDatabase``). 2: fences keyed by (account, scope, owner, leg), not a hold id.
 3: one journal row per change, holding that change's transitions. 4: an order's pay details
@@ -83,7 +84,8 @@ and prepay (JSON arrays); payment attempts (``payment_orders.attempt``, unique p
 order; ``trade_orders.order_id`` is the latest attempt). 5: merchants' signing keys and
 status, users' status, the nonces of signed requests and the requests refused
 (``persistence.merchants``). 6: an order's step-up verification (a JSON array) and device
-id (for the risk gate's velocity per device)."""
+id (for the risk gate's velocity per device). 7: a voucher account's status (active,
+frozen, closed), for recharges and transfers."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,7 +332,7 @@ class Store:
             db.table("voucher_accounts").create(
                 {"account_id": str, "unit": str, "minor_per_unit": int, "funded": int,
                  "available": int, "held": int, "spent": int, "version": int,
-                 "created_at_ms": int},
+                 "created_at_ms": int, "status": str},
                 pk="account_id", not_null={"unit", "funded", "available", "held", "spent"},
                 if_not_exists=True,
             )
@@ -724,9 +726,9 @@ class Store:
     def load_account(self, account_id: str) -> VoucherAccount | None:
         with self._read(snapshot=False) as conn:
             row = conn.execute(
-                "SELECT account_id, unit, minor_per_unit, funded, available, held, spent"
+                f"SELECT {_ACCOUNT_COLUMNS}"
                 " FROM voucher_accounts WHERE account_id = ?", (account_id,)).fetchone()
-        return None if row is None else VoucherAccount(*row)
+        return None if row is None else _account_from_row(row)
 
     def account_units(self, account_ids: Iterable[str]) -> dict[str, AccountUnit]:
         """The unit of each account that exists. An account's unit never changes once it is
@@ -813,6 +815,15 @@ class Store:
                                        (after.account_id,)).fetchone()[0]
                 outbox.record_hold_events(conn, int(version), expired, now_ms)
 
+    def set_account_status(self, before: VoucherAccount, after: VoucherAccount,
+                           now_ms: int) -> None:
+        """Write an account's new status with its journal entry, as one change."""
+        with self._tx(2) as conn:
+            conn.execute("UPDATE voucher_accounts SET status = ?, version = version + 1"
+                         " WHERE account_id = ?", (after.status.value, after.account_id))
+            self._journal(conn, now_ms, "account", after.account_id, [
+                Transition("status", before.status.value, after.status.value, "set")])
+
     def accounts_with_pending_holds(self) -> list[str]:
         with self._read(snapshot=False) as conn:
             rows = conn.execute("SELECT DISTINCT account_id FROM holds WHERE status = 'pending'"
@@ -898,16 +909,16 @@ class Store:
     def all_accounts(self) -> list[VoucherAccount]:
         with self._read(snapshot=False) as conn:
             rows = conn.execute(
-                "SELECT account_id, unit, minor_per_unit, funded, available, held, spent"
+                f"SELECT {_ACCOUNT_COLUMNS}"
                 " FROM voucher_accounts ORDER BY account_id").fetchall()
-        return [VoucherAccount(*r) for r in rows]
+        return [_account_from_row(r) for r in rows]
 
     def accounts_with_fences(self) -> list[tuple[VoucherAccount, list[Fence]]]:
         """Every account with all its fences, read in one snapshot (for consistency checks
         while actors keep writing)."""
         with self._read() as conn:
-            accounts = [VoucherAccount(*r) for r in conn.execute(
-                "SELECT account_id, unit, minor_per_unit, funded, available, held, spent"
+            accounts = [_account_from_row(r) for r in conn.execute(
+                f"SELECT {_ACCOUNT_COLUMNS}"
                 " FROM voucher_accounts ORDER BY account_id").fetchall()]
             fences: dict[str, list[Fence]] = {a.account_id: [] for a in accounts}
             for row in conn.execute(f"SELECT {_FENCE_COLUMNS} FROM holds"
@@ -1022,6 +1033,18 @@ _LOAD_ORDER = (
 _INSERT_LEG = (
     f"INSERT INTO legs (order_id, {_LEG_COLUMNS}) VALUES (" + ",".join("?" * 13) + ")"
 )
+_ACCOUNT_COLUMNS = ("account_id, unit, minor_per_unit, funded, available, held, spent,"
+                    " COALESCE(status, 'active')")
+_ACCOUNT_STATUSES = {m.value: m for m in AccountStatus}
+
+
+def _account_from_row(r: Sequence[Any]) -> VoucherAccount:
+    account_id, unit, minor_per_unit, funded, available, held, spent, status = r
+    return VoucherAccount(str(account_id), str(unit),
+                          None if minor_per_unit is None else int(minor_per_unit), int(funded),
+                          int(available), int(held), int(spent), _ACCOUNT_STATUSES[status])
+
+
 _FENCE_COLUMNS = ("scope, owner, leg, account_id, kind, status, amount, order_id, expires_at_ms,"
                   " updated_at_ms")
 

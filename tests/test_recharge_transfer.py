@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from payengine import (
+    AccountClosed,
+    AccountFrozen,
     CashPart,
     ChannelReply,
     CurrencyMismatch,
@@ -248,3 +250,74 @@ class _Dropping:
 
     def reply(self, order_id: str, reply: object) -> None:
         pass
+
+
+@pytest.mark.parametrize(("status", "error"), [("frozen", AccountFrozen),
+                                               ("closed", AccountClosed)])
+def test_a_transfer_from_or_to_a_frozen_or_closed_account_is_refused_and_nothing_moves(
+        world: tuple[Engine, ScriptedChannel], status: str, error: type[Exception]) -> None:
+    engine, _ = world
+    engine.open_account("dave/wallet", "CNY")
+    assert engine.set_account_status("dave/wallet", status) == "active"
+    with pytest.raises(error):
+        engine.transfer("t-to", "alice/wallet", "dave/wallet", 100)
+    with pytest.raises(error):
+        engine.transfer("t-from", "dave/wallet", "alice/wallet", 100)
+    with pytest.raises(error):
+        engine.recharge("shop-1", "top-f", "dave/wallet", 100, "CNY", CashPart(100, "wechat"))
+    assert engine.get_account("alice/wallet").available == 5_000
+    assert engine.get_account("dave/wallet").status == status
+    assert engine.unsettled_count() == 0
+
+
+def test_a_closed_account_stays_closed(world: tuple[Engine, ScriptedChannel]) -> None:
+    engine, _ = world
+    engine.set_account_status("bob/wallet", "closed")
+    with pytest.raises(IllegalTransition):
+        engine.set_account_status("bob/wallet", "active")
+    with pytest.raises(InvalidRequest):
+        engine.set_account_status("alice/wallet", "asleep")
+    with pytest.raises(AccountClosed):
+        engine.fund("bob/wallet", 100, funding_id="late")
+
+
+def test_a_recharge_whose_account_froze_before_the_cash_came_is_refunded_not_credited(
+        world: tuple[Engine, ScriptedChannel]) -> None:
+    engine, channel = world
+    channel.refund_reply = REFUND_OK
+    receipt = engine.recharge("shop-1", "top-z", "bob/wallet", 900, "CNY",
+                              CashPart(900, "wechat"))
+    wait_for(lambda: engine.get_order(receipt.order_id).state == "paying", what="paying")
+    engine.set_account_status("bob/wallet", "frozen")
+    signed_callback(engine, "wechat", receipt.payment_serial, paid_reply(receipt.payment_serial))
+    order = wait_for(lambda: (o := engine.get_order(receipt.order_id)).settled and o,
+                     what="refunded")
+    assert order.state == "failed" and order.cause == "credit_refused"
+    assert [(leg.mode, leg.status) for leg in order.legs] == [
+        ("cash", "refunded"), ("credit", "refused")]
+    assert engine.get_account("bob/wallet").funded == 0
+    assert engine.ledger_balances(receipt.order_id)["CNY"] == {"payer:wechat": 0, "transit": 0}
+
+
+def test_a_transfer_whose_target_froze_after_the_hold_is_cancelled_all_or_nothing(
+        tmp_path: Path) -> None:
+    channel = ScriptedChannel()
+    dropping = _Dropping()
+    engine = Engine.open(tmp_path / "pay.db", channels=[channel],  # type: ignore[list-item]
+                         policy=SLOW_POLICY, voucher_link=lambda directory: dropping)
+    engine.open_account("alice/wallet", "CNY")
+    engine.fund("alice/wallet", 1_000, funding_id="a")
+    engine.open_account("bob/wallet", "CNY")
+    receipt = engine.transfer("t-f", "alice/wallet", "bob/wallet", 400)
+    engine.set_account_status("bob/wallet", "frozen")  # before the Try even arrives
+    engine.abandon()
+    engine = open_engine(tmp_path / "pay.db", channel)  # the commands go out again
+    order = wait_for(lambda: (o := engine.get_order(receipt.order_id)).settled and o,
+                     what="transfer undone")
+    assert order.state == "failed"
+    assert [(leg.mode, leg.status) for leg in order.legs] == [
+        ("pre_deduct", "cancelled"), ("credit", "refused")]
+    alice = engine.get_account("alice/wallet")
+    assert (alice.available, alice.held, alice.spent) == (1_000, 0, 0)
+    assert engine.get_account("bob/wallet").funded == 0
+    engine.shutdown()
