@@ -321,3 +321,16 @@ def test_a_transfer_whose_target_froze_after_the_hold_is_cancelled_all_or_nothin
     assert (alice.available, alice.held, alice.spent) == (1_000, 0, 0)
     assert engine.get_account("bob/wallet").funded == 0
     engine.shutdown()
+
+
+def test_the_readmes_recharge_and_transfer_example_runs_as_it_is(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Recharge and transfer"):]
+    example = section.split("```python", 1)[1].split("```", 1)[0]
+    exec(compile(example, "README.md", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["succeeded [('cash', 'paid'), ('credit', 'credited')]",
+                   "{'CNY': {'payer:wechat': -5000, 'transit': 0, "
+                   "'vouchers:alice/balance': 5000}}",
+                   "succeeded 2000", "refused: insufficient_balance"]
