@@ -20,6 +20,7 @@ from payengine import (
     InsufficientBalance,
     InvalidRequest,
     PaymentRequest,
+    Receipt,
     UnknownAccount,
     VoucherPart,
 )
@@ -49,10 +50,16 @@ def world(tmp_path: Path) -> Iterator[tuple[Engine, ScriptedChannel]]:
     engine.shutdown()
 
 
-def paid_recharge(engine: Engine, no: str = "top-1", amount: int = 3_000) -> str:
+def recharge_paying(engine: Engine, no: str, amount: int) -> Receipt:
+    """A recharge of bob's wallet whose cash the wallet was asked for."""
     receipt = engine.recharge("shop-1", no, "bob/wallet", amount, "CNY",
                               CashPart(amount, "wechat"))
     wait_for(lambda: engine.get_order(receipt.order_id).state == "paying", what="paying")
+    return receipt
+
+
+def paid_recharge(engine: Engine, no: str = "top-1", amount: int = 3_000) -> str:
+    receipt = recharge_paying(engine, no, amount)
     signed_callback(engine, "wechat", receipt.payment_serial, paid_reply(receipt.payment_serial))
     wait_for(lambda: engine.get_order(receipt.order_id).settled, what="recharge settled")
     return receipt.order_id
@@ -94,9 +101,7 @@ def test_a_recharge_closed_unpaid_credits_nothing_and_a_late_success_is_refunded
         world: tuple[Engine, ScriptedChannel]) -> None:
     engine, channel = world
     channel.refund_reply = REFUND_OK
-    receipt = engine.recharge("shop-1", "top-2", "bob/wallet", 1_000, "CNY",
-                              CashPart(1_000, "wechat"))
-    wait_for(lambda: engine.get_order(receipt.order_id).state == "paying", what="paying")
+    receipt = recharge_paying(engine, "top-2", 1_000)
     engine.close(receipt.order_id)
     signed_callback(engine, "wechat", receipt.payment_serial, paid_reply(receipt.payment_serial))
     order = wait_for(lambda: (o := engine.get_order(receipt.order_id)).settled and o,
@@ -228,9 +233,7 @@ def test_a_recharge_whose_cash_succeeded_before_a_crash_is_credited_once_after_t
     engine = Engine.open(tmp_path / "pay.db", channels=[channel],  # type: ignore[list-item]
                          policy=SLOW_POLICY, voucher_link=lambda directory: _Dropping())
     engine.open_account("bob/wallet", "CNY")
-    receipt = engine.recharge("shop-1", "top-c", "bob/wallet", 700, "CNY",
-                              CashPart(700, "wechat"))
-    wait_for(lambda: engine.get_order(receipt.order_id).state == "paying", what="paying")
+    receipt = recharge_paying(engine, "top-c", 700)
     signed_callback(engine, "wechat", receipt.payment_serial, paid_reply(receipt.payment_serial))
     wait_for(lambda: credit_leg(engine, receipt.order_id)[1] == "crediting", what="crediting")
     engine.abandon()
@@ -285,9 +288,7 @@ def test_a_recharge_whose_account_froze_before_the_cash_came_is_refunded_not_cre
         world: tuple[Engine, ScriptedChannel]) -> None:
     engine, channel = world
     channel.refund_reply = REFUND_OK
-    receipt = engine.recharge("shop-1", "top-z", "bob/wallet", 900, "CNY",
-                              CashPart(900, "wechat"))
-    wait_for(lambda: engine.get_order(receipt.order_id).state == "paying", what="paying")
+    receipt = recharge_paying(engine, "top-z", 900)
     engine.set_account_status("bob/wallet", "frozen")
     signed_callback(engine, "wechat", receipt.payment_serial, paid_reply(receipt.payment_serial))
     order = wait_for(lambda: (o := engine.get_order(receipt.order_id)).settled and o,
