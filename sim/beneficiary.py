@@ -61,7 +61,7 @@ class RechargesAndTransfers:
     def setup(self, engine: Engine, customers: list[str]) -> None:
         for c in customers:
             engine.open_account(f"{c}/sv", "CNY")
-            funding = self._rng.choice([0, 500, 3_000])
+            funding = self._rng.choice([0, 500, 3_000, 10_000])
             if funding:
                 engine.fund(f"{c}/sv", funding, funding_id=f"{c}/sv")
 
@@ -116,11 +116,13 @@ class RechargesAndTransfers:
         if rng.random() < 0.25:  # the user gives up while the payment may be under way
             self._at(self._now() + rng.randint(0, self._window),
                      functools.partial(self._close, receipt.order_id))
-        if rng.random() < 0.3:
+        if rng.random() < 0.4:  # whole, in halves, more than is left, a number again
             refund_at = self._now() + self._window + rng.randint(200, 3_000)
-            part = rng.choice([amount, amount // 2 or amount])
-            self._at(refund_at, functools.partial(self._refund, receipt.order_id,
-                                                  f"rf-{rng.randint(1, 2)}", part))
+            for _ in range(rng.randint(1, 3)):
+                part = rng.choice([amount, amount // 2 or amount])
+                self._at(refund_at + rng.randint(0, 300),
+                         functools.partial(self._refund, receipt.order_id,
+                                           f"rf-{rng.randint(1, 3)}", part))
 
     def _close(self, order_id: str) -> None:
         engine = self._engine()
