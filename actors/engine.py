@@ -784,6 +784,8 @@ class Engine:
                                  confirm_duplicate=confirm_duplicate, attempt=attempt,
                                  credit_account=account_id)
         self._check_open()
+        check_request(request, policy=self._ctx.policy,
+                      currencies=self._ctx.config.currency_table)  # before any look-up
         if self._retried(request, None) is None:  # a retry is answered as it was
             check_recharge_target(self._ctx.store, account_id)
         return self.submit(request)

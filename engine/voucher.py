@@ -26,6 +26,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from payengine.engine.checks import shown
 from payengine.engine.errors import (
     AccountClosed,
     AccountFrozen,
@@ -488,7 +489,7 @@ def set_status(account: VoucherAccount, status: object) -> VoucherAccount:
         new = None
     if new is None:
         raise InvalidRequest(f"account status must be one of "
-                             f"{[s.value for s in AccountStatus]}, not {status!r}")
+                             f"{[s.value for s in AccountStatus]}, not {shown(status)}")
     if account.status is AccountStatus.CLOSED and new is not AccountStatus.CLOSED:
         raise IllegalTransition(f"account {account.account_id} is closed: that is final")
     return evolve(account, status=new)
