@@ -30,6 +30,7 @@ from payengine.actors.messages import (
     IdleCheck,
     PreHold,
     ReleaseHold,
+    SetAccountStatus,
 )
 from payengine.engine import voucher
 from payengine.engine.errors import (
@@ -44,7 +45,9 @@ from payengine.engine.errors import (
 )
 from payengine.engine.order import (
     CancelHold,
+    ClawBack,
     ConfirmHold,
+    CreditVoucher,
     DebitVoucher,
     ReturnVoucher,
     Transition,
@@ -62,7 +65,8 @@ from payengine.engine.voucher import (
 )
 
 _OPS = {TryHold: VoucherOp.TRY, ConfirmHold: VoucherOp.CONFIRM, CancelHold: VoucherOp.CANCEL,
-        DebitVoucher: VoucherOp.DEBIT, ReturnVoucher: VoucherOp.RETURN}
+        DebitVoucher: VoucherOp.DEBIT, ReturnVoucher: VoucherOp.RETURN,
+        CreditVoucher: VoucherOp.CREDIT, ClawBack: VoucherOp.CLAWBACK}
 
 
 class AccountBehaviour(ActorBehaviour):
@@ -114,6 +118,8 @@ class AccountBehaviour(ActorBehaviour):
                 return self._pre_hold(message)
             case ReleaseHold():
                 return self._release(message.hold_id)
+            case SetAccountStatus():
+                return self._set_status(message.status)
             case ExpireDue():
                 return None
         raise InvalidRequest(f"an account cannot handle {type(message).__name__}")
@@ -134,7 +140,7 @@ class AccountBehaviour(ActorBehaviour):
             outcome = self._apply(command.order_id, effect)
             # A refused fence fails a debit (the balance fell short); a Cancel that finds
             # one refused has nothing to release, which is the success it asked for.
-            if (isinstance(effect, DebitVoucher) and outcome.fence is not None
+            if (isinstance(effect, DebitVoucher | ClawBack) and outcome.fence is not None
                     and outcome.fence.status is FenceStatus.REFUSED):
                 ok, reason = False, "insufficient balance at debit"
             self._commit(outcome, f"{op.value} for order {command.order_id}")
@@ -187,6 +193,14 @@ class AccountBehaviour(ActorBehaviour):
             case ReturnVoucher():
                 return voucher.give_back(account, fence, key=key, amount=effect.amount,
                                          order_id=order_id, now_ms=now_ms)
+            case CreditVoucher():
+                return voucher.credit(account, fence, key=key, amount=effect.amount,
+                                      order_id=order_id, now_ms=now_ms)
+            case ClawBack() if effect.undo:
+                return voucher.cancel(account, fence, key=key, order_id=order_id, now_ms=now_ms)
+            case ClawBack():
+                return voucher.debit(account, fence, key=key, amount=effect.amount,
+                                     order_id=order_id, now_ms=now_ms)
         raise AssertionError(f"not a voucher effect: {effect!r}")
 
     def _fund(self, command: Fund) -> AccountView:
@@ -210,6 +224,17 @@ class AccountBehaviour(ActorBehaviour):
                 f"funding {command.funding_id} was used for another account") from None
         self.account = after
         return AccountView.of(after)
+
+    def _set_status(self, status: str) -> str:
+        """Freeze, unfreeze or close: persisted, then taken; returns the previous status.
+        On the account's own thread, so no operation of it sees half a change."""
+        before = self.account
+        assert before is not None
+        after = voucher.set_status(before, status)
+        if after != before:
+            self.ctx.store.set_account_status(before, after, self.ctx.runtime.now_ms())
+            self.account = after
+        return before.status.value
 
     def _pre_hold(self, command: PreHold) -> HoldView:
         assert self.account is not None
@@ -338,8 +363,8 @@ def _assert_order_may_name(order_id: str, effect: Any) -> None:
     confirming or releasing it) the user's pre-hold its leg named. The core builds these
     keys, so anything else is a bug there, never a caller's input."""
     key: FenceKey = effect.fence
-    if isinstance(effect, ReturnVoucher):
-        assert key.scope is FenceScope.REFUND, f"a return under {key!r}"
+    if isinstance(effect, ReturnVoucher | ClawBack):
+        assert key.scope is FenceScope.REFUND, f"a return or clawback under {key!r}"
     elif key.scope is FenceScope.ORDER:
         assert key.owner == order_id, f"order {order_id} names {key!r}"
     else:

@@ -21,6 +21,14 @@ from typing import Any, Protocol
 from payengine.actors.account_actor import AccountBehaviour
 from payengine.actors.admission import Admission, AdmissionStats
 from payengine.actors.base import ActorBehaviour, Context, EngineConfig
+from payengine.actors.beneficiary import (
+    TRANSFER_MERCHANT,
+    check_recharge_refund,
+    check_recharge_target,
+    check_transfer,
+    transfer_request,
+    transfer_source,
+)
 from payengine.actors.channel import (
     AgreementStatus,
     Channel,
@@ -49,6 +57,7 @@ from payengine.actors.messages import (
     Receipt,
     RefundView,
     ReleaseHold,
+    SetAccountStatus,
 )
 from payengine.actors.notifier import Notifications, Subscriber
 from payengine.actors.order_actor import OrderBehaviour
@@ -476,6 +485,15 @@ class Engine:
         check_id(funding_id, "funding_id (it makes a retried top-up safe)")
         return self._ask_account(account_id, Fund(funding_id, amount))  # type: ignore[no-any-return]
 
+    def set_account_status(self, account_id: str, status: str) -> str:
+        """``active``, ``frozen`` or ``closed`` (final); returns the previous status. A
+        frozen or closed account takes nothing new (holds, debits, credits, top-ups:
+        ``AccountFrozen``, ``AccountClosed``); what was decided before still completes."""
+        check_id(account_id, "account_id")
+        previous = self._ask_account(account_id, SetAccountStatus(status))
+        assert isinstance(previous, str)
+        return previous
+
     def pre_hold(self, account_id: str, amount: int, *, hold_id: str | None = None,
                  ttl_ms: int | None = None) -> HoldView:
         """Hold vouchers before ordering (the user ticked "use points").
@@ -603,6 +621,9 @@ class Engine:
         ctx = self._ctx
         with self._admission.admit():  # first: a refusal above capacity must cost nothing
             check_request(request, policy=ctx.policy, currencies=ctx.config.currency_table)
+            if request.merchant_id == TRANSFER_MERCHANT:
+                raise InvalidRequest(f"merchant id {TRANSFER_MERCHANT!r} is reserved for "
+                                     "transfers (Engine.transfer)")
             self._gate.check_parties(request.merchant_id, request.user_id)
             return self._submit(request)
 
@@ -634,6 +655,8 @@ class Engine:
             raise InvalidRequest(f"channel {channel!r} takes no pay details (its "
                                  "pay() has no 'details' parameter)")
         names = [part.account_id for part in request.vouchers]
+        if request.credit_account is not None:
+            names.append(request.credit_account)
         units = ctx.store.account_units(names)
         missing = [name for name in names if name not in units]
         if missing:
@@ -944,6 +967,7 @@ class Engine:
             if self._gate.restricted:  # a frozen or closed merchant gives no money back
                 self._gate.check_parties(order.merchant_id, None)
             self._check_refund_channel(order)
+            check_recharge_refund(self._ctx.store, order, refund_no, amount_minor)
         view = self._ask_order(order_id, request)
         return view.refund(refund_no)
 
@@ -971,6 +995,7 @@ class Engine:
         if "change-keeps-holds" not in self._ctx.config.planted_bugs:
             self.close(previous_order_id)
         return self.submit(request)
+
     def _check_refund_channel(self, order: PaymentOrder) -> None:
         """A refund's cash part goes back through the order's channel: one this engine was
         not given is refused (``ChannelsMissing``) before the order is asked."""
@@ -980,6 +1005,59 @@ class Engine:
             raise ChannelsMissing(
                 f"order {order.order_id} was paid through channel {cash.channel!r}, which "
                 "this engine was not given: its refund cannot go back", {cash.channel: 1})
+
+    def recharge(self, merchant_id: str, merchant_order_no: str, account_id: str,
+                 amount_minor: int, currency: str, cash: CashPart, *,
+                 user_id: str | None = None, title: str = "recharge",
+                 pay_window_ms: int | None = None, attempt: int = 1,
+                 confirm_duplicate: bool = False) -> Receipt:
+        """Top up the stored-value account ``account_id`` by ``amount_minor``, paid by
+        ``cash`` (channel or method, and pay details, as for a payment).
+
+        A payment order like any other (idempotent by merchant order number and attempt,
+        risk, routing, polling), whose account is credited exactly once and only after the
+        cash success is committed; then it is ``succeeded``. A success after the close is
+        refunded and credits nothing. ``user_id`` defaults to the account id; the duplicate
+        guard and ``confirm_duplicate`` are as for ``submit``. Runs on the caller's thread;
+        returns at once with the receipt.
+        """
+        request = PaymentRequest(merchant_id, merchant_order_no,
+                                 account_id if user_id is None else user_id, currency,
+                                 amount_minor, title, cash, pay_window_ms=pay_window_ms,
+                                 confirm_duplicate=confirm_duplicate, attempt=attempt,
+                                 credit_account=account_id)
+        self._check_open()
+        check_request(request, policy=self._ctx.policy,
+                      currencies=self._ctx.config.currency_table)  # before any look-up
+        if self._retried(request, None) is None:  # a retry is answered as it was
+            check_recharge_target(self._ctx.store, account_id)
+        return self.submit(request)
+
+    def transfer(self, transfer_id: str, from_account: str, to_account: str,
+                 amount: int) -> Receipt:
+        """Move ``amount`` between two money accounts of one currency: held on the source
+        (Try), credited to the target, confirmed on the source; or, if the credit cannot
+        happen, the hold is voided. All or nothing, idempotent by ``transfer_id`` (other
+        parameters: ``IdempotencyConflict``). A new transfer is refused before anything is
+        created (see ``actors.beneficiary.check_transfer``). Returns at once; follow it with
+        ``get_transfer(transfer_id)``. Runs on the caller's thread.
+        """
+        self._check_open()
+        store = self._ctx.store
+        source = transfer_source(store, transfer_id, from_account, to_account, amount)
+        request = transfer_request(transfer_id, from_account, to_account, amount, source)
+        retried = self._retried(request, None)
+        if retried is not None:  # answered as it was, whatever the balances are now
+            return retried
+        check_transfer(store, source, to_account, amount)
+        with self._admission.admit():
+            check_request(request, policy=self._ctx.policy,
+                          currencies=self._ctx.config.currency_table)
+            return self._submit(request)
+
+    def get_transfer(self, transfer_id: str) -> OrderView:
+        """The order of the transfer ``transfer_id`` (``UnknownOrder`` if never made)."""
+        return self.find_order(TRANSFER_MERCHANT, transfer_id)
 
     def request_close(self, order_id: str) -> None:
         """Enqueue a user close without waiting for it (an illegal one is logged, not raised)."""

@@ -14,7 +14,9 @@ from payengine.engine.channel_data import Prepay
 from payengine.engine.discounts import PricedSale
 from payengine.engine.order import (
     CancelHold,
+    ClawBack,
     ConfirmHold,
+    CreditVoucher,
     DebitVoucher,
     Leg,
     LegStatus,
@@ -54,7 +56,8 @@ class FromOrder:
     """An order's voucher effect, to be answered with a ``VoucherReply`` told to the order."""
 
     order_id: str
-    effect: TryHold | ConfirmHold | CancelHold | DebitVoucher | ReturnVoucher
+    effect: (TryHold | ConfirmHold | CancelHold | DebitVoucher | ReturnVoucher | CreditVoucher
+             | ClawBack)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,13 @@ class Fund:
 
     funding_id: str
     amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetAccountStatus:
+    """Freeze, unfreeze or close an account (``Engine.set_account_status``)."""
+
+    status: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,11 +265,14 @@ class AccountView:
     available: int
     held: int
     spent: int
+    status: str = "active"
+    """``active``, ``frozen`` or ``closed`` (``Engine.set_account_status``)."""
 
     @staticmethod
     def of(account: VoucherAccount) -> AccountView:
         return AccountView(account.account_id, account.unit, account.minor_per_unit,
-                           account.funded, account.available, account.held, account.spent)
+                           account.funded, account.available, account.held, account.spent,
+                           account.status.value)
 
 
 @dataclass(frozen=True, slots=True)

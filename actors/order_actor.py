@@ -45,9 +45,11 @@ from payengine.engine.order import (
     ArmTimer,
     CancelHold,
     CashResult,
+    ClawBack,
     CloseCash,
     CloseOrder,
     ConfirmHold,
+    CreditVoucher,
     DebitVoucher,
     Decision,
     Effect,
@@ -279,7 +281,8 @@ class OrderBehaviour(ActorBehaviour):
         assert self.order is not None
         order_id = self.order.order_id
         match effect:
-            case TryHold() | ConfirmHold() | CancelHold() | DebitVoucher() | ReturnVoucher():
+            case (TryHold() | ConfirmHold() | CancelHold() | DebitVoucher() | ReturnVoucher()
+                  | CreditVoucher() | ClawBack()):
                 self.ctx.voucher_link.request(effect.account_id, FromOrder(order_id, effect))
             case ArmTimer():
                 old = self.timers.pop(effect.timer, None)

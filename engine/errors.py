@@ -67,6 +67,20 @@ class InsufficientBalance(PaymentError):
     code = "insufficient_balance"
 
 
+class AccountFrozen(PaymentError):
+    """The voucher account is frozen (``Engine.set_account_status``): nothing new is held,
+    debited, credited or topped up on it until it is active again. Nothing moved."""
+
+    code = "account_frozen"
+
+
+class AccountClosed(PaymentError):
+    """The voucher account is closed (final): nothing new is held, debited, credited or
+    topped up on it. Nothing moved."""
+
+    code = "account_closed"
+
+
 class HoldRefused(PaymentError):
     """A Try (or a debit) was refused: its id was cancelled before (hanging), or it is not usable."""
 

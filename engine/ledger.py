@@ -17,6 +17,11 @@ Accounts::
     transit                    the gateway's transit account: zero for a settled order
     merchant:<merchant_id>     the merchant's pending settlement
     fees:<channel>             the channel's fee, taken from the merchant's share
+
+A recharge or transfer (an order with a ``LegMode.CREDIT`` leg) settles to its beneficiary
+instead: ``transit`` -> ``vouchers:<credited account>`` (the fee, if any, still from the
+merchant's share). A recharge's refund takes the value back from that account to the
+merchant (the clawback) before the merchant's cash goes back to the payer.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from dataclasses import dataclass
 
 from payengine.engine.order import (
     Leg,
+    LegMode,
     LegStatus,
     OrderState,
     PartStatus,
@@ -71,9 +77,22 @@ def _source(leg: Leg) -> str:
     return f"payer:{leg.channel}" if leg.is_cash else f"vouchers:{leg.account_id}"
 
 
+def _beneficiary(order: PaymentOrder) -> str | None:
+    for leg in order.legs:
+        if leg.mode is LegMode.CREDIT:
+            return f"vouchers:{leg.account_id}"
+    return None
+
+
 def _settle(order: PaymentOrder, leg: Leg, fee_ppm: Mapping[str, int]) -> Posting:
     merchant = f"merchant:{order.merchant_id}"
     fee = fee_of(leg.value_minor, fee_ppm.get(leg.channel or "", 0)) if leg.is_cash else 0
+    beneficiary = _beneficiary(order)
+    if beneficiary is not None:  # a recharge or transfer: the value is the account's
+        entries = [Entry(TRANSIT, -leg.value_minor), Entry(beneficiary, leg.value_minor)]
+        if fee:
+            entries += [Entry(merchant, -fee), Entry(f"fees:{leg.channel}", fee)]
+        return Posting(f"leg {leg.leg_no} credited to {beneficiary}", tuple(entries))
     entries = [Entry(TRANSIT, -leg.value_minor), Entry(merchant, leg.value_minor - fee)]
     if fee:
         entries.append(Entry(f"fees:{leg.channel}", fee))
@@ -136,10 +155,20 @@ def _refund_postings(order: PaymentOrder, t: Transition) -> list[Posting]:
             return [_move(f"second charge {refund.refund_no} refunded", TRANSIT,
                           f"payer:{cash.channel}", refund.amount_minor)]
         return []
-    if not leg_text or t.to_state != PartStatus.DONE.value:
+    if not leg_text:
         return []
     part = refund.part(int(leg_text))
     assert part is not None
     leg = order.leg(part.leg_no)
+    if not leg.pays:  # a recharge's clawback: taken from the account, or given back
+        merchant, account = f"merchant:{order.merchant_id}", f"vouchers:{leg.account_id}"
+        if t.to_state == PartStatus.DONE.value:
+            return [_move(f"refund {refund.refund_no} clawback", account, merchant, part.amount)]
+        if t.to_state == PartStatus.REVERSED.value:
+            return [_move(f"refund {refund.refund_no} clawback undone", merchant, account,
+                          part.amount)]
+        return []
+    if t.to_state != PartStatus.DONE.value:
+        return []
     return [_move(f"refund {refund.refund_no} leg {leg.leg_no}", f"merchant:{order.merchant_id}",
                   _source(leg), part.value_minor)]

@@ -47,6 +47,7 @@ from payengine.engine.currency import ISO_4217, check_currency
 from payengine.engine.discounts import PricedSale, QuoteMismatch, QuoteUse
 from payengine.engine.errors import (
     AttemptRefused,
+    CurrencyMismatch,
     IdempotencyConflict,
     IllegalTransition,
     InvalidAmount,
@@ -100,6 +101,8 @@ class Trigger(enum.StrEnum):
     CASH_FAILED = "cash_failed"
     DEBITS_DONE = "debits_done"
     SHORTFALL = "post_deduct_shortfall"
+    CREDIT_REFUSED = "credit_refused"
+    """The beneficiary account refused the credit (a recharge or transfer): undo all."""
     AMOUNT_MISMATCH = "amount_mismatch"
     QUERIES_EXHAUSTED = "queries_exhausted"
     CLOSE_TIMEOUT = "close_timeout"
@@ -137,6 +140,7 @@ TRANSITIONS: Mapping[tuple[OrderState, Trigger], OrderState] = {
     (S.NEEDS_RECONCILIATION, T.CLOSE_USER): S.CLOSED,
     (S.DEDUCTING, T.DEBITS_DONE): S.SUCCEEDED,
     (S.DEDUCTING, T.SHORTFALL): S.FAILED,
+    (S.DEDUCTING, T.CREDIT_REFUSED): S.FAILED,
 }
 """The order's transition table: (state, trigger) -> next state. Anything absent is illegal."""
 
@@ -166,6 +170,10 @@ class LegMode(enum.StrEnum):
     """Voucher held before submit (the user ticked it); the order adopts the hold."""
     POST_DEDUCT = "post_deduct"
     """Voucher debited only when the cash succeeded; a shortfall then fails the payment."""
+    CREDIT = "credit"
+    """The beneficiary of a recharge or transfer: a stored-value account credited (by the
+    order's own fence) only once the payer's side is paid, before the order succeeds. Its
+    ``value_minor`` is what it receives; it pays nothing, so it is not in the parts' sum."""
 
 
 HOLD_MODES = frozenset({LegMode.PRE_DEDUCT, LegMode.PRE_HELD})
@@ -197,6 +205,11 @@ class LegStatus(enum.StrEnum):
     SHORTFALL = "shortfall"
     REVERSING = "reversing"
     REVERSED = "reversed"
+    # the beneficiary of a recharge or transfer (``LegMode.CREDIT``)
+    CREDITING = "crediting"
+    """The credit is sent and not yet acknowledged: re-sent (idempotent by its fence) until
+    the account answers, never given up on: the payer's side is already paid."""
+    CREDITED = "credited"
     # cash
     PAYING = "paying"
     PAID = "paid"
@@ -220,6 +233,7 @@ IN_FLIGHT_LEG_STATUSES = frozenset(
         LegStatus.REVERSING,
         LegStatus.PAYING,
         LegStatus.REFUNDING,
+        LegStatus.CREDITING,
     }
 )
 """A leg in one of these still has work to do; an order is settled when none is left."""
@@ -228,6 +242,10 @@ OWED_LEG_STATUSES = frozenset({LegStatus.CONFIRM_UNKNOWN, LegStatus.RELEASE_UNKN
 """A follow-up command the voucher system never answered on the retry schedule: owed (R-TCC:
 after the payment's outcome the follow-up steps are guaranteed), re-sent by the sentinel.
 An order with one is not settled."""
+
+SENTINEL_LEG_STATUSES = OWED_LEG_STATUSES | {LegStatus.CREDITING}
+"""Leg commands the sentinel goes on sending after the retry schedule: the owed follow-ups
+and a beneficiary's credit (never given up on once the payer paid)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +274,12 @@ class Leg:
     @property
     def is_cash(self) -> bool:
         return self.mode is LegMode.CASH
+
+    @property
+    def pays(self) -> bool:
+        """A leg that pays part of the total (every leg but a recharge's or transfer's
+        beneficiary, ``LegMode.CREDIT``)."""
+        return self.mode is not LegMode.CREDIT
 
 
 # --------------------------------------------------------------------------- requests
@@ -313,6 +337,11 @@ class PaymentRequest:
     quote: QuoteUse | None = None
     """The discount combination of a quote (``Engine.quote``) this payment takes: the order
     is charged the snapshot's amounts, and must name them (``check_quote_use``)."""
+    credit_account: str | None = None
+    """A recharge or transfer (``Engine.recharge``, ``Engine.transfer``): the stored-value
+    account credited with ``total_minor`` once the payer's side is paid. A money voucher
+    account in ``currency``; the order then pays by cash alone (a recharge) or by one
+    ``PRE_DEDUCT`` voucher part of another account (a transfer)."""
 
     def fingerprint(self) -> str:
         """A stable digest of every parameter: equal requests, equal fingerprints."""
@@ -333,6 +362,8 @@ class PaymentRequest:
         if self.sale is not None or self.quote is not None:  # likewise
             fields.append([fuel_sale_json(self.sale), None if self.quote is None else
                            [self.quote.quote_id, self.quote.combination_id]])
+        if self.credit_account is not None:  # likewise: payments keep their digests
+            fields.append(["credit", self.credit_account])
         canonical = json.dumps(fields, ensure_ascii=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -375,6 +406,10 @@ class PartStatus(enum.StrEnum):
     FAILED = "failed"
     NOT_SENT = "not_sent"
     """The refund failed before this part was sent: nothing moved for it."""
+    REVERSING = "reversing"
+    """A recharge's clawback being given back to its account: the channel refused the
+    cash refund outright, so the account gets its value again."""
+    REVERSED = "reversed"
     UNKNOWN = "unknown"
 
 
@@ -416,7 +451,8 @@ PLANTABLE_BUGS = frozenset({"confirm-twice", "no-refund-after-close", "regress-s
                             "codes-processing-as-failure", "accept-bad-signature",
                             "risk-ignored", "withhold-retry-after-timeout",
                             "quote-price-drift", "shift-counts-unpaid",
-                            "change-keeps-holds", "open-without-needed-channel"})
+                            "change-keeps-holds", "open-without-needed-channel",
+                            "credit-before-charge"})
 """Bugs the simulator can switch on (``payengine sim --plant-bug NAME``): a success after the
 close kept, a late "processing" moving a success back, vouchers never held, a hold posted
 twice, a hold never expired (the account actor's), owed voucher follow-ups no longer sent
@@ -435,7 +471,9 @@ quote priced anew at submit instead of charged as quoted (``quote-price-drift``)
 report counting unpaid orders as paid (``shift-counts-unpaid``), an order changed by the
 user left open with its holds (``change-keeps-holds``, in ``Engine.change_order``), an
 engine opened without a channel its unsettled orders use (``open-without-needed-channel``:
-the bug lives in ``Engine.open``).
+the bug lives in ``Engine.open``), a
+recharge's account credited as soon as the cash is asked for, before it is paid
+(``credit-before-charge``).
 Each must make the oracle report a violation."""
 
 
@@ -698,7 +736,20 @@ def check_request(request: object, *, policy: OrderPolicy,
         quote = check_instance(request.quote, QuoteUse, "quote")
         check_id(quote.quote_id, "quote quote_id")
         check_id(quote.combination_id, "quote combination_id")
+    if request.credit_account is not None:
+        _check_credit_shape(request, vouchers)
     return request
+
+
+def _check_credit_shape(request: PaymentRequest, vouchers: Sequence[VoucherPart]) -> None:
+    """A recharge is paid by cash alone; a transfer by one voucher held on another account."""
+    target = check_id(request.credit_account, "credit_account")
+    if request.cash is not None and vouchers:
+        raise InvalidRequest("a recharge is paid by its cash part alone")
+    if vouchers and (len(vouchers) != 1 or vouchers[0].mode is not LegMode.PRE_DEDUCT):
+        raise InvalidRequest("a transfer takes one pre_deduct voucher part (its source)")
+    if vouchers and vouchers[0].account_id == target:
+        raise InvalidRequest(f"a transfer from {target} to itself moves nothing")
 
 
 def build_order(
@@ -744,7 +795,10 @@ def build_order(
     seen_accounts: set[str] = set()
     for leg_no, part in enumerate(request.vouchers, start=1):
         legs.append(_voucher_leg(order_id, leg_no, part, currency, accounts, seen_accounts))
-    paid = sum(leg.value_minor for leg in legs)
+    if request.credit_account is not None:
+        legs.append(_credit_leg(len(request.vouchers) + 1, request.credit_account, total,
+                                currency, accounts))
+    paid = sum(leg.value_minor for leg in legs if leg.pays)
     if paid != total:
         raise InvalidRequest(f"the parts add up to {paid} minor units, the order total is {total}")
     assert paid <= AMOUNT_MAX * policy.legs_max
@@ -850,6 +904,17 @@ def check_next_attempt(latest: PaymentOrder, request: PaymentRequest, *,
             "must pay the same trade (user, currency, total, title) as the ones before")
 
 
+def _credit_leg(leg_no: int, account_id: str, total: int, currency: str,
+                accounts: Mapping[str, AccountUnit]) -> Leg:
+    """The beneficiary leg: a money voucher account in the order's currency, credited the
+    whole total (``CurrencyMismatch`` for points or another currency)."""
+    account = accounts[account_id]
+    if account.minor_per_unit is not None or account.unit != currency:
+        raise CurrencyMismatch(f"account {account_id} is in {account.unit}; only a money "
+                               f"account in {currency} can be credited {currency}")
+    return Leg(leg_no, LegMode.CREDIT, account_id, total, currency, total, None)
+
+
 def _voucher_leg(
     order_id: str,
     leg_no: int,
@@ -925,6 +990,10 @@ class VoucherOp(enum.StrEnum):
     DEBIT = "debit"
     RETURN = "return"
     """Give spent value back (a refund); idempotent by the return id."""
+    CREDIT = "credit"
+    """Credit a recharge's or transfer's beneficiary; idempotent by the order's fence."""
+    CLAWBACK = "clawback"
+    """Take a refunded recharge's value back from its account (or undo that)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -1121,9 +1190,34 @@ class ReturnVoucher:
     leg_no: int
 
 
+@dataclass(frozen=True, slots=True)
+class CreditVoucher:
+    """Credit ``amount`` to the beneficiary account of a recharge or transfer (available
+    and funded up), idempotent by ``fence`` (the credit leg's own)."""
+
+    account_id: str
+    fence: FenceKey
+    amount: int
+    leg_no: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClawBack:
+    """A recharge's refund takes ``amount`` back from the credited account first (a debit
+    under the refund's fence, refused if the balance is short), or, ``undo``, gives it back
+    (the channel refused the cash refund outright)."""
+
+    account_id: str
+    fence: FenceKey
+    """``FenceKey.refund_return(refund_id, credit leg)``."""
+    amount: int
+    leg_no: int
+    undo: bool = False
+
+
 Effect = (
     TryHold | ConfirmHold | CancelHold | DebitVoucher | PayCash | QueryCash | QueryCharge
-    | CloseCash | RefundCash | QueryRefund | ArmTimer | ReturnVoucher
+    | CloseCash | RefundCash | QueryRefund | ArmTimer | ReturnVoucher | CreditVoucher | ClawBack
 )
 
 
@@ -1266,7 +1360,7 @@ def decide(
 
 def _assert_consistent(order: PaymentOrder, policy: OrderPolicy) -> None:
     """Invariants no event may break; a failure is a bug in this module."""
-    assert sum(leg.value_minor for leg in order.legs) == order.total_minor
+    assert sum(leg.value_minor for leg in order.legs if leg.pays) == order.total_minor
     statuses = {leg.status for leg in order.legs}
     if order.state is OrderState.SUCCEEDED:
         assert not statuses & {
@@ -1275,9 +1369,13 @@ def _assert_consistent(order: PaymentOrder, policy: OrderPolicy) -> None:
             LegStatus.REFUNDED,
         }, f"succeeded order {order.order_id} with legs {sorted(statuses)}"
     if order.state in (OrderState.FAILED, OrderState.CLOSED):
-        assert not statuses & {LegStatus.CONFIRMING, LegStatus.CONFIRMED}, (
-            f"{order.state.value} order {order.order_id} confirmed a hold"
+        assert not statuses & {LegStatus.CONFIRMING, LegStatus.CONFIRMED, LegStatus.CREDITING,
+                               LegStatus.CREDITED}, (
+            f"{order.state.value} order {order.order_id} confirmed a hold or credited"
         )
+    if order.state is OrderState.SUCCEEDED:
+        assert all(leg.status is LegStatus.CREDITED for leg in order.legs if not leg.pays), (
+            f"order {order.order_id} succeeded before its beneficiary was credited")
     if order.state is OrderState.NEEDS_VERIFICATION:
         # R-PROD: nothing is held, tried or charged before the step-up passed
         assert statuses == {LegStatus.NEW}, (
@@ -1355,6 +1453,8 @@ def _reissue(d: _Draft, leg: Leg) -> None:
         d.effects.append(CancelHold(account, order.fence_of(leg), leg.leg_no))
     elif leg.status is LegStatus.DEBITING and account is not None:
         d.effects.append(DebitVoucher(account, order.fence_of(leg), leg.amount, leg.leg_no))
+    elif leg.status is LegStatus.CREDITING:
+        d.effects.append(_credit(order, leg))
     elif leg.status is LegStatus.PAYING and leg.channel is not None:
         if order.pay_in_flight:
             pass  # its answer is still to come: neither close nor pay the serial again
@@ -1373,6 +1473,11 @@ def _try(order: PaymentOrder, leg: Leg) -> TryHold:
     assert leg.account_id is not None
     return TryHold(leg.account_id, order.fence_of(leg), leg.amount, order.hold_expires_at_ms,
                    leg.leg_no, adopt_only=leg.mode is LegMode.PRE_HELD)
+
+
+def _credit(order: PaymentOrder, leg: Leg) -> CreditVoucher:
+    assert leg.mode is LegMode.CREDIT and leg.account_id is not None, leg
+    return CreditVoucher(leg.account_id, order.fence_of(leg), leg.amount, leg.leg_no)
 
 
 def _pay(d: _Draft, cash: Leg) -> PayCash:
@@ -1413,6 +1518,8 @@ def _start_cash(d: _Draft) -> None:
     d.effects.append(_pay(d, d.order.leg(cash.leg_no)))
     d.volatile(pay_in_flight=True)
     _arm_query(d, attempt=0)
+    if "credit-before-charge" in d.policy.planted_bugs:  # the bug: credited before paid
+        d.effects += [_credit(d.order, leg) for leg in d.legs(LegMode.CREDIT)]
 
 
 def _cash_channel(d: _Draft) -> str | None:
@@ -1441,6 +1548,8 @@ def _arm_refund_query(d: _Draft, attempt: int) -> None:
 def _voucher_reply(d: _Draft, reply: VoucherReply) -> str:
     if reply.op is VoucherOp.RETURN:
         return _return_reply(d, reply)
+    if reply.op is VoucherOp.CLAWBACK:
+        return _clawback_reply(d, reply)
     leg = d.order.leg(reply.leg_no)
     if leg.is_cash or d.order.fence_of(leg) != reply.fence:
         return f"stale: reply for {reply.fence!r}, leg {leg.leg_no} is not fenced so"
@@ -1466,6 +1575,10 @@ def _voucher_reply(d: _Draft, reply: VoucherReply) -> str:
             status = LegStatus.DEBITED if reply.ok else LegStatus.SHORTFALL
             d.set_leg(leg.leg_no, status, reply.reason or "debited")
             _after_debit(d)
+        case LegStatus.CREDITING:
+            status = LegStatus.CREDITED if reply.ok else LegStatus.REFUSED
+            d.set_leg(leg.leg_no, status, reply.reason or "credited")
+            _after_debit(d)
     return "applied"
 
 
@@ -1477,6 +1590,7 @@ _EXPECTED_OP = {
     LegStatus.REVERSING: VoucherOp.CANCEL,
     LegStatus.RELEASE_UNKNOWN: VoucherOp.CANCEL,
     LegStatus.DEBITING: VoucherOp.DEBIT,
+    LegStatus.CREDITING: VoucherOp.CREDIT,
 }
 """The answer each leg status waits for; a late answer to an owed follow-up still counts."""
 
@@ -1495,10 +1609,15 @@ def _hold_reply(d: _Draft, leg: Leg, reply: VoucherReply) -> str:
 
 
 def _after_debit(d: _Draft) -> None:
-    """In DEDUCTING, once every debit answered: succeed, or undo everything on a shortfall."""
+    """In DEDUCTING, once every debit and credit answered: succeed, or undo everything on a
+    shortfall or a refused credit (a recharge's cash is refunded, a transfer's hold voided)."""
     if d.order.state is not OrderState.DEDUCTING:
         return
-    if any(leg.status is LegStatus.DEBITING for leg in d.order.legs):
+    if any(leg.status in (LegStatus.DEBITING, LegStatus.CREDITING) for leg in d.order.legs):
+        return
+    if any(leg.status is LegStatus.REFUSED and not leg.pays for leg in d.order.legs):
+        d.move(Trigger.CREDIT_REFUSED)
+        _release_everything(d, "credit refused")
         return
     if any(leg.status is LegStatus.SHORTFALL for leg in d.order.legs):
         d.move(Trigger.SHORTFALL)
@@ -1797,8 +1916,11 @@ def _cash_success(d: _Draft, cash: Leg, result: CashResult) -> str:
 
 
 def _cash_succeeded(d: _Draft, cause: str) -> None:
+    """The payer's side is paid: debit post-deduct legs and credit the beneficiary (both in
+    DEDUCTING), or succeed at once and confirm the holds."""
     post = d.legs(LegMode.POST_DEDUCT)
-    if not post:
+    credits = d.legs(LegMode.CREDIT)
+    if not post and not credits:
         d.move(Trigger.CASH_SUCCEEDED, cause)
         _confirm_holds(d)
         return
@@ -1808,6 +1930,9 @@ def _cash_succeeded(d: _Draft, cause: str) -> None:
         d.set_leg(leg.leg_no, LegStatus.DEBITING, "cash paid")
         d.effects.append(DebitVoucher(leg.account_id, d.order.fence_of(leg), leg.amount,
                                       leg.leg_no))
+    for leg in credits:
+        d.set_leg(leg.leg_no, LegStatus.CREDITING, "payer paid")
+        d.effects.append(_credit(d.order, leg))
 
 
 def _cash_failure(d: _Draft, cash: Leg, result: CashResult) -> str:
@@ -2048,7 +2173,7 @@ def _refund_query_due(d: _Draft, token: int) -> str:
 
 VOUCHER_IN_FLIGHT = frozenset(
     {LegStatus.TRYING, LegStatus.CONFIRMING, LegStatus.CANCELLING, LegStatus.REVERSING,
-     LegStatus.DEBITING}
+     LegStatus.DEBITING, LegStatus.CREDITING}
 )
 """Leg statuses waiting for the voucher system's answer."""
 
@@ -2065,11 +2190,12 @@ def _keep_voucher_retry(d: _Draft) -> None:
     new command or a start of the actor does.
     """
     in_flight = any(leg.status in VOUCHER_IN_FLIGHT for leg in d.order.legs) or bool(
-        _returns_in_flight(d.order))
+        _returns_in_flight(d.order)) or bool(_clawbacks_in_flight(d.order))
     issued = any(t.entity.startswith("leg:") and t.to_state in _VOUCHER_IN_FLIGHT_VALUES
                  for t in d.transitions) or any(
         t.entity.startswith("refund:") and t.entity.count(":") == 2
-        and t.to_state == PartStatus.SENT.value and not _is_cash_part(d.order, t.entity)
+        and t.to_state in (PartStatus.SENT.value, PartStatus.REVERSING.value)
+        and not _is_cash_part(d.order, t.entity)
         for t in d.transitions)
     if in_flight and (d.order.next_voucher_retry_at_ms is None or issued):
         _arm_voucher_retry(d, 0)
@@ -2118,9 +2244,11 @@ def _voucher_retry_due(d: _Draft, token: int) -> str:
         d.update(next_voucher_retry_at_ms=None, voucher_attempt=token + 1)
         return "applied"
     for leg in d.order.legs:
-        if leg.status in OWED_LEG_STATUSES:
+        if leg.status in SENTINEL_LEG_STATUSES:
             _reissue(d, leg)
     _resend_owed_returns(d)
+    for refund in d.order.refunds:
+        _resend_clawback(d, refund)
     _arm_voucher_retry(d, token + 1)
     return "applied"
 
@@ -2150,7 +2278,9 @@ def _give_up_on_vouchers(d: _Draft) -> None:
     ):
         d.move(Trigger.HOLD_REFUSED, f"hold_refused: {cause}")
         _release_everything(d, cause)
-    elif d.order.state is OrderState.DEDUCTING:
+    elif d.order.state is OrderState.DEDUCTING and not any(
+        leg.status is LegStatus.CREDITING for leg in d.order.legs
+    ):  # a credit is never given up on: the payer paid; the sentinel goes on sending it
         d.move(Trigger.SHORTFALL, f"{Trigger.SHORTFALL.value}: {cause}")
         _release_everything(d, cause)
 
@@ -2206,15 +2336,24 @@ def _request_refund(d: _Draft, request: RequestRefund) -> str:
                             "one order may have")
     parts = _allocate(order, amount, over_refund="over-refund" in d.policy.planted_bugs)
     cash = order.cash_leg
-    first_cash = cash is not None and any(p.leg_no == cash.leg_no for p in parts)
-    parts = tuple(
-        evolve(p, status=PartStatus.SENT) if not first_cash or (cash and p.leg_no == cash.leg_no)
-        else p for p in parts)
+    credit = _beneficiary(order)
+    first_cash = credit is None and cash is not None and any(
+        p.leg_no == cash.leg_no for p in parts)
+    if credit is not None:
+        if cash is None:
+            raise IllegalTransition(f"order {order.order_id} is a transfer: it is not "
+                                    "refunded; transfer the amount back instead")
+        # a recharge: its value comes back from the account first (the cash part waits)
+        parts = (*parts, RefundPart(credit.leg_no, amount, 0, PartStatus.SENT))
+    else:
+        parts = tuple(evolve(p, status=PartStatus.SENT)
+                      if not first_cash or (cash and p.leg_no == cash.leg_no) else p
+                      for p in parts)
     refund = Refund(f"{order.payment_serial}-RF{len(order.refunds) + 1}", no,
                     RefundKind.MERCHANT, amount, request.reason, RefundStatus.REFUNDING, parts,
                     d.now_ms)
     refund = d.set_refund(refund, f"refund {no} requested")
-    _resend_refund(d, refund, cash=True, vouchers=True)
+    _resend_refund(d, refund, cash=credit is None, vouchers=True)
     if first_cash:
         _arm_refund_query(d, attempt=0)
     return "applied"
@@ -2263,7 +2402,7 @@ def _refund_status(refund: Refund) -> RefundStatus:
     statuses = {part.status for part in refund.parts}
     if statuses == {PartStatus.DONE}:
         return RefundStatus.SUCCEEDED
-    if PartStatus.SENT in statuses:
+    if PartStatus.SENT in statuses or PartStatus.REVERSING in statuses:
         return RefundStatus.REFUNDING
     if PartStatus.DONE not in statuses and PartStatus.UNKNOWN not in statuses and (
         PartStatus.FAILED in statuses
@@ -2275,10 +2414,14 @@ def _refund_status(refund: Refund) -> RefundStatus:
 def _resend_refund(d: _Draft, refund: Refund, *, cash: bool, vouchers: bool) -> None:
     """Send (again) the refund's parts in flight; all idempotent by their ids."""
     order = d.order
+    if vouchers:
+        _resend_clawback(d, refund)
     for part in refund.parts:
         if part.status is not PartStatus.SENT:
             continue
         leg = order.leg(part.leg_no)
+        if not leg.pays:
+            continue  # the clawback, above
         if leg.is_cash and cash:
             assert leg.channel is not None
             d.effects.append(RefundCash(leg.channel, order.payment_serial, refund.refund_id,
@@ -2287,6 +2430,69 @@ def _resend_refund(d: _Draft, refund: Refund, *, cash: bool, vouchers: bool) -> 
             d.effects.append(ReturnVoucher(
                 leg.account_id, FenceKey.refund_return(refund.refund_id, leg.leg_no),
                 part.amount, leg.leg_no))
+
+
+def _beneficiary(order: PaymentOrder) -> Leg | None:
+    """The credit leg of a recharge or transfer; ``None`` for a payment."""
+    for leg in order.legs:
+        if leg.mode is LegMode.CREDIT:
+            return leg
+    return None
+
+
+def _clawback_part(order: PaymentOrder, refund: Refund) -> RefundPart | None:
+    credit = _beneficiary(order)
+    return None if credit is None else refund.part(credit.leg_no)
+
+
+def _resend_clawback(d: _Draft, refund: Refund) -> None:
+    """Send (again) a recharge refund's clawback, or its undoing, while unanswered."""
+    part = _clawback_part(d.order, refund)
+    if part is None or part.status not in (PartStatus.SENT, PartStatus.REVERSING):
+        return
+    leg = d.order.leg(part.leg_no)
+    assert leg.account_id is not None
+    d.effects.append(ClawBack(leg.account_id, FenceKey.refund_return(refund.refund_id,
+                                                                     leg.leg_no),
+                              part.amount, leg.leg_no, undo=part.status is PartStatus.REVERSING))
+
+
+def _clawbacks_in_flight(order: PaymentOrder) -> list[Refund]:
+    if not order.refunds:
+        return []
+    return [r for r in order.refunds if (p := _clawback_part(order, r)) is not None
+            and p.status in (PartStatus.SENT, PartStatus.REVERSING)]
+
+
+def _clawback_reply(d: _Draft, reply: VoucherReply) -> str:
+    """The account answered a clawback: taken (the cash goes back now) or refused (the
+    refund fails, nothing moved); or answered its undoing (the value is back)."""
+    fence = reply.fence
+    refund = (d.order.refund(refund_id=fence.owner) if fence.scope is FenceScope.REFUND
+              else None)
+    part = None if refund is None else _clawback_part(d.order, refund)
+    if refund is None or part is None or (fence.leg, reply.leg_no) != (part.leg_no,) * 2:
+        return f"stale: no clawback {fence!r} on this order"
+    if not reply.ok and reply.retryable:
+        return f"ignored: voucher system failed without deciding ({reply.reason}); will retry"
+    cause = reply.reason or "clawback"
+    if part.status is PartStatus.REVERSING:
+        _set_part(d, refund, part.leg_no, PartStatus.REVERSED if reply.ok else PartStatus.UNKNOWN,
+                  cause)
+        return "applied"
+    if part.status is not PartStatus.SENT:
+        return f"duplicate: clawback reply, part is {part.status.value}"
+    taken = reply.ok
+    parts = tuple(
+        evolve(p, status=PartStatus.DONE if taken else PartStatus.FAILED) if p is part
+        else evolve(p, status=PartStatus.SENT if taken else PartStatus.NOT_SENT)
+        if p.status is PartStatus.WAITING else p
+        for p in refund.parts)
+    refund = d.set_refund(evolve(refund, parts=parts), cause)
+    if taken:
+        _resend_refund(d, refund, cash=True, vouchers=False)
+        _arm_refund_query(d, attempt=0)
+    return "applied"
 
 
 def _set_part(d: _Draft, refund: Refund, leg_no: int, status: PartStatus, cause: str) -> Refund:
@@ -2319,13 +2525,14 @@ def _owed_returns(order: PaymentOrder) -> list[tuple[Refund, int]]:
     cash = order.cash_leg
     cash_no = None if cash is None else cash.leg_no
     return [(r, p.leg_no) for r in order.refunds for p in r.parts
-            if p.status is PartStatus.UNKNOWN and p.leg_no != cash_no]
+            if p.status is PartStatus.UNKNOWN and p.leg_no != cash_no
+            and order.leg(p.leg_no).pays]
 
 
 def _has_owed(order: PaymentOrder) -> bool:
     """True while the order owes a follow-up the voucher system never answered."""
-    return any(leg.status in OWED_LEG_STATUSES for leg in order.legs) or bool(
-        _owed_returns(order))
+    return any(leg.status in SENTINEL_LEG_STATUSES for leg in order.legs) or bool(
+        _owed_returns(order)) or bool(_clawbacks_in_flight(order))
 
 
 def _cash_parts_in_flight(order: PaymentOrder) -> list[Refund]:
@@ -2342,7 +2549,8 @@ def _returns_in_flight(order: PaymentOrder) -> list[tuple[Refund, int]]:
     cash = order.cash_leg
     cash_no = None if cash is None else cash.leg_no
     return [(r, p.leg_no) for r in order.refunds for p in r.parts
-            if p.status is PartStatus.SENT and p.leg_no != cash_no]
+            if p.status is PartStatus.SENT and p.leg_no != cash_no
+            and order.leg(p.leg_no).pays]
 
 
 def _is_cash_part(order: PaymentOrder, entity: str) -> bool:
@@ -2369,13 +2577,16 @@ def _cash_part_result(d: _Draft, refund: Refund, cash: Leg, result: RefundResult
     # One change for the whole refund, so its status moves once (no passing "unknown").
     cash_status, waiting_to = ((PartStatus.FAILED, PartStatus.NOT_SENT) if failed
                                else (PartStatus.DONE, PartStatus.SENT))
+    clawback = _clawback_part(d.order, refund)
     parts = tuple(
         evolve(p, status=cash_status) if p.leg_no == cash.leg_no
-        else evolve(p, status=waiting_to) if p.status is PartStatus.WAITING else p
+        else evolve(p, status=waiting_to) if p.status is PartStatus.WAITING
+        # nothing went back to the payer: a recharge's account gets its value again
+        else evolve(p, status=PartStatus.REVERSING) if failed and p is clawback
+        and p.status is PartStatus.DONE else p
         for p in refund.parts)
     refund = d.set_refund(evolve(refund, parts=parts), cause)
-    if not failed:
-        _resend_refund(d, refund, cash=False, vouchers=True)
+    _resend_refund(d, refund, cash=False, vouchers=True)
     return "applied"
 
 
@@ -2430,6 +2641,7 @@ FOLLOW_UP_OPS: Mapping[LegStatus, VoucherOp] = {
     LegStatus.CANCELLING: VoucherOp.CANCEL,
     LegStatus.REVERSING: VoucherOp.CANCEL,
     LegStatus.RELEASE_UNKNOWN: VoucherOp.CANCEL,
+    LegStatus.CREDITING: VoucherOp.CREDIT,
 }
 """Leg statuses of a follow-up sent and not yet answered, and the command they wait on."""
 
@@ -2444,7 +2656,9 @@ class OwedCommand:
     """``None`` for the leg's own Confirm or Cancel; the refund's id for a voucher return."""
     account_id: str
     operation: str
-    """``confirm``, ``cancel`` (a hold's release or a debit's reversal) or ``return``."""
+    """``confirm``, ``cancel`` (a hold's release or a debit's reversal), ``return``,
+    ``credit`` (a recharge's or transfer's beneficiary) or ``clawback`` (a recharge refund's
+    taking back, or its undoing)."""
     fence: FenceKey
     """The fence the voucher account keeps the command under (the leg's own, the user's
     pre-hold a pre-held leg adopted, or the refund's return)."""
@@ -2480,11 +2694,12 @@ def owed_commands(order: PaymentOrder) -> tuple[OwedCommand, ...]:
         for part in refund.parts:
             leg = order.leg(part.leg_no)
             if leg.is_cash or leg.account_id is None or part.status not in (
-                PartStatus.SENT, PartStatus.UNKNOWN
-            ):
+                PartStatus.SENT, PartStatus.UNKNOWN, PartStatus.REVERSING
+            ) or (leg.pays and part.status is PartStatus.REVERSING):
                 continue
+            op = VoucherOp.RETURN if leg.pays else VoucherOp.CLAWBACK
             owed.append(OwedCommand(order.order_id, part.leg_no, refund.refund_id,
-                                    leg.account_id, VoucherOp.RETURN.value,
+                                    leg.account_id, op.value,
                                     FenceKey.refund_return(refund.refund_id, part.leg_no),
                                     part.amount,
                                     part.status.value, part.status is PartStatus.UNKNOWN,

@@ -26,13 +26,18 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from payengine.engine.checks import shown
 from payengine.engine.errors import (
+    AccountClosed,
+    AccountFrozen,
     CurrencyMismatch,
     HoldNotPending,
     HoldRefused,
     IdempotencyConflict,
+    IllegalTransition,
     InsufficientBalance,
     InvalidAmount,
+    InvalidRequest,
     UnknownHold,
 )
 from payengine.engine.evolve import evolve
@@ -109,6 +114,9 @@ class FenceKind(enum.StrEnum):
     """Cancel came before any Try for this id: nothing moved, later Trys are refused."""
     RETURN = "return"
     """A refund: spent value given back (spent -> available), posted at once."""
+    CREDIT = "credit"
+    """A recharge's or transfer's credit: new value (funded and available up), posted at
+    once, once per order (the credit leg's fence)."""
 
 
 class FenceStatus(enum.StrEnum):
@@ -140,6 +148,15 @@ FINAL_FENCE_STATUSES = frozenset(
 """Statuses a fence never leaves. POSTED is final for holds; a debit may still be reversed."""
 
 
+class AccountStatus(enum.StrEnum):
+    ACTIVE = "active"
+    FROZEN = "frozen"
+    """Nothing new on it (hold, debit, credit, top-up); what is decided still completes
+    (Confirm, Cancel, a refund's return, expiry)."""
+    CLOSED = "closed"
+    """Final: frozen for ever."""
+
+
 @dataclass(frozen=True, slots=True)
 class VoucherAccount:
     """Balances of one voucher account, in its own unit (minor units or points)."""
@@ -151,6 +168,14 @@ class VoucherAccount:
     available: int = 0
     held: int = 0
     spent: int = 0
+    status: AccountStatus = AccountStatus.ACTIVE
+
+    def check_usable(self) -> None:
+        """Refuse anything new on a frozen or closed account (a typed error: nothing moved)."""
+        if self.status is AccountStatus.FROZEN:
+            raise AccountFrozen(f"account {self.account_id} is frozen")
+        if self.status is AccountStatus.CLOSED:
+            raise AccountClosed(f"account {self.account_id} is closed")
 
     def check(self) -> VoucherAccount:
         """Assert conservation; a failure here is a bug in this module, never bad input."""
@@ -190,6 +215,7 @@ class Outcome:
 def fund(account: VoucherAccount, amount: int) -> VoucherAccount:
     """Add ``amount`` to the account (a top-up); the shell makes it idempotent by funding id."""
     check_amount(amount)
+    account.check_usable()
     if account.funded + amount > AMOUNT_MAX:
         raise InvalidAmount(
             f"funding {amount} would take {account.account_id} above {AMOUNT_MAX}"
@@ -237,6 +263,7 @@ def try_hold(
     if fence is None and adopt_only:
         raise UnknownHold(f"no pre-hold {key} on account {account.account_id}")
     if fence is None:
+        account.check_usable()
         if expires_at_ms <= now_ms:
             raise HoldRefused(f"hold {key} would expire at once ({expires_at_ms} <= {now_ms})")
         if amount > account.available:
@@ -375,6 +402,7 @@ def debit(
         ):
             return Outcome(account, fence, False)
         raise HoldRefused(f"debit {key} is {fence.status.value}; it cannot be taken again")
+    account.check_usable()
     if amount > account.available:
         refused = Fence(
             key, account.account_id, FenceKind.DEBIT, FenceStatus.REFUSED, amount,
@@ -421,6 +449,50 @@ def give_back(
     posted = Fence(key, account.account_id, FenceKind.RETURN, FenceStatus.POSTED, amount,
                    order_id, None, now_ms)
     return Outcome(new_account, posted, True)
+
+
+def credit(
+    account: VoucherAccount,
+    fence: Fence | None,
+    *,
+    key: FenceKey,
+    amount: int,
+    order_id: str,
+    now_ms: int,
+) -> Outcome:
+    """Credit ``amount`` (funded and available up), idempotent by ``key``: the same credit
+    again changes nothing, so a credit re-sent after a crash lands exactly once."""
+    _assert_fence_of(account, fence, key)
+    check_amount(amount)
+    if fence is not None:
+        if fence.kind is FenceKind.CREDIT and (fence.amount, fence.order_id) == (amount, order_id):
+            return Outcome(account, fence, False)
+        raise IdempotencyConflict(f"credit {key} was {fence.kind.value} of {fence.amount} "
+                                  f"for {fence.order_id}, not a credit of {amount}")
+    account.check_usable()
+    if account.funded + amount > AMOUNT_MAX:
+        raise InvalidAmount(f"crediting {amount} would take {account.account_id} above "
+                            f"{AMOUNT_MAX}")
+    new_account = evolve(account, funded=account.funded + amount,
+                         available=account.available + amount).check()
+    posted = Fence(key, account.account_id, FenceKind.CREDIT, FenceStatus.POSTED, amount,
+                   order_id, None, now_ms)
+    return Outcome(new_account, posted, True)
+
+
+def set_status(account: VoucherAccount, status: object) -> VoucherAccount:
+    """The account in ``status`` (``active``, ``frozen``, ``closed``); closing is final
+    (``IllegalTransition`` to leave it), a bad status ``InvalidRequest``."""
+    try:
+        new = AccountStatus(status) if isinstance(status, str) else None
+    except ValueError:
+        new = None
+    if new is None:
+        raise InvalidRequest(f"account status must be one of "
+                             f"{[s.value for s in AccountStatus]}, not {shown(status)}")
+    if account.status is AccountStatus.CLOSED and new is not AccountStatus.CLOSED:
+        raise IllegalTransition(f"account {account.account_id} is closed: that is final")
+    return evolve(account, status=new)
 
 
 def _due(fence: Fence, now_ms: int) -> bool:

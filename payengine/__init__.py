@@ -77,7 +77,9 @@ from payengine.engine.discounts import (
     UnknownQuote,
 )
 from payengine.engine.errors import (
+    AccountClosed,
     AccountExists,
+    AccountFrozen,
     ActorBroken,
     AgreementInactive,
     AgreementMismatch,
@@ -134,7 +136,9 @@ from payengine.persistence.rejections import Rejection
 __version__ = "0.2.0"
 
 __all__ = [
+    "AccountClosed",
     "AccountExists",
+    "AccountFrozen",
     "AccountView",
     "ActorBroken",
     "AdmissionStats",

@@ -357,7 +357,7 @@ def _describe(order: PaymentOrder) -> tuple[str | None, str]:
     """The order's sale and split as stored with its events (JSON texts)."""
     sale = priced_sale_json(order.sale)
     split = [[f"cash:{leg.channel}" if leg.is_cash else f"voucher:{leg.account_id}",
-              leg.value_minor] for leg in order.legs]
+              leg.value_minor] for leg in order.legs if leg.pays]  # not a beneficiary
     return (None if sale is None else json.dumps(sale, separators=(",", ":")),
             json.dumps(split, separators=(",", ":")))
 

@@ -66,6 +66,7 @@ from payengine.engine.order import (
 )
 from payengine.engine.risk import verification_from_json, verification_json
 from payengine.engine.voucher import (
+    AccountStatus,
     Fence,
     FenceKey,
     FenceKind,
@@ -94,7 +95,8 @@ status, users' status, the nonces of signed requests and the requests refused
 id (for the risk gate's velocity per device). 7: payment agreements and withholdings
 (``persistence.agreements``); an order's sale and discount terms
 (``payment_orders.sale``, with its station and shift for the shift report) and the quotes
-(``persistence.quotes``)."""
+(``persistence.quotes``); a voucher account's status (active, frozen, closed), for
+recharges and transfers."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,7 +344,7 @@ class Store:
             db.table("voucher_accounts").create(
                 {"account_id": str, "unit": str, "minor_per_unit": int, "funded": int,
                  "available": int, "held": int, "spent": int, "version": int,
-                 "created_at_ms": int},
+                 "created_at_ms": int, "status": str},
                 pk="account_id", not_null={"unit", "funded", "available", "held", "spent"},
                 if_not_exists=True,
             )
@@ -669,10 +671,11 @@ class Store:
                 " JOIN json_each(r.parts) p JOIN legs v ON v.order_id = r.order_id"
                 " AND v.leg_no = json_extract(p.value, '$[0]') AND v.mode != ?"
                 " WHERE r.order_id = o.order_id"
-                " AND json_extract(p.value, '$[3]') IN (?, ?)))"
+                " AND json_extract(p.value, '$[3]') IN (?, ?, ?)))"
                 " ORDER BY o.created_at_ms, o.order_id LIMIT ?",
                 (*(status.value for status in FOLLOW_UP_OPS), LegMode.CASH.value,
-                 PartStatus.SENT.value, PartStatus.UNKNOWN.value, limit)).fetchall()
+                 PartStatus.SENT.value, PartStatus.UNKNOWN.value, PartStatus.REVERSING.value,
+                 limit)).fetchall()
         return [str(r[0]) for r in rows]
 
     def orders_of_shift(self, station_id: str, shift_id: str, batch_size: int = 500
@@ -764,9 +767,9 @@ class Store:
     def load_account(self, account_id: str) -> VoucherAccount | None:
         with self._read(snapshot=False) as conn:
             row = conn.execute(
-                "SELECT account_id, unit, minor_per_unit, funded, available, held, spent"
+                f"SELECT {_ACCOUNT_COLUMNS}"
                 " FROM voucher_accounts WHERE account_id = ?", (account_id,)).fetchone()
-        return None if row is None else VoucherAccount(*row)
+        return None if row is None else _account_from_row(row)
 
     def account_units(self, account_ids: Iterable[str]) -> dict[str, AccountUnit]:
         """The unit of each account that exists. An account's unit never changes once it is
@@ -853,6 +856,15 @@ class Store:
                                        (after.account_id,)).fetchone()[0]
                 outbox.record_hold_events(conn, int(version), expired, now_ms)
 
+    def set_account_status(self, before: VoucherAccount, after: VoucherAccount,
+                           now_ms: int) -> None:
+        """Write an account's new status with its journal entry, as one change."""
+        with self._tx(2) as conn:
+            conn.execute("UPDATE voucher_accounts SET status = ?, version = version + 1"
+                         " WHERE account_id = ?", (after.status.value, after.account_id))
+            self._journal(conn, now_ms, "account", after.account_id, [
+                Transition("status", before.status.value, after.status.value, "set")])
+
     def accounts_with_pending_holds(self) -> list[str]:
         with self._read(snapshot=False) as conn:
             rows = conn.execute("SELECT DISTINCT account_id FROM holds WHERE status = 'pending'"
@@ -938,16 +950,16 @@ class Store:
     def all_accounts(self) -> list[VoucherAccount]:
         with self._read(snapshot=False) as conn:
             rows = conn.execute(
-                "SELECT account_id, unit, minor_per_unit, funded, available, held, spent"
+                f"SELECT {_ACCOUNT_COLUMNS}"
                 " FROM voucher_accounts ORDER BY account_id").fetchall()
-        return [VoucherAccount(*r) for r in rows]
+        return [_account_from_row(r) for r in rows]
 
     def accounts_with_fences(self) -> list[tuple[VoucherAccount, list[Fence]]]:
         """Every account with all its fences, read in one snapshot (for consistency checks
         while actors keep writing)."""
         with self._read() as conn:
-            accounts = [VoucherAccount(*r) for r in conn.execute(
-                "SELECT account_id, unit, minor_per_unit, funded, available, held, spent"
+            accounts = [_account_from_row(r) for r in conn.execute(
+                f"SELECT {_ACCOUNT_COLUMNS}"
                 " FROM voucher_accounts ORDER BY account_id").fetchall()]
             fences: dict[str, list[Fence]] = {a.account_id: [] for a in accounts}
             for row in conn.execute(f"SELECT {_FENCE_COLUMNS} FROM holds"
@@ -955,6 +967,14 @@ class Store:
                 fence = _fence_from_row(row)
                 fences.setdefault(fence.account_id, []).append(fence)
         return [(a, fences[a.account_id]) for a in accounts]
+
+    def top_ups(self) -> dict[str, int]:
+        """Each account's top-ups (``Engine.fund``) summed: what it was funded with besides
+        the credits of recharges and transfers (its ``credit`` fences)."""
+        with self._read(snapshot=False) as conn:
+            rows = conn.execute("SELECT account_id, SUM(amount) FROM fundings"
+                                " GROUP BY account_id").fetchall()
+        return {str(r[0]): int(r[1]) for r in rows}
 
     def fences_of(self, account_id: str) -> list[Fence]:
         with self._read(snapshot=False) as conn:
@@ -1054,6 +1074,18 @@ _LOAD_ORDER = (
 _INSERT_LEG = (
     f"INSERT INTO legs (order_id, {_LEG_COLUMNS}) VALUES (" + ",".join("?" * 13) + ")"
 )
+_ACCOUNT_COLUMNS = ("account_id, unit, minor_per_unit, funded, available, held, spent,"
+                    " COALESCE(status, 'active')")
+_ACCOUNT_STATUSES = {m.value: m for m in AccountStatus}
+
+
+def _account_from_row(r: Sequence[Any]) -> VoucherAccount:
+    account_id, unit, minor_per_unit, funded, available, held, spent, status = r
+    return VoucherAccount(str(account_id), str(unit),
+                          None if minor_per_unit is None else int(minor_per_unit), int(funded),
+                          int(available), int(held), int(spent), _ACCOUNT_STATUSES[status])
+
+
 _FENCE_COLUMNS = ("scope, owner, leg, account_id, kind, status, amount, order_id, expires_at_ms,"
                   " updated_at_ms")
 

@@ -2,7 +2,8 @@
 
 Checked (each failure is one ``Violation`` naming the order or account):
 
-- vouchers: no balance negative; funded = available + held + spent; held equals the sum of
+- vouchers: no balance negative; funded = available + held + spent; funded = top-ups +
+  credits (recharges, transfers); held equals the sum of
   pending holds and spent the sum of posted ones (so no hold was posted twice); every fence
   in the scope of what it is (a return in a refund's, a debit in its order's, a hold in its
   order's or the user's); with ``now_ms``, no hold still pending past its expiry;
@@ -42,6 +43,7 @@ from payengine.engine.order import (
     ALLOWED_TRANSITIONS,
     HOLD_MODES,
     OWED_LEG_STATUSES,
+    Leg,
     LegMode,
     LegStatus,
     OrderState,
@@ -161,6 +163,7 @@ def check(store: Store, channels: Mapping[str, GroundTruth], *, now_ms: int | No
 def _check_accounts(store: Store, report: OracleReport, now_ms: int | None) -> None:
     """Balances against fences; with ``now_ms``, no fence of any scope (a user's pre-hold,
     an order leg's hold, a refund's) still pending past its expiry."""
+    top_ups = store.top_ups()
     for account, fences in store.accounts_with_fences():
         report.accounts_checked += 1
         subject = f"account {account.account_id}"
@@ -171,8 +174,13 @@ def _check_accounts(store: Store, report: OracleReport, now_ms: int | None) -> N
             v.append(Violation("voucher-conservation", subject, repr(account)))
         pending = sum(f.amount for f in fences if f.status is FenceStatus.PENDING)
         returned = sum(f.amount for f in fences if f.kind is FenceKind.RETURN)
-        posted = sum(f.amount for f in fences
-                     if f.status is FenceStatus.POSTED and f.kind is not FenceKind.RETURN) - returned
+        credited = sum(f.amount for f in fences if f.kind is FenceKind.CREDIT)
+        posted = sum(f.amount for f in fences if f.status is FenceStatus.POSTED
+                     and f.kind not in (FenceKind.RETURN, FenceKind.CREDIT)) - returned
+        if account.funded != top_ups.get(account.account_id, 0) + credited:
+            v.append(Violation("voucher-funded-by-top-ups-and-credits", subject,
+                               f"funded {account.funded}, top-ups "
+                               f"{top_ups.get(account.account_id, 0)} + credits {credited}"))
         if pending != account.held:
             v.append(Violation("voucher-held-matches-holds", subject,
                                f"held {account.held}, pending holds sum {pending}"))
@@ -324,7 +332,9 @@ def _in_its_scope(fence: Fence) -> bool:
         return False
     if fence.kind is FenceKind.RETURN:
         return scope is FenceScope.REFUND
-    if fence.kind is FenceKind.DEBIT:
+    if fence.kind is FenceKind.DEBIT:  # an order's post-deduct, or a recharge's clawback
+        return scope in (FenceScope.ORDER, FenceScope.REFUND)
+    if fence.kind is FenceKind.CREDIT:
         return scope is FenceScope.ORDER
     return scope in (FenceScope.USER, FenceScope.ORDER)
 
@@ -349,8 +359,8 @@ def _check_returns(store: Store, order: PaymentOrder, report: OracleReport) -> N
         cash_part = None if cash is None else refund.part(cash.leg_no)
         for part in refund.parts:
             leg = order.leg(part.leg_no)
-            if leg.is_cash or leg.account_id is None:
-                continue
+            if leg.is_cash or leg.account_id is None or not leg.pays:
+                continue  # (a recharge's clawback: ``check_beneficiaries``)
             fence = store.load_fence(leg.account_id,
                                      FenceKey.refund_return(refund.refund_id, leg.leg_no))
             returned = 0 if fence is None or fence.kind is not FenceKind.RETURN else fence.amount
@@ -385,7 +395,7 @@ def _check_ledger(store: Store, order: PaymentOrder, report: OracleReport) -> No
             "ledger-transit-empty", subject, f"transit holds {balances[TRANSIT]}"))
     merchant = balances.get(f"merchant:{order.merchant_id}", 0)
     expected = 0
-    if order.state is OrderState.SUCCEEDED:
+    if order.state is OrderState.SUCCEEDED and all(leg.pays for leg in order.legs):
         expected = order.total_minor - sum(
             p.value_minor for r in order.refunds if r.kind is RefundKind.MERCHANT
             for p in r.parts if p.status is PartStatus.DONE)
@@ -393,6 +403,67 @@ def _check_ledger(store: Store, order: PaymentOrder, report: OracleReport) -> No
         report.violations.append(Violation(
             "ledger-merchant-share", subject,
             f"{order.state.value}: merchant holds {merchant}, expected {expected}"))
+
+
+def check_beneficiaries(store: Store, orders: Iterable[PaymentOrder]) -> list[Violation]:
+    """Recharges and transfers (orders with a credit leg), once converged: the beneficiary
+    account holds exactly one credit of the order's amount iff the order succeeded (a
+    recharge whose cash was refunded, or that closed or failed, credited nothing); a
+    recharge refund's clawback is at the account exactly as its part says, and its cash
+    went back only after it; the order's ledger credits the account what it kept."""
+    out: list[Violation] = []
+    for order in orders:
+        credit = next((leg for leg in order.legs if not leg.pays), None)
+        if credit is None or credit.account_id is None or not order.is_terminal:
+            continue
+        subject = f"order {order.order_id}"
+        fence = store.load_fence(credit.account_id, order.fence_of(credit))
+        credited = 0 if fence is None or fence.kind is not FenceKind.CREDIT else fence.amount
+        kept = order.state is OrderState.SUCCEEDED
+        if credited != (credit.amount if kept else 0):
+            out.append(Violation("beneficiary-credited-iff-paid", subject,
+                                 f"{order.state.value}, credit leg {credit.status.value}: "
+                                 f"{credit.account_id} credited {credited} of {credit.amount}"))
+        clawed = _check_clawbacks(store, order, credit, out)
+        balances = store.ledger_balances(order.order_id).get(order.currency, {})
+        booked = balances.get(f"vouchers:{credit.account_id}", 0)
+        if order.is_settled and booked != (credit.amount - clawed if kept else 0):
+            out.append(Violation("ledger-beneficiary-share", subject,
+                                 f"vouchers:{credit.account_id} holds {booked} in the ledger, "
+                                 f"credited {credited}, clawed back {clawed}"))
+    return out
+
+
+def _check_clawbacks(store: Store, order: PaymentOrder, credit: Leg,
+                     out: list[Violation]) -> int:
+    """What the recharge's refunds took back from its account (checked part by part)."""
+    assert credit.account_id is not None
+    clawed = 0
+    cash = order.cash_leg
+    for refund in order.refunds:
+        part = refund.part(credit.leg_no)
+        if part is None:
+            continue
+        fence = store.load_fence(credit.account_id,
+                                 FenceKey.refund_return(refund.refund_id, credit.leg_no))
+        status = None if fence is None else fence.status
+        expected = {PartStatus.DONE: {FenceStatus.POSTED},
+                    PartStatus.REVERSED: {FenceStatus.REVERSED},
+                    PartStatus.FAILED: {FenceStatus.REFUSED}}.get(part.status)
+        if expected is not None and status not in expected:
+            out.append(Violation("clawback-as-refunded", f"order {order.order_id}",
+                                 f"{refund.refund_id} clawback {part.status.value}, its fence "
+                                 f"{status and status.value}"))
+        if part.status is PartStatus.DONE:
+            clawed += part.amount
+        cash_part = None if cash is None else refund.part(cash.leg_no)
+        if cash_part is not None and cash_part.status not in (
+            PartStatus.WAITING, PartStatus.NOT_SENT
+        ) and part.status not in (PartStatus.DONE, PartStatus.REVERSING, PartStatus.REVERSED):
+            out.append(Violation("clawback-before-cash", f"order {order.order_id}",
+                                 f"{refund.refund_id}: cash part {cash_part.status.value} "
+                                 f"with the clawback {part.status.value}"))
+    return clawed
 
 
 def check_one_success_per_trade(orders: Iterable[PaymentOrder]) -> list[Violation]:

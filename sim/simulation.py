@@ -62,6 +62,7 @@ from payengine.engine.routing import Route, RoutingTable
 from payengine.engine.statement import FLAGGED, Verdict
 from payengine.persistence.outbox import OutboxEvent
 from payengine.persistence.store import Store
+from payengine.sim.beneficiary import RechargesAndTransfers
 from payengine.sim.channel import ChannelFaults, SimulatedChannel
 from payengine.sim.forger import Forger
 from payengine.sim.merchant import SimMerchant
@@ -70,6 +71,7 @@ from payengine.sim.oracle import (
     Told,
     Violation,
     check,
+    check_beneficiaries,
     check_code_tables,
     check_notified,
     check_one_success_per_trade,
@@ -484,6 +486,10 @@ class Simulation:
                 at=self._at, engine=lambda: self.engine, counts=self.counts,
                 violations=self.violations, points_funded_max=POINTS_FUNDED_MAX)
         self.late_rng = random.Random(config.seed + 8)
+        self.beneficiaries = RechargesAndTransfers(
+            random.Random(config.seed + 23), seed=config.seed,
+            pay_window_ms=self.mix.pay_window_ms, now_ms=self.world.now_ms, at=self._at,
+            engine=lambda: self.engine, quiet=lambda: self.quiet, counts=self.counts)
         self.signed: SignedRequests | None = None
         if "forged-request" in self.mix.on:
             self.signed = SignedRequests(
@@ -660,6 +666,7 @@ class Simulation:
             self.signed.setup(engine, customers)
         if self.withholds is not None:
             self.withholds.setup(customers)
+        self.beneficiaries.setup(engine, customers)
         return customers
 
     def _request(self, i: int, customers: list[str]) -> PaymentRequest:
@@ -889,6 +896,7 @@ class Simulation:
             self.withholds.schedule(now, span_ms, self.config.orders)
         if self.quoter is not None:
             self.quoter.schedule(now, span_ms, self.config.orders, customers)
+        self.beneficiaries.schedule(now, span_ms, self.config.orders, customers)
         crashes = self.config.crashes if "crash" in self.mix.on else 0
         for _ in range(crashes):
             at = now + self.rng.randint(0, span_ms + self.mix.pay_window_ms)
@@ -919,6 +927,7 @@ class Simulation:
         report.violations += check_code_tables(self.channels)
         self._note_broken(engine)
         report.violations += check_one_success_per_trade(orders)
+        report.violations += check_beneficiaries(engine.store, orders)
         for (key, attempt), receipt in self.receipts.items():
             try:
                 found = engine.find_order("station-1", key, attempt)

@@ -20,7 +20,9 @@ from payengine.actors.messages import FromOrder
 from payengine.engine.errors import EngineClosed
 from payengine.engine.order import (
     CancelHold,
+    ClawBack,
     ConfirmHold,
+    CreditVoucher,
     DebitVoucher,
     ReturnVoucher,
     TryHold,
@@ -30,7 +32,8 @@ from payengine.engine.order import (
 from payengine.sim.channel import World
 
 _OPS = {TryHold: VoucherOp.TRY, ConfirmHold: VoucherOp.CONFIRM, CancelHold: VoucherOp.CANCEL,
-        DebitVoucher: VoucherOp.DEBIT, ReturnVoucher: VoucherOp.RETURN}
+        DebitVoucher: VoucherOp.DEBIT, ReturnVoucher: VoucherOp.RETURN,
+        CreditVoucher: VoucherOp.CREDIT, ClawBack: VoucherOp.CLAWBACK}
 
 
 @dataclass(frozen=True)

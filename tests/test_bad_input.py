@@ -321,6 +321,9 @@ _SUBMIT_FIELDS = {
     "confirm_duplicate": BAD_BOOL,
     "attempt": bad_int_setting(10, optional=False),
     "sale": bad_sale(), "quote": bad_quote(),
+    # (a payment of cash and vouchers can credit nothing: only a recharge or a transfer does)
+    "credit_account": _with(InvalidRequest, st.one_of(
+        BAD_ID_VALUES, st.sampled_from(["alice/phone", "nobody"]))),
 }
 
 CALLS = [
@@ -378,6 +381,33 @@ CALLS = [
                                       a["amount_minor"], reason=a["reason"]),
          {"order_id": BAD_ID, "refund_no": BAD_ID, "amount_minor": BAD_AMOUNT,
           "reason": bad_text(256, required=False)}),
+    Call("recharge", {"merchant_id": "station-1", "merchant_order_no": "top-new",
+                      "account_id": "alice/red-packet", "amount_minor": 9_600,
+                      "currency": "CNY", "cash": CashPart(9_600, "wechat"), "user_id": None,
+                      "title": "recharge", "pay_window_ms": None, "attempt": 1,
+                      "confirm_duplicate": False},
+         lambda w, a: w.engine.recharge(
+             a["merchant_id"], a["merchant_order_no"], a["account_id"], a["amount_minor"],
+             a["currency"], a["cash"], user_id=a["user_id"], title=a["title"],
+             pay_window_ms=a["pay_window_ms"], attempt=a["attempt"],
+             confirm_duplicate=a["confirm_duplicate"]),
+         {"merchant_id": BAD_ID, "merchant_order_no": BAD_ID, "account_id": BAD_ID,
+          "amount_minor": BAD_AMOUNT, "currency": BAD_CURRENCY, "cash": bad_cash(),
+          "user_id": BAD_OPTIONAL_ID, "title": bad_text(128, required=True),
+          "pay_window_ms": bad_int_setting(POLICY.pay_window_ms_max, optional=True),
+          "attempt": bad_int_setting(10, optional=False), "confirm_duplicate": BAD_BOOL}),
+    Call("transfer", {"transfer_id": "t-new", "from_account": "alice/red-packet",
+                      "to_account": "alice/phone", "amount": 10},
+         lambda w, a: w.engine.transfer(a["transfer_id"], a["from_account"], a["to_account"],
+                                        a["amount"]),
+         {"transfer_id": BAD_ID, "from_account": BAD_ID, "to_account": BAD_ID,
+          "amount": BAD_AMOUNT}),
+    Call("get_transfer", {"transfer_id": "t-new"},
+         lambda w, a: w.engine.get_transfer(a["transfer_id"]), {"transfer_id": BAD_ID}),
+    Call("set_account_status", {"account_id": ACCOUNT, "status": "active"},
+         lambda w, a: w.engine.set_account_status(a["account_id"], a["status"]),
+         {"account_id": BAD_ID, "status": _with(InvalidRequest, st.one_of(
+             st.none(), NOT_STR, st.sampled_from(["", "FROZEN", "open", "active "])))}),
     Call("ledger_balances", {}, lambda w, a: w.engine.ledger_balances(a["order_id"]),
          {"order_id": BAD_OPTIONAL_ID}),
     Call("reconcile", {"statement": VALID, "period_start_ms": None, "period_end_ms": None,

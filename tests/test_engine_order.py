@@ -45,6 +45,7 @@ from payengine.engine.order import (
     CloseCause,
     CloseOrder,
     ConfirmHold,
+    CreditVoucher,
     DebitVoucher,
     Decision,
     Effect,
@@ -126,6 +127,11 @@ MIXES: dict[str, tuple[int | None, tuple[VoucherPart, ...]]] = {
 
 
 def make_order(mix: str, order_id: str = "o1", now_ms: int = T0) -> PaymentOrder:
+    if mix == "recharge":  # 100.00 cash credited to the stored-value account "credit"
+        request = PaymentRequest("m1", f"mo-{order_id}", "u1", "CNY", 10_000, "top-up",
+                                 CashPart(10_000, "wechat"), credit_account="credit")
+        return build_order(request, order_id=order_id, payment_serial=f"serial-{order_id}",
+                           now_ms=now_ms, accounts=ACCOUNTS, policy=POLICY)
     cash, vouchers = MIXES[mix]
     total = (cash or 0) + sum(
         part.amount * (ACCOUNTS[part.account_id].minor_per_unit or 1) for part in vouchers
@@ -197,7 +203,7 @@ def check_shape(order: PaymentOrder) -> None:
         assert leg.status in shape.holds, (order.state, leg.leg_no, leg.status)
     for leg in post_legs(order):
         assert leg.status in shape.posts, (order.state, leg.leg_no, leg.status)
-    assert sum(leg.value_minor for leg in order.legs) == order.total_minor
+    assert sum(leg.value_minor for leg in order.legs if leg.pays) == order.total_minor
 
 
 def check_effects(
@@ -229,6 +235,11 @@ def check_effects(
                     )
                 if isinstance(effect, DebitVoucher):
                     assert leg.mode is LegMode.POST_DEDUCT and effect.amount == leg.amount
+            case CreditVoucher():
+                leg = order.leg(effect.leg_no)
+                assert leg.mode is LegMode.CREDIT and leg.status is L.CREDITING, leg
+                assert effect == CreditVoucher(leg.account_id or "", order.fence_of(leg),
+                                               leg.amount, leg.leg_no)
             case PayCash():
                 assert cash is not None and cash.status is L.PAYING and not order.is_terminal
                 assert effect == PayCash(
@@ -1068,6 +1079,8 @@ def commands_in_flight(order: PaymentOrder) -> tuple[Effect, ...]:
             commands.append(ConfirmHold(account, hold, leg.leg_no))
         elif leg.status in (L.CANCELLING, L.REVERSING):
             commands.append(CancelHold(account, hold, leg.leg_no))
+        elif leg.status is L.CREDITING:
+            commands.append(CreditVoucher(account, hold, leg.amount, leg.leg_no))
         else:
             assert leg.status is L.DEBITING
             commands.append(DebitVoucher(account, hold, leg.amount, leg.leg_no))
@@ -1131,6 +1144,11 @@ def reach(status: LegStatus) -> tuple[Run, int]:
             run(VoucherReply(2, O1_LEG2, VoucherOp.DEBIT, True))
             run(VoucherReply(3, O1_LEG3, VoucherOp.DEBIT, False, "insufficient_balance"))
             return run, 2
+        case L.CREDITING:
+            run = Run("recharge")
+            run.hold_all()
+            run(success(10_000))
+            return run, 1
     raise AssertionError(status)
 
 
@@ -1188,9 +1206,11 @@ def test_a_voucher_retry_sends_the_command_each_in_flight_status_waits_for(
     decision = fire_voucher_retry(run)
     (command,) = [e for e in decision.effects if getattr(e, "leg_no", None) == leg_no]
     expected = {L.TRYING: TryHold, L.CONFIRMING: ConfirmHold, L.CANCELLING: CancelHold,
-                L.REVERSING: CancelHold, L.DEBITING: DebitVoucher}[status]
+                L.REVERSING: CancelHold, L.DEBITING: DebitVoucher,
+                L.CREDITING: CreditVoucher}[status]
     assert type(command) is expected
-    assert isinstance(command, TryHold | ConfirmHold | CancelHold | DebitVoucher)
+    assert isinstance(command, TryHold | ConfirmHold | CancelHold | DebitVoucher
+                      | CreditVoucher)
     assert (command.account_id, command.fence) == (leg.account_id, before.fence_of(leg))
     assert decision.effects == (*commands_in_flight(before), retry_timer(run.now + 2 * SECOND, 1))
 
@@ -1691,7 +1711,7 @@ def all_events(order: PaymentOrder) -> list[OrderEvent]:
 
 _EXPECTED_OP = {L.TRYING: VoucherOp.TRY, L.CONFIRMING: VoucherOp.CONFIRM,
                 L.CANCELLING: VoucherOp.CANCEL, L.REVERSING: VoucherOp.CANCEL,
-                L.DEBITING: VoucherOp.DEBIT}
+                L.DEBITING: VoucherOp.DEBIT, L.CREDITING: VoucherOp.CREDIT}
 
 
 def pertinent_events(order: PaymentOrder) -> list[OrderEvent]:

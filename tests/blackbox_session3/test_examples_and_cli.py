@@ -69,7 +69,7 @@ PLANTED = [
     "sentinel-gives-up", "pay-details-lost", "route-ignores-limits", "two-attempts-succeed",
     "codes-processing-as-failure", "accept-bad-signature", "risk-ignored",
     "withhold-retry-after-timeout", "quote-price-drift", "shift-counts-unpaid",
-    "change-keeps-holds", "open-without-needed-channel",
+    "change-keeps-holds", "open-without-needed-channel", "credit-before-charge",
 ]
 
 
