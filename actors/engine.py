@@ -85,7 +85,9 @@ from payengine.engine.discounts import (
     Benefits,
     PricedSale,
     Quote,
+    QuoteMismatch,
     UnknownQuote,
+    check_benefits,
     check_quote_use,
     make_quote,
 )
@@ -640,33 +642,9 @@ class Engine:
         retried = self._retried(request, nonce)
         if retried is not None:
             return retried
-        priced = None if request.quote is None else self._quoted_terms(request)
-        order_id = self._ids.new_order_id()
-        route = self._route(request, order_id)
-        channel = route.channel if route is not None else (
-            None if request.cash is None else request.cash.channel)
-        if request.cash is not None and channel not in ctx.channels:
-            raise InvalidRequest(f"unknown channel {request.cash.channel!r}; "
-                                 f"known: {sorted(ctx.channels)}, methods: "
-                                 f"{sorted(ctx.config.routing.methods)}")
-        if request.cash is not None and request.cash.details is not None and (
-            channel not in self._channels_taking_details
-        ):
-            raise InvalidRequest(f"channel {channel!r} takes no pay details (its "
-                                 "pay() has no 'details' parameter)")
-        names = [part.account_id for part in request.vouchers]
-        if request.credit_account is not None:
-            names.append(request.credit_account)
-        units = ctx.store.account_units(names)
-        missing = [name for name in names if name not in units]
-        if missing:
-            raise UnknownAccount(f"no voucher account {missing[0]}")
-        now_ms = ctx.runtime.now_ms()
-        order = build_order(request, order_id=order_id,
-                            payment_serial=self._ids.new_payment_serial(), now_ms=now_ms,
-                            accounts=units, policy=ctx.policy,
-                            currencies=ctx.config.currency_table, cash_channel=channel,
-                            priced=priced)
+        order, route = self._built(request, self._ids.new_order_id(),
+                                   self._ids.new_payment_serial)
+        now_ms = order.created_at_ms
         live, bound = ctx.directory.count("order"), ctx.config.live_orders_max
         if live >= bound:  # a retry was answered before (``_retried``): this one is new
             raise self._admission.refuse_live_orders(live, bound)
@@ -707,11 +685,47 @@ class Engine:
             ctx.log.info("submit.accepted_during_shutdown", order_id=order.order_id)
         return Receipt.of(order)
 
-    def _quoted_terms(self, request: PaymentRequest) -> PricedSale:
+    def _built(self, request: PaymentRequest, order_id: str,
+               new_serial: Callable[[], str], *, trial: bool = False
+               ) -> tuple[PaymentOrder, RouteChoice | None]:
+        """The order ``request`` makes, with its route, or the typed error that refuses it:
+        everything a submit checks before its order is stored (the quote, the route, the
+        channel, the accounts, the parts). Stores nothing. ``trial``: only to see whether it
+        would be refused (``change_order``), so a half-open channel's single probe is not
+        spent on it."""
+        ctx = self._ctx
+        priced = None if request.quote is None else self._quoted_terms(request, claim=not trial)
+        route = self._route(request, order_id, trial=trial)
+        channel = route.channel if route is not None else (
+            None if request.cash is None else request.cash.channel)
+        if request.cash is not None and channel not in ctx.channels:
+            raise InvalidRequest(f"unknown channel {request.cash.channel!r}; "
+                                 f"known: {sorted(ctx.channels)}, methods: "
+                                 f"{sorted(ctx.config.routing.methods)}")
+        if request.cash is not None and request.cash.details is not None and (
+            channel not in self._channels_taking_details
+        ):
+            raise InvalidRequest(f"channel {channel!r} takes no pay details (its "
+                                 "pay() has no 'details' parameter)")
+        names = [part.account_id for part in request.vouchers]
+        if request.credit_account is not None:
+            names.append(request.credit_account)
+        units = ctx.store.account_units(names)
+        missing = [name for name in names if name not in units]
+        if missing:
+            raise UnknownAccount(f"no voucher account {missing[0]}")
+        order = build_order(request, order_id=order_id, payment_serial=new_serial(),
+                            now_ms=ctx.runtime.now_ms(), accounts=units, policy=ctx.policy,
+                            currencies=ctx.config.currency_table, cash_channel=channel,
+                            priced=priced)
+        return order, route
+
+    def _quoted_terms(self, request: PaymentRequest, *, claim: bool) -> PricedSale:
         """The terms of the quote ``request`` names, checked against it (its own merchant
         and user, unexpired now, the combination's total and points); a ``QuoteRefused``
         otherwise. Checked after ``_retried``: a retry of an accepted submit gets its
-        receipt even once the quote has expired."""
+        receipt even once the quote has expired. ``claim``: the quote becomes this trade
+        order's (``persistence.quotes.claim``); another trade naming it is refused."""
         assert request.quote is not None
         ctx = self._ctx
         quote = quotes.load(ctx.store, request.quote.quote_id)
@@ -728,6 +742,11 @@ class Engine:
             quote, request.quote.combination_id, merchant_id=request.merchant_id,
             user_id=request.user_id, total_minor=request.total_minor, points=points,
             now_ms=now_ms)
+        if claim:
+            taken_by = quotes.claim(ctx.store, quote.quote_id, request.merchant_order_no)
+            if taken_by is not None:
+                raise QuoteMismatch(f"quote {quote.quote_id} pays merchant order {taken_by} "
+                                    "already: ask for a new quote")
         return PricedSale(quote.sale, quote.quote_id, combination.combination_id,
                           combination.discounts)
 
@@ -743,6 +762,8 @@ class Engine:
         self._check_open()
         ctx = self._ctx
         with self._admission.admit():
+            if benefits is not None:
+                self._check_points_account(check_benefits(benefits))
             now_ms = ctx.runtime.now_ms()
             made = make_quote(merchant_id, user_id, sale,
                               Benefits() if benefits is None else benefits,
@@ -750,6 +771,21 @@ class Engine:
                               now_ms=now_ms)
             quotes.save(ctx.store, made, now_ms=now_ms, quotes_max=ctx.config.quotes_max)
             return made
+
+    def _check_points_account(self, benefits: Benefits) -> None:
+        """The points a quote offers must be payable: an account of this engine, its points
+        worth what the benefits say (else the submit's parts would not add up)."""
+        points = benefits.points
+        if points is None:
+            return
+        unit = self._ctx.store.account_units([points.account_id]).get(points.account_id)
+        if unit is None:
+            raise UnknownAccount(f"no voucher account {points.account_id} (the benefits' "
+                                 "points account)")
+        if unit.minor_per_unit != points.minor_per_point:
+            raise InvalidRequest(
+                f"points of {points.account_id} are worth {unit.minor_per_unit} minor units "
+                f"each, not {points.minor_per_point}")
 
     def get_quote(self, quote_id: str) -> Quote:
         """A stored quote, expired or not, until it is pruned (``UnknownQuote`` then)."""
@@ -875,11 +911,13 @@ class Engine:
         assert isinstance(view, OrderView)
         return view
 
-    def _route(self, request: PaymentRequest, order_id: str) -> RouteChoice | None:
+    def _route(self, request: PaymentRequest, order_id: str, *, trial: bool = False
+               ) -> RouteChoice | None:
         """The channel for a cash part that names a payment method (``EngineConfig.routing``);
         ``None`` for one that names its channel. ``NoRoute`` when no route can take it (see
         ``_cannot_take`` besides the routes' own conditions). A retry of an accepted order
-        never gets here (``_retried``): its stored channel stands."""
+        never gets here (``_retried``): its stored channel stands. ``trial``: nothing is
+        paid on the choice, so the channel's health is not told."""
         ctx = self._ctx
         table = ctx.config.routing
         if request.cash is None or request.cash.channel not in table.methods:
@@ -901,7 +939,8 @@ class Engine:
                               fee_ppm=ctx.config.fee_ppm, draw=route_draw(order_id),
                               known_channels=ctx.channels.keys(), excluded=excluded,
                               fees_minor=fees)
-        ctx.health.chosen(choice.channel)
+        if not trial:
+            ctx.health.chosen(choice.channel)
         return choice
 
     def _cannot_take(self, channel: str, cash: CashPart) -> str | None:
@@ -992,6 +1031,13 @@ class Engine:
             raise InvalidRequest(
                 f"order {previous_order_id} is {previous.merchant_id}/{previous.user_id}'s: a "
                 "change replaces an order of the same merchant and user")
+        if (previous.merchant_order_no, previous.attempt) == (request.merchant_order_no,
+                                                              request.attempt):
+            raise InvalidRequest(
+                f"the request is order {previous_order_id}'s own (merchant order number "
+                f"{request.merchant_order_no}, attempt {request.attempt}): a change needs a "
+                "new merchant order number or the next attempt")
+        self._built(request, "change-trial", lambda: "change-trial", trial=True)
         if "change-keeps-holds" not in self._ctx.config.planted_bugs:
             self.close(previous_order_id)
         return self.submit(request)

@@ -359,9 +359,10 @@ class PaymentRequest:
         ]
         if self.attempt != 1:  # appended only then: first attempts keep older digests
             fields.append(self.attempt)
-        if self.sale is not None or self.quote is not None:  # likewise
-            fields.append([fuel_sale_json(self.sale), None if self.quote is None else
-                           [self.quote.quote_id, self.quote.combination_id]])
+        if self.quote is not None:  # likewise; the quote's sale is the sale (or refused)
+            fields.append([None, [self.quote.quote_id, self.quote.combination_id]])
+        elif self.sale is not None:
+            fields.append([fuel_sale_json(self.sale), None])
         if self.credit_account is not None:  # likewise: payments keep their digests
             fields.append(["credit", self.credit_account])
         canonical = json.dumps(fields, ensure_ascii=True, separators=(",", ":"))

@@ -31,7 +31,7 @@ def create_schema(db: sqlite_utils.Database) -> None:
     """Create the table and its index if they do not exist (under the store's lock)."""
     db.table("quotes").create(
         {"quote_id": str, "merchant_id": str, "user_id": str, "expires_at_ms": int,
-         "body": str},
+         "body": str, "used_by": str},
         pk="quote_id", not_null={"expires_at_ms", "body"}, if_not_exists=True)
     db.table("quotes").create_index(["expires_at_ms"], if_not_exists=True)
 
@@ -51,6 +51,19 @@ def save(store: Store, quote: Quote, *, now_ms: int, quotes_max: int) -> None:
                      " VALUES (?, ?, ?, ?, ?)",
                      (quote.quote_id, quote.merchant_id, quote.user_id, quote.expires_at_ms,
                       json.dumps(quote_json(quote), separators=(",", ":"))))
+
+
+def claim(store: Store, quote_id: str, merchant_order_no: str) -> str | None:
+    """Claim the quote for ``merchant_order_no`` (the trade order it pays; its attempts and
+    retries may use it again): ``None`` if it is now that trade's, else the merchant order
+    number that claimed it first. One quote, one sale: a coupon in it is used once."""
+    with store._tx(2) as conn:
+        conn.execute("UPDATE quotes SET used_by = ? WHERE quote_id = ? AND used_by IS NULL",
+                     (merchant_order_no, quote_id))
+        row = conn.execute("SELECT used_by FROM quotes WHERE quote_id = ?",
+                           (quote_id,)).fetchone()
+    used_by = None if row is None else row[0]
+    return None if used_by in (None, merchant_order_no) else str(used_by)
 
 
 def load(store: Store, quote_id: str) -> Quote | None:

@@ -297,12 +297,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from payengine.persistence.store import Store
-
-    if not Path(args.db).exists():
-        print(f"payengine show: no database at {args.db}", file=sys.stderr)
+    store = _store_for_reading(args.db, "show")
+    if store is None:
         return 2
-    store = Store(args.db, exclusive=False)
     try:
         order = store.load_order(args.order_id)
         if order is None:
@@ -333,11 +330,39 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_for_reading(db: str, command: str) -> Any:
+    """The store at ``db`` opened beside any running engine (no lock), or ``None`` after
+    saying why on stderr: no such file, a folder, a file that is not a database of this
+    schema. Checked on a read-only connection first, so a read never writes (an empty or
+    foreign file is not given the engine's tables)."""
+    import sqlite3
+
+    from payengine.persistence.store import SCHEMA_VERSION, Store
+
+    path = Path(db)
+    if not path.is_file():
+        print(f"payengine {command}: no database at {db}", file=sys.stderr)
+        return None
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        row = None
+    if row is None or row[0] != str(SCHEMA_VERSION):
+        found = "no payengine database" if row is None else f"schema version {row[0]}"
+        print(f"payengine {command}: {db} is not a payengine database of schema version "
+              f"{SCHEMA_VERSION} ({found})", file=sys.stderr)
+        return None
+    return Store(db, exclusive=False)
+
+
 def _report_shift(args: argparse.Namespace) -> int:
     from payengine.engine.checks import check_id
     from payengine.engine.errors import InvalidRequest
     from payengine.persistence.reports import report_shift
-    from payengine.persistence.store import Store
 
     try:
         check_id(args.station, "--station")
@@ -345,10 +370,9 @@ def _report_shift(args: argparse.Namespace) -> int:
     except InvalidRequest as error:
         print(f"payengine report shift: {error.message}", file=sys.stderr)
         return 2
-    if not Path(args.db).exists():
-        print(f"payengine report shift: no database at {args.db}", file=sys.stderr)
+    store = _store_for_reading(args.db, "report shift")
+    if store is None:
         return 2
-    store = Store(args.db, exclusive=False)
     try:
         report = report_shift(store, args.station, args.shift)
     finally:

@@ -16,6 +16,7 @@ from payengine import (
     IllegalTransition,
     InvalidAmount,
     InvalidRequest,
+    PaymentError,
     PaymentRequest,
     UnknownOrder,
 )
@@ -84,3 +85,36 @@ def test_a_foreign_or_malformed_change_leaves_the_previous_order_as_it_was(
 def test_changing_an_order_nobody_has_is_unknown_order(engine: Engine):
     with pytest.raises(UnknownOrder):
         engine.change_order("ord-nope", CHANGED)
+
+
+@pytest.mark.parametrize("change", [
+    {"cash": CashPart(145_00, "wechat")},                       # parts do not add up
+    {"cash": CashPart(146_00, "no-such-wallet")},               # an unknown channel
+    {"vouchers": (VoucherPart("alice/points", 20, LegMode.PRE_DEDUCT),
+                  VoucherPart("alice/points", 20, LegMode.PRE_DEDUCT))},  # one account twice
+    {"vouchers": (VoucherPart("nobody/points", 40, LegMode.PRE_DEDUCT),)},  # no such account
+])
+def test_a_request_a_submit_would_refuse_is_refused_before_anything_is_closed(
+        engine: Engine, change: dict[str, object]):
+    first = engine.submit(FIRST)
+    paying(engine, first.order_id)
+    with pytest.raises(PaymentError):
+        engine.change_order(first.order_id, replace(CHANGED, **change))  # type: ignore[arg-type]
+    assert engine.get_order(first.order_id).state == "paying"
+    assert engine.get_account("alice/points").held == 50
+
+
+def test_the_previous_orders_own_request_is_not_a_change(engine: Engine):
+    first = engine.submit(FIRST)
+    paying(engine, first.order_id)
+    with pytest.raises(InvalidRequest, match="new merchant order number or the next attempt"):
+        engine.change_order(first.order_id, FIRST)
+    assert engine.get_order(first.order_id).state == "paying"
+
+
+def test_the_next_attempt_of_the_same_trade_is_a_change(engine: Engine):
+    first = engine.submit(FIRST)
+    paying(engine, first.order_id)
+    second = engine.change_order(first.order_id, replace(FIRST, attempt=2,
+                                                         cash=CashPart(195_00, "wechat")))
+    assert (second.attempt, engine.get_order(first.order_id).state) == (2, "closed")

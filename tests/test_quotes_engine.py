@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from payengine import CashPart, Engine, EngineConfig, PaymentRequest, UnknownOrder
+from payengine import (
+    CashPart,
+    Engine,
+    EngineConfig,
+    InvalidRequest,
+    PaymentRequest,
+    UnknownAccount,
+    UnknownOrder,
+)
 from payengine.actors.pool import PooledRuntime
 from payengine.engine.discounts import (
     Benefits,
@@ -213,3 +221,35 @@ def test_every_event_of_a_sold_order_carries_its_sale_discounts_and_split(tmp_pa
     assert payload["sale"]["sale"]["pump"] == 3 and payload["sale"]["sale"]["shift_id"] == (
         "2026-12-01/A")
     assert payload["split"] == [["cash:wechat", 19394], ["voucher:alice/rp", 100]]
+
+
+def test_a_quote_pays_one_trade_order_its_attempts_and_retries(station):
+    engine, _, _ = station
+    quote = engine.quote("m-1", "alice", SALE)
+    first = engine.submit(request_for(quote.quote_id, "c1", 19494, no="n-1"))
+    with pytest.raises(QuoteMismatch, match="pays merchant order n-1 already"):
+        engine.submit(request_for(quote.quote_id, "c1", 19494, no="n-2"))
+    with pytest.raises(UnknownOrder):
+        engine.find_order("m-1", "n-2")
+    assert engine.submit(request_for(quote.quote_id, "c1", 19494, no="n-1")) == first
+    engine.close(first.order_id)
+    wait_for(lambda: engine.get_order(first.order_id).state == "closed", what="closed")
+    again = engine.submit(replace(request_for(quote.quote_id, "c1", 19494, no="n-1"),
+                                  attempt=2))
+    assert again.attempt == 2
+
+
+def test_a_retry_that_adds_the_quotes_sale_is_the_same_submit(station):
+    engine, _, _ = station
+    quote = engine.quote("m-1", "alice", SALE)
+    first = engine.submit(request_for(quote.quote_id, "c1", 19494))
+    assert engine.submit(replace(request_for(quote.quote_id, "c1", 19494), sale=SALE)) == first
+
+
+def test_points_offered_must_be_an_account_of_the_engine_worth_what_they_say(station):
+    engine, _, _ = station
+    with pytest.raises(UnknownAccount):
+        engine.quote("m-1", "alice", SALE, Benefits(points=PointsBalance("alice/pts", 10, 10)))
+    engine.open_account("alice/pts", "POINTS", minor_per_unit=10)
+    with pytest.raises(InvalidRequest, match="worth 10 minor units each, not 5"):
+        engine.quote("m-1", "alice", SALE, Benefits(points=PointsBalance("alice/pts", 10, 5)))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from payengine import CashPart, ChannelReply, Engine, EngineConfig, PaymentRequest
 from payengine.engine.discounts import DiscountRules, PriceCut, QuoteUse
 from payengine.engine.fuel import FuelLine, FuelSale
@@ -114,3 +116,19 @@ def test_an_unknown_shift_is_an_empty_report_and_a_missing_database_exits_2(tmp_
     assert main(["report", "shift", "--db", str(tmp_path / "none.db"), "--station", "s",
                  "--shift", "A"]) == 2
     assert "no database" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"", b"not a database at all", None])
+def test_a_file_that_is_no_payengine_database_is_refused_2_and_left_as_it_was(
+        tmp_path: Path, capsys, content: bytes | None):
+    db = tmp_path / "x.db"
+    if content is None:
+        db.mkdir()
+    else:
+        db.write_bytes(content)
+    for command in (["report", "shift", "--station", "s", "--shift", "A"], ["show", "o-1"]):
+        assert main([*command, "--db", str(db)]) == 2
+        assert "payengine" in capsys.readouterr().err
+    if content is not None:
+        assert db.read_bytes() == content
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["x.db"]
