@@ -1,0 +1,114 @@
+"""More of README "Changing an order before it is paid": the duplicate guard, pre-holds,
+pre-deducted vouchers, and what a second change does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from payengine import (
+    CashPart,
+    DuplicateSuspected,
+    LegMode,
+    PaymentRequest,
+    VoucherPart,
+)
+from tests.blackbox_session4.support import open_station
+from tests.helpers import wait_for
+
+
+def order(no: str, total: int = 100_00, vouchers: tuple = (), cash: int | None = None,
+          **kw: object) -> PaymentRequest:
+    paid = sum(v.amount * (10 if v.account_id.endswith("points") else 1) for v in vouchers)
+    return PaymentRequest("station-42", no, "alice", "CNY", total, "95 fuel",
+                          CashPart(total - paid if cash is None else cash, "wechat"),
+                          vouchers, **kw)  # type: ignore[arg-type]
+
+
+def test_the_duplicate_guard_does_not_warn_about_the_order_being_replaced(
+        tmp_path: Path) -> None:
+    engine, _, _ = open_station(tmp_path / "g.db", duplicate_guard_window_ms=60_000)
+    try:
+        first = engine.submit(order("n-1"))
+        second = engine.change_order(first.order_id, order("n-2"))
+        assert engine.get_order(first.order_id).state == "closed"
+        assert second.merchant_order_no == "n-2"
+        with pytest.raises(DuplicateSuspected):          # the guard itself is on
+            engine.submit(order("n-3"))
+    finally:
+        engine.shutdown()
+
+
+def test_pre_deducted_money_vouchers_are_given_back(tmp_path: Path) -> None:
+    engine, _, _ = open_station(tmp_path / "d.db")
+    try:
+        engine.open_account("alice/phone", "CNY")
+        engine.fund("alice/phone", 10_00, funding_id="ph")
+        first = engine.submit(order("n-1", vouchers=(
+            VoucherPart("alice/phone", 3_00, LegMode.PRE_DEDUCT),)))
+        wait_for(lambda: engine.get_order(first.order_id).state == "paying", what="paying")
+        assert engine.get_account("alice/phone").available == 7_00
+        engine.change_order(first.order_id, order("n-2"))
+        wait_for(lambda: engine.get_order(first.order_id).settled, what="first settled")
+        assert engine.get_account("alice/phone").available == 10_00
+    finally:
+        engine.shutdown()
+
+
+def test_a_second_change_of_the_same_closed_order_submits_the_other_request(
+        tmp_path: Path) -> None:
+    engine, _, _ = open_station(tmp_path / "s.db")
+    try:
+        first = engine.submit(order("n-1"))
+        second = engine.change_order(first.order_id, order("n-2"))
+        third = engine.change_order(first.order_id, order("n-3", total=90_00))
+        assert third.order_id != second.order_id
+        assert engine.get_order(second.order_id).state in ("accepted", "paying")
+    finally:
+        engine.shutdown()
+
+
+def test_change_order_of_the_order_it_created_replaces_it_again(tmp_path: Path) -> None:
+    engine, _, _ = open_station(tmp_path / "t.db")
+    try:
+        first = engine.submit(order("n-1", vouchers=(VoucherPart("alice/points", 20),)))
+        second = engine.change_order(first.order_id, order(
+            "n-2", vouchers=(VoucherPart("alice/points", 30),)))
+        third = engine.change_order(second.order_id, order(
+            "n-3", vouchers=(VoucherPart("alice/points", 40),)))
+        wait_for(lambda: engine.get_order(third.order_id).state == "paying", what="paying")
+        wait_for(lambda: engine.get_order(second.order_id).settled, what="second settled")
+        wait_for(lambda: engine.get_order(first.order_id).settled, what="first settled")
+        assert engine.get_account("alice/points").held == 40
+        assert [engine.get_order(r.order_id).state for r in (first, second)] == [
+            "closed", "closed"]
+    finally:
+        engine.shutdown()
+
+
+def test_a_pre_held_hold_adopted_by_the_previous_order_is_released_with_it(
+        tmp_path: Path) -> None:
+    engine, _, _ = open_station(tmp_path / "h.db")
+    try:
+        hold = engine.pre_hold("alice/points", 20, ttl_ms=60_000)
+        first = engine.submit(order("n-1", vouchers=(
+            VoucherPart("alice/points", 20, LegMode.PRE_HELD, hold_id=hold.hold_id),)))
+        wait_for(lambda: engine.get_order(first.order_id).state == "paying", what="paying")
+        engine.change_order(first.order_id, order("n-2"))
+        wait_for(lambda: engine.get_order(first.order_id).settled, what="first settled")
+        account = engine.get_account("alice/points")
+        assert account.held == 0 and account.available == 5_000
+    finally:
+        engine.shutdown()
+
+
+def test_cash_only_previous_order_is_closed_at_the_channel(tmp_path: Path) -> None:
+    engine, _, wechat = open_station(tmp_path / "c.db")
+    try:
+        first = engine.submit(order("n-1"))
+        wait_for(lambda: engine.get_order(first.order_id).state == "paying", what="paying")
+        engine.change_order(first.order_id, order("n-2", cash=100_00))
+        wait_for(lambda: wechat.count("close") >= 1, what="the channel's close")
+    finally:
+        engine.shutdown()
