@@ -149,7 +149,7 @@ def test_a_charge_given_back_after_a_close_nets_to_zero_and_is_no_merchant_refun
     assert balanced(under_way)
     assert under_way.paid_orders == 0 and under_way.refunds == 0
     assert under_way.merchant_net_minor == 0
-    refund_id = [c for c in wechat.calls if c[0] == "refund"][0][2]
+    refund_id = next(c for c in wechat.calls if c[0] == "refund")[2]
     signed_refund_callback(engine, "wechat", receipt.payment_serial, refund_id, REFUND_OK)
     wait_for(lambda: engine.get_order(receipt.order_id).settled, what="settled")
     done = engine.shift_report("st-1", SHIFT).totals.get("CNY")
