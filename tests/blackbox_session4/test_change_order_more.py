@@ -10,6 +10,7 @@ import pytest
 from payengine import (
     CashPart,
     DuplicateSuspected,
+    IdempotencyConflict,
     LegMode,
     PaymentRequest,
     VoucherPart,
@@ -110,5 +111,45 @@ def test_cash_only_previous_order_is_closed_at_the_channel(tmp_path: Path) -> No
         wait_for(lambda: engine.get_order(first.order_id).state == "paying", what="paying")
         engine.change_order(first.order_id, order("n-2", cash=100_00))
         wait_for(lambda: wechat.count("close") >= 1, what="the channel's close")
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "engine defect (or README gap): the request goes 'in its place (a new merchant order "
+    "number, or the next attempt of the same one)'; a request that is the previous order's "
+    "own closes that order and returns its receipt, now of a closed order: the user is left "
+    "with no payable order and no error"))
+def test_a_request_that_is_the_previous_order_itself_is_refused_before_the_close(
+        tmp_path: Path) -> None:
+    from payengine import InvalidRequest
+    engine, _, _ = open_station(tmp_path / "self.db")
+    try:
+        request = order("n-1")
+        first = engine.submit(request)
+        wait_for(lambda: engine.get_order(first.order_id).state == "paying", what="paying")
+        with pytest.raises((InvalidRequest, IdempotencyConflict)):
+            engine.change_order(first.order_id, request)
+        assert engine.get_order(first.order_id).state == "paying"
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("case", ["attempt 2 of a number never submitted",
+                                  "the number of another order, other parameters"])
+def test_a_new_submit_refused_after_the_close_leaves_the_previous_closed(
+        tmp_path: Path, case) -> None:
+    from payengine import AttemptRefused
+    engine, _, _ = open_station(tmp_path / "r.db")
+    try:
+        engine.submit(order("n-5"))
+        first = engine.submit(order("n-1"))
+        if case.startswith("attempt"):
+            request, error = order("n-6", attempt=2), AttemptRefused
+        else:
+            request, error = order("n-5", total=50_00), IdempotencyConflict
+        with pytest.raises(error):
+            engine.change_order(first.order_id, request)
+        assert engine.get_order(first.order_id).state == "closed"
     finally:
         engine.shutdown()
