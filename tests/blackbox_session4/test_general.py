@@ -79,7 +79,7 @@ def test_concurrent_identical_changes_make_one_new_order(tmp_path: Path) -> None
         def change() -> None:
             try:
                 receipts.append(engine.change_order(first.order_id, request))
-            except Exception as error:  # noqa: BLE001 - reported below
+            except Exception as error:
                 errors.append(error)
         threads = [threading.Thread(target=change) for _ in range(8)]
         for t in threads:
