@@ -162,3 +162,20 @@ def test_a_merchant_notification_of_an_order_without_sale_has_null(
     sent = json.loads(Catcher.bodies[0][0])
     assert sent["sale"] is None
     assert sent["split"] == [["cash:wechat", 50_00]]
+
+
+def test_a_refund_notification_carries_the_sale_and_split_too(station, merchant_server) -> None:
+    engine, _, _, _ = station
+    engine.notifications.register_merchant("station-42", merchant_server, SECRET,
+                                           states=["refund_refunding"])
+    quote = engine.quote("station-42", "alice", readme_sale(), readme_benefits())
+    receipt = engine.submit(quote_request(quote, quote.combinations[0]))
+    pay(engine, receipt)
+    engine.refund(receipt.order_id, "r-1", 20_00)
+    wait_for(lambda: Catcher.bodies, timeout_s=20, what="the refund notification")
+    sent = json.loads(Catcher.bodies[0][0])
+    assert sent["event_type"] == "refund.state_changed"
+    assert sent["refund_no"] == "r-1" and sent["amount"] == 20_00
+    assert sent["sale"]["quote_id"] == quote.quote_id
+    assert sent["sale"]["sale"]["volume_ml"] == 25_348
+    assert sent["split"] == [["cash:wechat", 174_94], ["voucher:alice/points", 10_00]]

@@ -256,3 +256,17 @@ def test_report_shift_exits_2_for_a_bad_id(station, tmp_path: Path, station_id,
     run = cli("report", "shift", "--station", station_id, "--shift", shift_id,
               "--db", str(tmp_path / "shift.db"), "--json")
     assert run.returncode == 2
+
+
+def test_report_shift_json_keeps_currencies_apart(station, tmp_path: Path) -> None:
+    engine, _, _ = station
+    pay(engine, plain_order(engine, "n-1", 100_00))
+    pay(engine, plain_order(engine, "n-2", 5_000, currency="JPY", volume_ml=20_000))
+    run = cli("report", "shift", "--station", "st-1", "--shift", SHIFT,
+              "--db", str(tmp_path / "shift.db"), "--json")
+    assert run.returncode == 0, run.stderr
+    printed = json.loads(run.stdout)
+    assert set(printed["totals"]) == {"CNY", "JPY"}
+    assert printed["totals"]["JPY"]["paid_minor"] == 5_000
+    assert printed["totals"]["CNY"]["paid_minor"] == 100_00
+    assert printed["orders"] == 2
