@@ -153,3 +153,38 @@ def test_a_new_submit_refused_after_the_close_leaves_the_previous_closed(
         assert engine.get_order(first.order_id).state == "closed"
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("mode", [LegMode.PRE_DEDUCT, LegMode.PRE_HELD])
+def test_the_new_order_can_use_the_points_the_previous_one_held(tmp_path: Path, mode) -> None:
+    """README: the old order must go "or its points stay locked": the new order, submitted
+    in its place in one call, holds the same points."""
+    engine, _, _ = open_station(tmp_path / "p.db")
+    try:
+        engine.open_account("bob/points", "POINTS", minor_per_unit=10)
+        engine.fund("bob/points", 100, funding_id="bob-pts")
+
+        def part(points: int) -> VoucherPart:
+            if mode is LegMode.PRE_HELD:
+                hold = engine.pre_hold("bob/points", points, ttl_ms=60_000)
+                return VoucherPart("bob/points", points, LegMode.PRE_HELD, hold_id=hold.hold_id)
+            return VoucherPart("bob/points", points)
+
+        def bobs(no: str, total: int, voucher: VoucherPart) -> PaymentRequest:
+            return PaymentRequest("station-42", no, "bob", "CNY", total, "95 fuel",
+                                  CashPart(total - 10_00, "wechat"), (voucher,))
+
+        first = engine.submit(bobs("n-1", 100_00, part(100)))
+        wait_for(lambda: engine.get_order(first.order_id).state == "paying", what="paying")
+        if mode is LegMode.PRE_HELD:
+            # the user's app cannot pre-hold again before the close: nothing is available
+            second = engine.change_order(first.order_id, bobs("n-2", 120_00, VoucherPart(
+                "bob/points", 100)))
+        else:
+            second = engine.change_order(first.order_id, bobs("n-2", 120_00, part(100)))
+        state = wait_for(lambda: (s := engine.get_order(second.order_id).state) != "accepted"
+                         and s, what="the new order's holds decided")
+        assert state == "paying", engine.get_order(second.order_id)
+        assert engine.get_account("bob/points").held == 100
+    finally:
+        engine.shutdown()
