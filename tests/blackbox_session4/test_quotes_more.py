@@ -212,3 +212,10 @@ def test_a_coupon_expiring_at_the_quote_time_is_not_offered(tmp_path: Path) -> N
                        Benefits(coupons=(Coupon("edge", CouponKind.FIXED, 1_00,
                                                 expires_at_ms=now),)), clock_ms=now)
     assert all(not c.discounts for c in quote.combinations)
+
+
+@pytest.mark.parametrize("quote_id", ["", "q" * 129, "a\nb", 5, None])
+def test_get_quote_of_a_malformed_id_is_invalid_request(station, quote_id) -> None:
+    engine, _, _ = station
+    with pytest.raises(InvalidRequest):
+        engine.get_quote(quote_id)  # type: ignore[arg-type]
