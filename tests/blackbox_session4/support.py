@@ -69,6 +69,7 @@ def open_station(path: Path, clock_ms: int | None = None, rules: DiscountRules =
                          subscribers=subscribers,
                          config=EngineConfig(discounts=rules, **config))  # type: ignore[arg-type]
     engine.open_account("alice/points", "POINTS", minor_per_unit=10)
+    engine.open_account("alice/gold-points", "POINTS", minor_per_unit=100)
     engine.fund("alice/points", 5_000, funding_id="alice-pts")
     return engine, clock, wechat
 

@@ -115,11 +115,6 @@ def test_cash_only_previous_order_is_closed_at_the_channel(tmp_path: Path) -> No
         engine.shutdown()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine defect (or README gap): the request goes 'in its place (a new merchant order "
-    "number, or the next attempt of the same one)'; a request that is the previous order's "
-    "own closes that order and returns its receipt, now of a closed order: the user is left "
-    "with no payable order and no error"))
 def test_a_request_that_is_the_previous_order_itself_is_refused_before_the_close(
         tmp_path: Path) -> None:
     from payengine import InvalidRequest

@@ -59,8 +59,10 @@ def test_a_tiny_sale_keeps_every_combination_consistent_and_something_to_pay(
             assert all(d.amount_minor > 0 for d in c.discounts)
         keys = [(c.total_minor, c.cash_minor) for c in quote.combinations]
         assert keys == sorted(keys)
-        for c in quote.combinations:
-            engine.submit(quote_request(quote, c, no=f"n-{c.combination_id}"))
+        for c in quote.combinations:  # a quote pays one trade order: one quote each
+            fresh = engine.quote("station-42", "alice", sale, ALL_BENEFITS)
+            engine.submit(quote_request(fresh, fresh.combination(c.combination_id),
+                                        no=f"n-{c.combination_id}"))
     finally:
         engine.shutdown()
 

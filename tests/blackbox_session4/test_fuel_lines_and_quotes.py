@@ -233,6 +233,7 @@ def test_the_default_engine_config_has_no_discount_rules(tmp_path: Path) -> None
     from tests.helpers import ScriptedChannel
     engine = Engine.open(tmp_path / "d.db", channels=[ScriptedChannel()])
     try:
+        engine.open_account("alice/points", "POINTS", minor_per_unit=10)
         quote = engine.quote("station-42", "alice", readme_sale(), readme_benefits())
         assert all(d.kind == "coupon" for c in quote.combinations for d in c.discounts)
     finally:

@@ -43,6 +43,7 @@ def test_the_readme_opens_the_engine_on_a_str_path(tmp_path: Path) -> None:
         engine = Engine.open("station.db", channels=[ScriptedChannel("wallet")],
                              config=EngineConfig(discounts=README_RULES))
         try:
+            engine.open_account("alice/points", "POINTS", minor_per_unit=10)
             engine.quote("station-42", "alice", readme_sale(), readme_benefits())
         finally:
             engine.shutdown()

@@ -55,10 +55,6 @@ def test_a_retry_naming_another_combination_is_a_conflict_not_a_new_order(
         engine.shutdown()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "README ambiguity or defect: a submit may leave `sale` out or send the quote's, and the "
-    "order's sale is the quote's either way, but a retry that sends it where the first left "
-    "it out is IdempotencyConflict"))
 def test_a_retry_that_sends_the_quotes_sale_is_the_same_submit(tmp_path: Path) -> None:
     """README: "leave `sale` out, or send the quote's": either way the order's sale is the
     quote's, so the retry should be the same request."""

@@ -82,7 +82,7 @@ def test_a_points_share_of_zero_offers_no_points(tmp_path: Path) -> None:
 def test_points_worth_more_than_a_cent_each_leave_at_least_a_cent(tmp_path: Path) -> None:
     sale = FuelSale("st-1", 1, 1, FuelLine.by_volume("95", 1_000, 1_000))     # 10.00
     quote = quote_with(tmp_path, DiscountRules(),
-                       Benefits(points=PointsBalance("alice/points", 1_000, 100)), sale=sale)
+                       Benefits(points=PointsBalance("alice/gold-points", 1_000, 100)), sale=sale)
     assert quote.combinations[0].points == 9 and quote.combinations[0].cash_minor == 1_00
 
 

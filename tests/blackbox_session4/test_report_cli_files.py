@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -18,10 +16,6 @@ def report(db: Path, *extra: str) -> subprocess.CompletedProcess[str]:
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine defect: `report shift` on an existing empty file writes the engine's schema "
-    "into it (it grows to ~280 KB) and prints an empty report with exit 0; a report reads "
-    "only, and there is no database there (README: exit 2 for a missing database)"))
 def test_report_shift_on_an_empty_file_writes_nothing_and_exits_2(tmp_path: Path) -> None:
     db = tmp_path / "empty.db"
     db.write_bytes(b"")
@@ -30,9 +24,6 @@ def test_report_shift_on_an_empty_file_writes_nothing_and_exits_2(tmp_path: Path
     assert run.returncode == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine defect: `report shift` on a file that is not a database dies with a Python "
-    "traceback (sqlite3.DatabaseError) and exit 1; the README promises exit 0 or 2"))
 def test_report_shift_on_a_file_that_is_not_a_database_exits_2_without_a_traceback(
         tmp_path: Path) -> None:
     db = tmp_path / "garbage.db"
@@ -43,9 +34,6 @@ def test_report_shift_on_a_file_that_is_not_a_database_exits_2_without_a_traceba
     assert db.read_text() == "this is not sqlite\n"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine defect: `report shift --db DIRECTORY` dies with a Python traceback "
-    "(sqlite3.OperationalError) and exit 1; the README promises exit 0 or 2"))
 def test_report_shift_on_a_directory_exits_2_without_a_traceback(tmp_path: Path) -> None:
     run = report(tmp_path, "--json")
     assert run.returncode == 2
