@@ -53,6 +53,7 @@ from payengine.actors.pool import PooledRuntime
 from payengine.actors.reconcile import ReconciliationReport, StatementSource
 from payengine.actors.resume import ResumeFeeder, in_flight_for
 from payengine.actors.risk_gate import RiskConfig, RiskGate
+from payengine.actors.routes import choose_for
 from payengine.actors.runtime import Runtime
 from payengine.actors.voucher_link import DirectVoucherLink, VoucherLink
 from payengine.engine.checks import (
@@ -87,12 +88,11 @@ from payengine.engine.merchant_request import (
     RefundOp,
     pay_window_over,
 )
-from payengine.engine.money import AMOUNT_MAX, check_amount, check_unit
+from payengine.engine.money import check_amount, check_unit
 from payengine.engine.order import (
     ATTEMPTS_MAX,
     UNVERIFIED_SOURCES,
     Activate,
-    CashPart,
     CashResult,
     CloseCause,
     CloseOrder,
@@ -117,12 +117,7 @@ from payengine.engine.order import (
     with_risk,
 )
 from payengine.engine.risk import VerificationStatus, check_code
-from payengine.engine.routing import (
-    RouteChoice,
-    RoutingTable,
-    choose_route,
-    route_draw,
-)
+from payengine.engine.routing import RouteChoice
 from payengine.engine.voucher import FenceKey, VoucherAccount
 from payengine.persistence import merchants, rejections
 from payengine.persistence.merchants import NonceUse, RequestRejection
@@ -288,6 +283,7 @@ class Engine:
                                  f"{shown(synchronous)}")
         config = config or EngineConfig()
         policy = _with_channel_schedules(policy or OrderPolicy(), by_name)
+        policy = dataclasses.replace(policy, fallbacks_max=config.routing.fallbacks_max)
         store = Store(path, synchronous=synchronous,  # first: a refused file starts nothing
                       group_commit=config.group_commit)
         runtime = runtime or PooledRuntime(actor_threads=config.actor_threads)
@@ -520,6 +516,8 @@ class Engine:
                             payment_serial=self._ids.new_payment_serial(), now_ms=now_ms,
                             accounts=units, policy=ctx.policy,
                             currencies=ctx.config.currency_table, cash_channel=channel)
+        if route is not None:  # a routed payment may fall back to the method's next route
+            order = dataclasses.replace(order, method=route.method)
         live, bound = ctx.directory.count("order"), ctx.config.live_orders_max
         if live >= bound:  # a retry was answered before (``_retried``): this one is new
             raise self._admission.refuse_live_orders(live, bound)
@@ -648,46 +646,14 @@ class Engine:
     def _route(self, request: PaymentRequest, order_id: str) -> RouteChoice | None:
         """The channel for a cash part that names a payment method (``EngineConfig.routing``);
         ``None`` for one that names its channel. ``NoRoute`` when no route can take it (see
-        ``_cannot_take`` besides the routes' own conditions). A retry of an accepted order
-        never gets here (``_retried``): its stored channel stands."""
+        ``actors.routes.cannot_take`` besides the routes' own conditions). A retry of an
+        accepted order never gets here (``_retried``): its stored channel stands."""
         ctx = self._ctx
-        table = ctx.config.routing
-        if request.cash is None or request.cash.channel not in table.methods:
+        if request.cash is None or request.cash.channel not in ctx.config.routing.methods:
             return None
-        method = request.cash.channel
-        if "route-ignores-limits" in ctx.config.planted_bugs:
-            table = RoutingTable(tuple(replace(r, amount_max_minor=AMOUNT_MAX)
-                                       for r in table.routes))
-        excluded, fees = {}, {}
-        for route in table.of(method):
-            why = self._cannot_take(route.channel, request.cash)
-            if why is not None:
-                excluded[route.channel] = why
-            fee = getattr(getattr(ctx.channels.get(route.channel), "config", None), "fee", None)
-            if fee is not None and (fee.basis_points or fee.fixed_minor):
-                fees[route.channel] = fee.of(request.cash.amount_minor)
-        choice = choose_route(table, method, request.cash.amount_minor,
-                              request.currency, unavailable=ctx.health.unavailable(),
-                              fee_ppm=ctx.config.fee_ppm, draw=route_draw(order_id),
-                              known_channels=ctx.channels.keys(), excluded=excluded,
-                              fees_minor=fees)
-        ctx.health.chosen(choice.channel)
-        return choice
-
-    def _cannot_take(self, channel: str, cash: CashPart) -> str | None:
-        """Why routing must not give ``cash`` to ``channel`` (its configuration says
-        ``enabled = false``, or its ``limits`` leave the amount out; its ``pay`` takes no
-        details and the payment has some), or ``None``."""
-        config = getattr(self._ctx.channels.get(channel), "config", None)
-        if getattr(config, "enabled", True) is False:
-            return "disabled"
-        limits = getattr(config, "limits", None)
-        if limits is not None and not limits.allows(cash.amount_minor):
-            return (f"amount outside the channel's limits {limits.amount_min_minor}.."
-                    f"{limits.amount_max_minor}")
-        if cash.details is not None and channel not in self._channels_taking_details:
-            return "takes no pay details"
-        return None
+        return choose_for(ctx, request.cash.channel, request.cash.amount_minor,
+                          request.currency, request.cash.details, order_id,
+                          taking_details=self._channels_taking_details)
 
     def _guard_user_duplicates(self, request: PaymentRequest, now_ms: int) -> None:
         """Warn (``DuplicateSuspected``) of a new order like one the user made moments ago.
@@ -836,6 +802,8 @@ class Engine:
         refund_id = event.refund_id if isinstance(event, RefundResult) else None
         try:
             check_id(payment_serial, "payment_serial")
+            if isinstance(event, CashResult):  # the serial says which route it is about
+                event = replace(event, payment_serial=payment_serial)
             order_id = self._order_for_serial(payment_serial)
             order = self._ctx.store.load_order(order_id)
             if order is None:

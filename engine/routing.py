@@ -23,6 +23,9 @@ from payengine.engine.money import AMOUNT_MAX
 
 ROUTES_MAX = 1_000
 """Most routes in one table."""
+FALLBACKS_MAX = 3
+"""Most fallbacks ``RoutingTable.fallbacks_max`` may allow (``engine.order`` holds the same
+bound for what it stores)."""
 WEIGHT_MAX = 1_000
 PRIORITY_MAX = 1_000
 
@@ -73,10 +76,14 @@ class RoutingTable:
     """Every route, by method. Built once at ``Engine.open``; a value, shared by threads."""
 
     routes: tuple[Route, ...] = ()
+    fallbacks_max: int = 1
+    """How many times a routed payment may go on to the next route after its channel's
+    explicit retryable failure (0..3; 0: never). See ``engine.order`` (R-PROD)."""
 
     def __post_init__(self) -> None:
         routes = check_instance(self.routes, tuple, "routing routes")
         check_setting(len(routes) <= ROUTES_MAX, f"at most {ROUTES_MAX} routes")
+        check_int(self.fallbacks_max, "routing fallbacks_max", 0, FALLBACKS_MAX)
         seen: set[tuple[str, str]] = set()
         for route in routes:
             check_instance(route, Route, "a route")

@@ -41,6 +41,7 @@ from payengine.actors.engine import Engine, IdSource, RandomIds
 from payengine.actors.merchant_auth import MerchantRequestConfig, MerchantSigner, MerchantView
 from payengine.actors.messages import (
     AccountView,
+    ChannelTry,
     HoldView,
     LegView,
     OrderView,
@@ -114,6 +115,7 @@ __all__ = [
     "ChannelConfig",
     "ChannelNotification",
     "ChannelReply",
+    "ChannelTry",
     "CodeTable",
     "ConfigError",
     "Credentials",

@@ -1,0 +1,220 @@
+"""Routing fallback (issue 11, item 3): an explicit pre-payment failure falls back to the next
+route only where no double charge is possible (R-PROD): the old channel's retryable failure,
+then its query says failure or "order not found", then it is closed; a late charge on a
+route the payment left is refunded by that channel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from payengine import (
+    CashPart,
+    ChannelReply,
+    ChannelTry,
+    CodeTable,
+    Engine,
+    EngineConfig,
+    OrderPolicy,
+    PaymentRequest,
+    Route,
+    RoutingTable,
+)
+from tests.helpers import ScriptedChannel, signed_callback, wait_for
+
+QR = "qr"
+CODES = CodeTable(
+    channel="wallet", communication_ok=frozenset({"SUCCESS"}),
+    success=frozenset({"SUCCESS"}),
+    failure=frozenset({"PAYERROR", "CLOSED", "NOTENOUGH", "BANK_DOWN"}),
+    retryable=frozenset({"NOTENOUGH", "BANK_DOWN"}),
+    not_found=frozenset({"ORDERNOTEXIST"}))
+REFUSED = ChannelReply("SUCCESS", "BANK_DOWN")
+NOT_FOUND = ChannelReply("SUCCESS", "ORDERNOTEXIST")
+CLOSED = ChannelReply("SUCCESS", "CLOSED")
+PAID = ChannelReply("SUCCESS", "SUCCESS", "TX-B", 5_000)
+POLICY = OrderPolicy(pay_window_ms=60_000, query_schedule_ms=(60_000,),
+                     refund_query_schedule_ms=(60_000,))
+
+
+class Wallet(ScriptedChannel):
+    pay_codes = CODES
+
+
+def wallets(*names: str) -> list[Wallet]:
+    out = []
+    for name in names:
+        wallet = Wallet(name)
+        wallet.pay_reply, wallet.query_reply, wallet.close_reply = REFUSED, NOT_FOUND, CLOSED
+        out.append(wallet)
+    return out
+
+
+def open_engine(path: Path, *channels: Wallet, fallbacks_max: int = 1) -> Engine:
+    routes = tuple(Route(QR, c.name, priority=i) for i, c in enumerate(channels))
+    config = EngineConfig(routing=RoutingTable(routes, fallbacks_max=fallbacks_max),
+                          duplicate_guard_window_ms=0, ask_timeout_s=5.0)
+    return Engine.open(path, channels=list(channels), policy=POLICY, config=config)
+
+
+def request(no: str = "o-1") -> PaymentRequest:
+    return PaymentRequest("station-1", no, f"u-{no}", "CNY", 5_000, "Fuel", CashPart(5_000, QR))
+
+
+def test_a_retryable_failure_is_queried_closed_and_then_paid_by_the_next_route(
+        tmp_path: Path) -> None:
+    a, b = wallets("wallet-a", "wallet-b")
+    b.pay_reply = PAID
+    engine = open_engine(tmp_path / "f.db", a, b)
+    try:
+        receipt = engine.submit(request())
+        view = wait_for(lambda: (v := engine.get_order(receipt.order_id)).state == "succeeded"
+                        and v, what="paid by wallet-b")
+        first = receipt.payment_serial
+        assert a.calls == [("pay", first, "5000"), ("query", first), ("close", first)]
+        assert b.calls == [("pay", f"{first}-F1", "5000")]
+        assert view.payment_serial == f"{first}-F1" and view.legs[0].channel == "wallet-b"
+        assert view.legs[0].channels_tried == (
+            ChannelTry("wallet-a", first, "unpaid", "BANK_DOWN"),
+            ChannelTry("wallet-b", f"{first}-F1", "paid", "SUCCESS"))
+        routes = [(e.from_state, e.to_state, e.cause) for e in engine.journal(receipt.order_id)
+                  if e.part == "route"]
+        assert routes[-1][:2] == ("wallet-a", "wallet-b")
+        assert routes[-1][2].startswith(
+            "wallet-a answered BANK_DOWN (retryable, sync); query: ORDERNOTEXIST (not found); "
+            "close: CLOSED (failure) -> wallet-b; method qr: wallet-b chosen")
+        assert engine.ledger_balances(receipt.order_id)["CNY"]["payer:wallet-b"] == -5_000
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize(("pay", "query", "close"), [
+    (ChannelReply("SUCCESS", "PAYERROR"), NOT_FOUND, CLOSED),  # not retryable
+    (REFUSED, ChannelReply("SUCCESS", "USERPAYING"), CLOSED),  # the query: processing
+    (REFUSED, ChannelReply("FAIL", None), CLOSED),  # the query: no answer
+    (REFUSED, NOT_FOUND, ChannelReply("FAIL", None)),  # the close: no answer
+])
+def test_without_the_full_proof_the_failure_stands_and_no_other_route_is_paid(
+        tmp_path: Path, pay: ChannelReply, query: ChannelReply, close: ChannelReply) -> None:
+    a, b = wallets("wallet-a", "wallet-b")
+    a.pay_reply, a.query_reply, a.close_reply, b.pay_reply = pay, query, close, PAID
+    engine = open_engine(tmp_path / "f.db", a, b)
+    try:
+        receipt = engine.submit(request())
+        view = wait_for(lambda: (v := engine.get_order(receipt.order_id)).state == "failed"
+                        and v, what="failed")
+        assert b.calls == [] and view.legs[0].channel == "wallet-a"
+        assert view.legs[0].channels_tried == (
+            ChannelTry("wallet-a", receipt.payment_serial, "unpaid", pay.result_code),)
+    finally:
+        engine.shutdown()
+
+
+def test_a_query_that_finds_the_payment_paid_keeps_it_and_pays_no_other_route(
+        tmp_path: Path) -> None:
+    a, b = wallets("wallet-a", "wallet-b")
+    a.query_reply, b.pay_reply = ChannelReply("SUCCESS", "SUCCESS", "TX-A", 5_000), PAID
+    engine = open_engine(tmp_path / "f.db", a, b)
+    try:
+        receipt = engine.submit(request())
+        view = wait_for(lambda: (v := engine.get_order(receipt.order_id)).state == "succeeded"
+                        and v, what="paid by wallet-a")
+        assert b.calls == [] and view.legs[0].channel == "wallet-a" and a.count("close") == 0
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("fallbacks_max", [0, 1, 2])
+def test_no_more_routes_are_tried_than_fallbacks_max_allows(tmp_path: Path,
+                                                            fallbacks_max: int) -> None:
+    channels = wallets("wallet-a", "wallet-b", "wallet-c", "wallet-d")
+    engine = open_engine(tmp_path / "f.db", *channels, fallbacks_max=fallbacks_max)
+    try:
+        receipt = engine.submit(request())
+        view = wait_for(lambda: (v := engine.get_order(receipt.order_id)).state == "failed"
+                        and v, what="failed")
+        assert [c.count("pay") for c in channels] == [1] * (fallbacks_max + 1) + [0] * (
+            3 - fallbacks_max)
+        assert len(view.legs[0].channels_tried) == fallbacks_max + 1
+    finally:
+        engine.shutdown()
+
+
+def test_no_route_left_fails_the_order_and_says_why(tmp_path: Path) -> None:
+    (a,) = wallets("wallet-a")
+    engine = open_engine(tmp_path / "f.db", a)
+    try:
+        receipt = engine.submit(request())
+        view = wait_for(lambda: (v := engine.get_order(receipt.order_id)).state == "failed"
+                        and v, what="failed")
+        assert "no route left" in view.cause and a.count("pay") == 1
+    finally:
+        engine.shutdown()
+
+
+def test_a_late_charge_on_the_left_route_is_confirmed_then_refunded_by_that_channel(
+        tmp_path: Path) -> None:
+    a, b = wallets("wallet-a", "wallet-b")
+    b.pay_reply = PAID
+    engine = open_engine(tmp_path / "f.db", a, b)
+    try:
+        receipt = engine.submit(request())
+        wait_for(lambda: engine.get_order(receipt.order_id).state == "succeeded", what="paid")
+        first = receipt.payment_serial
+        late = ChannelReply("SUCCESS", "SUCCESS", "TX-A-LATE", 5_000)
+        a.query_reply, a.refund_reply = late, ChannelReply("SUCCESS", "SUCCESS")
+        with pytest.raises(Exception, match="not believed"):
+            signed_callback(engine, "wallet-a", first, late)  # a query of wallet-a first
+        wait_for(lambda: engine.get_order(receipt.order_id).refunds, what="refund")
+        view = engine.get_order(receipt.order_id)
+        assert view.state == "succeeded" and view.legs[0].channel == "wallet-b"
+        (refund,) = view.refunds
+        assert (refund.kind, refund.refund_no, refund.amount_minor) == (
+            "duplicate_charge", "charge:TX-A-LATE", 5_000)
+        assert ("refund", first, refund.refund_id, "5000") in a.calls
+        assert b.count("refund") == 0
+        assert view.legs[0].channels_tried[0] == ChannelTry("wallet-a", first, "charged_late",
+                                                            "BANK_DOWN")
+        # the same notification again, now it agrees: acknowledged, nothing more
+        assert signed_callback(engine, "wallet-a", first, late) == "succeeded"
+        wait_for(lambda: engine.get_order(receipt.order_id).settled, what="refund done")
+        balances = engine.ledger_balances(receipt.order_id)["CNY"]
+        assert balances.get("payer:wallet-a", 0) == 0 and balances.get("transit", 0) == 0
+    finally:
+        engine.shutdown()
+
+
+def test_a_report_for_a_left_serial_from_another_channel_is_refused(tmp_path: Path) -> None:
+    a, b = wallets("wallet-a", "wallet-b")
+    b.pay_reply = PAID
+    engine = open_engine(tmp_path / "f.db", a, b)
+    try:
+        receipt = engine.submit(request())
+        wait_for(lambda: engine.get_order(receipt.order_id).state == "succeeded", what="paid")
+        with pytest.raises(Exception, match="wallet-a"):
+            signed_callback(engine, "wallet-b", receipt.payment_serial,
+                            ChannelReply("SUCCESS", "SUCCESS", "TX-X", 5_000))
+        assert engine.get_order(receipt.order_id).refunds == ()
+    finally:
+        engine.shutdown()
+
+
+def test_a_reopened_engine_finds_the_order_by_a_left_serial_and_keeps_its_routes(
+        tmp_path: Path) -> None:
+    a, b = wallets("wallet-a", "wallet-b")
+    b.pay_reply = PAID
+    engine = open_engine(tmp_path / "f.db", a, b)
+    receipt = engine.submit(request())
+    wait_for(lambda: engine.get_order(receipt.order_id).state == "succeeded", what="paid")
+    before = engine.get_order(receipt.order_id)
+    engine.shutdown()
+    engine = open_engine(tmp_path / "f.db", a, b)
+    try:
+        assert engine.get_order(receipt.order_id) == before
+        a.query_reply = ChannelReply("SUCCESS", "SUCCESS", "TX-A-LATE", 5_000)
+        with pytest.raises(Exception, match="not believed"):
+            signed_callback(engine, "wallet-a", receipt.payment_serial, a.query_reply)
+        wait_for(lambda: engine.get_order(receipt.order_id).refunds, what="late charge refund")
+    finally:
+        engine.shutdown()
