@@ -2294,6 +2294,11 @@ def _query_due(d: _Draft, token: int) -> str:
         return "stale: query timer"
     assert cash.channel is not None
     attempts = len(d.policy.query_schedule_for(cash.channel))
+    fallback = d.order.fallback
+    if token >= attempts and fallback is not None:  # its answer never came: the failure stands
+        d.update(next_query_at_ms=None, query_attempt=token + 1)
+        return _end_fallback(d, cash, f"no fallback: {fallback.why}; {fallback.step.value} "
+                                      "unanswered")
     if token >= attempts:
         if d.order.state is OrderState.PAYING:
             d.move(Trigger.QUERIES_EXHAUSTED)
@@ -2305,6 +2310,8 @@ def _query_due(d: _Draft, token: int) -> str:
         # After the close, ask the channel to close again: idempotent, it answers with the
         # final state, and a close that was lost in a timeout is then made after all.
         d.effects.append(CloseCash(cash.channel, d.order.payment_serial))
+    elif fallback is not None:  # the step's command again: its answer may have been lost
+        d.effects.append(_fallback_command(d.order, cash, fallback.step))
     else:
         d.effects.append(QueryCash(cash.channel, d.order.payment_serial))
     _arm_query(d, token + 1)
