@@ -1876,7 +1876,7 @@ def _apply_cash_result(d: _Draft, result: CashResult) -> str:
             return _cash_failure(d, cash, result)
     if d.order.fallback is not None and cash.status is LegStatus.PAYING:
         return _fallback_answer(d, cash, result)
-    if _starts_fallback(d, cash, result):  # only ever the planted bug: never on processing
+    if _starts_fallback(d, cash, result):  # only the planted bug: never on processing
         return _begin_fallback(d, cash, result)
     if cash.status is LegStatus.PAYING and result.code != cash.channel_code:
         d.set_leg(cash.leg_no, LegStatus.PAYING, "processing", channel_code=result.code)
@@ -1973,7 +1973,8 @@ def _starts_fallback(d: _Draft, cash: Leg, result: CashResult) -> bool:
     Only an explicit failure the channel's code table lists as retryable, from the channel
     itself, while the order is paying within its window with no pay call out, and fallbacks
     are left. Anything else (processing, a timeout, a non-retryable failure) keeps the
-    existing behaviour. The planted bug ``route-after-charge`` also leaves after a timeout.
+    existing behaviour. The planted bug ``route-after-charge`` also leaves after a
+    processing or timed-out pay answer, without asking the channel.
     """
     order = d.order
     if order.method is None or order.fallback is not None or order.pay_in_flight or (
@@ -1985,7 +1986,7 @@ def _starts_fallback(d: _Draft, cash: Leg, result: CashResult) -> bool:
     if result.kind is ResultKind.FAILURE and result.retryable:
         return True
     return ("route-after-charge" in d.policy.planted_bugs and result.source is ResultSource.SYNC
-            and result.kind is ResultKind.PROCESSING and result.code.startswith("ERROR:"))
+            and result.kind is ResultKind.PROCESSING)
 
 
 def _begin_fallback(d: _Draft, cash: Leg, result: CashResult) -> str:
@@ -2031,10 +2032,12 @@ def _fallback_answer(d: _Draft, cash: Leg, result: CashResult) -> str:
 
     QUERY: a failure with a retryable code, or "not found" (within the window, after the
     explicit failure: nothing arrived, and the close makes sure nothing will), goes on to
-    CLOSE. CLOSE: a failure or "not found" goes on to ROUTE. Any other answer to the
-    command the step waits on (processing, a timeout, a non-retryable failure) ends the
-    fallback: the first failure stands, as it would have without routing. A success was
-    handled before (``_cash_success``): the order is paid.
+    CLOSE. CLOSE: a failure or "not found" goes on to ROUTE. A non-retryable failure to the
+    query ends the fallback: the first failure stands, as it would have without routing.
+    Anything undecided (processing, a timeout, no answer) proves nothing: the step's
+    command goes out again on the query schedule, and when that runs out the first failure
+    stands (``_query_due``). A success was handled before (``_cash_success``): the order
+    is paid by that channel.
     """
     fallback = d.order.fallback
     assert fallback is not None and cash.channel is not None
@@ -2048,6 +2051,8 @@ def _fallback_answer(d: _Draft, cash: Leg, result: CashResult) -> str:
     clean = (result.kind is ResultKind.FAILURE and (result.retryable or fallback.step is
                                                     FallbackStep.CLOSE)) or (
         result.kind is ResultKind.PROCESSING and result.not_found)
+    if result.kind is ResultKind.PROCESSING and not result.not_found:
+        return f"ignored: {why}; asked again on the query schedule"
     if not clean:
         return _end_fallback(d, cash, f"no fallback: {why}")
     step = FallbackStep.CLOSE if fallback.step is FallbackStep.QUERY else FallbackStep.ROUTE

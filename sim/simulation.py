@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from payengine.actors.adapters.config import PLANTED_CONFIG_BUGS, load_config
+from payengine.actors.adapters.routes_config import load_routing
 from payengine.actors.base import EngineConfig
 from payengine.actors.directory import Directory
 from payengine.actors.engine import Engine
@@ -58,7 +59,6 @@ from payengine.engine.order import (
     RefundStatus,
     VoucherPart,
 )
-from payengine.engine.routing import Route, RoutingTable
 from payengine.engine.statement import FLAGGED, Verdict
 from payengine.persistence.outbox import OutboxEvent
 from payengine.sim.channel import ChannelFaults, SimulatedChannel
@@ -70,6 +70,7 @@ from payengine.sim.oracle import (
     Violation,
     check,
     check_code_tables,
+    check_fallbacks,
     check_notified,
     check_one_success_per_trade,
     check_pre_holds,
@@ -90,7 +91,7 @@ FAULT_KINDS = (
     "user-never-pays", "user-pays-late", "duplicate-submit", "user-close", "timeout-close",
     "voucher-faults", "crash", "double-charge", "refund-callback-lost",
     "refund-callback-duplicated", "merchant-down", "forged-notification", "pre-holds",
-    "late-close", "forged-request", "risk",
+    "late-close", "forged-request", "risk", "channel-down",
 )
 """Every fault the simulator can inject; ``--faults`` picks from these."""
 
@@ -98,7 +99,7 @@ LATER_KINDS = frozenset({"pre-holds", "late-close"})
 """Faults (and features) added after the others: drawn from a stream of their own
 (``FaultMix.draw``'s ``later``), so that adding them changed no other fault's draws."""
 
-OWN_STREAM_KINDS = frozenset({"risk"})
+OWN_STREAM_KINDS = frozenset({"risk", "channel-down"})
 """Features drawn (and run) from a stream each of their own (``Simulation``), not by
 ``FaultMix.draw``: adding one changes no other draw of a seed."""
 
@@ -113,9 +114,10 @@ simulated = { txn_prefix = "T" }
 [channels.wechat.codes.pay]
 communication_ok = ["SUCCESS"]
 success = ["SUCCESS"]
-failure = ["PAYERROR", "CLOSED", "REVOKED"]
+failure = ["PAYERROR", "CLOSED", "REVOKED", "SYSTEM_DOWN"]
 processing = ["USERPAYING", "NOTPAY"]
-retryable = ["PAYERROR"]
+retryable = ["PAYERROR", "SYSTEM_DOWN"]
+not_found = ["ORDERNOTEXIST"]
 
 [channels.wechat.codes.refund]
 communication_ok = ["SUCCESS"]
@@ -129,6 +131,21 @@ wallet = "alipay"
 merchant_no = "sim-alipay-0001"
 credentials = { key = "payengine-simulated-alipay-key" }
 simulated = { txn_prefix = "A" }
+
+[routing]
+fallbacks_max = 1
+
+# WeChat takes QR payments up to 150.00 (a merchant number's cap), Alipay the rest and
+# whatever comes while WeChat's breaker is open, or after WeChat refused it retryably.
+[[routing.route]]
+method = "qr"
+channel = "wechat"
+limits = { amount_max_minor = 15000 }
+
+[[routing.route]]
+method = "qr"
+channel = "alipay"
+priority = 1
 """
 """The simulator's two wallets, as a channel configuration (``actors.adapters``). Seeds,
 faults and the signing keys are those the wallets had before they came from a
@@ -178,10 +195,11 @@ whole voucher retry schedule, so follow-ups sent into it are only done by the se
 ALIPAY_SHARE = 0.2
 ROUTED_SHARE = 0.3
 """Payments that name the method ``qr`` instead of a wallet: routing picks the channel."""
-SIM_ROUTES = RoutingTable((Route("qr", "wechat", amount_max_minor=15_000),
-                           Route("qr", "alipay", priority=1)))
-"""WeChat takes QR payments up to 150.00 (a merchant number's cap), Alipay the rest and
-whatever comes while WeChat's breaker is open."""
+SIM_ROUTES = load_routing(SIM_CHANNELS_TOML)
+"""The routes of ``SIM_CHANNELS_TOML``: read by the loader, as a deployment's are."""
+CHANNEL_DOWN_MS = (1_000, 3_000)
+"""How long WeChat refuses payments (fault ``channel-down``): routed payments fall back to
+Alipay meanwhile."""
 """Share of orders paying through the second channel, ``alipay`` (the rest: ``wechat``)."""
 
 REFUND_SHARE = 0.3
@@ -388,6 +406,14 @@ class Simulation:
                                         or config.plant_bug is not None):
             self.mix = replace(self.mix, on=self.mix.on | {"risk"})
             self.risk = risk_config(self.risk_rng, config.seed)
+        # WeChat going down mid-run (``channel-down``): its own stream too
+        self.down_rng = random.Random(config.seed + 19)
+        self.channel_down: tuple[float, int] | None = None
+        """(where in the workload it starts, as a share of its span; how long, in ms)."""
+        if "channel-down" in config.faults and (self.down_rng.random() < 0.5
+                                                or config.plant_bug is not None):
+            self.mix = replace(self.mix, on=self.mix.on | {"channel-down"})
+            self.channel_down = (self.down_rng.random(), self.down_rng.randint(*CHANNEL_DOWN_MS))
         self.scheduler: Scheduler | None = None
         self.world: Any
         if config.runtime == "sim":
@@ -794,6 +820,11 @@ class Simulation:
             self.mix = replace(self.mix, vouchers=replace(
                 self.mix.vouchers, outage=(system, start, start + length)))
             faults_end = max(faults_end, start + length)
+        if self.channel_down is not None:
+            share, length = self.channel_down
+            start = now + int(share * span_ms)
+            self.channel.down = (start, start + length)
+            faults_end = max(faults_end, start + length)
         for i in range(self.config.orders):
             request = self._request(i, customers)
             at = now + self.rng.randint(0, span_ms)
@@ -848,6 +879,7 @@ class Simulation:
                     "one-order-per-key", f"key {key}",
                     f"receipt {receipt.order_id}, database {found.order_id}"))
         report.violations += check_routes(engine.store, SIM_ROUTES, orders)
+        report.violations += check_fallbacks(self.channels, orders)
         report.violations += check_notified(engine.store, set(self.notified.values()),
                                             set(self.merchant.received.values()), ["station-1"],
                                             all_orders=orders)

@@ -5,6 +5,7 @@ route the payment left is refunded by that channel."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -51,11 +52,12 @@ def wallets(*names: str) -> list[Wallet]:
     return out
 
 
-def open_engine(path: Path, *channels: Wallet, fallbacks_max: int = 1) -> Engine:
+def open_engine(path: Path, *channels: Wallet, fallbacks_max: int = 1,
+                policy: OrderPolicy = POLICY) -> Engine:
     routes = tuple(Route(QR, c.name, priority=i) for i, c in enumerate(channels))
     config = EngineConfig(routing=RoutingTable(routes, fallbacks_max=fallbacks_max),
                           duplicate_guard_window_ms=0, ask_timeout_s=5.0)
-    return Engine.open(path, channels=list(channels), policy=POLICY, config=config)
+    return Engine.open(path, channels=list(channels), policy=policy, config=config)
 
 
 def request(no: str = "o-1") -> PaymentRequest:
@@ -91,6 +93,7 @@ def test_a_retryable_failure_is_queried_closed_and_then_paid_by_the_next_route(
 
 @pytest.mark.parametrize(("pay", "query", "close"), [
     (ChannelReply("SUCCESS", "PAYERROR"), NOT_FOUND, CLOSED),  # not retryable
+    (REFUSED, ChannelReply("SUCCESS", "PAYERROR"), CLOSED),  # the query: not retryable
     (REFUSED, ChannelReply("SUCCESS", "USERPAYING"), CLOSED),  # the query: processing
     (REFUSED, ChannelReply("FAIL", None), CLOSED),  # the query: no answer
     (REFUSED, NOT_FOUND, ChannelReply("FAIL", None)),  # the close: no answer
@@ -99,7 +102,10 @@ def test_without_the_full_proof_the_failure_stands_and_no_other_route_is_paid(
         tmp_path: Path, pay: ChannelReply, query: ChannelReply, close: ChannelReply) -> None:
     a, b = wallets("wallet-a", "wallet-b")
     a.pay_reply, a.query_reply, a.close_reply, b.pay_reply = pay, query, close, PAID
-    engine = open_engine(tmp_path / "f.db", a, b)
+    # undecided answers are asked again on the query schedule; when it runs out, the
+    # explicit failure stands
+    engine = open_engine(tmp_path / "f.db", a, b, policy=replace(
+        POLICY, query_schedule_ms=(20, 20, 20)))
     try:
         receipt = engine.submit(request())
         view = wait_for(lambda: (v := engine.get_order(receipt.order_id)).state == "failed"
