@@ -22,6 +22,7 @@ from payengine import (
     Route,
     RoutingTable,
 )
+from payengine.engine.statement import LineStatus, StatementLine, Verdict
 from tests.helpers import ScriptedChannel, signed_callback, wait_for
 
 QR = "qr"
@@ -222,5 +223,59 @@ def test_a_reopened_engine_finds_the_order_by_a_left_serial_and_keeps_its_routes
         with pytest.raises(Exception, match="not believed"):
             signed_callback(engine, "wallet-a", receipt.payment_serial, a.query_reply)
         wait_for(lambda: engine.get_order(receipt.order_id).refunds, what="late charge refund")
+    finally:
+        engine.shutdown()
+
+
+def test_a_statement_line_of_a_late_charge_on_a_left_route_is_refunded_by_that_channel(
+        tmp_path: Path) -> None:
+    a, b = wallets("wallet-a", "wallet-b")
+    b.pay_reply, a.refund_reply = PAID, ChannelReply("SUCCESS", "SUCCESS")
+    engine = open_engine(tmp_path / "f.db", a, b)
+    try:
+        receipt = engine.submit(request())
+        wait_for(lambda: engine.get_order(receipt.order_id).state == "succeeded", what="paid")
+        first = receipt.payment_serial
+        now_ms = engine.runtime.now_ms()
+        line = StatementLine("wallet-a", "TX-A-LATE", first, 5_000, "CNY", LineStatus.SUCCESS,
+                             now_ms)
+        report = engine.reconcile([line], channels=["wallet-a"])
+        assert report.count(Verdict.DUPLICATE_CHARGE) == 1, report.to_table()
+        view = wait_for(lambda: (v := engine.get_order(receipt.order_id)).settled and v,
+                        what="late charge refunded")
+        (refund,) = view.refunds
+        assert (refund.refund_no, refund.status) == ("charge:TX-A-LATE", "succeeded")
+        assert ("refund", first, refund.refund_id, "5000") in a.calls
+        assert view.state == "succeeded" and view.legs[0].channel == "wallet-b"
+        again = engine.reconcile([line], channels=["wallet-a"])  # the same line: nothing new
+        assert again.count(Verdict.DUPLICATE_CHARGE) == 0
+        assert len(engine.get_order(receipt.order_id).refunds) == 1
+    finally:
+        engine.shutdown()
+
+
+def test_a_restart_between_the_steps_sends_each_steps_command_again(tmp_path: Path) -> None:
+    a, b = wallets("wallet-a", "wallet-b")
+    a.query_reply = TimeoutError("wallet-a does not answer queries")
+    b.pay_reply = PAID
+    engine = open_engine(tmp_path / "f.db", a, b)
+    receipt = engine.submit(request())
+    first = receipt.payment_serial
+    wait_for(lambda: a.count("query") == 1, what="the fallback's query")
+    engine.shutdown()  # the query was never answered: the step is still "query"
+    a.query_reply, a.close_reply = NOT_FOUND, TimeoutError("wallet-a does not answer closes")
+    engine = open_engine(tmp_path / "f.db", a, b)
+    wait_for(lambda: a.count("close") == 1, what="the query again, then the close")
+    engine.shutdown()  # the close was never answered: the step is still "close"
+    a.close_reply = CLOSED
+    engine = open_engine(tmp_path / "f.db", a, b)
+    try:
+        view = wait_for(lambda: (v := engine.get_order(receipt.order_id)).state == "succeeded"
+                        and v, what="paid by wallet-b")
+        assert a.calls == [("pay", first, "5000"), ("query", first), ("query", first),
+                           ("close", first), ("close", first)]
+        assert b.calls == [("pay", f"{first}-F1", "5000")]
+        assert view.legs[0].channels_tried[0] == ChannelTry("wallet-a", first, "unpaid",
+                                                            "BANK_DOWN")
     finally:
         engine.shutdown()
