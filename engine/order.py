@@ -1963,6 +1963,9 @@ def _cash_failure(d: _Draft, cash: Leg, result: CashResult) -> str:
 
 # ---- routing fallback (R-PROD: only where no double charge is possible)
 
+ROUTE_CAUSE_MAX = 2_000
+"""Most characters of a route choice's reasons kept in the journal (a table may have 1,000
+routes; the first ones, best first, say why)."""
 FALLBACK_SOURCES = frozenset({ResultSource.SYNC, ResultSource.QUERY, ResultSource.NOTIFICATION})
 """Where the retryable failure that starts a fallback may come from: the channel's word."""
 
@@ -2075,19 +2078,19 @@ def _rerouted(d: _Draft, event: Rerouted) -> str:
     if cash is None or fallback is None or fallback.step is not FallbackStep.ROUTE:
         return "stale: no route was being chosen"
     assert cash.channel is not None and cash.status is LegStatus.PAYING
-    check_text(event.cause, "the route's cause", 4_096)
+    assert isinstance(event.cause, str), event  # the shell's, never outside input
     if d.now_ms >= d.order.close_at_ms:
         return _close(d, CloseCause.TIMEOUT)
     tried = (*(t.channel for t in d.order.tried), cash.channel)
     if event.channel is None or event.channel in tried:
         return _end_fallback(d, cash, f"no fallback: {fallback.why}; no route left: "
-                                      f"{event.cause}")
+                                      f"{event.cause[:ROUTE_CAUSE_MAX]}")
     channel = check_id(event.channel, "the next route's channel")
     left = TriedRoute(cash.channel, d.order.payment_serial, cash.channel_code or "")
     first = (d.order.tried[0].payment_serial if d.order.tried else d.order.payment_serial)
     d.update(tried=(*d.order.tried, left), fallback=None, prepay=None,
              payment_serial=fallback_serial(first, len(d.order.tried) + 1))
-    cause = f"{fallback.why} -> {channel}; {event.cause}"
+    cause = f"{fallback.why} -> {channel}; {event.cause[:ROUTE_CAUSE_MAX]}"
     d.transitions.append(Transition("route", cash.channel, channel, cause))
     cash = d.set_leg(cash.leg_no, LegStatus.PAYING, cause, channel=channel, channel_code=None,
                      channel_txn_id=None)

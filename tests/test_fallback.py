@@ -19,6 +19,7 @@ from payengine import (
     EngineConfig,
     OrderPolicy,
     PaymentRequest,
+    Receipt,
     Route,
     RoutingTable,
 )
@@ -63,6 +64,14 @@ def open_engine(path: Path, *channels: Wallet, fallbacks_max: int = 1,
 
 def request(no: str = "o-1") -> PaymentRequest:
     return PaymentRequest("station-1", no, f"u-{no}", "CNY", 5_000, "Fuel", CashPart(5_000, QR))
+
+
+def paid_by_b(engine: Engine) -> Receipt:
+    """Submit; wallet-a refuses it retryably, wallet-b is paid: wait for that."""
+    receipt = engine.submit(request())
+    wait_for(lambda: engine.get_order(receipt.order_id).state == "succeeded",
+             what="paid by wallet-b")
+    return receipt
 
 
 def test_a_retryable_failure_is_queried_closed_and_then_paid_by_the_next_route(
@@ -166,8 +175,7 @@ def test_a_late_charge_on_the_left_route_is_confirmed_then_refunded_by_that_chan
     b.pay_reply = PAID
     engine = open_engine(tmp_path / "f.db", a, b)
     try:
-        receipt = engine.submit(request())
-        wait_for(lambda: engine.get_order(receipt.order_id).state == "succeeded", what="paid")
+        receipt = paid_by_b(engine)
         first = receipt.payment_serial
         late = ChannelReply("SUCCESS", "SUCCESS", "TX-A-LATE", 5_000)
         a.query_reply, a.refund_reply = late, ChannelReply("SUCCESS", "SUCCESS")
@@ -197,8 +205,7 @@ def test_a_report_for_a_left_serial_from_another_channel_is_refused(tmp_path: Pa
     b.pay_reply = PAID
     engine = open_engine(tmp_path / "f.db", a, b)
     try:
-        receipt = engine.submit(request())
-        wait_for(lambda: engine.get_order(receipt.order_id).state == "succeeded", what="paid")
+        receipt = paid_by_b(engine)
         with pytest.raises(Exception, match="wallet-a"):
             signed_callback(engine, "wallet-b", receipt.payment_serial,
                             ChannelReply("SUCCESS", "SUCCESS", "TX-X", 5_000))
@@ -212,8 +219,7 @@ def test_a_reopened_engine_finds_the_order_by_a_left_serial_and_keeps_its_routes
     a, b = wallets("wallet-a", "wallet-b")
     b.pay_reply = PAID
     engine = open_engine(tmp_path / "f.db", a, b)
-    receipt = engine.submit(request())
-    wait_for(lambda: engine.get_order(receipt.order_id).state == "succeeded", what="paid")
+    receipt = paid_by_b(engine)
     before = engine.get_order(receipt.order_id)
     engine.shutdown()
     engine = open_engine(tmp_path / "f.db", a, b)
@@ -233,8 +239,7 @@ def test_a_statement_line_of_a_late_charge_on_a_left_route_is_refunded_by_that_c
     b.pay_reply, a.refund_reply = PAID, ChannelReply("SUCCESS", "SUCCESS")
     engine = open_engine(tmp_path / "f.db", a, b)
     try:
-        receipt = engine.submit(request())
-        wait_for(lambda: engine.get_order(receipt.order_id).state == "succeeded", what="paid")
+        receipt = paid_by_b(engine)
         first = receipt.payment_serial
         now_ms = engine.runtime.now_ms()
         line = StatementLine("wallet-a", "TX-A-LATE", first, 5_000, "CNY", LineStatus.SUCCESS,

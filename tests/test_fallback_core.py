@@ -158,22 +158,17 @@ class World:
 
     def user_pays(self, index: int) -> None:
         """A payer pays a serial still waiting for them; its wallet notifies (verified)."""
-        waiting = [k for k, r in self.records.items() if r.state == "user_paying"]
-        if not waiting:
-            return
-        channel, serial = waiting[index % len(waiting)]
-        record = self.records[(channel, serial)]
-        record.state, record.charged = "paid", True
-        self.feed(replace(self._reply(channel, serial, ResultSource.NOTIFICATION),
-                          channel=channel))
+        self._charge([k for k, r in self.records.items() if r.state == "user_paying"], index)
 
     def late_charge(self, index: int) -> None:
         """A lying wallet charges a serial it refused (or that was closed) after all."""
-        liars = [k for k, r in self.records.items()
-                 if self.behaviours[k[0]] == "liar" and not r.charged]
-        if not liars:
+        self._charge([k for k, r in self.records.items()
+                      if self.behaviours[k[0]] == "liar" and not r.charged], index)
+
+    def _charge(self, candidates: list[tuple[str, str]], index: int) -> None:
+        if not candidates:
             return
-        channel, serial = liars[index % len(liars)]
+        channel, serial = candidates[index % len(candidates)]
         record = self.records[(channel, serial)]
         record.state, record.charged = "paid", True
         self.feed(replace(self._reply(channel, serial, ResultSource.NOTIFICATION),
