@@ -67,7 +67,7 @@ PLANTED = [
     "confirm-twice", "no-refund-after-close", "regress-success", "skip-hold", "over-refund",
     "ledger-unbalanced", "accept-wrong-channel", "trust-forged-notification", "holds-never-expire",
     "sentinel-gives-up", "pay-details-lost", "route-ignores-limits", "two-attempts-succeed",
-    "codes-processing-as-failure", "accept-bad-signature", "risk-ignored",
+    "codes-processing-as-failure", "accept-bad-signature", "risk-ignored", "route-after-charge",
 ]
 
 
