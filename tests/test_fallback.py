@@ -5,6 +5,7 @@ route the payment left is refunded by that channel."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -284,3 +285,14 @@ def test_a_restart_between_the_steps_sends_each_steps_command_again(tmp_path: Pa
                                                             "BANK_DOWN")
     finally:
         engine.shutdown()
+
+
+def test_the_readme_fallback_example_runs_and_prints_what_it_says(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("#### Falling back to the next route"):
+                   text.index("### Notifications from the wallet")]
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
+    assert capsys.readouterr().out.splitlines() == [
+        "wechat-2", "True", "wechat-1 unpaid BANK_DOWN", "wechat-2 paid SUCCESS"]
