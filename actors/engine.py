@@ -213,6 +213,21 @@ def _with_channel_schedules(policy: OrderPolicy, channels: Mapping[str, Channel]
         field: getattr(policy, field) + tuple(pairs) for field, pairs in added.items()})
 
 
+def _without_close(channels: Mapping[str, Channel]) -> frozenset[str]:
+    """Channels that cannot close a payment: an HTTP channel whose configuration has no
+    ``close`` operation (its ``close`` raises), or one saying ``supports_close = False``."""
+    out = set()
+    for name, channel in channels.items():
+        config = getattr(channel, "config", None)
+        operations = getattr(config, "operations", None)
+        if getattr(channel, "supports_close", True) is False or (
+            getattr(config, "kind", None) == "http" and operations is not None
+            and "close" not in operations
+        ):
+            out.add(name)
+    return frozenset(out)
+
+
 class Engine:
     """A payment engine on one SQLite file. Use ``Engine.open(path, channels=[...])``."""
 
@@ -283,7 +298,9 @@ class Engine:
                                  f"{shown(synchronous)}")
         config = config or EngineConfig()
         policy = _with_channel_schedules(policy or OrderPolicy(), by_name)
-        policy = dataclasses.replace(policy, fallbacks_max=config.routing.fallbacks_max)
+        policy = dataclasses.replace(
+            policy, fallbacks_max=config.routing.fallbacks_max,
+            channels_without_close=policy.channels_without_close | _without_close(by_name))
         store = Store(path, synchronous=synchronous,  # first: a refused file starts nothing
                       group_commit=config.group_commit)
         runtime = runtime or PooledRuntime(actor_threads=config.actor_threads)

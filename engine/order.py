@@ -537,6 +537,10 @@ class OrderPolicy:
     fallbacks_max: int = 1
     """Routes a routed payment may fall back to after the first (0..3): ``Engine.open`` sets
     it from ``RoutingTable.fallbacks_max``."""
+    channels_without_close: frozenset[str] = frozenset()
+    """Channels that cannot close a payment (an HTTP channel with no ``close`` operation):
+    a fallback from one goes from its query straight to the next route. ``Engine.open``
+    adds them."""
     refunds_max: int = 50
     """Refunds one order may have (merchant refunds and duplicate-charge refunds)."""
     planted_bugs: frozenset[str] = frozenset()
@@ -575,6 +579,9 @@ class OrderPolicy:
                   1_000_000)
         check_int(self.legs_max, "legs_max", 1, 1_000)
         check_int(self.fallbacks_max, "fallbacks_max", 0, FALLBACKS_MAX)
+        check_setting(isinstance(self.channels_without_close, frozenset)
+                      and len(self.channels_without_close) <= 1_000,
+                      "channels_without_close must be a frozenset of at most 1000 channels")
         check_int(self.refunds_max, "refunds_max", 1, 10_000)
         unknown = set(self.planted_bugs) - PLANTABLE_BUGS
         check_setting(not unknown, f"unknown planted bugs {sorted(unknown)}")
@@ -2059,6 +2066,8 @@ def _fallback_answer(d: _Draft, cash: Leg, result: CashResult) -> str:
     if not clean:
         return _end_fallback(d, cash, f"no fallback: {why}")
     step = FallbackStep.CLOSE if fallback.step is FallbackStep.QUERY else FallbackStep.ROUTE
+    if step is FallbackStep.CLOSE and cash.channel in d.policy.channels_without_close:
+        step, why = FallbackStep.ROUTE, f"{why}; no close (the channel has none)"
     return _enter_step(d, cash, step, why)
 
 

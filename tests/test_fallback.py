@@ -296,3 +296,32 @@ def test_the_readme_fallback_example_runs_and_prints_what_it_says(
     exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
     assert capsys.readouterr().out.splitlines() == [
         "wechat-2", "True", "wechat-1 unpaid BANK_DOWN", "wechat-2 paid SUCCESS"]
+
+
+def test_a_channel_that_cannot_close_is_left_after_its_query_without_a_close(
+        tmp_path: Path) -> None:
+    a, b = wallets("wallet-a", "wallet-b")
+    a.supports_close = False  # type: ignore[attr-defined]  # as an HTTP channel with no close
+    b.pay_reply = PAID
+    engine = open_engine(tmp_path / "f.db", a, b)
+    try:
+        receipt = paid_by_b(engine)
+        assert a.calls == [("pay", receipt.payment_serial, "5000"),
+                           ("query", receipt.payment_serial)]
+        (moved,) = [e for e in engine.journal(receipt.order_id)
+                    if e.part == "route" and e.from_state != e.to_state and e.from_state != QR]
+        assert "no close (the channel has none) -> wallet-b" in moved.cause
+    finally:
+        engine.shutdown()
+
+
+def test_an_http_channel_without_a_close_operation_is_known_to_have_none() -> None:
+    from payengine.actors.engine import _without_close
+
+    class Http:
+        def __init__(self, operations: tuple[str, ...]) -> None:
+            self.config = type("Config", (), {"kind": "http", "operations": dict.fromkeys(
+                operations)})()
+
+    assert _without_close({"a": Http(("pay", "query")), "b": Http(("pay", "query", "close")),
+                           "c": Wallet("c")}) == frozenset({"a"})  # type: ignore[dict-item]
