@@ -340,7 +340,8 @@ class OrderBehaviour(ActorBehaviour):
     def _choose_route(self, effect: ChooseRoute) -> None:
         """The next route of a falling-back payment (``actors.routes``), told back to this
         order as ``Rerouted``: a message, so the choice is decided and persisted like any
-        other event. No route left is an answer too (``channel=None``)."""
+        other event. No route left is an answer too (``channel=None``). On this actor's
+        thread: the choice reads the breakers (a lock) and blocks on nothing."""
         assert self.order is not None
         try:
             choice = choose_for(self.ctx, effect.method, effect.amount_minor, effect.currency,
