@@ -209,22 +209,30 @@ def communicated(reply: object, codes: CodeTable) -> bool:
 
 
 def cash_result(channel: Channel, reply: ChannelReply | BaseException,
-                source: ResultSource, *, reported_by: str | None = None) -> CashResult:
+                source: ResultSource, *, reported_by: str | None = None,
+                payment_serial: str | None = None) -> CashResult:
     """Classify a payment reply, or the exception a call raised, into a ``CashResult``.
 
-    ``reported_by``: the channel a notification came through, for the order to check."""
-    if isinstance(reply, BaseException):
-        return CashResult(ResultKind.PROCESSING, source, f"ERROR:{type(reply).__name__}")
-    if not isinstance(reply, ChannelReply):  # an adapter bug: never guess a result from it
-        return CashResult(ResultKind.PROCESSING, source, f"ERROR:{type(reply).__name__}")
+    ``reported_by``: the channel a notification came through, for the order to check;
+    ``payment_serial``: the serial the call or report was about. Whether a failure code is
+    ``retryable`` and a code ``not_found`` comes from the channel's own code table."""
+    if isinstance(reply, BaseException) or not isinstance(reply, ChannelReply):
+        # an exception (timeout), or an adapter bug: never guess a result from it
+        return CashResult(ResultKind.PROCESSING, source, f"ERROR:{type(reply).__name__}",
+                          payment_serial=payment_serial)
     try:
-        kind = channel.pay_codes.classify(reply.return_code, reply.result_code)
-        code = str(reply.result_code or reply.return_code or "NONE")
+        codes = channel.pay_codes
+        comm, business = reply.return_code, reply.result_code
+        kind = codes.classify(comm, business)
+        code = str(business or comm or "NONE")
         prepay = None if reply.prepay is None else check_prepay(reply.prepay)
         return CashResult(kind, source, code, reply.channel_txn_id, reply.amount_minor,
-                          reported_by, reply.currency, prepay)
+                          reported_by, reply.currency, prepay, payment_serial,
+                          retryable=codes.is_retryable(comm, business),
+                          not_found=codes.is_not_found(comm, business))
     except Exception as error:  # an adapter's malformed reply: never guess a result from it
-        return CashResult(ResultKind.PROCESSING, source, f"ERROR:{type(error).__name__}")
+        return CashResult(ResultKind.PROCESSING, source, f"ERROR:{type(error).__name__}",
+                          payment_serial=payment_serial)
 
 
 def refund_result(channel: Channel, refund_id: str, reply: ChannelReply | BaseException,
@@ -244,12 +252,13 @@ def refund_result(channel: Channel, refund_id: str, reply: ChannelReply | BaseEx
 
 
 def query_charge_result(channel: Channel, channel_txn_id: str,
-                        reply: ChannelReply | BaseException) -> CashResult:
+                        reply: ChannelReply | BaseException,
+                        payment_serial: str | None = None) -> CashResult:
     """Classify the answer to ``query_charge``: a success only for that very transaction."""
-    result = cash_result(channel, reply, ResultSource.QUERY)
+    result = cash_result(channel, reply, ResultSource.QUERY, payment_serial=payment_serial)
     if result.kind is ResultKind.SUCCESS and result.channel_txn_id != channel_txn_id:
         return CashResult(ResultKind.PROCESSING, ResultSource.QUERY,
-                          f"NOT_THAT_CHARGE:{result.code}")
+                          f"NOT_THAT_CHARGE:{result.code}", payment_serial=payment_serial)
     return result
 
 

@@ -65,6 +65,7 @@ from payengine.actors.pool import PooledRuntime
 from payengine.actors.reconcile import ReconciliationReport, StatementSource
 from payengine.actors.resume import ResumeFeeder, in_flight_for
 from payengine.actors.risk_gate import RiskConfig, RiskGate
+from payengine.actors.routes import choose_for
 from payengine.actors.runtime import Runtime
 from payengine.actors.voucher_link import DirectVoucherLink, VoucherLink
 from payengine.actors.withholding import SUBSCRIBER_NAME as WITHHOLD_SUBSCRIBER
@@ -116,7 +117,7 @@ from payengine.engine.merchant_request import (
     RefundOp,
     pay_window_over,
 )
-from payengine.engine.money import AMOUNT_MAX, check_amount, check_unit
+from payengine.engine.money import check_amount, check_unit
 from payengine.engine.order import (
     ATTEMPTS_MAX,
     UNVERIFIED_SOURCES,
@@ -148,9 +149,6 @@ from payengine.engine.order import (
 from payengine.engine.risk import VerificationStatus, check_code
 from payengine.engine.routing import (
     RouteChoice,
-    RoutingTable,
-    choose_route,
-    route_draw,
 )
 from payengine.engine.shift_report import ShiftReport
 from payengine.engine.voucher import FenceKey, VoucherAccount
@@ -269,6 +267,19 @@ def _check_channels_of_unsettled(store: Store, channels: Mapping[str, Channel]) 
             f"unsettled orders use channels this engine was not given: {named}; open it "
             "with them (a channel taken out of routing: keep it configured, e.g. "
             "enabled = false, until its orders settled)", missing)
+def _without_close(channels: Mapping[str, Channel]) -> frozenset[str]:
+    """Channels that cannot close a payment: an HTTP channel whose configuration has no
+    ``close`` operation (its ``close`` raises), or one saying ``supports_close = False``."""
+    out = set()
+    for name, channel in channels.items():
+        config = getattr(channel, "config", None)
+        operations = getattr(config, "operations", None)
+        if getattr(channel, "supports_close", True) is False or (
+            getattr(config, "kind", None) == "http" and operations is not None
+            and "close" not in operations
+        ):
+            out.add(name)
+    return frozenset(out)
 
 
 class Engine:
@@ -347,6 +358,9 @@ class Engine:
         withholds = any(signs_agreements(c) for c in by_name.values())
         if WITHHOLD_SUBSCRIBER in subscribers:
             raise InvalidRequest(f"subscriber name {WITHHOLD_SUBSCRIBER!r} is the engine's")
+        policy = dataclasses.replace(
+            policy, fallbacks_max=config.routing.fallbacks_max,
+            channels_without_close=policy.channels_without_close | _without_close(by_name))
         store = Store(path, synchronous=synchronous,  # first: a refused file starts nothing
                       group_commit=config.group_commit)
         if "open-without-needed-channel" not in config.planted_bugs | policy.planted_bugs:
@@ -718,6 +732,8 @@ class Engine:
                             now_ms=ctx.runtime.now_ms(), accounts=units, policy=ctx.policy,
                             currencies=ctx.config.currency_table, cash_channel=channel,
                             priced=priced)
+        if route is not None:  # a routed payment may fall back to the method's next route
+            order = dataclasses.replace(order, method=route.method)
         return order, route
 
     def _quoted_terms(self, request: PaymentRequest, *, claim: bool) -> PricedSale:
@@ -915,48 +931,15 @@ class Engine:
                ) -> RouteChoice | None:
         """The channel for a cash part that names a payment method (``EngineConfig.routing``);
         ``None`` for one that names its channel. ``NoRoute`` when no route can take it (see
-        ``_cannot_take`` besides the routes' own conditions). A retry of an accepted order
-        never gets here (``_retried``): its stored channel stands. ``trial``: nothing is
-        paid on the choice, so the channel's health is not told."""
+        ``actors.routes.cannot_take`` besides the routes' own conditions). A retry of an
+        accepted order never gets here (``_retried``): its stored channel stands. ``trial``:
+        nothing is paid on the choice, so the channel's health is not told."""
         ctx = self._ctx
-        table = ctx.config.routing
-        if request.cash is None or request.cash.channel not in table.methods:
+        if request.cash is None or request.cash.channel not in ctx.config.routing.methods:
             return None
-        method = request.cash.channel
-        if "route-ignores-limits" in ctx.config.planted_bugs:
-            table = RoutingTable(tuple(replace(r, amount_max_minor=AMOUNT_MAX)
-                                       for r in table.routes))
-        excluded, fees = {}, {}
-        for route in table.of(method):
-            why = self._cannot_take(route.channel, request.cash)
-            if why is not None:
-                excluded[route.channel] = why
-            fee = getattr(getattr(ctx.channels.get(route.channel), "config", None), "fee", None)
-            if fee is not None and (fee.basis_points or fee.fixed_minor):
-                fees[route.channel] = fee.of(request.cash.amount_minor)
-        choice = choose_route(table, method, request.cash.amount_minor,
-                              request.currency, unavailable=ctx.health.unavailable(),
-                              fee_ppm=ctx.config.fee_ppm, draw=route_draw(order_id),
-                              known_channels=ctx.channels.keys(), excluded=excluded,
-                              fees_minor=fees)
-        if not trial:
-            ctx.health.chosen(choice.channel)
-        return choice
-
-    def _cannot_take(self, channel: str, cash: CashPart) -> str | None:
-        """Why routing must not give ``cash`` to ``channel`` (its configuration says
-        ``enabled = false``, or its ``limits`` leave the amount out; its ``pay`` takes no
-        details and the payment has some), or ``None``."""
-        config = getattr(self._ctx.channels.get(channel), "config", None)
-        if getattr(config, "enabled", True) is False:
-            return "disabled"
-        limits = getattr(config, "limits", None)
-        if limits is not None and not limits.allows(cash.amount_minor):
-            return (f"amount outside the channel's limits {limits.amount_min_minor}.."
-                    f"{limits.amount_max_minor}")
-        if cash.details is not None and channel not in self._channels_taking_details:
-            return "takes no pay details"
-        return None
+        return choose_for(ctx, request.cash.channel, request.cash.amount_minor,
+                          request.currency, request.cash.details, order_id,
+                          taking_details=self._channels_taking_details, probe=not trial)
 
     def _guard_user_duplicates(self, request: PaymentRequest, now_ms: int) -> None:
         """Warn (``DuplicateSuspected``) of a new order like one the user made moments ago.
@@ -1202,6 +1185,8 @@ class Engine:
         refund_id = event.refund_id if isinstance(event, RefundResult) else None
         try:
             check_id(payment_serial, "payment_serial")
+            if isinstance(event, CashResult):  # the serial says which route it is about
+                event = replace(event, payment_serial=payment_serial)
             order_id = self._order_for_serial(payment_serial)
             order = self._ctx.store.load_order(order_id)
             if order is None:

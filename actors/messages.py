@@ -174,12 +174,38 @@ class LegView:
     channel: str | None = None
     """The cash leg's executing channel (the one routing chose for a method); ``None`` for a
     voucher leg."""
+    channels_tried: tuple[ChannelTry, ...] = ()
+    """The cash leg: every channel it was sent to, oldest first, the current one last
+    (``outcome`` = the leg's status); more than one after a routing fallback. Empty for a
+    voucher leg."""
 
     @staticmethod
-    def of(leg: Leg) -> LegView:
+    def of(leg: Leg, order: PaymentOrder | None = None) -> LegView:
+        tried: tuple[ChannelTry, ...] = ()
+        if leg.is_cash and order is not None and leg.channel is not None:
+            tried = (*(ChannelTry(t.channel, t.payment_serial, t.outcome, t.code)
+                       for t in order.tried),
+                     ChannelTry(leg.channel, order.payment_serial, leg.status.value,
+                                leg.channel_code))
         return LegView(leg.leg_no, leg.mode.value, leg.account_id, leg.amount, leg.unit,
                        leg.value_minor, leg.status.value, leg.hold_id, leg.channel_txn_id,
-                       leg.refund_id, leg.channel)
+                       leg.refund_id, leg.channel, tried)
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelTry:
+    """One channel a cash leg was sent to (``LegView.channels_tried``)."""
+
+    channel: str
+    payment_serial: str
+    """The serial that channel knows the payment by (each route its own)."""
+    outcome: str
+    """A left route: ``unpaid`` (it refused with a retryable code and confirmed nothing
+    was charged) or ``charged_late`` (it charged later after all: refunded by that
+    channel). The current route: the leg's status."""
+    code: str | None
+    """A left route: the retryable failure code it refused with. The current one: the
+    last code it answered (``None``: none yet)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +249,7 @@ class OrderView:
         return OrderView(order.order_id, order.merchant_id, order.merchant_order_no,
                          order.payment_serial, order.state.value, order.cause,
                          order.total_minor, order.currency, order.is_settled,
-                         tuple(LegView.of(leg) for leg in order.legs),
+                         tuple(LegView.of(leg, order) for leg in order.legs),
                          tuple(RefundView.of(r) for r in order.refunds), order.refunded_minor,
                          order.prepay if showing else None, order.attempt,
                          VerificationView.of(order.verification), order.sale)

@@ -37,6 +37,7 @@ from payengine.actors.channel import (
 from payengine.actors.claim import Claimed
 from payengine.actors.directory import Key
 from payengine.actors.messages import FromOrder, OrderView
+from payengine.actors.routes import choose_for
 from payengine.actors.runtime import TimerHandle
 from payengine.engine.errors import EngineClosed, InvalidRequest, Overloaded, UnknownOrder
 from payengine.engine.ledger import Posting, postings_for
@@ -45,6 +46,7 @@ from payengine.engine.order import (
     ArmTimer,
     CancelHold,
     CashResult,
+    ChooseRoute,
     ClawBack,
     CloseCash,
     CloseOrder,
@@ -63,6 +65,7 @@ from payengine.engine.order import (
     RefundCash,
     RefundResult,
     RequestRefund,
+    Rerouted,
     ResultSource,
     ReturnVoucher,
     TimerFired,
@@ -74,13 +77,14 @@ from payengine.engine.order import (
     decide,
     owed_commands,
 )
+from payengine.engine.routing import NoRoute
 
 _QUIET_LEG_STEPS = frozenset({(LegStatus.TRYING.value, LegStatus.HELD.value),
                               (LegStatus.CONFIRMING.value, LegStatus.CONFIRMED.value)})
 """Leg steps that may wait for the order's next commit (``OrderBehaviour._may_wait_to_save``)."""
 
 _EVENTS = (Activate, VoucherReply, CashResult, RefundResult, CloseOrder, TimerFired,
-           RequestRefund, VerifyCode)
+           RequestRefund, VerifyCode, Rerouted)
 
 
 class OrderBehaviour(ActorBehaviour):
@@ -293,18 +297,22 @@ class OrderBehaviour(ActorBehaviour):
             case PayCash():
                 self._pay(effect)
             case QueryCash():
-                self._call_channel(effect.channel, ResultSource.QUERY,
+                self._call_channel(effect.channel, effect.payment_serial, ResultSource.QUERY,
                                    lambda ch: ch.query(effect.payment_serial))
             case QueryCharge():
                 channel = self.ctx.channels[effect.channel]
                 directory, key, txn = self.ctx.directory, self.key, effect.channel_txn_id
+                serial = effect.payment_serial
                 self.ctx.runtime.run_io(
                     effect.channel,
-                    lambda: channel.query_charge(effect.payment_serial, txn),
-                    lambda reply: directory.tell(key, query_charge_result(channel, txn, reply)))
+                    lambda: channel.query_charge(serial, txn),
+                    lambda reply: directory.tell(key, query_charge_result(channel, txn, reply,
+                                                                          serial)))
             case CloseCash():
-                self._call_channel(effect.channel, ResultSource.CLOSE,
+                self._call_channel(effect.channel, effect.payment_serial, ResultSource.CLOSE,
                                    lambda ch: ch.close(effect.payment_serial))
+            case ChooseRoute():
+                self._choose_route(effect)
             case RefundCash():
                 self._call_refund(effect.channel, effect.refund_id, ResultSource.SYNC,
                                   lambda ch: ch.refund(effect.payment_serial, effect.refund_id,
@@ -326,7 +334,8 @@ class OrderBehaviour(ActorBehaviour):
         def answered(reply: Any) -> None:
             in_flight.discard(serial)
             health.record(effect.channel, communicated(reply, channel.pay_codes))
-            directory.tell(key, cash_result(channel, reply, ResultSource.SYNC))
+            directory.tell(key, cash_result(channel, reply, ResultSource.SYNC,
+                                            payment_serial=serial))
 
         in_flight.add(serial)
         try:
@@ -337,15 +346,29 @@ class OrderBehaviour(ActorBehaviour):
             in_flight.discard(serial)  # never started: nothing is in flight
             raise
 
-    def _call_channel(self, name: str, source: ResultSource, call: Any) -> None:
+    def _call_channel(self, name: str, serial: str, source: ResultSource, call: Any) -> None:
         channel = self.ctx.channels[name]
         directory, key, health = self.ctx.directory, self.key, self.ctx.health
 
         def answered(reply: Any) -> None:
             health.record(name, communicated(reply, channel.pay_codes))
-            directory.tell(key, cash_result(channel, reply, source))
+            directory.tell(key, cash_result(channel, reply, source, payment_serial=serial))
 
         self.ctx.runtime.run_io(name, lambda: call(channel), answered)
+
+    def _choose_route(self, effect: ChooseRoute) -> None:
+        """The next route of a falling-back payment (``actors.routes``), told back to this
+        order as ``Rerouted``: a message, so the choice is decided and persisted like any
+        other event. No route left is an answer too (``channel=None``). On this actor's
+        thread: the choice reads the breakers (a lock) and blocks on nothing."""
+        assert self.order is not None
+        try:
+            choice = choose_for(self.ctx, effect.method, effect.amount_minor, effect.currency,
+                                self.order.pay_details, effect.order_id, tried=effect.excluded)
+        except NoRoute as error:
+            self.ctx.directory.tell(self.key, Rerouted(None, error.message))
+            return
+        self.ctx.directory.tell(self.key, Rerouted(choice.channel, choice.cause))
 
     def _call_refund(self, name: str, refund_id: str, source: ResultSource, call: Any) -> None:
         channel = self.ctx.channels[name]

@@ -32,7 +32,13 @@ class CodeTable:
     failure by mistake); ``retryable`` names the failure codes after which paying the same
     amount by another route is safe (nothing was charged and nothing will be: a balance too
     low, a card refused), for the routing to use. A communication failure is never
-    retryable: the request may have reached the channel."""
+    retryable: the request may have reached the channel.
+
+    ``not_found`` names the codes a query answers for a payment the channel does not know
+    ("order not found", WeChat's ORDERNOTEXIST). They classify as *processing*, never as a
+    failure: right after a pay request "not found" may only mean "not arrived yet". The
+    routing fallback alone reads them, and only after the channel's explicit retryable
+    failure, within the pay window (``engine.order``, R-PROD)."""
 
     channel: str
     communication_ok: frozenset[str]
@@ -40,10 +46,12 @@ class CodeTable:
     failure: frozenset[str]
     processing: frozenset[str] = frozenset()
     retryable: frozenset[str] = frozenset()
+    not_found: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         """A code meaning both success and failure would decide money by accident."""
-        for name in ("communication_ok", "success", "failure", "processing", "retryable"):
+        for name in ("communication_ok", "success", "failure", "processing", "retryable",
+                     "not_found"):
             value = getattr(self, name)
             if not isinstance(value, frozenset) or not all(isinstance(c, str) for c in value):
                 raise InvalidRequest(f"{self.channel}: {name} must be a frozenset of str")
@@ -55,6 +63,10 @@ class CodeTable:
         if overlap:
             raise InvalidRequest(f"{self.channel}: codes both processing and decided: "
                                  f"{sorted(overlap)}")
+        overlap = self.not_found & (self.success | self.failure)
+        if overlap:
+            raise InvalidRequest(f"{self.channel}: not_found codes must not be success or "
+                                 f"failure codes (they mean 'processing'): {sorted(overlap)}")
         stray = self.retryable - self.failure
         if stray:
             raise InvalidRequest(f"{self.channel}: retryable codes must be failure codes: "
@@ -75,15 +87,23 @@ class CodeTable:
         return (self.classify(communication_code, business_code) is ResultKind.FAILURE
                 and business_code in self.retryable)
 
+    def is_not_found(self, communication_code: str | None, business_code: str | None) -> bool:
+        """Whether the reply says the channel does not know the payment (see ``not_found``)."""
+        return (communication_code is not None and communication_code in self.communication_ok
+                and business_code in self.not_found)
+
 
 WECHAT_LIKE_PAY_CODES = CodeTable(
     channel="wechat",
     communication_ok=frozenset({"SUCCESS"}),
     success=frozenset({"SUCCESS"}),
     failure=frozenset({"PAYERROR", "CLOSED", "REVOKED"}),
+    not_found=frozenset({"ORDERNOTEXIST"}),
 )
 """Trade states of a WeChat-Pay-like channel. USERPAYING, NOTPAY, SYSTEMERROR and anything
-unknown are processing: the order keeps being queried."""
+unknown are processing: the order keeps being queried. ORDERNOTEXIST (a query's "order not
+found") is processing too, listed as ``not_found`` for the routing fallback; no failure
+code is retryable here (a deployment's configuration names its own)."""
 
 WECHAT_LIKE_REFUND_CODES = CodeTable(
     channel="wechat-refund",

@@ -148,12 +148,13 @@ def _refund_postings(order: PaymentOrder, t: Transition) -> list[Posting]:
     if refund.kind is RefundKind.DUPLICATE_CHARGE:
         cash = order.cash_leg
         assert cash is not None
+        payer = f"payer:{refund.channel or cash.channel}"  # a left route's late charge: its own
         if not leg_text and t.from_state == "":
-            return [_move(f"second charge {refund.refund_no}", f"payer:{cash.channel}", TRANSIT,
+            return [_move(f"second charge {refund.refund_no}", payer, TRANSIT,
                           refund.amount_minor)]
         if leg_text and t.to_state == PartStatus.DONE.value:
-            return [_move(f"second charge {refund.refund_no} refunded", TRANSIT,
-                          f"payer:{cash.channel}", refund.amount_minor)]
+            return [_move(f"second charge {refund.refund_no} refunded", TRANSIT, payer,
+                          refund.amount_minor)]
         return []
     if not leg_text:
         return []

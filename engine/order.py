@@ -64,6 +64,7 @@ from payengine.engine.risk import (
     check_code,
     code_matches,
 )
+from payengine.engine.routing import FALLBACKS_MAX as ROUTING_FALLBACKS_MAX
 from payengine.engine.voucher import FenceKey, FenceScope
 
 # --------------------------------------------------------------------------- states
@@ -282,6 +283,75 @@ class Leg:
         return self.mode is not LegMode.CREDIT
 
 
+# --------------------------------------------------------------------------- routes tried
+
+FALLBACKS_MAX = ROUTING_FALLBACKS_MAX
+"""Most fallbacks one payment may make (``RoutingTable.fallbacks_max`` is 0..this)."""
+
+
+class FallbackStep(enum.StrEnum):
+    """Where a fallback to the next route stands (R-PROD: only where no double charge is
+    possible). Each step is persisted before its command goes out, and ``Activate`` sends
+    the command of the step again after a restart."""
+
+    QUERY = "query"
+    """The channel answered a retryable failure: asked whether it charged after all."""
+    CLOSE = "close"
+    """Its query said failure or "not found": the serial is closed so it never charges."""
+    ROUTE = "route"
+    """Closed: the next route is being chosen (the shell's ``ChooseRoute``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fallback:
+    step: FallbackStep
+    why: str
+    """What the old channel answered so far, for the journal."""
+
+
+@dataclass(frozen=True, slots=True)
+class TriedRoute:
+    """A route the cash leg left for the next one."""
+
+    channel: str
+    payment_serial: str
+    """The serial the channel knew the payment by; a new route pays under a new one."""
+    code: str
+    """The retryable failure code that made the payment leave the channel."""
+    outcome: str = "unpaid"
+    """``unpaid``; ``charged_late`` when a success came for it later anyway (refunded by
+    that channel)."""
+
+
+def fallback_serial(first_serial: str, fallback_no: int) -> str:
+    """The serial of the payment's ``fallback_no``-th next route: derived, so replayable."""
+    return f"{first_serial}-F{fallback_no}"
+
+
+def routing_json(order: PaymentOrder) -> dict[str, object] | None:
+    """An order's routes as stored (``None``: not routed, nothing to store)."""
+    if order.method is None and not order.tried and order.fallback is None:
+        return None
+    fallback = order.fallback
+    return {"method": order.method,
+            "tried": [[t.channel, t.payment_serial, t.code, t.outcome] for t in order.tried],
+            "fallback": None if fallback is None else [fallback.step.value, fallback.why]}
+
+
+def routing_from_json(data: object) -> tuple[str | None, tuple[TriedRoute, ...],
+                                             Fallback | None]:
+    """``routing_json``'s inverse: (method, tried, fallback)."""
+    if data is None:
+        return None, (), None
+    assert isinstance(data, dict), data
+    method, tried, fallback = data.get("method"), data.get("tried", []), data.get("fallback")
+    assert (method is None or isinstance(method, str)) and isinstance(tried, list), data
+    routes = tuple(TriedRoute(str(c), str(s), str(code), str(outcome))
+                   for c, s, code, outcome in tried)
+    step = None if fallback is None else Fallback(FallbackStep(fallback[0]), str(fallback[1]))
+    return method, routes, step
+
+
 # --------------------------------------------------------------------------- requests
 
 
@@ -439,6 +509,11 @@ class Refund:
     status: RefundStatus
     parts: tuple[RefundPart, ...]
     requested_at_ms: int
+    channel: str | None = None
+    """The channel that gives it back when that is not the cash leg's: an earlier route's
+    late charge (``TriedRoute``). ``None``: the cash leg's channel."""
+    payment_serial: str | None = None
+    """The serial that channel charged, with ``channel``; ``None``: the order's own."""
 
     def part(self, leg_no: int) -> RefundPart | None:
         return next((p for p in self.parts if p.leg_no == leg_no), None)
@@ -453,7 +528,7 @@ PLANTABLE_BUGS = frozenset({"confirm-twice", "no-refund-after-close", "regress-s
                             "risk-ignored", "withhold-retry-after-timeout",
                             "quote-price-drift", "shift-counts-unpaid",
                             "change-keeps-holds", "open-without-needed-channel",
-                            "credit-before-charge"})
+                            "credit-before-charge", "route-after-charge"})
 """Bugs the simulator can switch on (``payengine sim --plant-bug NAME``): a success after the
 close kept, a late "processing" moving a success back, vouchers never held, a hold posted
 twice, a hold never expired (the account actor's), owed voucher follow-ups no longer sent
@@ -474,7 +549,9 @@ user left open with its holds (``change-keeps-holds``, in ``Engine.change_order`
 engine opened without a channel its unsettled orders use (``open-without-needed-channel``:
 the bug lives in ``Engine.open``), a
 recharge's account credited as soon as the cash is asked for, before it is paid
-(``credit-before-charge``).
+(``credit-before-charge``), a
+routing fallback after a timeout, without asking the old channel first
+(``route-after-charge``).
 Each must make the oracle report a violation."""
 
 
@@ -516,6 +593,13 @@ class OrderPolicy:
     """At most one query per order per this interval on unverified notifications, so a
     flood of forged callbacks cannot turn into a flood of channel calls."""
     legs_max: int = 16
+    fallbacks_max: int = 1
+    """Routes a routed payment may fall back to after the first (0..3): ``Engine.open`` sets
+    it from ``RoutingTable.fallbacks_max``."""
+    channels_without_close: frozenset[str] = frozenset()
+    """Channels that cannot close a payment (an HTTP channel with no ``close`` operation):
+    a fallback from one goes from its query straight to the next route. ``Engine.open``
+    adds them."""
     refunds_max: int = 50
     """Refunds one order may have (merchant refunds and duplicate-charge refunds)."""
     planted_bugs: frozenset[str] = frozenset()
@@ -553,6 +637,10 @@ class OrderPolicy:
         check_int(self.voucher_sentinel_attempts_max, "voucher_sentinel_attempts_max", 1,
                   1_000_000)
         check_int(self.legs_max, "legs_max", 1, 1_000)
+        check_int(self.fallbacks_max, "fallbacks_max", 0, FALLBACKS_MAX)
+        check_setting(isinstance(self.channels_without_close, frozenset)
+                      and len(self.channels_without_close) <= 1_000,
+                      "channels_without_close must be a frozenset of at most 1000 channels")
         check_int(self.refunds_max, "refunds_max", 1, 10_000)
         unknown = set(self.planted_bugs) - PLANTABLE_BUGS
         check_setting(not unknown, f"unknown planted bugs {sorted(unknown)}")
@@ -614,6 +702,14 @@ class PaymentOrder:
     """The step-up the risk gate asked for at submit (``None``: none asked)."""
     sale: PricedSale | None = None
     """What was sold and at which terms (``PaymentRequest.sale`` / ``quote``); immutable."""
+    method: str | None = None
+    """The payment method routing chose the channel for (``None``: the cash part named its
+    channel). Only a routed payment may fall back to another route."""
+    tried: tuple[TriedRoute, ...] = ()
+    """Routes the cash leg left, oldest first (at most ``FALLBACKS_MAX``)."""
+    fallback: Fallback | None = None
+    """A fallback under way: the old channel is being asked, closed, or the next route
+    chosen (``None``: none)."""
     pay_in_flight: bool = field(default=False, compare=False)
     """Volatile, never stored: a pay call of this process has not answered yet. The serial
     is then neither closed nor paid again; the close waits for the answer. A reload starts
@@ -1026,6 +1122,14 @@ class CashResult:
     """The currency the channel reported, if it did: checked against the order's."""
     prepay: Prepay | None = None
     """What the reply gave for the payer (``Channel.pay``'s QR code, prepay id...)."""
+    payment_serial: str | None = None
+    """The serial the answer or report is about; ``None``: the order's current one. One of
+    an earlier route (``PaymentOrder.tried``) never moves the order: a success there is
+    refunded by that channel."""
+    retryable: bool = False
+    """The channel's code table lists the failure code as ``retryable``."""
+    not_found: bool = False
+    """The channel's code table lists the code as ``not_found`` ("order not found")."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -1074,6 +1178,15 @@ class RequestRefund:
 
 
 @dataclass(frozen=True, slots=True)
+class Rerouted:
+    """The shell's answer to ``ChooseRoute``: the next route's channel, or ``None`` when no
+    route is left (``cause`` says why, either way, for the journal)."""
+
+    channel: str | None
+    cause: str
+
+
+@dataclass(frozen=True, slots=True)
 class VerifyCode:
     """The user typed a step-up verification code (``Engine.verify``). Never stored."""
 
@@ -1082,7 +1195,7 @@ class VerifyCode:
 
 OrderEvent = (
     Activate | VoucherReply | CashResult | RefundResult | CloseOrder | TimerFired | RequestRefund
-    | VerifyCode
+    | VerifyCode | Rerouted
 )
 
 # --------------------------------------------------------------------------- effects
@@ -1174,6 +1287,18 @@ class QueryRefund:
 
 
 @dataclass(frozen=True, slots=True)
+class ChooseRoute:
+    """Choose the next route of ``method`` (``engine.routing.choose_route``) without the
+    channels in ``excluded`` (those tried), breakers respected; answer ``Rerouted``."""
+
+    method: str
+    amount_minor: int
+    currency: str
+    excluded: tuple[str, ...]
+    order_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class ArmTimer:
     timer: TimerKind
     due_at_ms: int
@@ -1219,6 +1344,7 @@ class ClawBack:
 Effect = (
     TryHold | ConfirmHold | CancelHold | DebitVoucher | PayCash | QueryCash | QueryCharge
     | CloseCash | RefundCash | QueryRefund | ArmTimer | ReturnVoucher | CreditVoucher | ClawBack
+    | ChooseRoute
 )
 
 
@@ -1353,6 +1479,8 @@ def decide(
             note = _request_refund(draft, event)
         case VerifyCode():
             note = _verify(draft, event)
+        case Rerouted():
+            note = _rerouted(draft, event)
     _keep_voucher_retry(draft)
     decision = draft.done(note)
     _assert_consistent(decision.order, policy)
@@ -1388,6 +1516,7 @@ def _assert_consistent(order: PaymentOrder, policy: OrderPolicy) -> None:
         assert order.state in (OrderState.NEEDS_VERIFICATION, OrderState.FAILED,
                                OrderState.CLOSED), (
             f"order {order.order_id} is {order.state.value}, its verification {v.status.value}")
+    _assert_routes(order)
     for refund in order.refunds:
         assert sum(p.value_minor for p in refund.parts) == refund.amount_minor, refund
         assert refund.kind is RefundKind.DUPLICATE_CHARGE or order.state is OrderState.SUCCEEDED
@@ -1395,6 +1524,22 @@ def _assert_consistent(order: PaymentOrder, policy: OrderPolicy) -> None:
         left = _refundable(order, strict=False)
         assert all(value >= 0 for value in left.values()), (
             f"order {order.order_id} refunds more than a leg paid: {left}")
+
+
+def _assert_routes(order: PaymentOrder) -> None:
+    """A fallback only while paying, within the bound, never back to a route it left."""
+    assert len(order.tried) <= FALLBACKS_MAX, order.tried
+    if not order.tried and order.fallback is None:
+        return
+    cash = order.cash_leg
+    assert cash is not None and order.method is not None, order.order_id
+    channels = [t.channel for t in order.tried] + [cash.channel]
+    assert len(set(channels)) == len(channels), f"order {order.order_id} routes {channels}"
+    serials = {t.payment_serial for t in order.tried}
+    assert order.payment_serial not in serials and len(serials) == len(order.tried)
+    if order.fallback is not None:
+        assert order.state is OrderState.PAYING and cash.status is LegStatus.PAYING, (
+            f"order {order.order_id} falls back while {order.state.value}/{cash.status.value}")
 
 
 # ---- activation
@@ -1461,6 +1606,8 @@ def _reissue(d: _Draft, leg: Leg) -> None:
             pass  # its answer is still to come: neither close nor pay the serial again
         elif order.is_terminal:  # closed: the channel close may never have left the process
             d.effects.append(CloseCash(leg.channel, order.payment_serial))
+        elif order.fallback is not None:  # the fallback's step was decided: send it again
+            d.effects.append(_fallback_command(order, leg, order.fallback.step))
         elif leg.channel_code is None and d.now_ms < order.close_at_ms:
             d.effects.append(_pay(d, leg))  # never a payment past its window
             d.volatile(pay_in_flight=True)
@@ -1685,11 +1832,12 @@ def check_report(order: PaymentOrder, result: CashResult | RefundResult,
     cash = order.cash_leg
     if cash is None:
         raise NotificationRejected(f"order {order.order_id} has no cash part", "wrong_channel")
-    if result.channel is not None and result.channel != cash.channel and (
+    expected = _reporting_channel(order, result) or cash.channel
+    if result.channel is not None and result.channel != expected and (
         "accept-wrong-channel" not in policy.planted_bugs
     ):
         raise NotificationRejected(
-            f"order {order.order_id} pays through {cash.channel}, not {result.channel}",
+            f"order {order.order_id} pays through {expected}, not {result.channel}",
             "wrong_channel")
     from_outside = result.source in (ResultSource.CALLBACK, ResultSource.NOTIFICATION)
     if from_outside and result.currency is not None and result.currency != order.currency:
@@ -1721,6 +1869,29 @@ PAID_CASH_STATUSES = frozenset({LegStatus.PAID, LegStatus.REFUNDING, LegStatus.R
 """Cash statuses that mean the channel charged the payment (under ``channel_txn_id``)."""
 
 
+def _reporting_channel(order: PaymentOrder, result: CashResult | RefundResult) -> str | None:
+    """The channel a report must come from when it is not the cash leg's: an earlier
+    route's, for its serial or its late charge's refund (``None``: the cash leg's)."""
+    if isinstance(result, RefundResult):
+        refund = order.refund(refund_id=result.refund_id)
+        return None if refund is None else refund.channel
+    tried = old_route(order, result)
+    return None if tried is None else tried.channel
+
+
+def old_route(order: PaymentOrder, result: CashResult) -> TriedRoute | None:
+    """The earlier route ``result`` is about, if its serial is one the order left."""
+    serial = result.payment_serial
+    if serial is None or serial == order.payment_serial:
+        return None
+    return next((t for t in order.tried if t.payment_serial == serial), None)
+
+
+def _late_charge_key(tried: TriedRoute, result: CashResult) -> str:
+    """The refund number of an earlier route's late charge: one per transaction."""
+    return SECOND_CHARGE_PREFIX + (result.channel_txn_id or tried.payment_serial)
+
+
 def report_agrees(order: PaymentOrder, result: CashResult | RefundResult) -> bool:
     """Whether a report says only what the order already knows from its channel.
 
@@ -1730,6 +1901,10 @@ def report_agrees(order: PaymentOrder, result: CashResult | RefundResult) -> boo
     cash = order.cash_leg
     if cash is None or result.kind is ResultKind.PROCESSING:
         return True
+    if isinstance(result, CashResult) and (tried := old_route(order, result)) is not None:
+        # an earlier route: only its late charge changes anything (a refund), once
+        return result.kind is not ResultKind.SUCCESS or order.refund(
+            refund_no=_late_charge_key(tried, result)) is not None
     if isinstance(result, RefundResult):
         refund = order.refund(refund_id=result.refund_id)
         part = None if refund is None else refund.part(cash.leg_no)
@@ -1758,6 +1933,9 @@ def needs_confirmation(order: PaymentOrder, result: CashResult | RefundResult) -
         return False
     if isinstance(result, RefundResult):
         return result.kind is ResultKind.FAILURE
+    if (tried := old_route(order, result)) is not None:  # money would leave: confirm first
+        return result.kind is ResultKind.SUCCESS and order.refund(
+            refund_no=_late_charge_key(tried, result)) is None
     txn = result.channel_txn_id
     return (result.kind is ResultKind.SUCCESS and cash.status in PAID_CASH_STATUSES
             and txn is not None and cash.channel_txn_id is not None
@@ -1821,6 +1999,9 @@ def _cash_result(d: _Draft, result: CashResult) -> str:
             f"order {d.order.order_id} has not asked its channel yet; a {result.kind.value} "
             "result cannot be for it"
         )
+    if result.payment_serial not in (None, d.order.payment_serial):
+        check_report(d.order, result, d.policy)
+        return _old_route_result(d, result)
     close_waited = d.order.pay_in_flight and d.order.is_terminal
     if result.source is ResultSource.SYNC:  # first: the pay call is back, whatever it says
         d.volatile(pay_in_flight=False)
@@ -1867,6 +2048,10 @@ def _apply_cash_result(d: _Draft, result: CashResult) -> str:
             return _cash_success(d, cash, result)
         case ResultKind.FAILURE:
             return _cash_failure(d, cash, result)
+    if d.order.fallback is not None and cash.status is LegStatus.PAYING:
+        return _fallback_answer(d, cash, result)
+    if _starts_fallback(d, cash, result):  # only the planted bug: never on processing
+        return _begin_fallback(d, cash, result)
     if cash.status is LegStatus.PAYING and result.code != cash.channel_code:
         d.set_leg(cash.leg_no, LegStatus.PAYING, "processing", channel_code=result.code)
         return "applied"
@@ -1906,6 +2091,9 @@ def _cash_success(d: _Draft, cash: Leg, result: CashResult) -> str:
         cause = f"success after a definitive failure ({result.source.value})"
     else:
         cause = f"paid ({result.source.value})"
+    if d.order.fallback is not None:  # it charged after all: no fallback, the order is paid
+        cause = f"{cause}; no fallback: {d.order.fallback.why}, then it charged"
+        d.update(fallback=None)
     cash = d.set_leg(cash.leg_no, LegStatus.PAID, cause, channel_code=result.code,
                      channel_txn_id=result.channel_txn_id)
     if d.order.is_terminal or d.order.state is OrderState.DEDUCTING:
@@ -1941,12 +2129,183 @@ def _cash_failure(d: _Draft, cash: Leg, result: CashResult) -> str:
         return f"duplicate: failure again ({result.source.value})"
     if cash.status not in (LegStatus.PAYING, LegStatus.UNKNOWN):
         return f"ignored: {result.source.value} says failure after the cash leg is {cash.status.value}"
+    if d.order.fallback is not None and cash.status is LegStatus.PAYING:
+        return _fallback_answer(d, cash, result)
+    if _starts_fallback(d, cash, result):
+        return _begin_fallback(d, cash, result)
     cause = f"channel says {result.code} ({result.source.value})"
     d.set_leg(cash.leg_no, LegStatus.UNPAID, cause, channel_code=result.code)
     if d.order.state in (OrderState.PAYING, OrderState.NEEDS_RECONCILIATION):
         d.move(Trigger.CASH_FAILED, cause)
         _release_everything(d, "payment failed")
     return "applied"
+
+
+# ---- routing fallback (R-PROD: only where no double charge is possible)
+
+ROUTE_CAUSE_MAX = 2_000
+"""Most characters of a route choice's reasons kept in the journal (a table may have 1,000
+routes; the first ones, best first, say why)."""
+FALLBACK_SOURCES = frozenset({ResultSource.SYNC, ResultSource.QUERY, ResultSource.NOTIFICATION})
+"""Where the retryable failure that starts a fallback may come from: the channel's word."""
+
+
+def _starts_fallback(d: _Draft, cash: Leg, result: CashResult) -> bool:
+    """Whether ``result`` lets the routed payment leave its channel for the next route.
+
+    Only an explicit failure the channel's code table lists as retryable, from the channel
+    itself, while the order is paying within its window with no pay call out, and fallbacks
+    are left. Anything else (processing, a timeout, a non-retryable failure) keeps the
+    existing behaviour. The planted bug ``route-after-charge`` also leaves after a
+    processing or timed-out pay answer, without asking the channel.
+    """
+    order = d.order
+    if order.method is None or order.fallback is not None or order.pay_in_flight or (
+        order.state is not OrderState.PAYING or cash.status is not LegStatus.PAYING
+        or len(order.tried) >= d.policy.fallbacks_max or d.now_ms >= order.close_at_ms
+        or result.source not in FALLBACK_SOURCES
+    ):
+        return False
+    if result.kind is ResultKind.FAILURE and result.retryable:
+        return True
+    return ("route-after-charge" in d.policy.planted_bugs and result.source is ResultSource.SYNC
+            and result.kind is ResultKind.PROCESSING)
+
+
+def _begin_fallback(d: _Draft, cash: Leg, result: CashResult) -> str:
+    """The channel refused with a retryable code: first make sure it has not charged (a
+    query), the decision persisted before the query goes out."""
+    assert cash.channel is not None
+    why = f"{cash.channel} answered {result.code} (retryable, {result.source.value})"
+    if result.kind is not ResultKind.FAILURE:  # the planted bug: no query, no close
+        why = f"{cash.channel} answered {result.code} ({result.source.value}; planted bug)"
+        return _enter_step(d, cash, FallbackStep.ROUTE, why, result.code)
+    return _enter_step(d, cash, FallbackStep.QUERY, why, result.code)
+
+
+def _enter_step(d: _Draft, cash: Leg, step: FallbackStep, why: str, code: str | None = None
+                ) -> str:
+    assert cash.channel is not None
+    d.update(fallback=Fallback(step, why))
+    if code is not None:
+        d.set_leg(cash.leg_no, LegStatus.PAYING, why, channel_code=code)
+    d.transitions.append(Transition("route", cash.channel, cash.channel,
+                                    f"{why}: fallback {step.value}"))
+    d.effects.append(_fallback_command(d.order, cash, step))
+    return "applied"
+
+
+def _fallback_command(order: PaymentOrder, cash: Leg, step: FallbackStep
+                      ) -> QueryCash | CloseCash | ChooseRoute:
+    """The command a fallback step waits on; sent again by ``Activate`` after a restart."""
+    assert cash.channel is not None and order.method is not None
+    match step:
+        case FallbackStep.QUERY:
+            return QueryCash(cash.channel, order.payment_serial)
+        case FallbackStep.CLOSE:
+            return CloseCash(cash.channel, order.payment_serial)
+        case FallbackStep.ROUTE:
+            excluded = (*(t.channel for t in order.tried), cash.channel)
+            return ChooseRoute(order.method, cash.amount, order.currency, excluded,
+                               order.order_id)
+
+
+def _fallback_answer(d: _Draft, cash: Leg, result: CashResult) -> str:
+    """The old channel's answer while a fallback waits on it (``Fallback.step``).
+
+    QUERY: a failure with a retryable code, or "not found" (within the window, after the
+    explicit failure: nothing arrived, and the close makes sure nothing will), goes on to
+    CLOSE. CLOSE: a failure or "not found" goes on to ROUTE. A non-retryable failure to the
+    query ends the fallback: the first failure stands, as it would have without routing.
+    Anything undecided (processing, a timeout, no answer) proves nothing: the step's
+    command goes out again on the query schedule, and when that runs out the first failure
+    stands (``_query_due``). A success was handled before (``_cash_success``): the order
+    is paid by that channel.
+    """
+    fallback = d.order.fallback
+    assert fallback is not None and cash.channel is not None
+    waits_for = {FallbackStep.QUERY: ResultSource.QUERY, FallbackStep.CLOSE: ResultSource.CLOSE}
+    if waits_for.get(fallback.step) is not result.source:
+        return (f"ignored: {result.source.value} says {result.code} while the fallback "
+                f"waits ({fallback.step.value})")
+    said = "not found" if result.not_found else (
+        "retryable" if result.retryable else result.kind.value)
+    why = f"{fallback.why}; {fallback.step.value}: {result.code} ({said})"
+    clean = (result.kind is ResultKind.FAILURE and (result.retryable or fallback.step is
+                                                    FallbackStep.CLOSE)) or (
+        result.kind is ResultKind.PROCESSING and result.not_found)
+    if result.kind is ResultKind.PROCESSING and not result.not_found:
+        return f"ignored: {why}; asked again on the query schedule"
+    if not clean:
+        return _end_fallback(d, cash, f"no fallback: {why}")
+    step = FallbackStep.CLOSE if fallback.step is FallbackStep.QUERY else FallbackStep.ROUTE
+    if step is FallbackStep.CLOSE and cash.channel in d.policy.channels_without_close:
+        step, why = FallbackStep.ROUTE, f"{why}; no close (the channel has none)"
+    return _enter_step(d, cash, step, why)
+
+
+def _end_fallback(d: _Draft, cash: Leg, cause: str) -> str:
+    """No fallback after all: the explicit failure stands and the order fails."""
+    d.update(fallback=None)
+    d.set_leg(cash.leg_no, LegStatus.UNPAID, cause)
+    d.move(Trigger.CASH_FAILED, cause)
+    _release_everything(d, "payment failed")
+    return "applied"
+
+
+def _rerouted(d: _Draft, event: Rerouted) -> str:
+    """The next route is chosen: pay it under a new serial; none left: the order fails."""
+    cash = d.cash()
+    fallback = d.order.fallback
+    if cash is None or fallback is None or fallback.step is not FallbackStep.ROUTE:
+        return "stale: no route was being chosen"
+    assert cash.channel is not None and cash.status is LegStatus.PAYING
+    assert isinstance(event.cause, str), event  # the shell's, never outside input
+    if d.now_ms >= d.order.close_at_ms:
+        return _close(d, CloseCause.TIMEOUT)
+    tried = (*(t.channel for t in d.order.tried), cash.channel)
+    if event.channel is None or event.channel in tried:
+        return _end_fallback(d, cash, f"no fallback: {fallback.why}; no route left: "
+                                      f"{event.cause[:ROUTE_CAUSE_MAX]}")
+    channel = check_id(event.channel, "the next route's channel")
+    left = TriedRoute(cash.channel, d.order.payment_serial, cash.channel_code or "")
+    first = (d.order.tried[0].payment_serial if d.order.tried else d.order.payment_serial)
+    d.update(tried=(*d.order.tried, left), fallback=None, prepay=None,
+             payment_serial=fallback_serial(first, len(d.order.tried) + 1))
+    cause = f"{fallback.why} -> {channel}; {event.cause[:ROUTE_CAUSE_MAX]}"
+    d.transitions.append(Transition("route", cash.channel, channel, cause))
+    cash = d.set_leg(cash.leg_no, LegStatus.PAYING, cause, channel=channel, channel_code=None,
+                     channel_txn_id=None)
+    d.effects.append(_pay(d, cash))
+    d.volatile(pay_in_flight=True)
+    _arm_query(d, attempt=0)
+    return "applied"
+
+
+def _old_route_result(d: _Draft, result: CashResult) -> str:
+    """A result for a serial of a route the order left: never moves the order. A charge
+    there (late money) is given back by that channel; a notification of one is first
+    confirmed by a query of that channel."""
+    tried = old_route(d.order, result)
+    cash = d.cash()
+    if tried is None or cash is None:
+        return f"stale: no route of this order used serial {result.payment_serial}"
+    if result.kind is not ResultKind.SUCCESS:
+        return f"ignored: left route {tried.channel} says {result.code} ({result.source.value})"
+    if d.order.refund(refund_no=_late_charge_key(tried, result)) is not None:
+        return f"duplicate: late charge on {tried.channel} is already being refunded"
+    if result.source in (*UNVERIFIED_SOURCES, ResultSource.NOTIFICATION) and (
+        "trust-forged-notification" not in d.policy.planted_bugs
+    ):
+        return _ask_channel(d, QueryCash(tried.channel, tried.payment_serial),
+                            f"{result.source.value} of a late charge on {tried.channel}",
+                            source=result.source)
+    note = _refund_charge(d, cash, result, tried.channel, tried.payment_serial,
+                          _late_charge_key(tried, result), f"late charge on {tried.channel}")
+    if note == "applied":
+        d.update(tried=tuple(evolve(t, outcome="charged_late") if t is tried else t
+                             for t in d.order.tried))
+    return note
 
 
 # ---- refunds
@@ -2022,6 +2381,8 @@ def _close(d: _Draft, cause: CloseCause) -> str:
     trigger = Trigger.CLOSE_USER if cause is CloseCause.USER else Trigger.CLOSE_TIMEOUT
     if state is OrderState.NEEDS_VERIFICATION:
         _end_verification(d, VerificationStatus.CLOSED)
+    if d.order.fallback is not None:  # the window is over: no next route any more
+        d.update(fallback=None)
     d.move(trigger)
     cash = d.cash()
     if cash is not None and cash.status is LegStatus.PAYING:
@@ -2123,6 +2484,11 @@ def _query_due(d: _Draft, token: int) -> str:
         return "stale: query timer"
     assert cash.channel is not None
     attempts = len(d.policy.query_schedule_for(cash.channel))
+    fallback = d.order.fallback
+    if token >= attempts and fallback is not None:  # its answer never came: the failure stands
+        d.update(next_query_at_ms=None, query_attempt=token + 1)
+        return _end_fallback(d, cash, f"no fallback: {fallback.why}; {fallback.step.value} "
+                                      "unanswered")
     if token >= attempts:
         if d.order.state is OrderState.PAYING:
             d.move(Trigger.QUERIES_EXHAUSTED)
@@ -2134,6 +2500,8 @@ def _query_due(d: _Draft, token: int) -> str:
         # After the close, ask the channel to close again: idempotent, it answers with the
         # final state, and a close that was lost in a timeout is then made after all.
         d.effects.append(CloseCash(cash.channel, d.order.payment_serial))
+    elif fallback is not None:  # the step's command again: its answer may have been lost
+        d.effects.append(_fallback_command(d.order, cash, fallback.step))
     else:
         d.effects.append(QueryCash(cash.channel, d.order.payment_serial))
     _arm_query(d, token + 1)
@@ -2424,9 +2792,10 @@ def _resend_refund(d: _Draft, refund: Refund, *, cash: bool, vouchers: bool) -> 
         if not leg.pays:
             continue  # the clawback, above
         if leg.is_cash and cash:
-            assert leg.channel is not None
-            d.effects.append(RefundCash(leg.channel, order.payment_serial, refund.refund_id,
-                                        part.amount, order.currency))
+            channel = refund.channel or leg.channel
+            assert channel is not None
+            d.effects.append(RefundCash(channel, refund.payment_serial or order.payment_serial,
+                                        refund.refund_id, part.amount, order.currency))
         elif not leg.is_cash and vouchers and leg.account_id is not None:
             d.effects.append(ReturnVoucher(
                 leg.account_id, FenceKey.refund_return(refund.refund_id, leg.leg_no),
@@ -2613,21 +2982,30 @@ def _refund_second_charge(d: _Draft, cash: Leg, result: CashResult) -> str:
     """The channel charged this payment again under another transaction: give it back whole."""
     txn = result.channel_txn_id
     assert txn is not None and cash.channel is not None
-    if d.order.refund(refund_no=SECOND_CHARGE_PREFIX + txn) is not None:
-        return f"duplicate: second charge {txn} is already being refunded"
+    return _refund_charge(d, cash, result, None, None, SECOND_CHARGE_PREFIX + txn,
+                          f"second charge {txn}")
+
+
+def _refund_charge(d: _Draft, cash: Leg, result: CashResult, channel: str | None,
+                   serial: str | None, refund_no: str, what: str) -> str:
+    """Give back whole a charge the order does not keep: a second charge of its channel, or
+    a late charge of a route it left (``channel``, ``serial``), by the channel that made it."""
+    txn = result.channel_txn_id or refund_no
+    if d.order.refund(refund_no=refund_no) is not None:
+        return f"duplicate: {what} is already being refunded"
     seconds = sum(1 for r in d.order.refunds if r.kind is RefundKind.DUPLICATE_CHARGE)
     if seconds >= d.policy.refunds_max:  # bounded apart from the merchant's own refunds
-        return f"ignored: second charge {txn} found with no refund left; for reconciliation"
+        return f"ignored: {what} found with no refund left; for reconciliation"
     amount = cash.amount
     if result.amount_minor not in (None, amount):
         # Not this payment's amount: never refund a guess; the statement flags it.
-        return f"ignored: second charge {txn} of {result.amount_minor}; for reconciliation"
-    refund = Refund(f"{d.order.payment_serial}-DC{len(d.order.refunds) + 1}",
-                    SECOND_CHARGE_PREFIX + txn,
-                    RefundKind.DUPLICATE_CHARGE, amount, f"second charge {txn}",
+        return f"ignored: {what} of {result.amount_minor}; for reconciliation"
+    refund = Refund(f"{serial or d.order.payment_serial}-DC{len(d.order.refunds) + 1}",
+                    refund_no, RefundKind.DUPLICATE_CHARGE, amount, f"{what} ({txn})",
                     RefundStatus.REFUNDING,
-                    (RefundPart(cash.leg_no, amount, amount, PartStatus.SENT),), d.now_ms)
-    refund = d.set_refund(refund, f"second charge {txn} ({result.source.value})")
+                    (RefundPart(cash.leg_no, amount, amount, PartStatus.SENT),), d.now_ms,
+                    channel, serial)
+    refund = d.set_refund(refund, f"{what} ({result.source.value})")
     _resend_refund(d, refund, cash=True, vouchers=False)
     _arm_refund_query(d, attempt=0)
     return "applied"

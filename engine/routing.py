@@ -23,7 +23,11 @@ from payengine.engine.money import AMOUNT_MAX
 
 ROUTES_MAX = 1_000
 """Most routes in one table."""
+FALLBACKS_MAX = 3
+"""Most fallbacks ``RoutingTable.fallbacks_max`` may allow (``engine.order`` holds the same
+bound for what it stores)."""
 WEIGHT_MAX = 1_000
+FEE_PPM_MAX = 1_000_000
 PRIORITY_MAX = 1_000
 
 
@@ -51,6 +55,10 @@ class Route:
     amount_max_minor: int = AMOUNT_MAX
     currencies: frozenset[str] = frozenset()
     """The currencies this route takes; empty: any."""
+    fee_ppm: int | None = None
+    """What this route costs, in parts per million of the amount, for ranking routes of
+    equal priority (0..1,000,000); ``None``: the channel's configured ``fee``, else the
+    engine's ``fee_ppm`` table."""
 
     def __post_init__(self) -> None:
         check_id(self.method, "route method")
@@ -61,6 +69,8 @@ class Route:
         check_int(self.amount_max_minor, "route amount_max_minor", self.amount_min_minor,
                   AMOUNT_MAX)
         check_instance(self.currencies, frozenset, "route currencies")
+        if self.fee_ppm is not None:
+            check_int(self.fee_ppm, "route fee_ppm", 0, FEE_PPM_MAX)
         for currency in self.currencies:  # a code that can never match is a typo, refused
             check_setting(isinstance(currency, str) and len(currency) == 3
                           and currency.isascii() and currency.isupper() and currency.isalpha(),
@@ -73,10 +83,14 @@ class RoutingTable:
     """Every route, by method. Built once at ``Engine.open``; a value, shared by threads."""
 
     routes: tuple[Route, ...] = ()
+    fallbacks_max: int = 1
+    """How many times a routed payment may go on to the next route after its channel's
+    explicit retryable failure (0..3; 0: never). See ``engine.order`` (R-PROD)."""
 
     def __post_init__(self) -> None:
         routes = check_instance(self.routes, tuple, "routing routes")
         check_setting(len(routes) <= ROUTES_MAX, f"at most {ROUTES_MAX} routes")
+        check_int(self.fallbacks_max, "routing fallbacks_max", 0, FALLBACKS_MAX)
         seen: set[tuple[str, str]] = set()
         for route in routes:
             check_instance(route, Route, "a route")
@@ -124,8 +138,9 @@ def choose_route(table: RoutingTable, method: str, amount_minor: int, currency: 
                  fees_minor: Mapping[str, int] | None = None) -> RouteChoice:
     """The route for a payment of ``amount_minor`` ``currency`` by ``method``.
 
-    The fee that ranks routes of equal priority: ``fees_minor[channel]`` (what the channel's
-    own configuration says it charges for this amount), else ``fee_ppm``'s share.
+    The fee that ranks routes of equal priority: the route's own ``fee_ppm``, else
+    ``fees_minor[channel]`` (what the channel's own configuration says it charges for this
+    amount), else ``fee_ppm``'s share.
 
     ``unavailable``: channels to skip (circuit open); ``known_channels``: the engine's
     channels (a route to another is skipped, never chosen); ``excluded``: channels that
@@ -150,6 +165,8 @@ def choose_route(table: RoutingTable, method: str, amount_minor: int, currency: 
                       f"{reasons}")
 
     def fee(route: Route) -> int:  # in millionths of a minor unit: compared, never divided
+        if route.fee_ppm is not None:
+            return amount_minor * route.fee_ppm
         if route.channel in fees_minor:
             return fees_minor[route.channel] * 1_000_000
         return amount_minor * fee_ppm.get(route.channel, 0)

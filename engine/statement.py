@@ -29,7 +29,7 @@ import enum
 import io
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from payengine.engine.checks import check_id
 from payengine.engine.codes import CodeTable, ResultKind
@@ -451,6 +451,12 @@ class OrderSnapshot:
     charge_reported: bool = False
     """A channel once answered this payment with a success (an amount mismatch leaves the
     leg ``unknown`` with it): then absence from a statement proves nothing."""
+    left_routes: tuple[tuple[str, str], ...] = ()
+    """(channel, serial) of every route the payment left (a routing fallback): a charge
+    there is a late charge, given back by that channel."""
+
+    def left_route(self, serial: str, channel: str) -> bool:
+        return (channel, serial) in self.left_routes
 
     @staticmethod
     def of(order: PaymentOrder, as_of_ms: int, pay_codes: CodeTable | None = None
@@ -477,7 +483,8 @@ class OrderSnapshot:
             tuple(refunds), order.version, as_of_ms,
             cash is not None and (
                 cash.channel_txn_id is not None or cash.channel_code == STATEMENT_CODE
-                or (pay_codes is not None and cash.channel_code in pay_codes.success)))
+                or (pay_codes is not None and cash.channel_code in pay_codes.success)),
+            tuple((t.channel, t.payment_serial) for t in order.tried))
 
     def refund(self, refund_id: str) -> RefundSnapshot | None:
         return next((r for r in self.refunds if r.refund_id == refund_id), None)
@@ -523,6 +530,8 @@ def judge(line: StatementLine, order: OrderSnapshot | None,
         return _judge_refund(line, order, currencies)
     if order is None:
         return Judgement(Verdict.UNKNOWN_ORDER, f"no order with serial {line.out_trade_no}")
+    if order.left_route(line.out_trade_no, line.channel):
+        return _judge_left_route(line, order, currencies)
     if order.cash_status is None or order.channel != line.channel:
         paid_by = "no cash part" if order.cash_status is None else f"channel {order.channel}"
         return Judgement(Verdict.UNKNOWN_ORDER,
@@ -578,11 +587,31 @@ def judge(line: StatementLine, order: OrderSnapshot | None,
 _TERMINAL_ENDS = frozenset({OrderState.CLOSED, OrderState.FAILED, OrderState.SUCCEEDED})
 
 
+def _judge_left_route(line: StatementLine, order: OrderSnapshot,
+                      currencies: Mapping[str, int]) -> Judgement:
+    """A charge on a route the payment left (a routing fallback): never the order's payment;
+    given back whole by that channel, like a second charge."""
+    said = describe(line.amount_minor, line.currency, currencies)
+    where = f"left route {line.channel} ({line.out_trade_no})"
+    known = order.second_charge_refund(line.channel_txn_id)
+    if known is not None:
+        return Judgement(Verdict.MATCHED, f"late charge on {where}, known: refund "
+                         f"{known.refund_id} {known.state.value}")
+    if line.currency != order.currency or line.amount_minor != order.cash_amount_minor:
+        return Judgement(Verdict.AMOUNT_MISMATCH, f"late charge of {said} on {where}; "
+                         "flagged, nothing changed")
+    return Judgement(Verdict.DUPLICATE_CHARGE,
+                     f"{said} charged late on {where}: refunded by that channel",
+                     replace(_success(line), payment_serial=line.out_trade_no,
+                             channel=line.channel))
+
+
 def _judge_refund(line: StatementLine, order: OrderSnapshot | None,
                   currencies: Mapping[str, int]) -> Judgement:
     refund_id = line.refund_id
     assert refund_id is not None
-    if order is None or order.channel != line.channel:
+    if order is None or (order.channel != line.channel
+                         and not order.left_route(line.out_trade_no, line.channel)):
         return Judgement(Verdict.UNKNOWN_REFUND, f"no order with serial {line.out_trade_no} "
                          f"paid through {line.channel}")
     refund = order.refund(refund_id)

@@ -24,6 +24,7 @@ from payengine.actors.adapters import (
     Signing,
     load_channels,
     load_config,
+    load_routing,
     parse_config,
     read_records,
     replay_mismatches,
@@ -43,6 +44,7 @@ from payengine.actors.engine import Engine, IdSource, RandomIds
 from payengine.actors.merchant_auth import MerchantRequestConfig, MerchantSigner, MerchantView
 from payengine.actors.messages import (
     AccountView,
+    ChannelTry,
     HoldView,
     LegView,
     OrderView,
@@ -159,6 +161,7 @@ __all__ = [
     "ChannelConfig",
     "ChannelNotification",
     "ChannelReply",
+    "ChannelTry",
     "ChannelsMissing",
     "CodeTable",
     "Combination",
@@ -259,6 +262,7 @@ __all__ = [
     "__version__",
     "load_channels",
     "load_config",
+    "load_routing",
     "parse_config",
     "read_records",
     "replay_mismatches",

@@ -125,7 +125,7 @@ def counts(store: Store) -> dict[str, int]:
 
 def txn_owner(store: Store, channel: str, channel_txn_id: str) -> str | None:
     """The order this channel transaction belongs to: its cash leg, or its refunded second
-    charge (``None``: no order knows it)."""
+    charge or late charge on a route it left (``None``: no order knows it)."""
     with store._read() as conn:
         row = conn.execute(
             "SELECT order_id FROM legs WHERE channel = ? AND channel_txn_id = ? LIMIT 1",
@@ -133,6 +133,7 @@ def txn_owner(store: Store, channel: str, channel_txn_id: str) -> str | None:
         if row is None:
             row = conn.execute(
                 "SELECT r.order_id FROM refunds r JOIN legs l ON l.order_id = r.order_id "
-                "AND l.mode = 'cash' WHERE r.refund_no = ? AND l.channel = ? LIMIT 1",
+                "AND l.mode = 'cash' WHERE r.refund_no = ?"
+                " AND COALESCE(r.channel, l.channel) = ? LIMIT 1",  # a left route's: its own
                 (SECOND_CHARGE_PREFIX + channel_txn_id, channel)).fetchone()
     return None if row is None else str(row[0])

@@ -63,6 +63,8 @@ from payengine.engine.order import (
     RefundPart,
     RefundStatus,
     Transition,
+    routing_from_json,
+    routing_json,
 )
 from payengine.engine.risk import verification_from_json, verification_json
 from payengine.engine.voucher import (
@@ -96,7 +98,10 @@ id (for the risk gate's velocity per device). 7: payment agreements and withhold
 (``persistence.agreements``); an order's sale and discount terms
 (``payment_orders.sale``, with its station and shift for the shift report) and the quotes
 (``persistence.quotes``); a voucher account's status (active, frozen, closed), for
-recharges and transfers."""
+recharges and transfers; an order's routes (``routing``: its method,
+the routes it left and a fallback under way, a JSON object), the serials of the routes it
+left (``order_serials``) and the channel and serial of a refund of a left route's late
+charge (``refunds.channel``, ``refunds.payment_serial``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,7 +318,7 @@ class Store:
                  "next_voucher_retry_at_ms": int, "version": int, "pay_details": str,
                  "prepay": str, "attempt": int, "verification": str, "device_id": str,
                  "updated_at_ms": int, "settled": int, "sale": str, "station_id": str,
-                 "shift_id": str},
+                 "shift_id": str, "routing": str},
                 pk="order_id",
                 not_null={"payment_serial", "state", "total_minor", "version"},
                 if_not_exists=True,
@@ -327,7 +332,7 @@ class Store:
             db.table("refunds").create(
                 {"order_id": str, "refund_id": str, "refund_no": str, "kind": str,
                  "amount_minor": int, "reason": str, "status": str, "requested_at_ms": int,
-                 "parts": str},
+                 "parts": str, "channel": str, "payment_serial": str},
                 pk=("order_id", "refund_id"), not_null={"refund_no", "status", "amount_minor"},
                 if_not_exists=True,
             )
@@ -367,6 +372,11 @@ class Store:
                  "transitions": str},
                 pk="seq", not_null={"transitions"}, if_not_exists=True,
             )
+            # The serials of routes an order left (its current one is payment_orders'): a
+            # late report for one still finds its order. At most FALLBACKS_MAX per order.
+            db.table("order_serials").create({"payment_serial": str, "order_id": str},
+                                             pk="payment_serial", not_null={"order_id"},
+                                             if_not_exists=True)
             db.table("meta").create({"key": str, "value": str}, pk="key", if_not_exists=True)
             db.table("meta").insert({"key": "schema_version", "value": str(SCHEMA_VERSION)},
                               ignore=True)
@@ -525,20 +535,27 @@ class Store:
                 " next_query_at_ms = ?, refund_query_attempt = ?, next_refund_query_at_ms = ?,"
                 " voucher_attempt = ?, next_voucher_retry_at_ms = ?,"
                 " version = ?, prepay = ?, pay_details = ?, verification = ?, updated_at_ms = ?,"
-                " settled = ? WHERE order_id = ? AND version = ?",
+                " settled = ?, payment_serial = ?, routing = ?"
+                " WHERE order_id = ? AND version = ?",
                 (order.state.value, order.cause, order.query_attempt, order.next_query_at_ms,
                  order.refund_query_attempt, order.next_refund_query_at_ms,
                  order.voucher_attempt, order.next_voucher_retry_at_ms, order.version,
                  _json_or_none(prepay_json(order.prepay)),
                  _json_or_none(details_json(_stored_details(order))),
                  _json_or_none(verification_json(order.verification)), now_ms,
-                 int(order.is_settled), order.order_id,
+                 int(order.is_settled), order.payment_serial,
+                 _json_or_none(routing_json(order)), order.order_id,
                  order.version - 1 if before is None else before.version),
             )
             assert cur.rowcount == 1, (
                 f"order {order.order_id}: stored version is not the one it was decided from; "
                 "two writers for one order"
             )
+            left = order.tried if before is None else order.tried[len(before.tried):]
+            if left:
+                conn.executemany(
+                    "INSERT OR IGNORE INTO order_serials (payment_serial, order_id) VALUES (?, ?)",
+                    [(t.payment_serial, order.order_id) for t in left])
             changed_legs = order.legs if before is None else [
                 leg for leg, old in zip(order.legs, before.legs, strict=True)
                 if leg is not old and leg != old]
@@ -628,9 +645,13 @@ class Store:
                                 (order_id,)).fetchone() is not None
 
     def order_id_for_serial(self, payment_serial: str) -> str | None:
+        """The order paying under ``payment_serial`` now, or that paid under it by a route it
+        left (``order_serials``)."""
         with self._read(snapshot=False) as conn:
-            row = conn.execute("SELECT order_id FROM payment_orders WHERE payment_serial = ?",
-                               (payment_serial,)).fetchone()
+            row = conn.execute("SELECT order_id FROM payment_orders WHERE payment_serial = ?"
+                               " UNION ALL SELECT order_id FROM order_serials"
+                               " WHERE payment_serial = ? LIMIT 1",
+                               (payment_serial, payment_serial)).fetchone()
         return None if row is None else str(row[0])
 
     def order_id_for_merchant(self, merchant_id: str, merchant_order_no: str) -> str | None:
@@ -1017,7 +1038,8 @@ def _lock_exclusively(lock_path: str) -> IO[str]:
 
 # ---------------------------------------------------------------------- row mapping
 
-_LEG_CHANGING_COLUMNS = ("status", "channel_txn_id", "channel_code", "refund_id")
+_LEG_CHANGING_COLUMNS = ("status", "channel_txn_id", "channel_code", "refund_id", "channel")
+"""The channel changes only when a payment falls back to its next route."""
 
 
 @functools.lru_cache(maxsize=16)
@@ -1034,7 +1056,8 @@ def _update_legs(conn: sqlite3.Connection, order_id: str, legs: Sequence[Leg]) -
     params: list[object] = []
     columns: tuple[list[object], ...] = (  # in the order of _LEG_CHANGING_COLUMNS
         [leg.status.value for leg in legs], [leg.channel_txn_id for leg in legs],
-        [leg.channel_code for leg in legs], [leg.refund_id for leg in legs])
+        [leg.channel_code for leg in legs], [leg.refund_id for leg in legs],
+        [leg.channel for leg in legs])
     for values in columns:
         for leg, value in zip(legs, values, strict=True):
             params += (leg.leg_no, value)
@@ -1052,11 +1075,11 @@ _ORDER_COLUMNS = (
     " total_minor, fingerprint, state, cause, created_at_ms, close_at_ms, hold_expires_at_ms,"
     " query_attempt, next_query_at_ms, refund_query_attempt, next_refund_query_at_ms,"
     " voucher_attempt, next_voucher_retry_at_ms, version, pay_details, prepay, attempt,"
-    " verification, sale"
+    " verification, sale, routing"
 )
 _INSERT_ORDER = (
     f"INSERT INTO payment_orders ({_ORDER_COLUMNS}, device_id, station_id, shift_id,"
-    " updated_at_ms, settled) VALUES (" + ",".join("?" * 31) + ")"
+    " updated_at_ms, settled) VALUES (" + ",".join("?" * 32) + ")"
 )
 _LEG_COLUMNS = (
     "leg_no, mode, account_id, amount, unit, value_minor, hold_id, status, channel,"
@@ -1114,9 +1137,10 @@ def _postings_row(order: PaymentOrder, postings: Sequence[Posting], now_ms: int,
             json.dumps(packed, ensure_ascii=False, separators=(",", ":")))
 
 
-_REFUND_COLUMNS = "refund_id, refund_no, kind, amount_minor, reason, status, requested_at_ms, parts"
+_REFUND_COLUMNS = ("refund_id, refund_no, kind, amount_minor, reason, status, requested_at_ms,"
+                   " parts, channel, payment_serial")
 _UPSERT_REFUND = (
-    f"INSERT INTO refunds (order_id, {_REFUND_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f"INSERT INTO refunds (order_id, {_REFUND_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (order_id, refund_id) DO UPDATE SET status = excluded.status,"
     " parts = excluded.parts"
 )
@@ -1125,17 +1149,20 @@ _UPSERT_REFUND = (
 def _refund_row(order_id: str, refund: Refund) -> tuple[object, ...]:
     parts = json.dumps([[p.leg_no, p.amount, p.value_minor, p.status.value] for p in refund.parts])
     return (order_id, refund.refund_id, refund.refund_no, refund.kind.value, refund.amount_minor,
-            refund.reason, refund.status.value, refund.requested_at_ms, parts)
+            refund.reason, refund.status.value, refund.requested_at_ms, parts, refund.channel,
+            refund.payment_serial)
 
 
 def _refund_from_row(r: Sequence[Any]) -> Refund:
-    refund_id, refund_no, kind, amount, reason, status, requested, parts = r
+    refund_id, refund_no, kind, amount, reason, status, requested, parts, channel, serial = r
     return Refund(
         refund_id=str(refund_id), refund_no=str(refund_no), kind=RefundKind(kind),
         amount_minor=int(amount), reason=str(reason or ""), status=RefundStatus(status),
         parts=tuple(RefundPart(int(leg), int(units), int(value), PartStatus(st))
                     for leg, units, value, st in json.loads(parts)),
         requested_at_ms=int(requested),
+        channel=None if channel is None else str(channel),
+        payment_serial=None if serial is None else str(serial),
     )
 
 
@@ -1150,6 +1177,7 @@ def _order_row(order: PaymentOrder, now_ms: int) -> tuple[object, ...]:
         _json_or_none(details_json(order.pay_details)), _json_or_none(prepay_json(order.prepay)),
         order.attempt, _json_or_none(verification_json(order.verification)),
         _json_or_none(priced_sale_json(order.sale)),
+        _json_or_none(routing_json(order)),
         None if order.pay_details is None else order.pay_details.device_id,
         None if order.sale is None else order.sale.sale.station_id,
         None if order.sale is None else order.sale.sale.shift_id,
@@ -1196,7 +1224,8 @@ def _order_from_rows(row: Sequence[Any], legs: Sequence[Sequence[Any]]) -> Payme
     (order_id, merchant_id, merchant_order_no, serial, user_id, title, currency, total,
      fingerprint, state, cause, created, close_at, hold_exp, q_attempt, next_q, rq_attempt,
      next_rq, v_attempt, next_v, version, pay_details, prepay, attempt, verification,
-     sale) = row
+     sale, routing) = row
+    method, tried, fallback = routing_from_json(_json_loaded(routing))
     return PaymentOrder(
         order_id=str(order_id), merchant_id=str(merchant_id),
         merchant_order_no=str(merchant_order_no), payment_serial=str(serial),
@@ -1218,6 +1247,7 @@ def _order_from_rows(row: Sequence[Any], legs: Sequence[Sequence[Any]]) -> Payme
         attempt=int(attempt),
         verification=verification_from_json(_json_loaded(verification)),
         sale=priced_sale_from_json(_json_loaded(sale)),
+        method=method, tried=tried, fallback=fallback,
     )
 
 

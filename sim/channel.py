@@ -124,7 +124,7 @@ PAY_CODE_MEANINGS: Mapping[str, ResultKind] = {
     "SUCCESS": ResultKind.SUCCESS, "PAYERROR": ResultKind.FAILURE,
     "CLOSED": ResultKind.FAILURE, "USERPAYING": ResultKind.PROCESSING,
     "SYSTEMBUSY_X": ResultKind.PROCESSING, "ORDERNOTEXIST": ResultKind.PROCESSING,
-    "NOTENOUGH": ResultKind.FAILURE}
+    "NOTENOUGH": ResultKind.FAILURE, "SYSTEM_DOWN": ResultKind.FAILURE}
 """Every business code this wallet answers a payment call with (return code ``SUCCESS``),
 and what it means: the truth a configured code table must agree with (``sim.oracle``)."""
 REFUND_CODE_MEANINGS: Mapping[str, ResultKind] = {
@@ -214,6 +214,13 @@ class SimulatedChannel:
         self.counts: dict[str, int] = {}
         self.sent_notifications: list[tuple[bytes, dict[str, str]]] = []
         """The newest notifications sent (``SENT_KEPT_MAX``), for replaying them."""
+        self.down: tuple[int, int] | None = None
+        """While the world's clock is in [start, end) the wallet is down for payments: it
+        refuses every new pay with ``SYSTEM_DOWN`` (a retryable failure: it records and
+        charges nothing, so a query says ORDERNOTEXIST) (``channel-down``)."""
+        self.retryable_refusals: set[str] = set()
+        """Serials this wallet answered a retryable failure code for (the oracle's proof
+        that a routing fallback left it only after an explicit refusal)."""
         self.pay_details: dict[str, list[PayDetails | None]] = {}
         """The details every ``pay`` call brought, by serial: what the oracle compares with
         the request's (a pay re-sent after a crash must bring the same)."""
@@ -277,9 +284,13 @@ class SimulatedChannel:
             self.pay_details.setdefault(payment_serial, []).append(details)
             payment = self.payments.get(payment_serial)
             if payment is not None:
-                return self._reply(payment)
+                return self._answered(self._reply(payment), payment_serial)
             if details is not None and details.scenario is PayScenario.WITHHOLD:
-                return self._withhold(payment_serial, amount_minor, details)
+                return self._answered(self._withhold(payment_serial, amount_minor, details),
+                                      payment_serial)
+            if self.down is not None and self.down[0] <= self.world.now_ms() < self.down[1]:
+                self.counts["channel_down"] = self.counts.get("channel_down", 0) + 1
+                return self._answered(ChannelReply("SUCCESS", "SYSTEM_DOWN"), payment_serial)
             f = self.faults
             payment = SimPayment(payment_serial, amount_minor, "USERPAYING",
                                  f"{self.txn_prefix}{len(self.payments):012d}",
@@ -288,7 +299,7 @@ class SimulatedChannel:
             self.payments[payment_serial] = payment
             if self._chance(f.sync_failure, "sync_failure"):
                 payment.state = "PAYERROR"
-                return self._reply(payment)
+                return self._answered(self._reply(payment), payment_serial)
             if self._chance(f.user_never_pays, "user_never_pays"):
                 pass
             elif self._chance(f.user_pays_late, "user_pays_late"):
@@ -312,7 +323,7 @@ class SimulatedChannel:
                 self.faults.query_says_processing, "query_says_processing"
             ):
                 return ChannelReply("SUCCESS", "USERPAYING", payment.txn_id)
-            return self._reply(payment)
+            return self._answered(self._reply(payment), payment_serial)
 
     def query_charge(self, payment_serial: str, channel_txn_id: str) -> ChannelReply:
         """One transaction of the payment: a success only for a charge really made."""
@@ -585,6 +596,16 @@ class SimulatedChannel:
         self.world.run_io(f"notify-{self.name}", call, _ignore_result)
 
     # ------------------------------------------------------------------ helpers
+
+    def _answered(self, reply: ChannelReply, payment_serial: str) -> ChannelReply:
+        if reply.result_code in self.pay_codes.retryable:
+            self.retryable_refusals.add(payment_serial)
+        return reply
+
+    def refused_retryably(self, payment_serial: str) -> bool:
+        """Whether this wallet ever answered a retryable failure for the serial."""
+        with self._lock:
+            return payment_serial in self.retryable_refusals
 
     def _reply(self, payment: SimPayment) -> ChannelReply:
         # the trade's own amount, as a real channel reports it (not the sum of a double charge)

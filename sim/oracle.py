@@ -310,12 +310,16 @@ def _check_refunds(order: PaymentOrder, channels: Mapping[str, GroundTruth],
     if any(r.status is RefundStatus.UNKNOWN for r in order.refunds):
         report.awaiting_reconciliation.append(order.order_id)
     if cash is not None and cash.channel is not None and cash.channel in channels:
-        truth = channels[cash.channel]
         for refund in order.refunds:
             part = refund.part(cash.leg_no)
             if part is None or part.status in (PartStatus.SENT, PartStatus.UNKNOWN):
                 continue  # in flight or unknown: the channel may or may not have it yet
-            given = truth.refund_given(order.payment_serial, refund.refund_id)
+            # a left route's late charge is given back by that route's channel
+            owner = channels.get(refund.channel or cash.channel)
+            if owner is None:
+                continue
+            given = owner.refund_given(refund.payment_serial or order.payment_serial,
+                                       refund.refund_id)
             expected = part.amount if part.status is PartStatus.DONE else 0
             if given != expected:
                 report.violations.append(Violation(
@@ -486,21 +490,29 @@ def check_one_success_per_trade(orders: Iterable[PaymentOrder]) -> list[Violatio
 def check_routes(store: Store, table: RoutingTable, orders: Iterable[PaymentOrder]
                  ) -> list[Violation]:
     """Every routed order went through a route of its method that could take its amount
-    and currency, and its cash leg is on the channel the journal says was chosen."""
+    and currency (the first one chosen at submit, and each one it fell back to), and its
+    cash leg is on the channel the journal says was chosen last."""
     violations: list[Violation] = []
     for order in orders:
         cash = order.cash_leg
         if cash is None:
             continue
+        subject = f"order {order.order_id}"
+        method, last = None, None
         for entry in store.journal("order", order.order_id):
-            if entry.part != "route":
-                continue
-            route = next((r for r in table.of(entry.from_state)
-                          if r.channel == entry.to_state), None)
-            subject = f"order {order.order_id}"
+            if entry.part != "route" or entry.from_state == entry.to_state:
+                continue  # a fallback's step (the old channel asked, closed): no route
+            if method is None:
+                method = entry.from_state  # at submit: method -> channel
+            elif entry.from_state != last:
+                violations.append(Violation("fallback-from-the-paying-route", subject,
+                                            f"{entry.from_state} -> {entry.to_state}, the "
+                                            f"payment was on {last}"))
+            last = entry.to_state
+            route = next((r for r in table.of(method) if r.channel == entry.to_state), None)
             if route is None:
                 violations.append(Violation("routed-by-a-route", subject,
-                                            f"{entry.from_state} -> {entry.to_state}"))
+                                            f"{method} -> {entry.to_state}"))
             elif not route.amount_min_minor <= cash.amount <= route.amount_max_minor or (
                 route.currencies and order.currency not in route.currencies
             ):
@@ -508,10 +520,35 @@ def check_routes(store: Store, table: RoutingTable, orders: Iterable[PaymentOrde
                     "route-takes-the-payment", subject,
                     f"{cash.amount} {order.currency} through {route.channel}, which takes "
                     f"{route.amount_min_minor}..{route.amount_max_minor}"))
-            if cash.channel != entry.to_state:
-                violations.append(Violation("paid-where-routed", subject,
-                                            f"routed to {entry.to_state}, cash leg on "
-                                            f"{cash.channel}"))
+        if last is not None and cash.channel != last:
+            violations.append(Violation("paid-where-routed", subject,
+                                        f"routed to {last}, cash leg on {cash.channel}"))
+    return violations
+
+
+def check_fallbacks(channels: Mapping[str, object], orders: Iterable[PaymentOrder]
+                    ) -> list[Violation]:
+    """A payment left a route only after that channel's explicit retryable refusal of its
+    serial (never after a timeout or a processing answer: it may have charged), and no
+    route it left keeps a charge: at most one channel keeps the money (R-PROD)."""
+    violations: list[Violation] = []
+    for order in orders:
+        subject = f"order {order.order_id}"
+        for tried in order.tried:
+            truth = channels.get(tried.channel)
+            refused = getattr(truth, "refused_retryably", None)
+            if refused is not None and not refused(tried.payment_serial):
+                violations.append(Violation(
+                    "fallback-after-explicit-refusal", subject,
+                    f"left {tried.channel} ({tried.payment_serial}, code {tried.code}) which "
+                    "never refused it retryably"))
+            net = getattr(truth, "net_charged", None)
+            if net is not None and net(tried.payment_serial) != 0:
+                violations.append(Violation(
+                    "one-channel-keeps-the-charge", subject,
+                    f"{tried.channel} keeps {net(tried.payment_serial)} of left serial "
+                    f"{tried.payment_serial}; the order is {order.state.value} on "
+                    f"{order.cash_leg and order.cash_leg.channel}"))
     return violations
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from payengine.actors.adapters.config import PLANTED_CONFIG_BUGS, load_config
+from payengine.actors.adapters.routes_config import load_routing
 from payengine.actors.base import EngineConfig
 from payengine.actors.directory import Directory
 from payengine.actors.engine import Engine
@@ -58,7 +59,6 @@ from payengine.engine.order import (
     RefundStatus,
     VoucherPart,
 )
-from payengine.engine.routing import Route, RoutingTable
 from payengine.engine.statement import FLAGGED, Verdict
 from payengine.persistence.outbox import OutboxEvent
 from payengine.persistence.store import Store
@@ -73,6 +73,7 @@ from payengine.sim.oracle import (
     check,
     check_beneficiaries,
     check_code_tables,
+    check_fallbacks,
     check_notified,
     check_one_success_per_trade,
     check_pre_holds,
@@ -96,7 +97,7 @@ FAULT_KINDS = (
     "user-never-pays", "user-pays-late", "duplicate-submit", "user-close", "timeout-close",
     "voucher-faults", "crash", "double-charge", "refund-callback-lost",
     "refund-callback-duplicated", "merchant-down", "forged-notification", "pre-holds",
-    "late-close", "forged-request", "risk", "withhold",
+    "late-close", "forged-request", "risk", "withhold", "channel-down",
 )
 """Every fault the simulator can inject; ``--faults`` picks from these."""
 
@@ -104,7 +105,7 @@ LATER_KINDS = frozenset({"pre-holds", "late-close"})
 """Faults (and features) added after the others: drawn from a stream of their own
 (``FaultMix.draw``'s ``later``), so that adding them changed no other fault's draws."""
 
-OWN_STREAM_KINDS = frozenset({"risk", "withhold"})
+OWN_STREAM_KINDS = frozenset({"risk", "withhold", "channel-down"})
 """Features drawn (and run) from a stream each of their own (``Simulation``), not by
 ``FaultMix.draw``: adding one changes no other draw of a seed."""
 
@@ -119,9 +120,10 @@ simulated = { txn_prefix = "T" }
 [channels.wechat.codes.pay]
 communication_ok = ["SUCCESS"]
 success = ["SUCCESS"]
-failure = ["PAYERROR", "CLOSED", "REVOKED", "NOTENOUGH"]
+failure = ["PAYERROR", "CLOSED", "REVOKED", "NOTENOUGH", "SYSTEM_DOWN"]
 processing = ["USERPAYING", "NOTPAY"]
-retryable = ["PAYERROR", "NOTENOUGH"]
+retryable = ["PAYERROR", "NOTENOUGH", "SYSTEM_DOWN"]
+not_found = ["ORDERNOTEXIST"]
 
 [channels.wechat.codes.refund]
 communication_ok = ["SUCCESS"]
@@ -135,6 +137,21 @@ wallet = "alipay"
 merchant_no = "sim-alipay-0001"
 credentials = { key = "payengine-simulated-alipay-key" }
 simulated = { txn_prefix = "A" }
+
+[routing]
+fallbacks_max = 1
+
+# WeChat takes QR payments up to 150.00 (a merchant number's cap), Alipay the rest and
+# whatever comes while WeChat's breaker is open, or after WeChat refused it retryably.
+[[routing.route]]
+method = "qr"
+channel = "wechat"
+limits = { amount_max_minor = 15000 }
+
+[[routing.route]]
+method = "qr"
+channel = "alipay"
+priority = 1
 """
 """The simulator's two wallets, as a channel configuration (``actors.adapters``). Seeds,
 faults and the signing keys are those the wallets had before they came from a
@@ -186,10 +203,11 @@ whole voucher retry schedule, so follow-ups sent into it are only done by the se
 ALIPAY_SHARE = 0.2
 ROUTED_SHARE = 0.3
 """Payments that name the method ``qr`` instead of a wallet: routing picks the channel."""
-SIM_ROUTES = RoutingTable((Route("qr", "wechat", amount_max_minor=15_000),
-                           Route("qr", "alipay", priority=1)))
-"""WeChat takes QR payments up to 150.00 (a merchant number's cap), Alipay the rest and
-whatever comes while WeChat's breaker is open."""
+SIM_ROUTES = load_routing(SIM_CHANNELS_TOML)
+"""The routes of ``SIM_CHANNELS_TOML``: read by the loader, as a deployment's are."""
+CHANNEL_DOWN_MS = (1_000, 3_000)
+"""How long WeChat refuses payments (fault ``channel-down``): routed payments fall back to
+Alipay meanwhile."""
 """Share of orders paying through the second channel, ``alipay`` (the rest: ``wechat``)."""
 
 REFUND_SHARE = 0.3
@@ -415,6 +433,14 @@ class Simulation:
                 wallets={}, at=self._at, now_ms=lambda: self.world.now_ms(),
                 counts=Counter(), quiet=lambda: self.quiet)
             self.mix = replace(self.mix, channel=self.withholds.faults(self.mix.channel))
+        # WeChat going down mid-run (``channel-down``): its own stream too
+        self.down_rng = random.Random(config.seed + 19)
+        self.channel_down: tuple[float, int] | None = None
+        """(where in the workload it starts, as a share of its span; how long, in ms)."""
+        if "channel-down" in config.faults and (self.down_rng.random() < 0.5
+                                                or config.plant_bug is not None):
+            self.mix = replace(self.mix, on=self.mix.on | {"channel-down"})
+            self.channel_down = (self.down_rng.random(), self.down_rng.randint(*CHANNEL_DOWN_MS))
         self.scheduler: Scheduler | None = None
         self.world: Any
         if config.runtime == "sim":
@@ -880,6 +906,11 @@ class Simulation:
             self.mix = replace(self.mix, vouchers=replace(
                 self.mix.vouchers, outage=(system, start, start + length)))
             faults_end = max(faults_end, start + length)
+        if self.channel_down is not None:
+            share, length = self.channel_down
+            start = now + int(share * span_ms)
+            self.channel.down = (start, start + length)
+            faults_end = max(faults_end, start + length)
         for i in range(self.config.orders):
             request = self._request(i, customers)
             at = now + self.rng.randint(0, span_ms)
@@ -940,6 +971,7 @@ class Simulation:
                     "one-order-per-key", f"key {key}",
                     f"receipt {receipt.order_id}, database {found.order_id}"))
         report.violations += check_routes(engine.store, SIM_ROUTES, orders)
+        report.violations += check_fallbacks(self.channels, orders)
         report.violations += check_notified(engine.store, set(self.notified.values()),
                                             set(self.merchant.received.values()), ["station-1"],
                                             all_orders=orders)

@@ -27,12 +27,14 @@ from payengine.actors.adapters.recording import (
     read_records,
     replay_mismatches,
 )
+from payengine.actors.adapters.routes_config import load_routing, parse_routing
 from payengine.engine.errors import ConfigError
 
 __all__ = [
     "ChannelConfig", "ChannelHttpError", "ConfigError", "Credentials", "Fee", "HttpChannel",
     "Limits", "NotificationMapping", "Operation", "RecordedChannel", "Recorder", "Recording",
     "ReplyError", "ReplyMapping", "Signing", "SimulatedOptions", "build_channel",
-    "configs_of", "http_call", "load_channels", "load_config", "parse_config",
+    "configs_of", "http_call", "load_channels", "load_config", "load_routing",
+    "parse_config", "parse_routing",
     "read_records", "replay_mismatches",
 ]

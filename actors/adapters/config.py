@@ -690,6 +690,13 @@ def load_config(source: str | Path, *, planted_bugs: frozenset[str] = frozenset(
                 ) -> list[ChannelConfig]:
     """The channels of a TOML file (a ``Path``, or a ``str`` naming an existing file) or of
     TOML text (any other ``str``). Key files are read relative to the file's folder."""
+    parsed, base = read_toml(source)
+    return parse_config(parsed, base_dir=base, planted_bugs=planted_bugs)
+
+
+def read_toml(source: str | Path) -> tuple[dict[str, Any], Path | None]:
+    """The parsed TOML of a file (a ``Path``, or a ``str`` naming an existing file) or of
+    TOML text (any other ``str``), with the file's folder (``None`` for text)."""
     base: Path | None = None
     if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source
                                     and "=" not in source):
@@ -716,7 +723,7 @@ def load_config(source: str | Path, *, planted_bugs: frozenset[str] = frozenset(
         parsed = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError("", f"not valid TOML: {error}") from None
-    return parse_config(parsed, base_dir=base, planted_bugs=planted_bugs)
+    return parsed, base
 
 
 def parse_config(data: object, *, base_dir: str | Path | None = None,
@@ -752,7 +759,8 @@ def _parse(data: object, base: Path, environ: Mapping[str, str],
     unknown = set(planted_bugs) - PLANTED_CONFIG_BUGS
     if unknown:
         raise ConfigError("planted_bugs", f"unknown {sorted(unknown)}")
-    top = _known(data, "", ("channels",)) if isinstance(data, Mapping) else None
+    # [routing] is the routes' (``actors.adapters.routes_config.load_routing``)
+    top = _known(data, "", ("channels", "routing")) if isinstance(data, Mapping) else None
     if top is None:
         raise ConfigError("", f"a configuration is a table, not {shown(data)}")
     channels = top.get("channels")
@@ -898,7 +906,7 @@ def _operation(table: object, key: str, channel_reply: object) -> Operation:
 def _code_table(table: object, key: str, channel: str, planted_bugs: frozenset[str]
                 ) -> CodeTable:
     values = _known(table, key, ("communication_ok", "success", "failure", "processing",
-                                 "retryable"))
+                                 "retryable", "not_found"))
     for required in ("communication_ok", "success", "failure"):
         if required not in values:
             raise ConfigError(f"{key}.{required}", "missing")
@@ -914,6 +922,10 @@ def _code_table(table: object, key: str, channel: str, planted_bugs: frozenset[s
     if stray:
         raise ConfigError(f"{key}.retryable", f"only failure codes can be retryable, not "
                                               f"{sorted(stray)}")
+    decided = sets.get("not_found", frozenset()) & (sets["success"] | sets["failure"])
+    if decided:
+        raise ConfigError(f"{key}.not_found", f"codes also listed as success or failure (a "
+                                              f"'not found' means processing): {sorted(decided)}")
     if "codes-processing-as-failure" in planted_bugs:  # the planted bug
         sets["failure"] = sets["failure"] | sets.pop("processing", frozenset())
     return CodeTable(channel=channel, **sets)
