@@ -25,31 +25,36 @@ class ReopenTry:
 
     missing: str
     named: dict[str, int] | None
+    used: dict[str, int]
+    """Unsettled orders by channel, read from the file just before this open (an accepted
+    open may itself start work: a resumed withholding submits its next attempt)."""
 
 
 def try_without_each(channels: Mapping[str, object],
                      open_without: Callable[[str], Engine],
-                     abandon: Callable[[Engine], None]) -> list[ReopenTry]:
-    """Open without each channel in turn (``open_without(name)``), in name order."""
+                     abandon: Callable[[Engine], None],
+                     usage: Callable[[], dict[str, int]]) -> list[ReopenTry]:
+    """Open without each channel in turn (``open_without(name)``), in name order, each
+    after reading ``usage()`` (unsettled orders by channel, from the file)."""
     tries = []
     for missing in sorted(channels):
+        used = usage()
         try:
             engine = open_without(missing)
         except ChannelsMissing as refused:
-            tries.append(ReopenTry(missing, dict(refused.channels)))
+            tries.append(ReopenTry(missing, dict(refused.channels), used))
             continue
         abandon(engine)
-        tries.append(ReopenTry(missing, None))
+        tries.append(ReopenTry(missing, None, used))
     return tries
 
 
-def check_reopens(tries: list[ReopenTry], usage: Mapping[str, int]) -> list[Violation]:
-    """``usage``: unsettled orders by channel, read from the file just before the real
-    open. A refusal names exactly the channel left out and its orders; an accepted open
-    left out a channel no unsettled order uses."""
+def check_reopens(tries: list[ReopenTry]) -> list[Violation]:
+    """A refusal names exactly the channel left out and its orders; an accepted open left
+    out a channel no unsettled order used."""
     violations = []
     for t in tries:
-        used = usage.get(t.missing, 0)
+        used = t.used.get(t.missing, 0)
         if t.named is None and used:
             violations.append(Violation(
                 "reopen-needs-its-channels", f"channel {t.missing}",

@@ -560,12 +560,11 @@ class Simulation:
     def _open(self, tries: list[ReopenTry] | None = None) -> None:
         """Open the engine; ``tries``: the opens without a channel just refused or accepted,
         checked against the store before anything runs (``sim.reopen``)."""
-        usage = self._unsettled_by_channel() if tries else {}
         runtime = self._new_runtime()
         self.runtime = runtime
         self.engine = self._open_engine(runtime)
         if tries:
-            self.violations += check_reopens(tries, usage)
+            self.violations += check_reopens(tries)
         for channel in self.channels.values():
             channel.attach(self.engine)
         retry, self.pending_submits = self.pending_submits, []
@@ -573,8 +572,8 @@ class Simulation:
             self._submit(request)
 
     def _unsettled_by_channel(self) -> dict[str, int]:
-        """Read from the file before the real open: ``Engine.open`` itself may start work
-        (a withholding's next attempt is submitted as it resumes)."""
+        """Read from the file before an open: ``Engine.open`` itself may start work (a
+        withholding's next attempt is submitted as it resumes)."""
         store = Store(self.path, exclusive=False)
         try:
             return store.unsettled_orders_by_channel()
@@ -646,7 +645,8 @@ class Simulation:
                 runtime.crash()
             engine.abandon()
 
-        tries = try_without_each(self.channels, open_without, abandon)
+        tries = try_without_each(self.channels, open_without, abandon,
+                                 self._unsettled_by_channel)
         self.counts["reopen_refused_without_a_channel"] += sum(
             t.named is not None for t in tries)
         return tries
