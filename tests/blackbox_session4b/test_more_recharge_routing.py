@@ -349,7 +349,7 @@ def test_a_breaker_opens_after_calls_min_failures_and_routing_then_skips_it(tmp_
         r = eng.submit(PaymentRequest("station-1", "n-2", "alice", "CNY", 51_00, "Fuel",
                                       cash=CashPart(51_00, "qr")))
         assert eng.get_order(r.order_id).legs[0].channel == "b"
-        entry = [e for e in eng.journal(r.order_id) if e.part == "route"][0]
+        entry = next(e for e in eng.journal(r.order_id) if e.part == "route")
         assert "a skipped: unavailable (circuit open)" in entry.cause
     finally:
         eng.shutdown()
