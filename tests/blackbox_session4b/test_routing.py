@@ -809,11 +809,30 @@ def test_a_disabled_channel_from_the_file_is_skipped_by_the_routing(tmp_path: Pa
         eng.shutdown()
 
 
-def test_engine_open_copies_fallbacks_max_to_the_order_policy(folder: Path) -> None:
-    a = up("a")
-    eng = open_routed(folder / "x.db", [a], (Route("qr", "a"),), fallbacks_max=3)
+def test_fallbacks_max_three_reaches_the_fourth_route_under_serial_f3(folder: Path) -> None:
+    wallets = [down("a"), down("b"), down("c"), up("d")]
+    eng = open_routed(folder / "x.db", wallets,
+                      tuple(Route("qr", w.name, priority=i) for i, w in enumerate(wallets)),
+                      fallbacks_max=3)
     try:
-        assert eng._ctx.policy.fallbacks_max == 3  # README: "copies it to OrderPolicy"
+        r = eng.submit(request())
+        view = final(eng, r.order_id)
+        assert view.state == "succeeded"
+        assert view.payment_serial == r.payment_serial + "-F3"
+        assert [t.channel for t in view.legs[0].channels_tried] == ["a", "b", "c", "d"]
     finally:
         eng.shutdown()
 
+
+def test_the_routing_tables_fallbacks_max_is_copied_over_the_policys(folder: Path) -> None:
+    d, u = down("a"), up("b")
+    policy = OrderPolicy(pay_window_ms=10_000, query_schedule_ms=(50, 100, 200),
+                         fallbacks_max=0)
+    eng = open_routed(folder / "x.db", [d, u], (Route("qr", "a"), Route("qr", "b", priority=1)),
+                      fallbacks_max=1, policy=policy)
+    try:
+        r = eng.submit(request())
+        assert final(eng, r.order_id).state == "succeeded"
+        assert u.count("pay") == 1
+    finally:
+        eng.shutdown()

@@ -231,10 +231,15 @@ def test_agreements_of_lists_every_state_oldest_first(engine: Engine, wx: Agreem
 
 
 def test_every_agreement_change_is_in_the_journal(engine: Engine, wx: AgreementWallet) -> None:
+    wx.unsign_reply = AgreementStatus.PENDING
     a = engine.sign_agreement("alice", "wx")
     engine.unsign_agreement(a.agreement_id)
-    entries = engine._ctx.store.journal("agreement", a.agreement_id)  # README: store.journal
-    assert len(entries) >= 2
+    engine.handle_agreement_callback("wx", a.agreement_id, "alice", AgreementStatus.TERMINATED)
+    moves = [(e.from_state, e.to_state)
+             for e in engine.store.journal("agreement", a.agreement_id)]
+    assert ("signing", "active") in moves
+    assert ("active", "unsigning") in moves
+    assert ("unsigning", "terminated") in moves
 
 
 # --- unsign_agreement ------------------------------------------------------------------
