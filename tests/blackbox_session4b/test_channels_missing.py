@@ -134,3 +134,23 @@ simulated = { faults = "none" }
 def test_channels_missing_is_a_payment_error_listed_at_the_top_of_the_package() -> None:
     import payengine
     assert issubclass(payengine.ChannelsMissing, payengine.PaymentError)
+
+
+def test_an_order_left_for_reconciliation_still_needs_its_channel_at_open(tmp_path: Path
+                                                                          ) -> None:
+    from payengine import OrderPolicy
+    a = Wallet("a")
+    quick = OrderPolicy(pay_window_ms=300, query_schedule_ms=(50, 50),
+                        refund_query_schedule_ms=(50,))
+    a.close_reply = ConnectionError("down")  # type: ignore[assignment]
+    a.query_reply = ConnectionError("down")  # type: ignore[assignment]
+    eng = open_with(tmp_path / "x.db", [a, Wallet("b")], policy=quick)
+    r = submit(eng, "n-1", "a")
+    wait_for(lambda: eng.get_order(r.order_id).state  # type: ignore[attr-defined]
+             not in ("accepted", "paying"), timeout_s=15, what="left the paying state")
+    view = eng.get_order(r.order_id)  # type: ignore[attr-defined]
+    eng.shutdown()
+    if view.settled:
+        pytest.skip(f"the order settled as {view.state}: nothing to resume")
+    with pytest.raises(ChannelsMissing):
+        open_with(tmp_path / "x.db", [Wallet("b")], policy=quick)
