@@ -367,3 +367,25 @@ def test_an_order_in_a_points_only_request_with_a_method_needs_no_route(tmp_path
             == "succeeded"
     finally:
         eng.shutdown()
+
+
+def test_the_fee_that_ranks_is_the_fee_for_this_amount_fixed_part_included(tmp_path: Path
+                                                                            ) -> None:
+    eng = routed_sim(tmp_path / "x.db", s1="fee = { basis_points = 0, fixed_minor = 100 }",
+                     s2="fee = { basis_points = 60 }")
+    try:
+        assert submit_qr(eng, "n-1", 100_00) == "s2"     # 1.00 fixed vs 0.60
+        assert submit_qr(eng, "n-2", 1_000_00) == "s1"   # 1.00 fixed vs 6.00
+    finally:
+        eng.shutdown()
+
+
+def test_a_routes_own_fee_ppm_beats_the_channel_configs_fee(tmp_path: Path) -> None:
+    channels = load_channels(SIM.format(s1="fee = { basis_points = 10 }",
+                                        s2="fee = { basis_points = 60 }"))
+    eng = open_with(tmp_path / "x.db", channels, policy=SLOW,
+                    routing=RoutingTable((Route("qr", "s1", fee_ppm=9_000), Route("qr", "s2"))))
+    try:
+        assert submit_qr(eng, "n-1") == "s2"
+    finally:
+        eng.shutdown()
