@@ -53,3 +53,19 @@ def test_a_recharge_credits_only_after_paying_moved_to_deducting(tmp_path: Path)
             < journal.index(("leg:1", "new", "crediting"))
     finally:
         eng.shutdown()
+
+
+def test_a_transfers_legs_name_the_source_and_the_target_accounts(tmp_path: Path) -> None:
+    eng = open_with(tmp_path / "x.db", [Wallet("wx")])
+    try:
+        eng.open_account("a", "CNY")
+        eng.open_account("b", "CNY")
+        eng.fund("a", 100, funding_id="f")
+        eng.transfer("t1", "a", "b", 50)
+        view = wait_for(lambda: (m := eng.get_transfer("t1")).settled and m)
+        assert [(leg.mode, leg.account_id) for leg in view.legs] == [("pre_deduct", "a"),
+                                                                     ("credit", "b")]
+        assert view.total_minor == 50
+        assert view.currency == "CNY"
+    finally:
+        eng.shutdown()
