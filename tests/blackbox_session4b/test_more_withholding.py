@@ -255,3 +255,28 @@ def test_sign_agreement_with_a_bad_user_id_is_invalid_request(engine: Engine, us
                                                               ) -> None:
     with pytest.raises(InvalidRequest):
         engine.sign_agreement(user, "wx")
+
+
+def test_exactly_agreements_per_withhold_max_agreements_may_be_named(tmp_path: Path) -> None:
+    wallets = [AgreementWallet(f"w{i}") for i in range(2)]
+    eng = open_with(tmp_path / "x.db", wallets,
+                    withholding=WithholdConfig(agreements_per_withhold_max=2))
+    try:
+        ids = [eng.sign_agreement("alice", f"w{i}").agreement_id for i in range(2)]
+        w = eng.withhold("gym-1", "sub-1", "alice", 99_00, "CNY", "Monthly", agreement_ids=ids)
+        assert w.agreement_ids == tuple(ids)
+    finally:
+        eng.shutdown()
+
+
+def test_a_failed_withholding_frees_its_open_slot(tmp_path: Path) -> None:
+    w0 = AgreementWallet("w0", pay=DECLINE)
+    eng = open_with(tmp_path / "x.db", [w0], policy=QUICK,
+                    withholding=WithholdConfig(withholds_open_max=1))
+    try:
+        eng.sign_agreement("alice", "w0")
+        eng.withhold("gym-1", "sub-1", "alice", 99_00, "CNY", "Monthly")
+        assert decided(eng).state == "failed"
+        assert eng.withhold("gym-1", "sub-2", "alice", 98_00, "CNY", "Monthly").state == "paying"
+    finally:
+        eng.shutdown()
