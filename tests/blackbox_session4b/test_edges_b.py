@@ -389,3 +389,18 @@ def test_a_routes_own_fee_ppm_beats_the_channel_configs_fee(tmp_path: Path) -> N
         assert submit_qr(eng, "n-1") == "s2"
     finally:
         eng.shutdown()
+
+
+def test_a_retried_top_up_already_applied_returns_the_account_even_once_frozen(tmp_path: Path
+                                                                               ) -> None:
+    # README ambiguity: "top-ups are idempotent" vs "a top-up on a frozen account is
+    # AccountFrozen"; the engine treats the retry of an applied top-up as idempotent
+    eng = open_with(tmp_path / "x.db", [Wallet("wx")])
+    try:
+        eng.open_account("a", "CNY")
+        eng.fund("a", 100, funding_id="f")
+        eng.set_account_status("a", "frozen")
+        view = eng.fund("a", 100, funding_id="f")
+        assert (view.funded, view.status) == (100, "frozen")
+    finally:
+        eng.shutdown()
