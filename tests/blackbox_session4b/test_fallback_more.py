@@ -95,3 +95,44 @@ def test_a_window_ending_mid_fallback_closes_the_order_and_releases_its_vouchers
         assert (rp.available, rp.held, rp.spent) == (5_00, 0, 0)
     finally:
         eng.shutdown()
+
+
+def test_the_re_route_respects_the_next_routes_limits(tmp_path: Path) -> None:
+    a = Wallet("a", pay=BANK_DOWN, query=NOT_FOUND, close=CLOSED)
+    b = Wallet("b", pay=pays)
+    c = Wallet("c", pay=pays)
+    routes = RoutingTable((Route("qr", "a"), Route("qr", "b", priority=1, amount_max_minor=10_00),
+                           Route("qr", "c", priority=2)))
+    eng = open_with(tmp_path / "x.db", [a, b, c], policy=FAST, routing=routes)
+    try:
+        r = eng.submit(PaymentRequest("s-1", "n-1", "alice", "CNY", 50_00, "Fuel",
+                                      cash=CashPart(50_00, "qr")))
+        view = wait_for(lambda: (o := eng.get_order(r.order_id)).settled and o)
+        assert (view.state, view.legs[0].channel) == ("succeeded", "c")
+        assert b.count("pay") == 0
+        assert view.payment_serial == r.payment_serial + "-F1"
+    finally:
+        eng.shutdown()
+
+
+def test_the_re_route_skips_a_disabled_channel_and_fails_when_none_is_left(tmp_path: Path
+                                                                           ) -> None:
+    from payengine import load_channels
+    text = """
+[channels.b]
+kind = "simulated"
+wallet = "wechat"
+merchant_no = "m2"
+enabled = false
+credentials = { key = "simulated-wallet-key-0002" }
+"""
+    a = Wallet("a", pay=BANK_DOWN, query=NOT_FOUND, close=CLOSED)
+    eng = open_with(tmp_path / "x.db", [a, *load_channels(text)], policy=FAST, routing=ROUTES)
+    try:
+        r = eng.submit(PaymentRequest("s-1", "n-1", "alice", "CNY", 50_00, "Fuel",
+                                      cash=CashPart(50_00, "qr")))
+        view = wait_for(lambda: (o := eng.get_order(r.order_id)).settled and o)
+        assert view.state == "failed"
+        assert "no route left" in (view.cause or "")
+    finally:
+        eng.shutdown()
