@@ -34,7 +34,7 @@ CURRENCIES_MAX = 200
 """Most currencies one route lists."""
 
 
-def load_routing(source: str | Path, *, channels: Collection[str] | None = None
+def load_routing(source: str | Path, channels: Collection[str] | None = None
                  ) -> RoutingTable:
     """The ``[routing]`` of a configuration file or TOML text (``RoutingTable()`` when it
     has none). ``channels``: the channel names routes may name (default: the file's own

@@ -727,8 +727,6 @@ def test_channels_may_be_given_instead_of_the_files_channel_tables() -> None:
     assert len(table.routes) == 2
 
 
-@pytest.mark.xfail(strict=True, reason="README shows load_routing(path_or_toml, channels=None);"
-                   " the engine makes channels keyword-only (TypeError)")
 def test_channels_may_be_passed_positionally_as_the_readmes_signature_shows() -> None:
     table = load_routing(ROUTING, ["wechat-1", "wechat-2"])  # type: ignore[misc]
     assert len(table.routes) == 2
