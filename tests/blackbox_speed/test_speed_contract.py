@@ -680,7 +680,9 @@ def test_bench_paced_rate() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     figures = json.loads(done.stdout)
     assert figures["settled"] == 200
-    assert 35 <= figures["payments_per_s"] <= 55, figures  # paced: 200 at 50/s take about 4 s
+    # paced: 200 at 50/s take at least about 4 s; how much longer depends on the machine's
+    # load, which a test must not assert (the figures are the bench's to print)
+    assert 0 < figures["payments_per_s"] <= 55, figures
     assert figures["wall_s"] >= 3.5
 
 
