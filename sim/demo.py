@@ -26,11 +26,17 @@ from payengine.actors.engine import Engine
 from payengine.actors.messages import Receipt
 from payengine.actors.runtime import ThreadRuntime
 from payengine.engine.errors import DuplicateSuspected, Overloaded, PaymentError
+from payengine.engine.fuel import FuelLine, FuelSale
 from payengine.engine.order import CashPart, LegMode, OrderPolicy, PaymentRequest, VoucherPart
 from payengine.engine.statement import FLAGGED, Verdict
 from payengine.sim.channel import ChannelFaults, SimulatedChannel
 from payengine.sim.oracle import OracleReport, check
 from payengine.sim.statement import statement_from_channel
+
+DEMO_STATION = "st-001"
+"""The station the demo's sales happen at (``FuelSale.station_id``)."""
+DEMO_GRADES = (("92", 752), ("95", 803), ("98", 891))
+"""Grades sold, with their list price per litre in fen."""
 
 DEMO_POLICY = OrderPolicy(
     pay_window_ms=2_500,
@@ -67,6 +73,12 @@ class DemoResult:
     statement_flagged: int = 0
     """Statement verdicts a person must look at (second charges excepted: refunded)."""
     unbalanced_postings: int = 0
+    shift_id: str = ""
+    """The shift the run's sales are booked to at ``DEMO_STATION`` (``payengine report
+    shift``)."""
+    shift_orders: int = 0
+    shift_paid_minor: int = 0
+    shift_merchant_net_minor: int = 0
 
     @property
     def ok(self) -> bool:
@@ -91,6 +103,9 @@ class DemoResult:
             "merchant_refunds": self.merchant_refunds, "reconciliation": self.reconciliation,
             "statement_flagged": self.statement_flagged,
             "unbalanced_postings": self.unbalanced_postings,
+            "shift": {"station_id": DEMO_STATION, "shift_id": self.shift_id,
+                      "orders": self.shift_orders, "paid_minor": self.shift_paid_minor,
+                      "merchant_net_minor": self.shift_merchant_net_minor},
             "wall_seconds": round(self.wall_seconds, 3), "ok": self.ok,
         }
 
@@ -154,7 +169,8 @@ def run_demo(db_path: str | Path = "payengine.db", *, orders: int = 300, seed: i
                         0.0, 0)
     try:
         customers = _open_customers(engine, run, max(10, orders // 4))
-        plans = [_plan(rng, run, i, customers) for i in range(orders)]
+        result.shift_id = f"afternoon-{run}"
+        plans = [_plan(rng, run, i, customers, result.shift_id) for i in range(orders)]
         bar = Progress("submitting", orders, progress)
         order_ids: list[str] = []
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -185,6 +201,7 @@ def run_demo(db_path: str | Path = "payengine.db", *, orders: int = 300, seed: i
             1 for order_id in order_ids
             if any(leg.refund_id for leg in engine.get_order(order_id).legs))
         result.channel_faults = dict(sorted(channel.counts.items()))
+        _shift_figures(engine, result)
     finally:
         engine.shutdown()
         world.shutdown()
@@ -216,8 +233,20 @@ class _Plan:
     close_after_ms: int | None
 
 
-def _plan(rng: random.Random, run: str, i: int, customers: list[_Customer]) -> _Plan:
-    """One customer's payment: the 100.00 = 96.00 + 1.00 + 20 points + 1.00 of the seeds."""
+def _shift_figures(engine: Engine, result: DemoResult) -> None:
+    """The run's shift as the settlement system sees it (``Engine.shift_report``)."""
+    shift = engine.shift_report(DEMO_STATION, result.shift_id)
+    totals = shift.totals.get("CNY")
+    result.shift_orders = shift.orders
+    if totals is not None:
+        result.shift_paid_minor = totals.paid_minor
+        result.shift_merchant_net_minor = totals.merchant_net_minor
+
+
+def _plan(rng: random.Random, run: str, i: int, customers: list[_Customer], shift_id: str
+          ) -> _Plan:
+    """One customer's payment: the 100.00 = 96.00 + 1.00 + 20 points + 1.00 of the seeds,
+    for fuel sold at a pump of ``DEMO_STATION`` during ``shift_id``."""
     c = rng.choice(customers)
     total = rng.randint(20, 400) * 100
     mode = rng.choices([LegMode.PRE_DEDUCT, LegMode.PRE_HELD, LegMode.POST_DEDUCT],
@@ -236,10 +265,15 @@ def _plan(rng: random.Random, run: str, i: int, customers: list[_Customer]) -> _
     if rng.random() < 0.5:
         vouchers.append(VoucherPart(c.phone_credit, 100, other_mode))
     value = sum(100 if v.account_id != c.points else 200 for v in vouchers)
+    pump = rng.randint(1, 12)
+    grade, unit_price_minor = DEMO_GRADES[i % len(DEMO_GRADES)]
+    sale = FuelSale(DEMO_STATION, pump, 1 + i % 4,
+                    FuelLine.by_amount(grade, unit_price_minor, total),
+                    cashier_id="cashier-1", shift_id=shift_id)
     request = PaymentRequest(
         merchant_id="station-001", merchant_order_no=f"{run}-{i:06d}", user_id=c.user_id,
-        currency="CNY", total_minor=total, title=f"Fuel, pump {rng.randint(1, 12)}",
-        cash=CashPart(total - value, "wechat"), vouchers=tuple(vouchers))
+        currency="CNY", total_minor=total, title=f"Fuel, pump {pump}",
+        cash=CashPart(total - value, "wechat"), vouchers=tuple(vouchers), sale=sale)
     abandon = (c.points, 10) if rng.random() < 0.03 else None
     close_after = rng.randint(0, 400) if rng.random() < 0.05 else None
     return _Plan(request, pre_hold, abandon, rng.random() < 0.05, close_after)
@@ -389,6 +423,10 @@ def render(result: DemoResult) -> str:
                       else f"{result.unbalanced_postings} UNBALANCED postings"),
         "channel faults: " + (", ".join(f"{k} {v}" for k, v in result.channel_faults.items())
                               or "none"),
+        f"shift {result.shift_id} at {DEMO_STATION}: {result.shift_orders} orders, paid "
+        f"{result.shift_paid_minor / 100:.2f} CNY, the merchant's net "
+        f"{result.shift_merchant_net_minor / 100:.2f} CNY (payengine report shift --station "
+        f"{DEMO_STATION} --shift {result.shift_id} --db {result.db_path})",
         "",
         f"voucher accounts: {r.accounts_checked} checked, "
         + ("all balance (funded = available + held + spent, nothing held)"

@@ -34,3 +34,12 @@ def test_the_demo_balances_and_balances_again_on_the_same_file(
         assert summary["unbalanced_postings"] == 0 and summary["violations"] == []
         assert sum(summary["final_states"].values()) == 60
         assert summary["reconciliation"].get("MATCHED", 0) > 0
+        # each run books its sales to a shift of its own, which the shift report finds
+        shift = summary["shift"]
+        assert shift["orders"] == 60 and shift["paid_minor"] > 0
+        assert main(["report", "shift", "--station", shift["station_id"], "--shift",
+                     shift["shift_id"], "--db", str(db), "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["orders"] == 60
+        assert report["totals"]["CNY"]["paid_minor"] == shift["paid_minor"]
+        assert report["totals"]["CNY"]["merchant_net_minor"] == shift["merchant_net_minor"]
