@@ -79,6 +79,12 @@ from payengine.engine.order import (
 )
 from payengine.engine.routing import NoRoute
 
+EFFECT_RETRY_FIRST_MS = 1_000
+EFFECT_RETRY_MAX_MS = 60_000
+EFFECT_RETRIES_MAX = 30
+"""Retries of a committed decision whose effects failed to go out: 1 s doubling to 1 min,
+about 25 minutes in all; then the next ``Engine.open`` resumes the order."""
+
 _QUIET_LEG_STEPS = frozenset({(LegStatus.TRYING.value, LegStatus.HELD.value),
                               (LegStatus.CONFIRMING.value, LegStatus.CONFIRMED.value)})
 """Leg steps that may wait for the order's next commit (``OrderBehaviour._may_wait_to_save``)."""
@@ -99,6 +105,8 @@ class OrderBehaviour(ActorBehaviour):
         """The order as last committed (``order`` may be ahead: ``_may_wait_to_save``)."""
         self.unsaved_transitions: list[Transition] = []
         self.unsaved_postings: list[Posting] = []
+        self.effect_retries = 0
+        """Activations in a row sent because an effect failed (``_carry_out_all``)."""
 
     def load(self) -> None:
         order = self.ctx.fresh_orders.take(self.key[1]) or self.ctx.store.load_order(self.key[1])
@@ -208,21 +216,40 @@ class OrderBehaviour(ActorBehaviour):
         if (before.next_voucher_retry_at_ms is not None and self.order.owes_follow_up
                 and self.order.next_voucher_retry_at_ms is None):
             self._log_sentinel_stopped()
+        self._carry_out_all(decision, now_ms)
+        return self.order
+
+    def _carry_out_all(self, decision: Decision, now_ms: int) -> None:
+        """Carry out a committed decision's effects; one failing must not lose the others.
+
+        Committed but not all carried out: activate again later, which re-issues every
+        in-flight effect (all idempotent), backing off from ``EFFECT_RETRY_FIRST_MS`` to
+        ``EFFECT_RETRY_MAX_MS``. A failure that stays (``EFFECT_RETRIES_MAX`` retries in a
+        row) stops the retries with an error logged: the order is resumed, and its effects
+        re-issued, at the next ``Engine.open``; its queries, timers and the voucher sentinel
+        go on meanwhile."""
+        assert self.order is not None
         failed = 0
         for effect in decision.effects:
             try:
                 self._carry_out(effect)
             except EngineClosed:
                 raise
-            except Exception as error:  # one effect failing must not lose the others
+            except Exception as error:
                 failed += 1
                 self.log.error("effect.failed", order_id=self.order.order_id,
                                effect=type(effect).__name__, error=repr(error))
-        if failed:
-            # Committed but not all carried out: activate again shortly, which re-issues
-            # every in-flight effect (idempotent). Bounded by the effects' own schedules.
-            self.tell_later(now_ms + 1_000, Activate())
-        return self.order
+        if not failed:
+            if decision.effects:
+                self.effect_retries = 0
+            return
+        if self.effect_retries >= EFFECT_RETRIES_MAX:
+            self.log.error("effect.retries_exhausted", order_id=self.order.order_id,
+                           retries=self.effect_retries)
+            return
+        delay_ms = min(EFFECT_RETRY_FIRST_MS << self.effect_retries, EFFECT_RETRY_MAX_MS)
+        self.effect_retries += 1
+        self.tell_later(now_ms + delay_ms, Activate())
 
     def _may_wait_to_save(self, decision: Decision) -> bool:
         """True if this decision may ride with the next commit instead of its own.
