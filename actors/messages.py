@@ -241,6 +241,9 @@ class OrderView:
     sale: PricedSale | None = None
     """What was sold (station, pump, grade, litres, cashier, shift) and, for a submit that
     named a quote, the quote, the combination and the discounts it was charged."""
+    user_id: str = ""
+    """Who pays (a recharge's user; a transfer's is its source account)."""
+    title: str = ""
 
     @staticmethod
     def of(order: PaymentOrder) -> OrderView:
@@ -252,7 +255,8 @@ class OrderView:
                          tuple(LegView.of(leg, order) for leg in order.legs),
                          tuple(RefundView.of(r) for r in order.refunds), order.refunded_minor,
                          order.prepay if showing else None, order.attempt,
-                         VerificationView.of(order.verification), order.sale)
+                         VerificationView.of(order.verification), order.sale,
+                         order.user_id, order.title)
 
     def refund(self, refund_no: str) -> RefundView:
         """The refund the merchant asked for under ``refund_no``."""

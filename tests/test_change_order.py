@@ -118,3 +118,8 @@ def test_the_next_attempt_of_the_same_trade_is_a_change(engine: Engine):
     second = engine.change_order(first.order_id, replace(FIRST, attempt=2,
                                                          cash=CashPart(195_00, "wechat")))
     assert (second.attempt, engine.get_order(first.order_id).state) == (2, "closed")
+
+
+def test_an_order_view_says_whose_order_it_is_and_what_for(engine: Engine):
+    view = engine.get_order(engine.submit(FIRST).order_id)
+    assert (view.user_id, view.title) == ("alice", "95 fuel")
