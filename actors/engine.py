@@ -86,7 +86,6 @@ from payengine.engine.discounts import (
     Benefits,
     PricedSale,
     Quote,
-    QuoteMismatch,
     UnknownQuote,
     check_benefits,
     check_quote_use,
@@ -624,23 +623,32 @@ class Engine:
         ``Overloaded`` at once, having created nothing (``actors.admission``).
         """
         self._check_open()
+        self._refuse_withhold_scenario(request)
+        return self._submit_withholding(request)
+
+    @staticmethod
+    def _refuse_withhold_scenario(request: PaymentRequest) -> None:
         check_instance(request, PaymentRequest, "the request")
         details = None if not isinstance(request.cash, CashPart) else request.cash.details
         if isinstance(details, PayDetails) and details.scenario is PayScenario.WITHHOLD:
             raise InvalidRequest("a withhold payment is made by Engine.withhold, on an "
                                  "active agreement, not submitted")
-        return self._submit_withholding(request)
+
+    def _check_submittable(self, request: PaymentRequest) -> None:
+        """What every submit checks of a request before anything is looked up: its fields,
+        a merchant id that is not reserved, the merchant's and user's status."""
+        ctx = self._ctx
+        check_request(request, policy=ctx.policy, currencies=ctx.config.currency_table)
+        if request.merchant_id == TRANSFER_MERCHANT:
+            raise InvalidRequest(f"merchant id {TRANSFER_MERCHANT!r} is reserved for "
+                                 "transfers (Engine.transfer)")
+        self._gate.check_parties(request.merchant_id, request.user_id)
 
     def _submit_withholding(self, request: PaymentRequest) -> Receipt:
         """``submit`` without the refusal of the WITHHOLD scenario: for ``Withholder``."""
         self._check_open()
-        ctx = self._ctx
         with self._admission.admit():  # first: a refusal above capacity must cost nothing
-            check_request(request, policy=ctx.policy, currencies=ctx.config.currency_table)
-            if request.merchant_id == TRANSFER_MERCHANT:
-                raise InvalidRequest(f"merchant id {TRANSFER_MERCHANT!r} is reserved for "
-                                     "transfers (Engine.transfer)")
-            self._gate.check_parties(request.merchant_id, request.user_id)
+            self._check_submittable(request)
             return self._submit(request)
 
     @property
@@ -708,7 +716,7 @@ class Engine:
         would be refused (``change_order``), so a half-open channel's single probe is not
         spent on it."""
         ctx = self._ctx
-        priced = None if request.quote is None else self._quoted_terms(request, claim=not trial)
+        priced = None if request.quote is None else self._quoted_terms(request)
         route = self._route(request, order_id, trial=trial)
         channel = route.channel if route is not None else (
             None if request.cash is None else request.cash.channel)
@@ -736,12 +744,13 @@ class Engine:
             order = dataclasses.replace(order, method=route.method)
         return order, route
 
-    def _quoted_terms(self, request: PaymentRequest, *, claim: bool) -> PricedSale:
+    def _quoted_terms(self, request: PaymentRequest) -> PricedSale:
         """The terms of the quote ``request`` names, checked against it (its own merchant
         and user, unexpired now, the combination's total and points); a ``QuoteRefused``
         otherwise. Checked after ``_retried``: a retry of an accepted submit gets its
-        receipt even once the quote has expired. ``claim``: the quote becomes this trade
-        order's (``persistence.quotes.claim``); another trade naming it is refused."""
+        receipt even once the quote has expired. A quote another trade order claimed is
+        refused here; the claim itself is written with the order (``Store.insert_order``),
+        so a submit refused on the way claims nothing."""
         assert request.quote is not None
         ctx = self._ctx
         quote = quotes.load(ctx.store, request.quote.quote_id)
@@ -758,11 +767,7 @@ class Engine:
             quote, request.quote.combination_id, merchant_id=request.merchant_id,
             user_id=request.user_id, total_minor=request.total_minor, points=points,
             now_ms=now_ms)
-        if claim:
-            taken_by = quotes.claim(ctx.store, quote.quote_id, request.merchant_order_no)
-            if taken_by is not None:
-                raise QuoteMismatch(f"quote {quote.quote_id} pays merchant order {taken_by} "
-                                    "already: ask for a new quote")
+        quotes.check_unclaimed(ctx.store, quote.quote_id, request.merchant_order_no)
         return PricedSale(quote.sale, quote.quote_id, combination.combination_id,
                           combination.discounts)
 
@@ -1005,8 +1010,8 @@ class Engine:
         expired...), the previous order stays closed: submit the new one again."""
         self._check_open()
         check_id(previous_order_id, "previous_order_id")
-        check_request(request, policy=self._ctx.policy,
-                      currencies=self._ctx.config.currency_table)
+        self._refuse_withhold_scenario(request)
+        self._check_submittable(request)
         previous = self._ctx.store.load_order(previous_order_id)
         if previous is None:
             raise UnknownOrder(f"no payment order {previous_order_id}")
@@ -1020,7 +1025,9 @@ class Engine:
                 f"the request is order {previous_order_id}'s own (merchant order number "
                 f"{request.merchant_order_no}, attempt {request.attempt}): a change needs a "
                 "new merchant order number or the next attempt")
-        self._built(request, "change-trial", lambda: "change-trial", trial=True)
+        retried = self._retried(request, None)  # the same change again: its receipt
+        if retried is None:
+            self._built(request, "change-trial", lambda: "change-trial", trial=True)
         if "change-keeps-holds" not in self._ctx.config.planted_bugs:
             self.close(previous_order_id)
         return self.submit(request)

@@ -13,11 +13,12 @@ The functions take the ``Store`` and use its transaction helpers, as
 from __future__ import annotations
 
 import json
+import sqlite3
 from typing import TYPE_CHECKING
 
 import sqlite_utils
 
-from payengine.engine.discounts import Quote, quote_from_json, quote_json
+from payengine.engine.discounts import Quote, QuoteMismatch, quote_from_json, quote_json
 from payengine.engine.errors import Overloaded
 
 if TYPE_CHECKING:
@@ -40,10 +41,12 @@ def save(store: Store, quote: Quote, *, now_ms: int, quotes_max: int) -> None:
     """Store ``quote`` (durable on return) after deleting up to ``PRUNE_BATCH`` expired
     quotes; ``Overloaded`` when ``quotes_max`` unexpired ones remain. Quote ids are unique
     (the engine's id source), so an insert never replaces another quote."""
-    with store._tx(3) as conn:
+    with store._tx() as conn:  # a change of its own: a refusal below must not undo it
         conn.execute("DELETE FROM quotes WHERE quote_id IN (SELECT quote_id FROM quotes"
                      " WHERE expires_at_ms <= ? LIMIT ?)", (now_ms, PRUNE_BATCH))
-        (kept,) = conn.execute("SELECT count(*) FROM quotes").fetchone()
+    with store._tx(2) as conn:
+        (kept,) = conn.execute("SELECT count(*) FROM quotes WHERE expires_at_ms > ?",
+                               (now_ms,)).fetchone()
         if kept >= quotes_max:
             raise Overloaded(f"{kept} unexpired quotes are stored (quotes_max {quotes_max}):"
                              " retry once some have expired")
@@ -53,17 +56,31 @@ def save(store: Store, quote: Quote, *, now_ms: int, quotes_max: int) -> None:
                       json.dumps(quote_json(quote), separators=(",", ":"))))
 
 
-def claim(store: Store, quote_id: str, merchant_order_no: str) -> str | None:
-    """Claim the quote for ``merchant_order_no`` (the trade order it pays; its attempts and
-    retries may use it again): ``None`` if it is now that trade's, else the merchant order
-    number that claimed it first. One quote, one sale: a coupon in it is used once."""
-    with store._tx(2) as conn:
-        conn.execute("UPDATE quotes SET used_by = ? WHERE quote_id = ? AND used_by IS NULL",
-                     (merchant_order_no, quote_id))
+def check_unclaimed(store: Store, quote_id: str, merchant_order_no: str) -> None:
+    """``QuoteMismatch`` if another trade order than ``merchant_order_no`` claimed the quote
+    (read only: a submit checks before it builds anything; ``claim`` decides)."""
+    with store._read(snapshot=False) as conn:
         row = conn.execute("SELECT used_by FROM quotes WHERE quote_id = ?",
                            (quote_id,)).fetchone()
-    used_by = None if row is None else row[0]
-    return None if used_by in (None, merchant_order_no) else str(used_by)
+    _refuse_if_taken(quote_id, None if row is None else row[0], merchant_order_no)
+
+
+def claim(conn: sqlite3.Connection, quote_id: str, merchant_order_no: str) -> None:
+    """Claim the quote for ``merchant_order_no`` (the trade order it pays; that trade's
+    retries and next attempts may name it again), inside the change that stores the order,
+    so a submit refused before its insert claims nothing; ``QuoteMismatch`` (the change
+    undone) if another trade order claimed it first. One quote, one sale: a coupon in it is
+    used once."""
+    conn.execute("UPDATE quotes SET used_by = ? WHERE quote_id = ? AND used_by IS NULL",
+                 (merchant_order_no, quote_id))
+    row = conn.execute("SELECT used_by FROM quotes WHERE quote_id = ?", (quote_id,)).fetchone()
+    _refuse_if_taken(quote_id, None if row is None else row[0], merchant_order_no)
+
+
+def _refuse_if_taken(quote_id: str, used_by: object, merchant_order_no: str) -> None:
+    if used_by is not None and used_by != merchant_order_no:
+        raise QuoteMismatch(f"quote {quote_id} pays merchant order {used_by} already: ask "
+                            "for a new quote")
 
 
 def load(store: Store, quote_id: str) -> Quote | None:

@@ -86,7 +86,7 @@ from payengine.persistence import (
 )
 from payengine.persistence.group_commit import CommitStats, GroupCommit, GroupCommitConfig
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 """Bumped whenever a table changes shape; a file of another version is refused at open
 (``IncompatibleDatabase``). 2: fences keyed by (account, scope, owner, leg), not a hold id.
 3: one journal row per change, holding that change's transitions. 4: an order's pay details
@@ -94,10 +94,12 @@ and prepay (JSON arrays); payment attempts (``payment_orders.attempt``, unique p
 order; ``trade_orders.order_id`` is the latest attempt). 5: merchants' signing keys and
 status, users' status, the nonces of signed requests and the requests refused
 (``persistence.merchants``). 6: an order's step-up verification (a JSON array) and device
-id (for the risk gate's velocity per device). 7: payment agreements and withholdings
+id (for the risk gate's velocity per device). 7 was an unfinished layout of 8 (development
+only, refused). 8: payment agreements and withholdings
 (``persistence.agreements``); an order's sale and discount terms
 (``payment_orders.sale``, with its station and shift for the shift report) and the quotes
-(``persistence.quotes``); a voucher account's status (active, frozen, closed), for
+(``persistence.quotes``, each claimed by the trade order it pays); the order's events' sale and
+split (``outbox.sale``, ``outbox.split``); a voucher account's status (active, frozen, closed), for
 recharges and transfers; an order's routes (``routing``: its method,
 the routes it left and a fallback under way, a JSON object), the serials of the routes it
 left (``order_serials``) and the channel and serial of a refund of a left route's late
@@ -126,17 +128,21 @@ class Store:
 
     def __init__(self, path: str | Path, *, synchronous: str = "FULL",
                  readers_max: int = 8, exclusive: bool = True,
-                 group_commit: GroupCommitConfig | None = None) -> None:
+                 group_commit: GroupCommitConfig | None = None,
+                 read_only: bool = False) -> None:
         """``exclusive``: hold a lock file for as long as the store is open, so that a second
         engine on the same file (this process or another) is refused with ``DatabaseInUse``.
-        Read-only inspection (``payengine show``) opens without it."""
+        ``read_only`` (inspection beside a running engine: ``payengine show``, ``report``):
+        no lock file, a read-only connection, no schema created, so it never writes and never
+        waits for the engine's writer; the file must exist with this schema version."""
         assert synchronous in ("FULL", "NORMAL", "OFF"), synchronous
         self.path = str(path)
         self._lock_file: IO[str] | None = None
-        if exclusive and self.path != ":memory:":
+        if exclusive and not read_only and self.path != ":memory:":
             self._lock_file = _lock_exclusively(self.path + ".lock")
         self._conn = sqlite3.connect(
-            self.path, check_same_thread=False, isolation_level=None, timeout=30.0
+            f"{Path(self.path).resolve().as_uri()}?mode=ro" if read_only else self.path,
+            check_same_thread=False, isolation_level=None, timeout=30.0, uri=read_only,
         )
         self._lock = threading.RLock()
         self._closed = False
@@ -151,13 +157,14 @@ class Store:
                                    is_closed=lambda: self._closed,
                                    after_commit=lambda: self.after_commit)
         self.db = sqlite_utils.Database(self._conn)
-        if self.path != ":memory:":
+        if self.path != ":memory:" and not read_only:
             self.db.enable_wal()
         self._conn.execute(f"PRAGMA synchronous={synchronous}")
         self._conn.execute("PRAGMA busy_timeout=30000")
         try:
             self._check_schema_version()
-            self._create_schema()
+            if not read_only:
+                self._create_schema()
         except BaseException:
             self.close()
             raise
@@ -427,6 +434,7 @@ class Store:
             with self._tx() as conn:
                 if nonce is not None:
                     merchants.insert_nonce(conn, nonce)
+                _claim_quote(conn, order)
                 conn.execute(
                     "INSERT INTO trade_orders (merchant_id, merchant_order_no, fingerprint,"
                     " order_id, created_at_ms) VALUES (?, ?, ?, ?, ?)",
@@ -483,6 +491,7 @@ class Store:
                         r[_HAS_REFUNDS + 1:] for r in rows if r[_HAS_REFUNDS + 1] is not None]))
                     if nonce is not None:
                         merchants.insert_nonce(conn, nonce)
+                    _claim_quote(conn, order)
                     conn.execute("UPDATE trade_orders SET order_id = ? WHERE merchant_id = ?"
                                  " AND merchant_order_no = ?", (order.order_id, *key))
                     conn.execute(_INSERT_ORDER, _order_row(order, now_ms))
@@ -1164,6 +1173,12 @@ def _refund_from_row(r: Sequence[Any]) -> Refund:
         channel=None if channel is None else str(channel),
         payment_serial=None if serial is None else str(serial),
     )
+
+
+def _claim_quote(conn: sqlite3.Connection, order: PaymentOrder) -> None:
+    """The quote a new order was priced by becomes its trade order's (``quotes.claim``)."""
+    if order.sale is not None and order.sale.quote_id is not None:
+        quotes.claim(conn, order.sale.quote_id, order.merchant_order_no)
 
 
 def _order_row(order: PaymentOrder, now_ms: int) -> tuple[object, ...]:

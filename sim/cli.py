@@ -356,7 +356,7 @@ def _store_for_reading(db: str, command: str) -> Any:
         print(f"payengine {command}: {db} is not a payengine database of schema version "
               f"{SCHEMA_VERSION} ({found})", file=sys.stderr)
         return None
-    return Store(db, exclusive=False)
+    return Store(db, read_only=True)
 
 
 def _report_shift(args: argparse.Namespace) -> int:

@@ -145,7 +145,11 @@ def test_a_new_submit_refused_after_the_close_leaves_the_previous_closed(
             request, error = order("n-5", total=50_00), IdempotencyConflict
         with pytest.raises(error):
             engine.change_order(first.order_id, request)
-        assert engine.get_order(first.order_id).state == "closed"
+        # a key another order holds with other parameters is refused before the close
+        # (README: the request is validated first as a submit would); an attempt whose
+        # trade was never submitted only by the submit after it
+        state = engine.get_order(first.order_id).state
+        assert state == "closed" if case.startswith("attempt") else state != "closed"
     finally:
         engine.shutdown()
 
