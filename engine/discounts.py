@@ -29,6 +29,7 @@ from payengine.engine.checks import (
     check_bool,
     check_id,
     check_instance,
+    check_int,
     check_parts,
     check_time_ms,
     shown,
@@ -411,16 +412,16 @@ def check_rules(value: object, what: str = "discount rules") -> DiscountRules:
     for index, level in enumerate(level_cuts):
         check_id(level.rule_id, f"{what} level_cuts[{index}] rule_id")
         check_id(level.level, f"{what} level_cuts[{index}] level")
-        _check_int(level.cut_minor_per_l, f"{what} level_cuts[{index}] cut_minor_per_l", 1,
+        check_int(level.cut_minor_per_l, f"{what} level_cuts[{index}] cut_minor_per_l", 1,
                    CUT_MINOR_PER_L_MAX)
         _check_grades(level.grades, f"{what} level_cuts[{index}] grades")
     _check_unique([c.rule_id for c in price_cuts] + [c.rule_id for c in level_cuts],
                   f"{what} rule_id")
-    _check_int(rules.utc_offset_minutes, f"{what} utc_offset_minutes", -720, 840)
-    _check_int(rules.discount_share_max_ppm, f"{what} discount_share_max_ppm", 0, PPM)
-    _check_int(rules.points_share_max_ppm, f"{what} points_share_max_ppm", 0, PPM)
-    _check_int(rules.combinations_max, f"{what} combinations_max", 1, COMBINATIONS_MAX)
-    _check_int(rules.quote_ttl_ms, f"{what} quote_ttl_ms", 1, QUOTE_TTL_MS_MAX)
+    check_int(rules.utc_offset_minutes, f"{what} utc_offset_minutes", -720, 840)
+    check_int(rules.discount_share_max_ppm, f"{what} discount_share_max_ppm", 0, PPM)
+    check_int(rules.points_share_max_ppm, f"{what} points_share_max_ppm", 0, PPM)
+    check_int(rules.combinations_max, f"{what} combinations_max", 1, COMBINATIONS_MAX)
+    check_int(rules.quote_ttl_ms, f"{what} quote_ttl_ms", 1, QUOTE_TTL_MS_MAX)
     return rules
 
 
@@ -436,18 +437,18 @@ def check_benefits(value: object, what: str = "benefits") -> Benefits:
     if benefits.points is not None:
         points = check_instance(benefits.points, PointsBalance, f"{what} points")
         check_id(points.account_id, f"{what} points account_id")
-        _check_int(points.balance, f"{what} points balance", 0, 10**15)
-        _check_int(points.minor_per_point, f"{what} points minor_per_point", 1,
+        check_int(points.balance, f"{what} points balance", 0, 10**15)
+        check_int(points.minor_per_point, f"{what} points minor_per_point", 1,
                    POINT_VALUE_MINOR_MAX)
     return benefits
 
 
 def _check_price_cut(cut: PriceCut, what: str) -> None:
     check_id(cut.rule_id, f"{what} rule_id")
-    _check_int(cut.cut_minor_per_l, f"{what} cut_minor_per_l", 1, CUT_MINOR_PER_L_MAX)
+    check_int(cut.cut_minor_per_l, f"{what} cut_minor_per_l", 1, CUT_MINOR_PER_L_MAX)
     _check_grades(cut.grades, f"{what} grades")
-    _check_int(cut.from_minute, f"{what} from_minute", 0, MINUTES_PER_DAY - 1)
-    _check_int(cut.to_minute, f"{what} to_minute", 1, MINUTES_PER_DAY)
+    check_int(cut.from_minute, f"{what} from_minute", 0, MINUTES_PER_DAY - 1)
+    check_int(cut.to_minute, f"{what} to_minute", 1, MINUTES_PER_DAY)
     if cut.from_minute == cut.to_minute:
         raise InvalidRequest(f"{what}: from_minute equals to_minute ({cut.from_minute}): "
                              "an empty window (0 to 1440 is the whole day)")
@@ -464,14 +465,14 @@ def _check_coupon(coupon: Coupon, what: str) -> None:
     if not isinstance(coupon.kind, CouponKind):
         raise InvalidRequest(f"{what} kind must be a CouponKind, got {shown(coupon.kind)}")
     if coupon.kind is CouponKind.PERCENT:
-        _check_int(coupon.value, f"{what} value (ppm off)", 1, PPM)
+        check_int(coupon.value, f"{what} value (ppm off)", 1, PPM)
     else:
-        _check_int(coupon.value, f"{what} value (minor units off)", 1, 10**15)
+        check_int(coupon.value, f"{what} value (minor units off)", 1, 10**15)
         if coupon.cap_minor is not None:
             raise InvalidRequest(f"{what}: cap_minor is for percent coupons")
-    _check_int(coupon.threshold_minor, f"{what} threshold_minor", 0, 10**15)
+    check_int(coupon.threshold_minor, f"{what} threshold_minor", 0, 10**15)
     if coupon.cap_minor is not None:
-        _check_int(coupon.cap_minor, f"{what} cap_minor", 1, 10**15)
+        check_int(coupon.cap_minor, f"{what} cap_minor", 1, 10**15)
     _check_grades(coupon.grades, f"{what} grades")
     check_bool(coupon.exclusive, f"{what} exclusive")
     if coupon.expires_at_ms is not None:
@@ -492,12 +493,6 @@ def _check_unique(ids: list[str], what: str) -> None:
         if item in seen:
             raise InvalidRequest(f"{what} {item!r} appears twice")
         seen.add(item)
-
-
-def _check_int(value: object, what: str, least: int, most: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most:
-        raise InvalidRequest(f"{what} must be an int {least}..{most}, got {shown(value)}")
-    return value
 
 
 # --------------------------------------------------------------------------- kept with orders

@@ -16,7 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from payengine.engine.checks import check_id, check_instance, check_optional_id, shown
+from payengine.engine.checks import (
+    check_id,
+    check_instance,
+    check_int,
+    check_optional_id,
+    shown,
+)
 from payengine.engine.errors import InvalidRequest
 
 ML_PER_L = 1_000
@@ -83,10 +89,10 @@ def check_fuel_line(value: object, what: str = "fuel line") -> FuelLine:
     """Return ``value`` if it is a consistent ``FuelLine``; ``InvalidRequest`` otherwise."""
     line = check_instance(value, FuelLine, what)
     check_id(line.grade, f"{what} grade")
-    _check_count(line.unit_price_minor, f"{what} unit_price_minor", UNIT_PRICE_MINOR_MAX)
-    _check_count(line.volume_ml, f"{what} volume_ml", VOLUME_ML_MAX)
-    _check_count(line.gross_minor, f"{what} gross_minor",
-                 price_of_volume(VOLUME_ML_MAX, UNIT_PRICE_MINOR_MAX))
+    check_int(line.unit_price_minor, f"{what} unit_price_minor", 1, UNIT_PRICE_MINOR_MAX)
+    check_int(line.volume_ml, f"{what} volume_ml", 1, VOLUME_ML_MAX)
+    check_int(line.gross_minor, f"{what} gross_minor", 1,
+              price_of_volume(VOLUME_ML_MAX, UNIT_PRICE_MINOR_MAX))
     if not _consistent(line):
         raise InvalidRequest(
             f"{what}: {line.volume_ml} ml at {line.unit_price_minor} a litre is "
@@ -99,8 +105,8 @@ def check_fuel_sale(value: object, what: str = "fuel sale") -> FuelSale:
     """Return ``value`` if it is a well-formed ``FuelSale``; ``InvalidRequest`` otherwise."""
     sale = check_instance(value, FuelSale, what)
     check_id(sale.station_id, f"{what} station_id")
-    _check_count(sale.pump, f"{what} pump", PUMP_MAX)
-    _check_count(sale.nozzle, f"{what} nozzle", NOZZLE_MAX)
+    check_int(sale.pump, f"{what} pump", 1, PUMP_MAX)
+    check_int(sale.nozzle, f"{what} nozzle", 1, NOZZLE_MAX)
     check_fuel_line(sale.line, f"{what} line")
     check_optional_id(sale.terminal_id, f"{what} terminal_id")
     check_optional_id(sale.cashier_id, f"{what} cashier_id")
@@ -113,12 +119,6 @@ def _consistent(line: FuelLine) -> bool:
     gross buys, rounded down)."""
     return (line.gross_minor == price_of_volume(line.volume_ml, line.unit_price_minor)
             or line.volume_ml == volume_of_amount(line.gross_minor, line.unit_price_minor))
-
-
-def _check_count(value: object, what: str, most: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
-        raise InvalidRequest(f"{what} must be an int 1..{most}, got {shown(value)}")
-    return value
 
 
 def fuel_sale_json(sale: FuelSale | None) -> dict[str, object] | None:
