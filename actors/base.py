@@ -22,6 +22,7 @@ from payengine.actors.health import ChannelHealth
 from payengine.actors.merchant_auth import MerchantRequestConfig
 from payengine.actors.messages import Asked, Paced
 from payengine.actors.notifier import NotificationConfig
+from payengine.actors.observe import NO_OBSERVER, Observer
 from payengine.actors.runtime import Runtime, TimerHandle
 from payengine.engine.checks import check_id, check_instance, check_int, check_setting, shown
 from payengine.engine.currency import currency_table
@@ -153,6 +154,9 @@ class Context:
     health: ChannelHealth = field(default_factory=lambda: ChannelHealth((), BreakerPolicy(),
                                                                         lambda: 0))
     """Every channel's circuit breaker; set by ``Engine.open``."""
+    observer: Observer = NO_OBSERVER
+    """Observation hooks (``actors.observe``); set by ``Engine.set_observer``, read on every
+    thread: one attribute, replaced whole."""
 
 
 class FreshOrders:

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import itertools
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -60,8 +61,9 @@ from payengine.actors.messages import (
     SetAccountStatus,
 )
 from payengine.actors.notifier import Notifications, Subscriber
+from payengine.actors.observe import HOOK_ERRORS, NO_OBSERVER, Observer, Vitals, notify
 from payengine.actors.order_actor import OrderBehaviour
-from payengine.actors.pool import PooledRuntime
+from payengine.actors.pool import ActorPool, PooledRuntime
 from payengine.actors.reconcile import ReconciliationReport, StatementSource
 from payengine.actors.resume import ResumeFeeder, in_flight_for
 from payengine.actors.risk_gate import RiskConfig, RiskGate
@@ -624,7 +626,13 @@ class Engine:
         """
         self._check_open()
         self._refuse_withhold_scenario(request)
-        return self._submit_withholding(request)
+        observer = self._ctx.observer
+        if not observer.enabled:
+            return self._submit_withholding(request)
+        started = time.perf_counter()
+        receipt = self._submit_withholding(request)
+        notify(observer.submitted, time.perf_counter() - started)
+        return receipt
 
     @staticmethod
     def _refuse_withhold_scenario(request: PaymentRequest) -> None:
@@ -1311,6 +1319,38 @@ class Engine:
         """Each channel's circuit breaker: ``closed`` (in use), ``open`` (down: routing skips
         it) or ``half_open`` (routing may try it again). See ``engine.health``."""
         return {name: state.value for name, state in self._ctx.health.states().items()}
+
+    def set_observer(self, observer: Observer) -> None:
+        """Install the observation hooks (``actors.observe``; ``NO_OBSERVER``: none), e.g.
+        an ``EngineMetrics``'s. One observer at a time: a later call replaces it. Any
+        thread; hooks already running finish on the old one."""
+        check_instance(observer, Observer, "observer")
+        self._ctx.observer = observer
+        self._ctx.store.on_commit(None if observer is NO_OBSERVER else observer.group_commit)
+
+    def vitals(self) -> Vitals:
+        """The engine's load as its memory knows it (actors, queues, threads, breakers,
+        commits, admission): no database read, any thread. For metrics and health checks."""
+        ctx = self._ctx
+        directory, store = ctx.directory, ctx.store
+        pool = getattr(ctx.runtime, "pool", None)
+        if not isinstance(pool, ActorPool):
+            pool = None
+        stats, admitted = store.commit_stats, self._admission.stats
+        return Vitals(
+            live_order_actors=directory.live_count("order"),
+            orders_in_flight=directory.count("order"),
+            live_account_actors=directory.live_count("account"),
+            actor_backlog=directory.backlog, writer_backlog=store.writer_backlog,
+            pool_ready=0 if pool is None else pool.ready_count(),
+            pool_threads=0 if pool is None else pool.threads(),
+            threads=threading.active_count(), breaker_states=self.channel_health(),
+            commits=stats.commits, changes_committed=stats.changes,
+            failed_changes=stats.failed_changes, largest_batch=stats.largest_batch,
+            submits_admitted=admitted.admitted,
+            submits_refused=(admitted.refused_busy + admitted.refused_backlog
+                             + admitted.refused_live_orders),
+            broken_actors=len(directory.broken()), observer_errors=HOOK_ERRORS[0])
 
     def broken_actors(self) -> dict[str, str]:
         """Orders and accounts quarantined on a broken invariant ("order:ID" -> error).

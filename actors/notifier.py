@@ -562,6 +562,19 @@ class Notifications:
         consumers = [*self.subscribers, MERCHANTS] if self._has_merchants else list(self.subscribers)
         return not pending and all(positions.get(c, 0) >= newest for c in consumers)
 
+    def lag(self) -> dict[str, int]:
+        """Events each consumer (subscribers by name, ``~merchants``: the dispatcher) has
+        not handled yet: the outbox's newest seq minus its cursor. One snapshot; for
+        metrics."""
+        with self.ctx.store._read() as conn:
+            newest = outbox.last_seq(conn)
+            return {c.consumer: max(0, newest - c.seq) for c in outbox.all_cursors(conn)}
+
+    def dead_letter_counts(self) -> dict[str, int]:
+        """Dead letters by subscriber (those that have any); for metrics."""
+        with self.ctx.store._read() as conn:
+            return outbox.dead_letter_counts(conn)
+
     def dead_letters(self, subscriber: str | None = None) -> list[DeadLetter]:
         """Events a subscriber refused on every attempt and was then skipped."""
         check_optional_id(subscriber, "subscriber")

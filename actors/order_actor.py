@@ -37,11 +37,13 @@ from payengine.actors.channel import (
 from payengine.actors.claim import Claimed
 from payengine.actors.directory import Key
 from payengine.actors.messages import FromOrder, OrderView
+from payengine.actors.observe import NO_OBSERVER, notify, timed
 from payengine.actors.routes import choose_for
 from payengine.actors.runtime import TimerHandle
 from payengine.engine.errors import EngineClosed, InvalidRequest, Overloaded, UnknownOrder
 from payengine.engine.ledger import Posting, postings_for
 from payengine.engine.order import (
+    TERMINAL_STATES,
     Activate,
     ArmTimer,
     CancelHold,
@@ -205,8 +207,10 @@ class OrderBehaviour(ActorBehaviour):
         saved = False
         if (changed and not self._may_wait_to_save(decision)) or (
                 transitions and (decision.effects or self.answering)):
+            was = self.durable
             self._save(decision.order, transitions, postings, now_ms)
             saved = True
+            self._observe_saved(was, decision.order, now_ms)
         elif changed:
             self.unsaved_transitions, self.unsaved_postings = transitions, postings
         before, self.order = self.order, decision.order
@@ -279,6 +283,23 @@ class OrderBehaviour(ActorBehaviour):
             skew_ledger="ledger-unbalanced" in self.ctx.config.planted_bugs)
         self.durable, self.unsaved_transitions, self.unsaved_postings = order, [], []
 
+    def _observe_saved(self, was: PaymentOrder | None, order: PaymentOrder, now_ms: int
+                       ) -> None:
+        """Tell the observer (``actors.observe``) what this commit finished: the payment's
+        final state (once: on the commit that made it final) and its settling. After the
+        commit, on this actor's thread; a failing observer changes nothing here."""
+        observer = self.ctx.observer
+        if observer is NO_OBSERVER or was is None:
+            return
+        final = order.state in TERMINAL_STATES
+        if final and (was.state not in TERMINAL_STATES
+                      or "metrics-double-count" in self.ctx.config.planted_bugs):
+            notify(observer.payment_finished, order.order_id, _channel_of(order),
+                   order.state.value)
+        if order.is_settled and not was.is_settled and not order.refunds:
+            notify(observer.payment_settled, order.order_id, _channel_of(order),
+                   order.state.value, order.created_at_ms, now_ms)
+
     def _log(self, event: Any, decision: Decision) -> None:
         """Log the decision; a failing log never undoes or blocks a committed decision."""
         order = decision.order
@@ -325,29 +346,31 @@ class OrderBehaviour(ActorBehaviour):
                 self._pay(effect)
             case QueryCash():
                 self._call_channel(effect.channel, effect.payment_serial, ResultSource.QUERY,
-                                   lambda ch: ch.query(effect.payment_serial))
+                                   lambda ch: ch.query(effect.payment_serial), "query")
             case QueryCharge():
                 channel = self.ctx.channels[effect.channel]
                 directory, key, txn = self.ctx.directory, self.key, effect.channel_txn_id
                 serial = effect.payment_serial
                 self.ctx.runtime.run_io(
                     effect.channel,
-                    lambda: channel.query_charge(serial, txn),
+                    timed(self.ctx.observer, effect.channel, "query_charge",
+                          lambda: channel.query_charge(serial, txn)),
                     lambda reply: directory.tell(key, query_charge_result(channel, txn, reply,
                                                                           serial)))
             case CloseCash():
                 self._call_channel(effect.channel, effect.payment_serial, ResultSource.CLOSE,
-                                   lambda ch: ch.close(effect.payment_serial))
+                                   lambda ch: ch.close(effect.payment_serial), "close")
             case ChooseRoute():
                 self._choose_route(effect)
             case RefundCash():
                 self._call_refund(effect.channel, effect.refund_id, ResultSource.SYNC,
                                   lambda ch: ch.refund(effect.payment_serial, effect.refund_id,
-                                                       effect.amount_minor, effect.currency))
+                                                       effect.amount_minor, effect.currency),
+                                  "refund")
             case QueryRefund():
                 self._call_refund(effect.channel, effect.refund_id, ResultSource.QUERY,
                                   lambda ch: ch.query_refund(effect.payment_serial,
-                                                             effect.refund_id))
+                                                             effect.refund_id), "query_refund")
 
     def _pay(self, effect: PayCash) -> None:
         """Call ``pay`` on the channel's lane; the serial counts as in flight, process-wide,
@@ -366,14 +389,16 @@ class OrderBehaviour(ActorBehaviour):
 
         in_flight.add(serial)
         try:
-            self.ctx.runtime.run_io(effect.channel, lambda: call_pay(
-                channel, serial, effect.amount_minor, effect.currency, effect.title,
-                effect.details), answered)
+            self.ctx.runtime.run_io(effect.channel, timed(
+                self.ctx.observer, effect.channel, "pay", lambda: call_pay(
+                    channel, serial, effect.amount_minor, effect.currency, effect.title,
+                    effect.details)), answered)
         except BaseException:
             in_flight.discard(serial)  # never started: nothing is in flight
             raise
 
-    def _call_channel(self, name: str, serial: str, source: ResultSource, call: Any) -> None:
+    def _call_channel(self, name: str, serial: str, source: ResultSource, call: Any,
+                      operation: str) -> None:
         channel = self.ctx.channels[name]
         directory, key, health = self.ctx.directory, self.key, self.ctx.health
 
@@ -381,7 +406,8 @@ class OrderBehaviour(ActorBehaviour):
             health.record(name, communicated(reply, channel.pay_codes))
             directory.tell(key, cash_result(channel, reply, source, payment_serial=serial))
 
-        self.ctx.runtime.run_io(name, lambda: call(channel), answered)
+        self.ctx.runtime.run_io(name, timed(self.ctx.observer, name, operation,
+                                            lambda: call(channel)), answered)
 
     def _choose_route(self, effect: ChooseRoute) -> None:
         """The next route of a falling-back payment (``actors.routes``), told back to this
@@ -397,10 +423,17 @@ class OrderBehaviour(ActorBehaviour):
             return
         self.ctx.directory.tell(self.key, Rerouted(choice.channel, choice.cause))
 
-    def _call_refund(self, name: str, refund_id: str, source: ResultSource, call: Any) -> None:
+    def _call_refund(self, name: str, refund_id: str, source: ResultSource, call: Any,
+                     operation: str) -> None:
         channel = self.ctx.channels[name]
         directory, key = self.ctx.directory, self.key
         self.ctx.runtime.run_io(
-            name, lambda: call(channel),
+            name, timed(self.ctx.observer, name, operation, lambda: call(channel)),
             lambda reply: directory.tell(key, refund_result(channel, refund_id, reply, source)),
         )
+
+
+def _channel_of(order: PaymentOrder) -> str:
+    """The channel label of an order for metrics: its cash leg's channel, else ``none``."""
+    cash = order.cash_leg
+    return (cash.channel if cash is not None else None) or "none"

@@ -250,6 +250,11 @@ class ActorPool:
         with self._cond:
             return self._threads
 
+    def ready_count(self) -> int:
+        """Actors with messages waiting for a worker thread (the pool's queue; metrics)."""
+        with self._cond:
+            return len(self._ready)
+
     # -- under the lock
 
     def _make_ready(self, actor: PooledActor) -> None:

@@ -296,3 +296,15 @@ class UnknownWithholding(PaymentError):
     """No withholding has this merchant id and merchant order number."""
 
     code = "unknown_withholding"
+
+
+class ExtraMissing(PaymentError):
+    """An optional feature was asked for whose extra is not installed (``metrics``:
+    prometheus-client, ``report``: matplotlib). Nothing was started or changed; install
+    ``payengine[<extra>]``. ``extra`` names it."""
+
+    code = "extra_missing"
+
+    def __init__(self, message: str, extra: str) -> None:
+        super().__init__(message)
+        self.extra = extra

@@ -52,6 +52,7 @@ from payengine.actors.messages import (
     RefundView,
     VerificationView,
 )
+from payengine.actors.metrics import EngineMetrics
 from payengine.actors.notifier import NotificationConfig
 from payengine.actors.reconcile import ReconciliationReport
 from payengine.actors.risk_gate import RiskConfig, RiskContext, RiskHook
@@ -94,6 +95,7 @@ from payengine.engine.errors import (
     DatabaseInUse,
     DuplicateSuspected,
     EngineClosed,
+    ExtraMissing,
     HoldNotPending,
     HoldRefused,
     IdempotencyConflict,
@@ -177,6 +179,8 @@ __all__ = [
     "Engine",
     "EngineClosed",
     "EngineConfig",
+    "EngineMetrics",
+    "ExtraMissing",
     "FuelLine",
     "FuelSale",
     "GroupCommitConfig",

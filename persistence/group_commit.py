@@ -26,7 +26,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 from payengine.engine.checks import check_int
@@ -87,6 +87,9 @@ class GroupCommit:
         self._waiting = 0
         self._waiting_lock = threading.Lock()
         self.stats = CommitStats()
+        self.on_commit: Callable[[int], None] | None = None
+        """Told each committed batch's number of changes (metrics), under the connection's
+        lock: it must be quick; what it raises is dropped."""
 
     @property
     def backlog(self) -> int:
@@ -258,6 +261,10 @@ class GroupCommit:
         stats.changes += batch.changes
         stats.largest_batch = max(stats.largest_batch, batch.changes)
         batch.done.set()
+        on_commit = self.on_commit
+        if on_commit is not None:
+            with suppress(Exception):
+                on_commit(batch.changes)
         return True
 
     def _run_after_commit(self) -> None:

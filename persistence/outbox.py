@@ -498,6 +498,13 @@ def dead_letters(conn: sqlite3.Connection, consumer: str | None = None) -> list[
             for r in rows]
 
 
+def dead_letter_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    """Dead letters by consumer (one row per consumer that has any)."""
+    rows = conn.execute("SELECT consumer, COUNT(*) FROM outbox_dead_letters GROUP BY consumer"
+                        " ORDER BY consumer").fetchall()
+    return {str(consumer): int(n) for consumer, n in rows}
+
+
 # ---------------------------------------------------------------------- retention
 
 

@@ -208,6 +208,10 @@ class Store:
         """Commits, changes and the largest batch so far (for benchmarks and metrics)."""
         return self._writer.stats
 
+    def on_commit(self, hook: Callable[[int], None] | None) -> None:
+        """Tell ``hook`` each commit's batch size in changes (metrics; ``None``: nobody)."""
+        self._writer.on_commit = hook
+
     @property
     def closed(self) -> bool:
         return self._closed
