@@ -618,6 +618,22 @@ class Store:
                 (order_id,)).fetchall()
         return [(str(p), str(a), int(m), str(memo)) for p, a, m, memo in rows]
 
+    def iter_account_movements(self, account: str, batch_size: int = 1_000
+                               ) -> Iterator[tuple[int, str, int]]:
+        """(at_ms, currency, minor) of every ledger change that moved ``account``, in commit
+        order, read in batches of ``batch_size`` (a report's time series: the simulator's
+        money in transit)."""
+        with self._read(snapshot=True) as conn:
+            cursor = conn.execute(
+                f"SELECT l.at_ms, {_ENTRY_CURRENCY}, SUM({_ENTRY_MINOR}) FROM {_LEDGER_ENTRIES}"
+                f" WHERE {_ENTRY_ACCOUNT} = ? GROUP BY l.seq ORDER BY l.seq", (account,))
+            try:
+                while rows := cursor.fetchmany(batch_size):
+                    for at_ms, currency, minor in rows:
+                        yield int(at_ms), str(currency), int(minor)
+            finally:
+                cursor.close()  # a consumer that stopped early leaves no statement open
+
     def load_order(self, order_id: str) -> PaymentOrder | None:
         """The order with its legs and refunds, as last committed.
 

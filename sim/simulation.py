@@ -66,6 +66,12 @@ from payengine.sim.beneficiary import RechargesAndTransfers
 from payengine.sim.channel import ChannelFaults, SimulatedChannel
 from payengine.sim.forger import Forger
 from payengine.sim.merchant import SimMerchant
+from payengine.sim.metrics_probe import (
+    MetricsProbe,
+    SimSeries,
+    check_payments_counted,
+    series_of,
+)
 from payengine.sim.oracle import (
     OracleReport,
     Told,
@@ -236,6 +242,9 @@ class SimConfig:
     runtime: str = "sim"
     plant_bug: str | None = None
     db_dir: str | None = None
+    record_series: bool = False
+    """Keep what a chaos report draws (``SimResult.series``): settlement latencies and money
+    in transit over time, bounded (``sim.metrics_probe``)."""
 
     def __post_init__(self) -> None:
         assert 0 < self.orders <= 1_000_000
@@ -261,6 +270,8 @@ class SimResult:
     plant_bug: str | None
     fault_mix: list[str]
     traces: dict[str, list[str]] = field(default_factory=dict)
+    series: SimSeries | None = None
+    """What a chaos report draws; only with ``SimConfig.record_series``."""
 
     @property
     def ok(self) -> bool:
@@ -488,6 +499,10 @@ class Simulation:
                                               nonce_prune_interval_ms=500),
                                           ask_timeout_s=30.0)
         self.ids = SeqIds()
+        self.probe = MetricsProbe(keep_latencies=config.record_series)
+        """Every incarnation's observer: what the metrics would count (``sim.metrics_probe``)."""
+        self.start_ms: int = self.world.now_ms()
+        self.series: SimSeries | None = None
         self._tmp = Path(config.db_dir or tempfile.mkdtemp(prefix="payengine-sim-"))
         self.path = self._tmp / f"sim-{config.seed}.db"
         self.engine: Engine | None = None
@@ -563,6 +578,7 @@ class Simulation:
         runtime = self._new_runtime()
         self.runtime = runtime
         self.engine = self._open_engine(runtime)
+        self.engine.set_observer(self.probe)
         if tries:
             self.violations += check_reopens(tries)
         for channel in self.channels.values():
@@ -958,6 +974,8 @@ class Simulation:
         report.violations += check_code_tables(self.channels)
         self._note_broken(engine)
         report.violations += check_one_success_per_trade(orders)
+        report.violations += check_payments_counted(
+            self.probe.counted, {order.order_id: order.state.value for order in orders})
         report.violations += check_beneficiaries(engine.store, orders)
         for (key, attempt), receipt in self.receipts.items():
             try:
@@ -1077,6 +1095,9 @@ class Simulation:
         assert engine is not None
         final = engine.store.count_orders_by_state()
         traces = self._traces(engine)
+        if self.config.record_series:
+            self.series = series_of(engine.store, self.probe, self.start_ms,
+                                    self.world.now_ms())
         engine.shutdown()
         return final, traces
 
@@ -1094,7 +1115,8 @@ class Simulation:
             violations=self.violations, final_states=final, faults=dict(sorted(faults.items())),
             crashes=self.crashes_done, virtual_seconds=virtual,
             wall_seconds=time.monotonic() - started, runtime=self.config.runtime,
-            plant_bug=self.config.plant_bug, fault_mix=sorted(self.mix.on), traces=traces)
+            plant_bug=self.config.plant_bug, fault_mix=sorted(self.mix.on), traces=traces,
+            series=self.series)
 
     def _reconcile(self, deadline_ms: int) -> None:
         """The quiet phase ends with the channel's statement, as a day ends with its file.
