@@ -228,3 +228,16 @@ def test_notify_swallows_and_counts_what_a_hook_raises() -> None:
     notify(hook, 1)
     assert HOOK_ERRORS[0] == before + 1
 
+
+
+def test_the_readme_s_metrics_example_runs_as_it_is(capsys: pytest.CaptureFixture[str]) -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Metrics\n"):]
+    start = section.index("```python\n") + len("```python\n")
+    code = section[start:section.index("```\n", start)]
+    exec(compile(code, "README.md#metrics", "exec"), {"__name__": "readme_example"})
+    text = capsys.readouterr().out
+    assert 'payengine_payments_total{channel="wechat",state="succeeded"} 1.0' in text
+    assert "payengine_up 1.0" in text
