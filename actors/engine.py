@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import threading
 import time
@@ -1326,7 +1327,8 @@ class Engine:
         thread; hooks already running finish on the old one."""
         check_instance(observer, Observer, "observer")
         self._ctx.observer = observer
-        self._ctx.store.on_commit(None if observer is NO_OBSERVER else observer.group_commit)
+        self._ctx.store.on_commit(None if observer is NO_OBSERVER else functools.partial(
+            notify, observer.group_commit))
 
     def vitals(self) -> Vitals:
         """The engine's load as its memory knows it (actors, queues, threads, breakers,

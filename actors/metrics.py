@@ -25,7 +25,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from payengine.actors.observe import Observer
-from payengine.engine.errors import EngineClosed, ExtraMissing
+from payengine.engine.errors import EngineClosed, ExtraMissing, InvalidRequest
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -181,7 +181,7 @@ class _Scraped:
         by_state = store.count_orders_by_state()
         owed = len(store.orders_owing_follow_ups(OWED_COUNT_MAX))
         dead = notifications.dead_letter_counts()
-        given_up = notifications.counts().get("given_up", 0)
+        merchant_counts = notifications.counts()
         return [
             self._labelled("orders", "Payment orders in the database by state", ["state"],
                            {(state,): n for state, n in by_state.items()}),
@@ -191,13 +191,13 @@ class _Scraped:
             self._labelled("dead_letters", "Events a subscriber refused until its retries "
                            "ran out", ["subscriber"], {(s,): n for s, n in dead.items()}),
             self._labelled("merchant_notifications", "Merchant notifications by status",
-                           ["status"], {(s,): n for s, n in notifications.counts().items()}),
+                           ["status"], {(s,): n for s, n in merchant_counts.items()}),
             self._labelled(
                 "needs_person", "Items a person has to look at", ["item"], {
                     ("needs_reconciliation",): by_state.get("needs_reconciliation", 0),
                     ("owed_follow_ups",): owed,
                     ("dead_letters",): sum(dead.values()),
-                    ("notifications_given_up",): given_up,
+                    ("notifications_given_up",): merchant_counts.get("given_up", 0),
                     ("broken_actors",): len(engine.broken_actors())}),
         ]
 
@@ -205,7 +205,8 @@ class _Scraped:
 class EngineMetrics:
     """Prometheus metrics of ``engine`` on ``registry`` (a new ``CollectorRegistry`` if
     ``None``). Installs its hooks as the engine's observer (``Engine.set_observer``): one
-    ``EngineMetrics`` per engine. ``ExtraMissing`` without prometheus-client.
+    ``EngineMetrics`` per engine and per registry (a second on the same registry:
+    ``InvalidRequest``). ``ExtraMissing`` without prometheus-client.
 
     Counters and histograms count from when it is made (a new engine, after a restart:
     from zero again, which Prometheus handles as a counter reset).
@@ -215,7 +216,11 @@ class EngineMetrics:
         client = prometheus()
         self.registry: CollectorRegistry = registry or client.CollectorRegistry()
         self._client = client
-        self.hooks = _Hooks(client, self.registry)
+        try:
+            self.hooks = _Hooks(client, self.registry)
+        except ValueError:  # prometheus-client: "Duplicated timeseries in CollectorRegistry"
+            raise InvalidRequest("this registry has an engine's metrics already: one "
+                                 "EngineMetrics per registry") from None
         self.registry.register(_Scraped(client, engine))
         engine.set_observer(self.hooks)
 

@@ -241,3 +241,16 @@ def test_the_readme_s_metrics_example_runs_as_it_is(capsys: pytest.CaptureFixtur
     text = capsys.readouterr().out
     assert 'payengine_payments_total{channel="wechat",state="succeeded"} 1.0' in text
     assert "payengine_up 1.0" in text
+
+
+def test_a_second_engine_metrics_on_the_same_registry_is_refused(engine: Engine, tmp_path: Any
+                                                                 ) -> None:
+    from payengine import InvalidRequest
+
+    first = EngineMetrics(engine)
+    other = Engine.open(tmp_path / "other.db", channels=[ScriptedChannel()])
+    try:
+        with pytest.raises(InvalidRequest, match="one EngineMetrics per registry"):
+            EngineMetrics(other, registry=first.registry)
+    finally:
+        other.shutdown()
