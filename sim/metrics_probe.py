@@ -116,18 +116,21 @@ class SimSeries:
 
 def transit_series(movements: Iterable[tuple[int, str, int]], start_ms: int, end_ms: int,
                    points_max: int = SERIES_POINTS_MAX) -> list[tuple[int, int]]:
-    """Money in ``transit`` over time from its ledger movements (in commit order): the
-    running balance at the last movement of each of ``points_max`` equal time buckets,
-    as (ms since ``start_ms``, minor units). Currencies are summed (the simulator pays in
-    CNY only)."""
+    """Money in ``transit`` over time from its ledger movements (in commit order): zero at
+    the start, then the running balance at the last movement of each of ``points_max - 1``
+    equal time buckets, as (ms since ``start_ms``, minor units): ``points_max`` points at
+    most. Currencies are summed (the simulator pays in CNY only)."""
+    assert points_max >= 2
     span = max(1, end_ms - start_ms)
     points: dict[int, tuple[int, int]] = {}
     balance = 0
     for at_ms, _currency, minor in movements:
         balance += minor
         at = min(max(0, at_ms - start_ms), span)
-        points[at * (points_max - 1) // span] = (at, balance)
-    return [points[bucket] for bucket in sorted(points)]
+        points[at * (points_max - 2) // span] = (at, balance)
+    series = [points[bucket] for bucket in sorted(points)]
+    # nothing was in transit at the start: the line starts at zero, not at its first bucket
+    return [(0, 0), *series] if series and series[0][0] > 0 else series
 
 
 def series_of(store: Store, probe: MetricsProbe, start_ms: int, end_ms: int) -> SimSeries:

@@ -231,7 +231,8 @@ class ChaosReport:
             axes.step([ms / 1000 for ms, _ in points], [minor / 100 for _, minor in points],
                       where="post", label=f"seed {seed}")
         axes.set(title="Money in transit (the gateway's transit account)",
-                 xlabel="virtual seconds since the run's start", ylabel="CNY")
+                 xlabel="seconds since the run's start (virtual on the sim runtime)",
+                 ylabel="CNY")
         axes.grid(True, alpha=0.3)
         axes.legend(fontsize=8)
         return self._save(figure, path)

@@ -130,6 +130,7 @@ def test_money_in_transit_ends_at_the_sum_of_its_movements_in_at_most_points_max
     assert [t for t, _ in series] == sorted(t for t, _ in series)
     if moves:
         assert series[-1][1] == sum(minor for _, minor in moves)
+        assert series[0] == (0, 0) or series[0][0] == 0
     else:
         assert series == []
 
