@@ -134,6 +134,9 @@ def _errors(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http(request: Request, error: StarletteHTTPException) -> Response:
+        if error.status_code == 400:  # a body FastAPI could not parse (not UTF-8 JSON)
+            return _error(422, "validation_error", "the body is not UTF-8 JSON",
+                          {"errors": []})
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code,
                                                                  "http_error")
         return _error(error.status_code, code, str(error.detail), {}, error.headers)
