@@ -173,7 +173,12 @@ def load_settings(path: str | Path | None = None, *, db: str | None = None,
 def parse_settings(data: object, *, base_dir: Path | None = None,
                    environ: Mapping[str, str] | None = None) -> ServerSettings:
     """``load_settings`` of an already parsed TOML document."""
-    top = _known(data, "", _TOP_KEYS)
+    if not isinstance(data, Mapping):
+        raise ConfigError("", f"a configuration is a table, not {shown(data)}")
+    for name in data:
+        if name not in _TOP_KEYS:
+            raise ConfigError(str(name), f"unknown key (known: {', '.join(_TOP_KEYS)})")
+    top = dict(data)
     env = os.environ if environ is None else environ
     service = _service(top.get("service", {}))
     engine_table = _known(top.get("engine", {}), "engine", _ENGINE_KEYS)
