@@ -27,7 +27,12 @@ from payengine.actors.service import models
 from payengine.actors.service.config import ServiceConfig
 from payengine.actors.service.errors import details_of, error_body, headers_of, status_of
 from payengine.actors.service.limits import Bounds, TokenBuckets
-from payengine.actors.service.notify import AckFormat, ack_format, format_for_wallet
+from payengine.actors.service.notify import (
+    AckFormat,
+    ack_format,
+    answer_notification,
+    format_for_wallet,
+)
 from payengine.actors.service.views import to_json
 from payengine.engine.errors import EngineClosed, PaymentError
 
@@ -307,13 +312,7 @@ def _notify(app: FastAPI, service: Service) -> None:
         checked and committed by the engine, then acknowledged in the wallet's format."""
         fmt = service.ack(channel)
         body = await request.body()
-        try:
-            state = await service.call(service.engine.handle_notification, channel, body,
-                                       request_headers(request))
-        except PaymentError as error:
-            return Response(fmt.fail(error.code if not hasattr(error, "reason")
-                                     else f"{error.code}: {error.reason}"),
-                            status_code=status_of(error), media_type=fmt.media_type,
-                            headers=headers_of(error))
-        return Response(fmt.ok(), status_code=200, media_type=fmt.media_type,
-                        headers={"X-Payengine-Order-State": state})
+        answer = await service.call(answer_notification, service.engine, channel, body,
+                                    request_headers(request), fmt)
+        return Response(answer.body, status_code=answer.status, media_type=answer.media_type,
+                        headers=answer.headers)
