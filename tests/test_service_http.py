@@ -311,3 +311,70 @@ def test_a_configured_api_token_is_asked_on_v1_but_not_of_signed_routes_or_probe
                           headers={"Authorization": "Bearer " + "t" * 32}).status_code == 200
         assert client.get("/healthz").status_code == 200
         assert client.post("/v1/signed/query", content=b"{}").status_code == 400
+
+
+def test_a_quote_is_made_read_back_paid_and_booked_to_its_shift(
+        tmp_path: Path, world: ThreadRuntime) -> None:
+    with serving(tmp_path / "pay.db", wallet(world)) as served, served.client() as client:
+        sale = {"station_id": "st-1", "pump": 3, "nozzle": 2, "shift_id": "2026-12-01/A",
+                "line": {"grade": "95", "unit_price_minor": 789, "amount_minor": 200_00}}
+        made = client.post("/v1/quotes", json={
+            "merchant_id": "station-42", "user_id": "alice", "sale": sale,
+            "benefits": {"coupons": [{"coupon_id": "fixed-10", "kind": "fixed",
+                                      "value": 10_00, "threshold_minor": 150_00}]}})
+        assert made.status_code == 200, made.text
+        quote = made.json()
+        assert client.get(f"/v1/quotes/{quote['quote_id']}").json() == quote
+        best = quote["combinations"][0]
+        assert best["discounts"] == [{"rule_id": "fixed-10", "kind": "coupon",
+                                      "amount_minor": 10_00}]
+        body = {**payment("q-1", total=best["total_minor"]),
+                "quote": {"quote_id": quote["quote_id"],
+                          "combination_id": best["combination_id"]}}
+        receipt = client.post("/v1/orders", json=body)
+        assert receipt.status_code == 200, receipt.text
+        order = wait_settled(client, receipt.json()["order_id"])
+        assert order["state"] == "succeeded"
+        assert order["sale"]["quote_id"] == quote["quote_id"]
+        report = client.get("/v1/shifts", params={"station_id": "st-1",
+                                                  "shift_id": "2026-12-01/A"}).json()
+        assert report["orders_by_state"] == {"succeeded": 1}
+        assert report["totals"]["CNY"]["paid_minor"] == best["total_minor"]
+        assert client.get("/v1/quotes/nope").json()["error"]["code"] == "unknown_quote"
+
+
+def test_an_unpaid_order_is_changed_closed_and_verify_is_refused_when_not_asked(
+        tmp_path: Path, world: ThreadRuntime) -> None:
+    with serving(tmp_path / "pay.db", wallet(world, user_never_pays=1.0)) as served, \
+            served.client() as client:
+        first = client.post("/v1/orders", json=payment("c-1")).json()
+        changed = client.post(f"/v1/orders/{first['order_id']}/change",
+                              json=payment("c-2", total=90_00))
+        assert changed.status_code == 200, changed.text
+        assert changed.json()["merchant_order_no"] == "c-2"
+        assert wait_settled(client, first["order_id"])["state"] == "closed"
+        second = changed.json()["order_id"]
+        verify = client.post(f"/v1/orders/{second}/verify", json={"code": "123456"})
+        assert (verify.status_code, verify.json()["error"]["code"]) == (409,
+                                                                        "illegal_transition")
+        closed = client.post(f"/v1/orders/{second}/close")
+        assert closed.status_code == 200 and closed.json()["order_id"] == second
+        assert wait_settled(client, second)["state"] == "closed"
+        hold = client.post("/v1/accounts", json={"account_id": "bob/p", "unit": "POINTS",
+                                                 "minor_per_unit": 1})
+        assert hold.status_code == 200
+        client.post("/v1/accounts/fund", json={"account_id": "bob/p", "amount": 5,
+                                               "funding_id": "b-1"})
+        held = client.post("/v1/holds", json={"account_id": "bob/p", "amount": 5,
+                                              "hold_id": "h/1"}).json()
+        assert client.get("/v1/holds", params={"account_id": "bob/p", "hold_id": "h/1"}
+                          ).json() == held
+        released = client.post("/v1/holds/release", json={"account_id": "bob/p",
+                                                          "hold_id": "h/1"}).json()
+        assert released["status"] == "voided"
+        frozen = client.post("/v1/accounts/status", json={"account_id": "bob/p",
+                                                          "status": "frozen"}).json()
+        assert frozen == {"account_id": "bob/p", "previous": "active", "status": "frozen"}
+        refused = client.post("/v1/holds", json={"account_id": "bob/p", "amount": 1})
+        assert (refused.status_code, refused.json()["error"]["code"]) == (409,
+                                                                          "account_frozen")

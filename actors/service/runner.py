@@ -110,8 +110,7 @@ def run_server(config: str | Path | None = None, *, db: str | None = None,
     server = uvicorn.Server(uvicorn.Config(
         app, host=service.host, port=service.port, log_level="info",
         limit_concurrency=service.connections_max,
-        timeout_graceful_shutdown=max(1, service.drain_timeout_ms // 1000),
-        h11_max_incomplete_event_size=service.max_body_bytes + 16_384))
+        timeout_graceful_shutdown=max(1, -(-service.drain_timeout_ms // 1000))))
     print(f"payengine serve: {settings.db} on http://{service.host}:{service.port} "
           f"(OpenAPI at /openapi.json)", file=sys.stderr)
     try:
