@@ -73,7 +73,11 @@ class Service:
         self.closing = True
         deadline = time.monotonic() + self.config.notify_drain_timeout_ms / 1000
         while time.monotonic() < deadline:
-            caught_up = await anyio.to_thread.run_sync(self.engine.notifications.caught_up)
+            try:
+                caught_up = await anyio.to_thread.run_sync(
+                    self.engine.notifications.caught_up)
+            except PaymentError:  # shut down already (by its owner): nothing to wait for
+                break
             if caught_up:
                 break
             await anyio.sleep(DRAIN_POLL_S)
