@@ -64,7 +64,8 @@ class Service:
         """``fn(*args, **kwargs)`` on a worker thread (at most ``threads`` at once)."""
         if self.closing:
             raise EngineClosed("the service is shutting down: ask again after its restart")
-        assert self.limiter is not None, "a request before the app started"
+        if self.limiter is None:  # served without its lifespan (a bare test client)
+            self.limiter = anyio.CapacityLimiter(self.config.threads)
         return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs),
                                               limiter=self.limiter)
 
