@@ -197,3 +197,11 @@ def test_the_core_package_imports_without_fastapi() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, cwd=Path(__file__).resolve().parent.parent)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_the_channel_loader_names_an_unknown_top_level_key_as_written() -> None:
+    from payengine import parse_config
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"channels": {}, "surprise": 1})
+    assert caught.value.key == "surprise"
