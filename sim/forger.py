@@ -18,6 +18,10 @@ random moments of an order's life:
 Every one of them is either refused (``NotificationRejected``, counted) or only makes the
 engine ask the channel, whose answer is the truth; the oracle's cash and refund checks see
 any order paid, or refund settled, on a forger's word.
+
+The signed forgeries (``tampered``, ``wrong-channel``) arrive as at the HTTP service's
+notification URL: through its answer (``actors.service.notify.answer_notification``), which
+must never acknowledge one (``acknowledged`` lists those it did: a violation).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from payengine.actors.channel import ChannelNotification, ChannelReply, NotificationKind
+from payengine.actors.service.notify import answer_notification, format_for_wallet
 from payengine.engine.errors import PaymentError
 from payengine.sim.channel import SimulatedChannel
 
@@ -54,12 +59,15 @@ class Forger:
     refused. Deterministic given its ``rng``."""
 
     def __init__(self, rng: random.Random, channels: Mapping[str, SimulatedChannel],
-                 counts: dict[str, int]) -> None:
+                 counts: dict[str, int], planted_bugs: frozenset[str] = frozenset()) -> None:
         assert len(channels) >= 2, "a misrouted notification needs a second channel"
         self.rng = rng
         self.channels = dict(channels)
         self.counts = counts
+        self.planted_bugs = planted_bugs
         self._forged = 0
+        self.acknowledged: list[str] = []
+        """Signed forgeries the service's answer acknowledged (``attack serial``): none."""
 
     def strike(self, target: Target, channel: str, serial: str, amount_minor: int,
                refund_ids: list[str]) -> None:
@@ -88,13 +96,13 @@ class Forger:
                     NotificationKind.PAYMENT, serial, success))
                 data = json.loads(body)
                 data["amount_minor"] = amount_minor + self.rng.randint(1, 100)
-                target.handle_notification(channel, json.dumps(data).encode(), headers,
-                                           wait=False)
+                self._post(target, attack, channel, serial, json.dumps(data).encode(),
+                           headers)
             case "wrong-channel":
                 other = self.rng.choice(sorted(set(self.channels) - {channel}))
                 body, headers = self.channels[other].notifications.sign(ChannelNotification(
                     NotificationKind.PAYMENT, serial, success))
-                target.handle_notification(other, body, headers, wait=False)
+                self._post(target, attack, other, serial, body, headers)
             case "replayed":
                 sent = wallet.sent_notifications
                 if sent:
@@ -107,6 +115,17 @@ class Forger:
                     target.handle_refund_callback(channel, serial,
                                                   self.rng.choice(refund_ids), reply,
                                                   wait=False)
+
+    def _post(self, target: Target, attack: str, channel: str, serial: str, body: bytes,
+              headers: Mapping[str, str]) -> None:
+        """A signed forgery posted to the service's notification URL of ``channel``."""
+        answer = answer_notification(target, channel, body, headers,
+                                     format_for_wallet(self.channels[channel].name), wait=False,
+                                     planted_bugs=self.planted_bugs)
+        if answer.acknowledged and answer.code:  # refused by the engine, yet acknowledged
+            self.acknowledged.append(f"{attack} {serial}")
+        if answer.code:
+            self._count(f"forged_refused:{answer.code}")
 
     def _count(self, kind: str) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + 1

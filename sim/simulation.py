@@ -476,7 +476,8 @@ class Simulation:
         if self.withholds is not None:
             self.withholds.wallets = self.channels
         self.forged_counts: dict[str, int] = {}
-        self.forger = Forger(random.Random(config.seed + 5), self.channels, self.forged_counts)
+        self.forger = Forger(random.Random(config.seed + 5), self.channels, self.forged_counts,
+                             planted_bugs=bugs)
         self.policy = OrderPolicy(
             pay_window_ms=self.mix.pay_window_ms, hold_grace_ms=SIM_POLICY.hold_grace_ms,
             query_schedule_ms=SIM_POLICY.query_schedule_ms,
@@ -1037,6 +1038,11 @@ class Simulation:
         if self.quoter is not None:
             report.violations += self.quoter.check(engine)
             report.violations += self.quoter.check_shift_reports(engine, orders)
+        for forgery in self.forger.acknowledged[:5]:
+            report.violations.append(Violation(
+                "forged-notification-unacknowledged", forgery,
+                "the service acknowledged a notification the engine refused: the wallet "
+                "would not send it again"))
         for event_id in self.merchant.bad_signatures[:5]:
             report.violations.append(Violation(
                 "notification-signed", f"event {event_id}", "the signature did not verify"))

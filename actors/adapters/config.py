@@ -749,7 +749,7 @@ def _known(table: object, key: str, allowed: tuple[str, ...]) -> dict[str, Any]:
         raise ConfigError(key, f"must be a table, not {shown(table)}")
     for name in table:
         if name not in allowed:
-            where = f"{key}.{name}" if isinstance(name, str) else key
+            where = (f"{key}.{name}" if key else name) if isinstance(name, str) else key
             raise ConfigError(where, f"unknown key (known: {', '.join(allowed)})")
     return dict(table)
 

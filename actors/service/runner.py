@@ -1,0 +1,122 @@
+"""``payengine serve``: open the engine the settings describe and serve it with uvicorn.
+
+Runs on the calling (main) thread: uvicorn's loop takes SIGINT and SIGTERM, stops
+accepting, lets the requests in flight finish (``drain_timeout_ms``), then the app's
+shutdown waits (bounded) for the outbox and shuts the engine down. With no configuration it
+serves what ``payengine demo`` runs on: the SQLite file ``payengine.db`` in the working
+directory and a simulated wallet, channel ``wechat`` (every user pays promptly).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from payengine.actors.adapters.channels import build_channel
+from payengine.actors.adapters.config import parse_config
+from payengine.actors.channel import Channel
+from payengine.actors.engine import Engine
+from payengine.actors.service.config import ExtraMissing, ServerSettings, load_settings
+from payengine.actors.service.notify import format_for_wallet
+from payengine.engine.errors import PaymentError
+
+SIMULATED_KEY = "payengine-serve-simulated-wallet-key"
+"""The simulated wallet's notification key (it moves no real money)."""
+DEFAULT_CHANNELS: Mapping[str, Any] = {"channels": {"wechat": {
+    "kind": "simulated", "wallet": "wechat", "merchant_no": "sim-0001",
+    "credentials": {"key": SIMULATED_KEY},
+    "simulated": {"seed": 7, "txn_prefix": "S", "faults": "none"}}}}
+"""What is served without ``[channels]``: the demo's simulated wallet, without faults."""
+
+
+def require_server_extra() -> None:
+    """``ExtraMissing`` unless FastAPI and uvicorn can be imported."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as error:
+        raise ExtraMissing(f"payengine serve needs the server extra ({error.name} is not "
+                           f"installed): pip install 'payengine[server]'") from None
+
+
+def build_channels(settings: ServerSettings) -> list[Channel]:
+    """The configured channels (the simulated wallet by default), built, not started."""
+    source = settings.channels if settings.channels is not None else DEFAULT_CHANNELS
+    configs = parse_config({k: v for k, v in source.items() if k == "channels"},
+                           base_dir=settings.base_dir)
+    return [build_channel(c, base_dir=settings.base_dir) for c in configs]
+
+
+def open_engine(settings: ServerSettings, channels: list[Channel]) -> Engine:
+    """The engine on ``settings.db`` with the channels, merchant keys registered and the
+    simulated wallets attached (their notifications go to this engine)."""
+    engine = Engine.open(Path(settings.db), channels=channels, policy=settings.policy,
+                         config=settings.engine, synchronous=settings.synchronous,
+                         risk=settings.risk)
+    try:
+        for merchant in settings.merchants:
+            engine.register_merchant_key(merchant.merchant_id, secret=merchant.secret,
+                                         public_key_pem=merchant.public_key_pem)
+        for channel in channels:
+            attach = getattr(channel, "attach", None)
+            if attach is not None:
+                attach(engine)
+    except BaseException:
+        engine.shutdown()
+        raise
+    return engine
+
+
+def notify_formats(channels: list[Channel]) -> dict[str, str]:
+    """Each channel's acknowledgement format, by its configured wallet."""
+    formats = {}
+    for channel in channels:
+        config = getattr(channel, "config", None)
+        wallet = getattr(config, "wallet", None)
+        if isinstance(wallet, str):
+            formats[channel.name] = format_for_wallet(wallet).name
+    return formats
+
+
+def run_server(config: str | Path | None = None, *, db: str | None = None,
+               host: str | None = None, port: int | None = None) -> int:
+    """``payengine serve``: 0 after a clean stop; 2 for a bad configuration or a missing
+    extra (the message on stderr); 1 if the engine cannot be opened."""
+    try:
+        require_server_extra()
+        settings = load_settings(config, db=db, host=host, port=port)
+        channels = build_channels(settings)
+    except PaymentError as error:
+        print(f"payengine serve: {error.message}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from payengine.actors.service.app import create_app
+
+    try:
+        engine = open_engine(settings, channels)
+    except PaymentError as error:
+        print(f"payengine serve: cannot open {settings.db}: {error.message}", file=sys.stderr)
+        return 1
+    service = settings.service
+    try:
+        app = create_app(engine, config=service, notify_formats=notify_formats(channels))
+    except PaymentError as error:
+        engine.shutdown()
+        print(f"payengine serve: {error.message}", file=sys.stderr)
+        return 2
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=service.host, port=service.port, log_level="info",
+        limit_concurrency=service.connections_max,
+        timeout_graceful_shutdown=max(1, -(-service.drain_timeout_ms // 1000))))
+    print(f"payengine serve: {settings.db} on http://{service.host}:{service.port} "
+          f"(OpenAPI at /openapi.json)", file=sys.stderr)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on: done
+        pass
+    finally:
+        engine.shutdown()  # idempotent: the app's shutdown did it unless it never started
+    return 0
