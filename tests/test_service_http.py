@@ -378,3 +378,22 @@ def test_an_unpaid_order_is_changed_closed_and_verify_is_refused_when_not_asked(
         refused = client.post("/v1/holds", json={"account_id": "bob/p", "amount": 1})
         assert (refused.status_code, refused.json()["error"]["code"]) == (409,
                                                                           "account_frozen")
+
+
+def test_metrics_are_scraped_at_slash_metrics_and_count_the_payment_once(
+        tmp_path: Path, world: ThreadRuntime) -> None:
+    pytest.importorskip("prometheus_client")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with serving(tmp_path / "pay.db", wallet(world)) as served, served.client() as client:
+        receipt = client.post("/v1/orders", json=payment("pump1-000001")).json()
+        assert wait_settled(client, receipt["order_id"])["state"] == "succeeded"
+        scraped = client.get("/metrics")
+        assert scraped.status_code == 200
+        assert scraped.headers["content-type"].startswith("text/plain")
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(scraped.text)
+                   for s in family.samples}
+        assert samples[("payengine_payments_total",
+                        (("channel", "wechat"), ("state", "succeeded")))] == 1.0
+        assert samples[("payengine_up", ())] == 1.0

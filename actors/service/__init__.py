@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from payengine.actors.service.config import (
-    ExtraMissing,
     MerchantKey,
     ServerSettings,
     ServiceConfig,
@@ -20,22 +19,25 @@ from payengine.actors.service.config import (
     parse_settings,
 )
 from payengine.actors.service.runner import run_server
+from payengine.engine.errors import ExtraMissing
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from payengine.actors.engine import Engine
+    from payengine.actors.metrics import EngineMetrics
 
 
 def create_app(engine: Engine, *, config: ServiceConfig | None = None,
-               notify_formats: Mapping[str, str] | None = None) -> FastAPI:
+               notify_formats: Mapping[str, str] | None = None,
+               metrics: EngineMetrics | None = None) -> FastAPI:
     """The ASGI app over ``engine`` (see ``payengine.actors.service.app.create_app``)."""
     try:
         from payengine.actors.service.app import create_app as build
     except ImportError as error:
         raise ExtraMissing(f"the HTTP service needs the server extra ({error.name} is not "
-                           f"installed): pip install 'payengine[server]'") from None
-    return build(engine, config=config, notify_formats=notify_formats)
+                           f"installed): pip install 'payengine[server]'", "server") from None
+    return build(engine, config=config, notify_formats=notify_formats, metrics=metrics)
 
 
 __all__ = ["ExtraMissing", "MerchantKey", "ServerSettings", "ServiceConfig", "create_app",

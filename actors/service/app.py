@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from payengine.actors.engine import Engine
+from payengine.actors.metrics import EngineMetrics
 from payengine.actors.service import models
 from payengine.actors.service.config import ServiceConfig
 from payengine.actors.service.errors import details_of, error_body, headers_of, status_of
@@ -34,7 +35,7 @@ from payengine.actors.service.notify import (
     format_for_wallet,
 )
 from payengine.actors.service.views import to_json
-from payengine.engine.errors import EngineClosed, PaymentError
+from payengine.engine.errors import EngineClosed, ExtraMissing, PaymentError
 
 T = TypeVar("T")
 
@@ -90,13 +91,19 @@ class Service:
 
 
 def create_app(engine: Engine, *, config: ServiceConfig | None = None,
-               notify_formats: Mapping[str, str] | None = None) -> FastAPI:
+               notify_formats: Mapping[str, str] | None = None,
+               metrics: EngineMetrics | None = None) -> FastAPI:
     """The HTTP service over ``engine`` (open, owned by the caller until the app stops).
 
     ``notify_formats``: channel name -> acknowledgement format (``wechat``, ``alipay``,
     ``json``) of ``POST /v1/notify/{channel}``; a channel not named answers in its
-    wallet's format by its name's first part (``wechat-1``: ``wechat``), else ``json``."""
+    wallet's format by its name's first part (``wechat-1``: ``wechat``), else ``json``.
+    ``metrics``: the engine's ``EngineMetrics`` if the caller made one (an engine has one
+    observer); ``None`` makes one (``GET /metrics``), or none without prometheus-client."""
     config = config or ServiceConfig()
+    if metrics is None:
+        with contextlib.suppress(ExtraMissing):
+            metrics = EngineMetrics(engine)
     formats = {name: ack_format(kind) for name, kind in (notify_formats or {}).items()}
     service = Service(engine, config, formats)
 
@@ -112,6 +119,7 @@ def create_app(engine: Engine, *, config: ServiceConfig | None = None,
     app.state.service = service
     _errors(app)
     _probes(app, service)
+    _metrics(app, service, metrics)
     _payments(app, service)
     _accounts(app, service)
     _signed(app, service)
@@ -177,6 +185,19 @@ def _probes(app: FastAPI, service: Service) -> None:
     async def channel_health() -> dict[str, Any]:
         """Each channel's circuit breaker: ``closed``, ``open`` or ``half_open``."""
         return {"channels": await service.call(service.engine.channel_health)}
+
+
+def _metrics(app: FastAPI, service: Service, metrics: EngineMetrics | None) -> None:
+    @app.get("/metrics", tags=["probes"], response_class=Response)
+    async def scrape() -> Response:
+        """The engine's metrics in the Prometheus text format (README, *Metrics*); 501
+        ``extra_missing`` without prometheus-client. Read on a worker thread (a scrape
+        counts a few rows through the engine's readers)."""
+        if metrics is None:
+            return _error(501, "extra_missing", "metrics need prometheus-client: pip "
+                                                "install 'payengine[metrics]'", {"extra": "metrics"})
+        text = await anyio.to_thread.run_sync(metrics.text)
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 def _payments(app: FastAPI, service: Service) -> None:

@@ -43,13 +43,6 @@ MERCHANTS_MAX = 10_000
 """Most ``[[merchants]]`` one file may register."""
 
 
-class ExtraMissing(PaymentError):
-    """``payengine serve`` needs the optional ``server`` extra (FastAPI, uvicorn), which is
-    not installed: ``pip install 'payengine[server]'``. Nothing was started."""
-
-    code = "extra_missing"
-
-
 @dataclass(frozen=True)
 class ServiceConfig:
     """The HTTP side's settings and bounds (``[service]``). Checked when built."""

@@ -24,8 +24,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-UNLIMITED_PATHS = frozenset({"/healthz", "/readyz"})
-"""Probes: never rate-limited (a busy service must still say it is up)."""
+UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+"""Probes and the metrics scrape: never rate-limited (a busy service must still say it is
+up, and show why it is busy)."""
 OPEN_PREFIXES = ("/v1/signed/", "/v1/notify/")
 """Routes that authenticate each request themselves (merchant and wallet signatures): no
 bearer token asked."""

@@ -18,9 +18,9 @@ from payengine.actors.adapters.channels import build_channel
 from payengine.actors.adapters.config import parse_config
 from payengine.actors.channel import Channel
 from payengine.actors.engine import Engine
-from payengine.actors.service.config import ExtraMissing, ServerSettings, load_settings
+from payengine.actors.service.config import ServerSettings, load_settings
 from payengine.actors.service.notify import format_for_wallet
-from payengine.engine.errors import PaymentError
+from payengine.engine.errors import ExtraMissing, PaymentError
 
 SIMULATED_KEY = "payengine-serve-simulated-wallet-key"
 """The simulated wallet's notification key (it moves no real money)."""
@@ -38,7 +38,7 @@ def require_server_extra() -> None:
         import uvicorn  # noqa: F401
     except ImportError as error:
         raise ExtraMissing(f"payengine serve needs the server extra ({error.name} is not "
-                           f"installed): pip install 'payengine[server]'") from None
+                           f"installed): pip install 'payengine[server]'", "server") from None
 
 
 def build_channels(settings: ServerSettings) -> list[Channel]:
