@@ -296,3 +296,16 @@ class UnknownWithholding(PaymentError):
     """No withholding has this merchant id and merchant order number."""
 
     code = "unknown_withholding"
+
+
+class UnknownAttentionItem(PaymentError):
+    """No such item is in the attention queue now (it never was, or it was resolved)."""
+
+    code = "unknown_attention_item"
+
+
+class ActionNotApplicable(PaymentError):
+    """The action does not apply to this kind of attention item, or not from this process
+    (``payengine resolve`` cannot make the engine's order actors re-send)."""
+
+    code = "action_not_applicable"

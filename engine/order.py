@@ -528,7 +528,8 @@ PLANTABLE_BUGS = frozenset({"confirm-twice", "no-refund-after-close", "regress-s
                             "risk-ignored", "withhold-retry-after-timeout",
                             "quote-price-drift", "shift-counts-unpaid",
                             "change-keeps-holds", "open-without-needed-channel",
-                            "credit-before-charge", "route-after-charge"})
+                            "credit-before-charge", "route-after-charge",
+                            "attention-misses-owed"})
 """Bugs the simulator can switch on (``payengine sim --plant-bug NAME``): a success after the
 close kept, a late "processing" moving a success back, vouchers never held, a hold posted
 twice, a hold never expired (the account actor's), owed voucher follow-ups no longer sent
@@ -551,7 +552,8 @@ the bug lives in ``Engine.open``), a
 recharge's account credited as soon as the cash is asked for, before it is paid
 (``credit-before-charge``), a
 routing fallback after a timeout, without asking the old channel first
-(``route-after-charge``).
+(``route-after-charge``), an attention queue that leaves out owed voucher follow-ups
+(``attention-misses-owed``: ``persistence.operator``).
 Each must make the oracle report a violation."""
 
 
