@@ -80,13 +80,14 @@ def anything_open(store: Store) -> bool:
     """A cheap look (one statement) whether any item may be open: the full walk
     (``open_items``) runs only then."""
     with store._read() as conn:
-        return conn.execute(
+        row = conn.execute(
             "SELECT EXISTS (SELECT 1 FROM legs WHERE status IN ('confirm_unknown',"
             " 'release_unknown')) OR EXISTS (SELECT 1 FROM refunds WHERE status = 'unknown'"
             " OR parts LIKE '%unknown%') OR EXISTS (SELECT 1 FROM payment_orders"
             " WHERE state = 'needs_reconciliation') OR EXISTS (SELECT 1 FROM"
             " outbox_dead_letters) OR EXISTS (SELECT 1 FROM merchant_notifications"
-            " WHERE status = 'given_up')").fetchone()[0] == 1
+            " WHERE status = 'given_up')").fetchone()
+    return bool(row[0])
 
 
 class AttentionSampler:
