@@ -36,13 +36,19 @@ if TYPE_CHECKING:
     from payengine.persistence.store import Store
 
 
-def _item(store: Store, wanted: object) -> AttentionItem:
+def _item(store: Store, wanted: object, action: object) -> AttentionItem | Resolution:
+    """The item in the queue now; else, if this action resolved it before (it left the
+    queue since), that resolution as a repeat; else ``UnknownAttentionItem``."""
     parse_item_id(wanted)
     assert isinstance(wanted, str)
     item = store_operator.find_item(store, wanted)
-    if item is None:
-        raise UnknownAttentionItem(f"no attention item {wanted} now (resolved, or never was)")
-    return item
+    if item is not None:
+        return item
+    if action in {a.value for a in Action}:
+        before = store_operator.latest(store, wanted, Action(str(action)))
+        if before is not None:
+            return before
+    raise UnknownAttentionItem(f"no attention item {wanted} now (resolved, or never was)")
 
 
 def _apply(conn: sqlite3.Connection, item: AttentionItem, action: Action, operator: str,
@@ -64,7 +70,9 @@ def _apply(conn: sqlite3.Connection, item: AttentionItem, action: Action, operat
 def resolve_in_engine(ctx: Context, wanted: object, action: object, operator: object,
                       reason: object) -> Resolution:
     """``Engine.resolve``: on the caller's thread; tells, never asks, an actor."""
-    item = _item(ctx.store, wanted)
+    item = _item(ctx.store, wanted, action)
+    if isinstance(item, Resolution):
+        return item
     chosen = check_resolution(item, action, operator, reason, in_engine=True)
     assert isinstance(operator, str) and isinstance(reason, str)
     with ctx.store._tx() as conn:
@@ -85,7 +93,9 @@ def resolve_in_file(path: str | Path, store: Store, wanted: object, action: obje
     """``payengine resolve``: the item read through ``store`` (opened read-only by the
     caller, who closes it), the resolution written on a connection of its own, beside a
     running engine if there is one."""
-    item = _item(store, wanted)
+    item = _item(store, wanted, action)
+    if isinstance(item, Resolution):
+        return item
     chosen = check_resolution(item, action, operator, reason, in_engine=False)
     assert isinstance(operator, str) and isinstance(reason, str)
     conn = sqlite3.connect(str(path), isolation_level=None, timeout=30.0)

@@ -261,6 +261,22 @@ def recorded(conn: sqlite3.Connection, item: AttentionItem, action: Action) -> R
                       item.occurrence, str(row[3]), repeated=True)
 
 
+def latest(store: Store, wanted: str, action: Action) -> Resolution | None:
+    """The last resolution of item ``wanted`` by ``action`` (of any occurrence), as a
+    repeat: what a resolve of an item no longer in the queue answers."""
+    with store._read(snapshot=False) as conn:
+        if not _has_table(conn, "operator_resolutions"):
+            return None
+        row = conn.execute(
+            "SELECT kind, operator, reason, at_ms, occurrence, outcome FROM operator_resolutions"
+            " WHERE item_id = ? AND action = ? ORDER BY rowid DESC LIMIT 1",
+            (wanted, action.value)).fetchone()
+    if row is None:
+        return None
+    return Resolution(wanted, AttentionKind(row[0]), action, str(row[1]), str(row[2]),
+                      int(row[3]), int(row[4]), str(row[5]), repeated=True)
+
+
 def record(conn: sqlite3.Connection, resolution: Resolution) -> None:
     """Journal ``resolution`` (in the caller's transaction) and keep the journal bounded."""
     conn.execute(

@@ -91,6 +91,15 @@ def cli() -> None:
     fish_source for those shells)."""
 
 
+@cli.result_callback()
+def _exit_status(status: object) -> object:
+    """A command's int is the process's exit status, in click's standalone mode (the
+    ``payengine`` script, ``CliRunner``) as through ``main``."""
+    if isinstance(status, int) and not isinstance(status, bool) and status:
+        raise click.exceptions.Exit(status)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line on ``argv`` (default ``sys.argv[1:]``); its exit status."""
     try:
