@@ -81,7 +81,7 @@ class _Group(click.Group):
         return list(self.commands)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"],
+@click.group(PROG, cls=_Group, context_settings={"help_option_names": ["-h", "--help"],
                                           "max_content_width": 100})
 def cli() -> None:
     """An in-process payment engine: combined payments with TCC vouchers, one actor per
