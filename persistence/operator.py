@@ -318,9 +318,8 @@ def requeue_notification(conn: sqlite3.Connection, item: AttentionItem, now_ms: 
 
 
 def take_replays(conn: sqlite3.Connection, consumer: str, limit: int) -> list[int]:
-    """Seqs of the dead letters of ``consumer`` whose replay was asked for."""
-    if not _has_table(conn, "dead_letter_replays"):
-        return []
+    """Seqs of the dead letters of ``consumer`` whose replay was asked for (the engine's
+    store has the table: ``create_schema`` at open)."""
     return [int(r[0]) for r in conn.execute(
         "SELECT seq FROM dead_letter_replays WHERE consumer = ? ORDER BY seq LIMIT ?",
         (consumer, limit)).fetchall()]

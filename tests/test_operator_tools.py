@@ -385,3 +385,22 @@ def test_an_order_left_in_doubt_by_the_channel_comes_up_and_is_acknowledged_in_t
         assert engine.get_order(receipt.order_id).state == "needs_reconciliation"
     finally:
         engine.shutdown()
+
+
+def test_the_readme_operator_example_runs_as_written_and_prints_what_it_says(
+        tmp_path: Path) -> None:
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("### Operator tools"):]
+    block = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    promised = [line[2:] for line in block.splitlines() if line.startswith("# ")]
+    script = tmp_path / "example.py"
+    script.write_text(block)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == promised
