@@ -389,6 +389,7 @@ def test_an_order_left_in_doubt_by_the_channel_comes_up_and_is_acknowledged_in_t
 
 def test_the_readme_operator_example_runs_as_written_and_prints_what_it_says(
         tmp_path: Path) -> None:
+    import os
     import re
     import subprocess
     import sys
@@ -401,6 +402,6 @@ def test_the_readme_operator_example_runs_as_written_and_prints_what_it_says(
     script = tmp_path / "example.py"
     script.write_text(block)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=120, cwd=root)
+                          timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == promised
