@@ -44,7 +44,7 @@ def _item(store: Store, wanted: object, action: object) -> AttentionItem | Resol
     item = store_operator.find_item(store, wanted)
     if item is not None:
         return item
-    if action in {a.value for a in Action}:
+    if isinstance(action, str) and action in {a.value for a in Action}:
         before = store_operator.latest(store, wanted, Action(str(action)))
         if before is not None:
             return before

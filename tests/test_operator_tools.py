@@ -223,9 +223,12 @@ def test_an_acknowledged_item_leaves_the_queue_and_a_second_acknowledge_does_not
     ("needs_reconciliation:nr1", "acknowledge", "", "why", InvalidRequest),
     ("needs_reconciliation:nr1", "acknowledge", "ops", "", InvalidRequest),
     ("needs_reconciliation:nr1", "acknowledge", "ops", "x" * 501, InvalidRequest),
+    ("needs_reconciliation:nr1", ["acknowledge"], "ops", "why", InvalidRequest),
+    (None, "acknowledge", "ops", "why", InvalidRequest),
+    ("needs_reconciliation:nr1", "acknowledge", 7, "why", InvalidRequest),
 ])
 def test_a_refused_resolution_is_typed_and_journals_nothing(
-        fresh_db: Path, item: str, action: str, operator: str, reason: str,
+        fresh_db: Path, item: object, action: object, operator: object, reason: object,
         error: type[Exception]) -> None:
     _doubtful_db(fresh_db, 2)
     store = Store(fresh_db, read_only=True)
