@@ -408,3 +408,51 @@ def test_the_readme_operator_example_runs_as_written_and_prints_what_it_says(
                           timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == promised
+
+
+def test_an_owed_confirm_retried_by_an_operator_is_sent_again_at_once_and_leaves_the_queue(
+        tmp_path: Path, channel: ScriptedChannel) -> None:
+    from payengine.actors.messages import FromOrder
+    from payengine.actors.voucher_link import DirectVoucherLink
+    from payengine.engine.order import ConfirmHold
+    from tests.helpers import paid_reply, signed_callback
+
+    class SilentConfirms(DirectVoucherLink):
+        """The voucher systems never get a Confirm while ``silent`` is set."""
+
+        silent = threading.Event()
+
+        def request(self, account_id: str, command: FromOrder) -> None:
+            if isinstance(command.effect, ConfirmHold) and self.silent.is_set():
+                return
+            super().request(account_id, command)
+
+    SilentConfirms.silent.set()
+    policy = OrderPolicy(pay_window_ms=60_000, query_schedule_ms=(60_000,),
+                         voucher_retry_schedule_ms=(20, 20),
+                         voucher_sentinel_interval_ms=3_600_000)  # only the operator re-sends
+    engine = Engine.open(tmp_path / "owed.db", channels=[channel],  # type: ignore[list-item]
+                         policy=policy, config=EngineConfig(duplicate_guard_window_ms=0),
+                         voucher_link=lambda directory: SilentConfirms(directory))
+    try:
+        fund_customer(engine)
+        receipt = engine.submit(fuel_request("o1"))
+        wait_for(lambda: engine.get_order(receipt.order_id).state == "paying", what="held")
+        signed_callback(engine, "wechat", receipt.payment_serial,
+                        paid_reply(receipt.payment_serial))
+        owed = wait_for(lambda: len(items := [i for i in engine.attention() if i.kind
+                                              is AttentionKind.OWED_FOLLOW_UP]) == 3 and items,
+                        what="three confirms unanswered on their schedule")
+        assert sorted(i.item_id for i in owed) == [
+            f"owed_follow_up:{receipt.order_id}:{leg}:confirm" for leg in (1, 2, 3)]
+        SilentConfirms.silent.clear()
+        done = engine.resolve(owed[0].item_id, "retry", operator="ops", reason="points back up")
+        assert (done.outcome, done.repeated) == ("resent", False)
+        wait_for(lambda: engine.get_order(receipt.order_id).settled, what="confirmed")
+        assert [leg.status for leg in engine.get_order(receipt.order_id).legs] == [
+            "paid", "confirmed", "confirmed", "confirmed"]
+        assert engine.attention() == []
+        assert engine.resolve(owed[0].item_id, "retry", operator="ops",
+                              reason="again").repeated is True
+    finally:
+        engine.shutdown()
