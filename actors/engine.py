@@ -63,6 +63,7 @@ from payengine.actors.messages import (
 )
 from payengine.actors.notifier import Notifications, Subscriber
 from payengine.actors.observe import HOOK_ERRORS, NO_OBSERVER, Observer, Vitals, notify
+from payengine.actors.operator import resolve_in_engine
 from payengine.actors.order_actor import OrderBehaviour
 from payengine.actors.pool import ActorPool, PooledRuntime
 from payengine.actors.reconcile import ReconciliationReport, StatementSource
@@ -120,6 +121,13 @@ from payengine.engine.merchant_request import (
     pay_window_over,
 )
 from payengine.engine.money import check_amount, check_unit
+from payengine.engine.operator import (
+    FIND_ORDERS_LIMIT_DEFAULT,
+    AttentionItem,
+    OrderPage,
+    Resolution,
+    order_filter,
+)
 from payengine.engine.order import (
     ATTEMPTS_MAX,
     UNVERIFIED_SOURCES,
@@ -156,6 +164,7 @@ from payengine.engine.shift_report import ShiftReport
 from payengine.engine.voucher import FenceKey, VoucherAccount
 from payengine.engine.withhold import Withholding
 from payengine.persistence import merchants, quotes, rejections, reports
+from payengine.persistence import operator as store_operator
 from payengine.persistence.merchants import NonceUse, RequestRejection
 from payengine.persistence.rejections import Rejection
 from payengine.persistence.store import JournalEntry, Store
@@ -1381,6 +1390,49 @@ class Engine:
             if order is not None:
                 owed += owed_commands(order)
         return owed[:limit]
+
+    # ------------------------------------------------------------------ operator tools
+    # (issue 13 item 3; the queries: persistence.operator; resolutions: actors.operator)
+
+    def find_orders(self, *, state: str | None = None, since_ms: int | None = None,
+                    until_ms: int | None = None, merchant_id: str | None = None,
+                    user_id: str | None = None, station_id: str | None = None,
+                    channel: str | None = None, limit: int = FIND_ORDERS_LIMIT_DEFAULT,
+                    after: str | None = None) -> OrderPage:
+        """One page of the orders matching every filter given, oldest first (by creation
+        time, then order id): ``since_ms <= created_at_ms < until_ms``, ``channel`` the cash
+        leg's. ``limit`` 1..500 (default 100); ``after``: the previous page's
+        ``next_after``. ``InvalidRequest`` names a bad filter. Read from the database; any
+        thread."""
+        self._check_open()
+        flt = order_filter(state=state, since_ms=since_ms, until_ms=until_ms,
+                           merchant_id=merchant_id, user_id=user_id, station_id=station_id,
+                           channel=channel, limit=limit, after=after)
+        return store_operator.find_orders(self._ctx.store, flt)
+
+    def attention(self) -> list[AttentionItem]:
+        """Everything that needs a person now (README "Operator tools"): orders
+        ``needs_reconciliation`` (``amount_mismatch`` on their own), owed voucher follow-ups,
+        refunds ``unknown``, dead letters, given-up merchant notifications; at most 1000 of
+        each kind, oldest first; acknowledged ones left out. Any thread."""
+        self._check_open()
+        return store_operator.attention(self._ctx.store,
+                                        planted_bugs=self._ctx.config.planted_bugs)
+
+    def resolve(self, item: str, action: str, *, operator: str, reason: str) -> Resolution:
+        """Act on an attention item (``retry`` or ``acknowledge``, as its kind allows) and
+        journal who and why. Idempotent per occurrence: asked again, the first record comes
+        back with ``repeated`` and nothing is done again. ``UnknownAttentionItem``,
+        ``ActionNotApplicable``, ``InvalidRequest`` (operator an id, reason 1..500
+        characters) change nothing. On the caller's thread; tells actors, never waits."""
+        self._check_open()
+        return resolve_in_engine(self._ctx, item, action, operator, reason)
+
+    def operator_journal(self, limit: int = 1_000) -> list[Resolution]:
+        """Resolutions made, newest first, at most ``limit`` (1..10000)."""
+        self._check_open()
+        check_int(limit, "limit", 1, 10_000)
+        return store_operator.journal(self._ctx.store, limit)
 
     def unsettled_count(self) -> int:
         """Orders with work left (not terminal, or a leg's follow-up still in flight)."""

@@ -56,6 +56,7 @@ from payengine.engine.checks import (
     shown,
 )
 from payengine.engine.errors import EngineClosed, InvalidRequest, Overloaded
+from payengine.persistence import operator as store_operator
 from payengine.persistence import outbox
 from payengine.persistence.outbox import (
     MERCHANTS,
@@ -591,6 +592,7 @@ class Notifications:
         """Deliver up to ``batch_max`` events to one subscriber. On its I/O lane."""
         fn, store, runtime = self.subscribers[name], self.ctx.store, self.ctx.runtime
         batch = self.config.batch_max
+        self._replay_dead_letters(name)
         with store._read() as conn:
             cursor = outbox.load_cursor(conn, name)
             events = outbox.read_events(conn, cursor.seq, batch)
@@ -629,6 +631,30 @@ class Notifications:
         with store._tx() as conn:
             outbox.save_cursor(conn, Cursor(name, delivered, attempts, retry_at, text), now_ms)
         return retry_at, True
+
+    def _replay_dead_letters(self, name: str) -> None:
+        """Hand the dead letters an operator asked to replay (``Engine.resolve`` or
+        ``payengine resolve``, journalled there) to the subscriber once more: delivered, the
+        dead letter goes; refused, it stays, set aside anew. On the subscriber's lane."""
+        fn, store = self.subscribers[name], self.ctx.store
+        with store._read(snapshot=False) as conn:
+            seqs = store_operator.take_replays(conn, name, self.config.batch_max)
+        for seq in seqs:
+            if self._stopped:
+                return
+            with store._read(snapshot=False) as conn:
+                events = outbox.read_events(conn, seq - 1, 1)
+            error: str | None = "the event was pruned from the outbox"
+            if events and events[0].seq == seq:
+                try:
+                    fn(events[0])
+                    error = None
+                except Exception as exc:  # the subscriber's failure: stays a dead letter
+                    error = repr(exc)[:_ERROR_MAX]
+            with store._tx() as conn:
+                store_operator.finish_replay(conn, name, seq, error, self.ctx.runtime.now_ms())
+            self.log.info("notifier.dead_letter_replayed", subscriber=name, seq=seq,
+                          delivered=error is None, error=error)
 
     # ------------------------------------------------------------------ retention
 

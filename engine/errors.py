@@ -300,7 +300,7 @@ class UnknownWithholding(PaymentError):
 
 class ExtraMissing(PaymentError):
     """An optional feature was asked for whose extra is not installed (``metrics``:
-    prometheus-client, ``report``: matplotlib). Nothing was started or changed; install
+    prometheus-client, ``report``: matplotlib, ``server``: FastAPI and uvicorn). Nothing was started or changed; install
     ``payengine[<extra>]``. ``extra`` names it."""
 
     code = "extra_missing"
@@ -308,3 +308,16 @@ class ExtraMissing(PaymentError):
     def __init__(self, message: str, extra: str) -> None:
         super().__init__(message)
         self.extra = extra
+
+
+class UnknownAttentionItem(PaymentError):
+    """No such item is in the attention queue now (it never was, or it was resolved)."""
+
+    code = "unknown_attention_item"
+
+
+class ActionNotApplicable(PaymentError):
+    """The action does not apply to this kind of attention item, or not from this process
+    (``payengine resolve`` cannot make the engine's order actors re-send)."""
+
+    code = "action_not_applicable"

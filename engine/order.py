@@ -529,7 +529,8 @@ PLANTABLE_BUGS = frozenset({"confirm-twice", "no-refund-after-close", "regress-s
                             "quote-price-drift", "shift-counts-unpaid",
                             "change-keeps-holds", "open-without-needed-channel",
                             "credit-before-charge", "route-after-charge",
-                            "metrics-double-count", "notify-acks-refusals"})
+                            "metrics-double-count", "notify-acks-refusals",
+                            "attention-misses-owed"})
 """Bugs the simulator can switch on (``payengine sim --plant-bug NAME``): a success after the
 close kept, a late "processing" moving a success back, vouchers never held, a hold posted
 twice, a hold never expired (the account actor's), owed voucher follow-ups no longer sent
@@ -556,7 +557,8 @@ routing fallback after a timeout, without asking the old channel first
 commit of the order, e.g. a refund's (``metrics-double-count``: the bug lives in the order
 actor's observation hook, ``actors.order_actor``), a
 notification the engine refused acknowledged to the wallet all the same by the HTTP service's
-answer (``notify-acks-refusals``: the bug lives in ``actors.service.notify``).
+answer (``notify-acks-refusals``: the bug lives in ``actors.service.notify``), an attention
+queue that leaves out owed voucher follow-ups (``attention-misses-owed``: ``persistence.operator``).
 Each must make the oracle report a violation."""
 
 

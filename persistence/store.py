@@ -79,6 +79,7 @@ from payengine.engine.voucher import (
 from payengine.persistence import (
     agreements,
     merchants,
+    operator,
     outbox,
     quotes,
     rejections,
@@ -410,6 +411,7 @@ class Store:
             merchants.create_schema(db)
             agreements.create_schema(db)
             quotes.create_schema(db)
+            operator.create_schema(db)
 
     # ------------------------------------------------------------------ orders
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import resource
 import sqlite3
-import sys
 import tempfile
 import threading
 import time
@@ -32,6 +31,7 @@ from payengine.engine.codes import WECHAT_LIKE_PAY_CODES, WECHAT_LIKE_REFUND_COD
 from payengine.engine.errors import Overloaded
 from payengine.engine.order import CashPart, PaymentRequest, VoucherPart
 from payengine.persistence.outbox import ORDER_STATE_CHANGED, OutboxEvent
+from payengine.sim.progress import Progress
 
 USERS = 50
 _CLOSED_LOOP_BACKOFF_S = 0.002
@@ -221,10 +221,11 @@ def run_bench(payments: int = 1_000, *, workers: int = 8, rate_per_s: float | No
                     submitted_at[receipt.order_id] = at
                     receipts_ms.append((done - at) * 1000)
 
+            bar = Progress("submitted", payments, progress)
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 for n, _ in enumerate(pool.map(submit, range(payments)), start=1):
-                    if progress and n % max(1, payments // 20) == 0:
-                        print(f"\rbench: {n}/{payments} submitted", end="", file=sys.stderr)
+                    bar.show(n)
+            bar.finish()
             deadline = time.perf_counter() + settle_timeout_s
             accepted = payments - len(refused_ms) + shed[0]
             while len(settled_at) < accepted and time.perf_counter() < deadline:
@@ -234,8 +235,6 @@ def run_bench(payments: int = 1_000, *, workers: int = 8, rate_per_s: float | No
             with engine.store._tx(0) as conn:
                 conn.set_trace_callback(None)
                 rows = conn.total_changes - rows_before
-            if progress:
-                print(file=sys.stderr)
         finally:
             engine.shutdown()
     to_settle = [(settled_at[o] - at) * 1000 for o, at in submitted_at.items() if o in settled_at]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import sys
 import time
 import uuid
 from collections import Counter
@@ -31,6 +30,7 @@ from payengine.engine.order import CashPart, LegMode, OrderPolicy, PaymentReques
 from payengine.engine.statement import FLAGGED, Verdict
 from payengine.sim.channel import ChannelFaults, SimulatedChannel
 from payengine.sim.oracle import OracleReport, check
+from payengine.sim.progress import Progress
 from payengine.sim.statement import statement_from_channel
 
 DEMO_STATION = "st-001"
@@ -108,38 +108,6 @@ class DemoResult:
                       "merchant_net_minor": self.shift_merchant_net_minor},
             "wall_seconds": round(self.wall_seconds, 3), "ok": self.ok,
         }
-
-
-class Progress:
-    """A one-line progress bar on stderr, redrawn only when it moves; on a non-terminal
-    (CI logs) it writes just the final line."""
-
-    def __init__(self, label: str, total: int, enabled: bool = True) -> None:
-        self.label, self.total, self.enabled = label, max(total, 1), enabled
-        self.live = enabled and sys.stderr.isatty()
-        self.last: tuple[int, str] | None = None
-
-    def show(self, done: int, note: str = "") -> None:
-        if not self.enabled or (done, note) == self.last:
-            return
-        self.last = (done, note)
-        if self.live:
-            sys.stderr.write("\r" + self._line(done, note))
-            sys.stderr.flush()
-
-    def _line(self, done: int, note: str) -> str:
-        width = 30
-        filled = min(width, width * done // self.total)
-        return f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {note}"
-
-    def finish(self) -> None:
-        if not self.enabled:
-            return
-        if self.live:
-            sys.stderr.write("\n")
-        elif self.last is not None:
-            sys.stderr.write(self._line(*self.last) + "\n")
-        sys.stderr.flush()
 
 
 @dataclass

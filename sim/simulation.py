@@ -62,6 +62,7 @@ from payengine.engine.order import (
 from payengine.engine.statement import FLAGGED, Verdict
 from payengine.persistence.outbox import OutboxEvent
 from payengine.persistence.store import Store
+from payengine.sim.attention_check import AttentionSampler, check_attention
 from payengine.sim.beneficiary import RechargesAndTransfers
 from payengine.sim.channel import ChannelFaults, SimulatedChannel
 from payengine.sim.forger import Forger
@@ -1071,6 +1072,10 @@ class Simulation:
         """Workload with faults, quiet phase, statement, final check: the final states and
         the traces of the orders the first violations name."""
         self._open()
+        sampler = None
+        if self.scheduler is not None:  # between two steps: reads only, draws nothing
+            sampler = AttentionSampler(lambda: self.engine, self.world.now_ms)
+            self.scheduler.on_step = sampler
         customers = self._setup()
         quiet_at = self._schedule_workload(customers)
         self._at(quiet_at, self._start_quiet_phase)
@@ -1094,6 +1099,12 @@ class Simulation:
                 break
         self._reconcile(quiet_deadline_ms)
         report = self._final_check()
+        if sampler is not None:
+            assert self.scheduler is not None and self.engine is not None
+            self.scheduler.on_step = None
+            report.violations += sampler.violations or check_attention(
+                self.engine, self.world.now_ms())
+            self.counts["attention_samples"] += sampler.samples
         # What the final check names (an order, with its journal) goes first: a loop is
         # often its consequence, e.g. a hold kept for a Confirm that is never sent again.
         self.violations += report.violations + looped

@@ -312,8 +312,11 @@ def test_a_second_charge_under_another_transaction_is_refunded(
                                        row(receipt.payment_serial, "TX-A2")))
     assert [e.verdict for e in report.entries] == [Verdict.MATCHED, Verdict.DUPLICATE_CHARGE]
     assert "refund" in report.entries[1].detail
-    assert any(call[0] == "refund" and call[1] == receipt.payment_serial
-               and call[3] == "9600" for call in channel.calls)
+    # the refund is decided and committed by reconcile; the channel is called after, on
+    # an I/O lane: wait for the call rather than assume it was made before reconcile returned
+    wait_for(lambda: any(call[0] == "refund" and call[1] == receipt.payment_serial
+                         and call[3] == "9600" for call in channel.calls),
+             what="the second charge's refund asked of the channel")
     assert state(engine, receipt) == "succeeded"  # the payment itself stands
     assert statements.line_verdicts(engine.store, "wechat", receipt.payment_serial) == [
         ("SUCCESS", "MATCHED", True), ("SUCCESS", "DUPLICATE_CHARGE", True)]
