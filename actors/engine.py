@@ -358,7 +358,6 @@ class Engine:
         whose time has passed).
         """
         by_name = _channels_by_name(channels)
-        slots = provider_slots(providers)  # external voucher providers (actors.provider)
         check_instance(policy or OrderPolicy(), OrderPolicy, "policy")
         check_instance(config or EngineConfig(), EngineConfig, "config")
         if risk is not None:
@@ -368,6 +367,7 @@ class Engine:
                                  f"{shown(synchronous)}")
         config = config or EngineConfig()
         policy = _with_channel_schedules(policy or OrderPolicy(), by_name)
+        slots = provider_slots(providers, policy)  # external voucher providers (actors.provider)
         subscribers = dict(subscribers or {})
         withholds = any(signs_agreements(c) for c in by_name.values())
         if WITHHOLD_SUBSCRIBER in subscribers:

@@ -24,18 +24,27 @@ from payengine.engine.errors import InvalidRequest, ProvidersMissing
 from payengine.engine.order import (
     AccountUnit,
     LegMode,
+    OrderPolicy,
     PaymentRequest,
 )
 from payengine.engine.provider import provider_of
 from payengine.persistence.store import Store
 
 
-def provider_slots(providers: Iterable[Any]) -> dict[str, ProviderSlot]:
+def provider_slots(providers: Iterable[Any], policy: OrderPolicy) -> dict[str, ProviderSlot]:
     """Each provider checked, by name, with a fresh recorder (``InvalidRequest`` for a bad
-    one or two of one name)."""
+    one, two of one name, or one whose query schedule outlasts the order's voucher retry
+    schedule: an order waits for a Try only that long, so later queries would be for
+    nothing)."""
     slots: dict[str, ProviderSlot] = {}
+    retry_total = sum(policy.voucher_retry_schedule_ms)
     for provider in providers:
         checked = check_provider(provider)
+        if sum(checked.query_schedule_ms) > retry_total:
+            raise InvalidRequest(
+                f"provider {checked.name}: its query schedule ({sum(checked.query_schedule_ms)}"
+                f" ms in all) must fit in the voucher retry schedule ({retry_total} ms), "
+                "for which an order waits for a Try")
         if checked.name in slots:
             raise InvalidRequest(f"two voucher providers are named {checked.name!r}")
         slots[checked.name] = ProviderSlot(checked, ProviderRecorder(checked.name,

@@ -240,10 +240,15 @@ class SimulatedProvider:
         with self._lock:
             self._send_callback_locked(txn_id, code)
 
+    def signed_callback(self, txn_id: str, op: str, code: str
+                        ) -> tuple[bytes, dict[str, str]]:
+        """A callback as the carrier sends it: a JSON body and its HMAC-SHA256 header."""
+        body = json.dumps({"txn_id": txn_id, "op": op, "code": code}).encode()
+        return body, {SIGNATURE_HEADER: hmac.new(self.secret, body, hashlib.sha256).hexdigest()}
+
     def _send_callback_locked(self, txn_id: str, code: str) -> None:
         f = self.faults
-        body = json.dumps({"txn_id": txn_id, "op": "try", "code": code}).encode()
-        headers = {SIGNATURE_HEADER: hmac.new(self.secret, body, hashlib.sha256).hexdigest()}
+        body, headers = self.signed_callback(txn_id, "try", code)
         if not self.quiet and self._chance(f.callback_lost, "provider_callback_lost"):
             return
         times = 2 if not self.quiet and self._chance(f.callback_twice,
