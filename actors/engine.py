@@ -355,7 +355,9 @@ class Engine:
         Resuming: holds whose order already decided to confirm them get their expiry pushed
         out; every order with work left is started (it re-issues what was in flight and
         re-arms its timers); every account with pending holds is started (it expires those
-        whose time has passed).
+        whose time has passed). ``providers``: external voucher providers
+        (``actors.provider.VoucherProvider``, e.g. from ``load_providers``); an open without
+        one that unsettled orders use is refused (``ProvidersMissing``).
         """
         by_name = _channels_by_name(channels)
         check_instance(policy or OrderPolicy(), OrderPolicy, "policy")
@@ -380,7 +382,7 @@ class Engine:
                       group_commit=config.group_commit)
         if "open-without-needed-channel" not in config.planted_bugs | policy.planted_bugs:
             _check_channels_of_unsettled(store, by_name)
-            check_providers_of_unsettled(store, slots)
+        check_providers_of_unsettled(store, slots)
         runtime = runtime or PooledRuntime(actor_threads=config.actor_threads)
         for channel in by_name.values():  # a simulated wallet without a world of its own
             lend = getattr(channel, "use_runtime", None)

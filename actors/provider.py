@@ -36,7 +36,7 @@ from payengine.engine.checks import (
     check_schedule,
     shown,
 )
-from payengine.engine.codes import CodeTable, ResultKind
+from payengine.engine.codes import ResultKind
 from payengine.engine.currency import currency_table
 from payengine.engine.errors import InvalidRequest, PaymentError
 from payengine.engine.order import (
@@ -451,10 +451,3 @@ def _error_text(error: object) -> str:
     if isinstance(error, BaseException):
         return type(error).__name__
     return f"not a ProviderReply: {shown(error)}"
-
-
-def code_table(provider: str, op: str, communication_ok: frozenset[str],
-               success: frozenset[str], failure: frozenset[str],
-               processing: frozenset[str] = frozenset()) -> CodeTable:
-    """A provider's code table for ``op`` (named ``<provider>-<op>``)."""
-    return CodeTable(f"{provider}-{op}", communication_ok, success, failure, processing)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +87,7 @@ def test_only_a_listed_code_under_a_good_communication_code_decides(
 
 
 def test_each_operation_reads_its_own_table() -> None:
-    (config,) = parse_providers(__import__("tomllib").loads(SIM_PROVIDERS_TOML))
+    (config,) = parse_providers(tomllib.loads(SIM_PROVIDERS_TOML))
     held = ProviderReply("OK", "HELD")
     assert classify(config.codes, ProviderOp.TRY, held) is ResultKind.SUCCESS
     assert classify(config.codes, ProviderOp.CONFIRM, held) is ResultKind.PROCESSING
@@ -328,3 +330,31 @@ def test_the_carriers_cancel_before_its_try_is_an_empty_rollback_that_refuses_th
     with pytest.raises(ValueError, match="signature"):
         carrier.verify_callback(body + b" ", headers)
 
+
+
+# ---------------------------------------------------------------------- the README
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_section() -> str:
+    text = README.read_text(encoding="utf-8")
+    start = text.index("### External voucher providers")
+    return text[start:text.index("\n### ", start + 10)]
+
+
+def test_the_readme_configuration_is_the_simulated_carriers() -> None:
+    match = re.search(r"```toml\n(.*?)```", readme_section(), re.S)
+    assert match is not None
+    assert parse_providers(tomllib.loads(match.group(1))) == parse_providers(
+        tomllib.loads(SIM_PROVIDERS_TOML))
+
+
+def test_the_readme_example_runs_as_written(capsys: pytest.CaptureFixture[str]) -> None:
+    (block,) = re.findall(r"```python\n(.*?)```", readme_section(), re.S)
+    exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == ["succeeded ['paid', 'confirmed', 'confirmed']", "[500, 300, 0, 200]"]
+    assert out[2].startswith("['request', 'call', ") and len(out) == 3  # then a query or
+    # the callback, whichever real time brought first
