@@ -26,6 +26,7 @@ from payengine.engine.errors import PaymentError
 from payengine.engine.order import LegMode, OrderState, PaymentOrder, VoucherPart
 from payengine.engine.provider import PROVIDER_SEPARATOR, ProviderOp, ProviderReply, txn_id_of
 from payengine.engine.voucher import FenceKey
+from payengine.persistence.store import Store
 from payengine.sim.oracle import Violation
 
 SIM_PROVIDERS_TOML = """
@@ -88,6 +89,8 @@ class Txn:
     """PENDING, HELD, CONFIRMED, CANCELLED, REFUSED, EMPTY_ROLLBACK."""
     account_ref: str
     amount: int
+    held_at_ms: int | None = None
+    """When the carrier held it (the world's clock), for the oracle."""
 
 
 class SimulatedProvider:
@@ -122,6 +125,12 @@ class SimulatedProvider:
         with self._lock:
             txn = self.txns.get(txn_id_of(fence))
             return None if txn is None else txn.status
+
+    def held_at(self, fence: FenceKey) -> int | None:
+        """When the carrier held the transaction, if it ever did."""
+        with self._lock:
+            txn = self.txns.get(txn_id_of(fence))
+            return None if txn is None else txn.held_at_ms
 
     def unbalanced(self) -> list[str]:
         """Accounts whose books do not add up (funded == available + held + spent, each
@@ -226,6 +235,7 @@ class SimulatedProvider:
         account[1] -= txn.amount
         account[2] += txn.amount
         txn.status = "HELD"
+        txn.held_at_ms = self.world.now_ms()
 
     def _decide_later(self, txn_id: str) -> None:
         with self._lock:
@@ -326,10 +336,10 @@ class ProviderWorkload:
     def quiet(self) -> None:
         self.carrier.quiet = True
 
-    def check(self, orders: list[PaymentOrder]) -> list[Violation]:
-        """Every settled order against the carrier's books: a succeeded order's phone
-        credit confirmed there, and no other order's still held, pending or confirmed;
-        and the carrier's accounts add up."""
+    def check(self, orders: list[PaymentOrder], store: Store) -> list[Violation]:
+        """Every settled order against the carrier's books: the cash asked for only once the
+        carrier held the phone credit, a succeeded order's phone credit confirmed there, no
+        other order's still held, pending or confirmed; and the carrier's accounts add up."""
         violations = [Violation("provider-books-balance", f"carrier {CARRIER}", line)
                       for line in self.carrier.unbalanced()[:5]]
         prefix = f"{CARRIER}{PROVIDER_SEPARATOR}"
@@ -352,6 +362,21 @@ class ProviderWorkload:
                         "provider-hold-released-for-unpaid-order", subject,
                         f"{order.state.value}, leg {leg.leg_no} ({leg.status.value}) is "
                         f"{status} at {CARRIER}"))
+                violations += self._paid_after_held(store, order, leg.leg_no)
                 self.carrier.counts[f"provider_leg:{order.state.value}"] = (
                     self.carrier.counts.get(f"provider_leg:{order.state.value}", 0) + 1)
         return violations
+
+    def _paid_after_held(self, store: Store, order: PaymentOrder, leg_no: int
+                         ) -> list[Violation]:
+        """The order went to ``paying`` (the cash asked for) only after the carrier held
+        the leg's amount: before that, one asynchronous leg had not succeeded."""
+        paying = next((e.at_ms for e in store.journal("order", order.order_id)
+                       if e.part == "order" and e.to_state == OrderState.PAYING.value), None)
+        if paying is None:
+            return []
+        held = self.carrier.held_at(order.fence_of(order.leg(leg_no)))
+        if held is not None and held <= paying:
+            return []
+        return [Violation("cash-asked-after-every-async-leg-held", f"order {order.order_id}",
+                          f"paying at {paying}, leg {leg_no} held at the carrier at {held}")]

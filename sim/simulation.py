@@ -966,7 +966,7 @@ class Simulation:
         orders = list(engine.store.iter_orders())
         report = check(engine.store, self.channels, now_ms=self.world.now_ms(),
                        all_orders=orders, providers=frozenset({"carrier-x"}))
-        report.violations += self.provider_work.check(orders)
+        report.violations += self.provider_work.check(orders, engine.store)
         report.violations += check_code_tables(self.channels)
         self._note_broken(engine)
         report.violations += check_one_success_per_trade(orders)
