@@ -349,3 +349,32 @@ def test_a_refund_may_give_back_the_cash_but_never_reach_the_carrier_leg(world: 
     refund = world.e.refund(order_id, "rf-cash", 9_800)
     assert refund.amount_minor == 9_800
     assert world.phone_status(order_id) == "CONFIRMED"
+
+
+def test_two_carriers_one_refusing_fail_the_order_and_the_other_carrier_releases_its_hold(
+        tmp_path: Path) -> None:
+    world = World(tmp_path / "two.db")
+    world.e.shutdown()
+    other = SimulatedProvider("carrier-y", SimWorld(world.scheduler, io_latency_ms=(5, 5)),
+                              random.Random(8), ProviderFaults(refuse=1.0), "y-secret",
+                              lambda: world.engine)
+    other.fund(PHONE, 1_000)
+    providers = [*load_providers(TEST_TOML, {"carrier-x": world.carrier}),
+                 *load_providers(TEST_TOML.replace("carrier-x", "carrier-y"),
+                                 {"carrier-y": other})]
+    world.engine = Engine.open(world.path, channels=[world.channel],  # type: ignore[list-item]
+                               policy=POLICY, runtime=SimRuntime(world.scheduler),
+                               config=EngineConfig(duplicate_guard_window_ms=0),
+                               providers=providers)
+    both = replace(request(), cash=CashPart(9_700, "wechat"),
+                   vouchers=(VoucherPart(PHONE_ACCOUNT, 100), VoucherPart(f"carrier-y:{PHONE}", 200)))
+    order_id = world.e.submit(both).order_id
+    world.run_until("settled", lambda: world.order(order_id).settled)
+    view = world.order(order_id)
+    assert view.state == "failed"
+    assert statuses(view)[1:] == ["cancelled", "refused"]
+    assert world.channel.count("pay") == 0
+    assert world.carrier.status(FenceKey.order_leg(order_id, 1)) == "CANCELLED"
+    assert other.status(FenceKey.order_leg(order_id, 2)) == "REFUSED"
+    assert world.carrier.accounts[PHONE] == [1_000, 1_000, 0, 0]
+    world.e.shutdown()
