@@ -532,7 +532,7 @@ class Simulation:
         # legs with their own faults; its own stream, so a seed's other draws stay as they were
         self.provider_work = ProviderWorkload(
             random.Random(config.seed + 29), self.world, lambda: self.engine,
-            self.counts, planted=config.plant_bug == "async-leg-ignored")
+            self.counts, planted=config.plant_bug)
         self.close_refused: set[str] = set()
         """Orders a late user close was refused for (paid): they never end closed."""
         self.risk_blocked: set[str] = set()
