@@ -147,6 +147,8 @@ class Context:
     """An ``actors.voucher_link.VoucherLink``; set by ``Engine.open``."""
     notifications: Any = None
     """The ``actors.notifier.Notifications`` of this engine; set by ``Engine.open``."""
+    providers: Mapping[str, Any] = field(default_factory=dict)
+    """External voucher providers by name: ``actors.provider.ProviderSlot``s."""
     pays_in_flight: PaysInFlight = field(default_factory=lambda: PaysInFlight())
     """Payment serials whose ``pay`` call this process made and has not had back."""
     fresh_orders: FreshOrders = field(default_factory=lambda: FreshOrders())

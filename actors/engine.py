@@ -66,6 +66,17 @@ from payengine.actors.observe import HOOK_ERRORS, NO_OBSERVER, Observer, Vitals,
 from payengine.actors.operator import resolve_in_engine
 from payengine.actors.order_actor import OrderBehaviour
 from payengine.actors.pool import ActorPool, PooledRuntime
+from payengine.actors.provider import (
+    CallbackArrived,
+    ProviderBehaviour,
+    ProviderRouting,
+    check_provider_callback,
+)
+from payengine.actors.provider_checks import (
+    check_providers_of_unsettled,
+    provider_slots,
+    provider_units,
+)
 from payengine.actors.reconcile import ReconciliationReport, StatementSource
 from payengine.actors.resume import ResumeFeeder, in_flight_for
 from payengine.actors.risk_gate import RiskConfig, RiskGate
@@ -105,6 +116,7 @@ from payengine.engine.errors import (
     InvalidRequest,
     NotificationRejected,
     Overloaded,
+    ProviderCallbackRejected,
     RequestRejected,
     RiskBlocked,
     UnknownAccount,
@@ -156,6 +168,7 @@ from payengine.engine.order import (
     suspected_duplicates,
     with_risk,
 )
+from payengine.engine.provider import provider_of
 from payengine.engine.risk import VerificationStatus, check_code
 from payengine.engine.routing import (
     RouteChoice,
@@ -347,13 +360,16 @@ class Engine:
         voucher_link: Callable[[Directory], VoucherLink] | None = None,
         subscribers: Mapping[str, Subscriber] | None = None,
         risk: RiskConfig | None = None,
+        providers: Iterable[Any] = (),
     ) -> Engine:
         """Open (or create) the database at ``path`` and resume every unfinished order.
 
         Resuming: holds whose order already decided to confirm them get their expiry pushed
         out; every order with work left is started (it re-issues what was in flight and
         re-arms its timers); every account with pending holds is started (it expires those
-        whose time has passed).
+        whose time has passed). ``providers``: external voucher providers
+        (``actors.provider.VoucherProvider``, e.g. from ``load_providers``); an open without
+        one that unsettled orders use is refused (``ProvidersMissing``).
         """
         by_name = _channels_by_name(channels)
         check_instance(policy or OrderPolicy(), OrderPolicy, "policy")
@@ -365,17 +381,20 @@ class Engine:
                                  f"{shown(synchronous)}")
         config = config or EngineConfig()
         policy = _with_channel_schedules(policy or OrderPolicy(), by_name)
+        slots = provider_slots(providers, policy)  # external voucher providers (actors.provider)
         subscribers = dict(subscribers or {})
         withholds = any(signs_agreements(c) for c in by_name.values())
         if WITHHOLD_SUBSCRIBER in subscribers:
             raise InvalidRequest(f"subscriber name {WITHHOLD_SUBSCRIBER!r} is the engine's")
         policy = dataclasses.replace(
             policy, fallbacks_max=config.routing.fallbacks_max,
-            channels_without_close=policy.channels_without_close | _without_close(by_name))
+            channels_without_close=policy.channels_without_close | _without_close(by_name),
+            voucher_providers=frozenset(slots))
         store = Store(path, synchronous=synchronous,  # first: a refused file starts nothing
                       group_commit=config.group_commit)
         if "open-without-needed-channel" not in config.planted_bugs | policy.planted_bugs:
             _check_channels_of_unsettled(store, by_name)
+        check_providers_of_unsettled(store, slots)
         runtime = runtime or PooledRuntime(actor_threads=config.actor_threads)
         for channel in by_name.values():  # a simulated wallet without a world of its own
             lend = getattr(channel, "use_runtime", None)
@@ -386,6 +405,8 @@ class Engine:
         def factory(key: Key, kept: Any) -> ActorBehaviour:
             if key[0] == "order":
                 return OrderBehaviour(key, ctx_holder[0], kept)
+            if key[0] == "provider":
+                return ProviderBehaviour(key, ctx_holder[0])
             assert kept is None, "only orders are passivated"
             return AccountBehaviour(key, ctx_holder[0])
 
@@ -393,7 +414,9 @@ class Engine:
                       channels=by_name, policy=policy or OrderPolicy(),
                       config=config,
                       log=get_logger().bind(db=store.path))
-        ctx.voucher_link = (voucher_link or DirectVoucherLink)(ctx.directory)
+        ctx.providers = slots
+        ctx.voucher_link = ProviderRouting((voucher_link or DirectVoucherLink)(ctx.directory),
+                                           ctx.directory, frozenset(slots))
         engines: list[Engine] = []
         if withholds:  # the auto-retry hears every attempt's end through the outbox
             subscribers[WITHHOLD_SUBSCRIBER] = lambda event: engines[0]._withholder.on_event(
@@ -495,6 +518,10 @@ class Engine:
         """
         self._check_open()
         check_id(account_id, "account_id")
+        if provider_of(account_id, self._ctx.providers) is not None:
+            raise InvalidRequest(f"{account_id} names an account at voucher provider "
+                                 f"{provider_of(account_id, self._ctx.providers)!r}: it is "
+                                 "the provider's, not one this engine opens")
         check_unit(unit, "unit")
         if minor_per_unit is None:
             check_currency(unit, self._ctx.config.currency_table,
@@ -750,7 +777,8 @@ class Engine:
         names = [part.account_id for part in request.vouchers]
         if request.credit_account is not None:
             names.append(request.credit_account)
-        units = ctx.store.account_units(names)
+        units = provider_units(request, ctx.providers)
+        units.update(ctx.store.account_units([n for n in names if n not in units]))
         missing = [name for name in names if name not in units]
         if missing:
             raise UnknownAccount(f"no voucher account {missing[0]}")
@@ -1162,6 +1190,54 @@ class Engine:
         else:
             event = cash_result(chan, note.reply, ResultSource.NOTIFICATION, reported_by=channel)
         return self._feed_report(channel, note.payment_serial, event, wait)
+
+    def handle_provider_callback(self, provider: str, body: bytes,
+                                 headers: Mapping[str, str] | None = None) -> str:
+        """Feed an external voucher provider's callback exactly as received.
+
+        The provider's adapter verifies the signature over the exact ``body`` and parses it
+        (``VoucherProvider.verify_callback``); the provider's actor then reads its codes
+        with the provider's code table for the operation it answers and, if that decides
+        the command, tells the order. Duplicated, late and out-of-order callbacks are safe
+        (a decided leg ignores them). Returns ``"queued"`` once handed to the provider's
+        actor: acknowledge the callback then. One that does not verify raises
+        ``ProviderCallbackRejected`` (recorded with the provider's messages; do not
+        acknowledge it). Any thread.
+        """
+        self._check_open()
+        check_id(provider, "provider")
+        if not isinstance(body, bytes) or not 0 < len(body) <= NOTIFICATION_BYTES_MAX:
+            raise InvalidRequest(f"a callback body is the raw bytes received, 1.."
+                                 f"{NOTIFICATION_BYTES_MAX} of them, not {shown(body)}")
+        if headers is not None and not isinstance(headers, Mapping):
+            raise InvalidRequest(f"headers are a mapping of str to str, not {shown(headers)}")
+        slot = self._ctx.providers.get(provider)
+        if slot is None:
+            raise ProviderCallbackRejected(f"no voucher provider {provider!r}; known: "
+                                           f"{sorted(self._ctx.providers)}")
+        try:
+            callback = check_provider_callback(slot.provider.verify_callback(body,
+                                                                             headers or {}))
+        except Exception as error:  # an adapter that cannot verify it: never believe it
+            slot.recorder.record(self._ctx.runtime.now_ms(), "callback_rejected", "", "",
+                                 error=type(error).__name__)
+            raise ProviderCallbackRejected(
+                f"{provider} callback rejected: {type(error).__name__}") from None
+        self._ctx.directory.tell(("provider", provider), CallbackArrived(callback))
+        return "queued"
+
+    def provider_messages(self, provider: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest ``limit`` (1..10000) messages exchanged with ``provider``, oldest
+        first: each a dict with ``at_ms``, ``provider``, ``kind`` (``request``, ``call``,
+        ``query_request``, ``query``, ``callback``, ``callback_rejected``), ``txn_id``,
+        ``op`` and the codes or error. Kept in memory, at most the provider's
+        ``recording_keep``."""
+        self._check_open()
+        check_int(limit, "limit", 1, 10_000)
+        slot = self._ctx.providers.get(provider)
+        if slot is None:
+            raise InvalidRequest(f"no voucher provider {provider!r}")
+        return slot.recorder.records(limit)  # type: ignore[no-any-return]
 
     def handle_callback(self, channel: str, payment_serial: str, reply: ChannelReply, *,
                         wait: bool = True) -> str:

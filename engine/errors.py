@@ -162,6 +162,26 @@ class ChannelsMissing(PaymentError):
         self.channels = dict(channels or {})
 
 
+class ProvidersMissing(PaymentError):
+    """``Engine.open`` without an external voucher provider that unsettled orders still owe
+    a Try, Confirm or Cancel to. Refused before anything started (no order is resumed, no
+    money moves); open again with the providers. ``providers`` maps each missing provider to
+    the number of unsettled orders that need it."""
+
+    code = "providers_missing"
+
+    def __init__(self, message: str, providers: dict[str, int] | None = None) -> None:
+        super().__init__(message)
+        self.providers = dict(providers or {})
+
+
+class ProviderCallbackRejected(PaymentError):
+    """A voucher provider's callback did not verify (bad signature, malformed) or names a
+    provider this engine was not given. Nothing changed; do not acknowledge it."""
+
+    code = "provider_callback_rejected"
+
+
 class RefundRefused(PaymentError):
     """A refund asks for more than the payment may still give back, or cannot be split."""
 
@@ -300,8 +320,8 @@ class UnknownWithholding(PaymentError):
 
 class ExtraMissing(PaymentError):
     """An optional feature was asked for whose extra is not installed (``metrics``:
-    prometheus-client, ``report``: matplotlib, ``server``: FastAPI and uvicorn). Nothing was started or changed; install
-    ``payengine[<extra>]``. ``extra`` names it."""
+    prometheus-client, ``report``: matplotlib, ``server``: FastAPI and uvicorn). Nothing was
+    started or changed; install ``payengine[<extra>]``. ``extra`` names it."""
 
     code = "extra_missing"
 

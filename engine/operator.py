@@ -37,6 +37,9 @@ class AttentionKind(enum.StrEnum):
     """The channel reported a charge of another amount; the order waits for a person."""
     OWED_FOLLOW_UP = "owed_follow_up"
     """A voucher Confirm, release or return went unanswered on its whole retry schedule."""
+    FOLLOW_UP_REFUSED = "follow_up_refused"
+    """A voucher system (an external provider, say) refused a Confirm or a release the
+    order had decided (``confirm_failed``, ``release_failed``): nothing re-sends it."""
     REFUND_UNKNOWN = "refund_unknown"
     """A refund with no definitive answer after every query."""
     DEAD_LETTER = "dead_letter"
@@ -57,6 +60,7 @@ ACTIONS: dict[AttentionKind, frozenset[Action]] = {
     AttentionKind.NEEDS_RECONCILIATION: frozenset({Action.ACKNOWLEDGE}),
     AttentionKind.AMOUNT_MISMATCH: frozenset({Action.ACKNOWLEDGE}),
     AttentionKind.OWED_FOLLOW_UP: frozenset({Action.RETRY, Action.ACKNOWLEDGE}),
+    AttentionKind.FOLLOW_UP_REFUSED: frozenset({Action.ACKNOWLEDGE}),
     AttentionKind.REFUND_UNKNOWN: frozenset({Action.ACKNOWLEDGE}),
     AttentionKind.DEAD_LETTER: frozenset({Action.RETRY, Action.ACKNOWLEDGE}),
     AttentionKind.NOTIFICATION_GIVEN_UP: frozenset({Action.RETRY, Action.ACKNOWLEDGE}),

@@ -58,6 +58,7 @@ from payengine.engine.errors import (
 from payengine.engine.evolve import evolve
 from payengine.engine.fuel import FuelSale, check_fuel_sale, fuel_sale_json
 from payengine.engine.money import AMOUNT_MAX, check_amount, value_in_minor
+from payengine.engine.provider import provider_of
 from payengine.engine.risk import (
     Verification,
     VerificationStatus,
@@ -561,6 +562,10 @@ answer (``notify-acks-refusals``: the bug lives in ``actors.service.notify``), a
 queue that leaves out owed voucher follow-ups (``attention-misses-owed``: ``persistence.operator``).
 Each must make the oracle report a violation."""
 
+# External voucher providers (engine.provider): a Try the provider has not decided counted
+# as held, so the order pays before every asynchronous leg succeeded.
+PLANTABLE_BUGS |= {"async-leg-ignored"}
+
 
 @dataclass(frozen=True, slots=True)
 class OrderPolicy:
@@ -607,6 +612,10 @@ class OrderPolicy:
     """Channels that cannot close a payment (an HTTP channel with no ``close`` operation):
     a fallback from one goes from its query straight to the next route. ``Engine.open``
     adds them."""
+    voucher_providers: frozenset[str] = frozenset()
+    """External voucher providers (``engine.provider``) the engine was given: their legs
+    take no refund return, so a refund that would reach one is refused. ``Engine.open``
+    sets it."""
     refunds_max: int = 50
     """Refunds one order may have (merchant refunds and duplicate-charge refunds)."""
     planted_bugs: frozenset[str] = frozenset()
@@ -648,6 +657,9 @@ class OrderPolicy:
         check_setting(isinstance(self.channels_without_close, frozenset)
                       and len(self.channels_without_close) <= 1_000,
                       "channels_without_close must be a frozenset of at most 1000 channels")
+        check_setting(isinstance(self.voucher_providers, frozenset)
+                      and len(self.voucher_providers) <= 1_000,
+                      "voucher_providers must be a frozenset of at most 1000 names")
         check_int(self.refunds_max, "refunds_max", 1, 10_000)
         unknown = set(self.planted_bugs) - PLANTABLE_BUGS
         check_setting(not unknown, f"unknown planted bugs {sorted(unknown)}")
@@ -2711,6 +2723,7 @@ def _request_refund(d: _Draft, request: RequestRefund) -> str:
         raise RefundRefused(f"order {order.order_id} has {merchant_refunds} refunds, the most "
                             "one order may have")
     parts = _allocate(order, amount, over_refund="over-refund" in d.policy.planted_bugs)
+    _refuse_provider_returns(d, parts)
     cash = order.cash_leg
     credit = _beneficiary(order)
     first_cash = credit is None and cash is not None and any(
@@ -2733,6 +2746,19 @@ def _request_refund(d: _Draft, request: RequestRefund) -> str:
     if first_cash:
         _arm_refund_query(d, attempt=0)
     return "applied"
+
+
+def _refuse_provider_returns(d: _Draft, parts: tuple[RefundPart, ...]) -> None:
+    """External voucher providers implement Try/Confirm/Cancel, not refunds: a refund whose
+    split reaches a provider leg is refused (``RefundRefused``), nothing recorded."""
+    providers = d.policy.voucher_providers
+    for part in parts:
+        account = d.order.leg(part.leg_no).account_id
+        if account is not None and provider_of(account, providers) is not None:
+            raise RefundRefused(
+                f"a refund of order {d.order.order_id} would reach its leg {part.leg_no} at "
+                f"external voucher provider {provider_of(account, providers)!r}, which takes "
+                "no refunds: refund at most what its other legs may still give back")
 
 
 def check_refund_request(request: RequestRefund) -> tuple[str, int]:

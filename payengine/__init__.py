@@ -29,6 +29,13 @@ from payengine.actors.adapters import (
     read_records,
     replay_mismatches,
 )
+from payengine.actors.adapters.providers import (
+    ConfiguredProvider,
+    ProviderConfig,
+    ProviderTransport,
+    load_providers,
+    parse_providers,
+)
 from payengine.actors.admission import AdmissionStats
 from payengine.actors.base import EngineConfig
 from payengine.actors.channel import (
@@ -54,6 +61,7 @@ from payengine.actors.messages import (
 )
 from payengine.actors.metrics import EngineMetrics
 from payengine.actors.notifier import NotificationConfig
+from payengine.actors.provider import ProviderCallback, VoucherProvider
 from payengine.actors.reconcile import ReconciliationReport
 from payengine.actors.risk_gate import RiskConfig, RiskContext, RiskHook
 from payengine.actors.runtime import Runtime, ThreadRuntime
@@ -108,6 +116,8 @@ from payengine.engine.errors import (
     NotificationRejected,
     Overloaded,
     PaymentError,
+    ProviderCallbackRejected,
+    ProvidersMissing,
     RefundRefused,
     RequestRejected,
     RiskBlocked,
@@ -137,6 +147,7 @@ from payengine.engine.order import (
     PaymentRequest,
     VoucherPart,
 )
+from payengine.engine.provider import ProviderCodes, ProviderOp, ProviderReply
 from payengine.engine.risk import RiskOutcome, RiskRules, RiskVerdict
 from payengine.engine.routing import NoRoute, Route, RoutingTable
 from payengine.engine.shift_report import ShiftReport, ShiftTotals
@@ -182,6 +193,7 @@ __all__ = [
     "CodeTable",
     "Combination",
     "ConfigError",
+    "ConfiguredProvider",
     "Coupon",
     "CouponKind",
     "Credentials",
@@ -236,6 +248,14 @@ __all__ = [
     "Prepay",
     "PriceCut",
     "PricedSale",
+    "ProviderCallback",
+    "ProviderCallbackRejected",
+    "ProviderCodes",
+    "ProviderConfig",
+    "ProviderOp",
+    "ProviderReply",
+    "ProviderTransport",
+    "ProvidersMissing",
     "Quote",
     "QuoteExpired",
     "QuoteMismatch",
@@ -278,14 +298,17 @@ __all__ = [
     "VerificationFailed",
     "VerificationView",
     "VoucherPart",
+    "VoucherProvider",
     "WithholdConfig",
     "WithholdState",
     "Withholding",
     "__version__",
     "load_channels",
     "load_config",
+    "load_providers",
     "load_routing",
     "parse_config",
+    "parse_providers",
     "read_records",
     "replay_mismatches",
 ]

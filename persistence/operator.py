@@ -35,7 +35,14 @@ from payengine.engine.operator import (
     cursor_of,
     item_id,
 )
-from payengine.engine.order import OWED_LEG_STATUSES, LegMode, OrderState, PartStatus, owed_commands
+from payengine.engine.order import (
+    OWED_LEG_STATUSES,
+    LegMode,
+    LegStatus,
+    OrderState,
+    PartStatus,
+    owed_commands,
+)
 
 if TYPE_CHECKING:
     import sqlite_utils
@@ -134,6 +141,7 @@ def attention(store: Store, *, planted_bugs: frozenset[str] = frozenset(),
     items = [*_orders_in_doubt(store), *_refunds_unknown(store)]
     if "attention-misses-owed" not in planted_bugs:
         items += _owed(store)
+    items += _refused(store)
     items += [*_dead_letters(store), *_given_up(store)]
     if include_resolved:
         return items
@@ -215,6 +223,27 @@ def _owed(store: Store) -> list[AttentionItem]:
                 "unanswered on its whole retry schedule; the sentinel re-sends it",
                 order_id=order.order_id, refund_id=owed.refund_id))
     return items
+
+
+REFUSED_LEG_STATUSES = (LegStatus.CONFIRM_FAILED, LegStatus.RELEASE_FAILED)
+"""A follow-up the voucher system refused: final for the order, a person's for the money."""
+
+
+def _refused(store: Store) -> list[AttentionItem]:
+    statuses = [s.value for s in REFUSED_LEG_STATUSES]
+    with store._read(snapshot=False) as conn:
+        rows = conn.execute(
+            "SELECT l.order_id, l.leg_no, l.status, l.account_id, l.amount,"
+            " COALESCE(o.updated_at_ms, o.created_at_ms) FROM legs l JOIN payment_orders o"
+            f" ON o.order_id = l.order_id WHERE l.status IN ({','.join('?' * len(statuses))})"
+            " ORDER BY o.created_at_ms, l.order_id, l.leg_no LIMIT ?",
+            (*statuses, ATTENTION_ITEMS_MAX)).fetchall()
+    kind = AttentionKind.FOLLOW_UP_REFUSED
+    return [AttentionItem(item_id(kind, order_id, leg_no), kind, int(at_ms or 0),
+                          f"{'Confirm' if status == LegStatus.CONFIRM_FAILED.value else 'release'}"
+                          f" of {amount} on {account_id} refused by its voucher system "
+                          f"({status}): settle it with that system", order_id=str(order_id))
+            for order_id, leg_no, status, account_id, amount, at_ms in rows]
 
 
 def _dead_letters(store: Store) -> list[AttentionItem]:

@@ -711,6 +711,21 @@ class Store:
             ).fetchall()
         return {str(channel): int(n) for channel, n in rows}
 
+    def unsettled_orders_by_provider(self) -> dict[str, int]:
+        """How many unsettled orders have a voucher leg on an account of no voucher account
+        here whose id has a ``<provider>:`` prefix, by that prefix (``Engine.open`` checks
+        each such provider is given). At most one row per provider ever used."""
+        with self._read(snapshot=False) as conn:
+            rows = conn.execute(
+                "SELECT substr(l.account_id, 1, instr(l.account_id, ':') - 1) AS p,"
+                " COUNT(DISTINCT o.order_id) FROM payment_orders o"
+                " JOIN legs l ON l.order_id = o.order_id"
+                " WHERE o.settled = 0 AND instr(l.account_id, ':') > 1"
+                " AND l.account_id NOT IN (SELECT account_id FROM voucher_accounts)"
+                " GROUP BY p"
+            ).fetchall()
+        return {str(name): int(n) for name, n in rows}
+
     def orders_owing_follow_ups(self, limit: int) -> list[str]:
         """Unsettled orders, oldest first, that may owe a voucher follow-up: a leg confirming,
         cancelling, reversing or flagged, or a refund part sent or unknown (``engine.order.

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from payengine.actors.engine import Engine
 from payengine.engine.operator import ATTENTION_ITEMS_MAX, AttentionKind, item_id
-from payengine.engine.order import OrderState, RefundStatus, owed_commands
+from payengine.engine.order import LegStatus, OrderState, RefundStatus, owed_commands
 from payengine.persistence.store import Store
 from payengine.sim.oracle import Violation
 
@@ -47,6 +47,10 @@ def open_items(store: Store) -> dict[str, AttentionKind]:
                     parts.append(owed.refund_id)
                 found[item_id(AttentionKind.OWED_FOLLOW_UP, *parts)] = (
                     AttentionKind.OWED_FOLLOW_UP)
+        for leg in order.legs:
+            if leg.status in (LegStatus.CONFIRM_FAILED, LegStatus.RELEASE_FAILED):
+                kind = AttentionKind.FOLLOW_UP_REFUSED
+                found[item_id(kind, order.order_id, leg.leg_no)] = kind
         for refund in order.refunds:
             if refund.status is RefundStatus.UNKNOWN:
                 kind = AttentionKind.REFUND_UNKNOWN

@@ -52,6 +52,7 @@ from payengine.engine.order import (
     RefundKind,
     RefundStatus,
 )
+from payengine.engine.provider import provider_of
 from payengine.engine.risk import VerificationStatus
 from payengine.engine.routing import RoutingTable
 from payengine.engine.voucher import Fence, FenceKey, FenceKind, FenceScope, FenceStatus
@@ -143,7 +144,8 @@ class OracleReport:
 
 def check(store: Store, channels: Mapping[str, GroundTruth], *, now_ms: int | None = None,
           order_ids: Iterable[str] | None = None,
-          all_orders: Iterable[PaymentOrder] | None = None) -> OracleReport:
+          all_orders: Iterable[PaymentOrder] | None = None,
+          providers: frozenset[str] = frozenset()) -> OracleReport:
     """Run every check; ``order_ids`` limits the order checks (all orders if ``None``).
     ``all_orders``: every order, loaded already by the caller (who checks them more ways)."""
     report = OracleReport()
@@ -156,7 +158,7 @@ def check(store: Store, channels: Mapping[str, GroundTruth], *, now_ms: int | No
         orders = store.iter_orders() if all_orders is None else all_orders
     for order in orders:
         report.orders_checked += 1
-        _check_order(store, order, channels, report)
+        _check_order(store, order, channels, report, providers)
     return report
 
 
@@ -208,7 +210,7 @@ def _check_accounts(store: Store, report: OracleReport, now_ms: int | None) -> N
 
 
 def _check_order(store: Store, order: PaymentOrder, channels: Mapping[str, GroundTruth],
-                 report: OracleReport) -> None:
+                 report: OracleReport, providers: frozenset[str] = frozenset()) -> None:
     subject = f"order {order.order_id}"
     v = report.violations
     flagged = [leg for leg in order.legs if leg.status in RECONCILIATION_LEG_STATUSES]
@@ -234,6 +236,8 @@ def _check_order(store: Store, order: PaymentOrder, channels: Mapping[str, Groun
     for leg in order.legs:
         if leg.mode is LegMode.CASH or leg.account_id is None:
             continue
+        if provider_of(leg.account_id, providers) is not None:
+            continue  # an external provider's: compared with its own books (sim.provider)
         if leg.status in (LegStatus.CONFIRM_UNKNOWN, LegStatus.RELEASE_UNKNOWN):
             continue  # the voucher system never answered: flagged, not guessed
         fence = store.load_fence(leg.account_id, order.fence_of(leg))

@@ -89,6 +89,7 @@ from payengine.sim.oracle import (
     told_of,
 )
 from payengine.sim.preholds import PreHolder
+from payengine.sim.provider import ProviderWorkload
 from payengine.sim.quotes import QuotingTerminals, sim_discounts
 from payengine.sim.reopen import ReopenTry, check_reopens, try_without_each
 from payengine.sim.risk import StepUpUser, risk_config
@@ -544,6 +545,11 @@ class Simulation:
             self.step_ups = StepUpUser(self.risk_rng, config.seed, self.risk, at=self._at,
                                        now_ms=self.world.now_ms, engine=lambda: self.engine,
                                        counts=self.counts)
+        # External voucher providers (``sim.provider``): a carrier's phone credit, async
+        # legs with their own faults; its own stream, so a seed's other draws stay as they were
+        self.provider_work = ProviderWorkload(
+            random.Random(config.seed + 29), self.world, lambda: self.engine,
+            self.counts, planted=config.plant_bug)
         self.close_refused: set[str] = set()
         """Orders a late user close was refused for (paid): they never end closed."""
         self.risk_blocked: set[str] = set()
@@ -572,7 +578,7 @@ class Simulation:
                            synchronous="OFF" if self.scheduler else "NORMAL",
                            voucher_link=self._voucher_link,
                            subscribers={"downstream": self._downstream},
-                           risk=self.risk)
+                           risk=self.risk, providers=self.provider_work.providers)
 
     def _open(self, tries: list[ReopenTry] | None = None) -> None:
         """Open the engine; ``tries``: the opens without a channel just refused or accepted,
@@ -711,6 +717,7 @@ class Simulation:
         if self.withholds is not None:
             self.withholds.setup(customers)
         self.beneficiaries.setup(engine, customers)
+        self.provider_work.setup(customers)
         return customers
 
     def _request(self, i: int, customers: list[str]) -> PaymentRequest:
@@ -724,6 +731,10 @@ class Simulation:
             vouchers.append(VoucherPart(f"{c}/pts", 20, mode))
         total = rng.randint(10, 300) * 100
         value = sum(100 if v.account_id.endswith("/rp") else 200 for v in vouchers)
+        phone = self.provider_work.part(c)  # phone credit at the carrier (its own stream)
+        if phone is not None:
+            vouchers.append(phone)
+            value += phone.amount
         wallet = "alipay" if rng.random() < ALIPAY_SHARE else "wechat"
         if self.route_rng.random() < ROUTED_SHARE:
             wallet = "qr"
@@ -972,7 +983,8 @@ class Simulation:
         # (the run is over: nothing changes them any more).
         orders = list(engine.store.iter_orders())
         report = check(engine.store, self.channels, now_ms=self.world.now_ms(),
-                       all_orders=orders)
+                       all_orders=orders, providers=frozenset({"carrier-x"}))
+        report.violations += self.provider_work.check(orders, engine.store)
         report.violations += check_code_tables(self.channels)
         self._note_broken(engine)
         report.violations += check_one_success_per_trade(orders)
@@ -1164,6 +1176,7 @@ class Simulation:
     def _start_quiet_phase(self) -> None:
         """Faults off; from here time runs on until nothing is left to do."""
         self.quiet = True
+        self.provider_work.quiet()
         for channel in self.channels.values():
             channel.faults = ChannelFaults.none()
         if self.engine is not None:

@@ -456,3 +456,39 @@ def test_an_owed_confirm_retried_by_an_operator_is_sent_again_at_once_and_leaves
                               reason="again").repeated is True
     finally:
         engine.shutdown()
+
+
+
+def test_a_follow_up_its_voucher_system_refused_is_in_the_queue_until_acknowledged(
+        fresh_db: Path) -> None:
+    _insert(fresh_db, [
+        {"order_id": "p", "merchant_id": "m1", "user_id": "u1", "station_id": None,
+         "channel": "wechat", "at": 1, "total": 100, "state": "succeeded"},
+        {"order_id": "q", "merchant_id": "m1", "user_id": "u1", "station_id": None,
+         "channel": "wechat", "at": 2, "total": 100, "state": "failed"}])
+    conn = sqlite3.connect(fresh_db)
+    with conn:
+        conn.execute("INSERT INTO legs (order_id, leg_no, mode, account_id, amount, unit,"
+                     " status) VALUES ('p', 2, 'pre_deduct', 'carrier-x:138', 50, 'CNY',"
+                     " 'confirm_failed')")
+        conn.execute("INSERT INTO legs (order_id, leg_no, mode, account_id, amount, unit,"
+                     " status) VALUES ('q', 2, 'pre_deduct', 'rp-1', 30, 'CNY',"
+                     " 'release_failed')")
+        conn.execute("INSERT INTO legs (order_id, leg_no, mode, account_id, amount, unit,"
+                     " status) VALUES ('q', 3, 'pre_deduct', 'rp-2', 30, 'CNY', 'cancelled')")
+    conn.close()
+    store = Store(fresh_db, read_only=True)
+    try:
+        items = store_operator.attention(store)
+        assert [(i.item_id, i.kind, i.order_id) for i in items] == [
+            ("follow_up_refused:p:2", AttentionKind.FOLLOW_UP_REFUSED, "p"),
+            ("follow_up_refused:q:2", AttentionKind.FOLLOW_UP_REFUSED, "q")]
+        assert items[0].why.startswith("Confirm of 50 on carrier-x:138 refused")
+        with pytest.raises(ActionNotApplicable):
+            resolve_in_file(fresh_db, store, "follow_up_refused:p:2", "retry", "ops", "x", 5)
+        done = resolve_in_file(fresh_db, store, "follow_up_refused:p:2", "acknowledge",
+                               "ops-anna", "carrier credited by hand", 10)
+        assert done.outcome == "acknowledged"
+        assert [i.item_id for i in store_operator.attention(store)] == ["follow_up_refused:q:2"]
+    finally:
+        store.close()
