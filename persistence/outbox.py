@@ -41,6 +41,7 @@ import sqlite_utils
 
 from payengine.engine.discounts import PricedSale, priced_sale_from_json, priced_sale_json
 from payengine.engine.order import (
+    Leg,
     LegStatus,
     OrderState,
     PaymentOrder,
@@ -155,6 +156,10 @@ class OutboxEvent:
     split: tuple[tuple[str, int], ...] = ()
     """Order and refund events: how the order is paid, ``(method, minor)`` per part:
     ``cash:<channel>`` and ``voucher:<account_id>`` (vouchers at their value)."""
+    refund_split: tuple[tuple[str, int], ...] = ()
+    """Refund events: how this refund gives back, ``(method, minor)`` per part it has, in
+    ``split``'s names (what an invoice reverses, what membership takes back); ``()`` for
+    order and hold events."""
 
     def payload(self) -> dict[str, Any]:
         """The event as a JSON-ready mapping (what a merchant notification carries)."""
@@ -169,6 +174,7 @@ class OutboxEvent:
             "refund_kind": self.refund_kind, "account_id": self.account_id,
             "hold_id": self.hold_id, "amount": self.amount, "unit": self.unit,
             "sale": priced_sale_json(self.sale), "split": [list(part) for part in self.split],
+            "refund_split": [list(part) for part in self.refund_split],
         }
 
 
@@ -290,9 +296,10 @@ def create_schema(db: sqlite_utils.Database) -> None:
 _EXTRA_COLUMNS: dict[str, type] = {
     "event_type": str, "user_id": str, "refund_id": str, "refund_no": str, "refund_kind": str,
     "account_id": str, "hold_id": str, "amount": int, "unit": str, "sale": str, "split": str,
+    "refund_split": str,
 }
-"""Columns added with refund and hold events, then with sales and splits (``OutboxEvent``'s
-fields after ``at_ms``)."""
+"""Columns added with refund and hold events, then with sales and splits, then with refund
+splits (``OutboxEvent``'s fields after ``at_ms``)."""
 
 _EVENT_COLUMNS = (
     "seq, event_id, order_id, order_version, merchant_id, merchant_order_no, payment_serial,"
@@ -320,7 +327,8 @@ def record_order_events(conn: sqlite3.Connection, order: PaymentOrder,
     described: list[str | None] = []  # the sale and the split, made once per commit
 
     def add(t: Transition, from_state: str, to_state: str, event_type: str,
-            refund: tuple[str | None, str | None, str | None, int | None]) -> None:
+            refund: tuple[str | None, str | None, str | None, int | None],
+            refund_split: str | None = None) -> None:
         refund_id, refund_no, kind, amount = refund
         if not described:
             described.extend(_describe(order))
@@ -329,7 +337,7 @@ def record_order_events(conn: sqlite3.Connection, order: PaymentOrder,
                      order.payment_serial, from_state, to_state, t.cause,
                      order.total_minor, order.currency, now_ms, event_type, order.user_id,
                      refund_id, refund_no, kind, None, None, amount,
-                     None if amount is None else order.currency, *described))
+                     None if amount is None else order.currency, *described, refund_split))
 
     for t in transitions:
         if t.entity == "order":
@@ -342,13 +350,15 @@ def record_order_events(conn: sqlite3.Connection, order: PaymentOrder,
             refund = order.refund(refund_id=t.entity[len("refund:"):])
             assert refund is not None, t
             add(t, t.from_state, t.to_state, REFUND_STATE_CHANGED,
-                (refund.refund_id, refund.refund_no, refund.kind.value, refund.amount_minor))
+                (refund.refund_id, refund.refund_no, refund.kind.value, refund.amount_minor),
+                _json([[_method(order.leg(p.leg_no)), p.value_minor] for p in refund.parts]))
         elif cash is not None and t.entity == f"leg:{cash.leg_no}" and (
             t.to_state in _LEG_REFUND_STATUS
         ):
             assert cash.refund_id is not None, t
             add(t, _LEG_REFUND_STATUS.get(t.from_state, ""), _LEG_REFUND_STATUS[t.to_state],
-                REFUND_STATE_CHANGED, (cash.refund_id, None, LEG_REFUND_KIND, cash.amount))
+                REFUND_STATE_CHANGED, (cash.refund_id, None, LEG_REFUND_KIND, cash.amount),
+                _json([[_method(cash), cash.amount]]))
     if rows:
         conn.executemany(_INSERT_EVENT, rows)
 
@@ -356,10 +366,17 @@ def record_order_events(conn: sqlite3.Connection, order: PaymentOrder,
 def _describe(order: PaymentOrder) -> tuple[str | None, str]:
     """The order's sale and split as stored with its events (JSON texts)."""
     sale = priced_sale_json(order.sale)
-    split = [[f"cash:{leg.channel}" if leg.is_cash else f"voucher:{leg.account_id}",
-              leg.value_minor] for leg in order.legs if leg.pays]  # not a beneficiary
-    return (None if sale is None else json.dumps(sale, separators=(",", ":")),
-            json.dumps(split, separators=(",", ":")))
+    split = [[_method(leg), leg.value_minor] for leg in order.legs if leg.pays]  # not a
+    return None if sale is None else _json(sale), _json(split)  # beneficiary's leg
+
+
+def _method(leg: Leg) -> str:
+    """A leg's name in ``split`` and ``refund_split``."""
+    return f"cash:{leg.channel}" if leg.is_cash else f"voucher:{leg.account_id}"
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,7 +413,7 @@ def record_hold_events(conn: sqlite3.Connection, account_version: int,
                      version, merchant_id, merchant_order_no, serial, change.from_state,
                      change.to_state, change.cause, total, currency, now_ms,
                      HOLD_STATE_CHANGED, user, None, None, None, change.account_id,
-                     change.hold_id, change.amount, change.unit, None, None))
+                     change.hold_id, change.amount, change.unit, None, None, None))
     if rows:
         conn.executemany(_INSERT_EVENT, rows)
 
@@ -407,7 +424,7 @@ def record_hold_events(conn: sqlite3.Connection, account_version: int,
 def _event(row: Sequence[Any]) -> OutboxEvent:
     (seq, event_id, order_id, version, merchant_id, merchant_order_no, serial, from_state,
      to_state, cause, total, currency, at_ms, event_type, user_id, refund_id, refund_no,
-     refund_kind, account_id, hold_id, amount, unit, sale, split) = row
+     refund_kind, account_id, hold_id, amount, unit, sale, split, refund_split) = row
 
     def text(value: Any) -> str | None:
         return None if value is None else str(value)
@@ -419,8 +436,14 @@ def _event(row: Sequence[Any]) -> OutboxEvent:
                        text(refund_no), text(refund_kind), text(account_id), text(hold_id),
                        None if amount is None else int(amount), text(unit),
                        None if sale is None else priced_sale_from_json(json.loads(sale)),
-                       () if split is None else tuple((str(method), int(minor))
-                                                      for method, minor in json.loads(split)))
+                       _parts(split), _parts(refund_split))
+
+
+def _parts(text: str | None) -> tuple[tuple[str, int], ...]:
+    """A stored split (JSON ``[[method, minor], ...]``; ``None``: none) as pairs."""
+    if text is None:
+        return ()
+    return tuple((str(method), int(minor)) for method, minor in json.loads(text))
 
 
 def read_events(conn: sqlite3.Connection, after_seq: int, limit: int,
