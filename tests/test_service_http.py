@@ -397,3 +397,23 @@ def test_metrics_are_scraped_at_slash_metrics_and_count_the_payment_once(
         assert samples[("payengine_payments_total",
                         (("channel", "wechat"), ("state", "succeeded")))] == 1.0
         assert samples[("payengine_up", ())] == 1.0
+
+
+def test_the_operator_tools_answer_over_http_and_a_resolution_is_journalled(
+        tmp_path: Path, world: ThreadRuntime) -> None:
+    with serving(tmp_path / "pay.db", wallet(world)) as served, served.client() as client:
+        receipt = client.post("/v1/orders", json=payment("pump1-000009")).json()
+        assert wait_settled(client, receipt["order_id"])["state"] == "succeeded"
+        page = client.get("/v1/operator/orders", params={"merchant_id": "station-42",
+                                                        "state": "succeeded"}).json()
+        assert [o["order_id"] for o in page["orders"]] == [receipt["order_id"]]
+        assert page["next_after"] is None
+        assert client.get("/v1/operator/attention").json() == {"items": [], "counts": {}}
+        unknown = client.post("/v1/operator/resolve", json={
+            "item": "needs_reconciliation:nobody", "action": "acknowledge",
+            "operator": "ops-anna", "reason": "checked"})
+        assert unknown.status_code == 404
+        assert unknown.json()["error"]["code"] == "unknown_attention_item"
+        bad = client.get("/v1/operator/orders", params={"limit": 501})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"
+        assert client.get("/v1/operator/journal").json() == {"resolutions": []}

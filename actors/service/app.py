@@ -122,6 +122,7 @@ def create_app(engine: Engine, *, config: ServiceConfig | None = None,
     _metrics(app, service, metrics)
     _payments(app, service)
     _accounts(app, service)
+    _operator(app, service)
     _signed(app, service)
     _notify(app, service)
     app.add_middleware(Bounds, max_body_bytes=config.max_body_bytes,
@@ -293,6 +294,44 @@ def _accounts(app: FastAPI, service: Service) -> None:
     @app.post("/v1/holds/release", tags=["holds"])
     async def release_hold(body: models.ReleaseIn) -> Any:
         return to_json(await service.call(engine.release_hold, body.account_id, body.hold_id))
+
+
+def _operator(app: FastAPI, service: Service) -> None:
+    """The operator tools (README "Operator tools") over HTTP, as the CLI's ``orders``,
+    ``attention`` and ``resolve``."""
+    engine = service.engine
+
+    @app.get("/v1/operator/orders", tags=["operator"])
+    async def find_orders(state: str | None = None, since_ms: int | None = None,
+                          until_ms: int | None = None, merchant_id: str | None = None,
+                          user_id: str | None = None, station_id: str | None = None,
+                          channel: str | None = None, limit: int = 100,
+                          after: str | None = None) -> Any:
+        """One page of ``Engine.find_orders``: ``{"orders": [...], "next_after": ...}``."""
+        return to_json(await service.call(
+            engine.find_orders, state=state, since_ms=since_ms, until_ms=until_ms,
+            merchant_id=merchant_id, user_id=user_id, station_id=station_id,
+            channel=channel, limit=limit, after=after))
+
+    @app.get("/v1/operator/attention", tags=["operator"])
+    async def attention() -> Any:
+        """The attention queue: ``{"items": [...], "counts": {kind: n}}``."""
+        items = await service.call(engine.attention)
+        counts: dict[str, int] = {}
+        for item in items:
+            counts[item.kind.value] = counts.get(item.kind.value, 0) + 1
+        return {"items": to_json(items), "counts": counts}
+
+    @app.post("/v1/operator/resolve", tags=["operator"])
+    async def resolve(body: models.ResolveIn) -> Any:
+        """``Engine.resolve``: journalled with who and why; the same again: ``repeated``."""
+        return to_json(await service.call(engine.resolve, body.item, body.action,
+                                          operator=body.operator, reason=body.reason))
+
+    @app.get("/v1/operator/journal", tags=["operator"])
+    async def journal(limit: int = 100) -> Any:
+        """Resolutions made, newest first (``Engine.operator_journal``)."""
+        return {"resolutions": to_json(await service.call(engine.operator_journal, limit))}
 
 
 def request_headers(request: Request) -> dict[str, str]:

@@ -18,6 +18,7 @@ from payengine.engine.errors import (
     AccountClosed,
     AccountExists,
     AccountFrozen,
+    ActionNotApplicable,
     AgreementInactive,
     AgreementMismatch,
     AgreementNotFound,
@@ -39,6 +40,7 @@ from payengine.engine.errors import (
     RequestRejected,
     RiskBlocked,
     UnknownAccount,
+    UnknownAttentionItem,
     UnknownHold,
     UnknownOrder,
     UnknownWithholding,
@@ -50,7 +52,8 @@ RETRY_AFTER_S = 1
 
 _STATUS: tuple[tuple[type[PaymentError], int], ...] = (
     (UnknownQuote, 404), (UnknownOrder, 404), (UnknownAccount, 404), (UnknownHold, 404),
-    (UnknownWithholding, 404), (AgreementNotFound, 404),
+    (UnknownWithholding, 404), (AgreementNotFound, 404), (UnknownAttentionItem, 404),
+    (ActionNotApplicable, 409),
     (IdempotencyConflict, 409), (IllegalTransition, 409), (AccountExists, 409),
     (HoldRefused, 409), (HoldNotPending, 409), (AttemptRefused, 409), (RefundRefused, 409),
     (DuplicateSuspected, 409), (QuoteRefused, 409), (AgreementInactive, 409),

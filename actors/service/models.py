@@ -179,6 +179,13 @@ class VerifyIn(Strict):
     code: str
 
 
+class ResolveIn(Strict):
+    item: str
+    action: str
+    operator: str
+    reason: str
+
+
 class AccountIn(Strict):
     account_id: str
     unit: str
