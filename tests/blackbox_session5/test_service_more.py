@@ -3,6 +3,7 @@ connections_max and a signed merchant from the configuration file."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Iterator
@@ -42,10 +43,8 @@ def risky(tmp_path: Path) -> Iterator[tuple[Engine, ScriptedChannel]]:
                       policy=OrderPolicy(pay_window_ms=600_000, query_schedule_ms=(60_000,)),
                       config=EngineConfig(duplicate_guard_window_ms=0), risk=risk)
     yield eng, channel
-    try:
+    with contextlib.suppress(EngineClosed):
         eng.shutdown()
-    except EngineClosed:
-        pass
 
 
 def test_step_up_verify_over_http_wrong_then_right(
