@@ -428,3 +428,24 @@ def test_outbox_lag_is_given_per_subscriber_by_name(tmp_path: Path,
         assert heard
     finally:
         eng.shutdown()
+
+
+def test_after_shutdown_only_up_is_read(engine: Engine, channel: ScriptedChannel,
+                                        metrics: EngineMetrics) -> None:
+    pay(engine, channel, "sd-1")
+    engine.shutdown()
+    snap = metrics.snapshot()
+    assert snap["payengine_up"] == 0.0
+    assert not any(k.startswith("payengine_orders{") for k in snap)
+    assert not any(k.startswith("payengine_queue_depth") for k in snap)
+
+
+def test_a_close_is_timed_as_the_close_operation(
+        engine: Engine, channel: ScriptedChannel, metrics: EngineMetrics) -> None:
+    receipt = engine.submit(cash("cc-1"))
+    wait_for(lambda: engine.get_order(receipt.order_id).state == "paying")
+    engine.close(receipt.order_id)
+    wait_for(lambda: engine.get_order(receipt.order_id).settled)
+    wait_for(lambda: metrics.snapshot().get(key(
+        "payengine_channel_call_seconds_count", channel="wechat", operation="close"))
+        == float(channel.count("close")) > 0)

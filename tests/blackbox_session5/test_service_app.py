@@ -240,6 +240,8 @@ def test_refunds_are_made_read_back_and_bounded(http: httpx.Client) -> None:
     assert r.status_code == 200, r.text
     refund = r.json()
     assert refund["refund_no"] == "r1" and refund["amount_minor"] == 50_00
+    assert isinstance(refund["parts"], list)  # tuples are lists
+    assert all(isinstance(p, list) for p in refund["parts"])
     r = http.get(f"/v1/orders/{oid}/refunds/r1")
     assert r.status_code == 200
     assert r.json()["refund_no"] == "r1"
