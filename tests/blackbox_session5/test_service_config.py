@@ -57,6 +57,17 @@ BAD = [
     ('[[merchants]]\nid = "m1"\n', "merchants"),
     ('[[merchants]]\nid = "m1"\nsecret_env = "PE_NO_SUCH_SECRET_X"\n', "merchants"),
     ('[[merchants]]\nid = "m1"\npublic_key_file = "nope.pem"\n', "merchants"),
+    ('[risk.rules]\nuser_orders_max = 3\nvelocity_action = "step_up"\n', "risk"),
+    ("[risk]\nhook_timeout_ms = 0\n", "risk.hook_timeout_ms"),
+    ("[risk]\nverify_attempts_max = 11\n", "risk.verify_attempts_max"),
+    ("[risk]\nsurprise = 1\n", "risk.surprise"),
+    pytest.param('[[merchants]]\nid = "m1"\nsecret = "short"\n', "merchants",
+                 marks=pytest.mark.xfail(strict=True, reason="a merchant secret shorter than "
+                 "32 characters is found only once the engine is open: exit 1 'cannot open "
+                 "payengine.db: an HMAC secret of 32..256 characters', the key not named, "
+                 "the database created")),
+    ('[[merchants]]\nid = "m1"\nsecret = "' + "s" * 40 + '"\nsecret_env = "X"\n', "merchants"),
+    ('[routing]\nsurprise = 1\n', "routing"),
     ("[service\n", ""),
 ]
 
