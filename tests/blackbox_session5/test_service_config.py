@@ -68,6 +68,18 @@ BAD = [
                  "the database created")),
     ('[[merchants]]\nid = "m1"\nsecret = "' + "s" * 40 + '"\nsecret_env = "X"\n', "merchants"),
     ('[routing]\nsurprise = 1\n', "routing"),
+    ("[engine]\nquotes_max = 0\n", "engine.quotes_max"),
+    ("[engine.fee_ppm]\nwechat = -1\n", "engine.fee_ppm"),
+    ("[engine.policy]\nhold_grace_ms = 1\n", "engine.policy.hold_grace_ms"),
+    ("[engine.merchant_requests]\nnonces_max = 0\n", "engine.merchant_requests.nonces_max"),
+    ('[[merchants]]\nid = "m1"\nsecret = "' + "s" * 40 + '"\n[[merchants]]\nid = "m1"\n'
+     'secret = "' + "t" * 40 + '"\n', "merchants"),
+    ('[channels.wechat]\nkind = "simulated"\nwallet = "wechat"\nmerchant_no = "x"\n'
+     'credentials = { key = "short" }\n', "channels.wechat.credentials.key"),
+    pytest.param('[[merchants]]\nid = "m1"\npublic_key_file = "bad.pem"\n', "merchants",
+                 marks=pytest.mark.xfail(strict=True, reason="a public_key_file that is not a "
+                 "PEM public key is found only once the engine is open: exit 1, key not "
+                 "named, database created")),
     ("[service\n", ""),
 ]
 
@@ -83,6 +95,7 @@ def test_a_bad_configuration_exits_2_with_the_key_named_before_anything_opens(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "p.toml").write_text(toml)
+    (tmp_path / "bad.pem").write_text("not a key")
     assert run_server(str(tmp_path / "p.toml")) == 2
     out = capsys.readouterr()
     assert key in out.err + out.out
