@@ -449,3 +449,25 @@ def test_a_close_is_timed_as_the_close_operation(
     wait_for(lambda: metrics.snapshot().get(key(
         "payengine_channel_call_seconds_count", channel="wechat", operation="close"))
         == float(channel.count("close")) > 0)
+
+
+def test_a_submit_refused_overloaded_is_counted_refused(tmp_path: Path,
+                                                        channel: ScriptedChannel) -> None:
+    from payengine import Overloaded
+
+    eng = Engine.open(tmp_path / "l.db", channels=[channel], policy=SLOW_POLICY,
+                      config=EngineConfig(duplicate_guard_window_ms=0, live_orders_max=1))
+    try:
+        metrics = EngineMetrics(eng)
+        eng.submit(cash("l-1"))
+        with pytest.raises(Overloaded):
+            eng.submit(cash("l-2"))
+        stats = eng.admission_stats
+        assert stats.refused_live_orders == 1
+        snap = metrics.snapshot()
+        assert snap["payengine_submits_refused_total"] == float(
+            stats.refused_busy + stats.refused_backlog + stats.refused_live_orders)
+        assert snap["payengine_submits_admitted_total"] == float(stats.admitted)
+        assert snap["payengine_submit_seconds_count"] == 1.0
+    finally:
+        eng.shutdown()
