@@ -447,6 +447,11 @@ class Engine:
         ctx.log.info("engine.opened", resumed_orders=len(orders),
                      accounts_with_holds=len(accounts), holds_extended=extended)
 
+    @property
+    def is_open(self) -> bool:
+        """Until ``shutdown`` (or ``abandon``): afterwards every call raises ``EngineClosed``."""
+        return not self._closed
+
     def resuming(self) -> int:
         """Unsettled orders of the last ``open`` whose activation is not handled yet: the
         resume is paced (``actors.resume``), so ``open`` returns before it ends."""

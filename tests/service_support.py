@@ -25,11 +25,13 @@ START_TIMEOUT_S = 20.0
 
 
 class Served:
-    """uvicorn serving ``create_app(engine, config=config)`` on 127.0.0.1 in a thread."""
+    """uvicorn serving ``create_app(engine, config=config)`` on 127.0.0.1 in a thread; the
+    simulated wallet ``wechat`` acknowledged in WeChat Pay's format, as a configured
+    ``wallet = "wechat"`` channel is."""
 
     def __init__(self, engine: Engine, config: ServiceConfig) -> None:
         self.engine = engine
-        self.app = create_app(engine, config=config)
+        self.app = create_app(engine, config=config, notify_formats={"wechat": "wechat"})
         self.server = uvicorn.Server(uvicorn.Config(
             self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
             timeout_graceful_shutdown=5))

@@ -87,7 +87,8 @@ class Service:
             await anyio.to_thread.run_sync(self.engine.shutdown)
 
     def ack(self, channel: str) -> AckFormat:
-        return self.formats.get(channel) or format_for_wallet(channel.split("-")[0])
+        """The channel's named format, else ``json``: never guessed from its name."""
+        return self.formats.get(channel) or format_for_wallet("json")
 
 
 def create_app(engine: Engine, *, config: ServiceConfig | None = None,
@@ -96,8 +97,7 @@ def create_app(engine: Engine, *, config: ServiceConfig | None = None,
     """The HTTP service over ``engine`` (open, owned by the caller until the app stops).
 
     ``notify_formats``: channel name -> acknowledgement format (``wechat``, ``alipay``,
-    ``json``) of ``POST /v1/notify/{channel}``; a channel not named answers in its
-    wallet's format by its name's first part (``wechat-1``: ``wechat``), else ``json``.
+    ``json``) of ``POST /v1/notify/{channel}``; a channel not named answers ``json``.
     ``metrics``: the engine's ``EngineMetrics`` if the caller made one (an engine has one
     observer); ``None`` makes one (``GET /metrics``), or none without prometheus-client."""
     config = config or ServiceConfig()
@@ -176,10 +176,10 @@ def _probes(app: FastAPI, service: Service) -> None:
     async def readyz() -> Response:
         """The engine is open, has resumed every unfinished order, and is not closing."""
         resuming = service.engine.resuming()
-        if service.closing or resuming:
+        closing = service.closing or not service.engine.is_open
+        if closing or resuming:
             return _error(503, "not_ready", "the engine is resuming or closing",
-                          {"resuming": resuming, "closing": service.closing},
-                          {"Retry-After": "1"})
+                          {"resuming": resuming, "closing": closing}, {"Retry-After": "1"})
         return JSONResponse({"status": "ready"})
 
     @app.get("/v1/channels/health", tags=["channels"])

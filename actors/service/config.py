@@ -28,10 +28,11 @@ from payengine.actors.adapters.config import (
 )
 from payengine.actors.adapters.routes_config import parse_routing
 from payengine.actors.base import EngineConfig
-from payengine.actors.merchant_auth import MerchantRequestConfig
+from payengine.actors.merchant_auth import MerchantRequestConfig, check_public_key
 from payengine.actors.risk_gate import RiskConfig
 from payengine.engine.checks import shown
 from payengine.engine.errors import ConfigError, PaymentError
+from payengine.engine.merchant_request import SECRET_MAX, SECRET_MIN
 from payengine.engine.order import OrderPolicy
 from payengine.engine.risk import RiskOutcome, RiskRules
 
@@ -174,6 +175,7 @@ def parse_settings(data: object, *, base_dir: Path | None = None,
     top = dict(data)
     env = os.environ if environ is None else environ
     service = _service(top.get("service", {}))
+    service.api_token(env)  # an unset or short token is found before anything is opened
     engine_table = _known(top.get("engine", {}), "engine", _ENGINE_KEYS)
     channels = None
     if "channels" in top:
@@ -211,6 +213,8 @@ def _engine_config(table: Mapping[str, Any], channels: Mapping[str, Any] | None
                                              "engine.merchant_requests")
     if channels is not None and "routing" in channels:
         values["routing"] = parse_routing(channels)
+    if "currencies" in values:  # its errors name a currency, not the key: checked alone
+        _built(EngineConfig, {"currencies": values["currencies"]}, "engine.currencies")
     return _built(EngineConfig, values, "engine")
 
 
@@ -260,16 +264,28 @@ def _merchants(listed: object, base_dir: Path | None, environ: Mapping[str, str]
             raise ConfigError(key, "needs exactly one of secret, secret_env, public_key_file")
         secret = pem = None
         if "secret" in values:
-            secret = _text(values["secret"], f"{key}.secret", 256)
+            secret = _secret(_text(values["secret"], f"{key}.secret", 256), f"{key}.secret")
         elif "secret_env" in values:
             name = _text(values["secret_env"], f"{key}.secret_env", 128)
             if name not in environ:
                 raise ConfigError(f"{key}.secret_env", f"${name} is not set")
-            secret = environ[name]
+            secret = _secret(environ[name], f"{key}.secret_env")
         else:
             pem = _read_small(values["public_key_file"], f"{key}.public_key_file", base_dir)
+            try:  # parsed now, so a bad key file is found before anything is opened
+                check_public_key(pem)
+            except PaymentError as error:
+                raise ConfigError(f"{key}.public_key_file", error.message) from None
         keys.append(MerchantKey(merchant_id, secret, pem))
     return tuple(keys)
+
+
+def _secret(value: str, key: str) -> str:
+    """An HMAC secret as ``register_merchant_key`` takes it, checked before anything opens."""
+    if not SECRET_MIN <= len(value) <= SECRET_MAX:
+        raise ConfigError(key, f"an HMAC secret of {SECRET_MIN}..{SECRET_MAX} characters, "
+                               f"not {len(value)}: a short one can be guessed")
+    return value
 
 
 def _read_small(value: object, key: str, base_dir: Path | None) -> str:

@@ -80,13 +80,13 @@ def notify_formats(channels: list[Channel]) -> dict[str, str]:
     return formats
 
 
-def run_server(config: str | Path | None = None, *, db: str | None = None,
+def run_server(config_path: str | Path | None = None, *, db: str | None = None,
                host: str | None = None, port: int | None = None) -> int:
     """``payengine serve``: 0 after a clean stop; 2 for a bad configuration or a missing
     extra (the message on stderr); 1 if the engine cannot be opened."""
     try:
         require_server_extra()
-        settings = load_settings(config, db=db, host=host, port=port)
+        settings = load_settings(config_path, db=db, host=host, port=port)
         channels = build_channels(settings)
     except PaymentError as error:
         print(f"payengine serve: {error.message}", file=sys.stderr)
