@@ -28,6 +28,7 @@ from typing import Any
 
 from payengine.actors.base import ActorBehaviour, Context
 from payengine.actors.channel import (
+    authorisation_result,
     call_pay,
     cash_result,
     communicated,
@@ -44,7 +45,12 @@ from payengine.engine.ledger import Posting, postings_for
 from payengine.engine.order import (
     Activate,
     ArmTimer,
+    AuthorisationOp,
+    AuthorisationResult,
+    AuthoriseCash,
     CancelHold,
+    CaptureAuthorisation,
+    CaptureCash,
     CashResult,
     ChooseRoute,
     ClawBack,
@@ -59,6 +65,7 @@ from payengine.engine.order import (
     OrderState,
     PayCash,
     PaymentOrder,
+    QueryAuthorisation,
     QueryCash,
     QueryCharge,
     QueryRefund,
@@ -73,6 +80,8 @@ from payengine.engine.order import (
     Transition,
     TryHold,
     VerifyCode,
+    VoidAuthorisation,
+    VoidCash,
     VoucherReply,
     decide,
     owed_commands,
@@ -90,7 +99,8 @@ _QUIET_LEG_STEPS = frozenset({(LegStatus.TRYING.value, LegStatus.HELD.value),
 """Leg steps that may wait for the order's next commit (``OrderBehaviour._may_wait_to_save``)."""
 
 _EVENTS = (Activate, VoucherReply, CashResult, RefundResult, CloseOrder, TimerFired,
-           RequestRefund, VerifyCode, Rerouted)
+           RequestRefund, VerifyCode, Rerouted, CaptureAuthorisation, VoidAuthorisation,
+           AuthorisationResult)
 
 
 class OrderBehaviour(ActorBehaviour):
@@ -348,6 +358,34 @@ class OrderBehaviour(ActorBehaviour):
                 self._call_refund(effect.channel, effect.refund_id, ResultSource.QUERY,
                                   lambda ch: ch.query_refund(effect.payment_serial,
                                                              effect.refund_id))
+            case AuthoriseCash() | CaptureCash() | VoidCash() | QueryAuthorisation():
+                self._call_authorisation(effect)
+
+    def _call_authorisation(self, effect: AuthoriseCash | CaptureCash | VoidCash
+                            | QueryAuthorisation) -> None:
+        """One ``AuthorisationChannel`` call on the channel's I/O lane; its answer (or its
+        exception: no answer) comes back to this order as an ``AuthorisationResult``."""
+        channel: Any = self.ctx.channels[effect.channel]
+        directory, key, serial = self.ctx.directory, self.key, effect.payment_serial
+        call: Any
+        match effect:
+            case AuthoriseCash():
+                op = AuthorisationOp.AUTHORISE
+                call = lambda: channel.authorise(  # noqa: E731
+                    serial, effect.amount_minor, effect.currency, effect.title, effect.details)
+            case CaptureCash():
+                op = AuthorisationOp.CAPTURE
+                call = lambda: channel.capture(  # noqa: E731
+                    serial, effect.capture_id, effect.amount_minor)
+            case VoidCash():
+                op = AuthorisationOp.VOID
+                call = lambda: channel.void(serial)  # noqa: E731
+            case QueryAuthorisation():
+                op = AuthorisationOp.QUERY
+                call = lambda: channel.query_authorisation(serial)  # noqa: E731
+        self.ctx.runtime.run_io(
+            effect.channel, call,
+            lambda reply: directory.tell(key, authorisation_result(op, reply, serial)))
 
     def _pay(self, effect: PayCash) -> None:
         """Call ``pay`` on the channel's lane; the serial counts as in flight, process-wide,
