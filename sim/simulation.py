@@ -71,6 +71,7 @@ from payengine.sim.oracle import (
     Told,
     Violation,
     check,
+    check_authorisations,
     check_beneficiaries,
     check_code_tables,
     check_fallbacks,
@@ -81,6 +82,7 @@ from payengine.sim.oracle import (
     check_step_ups,
     told_of,
 )
+from payengine.sim.preauth import Pumps
 from payengine.sim.preholds import PreHolder
 from payengine.sim.quotes import QuotingTerminals, sim_discounts
 from payengine.sim.reopen import ReopenTry, check_reopens, try_without_each
@@ -441,6 +443,12 @@ class Simulation:
                                                 or config.plant_bug is not None):
             self.mix = replace(self.mix, on=self.mix.on | {"channel-down"})
             self.channel_down = (self.down_rng.random(), self.down_rng.randint(*CHANNEL_DOWN_MS))
+        # Pumps that pre-authorise (``sim.preauth``): in every run, their own stream too
+        self.pumps = Pumps(random.Random(config.seed + 27), seed=config.seed,
+                           now_ms=lambda: self.world.now_ms(), at=self._at,
+                           engine=lambda: self.engine, quiet=lambda: self.quiet,
+                           counts=Counter())
+        self.mix = replace(self.mix, channel=Pumps.faults(self.mix.channel))
         self.scheduler: Scheduler | None = None
         self.world: Any
         if config.runtime == "sim":
@@ -499,6 +507,7 @@ class Simulation:
         self.counts: Counter[str] = Counter()
         if self.withholds is not None:
             self.withholds.counts = self.counts
+        self.pumps.counts = self.counts
         self.pending_submits: list[PaymentRequest] = []
         self.quiet = False
         self.link_rng = random.Random(config.seed + 2)
@@ -693,6 +702,7 @@ class Simulation:
         if self.withholds is not None:
             self.withholds.setup(customers)
         self.beneficiaries.setup(engine, customers)
+        self.pumps.setup(engine, customers)
         return customers
 
     def _request(self, i: int, customers: list[str]) -> PaymentRequest:
@@ -928,6 +938,7 @@ class Simulation:
         if self.quoter is not None:
             self.quoter.schedule(now, span_ms, self.config.orders, customers)
         self.beneficiaries.schedule(now, span_ms, self.config.orders, customers)
+        self.pumps.schedule(now, span_ms, self.config.orders, customers)
         crashes = self.config.crashes if "crash" in self.mix.on else 0
         for _ in range(crashes):
             at = now + self.rng.randint(0, span_ms + self.mix.pay_window_ms)
@@ -959,6 +970,7 @@ class Simulation:
         self._note_broken(engine)
         report.violations += check_one_success_per_trade(orders)
         report.violations += check_beneficiaries(engine.store, orders)
+        report.violations += check_authorisations(orders, self.channels, self.pumps.accepted)
         for (key, attempt), receipt in self.receipts.items():
             try:
                 found = engine.find_order("station-1", key, attempt)
