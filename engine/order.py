@@ -1065,7 +1065,9 @@ def with_risk(order: PaymentOrder, verification: Verification | None, note: str 
 
 DUPLICATE_GUARD_STATES = frozenset({OrderState.NEEDS_VERIFICATION, OrderState.ACCEPTED,
                                     OrderState.PAYING, OrderState.DEDUCTING,
-                                    OrderState.NEEDS_RECONCILIATION, OrderState.SUCCEEDED})
+                                    OrderState.NEEDS_RECONCILIATION, OrderState.SUCCEEDED,
+                                    OrderState.AUTHORISING, OrderState.AUTHORISED,
+                                    OrderState.CAPTURING})
 """States of a recent order that make a new one for the same user and amount suspect: it is
 paid or may still be. A failed or closed one is what a user retries after, in good faith."""
 
@@ -2225,6 +2227,9 @@ def _cash_result(d: _Draft, result: CashResult) -> str:
     cash = d.cash()
     if cash is None:
         raise IllegalTransition(f"order {d.order.order_id} has no cash part")
+    if d.order.authorisation is not None:  # it is charged by its capture, never by a pay
+        return (f"ignored: a pre-authorisation is not paid by a pay result "
+                f"({result.source.value} says {result.kind.value})")
     if cash.status is LegStatus.NEW:
         raise IllegalTransition(
             f"order {d.order.order_id} has not asked its channel yet; a {result.kind.value} "
