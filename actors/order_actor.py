@@ -9,9 +9,10 @@ When the order is settled (terminal and nothing in flight) the actor stops; any 
 (a duplicate callback, a stale timer) starts it again from the database.
 
 An open order that only waits (its user is paying: the pay call answered, every hold held,
-nothing else in flight) is passivated: the actor stops and its armed timers stay in the
-timer heap, their handles kept by the directory. Its next message (the wallet's callback, a
-query or close timer, a user's close) starts a fresh actor from the database, which adopts
+nothing else in flight; or a pre-authorisation waiting for its pump) is passivated: the
+actor stops and its armed timers stay in the timer heap, their handles kept by the
+directory. Its next message (the wallet's callback, a query or close timer, a user's close,
+a capture) starts a fresh actor from the database, which adopts
 the handles and goes on without an ``Activate``: nothing was lost that the database does
 not hold. What is never stored is re-derived: ``pay_in_flight`` comes from the process-wide
 ``PaysInFlight`` (and an order whose pay call is out is never passivated), and an order that
@@ -142,6 +143,11 @@ class OrderBehaviour(ActorBehaviour):
             # waiting for the user's code: nothing is in flight (every leg new), and its
             # close and verification timers are armed
             return all(leg.status is LegStatus.NEW for leg in order.legs)
+        if order.state is OrderState.AUTHORISED and not self.needs_activation:
+            # a pre-authorisation waiting for its pump: only its expiry timer is armed
+            return not order.refunds and order.next_voucher_retry_at_ms is None and all(
+                leg.status is (LegStatus.AUTHORISED if leg.is_cash else LegStatus.HELD)
+                for leg in order.legs)
         if self.needs_activation or order.pay_in_flight or order.state is not OrderState.PAYING:
             return False
         if order.refunds or order.next_voucher_retry_at_ms is not None:

@@ -2995,6 +2995,8 @@ def _allocate(order: PaymentOrder, amount: int, *, over_refund: bool) -> tuple[R
         available = left.get(leg.leg_no, 0)
         if over_refund and leg.is_cash and leg.leg_no in left:
             available += max(amount - total_left, 0)  # planted bug: give back more than paid
+        if leg.amount == 0:  # a pre-authorisation's leg that took no share of its capture
+            continue
         per_unit = leg.value_minor // leg.amount
         assert per_unit * leg.amount == leg.value_minor, leg
         units = min(rest, available) // per_unit if available > 0 else 0

@@ -206,6 +206,13 @@ def test_a_capture_smaller_than_the_vouchers_posts_part_of_a_hold_and_voids_the_
         assert s.balances("alice/points") == (950, 0, 50)
         assert s.wallet.state[view.payment_serial] is A.VOIDED
         assert s.merchant(view.order_id) == 1_005
+        refund = s.engine.refund(view.order_id, "r1", 1_005)  # no cash: vouchers only
+        assert refund.amount_minor == 1_005
+        s.run_until("refunded", lambda: s.order(view.order_id).settled)
+        assert s.order(view.order_id).refund("r1").status == "succeeded"
+        assert s.balances("alice/red-packet") == (1_000, 0, 0)
+        assert s.balances("alice/points") == (1_000, 0, 0)
+        assert s.merchant(view.order_id) == 0
     finally:
         s.engine.shutdown()
 
