@@ -3510,6 +3510,9 @@ def _capture(d: _Draft, event: CaptureAuthorisation) -> str:
     if order.state is not OrderState.AUTHORISED:
         raise IllegalTransition(f"order {order.order_id} is {order.state.value}: only an "
                                 "authorised order can be captured")
+    if d.now_ms >= order.close_at_ms:  # expired; its close timer just has not run yet
+        raise AuthorisationVoided(f"order {order.order_id}'s authorisation expired at "
+                                  f"{order.close_at_ms}: nothing can be captured")
     bug = "capture-above-authorisation" in d.policy.planted_bugs
     if amount > a.authorised_minor and not bug:
         raise CaptureAboveAuthorised(f"order {order.order_id} authorised {a.authorised_minor}; "

@@ -304,6 +304,8 @@ def test_an_expiry_timer_voids_an_authorised_order_and_a_late_capture_is_refused
                   AuthorisationResult(AuthorisationOp.AUTHORISE, A.AUTHORISED, 10_000, "s1")):
         order = decide(order, event, now_ms=T0, policy=POLICY).order
     assert order.state is OrderState.AUTHORISED
+    with pytest.raises(AuthorisationVoided):  # expired, though its timer has not run yet
+        decide(order, CaptureAuthorisation("c", 1), now_ms=T0 + TTL, policy=POLICY)
     early = decide(order, TimerFired(TimerKind.CLOSE, 0), now_ms=T0 + TTL - 1, policy=POLICY)
     assert not early.changed
     expired = decide(order, TimerFired(TimerKind.CLOSE, 0), now_ms=T0 + TTL, policy=POLICY)
