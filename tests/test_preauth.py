@@ -439,3 +439,35 @@ def test_authorise_is_in_the_fingerprint_only_when_set() -> None:
         merchant_id="station-1", merchant_order_no="pump-1", user_id="alice", currency="CNY",
         total_minor=20_500, title="Pump 3", cash=CashPart(20_000, "wechat"),
         vouchers=(VoucherPart("alice/red-packet", 500),)).fingerprint()
+
+
+def test_the_simulated_wallet_pre_authorises_on_real_threads_as_the_readme_says(
+        tmp_path: Path) -> None:
+    from payengine import ThreadRuntime
+    from payengine.sim.channel import ChannelFaults, SimulatedChannel
+    from tests.helpers import wait_for
+    world = ThreadRuntime()
+    wechat = SimulatedChannel("wechat", world, seed=1, faults=ChannelFaults.none())
+    engine = Engine.open(tmp_path / "t.db", channels=[wechat],
+                         policy=OrderPolicy(query_schedule_ms=(200, 400, 800)),
+                         config=EngineConfig(ask_timeout_s=5.0, duplicate_guard_window_ms=0))
+    try:
+        wechat.attach(engine)
+        fund_customer(engine)
+        receipt = engine.submit(pump_request())
+        wait_for(lambda: engine.get_order(receipt.order_id).state == "authorised",
+                 what="authorised")
+        with pytest.raises(CaptureAboveAuthorised):
+            engine.capture(receipt.order_id, 20_501, capture_id="c1")
+        engine.capture(receipt.order_id, 12_345, capture_id="c1")
+        done = wait_for(lambda: (o := engine.get_order(receipt.order_id)).settled and o,
+                        what="captured")
+        assert (done.state, done.total_minor, done.authorised_minor) == ("succeeded", 12_345,
+                                                                          20_500)
+        record = wechat.authorisation(receipt.payment_serial)
+        assert record is not None and (record.state, record.captured_minor) == (A.CAPTURED,
+                                                                                11_845)
+        assert wechat.net_charged(receipt.payment_serial) == 11_845
+    finally:
+        engine.shutdown()
+        world.shutdown()
