@@ -70,7 +70,7 @@ PLANTED = [
     "codes-processing-as-failure", "accept-bad-signature", "risk-ignored",
     "withhold-retry-after-timeout", "quote-price-drift", "shift-counts-unpaid",
     "change-keeps-holds", "open-without-needed-channel", "credit-before-charge",
-    "route-after-charge",
+    "route-after-charge", "capture-above-authorisation",
 ]
 
 
