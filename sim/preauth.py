@@ -39,7 +39,7 @@ from payengine.engine.order import CashPart, PaymentRequest, VoucherPart
 from payengine.sim.channel import ChannelFaults
 
 MERCHANT = "station-1"
-PREAUTH_SHARE = 0.2
+PREAUTH_SHARE = 0.3
 """Pre-authorisations per payment of the main workload."""
 RETRIES_MAX = 4
 """Sends of one call the engine did not answer (down, busy), 1-3 s apart."""
