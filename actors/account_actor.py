@@ -179,7 +179,8 @@ class AccountBehaviour(ActorBehaviour):
                     posted_again = replace(account, available=account.available - fence.amount,
                                            spent=account.spent + fence.amount)
                     return Outcome(posted_again, replace(fence, updated_at_ms=now_ms + 1), True)
-                return voucher.confirm(account, fence, key=key, now_ms=now_ms)
+                return voucher.confirm(account, fence, key=key, now_ms=now_ms,
+                                       amount=effect.amount)
             case CancelHold():
                 if fence is not None and fence.order_id not in (None, order_id):
                     # The order named a pre-hold another order adopted: its Try was refused,

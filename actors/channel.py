@@ -31,7 +31,14 @@ from payengine.engine.checks import check_id, check_instance, check_optional_id,
 from payengine.engine.codes import CodeTable, ResultKind
 from payengine.engine.errors import NotificationRejected, PaymentError
 from payengine.engine.money import check_amount
-from payengine.engine.order import CashResult, RefundResult, ResultSource
+from payengine.engine.order import (
+    AuthorisationOp,
+    AuthorisationResult,
+    AuthorisationStatus,
+    CashResult,
+    RefundResult,
+    ResultSource,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +184,72 @@ def signs_agreements(channel: object) -> bool:
     """Whether ``channel`` implements ``AgreementChannel``."""
     return callable(getattr(channel, "sign", None)) and callable(
         getattr(channel, "unsign", None))
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorisationReply:
+    """An ``AuthorisationChannel``'s answer: where the authorisation of a serial stands.
+
+    ``amount_minor``: what it authorised (to ``authorise``) or captured (to ``capture``),
+    if the channel says; checked against what the engine asked. ``reason``: the channel's
+    code or text, for the journal."""
+
+    status: AuthorisationStatus
+    amount_minor: int | None = None
+    channel_txn_id: str | None = None
+    reason: str = ""
+
+
+class AuthorisationChannel(Protocol):
+    """The optional part of a channel that pre-authorises (a pump's authorisation hold).
+
+    A channel without it refuses ``PaymentRequest.authorise`` at submit
+    (``AuthorisationUnsupported``). Every method may block and must be idempotent by its
+    ids; an exception means "no answer" (the engine asks again on its query schedule)."""
+
+    def authorise(self, payment_serial: str, amount_minor: int, currency: str, title: str,
+                  details: PayDetails | None = None) -> AuthorisationReply:
+        """Hold ``amount_minor`` for the payer (or, for a serial seen before, say where it
+        stands). A serial voided before (``void`` came first) stays voided."""
+        ...
+
+    def capture(self, payment_serial: str, capture_id: str, amount_minor: int
+                ) -> AuthorisationReply:
+        """Charge ``amount_minor`` (at most what was authorised) and release the rest;
+        idempotent by ``capture_id``: the same capture again answers ``CAPTURED``."""
+        ...
+
+    def void(self, payment_serial: str) -> AuthorisationReply:
+        """Release the authorisation; for a serial never seen, record it voided so a late
+        ``authorise`` is refused, and answer ``VOIDED``."""
+        ...
+
+    def query_authorisation(self, payment_serial: str) -> AuthorisationReply:
+        """Where the authorisation stands (``NOT_FOUND`` for a serial never seen)."""
+        ...
+
+
+def authorises(channel: object) -> bool:
+    """Whether ``channel`` implements ``AuthorisationChannel``."""
+    return all(callable(getattr(channel, name, None))
+               for name in ("authorise", "capture", "void", "query_authorisation"))
+
+
+def authorisation_result(op: AuthorisationOp, reply: object, payment_serial: str
+                         ) -> AuthorisationResult:
+    """An ``AuthorisationChannel`` reply (or the exception its call raised) as the order's
+    event; anything malformed counts as no answer (status ``None``): never believed."""
+    if isinstance(reply, AuthorisationReply) and isinstance(reply.status, AuthorisationStatus):
+        amount = reply.amount_minor
+        txn = reply.channel_txn_id
+        well_formed = (amount is None or (isinstance(amount, int) and not isinstance(amount, bool)
+                                          and amount > 0)) and (
+            txn is None or (isinstance(txn, str) and 0 < len(txn) <= 128))
+        if well_formed:
+            return AuthorisationResult(op, reply.status, amount, payment_serial, txn,
+                                       str(reply.reason)[:200])
+    return AuthorisationResult(op, None, payment_serial=payment_serial,
+                               reason=f"no answer: {shown(reply)}"[:200])
 
 
 def takes_details(channel: Channel) -> bool:

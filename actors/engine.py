@@ -36,6 +36,7 @@ from payengine.actors.channel import (
     Channel,
     ChannelReply,
     NotificationKind,
+    authorises,
     cash_result,
     check_notification,
     check_reply,
@@ -108,6 +109,7 @@ from payengine.engine.discounts import (
 )
 from payengine.engine.errors import (
     AttemptRefused,
+    AuthorisationUnsupported,
     ChannelsMissing,
     DuplicateSuspected,
     EngineClosed,
@@ -144,6 +146,7 @@ from payengine.engine.order import (
     ATTEMPTS_MAX,
     UNVERIFIED_SOURCES,
     Activate,
+    CaptureAuthorisation,
     CashPart,
     CashResult,
     CloseCause,
@@ -157,6 +160,7 @@ from payengine.engine.order import (
     ResultSource,
     Transition,
     VerifyCode,
+    VoidAuthorisation,
     build_order,
     check_next_attempt,
     check_refund_request,
@@ -774,6 +778,9 @@ class Engine:
             raise InvalidRequest(f"unknown channel {request.cash.channel!r}; "
                                  f"known: {sorted(ctx.channels)}, methods: "
                                  f"{sorted(ctx.config.routing.methods)}")
+        if request.authorise and channel is not None and not authorises(ctx.channels[channel]):
+            raise AuthorisationUnsupported(f"channel {channel!r} cannot pre-authorise (it "
+                                           "does not implement AuthorisationChannel)")
         if request.cash is not None and request.cash.details is not None and (
             channel not in self._channels_taking_details
         ):
@@ -1023,6 +1030,26 @@ class Engine:
         """The user (or cashier) closes an unpaid order. A paid order raises IllegalTransition."""
         check_id(order_id, "order_id")
         return self._ask_order(order_id, CloseOrder(CloseCause.USER))
+
+    def capture(self, order_id: str, amount_minor: int, *, capture_id: str) -> OrderView:
+        """Capture ``amount_minor`` (what the pump dispensed) of an authorised
+        pre-authorisation; the rest of every hold is released. ``capture_id`` is the
+        caller's idempotency key: the same capture again answers the same, the same id with
+        another amount is ``IdempotencyConflict``, another id ``AlreadyCaptured``. Above
+        the authorisation: ``CaptureAboveAuthorised``; after a void or expiry:
+        ``AuthorisationVoided``; before it is authorised: ``IllegalTransition``. 0 voids.
+        Returns once the capture is decided and committed (``capturing``); the order
+        succeeds when the channel captured. Any refusal leaves the order untouched."""
+        check_id(order_id, "order_id")
+        check_id(capture_id, "capture_id")
+        return self._ask_claimed(order_id, CaptureAuthorisation(capture_id, amount_minor))
+
+    def void(self, order_id: str) -> OrderView:
+        """Void a pre-authorisation that is not captured: holds released, the channel's
+        authorisation voided (``voiding``, then ``closed``). Idempotent; ``AlreadyCaptured``
+        once a capture was decided."""
+        check_id(order_id, "order_id")
+        return self._ask_claimed(order_id, VoidAuthorisation())
 
     def refund(self, order_id: str, refund_no: str, amount_minor: int, *,
                reason: str = "") -> RefundView:

@@ -244,6 +244,12 @@ class OrderView:
     user_id: str = ""
     """Who pays (a recharge's user; a transfer's is its source account)."""
     title: str = ""
+    authorised_minor: int | None = None
+    """A pump pre-authorisation's authorised total (``None``: not one). ``total_minor`` is
+    the same until a capture is decided, and the captured amount from then on."""
+    captured_minor: int | None = None
+    """The capture decided (``None``: none); the money moves once the order succeeded."""
+    capture_id: str | None = None
 
     @staticmethod
     def of(order: PaymentOrder) -> OrderView:
@@ -256,7 +262,8 @@ class OrderView:
                          tuple(RefundView.of(r) for r in order.refunds), order.refunded_minor,
                          order.prepay if showing else None, order.attempt,
                          VerificationView.of(order.verification), order.sale,
-                         order.user_id, order.title)
+                         order.user_id, order.title,
+                         *_authorisation_figures(order))
 
     def refund(self, refund_no: str) -> RefundView:
         """The refund the merchant asked for under ``refund_no``."""
@@ -264,6 +271,13 @@ class OrderView:
             if refund.refund_no == refund_no:
                 return refund
         raise KeyError(refund_no)
+
+
+def _authorisation_figures(order: PaymentOrder) -> tuple[int | None, int | None, str | None]:
+    a = order.authorisation
+    if a is None:
+        return None, None, None
+    return a.authorised_minor, a.captured_minor, a.capture_id
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,9 +9,10 @@ When the order is settled (terminal and nothing in flight) the actor stops; any 
 (a duplicate callback, a stale timer) starts it again from the database.
 
 An open order that only waits (its user is paying: the pay call answered, every hold held,
-nothing else in flight) is passivated: the actor stops and its armed timers stay in the
-timer heap, their handles kept by the directory. Its next message (the wallet's callback, a
-query or close timer, a user's close) starts a fresh actor from the database, which adopts
+nothing else in flight; or a pre-authorisation waiting for its pump) is passivated: the
+actor stops and its armed timers stay in the timer heap, their handles kept by the
+directory. Its next message (the wallet's callback, a query or close timer, a user's close,
+a capture) starts a fresh actor from the database, which adopts
 the handles and goes on without an ``Activate``: nothing was lost that the database does
 not hold. What is never stored is re-derived: ``pay_in_flight`` comes from the process-wide
 ``PaysInFlight`` (and an order whose pay call is out is never passivated), and an order that
@@ -28,6 +29,7 @@ from typing import Any
 
 from payengine.actors.base import ActorBehaviour, Context
 from payengine.actors.channel import (
+    authorisation_result,
     call_pay,
     cash_result,
     communicated,
@@ -46,7 +48,12 @@ from payengine.engine.order import (
     TERMINAL_STATES,
     Activate,
     ArmTimer,
+    AuthorisationOp,
+    AuthorisationResult,
+    AuthoriseCash,
     CancelHold,
+    CaptureAuthorisation,
+    CaptureCash,
     CashResult,
     ChooseRoute,
     ClawBack,
@@ -61,6 +68,7 @@ from payengine.engine.order import (
     OrderState,
     PayCash,
     PaymentOrder,
+    QueryAuthorisation,
     QueryCash,
     QueryCharge,
     QueryRefund,
@@ -75,6 +83,8 @@ from payengine.engine.order import (
     Transition,
     TryHold,
     VerifyCode,
+    VoidAuthorisation,
+    VoidCash,
     VoucherReply,
     decide,
     owed_commands,
@@ -92,7 +102,8 @@ _QUIET_LEG_STEPS = frozenset({(LegStatus.TRYING.value, LegStatus.HELD.value),
 """Leg steps that may wait for the order's next commit (``OrderBehaviour._may_wait_to_save``)."""
 
 _EVENTS = (Activate, VoucherReply, CashResult, RefundResult, CloseOrder, TimerFired,
-           RequestRefund, VerifyCode, Rerouted)
+           RequestRefund, VerifyCode, Rerouted, CaptureAuthorisation, VoidAuthorisation,
+           AuthorisationResult)
 
 
 class OrderBehaviour(ActorBehaviour):
@@ -134,6 +145,11 @@ class OrderBehaviour(ActorBehaviour):
             # waiting for the user's code: nothing is in flight (every leg new), and its
             # close and verification timers are armed
             return all(leg.status is LegStatus.NEW for leg in order.legs)
+        if order.state is OrderState.AUTHORISED and not self.needs_activation:
+            # a pre-authorisation waiting for its pump: only its expiry timer is armed
+            return not order.refunds and order.next_voucher_retry_at_ms is None and all(
+                leg.status is (LegStatus.AUTHORISED if leg.is_cash else LegStatus.HELD)
+                for leg in order.legs)
         if self.needs_activation or order.pay_in_flight or order.state is not OrderState.PAYING:
             return False
         if order.refunds or order.next_voucher_retry_at_ms is not None:
@@ -371,6 +387,36 @@ class OrderBehaviour(ActorBehaviour):
                 self._call_refund(effect.channel, effect.refund_id, ResultSource.QUERY,
                                   lambda ch: ch.query_refund(effect.payment_serial,
                                                              effect.refund_id), "query_refund")
+            case AuthoriseCash() | CaptureCash() | VoidCash() | QueryAuthorisation():
+                self._call_authorisation(effect)
+
+    def _call_authorisation(self, effect: AuthoriseCash | CaptureCash | VoidCash
+                            | QueryAuthorisation) -> None:
+        """One ``AuthorisationChannel`` call on the channel's I/O lane; its answer (or its
+        exception: no answer) comes back to this order as an ``AuthorisationResult``."""
+        channel: Any = self.ctx.channels[effect.channel]
+        directory, key, serial = self.ctx.directory, self.key, effect.payment_serial
+        call: Any
+        match effect:
+            case AuthoriseCash():
+                op = AuthorisationOp.AUTHORISE
+                call = lambda: channel.authorise(  # noqa: E731
+                    serial, effect.amount_minor, effect.currency, effect.title, effect.details)
+            case CaptureCash():
+                op = AuthorisationOp.CAPTURE
+                call = lambda: channel.capture(  # noqa: E731
+                    serial, effect.capture_id, effect.amount_minor)
+            case VoidCash():
+                op = AuthorisationOp.VOID
+                call = lambda: channel.void(serial)  # noqa: E731
+            case QueryAuthorisation():
+                op = AuthorisationOp.QUERY
+                call = lambda: channel.query_authorisation(serial)  # noqa: E731
+        self.ctx.runtime.run_io(
+            effect.channel, timed(self.ctx.observer, effect.channel,
+                                  "query_authorisation" if op is AuthorisationOp.QUERY
+                                  else op.value, call),
+            lambda reply: directory.tell(key, authorisation_result(op, reply, serial)))
 
     def _pay(self, effect: PayCash) -> None:
         """Call ``pay`` on the channel's lane; the serial counts as in flight, process-wide,

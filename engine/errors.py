@@ -341,3 +341,29 @@ class ActionNotApplicable(PaymentError):
     (``payengine resolve`` cannot make the engine's order actors re-send)."""
 
     code = "action_not_applicable"
+
+
+class AuthorisationUnsupported(PaymentError):
+    """A pre-authorisation (``PaymentRequest.authorise``) through a channel that does not
+    implement ``AuthorisationChannel``, or of a payment that cannot be one (a recharge, a
+    transfer, a post-deduct voucher, a withholding). Nothing was created."""
+
+    code = "authorisation_unsupported"
+
+
+class AlreadyCaptured(PaymentError):
+    """The authorisation was captured already, under another capture id. Nothing moved."""
+
+    code = "already_captured"
+
+
+class CaptureAboveAuthorised(PaymentError):
+    """A capture of more than the authorised amount. Nothing moved."""
+
+    code = "capture_above_authorised"
+
+
+class AuthorisationVoided(PaymentError):
+    """A capture of an authorisation that was voided or expired (or is being). Nothing moved."""
+
+    code = "authorisation_voided"

@@ -310,8 +310,15 @@ def try_hold(
     )
 
 
-def confirm(account: VoucherAccount, fence: Fence | None, *, key: FenceKey, now_ms: int) -> Outcome:
+def confirm(account: VoucherAccount, fence: Fence | None, *, key: FenceKey, now_ms: int,
+            amount: int | None = None) -> Outcome:
     """Confirm: post a pending hold (held -> spent). Idempotent on a posted hold.
+
+    ``amount`` (a pump pre-authorisation captured short): post only that much of the hold,
+    1..its amount, and release the rest (held -> available) in the same step; the fence then
+    records the posted amount. ``None``: the whole hold. A Confirm again of a posted fence
+    with the same amount (or ``None``) changes nothing; another amount is an
+    ``IdempotencyConflict``: one fence is posted once.
 
     A hold whose expiry has passed is refused (``HoldNotPending``), as TigerBeetle refuses to
     post an expired pending transfer; the caller expires it with ``expire_if_due``.
@@ -319,17 +326,28 @@ def confirm(account: VoucherAccount, fence: Fence | None, *, key: FenceKey, now_
     _assert_fence_of(account, fence, key)
     if fence is None or fence.kind is not FenceKind.HOLD:
         raise UnknownHold(f"no hold {key} on account {account.account_id}")
+    if amount is not None:
+        check_amount(amount)
     if fence.status is FenceStatus.POSTED:
+        if amount is not None and amount != fence.amount:
+            raise IdempotencyConflict(f"hold {key} was posted for {fence.amount} "
+                                      f"{account.unit}, a Confirm for {amount} came again")
         return Outcome(account, fence, False)
     if fence.status is FenceStatus.PENDING and _due(fence, now_ms):
         raise HoldNotPending(f"hold {key} expired at {fence.expires_at_ms}, before Confirm")
     if fence.status is not FenceStatus.PENDING:
         raise HoldNotPending(f"hold {key} is {fence.status.value}; it cannot be confirmed")
+    posted = fence.amount if amount is None else amount
+    if posted > fence.amount:
+        raise InvalidAmount(f"hold {key} holds {fence.amount} {account.unit}; {posted} "
+                            "cannot be posted")
     new_account = evolve(
-        account, held=account.held - fence.amount, spent=account.spent + fence.amount
+        account, held=account.held - fence.amount, spent=account.spent + posted,
+        available=account.available + fence.amount - posted,
     ).check()
     return Outcome(
-        new_account, evolve(fence, status=FenceStatus.POSTED, updated_at_ms=now_ms), True
+        new_account,
+        evolve(fence, status=FenceStatus.POSTED, amount=posted, updated_at_ms=now_ms), True
     )
 
 

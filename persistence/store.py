@@ -63,6 +63,8 @@ from payengine.engine.order import (
     RefundPart,
     RefundStatus,
     Transition,
+    authorisation_from_json,
+    authorisation_json,
     routing_from_json,
     routing_json,
 )
@@ -87,7 +89,7 @@ from payengine.persistence import (
 )
 from payengine.persistence.group_commit import CommitStats, GroupCommit, GroupCommitConfig
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 """Bumped whenever a table changes shape; a file of another version is refused at open
 (``IncompatibleDatabase``). 2: fences keyed by (account, scope, owner, leg), not a hold id.
 3: one journal row per change, holding that change's transitions. 4: an order's pay details
@@ -104,7 +106,9 @@ split (``outbox.sale``, ``outbox.split``); a voucher account's status (active, f
 recharges and transfers; an order's routes (``routing``: its method,
 the routes it left and a fallback under way, a JSON object), the serials of the routes it
 left (``order_serials``) and the channel and serial of a refund of a left route's late
-charge (``refunds.channel``, ``refunds.payment_serial``)."""
+charge (``refunds.channel``, ``refunds.payment_serial``). 9: a pump pre-authorisation's
+record (``payment_orders.authorisation``, a JSON array); an order's total and its legs'
+amounts are rewritten once (a capture short of the authorisation)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,7 +334,7 @@ class Store:
                  "next_voucher_retry_at_ms": int, "version": int, "pay_details": str,
                  "prepay": str, "attempt": int, "verification": str, "device_id": str,
                  "updated_at_ms": int, "settled": int, "sale": str, "station_id": str,
-                 "shift_id": str, "routing": str},
+                 "shift_id": str, "routing": str, "authorisation": str},
                 pk="order_id",
                 not_null={"payment_serial", "state", "total_minor", "version"},
                 if_not_exists=True,
@@ -550,7 +554,8 @@ class Store:
                 " next_query_at_ms = ?, refund_query_attempt = ?, next_refund_query_at_ms = ?,"
                 " voucher_attempt = ?, next_voucher_retry_at_ms = ?,"
                 " version = ?, prepay = ?, pay_details = ?, verification = ?, updated_at_ms = ?,"
-                " settled = ?, payment_serial = ?, routing = ?"
+                " settled = ?, payment_serial = ?, routing = ?, total_minor = ?,"
+                " authorisation = ?"
                 " WHERE order_id = ? AND version = ?",
                 (order.state.value, order.cause, order.query_attempt, order.next_query_at_ms,
                  order.refund_query_attempt, order.next_refund_query_at_ms,
@@ -559,7 +564,8 @@ class Store:
                  _json_or_none(details_json(_stored_details(order))),
                  _json_or_none(verification_json(order.verification)), now_ms,
                  int(order.is_settled), order.payment_serial,
-                 _json_or_none(routing_json(order)), order.order_id,
+                 _json_or_none(routing_json(order)), order.total_minor,
+                 _json_or_none(authorisation_json(order)), order.order_id,
                  order.version - 1 if before is None else before.version),
             )
             assert cur.rowcount == 1, (
@@ -907,6 +913,7 @@ class Store:
                 " expires_at_ms, updated_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (account_id, scope, owner, leg) DO UPDATE SET"
                 " status = excluded.status, order_id = excluded.order_id,"
+                " amount = excluded.amount,"
                 " expires_at_ms = excluded.expires_at_ms, updated_at_ms = excluded.updated_at_ms",
                 [(f.account_id, f.key.scope.value, f.key.owner, f.key.leg, f.kind.value,
                   f.status.value, f.amount, f.order_id, f.expires_at_ms, f.updated_at_ms)
@@ -1084,8 +1091,10 @@ def _lock_exclusively(lock_path: str) -> IO[str]:
 
 # ---------------------------------------------------------------------- row mapping
 
-_LEG_CHANGING_COLUMNS = ("status", "channel_txn_id", "channel_code", "refund_id", "channel")
-"""The channel changes only when a payment falls back to its next route."""
+_LEG_CHANGING_COLUMNS = ("status", "channel_txn_id", "channel_code", "refund_id", "channel",
+                         "amount", "value_minor")
+"""The channel changes only when a payment falls back to its next route; the amounts only
+when a pre-authorisation is captured short."""
 
 
 @functools.lru_cache(maxsize=16)
@@ -1103,7 +1112,8 @@ def _update_legs(conn: sqlite3.Connection, order_id: str, legs: Sequence[Leg]) -
     columns: tuple[list[object], ...] = (  # in the order of _LEG_CHANGING_COLUMNS
         [leg.status.value for leg in legs], [leg.channel_txn_id for leg in legs],
         [leg.channel_code for leg in legs], [leg.refund_id for leg in legs],
-        [leg.channel for leg in legs])
+        [leg.channel for leg in legs], [leg.amount for leg in legs],
+        [leg.value_minor for leg in legs])
     for values in columns:
         for leg, value in zip(legs, values, strict=True):
             params += (leg.leg_no, value)
@@ -1121,11 +1131,11 @@ _ORDER_COLUMNS = (
     " total_minor, fingerprint, state, cause, created_at_ms, close_at_ms, hold_expires_at_ms,"
     " query_attempt, next_query_at_ms, refund_query_attempt, next_refund_query_at_ms,"
     " voucher_attempt, next_voucher_retry_at_ms, version, pay_details, prepay, attempt,"
-    " verification, sale, routing"
+    " verification, sale, routing, authorisation"
 )
 _INSERT_ORDER = (
     f"INSERT INTO payment_orders ({_ORDER_COLUMNS}, device_id, station_id, shift_id,"
-    " updated_at_ms, settled) VALUES (" + ",".join("?" * 32) + ")"
+    " updated_at_ms, settled) VALUES (" + ",".join("?" * 33) + ")"
 )
 _LEG_COLUMNS = (
     "leg_no, mode, account_id, amount, unit, value_minor, hold_id, status, channel,"
@@ -1230,6 +1240,7 @@ def _order_row(order: PaymentOrder, now_ms: int) -> tuple[object, ...]:
         order.attempt, _json_or_none(verification_json(order.verification)),
         _json_or_none(priced_sale_json(order.sale)),
         _json_or_none(routing_json(order)),
+        _json_or_none(authorisation_json(order)),
         None if order.pay_details is None else order.pay_details.device_id,
         None if order.sale is None else order.sale.sale.station_id,
         None if order.sale is None else order.sale.sale.shift_id,
@@ -1276,7 +1287,7 @@ def _order_from_rows(row: Sequence[Any], legs: Sequence[Sequence[Any]]) -> Payme
     (order_id, merchant_id, merchant_order_no, serial, user_id, title, currency, total,
      fingerprint, state, cause, created, close_at, hold_exp, q_attempt, next_q, rq_attempt,
      next_rq, v_attempt, next_v, version, pay_details, prepay, attempt, verification,
-     sale, routing) = row
+     sale, routing, authorisation) = row
     method, tried, fallback = routing_from_json(_json_loaded(routing))
     return PaymentOrder(
         order_id=str(order_id), merchant_id=str(merchant_id),
@@ -1300,6 +1311,7 @@ def _order_from_rows(row: Sequence[Any], legs: Sequence[Sequence[Any]]) -> Payme
         verification=verification_from_json(_json_loaded(verification)),
         sale=priced_sale_from_json(_json_loaded(sale)),
         method=method, tried=tried, fallback=fallback,
+        authorisation=authorisation_from_json(_json_loaded(authorisation)),
     )
 
 

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from payengine.actors.adapters.config import ChannelConfig
 from payengine.actors.channel import (
     AgreementStatus,
+    AuthorisationReply,
     ChannelNotification,
     ChannelReply,
     NotificationKind,
@@ -35,6 +36,7 @@ from payengine.engine.codes import (
     ResultKind,
 )
 from payengine.engine.errors import EngineClosed, PaymentError
+from payengine.engine.order import AuthorisationStatus
 
 
 class World(Protocol):
@@ -83,6 +85,12 @@ class ChannelFaults:
     """The user confirms an agreement later: ``sign`` answers PENDING, a callback follows."""
     agreement_refused: float = 0.0
     """The user declines an agreement: ``sign`` answers FAILED."""
+    authorisation_declined: float = 0.0
+    """A pump pre-authorisation is declined (the payer's limit): nothing held."""
+    authorisation_request_lost: float = 0.0
+    """An authorise, capture or void call times out before the wallet saw it."""
+    authorisation_answer_lost: float = 0.0
+    """An authorise, capture or void call took, and its answer is lost (a timeout)."""
     user_pay_delay_ms: tuple[int, int] = (10, 300)
     late_pay_delay_ms: tuple[int, int] = (1_000, 4_000)
     callback_delay_ms: tuple[int, int] = (0, 200)
@@ -111,6 +119,18 @@ class SimPayment:
     @property
     def refunded_minor(self) -> int:
         return sum(r.amount_minor for r in self.refunds.values() if r.state == "SUCCESS")
+
+
+@dataclass
+class SimAuthorisation:
+    """The wallet's own record of one pre-authorisation: the ground truth."""
+
+    serial: str
+    amount_minor: int
+    state: AuthorisationStatus
+    txn_id: str
+    captured_minor: int = 0
+    capture_id: str | None = None
 
 
 @dataclass
@@ -230,6 +250,10 @@ class SimulatedChannel:
         self.agreement_rng = random.Random(seed + 21)
         """Every draw for agreements and withholding pays: a stream of its own, so the
         other payments' fates are what they were before withholding existed."""
+        self.authorisations: dict[str, SimAuthorisation] = {}
+        """Pump pre-authorisations by serial, as the wallet sees them: the ground truth."""
+        self.authorisation_rng = random.Random(seed + 27)
+        """Every draw for pre-authorisations: a stream of its own, as ``agreement_rng``."""
 
     @classmethod
     def from_config(cls, config: ChannelConfig, world: World, *, seed: int | None = None,
@@ -353,6 +377,93 @@ class SimulatedChannel:
                     self.faults.withhold_close_lost, "withhold_close_lost"):
                 raise TimeoutError(f"{self.name}: close {payment_serial} timed out")
             return self._reply(payment)
+
+    # ------------------------------------------------------------------ pre-authorisation
+
+    def authorise(self, payment_serial: str, amount_minor: int, currency: str, title: str,
+                  details: PayDetails | None = None) -> AuthorisationReply:
+        """Hold ``amount_minor`` (or decline); a serial seen before answers as it stands."""
+        with self._lock:
+            self._auth_fault("authorisation_request_lost")
+            record = self.authorisations.get(payment_serial)
+            if record is None:
+                declined = self._auth_chance(self.faults.authorisation_declined,
+                                             "authorisation_declined")
+                record = SimAuthorisation(
+                    payment_serial, amount_minor,
+                    AuthorisationStatus.DECLINED if declined else AuthorisationStatus.AUTHORISED,
+                    f"{self.txn_prefix}A{len(self.authorisations):011d}")
+                self.authorisations[payment_serial] = record
+            self._auth_fault("authorisation_answer_lost")
+            return self._auth_reply(record)
+
+    def capture(self, payment_serial: str, capture_id: str, amount_minor: int
+                ) -> AuthorisationReply:
+        """Charge ``amount_minor`` of an authorisation (declined above it); idempotent by
+        ``capture_id``; the rest is released."""
+        with self._lock:
+            self._auth_fault("authorisation_request_lost")
+            record = self.authorisations.get(payment_serial)
+            if record is None:
+                return AuthorisationReply(AuthorisationStatus.NOT_FOUND)
+            if record.state is AuthorisationStatus.AUTHORISED:
+                if amount_minor > record.amount_minor:
+                    self.counts["capture_above_declined"] = (
+                        self.counts.get("capture_above_declined", 0) + 1)
+                    return AuthorisationReply(AuthorisationStatus.DECLINED,
+                                              reason="above the authorised amount")
+                record.state = AuthorisationStatus.CAPTURED
+                record.captured_minor = amount_minor
+                record.capture_id = capture_id
+                payment = SimPayment(payment_serial, amount_minor, "SUCCESS", record.txn_id)
+                self._charge(payment)
+                self.payments[payment_serial] = payment
+            self._auth_fault("authorisation_answer_lost")
+            return self._auth_reply(record)
+
+    def void(self, payment_serial: str) -> AuthorisationReply:
+        """Release the authorisation; a serial never seen is recorded voided."""
+        with self._lock:
+            self._auth_fault("authorisation_request_lost")
+            record = self.authorisations.get(payment_serial)
+            if record is None:
+                record = SimAuthorisation(payment_serial, 0, AuthorisationStatus.VOIDED, "")
+                self.authorisations[payment_serial] = record
+            elif record.state is AuthorisationStatus.AUTHORISED:
+                record.state = AuthorisationStatus.VOIDED
+            self._auth_fault("authorisation_answer_lost")
+            return self._auth_reply(record)
+
+    def query_authorisation(self, payment_serial: str) -> AuthorisationReply:
+        with self._lock:
+            if self._chance(self.faults.query_no_answer, "query_no_answer"):
+                raise TimeoutError(f"{self.name}: query of authorisation {payment_serial}")
+            record = self.authorisations.get(payment_serial)
+            if record is None:
+                return AuthorisationReply(AuthorisationStatus.NOT_FOUND)
+            return self._auth_reply(record)
+
+    def authorisation(self, payment_serial: str) -> SimAuthorisation | None:
+        """The wallet's record of a pre-authorisation (ground truth for the oracle)."""
+        with self._lock:
+            record = self.authorisations.get(payment_serial)
+            return None if record is None else replace(record)
+
+    def _auth_reply(self, record: SimAuthorisation) -> AuthorisationReply:
+        amount = {AuthorisationStatus.AUTHORISED: record.amount_minor,
+                  AuthorisationStatus.CAPTURED: record.captured_minor}.get(record.state)
+        return AuthorisationReply(record.state, amount or None, record.txn_id or None,
+                                  record.state.value)
+
+    def _auth_fault(self, kind: str) -> None:
+        if self._auth_chance(getattr(self.faults, kind), kind):
+            raise TimeoutError(f"{self.name}: {kind.replace('_', ' ')}")
+
+    def _auth_chance(self, probability: float, kind: str) -> bool:
+        hit = probability > 0 and self.authorisation_rng.random() < probability
+        if hit:
+            self.counts[kind] = self.counts.get(kind, 0) + 1
+        return hit
 
     # ------------------------------------------------------------------ agreements
 

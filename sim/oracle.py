@@ -11,6 +11,8 @@ Checked (each failure is one ``Violation`` naming the order or account):
   spent; any other order has nothing charged (net of refunds) and nothing spent, unless its
   cash leg is explicitly awaiting reconciliation (reported apart, not as a violation);
 - every order transition in the journal is in the core's table of legal transitions;
+- (``check_authorisations``) a pump pre-authorisation never captures above what it
+  authorised, captures once, and one voided or expired is voided at the wallet;
 - an owed voucher follow-up (a Confirm, a release, a refund's return the voucher system never
   answered) always has its next re-send scheduled: the sentinel never gives up;
 - (``check_notified``, given what downstream was told) every terminal order, every finished
@@ -439,6 +441,58 @@ def check_beneficiaries(store: Store, orders: Iterable[PaymentOrder]) -> list[Vi
             out.append(Violation("ledger-beneficiary-share", subject,
                                  f"vouchers:{credit.account_id} holds {booked} in the ledger, "
                                  f"credited {credited}, clawed back {clawed}"))
+    return out
+
+
+def check_authorisations(orders: Iterable[PaymentOrder], channels: Mapping[str, object],
+                         accepted: Mapping[str, set[tuple[str, int]]]) -> list[Violation]:
+    """Pump pre-authorisations, once converged: nothing is ever captured above what was
+    authorised (by the order, per leg, at the wallet, nor in a capture the engine accepted);
+    at most one capture per order; a voided or expired one captured nothing and is voided at
+    the wallet; a succeeded one's wallet captured exactly its cash share."""
+    out: list[Violation] = []
+    for order in orders:
+        a = order.authorisation
+        if a is None:
+            continue
+        subject = f"order {order.order_id}"
+        if order.total_minor > a.authorised_minor or any(
+                order.leg(n).value_minor > value for n, _, value in a.legs):
+            out.append(Violation("capture-within-authorisation", subject,
+                                 f"charges {order.total_minor} "
+                                 f"{[leg.value_minor for leg in order.legs]}, authorised "
+                                 f"{a.authorised_minor} {[v for _, _, v in a.legs]}"))
+        taken = accepted.get(order.order_id, set())
+        if any(amount > a.authorised_minor for _, amount in taken) or len(
+                {capture_id for capture_id, amount in taken if amount}) > 1:
+            out.append(Violation("capture-accepted-within-authorisation-once", subject,
+                                 f"the engine accepted {sorted(taken)}, authorised "
+                                 f"{a.authorised_minor}"))
+        cash = order.cash_leg
+        wallet = None if cash is None else channels.get(cash.channel or "")
+        record = getattr(wallet, "authorisation", lambda serial: None)(order.payment_serial)
+        if cash is None or record is None:
+            continue
+        state = record.state.value
+        if state == "captured" and record.captured_minor > record.amount_minor:
+            out.append(Violation("capture-within-authorisation", subject,
+                                 f"the wallet captured {record.captured_minor} of "
+                                 f"{record.amount_minor}"))
+        if order.state is OrderState.SUCCEEDED:
+            expected = (("captured", cash.amount) if cash.amount
+                        else ("voided", 0))
+            if (state, record.captured_minor) != expected:
+                out.append(Violation("captured-as-charged", subject,
+                                     f"the wallet's authorisation is {state} for "
+                                     f"{record.captured_minor}, the order charged "
+                                     f"{cash.amount}"))
+        elif order.is_terminal and state not in ("voided", "declined"):
+            out.append(Violation("voided-authorisation-released-at-channel", subject,
+                                 f"{order.state.value} ({order.cause}) but the wallet's "
+                                 f"authorisation is {state}"))
+        if order.state is OrderState.CLOSED and a.capture_id is not None:
+            out.append(Violation("no-capture-after-void", subject,
+                                 f"closed with capture {a.capture_id}"))
     return out
 
 

@@ -78,6 +78,7 @@ from payengine.sim.oracle import (
     Told,
     Violation,
     check,
+    check_authorisations,
     check_beneficiaries,
     check_code_tables,
     check_fallbacks,
@@ -88,6 +89,7 @@ from payengine.sim.oracle import (
     check_step_ups,
     told_of,
 )
+from payengine.sim.preauth import Pumps
 from payengine.sim.preholds import PreHolder
 from payengine.sim.provider import ProviderWorkload
 from payengine.sim.quotes import QuotingTerminals, sim_discounts
@@ -454,6 +456,12 @@ class Simulation:
                                                 or config.plant_bug is not None):
             self.mix = replace(self.mix, on=self.mix.on | {"channel-down"})
             self.channel_down = (self.down_rng.random(), self.down_rng.randint(*CHANNEL_DOWN_MS))
+        # Pumps that pre-authorise (``sim.preauth``): in every run, their own stream too
+        self.pumps = Pumps(random.Random(config.seed + 27), seed=config.seed,
+                           now_ms=lambda: self.world.now_ms(), at=self._at,
+                           engine=lambda: self.engine, quiet=lambda: self.quiet,
+                           counts=Counter())
+        self.mix = replace(self.mix, channel=Pumps.faults(self.mix.channel))
         self.scheduler: Scheduler | None = None
         self.world: Any
         if config.runtime == "sim":
@@ -517,6 +525,7 @@ class Simulation:
         self.counts: Counter[str] = Counter()
         if self.withholds is not None:
             self.withholds.counts = self.counts
+        self.pumps.counts = self.counts
         self.pending_submits: list[PaymentRequest] = []
         self.quiet = False
         self.link_rng = random.Random(config.seed + 2)
@@ -718,6 +727,7 @@ class Simulation:
             self.withholds.setup(customers)
         self.beneficiaries.setup(engine, customers)
         self.provider_work.setup(customers)
+        self.pumps.setup(engine, customers)
         return customers
 
     def _request(self, i: int, customers: list[str]) -> PaymentRequest:
@@ -957,6 +967,7 @@ class Simulation:
         if self.quoter is not None:
             self.quoter.schedule(now, span_ms, self.config.orders, customers)
         self.beneficiaries.schedule(now, span_ms, self.config.orders, customers)
+        self.pumps.schedule(now, span_ms, self.config.orders, customers)
         crashes = self.config.crashes if "crash" in self.mix.on else 0
         for _ in range(crashes):
             at = now + self.rng.randint(0, span_ms + self.mix.pay_window_ms)
@@ -991,6 +1002,7 @@ class Simulation:
         report.violations += check_payments_counted(
             self.probe.counted, {order.order_id: order.state.value for order in orders})
         report.violations += check_beneficiaries(engine.store, orders)
+        report.violations += check_authorisations(orders, self.channels, self.pumps.accepted)
         for (key, attempt), receipt in self.receipts.items():
             try:
                 found = engine.find_order("station-1", key, attempt)

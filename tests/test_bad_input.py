@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from payengine import (
+    AuthorisationUnsupported,
     CashPart,
     ChannelReply,
     Engine,
@@ -324,7 +325,13 @@ _SUBMIT_FIELDS = {
     # (a payment of cash and vouchers can credit nothing: only a recharge or a transfer does)
     "credit_account": _with(InvalidRequest, st.one_of(
         BAD_ID_VALUES, st.sampled_from(["alice/phone", "nobody"]))),
+    # (the scripted wallet cannot pre-authorise: a well-typed True is refused too)
+    "authorise": st.one_of(BAD_BOOL,
+                           _with(AuthorisationUnsupported, st.just(True))),
 }
+BAD_CAPTURE_AMOUNT = _with(InvalidAmount, st.one_of(
+    NOT_INT, st.integers(max_value=-1), st.integers(min_value=AMOUNT_MAX + 1), HUGE_INTS))
+"""0 is a capture (a void): only what is not an amount 0..AMOUNT_MAX is refused as one."""
 
 CALLS = [
     Call("open_account", {"account_id": "bob/new", "unit": "CNY", "minor_per_unit": None},
@@ -375,6 +382,12 @@ CALLS = [
          lambda w, a: w.engine.get_hold(a["account_id"], a["hold_id"]),
          {"account_id": BAD_ID, "hold_id": BAD_ID}),
     Call("close", {}, lambda w, a: w.engine.close(_order(w, a)["order_id"]),
+         {"order_id": BAD_ID}),
+    Call("capture", {"amount_minor": 100, "capture_id": "cap-1"},
+         lambda w, a: w.engine.capture(_order(w, a)["order_id"], a["amount_minor"],
+                                       capture_id=a["capture_id"]),
+         {"order_id": BAD_ID, "amount_minor": BAD_CAPTURE_AMOUNT, "capture_id": BAD_ID}),
+    Call("void", {}, lambda w, a: w.engine.void(_order(w, a)["order_id"]),
          {"order_id": BAD_ID}),
     Call("refund", {"refund_no": "rf-new", "amount_minor": 100, "reason": "pump"},
          lambda w, a: w.engine.refund(_order(w, a)["order_id"], a["refund_no"],

@@ -1594,7 +1594,7 @@ def test_a_command_issued_late_in_a_running_retry_schedule_gets_the_whole_schedu
 def test_no_transition_leaves_a_terminal_state_and_success_is_reached_only_by_payment() -> None:
     assert not any(src in TERMINAL_STATES for src, _ in ALLOWED_TRANSITIONS)
     assert {trigger for (_, trigger), dst in TRANSITIONS.items() if dst is S.SUCCEEDED} == {
-        Trigger.CASH_SUCCEEDED, Trigger.DEBITS_DONE
+        Trigger.CASH_SUCCEEDED, Trigger.DEBITS_DONE, Trigger.CAPTURED  # a capture is a payment
     }
     for state in TERMINAL_STATES:
         for trigger in Trigger:

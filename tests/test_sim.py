@@ -184,7 +184,7 @@ def test_a_crash_inside_a_handler_answers_its_asker_as_a_dead_actor() -> None:
 def _extra_orders(faults: dict[str, int]) -> int:
     """Orders a run makes besides its payments' first attempts: at most one per count."""
     return sum(faults.get(kind, 0) for kind in ("pay_again", "recharge", "transfer",
-                                                "quoted_order"))
+                                                "quoted_order", "preauth"))
 
 
 def test_a_merchant_that_never_accepts_a_notification_is_a_violation() -> None:
@@ -194,10 +194,11 @@ def test_a_merchant_that_never_accepts_a_notification_is_a_violation() -> None:
     simulation.merchant.down = lambda: 1.0
     result = simulation.run()
     assert {v.invariant for v in result.violations} == {"merchant-notified"}
-    # every payment, every recharge (the merchant's too; a retry counts again) and every
-    # order of the quoting terminals
+    # every payment, every recharge (the merchant's too; a retry counts again), every
+    # order of the quoting terminals and every pump pre-authorisation
     assert 30 + result.faults.get("quoted_order", 0) <= len(result.violations) <= (
-        30 + result.faults.get("recharge", 0) + result.faults.get("quoted_order", 0))
+        30 + result.faults.get("recharge", 0) + result.faults.get("quoted_order", 0)
+        + result.faults.get("preauth", 0))
 
 
 def test_an_exception_in_a_seed_is_that_seeds_violation_not_the_end_of_the_batch(

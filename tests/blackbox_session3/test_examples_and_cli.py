@@ -71,7 +71,7 @@ PLANTED = [
     "withhold-retry-after-timeout", "quote-price-drift", "shift-counts-unpaid",
     "change-keeps-holds", "open-without-needed-channel", "credit-before-charge",
     "route-after-charge", "metrics-double-count", "notify-acks-refusals",
-    "attention-misses-owed", "async-leg-ignored",
+    "attention-misses-owed", "async-leg-ignored", "capture-above-authorisation",
 ]
 
 
