@@ -37,7 +37,7 @@ def require_server_extra() -> None:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as error:
-        raise ExtraMissing(f"payengine serve needs the server extra ({error.name} is not "
+        raise ExtraMissing(f"the HTTP service needs the server extra ({error.name} is not "
                            f"installed): pip install 'payengine[server]'", "server") from None
 
 
