@@ -417,3 +417,37 @@ def test_the_operator_tools_answer_over_http_and_a_resolution_is_journalled(
         bad = client.get("/v1/operator/orders", params={"limit": 501})
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"
         assert client.get("/v1/operator/journal").json() == {"resolutions": []}
+
+
+def test_a_pump_pre_authorisation_is_captured_short_over_http_and_a_second_capture_refused(
+        tmp_path: Path, world: ThreadRuntime) -> None:
+    with serving(tmp_path / "pay.db", wallet(world)) as served, served.client() as client:
+        body = payment("pump2-000001") | {"authorise": True}
+        order_id = client.post("/v1/orders", json=body).json()["order_id"]
+        deadline = time.monotonic() + 20
+        while (view := client.get(f"/v1/orders/{order_id}").json())["state"] != "authorised":
+            assert time.monotonic() < deadline, view
+            time.sleep(0.05)
+        above = client.post(f"/v1/orders/{order_id}/capture",
+                            json={"amount_minor": 100_01, "capture_id": "cap-1"})
+        assert above.status_code == 409
+        assert above.json()["error"]["code"] == "capture_above_authorised"
+        taken = client.post(f"/v1/orders/{order_id}/capture",
+                            json={"amount_minor": 61_50, "capture_id": "cap-1"})
+        assert taken.status_code == 200, taken.text
+        settled = wait_settled(client, order_id)
+        assert (settled["state"], settled["authorised_minor"], settled["captured_minor"]) == (
+            "succeeded", 100_00, 61_50)
+        again = client.post(f"/v1/orders/{order_id}/capture",
+                            json={"amount_minor": 10_00, "capture_id": "cap-2"})
+        assert again.status_code == 409 and again.json()["error"]["code"] == "already_captured"
+        void = client.post(f"/v1/orders/{order_id}/void")
+        assert void.status_code == 409 and void.json()["error"]["code"] == "already_captured"
+
+
+def test_a_provider_callback_for_a_provider_the_engine_lacks_is_refused_with_400(
+        tmp_path: Path, world: ThreadRuntime) -> None:
+    with serving(tmp_path / "pay.db", wallet(world)) as served, served.client() as client:
+        refused = client.post("/v1/providers/carrier-x/callback", content=b'{"txn": "t"}')
+        assert refused.status_code == 400
+        assert refused.json()["error"]["code"] == "provider_callback_rejected"

@@ -242,6 +242,17 @@ def _payments(app: FastAPI, service: Service) -> None:
     async def change(order_id: str, body: models.PaymentIn) -> Any:
         return to_json(await service.call(engine.change_order, order_id, body.build()))
 
+    @app.post("/v1/orders/{order_id}/capture", tags=["pre-authorisations"])
+    async def capture(order_id: str, body: models.CaptureIn) -> Any:
+        """Capture what the pump dispensed of an authorised pre-authorisation."""
+        return to_json(await service.call(engine.capture, order_id, body.amount_minor,
+                                          capture_id=body.capture_id))
+
+    @app.post("/v1/orders/{order_id}/void", tags=["pre-authorisations"])
+    async def void(order_id: str) -> Any:
+        """Void a pre-authorisation not captured: holds released, the channel's voided."""
+        return to_json(await service.call(engine.void, order_id))
+
     @app.post("/v1/orders/{order_id}/refunds", tags=["refunds"])
     async def refund(order_id: str, body: models.RefundIn) -> Any:
         return to_json(await service.call(engine.refund, order_id, body.refund_no,
@@ -370,6 +381,16 @@ def _signed(app: FastAPI, service: Service) -> None:
 
 
 def _notify(app: FastAPI, service: Service) -> None:
+    @app.post("/v1/providers/{provider}/callback", tags=["voucher provider callbacks"],
+              openapi_extra=_RAW_JSON_BODY)
+    async def provider_callback(provider: str, request: Request) -> Any:
+        """An external voucher provider's callback, exactly as received: verified by its
+        adapter (``provider_callback_rejected``, 400, if not), then queued to its actor."""
+        body = await request.body()
+        outcome = await service.call(service.engine.handle_provider_callback, provider, body,
+                                     request_headers(request))
+        return {"outcome": outcome}
+
     @app.post("/v1/notify/{channel}", tags=["wallet notifications"],
               openapi_extra=_RAW_JSON_BODY)
     async def notify(channel: str, request: Request) -> Response:

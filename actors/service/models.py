@@ -116,6 +116,7 @@ class PaymentIn(Strict):
     attempt: int = 1
     sale: SaleIn | None = None
     quote: QuoteUseIn | None = None
+    authorise: bool = False
 
     def build(self) -> PaymentRequest:
         return PaymentRequest(
@@ -126,7 +127,8 @@ class PaymentIn(Strict):
             pay_window_ms=self.pay_window_ms, confirm_duplicate=self.confirm_duplicate,
             attempt=self.attempt, sale=None if self.sale is None else self.sale.build(),
             quote=None if self.quote is None else QuoteUse(self.quote.quote_id,
-                                                           self.quote.combination_id))
+                                                           self.quote.combination_id),
+            authorise=self.authorise)
 
 
 class CouponIn(Strict):
@@ -177,6 +179,11 @@ class RefundIn(Strict):
 
 class VerifyIn(Strict):
     code: str
+
+
+class CaptureIn(Strict):
+    amount_minor: int
+    capture_id: str
 
 
 class ResolveIn(Strict):
