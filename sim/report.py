@@ -31,6 +31,8 @@ from payengine.sim.simulation import SimResult
 
 SEEDS_SHOWN_MAX = 60
 """Seeds drawn one bar each (and listed one row each) in the report; the rest are counted."""
+FAULT_SEEDS_SHOWN_MAX = 20
+"""Seeds named per fault kind in the Seeds section; the rest are counted."""
 TRANSIT_RUNS_MAX = 8
 """Runs whose money in transit is drawn (the first ones)."""
 VIOLATIONS_MAX = 200
@@ -112,6 +114,7 @@ class ChaosReport:
         self.states: Counter[str] = Counter()
         self.faults: Counter[str] = Counter()
         self.fault_mix: Counter[str] = Counter()
+        self.fault_seeds: dict[str, list[int]] = {}
         self.latencies = BoundedSample(LATENCIES_MAX)
         self.transit: list[tuple[int, list[tuple[int, int]]]] = []
         self.violations: list[_ViolationRow] = []
@@ -126,6 +129,10 @@ class ChaosReport:
         self.states.update(result.final_states)
         self.faults.update(result.faults)
         self.fault_mix.update(result.fault_mix)
+        for kind in result.fault_mix:
+            listed = self.fault_seeds.setdefault(kind, [])
+            if len(listed) < FAULT_SEEDS_SHOWN_MAX:
+                listed.append(result.seed)
         if len(self.seeds) < SEEDS_SHOWN_MAX:
             self.seeds.append(_SeedRow(result.seed, result.ok, len(result.violations),
                                        dict(result.final_states), result.crashes,
@@ -285,13 +292,21 @@ class ChaosReport:
             parts.append(f"<p>The first {len(self.seeds)} of {self.runs} seeds are listed.</p>")
         parts.append("<h2>Fault kinds switched on (seeds)</h2>")
         parts.append(self._table(["fault", "seeds"],
-                                 [[k, str(n)] for k, n in sorted(self.fault_mix.items())]))
+                                 [[k, self._seeds_of(k, n)]
+                                  for k, n in sorted(self.fault_mix.items())]))
         parts.append("<h2>Injected events (all runs)</h2>")
         parts.append(self._table(["event", "count"],
                                  [[k, str(n)] for k, n in sorted(self.faults.items())]))
         parts.append(f"<p>Settlement latencies: {self.latencies.offered} observed, "
                      f"{len(self.latencies.values)} drawn.</p></body></html>")
         return "\n".join(parts) + "\n"
+
+    def _seeds_of(self, kind: str, drawn: int) -> str:
+        """``3: 30, 31, 32``: how many seeds drew the fault kind, and which (the first
+        ``FAULT_SEEDS_SHOWN_MAX``)."""
+        listed = self.fault_seeds.get(kind, [])
+        text = f"{drawn}: " + ", ".join(map(str, listed))
+        return text + (f" ... and {drawn - len(listed)} more" if drawn > len(listed) else "")
 
     @staticmethod
     def _table(head: list[str], rows: list[list[str]], code_column: int | None = None) -> str:

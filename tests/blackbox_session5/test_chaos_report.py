@@ -138,8 +138,6 @@ def test_a_run_without_faults_still_reports(tmp_path: Path, faults: str) -> None
             assert f'src="{chart}"' in page
 
 
-@pytest.mark.xfail(strict=True, reason="README: the Seeds section gives 'per fault kind the "
-                   "seeds that drew it'; the page gives only how many seeds drew each kind")
 def test_the_seeds_section_names_the_seeds_that_drew_each_fault_kind(tmp_path: Path) -> None:
     r = sim(tmp_path, "--seed", "30", "--seeds", "3", "--orders", "15", "--json",
             "--report", "r")
