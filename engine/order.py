@@ -1016,6 +1016,8 @@ def build_order(
     engine's currency table (an order in a currency it does not know is ``InvalidRequest``).
     """
     check_request(request, policy=policy, currencies=currencies)
+    if request.authorise:
+        _refuse_provider_parts(request, policy)
     assert ":" not in payment_serial, (
         f"payment serial {payment_serial!r}: an IdSource must not use ':', which separates a "
         "refund id (made from the serial) from its part in journal entries")
@@ -3395,6 +3397,17 @@ def _check_authorisation_shape(request: PaymentRequest, vouchers: Sequence[Vouch
         raise AuthorisationUnsupported("a withholding cannot be pre-authorised")
 
 
+def _refuse_provider_parts(request: PaymentRequest, policy: OrderPolicy) -> None:
+    """An external provider's Confirm spends its whole hold (it has no partial confirm), so
+    a capture short of it would spend more than the order charges: not pre-authorisable."""
+    for part in request.vouchers:
+        provider = provider_of(part.account_id, policy.voucher_providers)
+        if provider is not None:
+            raise AuthorisationUnsupported(
+                f"voucher {part.account_id!r} is at external provider {provider!r}, whose "
+                "Confirm spends the whole hold: it cannot be pre-authorised")
+
+
 def _new_authorisation(legs: Sequence[Leg], total: int) -> Authorisation:
     return Authorisation(total, tuple((leg.leg_no, leg.amount, leg.value_minor)
                                       for leg in legs))
@@ -3682,6 +3695,11 @@ def _capturing_answer(d: _Draft, cash: Leg, result: AuthorisationResult,
         return "applied"
     if status is AuthorisationStatus.AUTHORISED:
         return "ignored: the capture is not applied yet; it is asked again on the schedule"
+    if result.op is not AuthorisationOp.CAPTURE or status is AuthorisationStatus.NOT_FOUND:
+        # a late answer of an earlier call (a query sent while authorising) or a channel not
+        # seeing the serial yet: only the capture's own refusal may fail a capture
+        return (f"ignored: {result.op.value} says {status.value} while capturing; the "
+                "capture is asked again on the schedule")
     why = result.reason or status.value
     d.set_leg(cash.leg_no, LegStatus.UNPAID, why)
     d.update(next_query_at_ms=None)
@@ -3698,6 +3716,8 @@ def _voiding_answer(d: _Draft, cash: Leg, result: AuthorisationResult,
     if status is AuthorisationStatus.NOT_FOUND:
         # not proof: an authorise may still be on its way (in flight, or its request slow).
         # The void itself records an unseen serial voided, so a late authorise is refused.
+        if result.op is AuthorisationOp.VOID:  # the void's own answer: the query schedule
+            return "ignored: the void says not found; it is asked again on the schedule"
         assert cash.channel is not None
         d.effects.append(VoidCash(cash.channel, d.order.payment_serial))
         return (f"applied: {result.op.value} says not found while voiding; the void is sent "

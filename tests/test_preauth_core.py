@@ -340,3 +340,57 @@ def test_not_found_while_voiding_is_no_proof_and_sends_the_void_again() -> None:
                                                              payment_serial="s1"),
                     now_ms=T0 + 3, policy=POLICY)
     assert voided.order.state is OrderState.CLOSED
+
+
+def _authorised_order() -> PaymentOrder:
+    order = _new_order()
+    for event in (Activate(),
+                  VoucherReply(1, order.fence_of(order.leg(1)), VoucherOp.TRY, True),
+                  VoucherReply(2, order.fence_of(order.leg(2)), VoucherOp.TRY, True),
+                  AuthorisationResult(AuthorisationOp.AUTHORISE, A.AUTHORISED, 10_000, "s1")):
+        order = decide(order, event, now_ms=T0, policy=POLICY).order
+    assert order.state is OrderState.AUTHORISED
+    return order
+
+
+def test_only_the_capture_s_own_refusal_fails_a_capture_never_a_late_query_answer() -> None:
+    """A query sent while authorising may answer "not found" after the capture was decided
+    (the I/O lane's workers answer out of order): failing then would release the vouchers
+    while the capture lands and charges."""
+    capturing = decide(_authorised_order(), CaptureAuthorisation("c1", 11_000), now_ms=T0 + 1,
+                       policy=POLICY).order
+    assert capturing.state is OrderState.CAPTURING
+    for late in (AuthorisationResult(AuthorisationOp.QUERY, A.NOT_FOUND, payment_serial="s1"),
+                 AuthorisationResult(AuthorisationOp.AUTHORISE, A.DECLINED, payment_serial="s1"),
+                 AuthorisationResult(AuthorisationOp.CAPTURE, A.NOT_FOUND, payment_serial="s1")):
+        outcome = decide(capturing, late, now_ms=T0 + 2, policy=POLICY)
+        assert outcome.order.state is OrderState.CAPTURING, late
+        assert not [e for e in outcome.effects if isinstance(e, CancelHold)], late
+    refused = decide(capturing, AuthorisationResult(AuthorisationOp.CAPTURE, A.DECLINED,
+                                                    payment_serial="s1"),
+                     now_ms=T0 + 3, policy=POLICY)
+    assert refused.order.state is OrderState.FAILED
+
+
+def test_a_void_answering_not_found_is_asked_again_on_the_schedule_not_at_once() -> None:
+    voiding = decide(_authorised_order(), VoidAuthorisation(), now_ms=T0 + 1,
+                     policy=POLICY).order
+    outcome = decide(voiding, AuthorisationResult(AuthorisationOp.VOID, A.NOT_FOUND,
+                                                  payment_serial="s1"),
+                     now_ms=T0 + 2, policy=POLICY)
+    assert outcome.order.state is OrderState.VOIDING
+    assert not [e for e in outcome.effects if isinstance(e, VoidCash)]
+
+
+def test_a_voucher_at_an_external_provider_cannot_be_pre_authorised() -> None:
+    from payengine.engine.errors import AuthorisationUnsupported
+
+    request = PaymentRequest(
+        merchant_id="m", merchant_order_no="n", user_id="u", currency="CNY",
+        total_minor=15_000, title="Pump", cash=CashPart(10_000, "wechat"),
+        vouchers=(VoucherPart("carrier-x:13800000000", 5_000),), authorise=True)
+    policy = OrderPolicy(authorisation_ttl_ms=TTL, voucher_providers=frozenset({"carrier-x"}))
+    with pytest.raises(AuthorisationUnsupported, match="carrier-x"):
+        build_order(request, order_id="o1", payment_serial="s1", now_ms=T0,
+                    accounts={"carrier-x:13800000000": AccountUnit("CNY", None)},
+                    policy=policy)
