@@ -3551,6 +3551,8 @@ def _capture(d: _Draft, event: CaptureAuthorisation) -> str:
                                       f"{a.captured_minor}, not {amount}")
         return "duplicate: the same capture again"
     if order.state in (OrderState.VOIDING, OrderState.CLOSED):
+        if amount == 0 and order.cause == _zero_capture_cause(capture_id):
+            return "duplicate: the same capture of nothing again (it voided the order)"
         raise AuthorisationVoided(f"order {order.order_id} was voided ({order.cause}): "
                                   "nothing can be captured")
     if order.state is not OrderState.AUTHORISED:
@@ -3564,7 +3566,7 @@ def _capture(d: _Draft, event: CaptureAuthorisation) -> str:
         raise CaptureAboveAuthorised(f"order {order.order_id} authorised {a.authorised_minor}; "
                                      f"a capture of {amount} is above it")
     if amount == 0:
-        return _void_authorisation(d, Trigger.VOID, "void: a capture of nothing")
+        return _void_authorisation(d, Trigger.VOID, _zero_capture_cause(capture_id))
     cash = d.cash()
     assert cash is not None
     shares = split_capture(a, amount, cash.leg_no, d.policy.capture_order, over_to_cash=bug)
@@ -3585,6 +3587,11 @@ def _capture(d: _Draft, event: CaptureAuthorisation) -> str:
     d.effects.append(command)
     _arm_query(d, attempt=0)
     return "applied"
+
+
+def _zero_capture_cause(capture_id: str) -> str:
+    """The cause of a void by a capture of 0: it names the capture, so its retry is known."""
+    return f"void: capture {capture_id} of nothing"
 
 
 def _void(d: _Draft) -> str:
@@ -3701,8 +3708,13 @@ def _capturing_answer(d: _Draft, cash: Leg, result: AuthorisationResult,
         return (f"ignored: {result.op.value} says {status.value} while capturing; the "
                 "capture is asked again on the schedule")
     why = result.reason or status.value
-    d.set_leg(cash.leg_no, LegStatus.UNPAID, why)
-    d.update(next_query_at_ms=None)
+    # the wallet keeps its authorisation after refusing a capture: void it, so the payer's
+    # money is not held until the wallet's own expiry (the leg voiding keeps the order
+    # unsettled until the wallet says voided)
+    assert cash.channel is not None
+    d.set_leg(cash.leg_no, LegStatus.VOIDING, f"capture refused ({why}): void")
+    d.effects.append(VoidCash(cash.channel, d.order.payment_serial))
+    _arm_query(d, attempt=0)
     d.move(Trigger.CAPTURE_DECLINED, f"capture_declined: {why}")
     _release_everything(d, "capture declined")
     return "applied"

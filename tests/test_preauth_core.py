@@ -370,6 +370,16 @@ def test_only_the_capture_s_own_refusal_fails_a_capture_never_a_late_query_answe
                                                     payment_serial="s1"),
                      now_ms=T0 + 3, policy=POLICY)
     assert refused.order.state is OrderState.FAILED
+    # the wallet keeps its authorisation after refusing a capture: the order voids it and
+    # stays unsettled until the wallet says voided
+    assert VoidCash("wechat", "s1") in refused.effects
+    assert refused.order.cash_leg is not None
+    assert refused.order.cash_leg.status is LegStatus.VOIDING and not refused.order.is_settled
+    voided = decide(refused.order, AuthorisationResult(AuthorisationOp.VOID, A.VOIDED,
+                                                       payment_serial="s1"),
+                    now_ms=T0 + 4, policy=POLICY).order
+    assert voided.state is OrderState.FAILED and voided.cash_leg is not None
+    assert voided.cash_leg.status is LegStatus.VOIDED
 
 
 def test_a_void_answering_not_found_is_asked_again_on_the_schedule_not_at_once() -> None:
@@ -394,3 +404,15 @@ def test_a_voucher_at_an_external_provider_cannot_be_pre_authorised() -> None:
         build_order(request, order_id="o1", payment_serial="s1", now_ms=T0,
                     accounts={"carrier-x:13800000000": AccountUnit("CNY", None)},
                     policy=policy)
+
+
+def test_a_capture_of_nothing_retried_is_answered_not_refused() -> None:
+    from payengine.engine.errors import AuthorisationVoided
+
+    voided = decide(_authorised_order(), CaptureAuthorisation("c0", 0), now_ms=T0 + 1,
+                    policy=POLICY)
+    assert voided.order.state is OrderState.VOIDING
+    again = decide(voided.order, CaptureAuthorisation("c0", 0), now_ms=T0 + 2, policy=POLICY)
+    assert not again.changed
+    with pytest.raises(AuthorisationVoided):
+        decide(voided.order, CaptureAuthorisation("c9", 0), now_ms=T0 + 2, policy=POLICY)
