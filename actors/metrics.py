@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from payengine.actors.observe import Observer
+from payengine.actors.observe import HOOK_ERRORS, Observer
 from payengine.engine.errors import EngineClosed, ExtraMissing, InvalidRequest
 
 if TYPE_CHECKING:
@@ -111,6 +111,8 @@ class _Scraped:
         self._core = importlib.import_module("prometheus_client.core")
         self._client = client
         self._engine = engine
+        # the hook-error count is process-wide: this registry's counter starts at zero
+        self._observer_errors_before = HOOK_ERRORS[0]
 
     def collect(self) -> Iterator[Metric]:
         core, engine = self._core, self._engine
@@ -172,7 +174,7 @@ class _Scraped:
             self._gauge("broken_actors", "Actors quarantined on a broken invariant",
                         v.broken_actors),
             self._counter("observer_errors", "Exceptions observation hooks raised (dropped)",
-                          v.observer_errors),
+                          v.observer_errors - self._observer_errors_before),
         ]
 
     def _stored(self) -> list[Metric]:

@@ -265,7 +265,10 @@ def test_a_restart_in_the_middle_keeps_the_order_and_it_settles(
     channel = wallet(world, user_pay_delay_ms=(1_500, 1_500))  # outlives both engines
     with serving(db, channel) as served, served.client() as client:
         receipt = client.post("/v1/orders", json=payment("o-1")).json()
-        assert client.get(f"/v1/orders/{receipt['order_id']}").json()["state"] == "paying"
+        deadline = time.monotonic() + 20  # the pay is asked for once the actor ran (load)
+        while client.get(f"/v1/orders/{receipt['order_id']}").json()["state"] != "paying":
+            assert time.monotonic() < deadline, "the order never asked for its payment"
+            time.sleep(0.02)
     with serving(db, channel) as served, served.client() as client:
         order = wait_settled(client, receipt["order_id"], timeout_s=30)
         assert order["state"] == "succeeded", order
