@@ -297,13 +297,7 @@ def _assert_settled_accounts(order: PaymentOrder, world: World) -> None:
 
 def test_an_expiry_timer_voids_an_authorised_order_and_a_late_capture_is_refused() -> None:
     from payengine.engine.errors import AuthorisationVoided
-    order = _new_order()
-    for event in (Activate(),
-                  VoucherReply(1, order.fence_of(order.leg(1)), VoucherOp.TRY, True),
-                  VoucherReply(2, order.fence_of(order.leg(2)), VoucherOp.TRY, True),
-                  AuthorisationResult(AuthorisationOp.AUTHORISE, A.AUTHORISED, 10_000, "s1")):
-        order = decide(order, event, now_ms=T0, policy=POLICY).order
-    assert order.state is OrderState.AUTHORISED
+    order = _authorised_order()
     with pytest.raises(AuthorisationVoided):  # expired, though its timer has not run yet
         decide(order, CaptureAuthorisation("c", 1), now_ms=T0 + TTL, policy=POLICY)
     early = decide(order, TimerFired(TimerKind.CLOSE, 0), now_ms=T0 + TTL - 1, policy=POLICY)
