@@ -67,6 +67,7 @@ class FuelLine:
 
     @classmethod
     def by_amount(cls, grade: str, unit_price_minor: int, amount_minor: int) -> FuelLine:
+        check_int(unit_price_minor, "fuel line unit_price_minor", 1, UNIT_PRICE_MINOR_MAX)
         return cls(grade, unit_price_minor, volume_of_amount(amount_minor, unit_price_minor),
                    amount_minor)
 

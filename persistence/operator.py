@@ -167,7 +167,7 @@ def _orders_in_doubt(store: Store) -> list[AttentionItem]:
             (OrderState.NEEDS_RECONCILIATION.value, ATTENTION_ITEMS_MAX)).fetchall()
     items = []
     for order_id, cause, at_ms, total, currency in rows:
-        if cause == "amount_mismatch":
+        if str(cause or "").startswith("amount_mismatch"):
             kind, why = AttentionKind.AMOUNT_MISMATCH, (
                 f"the channel reported a charge of another amount than {total} {currency}")
         else:
