@@ -201,3 +201,64 @@ def state_view(http: Any, order_id: str, state: str) -> dict[str, Any]:
 
     wait_for(read)
     return views[-1]
+
+
+def run_many(commands: dict[str, list[str]], cwd: Path, env: dict[str, str] | None = None,
+             timeout: float = 180.0) -> dict[str, subprocess.CompletedProcess[str]]:
+    """Run several `payengine` commands at once (each a fresh interpreter); their results."""
+    started = {name: subprocess.Popen([*payengine_argv(), *args], cwd=cwd, env=child_env(env),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for name, args in commands.items()}
+    results = {}
+    for name, process in started.items():
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, err = process.communicate()
+        results[name] = subprocess.CompletedProcess(process.args, process.returncode, out, err)
+    return results
+
+
+BATCH_SCRIPT = r'''
+import contextlib, io, json, os, sys
+from importlib.metadata import entry_points
+found = list(entry_points(group="console_scripts", name="payengine"))
+if found:
+    main = found[0].load()
+else:                                   # a checkout without an installed distribution
+    from payengine.sim.cli import main
+results = []
+for argv, env in json.loads(sys.stdin.read()):
+    saved = dict(os.environ)
+    os.environ.update(env)
+    raw_out, raw_err = io.BytesIO(), io.BytesIO()
+    out = io.TextIOWrapper(raw_out, encoding="utf-8", write_through=True)
+    err = io.TextIOWrapper(raw_err, encoding="utf-8", write_through=True)
+    code = 0
+    sys.argv = ["payengine", *argv]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            result = main()
+            code = result if isinstance(result, int) else 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    os.environ.clear()
+    os.environ.update(saved)
+    out.flush(); err.flush()
+    results.append([code, raw_out.getvalue().decode(), raw_err.getvalue().decode()])
+print(json.dumps(results))
+'''
+
+
+def run_batch(calls: list[tuple[list[str], dict[str, str]]], cwd: Path,
+              timeout: float = 120.0) -> list[subprocess.CompletedProcess[str]]:
+    """Run several quick `payengine` invocations (help, completion) in ONE interpreter,
+    through the installed `payengine` console-script entry point (what the command runs)."""
+    done = subprocess.run([sys.executable, "-c", BATCH_SCRIPT], input=json.dumps(calls),
+                          cwd=cwd, env=child_env(), capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    assert done.returncode == 0, done.stderr
+    return [subprocess.CompletedProcess(argv, code, out, err)
+            for (argv, _), (code, out, err) in zip(calls, json.loads(done.stdout.splitlines()[-1]),
+                                                   strict=True)]
