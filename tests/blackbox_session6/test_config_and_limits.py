@@ -4,8 +4,12 @@ a burst past `rate_burst` is 429 with `Retry-After`; probes are never limited.""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +19,8 @@ import pytest
 from .support import Server, error_of, payment, unique
 
 TOKEN = "token-0123456789abcdef"
+MERCHANT_42_SECRET = "station-42-secret-0123456789-0123456789"
+MERCHANT_43_SECRET = "a-merchant-secret-of-enough-length-0123456789"
 EVERY_KEY = '''
 [service]
 host = "127.0.0.1"
@@ -100,15 +106,15 @@ secret_env = "BB_STATION_SECRET"
 
 [[merchants]]
 id = "station-43"
-secret = "a-merchant-secret-of-enough-length-0123456789"
+secret = "MERCHANT_43_SECRET"
 '''
 
 
 @pytest.fixture(scope="module")
 def every_key_server(server_extra: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     folder = tmp_path_factory.mktemp("every-key")
-    (folder / "payengine.toml").write_text(EVERY_KEY)
-    env = {"BB_API_TOKEN": TOKEN, "BB_STATION_SECRET": "station-secret-0123456789-0123456789"}
+    (folder / "payengine.toml").write_text(EVERY_KEY.replace("MERCHANT_43_SECRET", MERCHANT_43_SECRET))
+    env = {"BB_API_TOKEN": TOKEN, "BB_STATION_SECRET": MERCHANT_42_SECRET}
     server = Server(folder, config=folder / "payengine.toml", env=env).start()
     yield server
     server.stop()
@@ -177,6 +183,56 @@ def test_a_body_past_this_files_max_body_bytes_is_413_with_its_limit(http: Any) 
 def test_the_environment_is_not_left_holding_the_token() -> None:
     assert os.environ.get("BB_API_TOKEN") is None
     assert Path.cwd().exists()
+
+
+def signed(merchant: str, secret: str, fields: dict[str, Any], nonce: str | None = None,
+           timestamp_ms: int | None = None) -> tuple[bytes, dict[str, str]]:
+    """A merchant's signed request, built from README *Signed merchant requests* alone."""
+    body = json.dumps(fields, separators=(",", ":")).encode()
+    stamp = str(timestamp_ms if timestamp_ms is not None else int(time.time() * 1000))
+    nonce = nonce or uuid.uuid4().hex
+    message = f"payengine-request-v1\nHMAC-SHA256\n{merchant}\n{stamp}\n{nonce}\n".encode() + body
+    return body, {"X-Payengine-Merchant-Id": merchant, "X-Payengine-Timestamp": stamp,
+                  "X-Payengine-Nonce": nonce, "X-Payengine-Sign-Type": "HMAC-SHA256",
+                  "X-Payengine-Signature": hmac.new(secret.encode(), message, hashlib.sha256).hexdigest(),
+                  "Content-Type": "application/json"}
+
+
+def test_a_signed_pay_of_a_merchant_in_the_file_is_taken_and_its_replay_and_forgeries_are_refused(
+        http: Any) -> None:
+    wait_for_a_full_bucket()
+    number = unique("signed")
+    pay = {"op": "pay", "merchant_order_no": number, "user_id": "alice", "currency": "CNY",
+           "total_minor": 12_00, "title": "Fuel", "cash": {"amount_minor": 12_00, "channel": "wechat"}}
+    body, headers = signed("station-43", MERCHANT_43_SECRET, pay)
+    taken = http.post("/v1/signed/pay", content=body, headers=headers)
+    assert taken.status_code == 200, taken.text
+    assert (taken.json()["merchant_id"], taken.json()["merchant_order_no"]) == ("station-43", number)
+    replay = http.post("/v1/signed/pay", content=body, headers=headers)
+    assert (replay.status_code, error_of(replay)["code"]) == (409, "request_rejected")
+    assert error_of(replay)["details"] == {"reason": "replayed_nonce"}
+    body, headers = signed("station-43", MERCHANT_43_SECRET, {**pay, "merchant_order_no": unique("t")})
+    tampered = http.post("/v1/signed/pay", content=body.replace(b"1200", b"1100"), headers=headers)
+    assert (tampered.status_code, error_of(tampered)["details"]) == (401, {"reason": "bad_signature"})
+    body, headers = signed("station-99", MERCHANT_43_SECRET, pay)
+    unknown = http.post("/v1/signed/pay", content=body, headers=headers)
+    assert (unknown.status_code, error_of(unknown)["details"]) == (401, {"reason": "unknown_merchant"})
+    body, headers = signed("station-43", MERCHANT_43_SECRET, {"op": "query", "merchant_order_no": number})
+    query = http.post("/v1/signed/query", content=body, headers=headers)
+    assert (query.status_code, query.json()["order_id"]) == (200, taken.json()["order_id"])
+
+
+def test_a_signed_pay_of_the_merchant_whose_secret_is_in_the_environment_is_taken_and_a_stale_one_refused(
+        http: Any) -> None:
+    wait_for_two_tokens()
+    pay = {"op": "pay", "merchant_order_no": unique("env"), "user_id": "bob", "currency": "CNY",
+           "total_minor": 7_00, "title": "Fuel", "cash": {"amount_minor": 7_00, "channel": "wechat"}}
+    body, headers = signed("station-42", MERCHANT_42_SECRET, pay)
+    assert http.post("/v1/signed/pay", content=body, headers=headers).status_code == 200
+    body, headers = signed("station-42", MERCHANT_42_SECRET, {**pay, "merchant_order_no": unique("old")},
+                           timestamp_ms=int(time.time() * 1000) - 3_600_000)
+    stale = http.post("/v1/signed/pay", content=body, headers=headers)
+    assert (stale.status_code, error_of(stale)["details"]) == (401, {"reason": "stale_timestamp"})
 
 
 def test_a_burst_past_rate_burst_is_429_rate_limited_with_retry_after_and_probes_still_answer(

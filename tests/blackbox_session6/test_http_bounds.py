@@ -120,7 +120,7 @@ def test_the_engines_own_validation_is_a_400_typed_error_and_creates_nothing(cli
 
 
 JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**18, 10**18),
-                        st.floats(allow_nan=False), st.text(max_size=20),
+                        st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20),
                         st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5),
                                                                                st.integers(), max_size=2))
 FIELDS = ["merchant_id", "user_id", "currency", "total_minor", "title", "cash", "vouchers",
