@@ -127,6 +127,8 @@ def paid_db() -> Iterator[dict[str, Any]]:
         "unknown_option": ["orders", "--colour", "red", "--db", db],
         "config_db": ["orders", "--config", "cli.toml", "--json"],
         "bad_config": ["orders", "--config", "bad.toml"],
+        "demo_json": ["demo", "--orders", "20", "--json", "--db", str(folder / "demo.db")],
+        "bench_json": ["bench", "--payments", "50", "--json"],
     }, cwd=folder)
     yield {"results": results, "receipt": receipt, "folder": folder, "empty": empty}
 
@@ -185,3 +187,23 @@ def test_the_config_files_engine_db_is_the_default_database(paid_db: dict[str, A
 
 def test_a_bad_config_names_the_key(paid_db: dict[str, Any]) -> None:
     assert "engine.db" in paid_db["results"]["bad_config"].stderr
+
+
+def test_demo_json_is_one_object_that_balances_and_names_its_shift(paid_db: dict[str, Any]) -> None:
+    result = paid_db["results"]["demo_json"]
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    demo = json.loads(lines[0])
+    assert (demo["orders"], demo["violations"]) == (20, [])
+    shift = demo["shift"]
+    assert set(shift) == {"station_id", "shift_id", "orders", "paid_minor", "merchant_net_minor"}
+    assert shift["station_id"] == "st-001" and shift["shift_id"].startswith("afternoon-")
+
+
+def test_bench_json_is_one_object_with_the_printed_figures(paid_db: dict[str, Any]) -> None:
+    result = paid_db["results"]["bench_json"]
+    assert result.returncode == 0, result.stderr[-2000:]
+    bench = json.loads(result.stdout)
+    assert (bench["payments"], bench["settled"]) == (50, 50)
+    assert {"refused", "payments_per_s", "receipt_p50_ms"} <= set(bench)
