@@ -30,8 +30,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     existing = child_env().get("PYTHONPATH")
     no_matplotlib = {"PYTHONPATH": str(shim.parent) + (":" + existing if existing else "")}
     results = run_many({
-        "clean": ["sim", "--seed", "0", "--orders", "30", "--report", "clean/deep"],
-        "json": ["sim", "--seed", "0", "--orders", "30", "--json", "--report", "json-report"],
+        "clean": ["sim", "--seed", "0", "--orders", "30", "--json", "--report", "clean/deep"],
         "planted": ["sim", "--plant-bug", "metrics-double-count", "--report", "planted"],
         "into_file": ["sim", "--seed", "0", "--orders", "10", "--report", "a-file"],
     }, cwd=folder)
@@ -57,13 +56,11 @@ def test_a_clean_run_writes_index_html_and_the_four_charts_and_says_where_on_std
 
 
 def test_a_run_with_json_and_report_prints_one_json_object_per_seed_on_stdout(runs: dict[str, Any]) -> None:
-    result = runs["results"]["json"]
-    assert result.returncode == 0, result.stderr
+    result = runs["results"]["clean"]
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1
     seed = json.loads(lines[0])
     assert (seed["seed"], seed["orders"], seed["violations"]) == (0, 30, [])
-    assert (runs["folder"] / "json-report" / "index.html").exists()
 
 
 def test_a_planted_bug_run_exits_1_and_its_page_lists_violations_with_the_printed_replay_command(
