@@ -70,6 +70,13 @@ def test_a_line_by_amount_buys_the_volume_rounded_down_and_by_volume_is_priced_h
     assert price_of_volume(1, 500) == 1 and price_of_volume(1, 499) == 0
 
 
+@pytest.mark.parametrize("unit_price_minor", [0, -1, 1_000_001])
+def test_a_line_by_amount_at_a_unit_price_out_of_range_is_an_invalid_request(
+        unit_price_minor: int) -> None:
+    with pytest.raises(InvalidRequest, match="unit_price_minor"):
+        FuelLine.by_amount("95", unit_price_minor, 100)
+
+
 def test_a_line_whose_amount_and_volume_disagree_is_refused():
     with pytest.raises(InvalidRequest, match="41000 ml at 789 a litre is 32349"):
         check_fuel_sale(FuelSale("st-1", 1, 1, FuelLine("95", 789, 41000, 31560)))

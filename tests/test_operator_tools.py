@@ -180,7 +180,7 @@ def test_orders_in_doubt_are_in_the_queue_with_amount_mismatches_on_their_own(
          "cause": "queries_exhausted"},
         {"order_id": "b", "merchant_id": "m1", "user_id": "u1", "station_id": None,
          "channel": "wechat", "at": 2, "total": 100, "state": "needs_reconciliation",
-         "cause": "amount_mismatch"},
+         "cause": "amount_mismatch: channel charged 99 CNY, asked 100 CNY"},
         {"order_id": "c", "merchant_id": "m1", "user_id": "u1", "station_id": None,
          "channel": "wechat", "at": 3, "total": 100, "state": "succeeded"}])
     store = Store(fresh_db, read_only=True)

@@ -43,16 +43,12 @@ def fresh_post(url: str, path: str, body: dict[str, Any]) -> Any:
         return http.post(path, json=body)
 
 
-@pytest.mark.xfail(strict=True, reason="DEFECT 4: a fuel line by amount with unit_price_minor 0 "
-                   "(README: unit price 1..1,000,000, a bad sale is InvalidRequest) is 500 "
-                   "internal_error (ZeroDivisionError), found by schemathesis' coverage phase")
 def test_a_quote_for_a_sale_with_a_unit_price_of_0_is_400_invalid_request(main_server: Any) -> None:
     response = fresh_post(main_server.url, "/v1/quotes", {"merchant_id": "station-bb", "user_id": "u",
                                                            "sale": SALE_WITHOUT_PRICE})
     assert (response.status_code, error_of(response)["code"]) == (400, "invalid_request")
 
 
-@pytest.mark.xfail(strict=True, reason="DEFECT 4: the same sale in a payment is 500 internal_error")
 def test_a_payment_for_a_sale_with_a_unit_price_of_0_is_400_invalid_request(main_server: Any) -> None:
     number = unique("zero-price")
     response = fresh_post(main_server.url, "/v1/orders",

@@ -2,8 +2,8 @@
 resolution journalled with who and why, idempotent when repeated.
 
 The attention item is made the way a wallet would: a signed success of another amount for
-a waiting order (README *Notifications from the wallet*: "never a success (the cash leg goes
-`unknown`, for reconciliation)"), which puts the order in `needs_reconciliation`.
+a waiting order (README *Notifications from the wallet*: "never a success", acknowledged,
+the order `needs_reconciliation`, attention kind `amount_mismatch`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ def mismatched_order(client: Any) -> str:
     body, headers = sign_notification(KEYS["slow"], payment_notification(
         receipt["payment_serial"], 39_99, unique("TX")))
     answer = client.post("/v1/notify/slow", content=body, headers=headers)
-    if answer.status_code != 200:
-        pytest.skip("a signed notification of another amount is refused now (see DEFECT 2)")
+    assert answer.status_code == 200
     view = state_view(client, receipt["order_id"], "needs_reconciliation")
     assert view["state"] == "needs_reconciliation"
     return str(receipt["order_id"])
@@ -34,23 +33,6 @@ def items(client: Any) -> dict[str, dict[str, Any]]:
     return {item["item_id"]: item for item in client.get("/v1/operator/attention").json()["items"]}
 
 
-def test_an_order_whose_cash_result_is_unknown_is_in_the_attention_queue_as_needs_reconciliation(
-        client: Any, mismatched_order: str) -> None:
-    queue = client.get("/v1/operator/attention").json()
-    listed = {item["item_id"]: item for item in queue["items"]}
-    item = listed[f"needs_reconciliation:{mismatched_order}"]
-    assert (item["kind"], item["order_id"], item["refund_id"]) == (
-        "needs_reconciliation", mismatched_order, None)
-    assert set(item) == {"item_id", "kind", "since_ms", "why", "occurrence", "order_id",
-                         "refund_id", "event_id", "subscriber"}
-    assert queue["counts"]["needs_reconciliation"] == sum(
-        1 for i in queue["items"] if i["kind"] == "needs_reconciliation")
-
-
-@pytest.mark.xfail(strict=True, reason="DEFECT 3: README *Operator tools* lists an order in "
-                   "needs_reconciliation because the channel reported another amount as kind "
-                   "amount_mismatch (amount_mismatch:<order_id>); it is listed only as "
-                   "needs_reconciliation although its cause says 'amount_mismatch: ...'")
 def test_an_order_with_another_amount_is_in_the_attention_queue_as_amount_mismatch(
         client: Any, mismatched_order: str) -> None:
     queue = client.get("/v1/operator/attention").json()
@@ -58,14 +40,16 @@ def test_an_order_with_another_amount_is_in_the_attention_queue_as_amount_mismat
     item = listed[f"amount_mismatch:{mismatched_order}"]
     assert (item["kind"], item["order_id"]) == ("amount_mismatch", mismatched_order)
     assert isinstance(item["why"], str) and item["why"]
-    assert {"item_id", "kind", "since_ms", "why", "occurrence", "order_id", "refund_id",
-            "event_id", "subscriber"} <= set(item)
-    assert queue["counts"]["amount_mismatch"] >= 1
+    assert set(item) == {"item_id", "kind", "since_ms", "why", "occurrence", "order_id",
+                         "refund_id", "event_id", "subscriber"}
+    assert f"needs_reconciliation:{mismatched_order}" not in listed
+    assert queue["counts"]["amount_mismatch"] == sum(
+        1 for i in queue["items"] if i["kind"] == "amount_mismatch")
 
 
 def test_retry_of_a_needs_reconciliation_item_is_409_action_not_applicable_and_changes_nothing(
         client: Any, mismatched_order: str) -> None:
-    item_id = f"needs_reconciliation:{mismatched_order}"
+    item_id = f"amount_mismatch:{mismatched_order}"
     refused = client.post("/v1/operator/resolve", json={"item": item_id, "action": "retry",
                                                         "operator": "ops-anna", "reason": "try"})
     assert (refused.status_code, error_of(refused)["code"]) == (409, "action_not_applicable")
@@ -76,7 +60,7 @@ def test_retry_of_a_needs_reconciliation_item_is_409_action_not_applicable_and_c
 
 def test_acknowledging_an_item_journals_who_and_why_and_repeating_it_does_nothing_more(
         client: Any, mismatched_order: str) -> None:
-    item_id = f"needs_reconciliation:{mismatched_order}"
+    item_id = f"amount_mismatch:{mismatched_order}"
     done = client.post("/v1/operator/resolve", json={"item": item_id, "action": "acknowledge",
                                                      "operator": "ops-anna",
                                                      "reason": "called the wallet"})
@@ -84,7 +68,7 @@ def test_acknowledging_an_item_journals_who_and_why_and_repeating_it_does_nothin
     resolution = done.json()
     assert {k: resolution[k] for k in ("item_id", "kind", "action", "operator", "reason",
                                        "outcome", "repeated")} == {
-        "item_id": item_id, "kind": "needs_reconciliation", "action": "acknowledge",
+        "item_id": item_id, "kind": "amount_mismatch", "action": "acknowledge",
         "operator": "ops-anna", "reason": "called the wallet", "outcome": "acknowledged",
         "repeated": False}
     assert item_id not in items(client)
@@ -103,7 +87,7 @@ def test_acknowledging_an_item_journals_who_and_why_and_repeating_it_does_nothin
                                           ("operator", ""), ("action", "explode")])
 def test_a_resolve_with_a_bad_operator_reason_or_action_is_400_invalid_request_and_journals_nothing(
         client: Any, mismatched_order: str, field: str, value: str) -> None:
-    item_id = f"needs_reconciliation:{mismatched_order}"
+    item_id = f"amount_mismatch:{mismatched_order}"
     body = {"item": item_id, "action": "acknowledge", "operator": "ops-anna", "reason": "ok"}
     refused = client.post("/v1/operator/resolve", json={**body, field: value})
     assert (refused.status_code, error_of(refused)["code"]) == (400, "invalid_request")

