@@ -37,7 +37,7 @@ def open_items(store: Store) -> dict[str, AttentionKind]:
     found: dict[str, AttentionKind] = {}
     for order in store.iter_orders():
         if order.state is OrderState.NEEDS_RECONCILIATION:
-            kind = (AttentionKind.AMOUNT_MISMATCH if order.cause == "amount_mismatch"
+            kind = (AttentionKind.AMOUNT_MISMATCH if (order.cause or "").startswith("amount_mismatch")
                     else AttentionKind.NEEDS_RECONCILIATION)
             found[item_id(kind, order.order_id)] = kind
         for owed in owed_commands(order) if order.owes_follow_up else ():
