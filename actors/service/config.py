@@ -2,8 +2,9 @@
 
 ``[service]`` (the HTTP side), ``[engine]`` and ``[engine.policy]`` (``EngineConfig`` and
 ``OrderPolicy`` bounds), ``[channels.NAME]`` and ``[routing]`` (the existing channel and
-route loaders), ``[risk]`` (the rules of the risk gate) and ``[[merchants]]`` (the keys
-signed merchant requests are verified with). Read and checked once, on the caller's thread,
+route loaders), ``[risk]`` (the rules of the risk gate), ``[[merchants]]`` (the keys
+signed merchant requests are verified with) and ``[discounts]`` (``EngineConfig.discounts``,
+``discounts_config``). Read and checked once, on the caller's thread,
 before anything is opened: every mistake is a ``ConfigError`` whose ``key`` names the
 setting as written (``service.port``, ``engine.policy.pay_window_ms``). Importing this module
 needs no extra: it is how the CLI finds out what to serve before FastAPI is looked for.
@@ -30,6 +31,7 @@ from payengine.actors.adapters.routes_config import parse_routing
 from payengine.actors.base import EngineConfig
 from payengine.actors.merchant_auth import MerchantRequestConfig, check_public_key
 from payengine.actors.risk_gate import RiskConfig
+from payengine.actors.service.discounts_config import parse_discounts
 from payengine.engine.checks import shown
 from payengine.engine.errors import ConfigError, PaymentError
 from payengine.engine.merchant_request import SECRET_MAX, SECRET_MIN
@@ -126,7 +128,7 @@ class ServerSettings:
     merchants: tuple[MerchantKey, ...] = ()
 
 
-_TOP_KEYS = ("service", "engine", "channels", "routing", "risk", "merchants")
+_TOP_KEYS = ("service", "engine", "channels", "routing", "risk", "merchants", "discounts")
 _SERVICE_KEYS = tuple(f.name for f in dataclasses.fields(ServiceConfig)
                       if f.name != "shutdown_engine")
 _ENGINE_SCALARS = ("ask_timeout_s", "account_idle_ms", "live_orders_max", "actor_threads",
@@ -190,7 +192,7 @@ def parse_settings(data: object, *, base_dir: Path | None = None,
         db=_text(engine_table.get("db", DEFAULT_DB), "engine.db", 4_096),
         synchronous=_choice_text(engine_table.get("synchronous", "FULL"), "engine.synchronous",
                                  ("FULL", "NORMAL", "OFF")),
-        engine=_engine_config(engine_table, channels),
+        engine=_engine_config(engine_table, channels, top.get("discounts")),
         policy=_policy(engine_table.get("policy")),
         channels=channels, base_dir=base_dir,
         risk=_risk(top["risk"]) if "risk" in top else None,
@@ -202,10 +204,12 @@ def _service(table: object) -> ServiceConfig:
     return _built(ServiceConfig, values, "service")
 
 
-def _engine_config(table: Mapping[str, Any], channels: Mapping[str, Any] | None
-                   ) -> EngineConfig:
+def _engine_config(table: Mapping[str, Any], channels: Mapping[str, Any] | None,
+                   discounts: object) -> EngineConfig:
     values = {name: _as_setting(table[name], f"engine.{name}")
               for name in _ENGINE_SCALARS if name in table}
+    if discounts is not None:
+        values["discounts"] = parse_discounts(discounts)
     if "merchant_requests" in table:
         requests = _known(table["merchant_requests"], "engine.merchant_requests",
                           _MERCHANT_REQUEST_KEYS)
