@@ -33,6 +33,8 @@ from payengine.actors.service.notify import (
     ack_format,
     answer_notification,
     format_for_wallet,
+    notify_channel,
+    refusal,
 )
 from payengine.actors.service.views import to_json
 from payengine.engine.errors import EngineClosed, ExtraMissing, PaymentError
@@ -117,7 +119,7 @@ def create_app(engine: Engine, *, config: ServiceConfig | None = None,
                   description="A payment engine's HTTP service: see README.md, "
                               "'HTTP service'.")
     app.state.service = service
-    _errors(app)
+    _errors(app, service)
     _probes(app, service)
     _metrics(app, service, metrics)
     _payments(app, service)
@@ -128,7 +130,7 @@ def create_app(engine: Engine, *, config: ServiceConfig | None = None,
     app.add_middleware(Bounds, max_body_bytes=config.max_body_bytes,
                        buckets=TokenBuckets(config.rate_per_s, config.rate_burst,
                                             config.rate_clients_max),
-                       api_token=config.api_token())
+                       api_token=config.api_token(), ack_for=service.ack)
     return app
 
 
@@ -138,32 +140,46 @@ def _error(status: int, code: str, message: str, details: Mapping[str, Any] | No
                     media_type="application/json", headers=dict(headers or {}))
 
 
-def _errors(app: FastAPI) -> None:
+def _refused(service: Service, request: Request, status: int, code: str, message: str,
+             details: Mapping[str, Any] | None = None,
+             headers: Mapping[str, str] | None = None) -> Response:
+    """The one error body; on a wallet's notification route, the wallet's own failure
+    (status and headers kept): a wallet reads only its format, and retries on non-2xx."""
+    channel = notify_channel(request.scope.get("path", ""))
+    if channel is None:
+        return _error(status, code, message, details, headers)
+    answer = refusal(service.ack(channel), status, code, headers)
+    return Response(answer.body, status_code=answer.status, media_type=answer.media_type,
+                    headers=answer.headers)
+
+
+def _errors(app: FastAPI, service: Service) -> None:
     @app.exception_handler(PaymentError)
     async def typed(request: Request, error: PaymentError) -> Response:
-        return _error(status_of(error), error.code, error.message, details_of(error),
-                      headers_of(error))
+        return _refused(service, request, status_of(error), error.code, error.message,
+                        details_of(error), headers_of(error))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> Response:
         listed = [{"loc": [str(part) for part in e.get("loc", ())], "msg": str(e.get("msg")),
                    "type": str(e.get("type"))} for e in error.errors()[:VALIDATION_ERRORS_MAX]]
-        return _error(422, "validation_error", "the request does not have the documented "
-                                               "shape", {"errors": listed})
+        return _refused(service, request, 422, "validation_error", "the request does not "
+                        "have the documented shape", {"errors": listed})
 
     @app.exception_handler(StarletteHTTPException)
     async def http(request: Request, error: StarletteHTTPException) -> Response:
         if error.status_code == 400:  # a body FastAPI could not parse (not UTF-8 JSON)
-            return _error(422, "validation_error", "the body is not UTF-8 JSON",
-                          {"errors": []})
+            return _refused(service, request, 422, "validation_error",
+                            "the body is not UTF-8 JSON", {"errors": []})
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code,
                                                                  "http_error")
-        return _error(error.status_code, code, str(error.detail), {}, error.headers)
+        return _refused(service, request, error.status_code, code, str(error.detail), {},
+                        error.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> Response:
-        return _error(500, "internal_error", "the service failed; nothing was changed by "
-                                             "this answer, ask again or read the state")
+        return _refused(service, request, 500, "internal_error", "the service failed; "
+                        "nothing was changed by this answer, ask again or read the state")
 
 
 def _probes(app: FastAPI, service: Service) -> None:
