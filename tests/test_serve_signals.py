@@ -196,3 +196,29 @@ def test_stop_signals_off_the_main_thread_leaves_the_handlers_alone() -> None:
     thread.start()
     thread.join(10)
     assert seen == [before, []]
+
+
+def test_a_sigterm_while_the_engine_opens_stops_serve_with_0_and_serves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    from payengine.actors.service import runner
+
+    opened: list[Engine] = []
+    real_open = runner.open_engine
+
+    def open_then_signalled(settings: Any, channels: Any) -> Engine:
+        engine = real_open(settings, channels)
+        opened.append(engine)
+        signal.raise_signal(signal.SIGTERM)  # a supervisor's stop while it opened
+        return engine
+
+    def never(self: uvicorn.Server, sockets: object = None) -> None:
+        raise AssertionError("served after a stop was asked")
+
+    monkeypatch.setattr(runner, "open_engine", open_then_signalled)
+    monkeypatch.setattr(uvicorn.Server, "run", never)
+    before = signal.getsignal(signal.SIGTERM)
+    assert runner.run_server(db=str(tmp_path / "x.db"), port=0) == 0
+    assert not opened[0].is_open
+    assert signal.getsignal(signal.SIGTERM) is before

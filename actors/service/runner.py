@@ -46,6 +46,26 @@ class _Stoppable(Protocol):
     should_exit: bool
 
 
+class StopRequest:
+    """A stop asked before uvicorn's server exists (while the engine opens), handed on to
+    the server once it does. Set from a signal handler, read on the main thread."""
+
+    def __init__(self) -> None:
+        self._asked = False
+        self.server: Any = None
+        """``uvicorn.Server``, once built: ``should_exit`` is set on it as well."""
+
+    @property
+    def should_exit(self) -> bool:
+        return self._asked
+
+    @should_exit.setter
+    def should_exit(self, value: bool) -> None:
+        self._asked = value
+        if self.server is not None:
+            self.server.should_exit = value
+
+
 @contextlib.contextmanager
 def stop_signals(server: _Stoppable) -> Iterator[list[int]]:
     """While the block runs, SIGINT and SIGTERM are recorded (the list yielded) and ask
@@ -138,27 +158,31 @@ def run_server(config_path: str | Path | None = None, *, db: str | None = None,
 
     from payengine.actors.service.app import create_app
 
-    try:
-        engine = open_engine(settings, channels)
-    except PaymentError as error:
-        print(f"payengine serve: cannot open {settings.db}: {error.message}", file=sys.stderr)
-        return 1
-    service = settings.service
-    try:
-        app = create_app(engine, config=service, notify_formats=notify_formats(channels))
-    except PaymentError as error:
-        engine.shutdown()
-        print(f"payengine serve: {error.message}", file=sys.stderr)
-        return 2
-    server = uvicorn.Server(uvicorn.Config(
-        app, host=service.host, port=service.port, log_level="info",
-        limit_concurrency=service.connections_max,
-        timeout_graceful_shutdown=max(1, -(-service.drain_timeout_ms // 1000))))
-    print(f"payengine serve: {settings.db} on http://{service.host}:{service.port} "
-          f"(OpenAPI at /openapi.json)", file=sys.stderr)
-    with stop_signals(server):
+    stop = StopRequest()
+    with stop_signals(stop):  # from here a signal stops the serve cleanly, even mid-open
         try:
-            server.run()
+            engine = open_engine(settings, channels)
+        except PaymentError as error:
+            print(f"payengine serve: cannot open {settings.db}: {error.message}",
+                  file=sys.stderr)
+            return 1
+        service = settings.service
+        try:
+            app = create_app(engine, config=service, notify_formats=notify_formats(channels))
+        except PaymentError as error:
+            engine.shutdown()
+            print(f"payengine serve: {error.message}", file=sys.stderr)
+            return 2
+        server = uvicorn.Server(uvicorn.Config(
+            app, host=service.host, port=service.port, log_level="info",
+            limit_concurrency=service.connections_max,
+            timeout_graceful_shutdown=max(1, -(-service.drain_timeout_ms // 1000))))
+        stop.server = server
+        try:
+            if not stop.should_exit:  # else stopped while the engine opened: serve nothing
+                print(f"payengine serve: {settings.db} on http://{service.host}:"
+                      f"{service.port} (OpenAPI at /openapi.json)", file=sys.stderr)
+                server.run()
         except KeyboardInterrupt:  # a Ctrl-C off the main thread (no handler of ours)
             pass
         finally:
