@@ -542,8 +542,9 @@ def reconcile(file: str, db: str | None, config: str | None, as_json: bool,
 
 
 @cli.command(help="An HTTP service (FastAPI on uvicorn) over the engine on --db; without "
-                  "--config the simulated wallet on 127.0.0.1:8000. Ctrl-C stops it "
-                  "gracefully. Exit 2: a bad configuration or the server extra missing.",
+                  "--config the simulated wallet on 127.0.0.1:8000. Ctrl-C or SIGTERM "
+                  "stops it gracefully (exit 0). Exit 1: the engine cannot be opened; 2: a "
+                  "bad configuration or the server extra missing.",
              short_help="serve the engine over HTTP (needs 'payengine[server]')")
 @click.option("--config", default=None, metavar="FILE", type=click.Path(dir_okay=False),
               help="payengine.toml (default: none)")
