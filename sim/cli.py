@@ -43,6 +43,7 @@ from payengine.sim.cli_common import (
     config_option,
     database,
     db_option,
+    discount_rules,
     fail,
     json_option,
     open_for_reading,
@@ -145,12 +146,13 @@ def demo(db: str | None, config: str | None, orders: int, seed: int, workers: in
     if not 0 < workers <= 64:
         return fail("demo", "--workers must be 1..64")
     path = database("demo", db, config)
-    if path is None:
+    discounts = None if path is None else discount_rules("demo", config)
+    if path is None or discounts is None:
         return 2
     stream = configure_logging(log_file)
     try:
         result = run_demo(path, orders=orders, seed=seed, workers=workers,
-                          progress=not no_progress and not as_json)
+                          progress=not no_progress and not as_json, discounts=discounts)
     finally:
         configure_logging(None)
         if stream is not None and stream is not sys.stderr:
@@ -489,7 +491,8 @@ def reconcile(file: str, db: str | None, config: str | None, as_json: bool,
         return fail("reconcile", message)
 
     path = database("reconcile", db, config)
-    if path is None:
+    discounts = None if path is None else discount_rules("reconcile", config)
+    if path is None or discounts is None:
         return 2
     statement = Path(file)
     if not statement.is_file():
@@ -516,7 +519,8 @@ def reconcile(file: str, db: str | None, config: str | None, as_json: bool,
         channel = channel_knowing("wechat", world, lines)
         del lines
         engine = Engine.open(path, channels=[channel], policy=DEMO_POLICY,
-                             config=EngineConfig(account_idle_ms=1_000, pre_hold_ttl_ms=1_500))
+                             config=EngineConfig(account_idle_ms=1_000, pre_hold_ttl_ms=1_500,
+                                                 discounts=discounts))
         channel.attach(engine)
         found = engine.reconcile(statement, period_start_ms=period[0], period_end_ms=period[1])
         deadline = time.monotonic() + settle_timeout
@@ -538,8 +542,9 @@ def reconcile(file: str, db: str | None, config: str | None, as_json: bool,
 
 
 @cli.command(help="An HTTP service (FastAPI on uvicorn) over the engine on --db; without "
-                  "--config the simulated wallet on 127.0.0.1:8000. Ctrl-C stops it "
-                  "gracefully. Exit 2: a bad configuration or the server extra missing.",
+                  "--config the simulated wallet on 127.0.0.1:8000. Ctrl-C or SIGTERM "
+                  "stops it gracefully (exit 0). Exit 1: the engine cannot be opened; 2: a "
+                  "bad configuration or the server extra missing.",
              short_help="serve the engine over HTTP (needs 'payengine[server]')")
 @click.option("--config", default=None, metavar="FILE", type=click.Path(dir_okay=False),
               help="payengine.toml (default: none)")

@@ -54,19 +54,17 @@ def progress_option(f: F) -> F:
 def database(command: str, db: str | None, config: str | None) -> str | None:
     """``--db``, else the configuration's ``[engine] db`` (as ``payengine serve`` reads it:
     relative to the working directory), else ``payengine.db``; ``None`` after saying on
-    stderr what is wrong with the configuration."""
+    stderr what is wrong with the configuration (its ``[discounts]`` are checked too, so a
+    mistake there is found by every command given the file, not only by ``serve``)."""
+    data = {} if config is None else _read_config(command, config)
+    if data is None:
+        return None
+    if "discounts" in data and _discounts(command, config, data) is None:
+        return None
     if db is not None:
         return db
     if config is None:
         return DEFAULT_DB
-    from payengine.actors.adapters.config import read_toml
-    from payengine.engine.errors import ConfigError
-
-    try:
-        data, _ = read_toml(Path(config))
-    except ConfigError as error:
-        fail(command, f"--config: {error.message}")
-        return None
     engine = data.get("engine", {})
     if not isinstance(engine, dict):
         fail(command, f"--config {config}: engine must be a table")
@@ -76,6 +74,41 @@ def database(command: str, db: str | None, config: str | None) -> str | None:
         fail(command, f"--config {config}: engine.db must be a non-empty string (a file path)")
         return None
     return value
+
+
+def discount_rules(command: str, config: str | None) -> Any:
+    """The configuration's ``[discounts]`` as ``DiscountRules`` (the defaults without a file
+    or the table), for the commands that open an engine; ``None`` after saying on stderr
+    what is wrong."""
+    from payengine.engine.discounts import DiscountRules
+
+    data = {} if config is None else _read_config(command, config)
+    if data is None:
+        return None
+    return _discounts(command, config, data) if "discounts" in data else DiscountRules()
+
+
+def _read_config(command: str, config: str) -> dict[str, Any] | None:
+    from payengine.actors.adapters.config import read_toml
+    from payengine.engine.errors import ConfigError
+
+    try:
+        data, _ = read_toml(Path(config))
+    except ConfigError as error:
+        fail(command, f"--config: {error.message}")
+        return None
+    return data
+
+
+def _discounts(command: str, config: str | None, data: dict[str, Any]) -> Any:
+    from payengine.actors.service.discounts_config import parse_discounts
+    from payengine.engine.errors import ConfigError
+
+    try:
+        return parse_discounts(data["discounts"])
+    except ConfigError as error:
+        fail(command, f"--config {config}: {error.message}")
+        return None
 
 
 def store_for_reading(db: str, command: str) -> Any:

@@ -24,6 +24,7 @@ from payengine.actors.base import EngineConfig
 from payengine.actors.engine import Engine
 from payengine.actors.messages import Receipt
 from payengine.actors.runtime import ThreadRuntime
+from payengine.engine.discounts import DiscountRules
 from payengine.engine.errors import DuplicateSuspected, Overloaded, PaymentError
 from payengine.engine.fuel import FuelLine, FuelSale
 from payengine.engine.order import CashPart, LegMode, OrderPolicy, PaymentRequest, VoucherPart
@@ -119,9 +120,10 @@ class _Customer:
 
 
 def run_demo(db_path: str | Path = "payengine.db", *, orders: int = 300, seed: int = 7,
-             workers: int = 8, progress: bool = True, settle_timeout_s: float = 120.0
-             ) -> DemoResult:
-    """Run the fuel-station afternoon on ``db_path`` and check the money at the end."""
+             workers: int = 8, progress: bool = True, settle_timeout_s: float = 120.0,
+             discounts: DiscountRules | None = None) -> DemoResult:
+    """Run the fuel-station afternoon on ``db_path`` and check the money at the end.
+    ``discounts``: the engine's rules (``payengine demo --config``'s ``[discounts]``)."""
     assert 0 < orders <= 100_000 and 0 < workers <= 64
     started = time.monotonic()
     rng = random.Random(seed)
@@ -130,7 +132,8 @@ def run_demo(db_path: str | Path = "payengine.db", *, orders: int = 300, seed: i
     channel = SimulatedChannel("wechat", world, seed=seed, faults=ChannelFaults(),
                                txn_prefix=f"T{run}-")
     engine = Engine.open(db_path, channels=[channel], policy=DEMO_POLICY,
-                         config=EngineConfig(account_idle_ms=1_000, pre_hold_ttl_ms=1_500))
+                         config=EngineConfig(account_idle_ms=1_000, pre_hold_ttl_ms=1_500,
+                                             discounts=discounts or DiscountRules()))
     channel.attach(engine)
     started_ms = world.now_ms()
     result = DemoResult(str(db_path), seed, orders, {}, 0, 0, True, 0, 0, {}, OracleReport(),

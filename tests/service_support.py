@@ -29,9 +29,11 @@ class Served:
     simulated wallet ``wechat`` acknowledged in WeChat Pay's format, as a configured
     ``wallet = "wechat"`` channel is."""
 
-    def __init__(self, engine: Engine, config: ServiceConfig) -> None:
+    def __init__(self, engine: Engine, config: ServiceConfig,
+                 notify_formats: dict[str, str] | None = None) -> None:
         self.engine = engine
-        self.app = create_app(engine, config=config, notify_formats={"wechat": "wechat"})
+        self.app = create_app(engine, config=config,
+                              notify_formats=notify_formats or {"wechat": "wechat"})
         self.server = uvicorn.Server(uvicorn.Config(
             self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
             timeout_graceful_shutdown=5))
@@ -68,12 +70,13 @@ def wallet(world: ThreadRuntime, **faults: Any) -> SimulatedChannel:
 
 @contextmanager
 def serving(db: Path, channel: SimulatedChannel, config: ServiceConfig | None = None,
-            ) -> Iterator[Served]:
+            notify_formats: dict[str, str] | None = None) -> Iterator[Served]:
     """An engine on ``db`` with ``channel`` attached, served until the block ends (the app
-    shuts the engine down when it stops)."""
+    shuts the engine down when it stops); ``notify_formats`` as ``create_app``'s (default:
+    ``wechat`` answered in WeChat Pay's format)."""
     engine = Engine.open(db, channels=[channel])
     channel.attach(engine)
-    served = Served(engine, config or ServiceConfig(port=0)).start()
+    served = Served(engine, config or ServiceConfig(port=0), notify_formats).start()
     try:
         yield served
     finally:

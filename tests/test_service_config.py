@@ -205,3 +205,79 @@ def test_the_channel_loader_names_an_unknown_top_level_key_as_written() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config({"channels": {}, "surprise": 1})
     assert caught.value.key == "surprise"
+
+
+ENGINE_TABLES = """
+[engine.notifications]
+merchant_schedule_ms = [0, 15000, 30000]
+subscriber_retry_ms = [1000, 5000]
+batch_max = 50
+posts_in_flight_max = 8
+http_timeout_s = 2.5
+round_error_backoff_ms = 500
+outbox_retention_ms = 86400000
+prune_interval_ms = 30000
+prune_batch_max = 200
+
+[engine.group_commit]
+changes_max = 64
+statements_max = 1000
+wait_max_ms = 5
+
+[engine.breaker]
+window_calls = 10
+calls_min = 3
+failure_pct = 60
+open_ms = 5000
+
+[engine.withholding]
+withhold_attempts_max = 2
+agreements_per_user_max = 4
+agreements_per_withhold_max = 2
+withholds_open_max = 100
+recheck_ms = 200
+rechecks_max = 10
+"""
+
+
+def test_the_engines_outbox_commit_breaker_and_withholding_bounds_load_from_their_tables(
+        ) -> None:
+    import tomllib
+
+    from payengine.actors.notifier import NotificationConfig
+    from payengine.engine.health import BreakerPolicy
+    from payengine.engine.withhold import WithholdConfig
+    from payengine.persistence.group_commit import GroupCommitConfig
+
+    engine = parse_settings(tomllib.loads(ENGINE_TABLES)).engine
+    assert engine.notifications == NotificationConfig(
+        merchant_schedule_ms=(0, 15_000, 30_000), subscriber_retry_ms=(1_000, 5_000),
+        batch_max=50, posts_in_flight_max=8, http_timeout_s=2.5, round_error_backoff_ms=500,
+        outbox_retention_ms=86_400_000, prune_interval_ms=30_000, prune_batch_max=200)
+    assert engine.group_commit == GroupCommitConfig(64, 1_000, 5)
+    assert engine.breaker == BreakerPolicy(10, 3, 60, 5_000)
+    assert engine.withholding == WithholdConfig(2, 4, 2, 100, 200, 10)
+    assert parse_settings({"engine": {"breaker": {}}}).engine.breaker == BreakerPolicy()
+
+
+@pytest.mark.parametrize(("toml", "key"), [
+    ("[engine.notifications]\nbatch_max = 0\n", "engine.notifications.batch_max"),
+    ("[engine.notifications]\nmerchant_schedule_ms = []\n",
+     "engine.notifications.merchant_schedule_ms"),
+    ("[engine.notifications]\nmerchant_schedule_ms = [1, \"2\"]\n",
+     "engine.notifications.merchant_schedule_ms"),
+    ("[engine.notifications]\ntransport = \"x\"\n", "engine.notifications.transport"),
+    ("[engine.notifications]\nhttp_timeout_s = 61\n", "engine.notifications.http_timeout_s"),
+    ("[engine.group_commit]\nwait_max_ms = 0\n", "engine.group_commit.wait_max_ms"),
+    ("[engine.breaker]\nwindow_calls = 0\n", "engine.breaker.window_calls"),
+    ("[engine.breaker]\nfailure_pct = true\n", "engine.breaker.failure_pct"),
+    ("[engine.breaker]\ncolour = 1\n", "engine.breaker.colour"),
+    ("[engine.withholding]\nrecheck_ms = \"1\"\n", "engine.withholding.recheck_ms"),
+    ("[engine]\nbreaker = 3\n", "engine.breaker"),
+])
+def test_a_bad_engine_sub_table_value_names_its_key(toml: str, key: str) -> None:
+    import tomllib
+
+    with pytest.raises(ConfigError) as refused:
+        parse_settings(tomllib.loads(toml))
+    assert refused.value.message.split(":", 1)[0] == key, refused.value.message

@@ -23,8 +23,19 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from payengine.actors.engine import Engine
+from payengine.actors.messages import AccountView, HoldView, OrderView, Receipt, RefundView
 from payengine.actors.metrics import EngineMetrics
 from payengine.actors.service import models
+from payengine.actors.service.answers import (
+    NOTIFY_RESPONSES,
+    AttentionOut,
+    ChannelsOut,
+    ErrorOut,
+    JournalOut,
+    OutcomeOut,
+    StatusOut,
+    ok,
+)
 from payengine.actors.service.config import ServiceConfig
 from payengine.actors.service.errors import details_of, error_body, headers_of, status_of
 from payengine.actors.service.limits import Bounds, TokenBuckets
@@ -33,9 +44,14 @@ from payengine.actors.service.notify import (
     ack_format,
     answer_notification,
     format_for_wallet,
+    notify_channel,
+    refusal,
 )
 from payengine.actors.service.views import to_json
+from payengine.engine.discounts import Quote
 from payengine.engine.errors import EngineClosed, ExtraMissing, PaymentError
+from payengine.engine.operator import OrderPage, Resolution
+from payengine.engine.shift_report import ShiftReport
 
 T = TypeVar("T")
 
@@ -117,7 +133,7 @@ def create_app(engine: Engine, *, config: ServiceConfig | None = None,
                   description="A payment engine's HTTP service: see README.md, "
                               "'HTTP service'.")
     app.state.service = service
-    _errors(app)
+    _errors(app, service)
     _probes(app, service)
     _metrics(app, service, metrics)
     _payments(app, service)
@@ -128,7 +144,7 @@ def create_app(engine: Engine, *, config: ServiceConfig | None = None,
     app.add_middleware(Bounds, max_body_bytes=config.max_body_bytes,
                        buckets=TokenBuckets(config.rate_per_s, config.rate_burst,
                                             config.rate_clients_max),
-                       api_token=config.api_token())
+                       api_token=config.api_token(), ack_for=service.ack)
     return app
 
 
@@ -138,32 +154,46 @@ def _error(status: int, code: str, message: str, details: Mapping[str, Any] | No
                     media_type="application/json", headers=dict(headers or {}))
 
 
-def _errors(app: FastAPI) -> None:
+def _refused(service: Service, request: Request, status: int, code: str, message: str,
+             details: Mapping[str, Any] | None = None,
+             headers: Mapping[str, str] | None = None) -> Response:
+    """The one error body; on a wallet's notification route, the wallet's own failure
+    (status and headers kept): a wallet reads only its format, and retries on non-2xx."""
+    channel = notify_channel(request.scope.get("path", ""))
+    if channel is None:
+        return _error(status, code, message, details, headers)
+    answer = refusal(service.ack(channel), status, code, headers)
+    return Response(answer.body, status_code=answer.status, media_type=answer.media_type,
+                    headers=answer.headers)
+
+
+def _errors(app: FastAPI, service: Service) -> None:
     @app.exception_handler(PaymentError)
     async def typed(request: Request, error: PaymentError) -> Response:
-        return _error(status_of(error), error.code, error.message, details_of(error),
-                      headers_of(error))
+        return _refused(service, request, status_of(error), error.code, error.message,
+                        details_of(error), headers_of(error))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> Response:
         listed = [{"loc": [str(part) for part in e.get("loc", ())], "msg": str(e.get("msg")),
                    "type": str(e.get("type"))} for e in error.errors()[:VALIDATION_ERRORS_MAX]]
-        return _error(422, "validation_error", "the request does not have the documented "
-                                               "shape", {"errors": listed})
+        return _refused(service, request, 422, "validation_error", "the request does not "
+                        "have the documented shape", {"errors": listed})
 
     @app.exception_handler(StarletteHTTPException)
     async def http(request: Request, error: StarletteHTTPException) -> Response:
         if error.status_code == 400:  # a body FastAPI could not parse (not UTF-8 JSON)
-            return _error(422, "validation_error", "the body is not UTF-8 JSON",
-                          {"errors": []})
+            return _refused(service, request, 422, "validation_error",
+                            "the body is not UTF-8 JSON", {"errors": []})
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code,
                                                                  "http_error")
-        return _error(error.status_code, code, str(error.detail), {}, error.headers)
+        return _refused(service, request, error.status_code, code, str(error.detail), {},
+                        error.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> Response:
-        return _error(500, "internal_error", "the service failed; nothing was changed by "
-                                             "this answer, ask again or read the state")
+        return _refused(service, request, 500, "internal_error", "the service failed; "
+                        "nothing was changed by this answer, ask again or read the state")
 
 
 def _probes(app: FastAPI, service: Service) -> None:
@@ -172,7 +202,8 @@ def _probes(app: FastAPI, service: Service) -> None:
         """The process is up (answers even while the engine resumes or closes)."""
         return {"status": "up"}
 
-    @app.get("/readyz", tags=["probes"])
+    @app.get("/readyz", tags=["probes"], responses={503: {
+        "model": ErrorOut, "description": "not_ready: resuming or closing"}})
     async def readyz() -> Response:
         """The engine is open, has resumed every unfinished order, and is not closing."""
         resuming = service.engine.resuming()
@@ -182,7 +213,7 @@ def _probes(app: FastAPI, service: Service) -> None:
                           {"resuming": resuming, "closing": closing}, {"Retry-After": "1"})
         return JSONResponse({"status": "ready"})
 
-    @app.get("/v1/channels/health", tags=["channels"])
+    @app.get("/v1/channels/health", tags=["channels"], responses=ok(ChannelsOut))
     async def channel_health() -> dict[str, Any]:
         """Each channel's circuit breaker: ``closed``, ``open`` or ``half_open``."""
         return {"channels": await service.call(service.engine.channel_health)}
@@ -204,61 +235,61 @@ def _metrics(app: FastAPI, service: Service, metrics: EngineMetrics | None) -> N
 def _payments(app: FastAPI, service: Service) -> None:
     engine = service.engine
 
-    @app.post("/v1/quotes", tags=["quotes"])
+    @app.post("/v1/quotes", tags=["quotes"], responses=ok(Quote))
     async def create_quote(body: models.QuoteIn) -> Any:
         benefits = None if body.benefits is None else body.benefits.build()
         return to_json(await service.call(engine.quote, body.merchant_id, body.user_id,
                                           body.sale.build(), benefits))
 
-    @app.get("/v1/quotes/{quote_id}", tags=["quotes"])
+    @app.get("/v1/quotes/{quote_id}", tags=["quotes"], responses=ok(Quote))
     async def get_quote(quote_id: str) -> Any:
         return to_json(await service.call(engine.get_quote, quote_id))
 
-    @app.post("/v1/orders", tags=["orders"])
+    @app.post("/v1/orders", tags=["orders"], responses=ok(Receipt))
     async def submit(body: models.PaymentIn) -> Any:
         """Submit a payment; the same request again returns the same receipt."""
         return to_json(await service.call(engine.submit, body.build()))
 
-    @app.get("/v1/orders", tags=["orders"])
+    @app.get("/v1/orders", tags=["orders"], responses=ok(OrderView))
     async def find_order(merchant_id: str, merchant_order_no: str,
                          attempt: int | None = Query(None)) -> Any:
         """The order of a merchant order number (the latest attempt, or that one)."""
         return to_json(await service.call(engine.find_order, merchant_id, merchant_order_no,
                                           attempt))
 
-    @app.get("/v1/orders/{order_id}", tags=["orders"])
+    @app.get("/v1/orders/{order_id}", tags=["orders"], responses=ok(OrderView))
     async def get_order(order_id: str) -> Any:
         return to_json(await service.call(engine.get_order, order_id))
 
-    @app.post("/v1/orders/{order_id}/close", tags=["orders"])
+    @app.post("/v1/orders/{order_id}/close", tags=["orders"], responses=ok(OrderView))
     async def close(order_id: str) -> Any:
         return to_json(await service.call(engine.close, order_id))
 
-    @app.post("/v1/orders/{order_id}/verify", tags=["orders"])
+    @app.post("/v1/orders/{order_id}/verify", tags=["orders"], responses=ok(OrderView))
     async def verify(order_id: str, body: models.VerifyIn) -> Any:
         return to_json(await service.call(engine.verify, order_id, body.code))
 
-    @app.post("/v1/orders/{order_id}/change", tags=["orders"])
+    @app.post("/v1/orders/{order_id}/change", tags=["orders"], responses=ok(Receipt))
     async def change(order_id: str, body: models.PaymentIn) -> Any:
         return to_json(await service.call(engine.change_order, order_id, body.build()))
 
-    @app.post("/v1/orders/{order_id}/capture", tags=["pre-authorisations"])
+    @app.post("/v1/orders/{order_id}/capture", tags=["pre-authorisations"], responses=ok(OrderView))
     async def capture(order_id: str, body: models.CaptureIn) -> Any:
         """Capture what the pump dispensed of an authorised pre-authorisation."""
         return to_json(await service.call(engine.capture, order_id, body.amount_minor,
                                           capture_id=body.capture_id))
 
-    @app.post("/v1/orders/{order_id}/void", tags=["pre-authorisations"])
+    @app.post("/v1/orders/{order_id}/void", tags=["pre-authorisations"], responses=ok(OrderView))
     async def void(order_id: str) -> Any:
         """Void a pre-authorisation not captured: holds released, the channel's voided."""
         return to_json(await service.call(engine.void, order_id))
 
-    @app.post("/v1/orders/{order_id}/refunds", tags=["refunds"])
+    @app.post("/v1/orders/{order_id}/refunds", tags=["refunds"], responses=ok(RefundView))
     async def refund(order_id: str, body: models.RefundIn) -> Any:
         return to_json(await service.call(engine.refund, order_id, body.refund_no,
                                           body.amount_minor, reason=body.reason))
 
-    @app.get("/v1/orders/{order_id}/refunds/{refund_no:path}", tags=["refunds"])
+    @app.get("/v1/orders/{order_id}/refunds/{refund_no:path}", tags=["refunds"], responses=ok(RefundView))
     async def get_refund(order_id: str, refund_no: str) -> Any:
         view = await service.call(engine.get_order, order_id)
         for found in view.refunds:
@@ -266,7 +297,7 @@ def _payments(app: FastAPI, service: Service) -> None:
                 return to_json(found)
         return _error(404, "unknown_refund", f"order {order_id} has no refund {refund_no!r}")
 
-    @app.get("/v1/shifts", tags=["reports"])
+    @app.get("/v1/shifts", tags=["reports"], responses=ok(ShiftReport))
     async def shift_report(station_id: str, shift_id: str) -> Any:
         return to_json(await service.call(engine.shift_report, station_id, shift_id))
 
@@ -274,35 +305,35 @@ def _payments(app: FastAPI, service: Service) -> None:
 def _accounts(app: FastAPI, service: Service) -> None:
     engine = service.engine
 
-    @app.post("/v1/accounts", tags=["accounts"])
+    @app.post("/v1/accounts", tags=["accounts"], responses=ok(AccountView))
     async def open_account(body: models.AccountIn) -> Any:
         return to_json(await service.call(engine.open_account, body.account_id, body.unit,
                                           minor_per_unit=body.minor_per_unit))
 
-    @app.get("/v1/accounts", tags=["accounts"])
+    @app.get("/v1/accounts", tags=["accounts"], responses=ok(AccountView))
     async def get_account(account_id: str) -> Any:
         return to_json(await service.call(engine.get_account, account_id))
 
-    @app.post("/v1/accounts/fund", tags=["accounts"])
+    @app.post("/v1/accounts/fund", tags=["accounts"], responses=ok(AccountView))
     async def fund(body: models.FundIn) -> Any:
         return to_json(await service.call(engine.fund, body.account_id, body.amount,
                                           funding_id=body.funding_id))
 
-    @app.post("/v1/accounts/status", tags=["accounts"])
+    @app.post("/v1/accounts/status", tags=["accounts"], responses=ok(StatusOut))
     async def set_status(body: models.StatusIn) -> Any:
         previous = await service.call(engine.set_account_status, body.account_id, body.status)
         return {"account_id": body.account_id, "previous": previous, "status": body.status}
 
-    @app.post("/v1/holds", tags=["holds"])
+    @app.post("/v1/holds", tags=["holds"], responses=ok(HoldView))
     async def pre_hold(body: models.HoldIn) -> Any:
         return to_json(await service.call(engine.pre_hold, body.account_id, body.amount,
                                           hold_id=body.hold_id, ttl_ms=body.ttl_ms))
 
-    @app.get("/v1/holds", tags=["holds"])
+    @app.get("/v1/holds", tags=["holds"], responses=ok(HoldView))
     async def get_hold(account_id: str, hold_id: str) -> Any:
         return to_json(await service.call(engine.get_hold, account_id, hold_id))
 
-    @app.post("/v1/holds/release", tags=["holds"])
+    @app.post("/v1/holds/release", tags=["holds"], responses=ok(HoldView))
     async def release_hold(body: models.ReleaseIn) -> Any:
         return to_json(await service.call(engine.release_hold, body.account_id, body.hold_id))
 
@@ -312,7 +343,7 @@ def _operator(app: FastAPI, service: Service) -> None:
     ``attention`` and ``resolve``."""
     engine = service.engine
 
-    @app.get("/v1/operator/orders", tags=["operator"])
+    @app.get("/v1/operator/orders", tags=["operator"], responses=ok(OrderPage))
     async def find_orders(state: str | None = None, since_ms: int | None = None,
                           until_ms: int | None = None, merchant_id: str | None = None,
                           user_id: str | None = None, station_id: str | None = None,
@@ -324,7 +355,7 @@ def _operator(app: FastAPI, service: Service) -> None:
             merchant_id=merchant_id, user_id=user_id, station_id=station_id,
             channel=channel, limit=limit, after=after))
 
-    @app.get("/v1/operator/attention", tags=["operator"])
+    @app.get("/v1/operator/attention", tags=["operator"], responses=ok(AttentionOut))
     async def attention() -> Any:
         """The attention queue: ``{"items": [...], "counts": {kind: n}}``."""
         items = await service.call(engine.attention)
@@ -333,13 +364,13 @@ def _operator(app: FastAPI, service: Service) -> None:
             counts[item.kind.value] = counts.get(item.kind.value, 0) + 1
         return {"items": to_json(items), "counts": counts}
 
-    @app.post("/v1/operator/resolve", tags=["operator"])
+    @app.post("/v1/operator/resolve", tags=["operator"], responses=ok(Resolution))
     async def resolve(body: models.ResolveIn) -> Any:
         """``Engine.resolve``: journalled with who and why; the same again: ``repeated``."""
         return to_json(await service.call(engine.resolve, body.item, body.action,
                                           operator=body.operator, reason=body.reason))
 
-    @app.get("/v1/operator/journal", tags=["operator"])
+    @app.get("/v1/operator/journal", tags=["operator"], responses=ok(JournalOut))
     async def journal(limit: int = 100) -> Any:
         """Resolutions made, newest first (``Engine.operator_journal``)."""
         return {"resolutions": to_json(await service.call(engine.operator_journal, limit))}
@@ -363,6 +394,8 @@ def _signed(app: FastAPI, service: Service) -> None:
     calls: dict[str, Callable[[bytes, Mapping[str, str]], object]] = {
         "pay": engine.submit_signed, "close": engine.close_signed,
         "refund": engine.refund_signed, "query": engine.query_signed}
+    answers: dict[str, Any] = {"pay": Receipt, "close": OrderView, "refund": RefundView,
+                               "query": OrderView}
 
     def route(op: str) -> None:
         call = calls[op]
@@ -374,7 +407,7 @@ def _signed(app: FastAPI, service: Service) -> None:
         signed.__doc__ = (f"A merchant's signed ``{op}`` request: the raw body and the "
                           f"X-Payengine-* headers, verified by the engine.")
         app.post(f"/v1/signed/{op}", tags=["signed merchant requests"], name=f"signed_{op}",
-                 openapi_extra=_RAW_JSON_BODY)(signed)
+                 openapi_extra=_RAW_JSON_BODY, responses=ok(answers[op]))(signed)
 
     for op in calls:
         route(op)
@@ -382,7 +415,7 @@ def _signed(app: FastAPI, service: Service) -> None:
 
 def _notify(app: FastAPI, service: Service) -> None:
     @app.post("/v1/providers/{provider}/callback", tags=["voucher provider callbacks"],
-              openapi_extra=_RAW_JSON_BODY)
+              openapi_extra=_RAW_JSON_BODY, responses=ok(OutcomeOut))
     async def provider_callback(provider: str, request: Request) -> Any:
         """An external voucher provider's callback, exactly as received: verified by its
         adapter (``provider_callback_rejected``, 400, if not), then queued to its actor."""
@@ -392,7 +425,7 @@ def _notify(app: FastAPI, service: Service) -> None:
         return {"outcome": outcome}
 
     @app.post("/v1/notify/{channel}", tags=["wallet notifications"],
-              openapi_extra=_RAW_JSON_BODY)
+              openapi_extra=_RAW_JSON_BODY, responses=NOTIFY_RESPONSES)
     async def notify(channel: str, request: Request) -> Response:
         """A wallet's notification, exactly as received: verified by the channel's adapter,
         checked and committed by the engine, then acknowledged in the wallet's format."""

@@ -2,8 +2,9 @@
 
 ``[service]`` (the HTTP side), ``[engine]`` and ``[engine.policy]`` (``EngineConfig`` and
 ``OrderPolicy`` bounds), ``[channels.NAME]`` and ``[routing]`` (the existing channel and
-route loaders), ``[risk]`` (the rules of the risk gate) and ``[[merchants]]`` (the keys
-signed merchant requests are verified with). Read and checked once, on the caller's thread,
+route loaders), ``[risk]`` (the rules of the risk gate), ``[[merchants]]`` (the keys
+signed merchant requests are verified with) and ``[discounts]`` (``EngineConfig.discounts``,
+``discounts_config``). Read and checked once, on the caller's thread,
 before anything is opened: every mistake is a ``ConfigError`` whose ``key`` names the
 setting as written (``service.port``, ``engine.policy.pay_window_ms``). Importing this module
 needs no extra: it is how the CLI finds out what to serve before FastAPI is looked for.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +31,17 @@ from payengine.actors.adapters.config import (
 from payengine.actors.adapters.routes_config import parse_routing
 from payengine.actors.base import EngineConfig
 from payengine.actors.merchant_auth import MerchantRequestConfig, check_public_key
+from payengine.actors.notifier import NotificationConfig
 from payengine.actors.risk_gate import RiskConfig
+from payengine.actors.service.discounts_config import parse_discounts
 from payengine.engine.checks import shown
 from payengine.engine.errors import ConfigError, PaymentError
+from payengine.engine.health import BreakerPolicy
 from payengine.engine.merchant_request import SECRET_MAX, SECRET_MIN
 from payengine.engine.order import OrderPolicy
 from payengine.engine.risk import RiskOutcome, RiskRules
+from payengine.engine.withhold import WithholdConfig
+from payengine.persistence.group_commit import GroupCommitConfig
 
 T = TypeVar("T")
 
@@ -126,14 +133,21 @@ class ServerSettings:
     merchants: tuple[MerchantKey, ...] = ()
 
 
-_TOP_KEYS = ("service", "engine", "channels", "routing", "risk", "merchants")
+_TOP_KEYS = ("service", "engine", "channels", "routing", "risk", "merchants", "discounts")
 _SERVICE_KEYS = tuple(f.name for f in dataclasses.fields(ServiceConfig)
                       if f.name != "shutdown_engine")
 _ENGINE_SCALARS = ("ask_timeout_s", "account_idle_ms", "live_orders_max", "actor_threads",
                    "submits_in_flight_max", "admission_wait_ms", "actor_backlog_max",
                    "writer_backlog_max", "pre_hold_ttl_ms", "pre_hold_ttl_ms_max",
                    "duplicate_guard_window_ms", "quotes_max", "fee_ppm", "currencies")
-_ENGINE_KEYS = ("db", "synchronous", "policy", "merchant_requests", *_ENGINE_SCALARS)
+_ENGINE_TABLES: dict[str, type[Any]] = {
+    "notifications": NotificationConfig, "group_commit": GroupCommitConfig,
+    "breaker": BreakerPolicy, "withholding": WithholdConfig}
+"""``[engine.NAME]`` sub-tables: the ``EngineConfig`` field ``NAME``, one key per field."""
+_NOT_IN_FILE = frozenset({"transport"})
+"""Fields a file cannot name (a Python object: the simulator's own HTTP transport)."""
+_ENGINE_KEYS = ("db", "synchronous", "policy", "merchant_requests", *_ENGINE_TABLES,
+                *_ENGINE_SCALARS)
 _POLICY_KEYS = ("pay_window_ms", "pay_window_ms_max", "hold_grace_ms", "query_schedule_ms",
                 "refund_query_schedule_ms", "voucher_retry_schedule_ms",
                 "voucher_sentinel_interval_ms", "voucher_sentinel_attempts_max",
@@ -190,7 +204,7 @@ def parse_settings(data: object, *, base_dir: Path | None = None,
         db=_text(engine_table.get("db", DEFAULT_DB), "engine.db", 4_096),
         synchronous=_choice_text(engine_table.get("synchronous", "FULL"), "engine.synchronous",
                                  ("FULL", "NORMAL", "OFF")),
-        engine=_engine_config(engine_table, channels),
+        engine=_engine_config(engine_table, channels, top.get("discounts")),
         policy=_policy(engine_table.get("policy")),
         channels=channels, base_dir=base_dir,
         risk=_risk(top["risk"]) if "risk" in top else None,
@@ -202,20 +216,33 @@ def _service(table: object) -> ServiceConfig:
     return _built(ServiceConfig, values, "service")
 
 
-def _engine_config(table: Mapping[str, Any], channels: Mapping[str, Any] | None
-                   ) -> EngineConfig:
+def _engine_config(table: Mapping[str, Any], channels: Mapping[str, Any] | None,
+                   discounts: object) -> EngineConfig:
     values = {name: _as_setting(table[name], f"engine.{name}")
               for name in _ENGINE_SCALARS if name in table}
+    if discounts is not None:
+        values["discounts"] = parse_discounts(discounts)
     if "merchant_requests" in table:
         requests = _known(table["merchant_requests"], "engine.merchant_requests",
                           _MERCHANT_REQUEST_KEYS)
         values["merchant_requests"] = _built(MerchantRequestConfig, requests,
                                              "engine.merchant_requests")
+    for name, cls in _ENGINE_TABLES.items():
+        if name in table:
+            values[name] = _sub_table(table[name], f"engine.{name}", cls)
     if channels is not None and "routing" in channels:
         values["routing"] = parse_routing(channels)
     if "currencies" in values:  # its errors name a currency, not the key: checked alone
         _built(EngineConfig, {"currencies": values["currencies"]}, "engine.currencies")
     return _built(EngineConfig, values, "engine")
+
+
+def _sub_table(table: object, key: str, cls: type[T]) -> T:
+    """``cls`` of a table holding some of its fields (the others default)."""
+    names = tuple(f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+                  if f.init and f.name not in _NOT_IN_FILE)
+    values = _known(table, key, names)
+    return _built(cls, {k: _as_setting(v, f"{key}.{k}") for k, v in values.items()}, key)
 
 
 def _policy(table: object) -> OrderPolicy | None:
@@ -313,8 +340,11 @@ def _built(cls: type[T], values: Mapping[str, Any], key: str) -> T:
     except ConfigError:
         raise
     except PaymentError as error:
-        named = next((name for name in sorted(values, key=len, reverse=True)
-                      if error.message.startswith(name)), None)
+        by_length = sorted(values, key=len, reverse=True)
+        named = next((name for name in by_length if error.message.startswith(name)), None)
+        if named is None:  # "breaker window_calls must be ...": the field in the message
+            named = next((name for name in by_length
+                          if re.search(rf"\b{re.escape(name)}\b", error.message)), None)
         raise ConfigError(f"{key}.{named}" if named else key, error.message) from None
     except (TypeError, ValueError) as error:
         raise ConfigError(key, str(error)) from None

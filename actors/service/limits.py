@@ -2,9 +2,12 @@
 configured), a token bucket per client address, and the body size.
 
 It runs on the event loop, before routing: a request over a bound is answered with the one
-error body (413, 429, 401) and never reaches the engine. The body is read here, at most
-``max_body_bytes`` of it (a declared ``Content-Length`` above that is refused before a byte
-is read), and handed on whole, so every handler sees a complete body within the bound.
+error body (413, 429, 401) and never reaches the engine; on a wallet's notification route
+(``POST /v1/notify/{channel}``) the same refusal is answered in that wallet's format
+(``notify.refusal``), status and headers kept, so the wallet understands it and retries.
+The body is read here, at most ``max_body_bytes`` of it (a declared ``Content-Length``
+above that is refused before a byte is read), and handed on whole, so every handler sees a
+complete body within the bound.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from payengine.actors.service.errors import error_body
+from payengine.actors.service.notify import AckFormat, notify_channel, refusal
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -66,11 +70,15 @@ class Bounds:
     """The middleware: token, rate, then body (in that order: the cheapest refusals first)."""
 
     def __init__(self, app: ASGIApp, *, max_body_bytes: int, buckets: TokenBuckets,
-                 api_token: str | None) -> None:
+                 api_token: str | None,
+                 ack_for: Callable[[str], AckFormat] | None = None) -> None:
+        """``ack_for``: a channel's acknowledgement format (``None``: every refusal is the
+        JSON error body, notification routes too)."""
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.buckets = buckets
         self.api_token = api_token
+        self.ack_for = ack_for
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -82,25 +90,28 @@ class Bounds:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers", [])}
+        channel = notify_channel(path)
+        fmt = None if channel is None or self.ack_for is None else self.ack_for(channel)
         if not self._authorised(path, headers):
-            await _answer(send, 401, "unauthorized", "a bearer token is required",
+            await _answer(send, fmt, 401, "unauthorized", "a bearer token is required",
                           {"WWW-Authenticate": "Bearer"})
             return
         client = scope.get("client")
         wait = self.buckets.take(str(client[0]) if client else "")
         if wait > 0:
-            await _answer(send, 429, "rate_limited", "too many requests from this address",
+            await _answer(send, fmt, 429, "rate_limited", "too many requests from this "
+                                                          "address",
                           {"Retry-After": str(max(1, math.ceil(wait)))},
                           {"retry_after_s": max(1, math.ceil(wait))})
             return
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit()
                                      or int(declared) > self.max_body_bytes):
-            await _too_large(send, self.max_body_bytes)
+            await _too_large(send, fmt, self.max_body_bytes)
             return
         body = await self._read(receive)
         if body is None:
-            await _too_large(send, self.max_body_bytes)
+            await _too_large(send, fmt, self.max_body_bytes)
             return
         await self.app(scope, _replay(body, receive), send)
 
@@ -143,15 +154,23 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-async def _too_large(send: Send, limit: int) -> None:
-    await _answer(send, 413, "payload_too_large", f"the body is larger than {limit} bytes",
+async def _too_large(send: Send, fmt: AckFormat | None, limit: int) -> None:
+    await _answer(send, fmt, 413, "payload_too_large", f"the body is larger than {limit} "
+                                                       f"bytes",
                   {"Connection": "close"}, {"max_body_bytes": limit})
 
 
-async def _answer(send: Send, status: int, code: str, message: str,
+async def _answer(send: Send, fmt: AckFormat | None, status: int, code: str, message: str,
                   headers: dict[str, str], details: dict[str, Any] | None = None) -> None:
-    body = error_body(code, message, details)
-    raw = [(b"content-type", b"application/json"),
+    """The one error body, or with ``fmt`` (a notification route) the wallet's failure."""
+    if fmt is None:
+        body, media_type = error_body(code, message, details), "application/json"
+    else:
+        answer = refusal(fmt, status, code)
+        body, media_type = answer.body, answer.media_type
+        if media_type.startswith("text/"):  # as the app's own Response says it
+            media_type += "; charset=utf-8"
+    raw = [(b"content-type", media_type.encode()),
            (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})

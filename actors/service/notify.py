@@ -67,6 +67,28 @@ def format_for_wallet(wallet: str) -> AckFormat:
     return ACK_FORMATS.get(wallet, ACK_FORMATS["json"])
 
 
+NOTIFY_PREFIX = "/v1/notify/"
+"""The wallets' notification routes: ``POST /v1/notify/{channel}``."""
+
+
+def notify_channel(path: str) -> str | None:
+    """The channel of a notification route's path (``/v1/notify/wechat-1`` -> ``wechat-1``),
+    ``None`` for any other path (one segment only, as the route matches)."""
+    if not path.startswith(NOTIFY_PREFIX):
+        return None
+    channel = path[len(NOTIFY_PREFIX):]
+    return channel if channel and "/" not in channel else None
+
+
+def refusal(fmt: AckFormat, status: int, code: str,
+            headers: Mapping[str, str] | None = None) -> NotifyAnswer:
+    """A refusal made before the engine saw the notification (rate bound, body size, the
+    service closing, no such route...), in the wallet's format with its non-2xx status
+    kept, so the wallet understands it and sends the notification again."""
+    assert not 200 <= status < 300, "a refusal is never an acknowledgement"
+    return NotifyAnswer(status, fmt.fail(code), fmt.media_type, code, dict(headers or {}))
+
+
 def _json(value: dict[str, str]) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 

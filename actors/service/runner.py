@@ -2,17 +2,24 @@
 
 Runs on the calling (main) thread: uvicorn's loop takes SIGINT and SIGTERM, stops
 accepting, lets the requests in flight finish (``drain_timeout_ms``), then the app's
-shutdown waits (bounded) for the outbox and shuts the engine down. With no configuration it
+shutdown waits (bounded) for the outbox and shuts the engine down. uvicorn then gives the
+signal back to the handler it found (``Server.capture_signals`` re-raises it, so that an
+embedding program learns of it): ``stop_signals`` is that handler, so a graceful stop on
+SIGTERM exits 0 like one on Ctrl-C, instead of dying by the signal (143) after it. With no configuration it
 serves what ``payengine demo`` runs on: the SQLite file ``payengine.db`` in the working
 directory and a simulated wallet, channel ``wechat`` (every user pays promptly).
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, Protocol
 
 from payengine.actors.adapters.channels import build_channel
 from payengine.actors.adapters.config import parse_config
@@ -29,6 +36,61 @@ DEFAULT_CHANNELS: Mapping[str, Any] = {"channels": {"wechat": {
     "credentials": {"key": SIMULATED_KEY},
     "simulated": {"seed": 7, "txn_prefix": "S", "faults": "none"}}}}
 """What is served without ``[channels]``: the demo's simulated wallet, without faults."""
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""The signals that stop ``payengine serve`` gracefully (exit status 0)."""
+
+
+class _Stoppable(Protocol):
+    should_exit: bool
+
+
+class StopRequest:
+    """A stop asked before uvicorn's server exists (while the engine opens), handed on to
+    the server once it does. Set from a signal handler, read on the main thread."""
+
+    def __init__(self) -> None:
+        self._asked = False
+        self.server: Any = None
+        """``uvicorn.Server``, once built: ``should_exit`` is set on it as well."""
+
+    @property
+    def should_exit(self) -> bool:
+        return self._asked
+
+    @should_exit.setter
+    def should_exit(self, value: bool) -> None:
+        self._asked = value
+        if self.server is not None:
+            self.server.should_exit = value
+
+
+@contextlib.contextmanager
+def stop_signals(server: _Stoppable) -> Iterator[list[int]]:
+    """While the block runs, SIGINT and SIGTERM are recorded (the list yielded) and ask
+    ``server`` to exit, instead of raising ``KeyboardInterrupt`` or ending the process.
+
+    uvicorn installs its own handlers while it serves and, once it has shut down
+    gracefully, restores these and raises the signal again: it lands here and is only
+    recorded. A signal before uvicorn took over (while it starts) or after it gave back
+    (while the engine shuts down) stops the server as well. Main thread only (Python's
+    rule for signal handlers); elsewhere the handlers are left as they are."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def stop(sig: int, frame: FrameType | None) -> None:
+        received.append(sig)
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def require_server_extra() -> None:
@@ -82,8 +144,9 @@ def notify_formats(channels: list[Channel]) -> dict[str, str]:
 
 def run_server(config_path: str | Path | None = None, *, db: str | None = None,
                host: str | None = None, port: int | None = None) -> int:
-    """``payengine serve``: 0 after a clean stop; 2 for a bad configuration or a missing
-    extra (the message on stderr); 1 if the engine cannot be opened."""
+    """``payengine serve``: 0 after a clean stop (SIGINT or SIGTERM: drained first); 2 for
+    a bad configuration or a missing extra (the message on stderr); 1 if the engine cannot
+    be opened."""
     try:
         require_server_extra()
         settings = load_settings(config_path, db=db, host=host, port=port)
@@ -95,28 +158,33 @@ def run_server(config_path: str | Path | None = None, *, db: str | None = None,
 
     from payengine.actors.service.app import create_app
 
-    try:
-        engine = open_engine(settings, channels)
-    except PaymentError as error:
-        print(f"payengine serve: cannot open {settings.db}: {error.message}", file=sys.stderr)
-        return 1
-    service = settings.service
-    try:
-        app = create_app(engine, config=service, notify_formats=notify_formats(channels))
-    except PaymentError as error:
-        engine.shutdown()
-        print(f"payengine serve: {error.message}", file=sys.stderr)
-        return 2
-    server = uvicorn.Server(uvicorn.Config(
-        app, host=service.host, port=service.port, log_level="info",
-        limit_concurrency=service.connections_max,
-        timeout_graceful_shutdown=max(1, -(-service.drain_timeout_ms // 1000))))
-    print(f"payengine serve: {settings.db} on http://{service.host}:{service.port} "
-          f"(OpenAPI at /openapi.json)", file=sys.stderr)
-    try:
-        server.run()
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on: done
-        pass
-    finally:
-        engine.shutdown()  # idempotent: the app's shutdown did it unless it never started
+    stop = StopRequest()
+    with stop_signals(stop):  # from here a signal stops the serve cleanly, even mid-open
+        try:
+            engine = open_engine(settings, channels)
+        except PaymentError as error:
+            print(f"payengine serve: cannot open {settings.db}: {error.message}",
+                  file=sys.stderr)
+            return 1
+        service = settings.service
+        try:
+            app = create_app(engine, config=service, notify_formats=notify_formats(channels))
+        except PaymentError as error:
+            engine.shutdown()
+            print(f"payengine serve: {error.message}", file=sys.stderr)
+            return 2
+        server = uvicorn.Server(uvicorn.Config(
+            app, host=service.host, port=service.port, log_level="info",
+            limit_concurrency=service.connections_max,
+            timeout_graceful_shutdown=max(1, -(-service.drain_timeout_ms // 1000))))
+        stop.server = server
+        try:
+            if not stop.should_exit:  # else stopped while the engine opened: serve nothing
+                print(f"payengine serve: {settings.db} on http://{service.host}:"
+                      f"{service.port} (OpenAPI at /openapi.json)", file=sys.stderr)
+                server.run()
+        except KeyboardInterrupt:  # a Ctrl-C off the main thread (no handler of ours)
+            pass
+        finally:
+            engine.shutdown()  # idempotent: the app's shutdown did it unless it never started
     return 0
