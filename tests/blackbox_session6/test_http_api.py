@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
 from .support import error_of, payment, settled_view, state_view, unique
 
 README_ENDPOINTS = {
@@ -289,8 +287,6 @@ def test_an_unknown_route_is_404_not_found_and_a_wrong_method_405_in_the_error_b
     assert (wrong.status_code, error_of(wrong)["code"]) == (405, "method_not_allowed")
 
 
-@pytest.mark.xfail(strict=True, reason="DEFECT 1: the OpenAPI documents FastAPI's 422 body "
-                   "{'detail': [...]} while every refusal is {'error': {...}} (README *Errors*)")
 def test_the_openapi_422_schema_describes_the_documented_error_body(client: Any) -> None:
     document = client.get("/openapi.json").json()
     operation = document["paths"]["/v1/orders"]["post"]

@@ -101,11 +101,11 @@ def test_a_bad_filter_is_invalid_request(station: dict[str, Any], bad: dict[str,
         station["engine"].find_orders(**bad)
 
 
-def test_the_attention_queue_lists_the_dead_letter_and_the_unknown_cash_result(
+def test_the_attention_queue_lists_the_dead_letter_and_the_amount_mismatch(
         station: dict[str, Any]) -> None:
     engine, waiting = station["engine"], station["receipts"][3]
     listed = {item.item_id: item for item in engine.attention()}
-    assert f"needs_reconciliation:{waiting.order_id}" in listed
+    assert f"amount_mismatch:{waiting.order_id}" in listed
     dead = listed["dead_letter:books:1"]
     assert (dead.kind, dead.subscriber) == ("dead_letter", "books")
     kinds = [item.kind for item in engine.attention()]
@@ -115,7 +115,7 @@ def test_the_attention_queue_lists_the_dead_letter_and_the_unknown_cash_result(
 def test_resolve_refusals_change_nothing(station: dict[str, Any]) -> None:
     from payengine import ActionNotApplicable, InvalidRequest, UnknownAttentionItem
     engine, waiting = station["engine"], station["receipts"][3]
-    item = f"needs_reconciliation:{waiting.order_id}"
+    item = f"amount_mismatch:{waiting.order_id}"
     with pytest.raises(ActionNotApplicable) as not_applicable:
         engine.resolve(item, "retry", operator="ops-anna", reason="try")
     assert not_applicable.value.code == "action_not_applicable"
@@ -168,7 +168,7 @@ def test_payengine_attention_exits_1_when_the_queue_is_not_empty_and_its_json_ha
     ids = {item["item_id"] for item in queue["items"]}
     assert "dead_letter:books:1" in ids
     assert queue["counts"]["dead_letter"] >= 1
-    assert queue["counts"]["needs_reconciliation"] == 1
+    assert queue["counts"]["amount_mismatch"] == 1
     text = cli(station, "attention")
     assert text.returncode == 1
     assert any(line.startswith("dead_letter:books:1 ") for line in text.stdout.splitlines())
@@ -177,14 +177,14 @@ def test_payengine_attention_exits_1_when_the_queue_is_not_empty_and_its_json_ha
 def test_payengine_resolve_journals_the_resolution_and_a_repeat_does_nothing_again(
         station: dict[str, Any]) -> None:
     engine, waiting = station["engine"], station["receipts"][3]
-    item = f"needs_reconciliation:{waiting.order_id}"
+    item = f"amount_mismatch:{waiting.order_id}"
     done = cli(station, "resolve", item, "acknowledge", "--operator", "ops-anna",
                "--reason", "called the wallet", "--json")
     assert done.returncode == 0, done.stderr
     resolution = json.loads(done.stdout)
     assert {k: resolution[k] for k in ("item_id", "kind", "action", "operator", "reason",
                                        "outcome", "repeated")} == {
-        "item_id": item, "kind": "needs_reconciliation", "action": "acknowledge",
+        "item_id": item, "kind": "amount_mismatch", "action": "acknowledge",
         "operator": "ops-anna", "reason": "called the wallet", "outcome": "acknowledged",
         "repeated": False}
     again = cli(station, "resolve", item, "acknowledge", "--operator", "ops-anna", "--reason", "again")
