@@ -26,6 +26,22 @@ CAPTURE_ORDERS = frozenset({"vouchers_first", "cash_first"})
 """How a capture short of its authorisation is split (``OrderPolicy.capture_order``)."""
 
 
+class AuthorisationFlag(enum.StrEnum):
+    """Why a pre-authorisation waits for a person (``Authorisation.flag``): listed by
+    ``Engine.attention`` while its capture or void is unsettled."""
+
+    UNSETTLED = "unsettled"
+    """A capture or a void went unanswered (or undecided) on its whole query schedule; the
+    sentinel goes on asking (``authorisation_unsettled``)."""
+    AMOUNT_MISMATCH = "amount_mismatch"
+    """The wallet said it captured another amount than the capture asked: never believed;
+    the order stays capturing and goes on asking (``capture_amount_mismatch``)."""
+
+
+FLAG_NOTE_MAX = 256
+"""Characters of an ``Authorisation.flag_note``, at most (a wallet's reason is cut)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Authorisation:
     """What a pump pre-authorisation authorised, and its capture once decided.
@@ -44,6 +60,11 @@ class Authorisation:
     captured_minor: int | None = None
     """What the decided capture takes (``None``: none decided). 0 never: a capture of 0 is
     a void."""
+    flag: AuthorisationFlag | None = None
+    """Set when the capture or void needs a person (kept once set: the attention queue
+    lists it only while the cash leg is still capturing or voiding)."""
+    flag_note: str = ""
+    """What was seen, for the person: at most ``FLAG_NOTE_MAX`` characters."""
 
 
 def authorisation_json(order: PaymentOrder) -> list[object] | None:
@@ -51,18 +72,21 @@ def authorisation_json(order: PaymentOrder) -> list[object] | None:
     a = order.authorisation
     if a is None:
         return None
-    return [a.authorised_minor, [list(leg) for leg in a.legs], a.capture_id, a.captured_minor]
+    return [a.authorised_minor, [list(leg) for leg in a.legs], a.capture_id, a.captured_minor,
+            None if a.flag is None else a.flag.value, a.flag_note]
 
 
 def authorisation_from_json(data: object) -> Authorisation | None:
-    """``authorisation_json``'s inverse."""
+    """``authorisation_json``'s inverse; a record stored before flags (4 items) has none."""
     if data is None:
         return None
-    assert isinstance(data, list) and len(data) == 4, data
-    authorised, legs, capture_id, captured = data
+    assert isinstance(data, list) and len(data) in (4, 6), data
+    authorised, legs, capture_id, captured = data[:4]
+    flag, note = data[4:] if len(data) == 6 else (None, "")
     return Authorisation(int(authorised), tuple((int(n), int(a), int(v)) for n, a, v in legs),
                          None if capture_id is None else str(capture_id),
-                         None if captured is None else int(captured))
+                         None if captured is None else int(captured),
+                         None if flag is None else AuthorisationFlag(str(flag)), str(note))
 
 
 # --------------------------------------------------------------------------- events

@@ -644,6 +644,10 @@ Each must make the oracle report a violation."""
 # as held, so the order pays before every asynchronous leg succeeded.
 PLANTABLE_BUGS |= {"async-leg-ignored"}
 
+# Pump pre-authorisation (engine.preauth): a capture the wallet says it took with another
+# amount than asked believed, the order charging what the wallet said.
+PLANTABLE_BUGS |= {"capture-amount-believed"}
+
 
 @dataclass(frozen=True, slots=True)
 class OrderPolicy:

@@ -22,7 +22,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from payengine.engine.authorisation import (
+    FLAG_NOTE_MAX,
     Authorisation,
+    AuthorisationFlag,
     AuthorisationOp,
     AuthorisationResult,
     AuthorisationStatus,
@@ -338,8 +340,9 @@ def _capturing_answer(d: _Draft, cash: Leg, result: AuthorisationResult,
                       status: AuthorisationStatus) -> str:
     if status is AuthorisationStatus.CAPTURED:
         if result.amount_minor is not None and result.amount_minor != cash.amount:
-            return (f"ignored: the channel says it captured {result.amount_minor}, "
-                    f"{cash.amount} was asked: for reconciliation")
+            if "capture-amount-believed" not in d.policy.planted_bugs:
+                return _amount_mismatch(d, cash, result.amount_minor)
+            cash = _believe_amount(d, cash, result.amount_minor)  # the planted bug
         d.set_leg(cash.leg_no, LegStatus.PAID, "captured",
                   channel_txn_id=result.channel_txn_id or cash.channel_txn_id)
         d.update(next_query_at_ms=None)
@@ -363,6 +366,40 @@ def _capturing_answer(d: _Draft, cash: Leg, result: AuthorisationResult,
     d.move(Trigger.CAPTURE_DECLINED, f"capture_declined: {why}")
     _release_everything(d, "capture declined")
     return "applied"
+
+
+def _amount_mismatch(d: _Draft, cash: Leg, said: int) -> str:
+    """The wallet says it captured ``said``, not the ``cash.amount`` asked: never believed
+    (the order would charge one amount while the wallet took another). The order stays
+    capturing, flagged for a person (``capture_amount_mismatch``), and goes on asking on its
+    schedule and then the sentinel's: a later answer with the amount asked settles it."""
+    note = f"the wallet says it captured {said}, {cash.amount} was asked"
+    _flag(d, AuthorisationFlag.AMOUNT_MISMATCH, note)
+    return f"applied: flagged: {note}"
+
+
+def _believe_amount(d: _Draft, cash: Leg, said: int) -> Leg:
+    """The planted bug ``capture-amount-believed``: the cash share becomes what the wallet
+    said it captured, the order's total with it."""
+    a = d.order.authorisation
+    assert a is not None
+    total = d.order.total_minor - cash.amount + said
+    legs = tuple(evolve(leg, amount=said, value_minor=said) if leg.leg_no == cash.leg_no
+                 else leg for leg in d.order.legs)
+    d.update(legs=legs, total_minor=total, authorisation=evolve(a, captured_minor=total))
+    return d.order.leg(cash.leg_no)
+
+
+def _flag(d: _Draft, flag: AuthorisationFlag, note: str) -> None:
+    """Flag the authorisation for a person; an amount mismatch, the more specific, replaces
+    an unsettled flag, never the other way round. Nothing changes if it is flagged so."""
+    a = d.order.authorisation
+    assert a is not None
+    if a.flag is AuthorisationFlag.AMOUNT_MISMATCH and flag is not a.flag:
+        return
+    note = note[:FLAG_NOTE_MAX]
+    if (a.flag, a.flag_note) != (flag, note):
+        d.update(authorisation=evolve(a, flag=flag, flag_note=note))
 
 
 def _voiding_answer(d: _Draft, cash: Leg, result: AuthorisationResult,
@@ -406,15 +443,34 @@ def on_query_due(d: _Draft, token: int) -> str:
     if cash is None or cash.status not in _AUTHORISATION_CASH_IN_FLIGHT or (
             token != order.query_attempt or due is None or d.now_ms < due):
         return "stale: query timer"
-    if token >= len(d.policy.query_schedule_for(cash.channel)):
+    schedule = len(d.policy.query_schedule_for(cash.channel))
+    if token >= schedule:
         if cash.status is LegStatus.AUTHORISING:  # never known: void it, which is safe
             return _void_authorisation(d, Trigger.VOID, "void: the authorisation went "
                                                         "unanswered")
-        # a capture or void decided stays decided: asked again at the next start
-        d.update(next_query_at_ms=None, query_attempt=token + 1)
-        return "applied"
+        return _sentinel_round(d, cash, token - schedule)
     command = _authorisation_command(order, cash)
     assert command is not None
     d.effects.append(command)
     _arm_query(d, token + 1)
+    return "applied"
+
+
+def _sentinel_round(d: _Draft, cash: Leg, rounds: int) -> str:
+    """A capture or void decided stays decided: once its query schedule is over it is
+    flagged (``authorisation_unsettled``) and the sentinel asks again every
+    ``voucher_sentinel_interval_ms``, at most ``voucher_sentinel_attempts_max`` times; then
+    the timer stops (still flagged), and every start of the order asks again afresh."""
+    op = "capture" if cash.status is LegStatus.CAPTURING else "void"
+    _flag(d, AuthorisationFlag.UNSETTLED, f"the {op} is unsettled after its query schedule")
+    token = d.order.query_attempt
+    if rounds >= d.policy.voucher_sentinel_attempts_max:
+        d.update(next_query_at_ms=None, query_attempt=token + 1)
+        return f"applied: the sentinel stopped asking after {rounds} rounds"
+    command = _authorisation_command(d.order, cash)
+    assert command is not None
+    d.effects.append(command)
+    due = d.now_ms + d.policy.voucher_sentinel_interval_ms
+    d.update(query_attempt=token + 1, next_query_at_ms=due)
+    d.effects.append(ArmTimer(TimerKind.QUERY, due, token + 1))
     return "applied"
