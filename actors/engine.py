@@ -109,6 +109,7 @@ from payengine.engine.discounts import (
 )
 from payengine.engine.errors import (
     AttemptRefused,
+    AuthorisationChannelsMissing,
     AuthorisationUnsupported,
     ChannelsMissing,
     DuplicateSuspected,
@@ -295,6 +296,23 @@ def _check_channels_of_unsettled(store: Store, channels: Mapping[str, Channel]) 
             f"unsettled orders use channels this engine was not given: {named}; open it "
             "with them (a channel taken out of routing: keep it configured, e.g. "
             "enabled = false, until its orders settled)", missing)
+def _check_authorisation_channels(store: Store, channels: Mapping[str, Channel]) -> None:
+    """Refuse (``AuthorisationChannelsMissing``, the store closed, nothing started) an open
+    whose channel of an unsettled pre-authorisation cannot pre-authorise: every capture,
+    void and query the order owes would fail as no answer, forever, while the wallet holds
+    the payer's money. A channel not given at all is ``_check_channels_of_unsettled``'s."""
+    missing = {name: n for name, n in sorted(store.unsettled_authorisations_by_channel().items())
+               if name in channels and not authorises(channels[name])}
+    if missing:
+        store.close()
+        named = ", ".join(f"{name!r} ({n} unsettled pre-authorisations)"
+                          for name, n in missing.items())
+        raise AuthorisationChannelsMissing(
+            f"unsettled pump pre-authorisations use channels that do not implement "
+            f"AuthorisationChannel: {named}; open the engine with channels that do "
+            "(authorise, capture, void, query_authorisation)", missing)
+
+
 def _without_close(channels: Mapping[str, Channel]) -> frozenset[str]:
     """Channels that cannot close a payment: an HTTP channel whose configuration has no
     ``close`` operation (its ``close`` raises), or one saying ``supports_close = False``."""
@@ -398,6 +416,8 @@ class Engine:
                       group_commit=config.group_commit)
         if "open-without-needed-channel" not in config.planted_bugs | policy.planted_bugs:
             _check_channels_of_unsettled(store, by_name)
+        if "open-with-non-authorising-channel" not in config.planted_bugs | policy.planted_bugs:
+            _check_authorisation_channels(store, by_name)
         check_providers_of_unsettled(store, slots)
         runtime = runtime or PooledRuntime(actor_threads=config.actor_threads)
         for channel in by_name.values():  # a simulated wallet without a world of its own
@@ -1521,7 +1541,8 @@ class Engine:
     def attention(self) -> list[AttentionItem]:
         """Everything that needs a person now (README "Operator tools"): orders
         ``needs_reconciliation`` (``amount_mismatch`` on their own), owed voucher follow-ups,
-        refunds ``unknown``, dead letters, given-up merchant notifications; at most 1000 of
+        refunds ``unknown``, dead letters, given-up merchant notifications, pump
+        pre-authorisations unsettled or with a misreported capture amount; at most 1000 of
         each kind, oldest first; acknowledged ones left out. Any thread."""
         self._check_open()
         return store_operator.attention(self._ctx.store,

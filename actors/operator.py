@@ -4,12 +4,13 @@ engine may have open (``payengine resolve``, another process).
 A resolution is journalled in the same transaction as the change it makes in the database
 (a dead letter's replay request, a notification's requeue), and at most once per (item,
 action, occurrence): asked again, the first record is returned and nothing is done again.
-In the engine a retry of an owed follow-up sends its order an ``Activate``, which re-sends
-what the order decided already (idempotent by fence): money moves only through the
-engine's own decisions. Another process cannot reach the engine's actors, so there that
-retry is refused (the sentinel re-sends meanwhile); its dead letter replays and requeues
-are picked up by the engine's notifier on its next round (after its next commit, or at the
-next open). Runs on the caller's thread; never waits for an actor.
+In the engine a retry of an owed follow-up, or of a pre-authorisation's unsettled capture or
+void, sends its order an ``Activate``, which re-sends what the order decided already
+(idempotent by fence, by capture id): money moves only through the engine's own
+decisions. Another process cannot reach the engine's actors, so there that retry is refused
+(the sentinel re-sends meanwhile); its dead letter replays and requeues are picked up by the
+engine's notifier on its next round (after its next commit, or at the next open). Runs on
+the caller's thread; never waits for an actor.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from payengine.engine.errors import UnknownAttentionItem
 from payengine.engine.operator import (
+    RETRY_NEEDS_ENGINE,
     Action,
     AttentionItem,
     AttentionKind,
@@ -78,7 +80,7 @@ def resolve_in_engine(ctx: Context, wanted: object, action: object, operator: ob
     with ctx.store._tx() as conn:
         resolution, done = _apply(conn, item, chosen, operator, reason, ctx.runtime.now_ms())
     if done and chosen is Action.RETRY:
-        if item.kind is AttentionKind.OWED_FOLLOW_UP:
+        if item.kind in RETRY_NEEDS_ENGINE:  # the order re-sends what it decided already
             assert item.order_id is not None
             ctx.directory.tell(("order", item.order_id), Activate())
         else:

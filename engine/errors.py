@@ -343,6 +343,17 @@ class ActionNotApplicable(PaymentError):
     code = "action_not_applicable"
 
 
+class AuthorisationChannelsMissing(ChannelsMissing):
+    """``Engine.open`` given a channel that unsettled pump pre-authorisations use but that
+    does not implement ``AuthorisationChannel`` (no ``authorise``, ``capture``, ``void``,
+    ``query_authorisation``): their captures, voids and queries could never be asked, the
+    payer's money held at the wallet meanwhile. Refused before anything started or changed,
+    as ``ChannelsMissing`` (a subclass of it); open again with a channel that implements it.
+    ``channels`` maps each such channel to its unsettled pre-authorisations."""
+
+    code = "authorisation_channels_missing"
+
+
 class AuthorisationUnsupported(PaymentError):
     """A pre-authorisation (``PaymentRequest.authorise``) through a channel that does not
     implement ``AuthorisationChannel``, or of a payment that cannot be one (a recharge, a

@@ -46,12 +46,19 @@ class AttentionKind(enum.StrEnum):
     """An outbox event an in-process subscriber refused on every attempt."""
     NOTIFICATION_GIVEN_UP = "notification_given_up"
     """A merchant notification never accepted on its whole schedule."""
+    AUTHORISATION_UNSETTLED = "authorisation_unsettled"
+    """A pump pre-authorisation's capture or void unanswered (or undecided) on its whole
+    query schedule: the sentinel goes on asking while the voucher holds may expire."""
+    CAPTURE_AMOUNT_MISMATCH = "capture_amount_mismatch"
+    """A pre-authorisation's wallet said it captured another amount than asked: not
+    believed; the order stays capturing until the wallet answers the amount asked."""
 
 
 class Action(enum.StrEnum):
     RETRY = "retry"
     """Send it again now: an owed follow-up re-sent by its order, a dead letter replayed to
-    its subscriber, a given-up notification POSTed once more."""
+    its subscriber, a given-up notification POSTed once more, a pre-authorisation's capture
+    or void asked of its wallet once more."""
     ACKNOWLEDGE = "acknowledge"
     """Handled by a person: the occurrence leaves the queue, nothing is sent."""
 
@@ -64,11 +71,15 @@ ACTIONS: dict[AttentionKind, frozenset[Action]] = {
     AttentionKind.REFUND_UNKNOWN: frozenset({Action.ACKNOWLEDGE}),
     AttentionKind.DEAD_LETTER: frozenset({Action.RETRY, Action.ACKNOWLEDGE}),
     AttentionKind.NOTIFICATION_GIVEN_UP: frozenset({Action.RETRY, Action.ACKNOWLEDGE}),
+    AttentionKind.AUTHORISATION_UNSETTLED: frozenset({Action.RETRY, Action.ACKNOWLEDGE}),
+    AttentionKind.CAPTURE_AMOUNT_MISMATCH: frozenset({Action.RETRY, Action.ACKNOWLEDGE}),
 }
 """The actions that apply to each kind. Money moves only through the engine's own
 decisions: a retry re-sends what the engine decided already; nothing here pays or refunds."""
 
-RETRY_NEEDS_ENGINE = frozenset({AttentionKind.OWED_FOLLOW_UP})
+RETRY_NEEDS_ENGINE = frozenset({AttentionKind.OWED_FOLLOW_UP,
+                                AttentionKind.AUTHORISATION_UNSETTLED,
+                                AttentionKind.CAPTURE_AMOUNT_MISMATCH})
 """Retries only the engine's process can make (its order actor re-sends): from another
 process (``payengine resolve``) they are refused ``ActionNotApplicable``."""
 
@@ -181,7 +192,8 @@ class Resolution:
     occurrence: int
     """The occurrence it resolved (the item's ``occurrence`` then)."""
     outcome: str
-    """``acknowledged``, ``resent`` (an order re-sent its owed follow-ups),
+    """``acknowledged``, ``resent`` (an order re-sent its owed follow-ups), ``asked_again``
+    (a pre-authorisation's order asked its wallet again),
     ``replay_requested`` (the notifier replays the dead letter on its next round),
     ``requeued`` (the notification gets one more attempt)."""
     repeated: bool = False
@@ -228,4 +240,6 @@ def outcome_of(kind: AttentionKind, action: Action) -> str:
     if action is Action.ACKNOWLEDGE:
         return "acknowledged"
     return {AttentionKind.OWED_FOLLOW_UP: "resent", AttentionKind.DEAD_LETTER: "replay_requested",
-            AttentionKind.NOTIFICATION_GIVEN_UP: "requeued"}[kind]
+            AttentionKind.NOTIFICATION_GIVEN_UP: "requeued",
+            AttentionKind.AUTHORISATION_UNSETTLED: "asked_again",
+            AttentionKind.CAPTURE_AMOUNT_MISMATCH: "asked_again"}[kind]

@@ -29,9 +29,22 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from payengine.engine.authorisation import CAPTURE_ORDERS as CAPTURE_ORDERS
+from payengine.engine.authorisation import Authorisation as Authorisation
+from payengine.engine.authorisation import AuthorisationOp as AuthorisationOp
+from payengine.engine.authorisation import AuthorisationResult as AuthorisationResult
+from payengine.engine.authorisation import AuthorisationStatus as AuthorisationStatus
+from payengine.engine.authorisation import AuthoriseCash as AuthoriseCash
+from payengine.engine.authorisation import CaptureAuthorisation as CaptureAuthorisation
+from payengine.engine.authorisation import CaptureCash as CaptureCash
+from payengine.engine.authorisation import QueryAuthorisation as QueryAuthorisation
+from payengine.engine.authorisation import VoidAuthorisation as VoidAuthorisation
+from payengine.engine.authorisation import VoidCash as VoidCash
+from payengine.engine.authorisation import authorisation_from_json as authorisation_from_json
+from payengine.engine.authorisation import authorisation_json as authorisation_json
+from payengine.engine.authorisation import split_capture as split_capture
 from payengine.engine.channel_data import (
     PayDetails,
-    PayScenario,
     Prepay,
     check_pay_details,
     details_json,
@@ -52,11 +65,7 @@ from payengine.engine.codes import ResultKind
 from payengine.engine.currency import ISO_4217, check_currency
 from payengine.engine.discounts import PricedSale, QuoteMismatch, QuoteUse
 from payengine.engine.errors import (
-    AlreadyCaptured,
     AttemptRefused,
-    AuthorisationUnsupported,
-    AuthorisationVoided,
-    CaptureAboveAuthorised,
     CurrencyMismatch,
     IdempotencyConflict,
     IllegalTransition,
@@ -113,6 +122,10 @@ class OrderState(enum.StrEnum):
 
 
 TERMINAL_STATES = frozenset({OrderState.SUCCEEDED, OrderState.FAILED, OrderState.CLOSED})
+
+AUTHORISATION_STATES = frozenset({OrderState.AUTHORISING, OrderState.AUTHORISED,
+                                  OrderState.CAPTURING, OrderState.VOIDING})
+"""The states only a pre-authorisation has, between ACCEPTED and its terminal state."""
 
 
 class Trigger(enum.StrEnum):
@@ -582,48 +595,6 @@ class Refund:
         return next((p for p in self.parts if p.leg_no == leg_no), None)
 
 
-CAPTURE_ORDERS = frozenset({"vouchers_first", "cash_first"})
-"""How a capture short of its authorisation is split (``OrderPolicy.capture_order``)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Authorisation:
-    """What a pump pre-authorisation authorised, and its capture once decided.
-
-    The order's legs and ``total_minor`` are the authorised maxima until a capture is
-    decided, and the captured split from then on (what the ledger, refunds, events and
-    shift reports see); this record keeps the authorised figures."""
-
-    authorised_minor: int
-    """The order total authorised: the most a capture may take."""
-    legs: tuple[tuple[int, int, int], ...]
-    """``(leg_no, amount in the leg's unit, value_minor)`` of every leg as authorised."""
-    capture_id: str | None = None
-    """The caller's id of the capture decided (``None``: none yet); a capture again under
-    it with the same amount is answered the same, under another id it is refused."""
-    captured_minor: int | None = None
-    """What the decided capture takes (``None``: none decided). 0 never: a capture of 0 is
-    a void."""
-
-
-def authorisation_json(order: PaymentOrder) -> list[object] | None:
-    """An order's authorisation as stored (``None``: not a pre-authorisation)."""
-    a = order.authorisation
-    if a is None:
-        return None
-    return [a.authorised_minor, [list(leg) for leg in a.legs], a.capture_id, a.captured_minor]
-
-
-def authorisation_from_json(data: object) -> Authorisation | None:
-    """``authorisation_json``'s inverse."""
-    if data is None:
-        return None
-    assert isinstance(data, list) and len(data) == 4, data
-    authorised, legs, capture_id, captured = data
-    return Authorisation(int(authorised), tuple((int(n), int(a), int(v)) for n, a, v in legs),
-                         None if capture_id is None else str(capture_id),
-                         None if captured is None else int(captured))
-
 
 PLANTABLE_BUGS = frozenset({"confirm-twice", "no-refund-after-close", "regress-success",
                             "skip-hold", "over-refund", "ledger-unbalanced",
@@ -672,6 +643,13 @@ Each must make the oracle report a violation."""
 # External voucher providers (engine.provider): a Try the provider has not decided counted
 # as held, so the order pays before every asynchronous leg succeeded.
 PLANTABLE_BUGS |= {"async-leg-ignored"}
+
+# Pump pre-authorisation (engine.preauth): a capture the wallet says it took with another
+# amount than asked believed, the order charging what the wallet said.
+PLANTABLE_BUGS |= {"capture-amount-believed"}
+# ... and an engine opened with a channel its unsettled pre-authorisations use that cannot
+# pre-authorise (the bug lives in ``Engine.open``; the simulator's reopen tries catch it).
+PLANTABLE_BUGS |= {"open-with-non-authorising-channel"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -976,7 +954,7 @@ def check_request(request: object, *, policy: OrderPolicy,
         _check_credit_shape(request, vouchers)
     check_bool(request.authorise, "authorise")
     if request.authorise:
-        _check_authorisation_shape(request, vouchers)
+        _preauth.check_shape(request, vouchers)
     return request
 
 
@@ -1017,7 +995,7 @@ def build_order(
     """
     check_request(request, policy=policy, currencies=currencies)
     if request.authorise:
-        _refuse_provider_parts(request, policy)
+        _preauth.refuse_provider_parts(request, policy)
     assert ":" not in payment_serial, (
         f"payment serial {payment_serial!r}: an IdSource must not use ':', which separates a "
         "refund id (made from the serial) from its part in journal entries")
@@ -1065,7 +1043,7 @@ def build_order(
         legs=tuple(legs),
         pay_details=None if request.cash is None else request.cash.details,
         attempt=request.attempt,
-        authorisation=_new_authorisation(legs, total) if request.authorise else None,
+        authorisation=_preauth.new_authorisation(legs, total) if request.authorise else None,
     )
 
 
@@ -1342,54 +1320,6 @@ class VerifyCode:
     code: str = field(repr=False)
 
 
-@dataclass(frozen=True, slots=True)
-class CaptureAuthorisation:
-    """The pump stopped: charge ``amount_minor`` (0..authorised; 0 voids) of an authorised
-    order. ``capture_id``: the caller's idempotency key of this capture."""
-
-    capture_id: str
-    amount_minor: int
-
-
-@dataclass(frozen=True, slots=True)
-class VoidAuthorisation:
-    """Release a pre-authorisation without charging anything (``Engine.void``)."""
-
-
-class AuthorisationStatus(enum.StrEnum):
-    """An ``AuthorisationChannel``'s answer: where the channel's authorisation stands."""
-
-    AUTHORISED = "authorised"
-    """Held for the payer, not captured."""
-    DECLINED = "declined"
-    """Refused: nothing is held (or, to a capture, nothing was captured)."""
-    CAPTURED = "captured"
-    VOIDED = "voided"
-    PENDING = "pending"
-    """Not decided yet: the engine asks again on its query schedule."""
-    NOT_FOUND = "not_found"
-    """The channel knows no authorisation by this serial."""
-
-
-class AuthorisationOp(enum.StrEnum):
-    AUTHORISE = "authorise"
-    CAPTURE = "capture"
-    VOID = "void"
-    QUERY = "query"
-
-
-@dataclass(frozen=True, slots=True)
-class AuthorisationResult:
-    """An ``AuthorisationChannel`` call came back (``status`` ``None``: it failed, the
-    answer is unknown). ``amount_minor``: the amount the channel says it authorised or
-    captured, checked against the order's when given."""
-
-    op: AuthorisationOp
-    status: AuthorisationStatus | None
-    amount_minor: int | None = None
-    payment_serial: str | None = None
-    channel_txn_id: str | None = None
-    reason: str = ""
 
 
 OrderEvent = (
@@ -1543,42 +1473,6 @@ class ClawBack:
     undo: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class AuthoriseCash:
-    """Ask the channel to authorise (hold) ``amount_minor`` for the payer; idempotent by
-    ``payment_serial``."""
-
-    channel: str
-    payment_serial: str
-    amount_minor: int
-    currency: str
-    title: str
-    details: PayDetails | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class CaptureCash:
-    """Capture ``amount_minor`` of the authorisation; idempotent by ``capture_id``."""
-
-    channel: str
-    payment_serial: str
-    capture_id: str
-    amount_minor: int
-
-
-@dataclass(frozen=True, slots=True)
-class VoidCash:
-    """Void the authorisation (also one the channel has not seen: it may never come)."""
-
-    channel: str
-    payment_serial: str
-
-
-@dataclass(frozen=True, slots=True)
-class QueryAuthorisation:
-    channel: str
-    payment_serial: str
-
 
 Effect = (
     TryHold | ConfirmHold | CancelHold | DebitVoucher | PayCash | QueryCash | QueryCharge
@@ -1721,11 +1615,11 @@ def decide(
         case Rerouted():
             note = _rerouted(draft, event)
         case CaptureAuthorisation():
-            note = _capture(draft, event)
+            note = _preauth.on_capture(draft, event)
         case VoidAuthorisation():
-            note = _void(draft)
+            note = _preauth.on_void(draft)
         case AuthorisationResult():
-            note = _authorisation_result(draft, event)
+            note = _preauth.on_result(draft, event)
     _keep_voucher_retry(draft)
     decision = draft.done(note)
     _assert_consistent(decision.order, policy)
@@ -1737,7 +1631,7 @@ def _assert_consistent(order: PaymentOrder, policy: OrderPolicy) -> None:
     assert sum(leg.value_minor for leg in order.legs if leg.pays) == order.total_minor
     statuses = {leg.status for leg in order.legs}
     if order.authorisation is not None:
-        _assert_authorisation(order, policy)
+        _preauth.assert_consistent(order, policy)
         # a captured authorisation's legs with no share were released, not paid
         statuses = {leg.status for leg in order.legs if leg.value_minor > 0}
     if order.state is OrderState.SUCCEEDED:
@@ -1834,7 +1728,7 @@ def _activate(d: _Draft) -> str:
     if order.state is OrderState.ACCEPTED:
         _advance_holds(d)
     if order.authorisation is not None:
-        _reissue_authorisation(d)
+        _preauth.reissue(d)
     return "activated"
 
 
@@ -1909,7 +1803,7 @@ def _advance_holds(d: _Draft) -> None:
 
 def _start_cash(d: _Draft) -> None:
     if d.order.authorisation is not None:
-        _start_authorisation(d)
+        _preauth.start(d)
         return
     cash = d.cash()
     if cash is None:
@@ -2028,6 +1922,13 @@ def _after_debit(d: _Draft) -> None:
         return
     d.move(Trigger.DEBITS_DONE)
     _confirm_holds(d)
+
+
+def _confirm(order: PaymentOrder, leg: Leg) -> ConfirmHold:
+    """A hold's Confirm: a pre-authorisation's posts the captured share only."""
+    assert leg.account_id is not None
+    amount = None if order.authorisation is None else leg.amount
+    return ConfirmHold(leg.account_id, order.fence_of(leg), leg.leg_no, amount)
 
 
 def _confirm_holds(d: _Draft) -> None:
@@ -2630,7 +2531,7 @@ def _apply_refund_result(d: _Draft, result: RefundResult) -> str:
 def _close(d: _Draft, cause: CloseCause) -> str:
     state = d.order.state
     if state in AUTHORISATION_STATES:
-        return _close_authorisation(d, cause)
+        return _preauth.on_close(d, cause)
     if state in (OrderState.SUCCEEDED, OrderState.DEDUCTING):
         if cause is CloseCause.USER:
             raise IllegalTransition(f"order {d.order.order_id} is paid; it cannot be closed")
@@ -2723,7 +2624,7 @@ def _timer(d: _Draft, fired: TimerFired) -> str:
             return _close(d, CloseCause.TIMEOUT)
         case TimerKind.QUERY:
             if d.order.authorisation is not None:
-                return _authorisation_query_due(d, fired.token)
+                return _preauth.on_query_due(d, fired.token)
             return _query_due(d, fired.token)
         case TimerKind.REFUND_QUERY:
             return _refund_query_due(d, fired.token)
@@ -3363,413 +3264,7 @@ def owed_commands(order: PaymentOrder) -> tuple[OwedCommand, ...]:
     return tuple(owed)
 
 
-# --------------------------------------------------------------------------- pre-authorisation
-# A pump pre-authorisation (issue 12 item 3, SPEC R-FUEL): every function below is for an
-# order with an ``authorisation``; the rest of the module reaches it only through
-# ``_start_cash``, ``_close``, ``_timer``, ``_activate`` and ``decide``'s dispatch.
-#
-#   ACCEPTED --holds placed--> AUTHORISING --authorised--> AUTHORISED --capture--> CAPTURING
-#       AUTHORISING --declined--> FAILED          CAPTURING --captured--> SUCCEEDED
-#       AUTHORISING|AUTHORISED --void / expiry--> VOIDING --voided--> CLOSED
-#       CAPTURING --capture declined--> FAILED
-
-AUTHORISATION_STATES = frozenset({OrderState.AUTHORISING, OrderState.AUTHORISED,
-                                  OrderState.CAPTURING, OrderState.VOIDING})
-"""The states only a pre-authorisation has, between ACCEPTED and its terminal state."""
-
-_AUTHORISATION_CASH_IN_FLIGHT = frozenset({LegStatus.AUTHORISING, LegStatus.CAPTURING,
-                                           LegStatus.VOIDING})
-
-
-def _check_authorisation_shape(request: PaymentRequest, vouchers: Sequence[VoucherPart]
-                               ) -> None:
-    """A pre-authorisation is a trade order with a cash part and held vouchers only."""
-    if request.cash is None:
-        raise AuthorisationUnsupported("a pre-authorisation needs a cash part (it is the "
-                                       "part authorised at the channel)")
-    if request.credit_account is not None:
-        raise AuthorisationUnsupported("a recharge or transfer cannot be pre-authorised")
-    if any(part.mode is LegMode.POST_DEDUCT for part in vouchers):
-        raise AuthorisationUnsupported("a post_deduct voucher cannot be pre-authorised: it "
-                                       "is debited after the cash; hold it (pre_deduct)")
-    details = request.cash.details
-    if details is not None and details.scenario is PayScenario.WITHHOLD:
-        raise AuthorisationUnsupported("a withholding cannot be pre-authorised")
-
-
-def _refuse_provider_parts(request: PaymentRequest, policy: OrderPolicy) -> None:
-    """An external provider's Confirm spends its whole hold (it has no partial confirm), so
-    a capture short of it would spend more than the order charges: not pre-authorisable."""
-    for part in request.vouchers:
-        provider = provider_of(part.account_id, policy.voucher_providers)
-        if provider is not None:
-            raise AuthorisationUnsupported(
-                f"voucher {part.account_id!r} is at external provider {provider!r}, whose "
-                "Confirm spends the whole hold: it cannot be pre-authorised")
-
-
-def _new_authorisation(legs: Sequence[Leg], total: int) -> Authorisation:
-    return Authorisation(total, tuple((leg.leg_no, leg.amount, leg.value_minor)
-                                      for leg in legs))
-
-
-def _assert_authorisation(order: PaymentOrder, policy: OrderPolicy) -> None:
-    """Captured never exceeds authorised, per leg and in all; a capture is decided once."""
-    a = order.authorisation
-    assert a is not None
-    assert all(leg.pays for leg in order.legs), order.order_id
-    if "capture-above-authorisation" not in policy.planted_bugs:
-        assert order.total_minor <= a.authorised_minor, (
-            f"order {order.order_id} captures {order.total_minor} of {a.authorised_minor}")
-        for leg_no, amount, value in a.legs:
-            leg = order.leg(leg_no)
-            assert 0 <= leg.amount <= amount and 0 <= leg.value_minor <= value, (
-                f"order {order.order_id} leg {leg_no} takes more than it authorised")
-    if a.capture_id is None:
-        assert a.captured_minor is None and order.total_minor == a.authorised_minor
-        assert order.state not in (OrderState.CAPTURING, OrderState.SUCCEEDED), order.state
-    else:
-        assert a.captured_minor == order.total_minor and a.captured_minor > 0, a
-
-
-def split_capture(authorisation: Authorisation, amount_minor: int, cash_leg_no: int,
-                  capture_order: str, *, over_to_cash: bool = False
-                  ) -> dict[int, tuple[int, int]]:
-    """How a capture of ``amount_minor`` falls on the authorised legs: leg number ->
-    (amount in the leg's unit, value in minor units). Pure integer arithmetic.
-
-    ``vouchers_first``: the vouchers (points legs first, then money vouchers, each in leg
-    order), then the cash; ``cash_first``: the cash, then the vouchers likewise. No leg
-    takes more than it authorised. A points leg takes whole points only, rounded down; the
-    fen left over fall to the next legs in that order, and points go first within the
-    vouchers so that a money leg can take them. ``InvalidAmount`` if whole points cannot
-    make the amount within the authorisation (every money leg full). ``over_to_cash``: the
-    planted bug ``capture-above-authorisation`` (the cash takes whatever is left over)."""
-    assert capture_order in CAPTURE_ORDERS, capture_order
-
-    def rank(leg: tuple[int, int, int]) -> tuple[int, int, int]:
-        leg_no, units, value = leg
-        is_cash = leg_no == cash_leg_no
-        group = (0 if is_cash else 1) if capture_order == "cash_first" else (1 if is_cash else 0)
-        return group, 0 if value != units else 1, leg_no
-
-    shares: dict[int, tuple[int, int]] = {}
-    left = amount_minor
-    for leg_no, units, value in sorted(authorisation.legs, key=rank):
-        per_unit = value // units
-        assert per_unit * units == value, (leg_no, units, value)
-        taken = min(units, left // per_unit)
-        shares[leg_no] = (taken, taken * per_unit)
-        left -= taken * per_unit
-    if left and over_to_cash:  # the planted bug: the cash leg captures past its authorisation
-        units, value = shares[cash_leg_no]
-        shares[cash_leg_no] = (units + left, value + left)
-        left = 0
-    if left:
-        raise InvalidAmount(f"a capture of {amount_minor} cannot be made of whole points within "
-                            f"the authorisation ({left} minor units left over): capture "
-                            "another amount")
-    return shares
-
-
-def _confirm(order: PaymentOrder, leg: Leg) -> ConfirmHold:
-    """A hold's Confirm: a pre-authorisation's posts the captured share only."""
-    assert leg.account_id is not None
-    amount = None if order.authorisation is None else leg.amount
-    return ConfirmHold(leg.account_id, order.fence_of(leg), leg.leg_no, amount)
-
-
-def _authorise(order: PaymentOrder, cash: Leg) -> AuthoriseCash:
-    assert cash.channel is not None
-    return AuthoriseCash(cash.channel, order.payment_serial, cash.amount, order.currency,
-                         order.title, order.pay_details)
-
-
-def _start_authorisation(d: _Draft) -> None:
-    """Every hold is held: ask the channel to authorise the cash part."""
-    cash = d.cash()
-    assert cash is not None and cash.channel is not None, "a pre-authorisation has a cash leg"
-    d.move(Trigger.AUTHORISATION_ASKED)
-    d.set_leg(cash.leg_no, LegStatus.AUTHORISING, "authorise")
-    d.effects.append(_authorise(d.order, d.order.leg(cash.leg_no)))
-    _arm_query(d, attempt=0)
-
-
-def _authorisation_command(order: PaymentOrder, cash: Leg
-                           ) -> QueryAuthorisation | CaptureCash | VoidCash | None:
-    """What the cash leg waits on, to ask again: the state of an authorisation asked for
-    (asking to authorise again could hold the payer's money past the void), or the capture
-    or void itself (idempotent, answered with the authorisation's state)."""
-    assert cash.channel is not None
-    a = order.authorisation
-    match cash.status:
-        case LegStatus.AUTHORISING:
-            return QueryAuthorisation(cash.channel, order.payment_serial)
-        case LegStatus.CAPTURING:
-            assert a is not None and a.capture_id is not None
-            return CaptureCash(cash.channel, order.payment_serial, a.capture_id, cash.amount)
-        case LegStatus.VOIDING:
-            return VoidCash(cash.channel, order.payment_serial)
-    return None
-
-
-def _reissue_authorisation(d: _Draft) -> None:
-    """At a (re)start: ask again what is in flight and re-arm its query schedule (afresh
-    if it had run out: every start asks again, so the bound is per start)."""
-    order = d.order
-    cash = order.cash_leg
-    if cash is None:
-        return
-    command = _authorisation_command(order, cash)
-    if command is None:
-        return
-    d.effects.append(command)
-    if order.next_query_at_ms is not None:
-        d.effects.append(ArmTimer(TimerKind.QUERY, order.next_query_at_ms, order.query_attempt))
-    else:
-        _arm_query(d, attempt=0)
-
-
-def _capture(d: _Draft, event: CaptureAuthorisation) -> str:
-    """Decide a capture: refused (typed, nothing changed) unless the order is authorised and
-    the amount within the authorisation; the same capture again is answered the same."""
-    order = d.order
-    capture_id = check_id(event.capture_id, "capture_id")
-    amount = event.amount_minor
-    if isinstance(amount, bool) or not isinstance(amount, int) or not 0 <= amount <= AMOUNT_MAX:
-        raise InvalidAmount(f"amount_minor must be an int 0..{AMOUNT_MAX}, got {shown(amount)}")
-    a = order.authorisation
-    if a is None:
-        raise IllegalTransition(f"order {order.order_id} is not a pre-authorisation: there is "
-                                "nothing to capture")
-    if a.capture_id is not None:
-        if capture_id != a.capture_id:
-            raise AlreadyCaptured(f"order {order.order_id} was captured already (capture "
-                                  f"{a.capture_id}, {a.captured_minor})")
-        if amount != a.captured_minor:
-            raise IdempotencyConflict(f"capture {capture_id} of order {order.order_id} took "
-                                      f"{a.captured_minor}, not {amount}")
-        return "duplicate: the same capture again"
-    if order.state in (OrderState.VOIDING, OrderState.CLOSED):
-        if amount == 0 and order.cause == _zero_capture_cause(capture_id):
-            return "duplicate: the same capture of nothing again (it voided the order)"
-        raise AuthorisationVoided(f"order {order.order_id} was voided ({order.cause}): "
-                                  "nothing can be captured")
-    if order.state is not OrderState.AUTHORISED:
-        raise IllegalTransition(f"order {order.order_id} is {order.state.value}: only an "
-                                "authorised order can be captured")
-    if d.now_ms >= order.close_at_ms:  # expired; its close timer just has not run yet
-        raise AuthorisationVoided(f"order {order.order_id}'s authorisation expired at "
-                                  f"{order.close_at_ms}: nothing can be captured")
-    bug = "capture-above-authorisation" in d.policy.planted_bugs
-    if amount > a.authorised_minor and not bug:
-        raise CaptureAboveAuthorised(f"order {order.order_id} authorised {a.authorised_minor}; "
-                                     f"a capture of {amount} is above it")
-    if amount == 0:
-        return _void_authorisation(d, Trigger.VOID, _zero_capture_cause(capture_id))
-    cash = d.cash()
-    assert cash is not None
-    shares = split_capture(a, amount, cash.leg_no, d.policy.capture_order, over_to_cash=bug)
-    legs = tuple(evolve(leg, amount=shares[leg.leg_no][0], value_minor=shares[leg.leg_no][1])
-                 for leg in order.legs)
-    d.update(legs=legs, total_minor=amount,
-             authorisation=evolve(a, capture_id=capture_id, captured_minor=amount))
-    d.move(Trigger.CAPTURE, f"capture {capture_id}: {amount} of {a.authorised_minor}")
-    for leg in d.legs(*HOLD_MODES):
-        if leg.value_minor == 0 and leg.account_id is not None:  # no share: released now
-            d.set_leg(leg.leg_no, LegStatus.CANCELLING, "captured short: no share")
-            d.effects.append(CancelHold(leg.account_id, d.order.fence_of(leg), leg.leg_no))
-    cash = d.order.leg(cash.leg_no)
-    status = LegStatus.CAPTURING if cash.value_minor > 0 else LegStatus.VOIDING
-    cash = d.set_leg(cash.leg_no, status, "capture" if cash.value_minor else "no cash share")
-    command = _authorisation_command(d.order, cash)
-    assert command is not None
-    d.effects.append(command)
-    _arm_query(d, attempt=0)
-    return "applied"
-
-
-def _zero_capture_cause(capture_id: str) -> str:
-    """The cause of a void by a capture of 0: it names the capture, so its retry is known."""
-    return f"void: capture {capture_id} of nothing"
-
-
-def _void(d: _Draft) -> str:
-    """``Engine.void``: release everything; idempotent; refused once a capture is decided."""
-    order = d.order
-    if order.authorisation is None:
-        raise IllegalTransition(f"order {order.order_id} is not a pre-authorisation: close it")
-    state = order.state
-    if state in (OrderState.CAPTURING, OrderState.SUCCEEDED) or (
-            order.authorisation.capture_id is not None):
-        raise AlreadyCaptured(f"order {order.order_id} is captured ({state.value}): it cannot "
-                              "be voided (refund it)")
-    if state in (OrderState.VOIDING, OrderState.CLOSED, OrderState.FAILED):
-        return f"duplicate: the authorisation is {state.value} already"
-    if state in (OrderState.ACCEPTED, OrderState.NEEDS_VERIFICATION):
-        return _close(d, CloseCause.USER)  # nothing asked of the channel yet
-    return _void_authorisation(d, Trigger.VOID, "void")
-
-
-def _close_authorisation(d: _Draft, cause: CloseCause) -> str:
-    """A close of an authorising or authorised order voids it: by the user (``void``) or by
-    its expiry (the close timer at ``close_at_ms``: ``authorisation_expired``)."""
-    state = d.order.state
-    if state is OrderState.CAPTURING:
-        if cause is CloseCause.USER:
-            raise IllegalTransition(f"order {d.order.order_id} is being captured; it cannot "
-                                    "be closed")
-        return "ignored: the close timer found the authorisation being captured"
-    if state is OrderState.VOIDING:
-        return "duplicate: the authorisation is being voided already"
-    if cause is CloseCause.USER:
-        return _void_authorisation(d, Trigger.VOID, "void")
-    return _void_authorisation(d, Trigger.AUTHORISATION_EXPIRED,
-                               Trigger.AUTHORISATION_EXPIRED.value)
-
-
-def _void_authorisation(d: _Draft, trigger: Trigger, cause: str) -> str:
-    """Void: the channel's authorisation voided, every voucher hold released."""
-    d.move(trigger, cause)
-    cash = d.cash()
-    assert cash is not None and cash.channel is not None
-    channel = cash.channel
-    d.set_leg(cash.leg_no, LegStatus.VOIDING, cause)
-    d.effects.append(VoidCash(channel, d.order.payment_serial))
-    _arm_query(d, attempt=0)
-    _release_everything(d, cause)
-    return "applied"
-
-
-def _authorisation_result(d: _Draft, result: AuthorisationResult) -> str:
-    order, cash = d.order, d.order.cash_leg
-    if order.authorisation is None or cash is None:
-        return "ignored: not a pre-authorisation"
-    if result.payment_serial is not None and result.payment_serial != order.payment_serial:
-        return f"stale: an answer about serial {result.payment_serial}"
-    status = result.status
-    if status is None or status is AuthorisationStatus.PENDING:
-        return (f"ignored: {result.op.value} answered nothing decisive; the query schedule "
-                "asks again")
-    match cash.status:
-        case LegStatus.AUTHORISING:
-            return _authorising_answer(d, cash, result, status)
-        case LegStatus.CAPTURING:
-            return _capturing_answer(d, cash, result, status)
-        case LegStatus.VOIDING:
-            return _voiding_answer(d, cash, result, status)
-    return f"duplicate: {result.op.value} says {status.value}, the cash leg is {cash.status.value}"
-
-
-def _authorising_answer(d: _Draft, cash: Leg, result: AuthorisationResult,
-                        status: AuthorisationStatus) -> str:
-    why = result.reason or status.value
-    if status is AuthorisationStatus.AUTHORISED:
-        if result.amount_minor is not None and result.amount_minor != cash.amount:
-            d.update(next_query_at_ms=None)
-            return _void_authorisation(d, Trigger.VOID, f"void: authorised {result.amount_minor}"
-                                                        f", {cash.amount} was asked")
-        d.set_leg(cash.leg_no, LegStatus.AUTHORISED, "authorised",
-                  channel_txn_id=result.channel_txn_id or cash.channel_txn_id)
-        d.update(next_query_at_ms=None)
-        d.move(Trigger.AUTHORISED)
-        return "applied"
-    if status is AuthorisationStatus.NOT_FOUND:
-        if d.now_ms < d.order.close_at_ms:  # the authorise never reached it: ask again
-            d.effects.append(_authorise(d.order, cash))
-            return "applied: the authorisation asked again"
-        return "ignored: not found, and the window is over (the close voids it)"
-    if status is AuthorisationStatus.CAPTURED:
-        return "ignored: a capture reported for an authorisation never captured"
-    d.set_leg(cash.leg_no, LegStatus.UNPAID if status is AuthorisationStatus.DECLINED
-              else LegStatus.VOIDED, why)
-    d.update(next_query_at_ms=None)
-    d.move(Trigger.AUTHORISATION_DECLINED, f"authorisation_declined: {why}")
-    _release_everything(d, "authorisation declined")
-    return "applied"
-
-
-def _capturing_answer(d: _Draft, cash: Leg, result: AuthorisationResult,
-                      status: AuthorisationStatus) -> str:
-    if status is AuthorisationStatus.CAPTURED:
-        if result.amount_minor is not None and result.amount_minor != cash.amount:
-            return (f"ignored: the channel says it captured {result.amount_minor}, "
-                    f"{cash.amount} was asked: for reconciliation")
-        d.set_leg(cash.leg_no, LegStatus.PAID, "captured",
-                  channel_txn_id=result.channel_txn_id or cash.channel_txn_id)
-        d.update(next_query_at_ms=None)
-        _captured(d)
-        return "applied"
-    if status is AuthorisationStatus.AUTHORISED:
-        return "ignored: the capture is not applied yet; it is asked again on the schedule"
-    if result.op is not AuthorisationOp.CAPTURE or status is AuthorisationStatus.NOT_FOUND:
-        # a late answer of an earlier call (a query sent while authorising) or a channel not
-        # seeing the serial yet: only the capture's own refusal may fail a capture
-        return (f"ignored: {result.op.value} says {status.value} while capturing; the "
-                "capture is asked again on the schedule")
-    why = result.reason or status.value
-    # the wallet keeps its authorisation after refusing a capture: void it, so the payer's
-    # money is not held until the wallet's own expiry (the leg voiding keeps the order
-    # unsettled until the wallet says voided)
-    assert cash.channel is not None
-    d.set_leg(cash.leg_no, LegStatus.VOIDING, f"capture refused ({why}): void")
-    d.effects.append(VoidCash(cash.channel, d.order.payment_serial))
-    _arm_query(d, attempt=0)
-    d.move(Trigger.CAPTURE_DECLINED, f"capture_declined: {why}")
-    _release_everything(d, "capture declined")
-    return "applied"
-
-
-def _voiding_answer(d: _Draft, cash: Leg, result: AuthorisationResult,
-                    status: AuthorisationStatus) -> str:
-    if status in (AuthorisationStatus.AUTHORISED, AuthorisationStatus.CAPTURED):
-        return (f"ignored: {result.op.value} says {status.value} while voiding; the void is "
-                "asked again on the schedule")
-    if status is AuthorisationStatus.NOT_FOUND:
-        # not proof: an authorise may still be on its way (in flight, or its request slow).
-        # The void itself records an unseen serial voided, so a late authorise is refused.
-        if result.op is AuthorisationOp.VOID:  # the void's own answer: the query schedule
-            return "ignored: the void says not found; it is asked again on the schedule"
-        assert cash.channel is not None
-        d.effects.append(VoidCash(cash.channel, d.order.payment_serial))
-        return (f"applied: {result.op.value} says not found while voiding; the void is sent "
-                "again, which fences a late authorise")
-    d.set_leg(cash.leg_no, LegStatus.VOIDED, result.reason or "voided")
-    d.update(next_query_at_ms=None)
-    if d.order.state is OrderState.VOIDING:
-        d.move(Trigger.VOIDED, d.order.cause)
-    elif d.order.state is OrderState.CAPTURING:  # a capture with no cash share
-        _captured(d)
-    return "applied"
-
-
-def _captured(d: _Draft) -> None:
-    """The cash share is captured (or had none and is voided): succeed and confirm each
-    voucher for its captured share."""
-    assert d.order.state is OrderState.CAPTURING, d.order.state
-    d.move(Trigger.CAPTURED, f"captured {d.order.total_minor}")
-    for leg in d.legs(*HOLD_MODES):
-        if leg.status is LegStatus.HELD:
-            assert leg.value_minor > 0, leg
-            d.set_leg(leg.leg_no, LegStatus.CONFIRMING, "captured")
-            d.effects.append(_confirm(d.order, leg))
-
-
-def _authorisation_query_due(d: _Draft, token: int) -> str:
-    order, cash = d.order, d.order.cash_leg
-    due = order.next_query_at_ms
-    if cash is None or cash.status not in _AUTHORISATION_CASH_IN_FLIGHT or (
-            token != order.query_attempt or due is None or d.now_ms < due):
-        return "stale: query timer"
-    if token >= len(d.policy.query_schedule_for(cash.channel)):
-        if cash.status is LegStatus.AUTHORISING:  # never known: void it, which is safe
-            return _void_authorisation(d, Trigger.VOID, "void: the authorisation went "
-                                                        "unanswered")
-        # a capture or void decided stays decided: asked again at the next start
-        d.update(next_query_at_ms=None, query_attempt=token + 1)
-        return "applied"
-    command = _authorisation_command(order, cash)
-    assert command is not None
-    d.effects.append(command)
-    _arm_query(d, token + 1)
-    return "applied"
+# The pre-authorisation's transitions (engine.preauth) build on the draft and helpers above,
+# so the module is imported last: whichever of the two is imported first, the other finds
+# what it needs.
+from payengine.engine import preauth as _preauth  # noqa: E402

@@ -22,6 +22,7 @@ from __future__ import annotations
 import sqlite3
 from typing import TYPE_CHECKING, Any
 
+from payengine.engine.authorisation import AuthorisationFlag
 from payengine.engine.operator import (
     ATTENTION_ITEMS_MAX,
     RESOLUTIONS_KEPT_MAX,
@@ -142,6 +143,7 @@ def attention(store: Store, *, planted_bugs: frozenset[str] = frozenset(),
     if "attention-misses-owed" not in planted_bugs:
         items += _owed(store)
     items += _refused(store)
+    items += _authorisations_flagged(store)
     items += [*_dead_letters(store), *_given_up(store)]
     if include_resolved:
         return items
@@ -244,6 +246,36 @@ def _refused(store: Store) -> list[AttentionItem]:
                           f" of {amount} on {account_id} refused by its voucher system "
                           f"({status}): settle it with that system", order_id=str(order_id))
             for order_id, leg_no, status, account_id, amount, at_ms in rows]
+
+
+AUTHORISATION_FLAG_KINDS = {AuthorisationFlag.UNSETTLED: AttentionKind.AUTHORISATION_UNSETTLED,
+                            AuthorisationFlag.AMOUNT_MISMATCH:
+                                AttentionKind.CAPTURE_AMOUNT_MISMATCH}
+"""The attention kind of each ``Authorisation.flag``."""
+AUTHORISATION_UNSETTLED_LEG_STATUSES = (LegStatus.CAPTURING, LegStatus.VOIDING)
+"""A flagged pre-authorisation is listed while its cash leg is in one of these."""
+
+
+def _authorisations_flagged(store: Store) -> list[AttentionItem]:
+    """Pre-authorisations flagged (``payment_orders.authorisation``'s 5th item) whose
+    capture or void is still unsettled."""
+    statuses = [s.value for s in AUTHORISATION_UNSETTLED_LEG_STATUSES]
+    with store._read(snapshot=False) as conn:
+        rows = conn.execute(
+            "SELECT o.order_id, json_extract(o.authorisation, '$[4]'),"
+            " json_extract(o.authorisation, '$[5]'), COALESCE(o.updated_at_ms, o.created_at_ms)"
+            " FROM payment_orders o WHERE o.settled = 0 AND o.authorisation IS NOT NULL"
+            " AND json_extract(o.authorisation, '$[4]') IS NOT NULL AND EXISTS (SELECT 1 FROM"
+            " legs l WHERE l.order_id = o.order_id AND l.mode = ? AND l.status IN"
+            f" ({','.join('?' * len(statuses))})) ORDER BY o.created_at_ms, o.order_id LIMIT ?",
+            (LegMode.CASH.value, *statuses, ATTENTION_ITEMS_MAX)).fetchall()
+    items = []
+    for order_id, flag, note, at_ms in rows:
+        kind = AUTHORISATION_FLAG_KINDS[AuthorisationFlag(str(flag))]
+        items.append(AttentionItem(item_id(kind, order_id), kind, int(at_ms or 0),
+                                   f"{note}; the sentinel goes on asking the wallet",
+                                   order_id=str(order_id)))
+    return items
 
 
 def _dead_letters(store: Store) -> list[AttentionItem]:

@@ -717,6 +717,17 @@ class Store:
             ).fetchall()
         return {str(channel): int(n) for channel, n in rows}
 
+    def unsettled_authorisations_by_channel(self) -> dict[str, int]:
+        """How many unsettled pump pre-authorisations have their cash leg through each
+        channel (``Engine.open`` checks each such channel can pre-authorise)."""
+        with self._read(snapshot=False) as conn:
+            rows = conn.execute(
+                "SELECT l.channel, COUNT(DISTINCT o.order_id) FROM payment_orders o"
+                " JOIN legs l ON l.order_id = o.order_id WHERE o.settled = 0"
+                " AND o.authorisation IS NOT NULL AND l.mode = 'cash' AND l.channel IS NOT NULL"
+                " GROUP BY l.channel").fetchall()
+        return {str(channel): int(n) for channel, n in rows}
+
     def unsettled_orders_by_provider(self) -> dict[str, int]:
         """How many unsettled orders have a voucher leg on an account of no voucher account
         here whose id has a ``<provider>:`` prefix, by that prefix (``Engine.open`` checks

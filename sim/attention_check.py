@@ -5,9 +5,11 @@ the queue the engine
 shows must list exactly the open items the oracle finds on its own: every order
 ``needs_reconciliation`` (``amount_mismatch`` apart), every flagged voucher follow-up
 (``confirm_unknown``, ``release_unknown``, an unknown return), every refund ``unknown``
-(walking every order as stored), every outbox dead letter and every given-up merchant
-notification. Invariant ``attention-lists-open-items``; the planted bug
-``attention-misses-owed`` leaves owed follow-ups out of the queue.
+(walking every order as stored), every outbox dead letter, every given-up merchant
+notification and every flagged pump pre-authorisation whose capture or void is unsettled
+(``authorisation_unsettled``, ``capture_amount_mismatch``). Invariant
+``attention-lists-open-items``; the planted bug ``attention-misses-owed`` leaves owed
+follow-ups out of the queue.
 
 Sampled from the deterministic scheduler's ``on_step`` hook, between two steps (a
 consistent store), so it schedules nothing and draws no random number: the run is the same
@@ -19,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from payengine.actors.engine import Engine
+from payengine.engine.authorisation import AuthorisationFlag
 from payengine.engine.operator import ATTENTION_ITEMS_MAX, AttentionKind, item_id
 from payengine.engine.order import LegStatus, OrderState, RefundStatus, owed_commands
 from payengine.persistence.store import Store
@@ -51,6 +54,13 @@ def open_items(store: Store) -> dict[str, AttentionKind]:
             if leg.status in (LegStatus.CONFIRM_FAILED, LegStatus.RELEASE_FAILED):
                 kind = AttentionKind.FOLLOW_UP_REFUSED
                 found[item_id(kind, order.order_id, leg.leg_no)] = kind
+        a, cash = order.authorisation, order.cash_leg
+        if a is not None and a.flag is not None and cash is not None and cash.status in (
+                LegStatus.CAPTURING, LegStatus.VOIDING):
+            kind = (AttentionKind.CAPTURE_AMOUNT_MISMATCH
+                    if a.flag is AuthorisationFlag.AMOUNT_MISMATCH
+                    else AttentionKind.AUTHORISATION_UNSETTLED)
+            found[item_id(kind, order.order_id)] = kind
         for refund in order.refunds:
             if refund.status is RefundStatus.UNKNOWN:
                 kind = AttentionKind.REFUND_UNKNOWN
@@ -90,7 +100,9 @@ def anything_open(store: Store) -> bool:
             " OR parts LIKE '%unknown%') OR EXISTS (SELECT 1 FROM payment_orders"
             " WHERE state = 'needs_reconciliation') OR EXISTS (SELECT 1 FROM"
             " outbox_dead_letters) OR EXISTS (SELECT 1 FROM merchant_notifications"
-            " WHERE status = 'given_up')").fetchone()
+            " WHERE status = 'given_up') OR EXISTS (SELECT 1 FROM payment_orders"
+            " WHERE settled = 0 AND json_extract(authorisation, '$[4]') IS NOT NULL)"
+            ).fetchone()
     return bool(row[0])
 
 

@@ -91,6 +91,9 @@ class ChannelFaults:
     """An authorise, capture or void call times out before the wallet saw it."""
     authorisation_answer_lost: float = 0.0
     """An authorise, capture or void call took, and its answer is lost (a timeout)."""
+    capture_amount_misreported: float = 0.0
+    """An answer about a captured authorisation says another amount than the wallet took
+    (less, by 1 fen up to a tenth): the engine must not believe it."""
     user_pay_delay_ms: tuple[int, int] = (10, 300)
     late_pay_delay_ms: tuple[int, int] = (1_000, 4_000)
     callback_delay_ms: tuple[int, int] = (0, 200)
@@ -254,6 +257,9 @@ class SimulatedChannel:
         """Pump pre-authorisations by serial, as the wallet sees them: the ground truth."""
         self.authorisation_rng = random.Random(seed + 27)
         """Every draw for pre-authorisations: a stream of its own, as ``agreement_rng``."""
+        self.misreport_rng = random.Random(seed + 31)
+        """Every draw for ``capture_amount_misreported``: a stream of its own, so the other
+        pre-authorisation draws are what they were before it."""
 
     @classmethod
     def from_config(cls, config: ChannelConfig, world: World, *, seed: int | None = None,
@@ -452,6 +458,12 @@ class SimulatedChannel:
     def _auth_reply(self, record: SimAuthorisation) -> AuthorisationReply:
         amount = {AuthorisationStatus.AUTHORISED: record.amount_minor,
                   AuthorisationStatus.CAPTURED: record.captured_minor}.get(record.state)
+        p = self.faults.capture_amount_misreported
+        if (record.state is AuthorisationStatus.CAPTURED and amount is not None and amount >= 2
+                and p > 0 and self.misreport_rng.random() < p):
+            self.counts["capture_amount_misreported"] = (
+                self.counts.get("capture_amount_misreported", 0) + 1)
+            amount -= self.misreport_rng.randint(1, max(1, amount // 10))
         return AuthorisationReply(record.state, amount or None, record.txn_id or None,
                                   record.state.value)
 

@@ -114,7 +114,8 @@ def _item_json(item: AttentionItem) -> dict[str, Any]:
                help="Lists everything the engine cannot finish by itself: orders "
                     "needs_reconciliation (amount_mismatch on their own), owed voucher "
                     "follow-ups, refunds unknown, outbox dead letters, given-up merchant "
-                    "notifications; at most 1000 of each kind, oldest first, acknowledged "
+                    "notifications, pump pre-authorisations unsettled or with a misreported "
+                    "capture amount; at most 1000 of each kind, oldest first, acknowledged "
                     "ones left out. Reads only: safe beside a running engine. Exit status 0 "
                     "if the queue is empty, 1 if not.")
 @db_option

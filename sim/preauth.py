@@ -11,9 +11,10 @@ seed's workload is what it was before. Each pre-authorisation authorises up to a
 - is voided, and sometimes captured after the void (``AuthorisationVoided``);
 - is abandoned: it must expire and be voided at the wallet.
 
-The wallets' faults for authorisations (declined, request lost, answer lost) are switched on
-by ``faults``; crashes and voucher faults hit these orders as any. ``accepted`` keeps every
-capture the engine accepted, for ``oracle.check_authorisations``.
+The wallets' faults for authorisations (declined, request lost, answer lost, a captured
+amount misreported) are switched on by ``faults``; crashes and voucher faults hit these
+orders as any. ``accepted`` keeps every capture the engine accepted, for
+``oracle.check_authorisations``.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class Pumps:
     def faults(channel: ChannelFaults) -> ChannelFaults:
         """The wallets' pre-authorisation faults, on top of the run's others."""
         return replace(channel, authorisation_declined=0.05, authorisation_request_lost=0.1,
-                       authorisation_answer_lost=0.1)
+                       authorisation_answer_lost=0.1, capture_amount_misreported=0.1)
 
     def setup(self, engine: Engine, customers: list[str]) -> None:
         for c in customers:

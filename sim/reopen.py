@@ -6,6 +6,11 @@ exactly when unsettled orders use the channel left out, naming it with their num
 before anything ran: an engine that took such an open would leave those orders' actors with
 no channel at every timer. Nothing of the workload is drawn here, so seeds' workloads stay
 the same; a refused open starts nothing, an accepted one is abandoned before it was driven.
+
+Then it opens once with each channel in turn unable to pre-authorise (``CannotAuthorise``):
+``Engine.open`` must refuse (``AuthorisationChannelsMissing``) exactly when unsettled pump
+pre-authorisations use it (invariant ``reopen-needs-authorising-channels``; the planted bug
+``open-with-non-authorising-channel`` skips the check).
 """
 
 from __future__ import annotations
@@ -14,20 +19,39 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from payengine.actors.engine import Engine
-from payengine.engine.errors import ChannelsMissing
+from payengine.engine.errors import AuthorisationChannelsMissing, ChannelsMissing
 from payengine.sim.oracle import Violation
 
 
 @dataclass(frozen=True, slots=True)
 class ReopenTry:
-    """One open without ``missing``: refused with ``named`` (channel -> unsettled orders),
-    or accepted (``named`` is ``None``)."""
+    """One open without ``missing`` (or, ``plain``, with ``missing`` unable to
+    pre-authorise): refused with ``named`` (channel -> unsettled orders, or unsettled
+    pre-authorisations), or accepted (``named`` is ``None``)."""
 
     missing: str
     named: dict[str, int] | None
     used: dict[str, int]
-    """Unsettled orders by channel, read from the file just before this open (an accepted
-    open may itself start work: a resumed withholding submits its next attempt)."""
+    """Unsettled orders (``plain``: pre-authorisations) by channel, read from the file just
+    before this open (an accepted open may itself start work: a resumed withholding submits
+    its next attempt)."""
+    plain: bool = False
+
+
+AUTHORISATION_METHODS = frozenset({"authorise", "capture", "void", "query_authorisation"})
+
+
+class CannotAuthorise:
+    """A wallet as an operator might configure it by mistake: the same channel without its
+    ``AuthorisationChannel`` methods (an HTTP adapter of the same wallet, say)."""
+
+    def __init__(self, inner: object) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> object:
+        if name in AUTHORISATION_METHODS:
+            raise AttributeError(name)
+        return getattr(self._inner, name)
 
 
 def try_without_each(channels: Mapping[str, object],
@@ -49,13 +73,34 @@ def try_without_each(channels: Mapping[str, object],
     return tries
 
 
+def try_plain_each(channels: Mapping[str, object],
+                   open_plain: Callable[[str], Engine],
+                   abandon: Callable[[Engine], None],
+                   usage: Callable[[], dict[str, int]]) -> list[ReopenTry]:
+    """Open with each channel in turn unable to pre-authorise (``open_plain(name)``), in
+    name order, each after reading ``usage()`` (unsettled pre-authorisations by channel)."""
+    tries = []
+    for plain in sorted(channels):
+        used = usage()
+        try:
+            engine = open_plain(plain)
+        except AuthorisationChannelsMissing as refused:
+            tries.append(ReopenTry(plain, dict(refused.channels), used, plain=True))
+            continue
+        abandon(engine)
+        tries.append(ReopenTry(plain, None, used, plain=True))
+    return tries
+
+
 def check_reopens(tries: list[ReopenTry]) -> list[Violation]:
     """A refusal names exactly the channel left out and its orders; an accepted open left
     out a channel no unsettled order used."""
     violations = []
     for t in tries:
         used = t.used.get(t.missing, 0)
-        if t.named is None and used:
+        if t.plain:
+            violations += _check_plain(t, used)
+        elif t.named is None and used:
             violations.append(Violation(
                 "reopen-needs-its-channels", f"channel {t.missing}",
                 f"an engine opened without channel {t.missing}, which {used} unsettled "
@@ -66,3 +111,17 @@ def check_reopens(tries: list[ReopenTry]) -> list[Violation]:
                 f"the open without it was refused naming {t.named}, but {used} unsettled "
                 "orders use it"))
     return violations
+
+
+def _check_plain(t: ReopenTry, used: int) -> list[Violation]:
+    """An open with a channel unable to pre-authorise is refused exactly when unsettled
+    pre-authorisations use it, naming it with their number."""
+    if t.named is None and used:
+        return [Violation("reopen-needs-authorising-channels", f"channel {t.missing}",
+                          f"an engine opened with channel {t.missing} unable to "
+                          f"pre-authorise, which {used} unsettled pre-authorisations use")]
+    if t.named is not None and t.named != {t.missing: used}:
+        return [Violation("reopen-needs-authorising-channels", f"channel {t.missing}",
+                          f"the open was refused naming {t.named}, but {used} unsettled "
+                          "pre-authorisations use it")]
+    return []

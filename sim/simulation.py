@@ -93,7 +93,13 @@ from payengine.sim.preauth import Pumps
 from payengine.sim.preholds import PreHolder
 from payengine.sim.provider import ProviderWorkload
 from payengine.sim.quotes import QuotingTerminals, sim_discounts
-from payengine.sim.reopen import ReopenTry, check_reopens, try_without_each
+from payengine.sim.reopen import (
+    CannotAuthorise,
+    ReopenTry,
+    check_reopens,
+    try_plain_each,
+    try_without_each,
+)
 from payengine.sim.risk import StepUpUser, risk_config
 from payengine.sim.runtime import Scheduler, SimRuntime, SimWorld
 from payengine.sim.signed_requests import SignedRequests
@@ -579,9 +585,13 @@ class Simulation:
             return SimRuntime(self.scheduler, io_latency_ms=self.mix.io_latency_ms)
         return ThreadRuntime()
 
-    def _open_engine(self, runtime: Runtime, *, without: str | None = None) -> Engine:
-        return Engine.open(self.path, channels=[c for name, c in self.channels.items()
-                                                if name != without],
+    def _open_engine(self, runtime: Runtime, *, without: str | None = None,
+                     plain: str | None = None) -> Engine:
+        """``without``: that channel left out; ``plain``: that one unable to pre-authorise
+        (``sim.reopen``'s tries)."""
+        channels: list[Any] = [CannotAuthorise(c) if name == plain else c
+                               for name, c in self.channels.items() if name != without]
+        return Engine.open(self.path, channels=channels,
                            policy=self.policy,
                            config=self.engine_config, runtime=runtime, ids=self.ids,
                            synchronous="OFF" if self.scheduler else "NORMAL",
@@ -610,6 +620,14 @@ class Simulation:
         store = Store(self.path, exclusive=False)
         try:
             return store.unsettled_orders_by_channel()
+        finally:
+            store.close()
+
+    def _unsettled_authorisations(self) -> dict[str, int]:
+        """Unsettled pre-authorisations by channel, read from the file before an open."""
+        store = Store(self.path, exclusive=False)
+        try:
+            return store.unsettled_authorisations_by_channel()
         finally:
             store.close()
 
@@ -682,7 +700,16 @@ class Simulation:
                                  self._unsettled_by_channel)
         self.counts["reopen_refused_without_a_channel"] += sum(
             t.named is not None for t in tries)
-        return tries
+
+        def open_plain(name: str) -> Engine:
+            runtimes.append(self._new_runtime())
+            return self._open_engine(runtimes[-1], plain=name)
+
+        plain = try_plain_each(self.channels, open_plain, abandon,
+                               self._unsettled_authorisations)
+        self.counts["reopen_refused_channel_cannot_authorise"] += sum(
+            t.named is not None for t in plain)
+        return tries + plain
 
     def _arm_crash_after_commit(self) -> None:
         """The next commit of the engine crashes it: its decision is durable, its effects lost."""
