@@ -673,6 +673,11 @@ Each must make the oracle report a violation."""
 # as held, so the order pays before every asynchronous leg succeeded.
 PLANTABLE_BUGS |= {"async-leg-ignored"}
 
+# A report the engine does not believe yet (a second charge, a refund failure) answered as
+# handled by Engine.handle_notification, without asking the channel: the wallet stops
+# re-sending it (the bug lives in actors.engine).
+PLANTABLE_BUGS |= {"notify-acks-unbelieved"}
+
 
 @dataclass(frozen=True, slots=True)
 class OrderPolicy:

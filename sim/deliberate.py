@@ -1,0 +1,138 @@
+"""Situations some planted bugs need, made on purpose in every run instead of left to luck.
+
+The random workload meets a planted bug's situation only by chance: a merchant refund that
+asks for more than is left once the order succeeded, a next attempt sent while the first
+may still succeed. A change anywhere in the workload reshuffles the scheduler, and a bug
+caught by luck goes unseen. This workload makes each situation a few times in every run
+with faults (``Simulation`` calls ``submitted`` for each first attempt it submitted), from a
+stream of its own (``seed + 40``), so the rest of a seed's draws stay as they were:
+
+- **refund twice whole** (``over-refund``): a first attempt that succeeded is refunded whole
+  (``ovr-whole``), then whole again under another number (``ovr-again``): the second must be
+  refused (``RefundRefused``: nothing is left); taken, it is ``over-asking-refund-refused``.
+- **pay again at once** (``two-attempts-succeed``): 1 to 30 ms after a first attempt's receipt
+  the terminal submits the next attempt of the same trade, the same way: refused
+  (``AttemptRefused``) while the first may still succeed; taken, the first may succeed
+  too, which the oracle's ``one-success-per-trade`` sees (an attempt that has a next one
+  never succeeded).
+
+Runs on the simulator's thread (the world's timers); asks the engine and waits, as a
+merchant's back office does.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import replace
+
+from payengine.actors.engine import Engine
+from payengine.actors.messages import Receipt
+from payengine.engine.errors import ActorBroken, IllegalTransition, PaymentError
+from payengine.engine.order import OrderState, PaymentRequest
+from payengine.sim.oracle import Violation
+
+CHOSEN_SHARE = 0.2
+"""Share of first attempts made the subject of a deliberate situation, until the maxima."""
+REFUND_TWICE_MAX = 12
+"""Orders refunded twice whole at most per run (each only if it succeeded)."""
+PAY_AGAIN_AT_ONCE_MAX = 8
+"""Trades paid again at once at most per run."""
+REFUND_TRIES_MAX = 6
+"""Looks at an order that may not have succeeded yet (or is confirming its vouchers, or the
+engine is down), a second apart."""
+REFUND_RETRY_MS = 1_000
+
+
+class Deliberate:
+    """The deliberate situations of one run. Not thread-safe: the simulator's thread."""
+
+    def __init__(self, rng: random.Random, *, engine: Callable[[], Engine | None],
+                 at: Callable[[int, Callable[[], None]], None], now_ms: Callable[[], int],
+                 quiet: Callable[[], bool], pay_window_ms: int, counts: Counter[str],
+                 violations: list[Violation], receipts: dict[tuple[str, int], Receipt]
+                 ) -> None:
+        self.rng = rng
+        self.engine = engine
+        self.at = at
+        self.now_ms = now_ms
+        self.quiet = quiet
+        self.pay_window_ms = pay_window_ms
+        self.counts = counts
+        self.violations = violations
+        self.receipts = receipts
+        """The simulator's acknowledged submits: a next attempt taken joins them."""
+        self.refunds_chosen = 0
+        self.pay_agains_chosen = 0
+
+    def submitted(self, request: PaymentRequest, receipt: Receipt) -> None:
+        """A first attempt was acknowledged: maybe make it the subject of a situation."""
+        if request.attempt != 1 or self.quiet():
+            return
+        if self.refunds_chosen < REFUND_TWICE_MAX and self.rng.random() < CHOSEN_SHARE:
+            self.refunds_chosen += 1
+            due = self.now_ms() + self.pay_window_ms + self.rng.randint(200, 1_500)
+            self.at(due, functools.partial(self._refund_twice, receipt.order_id,
+                                           request.total_minor, 1))
+        if self.pay_agains_chosen < PAY_AGAIN_AT_ONCE_MAX and self.rng.random() < CHOSEN_SHARE:
+            self.pay_agains_chosen += 1
+            due = self.now_ms() + self.rng.randint(1, 30)
+            self.at(due, functools.partial(self._pay_again_at_once, request))
+
+    def _refund_twice(self, order_id: str, total_minor: int, tries: int) -> None:
+        engine = self.engine()
+        if self.quiet():
+            return
+        if engine is None:  # the engine is down: the back office tries again later
+            self._again(order_id, total_minor, tries)
+            return
+        try:
+            state = engine.get_order(order_id).state
+        except PaymentError:
+            return
+        if state in (OrderState.FAILED.value, OrderState.CLOSED.value):
+            self.counts["refund_twice_unpaid"] += 1  # nothing to refund
+            return
+        if state != OrderState.SUCCEEDED.value:  # still paying, say: look again later
+            self._again(order_id, total_minor, tries)
+            return
+        try:
+            engine.refund(order_id, "ovr-whole", total_minor)
+        except IllegalTransition:  # its vouchers still confirming: look again later
+            self._again(order_id, total_minor, tries)
+            return
+        except (PaymentError, ActorBroken) as error:  # refunded in part already, say
+            self.counts[f"refund_twice_whole_refused:{getattr(error, 'code', 'broken')}"] += 1
+            return
+        self.counts["refund_twice"] += 1
+        try:
+            engine.refund(order_id, "ovr-again", total_minor)
+        except (PaymentError, ActorBroken) as error:
+            self.counts[f"refund_twice_refused:{getattr(error, 'code', 'broken')}"] += 1
+            return
+        self.violations.append(Violation(
+            "over-asking-refund-refused", f"order {order_id}",
+            f"refunded whole ({total_minor}), then whole again under another number: taken"))
+
+    def _again(self, order_id: str, total_minor: int, tries: int) -> None:
+        if tries >= REFUND_TRIES_MAX:
+            self.counts["refund_twice_not_ready"] += 1
+        else:
+            self.at(self.now_ms() + REFUND_RETRY_MS,
+                    functools.partial(self._refund_twice, order_id, total_minor, tries + 1))
+
+    def _pay_again_at_once(self, request: PaymentRequest) -> None:
+        engine = self.engine()
+        if engine is None or self.quiet():
+            self.counts["pay_again_at_once_engine_down"] += engine is None
+            return
+        again = replace(request, attempt=request.attempt + 1)
+        self.counts["pay_again_at_once"] += 1
+        try:
+            receipt = engine.submit(again)
+        except PaymentError as error:
+            self.counts[f"pay_again_at_once_refused:{error.code}"] += 1
+            return
+        self.receipts.setdefault((again.merchant_order_no, again.attempt), receipt)
