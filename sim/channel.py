@@ -294,6 +294,8 @@ class SimulatedChannel:
         """Every draw for re-sent notifications (lost again or not) and for the forced
         double charges' delays: a stream of its own, as ``agreement_rng``."""
         self.notify_sends_max = NOTIFY_SENDS_MAX
+        self.notify_resend_schedule_ms = NOTIFY_RESEND_SCHEDULE_MS
+        """Gaps between sends (real time on threads: the simulator shortens them there)."""
         self.notices: dict[str, Notice] = {}
         """Every notification sent, by key: the oracle checks what it says was acknowledged
         against what the engine knows."""
@@ -773,8 +775,9 @@ class SimulatedChannel:
             if notice.sends:
                 self.counts["notify_resent"] = self.counts.get("notify_resent", 0) + 1
             notice.sends += 1
-            if notice.sends < min(self.notify_sends_max, len(NOTIFY_RESEND_SCHEDULE_MS) + 1):
-                gap = NOTIFY_RESEND_SCHEDULE_MS[notice.sends - 1]
+            schedule = self.notify_resend_schedule_ms
+            if notice.sends < min(self.notify_sends_max, len(schedule) + 1):
+                gap = schedule[notice.sends - 1]
                 notice.timer = self.world.call_at(self.world.now_ms() + gap,
                                                   lambda: self._resend(notice))
             elif lost:
@@ -829,6 +832,12 @@ class SimulatedChannel:
             del notice.refusals[:-NOTIFY_REFUSALS_KEPT_MAX]
             if notice.sends >= self.notify_sends_max:
                 self._give_up(notice)
+
+    def sending(self) -> bool:
+        """Whether a notification is still being sent (neither acknowledged nor given up)."""
+        with self._lock:
+            return any(n.acknowledged_at_ms is None and not n.gave_up
+                       for n in self.notices.values())
 
     def unacknowledged(self) -> list[Notice]:
         """Notifications never acknowledged (given up, or still being sent)."""

@@ -492,6 +492,10 @@ class Simulation:
                                                    faults=self.mix.channel,
                                                    wait_for_ack=config.runtime == "threads")
         self.channels = {"wechat": self.channel, "alipay": self.alipay}
+        if config.runtime == "threads":  # real time: re-sends a hundred times sooner
+            for wallet in self.channels.values():
+                wallet.notify_resend_schedule_ms = tuple(
+                    gap // 100 for gap in wallet.notify_resend_schedule_ms)
         if self.withholds is not None:
             self.withholds.wallets = self.channels
         self.forged_counts: dict[str, int] = {}
@@ -1249,7 +1253,8 @@ class Simulation:
             engine = self.engine
             if engine is not None and not self.pending_submits and engine.unsettled_count() == 0 \
                     and not any(a.held for a in engine.store.all_accounts()) \
-                    and engine.notifications.caught_up():
+                    and engine.notifications.caught_up() \
+                    and not any(w.sending() for w in self.channels.values()):
                 return
             time.sleep(0.05)
 
