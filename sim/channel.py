@@ -294,7 +294,7 @@ class SimulatedChannel:
         """Every draw for re-sent notifications (lost again or not) and for the forced
         double charges' delays: a stream of its own, as ``agreement_rng``."""
         self.notify_sends_max = NOTIFY_SENDS_MAX
-        self.notify_resend_schedule_ms = NOTIFY_RESEND_SCHEDULE_MS
+        self.notify_resend_schedule_ms: tuple[int, ...] = NOTIFY_RESEND_SCHEDULE_MS
         """Gaps between sends (real time on threads: the simulator shortens them there)."""
         self.notices: dict[str, Notice] = {}
         """Every notification sent, by key: the oracle checks what it says was acknowledged
