@@ -7,14 +7,15 @@ caught by luck goes unseen. This workload makes each situation a few times in ev
 with faults (``Simulation`` calls ``submitted`` for each first attempt it submitted), from a
 stream of its own (``seed + 40``), so the rest of a seed's draws stay as they were:
 
-- **refund twice whole** (``over-refund``): a first attempt that succeeded is refunded whole
+- **refund twice whole** (``over-refund``): at four moments, up to two first attempts that
+  succeeded by then (drawn among them) are each refunded whole
   (``ovr-whole``), then whole again under another number (``ovr-again``): the second must be
   refused (``RefundRefused``: nothing is left); taken, it is ``over-asking-refund-refused``.
 - **pay again at once** (``two-attempts-succeed``): 1 to 30 ms after a first attempt's receipt
   the terminal submits the next attempt of the same trade, the same way: refused
-  (``AttemptRefused``) while the first may still succeed; taken, the first may succeed
-  too, which the oracle's ``one-success-per-trade`` sees (an attempt that has a next one
-  never succeeded).
+  (``AttemptRefused``) while the first may still succeed; taken, the first must be
+  ``failed`` or ``closed`` (``next-attempt-after-unpaid``), and the oracle's
+  ``one-success-per-trade`` sees a first that succeeded all the same.
 
 Runs on the simulator's thread (the world's timers); asks the engine and waits, as a
 merchant's back office does.
@@ -35,9 +36,15 @@ from payengine.engine.order import OrderState, PaymentRequest
 from payengine.sim.oracle import Violation
 
 CHOSEN_SHARE = 0.2
-"""Share of first attempts made the subject of a deliberate situation, until the maxima."""
-REFUND_TWICE_MAX = 12
-"""Orders refunded twice whole at most per run (each only if it succeeded)."""
+"""Share of first attempts paid again at once, until ``PAY_AGAIN_AT_ONCE_MAX``."""
+REFUND_SWEEPS = 4
+"""Moments in the workload (a quarter of its span apart, a pay window after) when orders
+that succeeded by then are chosen to be refunded twice whole."""
+REFUND_TWICE_PER_SWEEP = 2
+"""Orders refunded twice whole per sweep at most: among those that succeeded, so a run whose
+payments mostly fail has some too."""
+CANDIDATES_MAX = 100_000
+"""First attempts remembered as candidates for refunding twice (one per order)."""
 PAY_AGAIN_AT_ONCE_MAX = 8
 """Trades paid again at once at most per run."""
 REFUND_TRIES_MAX = 6
@@ -64,22 +71,43 @@ class Deliberate:
         self.violations = violations
         self.receipts = receipts
         """The simulator's acknowledged submits: a next attempt taken joins them."""
-        self.refunds_chosen = 0
+        self.candidates: dict[str, int] = {}
+        """First attempts of the workload (order id -> total), not yet refunded twice."""
         self.pay_agains_chosen = 0
 
     def submitted(self, request: PaymentRequest, receipt: Receipt) -> None:
         """A first attempt was acknowledged: maybe make it the subject of a situation."""
         if request.attempt != 1 or self.quiet():
             return
-        if self.refunds_chosen < REFUND_TWICE_MAX and self.rng.random() < CHOSEN_SHARE:
-            self.refunds_chosen += 1
-            due = self.now_ms() + self.pay_window_ms + self.rng.randint(200, 1_500)
-            self.at(due, functools.partial(self._refund_twice, receipt.order_id,
-                                           request.total_minor, 1))
+        if len(self.candidates) < CANDIDATES_MAX:
+            self.candidates[receipt.order_id] = request.total_minor
         if self.pay_agains_chosen < PAY_AGAIN_AT_ONCE_MAX and self.rng.random() < CHOSEN_SHARE:
             self.pay_agains_chosen += 1
             due = self.now_ms() + self.rng.randint(1, 30)
-            self.at(due, functools.partial(self._pay_again_at_once, request))
+            self.at(due, functools.partial(self._pay_again_at_once, request, receipt.order_id))
+
+    def schedule(self, start_ms: int, span_ms: int) -> None:
+        """The refund sweeps, over the workload's span (``Simulation._schedule_workload``)."""
+        for k in range(1, REFUND_SWEEPS + 1):
+            due = start_ms + span_ms * k // REFUND_SWEEPS + self.pay_window_ms + 500
+            self.at(due, functools.partial(self._refund_sweep, 1))
+
+    def _refund_sweep(self, tries: int) -> None:
+        """Choose orders that succeeded by now and refund them twice whole."""
+        engine = self.engine()
+        if self.quiet():
+            return
+        if engine is None:  # down: the back office tries again a second later
+            if tries < REFUND_TRIES_MAX:
+                self.at(self.now_ms() + REFUND_RETRY_MS,
+                        functools.partial(self._refund_sweep, tries + 1))
+            return
+        paid = [order_id for order_id in sorted(self.candidates)
+                if engine.get_order(order_id).state == OrderState.SUCCEEDED.value]
+        chosen = [(order_id, self.candidates.pop(order_id)) for order_id in
+                  self.rng.sample(paid, min(REFUND_TWICE_PER_SWEEP, len(paid)))]
+        for order_id, total_minor in chosen:  # each refund runs the world meanwhile
+            self._refund_twice(order_id, total_minor, 1)
 
     def _refund_twice(self, order_id: str, total_minor: int, tries: int) -> None:
         engine = self.engine()
@@ -92,11 +120,8 @@ class Deliberate:
             state = engine.get_order(order_id).state
         except PaymentError:
             return
-        if state in (OrderState.FAILED.value, OrderState.CLOSED.value):
-            self.counts["refund_twice_unpaid"] += 1  # nothing to refund
-            return
-        if state != OrderState.SUCCEEDED.value:  # still paying, say: look again later
-            self._again(order_id, total_minor, tries)
+        if state != OrderState.SUCCEEDED.value:  # refunded in the meantime, say
+            self.counts["refund_twice_not_paid"] += 1
             return
         try:
             engine.refund(order_id, "ovr-whole", total_minor)
@@ -123,7 +148,7 @@ class Deliberate:
             self.at(self.now_ms() + REFUND_RETRY_MS,
                     functools.partial(self._refund_twice, order_id, total_minor, tries + 1))
 
-    def _pay_again_at_once(self, request: PaymentRequest) -> None:
+    def _pay_again_at_once(self, request: PaymentRequest, first_order_id: str) -> None:
         engine = self.engine()
         if engine is None or self.quiet():
             self.counts["pay_again_at_once_engine_down"] += engine is None
@@ -136,3 +161,10 @@ class Deliberate:
             self.counts[f"pay_again_at_once_refused:{error.code}"] += 1
             return
         self.receipts.setdefault((again.merchant_order_no, again.attempt), receipt)
+        # Taken: so the first had failed or closed, for good (both are final)
+        first = engine.get_order(first_order_id).state
+        if first not in (OrderState.FAILED.value, OrderState.CLOSED.value):
+            self.violations.append(Violation(
+                "next-attempt-after-unpaid", f"order {first_order_id}",
+                f"attempt {again.attempt} of {again.merchant_order_no} was taken "
+                f"({receipt.order_id}) while attempt {request.attempt} is {first}"))

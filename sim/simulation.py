@@ -986,6 +986,8 @@ class Simulation:
             if self.rng.random() < self.mix.duplicate_submit:
                 self.counts["duplicate_submit"] += 1
                 self._at(at + self.rng.randint(0, 5), functools.partial(self._submit, request))
+        if self.deliberate is not None:
+            self.deliberate.schedule(now, span_ms)
         if self.signed is not None:
             self.signed.schedule(now, span_ms, self.config.orders)
         if self.withholds is not None:
