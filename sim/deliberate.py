@@ -17,6 +17,10 @@ stream of its own (``seed + 40``), so the rest of a seed's draws stay as they we
   ``failed`` or ``closed`` (``next-attempt-after-unpaid``), and the oracle's
   ``one-success-per-trade`` sees a first that succeeded all the same.
 
+- **a late "processing"** (``regress-success``): at the same moments, up to two of those
+  paid orders get a "processing" callback (``handle_callback``, as a delayed one arrives):
+  it must change nothing.
+
 Runs on the simulator's thread (the world's timers); asks the engine and waits, as a
 merchant's back office does.
 """
@@ -29,10 +33,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 
+from payengine.actors.channel import ChannelReply
 from payengine.actors.engine import Engine
 from payengine.actors.messages import Receipt
 from payengine.engine.errors import ActorBroken, IllegalTransition, PaymentError
-from payengine.engine.order import OrderState, PaymentRequest
+from payengine.engine.order import LegMode, OrderState, PaymentRequest
 from payengine.sim.oracle import Violation
 
 CHOSEN_SHARE = 0.2
@@ -40,6 +45,8 @@ CHOSEN_SHARE = 0.2
 REFUND_SWEEPS = 4
 """Moments in the workload (a quarter of its span apart, a pay window after) when orders
 that succeeded by then are chosen to be refunded twice whole."""
+STALE_PROCESSING_PER_SWEEP = 2
+"""Orders that succeeded by then sent a late "processing" callback per sweep at most."""
 REFUND_TWICE_PER_SWEEP = 2
 """Orders refunded twice whole per sweep at most: among those that succeeded, so a run whose
 payments mostly fail has some too."""
@@ -104,10 +111,27 @@ class Deliberate:
             return
         paid = [order_id for order_id in sorted(self.candidates)
                 if engine.get_order(order_id).state == OrderState.SUCCEEDED.value]
+        for order_id in self.rng.sample(paid, min(STALE_PROCESSING_PER_SWEEP, len(paid))):
+            self._stale_processing(engine, order_id)
         chosen = [(order_id, self.candidates.pop(order_id)) for order_id in
                   self.rng.sample(paid, min(REFUND_TWICE_PER_SWEEP, len(paid)))]
         for order_id, total_minor in chosen:  # each refund runs the world meanwhile
             self._refund_twice(order_id, total_minor, 1)
+
+    def _stale_processing(self, engine: Engine, order_id: str) -> None:
+        """A late "processing" callback for a paid order (a delayed, reordered one): it
+        agrees with nothing new and must change nothing (``regress-success`` moves the
+        order back to paying, which the oracle's ``legal-transition`` sees)."""
+        view = engine.get_order(order_id)
+        cash = next((leg for leg in view.legs if leg.mode == LegMode.CASH.value), None)
+        if cash is None or cash.channel is None:
+            return
+        self.counts["stale_processing"] += 1
+        try:
+            engine.handle_callback(cash.channel, view.payment_serial,
+                                   ChannelReply("SUCCESS", "USERPAYING"), wait=False)
+        except (PaymentError, ActorBroken) as error:  # quarantined: a violation of its own
+            self.counts[f"stale_processing_refused:{getattr(error, 'code', 'broken')}"] += 1
 
     def _refund_twice(self, order_id: str, total_minor: int, tries: int) -> None:
         engine = self.engine()
@@ -157,8 +181,8 @@ class Deliberate:
         self.counts["pay_again_at_once"] += 1
         try:
             receipt = engine.submit(again)
-        except PaymentError as error:
-            self.counts[f"pay_again_at_once_refused:{error.code}"] += 1
+        except (PaymentError, ActorBroken) as error:
+            self.counts[f"pay_again_at_once_refused:{getattr(error, 'code', 'broken')}"] += 1
             return
         self.receipts.setdefault((again.merchant_order_no, again.attempt), receipt)
         # Taken: so the first had failed or closed, for good (both are final)
