@@ -21,6 +21,11 @@ stream of its own (``seed + 40``), so the rest of a seed's draws stay as they we
   paid orders get a "processing" callback (``handle_callback``, as a delayed one arrives):
   it must change nothing.
 
+- **a return into an outage** (``attention-misses-owed``): when a voucher system is down
+  for longer than the voucher retry schedule (``voucher-faults``), two orders paid with its
+  vouchers are refunded whole just after it went down: their returns end ``unknown``,
+  owed follow-ups for the sentinel, which the attention queue must list.
+
 Runs on the simulator's thread (the world's timers); asks the engine and waits, as a
 merchant's back office does.
 """
@@ -50,6 +55,14 @@ STALE_PROCESSING_PER_SWEEP = 2
 REFUND_TWICE_PER_SWEEP = 2
 """Orders refunded twice whole per sweep at most: among those that succeeded, so a run whose
 payments mostly fail has some too."""
+OUTAGE_REFUNDS = 2
+"""Orders refunded whole just after a voucher system's outage began, so their vouchers'
+returns go into it: sent again until the schedule is over, then flagged ``unknown`` for the
+sentinel while the outage lasts (``attention-misses-owed`` leaves such items out)."""
+OUTAGE_REFUND_DELAY_MS = 50
+"""How long after the outage's start they are refunded (their cash comes back first)."""
+OUTAGE_REFUND_RETRY_MS = 100
+"""Looks again this soon while the engine is down (while the outage is young enough)."""
 CANDIDATES_MAX = 100_000
 """First attempts remembered as candidates for refunding twice (one per order)."""
 PAY_AGAIN_AT_ONCE_MAX = 8
@@ -117,6 +130,40 @@ class Deliberate:
                   self.rng.sample(paid, min(REFUND_TWICE_PER_SWEEP, len(paid)))]
         for order_id, total_minor in chosen:  # each refund runs the world meanwhile
             self._refund_twice(order_id, total_minor, 1)
+
+    def into_outage(self, system: str, start_ms: int, latest_ms: int) -> None:
+        """A voucher system (accounts ending ``system``) is unreachable from ``start_ms``:
+        refund orders paid with its vouchers then (``OUTAGE_REFUNDS``), by ``latest_ms``
+        (after it, their returns' retries would outlast the outage)."""
+        self.at(start_ms + OUTAGE_REFUND_DELAY_MS,
+                functools.partial(self._refund_into_outage, system, latest_ms))
+
+    def _refund_into_outage(self, system: str, latest_ms: int) -> None:
+        engine = self.engine()
+        if self.quiet():
+            return
+        if engine is None:  # down: soon again, while the outage is young enough
+            if self.now_ms() + OUTAGE_REFUND_RETRY_MS <= latest_ms:
+                self.at(self.now_ms() + OUTAGE_REFUND_RETRY_MS,
+                        functools.partial(self._refund_into_outage, system, latest_ms))
+            else:
+                self.counts["outage_refund_engine_down"] += 1
+            return
+        paid = []
+        for order_id in sorted(self.candidates):
+            view = engine.get_order(order_id)
+            if view.state == OrderState.SUCCEEDED.value and any(
+                (leg.account_id or "").endswith(system) for leg in view.legs
+            ):
+                paid.append(order_id)
+        for order_id in self.rng.sample(paid, min(OUTAGE_REFUNDS, len(paid))):
+            total_minor = self.candidates.pop(order_id)
+            try:
+                engine.refund(order_id, "ovr-outage", total_minor)
+            except (PaymentError, ActorBroken) as error:
+                self.counts[f"outage_refund_refused:{getattr(error, 'code', 'broken')}"] += 1
+                continue
+            self.counts["outage_refund"] += 1
 
     def _stale_processing(self, engine: Engine, order_id: str) -> None:
         """A late "processing" callback for a paid order (a delayed, reordered one): it

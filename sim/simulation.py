@@ -971,6 +971,9 @@ class Simulation:
             self.mix = replace(self.mix, vouchers=replace(
                 self.mix.vouchers, outage=(system, start, start + length)))
             faults_end = max(faults_end, start + length)
+            if self.deliberate is not None:
+                retries_ms = sum(self.policy.voucher_retry_schedule_ms)
+                self.deliberate.into_outage(system, start, start + length - retries_ms - 300)
         if self.channel_down is not None:
             share, length = self.channel_down
             start = now + int(share * span_ms)
