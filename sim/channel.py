@@ -81,6 +81,10 @@ class ChannelFaults:
     """A withholding pay times out; the wallet charges later (or never, if closed first)."""
     withhold_close_lost: float = 0.0
     """The answer to the close of a withholding pay is lost (the close itself took)."""
+    withhold_close_losses_min: int = 0
+    """The first this many closes of withholding pays lose their answer, whatever
+    ``withhold_close_lost`` drew (a run always has a timed-out attempt whose close is not
+    answered yet, before which no next attempt may go out)."""
     agreement_pending: float = 0.0
     """The user confirms an agreement later: ``sign`` answers PENDING, a callback follows."""
     agreement_refused: float = 0.0
@@ -300,6 +304,7 @@ class SimulatedChannel:
         """Every notification sent, by key: the oracle checks what it says was acknowledged
         against what the engine knows."""
         self.double_charged = 0
+        self.withhold_closes_lost = 0
         """Payments charged twice so far (drawn or forced, ``double_charges_min``)."""
 
     @classmethod
@@ -420,8 +425,11 @@ class SimulatedChannel:
                 self.payments[payment_serial] = payment
             elif payment.state == "USERPAYING":
                 payment.state = "CLOSED"
-            if payment.scenario is PayScenario.WITHHOLD and self._agreement_chance(
-                    self.faults.withhold_close_lost, "withhold_close_lost"):
+            if payment.scenario is PayScenario.WITHHOLD and (self._agreement_chance(
+                    self.faults.withhold_close_lost, "withhold_close_lost")
+                    or self.withhold_closes_lost < self.faults.withhold_close_losses_min):
+                self.withhold_closes_lost += 1
+                self.counts["withhold_close_answers_lost"] = self.withhold_closes_lost
                 raise TimeoutError(f"{self.name}: close {payment_serial} timed out")
             return self._reply(payment)
 
