@@ -239,6 +239,12 @@ CHANNELS_MAX = 1_000
 NOTIFICATION_BYTES_MAX = 64 * 1024
 """The largest notification body accepted: wallets send a few hundred bytes."""
 
+ACKS_UNBELIEVED_BUG = "notify-acks-unbelieved"
+"""A planted bug (``PLANTABLE_BUGS``): a notification or callback the engine does not believe
+on its word (a second charge, a refund failure, an unverified report) answered as handled
+instead of refused, and the channel never asked: the wallet stops sending it, so the engine
+never learns what it says (``sim.oracle.check_wallet_notices`` sees the charge unknown)."""
+
 
 def _channels_by_name(channels: Iterable[Channel]) -> dict[str, Channel]:
     """The channels by name: each named by an id, no name twice (a notification through
@@ -1354,6 +1360,8 @@ class Engine:
             # Not believed on its word: the order asks the channel (bounded), and this is
             # not acknowledged, so the wallet sends it again; once the channel's answer is
             # in, it agrees and returns the state.
+            if ACKS_UNBELIEVED_BUG in self._ctx.policy.planted_bugs:
+                return "queued"  # planted: answered as handled, never asked: not sent again
             if self._confirm_limiter.allow(order_id, not unverified, self._ctx.runtime.now_ms()):
                 self._feed(order_id, event, False)
             what = "an unverified" if unverified else "a verified but unconfirmed"

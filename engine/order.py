@@ -650,6 +650,10 @@ PLANTABLE_BUGS |= {"capture-amount-believed"}
 # ... and an engine opened with a channel its unsettled pre-authorisations use that cannot
 # pre-authorise (the bug lives in ``Engine.open``; the simulator's reopen tries catch it).
 PLANTABLE_BUGS |= {"open-with-non-authorising-channel"}
+# A report the engine does not believe yet (a second charge, a refund failure) answered as
+# handled by Engine.handle_notification, without asking the channel: the wallet stops
+# re-sending it (the bug lives in actors.engine).
+PLANTABLE_BUGS |= {"notify-acks-unbelieved"}
 
 
 @dataclass(frozen=True, slots=True)

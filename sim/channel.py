@@ -81,6 +81,10 @@ class ChannelFaults:
     """A withholding pay times out; the wallet charges later (or never, if closed first)."""
     withhold_close_lost: float = 0.0
     """The answer to the close of a withholding pay is lost (the close itself took)."""
+    withhold_close_losses_min: int = 0
+    """The first this many closes of withholding pays lose their answer, whatever
+    ``withhold_close_lost`` drew (a run always has a timed-out attempt whose close is not
+    answered yet, before which no next attempt may go out)."""
     agreement_pending: float = 0.0
     """The user confirms an agreement later: ``sign`` answers PENDING, a callback follows."""
     agreement_refused: float = 0.0
@@ -94,6 +98,10 @@ class ChannelFaults:
     capture_amount_misreported: float = 0.0
     """An answer about a captured authorisation says another amount than the wallet took
     (less, by 1 fen up to a tenth): the engine must not believe it."""
+    double_charges_min: int = 0
+    """The first this many payments users pay are charged twice, whatever ``double_charge``
+    drew: a run with double charges on always has second charges, whose notifications the
+    engine must refuse until the channel confirms them (the wallet then sends them again)."""
     user_pay_delay_ms: tuple[int, int] = (10, 300)
     late_pay_delay_ms: tuple[int, int] = (1_000, 4_000)
     callback_delay_ms: tuple[int, int] = (0, 200)
@@ -125,6 +133,27 @@ class SimPayment:
 
 
 @dataclass
+class Notice:
+    """One notification the wallet sends until the merchant acknowledges it: its sends and
+    their answers, the wallet's ground truth of what the engine acknowledged."""
+
+    key: str
+    """``payment <serial> <transaction id>`` or ``refund <serial> <refund id>``."""
+    serial: str
+    send: Callable[[CallbackSink], object] = field(repr=False)
+    first_at_ms: int = 0
+    sends: int = 0
+    """Sends made, the lost ones included (at most the wallet's ``notify_sends_max``)."""
+    acknowledged_at_ms: int | None = None
+    refusals: list[str] = field(default_factory=list)
+    """Why sends were not acknowledged (an error code and reason, or ``no_answer``), newest
+    ``NOTIFY_REFUSALS_KEPT_MAX``."""
+    gave_up: bool = False
+    """Every send went unacknowledged: the wallet stopped (a real one at its 16th)."""
+    timer: Any = field(default=None, repr=False)
+
+
+@dataclass
 class SimAuthorisation:
     """The wallet's own record of one pre-authorisation: the ground truth."""
 
@@ -153,6 +182,17 @@ and what it means: the truth a configured code table must agree with (``sim.orac
 REFUND_CODE_MEANINGS: Mapping[str, ResultKind] = {
     "SUCCESS": ResultKind.SUCCESS, "REFUNDCLOSE": ResultKind.FAILURE,
     "PROCESSING": ResultKind.PROCESSING, "REFUNDNOTEXIST": ResultKind.PROCESSING}
+
+NOTIFY_RESEND_SCHEDULE_MS = (15_000, 15_000, 30_000, 180_000, 600_000, 1_200_000,
+                             1_800_000, 1_800_000, 1_800_000, 3_600_000, 10_800_000,
+                             10_800_000, 10_800_000, 21_600_000, 21_600_000)
+"""WeChat Pay's gaps between sends of a notification the merchant did not acknowledge
+(15 s, 15 s, 30 s, 3 m, 10 m, 20 m, 30 m, 30 m, 30 m, 60 m, 3 h, 3 h, 3 h, 6 h, 6 h)."""
+NOTIFY_SENDS_MAX = 5
+"""Sends of one notification a simulated wallet makes at most (the first and four re-sends,
+over four virtual minutes): within the simulator's quiet phase. A real wallet's is 16."""
+NOTIFY_REFUSALS_KEPT_MAX = 8
+"""Refusal codes a wallet keeps per notification (the newest), for the oracle's messages."""
 
 AGREEMENT_CALLBACK_TRIES = 40
 AGREEMENT_CALLBACK_GAP_MS = 500
@@ -260,6 +300,18 @@ class SimulatedChannel:
         self.misreport_rng = random.Random(seed + 31)
         """Every draw for ``capture_amount_misreported``: a stream of its own, so the other
         pre-authorisation draws are what they were before it."""
+        self.notify_rng = random.Random(seed + 50)
+        """Every draw for re-sent notifications (lost again or not) and for the forced
+        double charges' delays: a stream of its own, as ``agreement_rng``."""
+        self.notify_sends_max = NOTIFY_SENDS_MAX
+        self.notify_resend_schedule_ms: tuple[int, ...] = NOTIFY_RESEND_SCHEDULE_MS
+        """Gaps between sends (real time on threads: the simulator shortens them there)."""
+        self.notices: dict[str, Notice] = {}
+        """Every notification sent, by key: the oracle checks what it says was acknowledged
+        against what the engine knows."""
+        self.double_charged = 0
+        self.withhold_closes_lost = 0
+        """Payments charged twice so far (drawn or forced, ``double_charges_min``)."""
 
     @classmethod
     def from_config(cls, config: ChannelConfig, world: World, *, seed: int | None = None,
@@ -379,8 +431,11 @@ class SimulatedChannel:
                 self.payments[payment_serial] = payment
             elif payment.state == "USERPAYING":
                 payment.state = "CLOSED"
-            if payment.scenario is PayScenario.WITHHOLD and self._agreement_chance(
-                    self.faults.withhold_close_lost, "withhold_close_lost"):
+            if payment.scenario is PayScenario.WITHHOLD and (self._agreement_chance(
+                    self.faults.withhold_close_lost, "withhold_close_lost")
+                    or self.withhold_closes_lost < self.faults.withhold_close_losses_min):
+                self.withhold_closes_lost += 1
+                self.counts["withhold_close_answers_lost"] = self.withhold_closes_lost
                 raise TimeoutError(f"{self.name}: close {payment_serial} timed out")
             return self._reply(payment)
 
@@ -586,10 +641,9 @@ class SimulatedChannel:
                 return
             self._charge(payment)
             reply = self._reply(payment)
-            body, headers = self.notifications.sign(
-                ChannelNotification(NotificationKind.PAYMENT, serial, reply))
-        self._deliver(lambda sink: sink.handle_notification(self.name, body, headers,
-                                                            wait=self.wait_for_ack))
+            notice = self._notice(ChannelNotification(NotificationKind.PAYMENT, serial, reply),
+                                  payment.txn_id)
+        self._send_notice(notice)
 
     def _charge(self, payment: SimPayment) -> None:
         payment.state = "SUCCESS"
@@ -663,8 +717,17 @@ class SimulatedChannel:
             if self._chance(self.faults.double_charge, "double_charge"):
                 self._after(self.faults.callback_delay_ms,
                             lambda: self._charge_again(payment_serial))
-        self._notify(self._signed(ChannelNotification(NotificationKind.PAYMENT, payment_serial,
-                                                      reply)))
+                self.double_charged += 1
+            elif self.double_charged < self.faults.double_charges_min:
+                self.counts["double_charge_forced"] = self.counts.get(
+                    "double_charge_forced", 0) + 1
+                self.double_charged += 1
+                self.world.call_at(
+                    self.world.now_ms() + self.notify_rng.randint(*self.faults.callback_delay_ms),
+                    lambda: self._charge_again(payment_serial))
+            notice = self._notice(ChannelNotification(NotificationKind.PAYMENT, payment_serial,
+                                                      reply), payment.txn_id)
+        self._notify(notice)
 
     def _charge_again(self, payment_serial: str) -> None:
         """A second charge for a paid payment (a channel fault): its own notification."""
@@ -674,49 +737,137 @@ class SimulatedChannel:
             payment.charged_minor += payment.amount_minor
             payment.charges.append((txn, payment.amount_minor, self.world.now_ms()))
             reply = ChannelReply("SUCCESS", "SUCCESS", txn, payment.amount_minor)
-        self._notify(self._signed(ChannelNotification(NotificationKind.PAYMENT, payment_serial,
-                                                      reply)))
+            notice = self._notice(ChannelNotification(NotificationKind.PAYMENT, payment_serial,
+                                                      reply), txn)
+        self._notify(notice)
 
     def _refund_done(self, payment_serial: str, refund_id: str) -> None:
         with self._lock:
             refund = self.payments[payment_serial].refunds[refund_id]
             refund.state = "SUCCESS"
         reply = ChannelReply("SUCCESS", "SUCCESS", None, refund.amount_minor)
-        self._notify(self._signed(ChannelNotification(NotificationKind.REFUND, payment_serial,
-                                                      reply, refund_id)), refund=True)
+        with self._lock:
+            notice = self._notice(ChannelNotification(NotificationKind.REFUND, payment_serial,
+                                                      reply, refund_id), refund_id)
+        self._notify(notice, refund=True)
 
-    def _signed(self, notification: ChannelNotification) -> Callable[[CallbackSink], object]:
-        """The notification as the wallet POSTs it: signed body bytes and headers."""
+    def _notice(self, notification: ChannelNotification, ident: str) -> Notice:
+        """The notification as the wallet POSTs it (signed body bytes and headers), kept
+        for the replays of ``sim.forger`` and recorded as owed until acknowledged."""
         body, headers = self.notifications.sign(notification)
         with self._lock:
             self.sent_notifications.append((body, headers))
             del self.sent_notifications[:-SENT_KEPT_MAX]
-        return lambda sink: sink.handle_notification(self.name, body, headers,
-                                                     wait=self.wait_for_ack)
+            key = f"{notification.kind.value} {notification.payment_serial} {ident}"
+            notice = Notice(key, notification.payment_serial,
+                            lambda sink: sink.handle_notification(self.name, body, headers,
+                                                                  wait=self.wait_for_ack),
+                            first_at_ms=self.world.now_ms())
+            self.notices[key] = notice
+            return notice
 
-    def _notify(self, send: Callable[[CallbackSink], object], *, refund: bool = False) -> None:
-        """Send a notification: maybe lost, maybe twice, after a delay; never blocks."""
+    def _notify(self, notice: Notice, *, refund: bool = False) -> None:
+        """Send a notification: maybe lost, maybe twice, after a delay; never blocks. Its
+        first send starts the re-send schedule (``_send_notice``); a lost one is re-sent."""
         with self._lock:
             f = self.faults
             lost, duplicated = ((f.refund_callback_lost, f.refund_callback_duplicated) if refund
                                 else (f.callback_lost, f.callback_duplicated))
             prefix = "refund_" if refund else ""
             if self._chance(lost, f"{prefix}callback_lost"):
+                self._send_notice(notice, lost=True)
                 return
             copies = 2 if self._chance(duplicated, f"{prefix}callback_duplicated") else 1
             delays = [self._draw(f.callback_delay_ms) for _ in range(copies)]
-        for delay in delays:
-            self.world.call_at(self.world.now_ms() + delay, lambda: self._deliver(send))
+        now = self.world.now_ms()
+        self.world.call_at(now + delays[0], lambda: self._send_notice(notice))
+        for delay in delays[1:]:  # a copy the network made: not one of the wallet's sends
+            self.world.call_at(now + delay, lambda: self._deliver(notice))
 
-    def _deliver(self, send: Callable[[CallbackSink], object]) -> None:
+    def _send_notice(self, notice: Notice, *, lost: bool = False) -> None:
+        """One of the wallet's sends of ``notice`` (``lost``: it never arrives), with the
+        next one armed ``NOTIFY_RESEND_SCHEDULE_MS`` later: an acknowledgement disarms it,
+        so a refusal, an error and no answer at all (the engine down, or crashed while it
+        handled it) are all sent again, at most ``notify_sends_max`` times in all."""
+        with self._lock:
+            if notice.acknowledged_at_ms is not None or notice.gave_up:
+                return
+            if notice.sends:
+                self.counts["notify_resent"] = self.counts.get("notify_resent", 0) + 1
+            notice.sends += 1
+            schedule = self.notify_resend_schedule_ms
+            if notice.sends < min(self.notify_sends_max, len(schedule) + 1):
+                gap = schedule[notice.sends - 1]
+                notice.timer = self.world.call_at(self.world.now_ms() + gap,
+                                                  lambda: self._resend(notice))
+            elif lost:
+                self._give_up(notice)
+        if not lost:
+            self._deliver(notice)
+
+    def _give_up(self, notice: Notice) -> None:
+        """The last send went unacknowledged: the wallet stops sending this one."""
+        with self._lock:
+            if not notice.gave_up and notice.acknowledged_at_ms is None:
+                notice.gave_up = True
+                self.counts["notify_gave_up"] = self.counts.get("notify_gave_up", 0) + 1
+
+    def _resend(self, notice: Notice) -> None:
+        """The schedule's next send, lost with the faults' chance (its own stream)."""
+        with self._lock:
+            f = self.faults
+            refund = notice.key.startswith(NotificationKind.REFUND.value)
+            chance = f.refund_callback_lost if refund else f.callback_lost
+            lost = chance > 0 and self.notify_rng.random() < chance
+        self._send_notice(notice, lost=lost)
+
+    def _deliver(self, notice: Notice) -> None:
         sink = self.sink
-        if sink is None:
+        if sink is None:  # the merchant is down: no answer
+            self._answered_notice(notice, ConnectionError("no answer"))
             return
 
         def call() -> object:
-            return send(sink)
+            return notice.send(sink)
 
-        self.world.run_io(f"notify-{self.name}", call, _ignore_result)
+        self.world.run_io(f"notify-{self.name}", call,
+                          lambda result: self._answered_notice(notice, result))
+
+    def _answered_notice(self, notice: Notice, result: object) -> None:
+        """The merchant's answer: a state is an acknowledgement (the schedule stops); an
+        error (a refusal, the engine closed) is none: the next send stays armed."""
+        with self._lock:
+            if isinstance(result, str):
+                if notice.acknowledged_at_ms is None:
+                    notice.acknowledged_at_ms = self.world.now_ms()
+                    notice.gave_up = False
+                    cancel = getattr(notice.timer, "cancel", None)
+                    if cancel is not None:
+                        cancel()
+                return
+            reason = getattr(result, "reason", None)
+            code = getattr(result, "code", None) if isinstance(result, PaymentError) \
+                else "no_answer"
+            notice.refusals.append(f"{code}:{reason}" if reason else str(code))
+            del notice.refusals[:-NOTIFY_REFUSALS_KEPT_MAX]
+            if notice.sends >= self.notify_sends_max:
+                self._give_up(notice)
+
+    def sending(self) -> bool:
+        """Whether a notification is still being sent (neither acknowledged nor given up)."""
+        with self._lock:
+            return any(n.acknowledged_at_ms is None and not n.gave_up
+                       for n in self.notices.values())
+
+    def unacknowledged(self) -> list[Notice]:
+        """Notifications never acknowledged (given up, or still being sent)."""
+        with self._lock:
+            return [n for n in self.notices.values() if n.acknowledged_at_ms is None]
+
+    def acknowledged(self, key: str) -> bool:
+        with self._lock:
+            notice = self.notices.get(key)
+            return notice is not None and notice.acknowledged_at_ms is not None
 
     # ------------------------------------------------------------------ helpers
 
@@ -770,11 +921,3 @@ class SimulatedChannel:
 
     def _after(self, bounds: tuple[int, int], fn: Callable[[], None]) -> None:
         self.world.call_at(self.world.now_ms() + self._draw(bounds), fn)
-
-
-def _ignore_result(result: object) -> None:
-    """A notification's answer is the merchant's business; the channel only sends it.
-
-    An error (unknown order, engine down) counts as not acknowledged: a real channel would
-    retry, this one leaves it to the engine's queries, which is the harder case.
-    """

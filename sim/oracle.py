@@ -45,6 +45,8 @@ from payengine.engine.order import (
     ALLOWED_TRANSITIONS,
     HOLD_MODES,
     OWED_LEG_STATUSES,
+    PAID_CASH_STATUSES,
+    SECOND_CHARGE_PREFIX,
     Leg,
     LegMode,
     LegStatus,
@@ -66,7 +68,7 @@ from payengine.persistence.outbox import (
     OutboxEvent,
 )
 from payengine.persistence.store import Store
-from payengine.sim.channel import PAY_CODE_MEANINGS, REFUND_CODE_MEANINGS
+from payengine.sim.channel import PAY_CODE_MEANINGS, REFUND_CODE_MEANINGS, SimulatedChannel
 
 Told = tuple[str, str, str, str]
 """What a notification told, to match against what should have been told: (event_type,
@@ -529,20 +531,86 @@ def _check_clawbacks(store: Store, order: PaymentOrder, credit: Leg,
 
 
 def check_one_success_per_trade(orders: Iterable[PaymentOrder]) -> list[Violation]:
-    """At most one attempt of a trade order succeeded, and its attempts are 1..n."""
+    """At most one attempt of a trade order succeeded, and only its last: a next attempt is
+    taken only once the one before failed or closed, for good; its attempts are 1..n."""
     succeeded: dict[tuple[str, str], list[str]] = {}
     attempts: dict[tuple[str, str], list[int]] = {}
+    paid_attempts: dict[tuple[str, str], list[int]] = {}
     for order in orders:
         key = (order.merchant_id, order.merchant_order_no)
         attempts.setdefault(key, []).append(order.attempt)
         if order.state is OrderState.SUCCEEDED:
             succeeded.setdefault(key, []).append(order.order_id)
+            paid_attempts.setdefault(key, []).append(order.attempt)
     violations = [Violation("one-success-per-trade", f"trade {k[0]}/{k[1]}",
                             f"attempts {ids} all succeeded")
                   for k, ids in succeeded.items() if len(ids) > 1]
+    violations += [Violation("one-success-per-trade", f"trade {k[0]}/{k[1]}",
+                             f"attempt {min(paid)} succeeded, yet attempt {max(attempts[k])} "
+                             "was taken after it")
+                   for k, paid in paid_attempts.items()
+                   if len(paid) == 1 and paid[0] < max(attempts[k])]
     violations += [Violation("attempts-in-order", f"trade {k[0]}/{k[1]}", f"attempts {sorted(n)}")
                    for k, n in attempts.items() if sorted(n) != list(range(1, len(n) + 1))]
     return violations
+
+
+NOTICE_VIOLATIONS_MAX = 10
+"""Violations ``check_wallet_notices`` names per wallet and kind at most (one cause usually
+breaks many charges alike)."""
+
+
+def check_wallet_notices(store: Store, channels: Mapping[str, SimulatedChannel]
+                         ) -> list[Violation]:
+    """Run before the channel's statement: what the wallets' re-sent notifications promise.
+
+    A wallet sends a notification until the engine acknowledges it (``sim.channel``), and the
+    engine acknowledges one only once it believes it (a second charge, say, once the channel
+    confirmed it). So before any statement every charge a wallet made is known to the engine
+    (its payment's transaction, or a second or late charge it refunds) or flagged for
+    reconciliation; and every notification a wallet sent was acknowledged in the end: a
+    genuine one is never refused for good. An acknowledged refusal breaks the first (the
+    wallet stopped sending what the engine never learnt).
+    """
+    violations: list[Violation] = []
+    for name, wallet in sorted(channels.items()):
+        unknown: list[Violation] = []
+        for serial, payment in sorted(wallet.payments.items()):
+            if not payment.charges:
+                continue
+            order_id = store.order_id_for_serial(serial)
+            order = None if order_id is None else store.load_order(order_id)
+            for txn, amount, at_ms in payment.charges:
+                if order is not None and _charge_known(order, name, serial, txn):
+                    continue
+                told = ("its notification was acknowledged" if wallet.acknowledged(
+                    f"payment {serial} {txn}") else "its notification was never acknowledged")
+                unknown.append(Violation(
+                    "wallet-charges-known",
+                    f"order {order_id}" if order_id else f"serial {serial}",
+                    f"{name} charged {amount} under {txn} at {at_ms} for {serial}; before the "
+                    f"statement the engine neither knows the charge nor flags it ({told})"))
+        violations += unknown[:NOTICE_VIOLATIONS_MAX]
+        violations += [Violation("wallet-notification-acknowledged", f"notification {n.key}",
+                                 f"{name} sent it {n.sends} times, never acknowledged "
+                                 f"(answers: {n.refusals})")
+                       for n in wallet.unacknowledged()][:NOTICE_VIOLATIONS_MAX]
+    return violations
+
+
+def _charge_known(order: PaymentOrder, channel: str, serial: str, txn: str) -> bool:
+    """Whether ``order`` knows the charge: its cash paid under ``txn`` through ``channel``, a
+    second or late charge it refunds, or something flagged for reconciliation."""
+    if order.state is OrderState.NEEDS_RECONCILIATION or any(
+        leg.status in RECONCILIATION_LEG_STATUSES for leg in order.legs
+    ):
+        return True
+    cash = order.cash_leg
+    if cash is not None and (cash.channel, order.payment_serial, cash.channel_txn_id) == (
+        channel, serial, txn
+    ) and cash.status in PAID_CASH_STATUSES:
+        return True
+    return order.refund(refund_no=SECOND_CHARGE_PREFIX + txn) is not None
 
 
 def check_routes(store: Store, table: RoutingTable, orders: Iterable[PaymentOrder]

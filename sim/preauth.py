@@ -9,7 +9,9 @@ seed's workload is what it was before. Each pre-authorisation authorises up to a
   (``AuthorisationVoided``);
 - is captured for more than it authorised (``CaptureAboveAuthorised`` expected);
 - is voided, and sometimes captured after the void (``AuthorisationVoided``);
-- is abandoned: it must expire and be voided at the wallet.
+- is abandoned: it must expire and be voided at the wallet; the first few abandoned ones
+  (``ABOVE_ON_PURPOSE_MAX``) are captured above their authorisation first, on purpose, from
+  a stream of their own (``seed + 41``), so every run has such captures whatever it drew.
 
 The wallets' faults for authorisations (declined, request lost, answer lost, a captured
 amount misreported) are switched on by ``faults``; crashes and voucher faults hit these
@@ -48,6 +50,9 @@ CAPTURE_WAITS_MAX = 8
 """Tries of a capture that found the order still authorising, 300-600 ms apart."""
 TTLS_MS = (1_500, 3_000, 6_000)
 """The pre-authorisations' expiries (their ``pay_window_ms``)."""
+ABOVE_ON_PURPOSE_MAX = 3
+"""Abandoned pre-authorisations that also get a capture above what they authorised, on
+purpose (``Pumps.on_purpose``), so every run has some whatever the fates drew."""
 
 
 class Pumps:
@@ -69,6 +74,10 @@ class Pumps:
         """Order id -> every (capture id, amount) the engine accepted (no error)."""
         self.authorised: dict[str, int] = {}
         """Order id -> what its submit asked to authorise."""
+        self.on_purpose = random.Random(seed + 41)
+        """Draws for the captures above the authorisation made on purpose: a stream of its
+        own, so the pumps' other draws stay as they were."""
+        self.above_on_purpose = 0
 
     @staticmethod
     def faults(channel: ChannelFaults) -> ChannelFaults:
@@ -136,7 +145,33 @@ class Pumps:
             if rng.random() < 0.3:
                 self._at(start + rng.randint(100, 2_000),
                          functools.partial(self._capture, order_id, f"cap-{order_id}", 100, 1))
+        elif self.above_on_purpose < ABOVE_ON_PURPOSE_MAX:
+            # abandoned, and on purpose first captured above the authorisation: refused, it
+            # expires and is voided at the wallet (nothing else races that capture)
+            self.above_on_purpose += 1
+            self._at(self._now() + self.on_purpose.randint(100, 800), functools.partial(
+                self._capture_above, order_id, authorised + self.on_purpose.randint(1, 500), 1))
         # else abandoned: it expires, and is voided at the wallet
+
+    def _capture_above(self, order_id: str, amount: int, sent: int) -> None:
+        """A capture above the authorisation made on purpose: ``CaptureAboveAuthorised``.
+        Waits for an authorisation still under way with its own stream's draws."""
+        engine = self._engine()
+        if engine is None or self._quiet():
+            return
+        try:
+            engine.capture(order_id, amount, capture_id=f"cap-{order_id}-above")
+        except IllegalTransition:
+            state = engine.get_order(order_id).state
+            if state in ("accepted", "authorising") and sent < CAPTURE_WAITS_MAX:
+                self._at(self._now() + self.on_purpose.randint(300, 600), functools.partial(
+                    self._capture_above, order_id, amount, sent + 1))
+            return
+        except (PaymentError, ActorBroken) as error:
+            self.counts[f"capture_above_refused:{getattr(error, 'code', 'broken')}"] += 1
+            return
+        self.counts["capture_above_taken"] += 1
+        self.accepted.setdefault(order_id, set()).add((f"cap-{order_id}-above", amount))
 
     def _capture(self, order_id: str, capture_id: str, amount: int, sent: int) -> None:
         engine = self._engine()

@@ -59,6 +59,10 @@ SUBMIT_DELAY_MS_MAX = 75_000
 """Longest wait between a quote and its submit: past ``QUOTE_TTL_MS``, so some expire."""
 EDIT_SHARE = 0.2
 """Quoted orders the user changes before paying (``Engine.change_order``)."""
+EDITS_AT_ONCE = 3
+"""The first quoted orders of a run changed at once, 1 to 30 ms after their submit, on
+purpose (their own stream, ``seed + 42``): surely before they are paid, so every run
+changes unpaid orders, whose previous one must be closed."""
 POINTS, POINTS_VALUE_MINOR = 20, 200
 """Each quoted payment also spends 20 of the user's points (pre-deduct: held at once)."""
 GRADE, UNIT_PRICE_MINOR, CUT_MINOR_PER_L = "95", 789, 30
@@ -100,6 +104,8 @@ class QuotingTerminals:
         self._now_ms, self._at = now_ms, at
         self._counts, self._violations = counts, violations
         self.quoted: list[_Quoted] = []
+        self._on_purpose = random.Random(seed + 42)
+        self._edited_at_once = 0
 
     def schedule(self, start_ms: int, span_ms: int, orders: int, customers: list[str]
                  ) -> None:
@@ -113,11 +119,13 @@ class QuotingTerminals:
             pump, delay = rng.randint(1, 12), rng.randint(0, SUBMIT_DELAY_MS_MAX)
             self._at(at, functools.partial(self._quote, quoted, amount, pump, at + delay))
 
-    def _edit(self, previous: _Quoted) -> None:
+    def _edit(self, previous: _Quoted, rng: random.Random | None = None,
+              suffix: str = "-e") -> None:
         """The user changes pump and amount before paying: a new quote, and the order
-        changed to it at once."""
-        rng = self._rng
-        edited = _Quoted(f"{previous.no}-e", previous.customer, replaces=previous)
+        changed to it at once (``rng``: the stream it is drawn from, the terminals' own
+        unless it is one made on purpose)."""
+        rng = rng or self._rng
+        edited = _Quoted(f"{previous.no}{suffix}", previous.customer, replaces=previous)
         self.quoted.append(edited)
         self._count("quote_edit")
         self._quote(edited, rng.randint(20, 300) * 100, rng.randint(1, 12), self._now_ms())
@@ -160,9 +168,8 @@ class QuotingTerminals:
             if quoted.order_id is None:
                 self._count("quoted_order")
             quoted.order_id, quoted.refused = order_id, None
-            if previous is None and self._rng.random() < EDIT_SHARE:
-                self._at(self._now_ms() + self._rng.randint(0, 3_000),
-                         functools.partial(self._edit, quoted))
+            if previous is None:
+                self._maybe_edit(quoted)
         except DuplicateSuspected:
             self._submit(quoted, confirm_duplicate=True)
         except PaymentError as error:
@@ -173,6 +180,19 @@ class QuotingTerminals:
                     "quote-honoured", f"merchant order {quoted.no}",
                     f"a submit with quote {quote.quote_id}'s own amounts was refused "
                     f"({error.code}): {error.message}"))
+
+    def _maybe_edit(self, quoted: _Quoted) -> None:
+        """Draw whether the user changes the order (``EDIT_SHARE``, 0 to 3 s later); the
+        first ``EDITS_AT_ONCE`` of a run are changed at once instead, on purpose."""
+        edit = self._rng.random() < EDIT_SHARE
+        delay = self._rng.randint(0, 3_000) if edit else 0
+        if self._edited_at_once < EDITS_AT_ONCE:
+            self._edited_at_once += 1
+            self._count("quote_edit_at_once")
+            self._at(self._now_ms() + self._on_purpose.randint(1, 30),
+                     functools.partial(self._edit, quoted, self._on_purpose, "-e0"))
+        elif edit:
+            self._at(self._now_ms() + delay, functools.partial(self._edit, quoted))
 
     def _change(self, engine: Engine, previous_id: str, request: PaymentRequest) -> str:
         """``Engine.change_order``; checked at once: the previous order is closed (or was

@@ -42,6 +42,12 @@ REVOKE_SHARE = 0.25
 UNSIGN_SHARE = 0.05
 
 
+WITHHOLD_CLOSE_LOSSES_MIN = 3
+"""Closes of withholding pays whose answer each wallet loses, whatever the draws (no draw:
+the streams stay as they were), so every run has a timed-out attempt whose close is not
+answered yet, which no next attempt may overtake (``withhold-retry-after-timeout``)."""
+
+
 class Withholds:
     """The withholding workload of one run; checks at the end (``check``)."""
 
@@ -66,6 +72,7 @@ class Withholds:
         return replace(faults, withhold_declined=self.rng.uniform(0.1, 0.4),
                        withhold_timeout=self.rng.uniform(0.1, 0.4),
                        withhold_close_lost=self.rng.uniform(0.0, 0.5),
+                       withhold_close_losses_min=WITHHOLD_CLOSE_LOSSES_MIN,
                        agreement_pending=0.3, agreement_refused=0.1)
 
     def setup(self, customers: list[str]) -> None:

@@ -184,7 +184,8 @@ def test_a_crash_inside_a_handler_answers_its_asker_as_a_dead_actor() -> None:
 def _extra_orders(faults: dict[str, int]) -> int:
     """Orders a run makes besides its payments' first attempts: at most one per count."""
     return sum(faults.get(kind, 0) for kind in ("pay_again", "recharge", "transfer",
-                                                "quoted_order", "preauth"))
+                                                "quoted_order", "preauth",
+                                                "pay_again_at_once"))
 
 
 def test_a_merchant_that_never_accepts_a_notification_is_a_violation() -> None:

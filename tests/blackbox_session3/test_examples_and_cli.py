@@ -72,6 +72,7 @@ PLANTED = [
     "change-keeps-holds", "open-without-needed-channel", "credit-before-charge",
     "route-after-charge", "metrics-double-count", "notify-acks-refusals",
     "attention-misses-owed", "async-leg-ignored", "capture-above-authorisation",
+    "notify-acks-unbelieved", "capture-amount-believed", "open-with-non-authorising-channel",
 ]
 
 
