@@ -86,7 +86,7 @@ def agreements_of(store: Store, user_id: str, limit: int) -> list[Agreement]:
     """The user's agreements, oldest first, at most ``limit``."""
     with store._read(snapshot=False) as conn:
         rows = conn.execute(f"SELECT {_AGREEMENT_COLUMNS} FROM agreements WHERE user_id = ?"
-                            " ORDER BY created_at_ms, agreement_id LIMIT ?",
+                            " ORDER BY created_at_ms, rowid LIMIT ?",
                             (user_id, limit)).fetchall()
     return [_agreement(row) for row in rows]
 
