@@ -65,6 +65,9 @@ class Authorisation:
     lists it only while the cash leg is still capturing or voiding)."""
     flag_note: str = ""
     """What was seen, for the person: at most ``FLAG_NOTE_MAX`` characters."""
+    flagged_at_ms: int = 0
+    """When the flag was raised (0: not flagged): the attention item's occurrence, so an
+    operator's resolution acts on this flag only and a flag raised again is a new item."""
 
 
 def authorisation_json(order: PaymentOrder) -> list[object] | None:
@@ -72,21 +75,26 @@ def authorisation_json(order: PaymentOrder) -> list[object] | None:
     a = order.authorisation
     if a is None:
         return None
-    return [a.authorised_minor, [list(leg) for leg in a.legs], a.capture_id, a.captured_minor,
-            None if a.flag is None else a.flag.value, a.flag_note]
+    stored: list[object] = [a.authorised_minor, [list(leg) for leg in a.legs], a.capture_id,
+                            a.captured_minor]
+    if a.flag is not None:  # unflagged records keep the 4-item form older releases read
+        stored += [a.flag.value, a.flag_note, a.flagged_at_ms]
+    return stored
 
 
 def authorisation_from_json(data: object) -> Authorisation | None:
-    """``authorisation_json``'s inverse; a record stored before flags (4 items) has none."""
+    """``authorisation_json``'s inverse: 4 items unflagged, 7 flagged (6: flagged before
+    ``flagged_at_ms`` was stored, read as raised at 0)."""
     if data is None:
         return None
-    assert isinstance(data, list) and len(data) in (4, 6), data
+    assert isinstance(data, list) and len(data) in (4, 6, 7), data
     authorised, legs, capture_id, captured = data[:4]
-    flag, note = data[4:] if len(data) == 6 else (None, "")
+    flag, note, at_ms = [*data[4:], 0][:3] if len(data) > 4 else (None, "", 0)
     return Authorisation(int(authorised), tuple((int(n), int(a), int(v)) for n, a, v in legs),
                          None if capture_id is None else str(capture_id),
                          None if captured is None else int(captured),
-                         None if flag is None else AuthorisationFlag(str(flag)), str(note))
+                         None if flag is None else AuthorisationFlag(str(flag)), str(note),
+                         int(at_ms))
 
 
 # --------------------------------------------------------------------------- events

@@ -161,8 +161,10 @@ def _authorisation_command(order: PaymentOrder, cash: Leg
 
 
 def reissue(d: _Draft) -> None:
-    """At a (re)start: ask again what is in flight and re-arm its query schedule (afresh
-    if it had run out: every start asks again, so the bound is per start)."""
+    """At a (re)start or an operator's retry (``Activate``): ask again what is in flight
+    and re-arm its query schedule; afresh, the flag cleared, if it had run out or the
+    authorisation was flagged (the bound is per start; a flag is raised again, as a new
+    occurrence, if the fresh schedule ends unsettled or the wallet repeats another amount)."""
     order = d.order
     cash = order.cash_leg
     if cash is None:
@@ -171,9 +173,11 @@ def reissue(d: _Draft) -> None:
     if command is None:
         return
     d.effects.append(command)
-    if order.next_query_at_ms is not None:
+    if order.next_query_at_ms is not None and (
+            order.authorisation is None or order.authorisation.flag is None):
         d.effects.append(ArmTimer(TimerKind.QUERY, order.next_query_at_ms, order.query_attempt))
-    else:
+    else:  # run out, or flagged (an operator's retry, a start): a fresh schedule, unflagged
+        _unflag(d)
         _arm_query(d, attempt=0)
 
 
@@ -360,6 +364,7 @@ def _capturing_answer(d: _Draft, cash: Leg, result: AuthorisationResult,
     # money is not held until the wallet's own expiry (the leg voiding keeps the order
     # unsettled until the wallet says voided)
     assert cash.channel is not None
+    _unflag(d)
     d.set_leg(cash.leg_no, LegStatus.VOIDING, f"capture refused ({why}): void")
     d.effects.append(VoidCash(cash.channel, d.order.payment_serial))
     _arm_query(d, attempt=0)
@@ -398,8 +403,19 @@ def _flag(d: _Draft, flag: AuthorisationFlag, note: str) -> None:
     if a.flag is AuthorisationFlag.AMOUNT_MISMATCH and flag is not a.flag:
         return
     note = note[:FLAG_NOTE_MAX]
-    if (a.flag, a.flag_note) != (flag, note):
+    if a.flag is None:
+        d.update(authorisation=evolve(a, flag=flag, flag_note=note, flagged_at_ms=d.now_ms))
+    elif (a.flag, a.flag_note) != (flag, note):
         d.update(authorisation=evolve(a, flag=flag, flag_note=note))
+
+
+def _unflag(d: _Draft) -> None:
+    """The cash leg starts another operation (a void after a refused capture, a capture or
+    void asked afresh): a flag raised for the one before says nothing of it, and if it goes
+    unsettled too it is flagged anew (a new occurrence for the attention queue)."""
+    a = d.order.authorisation
+    if a is not None and a.flag is not None:
+        d.update(authorisation=evolve(a, flag=None, flag_note="", flagged_at_ms=0))
 
 
 def _voiding_answer(d: _Draft, cash: Leg, result: AuthorisationResult,

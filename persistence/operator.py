@@ -263,18 +263,21 @@ def _authorisations_flagged(store: Store) -> list[AttentionItem]:
     with store._read(snapshot=False) as conn:
         rows = conn.execute(
             "SELECT o.order_id, json_extract(o.authorisation, '$[4]'),"
-            " json_extract(o.authorisation, '$[5]'), COALESCE(o.updated_at_ms, o.created_at_ms)"
+            " json_extract(o.authorisation, '$[5]'), COALESCE(o.updated_at_ms, o.created_at_ms),"
+            " COALESCE(json_extract(o.authorisation, '$[6]'), 0), o.next_query_at_ms"
             " FROM payment_orders o WHERE o.settled = 0 AND o.authorisation IS NOT NULL"
             " AND json_extract(o.authorisation, '$[4]') IS NOT NULL AND EXISTS (SELECT 1 FROM"
             " legs l WHERE l.order_id = o.order_id AND l.mode = ? AND l.status IN"
             f" ({','.join('?' * len(statuses))})) ORDER BY o.created_at_ms, o.order_id LIMIT ?",
             (LegMode.CASH.value, *statuses, ATTENTION_ITEMS_MAX)).fetchall()
     items = []
-    for order_id, flag, note, at_ms in rows:
+    for order_id, flag, note, at_ms, flagged_at_ms, next_query_at_ms in rows:
         kind = AUTHORISATION_FLAG_KINDS[AuthorisationFlag(str(flag))]
-        items.append(AttentionItem(item_id(kind, order_id), kind, int(at_ms or 0),
-                                   f"{note}; the sentinel goes on asking the wallet",
-                                   order_id=str(order_id)))
+        asking = ("the sentinel goes on asking the wallet" if next_query_at_ms is not None
+                  else "the sentinel stopped asking: retry asks the wallet again")
+        items.append(AttentionItem(item_id(kind, order_id), kind,
+                                   int(flagged_at_ms or at_ms or 0), f"{note}; {asking}",
+                                   occurrence=int(flagged_at_ms), order_id=str(order_id)))
     return items
 
 

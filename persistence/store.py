@@ -718,13 +718,16 @@ class Store:
         return {str(channel): int(n) for channel, n in rows}
 
     def unsettled_authorisations_by_channel(self) -> dict[str, int]:
-        """How many unsettled pump pre-authorisations have their cash leg through each
-        channel (``Engine.open`` checks each such channel can pre-authorise)."""
+        """How many unsettled pump pre-authorisations have their cash leg still authorising,
+        authorised, capturing or voiding through each channel (``Engine.open`` checks each
+        such channel can pre-authorise; a captured one owing only refunds or voucher
+        follow-ups needs no authorisation calls)."""
         with self._read(snapshot=False) as conn:
             rows = conn.execute(
                 "SELECT l.channel, COUNT(DISTINCT o.order_id) FROM payment_orders o"
                 " JOIN legs l ON l.order_id = o.order_id WHERE o.settled = 0"
                 " AND o.authorisation IS NOT NULL AND l.mode = 'cash' AND l.channel IS NOT NULL"
+                " AND l.status IN ('authorising', 'authorised', 'capturing', 'voiding')"
                 " GROUP BY l.channel").fetchall()
         return {str(channel): int(n) for channel, n in rows}
 

@@ -54,3 +54,21 @@ def test_settled_pre_authorisations_do_not_stop_an_open_with_a_plain_channel(
         assert engine.get_order(view.order_id).state == "closed"
     finally:
         engine.shutdown()
+
+
+def test_a_captured_pre_authorisation_owing_only_a_refund_does_not_stop_an_open_with_a_plain_channel(
+        tmp_path: Path) -> None:
+    s = Station(tmp_path / "s.db")
+    view = s.authorised()
+    s.engine.capture(view.order_id, 1_000, capture_id="c")
+    s.run_until("captured", lambda: s.order(view.order_id).settled)
+    s.wallet.refund_reply = TimeoutError("refund timed out")
+    s.engine.refund(view.order_id, "rf-1", 500)
+    s.run_for(1_000)
+    assert not s.order(view.order_id).settled  # the refund is in flight
+    s.engine.shutdown()
+    engine = _open_with_plain_wechat(s)
+    try:
+        assert engine.get_order(view.order_id).state == "succeeded"
+    finally:
+        engine.shutdown()

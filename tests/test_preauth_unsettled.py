@@ -17,6 +17,7 @@ from payengine.engine.authorisation import (
     authorisation_from_json,
 )
 from payengine.engine.errors import ActionNotApplicable
+from payengine.engine.evolve import evolve
 from payengine.engine.order import (
     ArmTimer,
     AuthorisationOp,
@@ -160,8 +161,49 @@ def test_an_authorisation_stored_before_flags_loads_unflagged_and_a_flag_round_t
     from payengine.engine.authorisation import authorisation_json
     stored = authorisation_json(order)
     assert stored is not None and stored[4:] == ["amount_mismatch", order.authorisation.flag_note
-                                                  if order.authorisation else None]
+                                                  if order.authorisation else None, T0]
     assert authorisation_from_json(stored) == order.authorisation
+    assert authorisation_from_json(stored[:6]) == evolve(order.authorisation, flagged_at_ms=0)
+
+
+def test_an_unflagged_authorisation_is_stored_in_the_four_items_older_releases_read() -> None:
+    from payengine.engine.authorisation import authorisation_json
+    order, _ = _capturing()
+    stored = authorisation_json(order)
+    assert stored is not None and len(stored) == 4
+    assert authorisation_from_json(stored) == order.authorisation
+
+
+def test_a_void_after_a_refused_flagged_capture_starts_unflagged_and_is_flagged_anew() -> None:
+    order, _ = _capturing()
+    order, due = _run_out_schedule(order)
+    order, _ = _fire(order, due)
+    assert order.authorisation is not None
+    assert (order.authorisation.flag, order.authorisation.flagged_at_ms) == (
+        AuthorisationFlag.UNSETTLED, due)
+    refused = AuthorisationResult(AuthorisationOp.CAPTURE, A.DECLINED, reason="limit")
+    order = decide(order, refused, now_ms=due + 5, policy=SENTINEL).order
+    assert order.leg(0).status is LegStatus.VOIDING
+    assert order.authorisation is not None and order.authorisation.flag is None
+    order, void_due = _run_out_schedule(order)
+    order, _ = _fire(order, void_due)
+    a = order.authorisation
+    assert a is not None and a.flag is AuthorisationFlag.UNSETTLED
+    assert a.flag_note == "the void is unsettled after its query schedule"
+    assert a.flagged_at_ms == void_due > due
+
+
+def test_a_start_of_a_flagged_order_asks_again_on_a_fresh_schedule_unflagged() -> None:
+    from payengine.engine.order import Activate
+    order, _ = _capturing()
+    order, due = _run_out_schedule(order)
+    order, _ = _fire(order, due)
+    assert order.next_query_at_ms is not None  # the sentinel still asks
+    started = decide(order, Activate(), now_ms=due + 1, policy=SENTINEL)
+    assert [type(e) for e in started.effects] == [CaptureCash, ArmTimer]
+    assert started.order.query_attempt == 0
+    assert started.order.authorisation is not None
+    assert started.order.authorisation.flag is None
 
 
 ANSWERS = st.lists(st.tuples(
@@ -255,6 +297,36 @@ def test_an_unsettled_capture_is_listed_and_acknowledged_while_the_sentinel_goes
     station.wallet.fail["capture"] = 0
     station.run_for(station.policy.voucher_sentinel_interval_ms + 1)
     assert station.order(view.order_id).state == "succeeded"
+
+
+def test_an_unsettled_capture_flagged_again_after_a_retry_is_a_new_occurrence_retried_again(
+        station: Station) -> None:
+    view = station.authorised()
+    station.wallet.fail["capture"] = 10**6  # every capture times out
+    station.engine.capture(view.order_id, 12_345, capture_id="cap-1")
+    item_id = f"authorisation_unsettled:{view.order_id}"
+
+    def listed() -> list[object]:
+        return [i for i in station.engine.attention() if i.item_id == item_id]
+
+    station.run_until("flagged", lambda: bool(listed()))
+    first = station.engine.attention()
+    occurrence = next(i.occurrence for i in first if i.item_id == item_id)
+    assert occurrence > 0
+    retried = station.engine.resolve(item_id, "retry", operator="ops-anna", reason="try")
+    assert (retried.outcome, retried.repeated, retried.occurrence) == (
+        "asked_again", False, occurrence)
+    station.run_until("flagged again", lambda: any(
+        i.item_id == item_id and i.occurrence != occurrence for i in station.engine.attention()))
+    station.wallet.fail["capture"] = 0
+    asked = sum(call[0] == "capture" for call in station.wallet.calls)
+    again = station.engine.resolve(item_id, "retry", operator="ops-anna", reason="fixed")
+    assert (again.outcome, again.repeated) == ("asked_again", False)
+    assert again.occurrence != occurrence
+    station.run_until("settled", lambda: station.order(view.order_id).settled)
+    assert sum(call[0] == "capture" for call in station.wallet.calls) > asked
+    assert station.order(view.order_id).state == "succeeded"
+    assert not listed()
 
 
 def test_a_retry_of_an_unsettled_capture_from_another_process_is_refused(
