@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from payengine.actors.observe import HOOK_ERRORS, Observer
 from payengine.engine.errors import EngineClosed, ExtraMissing, InvalidRequest
+from payengine.engine.operator import AttentionKind
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -201,7 +202,18 @@ class _Scraped:
                     ("dead_letters",): sum(dead.values()),
                     ("notifications_given_up",): merchant_counts.get("given_up", 0),
                     ("broken_actors",): len(engine.broken_actors())}),
+            self._labelled("attention_items", "Items of the operator's attention queue "
+                           "(Engine.attention) by kind", ["kind"], _attention_counts(engine)),
         ]
+
+
+def _attention_counts(engine: Engine) -> dict[tuple[str, ...], float]:
+    """``Engine.attention()`` counted by kind, every kind present (0 when none): what the
+    operator tools list, unacknowledged, at most ``ATTENTION_ITEMS_MAX`` of each kind."""
+    counts: dict[tuple[str, ...], float] = {(kind.value,): 0 for kind in AttentionKind}
+    for item in engine.attention():
+        counts[(item.kind.value,)] += 1
+    return counts
 
 
 class EngineMetrics:

@@ -254,3 +254,44 @@ def test_a_second_engine_metrics_on_the_same_registry_is_refused(engine: Engine,
             EngineMetrics(other, registry=first.registry)
     finally:
         other.shutdown()
+
+
+def test_the_attention_queue_is_a_gauge_by_kind_every_kind_listed_and_acknowledged_left_out(
+        tmp_path: Any, channel: ScriptedChannel) -> None:
+    from payengine.actors.notifier import NotificationConfig
+    from payengine.engine.operator import AttentionKind
+    from tests.helpers import fund_customer
+    from tests.test_operator_tools import Picky
+
+    config = EngineConfig(ask_timeout_s=5.0, duplicate_guard_window_ms=0,
+                          notifications=NotificationConfig(subscriber_retry_ms=(5,)))
+    engine = Engine.open(tmp_path / "attention.db", channels=[channel],  # type: ignore[list-item]
+                         config=config, subscribers={"books": Picky()})
+    try:
+        metrics = EngineMetrics(engine)
+        fund_customer(engine)
+        engine.submit(fuel_request("o1"))
+        letters = wait_for(lambda: [i for i in engine.attention()
+                                    if i.kind is AttentionKind.DEAD_LETTER], what="dead letter")
+        def gauge() -> dict[str, float]:
+            return {dict(labels)["kind"]: value for (name, labels), value
+                    in _samples(metrics.text()).items() if name == "payengine_attention_items"}
+
+        def queue() -> dict[str, float]:
+            listed = {kind.value: 0.0 for kind in AttentionKind}
+            for item in engine.attention():
+                listed[item.kind.value] += 1
+            return listed
+
+        assert set(gauge()) == {kind.value for kind in AttentionKind}
+        wait_for(lambda: gauge() == queue(), what="the gauge to match the queue")
+        assert gauge()["dead_letter"] >= 1
+        for item in letters:
+            engine.resolve(item.item_id, "acknowledge", operator="ops-anna", reason="seen")
+        acknowledged = {item.item_id for item in letters}
+        assert not acknowledged & {i.item_id for i in engine.attention()}
+        wait_for(lambda: _value(metrics, "payengine_attention_items", kind="dead_letter")
+                 == sum(i.kind is AttentionKind.DEAD_LETTER for i in engine.attention()),
+                 what="the gauge to count only what the queue lists")
+    finally:
+        engine.shutdown()
