@@ -60,17 +60,7 @@ def try_without_each(channels: Mapping[str, object],
                      usage: Callable[[], dict[str, int]]) -> list[ReopenTry]:
     """Open without each channel in turn (``open_without(name)``), in name order, each
     after reading ``usage()`` (unsettled orders by channel, from the file)."""
-    tries = []
-    for missing in sorted(channels):
-        used = usage()
-        try:
-            engine = open_without(missing)
-        except ChannelsMissing as refused:
-            tries.append(ReopenTry(missing, dict(refused.channels), used))
-            continue
-        abandon(engine)
-        tries.append(ReopenTry(missing, None, used))
-    return tries
+    return _try_each(channels, open_without, abandon, usage, ChannelsMissing, plain=False)
 
 
 def try_plain_each(channels: Mapping[str, object],
@@ -79,16 +69,25 @@ def try_plain_each(channels: Mapping[str, object],
                    usage: Callable[[], dict[str, int]]) -> list[ReopenTry]:
     """Open with each channel in turn unable to pre-authorise (``open_plain(name)``), in
     name order, each after reading ``usage()`` (unsettled pre-authorisations by channel)."""
+    return _try_each(channels, open_plain, abandon, usage, AuthorisationChannelsMissing,
+                     plain=True)
+
+
+def _try_each(channels: Mapping[str, object], open_one: Callable[[str], Engine],
+              abandon: Callable[[Engine], None], usage: Callable[[], dict[str, int]],
+              refusal: type[ChannelsMissing], *, plain: bool) -> list[ReopenTry]:
+    """One open per channel, in name order: a ``refusal`` is recorded with the channels it
+    names, an accepted open is abandoned and recorded as such."""
     tries = []
-    for plain in sorted(channels):
+    for name in sorted(channels):
         used = usage()
         try:
-            engine = open_plain(plain)
-        except AuthorisationChannelsMissing as refused:
-            tries.append(ReopenTry(plain, dict(refused.channels), used, plain=True))
+            engine = open_one(name)
+        except refusal as refused:
+            tries.append(ReopenTry(name, dict(refused.channels), used, plain=plain))
             continue
         abandon(engine)
-        tries.append(ReopenTry(plain, None, used, plain=True))
+        tries.append(ReopenTry(name, None, used, plain=plain))
     return tries
 
 
